@@ -1,0 +1,4 @@
+"""LLaVA-Med in pure PyTorch: the model (llava.py), checkpoint loading (loading.py), LoRA (lora.py)
+and the tokenizer / prompt (tokenizer.py)."""
+from .llava import Llava, LlavaConfig, TextConfig, VisionConfig, preset  # noqa: F401
+from .loading import CheckpointError, load_model, save_model  # noqa: F401

@@ -1,0 +1,535 @@
+"""LLaVA-Med in one file: CLIP ViT → MLP projector → LLaMA/Mistral decoder, in pure PyTorch.
+
+    pixels (B, 3, 336, 336)
+      └─ CLIP ViT-L/14            patch conv (no bias) + [CLS] + learned positions, pre_layrnorm,
+         (VisionTower)            24 pre-LN blocks with quick_gelu; the hidden state of layer
+                                  `select_layer` (−2 = output of block 23 of 24) without [CLS]
+      └─ projector                mlp2x_gelu: Linear(1024→4096) · GELU(erf) · Linear(4096→4096)
+         (Projector)              or `linear`: one Linear (LLaVA-Med v1)
+      └─ N = 576 visual tokens    written into the N placeholder positions of the text embedding
+                                  (input_ids == config.image_token_id) by one masked assignment
+      └─ decoder                  LLaMA / Mistral: RMSNorm (fp32), rotate-half RoPE (θ = 1e6 for
+         (Decoder)                Mistral-v0.2), GQA, SwiGLU MLP, optional sliding window
+      └─ lm_head                  logits, optionally only at chosen positions
+
+Sources of the facts reproduced here (the code is ours): the LLaVA / LLaVA-Med papers and
+repositories (projector, feature layer, image placement), OpenAI CLIP and HF's CLIPVisionModel
+(quick_gelu, `pre_layrnorm`, hidden-state list), Meta's LLaMA and Mistral-7B (RMSNorm, RoPE, GQA,
+sliding window), gpt-fast (preallocated KV cache, prefill / decode_one_token / generate).
+Parameter names follow the llava-hf checkpoint layout (without its `model.` prefix), so that
+`model/loading.py` needs only a prefix table per source layout.
+
+Shape letters: B batch, T query length, S key/cache length, D model width, H heads, Hkv key/value
+heads, Dh head width, N image tokens, P chosen logit positions, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+@dataclass
+class VisionConfig:
+    """CLIP vision transformer. Defaults: ViT-L/14 at 336 px (LLaVA-Med v1.5's tower)."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    n_layers: int = 24
+    n_heads: int = 16
+    layer_norm_eps: float = 1e-5
+    num_channels: int = 3
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.n_heads:
+            raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class TextConfig:
+    """LLaMA / Mistral decoder. Defaults: Mistral-7B-v0.2 as used by LLaVA-Med v1.5."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int | None = None  # None → hidden_size // n_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    sliding_window: int | None = None  # Mistral-v0.1 used 4096; v0.2 / LLaVA-Med v1.5 use none
+    max_seq_len: int = 4096  # upper bound for the KV cache, not a property of the weights
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int | None = 0
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    projector_type: str = "mlp2x_gelu"  # or "linear"
+    projector_bias: bool = True
+    select_layer: int = -2  # index into the hidden-state list (0 = embeddings after pre_layrnorm)
+    select_feature: str = "patch"  # "patch" drops [CLS]; "cls_patch" keeps it
+    # LLaVA marks image positions with -200 (outside the vocabulary); llava-hf checkpoints have a
+    # real `<image>` token (32000). Either way those ids are never looked up in the embedding.
+    image_token_id: int = -200
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        if self.projector_type not in ("mlp2x_gelu", "linear"):
+            raise ValueError(f"projector_type must be 'mlp2x_gelu' or 'linear', got {self.projector_type!r}")
+        if self.select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {self.select_feature!r}")
+        n_states = self.vision.n_layers + 1
+        if not -n_states <= self.select_layer < n_states:
+            raise ValueError(f"select_layer {self.select_layer} is outside the {n_states} hidden states")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches + (self.select_feature == "cls_patch")
+
+    @property
+    def vision_layers_used(self) -> int:
+        """Blocks that must run to produce hidden state `select_layer` (the rest are never read)."""
+        return self.select_layer % (self.vision.n_layers + 1)
+
+
+PRESETS: dict[str, LlavaConfig] = {
+    # microsoft/llava-med-v1.5-mistral-7b (FORMATS.md).
+    "llava-med-v1.5-mistral-7b": LlavaConfig(),
+    # A small model of the same architecture for tests and the embedded default.
+    "tiny": LlavaConfig(
+        vision=VisionConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, n_layers=4, n_heads=4),
+        text=TextConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, n_layers=4, n_heads=8,
+                        n_kv_heads=4, rope_theta=1e4, max_seq_len=512),
+        image_token_id=3,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> LlavaConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision tower: CLIP ViT
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(c.hidden_size))
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(c.num_patches + 1, c.hidden_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, D, g, g)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1)  # (B, 1+N, D)
+        return x + self.position_embedding.weight
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.n_heads = c.n_heads
+        self.q_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.k_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.v_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.out_proj = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh), bidirectional
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu, as OpenAI trained CLIP
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attn = CLIPAttention(c)
+        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.mlp = CLIPMLP(c)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPLayer(c) for _ in range(c.n_layers))
+
+
+class VisionTower(nn.Module):
+    """CLIP ViT returning hidden state `select_layer` of the list [embeddings, block 1, …, block L].
+
+    All blocks and `post_layernorm` exist so that checkpoints load strictly, but only the first
+    `vision_layers_used` blocks run: LLaVA never reads the last block or the final norm.
+    """
+
+    def __init__(self, c: LlavaConfig):
+        super().__init__()
+        self.n_used = c.vision_layers_used
+        self.keep_cls = c.select_feature == "cls_patch"
+        self.embeddings = CLIPEmbeddings(c.vision)
+        self.pre_layrnorm = nn.LayerNorm(c.vision.hidden_size, eps=c.vision.layer_norm_eps)  # sic, CLIP's name
+        self.encoder = CLIPEncoder(c.vision)
+        self.post_layernorm = nn.LayerNorm(c.vision.hidden_size, eps=c.vision.layer_norm_eps)  # unused
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.pre_layrnorm(self.embeddings(pixels))  # hidden state 0, (B, 1+N, D)
+        for layer in self.encoder.layers[: self.n_used]:
+            x = layer(x)
+        return x if self.keep_cls else x[:, 1:]  # (B, N, D)
+
+
+class Projector(nn.Module):
+    def __init__(self, c: LlavaConfig):
+        super().__init__()
+        self.kind = c.projector_type
+        self.linear_1 = nn.Linear(c.vision.hidden_size, c.text.hidden_size, bias=c.projector_bias)
+        if self.kind == "mlp2x_gelu":
+            self.linear_2 = nn.Linear(c.text.hidden_size, c.text.hidden_size, bias=c.projector_bias)
+
+    def forward(self, x):
+        x = self.linear_1(x)
+        if self.kind == "mlp2x_gelu":
+            x = self.linear_2(F.gelu(x))  # exact erf GELU, not the tanh approximation
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder: LLaMA / Mistral
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 (bf16/fp16 variance underflows), cast back, then scale: LLaMA's order.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape (B, T, Dh) for integer positions (B, T); inv_freq_i = θ^(−2i/Dh)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, Dh/2), fp32 so long positions stay exact
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, Dh): rotate-half layout pairs i with i + Dh/2
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, H, T, Dh); HF-converted LLaMA weights are permuted so that rotate-half is the right form.
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values (B, Hkv, S_max, Dh); slot s of every row holds sequence step s."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # slots (T,), k/v (B, Hkv, T, Dh) → the whole cache (B, Hkv, S_max, Dh)
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.n_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.hidden_size, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, slots=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(slots, k, v)  # (B, Hkv, S_max, Dh)
+        # GQA: SDPA repeats each key/value head over its n_heads / n_kv_heads query heads.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+def attention_mask_4d(key_valid: torch.Tensor, q_slots: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean SDPA mask (B, 1, T, S): key slot k is visible from query slot q iff the key is a real
+    token, k ≤ q (causal) and q − k < window (Mistral's sliding window, if any).
+
+    A query that sees nothing (a left-padding position) is allowed to see itself, so that SDPA
+    returns finite values there instead of NaN; nothing reads those positions.
+    """
+    S = key_valid.shape[1]
+    k_slots = torch.arange(S, device=key_valid.device)
+    visible = k_slots[None, :] <= q_slots[:, None]  # (T, S)
+    if window is not None:
+        visible = visible & (q_slots[:, None] - k_slots[None, :] < window)
+    mask = visible[None] & key_valid[:, None, :]  # (B, T, S)
+    mask = mask | (k_slots[None, None, :] == q_slots[None, :, None]) & ~mask.any(-1, keepdim=True)
+    return mask[:, None]  # (B, 1, T, S)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Llava(nn.Module):
+    def __init__(self, config: LlavaConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = VisionTower(config)
+        self.multi_modal_projector = Projector(config)
+        self.language_model = Decoder(config.text)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self._cache_shape: tuple[int, int] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels → (B, N, D) visual tokens in the decoder's embedding space."""
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+    def embed(self, input_ids, pixel_values=None, image_features=None) -> torch.Tensor:
+        """Token embeddings with visual tokens written into the image placeholder positions.
+
+        `image_features` (pre-computed, e.g. after visual-token dropout) is either (B_img, N, D)
+        or flat (M, D); its rows fill the placeholders in reading order, so their count must equal
+        the number of placeholders in `input_ids` (rows may hold different numbers of them).
+        """
+        is_image = input_ids == self.config.image_token_id  # (B, T)
+        # Placeholder ids may lie outside the vocabulary (-200): look up id 0 there, then overwrite.
+        x = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, D)
+        n_slots = int(is_image.sum())
+        if n_slots == 0:
+            return x
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError(f"input_ids hold {n_slots} image positions but neither pixel_values nor image_features was given")
+            image_features = self.encode_images(pixel_values)
+        feats = image_features.reshape(-1, x.shape[-1])  # (M, D)
+        if feats.shape[0] != n_slots:
+            raise ValueError(f"input_ids hold {n_slots} image positions but {feats.shape[0]} visual tokens were given "
+                             f"({self.config.num_image_tokens} per image)")
+        x[is_image] = feats.to(x.dtype)  # the one masked assignment
+        return x
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None,
+                logits_positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) float32, or (B, P, V) at `logits_positions` (B, P) only.
+
+        Padding may be on either side: `position_ids` default to the running count of real tokens
+        (so a left-padded row starts at position 0 at its first real token).
+        With `return_hidden` the final-norm hidden states (B, T, D) are returned instead of logits,
+        for callers that compute the log-softmax in chunks.
+        """
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        x = self.embed(input_ids, pixel_values, image_features)
+        slots = torch.arange(T, device=input_ids.device)
+        if self._cache_shape is not None:  # prefill: the cache spans more slots than this call
+            key_valid = torch.zeros(B, self._cache_shape[1], dtype=torch.bool, device=input_ids.device)
+            key_valid[:, :T] = attention_mask
+            self._key_valid = key_valid
+        else:
+            key_valid = attention_mask
+        h = self._run_decoder(x, position_ids, key_valid, slots)
+        if logits_positions is not None:
+            h = h.gather(1, logits_positions[..., None].expand(-1, -1, h.shape[-1]))  # (B, P, D)
+        if return_hidden:
+            return h
+        return self.lm_head(h).float()
+
+    def _run_decoder(self, x, position_ids, key_valid, slots):
+        c = self.config.text
+        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)
+        mask = attention_mask_4d(key_valid, slots, c.sliding_window)
+        for layer in self.language_model.layers:
+            x = layer(x, cos, sin, mask, slots if self._cache_shape is not None else None)
+        return self.language_model.norm(x)
+
+    # -- KV cache and generation ---------------------------------------------------------------
+
+    def setup_cache(self, batch: int, max_len: int):
+        """Allocate (or reuse) a static KV cache for `batch` rows of up to `max_len` steps."""
+        c = self.config.text
+        if max_len > c.max_seq_len:
+            raise ValueError(f"{max_len} steps exceed max_seq_len={c.max_seq_len}; raise TextConfig.max_seq_len")
+        if self._cache_shape != (batch, max_len):
+            for layer in self.language_model.layers:
+                layer.self_attn.kv_cache = KVCache(batch, c.n_kv_heads, max_len, c.head_dim, self.dtype, self.device)
+            self._cache_shape = (batch, max_len)
+
+    def clear_cache(self):
+        for layer in self.language_model.layers:
+            layer.self_attn.kv_cache = None
+        self._cache_shape = None
+
+    def decode_one_token(self, token: torch.Tensor, position: torch.Tensor, slot: int) -> torch.Tensor:
+        """One step: token (B,) at per-row position (B,) into cache slot `slot` → logits (B, V)."""
+        self._key_valid[:, slot] = True
+        x = self.language_model.embed_tokens(token[:, None])  # (B, 1, D)
+        slots = torch.tensor([slot], device=token.device)
+        h = self._run_decoder(x, position[:, None], self._key_valid, slots)
+        return self.lm_head(h[:, -1]).float()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """New token ids (B, T_new) for left-padded prompts; a row stops at its first EOS and is
+        filled with `pad_token_id` (default: the config's pad id, else EOS) after it.
+
+        temperature 0 is greedy; otherwise sampling from softmax(logits / temperature) restricted
+        to the top-p nucleus, drawn from `generator` so that a seeded run repeats.
+        """
+        c = self.config.text
+        eos = c.eos_token_id if eos_token_id is None else eos_token_id
+        pad = pad_token_id if pad_token_id is not None else (c.pad_token_id if c.pad_token_id is not None else eos)
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if T > 0 and not attention_mask[:, -1].all():
+            raise ValueError("generate() needs left-padded prompts: the last position of every row must be a real token")
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        self.setup_cache(B, T + max_new_tokens)
+        try:
+            last = torch.full((B, 1), T - 1, device=input_ids.device)
+            logits = self(input_ids, pixel_values, attention_mask, image_features=image_features,
+                          position_ids=positions, logits_positions=last)[:, -1]  # (B, V)
+            position = positions[:, -1]
+            done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+            out = []
+            for step in range(max_new_tokens):
+                token = sample(logits, temperature, top_p, generator)
+                token = token.masked_fill(done, pad)
+                out.append(token)
+                done |= token == eos
+                if done.all() or step == max_new_tokens - 1:
+                    break
+                position = position + 1
+                logits = self.decode_one_token(token, position, T + step)
+        finally:
+            self.clear_cache()
+        return torch.stack(out, dim=1) if out else input_ids.new_zeros(B, 0)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token (B,) from logits (B, V): argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
