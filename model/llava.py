@@ -302,6 +302,8 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, slots=None):
+        """`mask` is a boolean (B, 1, T, S) mask, or None for plain causal attention over S = T keys
+        (or, for one query, over all S keys); with a cache, S = the mask's last dim slots of it."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
@@ -309,8 +311,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(slots, k, v)  # (B, Hkv, S_max, Dh)
+            S = mask.shape[-1] if mask is not None else int(slots[-1]) + 1
+            k, v = k[:, :, :S], v[:, :, :S]  # only the slots written so far
         # GQA: SDPA repeats each key/value head over its n_heads / n_kv_heads query heads.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        # Without a mask SDPA can take its fused causal path (no (B, 1, T, S) tensor to read).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
@@ -446,9 +452,16 @@ class Llava(nn.Module):
         return self.lm_head(h).float()
 
     def _run_decoder(self, x, position_ids, key_valid, slots):
+        """Decoder over queries in cache slots `slots` (T,), keys in slots [0, slots[-1]]."""
         c = self.config.text
         cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)
-        mask = attention_mask_4d(key_valid, slots, c.sliding_window)
+        S = int(slots[-1]) + 1
+        key_valid = key_valid[:, :S]
+        window_bites = c.sliding_window is not None and S > c.sliding_window
+        if key_valid.all() and not window_bites and (len(slots) == 1 or len(slots) == S):
+            mask = None  # plain causal (prefill from slot 0) or one query seeing every key
+        else:
+            mask = attention_mask_4d(key_valid, slots, c.sliding_window)
         for layer in self.language_model.layers:
             x = layer(x, cos, sin, mask, slots if self._cache_shape is not None else None)
         return self.language_model.norm(x)
