@@ -1,0 +1,4 @@
+"""Triton kernels of the project; each file holds its math, torch reference, kernel and launcher."""
+from kernels.contrast_softmax import contrast_softmax
+
+__all__ = ["contrast_softmax"]

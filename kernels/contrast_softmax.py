@@ -1,0 +1,443 @@
+"""Fused self-contrast softmax: HSCR's implicit reward P_diff in one pass over the logits.
+
+HSCR (../shared/METHOD.md, stage 1, step 3) contrasts the model with and without most of its
+visual tokens. At a position t, with logits `full` (image kept) and `drop` (70% of the visual
+tokens dropped), the contrast distribution is
+
+    z      = (1 + β) · full − β · drop                       (β = 0.9 in the paper)
+    P_diff = softmax(z)                                      over the vocabulary (last dim)
+
+Options, all applied in the same pass:
+
+- `log=True` returns log P_diff instead of P_diff.
+- `alpha` is the adaptive plausibility cut of visual contrastive decoding (VCD, Leng et al.,
+  CVPR 2024): only tokens that the full branch itself finds plausible survive,
+
+      keep_v ⇔ softmax(full)_v ≥ α · max_w softmax(full)_w ⇔ full_v ≥ max(full) + log α,
+
+  tokens outside the kept set get z = −inf (probability 0, log-probability −inf), and the
+  softmax renormalises z over the kept set. α ∈ (0, 1]; α = 1 keeps only the full branch's
+  argmax (and its ties). The arg-max of `full` is always kept, so the kept set is never empty.
+- `index` (..., K) returns only P_diff at those token ids (the gather mode of the scoring
+  pass: read 2·V logits per row, write K values).
+
+Edge cases, defined here and followed by both implementations:
+
+- full_v = −inf ⇒ z_v = −inf whatever drop_v is: a token the full branch rules out stays
+  ruled out (for β ≥ 0 this is the limit of the formula; it also avoids −inf + inf = NaN
+  when both branches mask the same token).
+- β = 0 ⇒ z = full exactly; drop is not used (0 · ±inf would otherwise give NaN).
+- full_v finite and drop_v = −inf with β > 0 ⇒ z_v = +inf. The row's mass is then shared
+  equally by its +inf entries and every finite entry gets 0: the limit of the softmax.
+- A row whose z is −inf everywhere (full = −inf everywhere) has no distribution: NaN, as
+  `torch.softmax` gives. NaN inputs are not supported (GPU max may skip NaN).
+
+Implementations (the Triton tutorial 02-fused-softmax / Liger `ops/softmax.py` layout):
+
+- `contrast_softmax_reference`: pure PyTorch in fp32, the specification.
+- `_contrast_softmax_kernel`: Triton, one program per row. A row of up to MAX_BLOCK logits
+  (V = 32000 or 32064 for the Mistral/LLaMA vocabularies) lives in one block of registers: it
+  is read once and written once. Longer rows (Qwen's V = 151936) loop over blocks with an
+  online max/sum and a second pass for the outputs; with `alpha` a first pass finds max(full).
+  Arithmetic is fp32 whatever the input dtype (fp32, fp16, bf16); the output is fp32.
+- `contrast_softmax`: the public entry point, which checks its inputs and dispatches.
+
+Inference only: neither path is meant for autograd (the reward is a fixed target), and the
+public function raises if an input requires grad while grad mode is on.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest row held in one block: 32768 values over 32 warps are 32 registers per thread per
+# live array. ptxas (sm_90, bf16 in, triton 3.6 and 3.8) already spills 100-140 bytes per
+# thread at this size and would spill far more beyond it, so longer rows loop instead.
+MAX_BLOCK = 32768
+# Gather mode reads the K requested ids in chunks of at most this many.
+MAX_BLOCK_K = 1024
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "triton", "torch")
+
+
+# -----------------------------------------------------------------------------------------
+# Reference (the specification)
+
+
+def contrast_softmax_reference(
+    full: torch.Tensor,
+    drop: torch.Tensor,
+    beta: float = 0.9,
+    *,
+    alpha: float | None = None,
+    log: bool = False,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """P_diff = softmax((1+β)·full − β·drop) over the last dim, in fp32 (see the module doc).
+
+    Pure PyTorch and unchecked: `contrast_softmax` validates its arguments before calling it.
+    """
+    f, d = full.float(), drop.float()  # (..., V)
+    # f + β(f − d) rather than (1+β)f − βd: one rounding less when |f| is large.
+    z = f.clone() if beta == 0 else f + beta * (f - d)
+    keep = f > -math.inf
+    if alpha is not None:
+        keep &= f >= f.amax(dim=-1, keepdim=True) + math.log(alpha)
+    z = z.masked_fill(~keep, -math.inf)
+    m = z.amax(dim=-1, keepdim=True)  # (..., 1)
+    # +inf entries (only when m = +inf) share the row; −inf entries weigh 0 even when m = −inf.
+    shifted = torch.where(z == math.inf, 0.0, z - m)
+    e = torch.where(z == -math.inf, 0.0, shifted.exp())
+    s = e.sum(dim=-1, keepdim=True)  # (..., 1)
+    out = shifted - s.log() if log else e / s
+    if index is not None:
+        out = out.gather(-1, index.long())  # (..., K)
+    return out
+
+
+# -----------------------------------------------------------------------------------------
+# Triton kernel
+
+
+@triton.jit
+def _contrast_logits(f, d, beta, cut):
+    """z = f + β(f − d) in fp32, with the module doc's rules for −inf, β = 0 and the cut."""
+    z = f + beta * (f - d)
+    z = tl.where(beta == 0.0, f, z)
+    # cut is max(full) + log α with alpha, −inf without; −inf in full is always cut.
+    keep = (f > float("-inf")) & (f >= cut)
+    return tl.where(keep, z, float("-inf"))
+
+
+@triton.jit
+def _shifted(z, m):
+    """z − m, except that +inf entries (present only when m = +inf) get 0: they share the row."""
+    return tl.where(z == float("inf"), 0.0, z - m)
+
+
+@triton.jit
+def _weights(z, m):
+    """exp(z − m); −inf entries give 0 even when m = −inf (where z − m would be NaN)."""
+    return tl.where(z == float("-inf"), 0.0, tl.exp(_shifted(z, m)))
+
+
+@triton.jit
+def _finish(z, m, s, LOG: tl.constexpr):
+    """The output for logits z of a row with max m and sum s = Σ exp(z − m)."""
+    if LOG:
+        y = _shifted(z, m) - tl.log(s)
+    else:
+        y = _weights(z, m) / s
+    return y
+
+
+@triton.jit
+def _contrast_softmax_kernel(
+    full_ptr, drop_ptr, index_ptr, out_ptr,
+    n_inner, V, K,
+    f_s0, f_s1, f_sv,
+    d_s0, d_s1, d_sv,
+    i_s0, i_s1, i_sk,
+    beta, log_alpha,
+    BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_ALPHA: tl.constexpr, LOG: tl.constexpr, GATHER: tl.constexpr,
+):
+    # One program per row. Rows are the leading dims flattened into (outer, inner), each
+    # with its own stride, so a slice like logits[:, 3:9, :V] is read in place.
+    row = tl.program_id(0).to(tl.int64)
+    outer = row // n_inner
+    inner = row % n_inner
+    full_ptr += outer * f_s0 + inner * f_s1
+    drop_ptr += outer * d_s0 + inner * d_s1
+    cols = tl.arange(0, BLOCK)
+
+    if NUM_BLOCKS == 1:
+        # The whole row in registers: one read of each input.
+        mask = cols < V
+        # Padding lanes get full = −inf, hence z = −inf: they add nothing to max or sum.
+        # Load and widen at once (fp16/bf16 → fp32): all arithmetic is fp32.
+        f = tl.load(full_ptr + cols * f_sv, mask=mask, other=float("-inf")).to(tl.float32)
+        d = tl.load(drop_ptr + cols * d_sv, mask=mask, other=0.0).to(tl.float32)
+        cut = float("-inf")
+        if HAS_ALPHA:
+            cut = tl.max(f, axis=0) + log_alpha
+        z = _contrast_logits(f, d, beta, cut)  # (BLOCK,)
+        m = tl.max(z, axis=0)
+        s = tl.sum(_weights(z, m), axis=0)
+    else:
+        cut = float("-inf")
+        if HAS_ALPHA:
+            # The cut needs max(full) before any z is final: one extra pass over full only.
+            mf = tl.full((), float("-inf"), tl.float32)
+            for b in range(NUM_BLOCKS):
+                c = b * BLOCK + cols
+                f = tl.load(full_ptr + c * f_sv, mask=c < V, other=float("-inf")).to(tl.float32)
+                mf = tl.maximum(mf, tl.max(f, axis=0))
+            cut = mf + log_alpha
+        # Online max and sum (Milakov & Gimelshein 2018): rescale s whenever m grows.
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.full((), 0.0, tl.float32)
+        for b in range(NUM_BLOCKS):
+            c = b * BLOCK + cols
+            mask = c < V
+            f = tl.load(full_ptr + c * f_sv, mask=mask, other=float("-inf")).to(tl.float32)
+            d = tl.load(drop_ptr + c * d_sv, mask=mask, other=0.0).to(tl.float32)
+            z = _contrast_logits(f, d, beta, cut)
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            # exp(m − m_new) is NaN when both are the same infinity; the scale is then 1.
+            scale = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
+            s = s * scale + tl.sum(_weights(z, m_new), axis=0)
+            m = m_new
+
+    if GATHER:
+        # Only the K requested ids: read them back from the inputs (L2-hot) and write K values.
+        index_ptr += outer * i_s0 + inner * i_s1
+        out_ptr += row * K
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            idx = tl.load(index_ptr + ks * i_sk, mask=kmask, other=0).to(tl.int64)
+            # The launcher rejects ids outside [0, V); the mask keeps memory safe regardless.
+            valid = kmask & (idx >= 0) & (idx < V)
+            # (names differ from the row block's f, d: Triton wants fixed shapes per name)
+            fk = tl.load(full_ptr + idx * f_sv, mask=valid, other=float("-inf")).to(tl.float32)
+            dk = tl.load(drop_ptr + idx * d_sv, mask=valid, other=0.0).to(tl.float32)
+            y = _finish(_contrast_logits(fk, dk, beta, cut), m, s, LOG)
+            tl.store(out_ptr + ks, tl.where(valid, y, float("nan")), mask=kmask)
+    else:
+        out_ptr += row * V  # the output is contiguous (..., V)
+        if NUM_BLOCKS == 1:
+            tl.store(out_ptr + cols, _finish(z, m, s, LOG), mask=mask)
+        else:
+            for b in range(NUM_BLOCKS):
+                c = b * BLOCK + cols
+                mask = c < V
+                f = tl.load(full_ptr + c * f_sv, mask=mask, other=float("-inf")).to(tl.float32)
+                d = tl.load(drop_ptr + c * d_sv, mask=mask, other=0.0).to(tl.float32)
+                z = _contrast_logits(f, d, beta, cut)
+                tl.store(out_ptr + c, _finish(z, m, s, LOG), mask=mask)
+
+
+# True when TRITON_INTERPRET=1 was set before triton was imported: the kernel then runs on
+# CPU tensors through numpy, and CUDA tensors are not supported.
+INTERPRETED = type(_contrast_softmax_kernel).__name__ == "InterpretedFunction"
+
+
+# -----------------------------------------------------------------------------------------
+# Launcher
+
+
+def _row_layout(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int, int, list[tuple[int, int]]]:
+    """Describe the rows of tensors sharing leading dims (..., X) as (outer, inner) pairs.
+
+    Returns (tensors, n_outer, n_inner, [(stride_outer, stride_inner)] per tensor), where row
+    r = outer · n_inner + inner is the r-th row in row-major order. Adjacent leading dims are
+    merged when every tensor allows it (size-1 dims drop out; an expand()ed dim has stride 0
+    and merges too). More than two groups left: the tensors are made contiguous.
+    """
+    lead = tensors[0].shape[:-1]
+    groups: list[list[int]] = []
+    for i, n in enumerate(lead):
+        if n == 1:
+            continue
+        if groups and all(t.stride(groups[-1][-1]) == t.stride(i) * n for t in tensors):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    if len(groups) > 2:
+        return _row_layout([t.contiguous() for t in tensors])
+    sizes = [math.prod(lead[i] for i in g) for g in groups]
+    # Pad to exactly two groups with a size-1, stride-0 group in front.
+    while len(groups) < 2:
+        groups.insert(0, [])
+        sizes.insert(0, 1)
+    strides = [tuple(t.stride(g[-1]) if g else 0 for g in groups) for t in tensors]
+    return tensors, sizes[0], sizes[1], strides
+
+
+def _launch_settings(V: int, block_size: int | None, num_warps: int | None) -> tuple[int, int, int]:
+    """(BLOCK, NUM_BLOCKS, num_warps): one block for rows up to MAX_BLOCK, else a loop."""
+    block = block_size or min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK)
+    # Warps grow with the block so that each thread holds ≤ 32 values per array
+    # (the Unsloth / Liger `calculate_settings` rule).
+    if num_warps is None:
+        num_warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+    return block, max(triton.cdiv(V, block), 1), num_warps
+
+
+def contrast_softmax_triton(
+    full: torch.Tensor,
+    drop: torch.Tensor,
+    beta: float = 0.9,
+    *,
+    alpha: float | None = None,
+    log: bool = False,
+    index: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    block_size: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Run the Triton kernel; arguments as `contrast_softmax`, which validates them.
+
+    `out` (fp32, contiguous, (..., V) or (..., K)) receives the result; `block_size` (a power
+    of two) and `num_warps` override the launch settings, so tests reach the looped path on
+    short rows and benchmarks can compare settings.
+    """
+    V = full.shape[-1]
+    out_shape = (*full.shape[:-1], V if index is None else index.shape[-1])
+    if out is None:
+        out = torch.empty(out_shape, dtype=torch.float32, device=full.device)
+    else:
+        problems = []
+        if tuple(out.shape) != out_shape:
+            problems.append(f"out has shape {tuple(out.shape)}, expected {out_shape}")
+        if out.dtype != torch.float32:
+            problems.append(f"out has dtype {out.dtype}, expected torch.float32")
+        if out.device != full.device:
+            problems.append(f"out is on {out.device}, the inputs on {full.device}")
+        if not out.is_contiguous():
+            problems.append("out must be contiguous")
+        if problems:
+            raise ValueError("contrast_softmax_triton: " + "; ".join(problems))
+    if block_size is not None and (block_size < 1 or block_size & (block_size - 1)):
+        raise ValueError(f"contrast_softmax_triton: block_size must be a power of two, got {block_size}")
+    if out.numel() == 0:
+        return out
+
+    # Column offsets are int32 inside the kernel: a huge column stride needs a copy.
+    tensors = [t if (V - 1) * t.stride(-1) < 2**31 else t.contiguous() for t in (full, drop)]
+    gather = index is not None
+    if gather:
+        tensors.append(index)
+    tensors, n_outer, n_inner, strides = _row_layout(tensors)
+    full, drop = tensors[0], tensors[1]
+    index_t = tensors[2] if gather else full  # a dummy pointer when there is no index
+    i_s = strides[2] if gather else (0, 0)
+    block, num_blocks, warps = _launch_settings(V, block_size, num_warps)
+    K = index.shape[-1] if gather else 0
+    _contrast_softmax_kernel[(n_outer * n_inner,)](
+        full, drop, index_t, out,
+        n_inner, V, K,
+        *strides[0], full.stride(-1),
+        *strides[1], drop.stride(-1),
+        *i_s, index_t.stride(-1),
+        float(beta), math.log(alpha) if alpha is not None else 0.0,
+        BLOCK=block, NUM_BLOCKS=num_blocks,
+        BLOCK_K=min(triton.next_power_of_2(max(K, 1)), MAX_BLOCK_K),
+        HAS_ALPHA=alpha is not None, LOG=bool(log), GATHER=gather,
+        num_warps=warps,
+    )
+    return out
+
+
+# -----------------------------------------------------------------------------------------
+# Public function
+
+
+def _check_args(full, drop, beta, alpha, log, index, backend) -> None:
+    """Raise one ValueError listing every problem with the arguments."""
+    problems: list[str] = []
+    if not isinstance(full, torch.Tensor) or not isinstance(drop, torch.Tensor):
+        raise ValueError(
+            f"contrast_softmax: full and drop must be tensors, got {type(full).__name__} "
+            f"and {type(drop).__name__}"
+        )
+    if full.ndim == 0:
+        problems.append("full must have at least one dim (..., V)")
+    elif full.shape[-1] == 0:
+        problems.append("the last dim (V) is empty: there is no distribution to normalise")
+    if full.shape != drop.shape:
+        problems.append(f"full has shape {tuple(full.shape)} but drop has {tuple(drop.shape)}")
+    if full.dtype not in INPUT_DTYPES or drop.dtype not in INPUT_DTYPES:
+        problems.append(f"dtypes must be float32, float16 or bfloat16, got {full.dtype} and {drop.dtype}")
+    elif full.dtype != drop.dtype:
+        problems.append(f"full is {full.dtype} but drop is {drop.dtype}")
+    if full.device != drop.device:
+        problems.append(f"full is on {full.device} but drop is on {drop.device}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0 <= beta < math.inf):
+        problems.append(f"beta must be a finite number >= 0, got {beta!r}")
+    if alpha is not None and (
+        isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0 < alpha <= 1)
+    ):
+        problems.append(f"alpha must be None or in (0, 1], got {alpha!r}")
+    if not isinstance(log, bool):
+        problems.append(f"log must be a bool, got {log!r}")
+    if backend not in BACKENDS:
+        problems.append(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if index is not None:
+        if not isinstance(index, torch.Tensor):
+            problems.append(f"index must be a tensor, got {type(index).__name__}")
+        else:
+            if index.dtype not in (torch.int64, torch.int32):
+                problems.append(f"index must be int64 or int32, got {index.dtype}")
+            if index.ndim != full.ndim or index.shape[:-1] != full.shape[:-1]:
+                problems.append(
+                    f"index has shape {tuple(index.shape)}; expected (..., K) with leading dims "
+                    f"{tuple(full.shape[:-1])} of full"
+                )
+            if index.device != full.device:
+                problems.append(f"index is on {index.device} but full is on {full.device}")
+    if torch.is_grad_enabled() and (full.requires_grad or drop.requires_grad):
+        problems.append(
+            "inputs require grad: contrast_softmax is inference only (no autograd); "
+            "call it under torch.no_grad() or pass detached tensors"
+        )
+    if not problems and index is not None and index.numel() > 0:
+        # Ids outside the vocabulary would read out of bounds (one host sync on GPU).
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= full.shape[-1]:
+            problems.append(f"index holds ids in [{lo}, {hi}], outside [0, {full.shape[-1]})")
+    if problems:
+        raise ValueError("contrast_softmax: " + "; ".join(problems))
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" → "triton" on CUDA tensors, "torch" elsewhere; a forced backend is checked."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and not INTERPRETED else "torch"
+    if backend == "triton":
+        if device.type == "cuda" and INTERPRETED:
+            raise ValueError(
+                "contrast_softmax: backend='triton' on CUDA tensors, but TRITON_INTERPRET=1 "
+                "made the kernel an interpreted one; unset it before importing triton"
+            )
+        if device.type == "cpu" and not INTERPRETED:
+            raise ValueError(
+                "contrast_softmax: backend='triton' on CPU tensors needs the Triton "
+                "interpreter: set TRITON_INTERPRET=1 before triton is imported"
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"contrast_softmax: backend='triton' does not run on {device.type}")
+    return backend
+
+
+def contrast_softmax(
+    full: torch.Tensor,
+    drop: torch.Tensor,
+    beta: float = 0.9,
+    *,
+    alpha: float | None = None,
+    log: bool = False,
+    index: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """P_diff = softmax((1+β)·full − β·drop) over the last dim, as fp32 (see the module doc).
+
+    full, drop: (..., V) logits of the full and the visual-token-dropped branch, same shape,
+        dtype (float32, float16 or bfloat16) and device; any strides.
+    beta: contrast strength β ≥ 0 (the paper uses 0.9).
+    alpha: None, or the plausibility cut α ∈ (0, 1]: tokens with softmax(full) < α·max get 0.
+    log: return log P_diff.
+    index: None, or (..., K) int64/int32 token ids in [0, V): return P_diff there, (..., K).
+    backend: "triton" (the kernel; on CPU only under TRITON_INTERPRET=1), "torch" (the fp32
+        reference), or "auto" (triton on CUDA tensors, torch otherwise).
+
+    Inference only: raises if an input requires grad while grad mode is on.
+    """
+    _check_args(full, drop, beta, alpha, log, index, backend)
+    if resolve_backend(backend, full.device) == "triton":
+        return contrast_softmax_triton(full, drop, beta, alpha=alpha, log=log, index=index)
+    return contrast_softmax_reference(full, drop, beta, alpha=alpha, log=log, index=index)
