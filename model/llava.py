@@ -382,6 +382,17 @@ class Llava(nn.Module):
         self.language_model = Decoder(config.text)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self._cache_shape: tuple[int, int] | None = None
+        self.apply(self._init_weights)  # a no-op cost on the meta device, where loading builds
+
+    @staticmethod
+    def _init_weights(m: nn.Module, std: float = 0.02):
+        """Random init for models trained from scratch (the embedded default's base model)."""
+        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, CLIPEmbeddings):
+            nn.init.normal_(m.class_embedding, std=std)
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,531 @@
+"""Tests for eval.py: LLaVA-Med's VQA scoring, the real benchmark files, and the evaluation run.
+
+Every expected value below is derived by hand from the rules in ../shared/FORMATS.md
+("VQA metrics") and LLaVA-Med's eval_metrics code; the derivation is the reason string.
+"""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import eval as E
+
+BENCH = Path("/work/shared/benchmarks")
+if not BENCH.is_dir():  # the repository's own copy, when the shared folder is not mounted
+    BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "benchmarks"
+
+# ---------------------------------------------------------------------------------------------
+# normalize_word: (input, expected, reason)
+# ---------------------------------------------------------------------------------------------
+NORMALIZE = [
+    ("Yes", "yes", "lowercased first"),
+    ("left-sided", "left sided", "'-' touches no space anywhere: replaced by a space"),
+    ("left - sided", "left sided", "'-' next to a space: deleted, the double space collapses"),
+    ("x-ray - chest", "xray chest", "the space rule is per string: ' - ' deletes the dash inside x-ray too"),
+    ("x-ray, chest", "x ray chest", "', ' deletes the comma; the dash touches no space: space"),
+    ("T2 (weighted)", "t2 weighted", "' (' deletes '('; ')' touches no space: becomes a space"),
+    ("1,000", "1000", "digit,digit: every punctuation character is deleted"),
+    ("1,000 red-cells", "1000 redcells", "digit,digit anywhere also deletes the dash in red-cells"),
+    ("3.5 cm.", "3.5 cm", "a period before a digit stays, the final one goes"),
+    ("e.g.", "eg", "periods not followed by a digit are deleted, not spaced"),
+    ("x" + "." * 40, "x" + "." * 8, "at most 32 periods deleted per call (re.UNICODE passed as count)"),
+    ("None", "0", "'none' maps to 0 like 'zero'"),
+    ("ten", "10", "number words up to ten"),
+    ("eleven", "eleven", "no mapping beyond ten"),
+    ("one.", "1", "the period goes before the number map, so 'one.' becomes 1"),
+    ("the left lung", "left lung", "article 'the' dropped"),
+    ("an apple a day", "apple day", "articles 'an' and 'a' dropped"),
+    ("a-the", "", "the dash becomes a space, leaving two articles: nothing remains"),
+    ("isnt", "isn't", "contraction restored"),
+    ("Im", "im", "the table's capitalised keys never match lowercased words"),
+    ("yes/no", "yes no", "'/' inside a word becomes a space"),
+    ("  multiple   spaces ", "multiple spaces", "joined with single spaces"),
+]
+
+
+@pytest.mark.parametrize("text,expected,reason", NORMALIZE, ids=[r for _, _, r in NORMALIZE])
+def test_normalize_word(text, expected, reason):
+    assert E.normalize_word(text) == expected, reason
+
+
+# ---------------------------------------------------------------------------------------------
+# score_answer: (pred, gt, answer_type, key, expected, reason)
+# ---------------------------------------------------------------------------------------------
+SCORES = [
+    # open questions: recall is the paper's open score
+    ("left lung", "the left lung", "OPEN", "recall", 1.0, "the article in gt is dropped"),
+    ("The Left Lung.", "left lung", "OPEN", "precision", 1.0, "case, article and final period removed"),
+    ("the right lung", "left lung", "OPEN", "recall", 0.5, "tp=1 (lung), fn=1 (left): 1/2"),
+    ("the right lung", "left lung", "OPEN", "f1", 0.5, "p = r = 1/2 (fp=1 right)"),
+    ("lung", "left lung", "OPEN", "recall", 0.5, "tp=1, fn=1"),
+    ("lung lung lung", "left lung", "OPEN", "recall", 0.75,
+     "tp counts the prediction's 3 lungs: 3/(3+1) — repeating a word raises recall"),
+    ("lung lung lung", "left lung", "OPEN", "f1", 2 * 0.75 / 1.75, "p=3/3, r=3/4"),
+    ("left left lung", "left lung", "OPEN", "exact", 2 / 3,
+     "LLaVA-Med's exact match: 2 gt word types found / 3 predicted words"),
+    ("", "lung", "OPEN", "recall", 0.0, "empty prediction: zeros"),
+    ("", "lung", "OPEN", "exact", 0.0, "empty prediction: exact 0, not a division by zero"),
+    ("lung", "the", "OPEN", "f1", 0.0, "reference normalises to nothing: zeros"),
+    ("none", "0", "OPEN", "recall", 1.0, "'none' is normalised to 0"),
+    ("nothing", "none", "OPEN", "recall", 0.0, "'nothing' is not a number word"),
+    ("2 lesions", "two", "OPEN", "f1", 2 / 3, "two -> 2; p=1/2, r=1, f1=2/3"),
+    ("about 1,500 cells", "1500", "OPEN", "precision", 1 / 3,
+     "digit,digit deletes the comma: 'about 1500 cells', 1 of 3 words"),
+    ("x-ray - chest", "x-ray", "OPEN", "recall", 0.0,
+     "pred becomes 'xray chest' (space rule), gt 'x ray': no shared word"),
+    ("x-ray", "x ray", "OPEN", "recall", 1.0, "the dash inside a word becomes a space"),
+    ("lung" + "." * 40, "lung", "OPEN", "recall", 1.0,
+     "32 periods go in score_answer's pass, the last 8 in calculate_f1score's second pass"),
+    ("lung tissue", "lung", "OPEN", "hit", 1.0, "open 'hit' is gt in pred (batch script's open accuracy)"),
+    # closed questions: accuracy is the substring test on normalised strings
+    ("Yes, there is a nodule.", "yes", "CLOSED", "hit", 1.0, "yes in 'yes there is nodule'"),
+    ("There is a nodule.", "no", "CLOSED", "hit", 1.0, "'no' is a substring of 'nodule': a hit"),
+    ("I cannot tell", "no", "CLOSED", "hit", 1.0, "'no' is a substring of 'cannot': a hit"),
+    ("Yes", "No", "CLOSED", "hit", 0.0, "'no' not in 'yes'"),
+    ("YES", "yes", "CLOSED", "hit", 1.0, "case folded"),
+    ("", "yes", "CLOSED", "hit", 0.0, "empty prediction misses"),
+    ("yes and no", "no", "CLOSED", "hit", 1.0, "a hedge holding both words hits either answer"),
+    ("The left side of the image", "the left side", "CLOSED", "hit", 1.0,
+     "'left side' in 'left side of image' (articles gone on both sides)"),
+    ("it isnt", "isn't", "CLOSED", "hit", 1.0, "contraction restored in pred: \"it isn't\""),
+    ("left", "left", "CLOSED", "hit", 1.0, "lenient: no yes/no needed"),
+    ("yes", "1", "CLOSED", "hit", 0.0, "'1' not in 'yes'"),
+    ("one", "1", "CLOSED", "hit", 1.0, "'one' -> '1'"),
+]
+
+
+@pytest.mark.parametrize("pred,gt,kind,key,expected,reason", SCORES, ids=[s[-1] for s in SCORES])
+def test_score_answer(pred, gt, kind, key, expected, reason):
+    assert E.score_answer(pred, gt, kind)[key] == pytest.approx(expected, abs=1e-12), reason
+
+
+STRICT = [
+    ("left", "left", 0.0, "strict: neither 'yes' nor 'no' occurs"),
+    ("There is a nodule.", "no", 1.0, "strict tests substrings too: 'no' inside 'nodule' passes"),
+    ("yes", "yes", 1.0, "strict: yes present and gt in pred"),
+    ("No", "yes", 0.0, "strict: a miss is 0 (upstream dropped it from the denominator)"),
+]
+
+
+@pytest.mark.parametrize("pred,gt,expected,reason", STRICT, ids=[s[-1] for s in STRICT])
+def test_score_answer_strict(pred, gt, expected, reason):
+    assert E.score_answer(pred, gt, "CLOSED", strict=True)["hit"] == expected, reason
+
+
+def test_score_answer_keys_and_errors():
+    assert set(E.score_answer("a", "b", "CLOSED")) == {"hit", "exact"}
+    assert set(E.score_answer("a", "b", "OPEN")) == {"recall", "precision", "f1", "exact", "hit"}
+    with pytest.raises(ValueError, match="OPEN"):
+        E.score_answer("yes", "yes", "yes/no")
+    with pytest.raises(TypeError):
+        E.score_answer("2", 2, "OPEN")
+
+
+def test_yes_no_polarity():
+    # whole words, first one wins; "nodule" is not a "no"
+    assert E.yes_no("yes there is no effusion") == "yes"
+    assert E.yes_no("there is nodule") is None
+    assert E.yes_no("no") == "no"
+
+
+# ---------------------------------------------------------------------------------------------
+# score_file
+# ---------------------------------------------------------------------------------------------
+def _q(qid, answer, kind):
+    return SimpleNamespace(id=str(qid), answer=answer, answer_type=kind)
+
+
+def test_score_file_by_hand():
+    questions = [_q(1, "left lung", "OPEN"), _q(2, "lung", "OPEN"), _q(3, "no", "CLOSED"),
+                 _q(4, "no", "CLOSED"), _q(5, "yes", "CLOSED"), _q(6, "right", "OPEN"),
+                 _q(7, None, None)]
+    answers = [{"question_id": 1, "text": "lung"},            # recall 1/2, precision 1
+               {"question_id": 2, "text": "the lung"},        # recall 1
+               {"question_id": 3, "text": "Yes, a nodule."},   # hit ('no' in nodule); says yes
+               {"question_id": 4, "text": "No, the eyes are normal."},  # hit; says no ("eyes" is no yes)
+               {"question_id": 5, "text": "left"},             # miss
+               {"question_id": 99, "text": "?"}]              # not a question of the file
+    s = E.score_file(answers, questions)
+    assert s["open"]["n"] == 2 and s["open"]["recall"] == pytest.approx(75.0)
+    assert s["open"]["precision"] == pytest.approx(100.0)
+    assert s["closed"]["n"] == 3 and s["closed"]["accuracy"] == pytest.approx(200 / 3)
+    assert s["closed"]["accuracy_strict"] == pytest.approx(200 / 3)  # q5 has neither yes nor no
+    # two gt-"no" questions, one answered "yes" (first polarity word)
+    assert s["closed"]["n_gt_no"] == 2 and s["closed"]["hallucination_rate"] == pytest.approx(50.0)
+    # overall: mean of (0.5, 1, 1, 1, 0) per question; mean_of_types: (75 + 66.67) / 2
+    assert s["overall"]["score"] == pytest.approx(70.0)
+    assert s["overall"]["mean_of_types"] == pytest.approx((75 + 200 / 3) / 2)
+    assert s["missing"] == ["6"] and s["unknown"] == ["99"] and s["unscorable"] == ["7"]
+    assert s["n_questions"] == 7 and s["n_answered"] == 5
+
+
+def test_score_file_rejects_duplicate_answers():
+    with pytest.raises(ValueError, match="more than once"):
+        E.score_file([{"question_id": 1, "text": "a"}, {"question_id": "1", "text": "b"}],
+                     [_q(1, "a", "OPEN")])
+
+
+def test_score_file_empty_type_is_none():
+    s = E.score_file([{"question_id": 1, "text": "yes"}], [_q(1, "yes", "CLOSED")])
+    assert s["open"]["recall"] is None and s["overall"]["mean_of_types"] is None
+    assert s["closed"]["accuracy"] == 100.0 and s["closed"]["hallucination_rate"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The real benchmark files: constant answers against facts stated in their README
+# ---------------------------------------------------------------------------------------------
+def _benchmark(name):
+    rows = [json.loads(line) for line in (BENCH / name).read_text().splitlines() if line.strip()]
+    return [_q(r["question_id"], r["gpt4_answer"], r["answer_type"]) for r in rows]
+
+
+def _constant(questions, text):
+    return [{"question_id": q.id, "text": text} for q in questions]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_real_benchmarks_known_figures(strict):
+    """README: under the lenient rule, an answer holding both "yes" and "no" scores 92.3 % on
+    VQA-RAD closed and 100 % on PathVQA closed; "always no" scores 48.9 % on VQA-RAD.
+    (Both answers contain yes/no, so the strict variant gives the same figures.)"""
+    key = "accuracy_strict" if strict else "accuracy"
+    rad = _benchmark("VQA_RAD_test_llavamed_format.jsonl")
+    s = E.score_file(_constant(rad, "Yes or no"), rad)
+    assert s["closed"]["n"] == 272 and s["open"]["n"] == 179
+    assert round(s["closed"][key], 1) == 92.3
+    assert round(E.score_file(_constant(rad, "No."), rad)["closed"][key], 1) == 48.9
+    pvqa = _benchmark("pvqa_test_llavamed_format.jsonl")
+    s = E.score_file(_constant(pvqa, "yes, no"), pvqa)
+    assert s["closed"]["n"] == 3362 and s["closed"][key] == 100.0
+
+
+def test_real_benchmark_strict_differs_from_lenient():
+    """VQA-RAD has closed answers that are not yes/no (e.g. "mri", "left"): a prediction equal
+    to the reference hits them under the lenient rule but not under the strict one."""
+    rad = _benchmark("VQA_RAD_test_llavamed_format.jsonl")
+    s = E.score_file([{"question_id": q.id, "text": q.answer} for q in rad], rad)
+    assert s["closed"]["accuracy"] == 100.0 and s["open"]["recall"] == 100.0
+    n_yes_no = sum(E.normalize_word(q.answer) in ("yes", "no") for q in rad if q.answer_type == "CLOSED")
+    assert n_yes_no == 251  # 92.3 % of 272, the README's figure again
+    # "no"/"yes" substrings inside other closed answers ("nodule"?) would also pass strict
+    other = [q for q in rad if q.answer_type == "CLOSED" and E.normalize_word(q.answer) not in ("yes", "no")]
+    passing = sum("yes" in E.normalize_word(q.answer) or "no" in E.normalize_word(q.answer) for q in other)
+    assert s["closed"]["accuracy_strict"] == pytest.approx(100 * (251 + passing) / 272)
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation run, on a tiny random model of our own (no transformers needed)
+# ---------------------------------------------------------------------------------------------
+QUESTIONS = [  # (id, image, question, answer, type)
+    (11, "a.png", "Is there a nodule?", "no", "CLOSED"),
+    (12, "b.png", "Which lung is affected?", "left lung", "OPEN"),
+    (13, "c.png", "Is this an MRI? Please choose from the following two options: [yes, no]", "yes", "CLOSED"),
+    (14, "a.png", "How many lesions?", "two", "OPEN"),
+    (15, "b.png", "What organ is shown?", "liver", "OPEN"),
+]
+
+
+def _tiny_tokenizer():
+    """Character-level tokenizer: <unk>=0, <s>=1, </s>=2, then the printable ASCII characters."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in string.printable:
+        if c not in "\r\x0b\x0c":
+            vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.decoder = decoders.Fuse()
+    return tok
+
+
+def _tiny_config():
+    from model import LlavaConfig, TextConfig, VisionConfig
+
+    return LlavaConfig(
+        vision=VisionConfig(image_size=28, patch_size=7, hidden_size=32, intermediate_size=64, n_layers=3, n_heads=4),
+        text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4, n_kv_heads=2,
+                        rope_theta=1e4, max_seq_len=256),
+        image_token_id=-200)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random checkpoint directory (with tokenizer.json), images, and the question file
+    in three layouts, the JSONL one with a malformed line at index 2."""
+    import torch
+    from PIL import Image
+
+    from model import Llava, save_model
+
+    root = tmp_path_factory.mktemp("tiny_eval")
+    torch.manual_seed(0)
+    model = Llava(_tiny_config()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("class_embedding"):  # created with torch.empty: load-only
+                p.normal_()
+        # stronger visual tokens, so that the image visibly moves the logits
+        model.multi_modal_projector.linear_2.weight.mul_(20.0)
+    ckpt = save_model(model, root / "ckpt")
+    _tiny_tokenizer().save(str(ckpt / "tokenizer.json"))
+    images = root / "images"
+    images.mkdir()
+    for name, colour in (("a.png", (250, 10, 10)), ("b.png", (10, 250, 10)), ("c.png", (10, 10, 250))):
+        Image.new("RGB", (40, 28), colour).save(images / name)  # not square: exercises the padding
+    jsonl = [json.dumps({"question_id": i, "image": im, "text": q + "\n<image>", "gpt4_answer": a,
+                         "answer_type": t}) for i, im, q, a, t in QUESTIONS]
+    jsonl.insert(2, '{"question_id": 99, "image": "a.png"')  # truncated: a bad record at index 2
+    (root / "questions.jsonl").write_text("\n".join(jsonl) + "\n")
+    test_json = [{"id": i, "image": im, "answer_type": t,
+                  ("conversatons" if i == 12 else "conversations"):
+                      [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]}
+                 for i, im, q, a, t in QUESTIONS]
+    (root / "test.json").write_text(json.dumps(test_json))
+    (root / "questions_only.jsonl").write_text("".join(
+        json.dumps({"question_id": i, "image": im, "text": q + "\n<image>", "answer_type": t}) + "\n"
+        for i, im, q, _, t in QUESTIONS))
+    (root / "answers.jsonl").write_text("".join(
+        json.dumps({"question_id": i, "answer": a}) + "\n" for i, _, _, a, _ in QUESTIONS))
+    return SimpleNamespace(root=root, ckpt=ckpt, images=images, model=model, tokenizer=_tiny_tokenizer())
+
+
+def _fields(records):
+    return [(r.id, r.image, r.question, r.answer, r.answer_type) for r in records]
+
+
+def test_formats_read_into_the_same_questions(tiny):
+    """test.json (with the `conversatons` misspelling), question JSONL with inline answers, and
+    question JSONL with answers in another file give the same questions; the malformed line is
+    reported with its file and index."""
+    cfg = E.EvalConfig(model="-", out="-", benchmark=[f"json={tiny.root / 'test.json'}",
+                                                      f"jsonl={tiny.root / 'questions.jsonl'}",
+                                                      f"split={tiny.root / 'questions_only.jsonl'}"],
+                       ground_truth=[f"split={tiny.root / 'answers.jsonl'}"])
+    b = E.load_benchmarks(cfg)
+    expected = [(str(i), im, q, a, t) for i, im, q, a, t in QUESTIONS]
+    for name in ("json", "jsonl", "split"):
+        assert _fields(b[name][0]) == expected, name
+    assert b["json"][1] == [] and b["split"][1] == []
+    (bad,) = b["jsonl"][1]
+    assert bad.file == str(tiny.root / "questions.jsonl") and bad.index == 2
+
+
+def test_no_image_mode_drops_every_visual_token(tiny):
+    """no_image: the prompt ids are the full prompt's with the image positions removed, and no
+    pixels; blank_image: the same ids as full, one mean-colour image for every row."""
+    import torch
+
+    records = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"q={tiny.root / 'test.json'}"]))["q"][0]
+    cfg = tiny.model.config
+    kw = dict(tokenizer=tiny.tokenizer, config=cfg, image_root=str(tiny.images))
+    full, none, blank = (E.build_batch(records[:2], m, **kw) for m in E.MODES)
+    n_img = cfg.num_image_tokens
+    assert ((full.input_ids == cfg.image_token_id).sum(1) == n_img).all()
+    assert (none.input_ids == cfg.image_token_id).sum() == 0 and none.pixel_values is None
+    for i in range(2):
+        f_ids = full.input_ids[i][full.attention_mask[i].bool()].tolist()
+        n_ids = none.input_ids[i][none.attention_mask[i].bool()].tolist()
+        assert n_ids == [t for t in f_ids if t != cfg.image_token_id]
+    assert torch.equal(blank.input_ids, full.input_ids)
+    assert torch.equal(blank.pixel_values[0], blank.pixel_values[1])
+    # the mean colour truncated to integers normalises to within (1/255) / std_min ≈ 0.0146 of 0
+    assert blank.pixel_values.abs().max() < 0.0146
+
+
+def test_blind_modes_change_the_logits(tiny):
+    """The tiny model's answer depends on the image: two different images give different
+    next-token logits, and the no_image and blank_image inputs differ from the full one."""
+    import torch
+
+    records = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"q={tiny.root / 'test.json'}"]))["q"][0]
+    # rows 0 and 3 ask about image a, row 1 about b: same question text for 0 vs a copy on b
+    same_q_other_image = SimpleNamespace(**{**vars(records[0]), "image": "b.png"})
+    kw = dict(tokenizer=tiny.tokenizer, config=tiny.model.config, image_root=str(tiny.images))
+    last = {}
+    with torch.no_grad():
+        for m in E.MODES:
+            b = E.build_batch([records[0], same_q_other_image], m, **kw)
+            last[m] = tiny.model(b.input_ids, b.pixel_values, b.attention_mask)[:, -1]  # (2, V)
+    assert (last["full"][0] - last["full"][1]).abs().max() > 1e-2  # the image matters
+    assert (last["full"][0] - last["no_image"][0]).abs().max() > 1e-2
+    assert (last["full"][0] - last["blank_image"][0]).abs().max() > 1e-2
+    # without an image the two rows are the same question: identical logits
+    torch.testing.assert_close(last["no_image"][0], last["no_image"][1])
+    torch.testing.assert_close(last["blank_image"][0], last["blank_image"][1])
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAfter:
+    """Wraps the model; generate() raises after `n` calls, as an interrupted run."""
+
+    def __init__(self, model, n):
+        self.model, self.n = model, n
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def generate(self, *args, **kwargs):
+        if self.n == 0:
+            raise _Interrupt
+        self.n -= 1
+        return self.model.generate(*args, **kwargs)
+
+
+def _generate(tiny, model, run_dir, batch_size, rank=0, world=1):
+    records = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"q={tiny.root / 'test.json'}"]))["q"][0]
+    n = E.generate_answers(model, tiny.tokenizer, records, run_dir=run_dir, name="q", mode="full",
+                           image_root=str(tiny.images), model_id="tiny", batch_size=batch_size,
+                           max_new_tokens=6, rank=rank, world=world)
+    return records, n
+
+
+def test_resume_gives_the_same_answer_file(tiny, tmp_path):
+    records, n = _generate(tiny, tiny.model, tmp_path / "once", batch_size=2)
+    assert n == 5
+    once = E.merge_answers(tmp_path / "once", "q", "full", records).read_text()
+
+    with pytest.raises(_Interrupt):  # two batches (4 answers) written, then interrupted
+        _generate(tiny, _StopAfter(tiny.model, 2), tmp_path / "resumed", batch_size=2)
+    shard = E.answers_path(tmp_path / "resumed", "q", "full", 0)
+    assert len(shard.read_text().splitlines()) == 4
+    with open(shard, "a") as f:  # and a torn last line, as a kill during a write leaves
+        f.write('{"question_id": 15, "te')
+    _, n = _generate(tiny, tiny.model, tmp_path / "resumed", batch_size=2)
+    assert n == 1  # only the unanswered question
+    assert E.merge_answers(tmp_path / "resumed", "q", "full", records).read_text() == once
+    _, n = _generate(tiny, tiny.model, tmp_path / "resumed", batch_size=2)
+    assert n == 0  # a finished run answers nothing more
+
+    rows = [json.loads(line) for line in once.splitlines()]
+    assert [r["question_id"] for r in rows] == [11, 12, 13, 14, 15]  # ints, as in the question file
+    assert set(rows[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert rows[0]["prompt"] == "Is there a nodule?"
+
+
+def test_batched_and_sharded_runs_equal_batch_one(tiny, tmp_path):
+    """Left padding must not change greedy answers; two shards merged equal one run."""
+    records, _ = _generate(tiny, tiny.model, tmp_path / "b1", batch_size=1)
+    one = E.merge_answers(tmp_path / "b1", "q", "full", records).read_text()
+    _generate(tiny, tiny.model, tmp_path / "b5", batch_size=5)
+    assert E.merge_answers(tmp_path / "b5", "q", "full", records).read_text() == one
+    for rank in (1, 0):
+        _generate(tiny, tiny.model, tmp_path / "w2", batch_size=3, rank=rank, world=2)
+    assert len(E._shards(tmp_path / "w2", "q", "full")) == 2
+    assert E.merge_answers(tmp_path / "w2", "q", "full", records).read_text() == one
+    assert E._shards(tmp_path / "w2", "q", "full") == []
+
+
+def test_cli_run_blind_report_and_compare(tiny, tmp_path, capsys):
+    run_a = tmp_path / "a"
+    args = ["--model", str(tiny.ckpt), "--benchmark", f"rad={tiny.root / 'questions.jsonl'}",
+            "--image-root", str(tiny.images), "--out", str(run_a), "--batch-size", "3",
+            "--max-new-tokens", "4", "--blind"]
+    E.main(args)
+    summary = json.loads((run_a / "summary.json").read_text())
+    rad = summary["benchmarks"]["rad"]
+    assert set(rad["modes"]) == set(E.MODES)
+    assert [b["index"] for b in rad["bad_records"]] == [2]  # reported, and the rest scored:
+    assert rad["modes"]["full"]["open"]["n"] == 3 and rad["modes"]["full"]["closed"]["n"] == 2
+    records = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"r={tiny.root / 'questions.jsonl'}"]))
+    records = records["r"][0]
+    for mode in E.MODES:
+        rows = E.read_answers(E.answers_path(run_a, "rad", mode))
+        # scores recomputed from the answer file equal the summary's
+        assert E.score_file(rows, records) == rad["modes"][mode]
+        assert all(r["metadata"]["mode"] == mode for r in rows)
+    gain = rad["visual_gain"]["no_image"]["open recall"]
+    full_r, blind_r = rad["modes"]["full"]["open"]["recall"], rad["modes"]["no_image"]["open"]["recall"]
+    assert gain == pytest.approx(full_r - blind_r)
+    report = (run_a / "report.md").read_text()
+    assert "### rad" in report and "visual gain (full − no image)" in report
+    assert json.loads((run_a / "config.json").read_text())["batch_size"] == 3
+
+    # a second run (with --limit) compared with the first
+    run_b = tmp_path / "b"
+    E.main(["--model", str(tiny.ckpt), "--benchmark", f"rad={tiny.root / 'questions.jsonl'}",
+            "--image-root", f"rad={tiny.images}", "--out", str(run_b), "--max-new-tokens", "4", "--limit", "2"])
+    capsys.readouterr()
+    E.main(["compare", str(run_a), str(run_b)])
+    out = capsys.readouterr().out
+    assert "| full | open recall |" in out and "| no image | closed acc |" in out
+    b_rad = json.loads((run_b / "summary.json").read_text())["benchmarks"]["rad"]
+    fa, fb = rad["modes"]["full"]["closed"]["accuracy"], b_rad["modes"]["full"]["closed"]["accuracy"]
+    assert f"| full | closed acc | {fa:.2f} | {fb:.2f} | {fb - fa:+.2f} |" in out
+    assert "| no image | closed acc | " + f"{rad['modes']['no_image']['closed']['accuracy']:.2f} | – | – |" in out
+
+
+def test_cli_errors_are_listed(tiny, tmp_path):
+    os_images = tmp_path / "imgs"  # only a.png: questions 12, 13, 15 have no image
+    os_images.mkdir()
+    (os_images / "a.png").write_bytes((tiny.images / "a.png").read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"3 of 5 images unusable: 12: .*b.png not found; 13: .*; 15: "):
+        E.main(["--model", str(tiny.ckpt), "--benchmark", f"q={tiny.root / 'test.json'}",
+                "--image-root", f"q={os_images}", "--out", str(tmp_path / "r")])
+    with pytest.raises(ValueError, match="batch-size must be >= 1"):
+        E.main(["--model", str(tiny.ckpt), "--benchmark", f"q={tiny.root / 'test.json'}",
+                "--out", str(tmp_path / "r"), "--batch-size", "0"])
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        E.main(["--model", str(tiny.ckpt), "--benchmark", str(tiny.root / "test.json"), "--out", "x"])
+
+
+def test_adapter_is_applied_on_the_fly(tiny, tmp_path):
+    """--adapter: the PEFT-format adapter is loaded onto the base model (unmerged); the result
+    computes what the model that saved it computes, and differs from the base."""
+    import torch
+
+    from model import load_model
+    from model.lora import apply_lora, lora_modules, save_adapter
+
+    source = load_model(tiny.ckpt)
+    apply_lora(source, rank=2, alpha=4.0, dropout=0.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(source).values():
+            m.lora_B.weight.normal_(std=0.5)  # B = 0 would leave the model unchanged
+    save_adapter(source, tmp_path / "adapter")
+    cfg = E.EvalConfig(model=str(tiny.ckpt), benchmark=[], out="-", adapter=str(tmp_path / "adapter"))
+    model, _ = E.load_for_eval(cfg, "cpu")
+    assert lora_modules(model) and not any(m.merged for m in lora_modules(model).values())
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), source(ids))
+        assert (model(ids) - tiny.model(ids)).abs().max() > 1e-2
+
+
+def test_pathvqa_answer_types_are_scored(tmp_path):
+    """PathVQA's answer types: yes/no is closed, other and number are open."""
+    rows = [{"question_id": 1, "image": "x.png", "text": "Is it benign?", "answer": "yes", "answer_type": "yes/no"},
+            {"question_id": 2, "image": "x.png", "text": "What is it?", "answer": "the colon", "answer_type": "other"},
+            {"question_id": 3, "image": "x.png", "text": "How many?", "answer": 3, "answer_type": "number"}]
+    path = tmp_path / "pvqa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, bad = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"p={path}"]))["p"]
+    assert bad == [] and [r.answer_type for r in records] == ["CLOSED", "OPEN", "OPEN"]
+    s = E.score_file([{"question_id": 1, "text": "Yes."}, {"question_id": 2, "text": "colon"},
+                      {"question_id": 3, "text": "three nuclei"}], records)
+    # closed: 1/1; open recalls: colon vs "colon" 1, "3 nuclei" vs "3" 1 (number word mapped)
+    assert s["closed"]["accuracy"] == 100.0 and s["open"]["recall"] == 100.0
+    assert s["open"]["precision"] == pytest.approx(75.0)  # (1 + 1/2) / 2
+
+
+def test_score_cli_on_a_real_benchmark(tmp_path, capsys):
+    """`eval.py score` reads the real VQA-RAD file through data.read_records (all 451 questions,
+    none malformed) and scores an "always no" answer file: 48.9 % closed (README)."""
+    path = BENCH / "VQA_RAD_test_llavamed_format.jsonl"
+    ids = [json.loads(line)["question_id"] for line in path.read_text().splitlines() if line.strip()]
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": i, "text": "No"}) + "\n" for i in ids))
+    E.main(["score", str(path), str(answers)])
+    captured = capsys.readouterr()
+    s = json.loads(captured.out)
+    assert "bad record" not in captured.err
+    assert (s["n_questions"], s["open"]["n"], s["closed"]["n"], s["missing"]) == (451, 179, 272, [])
+    assert round(s["closed"]["accuracy"], 1) == 48.9
+    assert s["closed"]["hallucination_rate"] == 0.0  # never says yes
