@@ -253,6 +253,10 @@ def convert_sentencepiece(model_path: str | Path) -> Tokenizer:
     path = Path(model_path)
     spm = read_sentencepiece(path)
     _check_supported(spm, path)
+    return _llama_tokenizer(spm)
+
+
+def _llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
     vocab = {piece: i for i, piece in enumerate(spm.pieces)}
     unk = spm.pieces[spm.unk_id]
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=_bpe_merges(spm.pieces, spm.scores),
@@ -278,6 +282,36 @@ def convert_sentencepiece(model_path: str | Path) -> Tokenizer:
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
             special_tokens=[(bos, spm.bos_id)])
+    return tokenizer
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> Tokenizer:
+    """Train a small Llama-style tokenizer on `texts` (the embedded default's own vocabulary).
+
+    The result has the same shape as a converted LLaMA/Mistral tokenizer, so every function of
+    this module treats both alike: ids 0-3 are `<unk>`, `<s>`, `</s>` and `<image>` (a real,
+    special token, so both the chunked and the llava-hf conventions work), then the 256 byte
+    pieces `<0x00>`…`<0xFF>` for byte fallback (no character is ever unknown), then BPE pieces
+    learnt with `tokenizers`' trainer on words split at spaces ("▁" starts a word). Each learnt
+    piece gets the score −rank, so merges are ranked as SentencePiece ranks them.
+    """
+    from tokenizers import pre_tokenizers, trainers
+
+    specials = ["<unk>", "<s>", "</s>", IMAGE_TOKEN]
+    n_learnt = vocab_size - len(specials) - 256
+    if n_learnt < 1:
+        raise ValueError(f"vocab_size {vocab_size} leaves no room for learnt pieces (needs > {len(specials) + 256})")
+    learner = Tokenizer(BPE())
+    learner.normalizer = normalizers.Sequence([normalizers.Prepend(SPIECE), normalizers.Replace(" ", SPIECE)])
+    learner.pre_tokenizer = pre_tokenizers.Split(SPIECE, behavior="merged_with_next")  # pieces never span words
+    learner.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=n_learnt, show_progress=False))
+    learnt = sorted(learner.get_vocab().items(), key=lambda kv: kv[1])  # single characters first, then merges
+    pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + [p for p, _ in learnt]
+    types = [UNKNOWN, CONTROL, CONTROL, USER_DEFINED] + [BYTE] * 256 + [NORMAL] * len(learnt)
+    scores = [0.0] * (len(specials) + 256) + [-float(rank) for rank in range(len(learnt))]
+    tokenizer = _llama_tokenizer(SentencePieceModel(pieces, scores, types, model_type=2, byte_fallback=True))
+    # `<image>` must be special (skipped when decoding); _llama_tokenizer adds user-defined pieces as plain.
+    tokenizer.add_special_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)])
     return tokenizer
 
 

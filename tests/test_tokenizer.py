@@ -342,3 +342,28 @@ def test_errors_unsupported_model(tmp_path):
     for problem in ["model_type is UNIGRAM", "byte_fallback is off", "normalizer 'nmt_nfkc' rewrites",
                     "remove_extra_whitespaces is on"]:
         assert problem in message
+
+
+def test_train_tokenizer_is_llama_shaped():
+    """A tokenizer trained on a few sentences has the Llama layout (0 <unk>, 1 <s>, 2 </s>,
+    3 <image>, 4.. byte pieces), never maps a character to <unk> (byte fallback), round-trips
+    text, and works with both image conventions."""
+    from model.tokenizer import train_tokenizer
+
+    texts = ["Is there a nodule in the left lung?", "There are two small nodules in the right lung.",
+             "No abnormality is seen.", "[INST] <image>\nDescribe the findings. [/INST]"] * 5
+    tok = train_tokenizer(texts, vocab_size=300)
+    assert tok.get_vocab_size() == 300
+    assert [tok.id_to_token(i) for i in range(5)] == ["<unk>", "<s>", "</s>", "<image>", "<0x00>"]
+    for text in texts[:3] + ["unseen ünïcödé 😀  two  spaces"]:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert 0 not in ids
+        assert decode(tok, ids) == text.strip()
+    # Learnt pieces never span a space: every piece holding "▁" starts with it, once.
+    assert all(p.count("\u2581") <= 1 and (p.startswith("\u2581") or "\u2581" not in p) for p in tok.get_vocab())
+    prompt = build_prompt("Describe the findings.")
+    chunked = tokenize_prompt(tok, prompt, image_token_id=3, num_image_tokens=4)
+    assert chunked[0] == 1 and chunked.count(3) == 4
+    assert chunked == tokenize_prompt(tok, prompt, image_token_id=3, num_image_tokens=4, chunked=False)
+    with pytest.raises(ValueError, match="no room"):
+        train_tokenizer(texts, vocab_size=200)
