@@ -22,6 +22,7 @@ STEPS=(
   "test_contrast_softmax|TRITON_INTERPRET=0 python -m pytest -q -rs tests/test_contrast_softmax.py"
   "bench_contrast_softmax|python benchmarks/bench_contrast_softmax.py --out \"\$OUT\""
   "bench_generate|python benchmarks/bench_generate.py --device cuda --batch 1 8"
+  "bench_train|python benchmarks/bench_train.py --size 7b --device cuda --gradient-checkpointing --out \"\$OUT\""
 )
 
 if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then

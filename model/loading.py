@@ -88,10 +88,14 @@ def rename(key: str, layout: str) -> str | None:
     return None
 
 
+# Prefixes only read, never written: transformers 4.x's tower prefix (5.x writes the shorter one).
+READ_ONLY = {"vision_tower.vision_model.", "model.vision_tower.vision_model."}
+
+
 def unrename(name: str, layout: str) -> str:
-    """Our parameter name → the key it has in `layout` (the first table entry that produces it)."""
+    """Our parameter name → the key it has in `layout` (the first writable entry producing it)."""
     for src, dst in LAYOUTS[layout]:
-        if name.startswith(dst):
+        if name.startswith(dst) and src not in READ_ONLY:
             return src + name[len(dst):]
     raise KeyError(f"{name} has no key in layout {layout}")
 

@@ -1,0 +1,375 @@
+"""Hand-written LoRA for the language model, with adapters saved in PEFT's format.
+
+LoRA (Hu et al., 2021) adds a trainable low-rank update to a frozen linear layer:
+
+    y = x Wᵀ + b + (α / r) · B A dropout(x)        A: (r, D_in), B: (D_out, r)
+
+A is Kaiming-uniform (a = √5, what nn.Linear and PEFT use), B is zero, so a fresh adapter
+leaves the model unchanged. `LoRALinear` keeps the frozen weight under its original name
+(`<name>.weight`), so checkpoints of the base model load into it unchanged, and the adapter
+lives beside it as `<name>.lora_A.weight` / `<name>.lora_B.weight`. One switch per layer
+gives back the base model from the same weights (`lora_disabled`, the reference model π_ref
+of METHOD.md Stage 3), and `merge_lora` folds B A into W for inference; both are idempotent.
+
+Files: `save_adapter` writes adapter_config.json + adapter_model.safetensors as PEFT 0.21 does
+for a transformers `LlavaForConditionalGeneration`, so `PeftModel.from_pretrained` loads our
+adapters and we load theirs. Module names map between the two with one table (`_PEFT_NAMES`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (weight and bias kept under their names) plus a LoRA update."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        # The very same Parameter objects as the base layer: no copy, names unchanged.
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        self.bias = base.bias
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.dropout_p = dropout
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # The adapter is kept in fp32 by default even for a bf16 base: its updates are tiny
+        # relative to W, and the optimizer state follows the parameter dtype.
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=base.weight.device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=base.weight.device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False    # W holds W + (α/r)·B A
+        self.disabled = False  # forward is the base layer only
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"alpha={self.alpha}, merged={self.merged}, disabled={self.disabled}")
+
+    def delta_weight(self) -> torch.Tensor:
+        """(α/r)·B A, the update that merging adds to W, in the adapter's dtype. # (D_out, D_in)"""
+        return self.scale * (self.lora_B.weight @ self.lora_A.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        # Merged: W already holds the update. Disabled: the base layer (π_ref). Either way the
+        # adapter branch is skipped entirely, so the base output is bit-identical.
+        if self.merged or self.disabled:
+            return y
+        # The adapter runs in its own dtype (x may be bf16 while A, B are fp32).
+        h = self.dropout(x.to(self.lora_A.weight.dtype))
+        return y + (self.scale * self.lora_B(self.lora_A(h))).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            # Sum in fp32 and round once, so a bf16 merge equals merged_state_dict's export.
+            self.weight.copy_(self.weight.float() + self.delta_weight().float())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.copy_(self.weight.float() - self.delta_weight().float())
+            self.merged = False
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear in the model, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The trainable parameters: lora_A and lora_B of every LoRALinear."""
+    for m in lora_modules(model).values():
+        yield m.lora_A.weight
+        yield m.lora_B.weight
+
+
+def apply_lora(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS, rank: int = 16,
+               alpha: float = 32.0, dropout: float = 0.05, scope: str | None = "language_model",
+               dtype: torch.dtype = torch.float32) -> list[str]:
+    """Replace every nn.Linear under `scope` whose own name is in `targets` by a LoRALinear.
+
+    Names match exactly (the last component of the module path), never by substring. All other
+    parameters are frozen. Returns the replaced module names; a target that matches nothing,
+    or a model that already has LoRA, is an error.
+    """
+    if lora_modules(model):
+        raise ValueError("model already has LoRA layers; apply_lora must be called once")
+    root = model.get_submodule(scope) if scope else model
+    prefix = f"{scope}." if scope else ""
+    # Everything is frozen first; only the adapters created below are trainable.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # Collect first, then replace, so that named_modules() is not walked while it changes.
+    found = [(name, m) for name, m in root.named_modules()
+             if name.rpartition(".")[2] in targets and isinstance(m, nn.Linear)]
+    unmatched = sorted(set(targets) - {name.rpartition(".")[2] for name, _ in found})
+    if unmatched:
+        raise ValueError(f"LoRA targets {unmatched} match no nn.Linear under {scope or 'the model'!r}")
+    for name, linear in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        # A new module starts in training mode: follow the layer it replaces (eval → no dropout).
+        setattr(parent, child, LoRALinear(linear, rank, alpha, dropout, dtype).train(linear.training))
+    return [prefix + name for name, _ in found]
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """Run the base model: inside this block every LoRALinear is its frozen layer only (π_ref)."""
+    modules = list(lora_modules(model).values())
+    # A merged weight no longer holds the base model: refuse rather than return the policy.
+    merged = [m for m in modules if m.merged]
+    if merged:
+        raise RuntimeError(f"cannot disable LoRA on {len(merged)} merged layers; call unmerge_lora first")
+    previous = [m.disabled for m in modules]  # restored on exit, so the blocks nest
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, d in zip(modules, previous):
+            m.disabled = d
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold (α/r)·B A into every frozen weight. A second call does nothing."""
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo merge_lora (exact up to rounding in the weight's dtype). A second call does nothing."""
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under our names, `<module>.lora_A.weight` / `<module>.lora_B.weight`."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
+        out[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT's format. PEFT names a tensor "base_model.model." + <module path in the transformers
+# model> + ".lora_A.weight". transformers >= 4.52 keeps Llava's decoder at
+# model.language_model.* (what PEFT 0.21 + transformers 5 write); older versions had
+# language_model.model.* — read both, write the new one.
+# (our module name, PEFT's module name, PEFT's module name in the legacy layout)
+_PEFT_NAMES = (
+    ("language_model.layers.{i}.{sub}", "model.language_model.layers.{i}.{sub}",
+     "language_model.model.layers.{i}.{sub}"),
+    ("multi_modal_projector.{sub}", "model.multi_modal_projector.{sub}", "multi_modal_projector.{sub}"),
+)
+_PEFT_PREFIX = "base_model.model."
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _template_regex(template: str) -> re.Pattern:
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{sub\}", r"(?P<sub>[\w.]+)")
+    return re.compile(pattern)
+
+
+def peft_module_name(name: str) -> str | None:
+    """Our module name -> the module's name inside transformers' Llava, or None if unmapped."""
+    for ours, peft, _ in _PEFT_NAMES:
+        match = _template_regex(ours).fullmatch(name)
+        if match:
+            return peft.format(**match.groupdict())
+    return None
+
+
+def our_module_name(peft_name: str) -> str | None:
+    """transformers' Llava module name (either layout) -> ours, or None if unmapped."""
+    for ours, peft, legacy in _PEFT_NAMES:
+        for template in (peft, legacy):
+            match = _template_regex(template).fullmatch(peft_name)
+            if match:
+                return ours.format(**match.groupdict())
+    return None
+
+
+def _uniform(modules: dict[str, LoRALinear], attr: str):
+    values = {getattr(m, attr) for m in modules.values()}
+    if len(values) != 1:
+        raise ValueError(f"LoRA layers differ in {attr} ({sorted(values)}); PEFT's config needs one value")
+    return values.pop()
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained
+    loads onto transformers' LlavaForConditionalGeneration."""
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("model has no LoRA layers to save")
+    names = {name: peft_module_name(name) for name in modules}
+    unmapped = sorted(n for n, p in names.items() if p is None)
+    if unmapped:
+        raise ValueError(f"LoRA layers with no PEFT name (see _PEFT_NAMES in model/lora.py): {unmapped}")
+    # target_modules as one regex that PEFT fullmatches against module names: each name with
+    # its layer index generalised to \d+. Check it selects exactly our layers.
+    pattern = "|".join(sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(p)) for p in names.values()}))
+    selected = {name for name, _ in model.named_modules()
+                if (p := peft_module_name(name)) is not None and re.fullmatch(pattern, p)}
+    if selected != set(modules):
+        raise ValueError(f"LoRA covers only some layers of a kind (e.g. {sorted(selected - set(modules))[:3]} "
+                         "have none); PEFT's target_modules cannot express that as one pattern")
+    # The fields PEFT reads; the rest of LoraConfig keeps its defaults (plain LoRA, no DoRA,
+    # no rsLoRA scaling, no bias training), which is what LoRALinear computes.
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_path,
+        "r": _uniform(modules, "rank"), "lora_alpha": _uniform(modules, "alpha"),
+        "lora_dropout": _uniform(modules, "dropout_p"), "target_modules": pattern,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
+        "use_dora": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+    }
+    # PEFT's file holds A and B only, keyed without the adapter name ("default").
+    tensors = {}
+    for name, m in modules.items():
+        key = _PEFT_PREFIX + names[name]
+        tensors[f"{key}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
+        tensors[f"{key}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | None = None) -> list[str]:
+    """Load a PEFT LoRA adapter (ours or PEFT's own) into the model, applying LoRA first if the
+    model has none. Unknown, missing or mis-shaped tensors raise one error that lists them."""
+    adapter_dir = Path(adapter_dir)
+    config_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path}: cannot read the adapter config ({e})") from None
+    unsupported = [f"{k}={config.get(k)!r}" for k, ok in (
+        ("peft_type", "LORA"), ("bias", "none"), ("fan_in_fan_out", False), ("use_rslora", False),
+        ("use_dora", False), ("rank_pattern", {}), ("alpha_pattern", {}), ("modules_to_save", None))
+        if config.get(k, ok) != ok]
+    if unsupported:
+        raise ValueError(f"{config_path}: unsupported adapter settings: {', '.join(unsupported)}")
+    tensors = load_file(weights_path)
+    # Group the file's tensors by our module name: {module: {"lora_A": t, "lora_B": t}}.
+    by_module, unknown = {}, []
+    for key, value in tensors.items():
+        match = re.fullmatch(re.escape(_PEFT_PREFIX) + r"(.+)\.(lora_[AB])\.weight", key)
+        name = our_module_name(match.group(1)) if match else None
+        if name is None:
+            unknown.append(key)
+        else:
+            by_module.setdefault(name, {})[match.group(2)] = value
+    if not lora_modules(model):
+        # A bare model: give it LoRA on exactly the layer kinds the file has (e.g. q,v only).
+        targets = tuple(sorted({n.rpartition(".")[2] for n in by_module}))
+        scopes = {n.split(".")[0] for n in by_module}
+        if len(scopes) != 1:
+            raise ValueError(f"{weights_path}: adapter spans {sorted(scopes)}; load_adapter applies one scope")
+        apply_lora(model, targets, rank=config["r"], alpha=config["lora_alpha"],
+                   dropout=config.get("lora_dropout", 0.0) if dropout is None else dropout, scope=scopes.pop())
+    modules = lora_modules(model)
+    # Everything that is wrong goes into one error: unknown, missing and mis-shaped tensors.
+    unknown += [f"{_PEFT_PREFIX}{peft_module_name(n)}.*" for n in by_module if n not in modules]
+    missing = [f"{n}.{ab}" for n in modules for ab in ("lora_A", "lora_B") if ab not in by_module.get(n, {})]
+    shapes = [f"{n}.{ab}: file {tuple(t.shape)} vs model {tuple(getattr(modules[n], ab).weight.shape)}"
+              for n, d in by_module.items() if n in modules for ab, t in d.items()
+              if t.shape != getattr(modules[n], ab).weight.shape]
+    problems = [f"{what}: {items}" for what, items in (("unknown keys", sorted(unknown)), ("missing", missing),
+                                                       ("mis-shaped", shapes)) if items]
+    if problems:
+        raise ValueError(f"{weights_path}: " + "; ".join(problems))
+    wrong = sorted(n for n, m in modules.items() if (m.rank, m.alpha) != (config["r"], config["lora_alpha"]))
+    if wrong:
+        raise ValueError(f"{config_path}: r={config['r']}, lora_alpha={config['lora_alpha']} differ from "
+                         f"the model's LoRA layers {wrong[:3]}…")
+    with torch.no_grad():
+        for name, m in modules.items():
+            if m.merged:
+                raise RuntimeError(f"{name} is merged; unmerge_lora before loading an adapter")
+            m.lora_A.weight.copy_(by_module[name]["lora_A"])
+            m.lora_B.weight.copy_(by_module[name]["lora_B"])
+    return sorted(modules)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every LoRA update folded into its weight, without the
+    lora_A / lora_B entries: the base model's keys, on the CPU. The model itself is unchanged."""
+    modules = lora_modules(model)
+    out = {}
+    for key, value in model.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        parent, _, child = module.rpartition(".")
+        if parent in modules and child in ("lora_A", "lora_B"):
+            continue
+        if module in modules and leaf == "weight" and not modules[module].merged:
+            # Sum in fp32, round once to the weight's dtype (what merge_lora would store).
+            value = value.float() + modules[module].delta_weight().float()
+            value = value.to(modules[module].weight.dtype)
+        out[key] = value.detach().cpu()
+    return out
+
+
+def export_merged(model: nn.Module, out_dir: str | Path, *, source: str | Path | None = None,
+                  layout: str = "llava-hf-legacy") -> Path:
+    """Write a full checkpoint (config.json + model.safetensors) with LoRA merged.
+
+    With `source` (the checkpoint directory the model was loaded from) the output has exactly
+    the source's keys and config.json, so it replaces the input wherever the input was used.
+    Without it, keys follow `layout` (one of model/loading.py's LAYOUTS) and config.json is a
+    llava-hf one.
+    """
+    from . import loading  # loading imports the model; keep lora.py importable on its own
+
+    state = merged_state_dict(model)
+    if source is None:
+        if layout not in loading.LAYOUTS or layout == "clip":
+            raise ValueError(f"unknown checkpoint layout {layout!r}; choose from "
+                             f"{[k for k in loading.LAYOUTS if k != 'clip']}")
+        return loading.save_model(model, out_dir, layout=layout, state_dict=state)
+    source = Path(source)
+    keys = []
+    for file in loading.safetensors_files(source):
+        with safe_open(str(file), framework="pt") as f:  # reads the header only
+            keys += [k for k in f.keys() if not k.endswith(loading.IGNORED_SUFFIXES)]
+    src_layout = loading.detect_layout(keys)
+    tensors, unknown = {}, []
+    for key in keys:
+        name = loading.rename(key, src_layout)
+        if name in state:
+            tensors[key] = state.pop(name).contiguous()
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{source}: keys with no parameter in the model: {sorted(unknown)}")
+    # Parameters the source lacks (a vision tower given separately) are left out, as in the input.
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    (out_dir / "config.json").write_text((source / "config.json").read_text())
+    return out_dir

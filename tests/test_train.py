@@ -1,0 +1,245 @@
+"""train.py end to end on a tiny random Llava: the efficient forward against a plain one, a few
+steps raise the margin, bad records are skipped, --resume continues exactly, DDP on 2 CPU
+processes (gloo) equals one process with the same global batch, --stage sft runs."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import tiny
+import train
+from model import load_model
+from model.lora import apply_lora, load_adapter, lora_disabled, lora_modules
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ("[ INST ] [/ what is shown in the image ? which side lesion mass left right upper lower lobe lung "
+         "liver kidney brain normal there a no yes of fracture effusion").split()
+
+
+def word_tokenizer() -> Tokenizer:
+    """Word-level tokenizer over WORDS (ids 3…, far below the tiny model's image token 120)."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+HEADER = json.dumps({"_header": True, "options": {}}) + "\n"  # hscr.py's first line
+
+
+def preference_records(n: int) -> list[dict]:
+    organs = ["lung", "liver", "kidney", "brain"]
+    sides = ["left", "right", "upper", "lower"]
+    out = []
+    for i in range(n):
+        organ, side = organs[i % 4], sides[i % 4]  # learnable: the side follows from the organ
+        wrong = [s for s in sides if s != side]
+        out.append({"id": f"e{i}", "image": f"img{i % 3}.png", "question": f"which side of the {organ} ?",
+                    # hscr.py also stores the prompt text; train.py builds it when absent.
+                    **({"prompt": f"[INST] <image>\nwhich side of the {organ} ? [/INST]"} if i % 2 else {}),
+                    "chosen": f"the lesion is in the {side} {organ}",
+                    "negatives": [{"text": f"the lesion is in the {w} {organ}", "similarity": 0.9 - 0.2 * j}
+                                  for j, w in enumerate(wrong[: 1 + i % 3])]})  # K = 1, 2, 3
+    return out
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    ckpt = tiny.save_layout(tiny.hf_tiny_llava("llama", seed=0), root / "ckpt", "llava-hf")
+    word_tokenizer().save(str(ckpt / "tokenizer.json"))
+    g = torch.Generator().manual_seed(0)
+    for k in range(3):
+        pixels = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"img{k}.png")
+    prefs = root / "prefs.jsonl"
+    prefs.write_text(HEADER + "".join(json.dumps(r) + "\n" for r in preference_records(12)))
+    return root, ckpt, prefs
+
+
+def config(workspace, out, **kw) -> train.TrainConfig:
+    root, ckpt, prefs = workspace
+    base = dict(model=str(ckpt), data=str(prefs), out=str(out), batch_size=4, micro_batch=4, epochs=2,
+                lr=5e-3, lora_rank=4, lora_alpha=8, eval_fraction=0.0, eval_every=0, save_every=0, plot=False,
+                warmup_ratio=0.0)
+    return train.TrainConfig(**{**base, **kw})
+
+
+def test_efficient_forward_matches_plain(workspace):
+    """row_logprobs (image encoded once, hidden states at response positions, chunked
+    projection) equals a plain forward per response with full logits, in value and gradient."""
+    root, ckpt, prefs = workspace
+    model = load_model(ckpt)
+    apply_lora(model, rank=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0, 0.05)
+    tokens = train.Tokens(word_tokenizer(), model.config)
+    cfg = config(workspace, root / "unused")
+    examples, bad = train.read_preferences(prefs, root, tokens, cfg)
+    assert not bad
+    batch = examples[:2]  # K = 1 and K = 2
+    rows = train.collate(batch, pad_id=0)
+    pixels = train.load_pixels(batch, model.config.vision.image_size)
+    ours = train.row_logprobs(model, model, rows, pixels, chunk_rows=5)
+    ours_grad = torch.autograd.grad(ours.sum(), model.language_model.layers[0].self_attn.q_proj.lora_B.weight)[0]
+
+    plain, r = [], 0
+    for b, ex in enumerate(batch):
+        for ids, target in zip(ex.rows, ex.targets):
+            logits = model(torch.tensor([ids]), pixels[b:b + 1])[0]               # (T, V)
+            t = torch.tensor([i for i, on in enumerate(target) if on])
+            plain.append(torch.log_softmax(logits[t - 1], -1).gather(1, torch.tensor(ids)[t, None]).sum())
+    plain = torch.stack(plain)
+    plain_grad = torch.autograd.grad(plain.sum(), model.language_model.layers[0].self_attn.q_proj.lora_B.weight)[0]
+    assert ours.shape == (sum(len(ex.rows) for ex in batch),)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours_grad, plain_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_hidden_logprob_matches_sequence_logprob():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 13, (3, 4), generator=g)
+    mask = torch.rand(3, 4, generator=g) < 0.7
+    ours = train.hidden_logprob(hidden, weight, labels, mask, chunk_rows=2)
+    ref = train.sequence_logprob(hidden @ weight.T, labels, mask)
+    torch.testing.assert_close(ours.double(), ref.double())
+    g1, = torch.autograd.grad(ours.sum(), hidden)
+    g2, = torch.autograd.grad(ref.sum(), hidden)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_steps_raise_margin_and_bad_records_are_skipped(workspace, tmp_path):
+    root, ckpt, prefs = workspace
+    data = tmp_path / "prefs.jsonl"
+    good = preference_records(12)
+    bad = [{"id": "no-chosen", "image": "img0.png", "question": "what is shown ?", "negatives": ["a"]},
+           {"id": "no-image", "image": "missing.png", "question": "what ?", "chosen": "a", "negatives": ["b"]},
+           {"id": "escape", "image": "../img0.png", "question": "what ?", "chosen": "a", "negatives": ["b"]},
+           {"id": "no-negatives", "image": "img0.png", "question": "what ?", "chosen": "a", "negatives": []}]
+    data.write_text(HEADER + "".join(json.dumps(r) + "\n" for r in good[:5] + bad + good[5:]) + "{not json\n")
+    for k in range(3):
+        (tmp_path / f"img{k}.png").write_bytes((root / f"img{k}.png").read_bytes())
+    out = tmp_path / "run"
+    last = train.train(config(workspace, out, data=str(data), eval_data=str(data), epochs=4, lr=3e-3, lora_alpha=32))
+    skipped = [json.loads(line) for line in (out / "bad_records.jsonl").read_text().splitlines()]
+    # Each bad record is skipped twice (train and eval read the same file) with its reason.
+    reasons = {r["id"]: r["reason"] for r in skipped}
+    assert set(reasons) == {"no-chosen", "no-image", "escape", "no-negatives", None}
+    assert "chosen" in reasons["no-chosen"] and "not found" in reasons["no-image"]
+    assert "escapes" in reasons["escape"] and "negatives" in reasons["no-negatives"]
+    assert "JSON" in reasons[None]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    # B = 0 at the first step: policy = reference (up to the float effects of another padding),
+    # every pair costs ln 2; entry e_i has K = 1 + i % 3 negatives, K explicit + K(K−1)/2 implicit
+    # pairs, and the first batch is the first 4 of the epoch's seeded permutation.
+    first = torch.randperm(12, generator=torch.Generator().manual_seed(0))[:4].tolist()
+    pairs = sum(1 + i % 3 + (1 + i % 3) * (i % 3) / 2 for i in first)
+    assert metrics[0]["margin"] == pytest.approx(0, abs=1e-4)
+    assert metrics[0]["loss"] == pytest.approx(pairs / 4 * math.log(2), abs=1e-4)
+    # Held-out (here: the same entries) before training every pair costs ln 2: K = 1, 2, 3 give
+    # 1, 3, 6 pairs, a mean of 10/3 per entry. Twelve steps lower it and open a margin.
+    assert last["eval_loss"] < 10 / 3 * math.log(2) - 0.05
+    assert last["eval_margin"] > 0.02 and last["eval_accuracy_explicit"] > 0.6
+    # The reference log-probs were cached beside the data file and are what π_ref gives.
+    (cache_file,) = tmp_path.glob("prefs.reflogp-*.json")
+    cache = json.loads(cache_file.read_text())["logp"]
+    assert set(cache) == {r["id"] for r in good}
+    # The adapter was saved in PEFT's format and disabling it gives the reference again.
+    model = load_model(ckpt)
+    load_adapter(model, out / "adapter")
+    tokens = train.Tokens(word_tokenizer(), model.config)
+    examples, _ = train.read_preferences(data, tmp_path, tokens, config(workspace, out))
+    ex = examples[0]
+    with torch.no_grad(), lora_disabled(model):
+        ref = train.row_logprobs(model, model, train.collate([ex], 0), train.load_pixels([ex], 28), 64)
+    torch.testing.assert_close(ref, torch.tensor(cache[ex.id]), rtol=1e-5, atol=1e-4)
+
+
+def adapter_tensors(out: Path) -> dict:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def test_resume_continues_exactly(workspace, tmp_path):
+    full = tmp_path / "full"
+    # Micro-batch 2: two accumulation steps per optimizer step.
+    train.train(config(workspace, full, save_every=2, micro_batch=2))
+    part = tmp_path / "part"
+    train.train(config(workspace, part, save_every=2, micro_batch=2, max_steps=3))  # "interrupted" after step 3
+    assert (part / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    train.train(config(workspace, part, save_every=2, micro_batch=2, resume=True))
+    a, b = adapter_tensors(full), adapter_tensors(part)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+    with pytest.raises(ValueError, match="lr"):
+        train.train(config(workspace, part, micro_batch=2, lr=1e-3, resume=True))
+
+
+def test_ddp_two_processes_match_one(workspace, tmp_path):
+    """torchrun with 2 CPU processes (gloo), micro-batch 1 and so 2 accumulation steps each,
+    equals 1 process with micro-batch 4 (same global batch of 4, no dropout): same adapter up to
+    float summation order."""
+    root, ckpt, prefs = workspace
+    single = tmp_path / "single"
+    train.train(config(workspace, single, lora_dropout=0.0, epochs=1))
+    ddp = tmp_path / "ddp"
+    args = ["--model", str(ckpt), "--data", str(prefs), "--out", str(ddp), "--batch-size", "4", "--micro-batch", "1",
+            "--epochs", "1", "--lr", "5e-3", "--lora-rank", "4", "--lora-alpha", "8", "--eval-fraction", "0",
+            "--eval-every", "0", "--save-every", "0", "--no-plot", "--warmup-ratio", "0", "--lora-dropout", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = adapter_tensors(single), adapter_tensors(ddp)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    m1 = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(line) for line in (ddp / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], rel=1e-4)
+
+
+def test_sft_stage(workspace, tmp_path):
+    root, ckpt, prefs = workspace
+    data = tmp_path / "instruct.json"
+    records = [{"id": f"s{i}", "image": f"img{i % 3}.png",
+                "conversations": [{"from": "human", "value": "<image>\nwhat is shown in the image ?"},
+                                  {"from": "gpt", "value": f"a {['mass', 'lesion'][i % 2]} in the left lung"},
+                                  {"from": "human", "value": "is there a fracture ?"},
+                                  {"from": "gpt", "value": "no"}]} for i in range(8)]
+    records.append({"id": "broken", "image": "img0.png", "conversations": [{"from": "human", "value": "what ?"}]})
+    data.write_text(json.dumps(records))
+    for k in range(3):
+        (tmp_path / f"img{k}.png").write_bytes((root / f"img{k}.png").read_bytes())
+    out = tmp_path / "sft"
+    last = train.train(config(workspace, out, stage="sft", data=str(data), eval_data=str(data), epochs=3, lr=1e-2,
+                              lora_alpha=32, export_merged=True))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # Random init: about ln V = ln 128 ≈ 4.85 per answer token; six steps must cut it clearly.
+    assert metrics[0]["loss"] > 4.5 and last["eval_loss"] < metrics[0]["loss"] - 0.4
+    assert [json.loads(line)["id"] for line in (out / "bad_records.jsonl").read_text().splitlines()] == ["broken"] * 2
+    # --export-merged: the input's keys and config; it computes what base + adapter computes.
+    assert sorted(load_file(out / "merged" / "model.safetensors")) == sorted(load_file(ckpt / "model.safetensors"))
+    ids, mask, pixels = tiny.batch_inputs()
+    with_adapter = load_model(ckpt)
+    load_adapter(with_adapter, out / "adapter")
+    torch.testing.assert_close(load_model(out / "merged")(ids, pixels, mask), with_adapter.eval()(ids, pixels, mask),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_cli_without_arguments_prints_help(capsys):
+    assert train.main([]) == 0
+    assert "--loss" in capsys.readouterr().out
