@@ -59,7 +59,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from data import BadRecord, load_image, preprocess_image, read_records, resolve_image
-from model import load_model
+from model import load_model, save_model
+from model.llava import Llava, preset
 from model.lora import (apply_lora, export_merged, load_adapter, lora_disabled, lora_parameters,
                         save_adapter)
 from model.tokenizer import (IMAGE_TOKEN, TEMPLATES, build_prompt, load_tokenizer, tokenize_prompt,
@@ -282,6 +283,11 @@ class TrainConfig:
     image_root: str | None = _opt(None, "directory the records' image paths are relative to "
                                   "(default: the data file's directory)")
     vision_tower: str | None = _opt(None, "separate CLIP directory for the vision tower")
+    init_preset: str | None = _opt(None, "build a randomly initialised model of this preset (model/llava.py "
+                                   "PRESETS; vocab size and image token from --tokenizer) instead of loading "
+                                   "--model; implies --full", choices=("tiny",))
+    full: bool = _opt(False, "train every parameter (vision tower, projector, decoder) instead of LoRA; "
+                      "saves the whole model to out/model/")
     tokenizer: str | None = _opt(None, "tokenizer.json / tokenizer.model / directory (default: --model)")
     eval_data: str | None = _opt(None, "held-out file (default: --eval-fraction of --data)")
     eval_fraction: float = _opt(0.05, "share of --data held out for evaluation when --eval-data is not given")
@@ -327,7 +333,12 @@ class TrainConfig:
     plot: bool = _opt(True, "write metrics.png at the end (needs matplotlib)")
 
     def __post_init__(self):
-        problems = [f"--{f.replace('_', '-')} is required" for f in ("model", "data") if getattr(self, f) is None]
+        if self.init_preset:
+            self.full = True
+            required = ("data", "tokenizer")  # the tokenizer fixes the vocabulary of a new model
+        else:
+            required = ("model", "data")
+        problems = [f"--{f.replace('_', '-')} is required" for f in required if getattr(self, f) is None]
         if self.max_negatives < 1 or not 0 <= self.min_negatives <= self.max_negatives:
             problems.append("need 0 <= --min-negatives <= --max-negatives and --max-negatives >= 1")
         if min(self.batch_size, self.micro_batch, self.keep_checkpoints, self.logit_chunk) < 1:
@@ -568,14 +579,16 @@ def load_pixels(examples: list[Example], image_size: int) -> torch.Tensor | None
 # The forward pass
 
 
-def row_logprobs(model, base, rows: Rows, pixels: torch.Tensor | None, chunk_rows: int) -> torch.Tensor:
+def row_logprobs(model, base, rows: Rows, pixels: torch.Tensor | None, chunk_rows: int,
+                 train_vision: bool = False) -> torch.Tensor:
     """log π(y|i,x) of every row (R,): each image encoded once and shared by all its rows.
 
     `model` is what runs the decoder (the DDP wrapper when distributed), `base` the Llava inside.
+    The vision tower and projector are frozen (no graph kept) unless `train_vision` (--full).
     """
     features = None
     if pixels is not None:
-        with torch.no_grad():  # vision tower and projector are frozen
+        with contextlib.nullcontext() if train_vision else torch.no_grad():
             images = base.encode_images(pixels.to(base.device, base.dtype))   # (B_img, N, D)
         features = images[rows.row_image[rows.row_image >= 0]]              # (R_img, N, D)
     hidden = model(rows.input_ids, attention_mask=rows.attention_mask, image_features=features,
@@ -728,7 +741,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: Trai
         name = f"step-{step:06d}"
         tmp = root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(model, tmp / "adapter", base_model_path=cfg.model)
+        save_weights(model, tmp, cfg)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rngs, "config": dataclasses.asdict(cfg)}, tmp / "trainer.pt")
         shutil.rmtree(root / name, ignore_errors=True)
@@ -737,6 +750,17 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: Trai
         for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-cfg.keep_checkpoints]:
             shutil.rmtree(old)
     ctx.barrier()
+
+
+def save_weights(model, out: Path, cfg: TrainConfig) -> Path:
+    """The trained weights: the PEFT adapter (out/adapter), or with --full the whole model as a
+    loadable checkpoint directory with its tokenizer (out/model)."""
+    if not cfg.full:
+        return save_adapter(model, out / "adapter", base_model_path=cfg.model) or out / "adapter"
+    save_model(model, out / "model")
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    tokenizer.save(str(out / "model" / "tokenizer.json"))
+    return out / "model"
 
 
 def load_checkpoint(out: Path, model, optimizer, scheduler, cfg: TrainConfig, ctx: Context) -> int:
@@ -753,7 +777,10 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, cfg: TrainConfig, ct
         raise ValueError(f"--resume from {ckpt}: the run's settings changed ({'; '.join(changed)})")
     if len(state["rng"]) != ctx.world:
         raise ValueError(f"--resume from {ckpt}: saved by {len(state['rng'])} processes, now {ctx.world}")
-    load_adapter(model, ckpt / "adapter")
+    if cfg.full:
+        model.load_state_dict(load_model(ckpt / "model", dtype=model.dtype, device=model.device).state_dict())
+    else:
+        load_adapter(model, ckpt / "adapter")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"][ctx.rank]
@@ -789,7 +816,7 @@ def batch_loss(model, base, batch: list[Example], ref: dict, cfg: TrainConfig, c
     rows = collate(batch, ctx.pad_id).to(ctx.device)
     pixels = load_pixels(batch, base.config.vision.image_size)
     with ctx.autocast():
-        logp = row_logprobs(model, base, rows, pixels, cfg.logit_chunk)          # (R,)
+        logp = row_logprobs(model, base, rows, pixels, cfg.logit_chunk, cfg.full)  # (R,)
     if cfg.stage == "sft":
         n_tokens = rows.label_mask.sum()
         loss = -logp.sum() / n_tokens
@@ -877,6 +904,18 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> bool:
 # The loop
 
 
+def new_model(cfg: TrainConfig, dtype: torch.dtype, device) -> Llava:
+    """A randomly initialised model of preset `--init-preset`, sized to the tokenizer's vocabulary
+    with its `<image>` token as the image placeholder."""
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    image_id = tokenizer.token_to_id(IMAGE_TOKEN)
+    if image_id is None:
+        raise ValueError(f"--init-preset: tokenizer {cfg.tokenizer} has no {IMAGE_TOKEN} token")
+    config = preset(cfg.init_preset, image_token_id=image_id)
+    config.text = dataclasses.replace(config.text, vocab_size=tokenizer.get_vocab_size())
+    return Llava(config).to(device=device, dtype=dtype)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run the stage described by `cfg`; returns the last step's and the final eval's metrics."""
     ctx = setup_context(cfg)
@@ -884,9 +923,13 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)  # LoRA init: identical on every process
     dtype = {"auto": torch.bfloat16 if ctx.device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    base = load_model(cfg.model, vision_tower=cfg.vision_tower, dtype=dtype, device=ctx.device)
+    if cfg.init_preset:
+        base = new_model(cfg, dtype, ctx.device)
+    else:
+        base = load_model(cfg.model, vision_tower=cfg.vision_tower, dtype=dtype, device=ctx.device)
     ctx.pad_id = base.config.text.pad_token_id or 0
-    apply_lora(base, cfg.targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+    if not cfg.full:
+        apply_lora(base, cfg.targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(base)
 
@@ -919,7 +962,10 @@ def train(cfg: TrainConfig) -> dict:
 
     ref = reference_logprobs(base, examples + held_out, cfg, dtype, ctx) if cfg.stage == "preference" else {}
 
-    params = list(lora_parameters(base))
+    params = list(base.parameters()) if cfg.full else list(lora_parameters(base))
+    if cfg.full:
+        for p in params:
+            p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -977,13 +1023,13 @@ def train(cfg: TrainConfig) -> dict:
             save_checkpoint(out, step + 1, base, optimizer, scheduler, cfg, ctx)
 
     if ctx.rank == 0:
-        save_adapter(base, out / "adapter", base_model_path=cfg.model)
+        weights = save_weights(base, out, cfg)
         if cfg.plot and plot_metrics(metrics_path, out / "metrics.png"):
             print(f"wrote {out / 'metrics.png'}")
-        if cfg.export_merged:
+        if cfg.export_merged and not cfg.full:
             export_merged(base, out / "merged", source=cfg.model)
             print(f"wrote {out / 'merged'} (LoRA merged, in the input's key layout)")
-        print(f"wrote {out / 'adapter'} (PEFT format)")
+        print(f"wrote {weights}" + ("" if cfg.full else " (PEFT format)"))
     ctx.barrier()
     return last
 

@@ -22,6 +22,7 @@ STEPS=(
   "test_contrast_softmax|TRITON_INTERPRET=0 python -m pytest -q -rs tests/test_contrast_softmax.py"
   "bench_contrast_softmax|python benchmarks/bench_contrast_softmax.py --out \"\$OUT\""
   "bench_generate|python benchmarks/bench_generate.py --device cuda --batch 1 8"
+  "bench_hscr|python benchmarks/bench_hscr.py --device cuda --entries 8 --batch-size 8 --max-new-tokens 32 --out \"\$OUT\""
   "bench_train|python benchmarks/bench_train.py --size 7b --device cuda --gradient-checkpointing --out \"\$OUT\""
 )
 

@@ -36,6 +36,7 @@ CLI: `python -m model.tokenizer convert path/to/tokenizer.model path/to/tokenize
 from __future__ import annotations
 
 import argparse
+import json
 import struct
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -420,7 +421,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     convert = commands.add_parser("convert", help="SentencePiece tokenizer.model -> tokenizer.json")
     convert.add_argument("model", type=Path, help="SentencePiece tokenizer.model")
     convert.add_argument("output", type=Path, help="tokenizer.json to write")
+    train = commands.add_parser("train", help="train a small Llama-style tokenizer on LLaVA-format JSON files")
+    train.add_argument("output", type=Path, help="tokenizer.json to write")
+    train.add_argument("--json", type=Path, nargs="+", required=True,
+                       help="LLaVA instruction / test.json files: every conversation turn is training text")
+    train.add_argument("--vocab-size", type=int, default=512)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        texts = set(TEMPLATES.values())
+        for path in args.json:
+            try:
+                records = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise SystemExit(f"error: cannot read {path}: {e}") from None
+            for record in records:
+                for turn in record.get("conversations") or record.get("conversatons") or []:
+                    texts.add(turn["value"].replace(IMAGE_TOKEN, "").strip())
+        tokenizer = train_tokenizer(sorted(texts), args.vocab_size)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(args.output))
+        print(f"wrote {args.output} ({tokenizer.get_vocab_size()} tokens, from {len(texts)} distinct texts)")
+        return
     try:
         tokenizer = convert_sentencepiece(args.model)
     except (FileNotFoundError, ValueError) as e:  # the message names the file and the problem

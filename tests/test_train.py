@@ -243,3 +243,38 @@ def test_sft_stage(workspace, tmp_path):
 def test_cli_without_arguments_prints_help(capsys):
     assert train.main([]) == 0
     assert "--loss" in capsys.readouterr().out
+
+
+def test_full_training_from_a_preset(tmp_path):
+    """--init-preset tiny builds a random model sized to the tokenizer and --full trains every
+    part of it: after two steps the vision tower, projector and decoder all differ from the
+    same-seed initialisation, the loss fell, and out/model is a checkpoint load_model reads."""
+    from model.tokenizer import train_tokenizer
+
+    texts = ["is there a nodule ?", "yes", "no", "which side ?", "left", "right"]
+    tok_path = tmp_path / "tokenizer.json"
+    train_tokenizer(texts + [build for build in ("[INST] [/INST]",)], vocab_size=300).save(str(tok_path))
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for i in range(8):
+        Image.fromarray((torch.rand(64, 64, generator=g) * 255).to(torch.uint8).numpy()).save(tmp_path / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhich side ?"}, {"from": "gpt", "value": ["left", "right"][i % 2]}]})
+    (tmp_path / "sft.json").write_text(json.dumps(records))
+    cfg = train.TrainConfig(stage="sft", init_preset="tiny", tokenizer=str(tok_path), data=str(tmp_path / "sft.json"),
+                            out=str(tmp_path / "out"), batch_size=4, micro_batch=4, epochs=1, lr=3e-3,
+                            eval_fraction=0.0, eval_data=str(tmp_path / "sft.json"), eval_every=0, save_every=0,
+                            plot=False, warmup_ratio=0.0)
+    assert cfg.full  # implied
+    torch.manual_seed(cfg.seed)
+    init = train.new_model(cfg, torch.float32, "cpu").state_dict()
+    train.train(cfg)
+    model = load_model(tmp_path / "out" / "model")
+    assert model.config.text.vocab_size == 300 and model.config.image_token_id == 3
+    trained = model.state_dict()
+    for name in ("vision_tower.encoder.layers.0.mlp.fc1.weight", "multi_modal_projector.linear_1.weight",
+                 "language_model.layers.0.self_attn.q_proj.weight", "lm_head.weight"):
+        assert not torch.equal(trained[name], init[name]), name
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert (tmp_path / "out" / "model" / "tokenizer.json").is_file()

@@ -1,0 +1,236 @@
+"""HSCR data generation (hscr.py stages 1-2): the batched pipeline vs a naive one, and the cost of
+carrying the dropped branch along.
+
+1. Entries/s of the pipeline as hscr.py runs it (batches of entries, both branches stacked in one
+   forward, the candidates of all entries of a batch decoded together) vs a naive one (one entry at
+   a time, each branch its own forward), same model, same entries, same options. Target ≥ 1.5×.
+   The naive pipeline is run twice: with the candidates of its entry decoded together, and with
+   every candidate decoded alone (`decode_rows=1`).
+2. Two-branch vs one-branch, same lengths: (a) teacher-forced scoring of B responses through
+   both branches (2B stacked rows) vs the full branch only (B rows); (b) greedy decoding of both
+   branches (2B rows, one KV cache) vs plain greedy decoding of B rows for the same number of
+   tokens. Target ≤ 1.2× on GPU, where a decode step reads the weights once for all rows.
+
+Random weights (our `Llava`, no checkpoint needed) and a word-level tokenizer over the whole
+vocabulary; --similarity lexical. CPU (default): a small model with 256 image tokens (224 px,
+patch 14). GPU (`--device cuda`): the LLaVA-Med v1.5 shape (CLIP ViT-L/14-336, Mistral-7B), bf16.
+
+    python benchmarks/bench_hscr.py [--device cuda] [--entries 16] [--batch-size 8] [--max-new-tokens 8]
+
+Writes bench_hscr.json (every figure) and bench_hscr.summary (the lines benchmarks/gpu_check.sh
+prints at the end) under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import hscr  # noqa: E402
+from data import Record  # noqa: E402
+from model.llava import Llava, LlavaConfig, TextConfig, VisionConfig, preset  # noqa: E402
+
+
+def build_model(device: str, dtype: torch.dtype, big: bool) -> Llava:
+    if big:  # LLaVA-Med v1.5
+        # llava-hf's layout of it: a real <image> token 32000, vocabulary padded to 32064
+        config = preset("llava-med-v1.5-mistral-7b", image_token_id=32000, text=TextConfig(vocab_size=32064))
+    else:
+        config = LlavaConfig(
+            vision=VisionConfig(image_size=224, patch_size=14, hidden_size=256, intermediate_size=1024,
+                                n_layers=4, n_heads=4),
+            text=TextConfig(vocab_size=32000, hidden_size=256, intermediate_size=768, n_layers=4, n_heads=8,
+                            n_kv_heads=4, rope_theta=1e6, max_seq_len=2048),
+            image_token_id=32000 - 1,
+        )
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build directly in the target dtype: no fp32 copy of 7B weights
+    try:
+        with torch.device(device):
+            model = Llava(config)
+            for m in model.modules():  # RMSNorm and LayerNorm weights are ones by default: keep them
+                if isinstance(m, torch.nn.Embedding):
+                    torch.nn.init.normal_(m.weight, std=0.02)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def build_tokenizer(vocab_size: int, image_token_id: int):
+    """Word level: id i is the word "w{i}", except <unk>, <s>, </s> and <image> at their ids
+    (the template's "[INST]" words are unknown: <unk>, which is fine for timing)."""
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    special = {0: "<unk>", 1: "<s>", 2: "</s>", image_token_id: "<image>"}
+    vocab = {special.get(i, f"w{i}"): i for i in range(max(vocab_size, image_token_id + 1))}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in special.values()])
+    return tok
+
+
+def make_entries(n: int, image_dir: Path, seed: int = 0) -> list[Record]:
+    """Records with random images and answers of 12..40 words (ragged, as real answers are)."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        w, h = rng.integers(200, 400, 2)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(image_dir / f"{i}.png")
+        answer = " ".join(f"w{j}" for j in rng.integers(10, 30000, rng.integers(12, 41)))
+        question = " ".join(f"w{j}" for j in rng.integers(10, 30000, rng.integers(6, 16)))
+        records.append(Record(f"entry{i}", f"{i}.png", question, answer, None))
+    return records
+
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_pipelines(variants: dict, records: list[Record], chunk: int, device: str) -> dict[str, float]:
+    """Seconds each pipeline variant takes to turn `records` into preference records (image loading
+    included). variants: name → (HSCR, entries per batch). The variants take turns chunk by chunk,
+    so that a change of machine load between them hits all of them alike."""
+    totals = dict.fromkeys(variants, 0.0)
+    for pipe, _ in variants.values():
+        pipe.process([pipe.prepare(0, records[0])])  # warm-up (allocator, kernels)
+    for start in range(0, len(records), chunk):
+        part = list(enumerate(records[start:start + chunk], start))
+        for name, (pipe, batch_size) in variants.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for s in range(0, len(part), batch_size):
+                out = pipe.process([pipe.prepare(i, r) for i, r in part[s:s + batch_size]])
+                assert all(isinstance(r, dict) for r in out), out
+            sync(device)
+            totals[name] += time.perf_counter() - t0
+    return totals
+
+
+def timed(fns: dict, device: str, repeat: int = 5) -> dict[str, float]:
+    """Best-of-`repeat` seconds of each function, the functions taking turns (see time_pipelines)."""
+    best = dict.fromkeys(fns, float("inf"))
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def branch_costs(model, tokenizer, opts, records, batch: int, new_tokens: int, device: str) -> dict:
+    """Two-branch vs one-branch teacher-forced scoring and greedy decoding, same lengths."""
+    pipe = hscr.HSCR(model, tokenizer, opts, hscr.Similarity("lexical"))
+    entries = [pipe.prepare(i, r) for i, r in enumerate(records[:batch])]
+    pixels = torch.stack([e.pixels for e in entries]).to(device=model.device, dtype=model.dtype)
+    gens = [hscr.entry_generator(0, e.record.id) for e in entries]
+    with torch.no_grad():
+        full, dropped = hscr.visual_token_dropout(model, pixels, gens)
+    full = list(full)
+    fp = [e.prompt_ids for e in entries]
+    dp = [hscr.with_image_tokens(p, model.config.image_token_id, d.shape[0]) for p, d in zip(fp, dropped)]
+    ys = [e.response for e in entries]
+
+    def decode(prompts, feats):
+        ids, mask = hscr.left_pad(prompts, pipe.pad, model.device)
+        flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+        # eos_token_id=-1: never stops early, so both runs decode exactly `new_tokens` steps
+        return model.generate(ids, attention_mask=mask, image_features=flat, max_new_tokens=new_tokens,
+                              eos_token_id=-1)
+
+    return timed({
+        "score_1": lambda: hscr.teacher_forced_logits(model, fp, full, ys, pipe.pad),
+        "score_2": lambda: hscr.score_two_branches(model, fp, dp, full, dropped, ys, pipe.pad),
+        "decode_1": lambda: decode(fp, full),
+        "decode_2": lambda: decode(fp + dp, full + dropped),
+    }, device)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--entries", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=8, help="continuation length limit")
+    p.add_argument("--decode-tokens", type=int, default=32, help="steps of the two-branch decoding comparison")
+    p.add_argument("--skip-naive", action="store_true", help="only the batched pipeline and the branch costs")
+    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"),
+                   help="folder for bench_hscr.json / .summary (default $OUT or benchmarks/out)")
+    args = p.parse_args()
+    big = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if big else torch.float32
+    model = build_model(args.device, dtype, big)
+    c = model.config
+    tokenizer = build_tokenizer(32000, c.image_token_id)
+    n_params = sum(p.numel() for p in model.parameters())
+    name = torch.cuda.get_device_name() if big else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device {args.device} ({name}), dtype {dtype}, {n_params / 1e6:.0f}M parameters, "
+          f"{c.num_image_tokens} image tokens, vocab {c.text.vocab_size}")
+    with tempfile.TemporaryDirectory() as tmp:
+        records = make_entries(args.entries, Path(tmp))
+        opts = hscr.Options(model="-", data="-", image_root=tmp, out="-", similarity="lexical",
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device,
+                            dtype=str(dtype).split(".")[-1])
+        print(f"{args.entries} entries, answers of 12-40 tokens, top-n {opts.top_n}, top-k {opts.top_k}, "
+              f"continuation decode ≤ {opts.max_new_tokens} tokens "
+              "(random weights: no EOS, every tail is full length)")
+        sim = hscr.Similarity("lexical")
+        variants = {"batched": (hscr.HSCR(model, tokenizer, opts, sim), args.batch_size)}
+        if not args.skip_naive:
+            variants["naive"] = (hscr.HSCR(model, tokenizer, opts, sim, stacked=False), 1)
+            alone = hscr.replace(opts, decode_rows=1)
+            variants["naive_alone"] = (hscr.HSCR(model, tokenizer, alone, sim, stacked=False), 1)
+        seconds = time_pipelines(variants, records, args.batch_size, args.device)
+        costs = branch_costs(model, tokenizer, opts, records, args.batch_size, args.decode_tokens, args.device)
+    n, B = args.entries, args.batch_size
+    rate = {k: n / v for k, v in seconds.items()}
+    lines = [f"hscr pipeline on {name}, {str(dtype).split('.')[-1]}, {n_params / 1e6:.0f}M parameters, "
+             f"{c.num_image_tokens} image tokens, {n} entries",
+             f"  batched (batch {B}, branches stacked):             {rate['batched']:7.3f} entries/s"]
+    checks = []
+    if "naive" in rate:
+        speedup = seconds["naive"] / seconds["batched"]
+        lines += [f"  naive (1 entry at a time, branch forwards apart): {rate['naive']:7.3f} entries/s"
+                  f"   batched is {speedup:.2f}x",
+                  f"  naive + each candidate decoded alone:             {rate['naive_alone']:7.3f} entries/s"
+                  f"   batched is {seconds['naive_alone'] / seconds['batched']:.2f}x"]
+        checks.append(("batched >= 1.5x naive", speedup >= 1.5))
+    score, dec = costs["score_2"] / costs["score_1"], costs["decode_2"] / costs["decode_1"]
+    lines += [f"  teacher-forced scoring of {B} responses: full branch {costs['score_1'] * 1e3:.1f} ms, "
+              f"both branches {costs['score_2'] * 1e3:.1f} ms = {score:.2f}x",
+              f"  greedy decoding, {args.decode_tokens} tokens: {B} rows {costs['decode_1'] * 1e3:.1f} ms, "
+              f"{2 * B} rows (both branches) {costs['decode_2'] * 1e3:.1f} ms = {dec:.2f}x"]
+    if big:
+        checks.append(("two-branch decoding <= 1.2x plain", dec <= 1.2))
+    lines += [f"  target {what}: {'PASS' if ok else 'FAIL'}" for what, ok in checks]
+    if not big:
+        lines.append("  target two-branch decoding <= 1.2x: a GPU target, not checked on CPU")
+    print("\n".join(lines))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"device": name, "dtype": str(dtype), "parameters": n_params, "image_tokens": c.num_image_tokens,
+              "args": vars(args), "seconds": seconds, "entries_per_s": rate, "branch_costs_s": costs,
+              "targets": dict(checks)}
+    (out / "bench_hscr.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "bench_hscr.summary").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

