@@ -240,9 +240,15 @@ def test_sft_stage(workspace, tmp_path):
                                rtol=1e-4, atol=1e-4)
 
 
-def test_cli_without_arguments_prints_help(capsys):
-    assert train.main([]) == 0
-    assert "--loss" in capsys.readouterr().out
+def test_cli_help(capsys):
+    """`--help` is the manual of the full CLI; `demo --help` that of the embedded default (which
+    is what `python train.py` runs with no arguments)."""
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0 and "--loss" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        train.main(["demo", "--help"])
+    assert e.value.code == 0 and "--align" in capsys.readouterr().out
 
 
 def test_full_training_from_a_preset(tmp_path):
