@@ -1,0 +1,58 @@
+"""The embedded default end to end at reduced size: `python train.py demo` on the shipped base
+model and a freshly built world writes every output it promises. Also checks that the shipped
+checkpoint loads through load_model and answers fluently."""
+import json
+from pathlib import Path
+
+import torch
+
+import train
+from data import build_world, preprocess_image, load_image, read_records
+from model import load_model
+from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_prompt
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "assets" / "base"
+
+
+def test_shipped_base_model_answers_fluently(tmp_path):
+    """Greedy answers of the shipped model to test questions are well-formed words of the world:
+    every open answer is non-empty text that decodes without byte pieces or unknown tokens, and
+    every closed answer is "yes" or "no"."""
+    size = sum(f.stat().st_size for f in BASE.iterdir())
+    assert size <= 20 * 2**20, f"assets/base is {size / 2**20:.1f} MiB"
+    model = load_model(BASE)
+    tok = load_tokenizer(BASE)
+    world = build_world(tmp_path / "world", n_sft=10, n_align=10, n_val=10, n_test=24)
+    records, bad = read_records(world["test"])
+    assert not bad
+    c = model.config
+    for r in records:
+        ids = torch.tensor([tokenize_prompt(tok, build_prompt(r.question), image_token_id=c.image_token_id,
+                                            num_image_tokens=c.num_image_tokens)])
+        pixels = preprocess_image(load_image(world["root"] / r.image), size=c.vision.image_size)[None]
+        out = model.generate(ids, pixels, max_new_tokens=32)[0].tolist()
+        assert c.text.eos_token_id in out, f"{r.question!r}: no EOS within 32 tokens"
+        text = decode(tok, out)
+        assert text and "<0x" not in text and "<unk>" not in text
+        if r.answer_type == "CLOSED":
+            assert text.lower() in ("yes", "no"), (r.question, text)
+
+
+def test_demo_at_reduced_size(tmp_path):
+    out = tmp_path / "run"
+    results = train.demo(train.DemoConfig(out=str(out), world=str(tmp_path / "world"), align=40, test=40, steps=2,
+                                          similarity="lexical"))
+    prefs = [json.loads(line) for line in (out / "prefs.jsonl").read_text().splitlines()]
+    assert prefs[0]["_header"] and len(prefs) - 1 + len((out / "prefs.rejects.jsonl").read_text().splitlines()) == 40
+    assert json.loads((out / "prefs.summary.json").read_text())["entries_written"] == len(prefs) - 1
+    assert (out / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    assert len((out / "train" / "metrics.jsonl").read_text().splitlines()) == 2
+    for name in ("base", "hscr"):
+        summary = json.loads((out / f"eval-{name}" / "summary.json").read_text())
+        assert set(summary["benchmarks"]["test"]["modes"]) == {"full", "no_image", "blank_image"}
+        assert summary["benchmarks"]["test"]["modes"]["full"]["n_questions"] == 40
+        assert (out / f"eval-{name}" / "report.md").is_file()
+    table = (out / "table.md").read_text()
+    assert "| closed accuracy |" in table and "| hallucination rate |" in table and "visual gain" in table
+    assert set(results) == {"base", "hscr"}
