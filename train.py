@@ -1066,6 +1066,8 @@ class DemoConfig:
     seed: int = _opt(0, "seed of the world sample, the negatives' dropout and training")
     similarity: str = _opt("auto", "minilm when its weights are installed, else lexical",
                            choices=("auto", "minilm", "lexical"))
+    top_k: int = _opt(10, "hscr.py --top-k: candidate replacements per coupled position (METHOD.md: 10)")
+    prefs: str | None = _opt(None, "preference file to write or reuse (default: OUT/prefs.jsonl)")
 
 
 def demo_table(base: dict, aligned: dict) -> str:
@@ -1109,10 +1111,11 @@ def demo(cfg: DemoConfig) -> dict:
     similarity = cfg.similarity
     if similarity == "auto":
         similarity = "minilm" if default_minilm_path() else "lexical"
-    prefs = out / "prefs.jsonl"
+    prefs = Path(cfg.prefs) if cfg.prefs else out / "prefs.jsonl"
     print(f"[2/5] hscr.py: self-generated negatives from the base model → {prefs}")
     hscr.run(hscr.Options(model=str(base), data=str(world["align"]), image_root=str(world["root"]), out=str(prefs),
                           limit=cfg.align, seed=cfg.seed, similarity=similarity, mask_strategy=cfg.mask_strategy,
+                          top_k=cfg.top_k,
                           batch_size=32, max_new_tokens=48, device="cpu"))
 
     print(f"[3/5] train.py: LoRA with the {cfg.loss} loss → {out / 'train'}")
@@ -1136,17 +1139,69 @@ def demo(cfg: DemoConfig) -> dict:
     return results
 
 
+# The ablation of issue 7 / the paper's tables: variant name → DemoConfig overrides.
+ABLATION = {"dpo (1 negative)": {"loss": "dpo"}, "explicit only": {"loss": "explicit"},
+            "implicit only": {"loss": "implicit"}, "hscr": {}, "hscr, pixel masking": {"mask_strategy": "pixel"}}
+ABLATION_METRICS = (("closed acc", "full", "closed", "accuracy"), ("open recall", "full", "open", "recall"),
+                    ("halluc. rate", "full", "closed", "hallucination_rate"),
+                    ("blind closed acc", "no_image", "closed", "accuracy"))
+
+
+def ablation(cfg: DemoConfig, seeds: list[int]) -> str:
+    """Every ABLATION variant (and the base) over `seeds`: mean ± std of each metric, as markdown.
+    Preference files are shared by the variants that generate the same negatives."""
+    import statistics
+
+    root = Path(cfg.out)
+    runs: dict[str, list[dict]] = {"base": []}
+    for seed in seeds:
+        for name, overrides in ABLATION.items():
+            mask = overrides.get("mask_strategy", cfg.mask_strategy)
+            slug = name.replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
+            res = demo(dataclasses.replace(cfg, **overrides, seed=seed, out=str(root / f"{slug}-seed{seed}"),
+                                           prefs=str(root / f"prefs-{mask}-seed{seed}.jsonl")))
+            runs.setdefault(name, []).append(res["hscr"])
+            runs["base"].append(res["base"])
+
+    def cell(results, mode, section, key):
+        values = [r["modes"][mode][section][key] for r in results]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+    lines = ["| variant | " + " | ".join(m[0] for m in ABLATION_METRICS) + " |",
+             "|---|" + "---:|" * len(ABLATION_METRICS)]
+    for name, results in runs.items():
+        lines.append(f"| {name} | " + " | ".join(cell(results, *m[1:]) for m in ABLATION_METRICS) + " |")
+    table = "\n".join(lines)
+    (root / "ablation.md").write_text(f"seeds {seeds}; {json.dumps(dataclasses.asdict(cfg))}\n\n{table}\n")
+    return table
+
+
+def _demo_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in dataclasses.fields(DemoConfig):
+        kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+                            choices=f.metadata.get("choices"), help=f.metadata["help"] + f" (default: {f.default})")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] == "demo":
-        parser = argparse.ArgumentParser(
-            prog="python train.py [demo]", description="The embedded default: all of HSCR on the shipped small "
-            "Med-VLM and synthetic world, on a CPU. For your own model and data see `python train.py --help`.")
-        for f in dataclasses.fields(DemoConfig):
-            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                                choices=f.metadata.get("choices"), help=f.metadata["help"] + f" (default: {f.default})")
+        parser = _demo_parser("python train.py [demo]", "The embedded default: all of HSCR on the shipped small "
+                              "Med-VLM and synthetic world, on a CPU. For your own model and data see "
+                              "`python train.py --help`.")
         demo(DemoConfig(**vars(parser.parse_args(argv[1:]))))
+        return 0
+    if argv[0] == "ablation":
+        parser = _demo_parser("python train.py ablation", "The embedded default's ablation: base, DPO, explicit "
+                              "only, implicit only, HSCR, HSCR with pixel masking, over several seeds.")
+        parser.set_defaults(out="runs/ablation")
+        parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        args = vars(parser.parse_args(argv[1:]))
+        seeds = args.pop("seeds")
+        print(ablation(DemoConfig(**args), seeds))
         return 0
     try:
         cfg = config_from_args(argv)
