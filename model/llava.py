@@ -24,7 +24,6 @@ heads, Dh head width, N image tokens, P chosen logit positions, V vocabulary.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch

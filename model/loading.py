@@ -293,25 +293,37 @@ def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, d
 
     with torch.device("meta"):
         model = Llava(config)
+    def hint(missing):
+        if any(k.startswith("vision_tower.") for k in missing):
+            return "the checkpoint has no vision tower: pass vision_tower=<CLIP directory>"
+    return assign_weights(model, found, unexpected, str(path), dtype=dtype, device=device, missing_hint=hint).eval()
+
+
+def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], source: str, *,
+                   dtype: torch.dtype, device, missing_hint=None) -> torch.nn.Module:
+    """Check `found` ({name: (file, key, shape)}) against a meta-device model, strictly, then read
+    each tensor once and assign it in place (peak memory ≈ one copy of the weights).
+
+    One CheckpointError lists every missing, unexpected and mis-shaped key, naming the files;
+    `missing_hint(missing_names)` may add advice to the missing line.
+    """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(found))
-    unexpected += sorted(f"{found[k][1]} ({found[k][0].name})" for k in set(found) - set(expected))
+    unexpected = unexpected + sorted(f"{found[k][1]} ({found[k][0].name})" for k in set(found) - set(expected))
     wrong = sorted(f"{found[k][1]} ({found[k][0].name}): {found[k][2]} in the file, {expected[k]} expected"
                    for k in set(found) & set(expected) if found[k][2] != expected[k])
     if missing or unexpected or wrong:
-        lines = [f"cannot load {path}:"]
+        lines = [f"cannot load {source}:"]
         if missing:
-            hint = " (the checkpoint has no vision tower: pass vision_tower=<CLIP directory>)" \
-                if any(k.startswith("vision_tower.") for k in missing) else ""
-            lines.append(f"  {len(missing)} missing{hint}: " + ", ".join(missing))
+            advice = missing_hint(missing) if missing_hint else None
+            lines.append(f"  {len(missing)} missing" + (f" ({advice})" if advice else "") + ": " + ", ".join(missing))
         if unexpected:
             lines.append(f"  {len(unexpected)} unexpected: " + ", ".join(unexpected))
         if wrong:
             lines.append(f"  {len(wrong)} with the wrong shape: " + "; ".join(wrong))
         raise CheckpointError("\n".join(lines))
 
-    state = {}
-    handles = {}
+    state, handles = {}, {}
     for name, (file, key, _) in found.items():
         f = handles.get(file) or handles.setdefault(file, _open(file))
         try:
@@ -320,7 +332,7 @@ def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, d
             raise CheckpointError(f"{file}: tensor {key} cannot be read (truncated or corrupt?): {e}") from None
         state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return model
 
 
 def save_model(model: Llava, out_dir, *, layout: str = "llava-hf-legacy", config_json: dict | None = None,

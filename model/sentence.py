@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
-from .loading import CheckpointError, safetensors_files
+from .loading import CheckpointError, assign_weights, safetensors_files
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,30 +417,7 @@ def load_sentence_encoder(path, *, dtype: torch.dtype = torch.float32, device="c
 
     with torch.device("meta"):
         model = SentenceEncoder(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(found))
-    unexpected += sorted(f"{found[k][1]} ({found[k][0].name})" for k in set(found) - set(expected))
-    wrong = sorted(f"{found[k][1]} ({found[k][0].name}): {found[k][2]} in the file, {expected[k]} expected"
-                   for k in set(found) & set(expected) if found[k][2] != expected[k])
-    if missing or unexpected or wrong:
-        lines = [f"cannot load {', '.join(str(f) for f in files)}:"]
-        if missing:
-            lines.append(f"  {len(missing)} missing: " + ", ".join(missing))
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected: " + ", ".join(unexpected))
-        if wrong:
-            lines.append(f"  {len(wrong)} with the wrong shape: " + "; ".join(wrong))
-        raise CheckpointError("\n".join(lines))
-
-    state, handles = {}, {}
-    for name, (file, key, _) in found.items():
-        f = handles.get(file) or handles.setdefault(file, safe_open(str(file), framework="pt"))
-        try:
-            t = f.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{file}: tensor {key} cannot be read (truncated or corrupt?): {e}") from None
-        state[name] = t.to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+    assign_weights(model, found, unexpected, ", ".join(str(f) for f in files), dtype=dtype, device=device)
     model.tokenizer = tokenizer
     configure_tokenizer(tokenizer, config.max_seq_length)
     return model.eval()
