@@ -1116,7 +1116,7 @@ def demo(cfg: DemoConfig) -> dict:
     hscr.run(hscr.Options(model=str(base), data=str(world["align"]), image_root=str(world["root"]), out=str(prefs),
                           limit=cfg.align, seed=cfg.seed, similarity=similarity, mask_strategy=cfg.mask_strategy,
                           top_k=cfg.top_k,
-                          batch_size=32, max_new_tokens=48, device="cpu"))
+                          batch_size=32, max_new_tokens=32, device="cpu"))
 
     print(f"[3/5] train.py: LoRA with the {cfg.loss} loss → {out / 'train'}")
     train(TrainConfig(model=str(base), data=str(prefs), image_root=str(world["root"]), out=str(out / "train"),
@@ -1129,7 +1129,7 @@ def demo(cfg: DemoConfig) -> dict:
         print(f"[{4 if name == 'base' else 5}/5] eval.py: {name} model on the test split, with and without the image")
         results[name] = evaluation.run(evaluation.EvalConfig(
             model=str(base), adapter=adapter, benchmark=[f"test={world['test']}"], image_root=[str(world["root"])],
-            out=str(out / f"eval-{name}"), blind=True, batch_size=64, max_new_tokens=48, limit=cfg.test,
+            out=str(out / f"eval-{name}"), blind=True, batch_size=64, max_new_tokens=32, limit=cfg.test,
             device="cpu", dtype="float32"))["test"]
     table = demo_table(results["base"], results["hscr"])
     (out / "table.md").write_text(table + "\n")
