@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
-from .loading import CheckpointError, assign_weights, safetensors_files
+from .loading import CheckpointError, _read_json, assign_weights, safetensors_files
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,15 +298,6 @@ class SentenceEncoder(nn.Module):
 IGNORED_KEYS = ("embeddings.position_ids",)
 # The sentence-transformers modules this encoder reproduces; any other module changes the output.
 SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
-
-
-def _read_json(path: Path) -> dict | list:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def bert_config_from_json(c: dict, source: str = "config.json") -> BertConfig:
