@@ -27,7 +27,6 @@ Shape letters: B batch, T tokens, D width, H heads, Dh head width, N texts.
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
