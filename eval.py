@@ -1,10 +1,15 @@
-"""Zero-shot medical VQA evaluation, scored exactly as LLaVA-Med scores it.
+"""Zero-shot medical VQA evaluation, scored as LLaVA-Med scores it and with a strict closed score beside.
 
     python eval.py --model DIR --benchmark vqa_rad=VQA_RAD_test.jsonl --image-root IMAGES --out runs/base
     python eval.py --model DIR --adapter LORA_DIR --benchmark ... --out runs/hscr --blind
     python eval.py compare runs/base runs/hscr
-    python eval.py score QUESTIONS ANSWERS          # score an existing LLaVA-Med answer file
+    python eval.py score --answers ANSWERS --questions QUESTIONS   # score an existing answer file
+    python eval.py baselines --questions QUESTIONS   # always yes / always no / "yes no" / majority
     torchrun --nproc_per_node 4 eval.py ...         # shard the questions over 4 processes
+
+The question files may be the real benchmark files of ../shared/benchmarks/ as they are
+(`gpt4_answer` is the ground truth); they ship without images, and a run whose image root lacks
+some says which, before the model is loaded.
 
 Three parts:
 
@@ -17,9 +22,14 @@ Three parts:
        `count` argument of `re.sub`);
      - `calculate_f1score` normalises its (already normalised) inputs a second time and counts
        true positives with the *prediction's* word count, so repeating a right word raises recall;
-     - closed accuracy is the substring test `gt in pred`, so "no" is found in "nodule".
-   Where we knowingly differ from the scripts (none of it changes a score of a complete file):
-     - the strict closed rule counts a miss as 0; `run_eval.py` drops it from the denominator;
+     - closed accuracy is the substring test `gt in pred`, so "no" is found in "nodule", and an
+       answer holding both "yes" and "no" hits every yes/no question (92.3 % on VQA-RAD closed,
+       100 % on PathVQA).
+   Beside it, ours: the strict closed accuracy (`strict_hit`: one yes/no answer, read by
+   `closed_answer`, must equal the ground truth; a hedge or a non-answer is wrong), the hedge rate
+   and the no-answer rate; the hallucination rate uses the same reading of the answer. The
+   reference baselines (`baselines`) show what the language prior alone scores on a file.
+   Where we knowingly differ from the scripts (none of it changes a lenient score of a complete file):
      - answers are matched to questions by id; a question without an answer is reported as
        missing and left out (the scripts zip the two files and assert equal id lists);
      - answer_id is a content hash (LLaVA-Med: a random shortuuid) and metadata holds the mode.
@@ -207,36 +217,96 @@ def calculate_exactmatch(pred: str, gt: str) -> float:
     return sum(1 for w in g_words if w in p_words) / total if total else 0.0
 
 
-def closed_hit(pred: str, gt: str, strict: bool = False) -> bool:
-    """Closed-question hit on normalised strings: `gt in pred` as a *substring* (so "no" is
-    found in "nodule" and "cannot"), LLaVA-Med's batch script (`run_eval_batch.py`).
-
-    strict=True also requires "yes" or "no" to occur (again as substrings), the condition of
-    the single-dataset script `run_eval.py`. That script then appends nothing for a prediction
-    that has yes/no but misses gt, dropping it from the denominator (an upstream bug that
-    inflates accuracy); here every question counts, a miss is 0.
+def closed_hit(pred: str, gt: str) -> bool:
+    """LLaVA-Med's closed-question hit on normalised strings: `gt in pred` as a *substring*
+    (`run_eval_batch.py`), so "no" is found in "nodule" and "cannot", and "yes no" hits every
+    yes/no question. Kept because papers report it; `strict_hit` is the score that means it.
+    (The single-dataset `run_eval.py` also requires a "yes" or "no" substring: no better.)
     """
-    if strict and "yes" not in pred and "no" not in pred:
-        return False
     return gt in pred
 
 
-def yes_no(pred: str) -> str | None:
-    """The answer's polarity: the first whole word "yes" or "no" of a normalised prediction.
+# ---------------------------------------------------------------------------------------------
+# Strict closed scoring: ours, not LLaVA-Med's, reported beside the lenient score
+# ---------------------------------------------------------------------------------------------
 
-    Not an upstream rule (it feeds the hallucination rate only). Whole words, so "nodule" is
-    not a "no"; the first one wins, so "Yes, there is no effusion" answers yes.
+# Words after which a "no" has ended its clause ("no or yes", "no but ...").
+CONJUNCTIONS = ("and", "or", "but")
+# Words and single punctuation characters of the raw text, in order ("no," → "no", ",").
+_TOKENS = re.compile(r"\w+|[^\w\s]")
+
+
+def answer_words(pred: str) -> list[str]:
+    """The yes/no *answer words* of a raw prediction, in order.
+
+    An answer word is a whole word "yes", or a whole word "no" that ends its clause: followed by
+    the end of the text, a punctuation character, or a conjunction (and / or / but). A "no"
+    followed by another word is a determiner ("no effusion", "no evidence of ..."), not an
+    answer. Decided on the lowercased *raw* text, because LLaVA-Med's normalisation deletes the
+    punctuation this rule reads: "No. Effusion is absent" → "no effusion is absent" would turn
+    the answer into a determiner.
     """
-    for w in pred.split():
-        if w in ("yes", "no"):
-            return w
-    return None
+    tokens = _TOKENS.findall(pred.lower())
+    words = []
+    for i, t in enumerate(tokens):
+        after = tokens[i + 1] if i + 1 < len(tokens) else None
+        if t == "yes" or (t == "no" and (after is None or not after[0].isalnum() or after in CONJUNCTIONS)):
+            words.append(t)
+    return words
 
 
-def score_answer(pred: str, gt: str, answer_type: str, *, strict: bool = False) -> dict[str, float]:
+def closed_answer(pred: str) -> str | None:
+    """What a raw prediction answers to a yes/no question: "yes", "no", "hedge" or None.
+
+    The answer is the first answer word (`answer_words`); if answer words of both polarities
+    occur it is a hedge, and with none there is no answer. Hedges and non-answers are wrong
+    under `strict_hit`.
+
+    Why this rule. Two plain rules each fail one case. "The first whole word yes/no wins" reads
+    "Yes, but no effusion" right (yes) but lets the hedge "yes no" score on every yes-question;
+    "both words present = wrong" stops the hedge but fails "Yes, but no effusion". What tells the
+    two apart is the role of "no": in "no effusion" it is a determiner, in "yes and no" / "yes no"
+    an answer. So:
+        "Yes."                  → yes      "no, there is not"  → no (a comma ends the clause)
+        "yes and no", "yes no"  → hedge    "Yes, but no effusion" → yes ("no" + word: determiner)
+        "I am not sure"         → None     "nodule"            → None (whole words only)
+    Deliberately strict where unclear: "No evidence of effusion" answers nothing (determiner,
+    wherever it stands), and "There is no effusion" too; the no-answer rate shows how often that
+    happens. Not a rule of LLaVA-Med's.
+    """
+    words = answer_words(pred)
+    if not words:
+        return None
+    return "hedge" if len(set(words)) > 1 else words[0]
+
+
+def strict_hit(pred: str, gt: str) -> bool:
+    """Closed-question hit that hedging cannot earn; raw strings in.
+
+    Ground truth "yes" / "no" (after normalize_word): the prediction's `closed_answer` must equal
+    it. Any other closed answer ("left", "mri", "1"): the normalised ground truth must occur in
+    the normalised prediction as whole words ("left" in "left lung", not in "cleft").
+    """
+    g = normalize_word(gt)
+    if g in ("yes", "no"):
+        return closed_answer(pred) == g
+    return bool(g) and f" {g} " in f" {normalize_word(pred)} "
+
+
+def hedges(pred: str) -> bool:
+    """The hedge *rate* statistic: both "yes" and "no" as words of the normalised prediction.
+
+    Broader than `closed_answer`'s hedge ("Yes, but no effusion" counts here): a plain
+    word-level count of how often a model says both words at all, needing no reading of roles.
+    """
+    return {"yes", "no"} <= set(normalize_word(pred).split())
+
+
+def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
     """Score one answer as LLaVA-Med does (both strings lowercased and normalised first).
 
-    CLOSED → {"hit", "exact"}: hit is `closed_hit` (1.0 / 0.0).
+    CLOSED → {"hit", "strict", "exact"}: hit is LLaVA-Med's `closed_hit` (1.0 / 0.0), strict is
+    our `strict_hit`.
     OPEN → {"recall", "precision", "f1", "exact", "hit"}: recall is the paper's open score;
     hit is `gt in pred` (the batch script's "open accuracy"; an empty reference always hits).
     """
@@ -244,7 +314,8 @@ def score_answer(pred: str, gt: str, answer_type: str, *, strict: bool = False) 
         raise TypeError(f"pred and gt must be str, got {type(pred).__name__} and {type(gt).__name__}")
     p, g = normalize_word(pred), normalize_word(gt)
     if answer_type == "CLOSED":
-        return {"hit": float(closed_hit(p, g, strict)), "exact": calculate_exactmatch(p, g)}
+        return {"hit": float(closed_hit(p, g)), "strict": float(strict_hit(pred, gt)),
+                "exact": calculate_exactmatch(p, g)}
     if answer_type == "OPEN":
         f1, precision, recall = calculate_f1score(p, g)
         return {"recall": recall, "precision": precision, "f1": f1,
@@ -266,8 +337,12 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
 
     Returns
       open:    n, recall (the paper's open score), precision, f1, exact, hit
-      closed:  n, accuracy (lenient, the paper's), accuracy_strict, n_gt_no,
-               hallucination_rate (share of gt-"no" questions answered "yes", see `yes_no`)
+      closed:  n, accuracy (lenient `closed_hit`, the paper's), accuracy_strict (`strict_hit`),
+               hedge_rate (share of closed predictions with both "yes" and "no" as words, `hedges`),
+               n_yes_no (closed questions whose answer is yes or no),
+               no_answer_rate (share of those whose prediction has no answer word, `closed_answer`),
+               n_gt_no, hallucination_rate (share of gt-"no" questions answered "yes" by
+               `closed_answer`; a hedge is not counted as a yes)
       overall: n, score (mean over questions of open recall / closed hit),
                mean_of_types ((open recall + closed accuracy) / 2)
       n_questions, n_answered, missing (question ids without an answer: excluded, not 0),
@@ -285,7 +360,7 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
         raise ValueError(f"answers hold question ids more than once: {sorted(set(duplicates))[:20]}")
 
     open_s: dict[str, list[float]] = {k: [] for k in ("recall", "precision", "f1", "exact", "hit")}
-    hits, hits_strict, gt_no_says_yes = [], [], []
+    hits, hits_strict, hedged, no_answer, gt_no_says_yes = [], [], [], [], []
     missing, unscorable, seen = [], [], set()
     for q in questions:
         qid = str(q.id)
@@ -298,17 +373,21 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
             for k, v in score_answer(texts[qid], q.answer, "OPEN").items():
                 open_s[k].append(v)
         else:
-            p, g = normalize_word(texts[qid]), normalize_word(q.answer)
-            hits.append(float(closed_hit(p, g)))
-            hits_strict.append(float(closed_hit(p, g, strict=True)))
+            pred, g = texts[qid], normalize_word(q.answer)
+            hits.append(float(closed_hit(normalize_word(pred), g)))
+            hits_strict.append(float(strict_hit(pred, q.answer)))
+            hedged.append(float(hedges(pred)))
+            if g in ("yes", "no"):
+                no_answer.append(float(closed_answer(pred) is None))
             if g == "no":
-                gt_no_says_yes.append(float(yes_no(p) == "yes"))
+                gt_no_says_yes.append(float(closed_answer(pred) == "yes"))
     open_recall, closed_acc = _mean100(open_s["recall"]), _mean100(hits)
     both = [open_recall, closed_acc]
     return {
         "open": {"n": len(open_s["recall"]), **{k: _mean100(v) for k, v in open_s.items()}},
         "closed": {"n": len(hits), "accuracy": closed_acc, "accuracy_strict": _mean100(hits_strict),
-                   "n_gt_no": len(gt_no_says_yes),
+                   "hedge_rate": _mean100(hedged), "n_yes_no": len(no_answer),
+                   "no_answer_rate": _mean100(no_answer), "n_gt_no": len(gt_no_says_yes),
                    "hallucination_rate": _mean100(gt_no_says_yes)},
         "overall": {"n": len(hits) + len(open_s["recall"]),
                     "score": _mean100(open_s["recall"] + hits),
@@ -360,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     """argparse over EvalConfig: list fields repeat, bool fields are switches."""
     parser = argparse.ArgumentParser(
         prog="eval.py", description="Zero-shot VQA evaluation scored as LLaVA-Med scores it. "
-        "Also: `eval.py compare RUN_A RUN_B`, `eval.py score QUESTIONS ANSWERS`.")
+        "Also: `eval.py compare RUN_A RUN_B`, `eval.py score --answers FILE --questions FILE`, "
+        "`eval.py baselines --questions FILE`.")
     for f in dataclasses.fields(EvalConfig):
         flag, kw = "--" + f.name.replace("_", "-"), {"help": f.metadata["help"]}
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -457,27 +537,41 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, image_r
     return Batch(ids, mask, pixels)
 
 
-def check_images(records: Sequence[Any], image_root: str | None, name: str) -> None:
-    """Fail before generating when images are missing: one error listing them."""
+def check_images(records: Sequence[Any], image_root: str | None, name: str, source: str | None = None,
+                 show: int = 10) -> None:
+    """Fail before the model is loaded when images are missing, with one error that names the
+    benchmark (and its question file), says how many image files are absent for how many
+    questions, and lists the first `show` of them. The real benchmark files ship without images."""
     if not records:
         return
+    where = f"benchmark {name!r}" + (f" ({source})" if source else "")
     if image_root is None:
-        raise ValueError(f"benchmark {name!r}: no --image-root for it (NAME=DIR or one DIR for all)")
-    problems = []
+        raise ValueError(f"{where}: no --image-root for it (NAME=DIR or one DIR for all)")
+    unusable, absent, n_questions = [], {}, 0  # absent: image path as written → its file
     for r in records:
         if r.image is None:
-            problems.append(f"{r.id}: no image in the record")
+            unusable.append(f"{r.id}: no image in the record")
             continue
         try:
             path = resolve_image(image_root, r.image)
         except ValueError as error:
-            problems.append(f"{r.id}: {error}")
+            unusable.append(f"{r.id}: {error}")
             continue
-        if not path.is_file():
-            problems.append(f"{r.id}: {path} not found")
+        if r.image in absent or not path.is_file():
+            absent[r.image] = path
+            n_questions += 1
+    problems = []
+    if absent:
+        n_images = len({r.image for r in records if r.image is not None})
+        listed = list(absent)[:show]
+        problems.append(f"{len(absent)} of {n_images} images not found under {image_root} (needed by "
+                        f"{n_questions} of {len(records)} questions): {', '.join(listed)}"
+                        + (f", … ({len(absent) - show} more)" if len(absent) > show else ""))
+    if unusable:
+        problems.append(f"{len(unusable)} questions without a usable image path: " + "; ".join(unusable[:show])
+                        + (" …" if len(unusable) > show else ""))
     if problems:
-        raise FileNotFoundError(f"benchmark {name!r}: {len(problems)} of {len(records)} images unusable: "
-                                + "; ".join(problems[:10]) + (" …" if len(problems) > 10 else ""))
+        raise FileNotFoundError(f"{where}: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,13 +692,25 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
 
 # (label, section, key) of the figures shown in reports and comparisons.
 METRICS = (("open recall", "open", "recall"), ("closed acc", "closed", "accuracy"),
-           ("closed strict", "closed", "accuracy_strict"), ("overall", "overall", "score"),
+           ("closed strict", "closed", "accuracy_strict"), ("hedge rate", "closed", "hedge_rate"),
+           ("no answer", "closed", "no_answer_rate"), ("overall", "overall", "score"),
            ("halluc. rate", "closed", "hallucination_rate"))
+# What the labels mean, under every table (a markdown list, readable in a terminal too).
+LEGEND = "\n".join((
+    "- open recall: LLaVA-Med's open score (mean token recall × 100)",
+    "- closed acc: LLaVA-Med's lenient closed score, `gt in pred` on normalised strings (\"yes no\" hits "
+    "every yes/no question)",
+    "- closed strict: a yes/no question needs the prediction's one yes/no answer to equal gt (hedges and "
+    "non-answers are wrong); other closed answers must occur as whole words",
+    "- hedge rate: % of closed predictions holding both \"yes\" and \"no\" as words",
+    "- no answer: % of yes/no questions whose prediction gives no yes/no answer",
+    "- overall: mean over questions of open recall and lenient closed hits",
+    "- halluc. rate: % of questions with answer \"no\" answered \"yes\""))
 MODE_LABELS = {"full": "full", "no_image": "no image", "blank_image": "blank image"}
 
 
 def _fig(scores: Mapping[str, Any], section: str, key: str) -> float | None:
-    return scores[section][key]
+    return scores[section].get(key)  # None (shown "–") for figures older summaries lack
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
@@ -643,8 +749,7 @@ def write_reports(run_dir: Path, cfg: EvalConfig, results: Mapping[str, Any]) ->
     (run_dir / "summary.json").write_text(json.dumps(
         {"config": dataclasses.asdict(cfg), "benchmarks": results}, indent=2), encoding="utf-8")
     text = ["# Evaluation", "", f"model `{cfg.model}`" + (f", adapter `{cfg.adapter}`" if cfg.adapter else ""),
-            "", "Open: recall × 100; closed: accuracy × 100 (lenient `gt in pred`, LLaVA-Med's; strict also "
-            "needs yes/no); halluc. rate: % of closed questions with answer \"no\" answered \"yes\".", ""]
+            "", LEGEND, ""]
     text += [benchmark_table(name, entry) for name, entry in results.items()]
     (run_dir / "report.md").write_text("\n".join(text), encoding="utf-8")
 
@@ -670,6 +775,69 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
                              f"| {_fmt(_diff(fa, fb), True)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def scores_table(rows: Mapping[str, Mapping[str, Any]], first: str = "answers") -> str:
+    """Markdown: one row per score_file result, the METRICS as columns (lenient and strict side by side)."""
+    lines = [f"| {first} | " + " | ".join(label for label, _, _ in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    for name, scores in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(_fig(scores, s, k)) for _, s, k in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def _counts(scores: Mapping[str, Any]) -> str:
+    c = scores["closed"]
+    return (f"{scores['n_questions']} questions: {c['n']} closed ({c['n_yes_no']} with answer yes/no, "
+            f"{c['n_gt_no']} of them no), {scores['open']['n']} open")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference baselines: what answering without looking (without a model at all) scores
+# ---------------------------------------------------------------------------------------------
+
+# name → the one string answered to every question, closed and open alike.
+CONSTANT_BASELINES = {"always yes": "yes", "always no": "no", "hedge \"yes no\"": "yes no"}
+MAJORITY_BASELINES = {"majority per question text": False, "majority, leave-one-out": True}
+BASELINES_HELP = (
+    "Reference baselines that need no model, scored like a model's answers. The constant ones answer the "
+    "same string to every question, open questions included: \"yes\", \"no\", and the hedge \"yes no\". "
+    "The majority ones answer only the open questions (closed columns show –): each gets the most common "
+    "normalised ground truth among the open questions of the same file with the same normalised question "
+    "text (ties: the answer met first in file order). That prior is computed on the test file itself, so "
+    "it is oracle-ish: a question text that occurs once gets its own answer. The leave-one-out row leaves "
+    "the question's own answer out of the count (an empty answer when no other question shares the text), "
+    "which is the part of the score the question text alone predicts.")
+
+
+def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> dict[str, str]:
+    """Open question id → the most common normalised answer among the open `records` whose
+    normalised question text is the same. Ties go to the answer met first in file order; with
+    leave_one_out the question's own answer is not counted ("" when it is alone)."""
+    groups: dict[str, list[Any]] = {}
+    for r in records:
+        if r.answer_type == "OPEN" and r.answer is not None:
+            groups.setdefault(normalize_word(r.question), []).append(r)
+    out = {}
+    for group in groups.values():
+        counts: dict[str, int] = {}  # insertion order = file order, which max() keeps for ties
+        for r in group:
+            a = normalize_word(r.answer)
+            counts[a] = counts.get(a, 0) + 1
+        for r in group:
+            own = normalize_word(r.answer)
+            pool = {a: c - (leave_one_out and a == own) for a, c in counts.items()}
+            out[r.id] = max(pool, key=pool.get) if max(pool.values()) > 0 else ""
+    return out
+
+
+def baselines(records: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """name → score_file result of every reference baseline (see BASELINES_HELP) on `records`."""
+    answers = {name: [{"question_id": r.id, "text": text} for r in records]
+               for name, text in CONSTANT_BASELINES.items()}
+    for name, leave_one_out in MAJORITY_BASELINES.items():
+        answers[name] = [{"question_id": qid, "text": text}
+                         for qid, text in majority_answers(records, leave_one_out=leave_one_out).items()]
+    return {name: score_file(rows, records) for name, rows in answers.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,13 +897,15 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     run_dir = Path(cfg.out)
     benchmarks = load_benchmarks(cfg)
     roots = parse_named(cfg.image_root, "--image-root", names=list(benchmarks), allow_global=True)
+    sources = parse_named(cfg.benchmark, "--benchmark")
     modes = MODES if cfg.blind else MODES[:1]
     for name, (records, bad) in benchmarks.items():
         for b in bad if rank == 0 else []:
             print(f"{name}: bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
         # Before the (slow) model load: the images of every question still to answer with one.
         done = answered_ids(run_dir, name, "full")
-        check_images([r for r in records if r.id not in done], roots.get(name, roots.get("*")), name)
+        check_images([r for r in records if r.id not in done], roots.get(name, roots.get("*")), name,
+                     source=sources[name])
     model, tokenizer = load_for_eval(cfg, device)
     model_id = cfg.model_id or Path(cfg.model).resolve().name
     if rank == 0:  # the options as given, and what "auto" and the defaults resolved to
@@ -767,6 +937,13 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     return results
 
 
+def _read_questions(path: str, ground_truth: str | None) -> list[Any]:
+    records, bad = read_records(path, answers_path=ground_truth)
+    for b in bad:
+        print(f"bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
+    return records
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
@@ -776,15 +953,37 @@ def main(argv: Sequence[str] | None = None) -> None:
         args = p.parse_args(argv[1:])
         print(compare_runs(args.run_a, args.run_b))
     elif argv[:1] == ["score"]:
-        p = argparse.ArgumentParser(prog="eval.py score", description="score an existing answer file")
-        p.add_argument("questions", help="test.json or question JSONL")
-        p.add_argument("answers", help="LLaVA-Med answer-file JSONL")
+        p = argparse.ArgumentParser(prog="eval.py score", description="Score an existing answer file (ours or "
+                                    "one written by LLaVA-Med's scripts) without a model: LLaVA-Med's lenient "
+                                    "figures and the strict ones side by side.")
+        p.add_argument("--answers", required=True, help="answer-file JSONL (question_id and text per line)")
+        p.add_argument("--questions", required=True, help="test.json or question JSONL, e.g. "
+                       "../shared/benchmarks/VQA_RAD_test_llavamed_format.jsonl")
         p.add_argument("--ground-truth", help="answers kept apart from the questions")
+        p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
         args = p.parse_args(argv[1:])
-        records, bad = read_records(args.questions, answers_path=args.ground_truth)
-        for b in bad:
-            print(f"bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
-        print(json.dumps(score_file(read_answers(Path(args.answers)), records), indent=2))
+        records = _read_questions(args.questions, args.ground_truth)
+        s = score_file(read_answers(Path(args.answers)), records)
+        if args.json:
+            print(json.dumps(s, indent=2))
+            return
+        print(f"{args.answers} on {args.questions}\n{_counts(s)}; answered {s['n_answered']}, "
+              f"{len(s['missing'])} missing (left out), {len(s['unknown'])} answers to unknown ids\n")
+        print(scores_table({Path(args.answers).name: s}) + "\n\n" + LEGEND)
+    elif argv[:1] == ["baselines"]:
+        p = argparse.ArgumentParser(prog="eval.py baselines", description=BASELINES_HELP)
+        p.add_argument("--questions", required=True, help="test.json or question JSONL with answers")
+        p.add_argument("--ground-truth", help="answers kept apart from the questions")
+        p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
+        args = p.parse_args(argv[1:])
+        records = _read_questions(args.questions, args.ground_truth)
+        results = baselines(records)
+        if args.json:
+            print(json.dumps({name: {k: s[k] for k in ("open", "closed", "overall")} for name, s in results.items()},
+                             indent=2))
+            return
+        print(f"{args.questions}\n{_counts(results['always yes'])}\n")
+        print(scores_table(results, "baseline") + "\n\n" + LEGEND)
     else:
         cfg = EvalConfig(**vars(build_parser().parse_args(argv)))
         results = run(cfg)

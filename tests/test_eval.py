@@ -12,8 +12,11 @@ import pytest
 import eval as E
 
 BENCH = Path("/work/shared/benchmarks")
-if not BENCH.is_dir():  # the repository's own copy, when the shared folder is not mounted
+if not BENCH.is_dir():  # the shared folder next to the repository
     BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "benchmarks"
+needs_bench = pytest.mark.skipif(not BENCH.is_dir(), reason=f"benchmark question files not found in {BENCH}")
+# The real VQA-RAD test file, copied unchanged into the repository (tests/data/README.md).
+RAD = Path(__file__).resolve().parent / "data" / "VQA_RAD_test_llavamed_format.jsonl"
 
 # ---------------------------------------------------------------------------------------------
 # normalize_word: (input, expected, reason)
@@ -100,33 +103,70 @@ def test_score_answer(pred, gt, kind, key, expected, reason):
     assert E.score_answer(pred, gt, kind)[key] == pytest.approx(expected, abs=1e-12), reason
 
 
-STRICT = [
-    ("left", "left", 0.0, "strict: neither 'yes' nor 'no' occurs"),
-    ("There is a nodule.", "no", 1.0, "strict tests substrings too: 'no' inside 'nodule' passes"),
-    ("yes", "yes", 1.0, "strict: yes present and gt in pred"),
-    ("No", "yes", 0.0, "strict: a miss is 0 (upstream dropped it from the denominator)"),
+# ---------------------------------------------------------------------------------------------
+# The strict closed rule: closed_answer (what a prediction answers) and strict_hit
+# ---------------------------------------------------------------------------------------------
+ANSWERS = [  # (raw prediction, closed_answer, reason)
+    ("Yes.", "yes", "'yes' is always an answer word"),
+    ("no, there is not", "no", "a comma follows 'no': it ends its clause, an answer"),
+    ("yes and no", "hedge", "'no' ends the text: answer words of both polarities"),
+    ("I am not sure", None, "'not' is not 'no': no answer word"),
+    ("Yes, but no effusion", "yes", "'no' followed by a word is a determiner: the one answer is yes"),
+    ("nodule", None, "whole words only: 'nodule' is not a 'no'"),
+    ("yes no", "hedge", "the hedge baseline: 'no' ends the text"),
+    ("Yes/No", "hedge", "'/' is punctuation: 'no' ends the text anyway"),
+    ("no or yes", "hedge", "'no' before the conjunction 'or' is an answer"),
+    ("No. Effusion is absent.", "no", "read on the raw text: the period after 'no' ends its clause "
+     "(normalisation would delete it and make 'no effusion')"),
+    ("There is no evidence of effusion", None, "a determiner, wherever it stands: no answer"),
+    ("NO", "no", "case folded"),
+    ("", None, "empty prediction"),
 ]
 
 
-@pytest.mark.parametrize("pred,gt,expected,reason", STRICT, ids=[s[-1] for s in STRICT])
-def test_score_answer_strict(pred, gt, expected, reason):
-    assert E.score_answer(pred, gt, "CLOSED", strict=True)["hit"] == expected, reason
+@pytest.mark.parametrize("pred,expected,reason", ANSWERS, ids=[a[-1] for a in ANSWERS])
+def test_closed_answer(pred, expected, reason):
+    assert E.closed_answer(pred) == expected, reason
+
+
+STRICT = [  # (pred, gt, strict, lenient, reason)
+    ("Yes.", "yes", 1.0, 1.0, "the answer yes equals gt"),
+    ("no, there is not", "No", 1.0, 1.0, "the answer no equals gt (case folded)"),
+    ("yes and no", "no", 0.0, 1.0, "a hedge is wrong whatever gt is; lenient: 'no' is a substring"),
+    ("yes and no", "yes", 0.0, 1.0, "a hedge is wrong whatever gt is; lenient: 'yes' is a substring"),
+    ("I am not sure", "no", 0.0, 1.0, "no answer: wrong; lenient: 'no' is a substring of 'not'"),
+    ("Yes, but no effusion", "yes", 1.0, 1.0, "first answer word wins: 'no effusion' is a determiner"),
+    ("Yes, but no effusion", "no", 0.0, 1.0, "answers yes; lenient: 'no' is a substring"),
+    ("nodule", "no", 0.0, 1.0, "no answer; lenient: 'no' is a substring of 'nodule'"),
+    ("yes no", "yes", 0.0, 1.0, "the hedge baseline scores nothing"),
+    ("left", "left", 1.0, 1.0, "other closed answers: whole-word match"),
+    ("the cleft", "left", 0.0, 1.0, "'left' is inside 'cleft', not a word of it"),
+    ("The left side of the image", "the left side", 1.0, 1.0, "several words, articles dropped on both sides"),
+    ("one lesion", "One", 1.0, 1.0, "'one' -> '1' on both sides"),
+    ("yes", "left", 0.0, 0.0, "'left' absent"),
+]
+
+
+@pytest.mark.parametrize("pred,gt,strict,lenient,reason", STRICT, ids=[s[-1] for s in STRICT])
+def test_strict_and_lenient_closed_hit(pred, gt, strict, lenient, reason):
+    scores = E.score_answer(pred, gt, "CLOSED")
+    assert (scores["strict"], scores["hit"]) == (strict, lenient), reason
+    assert E.strict_hit(pred, gt) == bool(strict), reason
+
+
+def test_hedge_statistic_is_word_level():
+    """The hedge *rate* counts both words after normalisation, broader than closed_answer's hedge."""
+    assert E.hedges("Yes, but no effusion") and E.hedges("yes/no") and E.hedges("YES - NO")
+    assert not E.hedges("yes, a nodule") and not E.hedges("no") and not E.hedges("yes-yes")
 
 
 def test_score_answer_keys_and_errors():
-    assert set(E.score_answer("a", "b", "CLOSED")) == {"hit", "exact"}
+    assert set(E.score_answer("a", "b", "CLOSED")) == {"hit", "strict", "exact"}
     assert set(E.score_answer("a", "b", "OPEN")) == {"recall", "precision", "f1", "exact", "hit"}
     with pytest.raises(ValueError, match="OPEN"):
         E.score_answer("yes", "yes", "yes/no")
     with pytest.raises(TypeError):
         E.score_answer("2", 2, "OPEN")
-
-
-def test_yes_no_polarity():
-    # whole words, first one wins; "nodule" is not a "no"
-    assert E.yes_no("yes there is no effusion") == "yes"
-    assert E.yes_no("there is nodule") is None
-    assert E.yes_no("no") == "no"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,8 +190,11 @@ def test_score_file_by_hand():
     assert s["open"]["n"] == 2 and s["open"]["recall"] == pytest.approx(75.0)
     assert s["open"]["precision"] == pytest.approx(100.0)
     assert s["closed"]["n"] == 3 and s["closed"]["accuracy"] == pytest.approx(200 / 3)
-    assert s["closed"]["accuracy_strict"] == pytest.approx(200 / 3)  # q5 has neither yes nor no
-    # two gt-"no" questions, one answered "yes" (first polarity word)
+    # strict: q3 answers yes (gt no), q4 answers no (hit), q5 answers nothing: 1 of 3
+    assert s["closed"]["accuracy_strict"] == pytest.approx(100 / 3)
+    assert s["closed"]["hedge_rate"] == 0.0  # no prediction holds both words
+    assert s["closed"]["n_yes_no"] == 3 and s["closed"]["no_answer_rate"] == pytest.approx(100 / 3)  # q5
+    # two gt-"no" questions, one answered "yes" (q3)
     assert s["closed"]["n_gt_no"] == 2 and s["closed"]["hallucination_rate"] == pytest.approx(50.0)
     # overall: mean of (0.5, 1, 1, 1, 0) per question; mean_of_types: (75 + 66.67) / 2
     assert s["overall"]["score"] == pytest.approx(70.0)
@@ -173,45 +216,101 @@ def test_score_file_empty_type_is_none():
 
 
 # ---------------------------------------------------------------------------------------------
-# The real benchmark files: constant answers against facts stated in their README
+# The real benchmark files: the constant baselines, counted independently
 # ---------------------------------------------------------------------------------------------
-def _benchmark(name):
-    rows = [json.loads(line) for line in (BENCH / name).read_text().splitlines() if line.strip()]
-    return [_q(r["question_id"], r["gpt4_answer"], r["answer_type"]) for r in rows]
+def _benchmark(path):
+    records, bad = E.read_records(path)
+    assert bad == []
+    return records
 
 
 def _constant(questions, text):
     return [{"question_id": q.id, "text": text} for q in questions]
 
 
-@pytest.mark.parametrize("strict", [False, True])
-def test_real_benchmarks_known_figures(strict):
-    """README: under the lenient rule, an answer holding both "yes" and "no" scores 92.3 % on
-    VQA-RAD closed and 100 % on PathVQA closed; "always no" scores 48.9 % on VQA-RAD.
-    (Both answers contain yes/no, so the strict variant gives the same figures.)"""
-    key = "accuracy_strict" if strict else "accuracy"
-    rad = _benchmark("VQA_RAD_test_llavamed_format.jsonl")
-    s = E.score_file(_constant(rad, "Yes or no"), rad)
-    assert s["closed"]["n"] == 272 and s["open"]["n"] == 179
-    assert round(s["closed"][key], 1) == 92.3
-    assert round(E.score_file(_constant(rad, "No."), rad)["closed"][key], 1) == 48.9
-    pvqa = _benchmark("pvqa_test_llavamed_format.jsonl")
-    s = E.score_file(_constant(pvqa, "yes, no"), pvqa)
-    assert s["closed"]["n"] == 3362 and s["closed"][key] == 100.0
+def test_vqa_rad_counts_and_constant_baselines():
+    """The real VQA-RAD test file read through data.read_records (`gpt4_answer` as ground truth).
+
+    Expected values computed once, independently of eval.py, with plain substring tests on the
+    lowercased ground truths of the closed questions:
+        rows = [json.loads(line) for line in open("VQA_RAD_test_llavamed_format.jsonl")]
+        closed = [r["gpt4_answer"].lower() for r in rows if r["answer_type"] == "CLOSED"]
+        for pred in ("yes", "no", "yes no"): print(sum(g in pred for g in closed), len(closed))
+    → 451 rows, 272 closed, 179 open; "yes" 118/272, "no" 133/272, "yes no" 251/272. The 21
+    other closed answers ("mri", "abnormal", "left", "one", ...) are substrings of none of the
+    three, also after normalisation ("one" → "1"). 133/272 = 48.9 % and 251/272 = 92.3 %: the
+    figures of ../shared/benchmarks/README.md.
+    Strict: "yes" and "no" answer exactly their own questions (118 + 133 = 251, the yes/no share),
+    the hedge "yes no" none of them.
+    """
+    rad = _benchmark(RAD)
+    assert len(rad) == 451
+    b = E.baselines(rad)
+    yes, no, hedge = b["always yes"]["closed"], b["always no"]["closed"], b['hedge "yes no"']["closed"]
+    assert (yes["n"], b["always yes"]["open"]["n"], yes["n_yes_no"]) == (272, 179, 251)
+    assert yes["accuracy"] == pytest.approx(100 * 118 / 272)
+    assert no["accuracy"] == pytest.approx(100 * 133 / 272)
+    assert hedge["accuracy"] == pytest.approx(100 * 251 / 272)
+    assert hedge["accuracy_strict"] == 0.0 and hedge["hedge_rate"] == 100.0
+    assert yes["accuracy_strict"] + no["accuracy_strict"] == pytest.approx(100 * 251 / 272)
+    assert yes["accuracy_strict"] == pytest.approx(100 * 118 / 272)
+    assert yes["hallucination_rate"] == 100.0 and no["hallucination_rate"] == 0.0
+    assert yes["no_answer_rate"] == no["no_answer_rate"] == hedge["no_answer_rate"] == 0.0
 
 
-def test_real_benchmark_strict_differs_from_lenient():
-    """VQA-RAD has closed answers that are not yes/no (e.g. "mri", "left"): a prediction equal
-    to the reference hits them under the lenient rule but not under the strict one."""
-    rad = _benchmark("VQA_RAD_test_llavamed_format.jsonl")
-    s = E.score_file([{"question_id": q.id, "text": q.answer} for q in rad], rad)
-    assert s["closed"]["accuracy"] == 100.0 and s["open"]["recall"] == 100.0
-    n_yes_no = sum(E.normalize_word(q.answer) in ("yes", "no") for q in rad if q.answer_type == "CLOSED")
-    assert n_yes_no == 251  # 92.3 % of 272, the README's figure again
-    # "no"/"yes" substrings inside other closed answers ("nodule"?) would also pass strict
-    other = [q for q in rad if q.answer_type == "CLOSED" and E.normalize_word(q.answer) not in ("yes", "no")]
-    passing = sum("yes" in E.normalize_word(q.answer) or "no" in E.normalize_word(q.answer) for q in other)
-    assert s["closed"]["accuracy_strict"] == pytest.approx(100 * (251 + passing) / 272)
+def test_vqa_rad_nodule_answers_pass_lenient_fail_strict():
+    """ "There is a nodule." to every question: lenient finds "no" inside "nodule" (133/272, the
+    same as "always no"); strict reads no answer at all."""
+    rad = _benchmark(RAD)
+    c = E.score_file(_constant(rad, "There is a nodule."), rad)["closed"]
+    assert c["accuracy"] == pytest.approx(100 * 133 / 272) and c["accuracy_strict"] == 0.0
+    assert c["no_answer_rate"] == 100.0 and c["hedge_rate"] == 0.0
+
+
+@needs_bench
+def test_slake_and_pathvqa_hedge():
+    """README of ../shared/benchmarks: "yes no" scores 85.3 % on SLAKE closed (355 yes/no answers
+    of 416) and 100 % on PathVQA closed (3362, all yes/no); strict 0 on both."""
+    for name, n_closed, n_yes_no in (("SLAKE_test_llavamed_format.jsonl", 416, 355),
+                                     ("pvqa_test_llavamed_format.jsonl", 3362, 3362)):
+        records = _benchmark(BENCH / name)
+        c = E.score_file(_constant(records, "yes, no"), records)["closed"]
+        assert (c["n"], c["n_yes_no"]) == (n_closed, n_yes_no), name
+        assert c["accuracy"] == pytest.approx(100 * n_yes_no / n_closed) and c["accuracy_strict"] == 0.0, name
+
+
+def test_majority_answers_by_hand():
+    """Grouped by normalised question text; ties go to the answer met first in file order;
+    leave-one-out leaves the question's own answer out ("" when it is alone)."""
+    rows = [("1", "What organ?", "liver"), ("2", "what organ", "Liver."), ("3", "What organ?", "lung"),
+            ("4", "Where?", "left"), ("5", "Where?", "right"), ("6", "Which plane?", "axial")]
+    records = [SimpleNamespace(id=i, question=q, answer=a, answer_type="OPEN") for i, q, a in rows]
+    records.append(SimpleNamespace(id="7", question="What organ?", answer="yes", answer_type="CLOSED"))
+    assert E.majority_answers(records) == {"1": "liver", "2": "liver", "3": "liver",
+                                           "4": "left", "5": "left", "6": "axial"}
+    # 1, 2: the others are liver + lung, a tie won by liver (first); 3: liver twice;
+    # 4: only "right" remains; 5: only "left"; 6: alone
+    assert E.majority_answers(records, leave_one_out=True) == {"1": "liver", "2": "liver", "3": "liver",
+                                                               "4": "right", "5": "left", "6": ""}
+
+
+def test_baselines_cli(capsys):
+    E.main(["baselines", "--questions", str(RAD)])
+    out = capsys.readouterr().out
+    assert "451 questions: 272 closed (251 with answer yes/no, 133 of them no), 179 open" in out
+    header = "| baseline | open recall | closed acc | closed strict | hedge rate | no answer |"
+    assert header in out
+    hedge = f"| hedge \"yes no\" | 0.00 | {100 * 251 / 272:.2f} | 0.00 | 100.00 | 0.00 |"
+    assert hedge in out
+    assert f"| always no | 0.00 | {100 * 133 / 272:.2f} | {100 * 133 / 272:.2f} |" in out
+    assert "| majority per question text | " in out and "| majority, leave-one-out | " in out
+    E.main(["baselines", "--questions", str(RAD), "--json"])
+    b = json.loads(capsys.readouterr().out)
+    assert set(b) == {"always yes", "always no", 'hedge "yes no"', "majority per question text",
+                      "majority, leave-one-out"}
+    assert b["always yes"]["closed"]["accuracy"] == pytest.approx(100 * 118 / 272)
+    assert b["majority, leave-one-out"]["closed"]["n"] == 0  # the majority rows answer open questions only
+    assert b["majority, leave-one-out"]["open"]["n"] == 179
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +564,8 @@ def test_cli_errors_are_listed(tiny, tmp_path):
     os_images = tmp_path / "imgs"  # only a.png: questions 12, 13, 15 have no image
     os_images.mkdir()
     (os_images / "a.png").write_bytes((tiny.images / "a.png").read_bytes())
-    with pytest.raises(FileNotFoundError, match=r"3 of 5 images unusable: 12: .*b.png not found; 13: .*; 15: "):
+    with pytest.raises(FileNotFoundError, match=r"benchmark 'q' \(.*test.json\): 2 of 3 images not found under "
+                       r".*imgs \(needed by 3 of 5 questions\): b.png, c.png$"):
         E.main(["--model", str(tiny.ckpt), "--benchmark", f"q={tiny.root / 'test.json'}",
                 "--image-root", f"q={os_images}", "--out", str(tmp_path / "r")])
     with pytest.raises(ValueError, match="batch-size must be >= 1"):
@@ -517,15 +617,44 @@ def test_pathvqa_answer_types_are_scored(tmp_path):
 
 def test_score_cli_on_a_real_benchmark(tmp_path, capsys):
     """`eval.py score` reads the real VQA-RAD file through data.read_records (all 451 questions,
-    none malformed) and scores an "always no" answer file: 48.9 % closed (README)."""
-    path = BENCH / "VQA_RAD_test_llavamed_format.jsonl"
-    ids = [json.loads(line)["question_id"] for line in path.read_text().splitlines() if line.strip()]
+    none malformed) and scores an "always no" answer file in LLaVA-Med's own answer-file layout:
+    133/272 = 48.9 % closed, lenient and strict alike (see test_vqa_rad_counts_and_constant_baselines)."""
+    ids = [json.loads(line)["question_id"] for line in RAD.read_text().splitlines() if line.strip()]
     answers = tmp_path / "answers.jsonl"
-    answers.write_text("".join(json.dumps({"question_id": i, "text": "No"}) + "\n" for i in ids))
-    E.main(["score", str(path), str(answers)])
+    answers.write_text("".join(json.dumps({"question_id": i, "prompt": "?", "text": "No", "answer_id": "x",
+                                           "model_id": "llava-med", "metadata": {}}) + "\n" for i in ids))
+    E.main(["score", "--answers", str(answers), "--questions", str(RAD), "--json"])
     captured = capsys.readouterr()
     s = json.loads(captured.out)
     assert "bad record" not in captured.err
     assert (s["n_questions"], s["open"]["n"], s["closed"]["n"], s["missing"]) == (451, 179, 272, [])
-    assert round(s["closed"]["accuracy"], 1) == 48.9
+    assert s["closed"]["accuracy"] == s["closed"]["accuracy_strict"] == pytest.approx(100 * 133 / 272)
     assert s["closed"]["hallucination_rate"] == 0.0  # never says yes
+
+    E.main(["score", "--answers", str(answers), "--questions", str(RAD)])  # the table
+    out = capsys.readouterr().out
+    assert "451 questions: 272 closed (251 with answer yes/no, 133 of them no), 179 open" in out
+    assert "answered 451, 0 missing" in out
+    assert f"| answers.jsonl | 0.00 | {100 * 133 / 272:.2f} | {100 * 133 / 272:.2f} | 0.00 | 0.00 |" in out
+
+
+def test_real_benchmark_without_images_fails_before_the_model(tmp_path):
+    """The real file without its images: one error naming the file, how many images are missing
+    for how many questions, and the first ten, raised before the model is loaded (the model
+    directory does not even exist)."""
+    used = [json.loads(line)["image"] for line in RAD.read_text().splitlines()]
+    names = list(dict.fromkeys(used))
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in names[:2]:  # two present: the count excludes them
+        (images / name).write_bytes(b"")
+    n = len(names) - 2
+    listed = ", ".join(names[2:12])
+    with pytest.raises(FileNotFoundError) as error:
+        E.main(["--model", str(tmp_path / "no-model"), "--benchmark", f"vqa_rad={RAD}",
+                "--image-root", str(images), "--out", str(tmp_path / "run")])
+    message = str(error.value)
+    assert message.startswith(f"benchmark 'vqa_rad' ({RAD}): {n} of {len(names)} images not found under {images}")
+    assert f": {listed}, … ({n - 10} more)" in message
+    assert f"(needed by {sum(u not in names[:2] for u in used)} of 451 questions)" in message
+    assert not (tmp_path / "run").exists()
