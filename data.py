@@ -466,7 +466,7 @@ def _attach_answer(record: Record, answers: _Answers, answers_path: str | os.Pat
 from collections.abc import Iterator  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
-WORLD_VERSION = "synthetic-medvqa-1"
+WORLD_VERSION = "synthetic-medvqa-2"
 WORLD_SPLITS = ("sft", "align", "val", "test")
 MODALITIES = ("xray", "mri", "ct")
 _COUNT_WORDS = ("none", "one", "two", "three")
@@ -691,8 +691,12 @@ def _draw_scene(kind: str, target: bool | None, prior: SplitPrior,
 # Rendering: shapes in normalised coordinates (x, y in [-1, 1], x to the right, y down), soft
 # edges one pixel wide so that the pictures look the same at any size.
 
-_FINDING_VALUE = 235.0  # findings are blended towards this gray level (anatomy stays <= ~205)
-_RADIUS = {"small": 0.06, "large": 0.12}  # finding radius, normalised (2 and 4 px at 64 px)
+# Findings are blended towards this gray level; anatomy stays <= ~205. Version 1 used 235 and a
+# small radius of 0.06 (2 px): a ViT of a few million parameters trained from scratch for a few
+# hundred steps then learns the modality but never the findings, so the default's base could not
+# look at them at all.
+_FINDING_VALUE = 255.0
+_RADIUS = {"small": 0.08, "large": 0.12}  # finding radius, normalised (2.6 and 4 px at 64 px)
 
 
 class _Canvas:

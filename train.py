@@ -279,7 +279,8 @@ class TrainConfig:
     data: str | None = _opt(None, "preference JSONL from hscr.py, or LLaVA instruction JSON with --stage sft")
     out: str = _opt("runs/train", "output directory: config.json, metrics.jsonl, adapter/, checkpoints/")
     stage: str = _opt("preference", "preference: HSCR / DPO on preference data; sft: next-token training "
-                      "on answers", choices=("preference", "sft"))
+                      "on answers; vision: pretrain a from-scratch vision tower on the synthetic world's scene "
+                      "labels (the embedded default's base only)", choices=("preference", "sft", "vision"))
     image_root: str | None = _opt(None, "directory the records' image paths are relative to "
                                   "(default: the data file's directory)")
     vision_tower: str | None = _opt(None, "separate CLIP directory for the vision tower")
@@ -916,6 +917,91 @@ def new_model(cfg: TrainConfig, dtype: torch.dtype, device) -> Llava:
     return Llava(config).to(device=device, dtype=dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# Vision pretraining (--stage vision): the embedded default's stand-in for CLIP's pretraining
+
+MODALITY_LABELS = ("xray", "mri", "ct")
+
+
+def scene_labels(record: dict) -> torch.Tensor:
+    """The synthetic world's `scene` of a record as 5 numbers: present, left, small, count, modality."""
+    scene = record.get("scene") if isinstance(record, dict) else None
+    if not isinstance(scene, dict):
+        raise ValueError("no 'scene' object (vision pretraining needs the synthetic world's records)")
+    try:
+        count, side, size = int(scene["count"]), scene["side"], scene["size"]
+        return torch.tensor([float(count > 0), float(side == "left"), float(size == "small"), float(count),
+                             float(MODALITY_LABELS.index(scene["modality"]))])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"bad 'scene' {scene!r}: {e!r}") from None
+
+
+def vision_loss(head: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Scene attributes from per-token scores of the tower's output tokens (B, N, D).
+
+    A finding is local, so presence is the max over tokens of one score; side and size are token
+    averages counted on images with findings; count (0-3) and modality are token-averaged logits.
+    """
+    o = head(tokens)  # (B, N, 10)
+    present = labels[:, 0]
+    per_image = lambda x, y: (F.binary_cross_entropy_with_logits(x, y, reduction="none") * present).mean()
+    return (F.binary_cross_entropy_with_logits(o[..., 0].amax(1), present)
+            + per_image(o[..., 1].mean(1), labels[:, 1]) + per_image(o[..., 2].mean(1), labels[:, 2])
+            + F.cross_entropy(o[..., 3:7].mean(1), labels[:, 3].long())
+            + F.cross_entropy(o[..., 7:10].mean(1), labels[:, 4].long()))
+
+
+def pretrain_vision(base: Llava, cfg: TrainConfig, out: Path) -> dict:
+    """--stage vision: train the vision tower (with a throw-away head) to read the world's scene
+    labels off the pixels, then save the whole model to out/model for `--stage sft --model`.
+
+    Why: LLaVA-Med starts from a pretrained CLIP tower. A tower trained from scratch only through
+    the language loss learns the modality (a global look) within a few hundred steps but not the
+    small findings: the decoder ignores visual tokens that carry nothing yet, so almost no gradient
+    reaches the tower. A few hundred steps of direct supervision break that circle.
+    """
+    records = [item for _, item in read_json_records(Path(cfg.data))]
+    image_root = Path(cfg.image_root) if cfg.image_root else Path(cfg.data).parent
+    examples, bad = [], []
+    for index, item in enumerate(records):
+        try:
+            image = _image_path(item.get("image"), image_root)
+            if image is None:
+                raise ValueError("no image")
+            examples.append((image, scene_labels(item)))
+        except (ValueError, AttributeError) as e:
+            bad.append(BadRecord(cfg.data, index, str(item.get("id")) if isinstance(item, dict) else None, str(e)))
+    out.mkdir(parents=True, exist_ok=True)
+    for b in bad:
+        print(f"skipped {b.file} record {b.index} (id {b.id}): {b.reason}", file=sys.stderr)
+    atomic_write_text(out / "bad_records.jsonl", "".join(json.dumps(dataclasses.asdict(b)) + "\n" for b in bad))
+    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if len(examples) < cfg.batch_size:
+        raise ValueError(f"{cfg.data}: {len(examples)} usable records, fewer than one batch of {cfg.batch_size}")
+    tower, D = base.vision_tower, base.config.vision.hidden_size
+    head = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.GELU(), torch.nn.Linear(D, 10)).to(base.device)
+    params = list(tower.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.max_steps or cfg.epochs * (len(examples) // cfg.batch_size)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    size = base.config.vision.image_size
+    metrics = []
+    for step in tqdm(range(steps), desc="vision", dynamic_ncols=True):
+        batch = [examples[i] for i in torch.randint(len(examples), (cfg.batch_size,), generator=generator)]
+        pixels = torch.stack([preprocess_image(load_image(p), size=size) for p, _ in batch]).to(base.device)
+        labels = torch.stack([y for _, y in batch]).to(base.device)
+        loss = vision_loss(head, tower(pixels.to(base.dtype)).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        metrics.append({"step": step + 1, "loss": loss.item()})
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    cfg.full = True  # the whole model is the output
+    path = save_weights(base, out, cfg)
+    print(f"vision tower pretrained for {steps} steps (last loss {metrics[-1]['loss']:.3f}) → {path}")
+    return metrics[-1]
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run the stage described by `cfg`; returns the last step's and the final eval's metrics."""
     ctx = setup_context(cfg)
@@ -928,6 +1014,8 @@ def train(cfg: TrainConfig) -> dict:
     else:
         base = load_model(cfg.model, vision_tower=cfg.vision_tower, dtype=dtype, device=ctx.device)
     ctx.pad_id = base.config.text.pad_token_id or 0
+    if cfg.stage == "vision":
+        return pretrain_vision(base, cfg, out)
     if not cfg.full:
         apply_lora(base, cfg.targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     if cfg.gradient_checkpointing:
@@ -1057,6 +1145,7 @@ class DemoConfig:
     base: str = _opt(str(ROOT / "assets" / "base"), "the base model (config.json, model.safetensors, tokenizer.json)")
     align: int | None = _opt(None, "alignment entries used (default: the whole 2,000-entry split)")
     test: int | None = _opt(None, "test questions evaluated (default: all)")
+    split: str = _opt("test", "split evaluated: test, or val when choosing settings", choices=("test", "val"))
     steps: int | None = _opt(None, "stop training after this many steps (default: 2 epochs)")
     loss: str = _opt("hscr", "preference loss", choices=tuple(LOSSES))
     mask_strategy: str = _opt("token", "visual dropout of hscr.py (token, latent, patch, pixel)",
@@ -1088,9 +1177,11 @@ def demo_table(base: dict, aligned: dict) -> str:
     return "\n".join(lines)
 
 
-def demo(cfg: DemoConfig) -> dict:
+def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
     """World → hscr.py preference data from the base model → LoRA with the multi-level loss →
-    eval.py on the test split, base and aligned, with and without the image → the table."""
+    eval.py on the test split, base and aligned, with and without the image → the table.
+    base_results: the base model's eval results from an earlier run with the same test split
+    (greedy decoding makes them the same), to skip evaluating it again."""
     import eval as evaluation
     import hscr
     from data import build_world
@@ -1124,16 +1215,19 @@ def demo(cfg: DemoConfig) -> dict:
                       max_steps=cfg.steps, eval_fraction=0.05, eval_every=0, save_every=0, lora_dropout=0.0,
                       max_response_tokens=64, device="cpu"))
 
-    results = {}
+    results = {} if base_results is None else {"base": base_results}
     for name, adapter in (("base", None), ("hscr", str(out / "train" / "adapter"))):
-        print(f"[{4 if name == 'base' else 5}/5] eval.py: {name} model on the test split, with and without the image")
+        if name in results:
+            print("[4/5] eval.py: base model results reused")
+            continue
+        print(f"[{4 if name == 'base' else 5}/5] eval.py: {name} model on the {cfg.split} split, with and without the image")
         results[name] = evaluation.run(evaluation.EvalConfig(
-            model=str(base), adapter=adapter, benchmark=[f"test={world['test']}"], image_root=[str(world["root"])],
+            model=str(base), adapter=adapter, benchmark=[f"{cfg.split}={world[cfg.split]}"], image_root=[str(world["root"])],
             out=str(out / f"eval-{name}"), blind=True, batch_size=64, max_new_tokens=32, limit=cfg.test,
-            device="cpu", dtype="float32"))["test"]
+            device="cpu", dtype="float32"))[cfg.split]
     table = demo_table(results["base"], results["hscr"])
     (out / "table.md").write_text(table + "\n")
-    print(f"\nBefore / after HSCR on the world's balanced test split ({out / 'table.md'}):\n\n{table}\n")
+    print(f"\nBefore / after HSCR on the world's balanced {cfg.split} split ({out / 'table.md'}):\n\n{table}\n")
     print(f"Outputs in {out}/: prefs.jsonl (+ .summary.json, .rejects.jsonl), train/ (adapter/, metrics.jsonl), "
           f"eval-base/ and eval-hscr/ (answers, report.md, summary.json), table.md — {time.time() - t0:.0f} s")
     return results
@@ -1142,9 +1236,14 @@ def demo(cfg: DemoConfig) -> dict:
 # The ablation of issue 7 / the paper's tables: variant name → DemoConfig overrides.
 ABLATION = {"dpo (1 negative)": {"loss": "dpo"}, "explicit only": {"loss": "explicit"},
             "implicit only": {"loss": "implicit"}, "hscr": {}, "hscr, pixel masking": {"mask_strategy": "pixel"}}
-ABLATION_METRICS = (("closed acc", "full", "closed", "accuracy"), ("open recall", "full", "open", "recall"),
-                    ("halluc. rate", "full", "closed", "hallucination_rate"),
-                    ("blind closed acc", "no_image", "closed", "accuracy"))
+ABLATION_METRICS = {  # label → how to read it from eval.py's results of one benchmark
+    "closed acc": lambda r: r["modes"]["full"]["closed"]["accuracy"],
+    "closed strict": lambda r: r["modes"]["full"]["closed"]["accuracy_strict"],
+    "open recall": lambda r: r["modes"]["full"]["open"]["recall"],
+    "halluc. rate": lambda r: r["modes"]["full"]["closed"]["hallucination_rate"],
+    "visual gain, closed": lambda r: r["visual_gain"]["no_image"]["closed acc"],
+    "visual gain, open": lambda r: r["visual_gain"]["no_image"]["open recall"],
+}
 
 
 def ablation(cfg: DemoConfig, seeds: list[int]) -> str:
@@ -1159,19 +1258,20 @@ def ablation(cfg: DemoConfig, seeds: list[int]) -> str:
             mask = overrides.get("mask_strategy", cfg.mask_strategy)
             slug = name.replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
             res = demo(dataclasses.replace(cfg, **overrides, seed=seed, out=str(root / f"{slug}-seed{seed}"),
-                                           prefs=str(root / f"prefs-{mask}-seed{seed}.jsonl")))
+                                           prefs=str(root / f"prefs-{mask}-seed{seed}.jsonl")),
+                       base_results=runs["base"][0] if runs["base"] else None)
             runs.setdefault(name, []).append(res["hscr"])
-            runs["base"].append(res["base"])
+            runs["base"] = runs["base"] or [res["base"]]
+    runs["base"] = runs["base"] * len(seeds)  # greedy decoding: the base scores the same every seed
 
-    def cell(results, mode, section, key):
-        values = [r["modes"][mode][section][key] for r in results]
+    def cell(results, metric):
+        values = [metric(r) for r in results]
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
-    lines = ["| variant | " + " | ".join(m[0] for m in ABLATION_METRICS) + " |",
-             "|---|" + "---:|" * len(ABLATION_METRICS)]
+    lines = ["| variant | " + " | ".join(ABLATION_METRICS) + " |", "|---|" + "---:|" * len(ABLATION_METRICS)]
     for name, results in runs.items():
-        lines.append(f"| {name} | " + " | ".join(cell(results, *m[1:]) for m in ABLATION_METRICS) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(results, m) for m in ABLATION_METRICS.values()) + " |")
     table = "\n".join(lines)
     (root / "ablation.md").write_text(f"seeds {seeds}; {json.dumps(dataclasses.asdict(cfg))}\n\n{table}\n")
     return table

@@ -392,6 +392,10 @@ class Llava(nn.Module):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, CLIPEmbeddings):
             nn.init.normal_(m.class_embedding, std=std)
+            # A patch embedding sums 3·p² pixels, so with std 0.02 it starts ~15x larger than a
+            # position embedding of the same std, and a from-scratch ViT takes hundreds of steps
+            # before it can tell left from right. Start positions at a comparable scale.
+            nn.init.normal_(m.position_embedding.weight, std=0.3)
 
     @property
     def device(self) -> torch.device:

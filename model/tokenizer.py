@@ -428,7 +428,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     train.add_argument("--vocab-size", type=int, default=512)
     args = parser.parse_args(argv)
     if args.command == "train":
-        texts = set(TEMPLATES.values())
+        # Repeats are kept: BPE ranks merges by frequency, and deduplicated texts would leave
+        # the commonest answers ("yes") split into pieces.
+        texts = list(TEMPLATES.values())
         for path in args.json:
             try:
                 records = json.loads(path.read_text())
@@ -436,11 +438,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise SystemExit(f"error: cannot read {path}: {e}") from None
             for record in records:
                 for turn in record.get("conversations") or record.get("conversatons") or []:
-                    texts.add(turn["value"].replace(IMAGE_TOKEN, "").strip())
-        tokenizer = train_tokenizer(sorted(texts), args.vocab_size)
+                    texts.append(turn["value"].replace(IMAGE_TOKEN, "").strip())
+        tokenizer = train_tokenizer(texts, args.vocab_size)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(str(args.output))
-        print(f"wrote {args.output} ({tokenizer.get_vocab_size()} tokens, from {len(texts)} distinct texts)")
+        print(f"wrote {args.output} ({tokenizer.get_vocab_size()} tokens, from {len(texts)} texts)")
         return
     try:
         tokenizer = convert_sentencepiece(args.model)

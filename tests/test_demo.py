@@ -56,3 +56,33 @@ def test_demo_at_reduced_size(tmp_path):
     table = (out / "table.md").read_text()
     assert "| closed accuracy |" in table and "| hallucination rate |" in table and "visual gain" in table
     assert set(results) == {"base", "hscr"}
+
+
+def _fake_results(closed: float, closed_blind: float) -> dict:
+    """eval.py's per-benchmark results holding just what the ablation table reads."""
+    full = {"closed": {"accuracy": closed, "accuracy_strict": closed - 1, "hallucination_rate": 100 - closed},
+            "open": {"recall": closed / 2}}
+    return {"modes": {"full": full}, "visual_gain": {"no_image": {"closed acc": closed - closed_blind,
+                                                                  "open recall": 1.0}}}
+
+
+def test_ablation_table_means_and_base_reuse(tmp_path, monkeypatch):
+    """The ablation runs every variant for every seed, evaluates the base once (later runs get its
+    results), and writes mean ± sample std. With "hscr" scoring 60 and 64 closed accuracy over two
+    seeds: mean 62, std sqrt(((60-62)² + (64-62)²) / 1) = 2.83; visual gain (blind 50) 10 and 14:
+    12 ± 2.83. The base (50) is the same for every seed: 50 ± 0."""
+    calls = []
+
+    def fake_demo(cfg, base_results=None):
+        calls.append((cfg.loss, cfg.seed, base_results is not None))
+        closed = {"dpo": 55.0, "hscr": 60.0}[cfg.loss] + 4 * cfg.seed
+        return {"base": base_results or _fake_results(50.0, 50.0), "hscr": _fake_results(closed, 50.0)}
+
+    monkeypatch.setattr(train, "demo", fake_demo)
+    monkeypatch.setattr(train, "ABLATION", {"dpo (1 negative)": {"loss": "dpo"}, "hscr": {}})
+    table = train.ablation(train.DemoConfig(out=str(tmp_path)), seeds=[0, 1])
+    assert calls == [("dpo", 0, False), ("hscr", 0, True), ("dpo", 1, True), ("hscr", 1, True)]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
+    assert rows["hscr"][0] == "62.00 ± 2.83" and rows["hscr"][4] == "12.00 ± 2.83"
+    assert rows["base"][0] == "50.00 ± 0.00" and rows["dpo (1 negative)"][0] == "57.00 ± 2.83"
+    assert (tmp_path / "ablation.md").read_text().endswith(table + "\n")

@@ -367,3 +367,20 @@ def test_train_tokenizer_is_llama_shaped():
     assert chunked == tokenize_prompt(tok, prompt, image_token_id=3, num_image_tokens=4, chunked=False)
     with pytest.raises(ValueError, match="no room"):
         train_tokenizer(texts, vocab_size=200)
+
+
+def test_train_cli_keeps_repeated_texts(tmp_path, monkeypatch):
+    """BPE ranks merges by frequency: the CLI must pass every turn, repeats included (a set of
+    distinct texts left the world's commonest answer "yes" split as "▁" + "yes")."""
+    import model.tokenizer as module
+
+    records = [{"id": str(i), "conversations": [{"from": "human", "value": "<image>\nIs it?"},
+                                                {"from": "gpt", "value": "yes" if i % 4 else "no"}]}
+               for i in range(8)]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    seen = []
+    real = module.train_tokenizer
+    monkeypatch.setattr(module, "train_tokenizer", lambda texts, vocab_size: seen.extend(texts) or real(texts, vocab_size))
+    main(["train", str(tmp_path / "tok.json"), "--json", str(tmp_path / "data.json"), "--vocab-size", "300"])
+    assert seen.count("yes") == 6 and seen.count("no") == 2 and seen.count("Is it?") == 8
+    assert (tmp_path / "tok.json").is_file()

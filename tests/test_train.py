@@ -284,3 +284,41 @@ def test_full_training_from_a_preset(tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert (tmp_path / "out" / "model" / "tokenizer.json").is_file()
+
+
+def test_vision_stage_trains_the_tower_only(tmp_path):
+    """--stage vision on world records: the tower changes, the decoder does not, out/model loads,
+    and a record without a `scene` is reported in bad_records.jsonl, not fatal."""
+    from data import build_world
+    from model.tokenizer import train_tokenizer
+
+    world = build_world(tmp_path / "world", n_sft=12, n_align=0, n_val=0, n_test=0)
+    tok_path = tmp_path / "tokenizer.json"
+    train_tokenizer(["is there a nodule ?", "yes", "no", "[INST] [/INST]"], vocab_size=300).save(str(tok_path))
+    records = json.loads(world["sft"].read_text())
+    del records[3]["scene"]
+    (tmp_path / "sft.json").write_text(json.dumps(records))
+    cfg = train.TrainConfig(stage="vision", init_preset="tiny", tokenizer=str(tok_path), data=str(tmp_path / "sft.json"),
+                            image_root=str(world["root"]), out=str(tmp_path / "out"), batch_size=8, max_steps=3,
+                            lr=1e-3)
+    torch.manual_seed(cfg.seed)
+    init = train.new_model(cfg, torch.float32, "cpu").state_dict()
+    train.train(cfg)
+    trained = load_model(tmp_path / "out" / "model").state_dict()
+    assert not torch.equal(trained["vision_tower.encoder.layers.0.mlp.fc1.weight"],
+                           init["vision_tower.encoder.layers.0.mlp.fc1.weight"])
+    for name in ("multi_modal_projector.linear_1.weight", "language_model.layers.0.self_attn.q_proj.weight"):
+        assert torch.equal(trained[name], init[name]), name
+    bad = [json.loads(line) for line in (tmp_path / "out" / "bad_records.jsonl").read_text().splitlines()]
+    assert [b["index"] for b in bad] == [3] and "scene" in bad[0]["reason"]
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_scene_labels():
+    """present, left, small, count, modality index (xray, mri, ct)."""
+    labels = train.scene_labels({"scene": {"modality": "ct", "count": 2, "side": "left", "size": "large"}})
+    assert labels.tolist() == [1.0, 1.0, 0.0, 2.0, 2.0]
+    assert train.scene_labels({"scene": {"modality": "mri", "count": 0, "side": None, "size": None}}).tolist() == \
+        [0.0, 0.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="modality"):
+        train.scene_labels({"scene": {"modality": "pet", "count": 0, "side": None, "size": None}})
