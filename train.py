@@ -1223,7 +1223,7 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
     hscr.run(hscr.Options(model=str(base), data=str(world["align"]), image_root=str(world["root"]), out=str(prefs),
                           limit=cfg.align, seed=cfg.seed, similarity=similarity, mask_strategy=cfg.mask_strategy,
                           top_k=cfg.top_k,
-                          batch_size=64, max_new_tokens=32, device="cpu"))
+                          batch_size=128, max_new_tokens=32, device="cpu"))
 
     print(f"[3/5] train.py: LoRA with the {cfg.loss} loss → {out / 'train'}")
     train(TrainConfig(model=str(base), data=str(prefs), image_root=str(world["root"]), out=str(out / "train"),
@@ -1239,7 +1239,7 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
         print(f"[{4 if name == 'base' else 5}/5] eval.py: {name} model on the {cfg.split} split, with and without the image")
         results[name] = evaluation.run(evaluation.EvalConfig(
             model=str(base), adapter=adapter, benchmark=[f"{cfg.split}={world[cfg.split]}"], image_root=[str(world["root"])],
-            out=str(out / f"eval-{name}"), blind=True, batch_size=64, max_new_tokens=32, limit=cfg.test,
+            out=str(out / f"eval-{name}"), blind=True, batch_size=128, max_new_tokens=32, limit=cfg.test,
             device="cpu", dtype="float32"))[cfg.split]
     table = demo_table(results["base"], results["hscr"])
     (out / "table.md").write_text(table + "\n")
