@@ -1,5 +1,8 @@
-"""Stage 3 of HSCR: multi-level preference optimization of LoRA adapters (METHOD.md), and the
-plain supervised stage (`--stage sft`) on LLaVA-format conversations.
+"""Stage 3 of HSCR: multi-level preference optimization of LoRA adapters (METHOD.md), the
+plain supervised stage (`--stage sft`) on LLaVA-format conversations, and, for the embedded
+default's from-scratch base only, vision-tower pretraining on the synthetic world's scene labels
+(`--stage vision`). With no arguments, or `demo`, it runs the embedded default; `ablation` runs
+its ablation over seeds.
 
 The losses are written out below, one function per equation of the paper:
 
