@@ -197,3 +197,30 @@ def read_jsonl(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not a JSON line ({e}); fix or remove the line") from None
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Expected errors end a script with one line
+
+
+class UserError(Exception):
+    """An error the user can fix (a bad file, record, option or checkpoint): the scripts print its
+    message as one line on stderr and exit with status 2. Set HSCR_DEBUG=1 (or pass --debug) to see
+    the traceback. Anything else is a bug and keeps its traceback."""
+
+
+def run_main(main, argv: Sequence[str] | None = None) -> int:
+    """Call `main(argv)`; a UserError becomes one line on stderr and exit status 2."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("HSCR_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return main(argv) or 0
+    except UserError as e:
+        if debug:
+            raise
+        prog = Path(sys.argv[0]).name or "hscr"
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
