@@ -124,6 +124,11 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
 # JSON and JSON lines
 
 
+class DataError(ValueError):
+    """A data or output file that cannot be read as it should; the message names the file (and
+    the line or byte). `run_main` reports it as one line, like a UserError."""
+
+
 class BadLine:
     """Stands in for a JSON line that did not parse; `message` says why."""
 
@@ -140,7 +145,7 @@ def read_text(path: str | os.PathLike) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
+        raise DataError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
 
 
 def read_json_records(path: str | os.PathLike) -> list[tuple[int, object]]:
@@ -153,7 +158,7 @@ def read_json_records(path: str | os.PathLike) -> list[tuple[int, object]]:
         try:
             return list(enumerate(json.loads(text)))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not a valid JSON list ({e})") from None
+            raise DataError(f"{path}: not a valid JSON list ({e})") from None
     lines = [(i, line) for i, line in enumerate(text.split("\n")) if line.strip()]
     if len(lines) > 1:
         # A pretty-printed JSON object is not JSON lines: say so once, not once per line.
@@ -162,7 +167,7 @@ def read_json_records(path: str | os.PathLike) -> list[tuple[int, object]]:
         except json.JSONDecodeError:
             whole = None
         if whole is not None:
-            raise ValueError(f"{path}: one JSON {type(whole).__name__}, not a list or JSON lines")
+            raise DataError(f"{path}: one JSON {type(whole).__name__}, not a list or JSON lines")
     out: list[tuple[int, object]] = []
     for i, line in lines:
         try:
@@ -187,7 +192,7 @@ def read_jsonl(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
     try:
         text = data[:end].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+        raise DataError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
     out = []
     for n, line in enumerate(text.split("\n")[:-1], 1):
         if not line.strip():
@@ -195,7 +200,7 @@ def read_jsonl(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not a JSON line ({e}); fix or remove the line") from None
+            raise DataError(f"{path}:{n}: not a JSON line ({e}); fix or remove the line") from None
     return out
 
 
@@ -218,7 +223,7 @@ def run_main(main, argv: Sequence[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     try:
         return main(argv) or 0
-    except UserError as e:
+    except (UserError, DataError) as e:
         if debug:
             raise
         prog = Path(sys.argv[0]).name or "hscr"
