@@ -1,0 +1,104 @@
+"""common.py: the CLI builder, dtype names, left padding, JSON readers, run_main."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import common
+from common import option
+
+
+@dataclass
+class _Cfg:
+    name: str = option(help="a required name", required=True)
+    ratio: float | None = option(None, "an optional float")
+    steps: int | None = option(None, "an optional int")
+    size: int = option(3, "an int with a default")
+    flag: bool = option(True, "a switch")
+    files: list[str] = option(help="repeatable", default_factory=list)
+
+
+def test_parser_types_and_defaults():
+    p = common.dataclass_parser(_Cfg)
+    args = vars(p.parse_args(["--name", "x", "--ratio", "0.5", "--steps", "7", "--no-flag",
+                              "--files", "a", "--files", "b"]))
+    cfg = _Cfg(**args)
+    # `float | None` parses as float (a string here was the bug the helper replaces).
+    assert cfg.ratio == 0.5 and isinstance(cfg.ratio, float)
+    assert cfg.steps == 7 and cfg.size == 3 and cfg.flag is False and cfg.files == ["a", "b"]
+    assert _Cfg(**vars(p.parse_args(["--name", "x"]))).ratio is None
+    with pytest.raises(SystemExit):
+        p.parse_args([])  # --name is required
+
+
+def test_help_shows_each_default_once():
+    text = common.dataclass_parser(_Cfg).format_help()
+    assert text.count("(default: 3)") == 1
+    assert "(default: None)" not in text
+
+
+def test_left_pad():
+    ids, mask = common.left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = common.left_pad([[], [1]], pad_id=9)
+    assert ids.tolist() == [[9], [1]] and mask.tolist() == [[0], [1]]
+
+
+def test_resolve_dtype():
+    assert common.resolve_dtype("auto", "cpu") is torch.float32
+    assert common.resolve_dtype("auto", "cuda:1") is torch.bfloat16
+    assert common.resolve_dtype("auto", "cuda", gpu_default="float16") is torch.float16
+    with pytest.raises(ValueError, match="float64"):
+        common.resolve_dtype("float64", "cpu")
+
+
+def test_read_json_records_keeps_u2028_and_reports_bad_lines(tmp_path):
+    p = tmp_path / "d.jsonl"
+    # A raw U+2028 inside a JSON string is legal JSON; splitlines() would cut the line there.
+    p.write_text('{"a": "x\u2028y"}\n\n{bad\n{"b": 2}\n', encoding="utf-8")
+    rows = common.read_json_records(p)
+    assert rows[0] == (0, {"a": "x\u2028y"})
+    assert rows[1][0] == 2 and isinstance(rows[1][1], common.BadLine) and "line 3" in rows[1][1].message
+    assert rows[2] == (3, {"b": 2})
+    q = tmp_path / "l.json"
+    q.write_text('[{"a": 1}, {"b": 2}]')
+    assert common.read_json_records(q) == [(0, {"a": 1}), (1, {"b": 2})]
+
+
+def test_read_text_names_file_and_offset(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"a": 1}\n\xff\n')
+    with pytest.raises(common.DataError, match=r"bad\.jsonl.*0xff at offset 9"):
+        common.read_json_records(p)
+
+
+def test_read_jsonl_repairs_a_torn_last_line(tmp_path):
+    p = tmp_path / "out.jsonl"
+    p.write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": ')
+    assert common.read_jsonl(p) == [{"a": 1}, {"b": 2}]
+    assert p.read_bytes().endswith(b'{"c": ')  # without repair the file is left alone
+    assert common.read_jsonl(p, repair=True) == [{"a": 1}, {"b": 2}]
+    assert p.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
+    p.write_bytes(b'{"a": 1}\nnot json\n{"b": 2}\n')
+    with pytest.raises(common.DataError, match=r"out\.jsonl:2"):
+        common.read_jsonl(p)
+
+
+def test_run_main_one_line_for_expected_errors(capsys):
+    def main(argv):
+        raise common.UserError("data.json: record 3 has no image")
+
+    assert common.run_main(main, []) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("error: data.json: record 3 has no image")
+    with pytest.raises(common.UserError):
+        common.run_main(main, ["--debug"])
+
+    def buggy(argv):
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError):  # unexpected errors keep their traceback
+        common.run_main(buggy, [])
