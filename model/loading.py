@@ -1,6 +1,6 @@
 """Load LLaVA(-Med) checkpoints from safetensors into `model.llava.Llava`, strictly.
 
-Accepted on disk (FORMATS.md):
+Accepted on disk (docs/FORMATS.md):
   * LLaVA-Med original (`LlavaMistralForCausalLM`): config.json with `mm_*` fields, keys
     `model.layers.*`, `model.mm_projector.{0,2}.*`, `model.vision_tower.vision_tower.vision_model.*`.
   * llava-hf legacy (`LlavaForConditionalGeneration` as saved by transformers 4.x and 5.x):
@@ -8,28 +8,43 @@ Accepted on disk (FORMATS.md):
     `vision_tower.vision_model.*` (4.x) or `vision_tower.*` (5.x); nested text/vision configs.
   * llava-hf new in-memory layout: `model.language_model.*`, `model.vision_tower.*`,
     `model.multi_modal_projector.*`, `lm_head.*`.
-  * a CLIP directory (`vision_model.*`, the rest of a full CLIPModel is not read) supplying the
-    vision tower, as LLaVA's own code does with OpenAI's CLIP.
+  * a CLIP directory supplying the vision tower, as LLaVA's own code does with OpenAI's CLIP:
+    `vision_model.*` keys (CLIPModel, CLIPVisionModelWithProjection, transformers 4.x
+    CLIPVisionModel) or bare `embeddings.*` / `encoder.*` keys (CLIPVisionModel in transformers 5);
+    a full CLIPModel's text tower and projections are not read.
 
-The model is built on the meta device and the tensors are assigned in place, so peak memory is
-about one copy of the weights. Every missing, unexpected or mis-shaped key is reported in one
-error; the only keys ignored are RoPE `inv_freq`, CLIP `position_ids` and `image_newline`.
+How a checkpoint is read:
+  detect_layout      the layout is decided once for the whole checkpoint, from every shard's keys
+                     (a shard may hold only lm_head, only the tower or only the projector)
+  _headers           every tensor's file and shape from the headers; a key stored in two files is
+                     an error naming both (which copy wins would be an accident of file order)
+  config_from_json   config.json read into typed fields; a wrong type or value is an error naming
+                     the file and the field (`text_config.hidden_size must be an integer, got "256"`)
+  assign_weights     one error for every missing, unexpected, mis-shaped or non-floating tensor,
+                     then each tensor read once into a meta-device model (peak memory ≈ one copy)
+
+The only keys ignored are RoPE `inv_freq`, CLIP `position_ids` and `image_newline`.
 Pickle files (`.bin`, `.pt`) are refused: loading them would run arbitrary code.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from common import DataError, UserError, read_text
+
 from .llava import Llava, LlavaConfig, TextConfig, VisionConfig
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the file and the keys."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and the keys or
+    fields. A UserError, so that the scripts print it as one line; still a ValueError for callers
+    that catch that."""
 
 
 # One prefix table per source layout: (prefix on disk, prefix in `Llava`), first match wins.
@@ -56,9 +71,34 @@ LAYOUTS: dict[str, list[tuple[str, str]]] = {
         ("model.vision_tower.", "vision_tower."),
         ("lm_head.", "lm_head."),
     ],
-    "clip": [("vision_model.", "vision_tower.")],
+    "clip": [
+        ("vision_model.", "vision_tower."),  # CLIPModel, CLIPVisionModelWithProjection, 4.x CLIPVisionModel
+        # transformers 5's CLIPVisionModel writes the tower's own names, without `vision_model.`
+        ("embeddings.", "vision_tower.embeddings."),
+        ("pre_layrnorm.", "vision_tower.pre_layrnorm."),
+        ("encoder.", "vision_tower.encoder."),
+        ("post_layernorm.", "vision_tower.post_layernorm."),
+    ],
 }
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids", "image_newline")
+# The parts of a full CLIPModel that are not its vision tower.
+CLIP_IGNORED = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
+
+# Key prefixes that a single checkpoint layout writes, longest first. One such key anywhere in a
+# checkpoint decides its layout; `lm_head.*` (LLaVA-Med and llava-hf alike) decides nothing.
+TELLING = [
+    ("model.vision_tower.vision_tower.", "llava-med"),
+    ("model.mm_projector.", "llava-med"),
+    ("model.layers.", "llava-med"),
+    ("model.embed_tokens.", "llava-med"),
+    ("model.norm.", "llava-med"),
+    ("model.language_model.", "llava-hf"),
+    ("model.multi_modal_projector.", "llava-hf"),
+    ("model.vision_tower.", "llava-hf"),
+    ("language_model.", "llava-hf-legacy"),
+    ("multi_modal_projector.", "llava-hf-legacy"),
+    ("vision_tower.", "llava-hf-legacy"),
+]
 
 # Vision towers that LLaVA-Med configs name by hub id (their config.json carries no tower shape).
 KNOWN_TOWERS = {
@@ -67,17 +107,31 @@ KNOWN_TOWERS = {
 }
 
 
-def detect_layout(keys) -> str:
-    keys = list(keys)
-    if any(k.startswith(("model.mm_projector.", "model.vision_tower.vision_tower.")) for k in keys):
-        return "llava-med"
-    if any(k.startswith("language_model.model.") for k in keys):
-        return "llava-hf-legacy"
-    if any(k.startswith("model.language_model.") for k in keys):
-        return "llava-hf"
-    if any(k.startswith("model.layers.") for k in keys):
-        return "llava-med"  # a LLaVA-Med checkpoint stored without tower and projector
-    raise CheckpointError(f"unrecognised key layout (first keys: {sorted(keys)[:5]}); expected one of {list(LAYOUTS)}")
+def _where(key: str, files: dict | None) -> str:
+    return f"{key} ({Path(files[key]).name})" if files else key
+
+
+def detect_layout(keys, source: str = "checkpoint") -> str:
+    """The layout (a key of LAYOUTS, not "clip") of a whole checkpoint, from all its keys.
+
+    `keys`: every key of every shard; a {key: file} mapping lets the errors name the files.
+    A checkpoint with no telling key, or with telling keys of two layouts, is an error.
+    """
+    files = keys if isinstance(keys, dict) else None
+    keys = [k for k in keys if not k.endswith(IGNORED_SUFFIXES)]
+    seen: dict[str, str] = {}  # layout → first key that tells it
+    for key in sorted(keys):
+        layout = next((lay for prefix, lay in TELLING if key.startswith(prefix)), None)
+        if layout is not None:
+            seen.setdefault(layout, key)
+    if len(seen) == 1:
+        return next(iter(seen))
+    if seen:
+        found = "; ".join(f"{_where(k, files)} is {lay}" for lay, k in seen.items())
+        raise CheckpointError(f"{source}: keys of {len(seen)} layouts in one checkpoint: {found}")
+    first = ", ".join(_where(k, files) for k in sorted(keys)[:5]) or "none"
+    raise CheckpointError(f"{source}: unrecognised key layout, no key starts with a prefix of "
+                          f"{', '.join(sorted(set(lay for _, lay in TELLING)))} (first keys: {first})")
 
 
 def rename(key: str, layout: str) -> str | None:
@@ -104,83 +158,242 @@ def unrename(name: str, layout: str) -> str:
 # config.json
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path):
     if not path.is_file():
         raise CheckpointError(f"{path}: not found")
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
+    except DataError as e:  # not UTF-8: the message names the file and the byte offset
+        raise CheckpointError(str(e)) from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def _rope_theta(c: dict, default: float) -> float:
-    # transformers 5 writes rope_parameters: {rope_theta, rope_type}; older files a bare rope_theta.
-    params = c.get("rope_parameters") or {}
-    if params.get("rope_type", "default") not in ("default", None):
-        raise CheckpointError(f"rope_type {params['rope_type']!r} is not supported (only plain RoPE)")
-    return float(params.get("rope_theta", c.get("rope_theta", default)))
+def _show(value) -> str:
+    """A config value as it is written in the JSON file (strings quoted), cut to a line."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _text_config(c: dict) -> TextConfig:
-    return TextConfig(
-        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-        n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-        n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], head_dim=c.get("head_dim"),
-        rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(c, 1e4),
-        sliding_window=c.get("sliding_window"),
-        max_seq_len=max(c.get("max_position_embeddings", 4096), c.get("tokenizer_model_max_length") or 0),
-        bos_token_id=c.get("bos_token_id", 1) if c.get("bos_token_id") is not None else 1,
-        eos_token_id=c.get("eos_token_id", 2) if isinstance(c.get("eos_token_id", 2), int) else c["eos_token_id"][0],
-        pad_token_id=c.get("pad_token_id"),
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_REQUIRED = object()
+
+# What transformers assumes for a field that a nested config leaves out: transformers 4.x writes
+# only the fields of text_config / vision_config that differ from their class's defaults, so
+# e.g. llava-hf/llava-1.5-7b-hf's text_config has no hidden_size. Keyed by the sub-config's
+# model_type; tests/test_loading.py checks these numbers against transformers' classes.
+MODEL_TYPE_DEFAULTS = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+              "rope_theta": 10000.0, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "sliding_window": 4096, "hidden_act": "silu",
+                "bos_token_id": 1, "eos_token_id": 2},
+    "clip_vision_model": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                          "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
+                          "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
+}
+
+
+class _Fields:
+    """Typed reads from one JSON object of a config file. Every error names the file and the
+    field's path in it; a field left out takes its model_type's default (MODEL_TYPE_DEFAULTS),
+    else the default given to the read, else it is reported missing."""
+
+    def __init__(self, obj, source: str, path: str = ""):
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{source}: {path or 'the file'} must be a JSON object, got {_show(obj)}")
+        self.obj, self.source, self.path = obj, source, path
+        model_type = obj.get("model_type")
+        self.defaults = MODEL_TYPE_DEFAULTS.get(model_type, {}) if isinstance(model_type, str) else {}
+
+    def name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.source}: {self.name(key)} {what}")
+
+    def get(self, key: str, default=_REQUIRED):
+        if key in self.obj:
+            return self.obj[key]
+        if key in self.defaults:
+            return self.defaults[key]
+        if default is _REQUIRED:
+            raise CheckpointError(f"{self.source}: missing field {self.name(key)}")
+        return default
+
+    def sub(self, key: str) -> "_Fields":
+        return _Fields(self.get(key), self.source, self.name(key))
+
+    def int(self, key: str, default=_REQUIRED, *, minimum: int | None = 1, none_ok: bool = False):
+        v = self.get(key, default)
+        if v is None and none_ok:
+            return None
+        if not _is_int(v):
+            raise self.error(key, f"must be an integer{' or null' if none_ok else ''}, got {_show(v)}")
+        if minimum is not None and v < minimum:
+            raise self.error(key, f"must be at least {minimum}, got {v}")
+        return v
+
+    def float(self, key: str, default=_REQUIRED) -> float:
+        """A positive finite number (every float field read here is an epsilon or a RoPE base)."""
+        v = self.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise self.error(key, f"must be a number, got {_show(v)}")
+        if v <= 0:
+            raise self.error(key, f"must be positive, got {v}")
+        return float(v)
+
+    def bool(self, key: str, default=_REQUIRED) -> bool:
+        v = self.get(key, default)
+        if not isinstance(v, bool):
+            raise self.error(key, f"must be true or false, got {_show(v)}")
+        return v
+
+    def choice(self, key: str, default, choices: tuple, what: str = "supported"):
+        v = self.get(key, default)
+        if isinstance(v, (dict, list)) or v not in choices:
+            raise self.error(key, f"is {_show(v)}; {what}: {', '.join(map(_show, choices))}")
+        return v
+
+
+def _build(source: str, cls, **kw):
+    """A config dataclass; its own checks (divisibility, ranges) become errors naming the file."""
+    try:
+        return cls(**kw)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def _rope_theta(f: _Fields) -> float:
+    # transformers 5 writes rope_parameters: {rope_theta, rope_type}; older files a bare rope_theta
+    # and, for scaled RoPE, rope_scaling. Only plain RoPE is implemented.
+    if f.get("rope_scaling", None) is not None:
+        scaling = f.sub("rope_scaling")
+        kind = "rope_type" if "rope_type" in scaling.obj else "type"
+        scaling.choice(kind, "default", ("default",), "only plain RoPE is supported")
+    if f.get("rope_parameters", None) is not None:
+        params = f.sub("rope_parameters")
+        params.choice("rope_type", "default", ("default",), "only plain RoPE is supported")
+        return params.float("rope_theta", f.defaults.get("rope_theta", 1e4))
+    return f.float("rope_theta", 1e4)
+
+
+def _token_id(f: _Fields, key: str, default: int) -> int:
+    v = f.get(key, default)
+    if isinstance(v, list) and v:
+        v = v[0]  # several end-of-sequence ids: generation here stops at the first
+    if v is None:
+        return default
+    if not _is_int(v) or v < 0:
+        raise f.error(key, f"must be a token id (an integer ≥ 0, or a list of them), got {_show(f.get(key))}")
+    return v
+
+
+def _text_config(f: _Fields) -> TextConfig:
+    f.choice("hidden_act", "silu", ("silu",), "LLaMA / Mistral use")
+    heads = f.int("num_attention_heads")
+    kv_heads = f.int("num_key_value_heads", None, none_ok=True) or heads
+    if heads % kv_heads:
+        raise f.error("num_key_value_heads", f"{kv_heads} does not divide num_attention_heads {heads}")
+    max_len = f.int("tokenizer_model_max_length", None, none_ok=True) or 0
+    pad = f.int("pad_token_id", None, minimum=None, none_ok=True)
+    return _build(
+        f.source, TextConfig,
+        vocab_size=f.int("vocab_size"), hidden_size=f.int("hidden_size"),
+        intermediate_size=f.int("intermediate_size"), n_layers=f.int("num_hidden_layers"), n_heads=heads,
+        n_kv_heads=kv_heads, head_dim=f.int("head_dim", None, none_ok=True),
+        rms_norm_eps=f.float("rms_norm_eps", 1e-6), rope_theta=_rope_theta(f),
+        sliding_window=f.int("sliding_window", None, none_ok=True),
+        max_seq_len=max(f.int("max_position_embeddings", 4096), max_len),
+        bos_token_id=_token_id(f, "bos_token_id", 1), eos_token_id=_token_id(f, "eos_token_id", 2),
+        pad_token_id=pad if pad is None or pad >= 0 else None,  # old LLaMA configs write -1 for "none"
     )
 
 
-def _vision_config(c: dict) -> VisionConfig:
-    c = c.get("vision_config", c)  # a full CLIPModel config nests the tower's
-    if c.get("hidden_act", "quick_gelu") != "quick_gelu":
-        raise CheckpointError(f"vision hidden_act {c['hidden_act']!r} is not supported (CLIP uses quick_gelu)")
-    return VisionConfig(
-        image_size=c["image_size"], patch_size=c["patch_size"], hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"], n_layers=c["num_hidden_layers"],
-        n_heads=c["num_attention_heads"], layer_norm_eps=c.get("layer_norm_eps", 1e-5),
-        num_channels=c.get("num_channels", 3),
+def _vision_config(f: _Fields) -> VisionConfig:
+    if "vision_config" in f.obj:
+        f = f.sub("vision_config")  # a full CLIPModel config nests the tower's
+    f.choice("hidden_act", "quick_gelu", ("quick_gelu",), "CLIP uses")
+    image, patch = f.int("image_size"), f.int("patch_size")
+    if image % patch:
+        raise f.error("patch_size", f"{patch} does not divide image_size {image}")
+    width, heads = f.int("hidden_size"), f.int("num_attention_heads")
+    if width % heads:
+        raise f.error("num_attention_heads", f"{heads} does not divide hidden_size {width}")
+    return _build(
+        f.source, VisionConfig,
+        image_size=image, patch_size=patch, hidden_size=width, intermediate_size=f.int("intermediate_size"),
+        n_layers=f.int("num_hidden_layers"), n_heads=heads, layer_norm_eps=f.float("layer_norm_eps", 1e-5),
+        num_channels=f.int("num_channels", 3),
     )
+
+
+def _select_layer(f: _Fields, key: str, vision: VisionConfig) -> int:
+    layer = f.get(key, -2)
+    if isinstance(layer, list):
+        raise f.error(key, f"is {_show(layer)}: only a single layer is supported")
+    layer = f.int(key, -2, minimum=None)
+    n_states = vision.n_layers + 1  # the embeddings, then each block's output
+    if not -n_states <= layer < n_states:
+        raise f.error(key, f"{layer} is outside the {n_states} hidden states of the vision tower")
+    return layer
 
 
 def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig | None = None) -> LlavaConfig:
-    """LlavaConfig from a llava-hf (nested) or LLaVA-Med (`mm_*`) config.json dict."""
-    try:
-        if "text_config" in c:  # llava-hf
-            if c.get("projector_hidden_act", "gelu") != "gelu":
-                raise CheckpointError(f"{source}: projector_hidden_act {c['projector_hidden_act']!r} is not supported")
-            strategy = c.get("vision_feature_select_strategy", "default")
-            layer = c.get("vision_feature_layer", -2)
-            if not isinstance(layer, int):
-                raise CheckpointError(f"{source}: vision_feature_layer {layer!r}: only a single layer is supported")
-            return LlavaConfig(
-                vision=vision or _vision_config(c["vision_config"]), text=_text_config(c["text_config"]),
-                projector_type="mlp2x_gelu", projector_bias=c.get("multimodal_projector_bias", True),
-                select_layer=layer, select_feature={"default": "patch", "full": "cls_patch"}[strategy],
-                image_token_id=c.get("image_token_index", c.get("image_token_id", 32000)),
-            )
-        if "mm_vision_tower" in c or "mm_projector_type" in c:  # LLaVA-Med / LLaVA original
-            if vision is None:
-                tower = c.get("mm_vision_tower")
-                if tower not in KNOWN_TOWERS:
-                    raise CheckpointError(f"{source}: vision tower {tower!r} is not one whose shape is known "
-                                          f"({', '.join(KNOWN_TOWERS)}); pass vision_tower=<CLIP directory>")
-                vision = KNOWN_TOWERS[tower]
-            if c.get("mm_use_im_start_end"):
-                raise CheckpointError(f"{source}: mm_use_im_start_end=true (LLaVA-Med v1) is not supported")
-            projector = c.get("mm_projector_type", "linear")
-            return LlavaConfig(
-                vision=vision, text=_text_config(c), projector_type=projector, projector_bias=True,
-                select_layer=c.get("mm_vision_select_layer", -2),
-                select_feature=c.get("mm_vision_select_feature", "patch"), image_token_id=-200,
-            )
-    except KeyError as e:
-        raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
+    """LlavaConfig from a llava-hf (nested) or LLaVA-Med (`mm_*`) config.json dict.
+
+    Every field is type-checked; an error names `source` and the field's path in the file."""
+    f = _Fields(c, source)
+    if "text_config" in c:  # llava-hf
+        f.choice("projector_hidden_act", "gelu", ("gelu",))
+        vision = vision or _vision_config(f.sub("vision_config"))
+        image_token = "image_token_index" if "image_token_index" in c else "image_token_id"
+        return _build(
+            source, LlavaConfig,
+            vision=vision, text=_text_config(f.sub("text_config")),
+            projector_type="mlp2x_gelu", projector_bias=f.bool("multimodal_projector_bias", True),
+            select_layer=_select_layer(f, "vision_feature_layer", vision),
+            select_feature={"default": "patch", "full": "cls_patch"}[
+                f.choice("vision_feature_select_strategy", "default", ("default", "full"))],
+            image_token_id=f.int(image_token, 32000, minimum=0),
+        )
+    if "mm_vision_tower" in c or "mm_projector_type" in c:  # LLaVA-Med / LLaVA original
+        if vision is None:
+            tower = f.get("mm_vision_tower", None)
+            if not isinstance(tower, str) or tower not in KNOWN_TOWERS:
+                raise CheckpointError(f"{source}: vision tower {_show(tower)} is not one whose shape is known "
+                                      f"({', '.join(KNOWN_TOWERS)}); pass vision_tower=<CLIP directory>")
+            vision = KNOWN_TOWERS[tower]
+        if f.bool("mm_use_im_start_end", False):
+            raise f.error("mm_use_im_start_end", "is true (LLaVA-Med v1): not supported")
+        return _build(
+            source, LlavaConfig,
+            vision=vision, text=_text_config(f), projector_bias=True,
+            projector_type=f.choice("mm_projector_type", "linear", ("mlp2x_gelu", "linear")),
+            select_layer=_select_layer(f, "mm_vision_select_layer", vision),
+            select_feature=f.choice("mm_vision_select_feature", "patch", ("patch", "cls_patch")),
+            image_token_id=-200,
+        )
     raise CheckpointError(f"{source}: neither a llava-hf config (text_config) nor a LLaVA-Med one (mm_* fields)")
+
+
+def read_config(path: Path, vision: VisionConfig | None = None) -> LlavaConfig:
+    """The LlavaConfig of a checkpoint directory's config.json."""
+    file = Path(path) / "config.json"
+    return config_from_json(_read_json(file), str(file), vision)
+
+
+def read_vision_config(path: Path) -> VisionConfig:
+    """The VisionConfig of a CLIP directory's config.json (CLIPVisionModel or full CLIPModel)."""
+    file = Path(path) / "config.json"
+    return _vision_config(_Fields(_read_json(file), str(file)))
 
 
 def config_to_json(config: LlavaConfig) -> dict:
@@ -217,12 +430,19 @@ def config_to_json(config: LlavaConfig) -> dict:
 
 
 def safetensors_files(path: Path) -> list[Path]:
-    """The weight files of a checkpoint directory: sharded (index.json), single, or refused pickles."""
+    """The weight files of a checkpoint directory: the shards its model.safetensors.index.json names
+    (other *.safetensors beside them are not read, as in transformers), else every *.safetensors;
+    pickles are refused."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        content = _read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' object")
+        bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or Path(v).name != v), None)
+        if bad is not None:
+            raise CheckpointError(f"{index}: weight_map[{bad!r}] must be a file name in {path}, "
+                                  f"got {_show(weight_map[bad])}")
         files = [path / f for f in sorted(set(weight_map.values()))]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -250,44 +470,71 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def _index(files: list[Path], layout: str | None, skip_prefix: str | None = None):
-    """{our name: (file, key, shape)} for every tensor in `files`; ignored and unknown keys apart."""
-    found, unexpected = {}, []
+def _headers(source: Path, files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """{key: (file, shape)} over all the files of a checkpoint, from their headers only.
+
+    A key held by two files is an error naming both: whichever copy loaded would depend on file
+    order (a stray partial file of zeros next to the real shards would load without a word)."""
+    where: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    twice: dict[tuple[str, str], list[str]] = {}  # (first file, second file) → keys in both
     for file in files:
-        f = _open(file)
-        keys = list(f.keys())
-        lay = layout or detect_layout(keys)
-        for key in keys:
-            if key.endswith(IGNORED_SUFFIXES):
-                continue
-            if lay == "clip" and not key.startswith("vision_model."):
-                continue  # a full CLIPModel: its text half and projections are not the tower
-            name = rename(key, lay)
-            if name is None:
-                unexpected.append(f"{key} ({file.name})")
-            elif skip_prefix and name.startswith(skip_prefix):
-                continue
-            else:
-                found[name] = (file, key, tuple(f.get_slice(key).get_shape()))
+        with _open(file) as f:
+            for key in f.keys():
+                if key in where:
+                    twice.setdefault((where[key][0].name, file.name), []).append(key)
+                else:
+                    where[key] = (file, tuple(f.get_slice(key).get_shape()))
+    if twice:
+        pairs = [f"{a} and {b} both hold {keys[0]}" + (f" (and {len(keys) - 1} more keys)" if len(keys) > 1 else "")
+                 for (a, b), keys in twice.items()]
+        raise CheckpointError(f"{source}: tensors stored twice, remove the stray file: " + "; ".join(pairs))
+    return where
+
+
+def _index(headers: dict, layout: str, source: str, *, skip: tuple[str, ...] = (), drop: str | None = None):
+    """({our name: (file, key, shape)}, [unexpected "key (file)"]) for the keys of `headers` read
+    in `layout`. Keys starting with `skip` are not read; names starting with `drop` are left out
+    (a tower replaced by vision_tower=). Two keys naming one parameter are an error."""
+    found, unexpected, clashes = {}, [], []
+    for key, (file, shape) in headers.items():
+        if key.endswith(IGNORED_SUFFIXES) or key.startswith(skip):
+            continue
+        name = rename(key, layout)
+        if name is None:
+            unexpected.append(f"{key} ({file.name})")
+        elif drop and name.startswith(drop):
+            continue
+        elif name in found:
+            other_file, other_key, _ = found[name]
+            clashes.append(f"{other_key} ({other_file.name}) and {key} ({file.name}) are both {name}")
+        else:
+            found[name] = (file, key, shape)
+    if clashes:
+        raise CheckpointError(f"{source}: one parameter stored under two keys: " + "; ".join(clashes))
     return found, unexpected
 
 
 def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, device="cpu") -> Llava:
     """Load a LLaVA(-Med) checkpoint directory (config.json + safetensors) as a `Llava` in eval mode.
 
-    `vision_tower`: a CLIP directory (config.json + safetensors) whose `vision_model.*` replaces
-    the tower stored in the checkpoint, or supplies it when the checkpoint has none.
+    `vision_tower`: a CLIP directory (config.json + safetensors, see the module docstring) whose
+    tower replaces the one stored in the checkpoint, or supplies it when the checkpoint has none.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     tower_dir = Path(vision_tower) if vision_tower is not None else None
-    vision = _vision_config(_read_json(tower_dir / "config.json")) if tower_dir else None
-    config = config_from_json(_read_json(path / "config.json"), str(path / "config.json"), vision)
+    if tower_dir is not None and not tower_dir.is_dir():
+        raise CheckpointError(f"{tower_dir}: not a CLIP directory (vision_tower)")
+    vision = read_vision_config(tower_dir) if tower_dir else None
+    config = read_config(path, vision)
 
-    found, unexpected = _index(safetensors_files(path), None, skip_prefix="vision_tower." if tower_dir else None)
+    headers = _headers(path, safetensors_files(path))
+    layout = detect_layout({k: file for k, (file, _) in headers.items()}, str(path))
+    found, unexpected = _index(headers, layout, str(path), drop="vision_tower." if tower_dir else None)
     if tower_dir:
-        tower, unexpected_tower = _index(safetensors_files(tower_dir), "clip")
+        tower, unexpected_tower = _index(_headers(tower_dir, safetensors_files(tower_dir)), "clip", str(tower_dir),
+                                         skip=CLIP_IGNORED)
         found.update(tower)
         unexpected += unexpected_tower
 
@@ -304,15 +551,27 @@ def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], s
     """Check `found` ({name: (file, key, shape)}) against a meta-device model, strictly, then read
     each tensor once and assign it in place (peak memory ≈ one copy of the weights).
 
-    One CheckpointError lists every missing, unexpected and mis-shaped key, naming the files;
-    `missing_hint(missing_names)` may add advice to the missing line.
+    One CheckpointError lists every missing, unexpected, mis-shaped and non-floating-point key
+    (an integer tensor where a weight belongs), naming the files; `missing_hint(missing_names)`
+    may add advice to the missing line.
     """
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    handles: dict = {}
+
+    def handle(file):
+        return handles.get(file) or handles.setdefault(file, _open(file))
+
+    params = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in params.items()}
     missing = sorted(set(expected) - set(found))
     unexpected = unexpected + sorted(f"{found[k][1]} ({found[k][0].name})" for k in set(found) - set(expected))
-    wrong = sorted(f"{found[k][1]} ({found[k][0].name}): {found[k][2]} in the file, {expected[k]} expected"
-                   for k in set(found) & set(expected) if found[k][2] != expected[k])
-    if missing or unexpected or wrong:
+    both = sorted(set(found) & set(expected))
+    wrong = [f"{found[k][1]} ({found[k][0].name}): {found[k][2]} in the file, {expected[k]} expected"
+             for k in both if found[k][2] != expected[k]]
+    # safetensors dtype names: F16, BF16, F32, F64, F8_E4M3, ... are floating; I*, U*, BOOL are not.
+    dtypes = {k: handle(found[k][0]).get_slice(found[k][1]).get_dtype() for k in both}
+    not_float = [f"{found[k][1]} ({found[k][0].name}) is {dtypes[k]}" for k in both
+                 if params[k].is_floating_point() and not dtypes[k].startswith(("F", "BF"))]
+    if missing or unexpected or wrong or not_float:
         lines = [f"cannot load {source}:"]
         if missing:
             advice = missing_hint(missing) if missing_hint else None
@@ -321,13 +580,14 @@ def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], s
             lines.append(f"  {len(unexpected)} unexpected: " + ", ".join(unexpected))
         if wrong:
             lines.append(f"  {len(wrong)} with the wrong shape: " + "; ".join(wrong))
+        if not_float:
+            lines.append(f"  {len(not_float)} not floating point where a weight belongs: " + "; ".join(not_float))
         raise CheckpointError("\n".join(lines))
 
-    state, handles = {}, {}
+    state = {}
     for name, (file, key, _) in found.items():
-        f = handles.get(file) or handles.setdefault(file, _open(file))
         try:
-            t = f.get_tensor(key)
+            t = handle(file).get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{file}: tensor {key} cannot be read (truncated or corrupt?): {e}") from None
         state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)

@@ -11,21 +11,7 @@ from model.llava import Llava, preset, sample
 pytest.importorskip("transformers")  # the reference; listed in requirements-test.txt, so never skipped in CI
 
 
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def hf_logits(hf, ids, mask, pixels):
-    # transformers' plain forward numbers positions 0..T-1 regardless of padding; give it the
-    # same running count of real tokens that generate() uses and that our model uses by default.
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        return hf(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=pos).logits
-
-
-def our_inputs(model, ids):
-    # LLaVA-Med checkpoints mark image positions with -200 instead of a vocabulary id.
-    return ids.masked_fill(ids == tiny.IMAGE_TOKEN, model.config.image_token_id)
+rel_err, hf_logits, our_inputs = tiny.rel_err, tiny.hf_logits, tiny.our_inputs
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +246,7 @@ def test_missing_tower_hint(hf_models, tmp_path):
     hf = hf_models[("llama", "default")]
     ck = tiny.save_layout(hf, tmp_path / "med", "llava-med")
     _edit(ck, lambda sd: [sd.pop(k) for k in list(sd) if "vision_tower" in k])
-    with pytest.raises(CheckpointError, match="vision tower 'tiny-clip"):
+    with pytest.raises(CheckpointError, match='vision tower "tiny-clip'):
         load_model(ck)  # the config names a tower whose shape is unknown
     clip = tiny.save_clip_dir(hf, tmp_path / "clip")
     _edit(clip, lambda sd: sd.pop("vision_model.pre_layrnorm.weight"))

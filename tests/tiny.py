@@ -1,7 +1,8 @@
 """Tiny random transformers Llava checkpoints, written to disk in each layout `load_model` reads.
 
 transformers is the reference: the tests build its `LlavaForConditionalGeneration` with random
-weights, save it, and check that our loader + model compute the same function.
+weights, save it (with transformers' own save_pretrained, or key by key in the other layouts),
+and check that our loader + model compute the same function (`assert_same_logits`).
 """
 from __future__ import annotations
 
@@ -122,6 +123,40 @@ def save_clip_dir(hf_model, out: Path) -> Path:
     return out
 
 
+def reshard(ckpt: Path, shard_of, *, index: bool = True) -> dict[str, list[str]]:
+    """Rewrite the safetensors of `ckpt` as shards, `shard_of(key)` naming each key's file, with a
+    model.safetensors.index.json (or none, when `index` is false). Returns {file: keys}."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for file in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+        file.unlink()
+    (ckpt / "model.safetensors.index.json").unlink(missing_ok=True)
+    shards: dict[str, list[str]] = {}
+    for key in sorted(tensors):
+        shards.setdefault(shard_of(key), []).append(key)
+    for name, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(ckpt / name), metadata={"format": "pt"})
+    if index:
+        weight_map = {k: name for name, keys in shards.items() for k in keys}
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return shards
+
+
+def hf_clip_model(hf_model):
+    """A transformers CLIPModel (tiny random text tower) whose vision tower is `hf_model`'s."""
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=50,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=hf_model.config.vision_config.to_dict(),
+                                projection_dim=16))
+    clip.vision_model.load_state_dict(hf_model.model.vision_tower.state_dict())
+    return clip.eval()
+
+
 def batch_inputs(image_token: int = IMAGE_TOKEN, n_image: int = 16, seed: int = 1):
     """Two left-padded prompts with the image at different positions, and two random images."""
     g = torch.Generator().manual_seed(seed)
@@ -135,3 +170,36 @@ def batch_inputs(image_token: int = IMAGE_TOKEN, n_image: int = 16, seed: int = 
         mask[i, T - len(r):] = 1
     pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     return ids, mask, pixels
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with transformers
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def hf_logits(hf, ids, mask, pixels):
+    # transformers' plain forward numbers positions 0..T-1 regardless of padding; give it the
+    # same running count of real tokens that generate() uses and that our model uses by default.
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return hf(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=pos).logits
+
+
+def our_inputs(model, ids):
+    # LLaVA-Med checkpoints mark image positions with -200 instead of a vocabulary id.
+    return ids.masked_fill(ids == IMAGE_TOKEN, model.config.image_token_id)
+
+
+def assert_same_logits(model, hf, tol: float = 1e-5) -> None:
+    """fp32 logits of our `model` equal transformers' `hf` (max relative error ≤ tol) at every real
+    position of `batch_inputs()`: two left-padded prompts with the image at different positions."""
+    ids, mask, pixels = batch_inputs(n_image=model.config.num_image_tokens)
+    with torch.no_grad():
+        ours = model(our_inputs(model, ids), pixels, mask)
+    ref = hf_logits(hf, ids, mask, pixels)
+    real = mask.bool()
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    assert rel_err(ours[real], ref[real]) <= tol
