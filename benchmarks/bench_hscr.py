@@ -23,6 +23,7 @@ prints at the end) under --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hscr  # noqa: E402
+from common import left_pad  # noqa: E402
 from data import Record  # noqa: E402
 from model.llava import Llava, LlavaConfig, TextConfig, VisionConfig, preset  # noqa: E402
 
@@ -149,7 +151,7 @@ def branch_costs(model, tokenizer, opts, records, batch: int, new_tokens: int, d
     ys = [e.response for e in entries]
 
     def decode(prompts, feats):
-        ids, mask = hscr.left_pad(prompts, pipe.pad, model.device)
+        ids, mask = left_pad(prompts, pipe.pad, model.device)
         flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
         # eos_token_id=-1: never stops early, so both runs decode exactly `new_tokens` steps
         return model.generate(ids, attention_mask=mask, image_features=flat, max_new_tokens=new_tokens,
@@ -188,14 +190,15 @@ def main():
         opts = hscr.Options(model="-", data="-", image_root=tmp, out="-", similarity="lexical",
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device,
                             dtype=str(dtype).split(".")[-1])
-        print(f"{args.entries} entries, answers of 12-40 tokens, top-n {opts.top_n}, top-k {opts.top_k}, "
+        print(f"{args.entries} entries, answers of 12-40 tokens, top-n {opts.top_n}, "
+              f"num-candidates {opts.num_candidates}, "
               f"continuation decode ≤ {opts.max_new_tokens} tokens "
               "(random weights: no EOS, every tail is full length)")
         sim = hscr.Similarity("lexical")
         variants = {"batched": (hscr.HSCR(model, tokenizer, opts, sim), args.batch_size)}
         if not args.skip_naive:
             variants["naive"] = (hscr.HSCR(model, tokenizer, opts, sim, stacked=False), 1)
-            alone = hscr.replace(opts, decode_rows=1)
+            alone = dataclasses.replace(opts, decode_rows=1)
             variants["naive_alone"] = (hscr.HSCR(model, tokenizer, alone, sim, stacked=False), 1)
         seconds = time_pipelines(variants, records, args.batch_size, args.device)
         costs = branch_costs(model, tokenizer, opts, records, args.batch_size, args.decode_tokens, args.device)

@@ -1,4 +1,4 @@
-"""hscr.py: stages 1 and 2 of METHOD.md.
+"""hscr.py: stages 1 and 2 of docs/METHOD.md.
 
 The selection logic is pinned on hand-built logits over a tiny vocabulary (values derived in the
 docstrings); the model-facing parts are checked against plain unbatched forwards / generate of a
@@ -7,9 +7,11 @@ images, including bad records, resume after a simulated kill and a 2-process glo
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,26 +58,27 @@ def test_coupling_scores_and_top_positions():
     assert torch.allclose(lp[valid].double(), ref[valid], atol=1e-6)
 
 
-def test_hallucinated_replacement_is_argmin_p_diff_among_drop_top_k():
-    """One position, V = 6, y_t = 1, k = 3, β = 0.9.
+def test_hallucinated_replacement_is_argmin_p_diff_among_drop_top_c():
+    """One position, V = 6, y_t = 1, c = 3 candidates, β = 0.9.
     drop = [0, 3, 2.5, 1, 0.5, −1]: descending 1, 2, 3, 4, 0, 5; without y_t the top-3 is C = [2, 3, 4].
     full = [0, 4, 2, −1, 1, 0]: z = 1.9·full − 0.9·drop at C = 3.8 − 2.25 = 1.55, −1.9 − 0.9 = −2.8,
     1.9 − 0.45 = 1.45; the least P_diff is at id 3, the middle candidate (neither the blind branch's
     favourite nor its least likely). With id 2 banned: C = [3, 4, 0] and the argmin is still 3.
-    A second position whose y_t (= 5) is outside the top-k: C = its plain top-3."""
+    A second position whose y_t (= 5) is outside the top-c: C = its plain top-3.
+    Five candidates with id 2 banned need 5 of the V − 2 = 4 ids left: an error."""
     drop = torch.tensor([[0.0, 3.0, 2.5, 1.0, 0.5, -1.0], [0.0, 3.0, 2.5, 1.0, 0.5, -1.0]])
     full = torch.tensor([[0.0, 4.0, 2.0, -1.0, 1.0, 0.0], [5.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
     targets = torch.tensor([1, 5])
-    repl, cands, p_diff = hscr.hallucinated_replacements(full, drop, targets, k=3, beta=0.9)
+    repl, cands, p_diff = hscr.hallucinated_replacements(full, drop, targets, c=3, beta=0.9)
     assert cands.tolist() == [[2, 3, 4], [1, 2, 3]]
     z = 1.9 * full.double() - 0.9 * drop.double()
     assert torch.allclose(p_diff.double(), z.softmax(-1).gather(-1, cands), atol=1e-7)
     # row 2: z at [1, 2, 3] = −2.7, −2.25, −0.9 → argmin is id 1
     assert repl.tolist() == [3, 1]
-    repl, cands, _ = hscr.hallucinated_replacements(full, drop, targets, k=3, beta=0.9, banned=(2,))
+    repl, cands, _ = hscr.hallucinated_replacements(full, drop, targets, c=3, beta=0.9, banned=(2,))
     assert cands.tolist() == [[3, 4, 0], [1, 3, 4]] and repl.tolist() == [3, 1]
-    with pytest.raises(ValueError, match="top-k"):
-        hscr.hallucinated_replacements(full, drop, targets, k=5, beta=0.9, banned=(2,))
+    with pytest.raises(ValueError, match="5 candidates"):
+        hscr.hallucinated_replacements(full, drop, targets, c=5, beta=0.9, banned=(2,))
 
 
 def test_graded_negatives_replace_exactly_m_positions_decode_and_splice():
@@ -104,16 +107,16 @@ def test_dedupe_drops_copies_of_chosen_duplicates_and_empty():
     ([0.3, 0.2, 0.1], [0, 1, 2]),  # 0.3 − 0.2 = 0.0999… in floating point: counts as 0.1
     ([0.5, 0.9, 0.9, 0.85, 0.1], [1, 0, 4]),  # sorted 0.9 (index 1 before its tie 2), 0.5, 0.1
     ([0.9, 0.85, 0.81], [0]),  # too few with the gap: one is kept
-    ([0.2, 0.9, 0.6, 0.4, 0.3, 0.0], [1, 2, 3]),  # at most j = 3
+    ([0.2, 0.9, 0.6, 0.4, 0.3, 0.0], [1, 2, 3]),  # at most k = 3
     ([], []),
 ])
 def test_rerank_gap_rule(sims, expected):
-    assert hscr.rerank(sims, j=3, gap=0.1) == expected
+    assert hscr.rerank(sims, k=3, gap=0.1) == expected
 
 
-def test_rerank_j_and_gap_options():
-    assert hscr.rerank([0.9, 0.8, 0.7, 0.6], j=2, gap=0.0) == [0, 1]
-    assert hscr.rerank([0.9, 0.8, 0.7, 0.6], j=3, gap=0.25) == [0, 3]
+def test_rerank_k_and_gap_options():
+    assert hscr.rerank([0.9, 0.8, 0.7, 0.6], k=2, gap=0.0) == [0, 1]
+    assert hscr.rerank([0.9, 0.8, 0.7, 0.6], k=3, gap=0.25) == [0, 3]
 
 
 def test_token_f1_hand_values():
@@ -147,9 +150,34 @@ def test_select_entries_seeded_sample():
 def test_options_errors_list_every_problem():
     with pytest.raises(SystemExit) as e:
         hscr.parse_options(["--model", "m", "--data", "d", "--image-root", "r", "--out", "o", "--drop-ratio", "1.5",
-                            "--top-n", "0", "--min-negatives", "4"])
+                            "--top-n", "0", "--num-candidates", "0", "--min-negatives", "4"])
     msg = str(e.value)
-    assert "--drop-ratio" in msg and "--top-n" in msg and "--min-negatives" in msg
+    assert "--drop-ratio" in msg and "--top-n" in msg and "--num-candidates" in msg and "--min-negatives" in msg
+
+
+def test_options_parse_types_and_help_shows_each_default_once(capsys):
+    """`int | None` (--limit) parses as int, like the plain ints; the old --top-k is gone; --help
+    prints a default once for each option that has one and none for those without."""
+    required = ["--model", "m", "--data", "d", "--image-root", "r", "--out", "o"]
+    opts = hscr.parse_options(required + ["--limit", "5", "--num-candidates", "4", "--min-gap", "0.25"])
+    assert (opts.limit, opts.num_candidates, opts.min_gap) == (5, 4, 0.25) and isinstance(opts.limit, int)
+    assert hscr.parse_options(required).limit is None
+    with pytest.raises(SystemExit):
+        hscr.parse_options(required + ["--top-k", "4"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        hscr.parse_options(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert help_text.count("(default: 10)") == 2  # --top-n and --num-candidates
+    assert "(default: None)" not in help_text
+    # Per option: "(default: …)" once where the field has a default; --tokenizer and
+    # --sentence-model (default None) say in their own words what they fall back to, once.
+    from common import dataclass_parser
+
+    defaults = {f.name: f.default for f in dataclasses.fields(hscr.Options)}
+    for action in dataclass_parser(hscr.Options)._actions[1:]:  # [0] is --help
+        expected = 1 if defaults[action.dest] is not None or action.dest in ("tokenizer", "sentence_model") else 0
+        assert action.help.count("(default:") == expected, action.dest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,6 +510,33 @@ def test_cli_resume_after_kill(reference_run, ckpt, dataset, tmp_path, monkeypat
     assert _lines(hscr.sidecar(out, "rejects")) == _lines(hscr.sidecar(reference_run, "rejects"))
     with pytest.raises(SystemExit, match="top_n"):
         hscr.main(_cli(ckpt, dataset, out, "--top-n", "3"))
+
+
+def test_cli_resume_refuses_a_corrupt_line(reference_run, ckpt, dataset, tmp_path):
+    """A bad line inside an output being resumed (not a last, half-written one) is an error that
+    names the file and the line (common.DataError, one line on stderr from the command line)."""
+    from common import DataError
+
+    out = tmp_path / "prefs.jsonl"
+    lines = reference_run.read_text().split("\n")
+    out.write_text("\n".join([lines[0], lines[1], "{not json", *lines[2:]]))
+    with pytest.raises(DataError, match=re.escape(f"{out}:3: not a JSON line")):
+        hscr.main(_cli(ckpt, dataset, out))
+
+
+def test_resume_reads_a_header_written_before_the_num_candidates_rename(reference_run, ckpt, dataset, tmp_path):
+    """Files written when --num-candidates was --top-k store "top_k": resuming one with the same
+    options recomputes nothing; a different value is reported under the new name."""
+    out = tmp_path / "prefs.jsonl"
+    lines = _lines(reference_run)
+    options = {("top_k" if k == "num_candidates" else k): v for k, v in lines[0]["options"].items()}
+    lines[0]["options"] = {**options, "out": str(out)}
+    out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    hscr.sidecar(out, "rejects").write_text(hscr.sidecar(reference_run, "rejects").read_text())
+    before = out.read_text()
+    summary = hscr.main(_cli(ckpt, dataset, out))
+    assert summary["processed_this_run"] == 0 and out.read_text() == before
+    assert hscr.option_differences({"top_k": 1}, {"num_candidates": 10}) == ["num_candidates: 1 in the file, 10 now"]
 
 
 def _lines_done(path: Path) -> list[str]:
