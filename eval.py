@@ -47,17 +47,21 @@ Three parts:
    full run as visual gain (full − blind) and hallucination rate.
 
 Resuming. A rerun with the same --out answers only what is not answered yet, and only if it would
-answer it the same way: `run_fingerprint` (provenance.py) covers, by content, the model, adapter,
-vision tower, tokenizer, the questions asked (id, image, text: not the reference answers, which
-only scoring reads, and scores are recomputed on every run) and the images, and the options that
-change an answer (template, max_new_tokens, the resolved dtype, the image preprocessing, greedy
-decoding). A difference stops the run with a message naming it; --overwrite deletes the run's
-answers and scores and starts again. Not in the fingerprint, so that a run can be resumed with
-them changed: --batch-size and --device (after running out of memory, or on another machine;
-every session's are listed in provenance.json. On CPU in float32 batching leaves answers
-unchanged, see the tests; in half precision on a GPU other batch shapes can flip a near tie),
---limit and --blind (they choose which questions and modes are answered, not how: a run can be
-extended), --model-id (a label) and --ground-truth (scoring only).
+answer it the same way. `run_fingerprint` (provenance.py) covers, by content, not by path:
+  - the model, adapter, vision tower and tokenizer;
+  - every question of each benchmark file (id, image, text; not the reference answers, which only
+    scoring reads, and scores are recomputed on every run) and every image they use, so all of
+    a file's images must be present, even with --limit;
+  - the options that change an answer: template, max_new_tokens, the resolved dtype, and two
+    fixed choices recorded so that a later option cannot mix them (image preprocessing, greedy
+    decoding).
+A difference stops the run with a message naming it; --overwrite deletes the run's answers and
+scores and starts again. Left out, so that a run can be resumed with them changed: --batch-size
+and --device (after running out of memory, or on another machine; provenance.json lists every
+session's. On CPU in float32 batching leaves answers unchanged, see the tests; in half precision
+on a GPU other batch shapes can flip a near tie), --limit and --blind (they choose which
+questions and modes are answered, not how: a run can be extended), --model-id (a label) and
+--ground-truth (scoring only).
 
 Run directory:
     provenance.json                  fingerprint of what made the answers, and each session's
@@ -385,7 +389,7 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
             duplicates.append(qid)
         texts[qid] = row["text"]
     if duplicates:
-        raise ValueError(f"answers hold question ids more than once: {sorted(set(duplicates))[:20]}")
+        raise DataError(f"answers hold question ids more than once: {sorted(set(duplicates))[:20]}")
 
     open_s: dict[str, list[float]] = {k: [] for k in ("recall", "precision", "f1", "exact", "hit")}
     hits, hits_strict, hedged, no_answer, gt_no_says_yes = [], [], [], [], []
