@@ -7,14 +7,14 @@
     python eval.py baselines --questions QUESTIONS   # always yes / always no / "yes no" / majority
     torchrun --nproc_per_node 4 eval.py ...         # shard the questions over 4 processes
 
-The question files may be the real benchmark files of ../shared/benchmarks/ as they are
-(`gpt4_answer` is the ground truth); they ship without images, and a run whose image root lacks
+The question files may be the real benchmark files as they are (tests/data/ holds VQA-RAD's;
+`gpt4_answer` is the ground truth); they ship without images, and a run whose image root lacks
 some says which, before the model is loaded.
 
 Three parts:
 
 1. Scoring (LLaVA-Med v1.0 `llava/eval/eval_metrics` and `run_eval_batch.py`, facts in
-   ../shared/FORMATS.md "VQA metrics"). The paper's numbers are open-question *recall* and
+   docs/FORMATS.md "VQA metrics"). The paper's numbers are open-question *recall* and
    closed-question *accuracy* computed by those scripts, quirks included, so that our scores
    equal LLaVA-Med's on the same answer file:
      - `normalize_word` punctuation rule is decided per string, not per occurrence;
@@ -29,23 +29,49 @@ Three parts:
    `closed_answer`, must equal the ground truth; a hedge or a non-answer is wrong), the hedge rate
    and the no-answer rate; the hallucination rate uses the same reading of the answer. The
    reference baselines (`baselines`) show what the language prior alone scores on a file.
-   Where we knowingly differ from the scripts (none of it changes a lenient score of a complete file):
+   Where we knowingly differ from the scripts (none of it changes a lenient score of a complete file
+   with a ground truth for every question):
      - answers are matched to questions by id; a question without an answer is reported as
        missing and left out (the scripts zip the two files and assert equal id lists);
+     - a question whose ground truth is empty (or normalises to nothing, like "the") is
+       unscorable and left out: upstream, "" is a substring of every answer, so any answer hits;
      - answer_id is a content hash (LLaVA-Med: a random shortuuid) and metadata holds the mode.
 2. Generation: LLaVA-Med's prompt (`[INST] <image>\\n{question} [/INST]`), batched greedy
    decoding with left padding, answers in LLaVA-Med's answer-file JSONL, flushed per batch,
    resumable, sharded under torchrun (rank r answers questions r, r+world, ...; rank 0 merges).
+   A question whose image exists but cannot be read (empty, corrupt, truncated, a decompression
+   bomb) is skipped and listed, and the run goes on (`screen_images` up front, `load_pixels` per
+   record); a missing image stops the run before the model is loaded (`check_images`).
 3. "Does the model look?" (`--blind`): the same questions answered with every visual token
    dropped (`no_image`) and with a mean-colour image (`blank_image`); reported next to the
    full run as visual gain (full − blind) and hallucination rate.
 
+Resuming. A rerun with the same --out answers only what is not answered yet, and only if it would
+answer it the same way. `run_fingerprint` (provenance.py) covers, by content, not by path:
+  - the model, adapter, vision tower and tokenizer;
+  - every question of each benchmark file (id, image, text; not the reference answers, which only
+    scoring reads, and scores are recomputed on every run) and every image they use, so all of
+    a file's images must be present, even with --limit;
+  - the options that change an answer: template, max_new_tokens, the resolved dtype, and two
+    fixed choices recorded so that a later option cannot mix them (image preprocessing, greedy
+    decoding).
+A difference stops the run with a message naming it; --overwrite deletes the run's answers and
+scores and starts again. Left out, so that a run can be resumed with them changed: --batch-size
+and --device (after running out of memory, or on another machine; provenance.json lists every
+session's. On CPU in float32 batching leaves answers unchanged, see the tests; in half precision
+on a GPU other batch shapes can flip a near tie), --limit and --blind (they choose which
+questions and modes are answered, not how: a run can be extended), --model-id (a label) and
+--ground-truth (scoring only).
+
 Run directory:
-    config.json                      resolved options
+    provenance.json                  fingerprint of what made the answers, and each session's
+                                     batch size, device and world size
+    config.json                      resolved options of the last session
     {benchmark}/answers.jsonl        LLaVA-Med answer file (mode `full`)
     {benchmark}/answers-no_image.jsonl, answers-blank_image.jsonl   with --blind
     {benchmark}/answers*.rank{r}.jsonl   per-rank shards while running (merged, then removed)
-    summary.json, report.md          scores
+    {benchmark}/skipped.rank{r}.jsonl    questions a rank could not build while running (merged)
+    summary.json, report.md          scores, skipped questions (id, reason), unscorable questions
 """
 from __future__ import annotations
 
@@ -58,7 +84,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +93,12 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+import provenance
+from common import (DTYPES, BadLine, DataError, UserError, add_dataclass_options, dist_env, left_pad, option,
+                    read_json_records, read_jsonl, read_text, resolve_dtype, run_main)
 from data import PAD_RGB, load_image, preprocess_image, read_records, resolve_image
 from model import load_model
+from model.loading import CheckpointError
 from model.lora import load_adapter
 from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_prompt
 
@@ -346,7 +376,9 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
       overall: n, score (mean over questions of open recall / closed hit),
                mean_of_types ((open recall + closed accuracy) / 2)
       n_questions, n_answered, missing (question ids without an answer: excluded, not 0),
-      unknown (answer ids not among the questions), unscorable (questions without answer or type)
+      unknown (answer ids not among the questions), unscorable (ids of questions without an
+      answer type or a ground truth: absent, empty, or nothing left after normalisation, such as
+      "the"; excluded, since LLaVA-Med's `gt in pred` would count any answer right)
     A question answered twice is an error: merge shards before scoring.
     """
     texts: dict[str, str] = {}
@@ -357,7 +389,7 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
             duplicates.append(qid)
         texts[qid] = row["text"]
     if duplicates:
-        raise ValueError(f"answers hold question ids more than once: {sorted(set(duplicates))[:20]}")
+        raise DataError(f"answers hold question ids more than once: {sorted(set(duplicates))[:20]}")
 
     open_s: dict[str, list[float]] = {k: [] for k in ("recall", "precision", "f1", "exact", "hit")}
     hits, hits_strict, hedged, no_answer, gt_no_says_yes = [], [], [], [], []
@@ -365,7 +397,7 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
     for q in questions:
         qid = str(q.id)
         seen.add(qid)
-        if q.answer is None or q.answer_type not in ("OPEN", "CLOSED"):
+        if q.answer is None or q.answer_type not in ("OPEN", "CLOSED") or not normalize_word(q.answer):
             unscorable.append(qid)
         elif qid not in texts:
             missing.append(qid)
@@ -409,49 +441,35 @@ MODES = ("full", "no_image", "blank_image")
 
 @dataclass
 class EvalConfig:
-    """Options of an evaluation run (the argparse flags are built from these fields)."""
+    """Options of an evaluation run (the command line is built from these fields)."""
 
-    model: str = field(metadata={"help": "checkpoint directory (config.json + safetensors)"})
-    benchmark: list[str] = field(metadata={"help": "NAME=PATH of a test.json or question JSONL; repeat"})
-    out: str = field(metadata={"help": "run directory (answers, summary.json, report.md)"})
-    image_root: list[str] = field(default_factory=list, metadata={
-        "help": "NAME=DIR for one benchmark, or DIR for all; repeat"})
-    ground_truth: list[str] = field(default_factory=list, metadata={
-        "help": "NAME=PATH of answers kept apart from the questions; repeat"})
-    adapter: str | None = field(default=None, metadata={"help": "PEFT-format LoRA adapter directory"})
-    vision_tower: str | None = field(default=None, metadata={
-        "help": "CLIP directory replacing (or supplying) the checkpoint's vision tower"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory (default: --model)"})
-    template: str = field(default="mistral_instruct", metadata={"help": "prompt template"})
-    batch_size: int = field(default=8, metadata={"help": "questions per generate() call"})
-    max_new_tokens: int = field(default=1024, metadata={"help": "LLaVA-Med used 1024"})
-    blind: bool = field(default=False, metadata={
-        "help": "also answer with no visual tokens and with a mean-colour image"})
-    limit: int | None = field(default=None, metadata={"help": "first N questions of each benchmark"})
-    dtype: str = field(default="auto", metadata={
-        "help": "float32 | float16 | bfloat16; auto = float16 on GPU (LLaVA-Med's), float32 on CPU"})
-    device: str = field(default="auto", metadata={"help": "auto = cuda:LOCAL_RANK if available, else cpu"})
-    model_id: str | None = field(default=None, metadata={
-        "help": "model_id written in the answer files (default: the model directory's name)"})
+    model: str = option(help="checkpoint directory (config.json + safetensors)")
+    benchmark: list[str] = option(help="NAME=PATH of a test.json or question JSONL")
+    out: str = option(help="run directory (answers, provenance.json, summary.json, report.md)")
+    image_root: list[str] = option(default_factory=list, help="NAME=DIR for one benchmark, or DIR for all")
+    ground_truth: list[str] = option(default_factory=list, help="NAME=PATH of answers kept apart from the questions")
+    adapter: str | None = option(None, "PEFT-format LoRA adapter directory")
+    vision_tower: str | None = option(None, "CLIP directory replacing (or supplying) the checkpoint's vision tower")
+    tokenizer: str | None = option(None, "tokenizer directory or file (default: --model)")
+    template: str = option("mistral_instruct", "prompt template")
+    batch_size: int = option(8, "questions per generate() call (may change on resume)")
+    max_new_tokens: int = option(1024, "LLaVA-Med used 1024")
+    blind: bool = option(False, "also answer with no visual tokens and with a mean-colour image")
+    limit: int | None = option(None, "first N questions of each benchmark")
+    dtype: str = option("auto", "auto = float16 on GPU (LLaVA-Med's), float32 on CPU", choices=("auto", *DTYPES))
+    device: str = option("auto", "auto = cuda:LOCAL_RANK if available, else cpu (may change on resume)")
+    model_id: str | None = option(None, "model_id written in the answer files (default: the model directory's name)")
+    overwrite: bool = option(False, "delete the run's answers and scores and start again; needed when the model, "
+                             "adapter, questions, images or options differ from what made them (provenance.json)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """argparse over EvalConfig: list fields repeat, bool fields are switches."""
+    """argparse over EvalConfig (common.add_dataclass_options: list fields repeat, bools are switches)."""
     parser = argparse.ArgumentParser(
         prog="eval.py", description="Zero-shot VQA evaluation scored as LLaVA-Med scores it. "
         "Also: `eval.py compare RUN_A RUN_B`, `eval.py score --answers FILE --questions FILE`, "
         "`eval.py baselines --questions FILE`.")
-    for f in dataclasses.fields(EvalConfig):
-        flag, kw = "--" + f.name.replace("_", "-"), {"help": f.metadata["help"]}
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", **kw)
-        elif f.type == "list[str]":
-            parser.add_argument(flag, action="append", required=required, default=None if required else [], **kw)
-        else:
-            kind = int if f.type in ("int", "int | None") else str
-            parser.add_argument(flag, type=kind, required=required,
-                                default=None if required else f.default, **kw)
+    add_dataclass_options(parser, EvalConfig)
     return parser
 
 
@@ -471,7 +489,7 @@ def parse_named(values: Sequence[str], flag: str, *, names: Sequence[str] | None
         else:
             problems.append(f"{flag} {value!r} is not NAME=PATH" + (f" with NAME in {list(names)}" if names else ""))
     if problems:
-        raise ValueError("; ".join(problems))
+        raise UserError("; ".join(problems))
     return out
 
 
@@ -501,26 +519,22 @@ def prompt_ids(question: str, tokenizer, config, *, mode: str, template: str) ->
     return [i for i in ids if i != -1]
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int):
-    """(B, T) ids and mask with every row right-aligned, as generate() expects."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, T - len(r):] = 1
-    return ids, mask
-
-
 def blank_image(size: int):
     """The mean-colour image (CLIP mean × 255, what LLaVA pads with), preprocessed: ~0 after
     normalisation, so the model sees an image that shows nothing."""
     return preprocess_image(Image.new("RGB", (size, size), PAD_RGB), size=size)
 
 
+def load_pixels(record, image_root: str | None, size: int) -> torch.Tensor:
+    """The preprocessed (3, S, S) image of one question. Raises ValueError or OSError (naming the
+    file) for an image that cannot be used: generation skips that question and goes on."""
+    return preprocess_image(load_image(resolve_image(image_root, record.image)), size=size)
+
+
 def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, image_root: str | None,
-                template: str = "mistral_instruct") -> Batch:
-    """Model inputs for a list of data.Record in one of MODES."""
+                template: str = "mistral_instruct", pixels: Sequence[torch.Tensor] | None = None) -> Batch:
+    """Model inputs for a list of data.Record in one of MODES. `pixels`: the records' images,
+    already loaded (`load_pixels`) in full mode; read here when not given."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     rows = [prompt_ids(r.question, tokenizer, config, mode=mode, template=template) for r in records]
@@ -528,13 +542,14 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, image_r
     ids, mask = left_pad(rows, pad)
     size = config.vision.image_size
     if mode == "no_image":
-        pixels = None
+        images = None
     elif mode == "blank_image":
-        pixels = blank_image(size)[None].expand(len(records), -1, -1, -1)  # (B, 3, S, S)
+        images = blank_image(size)[None].expand(len(records), -1, -1, -1)  # (B, 3, S, S)
     else:
-        pixels = torch.stack([preprocess_image(load_image(resolve_image(image_root, r.image)), size=size)
-                              for r in records])  # (B, 3, S, S)
-    return Batch(ids, mask, pixels)
+        if pixels is None:
+            pixels = [load_pixels(r, image_root, size) for r in records]
+        images = torch.stack(list(pixels))  # (B, 3, S, S)
+    return Batch(ids, mask, images)
 
 
 def check_images(records: Sequence[Any], image_root: str | None, name: str, source: str | None = None,
@@ -546,7 +561,7 @@ def check_images(records: Sequence[Any], image_root: str | None, name: str, sour
         return
     where = f"benchmark {name!r}" + (f" ({source})" if source else "")
     if image_root is None:
-        raise ValueError(f"{where}: no --image-root for it (NAME=DIR or one DIR for all)")
+        raise UserError(f"{where}: no --image-root for it (NAME=DIR or one DIR for all)")
     unusable, absent, n_questions = [], {}, 0  # absent: image path as written → its file
     for r in records:
         if r.image is None:
@@ -571,7 +586,38 @@ def check_images(records: Sequence[Any], image_root: str | None, name: str, sour
         problems.append(f"{len(unusable)} questions without a usable image path: " + "; ".join(unusable[:show])
                         + (" …" if len(unusable) > show else ""))
     if problems:
-        raise FileNotFoundError(f"{where}: " + "; ".join(problems))
+        raise UserError(f"{where}: " + "; ".join(problems))
+
+
+def image_problem(path: Path) -> str | None:
+    """Why an existing image file cannot be used, from a cheap look (None: it looks fine).
+
+    Reads the header (size, mode) and lets pillow's verify() walk the file: for PNG that checks
+    every chunk's checksum and finds truncation, without decoding pixels. A JPEG cut short passes
+    this and fails when decoded, which `load_pixels` catches during generation."""
+    if path.stat().st_size == 0:
+        return "empty file"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Image.DecompressionBombError as error:
+        return f"refused by pillow's decompression-bomb guard: {error}"
+    except (OSError, SyntaxError, ValueError, EOFError) as error:  # what pillow raises for bad bytes
+        return f"not a readable image ({type(error).__name__}: {error})"
+    return None
+
+
+def screen_images(records: Sequence[Any], image_root: str) -> dict[str, str]:
+    """question id → why its (existing) image cannot be used, for the questions to skip. Each
+    image file is looked at once, however many questions share it."""
+    problems: dict[str, str | None] = {}
+    out = {}
+    for r in records:
+        if r.image not in problems:
+            problems[r.image] = image_problem(resolve_image(image_root, r.image))
+        if problems[r.image] is not None:
+            out[r.id] = f"image {r.image}: {problems[r.image]}"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,23 +645,26 @@ def answer_row(record, text: str, model_id: str, mode: str) -> dict[str, Any]:
             "metadata": {"mode": mode}}
 
 
-def read_answers(path: Path) -> list[dict[str, Any]]:
-    """Rows of an answer file. A last line cut short by an interrupted write is ignored (and
-    answered again); any other unreadable line is an error."""
+def read_answers(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """Rows of an answer file this script wrote. A last line without its newline is what a kill
+    mid-write leaves: it is ignored (and answered again), and with `repair` cut off the file;
+    any other unreadable line is an error naming the file and line (common.read_jsonl)."""
+    return read_jsonl(path, repair=repair)
+
+
+def read_answer_file(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of an answer file from anywhere (LLaVA-Med's scripts, an edited copy): JSON lines or a
+    JSON list of objects with "question_id" and "text"; a bad line or row is an error naming it."""
+    path = Path(path)
     if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows, problems = [], []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if i < len(lines) - 1:
-                problems.append(f"line {i + 1}: {error}")
-    if problems:
-        raise ValueError(f"{path}: unreadable answer lines: {'; '.join(problems[:5])}")
+        raise UserError(f"{path}: answer file not found")
+    rows = []
+    for i, row in read_json_records(path):
+        if isinstance(row, BadLine):
+            raise DataError(f"{path}: {row.message}")
+        if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("text"), str):
+            raise DataError(f"{path}: record {i + 1} is not an answer (an object with question_id and a text string)")
+        rows.append(row)
     return rows
 
 
@@ -626,9 +675,33 @@ def _shards(run_dir: Path, name: str, mode: str) -> list[Path]:
 
 def answered_ids(run_dir: Path, name: str, mode: str) -> set[str]:
     """Ids answered by an earlier (interrupted) run: the merged file and every shard, so that a
-    rerun with another world size still skips them."""
+    rerun with another world size still skips them. Read only: another rank may be appending
+    to its shard, whose last line may be half written (and is then not counted)."""
     files = [answers_path(run_dir, name, mode)] + _shards(run_dir, name, mode)
     return {str(row["question_id"]) for f in files for row in read_answers(f)}
+
+
+def skipped_path(run_dir: Path, name: str, rank: int) -> Path:
+    return run_dir / name / f"skipped.rank{rank}.jsonl"
+
+
+def gather_skipped(run_dir: Path, name: str) -> dict[str, str]:
+    """question id → reason from every rank's skipped file (then deleted)."""
+    out = {}
+    for f in sorted((run_dir / name).glob("skipped.rank*.jsonl")):
+        out.update({str(row["question_id"]): row["reason"] for row in read_jsonl(f)})
+        f.unlink()
+    return out
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete what this script writes in a run directory, and nothing else (--out may be a folder
+    holding other files): answer files and shards, skipped files, scores, config, provenance."""
+    for pattern in ("*/answers*.jsonl", "*/answers*.tmp", "*/skipped.rank*.jsonl"):
+        for f in run_dir.glob(pattern):
+            f.unlink()
+    for n in ("summary.json", "report.md", "config.json", PROVENANCE):
+        (run_dir / n).unlink(missing_ok=True)
 
 
 def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -> Path:
@@ -656,34 +729,59 @@ def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -
 
 def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path, name: str, mode: str,
                      image_root: str | None, model_id: str, batch_size: int, max_new_tokens: int,
-                     template: str = "mistral_instruct", rank: int = 0, world: int = 1) -> int:
+                     template: str = "mistral_instruct", rank: int = 0, world: int = 1,
+                     skipped: dict[str, str] | None = None) -> int:
     """Answer this rank's share of `records` (every world-th, starting at rank) that no earlier
-    run answered; append to the rank's shard, flushed per batch. Returns how many were answered."""
+    run answered; append to the rank's shard, flushed per batch. Returns how many were answered.
+
+    skipped: question id → reason, for questions not to answer (known bad images); a question
+    whose image fails to load here is added to it, reported on stderr, and the run goes on."""
+    skipped = {} if skipped is None else skipped
     done = answered_ids(run_dir, name, mode)
-    todo = [r for i, r in enumerate(records) if i % world == rank and r.id not in done]
+    # Shard first, filter after: every rank must agree on who owns question i.
+    todo = [r for i, r in enumerate(records) if i % world == rank and r.id not in done and r.id not in skipped]
     shard = answers_path(run_dir, name, mode, rank)
     shard.parent.mkdir(parents=True, exist_ok=True)
-    # Rewrite the shard without a torn last line before appending to it.
-    if shard.is_file():
-        shard.write_text("".join(json.dumps(r) + "\n" for r in read_answers(shard)), encoding="utf-8")
+    read_answers(shard, repair=True)  # cut a torn last line before appending after it
     eos = model.config.text.eos_token_id
+    size = model.config.vision.image_size
+    n = 0
     with open(shard, "a", encoding="utf-8") as f, \
             tqdm(total=len(todo), desc=f"{name} {mode}", unit="q", disable=rank != 0 or not todo) as bar:
         for s in range(0, len(todo), batch_size):
-            chunk = todo[s:s + batch_size]
-            batch = build_batch(chunk, mode, tokenizer=tokenizer, config=model.config,
-                                image_root=image_root, template=template)
-            pixels = None if batch.pixel_values is None else batch.pixel_values.to(model.device, model.dtype)
-            with torch.inference_mode():
-                new = model.generate(batch.input_ids.to(model.device), pixels,
-                                     batch.attention_mask.to(model.device), max_new_tokens=max_new_tokens,
-                                     temperature=0.0, eos_token_id=eos)  # (B, T_new)
-            for record, ids in zip(chunk, new.tolist()):
-                text = decode(tokenizer, ids, eos_token_id=eos)
-                f.write(json.dumps(answer_row(record, text, model_id, mode)) + "\n")
-            f.flush()
-            bar.update(len(chunk))
-    return len(todo)
+            chunk, pixels = todo[s:s + batch_size], None
+            if mode == "full":
+                chunk, pixels = _load_chunk(chunk, image_root, size, skipped, name)
+            if chunk:
+                batch = build_batch(chunk, mode, tokenizer=tokenizer, config=model.config, image_root=image_root,
+                                    template=template, pixels=pixels)
+                images = None if batch.pixel_values is None else batch.pixel_values.to(model.device, model.dtype)
+                with torch.inference_mode():
+                    new = model.generate(batch.input_ids.to(model.device), images,
+                                         batch.attention_mask.to(model.device), max_new_tokens=max_new_tokens,
+                                         temperature=0.0, eos_token_id=eos)  # (B, T_new)
+                for record, ids in zip(chunk, new.tolist()):
+                    text = decode(tokenizer, ids, eos_token_id=eos)
+                    f.write(json.dumps(answer_row(record, text, model_id, mode)) + "\n")
+                f.flush()
+                n += len(chunk)
+            bar.update(min(batch_size, len(todo) - s))
+    return n
+
+
+def _load_chunk(chunk: Sequence[Any], image_root: str | None, size: int, skipped: dict[str, str],
+                name: str) -> tuple[list[Any], list[torch.Tensor]]:
+    """The records of `chunk` whose image loads, and their pixels; the others go to `skipped`."""
+    kept, pixels = [], []
+    for r in chunk:
+        try:
+            pixels.append(load_pixels(r, image_root, size))
+        except (ValueError, OSError) as error:  # data.load_image names the file in both
+            skipped[r.id] = f"image {r.image}: {error}"
+            print(f"{name}: question {r.id} skipped: {skipped[r.id]}", file=sys.stderr)
+            continue
+        kept.append(r)
+    return kept, pixels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,12 +826,20 @@ def visual_gain(modes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, f
             for mode in MODES[1:] if mode in modes and "full" in modes}
 
 
+def _listing(items: Sequence[str], show: int = 20) -> str:
+    return ", ".join(items[:show]) + (f", … ({len(items) - show} more)" if len(items) > show else "")
+
+
 def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
-    """Markdown: one row per mode, then one row of visual gain per blind mode."""
+    """Markdown: one row per mode, then one row of visual gain per blind mode; then the questions
+    skipped (unreadable image) and unscorable (no ground truth), by id."""
     full = entry["modes"]["full"]
+    skipped = entry.get("skipped", [])
     lines = [f"### {name}", "",
-             f"{full['n_questions']} questions read, {len(entry['bad_records'])} malformed records skipped; "
-             f"answered {full['open']['n']} open, {full['closed']['n']} closed; {len(full['missing'])} missing", "",
+             f"{full['n_questions'] + len(skipped)} questions read, {len(entry['bad_records'])} malformed records "
+             f"skipped, {len(skipped)} questions skipped (unreadable image), {len(full['unscorable'])} unscorable "
+             f"(no ground truth); answered {full['open']['n']} open, {full['closed']['n']} closed; "
+             f"{len(full['missing'])} missing", "",
              "| mode | " + " | ".join(label for label, _, _ in METRICS) + " |",
              "|---|" + "---:|" * len(METRICS)]
     for mode, scores in entry["modes"].items():
@@ -741,13 +847,21 @@ def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
     for mode, gains in entry["visual_gain"].items():
         lines.append(f"| visual gain (full − {MODE_LABELS[mode]}) | "
                      + " | ".join(_fmt(gains[label], signed=True) for label, _, _ in METRICS) + " |")
+    if skipped:
+        lines += ["", f"Skipped ({len(skipped)}, not scored):", ""]
+        lines += [f"- {s['question_id']}: {s['reason']}" for s in skipped]
+    if full["unscorable"]:
+        lines += ["", f"Unscorable, no ground truth to score against ({len(full['unscorable'])}): "
+                  + _listing(full["unscorable"])]
     return "\n".join(lines) + "\n"
 
 
-def write_reports(run_dir: Path, cfg: EvalConfig, results: Mapping[str, Any]) -> None:
-    """summary.json (config + every figure) and report.md (a table per benchmark)."""
+def write_reports(run_dir: Path, cfg: EvalConfig, results: Mapping[str, Any],
+                  fingerprint: Mapping[str, Any] | None = None) -> None:
+    """summary.json (config, provenance fingerprint, every figure) and report.md (a table per benchmark)."""
     (run_dir / "summary.json").write_text(json.dumps(
-        {"config": dataclasses.asdict(cfg), "benchmarks": results}, indent=2), encoding="utf-8")
+        {"config": dataclasses.asdict(cfg), "provenance": fingerprint, "benchmarks": results}, indent=2),
+        encoding="utf-8")
     text = ["# Evaluation", "", f"model `{cfg.model}`" + (f", adapter `{cfg.adapter}`" if cfg.adapter else ""),
             "", LEGEND, ""]
     text += [benchmark_table(name, entry) for name, entry in results.items()]
@@ -760,8 +874,11 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
     for run in (run_a, run_b):
         path = Path(run) / "summary.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: is {run} an eval.py run directory?")
-        summaries.append(json.loads(path.read_text(encoding="utf-8"))["benchmarks"])
+            raise UserError(f"{path} not found: is {run} an eval.py run directory?")
+        try:
+            summaries.append(json.loads(read_text(path))["benchmarks"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: not an eval.py summary ({e})") from None
     a, b = summaries
     lines = [f"A = {run_a}", f"B = {run_b}", ""]
     for name in list(a) + [n for n in b if n not in a]:
@@ -815,7 +932,7 @@ def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> 
     leave_one_out the question's own answer is not counted ("" when it is alone)."""
     groups: dict[str, list[Any]] = {}
     for r in records:
-        if r.answer_type == "OPEN" and r.answer is not None:
+        if r.answer_type == "OPEN" and r.answer is not None and normalize_word(r.answer):
             groups.setdefault(normalize_word(r.question), []).append(r)
     out = {}
     for group in groups.values():
@@ -847,12 +964,10 @@ def baselines(records: Sequence[Any]) -> dict[str, dict[str, Any]]:
 def _distributed() -> tuple[int, int, int]:
     """(rank, world, local_rank) from torchrun's environment; joins a gloo group when world > 1
     (gloo: the group only carries barriers, and works with or without GPUs)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1:
-        if not dist.is_initialized():
-            # Ranks wait for each other at the merge; a benchmark can take hours on one rank.
-            dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))
+    rank, world, local = dist_env()
+    if world > 1 and not dist.is_initialized():
+        # Ranks wait for each other at the merge; a benchmark can take hours on one rank.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))
     return rank, world, local
 
 
@@ -861,28 +976,120 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
+def read_questions(path: str, ground_truth: str | None = None) -> tuple[list[Any], list[Any]]:
+    """data.read_records, with the errors a user can act on: a file not found, bytes that are not
+    UTF-8 (the file and byte offset), a file that is not JSON or JSON lines."""
+    for what, f in (("question file", path), ("ground-truth file", ground_truth)):
+        if f is None:
+            continue
+        if not Path(f).is_file():
+            raise UserError(f"{f}: {what} not found")
+        read_text(f)  # a DataError naming the byte offset, which read_records would not give
+    try:
+        return read_records(path, answers_path=ground_truth)
+    except ValueError as error:  # read_records raises it for a file it cannot read as a whole
+        raise DataError(str(error)) from error
+
+
 def load_benchmarks(cfg: EvalConfig) -> dict[str, tuple[list[Any], list[Any]]]:
     """name → (records, bad records), through data.read_records, cut to --limit."""
     paths = parse_named(cfg.benchmark, "--benchmark")
     gts = parse_named(cfg.ground_truth, "--ground-truth", names=list(paths))
     out = {}
     for name, path in paths.items():
-        records, bad = read_records(path, answers_path=gts.get(name))
+        records, bad = read_questions(path, gts.get(name))
         out[name] = (records[:cfg.limit] if cfg.limit is not None else records, bad)
     return out
 
 
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    """The file load_tokenizer reads for `path`: itself, or a directory's tokenizer.json, else its
+    SentencePiece tokenizer.model (resolved here so that the file hashed is the file loaded)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (path / name).is_file():
+                return path / name
+        raise UserError(f"{path}: no tokenizer.json or tokenizer.model (pass --tokenizer)")
+    if not path.is_file():
+        raise UserError(f"--tokenizer {path}: not found")
+    return path
+
+
 def load_for_eval(cfg: EvalConfig, device: str):
-    """Model (with the LoRA adapter applied, unmerged) and tokenizer."""
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if cfg.dtype not in dtype and cfg.dtype != "auto":
-        raise ValueError(f"--dtype must be auto or one of {list(dtype)}, got {cfg.dtype!r}")
-    torch_dtype = dtype.get(cfg.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
-    model = load_model(cfg.model, vision_tower=cfg.vision_tower, dtype=torch_dtype, device=device)
+    """Model (with the LoRA adapter applied, unmerged) and tokenizer; a checkpoint, adapter or
+    tokenizer that cannot be read is a UserError naming it."""
+    dtype = resolve_dtype(cfg.dtype, device, gpu_default="float16")
+    try:
+        model = load_model(cfg.model, vision_tower=cfg.vision_tower, dtype=dtype, device=device)
+    except CheckpointError as error:
+        raise UserError(str(error)) from error
     if cfg.adapter is not None:
-        load_adapter(model, cfg.adapter, dropout=0.0)
+        try:
+            load_adapter(model, cfg.adapter, dropout=0.0)
+        except (ValueError, OSError) as error:  # load_adapter names the adapter file in its messages
+            raise UserError(f"--adapter {cfg.adapter}: {error}") from error
         model.to(device)
-    return model.eval(), load_tokenizer(cfg.tokenizer or cfg.model)
+    try:
+        tokenizer = load_tokenizer(tokenizer_file(cfg.tokenizer or cfg.model))
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    return model.eval(), tokenizer
+
+
+# What data.preprocess_image does in eval (not an option yet): in the fingerprint, so that a later
+# option or default does not mix answers to differently prepared images in one run.
+IMAGE_PREPROCESSING = "LLaVA-Med pad: square with the CLIP mean colour, centred; bicubic resize"
+PROVENANCE = "provenance.json"
+
+
+def run_fingerprint(cfg: EvalConfig, questions: Mapping[str, Sequence[Any]], roots: Mapping[str, str],
+                    dtype: torch.dtype) -> dict[str, Any]:
+    """What the answers depend on (see the module docstring, "Resuming"). `questions`: every
+    question of each benchmark file, not only the first --limit, so that --limit can change."""
+    parts: dict[str, Any] = {
+        "model": provenance.Dir(cfg.model),
+        "adapter": provenance.Dir(cfg.adapter) if cfg.adapter else None,
+        "vision tower": provenance.Dir(cfg.vision_tower) if cfg.vision_tower else None,
+        "tokenizer": provenance.File(tokenizer_file(cfg.tokenizer or cfg.model)),
+    }
+    for name, records in questions.items():
+        parts[f"questions {name}"] = provenance.Content([[r.id, r.image, r.question] for r in records])
+        parts[f"images {name}"] = provenance.Files(roots.get(name, roots.get("*")),
+                                                   sorted({r.image for r in records}))
+    parts.update(template=cfg.template, max_new_tokens=cfg.max_new_tokens,
+                 dtype=str(dtype).removeprefix("torch."), image_preprocessing=IMAGE_PREPROCESSING,
+                 decoding="greedy")
+    return provenance.fingerprint(**parts)
+
+
+def _has_outputs(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").exists() or any(run_dir.glob("*/answers*.jsonl"))
+
+
+def start_run(run_dir: Path, now: Mapping[str, Any], *, overwrite: bool, rank: int,
+              session: Mapping[str, Any]) -> None:
+    """Resume only what the same inputs and options made: compare the fingerprint with the run's
+    provenance.json (every rank, so that all stop together), or, with --overwrite, clear the
+    run. Rank 0 then records the fingerprint and this session. Call a barrier after it."""
+    path = run_dir / PROVENANCE
+    record = None
+    if overwrite:
+        if rank == 0:
+            clear_run(run_dir)
+    elif _has_outputs(run_dir):
+        record = provenance.load(path)
+        if record is None:
+            raise UserError(f"{run_dir} holds answers but no {PROVENANCE} (written by an eval.py older than "
+                            "it), so what made them cannot be checked; rerun with --overwrite to start again, "
+                            "or choose another --out")
+        provenance.check(record["fingerprint"], now, run_dir,
+                         restart="rerun with --overwrite to start again (this deletes its answers)")
+    if rank == 0:
+        for stale in run_dir.glob("*/skipped.rank*.jsonl"):  # from an interrupted run; rebuilt below
+            stale.unlink()
+        sessions = list(record.get("sessions", [])) if record else []
+        provenance.save(path, now, made_by="eval.py", sessions=sessions + [dict(session)])
 
 
 def run(cfg: EvalConfig) -> dict[str, Any] | None:
@@ -890,24 +1097,40 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     problems = [f"--{k.replace('_', '-')} must be >= 1, got {v}" for k, v in
                 (("batch_size", cfg.batch_size), ("max_new_tokens", cfg.max_new_tokens), ("limit", cfg.limit))
                 if v is not None and v < 1]
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        problems.append(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise UserError("; ".join(problems))
     rank, world, local = _distributed()
     device = cfg.device if cfg.device != "auto" else (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(cfg.dtype, device, gpu_default="float16")
     run_dir = Path(cfg.out)
-    benchmarks = load_benchmarks(cfg)
-    roots = parse_named(cfg.image_root, "--image-root", names=list(benchmarks), allow_global=True)
+    every = load_benchmarks(dataclasses.replace(cfg, limit=None))
+    roots = parse_named(cfg.image_root, "--image-root", names=list(every), allow_global=True)
     sources = parse_named(cfg.benchmark, "--benchmark")
-    modes = MODES if cfg.blind else MODES[:1]
-    for name, (records, bad) in benchmarks.items():
+    benchmarks, screened = {}, {}
+    for name, (records, bad) in every.items():
         for b in bad if rank == 0 else []:
             print(f"{name}: bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
-        # Before the (slow) model load: the images of every question still to answer with one.
-        done = answered_ids(run_dir, name, "full")
-        check_images([r for r in records if r.id not in done], roots.get(name, roots.get("*")), name,
-                     source=sources[name])
-    model, tokenizer = load_for_eval(cfg, device)
+        # Before the (slow) model load: every image of the file, since every one is fingerprinted.
+        root = roots.get(name, roots.get("*"))
+        check_images(records, root, name, source=sources[name])
+        benchmarks[name] = (records[:cfg.limit] if cfg.limit is not None else records, bad)
+        screened[name] = screen_images(benchmarks[name][0], root)
+        for qid, why in screened[name].items() if rank == 0 else ():
+            print(f"{name}: question {qid} skipped: {why}", file=sys.stderr)
+    for flag, path in (("--model", cfg.model), ("--adapter", cfg.adapter), ("--vision-tower", cfg.vision_tower)):
+        if path is not None and not Path(path).is_dir():
+            raise UserError(f"{flag} {path}: " + ("not a directory" if Path(path).exists() else "directory not found"))
     model_id = cfg.model_id or Path(cfg.model).resolve().name
+    now = run_fingerprint(cfg, {name: records for name, (records, _) in every.items()}, roots, dtype)
+    session = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "batch_size": cfg.batch_size, "device": device, "world_size": world, "limit": cfg.limit,
+               "blind": cfg.blind, "model_id": model_id}
+    start_run(run_dir, now, overwrite=cfg.overwrite, rank=rank, session=session)
+    _barrier(world)
+
+    model, tokenizer = load_for_eval(cfg, device)
     if rank == 0:  # the options as given, and what "auto" and the defaults resolved to
         resolved = {**dataclasses.asdict(cfg), "resolved": {
             "device": device, "dtype": str(model.dtype).removeprefix("torch."), "world_size": world,
@@ -915,36 +1138,53 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
         print(json.dumps(resolved, indent=2), file=sys.stderr)
+    modes = MODES if cfg.blind else MODES[:1]
     for name, (records, _) in benchmarks.items():
+        skipped = dict(screened[name])  # this rank's view: the screened ones, then its own failures
         for mode in modes:
             generate_answers(model, tokenizer, records, run_dir=run_dir, name=name, mode=mode,
                              image_root=roots.get(name, roots.get("*")), model_id=model_id,
                              batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                             template=cfg.template, rank=rank, world=world)
+                             template=cfg.template, rank=rank, world=world, skipped=skipped)
             _barrier(world)
             if rank == 0:
                 merge_answers(run_dir, name, mode, records)
+        failed = [{"question_id": qid, "reason": why} for qid, why in skipped.items() if qid not in screened[name]]
+        if failed:
+            skipped_path(run_dir, name, rank).write_text("".join(json.dumps(r) + "\n" for r in failed),
+                                                         encoding="utf-8")
+    _barrier(world)
     if rank != 0:
         return None
     results = {}
     for name, (records, bad) in benchmarks.items():
-        ids = {r.id for r in records}
+        skipped = {**screened[name], **gather_skipped(run_dir, name)}
+        kept = [r for r in records if r.id not in skipped]
+        ids = {r.id for r in kept}
         scored = {mode: score_file([row for row in read_answers(answers_path(run_dir, name, mode))
-                                    if str(row["question_id"]) in ids], records) for mode in modes}
-        results[name] = {"bad_records": [dataclasses.asdict(b) for b in bad], "modes": scored,
-                         "visual_gain": visual_gain(scored)}
-    write_reports(run_dir, cfg, results)
+                                    if str(row["question_id"]) in ids], kept) for mode in modes}
+        results[name] = {"bad_records": [dataclasses.asdict(b) for b in bad],
+                         "skipped": [{"question_id": r.id, "image": r.image, "reason": skipped[r.id]}
+                                     for r in records if r.id in skipped],
+                         "modes": scored, "visual_gain": visual_gain(scored)}
+        unscorable = scored["full"]["unscorable"]
+        if skipped or unscorable:
+            print(f"{name}: {len(skipped)} questions skipped (unreadable image), {len(unscorable)} unscorable "
+                  f"(no ground truth); listed in {run_dir / 'summary.json'} and report.md", file=sys.stderr)
+    write_reports(run_dir, cfg, results, now)
     return results
 
 
 def _read_questions(path: str, ground_truth: str | None) -> list[Any]:
-    records, bad = read_records(path, answers_path=ground_truth)
+    records, bad = read_questions(path, ground_truth)
     for b in bad:
         print(f"bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
     return records
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; expected errors are raised as UserError/DataError (`run_main` turns
+    them into one line on stderr and exit status 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
         p = argparse.ArgumentParser(prog="eval.py compare", description="two runs side by side, with B − A")
@@ -958,17 +1198,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                                     "figures and the strict ones side by side.")
         p.add_argument("--answers", required=True, help="answer-file JSONL (question_id and text per line)")
         p.add_argument("--questions", required=True, help="test.json or question JSONL, e.g. "
-                       "../shared/benchmarks/VQA_RAD_test_llavamed_format.jsonl")
+                       "tests/data/VQA_RAD_test_llavamed_format.jsonl")
         p.add_argument("--ground-truth", help="answers kept apart from the questions")
         p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
         args = p.parse_args(argv[1:])
         records = _read_questions(args.questions, args.ground_truth)
-        s = score_file(read_answers(Path(args.answers)), records)
+        s = score_file(read_answer_file(args.answers), records)
         if args.json:
             print(json.dumps(s, indent=2))
-            return
+            return 0
         print(f"{args.answers} on {args.questions}\n{_counts(s)}; answered {s['n_answered']}, "
-              f"{len(s['missing'])} missing (left out), {len(s['unknown'])} answers to unknown ids\n")
+              f"{len(s['missing'])} missing (left out), {len(s['unscorable'])} unscorable (no ground truth), "
+              f"{len(s['unknown'])} answers to unknown ids\n")
         print(scores_table({Path(args.answers).name: s}) + "\n\n" + LEGEND)
     elif argv[:1] == ["baselines"]:
         p = argparse.ArgumentParser(prog="eval.py baselines", description=BASELINES_HELP)
@@ -981,15 +1222,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.json:
             print(json.dumps({name: {k: s[k] for k in ("open", "closed", "overall")} for name, s in results.items()},
                              indent=2))
-            return
+            return 0
         print(f"{args.questions}\n{_counts(results['always yes'])}\n")
         print(scores_table(results, "baseline") + "\n\n" + LEGEND)
     else:
         cfg = EvalConfig(**vars(build_parser().parse_args(argv)))
         results = run(cfg)
         if results is not None:
-            print((Path(cfg.out) / "report.md").read_text(encoding="utf-8"))
+            print(read_text(Path(cfg.out) / "report.md"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

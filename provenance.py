@@ -1,0 +1,326 @@
+"""Provenance: a fingerprint of what made an output, so that a job resumed into an existing output
+can tell whether it would continue the same computation.
+
+A fingerprint is a JSON object, name → part. A part is either an option value (a JSON scalar or
+list: what changes results, such as max_new_tokens) or a content digest of an input:
+
+    File(path)          one file                  {"kind": "file", "path", "sha256"}
+    Dir(path)           a checkpoint or adapter   {"kind": "dir", "path", "files": {name: sha256}}
+                        directory: every *.safetensors (header and data) and the JSON files
+                        that say how to read them (DIR_JSON)
+    Files(root, names)  many small files, one     {"kind": "files", "root", "n", "sha256"}
+                        digest (a benchmark's images)
+    Content(value)      what was read, as JSON    {"kind": "content", "n", "sha256"}
+                        (the questions a file asks, without its reference answers)
+
+Digests are of content, never of paths: a checkpoint copied or moved elsewhere keeps its
+fingerprint, a file rewritten in place gets a new one. Paths are stored only for people reading
+the record.
+
+Hashing a 7B checkpoint (~15 GB) takes seconds to minutes, so the sha256 of every file of at
+least CACHE_MIN_BYTES is cached by (absolute path, size, mtime_ns) in one JSON file outside the
+hashed directories (`cache_file()`): `$HSCR_CACHE/fingerprints.json`, else
+`~/.cache/hscr/fingerprints.json`. A checkpoint directory may be read-only and shared, so nothing
+is ever written into it. A file whose size or mtime changed is hashed again; touching a file
+costs one re-hash and never changes its digest. The cache is only a shortcut: when it cannot be
+written the digests are still right, just recomputed next time.
+
+`differences(stored, now)` says in words what changed between two fingerprints, and `check`
+raises ProvenanceError (a common.UserError, so the scripts end with one line) when they differ.
+`save`/`load` keep a provenance record ({"format", "fingerprint", ...}) next to an output.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import DataError, UserError
+
+FORMAT = "hscr-provenance/1"
+# Files smaller than this are hashed every time (an image takes microseconds); larger ones are
+# cached, so that the cache holds weights, not every image of a data set.
+CACHE_MIN_BYTES = 1 << 20
+# The JSON files of a checkpoint or adapter directory that change what its weights compute.
+DIR_JSON = ("config.json", "adapter_config.json", "model.safetensors.index.json")
+
+# ---------------------------------------------------------------------------------------------
+# Digests of files, cached by (absolute path, size, mtime_ns)
+
+
+def cache_file() -> Path:
+    """Where digests are cached: $HSCR_CACHE/fingerprints.json, else ~/.cache/hscr/fingerprints.json."""
+    folder = os.environ.get("HSCR_CACHE")
+    return (Path(folder) if folder else Path.home() / ".cache" / "hscr") / "fingerprints.json"
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class DigestCache:
+    """The cache of file digests: {absolute path: {"size", "mtime_ns", "sha256"}}, read once,
+    written back (atomically, merged with what other processes wrote meanwhile) by `save`."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or cache_file()
+        self.entries = self._read()
+        self.new: dict[str, dict] = {}
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            entries = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # absent, unreadable or torn: start empty, it is only a cache
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+    def digest(self, path: str | os.PathLike) -> str:
+        """The sha256 (hex) of a file's bytes; from the cache when its size and mtime are unchanged."""
+        path = Path(path).resolve()
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
+        if st.st_size < CACHE_MIN_BYTES:
+            return _sha256(path)
+        key, stamp = str(path), {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        hit = self.entries.get(key)
+        if isinstance(hit, dict) and {k: hit.get(k) for k in stamp} == stamp and isinstance(hit.get("sha256"), str):
+            return hit["sha256"]
+        self.new[key] = self.entries[key] = {**stamp, "sha256": _sha256(path)}
+        return self.new[key]["sha256"]
+
+    def save(self) -> None:
+        """Write the new digests back; entries of files that no longer exist are dropped."""
+        if not self.new:
+            return
+        entries = {**self._read(), **self.new}
+        entries = {k: v for k, v in entries.items() if os.path.exists(k)}
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(entries, indent=0, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, self.path)  # atomic: readers see the old cache or the new one
+        except OSError as e:
+            print(f"provenance: cannot write the digest cache {self.path} ({e.strerror}); "
+                  "digests will be recomputed next time", file=sys.stderr)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # e.g. the cache "folder" is a file: there is no temporary either
+                pass
+        self.new = {}
+
+
+def file_digest(path: str | os.PathLike, cache: DigestCache | None = None) -> str:
+    """sha256 (hex) of one file's bytes, through the digest cache."""
+    own = cache is None
+    cache = cache or DigestCache()
+    digest = cache.digest(path)
+    if own:
+        cache.save()
+    return digest
+
+
+def dir_files(path: str | os.PathLike) -> list[Path]:
+    """The files of a checkpoint or adapter directory that its fingerprint covers: every
+    *.safetensors and the DIR_JSON files present."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: " + ("not a directory" if path.exists() else "directory not found"))
+    files = sorted(path.glob("*.safetensors")) + [path / n for n in DIR_JSON if (path / n).is_file()]
+    if not files:
+        raise UserError(f"{path}: no *.safetensors or {', '.join(DIR_JSON)} to fingerprint")
+    return files
+
+
+def dir_digest(path: str | os.PathLike, cache: DigestCache | None = None) -> dict[str, str]:
+    """{file name: sha256} of a checkpoint or adapter directory (see dir_files)."""
+    own = cache is None
+    cache = cache or DigestCache()
+    digests = {f.name: cache.digest(f) for f in dir_files(path)}
+    if own:
+        cache.save()
+    return digests
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+@dataclass(frozen=True)
+class File:
+    """One file, by content."""
+    path: str | os.PathLike
+
+
+@dataclass(frozen=True)
+class Dir:
+    """A checkpoint or adapter directory, by the content of each of its weight and config files."""
+    path: str | os.PathLike
+
+
+@dataclass(frozen=True)
+class Files:
+    """Many files under `root` (names relative to it), by one digest of (name, content) pairs."""
+    root: str | os.PathLike
+    names: Sequence[str]
+
+
+@dataclass(frozen=True)
+class Content:
+    """Data as read (JSON-serialisable), by one digest; `n` is its length when it is a list."""
+    value: Any
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _resolve(part: Any, cache: DigestCache) -> Any:
+    if isinstance(part, File):
+        path = Path(part.path)
+        if not path.is_file():
+            raise UserError(f"{path}: " + ("not a file" if path.exists() else "file not found"))
+        return {"kind": "file", "path": str(path.resolve()), "sha256": cache.digest(path)}
+    if isinstance(part, Dir):
+        return {"kind": "dir", "path": str(Path(part.path).resolve()), "files": dir_digest(part.path, cache)}
+    if isinstance(part, Files):
+        root, h = Path(part.root), hashlib.sha256()
+        for name in part.names:
+            h.update(_canonical([name, cache.digest(root / name)]))
+        return {"kind": "files", "root": str(root.resolve()), "n": len(part.names), "sha256": h.hexdigest()}
+    if isinstance(part, Content):
+        n = len(part.value) if isinstance(part.value, (list, tuple)) else None
+        return {"kind": "content", "n": n, "sha256": hashlib.sha256(_canonical(part.value)).hexdigest()}
+    if isinstance(part, dict):
+        raise TypeError("an option value must be a JSON scalar or list; wrap inputs in File, Dir, Files or Content")
+    json.dumps(part)  # an option must survive the round trip through the record file
+    return part
+
+
+def fingerprint(**parts: Any) -> dict[str, Any]:
+    """name → resolved part: File/Dir/Files/Content become digests, other values (options, or
+    None for an input not given) are kept as they are. Names may hold spaces (pass a dict with
+    **): they are shown as they are by `differences`."""
+    cache = DigestCache()
+    out = {name: _resolve(part, cache) for name, part in parts.items()}
+    cache.save()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What changed, in words
+
+
+def _is_input(part: Any) -> bool:
+    return isinstance(part, dict) and "kind" in part
+
+
+def _show(value: Any) -> str:
+    """An option value or an input as a person reads it in one line."""
+    if value is None:
+        return "none"
+    if _is_input(value):
+        return value.get("path") or value.get("root") or value["kind"]
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _file_role(name: str) -> str:
+    if name.endswith(".safetensors"):
+        return "weights"
+    return "weights index" if name.endswith(".index.json") else "config"
+
+
+def _input_changes(label: str, old: dict, new: dict) -> list[str]:
+    if old["kind"] != new["kind"]:
+        return [f"{label} changed ({_show(old)} in the file, {_show(new)} now)"]
+    kind = old["kind"]
+    if kind == "file":
+        return [] if old["sha256"] == new["sha256"] else [f"{label} ({Path(new['path']).name}) changed"]
+    if kind == "dir":
+        a, b = old["files"], new["files"]
+        out = [f"{label} {_file_role(f)} ({f}) changed" for f in a if f in b and a[f] != b[f]]
+        out += [f"{label}: {f} is gone" for f in a if f not in b]
+        out += [f"{label}: {f} is new" for f in b if f not in a]
+        return out
+    if old["sha256"] == new["sha256"]:
+        return []
+    unit = "files" if kind == "files" else "items"
+    if old.get("n") != new.get("n"):
+        return [f"{label} changed ({old.get('n')} {unit} in the file, {new.get('n')} now)"]
+    return [f"{label} changed (content of some of its {new.get('n')} {unit})" if new.get("n") is not None
+            else f"{label} changed"]
+
+
+def differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """What differs between a stored fingerprint and the current one, one phrase per change:
+        "model weights (model.safetensors) changed", "adapter: none in the file, /runs/a now",
+        "option max_new_tokens: 32 in the file, 64 now", "questions vqa_rad changed (451 items
+        in the file, 450 now)". Empty when they agree. Paths alone never count."""
+    out = []
+    for name in list(stored) + [n for n in now if n not in stored]:
+        old, new = stored.get(name), now.get(name)
+        if name not in stored or name not in now:
+            where = "not recorded in the file" if name not in stored else f"{_show(old)} in the file"
+            is_option = not (_is_input(old) or _is_input(new))
+            out.append(f"{'option ' if is_option else ''}{name}: {where}, "
+                       f"{_show(new) if name in now else 'not given'} now")
+        elif _is_input(old) and _is_input(new):
+            out += _input_changes(name, old, new)
+        elif _is_input(old) or _is_input(new):
+            out.append(f"{name}: {_show(old)} in the file, {_show(new)} now")
+        elif old != new:
+            out.append(f"option {name}: {_show(old)} in the file, {_show(new)} now")
+    return out
+
+
+class ProvenanceError(UserError):
+    """An output was made from other inputs or options than the job resuming it would use."""
+
+    def __init__(self, where: str | os.PathLike, changes: Sequence[str],
+                 restart: str = "rerun with --overwrite to start again"):
+        self.where, self.changes = str(where), list(changes)
+        super().__init__(f"{where} was made from other inputs or options than this run: "
+                         f"{'; '.join(self.changes)}. To resume it, use what made it; or {restart}, "
+                         "or choose another output")
+
+
+def check(stored: Mapping[str, Any], now: Mapping[str, Any], where: str | os.PathLike, **kwargs) -> None:
+    """Raise ProvenanceError (naming every change) when the fingerprints differ."""
+    changes = differences(stored, now)
+    if changes:
+        raise ProvenanceError(where, changes, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The record file kept next to an output
+
+
+def load(path: str | os.PathLike) -> dict | None:
+    """A provenance record written by `save`, or None when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a readable provenance record ({e}); delete it or rerun with --overwrite") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("fingerprint"), dict):
+        raise DataError(f"{path}: not a provenance record of format {FORMAT}")
+    return record
+
+
+def save(path: str | os.PathLike, fingerprint: Mapping[str, Any], **info: Any) -> None:
+    """Write {"format", "fingerprint", **info} atomically (a kill leaves the old record or the new)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, "fingerprint": dict(fingerprint), **info}, indent=2) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, path)
