@@ -7,6 +7,12 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import tempfile  # noqa: E402
+
+# provenance.py caches weight digests in $HSCR_CACHE (default ~/.cache/hscr): tests keep theirs
+# in a folder of their own, so that a test run never writes into the user's cache.
+os.environ.setdefault("HSCR_CACHE", tempfile.mkdtemp(prefix="hscr-test-cache-"))
+
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
