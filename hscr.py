@@ -547,10 +547,11 @@ class HSCR:
     """Stages 1 and 2 over batches of records; `process` returns output records and rejects."""
 
     def __init__(self, model, tokenizer, opts: Options, similarity: Similarity | None = None, *,
-                 stacked: bool = True, share_prompt: bool = True):
-        # stacked / share_prompt False: the slower equivalent paths, for benchmarks/bench_hscr.py.
+                 stacked: bool = True, share_prompt: bool = True, drop_finished: bool = True):
+        # stacked / share_prompt / drop_finished False: the slower equivalent paths, for
+        # benchmarks/bench_hscr.py (score_two_branches, greedy_continuations).
         self.model, self.tokenizer, self.opts = model, tokenizer, opts
-        self.stacked, self.share_prompt = stacked, share_prompt
+        self.stacked, self.share_prompt, self.drop_finished = stacked, share_prompt, drop_finished
         self.similarity = similarity or Similarity(opts.similarity, opts.sentence_model, model.device)
         cfg = model.config
         self.eos, self.bos, self.image_id = cfg.text.eos_token_id, cfg.text.bos_token_id, cfg.image_token_id
@@ -677,7 +678,8 @@ class HSCR:
         if o.score_on == "greedy":
             return greedy_continuations(self.model, prompts, feats, [[] for _ in entries],
                                         max_new_tokens=o.max_new_tokens, pad_id=self.pad,
-                                        rows_per_call=o.decode_rows, share_prompt=self.share_prompt)
+                                        rows_per_call=o.decode_rows, share_prompt=self.share_prompt,
+                                        drop_finished=self.drop_finished)
         return [e.response for e in entries]
 
     def _reject_empty_answers(self, entries: list[Entry], responses, results: list) -> list[int]:
@@ -700,7 +702,8 @@ class HSCR:
         prefixes = [cand for cands in candidates for cand in cands]
         tails = greedy_continuations(self.model, prompts, feats, prefixes, owners=owner,
                                      max_new_tokens=o.max_new_tokens, pad_id=self.pad,
-                                     rows_per_call=o.decode_rows, share_prompt=self.share_prompt)
+                                     rows_per_call=o.decode_rows, share_prompt=self.share_prompt,
+                                     drop_finished=self.drop_finished)
         return _regroup([p + t for p, t in zip(prefixes, tails)], candidates)
 
     def _negative_probabilities(self, candidates, ranked: list[list[int]], prompts, feats) -> list[list[float]]:

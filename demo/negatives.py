@@ -29,7 +29,8 @@ Usage:
         [--image-root .cache/world] [--limit 300] [--rules NAME,…] [--hscr-args "…"]
 The first prints one table row per file (and with --pairs the most frequent swaps of each).
 `compare` runs hscr.py once per candidate rule of RULES (outputs DIR/<name>.jsonl, resumed when
-present) and prints the same table; rerun it whenever the world or the model changes.
+present) and prints the same table; rerun it whenever the world or the model changes. Options in
+--hscr-args come after the rule's own and win (the table's rule column reads the file header).
 """
 from __future__ import annotations
 
@@ -208,6 +209,8 @@ RULES = {
     "plausible-a0.1": ["--candidates", "plausible", "--alpha", "0.1"],
     "both-c10-a0.1": ["--candidates", "both", "--num-candidates", "10", "--alpha", "0.1"],
     "dropped-plausible-a0.1": ["--candidates", "dropped-plausible", "--alpha", "0.1"],
+    "plausible-a0.01": ["--candidates", "plausible", "--alpha", "0.01"],
+    "dropped-plausible-a0.01": ["--candidates", "dropped-plausible", "--alpha", "0.01"],
 }
 HSCR = Path(__file__).resolve().parent.parent / "hscr.py"
 
@@ -264,7 +267,8 @@ def main(argv=None):
     p.add_argument("prefs", nargs="+", help="hscr.py outputs (prefs.jsonl)")
     p.add_argument("--pairs", type=int, default=0, help="also print each file's N most frequent swaps")
     args = p.parse_args(argv)
-    summaries = [summarize(f) for f in args.prefs]
+    # A shell glob (runs/*.jsonl) also names the rejects files, which summarize reads beside theirs.
+    summaries = [summarize(f) for f in args.prefs if not str(f).endswith(".rejects.jsonl")]
     report(summaries, args.pairs)
     return summaries
 
