@@ -51,8 +51,9 @@ Output (read by train.py): `prefs.jsonl` = a header line {"_header": true, "opti
 record per entry: id, index (position among the data file's valid records), image, question, prompt,
 chosen, rejected (the most similar negative), negatives [{text, similarity, m}] best first,
 coupled [{position, token, token_id, score, replacement, replacement_id}] by descending score,
-unreplaced [{position, token, token_id, score}] (coupled positions with no allowed candidate), p_chosen and p_rejected (per-token mean probability under the model with the full image; p_rejected
-is aligned with negatives). Beside it: `prefs.rejects.jsonl` (records skipped, with the reason) and
+unreplaced [{position, token, token_id, score}] (coupled positions without a candidate), p_chosen
+and p_rejected (per-token mean probability under the model with the full image; p_rejected is
+aligned with negatives). Beside it: `prefs.rejects.jsonl` (records skipped, with the reason) and
 `prefs.summary.json`. A rerun with the same options skips the ids already in either file.
 """
 from __future__ import annotations
@@ -406,10 +407,10 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
     drop_finished: rows that reached EOS leave the call's batch (most tails are a few tokens long,
       the call runs until its longest one ends).
     """
-    cfg = model.config
-    owners = list(range(len(prefixes))) if owners is None else list(owners)
     if not prefixes:
         return []
+    cfg = model.config
+    owners = list(range(len(prefixes))) if owners is None else list(owners)
     window = cfg.text.sliding_window
     # The shared cache spans the longest prompt + the longest prefix + the new tokens.
     span = max(len(prompts[o]) for o in owners) + max(map(len, prefixes)) + max_new_tokens

@@ -439,8 +439,8 @@ def test_drop_positions_keep_in_the_stacked_batch(model, tokenizer, ckpt, datase
     pixels = torch.stack([e.pixels for e in entries])
     gens = [hscr.entry_generator(0, e.record.id) for e in entries]
     full, dropped, kept = hscr.visual_token_dropout(model, pixels, gens, return_kept=True)
-    assert [k.tolist() for k in kept] == [(~hscr.drop_mask(16, 0.7, hscr.entry_generator(0, e.record.id))).nonzero()[:, 0].tolist()
-                                          for e in entries]
+    for e, k in zip(entries, kept):
+        assert k.tolist() == (~hscr.drop_mask(16, 0.7, hscr.entry_generator(0, e.record.id))).nonzero()[:, 0].tolist()
     fp = [e.prompt_ids for e in entries]
     dp = [hscr.with_image_tokens(p, tiny.IMAGE_TOKEN, 5) for p in fp]
     pos = [hscr.keep_positions(p, tiny.IMAGE_TOKEN, k.tolist()) for p, k in zip(fp, kept)]
@@ -492,8 +492,12 @@ def test_shared_prefill_runs_each_prompt_once(model, tokenizer, ckpt, dataset, t
     feats = list(model.encode_images(torch.stack([e.pixels for e in entries])))
     seen = []
     real = type(model).embed
-    monkeypatch.setattr(type(model), "embed", lambda self, ids, *a, **k: (seen.append(int((ids == tiny.IMAGE_TOKEN).sum())),
-                                                                           real(self, ids, *a, **k))[1])
+
+    def embed(self, ids, *args, **kwargs):
+        seen.append(int((ids == tiny.IMAGE_TOKEN).sum()))
+        return real(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "embed", embed)
     prefixes = [[30], [30, 31], [32], [33, 34, 35], [36]]
     hscr.greedy_continuations(model, [e.prompt_ids for e in entries], feats, prefixes, owners=[0, 0, 1, 1, 0],
                               max_new_tokens=3, pad_id=pipe.pad)
