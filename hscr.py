@@ -7,7 +7,9 @@ implementation (an option wherever it changes the data; docs/METHOD.md gives the
 Stage 1, token-level self-contrastive reward
   1  visual_token_dropout       i' = i with ρ = 0.7 of its visual tokens dropped [paper]; removed
                                 (kept ones in order), drawn per entry from a generator seeded by
-                                (seed, entry id): entry_generator, drop_mask [ours]
+                                (seed, entry id): entry_generator, drop_mask [ours]; the tokens
+                                after a removed one move up (renumber) or keep their full-branch
+                                position ids (keep_positions, --drop-positions keep) [ours]
   2  score_two_branches         the model on (x, i) and (x, i') [paper], y_w (the reference answer)
                                 teacher-forced, both branches stacked in one left-padded batch,
                                 logits only at the response positions (teacher_forced_logits) [ours]
@@ -16,12 +18,19 @@ Stage 1, token-level self-contrastive reward
   4  coupling_scores            s_t = logits_full[t, y_t] − logits_drop[t, y_t] [paper]
      select_coupled_positions   the top n = 10 positions by s_t, never EOS or padding [paper];
                                 equal scores: the earlier position first [ours]
-  5  hallucinated_replacements  argmin_{v ∈ C_t} P_diff[t, v], C_t = the c = 10 most likely tokens
-                                of the dropped branch without y_t [paper]; special tokens are never
-                                candidates [ours]
-  6  graded_negatives           candidate m (m = 1 … n) replaces the m highest-scoring positions
-                                [paper]; then the model continues greedily with the full image
-                                (greedy_continuations, `decode`) or y_w resumes (`splice`) [ours]
+  5  hallucinated_replacements  a replacement "in ascending order of P_diff" [paper]; which tokens
+                                compete is this implementation's reading [ours]: argmin over
+     candidate_sets             v ∈ C_t of P_diff[t, v], C_t (--candidates, at most c = 10) = the
+                                dropped branch's c most likely tokens (dropped-topk), the full
+                                branch's plausible ones (plausible, VCD's α cut), the dropped-topk
+                                ones that are plausible (both), or the dropped branch's plausible
+                                ones (dropped-plausible); never y_t nor a special token; a position
+                                with no candidate is left unreplaced [ours]
+  6  graded_negatives           candidate m (m = 1 … n) replaces the m highest-scoring replaced
+                                positions [paper]; then the model continues greedily with the full
+                                image (greedy_continuations, `decode`; each prompt prefilled once per
+                                call, its KV cache shared by its candidates) or y_w resumes
+                                (`splice`) [ours]
      dedupe_candidates          identical candidates and copies of y_w dropped [paper]; empty
                                 texts too [ours]
 Stage 2, similarity-aware re-ranking
@@ -42,14 +51,16 @@ Output (read by train.py): `prefs.jsonl` = a header line {"_header": true, "opti
 record per entry: id, index (position among the data file's valid records), image, question, prompt,
 chosen, rejected (the most similar negative), negatives [{text, similarity, m}] best first,
 coupled [{position, token, token_id, score, replacement, replacement_id}] by descending score,
-p_chosen and p_rejected (per-token mean probability under the model with the full image; p_rejected
-is aligned with negatives). Beside it: `prefs.rejects.jsonl` (records skipped, with the reason) and
+unreplaced [{position, token, token_id, score}] (coupled positions without a candidate), p_chosen
+and p_rejected (per-token mean probability under the model with the full image; p_rejected is
+aligned with negatives). Beside it: `prefs.rejects.jsonl` (records skipped, with the reason) and
 `prefs.summary.json`. A rerun with the same options skips the ids already in either file.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 import sys
@@ -95,7 +106,8 @@ def drop_mask(n: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
 
 @torch.no_grad()
 def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Generator], *,
-                         strategy: str = "token", ratio: float = 0.7, mode: str = "remove"):
+                         strategy: str = "token", ratio: float = 0.7, mode: str = "remove",
+                         return_kept: bool = False):
     """docs/METHOD.md stage 1, step 1: "Encode the image (CLIP → projector) into N_img visual tokens.
     Drop a fraction ρ = 0.7 of them → i'." Dropped tokens are removed, the kept ones stay in order
     (`mode="zero"`: replaced by zero vectors). One draw per entry, from its own generator.
@@ -109,18 +121,21 @@ def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Gen
     The CLIP mean colour is exactly 0 after normalisation. `mode` does not apply to patch / pixel:
     the tower sees the whole grid, so the dropped branch keeps N tokens.
 
-    pixels (B, 3, H, W) normalised → (full (B, N, D), dropped: B tensors (N'_b, D)).
+    pixels (B, 3, H, W) normalised → (full (B, N, D), dropped: B tensors (N'_b, D)); with
+    `return_kept` also the indices (among the N) of each entry's kept tokens, (N'_b,), or None
+    where the dropped branch keeps all N positions (zero mode, patch, pixel).
     """
     if strategy in ("token", "latent"):
         latent = model.vision_tower(pixels)  # (B, N, Dv)
         full = model.multi_modal_projector(latent)  # (B, N, D)
-        dropped = []
+        dropped, kept_indices = [], []
         for b, g in enumerate(generators):
             drop = drop_mask(full.shape[1], ratio, g).to(pixels.device)  # (N,)
             source = full[b] if strategy == "token" else latent[b]  # (N, D) or (N, Dv)
             kept = source[~drop] if mode == "remove" else source.masked_fill(drop[:, None], 0.0)
             dropped.append(kept if strategy == "token" else model.multi_modal_projector(kept))
-        return full, dropped
+            kept_indices.append((~drop).nonzero()[:, 0].cpu() if mode == "remove" else None)
+        return (full, dropped, kept_indices) if return_kept else (full, dropped)
     if strategy not in ("patch", "pixel"):
         raise ValueError(f"unknown mask strategy {strategy!r}")
     full = model.encode_images(pixels)  # (B, N, D)
@@ -134,7 +149,8 @@ def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Gen
         else:
             hole = drop_mask(H * W, ratio, g).view(H, W)
         blanked[b][:, hole.to(pixels.device)] = 0.0  # every channel of the pixel
-    return full, list(model.encode_images(blanked))
+    dropped = list(model.encode_images(blanked))
+    return (full, dropped, [None] * len(dropped)) if return_kept else (full, dropped)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,6 +164,15 @@ def with_image_tokens(ids: list[int], image_token_id: int, n: int) -> list[int]:
     return ids[:first] + [image_token_id] * n + ids[last + 1:]
 
 
+def keep_positions(prompt: list[int], image_token_id: int, kept: list[int]) -> list[int]:
+    """Position ids of the dropped branch's prompt (`with_image_tokens(prompt, …, len(kept))`) under
+    --drop-positions keep: each kept visual token and every text token has the position it has in
+    the full branch's `prompt`, so the removed tokens leave gaps. `kept`: indices among the N."""
+    first = prompt.index(image_token_id)
+    last = len(prompt) - 1 - prompt[::-1].index(image_token_id)
+    return list(range(first)) + [first + int(k) for k in kept] + list(range(last + 1, len(prompt)))
+
+
 def _flat_features(features: list[torch.Tensor], model) -> torch.Tensor:
     D = model.config.text.hidden_size
     return torch.cat([f.reshape(-1, D) for f in features]) if features else torch.zeros(0, D)  # (M, D)
@@ -155,16 +180,27 @@ def _flat_features(features: list[torch.Tensor], model) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.Tensor],
-                          responses: list[list[int]], pad_id: int):
+                          responses: list[list[int]], pad_id: int,
+                          prompt_positions: list[list[int] | None] | None = None):
     """Logits that predict each response token, teacher-forced: (R, L, V) float32, targets (R, L)
     (0 where padded) and valid (R, L), L = the longest response.
 
     Row r is prompt_r + response_r[:-1], left-padded to T, so every row ends at T − 1 and response
     token t of row r is predicted at position T − L_r + t: only those positions reach the lm_head.
-    features[r] (N_r, D) fills the N_r image placeholders of prompt r.
+    features[r] (N_r, D) fills the N_r image placeholders of prompt r. prompt_positions[r], when
+    given, are the position ids of prompt r's tokens (the response continues from the last + 1);
+    None: 0, 1, 2, … (the model's default).
     """
     device = model.device
     ids, mask = left_pad([p + r[:-1] for p, r in zip(prompts, responses)], pad_id, device)  # (R, T)
+    position_ids = None
+    if prompt_positions is not None and any(pp is not None for pp in prompt_positions):
+        rows = []
+        for p, r, pp in zip(prompts, responses, prompt_positions):
+            pp = list(range(len(p))) if pp is None else list(pp)
+            start = pp[-1] + 1 if pp else 0
+            rows.append(pp + list(range(start, start + len(r) - 1)))
+        position_ids, _ = left_pad(rows, 0, device)  # (R, T); padding reads position 0, as by default
     T = ids.shape[1]
     lengths = torch.tensor([len(r) for r in responses], device=device)  # (R,)
     L = int(lengths.max())
@@ -175,26 +211,29 @@ def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.
     for i, r in enumerate(responses):
         targets[i, : len(r)] = torch.tensor(r)
     feats = _flat_features(features, model).to(device=device, dtype=model.dtype)
-    logits = model(ids, attention_mask=mask, image_features=feats, logits_positions=positions)  # (R, L, V)
+    logits = model(ids, attention_mask=mask, image_features=feats, logits_positions=positions,
+                   position_ids=position_ids)  # (R, L, V)
     return logits, targets.to(device), valid
 
 
 def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_features, responses,
-                       pad_id: int, *, stacked: bool = True):
+                       pad_id: int, *, stacked: bool = True, drop_positions: list[list[int] | None] | None = None):
     """docs/METHOD.md stage 1, step 2: "Run the model on (x, i) and (x, i') with the same text; stack
     both branches in one batch (padding as needed) so the weights are read once." y_w is
     teacher-forced (step 4). Returns logits_full (B, L, V), logits_drop (B, L, V), targets (B, L),
     valid (B, L). `stacked=False` runs the branches as two forwards (the naive baseline of the
-    benchmark).
+    benchmark). `drop_positions`: position ids of the dropped prompts (keep_positions), None for
+    0, 1, 2, ….
     """
     B = len(responses)
     if not stacked:
         full, targets, valid = teacher_forced_logits(model, full_prompts, full_features, responses, pad_id)
-        drop, _, _ = teacher_forced_logits(model, drop_prompts, drop_features, responses, pad_id)
+        drop, _, _ = teacher_forced_logits(model, drop_prompts, drop_features, responses, pad_id, drop_positions)
         return full, drop, targets, valid
+    positions = None if drop_positions is None else [None] * B + list(drop_positions)
     logits, targets, valid = teacher_forced_logits(model, full_prompts + drop_prompts,
                                                    list(full_features) + list(drop_features),
-                                                   responses + responses, pad_id)  # (2B, L, V)
+                                                   responses + responses, pad_id, positions)  # (2B, L, V)
     return logits[:B], logits[B:], targets[:B], valid[:B]
 
 
@@ -245,36 +284,71 @@ def select_coupled_positions(scores, targets, valid, n: int = 10, eos_id: int = 
 # Stage 1, step 5: hallucinated replacements
 
 
-def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, beta: float = 0.9,
-                              banned: tuple[int, ...] = ()):
-    """docs/METHOD.md stage 1, step 5: the candidates C_t are the c = 10 most likely tokens of
-    softmax(logits_drop[t]) other than y_t; the replacement is argmin_{v ∈ C_t} P_diff[t, v], with
-    the contrast reward P_diff[t] = softmax((1+β)·logits_full[t] − β·logits_drop[t]) from the
-    kernel's gather mode (lowest contrast reward = most hallucinated).
+CANDIDATE_RULES = ("dropped-topk", "plausible", "both", "dropped-plausible")
 
-    Decision of this file: `banned` ids (EOS, BOS, pad, the image placeholder, special tokens) are
-    not candidates either, since a hallucinated *word* must be text. Ties: the drop order is a stable
-    sort (lower id first among equal logits), argmin takes the first, i.e. the one the dropped
-    branch ranks higher.
 
-    logits_full, logits_drop (P, V) at the coupled positions, targets (P,) = y_t →
-    (replacement (P,), candidates (P, c) in descending drop probability, P_diff (P, c)).
+def plausible(logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """VCD's adaptive plausibility set per row, (P, V) bool: the tokens v with
+    softmax(logits)_v ≥ α · max_w softmax(logits)_w, i.e. logits_v ≥ max(logits) + log α, the cut
+    that kernels/contrast_softmax.py applies with `alpha`. The row's argmax is always in it."""
+    return logits >= logits.amax(-1, keepdim=True) + math.log(alpha)
+
+
+def candidate_sets(logits_full, logits_drop, targets, c: int = 10, rule: str = "dropped-topk",
+                   alpha: float = 0.1, banned: tuple[int, ...] = ()) -> torch.Tensor:
+    """docs/METHOD.md stage 1, step 5, this implementation's reading: the candidates C_t at each
+    coupled position, (P, c) ids, −1 in the slots a rule leaves empty (after the real ones).
+
+      dropped-topk       the c most likely tokens of softmax(logits_drop[t]), in that order
+      plausible          the full branch's plausible tokens (`plausible`, α), its c most likely
+      both               the dropped-topk candidates that are also plausible under the full branch
+      dropped-plausible  the dropped branch's plausible tokens (α), its c most likely
+
+    Never y_t nor a `banned` id (EOS, BOS, pad, the image placeholder, special tokens: the
+    replacement must decode to a word). Equal logits keep the lower id first (a stable sort).
+    logits_full, logits_drop (P, V), targets (P,) = y_t.
     """
+    if rule not in CANDIDATE_RULES:
+        raise ValueError(f"unknown candidate rule {rule!r}; known: {', '.join(CANDIDATE_RULES)}")
     P, V = logits_drop.shape
     ban = torch.tensor(sorted(set(banned)), dtype=torch.long, device=logits_drop.device)
     if V - 1 - int((ban < V).sum()) < c:
         raise ValueError(f"{c} candidates per position need more than {c} allowed tokens; "
                          f"the vocabulary has {V}")
-    if P == 0:
-        empty = torch.zeros(0, c, dtype=torch.long, device=logits_drop.device)
-        return empty[:, 0], empty, empty.float()
     # softmax is monotone: the logit order is the probability order.
-    order = torch.sort(logits_drop, dim=-1, descending=True, stable=True).indices  # (P, V)
-    allowed = (order != targets[:, None]) & ~torch.isin(order, ban)
+    ranking = logits_full if rule == "plausible" else logits_drop
+    order = torch.sort(ranking, dim=-1, descending=True, stable=True).indices  # (P, V)
+    allowed = (order != targets[:, None]) & ~torch.isin(order, ban)  # (P, V), in ranking order
+    if rule in ("plausible", "dropped-plausible"):
+        allowed &= plausible(ranking, alpha).gather(-1, order)
     take = allowed & (allowed.cumsum(-1) <= c)  # the first c allowed of each row
-    candidates = order[take].view(P, c)  # (P, c)
-    p_diff = contrast_softmax(logits_full, logits_drop, beta, index=candidates)  # (P, c)
-    best = p_diff.argmin(-1, keepdim=True)  # (P, 1): lowest contrast reward = most hallucinated
+    if rule == "both":
+        take &= plausible(logits_full, alpha).gather(-1, order)
+    front = torch.sort((~take).to(torch.uint8), dim=-1, stable=True).indices[:, :c]  # (P, c): taken first
+    return order.gather(-1, front).masked_fill(~take.gather(-1, front), -1)
+
+
+def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, beta: float = 0.9,
+                              banned: tuple[int, ...] = (), *, rule: str = "dropped-topk", alpha: float = 0.1):
+    """docs/METHOD.md stage 1, step 5: the replacement of y_t is argmin_{v ∈ C_t} P_diff[t, v] (lowest
+    contrast reward = most hallucinated), with P_diff[t] = softmax((1+β)·logits_full[t] −
+    β·logits_drop[t]) from the kernel's gather mode and C_t = candidate_sets(rule). The paper says
+    only "in ascending order of P_diff"; the candidate set is this implementation's reading.
+
+    The kernel's own α cut is not used: it would give a cut token P_diff = 0, the argmin's
+    winner, and renormalising over the plausible set does not change the order within a row.
+    Cut tokens are never candidates; empty slots get +inf before the argmin. Ties: the first
+    candidate, i.e. the one ranked higher by the rule.
+
+    logits_full, logits_drop (P, V) at the coupled positions, targets (P,) = y_t →
+    (replacement (P,), −1 where C_t is empty; candidates (P, c); P_diff (P, c), +inf where empty).
+    """
+    candidates = candidate_sets(logits_full, logits_drop, targets, c, rule, alpha, banned)  # (P, c)
+    if candidates.shape[0] == 0:
+        return candidates[:, 0], candidates, candidates.float()
+    p_diff = contrast_softmax(logits_full, logits_drop, beta, index=candidates.clamp(min=0))  # (P, c)
+    p_diff = p_diff.masked_fill(candidates < 0, math.inf)
+    best = p_diff.argmin(-1, keepdim=True)  # (P, 1); an empty row gives slot 0, which holds −1
     return candidates.gather(-1, best)[:, 0], candidates, p_diff
 
 
@@ -315,22 +389,53 @@ def cut_generated(ids: list[int], eos_id: int, image_token_id: int) -> list[int]
 
 @torch.no_grad()
 def greedy_continuations(model, prompts: list[list[int]], features: list[torch.Tensor],
-                         prefixes: list[list[int]], *, max_new_tokens: int, pad_id: int,
-                         rows_per_call: int = 64) -> list[list[int]]:
-    """Greedy continuation of each prompt_r + prefix_r with the full image features[r] (N, D), until
-    EOS or `max_new_tokens` (docs/METHOD.md step 6, `decode`). All rows go through `model.generate`
-    in calls of up to `rows_per_call` rows that share one static KV cache: the candidates of many
-    entries decode together. Rows are grouped by length (less left padding) and returned in the
-    given order, each cut by `cut_generated`."""
+                         prefixes: list[list[int]], *, owners: list[int] | None = None, max_new_tokens: int,
+                         pad_id: int, rows_per_call: int = 64, share_prompt: bool = True,
+                         drop_finished: bool = True) -> list[list[int]]:
+    """Greedy continuation of each row r, prompts[o] + prefixes[r] with the full image features[o]
+    (N, D), o = owners[r] (default: o = r), until EOS or `max_new_tokens` (docs/METHOD.md step 6,
+    `decode`). Rows go through the model in calls of up to `rows_per_call` rows that share one
+    static KV cache: the candidates of many entries decode together, grouped by length (less
+    padding). Returned in the given order, each cut by `cut_generated`.
+
+    Two savings, each giving the same tokens up to floating-point rounding:
+    share_prompt: each call prefills the prompts of its owners once (all but their last token) and
+      copies their KV cache into their rows (`Llava.generate_shared`), instead of prefilling
+      every row whole: the prompt and image, most of a row, are not recomputed per candidate.
+      Prompts ending in an image placeholder, or a model whose sliding window the rows could
+      exceed, take the plain way (`Llava.generate`).
+    drop_finished: rows that reached EOS leave the call's batch (most tails are a few tokens long,
+      the call runs until its longest one ends).
+    """
+    if not prefixes:
+        return []
     cfg = model.config
-    order = sorted(range(len(prompts)), key=lambda r: len(prompts[r]) + len(prefixes[r]))
-    tails: list[list[int]] = [[] for _ in prompts]
+    owners = list(range(len(prefixes))) if owners is None else list(owners)
+    window = cfg.text.sliding_window
+    # The shared cache spans the longest prompt + the longest prefix + the new tokens.
+    span = max(len(prompts[o]) for o in owners) + max(map(len, prefixes)) + max_new_tokens
+    share_prompt = share_prompt and all(len(prompts[o]) and prompts[o][-1] != cfg.image_token_id for o in owners) \
+        and (window is None or span <= window)
+    # An owner's rows have nearly equal lengths, so they mostly land in one call and share its prefill.
+    order = sorted(range(len(prefixes)), key=lambda r: len(prompts[owners[r]]) + len(prefixes[r]))
+    tails: list[list[int]] = [[] for _ in prefixes]
+    gen = dict(max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=cfg.text.eos_token_id, pad_token_id=pad_id,
+               drop_finished=drop_finished)
     for start in range(0, len(order), rows_per_call):
         rows = order[start: start + rows_per_call]
-        ids, mask = left_pad([prompts[r] + prefixes[r] for r in rows], pad_id, model.device)
-        feats = _flat_features([features[r] for r in rows], model).to(device=model.device, dtype=model.dtype)
-        new = model.generate(ids, attention_mask=mask, image_features=feats, max_new_tokens=max_new_tokens,
-                             temperature=0.0, eos_token_id=cfg.text.eos_token_id, pad_token_id=pad_id)
+        if share_prompt:
+            shared = list(dict.fromkeys(owners[r] for r in rows))  # this call's owners, first seen first
+            slot = {o: i for i, o in enumerate(shared)}
+            pids, pmask = left_pad([prompts[o][:-1] for o in shared], pad_id, model.device)  # (E, Tp)
+            sids, smask = left_pad([prompts[owners[r]][-1:] + prefixes[r] for r in rows], pad_id, model.device)
+            feats = _flat_features([features[o] for o in shared], model).to(device=model.device, dtype=model.dtype)
+            which = torch.tensor([slot[owners[r]] for r in rows], device=model.device)  # (rows,)
+            new = model.generate_shared(pids, pmask, which, sids, smask, image_features=feats, **gen)
+        else:
+            ids, mask = left_pad([prompts[owners[r]] + prefixes[r] for r in rows], pad_id, model.device)
+            feats = _flat_features([features[owners[r]] for r in rows], model).to(device=model.device,
+                                                                                 dtype=model.dtype)
+            new = model.generate(ids, attention_mask=mask, image_features=feats, **gen)
         for r, row in zip(rows, new.tolist()):
             tails[r] = cut_generated(row, cfg.text.eos_token_id, cfg.image_token_id)
     return tails
@@ -443,8 +548,11 @@ class HSCR:
     """Stages 1 and 2 over batches of records; `process` returns output records and rejects."""
 
     def __init__(self, model, tokenizer, opts: Options, similarity: Similarity | None = None, *,
-                 stacked: bool = True):
-        self.model, self.tokenizer, self.opts, self.stacked = model, tokenizer, opts, stacked
+                 stacked: bool = True, share_prompt: bool = True, drop_finished: bool = True):
+        # stacked / share_prompt / drop_finished False: the slower equivalent paths, for
+        # benchmarks/bench_hscr.py (score_two_branches, greedy_continuations).
+        self.model, self.tokenizer, self.opts = model, tokenizer, opts
+        self.stacked, self.share_prompt, self.drop_finished = stacked, share_prompt, drop_finished
         self.similarity = similarity or Similarity(opts.similarity, opts.sentence_model, model.device)
         cfg = model.config
         self.eos, self.bos, self.image_id = cfg.text.eos_token_id, cfg.text.bos_token_id, cfg.image_token_id
@@ -500,35 +608,43 @@ class HSCR:
         o, model = self.opts, self.model
         results: list[dict | Reject | None] = [None] * len(entries)
 
-        # Step 1: visual-token dropout; the dropped branch's prompt holds fewer image placeholders.
+        # Step 1: visual-token dropout; the dropped branch's prompt holds fewer image placeholders,
+        # numbered 0, 1, 2, … (renumber) or at their full-branch positions (keep).
         pixels = torch.stack([e.pixels for e in entries]).to(device=model.device, dtype=model.dtype)
         generators = [entry_generator(o.seed, e.record.id) for e in entries]
-        full_feats, drop_feats = visual_token_dropout(model, pixels, generators, strategy=o.mask_strategy,
-                                                      ratio=o.drop_ratio, mode=o.drop_mode)
+        full_feats, drop_feats, kept = visual_token_dropout(model, pixels, generators, strategy=o.mask_strategy,
+                                                            ratio=o.drop_ratio, mode=o.drop_mode, return_kept=True)
         full_feats = list(full_feats)
         full_prompts = [e.prompt_ids for e in entries]
         drop_prompts = [with_image_tokens(p, self.image_id, f.shape[0]) for p, f in zip(full_prompts, drop_feats)]
+        drop_positions = [keep_positions(p, self.image_id, k.tolist()) if k is not None and o.drop_positions == "keep"
+                          else None for p, k in zip(full_prompts, kept)]
         responses = self._preferred_responses(entries, full_prompts, full_feats)  # y_w
         alive = self._reject_empty_answers(entries, responses, results)
         if not alive:
             return results
-        entries, responses, full_prompts, drop_prompts, full_feats, drop_feats = (
-            _pick(xs, alive) for xs in (entries, responses, full_prompts, drop_prompts, full_feats, drop_feats))
+        entries, responses, full_prompts, drop_prompts, drop_positions, full_feats, drop_feats = (
+            _pick(xs, alive) for xs in (entries, responses, full_prompts, drop_prompts, drop_positions, full_feats,
+                                        drop_feats))
 
         # Steps 2 and 4: both branches in one batch, coupling scores, coupled positions.
         lf, ld, targets, valid = score_two_branches(model, full_prompts, drop_prompts, full_feats, drop_feats,
-                                                    responses, self.pad, stacked=self.stacked)
+                                                    responses, self.pad, stacked=self.stacked,
+                                                    drop_positions=drop_positions)
         p_chosen = mean_token_probability(lf, targets, valid).tolist()
         scores = coupling_scores(lf, ld, targets, valid, o.coupling)
-        positions = select_coupled_positions(scores, targets, valid, o.top_n, self.eos)
+        coupled_positions = select_coupled_positions(scores, targets, valid, o.top_n, self.eos)
 
-        # Step 5 (with step 3's contrast reward), for all coupled positions of the batch at once.
-        rows, cols = _flat_positions(positions, lf.device)
+        # Step 5 (with step 3's contrast reward), for all coupled positions of the batch at once;
+        # a position whose candidate set is empty stays as it is (fewer graded candidates).
+        rows, cols = _flat_positions(coupled_positions, lf.device)
         repl, _, _ = hallucinated_replacements(lf[rows, cols], ld[rows, cols], targets[rows, cols],
-                                               o.num_candidates, o.beta, self.banned)
-        replacements = _regroup(repl.tolist(), positions)
-        position_scores = _regroup(scores[rows, cols].tolist(), positions)
+                                               o.num_candidates, o.beta, self.banned, rule=o.candidates,
+                                               alpha=o.alpha)
+        flat_scores = scores[rows, cols].tolist()
         del lf, ld  # (B, L, V) ×2: the largest tensors of the batch
+        positions, replacements, position_scores, unreplaced = _split_replaced(
+            coupled_positions, _regroup(repl.tolist(), coupled_positions), _regroup(flat_scores, coupled_positions))
 
         # Step 6: graded candidates, continued by the model (all entries' candidates together), deduped.
         candidates = [graded_negatives(y, ps, rs, o.continuation)
@@ -548,8 +664,11 @@ class HSCR:
         p_rejected = self._negative_probabilities(candidates, ranked, full_prompts, full_feats)
         for b, e in enumerate(entries):
             coupled = self._coupled(responses[b], positions[b], position_scores[b], replacements[b])
+            skipped = [{"position": p, "token": self.piece(responses[b][p]), "token_id": responses[b][p], "score": sc}
+                       for p, sc in unreplaced[b]]
             negatives = [{"text": texts[b][i], "similarity": similarity_of[b][i], "m": i + 1} for i in ranked[b]]
-            results[alive[b]] = self._record(e, chosen_texts[b], coupled, negatives, p_chosen[b], p_rejected[b])
+            results[alive[b]] = self._record(e, chosen_texts[b], coupled, skipped, negatives, p_chosen[b],
+                                             p_rejected[b])
         return results
 
     # -- helpers of process: the bookkeeping around the steps
@@ -560,7 +679,8 @@ class HSCR:
         if o.score_on == "greedy":
             return greedy_continuations(self.model, prompts, feats, [[] for _ in entries],
                                         max_new_tokens=o.max_new_tokens, pad_id=self.pad,
-                                        rows_per_call=o.decode_rows)
+                                        rows_per_call=o.decode_rows, share_prompt=self.share_prompt,
+                                        drop_finished=self.drop_finished)
         return [e.response for e in entries]
 
     def _reject_empty_answers(self, entries: list[Entry], responses, results: list) -> list[int]:
@@ -581,9 +701,10 @@ class HSCR:
         o = self.opts
         owner = [b for b, cands in enumerate(candidates) for _ in cands]
         prefixes = [cand for cands in candidates for cand in cands]
-        tails = greedy_continuations(self.model, [prompts[b] for b in owner], [feats[b] for b in owner],
-                                     prefixes, max_new_tokens=o.max_new_tokens, pad_id=self.pad,
-                                     rows_per_call=o.decode_rows)
+        tails = greedy_continuations(self.model, prompts, feats, prefixes, owners=owner,
+                                     max_new_tokens=o.max_new_tokens, pad_id=self.pad,
+                                     rows_per_call=o.decode_rows, share_prompt=self.share_prompt,
+                                     drop_finished=self.drop_finished)
         return _regroup([p + t for p, t in zip(prefixes, tails)], candidates)
 
     def _negative_probabilities(self, candidates, ranked: list[list[int]], prompts, feats) -> list[list[float]]:
@@ -604,8 +725,8 @@ class HSCR:
                  "replacement": self.piece(r), "replacement_id": r}
                 for p, s, r in zip(positions, scores, replacements)]
 
-    def _record(self, e: Entry, chosen_text: str, coupled: list[dict], negatives: list[dict],
-                p_chosen: float, p_rejected: list[float]) -> dict | Reject:
+    def _record(self, e: Entry, chosen_text: str, coupled: list[dict], unreplaced: list[dict],
+                negatives: list[dict], p_chosen: float, p_rejected: list[float]) -> dict | Reject:
         """The output record of one entry, or a Reject with fewer than --min-negatives negatives."""
         o, rec = self.opts, e.record
         if len(negatives) < o.min_negatives:
@@ -618,7 +739,7 @@ class HSCR:
             "id": rec.id, "index": e.index, "image": rec.image, "question": rec.question, "prompt": e.prompt,
             "answer_type": rec.answer_type, "chosen": chosen,
             "rejected": negatives[0]["text"] if negatives else None,
-            "negatives": negatives, "coupled": coupled,
+            "negatives": negatives, "coupled": coupled, "unreplaced": unreplaced,
             "p_chosen": p_chosen, "p_rejected": p_rejected,
         }
 
@@ -631,6 +752,19 @@ class HSCR:
 
 def _pick(xs: list, indices: list[int]) -> list:
     return [xs[i] for i in indices]
+
+
+def _split_replaced(positions: list[list[int]], replacements: list[list[int]], scores: list[list[float]]):
+    """Per entry, the coupled positions that got a replacement (id ≥ 0), with their replacements and
+    scores, in score order, and (position, score) of those left unreplaced (−1)."""
+    kept_p, kept_r, kept_s, skipped = [], [], [], []
+    for ps, rs, ss in zip(positions, replacements, scores):
+        keep = [i for i, r in enumerate(rs) if r >= 0]
+        kept_p.append([ps[i] for i in keep])
+        kept_r.append([rs[i] for i in keep])
+        kept_s.append([ss[i] for i in keep])
+        skipped.append([(p, s) for p, r, s in zip(ps, rs, ss) if r < 0])
+    return kept_p, kept_r, kept_s, skipped
 
 
 def _flat_positions(positions: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -680,8 +814,17 @@ class Options:
     score_on: str = option("reference", "response to score and perturb: the reference answer or the model's "
                            "own greedy answer", choices=("reference", "greedy"))
     top_n: int = option(10, "modality-coupled positions per entry (n), hence at most n graded candidates")
-    num_candidates: int = option(10, "candidate replacements per coupled position (c): the c most likely "
-                                 "tokens of the dropped branch")
+    candidates: str = option("dropped-topk", "candidate replacements C_t of a coupled position, the one with "
+                             "the least P_diff wins (docs/METHOD.md step 5): the dropped branch's c most likely "
+                             "tokens (dropped-topk); the full branch's plausible ones, p_full ≥ α·max p_full "
+                             "(plausible); dropped-topk ones that are plausible (both); the dropped branch's "
+                             "plausible ones, p_drop ≥ α·max p_drop (dropped-plausible). Never y_t nor a special "
+                             "token; a position without candidates is left unreplaced", choices=CANDIDATE_RULES)
+    alpha: float = option(0.1, "plausibility cut α of --candidates plausible, both and dropped-plausible")
+    num_candidates: int = option(10, "most candidate replacements per coupled position (c)")
+    drop_positions: str = option("renumber", "token/latent dropout with --drop-mode remove: the dropped branch's "
+                                 "tokens after a removed one move up (renumber) or keep the position ids they "
+                                 "have in the full branch (keep)", choices=("renumber", "keep"))
     continuation: str = option("decode", "after the last replacement: greedy continuation with the full image, "
                                "or the rest of y_w", choices=("decode", "splice"))
     max_new_tokens: int = option(256, "length limit of a greedy continuation (and of a --score-on greedy answer)")
@@ -709,6 +852,8 @@ class Options:
             p.append(f"--drop-ratio must be in [0, 1], got {self.drop_ratio}")
         if self.beta < 0:
             p.append(f"--beta must be >= 0, got {self.beta}")
+        if not 0.0 < self.alpha <= 1.0:
+            p.append(f"--alpha must be in (0, 1], got {self.alpha}")
         for name in ("top_n", "num_candidates", "max_new_tokens", "num_negatives", "batch_size", "decode_rows"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -758,6 +903,8 @@ HEADER_KEY = "_header"
 RUN_CONTROL = ("batch_size", "decode_rows", "device")
 # Options renamed since a file's header was written: old name → name in Options.
 RENAMED_OPTIONS = {"top_k": "num_candidates"}
+# Options added since: a header without one was written with this value (the behaviour before).
+ADDED_OPTIONS = {"candidates": "dropped-topk", "alpha": 0.1, "drop_positions": "renumber"}
 
 
 def sidecar(out: Path, kind: str) -> Path:
@@ -777,8 +924,9 @@ def header_record(opts: Options) -> dict:
 
 
 def stored_options(options: dict) -> dict:
-    """A header's options under today's names (files written before a rename still resume)."""
-    return {RENAMED_OPTIONS.get(k, k): v for k, v in options.items()}
+    """A header's options under today's names, with the options added since it was written at the
+    value they had then (files written before a rename or an addition still resume)."""
+    return {**ADDED_OPTIONS, **{RENAMED_OPTIONS.get(k, k): v for k, v in options.items()}}
 
 
 def option_differences(a: dict, b: dict) -> list[str]:

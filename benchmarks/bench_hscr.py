@@ -2,11 +2,16 @@
 carrying the dropped branch along.
 
 1. Entries/s of the pipeline as hscr.py runs it (batches of entries, both branches stacked in one
-   forward, the candidates of all entries of a batch decoded together) vs a naive one (one entry at
-   a time, each branch its own forward), same model, same entries, same options. Target ≥ 1.5×.
+   forward, the candidates of all entries of a batch decoded together, each prompt prefilled once
+   for its candidates, finished rows leaving the batch) vs a naive one (one entry at a time, each
+   branch its own forward), same model, same entries, same options. Target ≥ 1.5×.
    The naive pipeline is run twice: with the candidates of its entry decoded together, and with
-   every candidate decoded alone (`decode_rows=1`).
-2. Two-branch vs one-branch, same lengths: (a) teacher-forced scoring of B responses through
+   every candidate decoded alone (`decode_rows=1`). A third variant is the batched pipeline with
+   every continuation row prefilled whole and kept to the end (before the shared prefill): the
+   number of records whose output differs from the batched one is reported (expected 0).
+2. The continuation decoding of one batch's candidates alone (hscr.greedy_continuations):
+   per-row prefill, shared prompt prefill, shared prefill + finished rows dropped; same tokens?
+3. Two-branch vs one-branch, same lengths: (a) teacher-forced scoring of B responses through
    both branches (2B stacked rows) vs the full branch only (B rows); (b) greedy decoding of both
    branches (2B rows, one KV cache) vs plain greedy decoding of B rows for the same number of
    tokens. Target ≤ 1.2× on GPU, where a decode step reads the weights once for all rows.
@@ -14,8 +19,12 @@ carrying the dropped branch along.
 Random weights (our `Llava`, no checkpoint needed) and a word-level tokenizer over the whole
 vocabulary; --similarity lexical. CPU (default): a small model with 256 image tokens (224 px,
 patch 14). GPU (`--device cuda`): the LLaVA-Med v1.5 shape (CLIP ViT-L/14-336, Mistral-7B), bf16.
+Random weights never emit EOS; `--model DIR --data FILE --image-root DIR` runs on a real
+checkpoint and data set instead (e.g. the demo's assets/base on the world's align split).
 
     python benchmarks/bench_hscr.py [--device cuda] [--entries 16] [--batch-size 8] [--max-new-tokens 8]
+    python benchmarks/bench_hscr.py --model assets/base --data .cache/world/align.json \
+        --image-root .cache/world --entries 128 --batch-size 64 --max-new-tokens 32 --skip-naive
 
 Writes bench_hscr.json (every figure) and bench_hscr.summary (the lines benchmarks/gpu_check.sh
 prints at the end) under --out.
@@ -102,11 +111,12 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def time_pipelines(variants: dict, records: list[Record], chunk: int, device: str) -> dict[str, float]:
+def time_pipelines(variants: dict, records: list[Record], chunk: int, device: str):
     """Seconds each pipeline variant takes to turn `records` into preference records (image loading
-    included). variants: name → (HSCR, entries per batch). The variants take turns chunk by chunk,
-    so that a change of machine load between them hits all of them alike."""
+    included), and the outputs. variants: name → (HSCR, entries per batch). The variants take
+    turns chunk by chunk, so that a change of machine load between them hits all of them alike."""
     totals = dict.fromkeys(variants, 0.0)
+    outputs = {name: [] for name in variants}
     for pipe, _ in variants.values():
         pipe.process([pipe.prepare(0, records[0])])  # warm-up (allocator, kernels)
     for start in range(0, len(records), chunk):
@@ -116,10 +126,32 @@ def time_pipelines(variants: dict, records: list[Record], chunk: int, device: st
             t0 = time.perf_counter()
             for s in range(0, len(part), batch_size):
                 out = pipe.process([pipe.prepare(i, r) for i, r in part[s:s + batch_size]])
-                assert all(isinstance(r, dict) for r in out), out
+                assert all(isinstance(r, dict) or r.category == "too few negatives" for r in out), out
+                outputs[name] += out
             sync(device)
             totals[name] += time.perf_counter() - t0
-    return totals
+    return totals, outputs
+
+
+def continuation_costs(pipe, records: list[Record], batch: int, device: str) -> tuple[dict, int, bool]:
+    """The continuation decoding of the first batch's candidates alone, three ways (the pipeline's
+    own call, captured): seconds of each (best of 3, taking turns), the number of rows, and
+    whether all three give the same tokens."""
+    captured = []
+    real = hscr.greedy_continuations
+    hscr.greedy_continuations = lambda *a, **k: (captured.append((a, k)), real(*a, **k))[1]
+    try:
+        pipe.process([pipe.prepare(i, r) for i, r in enumerate(records[:batch])])
+    finally:
+        hscr.greedy_continuations = real
+    args, kw = captured[-1]
+    ways = {"per-row prefill": dict(share_prompt=False, drop_finished=False),
+            "shared prefill": dict(share_prompt=True, drop_finished=False),
+            "shared + drop finished": dict(share_prompt=True, drop_finished=True)}
+    tails = {name: real(*args, **{**kw, **w}) for name, w in ways.items()}
+    same = all(t == tails["per-row prefill"] for t in tails.values())
+    seconds = timed({name: (lambda w=w: real(*args, **{**kw, **w})) for name, w in ways.items()}, device, repeat=3)
+    return seconds, len(args[3]), same
 
 
 def timed(fns: dict, device: str, repeat: int = 5) -> dict[str, float]:
@@ -165,9 +197,24 @@ def branch_costs(model, tokenizer, opts, records, batch: int, new_tokens: int, d
     }, device)
 
 
+def real_inputs(args):
+    """The checkpoint, its tokenizer and a seeded sample of --entries records of --data."""
+    from data import read_records
+    from model import load_model
+    from model.tokenizer import load_tokenizer
+
+    model = load_model(args.model, dtype=torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
+                       device=args.device).eval()
+    records, _ = read_records(args.data)
+    return model, load_tokenizer(args.model), [records[i] for i in hscr.select_entries(len(records), args.entries, 0)]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", help="a checkpoint directory instead of random weights (needs --data, --image-root)")
+    p.add_argument("--data", help="records for --model (a seeded sample of --entries of them)")
+    p.add_argument("--image-root", help="the images of --data")
     p.add_argument("--entries", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=8, help="continuation length limit")
@@ -178,35 +225,52 @@ def main():
     args = p.parse_args()
     big = args.device.startswith("cuda")
     dtype = torch.bfloat16 if big else torch.float32
-    model = build_model(args.device, dtype, big)
+    if args.model:
+        if not (args.data and args.image_root):
+            p.error("--model needs --data and --image-root")
+        model, tokenizer, records = real_inputs(args)
+        dtype = model.dtype
+        what = f"{args.model} on {len(records)} entries of {args.data}"
+    else:
+        model = build_model(args.device, dtype, big)
+        tokenizer = build_tokenizer(32000, model.config.image_token_id)
+        what = "random weights: no EOS, every tail is full length"
     c = model.config
-    tokenizer = build_tokenizer(32000, c.image_token_id)
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name() if big else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device {args.device} ({name}), dtype {dtype}, {n_params / 1e6:.0f}M parameters, "
+    print(f"device {args.device} ({name}), dtype {dtype}, {n_params / 1e6:.1f}M parameters, "
           f"{c.num_image_tokens} image tokens, vocab {c.text.vocab_size}")
     with tempfile.TemporaryDirectory() as tmp:
-        records = make_entries(args.entries, Path(tmp))
-        opts = hscr.Options(model="-", data="-", image_root=tmp, out="-", similarity="lexical",
-                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device,
-                            dtype=str(dtype).split(".")[-1])
-        print(f"{args.entries} entries, answers of 12-40 tokens, top-n {opts.top_n}, "
-              f"num-candidates {opts.num_candidates}, "
-              f"continuation decode ≤ {opts.max_new_tokens} tokens "
-              "(random weights: no EOS, every tail is full length)")
+        if not args.model:
+            records = make_entries(args.entries, Path(tmp))
+        opts = hscr.Options(model=args.model or "-", data="-", image_root=args.image_root or tmp, out="-",
+                            similarity="lexical", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                            device=args.device, dtype=str(dtype).split(".")[-1])
+        print(f"{len(records)} entries, top-n {opts.top_n}, num-candidates {opts.num_candidates}, "
+              f"continuation decode ≤ {opts.max_new_tokens} tokens ({what})")
         sim = hscr.Similarity("lexical")
-        variants = {"batched": (hscr.HSCR(model, tokenizer, opts, sim), args.batch_size)}
+        variants = {"batched": (hscr.HSCR(model, tokenizer, opts, sim), args.batch_size),
+                    "per_row": (hscr.HSCR(model, tokenizer, opts, sim, share_prompt=False, drop_finished=False),
+                                args.batch_size)}
         if not args.skip_naive:
             variants["naive"] = (hscr.HSCR(model, tokenizer, opts, sim, stacked=False), 1)
             alone = dataclasses.replace(opts, decode_rows=1)
             variants["naive_alone"] = (hscr.HSCR(model, tokenizer, alone, sim, stacked=False), 1)
-        seconds = time_pipelines(variants, records, args.batch_size, args.device)
+        seconds, outputs = time_pipelines(variants, records, args.batch_size, args.device)
+        differ = sum(a != b for a, b in zip(outputs["batched"], outputs["per_row"]))
+        cont, cont_rows, cont_same = continuation_costs(variants["batched"][0], records, args.batch_size, args.device)
         costs = branch_costs(model, tokenizer, opts, records, args.batch_size, args.decode_tokens, args.device)
-    n, B = args.entries, args.batch_size
+    n, B = len(records), args.batch_size
     rate = {k: n / v for k, v in seconds.items()}
-    lines = [f"hscr pipeline on {name}, {str(dtype).split('.')[-1]}, {n_params / 1e6:.0f}M parameters, "
+    base = cont["per-row prefill"]
+    lines = [f"hscr pipeline on {name}, {str(dtype).split('.')[-1]}, {n_params / 1e6:.1f}M parameters, "
              f"{c.num_image_tokens} image tokens, {n} entries",
-             f"  batched (batch {B}, branches stacked):             {rate['batched']:7.3f} entries/s"]
+             f"  batched (batch {B}, branches stacked):             {rate['batched']:7.3f} entries/s",
+             f"  batched, continuations prefilled row by row:      {rate['per_row']:7.3f} entries/s"
+             f"   batched is {seconds['per_row'] / seconds['batched']:.2f}x; {differ} of {n} records differ",
+             f"  continuation decoding of batch 1 ({cont_rows} rows): "
+             + ", ".join(f"{k} {v * 1e3:.0f} ms ({base / v:.2f}x)" for k, v in cont.items())
+             + f"; same tokens: {cont_same}"]
     checks = []
     if "naive" in rate:
         speedup = seconds["naive"] / seconds["batched"]
@@ -229,8 +293,9 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"device": name, "dtype": str(dtype), "parameters": n_params, "image_tokens": c.num_image_tokens,
-              "args": vars(args), "seconds": seconds, "entries_per_s": rate, "branch_costs_s": costs,
-              "targets": dict(checks)}
+              "args": vars(args), "seconds": seconds, "entries_per_s": rate, "records_differing_per_row": differ,
+              "continuation_s": cont, "continuation_rows": cont_rows, "continuation_same_tokens": cont_same,
+              "branch_costs_s": costs, "targets": dict(checks)}
     (out / "bench_hscr.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "bench_hscr.summary").write_text("\n".join(lines) + "\n")
 

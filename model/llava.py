@@ -530,12 +530,16 @@ class Llava(nn.Module):
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None, image_features: torch.Tensor | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, image_features: torch.Tensor | None = None,
+                 drop_finished: bool = False) -> torch.Tensor:
         """New token ids (B, T_new) for left-padded prompts; a row stops at its first EOS and is
         filled with `pad_token_id` (default: the config's pad id, else EOS) after it.
 
         temperature 0 is greedy; otherwise sampling from softmax(logits / temperature) restricted
         to the top-p nucleus, drawn from `generator` so that a seeded run repeats.
+        drop_finished: once half the rows have stopped, they leave the batch (their cache rows
+        are dropped), so that the decode steps cost less; greedy tokens stay the same (up to
+        floating-point rounding), sampled ones come from another split of the random stream.
         """
         c = self.config.text
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
@@ -551,21 +555,112 @@ class Llava(nn.Module):
             last = torch.full((B, 1), T - 1, device=input_ids.device)
             logits = self(input_ids, pixel_values, attention_mask, image_features=image_features,
                           position_ids=positions, logits_positions=last)[:, -1]  # (B, V)
-            position = positions[:, -1]
-            done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-            out = []
-            for step in range(max_new_tokens):
-                token = sample(logits, temperature, top_p, generator)
-                token = token.masked_fill(done, pad)
-                out.append(token)
-                done |= token == eos
-                if done.all() or step == max_new_tokens - 1:
-                    break
-                position = position + 1
-                logits = self.decode_one_token(token, position, T + step)
+            return self._decode_loop(logits, positions[:, -1], T, max_new_tokens, temperature, top_p, generator,
+                                     eos, pad, drop_finished)
         finally:
             self.clear_cache()
-        return torch.stack(out, dim=1) if out else input_ids.new_zeros(B, 0)
+
+    @torch.no_grad()
+    def generate_shared(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, rows: torch.Tensor,
+                        suffix_ids: torch.Tensor, suffix_mask: torch.Tensor, *,
+                        pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                        max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                        eos_token_id: int | None = None, pad_token_id: int | None = None,
+                        generator: torch.Generator | None = None, drop_finished: bool = False) -> torch.Tensor:
+        """generate() for B rows whose input is prefix[rows[b]] + suffix[b], each of the E prefixes
+        (e.g. a prompt with its image) prefilled once: new token ids (B, T_new), as generate() gives
+        for the concatenated rows (up to floating-point rounding).
+
+        prefix_ids / prefix_mask (E, Tp) left-padded, with the image placeholders that
+        pixel_values / image_features fill; rows (B,) the prefix of each row; suffix_ids /
+        suffix_mask (B, Ts) left-padded text (no image placeholder), at least one real token per
+        row (its last one predicts the first new token).
+
+        Cache layout: slots [0, Tp) hold the prefixes, copied from the prefill's cache to the
+        rows that use them, slots [Tp, Tp + Ts) the suffixes, then the new tokens. A suffix
+        shorter than Ts leaves padding slots between its prefix and itself, which the key mask
+        hides and the position ids skip: the attention sees what it would see in one row.
+        Mistral's sliding window counts slots, so a model with one is refused when a row could
+        span more slots than the window. Sampling and `drop_finished` as in generate().
+        """
+        c = self.config.text
+        eos = c.eos_token_id if eos_token_id is None else eos_token_id
+        pad = pad_token_id if pad_token_id is not None else (c.pad_token_id if c.pad_token_id is not None else eos)
+        (E, Tp), (B, Ts) = prefix_ids.shape, suffix_ids.shape
+        suffix_mask, prefix_mask = suffix_mask.bool(), prefix_mask.bool()
+        if Ts == 0 or not suffix_mask[:, -1].all():
+            raise ValueError("generate_shared() needs left-padded suffixes with at least one real token per row")
+        if (suffix_ids[suffix_mask] == self.config.image_token_id).any():
+            raise ValueError("generate_shared(): image placeholders belong in the prefixes, not the suffixes")
+        if c.sliding_window is not None and Tp + Ts + max_new_tokens > c.sliding_window:
+            raise ValueError(f"generate_shared(): rows of up to {Tp + Ts + max_new_tokens} slots exceed the "
+                             f"sliding window {c.sliding_window}, which counts slots; use generate()")
+        rows = rows.to(prefix_ids.device)
+        try:
+            # 1. The E prefixes, once; their keys/values (E, Hkv, Tp, Dh) per layer.
+            prefix_kv = []
+            if Tp > 0:
+                self.setup_cache(E, Tp)
+                positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)  # (E, Tp)
+                self(prefix_ids, pixel_values, prefix_mask, image_features=image_features, position_ids=positions,
+                     return_hidden=True)
+                prefix_kv = [(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v)
+                             for layer in self.language_model.layers]
+                self.clear_cache()  # the buffers live on in prefix_kv
+            # 2. Each row's cache starts as a copy of its prefix's.
+            self.setup_cache(B, Tp + Ts + max_new_tokens)
+            for layer, (k, v) in zip(self.language_model.layers, prefix_kv):
+                layer.self_attn.kv_cache.k[:, :, :Tp] = k[rows]
+                layer.self_attn.kv_cache.v[:, :, :Tp] = v[rows]
+            del prefix_kv
+            key_valid = torch.zeros(B, Tp + Ts + max_new_tokens, dtype=torch.bool, device=prefix_ids.device)
+            key_valid[:, :Tp] = prefix_mask[rows]
+            key_valid[:, Tp:Tp + Ts] = suffix_mask
+            self._key_valid = key_valid
+            # 3. The suffixes, positioned after their prefix's real tokens.
+            positions = prefix_mask.long().sum(-1)[rows, None] + suffix_mask.long().cumsum(-1) - 1  # (B, Ts)
+            x = self.language_model.embed_tokens(suffix_ids)  # (B, Ts, D)
+            slots = torch.arange(Tp, Tp + Ts, device=prefix_ids.device)
+            h = self._run_decoder(x, positions, key_valid, slots)
+            logits = self.lm_head(h[:, -1]).float()  # (B, V)
+            return self._decode_loop(logits, positions[:, -1], Tp + Ts, max_new_tokens, temperature, top_p,
+                                     generator, eos, pad, drop_finished)
+        finally:
+            self.clear_cache()
+
+    def _decode_loop(self, logits, position, slot: int, max_new_tokens: int, temperature: float, top_p: float,
+                     generator, eos: int, pad: int, drop_finished: bool = False) -> torch.Tensor:
+        """Sample from `logits` (B, V), then decode one token at a time from cache slot `slot` and
+        per-row position `position` + 1 on; a row stops at its first EOS (pad after it). With
+        `drop_finished`, the cache keeps only the unfinished rows once half of them are done."""
+        B = logits.shape[0]
+        out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=logits.device)
+        rows = torch.arange(B, device=logits.device)  # the output row of each cache row
+        done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+        steps = 0
+        for step in range(max_new_tokens):
+            token = sample(logits, temperature, top_p, generator)
+            token = token.masked_fill(done, pad)
+            out[rows, step] = token
+            steps = step + 1
+            done |= token == eos
+            if done.all() or step == max_new_tokens - 1:
+                break
+            if drop_finished and 2 * int(done.sum()) >= len(done):
+                live = (~done).nonzero()[:, 0]
+                self._keep_cache_rows(live)
+                rows, token, position, done = rows[live], token[live], position[live], done[live]
+            position = position + 1
+            logits = self.decode_one_token(token, position, slot + step)
+        return out[:, :steps]
+
+    def _keep_cache_rows(self, rows: torch.Tensor):
+        """Shrink the KV cache (and its key mask) to the given rows, in that order."""
+        for layer in self.language_model.layers:
+            cache = layer.self_attn.kv_cache
+            cache.k, cache.v = cache.k[rows], cache.v[rows]
+        self._key_valid = self._key_valid[rows]
+        self._cache_shape = (len(rows), self._cache_shape[1])
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,

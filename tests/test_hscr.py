@@ -81,6 +81,69 @@ def test_hallucinated_replacement_is_argmin_p_diff_among_drop_top_c():
         hscr.hallucinated_replacements(full, drop, targets, c=5, beta=0.9, banned=(2,))
 
 
+# Candidate rules on one hand-built position pair (V = 8, y_t = 1, β = 0.9, α = 0.1, so the
+# plausibility cut is at max − ln 10 = max − 2.3026):
+#   full = [2.0, 3.0, 2.5, 0.0, 1.2, −1.0, 0.9, −3.0]  plausible: {0, 1, 2, 4, 6} (≥ 0.697)
+#   drop = [1.0, 2.0, 0.0, 2.5, 1.5, 3.0, −2.0, 0.5]  plausible: {0, 1, 3, 4, 5} (≥ 0.697)
+#   z = 1.9·full − 0.9·drop = [2.9, 3.9, 4.75, −2.25, 0.93, −4.6, 3.51, −6.15]
+# drop order 5, 3, 1, 4, 0, 7, 2, 6; full order 1, 2, 0, 4, 6, 3, 5, 7. A second row has a confident
+# full branch, full = 5 at y_t = 1 and 0 elsewhere (plausible: {1} only), and the same drop.
+CAND_FULL = torch.tensor([[2.0, 3.0, 2.5, 0.0, 1.2, -1.0, 0.9, -3.0], [0, 5, 0, 0, 0, 0, 0, 0]])
+CAND_DROP = torch.tensor([[1.0, 2.0, 0.0, 2.5, 1.5, 3.0, -2.0, 0.5]] * 2)
+CAND_TARGETS = torch.tensor([1, 1])
+
+
+@pytest.mark.parametrize("rule, candidates, replacement", [
+    # the drop top-5 without y_t; least z: id 7 (−6.15), a token neither branch believes
+    ("dropped-topk", [[5, 3, 4, 0, 7], [5, 3, 4, 0, 7]], [7, 5]),
+    # full-plausible without y_t in full order (4 of them); least z: id 4 (0.93). Row 2: none
+    ("plausible", [[2, 0, 4, 6, -1], [-1] * 5], [4, -1]),
+    # the drop top-5 ∩ full-plausible = {4, 0} in drop order; least z: id 4. Row 2: none
+    ("both", [[4, 0, -1, -1, -1], [-1] * 5], [4, -1]),
+    # drop-plausible without y_t in drop order; least z: id 5 (−4.6); row 2's z: 5 → −2.7 least
+    ("dropped-plausible", [[5, 3, 4, 0, -1], [5, 3, 4, 0, -1]], [5, 5]),
+])
+def test_candidate_rules_hand_values(rule, candidates, replacement):
+    repl, cands, p_diff = hscr.hallucinated_replacements(CAND_FULL, CAND_DROP, CAND_TARGETS, c=5, beta=0.9,
+                                                         rule=rule, alpha=0.1)
+    assert cands.tolist() == candidates and repl.tolist() == replacement
+    z = 1.9 * CAND_FULL.double() - 0.9 * CAND_DROP.double()
+    real = cands >= 0
+    assert torch.allclose(p_diff[real].double(), z.softmax(-1).gather(-1, cands.clamp(min=0))[real], atol=1e-7)
+    assert (p_diff[~real] == math.inf).all()
+
+
+def test_cut_token_never_wins():
+    """The trap: the kernel's α cut gives a cut token P_diff = 0, so an argmin over kernel(alpha=α)
+    values among the dropped top-5 (ids 5, 3, 4, 0, 7) would pick id 5, which the full branch
+    cuts (3 of the 5 are cut). `both` must pick among the plausible ones, {4, 0}: id 4.
+    With id 4 banned only id 0 is left. With α = 1 only the full argmax (y_t itself) is plausible:
+    nothing is left, whatever the other tokens' P_diff."""
+    from kernels import contrast_softmax
+
+    cut = contrast_softmax(CAND_FULL[:1], CAND_DROP[:1], 0.9, alpha=0.1, index=torch.tensor([[5, 3, 4, 0, 7]]))
+    assert cut[0, 0] == 0 and cut[0].argmin() == 0  # what a naive argmin would choose: id 5
+    repl, _, _ = hscr.hallucinated_replacements(CAND_FULL[:1], CAND_DROP[:1], CAND_TARGETS[:1], c=5, rule="both")
+    assert repl.tolist() == [4]
+    repl, _, _ = hscr.hallucinated_replacements(CAND_FULL[:1], CAND_DROP[:1], CAND_TARGETS[:1], c=5, rule="both",
+                                                banned=(4,))
+    assert repl.tolist() == [0]
+    for rule in ("plausible", "both"):
+        repl, cands, _ = hscr.hallucinated_replacements(CAND_FULL[:1], CAND_DROP[:1], CAND_TARGETS[:1], c=5,
+                                                        rule=rule, alpha=1.0)
+        assert repl.tolist() == [-1] and (cands == -1).all()
+    # Every rule, at random logits: the winner is never a cut token, y_t or a banned id.
+    g = torch.Generator().manual_seed(0)
+    full, drop = 2 * torch.randn(200, 50, generator=g), 2 * torch.randn(200, 50, generator=g)
+    targets = torch.randint(0, 50, (200,), generator=g)
+    for rule in ("plausible", "both", "dropped-plausible"):
+        repl, _, _ = hscr.hallucinated_replacements(full, drop, targets, c=10, rule=rule, alpha=0.1, banned=(0, 1))
+        source = drop if rule == "dropped-plausible" else full
+        ok = repl >= 0
+        assert ok.any() and not (repl[ok] == targets[ok]).any() and not torch.isin(repl[ok], torch.tensor([0, 1])).any()
+        assert hscr.plausible(source[ok], 0.1).gather(-1, repl[ok, None]).all()
+
+
 def test_graded_negatives_replace_exactly_m_positions_decode_and_splice():
     """y_w = [10, 11, 12, 13, 14, EOS], coupled positions by score [3, 1, 4] → tokens [30, 31, 32].
     splice keeps the tail of y_w; decode stops after the last replaced position (max of the first m)."""
@@ -153,6 +216,21 @@ def test_options_errors_list_every_problem():
                             "--top-n", "0", "--num-candidates", "0", "--min-negatives", "4"])
     msg = str(e.value)
     assert "--drop-ratio" in msg and "--top-n" in msg and "--num-candidates" in msg and "--min-negatives" in msg
+
+
+def test_candidate_and_position_options():
+    required = ["--model", "m", "--data", "d", "--image-root", "r", "--out", "o"]
+    opts = hscr.parse_options(required)
+    assert (opts.candidates, opts.alpha, opts.drop_positions) == ("dropped-topk", 0.1, "renumber")
+    opts = hscr.parse_options(required + ["--candidates", "both", "--alpha", "0.25", "--drop-positions", "keep"])
+    assert (opts.candidates, opts.alpha, opts.drop_positions) == ("both", 0.25, "keep")
+    for bad in (["--alpha", "0"], ["--alpha", "1.5"]):
+        with pytest.raises(SystemExit, match="--alpha must be in"):
+            hscr.parse_options(required + bad)
+    with pytest.raises(SystemExit):
+        hscr.parse_options(required + ["--candidates", "topk"])
+    with pytest.raises(ValueError, match="unknown candidate rule"):
+        hscr.candidate_sets(CAND_FULL, CAND_DROP, CAND_TARGETS, 3, "topk")
 
 
 def test_options_parse_types_and_help_shows_each_default_once(capsys):
@@ -341,6 +419,46 @@ def test_two_branch_scoring_matches_unpadded_forwards(model, tokenizer, ckpt, da
         assert targets[b, : len(y)].tolist() == y
 
 
+def test_keep_positions_hand_values():
+    """Prompt [BOS, 5, I, I, I, I, 7, 8] (N = 4 at positions 2-5), kept tokens 0 and 2: the dropped
+    prompt [BOS, 5, I, I, 7, 8] keeps positions 0, 1, then 2 + 0 and 2 + 2, then 6, 7."""
+    I = tiny.IMAGE_TOKEN
+    prompt = [1, 5, I, I, I, I, 7, 8]
+    assert hscr.with_image_tokens(prompt, I, 2) == [1, 5, I, I, 7, 8]
+    assert hscr.keep_positions(prompt, I, [0, 2]) == [0, 1, 2, 4, 6, 7]
+    assert hscr.keep_positions(prompt, I, [0, 1, 2, 3]) == list(range(8))
+
+
+def test_drop_positions_keep_in_the_stacked_batch(model, tokenizer, ckpt, dataset, tmp_path):
+    """--drop-positions keep: in the stacked two-branch batch, each dropped row's logits equal an
+    unpadded single-row forward given the full-branch position ids (gaps where tokens were
+    removed), and differ from the renumbered ones; the full rows are unchanged. Keeping all
+    16 tokens gives the full branch exactly."""
+    pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl"))
+    entries = _entries(pipe, dataset, {"e0", "e2", "e3"})
+    pixels = torch.stack([e.pixels for e in entries])
+    gens = [hscr.entry_generator(0, e.record.id) for e in entries]
+    full, dropped, kept = hscr.visual_token_dropout(model, pixels, gens, return_kept=True)
+    for e, k in zip(entries, kept):
+        assert k.tolist() == (~hscr.drop_mask(16, 0.7, hscr.entry_generator(0, e.record.id))).nonzero()[:, 0].tolist()
+    fp = [e.prompt_ids for e in entries]
+    dp = [hscr.with_image_tokens(p, tiny.IMAGE_TOKEN, 5) for p in fp]
+    pos = [hscr.keep_positions(p, tiny.IMAGE_TOKEN, k.tolist()) for p, k in zip(fp, kept)]
+    ys = [e.response for e in entries]
+    lf, ld, _, _ = hscr.score_two_branches(model, fp, dp, list(full), dropped, ys, pipe.pad, drop_positions=pos)
+    rf, rd, _, _ = hscr.score_two_branches(model, fp, dp, list(full), dropped, ys, pipe.pad)
+    assert torch.allclose(lf, rf, atol=1e-5)
+    for b, y in enumerate(ys):
+        ids = torch.tensor([dp[b] + y])
+        positions = torch.tensor([pos[b] + list(range(pos[b][-1] + 1, pos[b][-1] + 1 + len(y)))])
+        ref = model(ids, image_features=dropped[b], position_ids=positions)[0, len(dp[b]) - 1: len(dp[b]) - 1 + len(y)]
+        assert torch.allclose(ld[b, : len(y)], ref, atol=1e-5)
+        assert not torch.allclose(rd[b, : len(y)], ref, atol=1e-3)  # the renumbered branch is another input
+    every = [hscr.keep_positions(p, tiny.IMAGE_TOKEN, range(16)) for p in fp]
+    af, ad, _, _ = hscr.score_two_branches(model, fp, fp, list(full), list(full), ys, pipe.pad, drop_positions=every)
+    assert torch.allclose(ad, af, atol=1e-5)
+
+
 def test_greedy_continuations_batched_equal_single_rows(model, tokenizer, ckpt, dataset, tmp_path):
     """Rows of several entries and prefixes of different lengths in one generate call (and in calls
     of 2 rows) give what each row gives alone."""
@@ -355,9 +473,35 @@ def test_greedy_continuations_batched_equal_single_rows(model, tokenizer, ckpt, 
         new = model.generate(torch.tensor([p + x]), image_features=f, max_new_tokens=5, eos_token_id=EOS)
         alone.append(hscr.cut_generated(new[0].tolist(), EOS, tiny.IMAGE_TOKEN))
     for rows in (64, 2):
-        got = hscr.greedy_continuations(model, prompts, features, prefixes, max_new_tokens=5, pad_id=pipe.pad,
-                                        rows_per_call=rows)
-        assert got == alone
+        for share, drop in ((False, False), (True, False), (True, True)):
+            got = hscr.greedy_continuations(model, prompts, features, prefixes, max_new_tokens=5, pad_id=pipe.pad,
+                                            rows_per_call=rows, share_prompt=share, drop_finished=drop)
+            assert got == alone, (rows, share, drop)
+            # the same rows given as entries (prompt, features) and the entry of each row
+            got = hscr.greedy_continuations(model, prompts[:2], features[:2], prefixes, owners=[0, 1, 0],
+                                            max_new_tokens=5, pad_id=pipe.pad, rows_per_call=rows,
+                                            share_prompt=share, drop_finished=drop)
+            assert got == alone, (rows, share, drop)
+
+
+def test_shared_prefill_runs_each_prompt_once(model, tokenizer, ckpt, dataset, tmp_path, monkeypatch):
+    """With share_prompt, a call prefills each entry's prompt once: the image features reach the
+    model once per entry, not once per candidate row."""
+    pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl"))
+    entries = _entries(pipe, dataset, {"e0", "e1"})
+    feats = list(model.encode_images(torch.stack([e.pixels for e in entries])))
+    seen = []
+    real = type(model).embed
+
+    def embed(self, ids, *args, **kwargs):
+        seen.append(int((ids == tiny.IMAGE_TOKEN).sum()))
+        return real(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "embed", embed)
+    prefixes = [[30], [30, 31], [32], [33, 34, 35], [36]]
+    hscr.greedy_continuations(model, [e.prompt_ids for e in entries], feats, prefixes, owners=[0, 0, 1, 1, 0],
+                              max_new_tokens=3, pad_id=pipe.pad)
+    assert seen == [2 * 16]  # one prefill of the two prompts, 16 image tokens each
 
 
 def test_process_every_strategy_and_greedy_scoring(model, tokenizer, ckpt, dataset, tmp_path):
@@ -376,6 +520,31 @@ def test_process_every_strategy_and_greedy_scoring(model, tokenizer, ckpt, datas
             feats = model.encode_images(e.pixels[None])
             new = model.generate(torch.tensor([e.prompt_ids]), image_features=feats, max_new_tokens=4)
             assert out[0]["chosen"] == tokenizer.decode(hscr.cut_generated(new[0].tolist(), EOS, 120)).strip()
+
+
+def test_process_plausible_alpha_one_replaces_with_the_full_argmax(model, tokenizer, ckpt, dataset, tmp_path):
+    """--candidates plausible with α = 1: the only plausible token is the full branch's argmax, so
+    each coupled position gets it as replacement, unless it is y_t itself or a special token; then
+    the position is left unreplaced (recorded under "unreplaced", with fewer graded candidates).
+    The full-branch logits come from an unpadded single-row forward of prompt + y_w."""
+    opts = _opts(ckpt, dataset, tmp_path / "o.jsonl", candidates="plausible", alpha=1.0, continuation="splice",
+                 min_negatives=0)
+    pipe = hscr.HSCR(model, tokenizer, opts)
+    entries = _entries(pipe, dataset, {f"e{i}" for i in range(len(GOOD))})
+    out = pipe.process(entries)
+    n_unreplaced = 0
+    for e, r in zip(entries, out):
+        ids = torch.tensor([e.prompt_ids + e.response])
+        logits = model(ids, image_features=model.encode_images(e.pixels[None]))[0, len(e.prompt_ids) - 1:]
+        best = logits.argmax(-1).tolist()  # (L,): the full argmax predicting each response token
+        for c in r["coupled"]:
+            assert c["replacement_id"] == best[c["position"]] != c["token_id"]
+        for u in r["unreplaced"]:
+            assert best[u["position"]] in (u["token_id"], *pipe.banned)
+        n_unreplaced += len(r["unreplaced"])
+        assert len(r["coupled"]) + len(r["unreplaced"]) == min(10, len(r["chosen"].split()))
+        assert max((n["m"] for n in r["negatives"]), default=0) <= len(r["coupled"])
+    assert n_unreplaced > 0 and sum(len(r["coupled"]) for r in out) > 0  # both cases occur
 
 
 def test_minilm_similarity_matches_the_encoder():
@@ -425,6 +594,7 @@ def test_cli_output_records_rejects_and_summary(reference_run, model, tokenizer,
         assert all(a - b >= 0.1 - 1e-9 for a, b in zip(sims, sims[1:]))
         scores = [c["score"] for c in r["coupled"]]
         assert scores == sorted(scores, reverse=True) and len(scores) == min(10, len(chosen))  # no EOS position
+        assert r["unreplaced"] == []  # dropped-topk always has c candidates
         assert all(c["token"] == chosen[c["position"]] for c in r["coupled"])
         # never a special token as the hallucinated word (<unk> 0, BOS, EOS, <image> 120)
         assert all(c["replacement_id"] not in (0, 1, 2, tiny.IMAGE_TOKEN) for c in r["coupled"])
@@ -525,11 +695,14 @@ def test_cli_resume_refuses_a_corrupt_line(reference_run, ckpt, dataset, tmp_pat
 
 
 def test_resume_reads_a_header_written_before_the_num_candidates_rename(reference_run, ckpt, dataset, tmp_path):
-    """Files written when --num-candidates was --top-k store "top_k": resuming one with the same
-    options recomputes nothing; a different value is reported under the new name."""
+    """Files written when --num-candidates was --top-k store "top_k", and nothing for the options
+    added since (which ran with today's defaults): resuming one with the same options recomputes
+    nothing; a different value is reported under the new name."""
     out = tmp_path / "prefs.jsonl"
     lines = _lines(reference_run)
-    options = {("top_k" if k == "num_candidates" else k): v for k, v in lines[0]["options"].items()}
+    # written before the rename, and before --candidates, --alpha and --drop-positions existed
+    options = {("top_k" if k == "num_candidates" else k): v for k, v in lines[0]["options"].items()
+               if k not in ("candidates", "alpha", "drop_positions")}
     lines[0]["options"] = {**options, "out": str(out)}
     out.write_text("".join(json.dumps(x) + "\n" for x in lines))
     hscr.sidecar(out, "rejects").write_text(hscr.sidecar(reference_run, "rejects").read_text())
@@ -537,6 +710,7 @@ def test_resume_reads_a_header_written_before_the_num_candidates_rename(referenc
     summary = hscr.main(_cli(ckpt, dataset, out))
     assert summary["processed_this_run"] == 0 and out.read_text() == before
     assert hscr.option_differences({"top_k": 1}, {"num_candidates": 10}) == ["num_candidates: 1 in the file, 10 now"]
+    assert hscr.option_differences({}, {"candidates": "both"}) == ["candidates: 'dropped-topk' in the file, 'both' now"]
 
 
 def _lines_done(path: Path) -> list[str]:

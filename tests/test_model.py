@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import tiny
+from common import left_pad
 from model import CheckpointError, load_model, save_model
 from model.llava import Llava, preset, sample
 
@@ -153,6 +154,63 @@ def test_logits_positions_and_image_features(loaded):
     assert rel_err(both[0][mask[0].bool()], full[0][mask[0].bool()]) <= 1e-5
     with pytest.raises(ValueError, match="image positions"):
         model(ids, None, mask, image_features=feats[:, :3])
+
+
+def test_position_ids_default_and_gapped_match_transformers(loaded):
+    """Explicit position ids equal to the default running count give identical logits; position ids
+    with gaps (as for visual tokens removed from the middle, --drop-positions keep) are the ones
+    RoPE uses: transformers given the same ids agrees, and the logits differ from the default."""
+    hf, model = loaded
+    ids, mask, pixels = tiny.batch_inputs()
+    default = (mask.cumsum(-1) - 1).clamp(min=0)
+    assert torch.equal(model(ids, pixels, mask, position_ids=default), model(ids, pixels, mask))
+    gapped = default + 3 * (default >= 5) + 2 * (default >= 12)  # +3 from the 6th real token, +5 from the 13th
+    ours = model(ids, pixels, mask, position_ids=gapped)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=gapped).logits
+    real = mask.bool()
+    assert rel_err(ours[real], ref[real]) <= 1e-5
+    assert rel_err(ours[real], model(ids, pixels, mask)[real]) > 1e-3
+
+
+def test_generate_shared_prefix_equals_generate(loaded):
+    """Rows = a shared prefix (prompt + image) + their own suffix: generate_shared (each prefix
+    prefilled once, its cache rows copied) gives generate()'s tokens on the concatenated rows, with
+    and without dropping finished rows, including rows that stop at an early EOS."""
+    _, model = loaded
+    ids, mask, pixels = tiny.batch_inputs()
+    feats = model.encode_images(pixels)  # (2, 16, D)
+    prefixes = [ids[e][mask[e].bool()].tolist() for e in range(2)]
+    rows = [0, 1, 0, 1, 0]
+    after = [[], [30, 31], [40], [], [50, 51, 52]]  # each row: its prompt, then these tokens
+    full_ids, full_mask = left_pad([prefixes[e] + x for e, x in zip(rows, after)], 0)
+    row_feats = torch.cat([feats[e] for e in rows])
+    ref = model.generate(full_ids, attention_mask=full_mask, image_features=row_feats, max_new_tokens=10,
+                         eos_token_id=-1)
+    # shared: each prompt but its last token; per row: that token, then its own tokens
+    pids, pmask = left_pad([p[:-1] for p in prefixes], 0)
+    sids, smask = left_pad([prefixes[e][-1:] + x for e, x in zip(rows, after)], 0)
+    kw = dict(image_features=feats.reshape(-1, feats.shape[-1]), max_new_tokens=10)
+    for drop in (False, True):
+        got = model.generate_shared(pids, pmask, torch.tensor(rows), sids, smask, eos_token_id=-1, drop_finished=drop,
+                                    **kw)
+        assert torch.equal(got, ref)
+    # An EOS that rows meet at different steps: they stop there, are padded after, and the others go on.
+    eos = int(ref[2, 3])
+    ref = model.generate(full_ids, attention_mask=full_mask, image_features=row_feats, max_new_tokens=10,
+                         eos_token_id=eos, pad_token_id=0)
+    assert (ref == eos).any(1).sum() >= 1 and not (ref == eos).any(1).all()
+    for drop in (False, True):
+        got = model.generate_shared(pids, pmask, torch.tensor(rows), sids, smask, eos_token_id=eos, pad_token_id=0,
+                                    drop_finished=drop, **kw)
+        assert torch.equal(got, ref)
+        assert torch.equal(model.generate(full_ids, attention_mask=full_mask, image_features=row_feats,
+                                          max_new_tokens=10, eos_token_id=eos, pad_token_id=0, drop_finished=drop), ref)
+    with pytest.raises(ValueError, match="image placeholders"):
+        model.generate_shared(pids, pmask, torch.tensor([0]), torch.tensor([[tiny.IMAGE_TOKEN]]),
+                              torch.ones(1, 1), **kw)
+    with pytest.raises(ValueError, match="at least one real token"):
+        model.generate_shared(pids, pmask, torch.tensor([0]), torch.tensor([[5, 0]]), torch.tensor([[1, 0]]), **kw)
 
 
 def test_sampling_is_seeded_and_respects_top_p():
