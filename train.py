@@ -3,7 +3,7 @@ data (docs/METHOD.md), and plain supervised training on LLaVA-format conversatio
 
 The method, one function per equation of the paper (π_θ is the base model plus LoRA, model/lora.py;
 π_ref the same weights with LoRA disabled; y_w the chosen response, y_l1 … y_lk the k negatives
-ranked most similar first):
+of an entry, k ≤ --max-negatives, ranked most similar first):
 
     r(y)   = γ · ( log π_θ(y|i,x) − log π_ref(y|i,x) )          reward           γ = 0.1
     L_DPO  = − log σ( r(y_w) − r(y_l) )                          dpo_loss         Eq. 1
@@ -787,6 +787,8 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(argv)
     if argv[:1] == ["train"]:
         argv = argv[1:]
+    if "--stage=vision" in argv or any(a == "--stage" and b == "vision" for a, b in zip(argv, argv[1:])):
+        build_parser().error("the demo's vision pretraining is `python -m demo.base vision` (same options)")
     try:
         cfg = config_from_args(argv)
     except ValueError as e:

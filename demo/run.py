@@ -186,9 +186,10 @@ def build_parser(prog: str, ablation_run: bool = False):
         parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="(default: 0 1 2)")
         return parser
     return dataclass_parser(DemoConfig, prog=f"{prog} [demo]", description=(
-        "The embedded demo: all of HSCR on the shipped small Med-VLM and a synthetic Med-VQA world, on a "
-        f"CPU. `{prog} ablation --help` lists the ablation's options.\n\nTo train your own model: "
-        "`python train.py train --help` lists the trainer's options (stage 3 and SFT)."))
+        "The embedded demo: all of HSCR on the shipped small Med-VLM and a synthetic Med-VQA world,\n"
+        f"on a CPU. `{prog} ablation --help` lists the ablation's options.\n\n"
+        "To train your own model: `python train.py train --help` lists the trainer's options\n"
+        "(stage 3 on hscr.py's preference data, and SFT)."))
 
 
 def main(argv: list[str] | None = None, prog: str = "python train.py") -> int:

@@ -266,15 +266,17 @@ def test_cli_dispatch(argv, trainer):
     assert train.wants_trainer(argv) == trainer
 
 
-def test_trainer_options_parse_as_typed():
-    """Options built from TrainConfig: `int | None` parses as int, flags as booleans, and a
-    missing --model is reported (exit status 2)."""
+def test_trainer_options_parse_as_typed(capsys):
+    """Options built from TrainConfig: `int | None` parses as int, flags as booleans; a missing
+    --model, and the vision stage that moved to demo/base.py, are reported (exit status 2)."""
     cfg = train.config_from_args(["--model", "m", "--data", "d", "--max-steps", "7", "--lr", "1e-3",
                                   "--no-plot", "--dtype", "bfloat16"])
     assert (cfg.max_steps, cfg.lr, cfg.plot, cfg.dtype) == (7, 1e-3, False, "bfloat16")
-    with pytest.raises(SystemExit) as e:
-        train.main(["train", "--data", "d"])
-    assert e.value.code == 2
+    for argv, message in ((["train", "--data", "d"], "--model is required"),
+                          (["--stage", "vision", "--data", "d"], "python -m demo.base vision")):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_full_training_from_a_preset(tmp_path):
