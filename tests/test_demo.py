@@ -1,13 +1,14 @@
-"""The embedded default end to end at reduced size: `python train.py demo` on the shipped base
-model and a freshly built world writes every output it promises. Also checks that the shipped
+"""The embedded demo end to end at reduced size: `python train.py demo` (demo/run.py) on the
+shipped base model and a freshly built world writes every output it promises. Also checks that the shipped
 checkpoint loads through load_model and answers fluently."""
 import json
 from pathlib import Path
 
 import torch
 
-import train
-from data import build_world, preprocess_image, load_image, read_records
+import demo.run as run
+from data import load_image, preprocess_image, read_records
+from demo.world import build_world
 from model import load_model
 from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_prompt
 
@@ -41,8 +42,8 @@ def test_shipped_base_model_answers_fluently(tmp_path):
 
 def test_demo_at_reduced_size(tmp_path):
     out = tmp_path / "run"
-    results = train.demo(train.DemoConfig(out=str(out), world=str(tmp_path / "world"), align=40, test=40, steps=2,
-                                          similarity="lexical"))
+    results = run.demo(run.DemoConfig(out=str(out), world=str(tmp_path / "world"), align=40, test=40, steps=2,
+                                      similarity="lexical"))
     prefs = [json.loads(line) for line in (out / "prefs.jsonl").read_text().splitlines()]
     assert prefs[0]["_header"] and len(prefs) - 1 + len((out / "prefs.rejects.jsonl").read_text().splitlines()) == 40
     assert json.loads((out / "prefs.summary.json").read_text())["entries_written"] == len(prefs) - 1
@@ -54,7 +55,7 @@ def test_demo_at_reduced_size(tmp_path):
         assert summary["benchmarks"]["test"]["modes"]["full"]["n_questions"] == 40
         assert (out / f"eval-{name}" / "report.md").is_file()
     table = (out / "table.md").read_text()
-    assert all(f"| {label} |" in table for label in train.DEMO_ROWS)
+    assert all(f"| {label} |" in table for label in run.DEMO_ROWS)
     assert set(results) == {"base", "hscr"}
 
 
@@ -79,9 +80,9 @@ def test_ablation_table_means_and_base_reuse(tmp_path, monkeypatch):
         closed = {"dpo": 55.0, "hscr": 60.0}[cfg.loss] + 4 * cfg.seed
         return {"base": base_results or _fake_results(50.0, 50.0), "hscr": _fake_results(closed, 50.0)}
 
-    monkeypatch.setattr(train, "demo", fake_demo)
-    monkeypatch.setattr(train, "ABLATION", {"dpo (1 negative)": {"loss": "dpo"}, "hscr": {}})
-    table = train.ablation(train.DemoConfig(out=str(tmp_path)), seeds=[0, 1])
+    monkeypatch.setattr(run, "demo", fake_demo)
+    monkeypatch.setattr(run, "ABLATION", {"dpo (1 negative)": {"loss": "dpo"}, "hscr": {}})
+    table = run.ablation(run.DemoConfig(out=str(tmp_path)), seeds=[0, 1])
     assert calls == [("dpo", 0, False), ("hscr", 0, True), ("dpo", 1, True), ("hscr", 1, True)]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
     assert rows["hscr"][0] == "62.00 ± 2.83" and rows["hscr"][4] == "12.00 ± 2.83"

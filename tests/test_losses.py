@@ -1,5 +1,5 @@
-"""The Stage-3 losses of train.py against values derived by hand, and sequence_logprob against
-autograd of the plain formula in float64.
+"""The Stage-3 losses of train.py against values derived by hand, and the oracle sequence_logprob
+(tests/oracles.py) against autograd of the plain formula in float64.
 
 The batch used throughout (γ = 0.1, so a log-prob difference of 10·ln 3 is a reward of ln 3):
 
@@ -31,8 +31,8 @@ import math
 import pytest
 import torch
 
-from train import (dpo_loss, explicit_loss, implicit_loss, multilevel_loss, preference_loss, reward,
-                   sequence_logprob)
+from oracles import sequence_logprob
+from train import dpo_loss, explicit_loss, implicit_loss, multilevel_loss, preference_loss, reward
 
 LN3 = math.log(3.0)
 EXPECTED = {"hscr": math.log(10240 / 729) / 2, "explicit": math.log(320 / 81) / 2,

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import tiny
 import train
+from oracles import sequence_logprob
 from model import load_model
 from model.lora import apply_lora, load_adapter, lora_disabled, lora_modules
 
@@ -112,7 +113,7 @@ def test_hidden_logprob_matches_sequence_logprob():
     labels = torch.randint(0, 13, (3, 4), generator=g)
     mask = torch.rand(3, 4, generator=g) < 0.7
     ours = train.hidden_logprob(hidden, weight, labels, mask, chunk_rows=2)
-    ref = train.sequence_logprob(hidden @ weight.T, labels, mask)
+    ref = sequence_logprob(hidden @ weight.T, labels, mask)
     torch.testing.assert_close(ours.double(), ref.double())
     g1, = torch.autograd.grad(ours.sum(), hidden)
     g2, = torch.autograd.grad(ref.sum(), hidden)
@@ -241,14 +242,41 @@ def test_sft_stage(workspace, tmp_path):
 
 
 def test_cli_help(capsys):
-    """`--help` is the manual of the full CLI; `demo --help` that of the embedded default (which
-    is what `python train.py` runs with no arguments)."""
+    """`--help` is the manual of the embedded demo (what `python train.py` runs with no arguments)
+    and says how to reach the trainer's; `train --help` is the trainer's manual."""
     with pytest.raises(SystemExit) as e:
         train.main(["--help"])
-    assert e.value.code == 0 and "--loss" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        train.main(["demo", "--help"])
-    assert e.value.code == 0 and "--align" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--align" in out and "--loss" in out and "--lora-rank" not in out
+    assert "python train.py train --help" in out
+    for argv in (["train", "--help"], ["--model", "m", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and "--lora-rank" in out and "--align" not in out
+
+
+@pytest.mark.parametrize("argv, trainer", [
+    ([], False), (["demo", "--top-k", "1"], False), (["ablation"], False), (["--top-k", "1"], False),
+    (["train"], True), (["--model", "ckpt", "--data", "prefs.jsonl"], True), (["--data=prefs.jsonl"], True),
+    (["--stage", "sft"], True), (["--init-preset", "tiny"], True)])
+def test_cli_dispatch(argv, trainer):
+    """The trainer gets `train …` and any argument list holding one of its own options (the
+    README's `python train.py --model … --data …`); everything else runs the demo."""
+    assert train.wants_trainer(argv) == trainer
+
+
+def test_trainer_options_parse_as_typed(capsys):
+    """Options built from TrainConfig: `int | None` parses as int, flags as booleans; a missing
+    --model, and the vision stage that moved to demo/base.py, are reported (exit status 2)."""
+    cfg = train.config_from_args(["--model", "m", "--data", "d", "--max-steps", "7", "--lr", "1e-3",
+                                  "--no-plot", "--dtype", "bfloat16"])
+    assert (cfg.max_steps, cfg.lr, cfg.plot, cfg.dtype) == (7, 1e-3, False, "bfloat16")
+    for argv, message in ((["train", "--data", "d"], "--model is required"),
+                          (["--stage", "vision", "--data", "d"], "python -m demo.base vision")):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_full_training_from_a_preset(tmp_path):
@@ -273,7 +301,7 @@ def test_full_training_from_a_preset(tmp_path):
                             plot=False, warmup_ratio=0.0)
     assert cfg.full  # implied
     torch.manual_seed(cfg.seed)
-    init = train.new_model(cfg, torch.float32, "cpu").state_dict()
+    init = train.new_model(cfg.init_preset, cfg.tokenizer, torch.float32, "cpu").state_dict()
     train.train(cfg)
     model = load_model(tmp_path / "out" / "model")
     assert model.config.text.vocab_size == 300 and model.config.image_token_id == 3
@@ -284,41 +312,3 @@ def test_full_training_from_a_preset(tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert (tmp_path / "out" / "model" / "tokenizer.json").is_file()
-
-
-def test_vision_stage_trains_the_tower_only(tmp_path):
-    """--stage vision on world records: the tower changes, the decoder does not, out/model loads,
-    and a record without a `scene` is reported in bad_records.jsonl, not fatal."""
-    from data import build_world
-    from model.tokenizer import train_tokenizer
-
-    world = build_world(tmp_path / "world", n_sft=12, n_align=0, n_val=0, n_test=0)
-    tok_path = tmp_path / "tokenizer.json"
-    train_tokenizer(["is there a nodule ?", "yes", "no", "[INST] [/INST]"], vocab_size=300).save(str(tok_path))
-    records = json.loads(world["sft"].read_text())
-    del records[3]["scene"]
-    (tmp_path / "sft.json").write_text(json.dumps(records))
-    cfg = train.TrainConfig(stage="vision", init_preset="tiny", tokenizer=str(tok_path), data=str(tmp_path / "sft.json"),
-                            image_root=str(world["root"]), out=str(tmp_path / "out"), batch_size=8, max_steps=3,
-                            lr=1e-3)
-    torch.manual_seed(cfg.seed)
-    init = train.new_model(cfg, torch.float32, "cpu").state_dict()
-    train.train(cfg)
-    trained = load_model(tmp_path / "out" / "model").state_dict()
-    assert not torch.equal(trained["vision_tower.encoder.layers.0.mlp.fc1.weight"],
-                           init["vision_tower.encoder.layers.0.mlp.fc1.weight"])
-    for name in ("multi_modal_projector.linear_1.weight", "language_model.layers.0.self_attn.q_proj.weight"):
-        assert torch.equal(trained[name], init[name]), name
-    bad = [json.loads(line) for line in (tmp_path / "out" / "bad_records.jsonl").read_text().splitlines()]
-    assert [b["index"] for b in bad] == [3] and "scene" in bad[0]["reason"]
-    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 3
-
-
-def test_scene_labels():
-    """present, left, small, count, modality index (xray, mri, ct)."""
-    labels = train.scene_labels({"scene": {"modality": "ct", "count": 2, "side": "left", "size": "large"}})
-    assert labels.tolist() == [1.0, 1.0, 0.0, 2.0, 2.0]
-    assert train.scene_labels({"scene": {"modality": "mri", "count": 0, "side": None, "size": None}}).tolist() == \
-        [0.0, 0.0, 0.0, 0.0, 1.0]
-    with pytest.raises(ValueError, match="modality"):
-        train.scene_labels({"scene": {"modality": "pet", "count": 0, "side": None, "size": None}})

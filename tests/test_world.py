@@ -1,4 +1,4 @@
-"""data.py, synthetic Med-VQA world: deterministic, readable, facts in the pixels, priors.
+"""demo/world.py, the synthetic Med-VQA world: deterministic, readable, facts in the pixels, priors.
 
 The references are the pixels themselves: trivial statistics that know nothing of the
 generator (brightest blob, thresholded blobs, nearest centroid) must recover the facts the
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
-from data import (CLOSED_KINDS, MODALITIES, Scene, build_world, findings_sentence, load_image,
-                  read_records, world_texts)
+import demo.world as world_module
+from data import load_image, read_records, resolve_image
+from demo.world import CLOSED_KINDS, MODALITIES, Scene, build_world, findings_sentence, world_texts
 
 SMALL = dict(n_sft=12, n_align=6, n_val=6, n_test=10, size=32)
 # One shared world, big enough for the statistics (about 2 s to build).
@@ -25,7 +25,7 @@ SIZES = dict(n_sft=800, n_align=200, n_val=100, n_test=400)
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     paths = build_world(root, seed=0, **SIZES)
-    raw = {split: json.loads(paths[split].read_text()) for split in data.WORLD_SPLITS}
+    raw = {split: json.loads(paths[split].read_text()) for split in world_module.WORLD_SPLITS}
     return root, paths, raw
 
 
@@ -104,10 +104,10 @@ def test_files_parse_with_the_readers(world):
             types = [r.answer_type for r in records]
             assert 0.35 < types.count("CLOSED") / n < 0.65
     # Images: the readers' loader, mode L, the requested size, default image root = root.
-    image = load_image(data.resolve_image(root, raw["test"][0]["image"]))
+    image = load_image(resolve_image(root, raw["test"][0]["image"]))
     assert image.mode == "L" and image.size == (64, 64)
     world_json = json.loads(paths["world"].read_text())
-    assert world_json["version"] == data.WORLD_VERSION and world_json["seed"] == 0
+    assert world_json["version"] == world_module.WORLD_VERSION and world_json["seed"] == 0
     assert world_json["n"] == {"sft": 800, "align": 200, "val": 100, "test": 400}
 
 
@@ -146,7 +146,7 @@ def test_answers_are_the_scene(world):
             assert answer.startswith(s["side"] + " ")
         elif kind == "report":
             assert answer.endswith(" " + findings_sentence(Scene(**s)))
-    assert seen_kinds == set(data.CLOSED_KINDS) | set(data.OPEN_KINDS)
+    assert seen_kinds == set(world_module.CLOSED_KINDS) | set(world_module.OPEN_KINDS)
     # Descriptions are sentences of several words, the material coupled tokens come from.
     two = findings_sentence(Scene("xray", 2, "right", "small"))
     assert two == "There are two small nodules in the right lung."
@@ -157,19 +157,19 @@ def test_reuse_rebuild_and_interrupted_build(tmp_path, monkeypatch):
     root = tmp_path / "w"
     build_world(root, **SMALL)
     before = _files(root)
-    real_entries = data._split_entries
+    real_entries = world_module._split_entries
 
     def no_drawing(*args, **kwargs):
         raise AssertionError("the world should have been reused")
 
-    monkeypatch.setattr(data, "_split_entries", no_drawing)
+    monkeypatch.setattr(world_module, "_split_entries", no_drawing)
     build_world(root, **SMALL)  # same arguments: nothing drawn
     with pytest.raises(AssertionError, match="reused"):
         build_world(root, **SMALL, force=True)
     for changed in ({"seed": 1}, {"size": 48}, {"n_test": 11}, {"contrast": 0.5}):
         with pytest.raises(AssertionError, match="reused"):
             build_world(root, **{**SMALL, **changed})
-    monkeypatch.setattr(data, "_split_entries", real_entries)
+    monkeypatch.setattr(world_module, "_split_entries", real_entries)
 
     # Interrupted: a write fails halfway; world.json is gone, so the next call rebuilds.
     calls = []
@@ -180,12 +180,12 @@ def test_reuse_rebuild_and_interrupted_build(tmp_path, monkeypatch):
             raise OSError("disk full")
         real_save(pixels, path)
 
-    real_save = data._save_png
-    monkeypatch.setattr(data, "_save_png", failing_save)
+    real_save = world_module._save_png
+    monkeypatch.setattr(world_module, "_save_png", failing_save)
     with pytest.raises(OSError, match="disk full"):
         build_world(root, **{**SMALL, "seed": 7})
     assert not (root / "world.json").exists()
-    monkeypatch.setattr(data, "_save_png", real_save)
+    monkeypatch.setattr(world_module, "_save_png", real_save)
     build_world(root, **SMALL)
     assert _files(root) == before
 
