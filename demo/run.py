@@ -50,8 +50,12 @@ class DemoConfig:
     seed: int = option(0, "seed of the world sample, the negatives' dropout and training")
     similarity: str = option("auto", "minilm when its weights are installed, else lexical",
                              choices=("auto", "minilm", "lexical"))
-    top_k: int = option(1, "hscr.py --top-k: candidate replacements per coupled position (docs/METHOD.md: 10; "
-                        "1 chosen on the validation split: with 10 the argmin picks tokens no branch believes)")
+    num_candidates: int = option(1, "hscr.py --num-candidates: candidate replacements per coupled position (c; "
+                                 "docs/METHOD.md: 10; 1 chosen on the validation split: with 10 the argmin "
+                                 "picks tokens no branch believes)")
+    candidates: str = option("dropped-topk", "hscr.py --candidates: the candidate rule (docs/METHOD.md, step 5)",
+                             choices=("dropped-topk", "plausible", "both", "dropped-plausible"))
+    alpha: float = option(0.1, "hscr.py --alpha: the plausibility cut of the plausible rules")
     prefs: str | None = option(None, "preference file to write or reuse (default: OUT/prefs.jsonl)")
 
 
@@ -110,7 +114,7 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
     print(f"[2/5] hscr.py: self-generated negatives from the base model → {prefs}")
     hscr.run(hscr.Options(model=str(base), data=str(world["align"]), image_root=str(world["root"]), out=str(prefs),
                           limit=cfg.align, seed=cfg.seed, similarity=similarity, mask_strategy=cfg.mask_strategy,
-                          top_k=cfg.top_k,
+                          num_candidates=cfg.num_candidates, candidates=cfg.candidates, alpha=cfg.alpha,
                           batch_size=128, max_new_tokens=32, device="cpu"))
 
     print(f"[3/5] train.py: LoRA with the {cfg.loss} loss → {out / 'train'}")

@@ -257,7 +257,7 @@ def test_cli_help(capsys):
 
 
 @pytest.mark.parametrize("argv, trainer", [
-    ([], False), (["demo", "--top-k", "1"], False), (["ablation"], False), (["--top-k", "1"], False),
+    ([], False), (["demo", "--num-candidates", "1"], False), (["ablation"], False), (["--num-candidates", "1"], False),
     (["train"], True), (["--model", "ckpt", "--data", "prefs.jsonl"], True), (["--data=prefs.jsonl"], True),
     (["--stage", "sft"], True), (["--init-preset", "tiny"], True)])
 def test_cli_dispatch(argv, trainer):
