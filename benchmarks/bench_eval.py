@@ -4,7 +4,7 @@ The whole per-question path of `eval.generate_answers` is timed: prompt building
 tokenization, image loading and preprocessing, left padding, greedy `Llava.generate`, decoding,
 and the flushed answer-file writes. Model: random weights with LLaVA-Med's image geometry
 (CLIP 336 px / patch 14 → 576 visual tokens, Mistral vocabulary) at a CPU-sized width (~45M
-parameters). Prompts: the first N real VQA-RAD questions (../shared/benchmarks), tokenised with
+parameters). Prompts: the first N real VQA-RAD questions (tests/data), tokenised with
 Mistral's SentencePiece model when `mistral_common` is installed (a test dependency), on
 synthetic 512×384 images. Every batch size must give the same answers as batch 1 (greedy).
 
@@ -29,7 +29,7 @@ import eval as E  # noqa: E402
 from data import Record  # noqa: E402
 from model import Llava, LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 
-QUESTION_FILE = ROOT.parent / "shared" / "benchmarks" / "VQA_RAD_test_llavamed_format.jsonl"
+QUESTION_FILE = ROOT / "tests" / "data" / "VQA_RAD_test_llavamed_format.jsonl"
 
 
 def build_model() -> Llava:

@@ -1,6 +1,6 @@
-"""Fused self-contrast softmax: HSCR's implicit reward P_diff in one pass over the logits.
+"""Fused self-contrast softmax: HSCR's contrast reward P_diff in one pass over the logits.
 
-HSCR (../shared/METHOD.md, stage 1, step 3) contrasts the model with and without most of its
+HSCR (docs/METHOD.md, stage 1, step 3) contrasts the model with and without most of its
 visual tokens. At a position t, with logits `full` (image kept) and `drop` (70% of the visual
 tokens dropped), the contrast distribution is
 

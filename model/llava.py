@@ -142,7 +142,7 @@ class LlavaConfig:
 
 
 PRESETS: dict[str, LlavaConfig] = {
-    # microsoft/llava-med-v1.5-mistral-7b (FORMATS.md).
+    # microsoft/llava-med-v1.5-mistral-7b (docs/FORMATS.md, "The LLaVA-Med config").
     "llava-med-v1.5-mistral-7b": LlavaConfig(),
     # A small model of the same architecture for tests and the embedded default.
     "tiny": LlavaConfig(

@@ -9,7 +9,7 @@ leaves the model unchanged. `LoRALinear` keeps the frozen weight under its origi
 (`<name>.weight`), so checkpoints of the base model load into it unchanged, and the adapter
 lives beside it as `<name>.lora_A.weight` / `<name>.lora_B.weight`. One switch per layer
 gives back the base model from the same weights (`lora_disabled`, the reference model π_ref
-of METHOD.md Stage 3), and `merge_lora` folds B A into W for inference; both are idempotent.
+of docs/METHOD.md, Stage 3), and `merge_lora` folds B A into W for inference; both are idempotent.
 
 Files: `save_adapter` writes adapter_config.json + adapter_model.safetensors as PEFT 0.21 does
 for a transformers `LlavaForConditionalGeneration`, so `PeftModel.from_pretrained` loads our

@@ -84,7 +84,7 @@ class SentenceConfig:
 
 
 PRESETS: dict[str, SentenceConfig] = {
-    # sentence-transformers/all-MiniLM-L6-v2, the default encoder of METHOD.md stage 2.
+    # sentence-transformers/all-MiniLM-L6-v2, the default encoder of docs/METHOD.md, stage 2 (step 7).
     "all-MiniLM-L6-v2": SentenceConfig(bert=BertConfig()),
 }
 

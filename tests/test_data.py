@@ -328,18 +328,15 @@ def test_unreadable_file_raises_naming_it(tmp_path):
         read_records(tmp_path / "absent.json")
 
 
-# Question counts from ../shared/benchmarks/README.md: (total, closed, open).
+# Question counts of the real files (tests/data/README.md): (total, closed, open).
 BENCHMARKS = {
     "VQA_RAD_test_llavamed_format.jsonl": (451, 272, 179),
     "SLAKE_test_llavamed_format.jsonl": (1061, 416, 645),
     "pvqa_test_llavamed_format.jsonl": (6719, 3362, 3357),
 }
-_REPO = Path(__file__).resolve().parents[1]
-_CANDIDATES = (_REPO / "shared" / "benchmarks", _REPO.parent / "shared" / "benchmarks")
-BENCHMARK_DIR = next((d for d in _CANDIDATES if d.is_dir()), None)
+BENCHMARK_DIR = Path(__file__).resolve().parent / "data"
 
 
-@pytest.mark.skipif(BENCHMARK_DIR is None, reason=f"benchmark question files not found in {_CANDIDATES}")
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_real_benchmark_files(name):
     records, bad = read_records(BENCHMARK_DIR / name)

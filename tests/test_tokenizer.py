@@ -4,7 +4,7 @@ References:
 - `sentencepiece` itself, on a tiny BPE model trained here and on the real Mistral-7B model that
   LLaVA-Med v1.5 ships (inside the `mistral_common` wheel): ids and decoded text must be equal;
 - transformers' `LlamaConverter`: same vocab, merges, normalizer, decoder and ids;
-- the LLaVA-Med v1.5 prompt ids measured with sentencepiece in FORMATS.md.
+- the LLaVA-Med v1.5 prompt ids measured with sentencepiece in docs/FORMATS.md (Prompt, chunk-wise tokenization).
 """
 import importlib.resources
 import io
@@ -201,7 +201,7 @@ def test_mistral_matches_sentencepiece(mistral):
 
 
 def test_llava_med_prompt_ids(mistral):
-    """The ids measured with sentencepiece in FORMATS.md."""
+    """The ids measured with sentencepiece in docs/FORMATS.md (Prompt, chunk-wise tokenization)."""
     _, _, tok = mistral
     assert ids(tok, "[INST] ") == [733, 16289, 28793, 28705]
     assert tok.encode("[INST] ").ids == [1, 733, 16289, 28793, 28705]  # post-processor adds BOS
