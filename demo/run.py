@@ -12,18 +12,25 @@ Command line (also `python train.py [demo|ablation] …`):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import shutil
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 import eval as evaluation
 import hscr
+import provenance
 import train
-from common import dataclass_parser, option
+from common import dataclass_parser, option, read_jsonl, run_main
+from demo.report import write_report
 from demo.world import build_world
 from model.sentence import default_minilm_path
 
@@ -57,6 +64,8 @@ class DemoConfig:
                              choices=("dropped-topk", "plausible", "both", "dropped-plausible"))
     alpha: float = option(0.1, "hscr.py --alpha: the plausibility cut of the plausible rules")
     prefs: str | None = option(None, "preference file to write or reuse (default: OUT/prefs.jsonl)")
+    overwrite: bool = option(False, "make again the outputs in --out (and --prefs) that other inputs or options "
+                             "made; without it the demo stops naming what changed. Outputs that match are reused")
 
 
 def _strict_gain(r: dict, mode: str) -> float:
@@ -90,12 +99,117 @@ def demo_table(base: dict, aligned: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# Reuse: a stage's output is kept only when what made it is what this run would use
+
+
+def _redo_on_overwrite(run, options, overwrite: bool):
+    """Run a stage that refuses an output made from other inputs (ProvenanceError, naming what
+    changed). With --overwrite, only such a stage runs again with its own `overwrite` set: a
+    stage whose output matches is resumed (reused), not redone."""
+    try:
+        return run(options)
+    except provenance.ProvenanceError as error:
+        if not overwrite:
+            raise
+        print(f"--overwrite: {error.where} was made from other inputs ({'; '.join(error.changes)}); made again")
+    return run(dataclasses.replace(options, overwrite=True))
+
+
+# TrainConfig fields left out of the training stage's fingerprint: paths (the content they name is
+# fingerprinted instead) and what only steers the run, not the adapter it ends with.
+TRAIN_NOT_FINGERPRINTED = ("model", "data", "image_root", "tokenizer", "vision_tower", "eval_data", "out",
+                           "resume", "overwrite", "plot", "keep_checkpoints", "export_merged", "save_every")
+# The demo's record of the training it finished: beside train/, which train.py owns.
+TRAIN_RECORD = "train-provenance.json"
+
+
+def train_fingerprint(tcfg: "train.TrainConfig") -> dict:
+    """What the adapter depends on, by content: the base model's weights, config and tokenizer,
+    the preference file, the images its entries use, and every option that changes training."""
+    base, prefs = Path(tcfg.model), Path(tcfg.data)
+    images = sorted({r["image"] for r in read_jsonl(prefs) if not r.get("_header") and r.get("image")})
+    options = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in TRAIN_NOT_FINGERPRINTED}
+    return provenance.fingerprint(**{
+        "model": provenance.Dir(base), "tokenizer": provenance.File(base / "tokenizer.json"),
+        "preferences": provenance.File(prefs), "images": provenance.Files(tcfg.image_root, images)}, **options)
+
+
+def _run_train(tcfg: "train.TrainConfig", run_dir: Path, overwrite: bool) -> bool:
+    """train.py's stage. A finished adapter whose record (TRAIN_RECORD) matches this fingerprint
+    is reused; any other output in train/ stops the demo naming what changed, or, with
+    --overwrite, is trained again. Returns whether the adapter was reused."""
+    out, record_path = Path(tcfg.out), run_dir / TRAIN_RECORD
+    now = train_fingerprint(tcfg)
+    record = provenance.load(record_path)
+    finished = (out / "adapter" / "adapter_model.safetensors").is_file()
+    changes = provenance.differences(record["fingerprint"], now) if record else [
+        "the demo has no record of a finished training there (interrupted, or trained outside the demo)"]
+    if finished and not changes:
+        print(f"reused: {out / 'adapter'} was trained from the same preferences, model and options")
+        return True
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise provenance.ProvenanceError(out, changes, restart="rerun the demo with --overwrite to train again")
+        print(f"--overwrite: {out} was made from other inputs ({'; '.join(changes)}); trained again")
+        if "overwrite" in {f.name for f in dataclasses.fields(train.TrainConfig)}:
+            tcfg = dataclasses.replace(tcfg, overwrite=True)
+        else:  # TODO(merge train16): train.py without `TrainConfig.overwrite`: the demo clears train/
+            shutil.rmtree(out)
+    record_path.unlink(missing_ok=True)  # written again once the adapter is complete
+    train.train(tcfg)
+    provenance.save(record_path, now, made_by="demo/run.py", stage="train.py")
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The console: a header per stage, its wall time, the table and the timings at the end
+
+
+class Stages:
+    """Numbered stage headers on the console and each stage's wall time (timings.json)."""
+
+    def __init__(self, names: list[str]):
+        self.names, self.seconds, self.reused = names, {}, []
+        self.t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def stage(self, name: str, title: str):
+        print(f"\n[{self.names.index(name) + 1}/{len(self.names)}] {title}", flush=True)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 2)
+
+    def timings(self) -> dict:
+        return {**self.seconds, "total": round(time.perf_counter() - self.t0, 2), "reused": self.reused,
+                "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+
+    @staticmethod
+    def table(timings: dict) -> str:
+        """Stage, seconds, as aligned text lines."""
+        rows = [(k, v) for k, v in timings.items() if isinstance(v, (int, float)) and k not in ("torch_threads", "cpus")]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"  {k:<{width}}  {v:7.1f} s" + ("  (reused)" if k in timings["reused"] else "")
+                         for k, v in rows)
+
+
+# The stages of one demo run, in order (the keys of timings.json, with "total").
+STAGES = ["world", "hscr", "train", "eval base", "eval aligned", "report"]
+
+
 def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
     """World → hscr.py preference data from the base model → LoRA with the multi-level loss →
-    eval.py on the test split, base and aligned, with and without the image → the table.
+    eval.py on the test split, base and aligned, with and without the image → the table and
+    report.html. Options go to files (demo_config.json, each stage's config); the console shows
+    a header per stage, its progress bars, the table and the timings (also in timings.json).
     base_results: the base model's eval results from an earlier run with the same test split
-    (greedy decoding makes them the same), to skip evaluating it again."""
-    t0 = time.time()
+    (greedy decoding makes them the same), to skip evaluating it again.
+
+    Every stage reuses its output only when the same inputs and options made it; otherwise the
+    demo stops naming what changed, or, with cfg.overwrite, makes that stage's output again."""
+    stages = Stages(STAGES)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     base = Path(cfg.base)
@@ -104,41 +218,56 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
         raise SystemExit(f"the base model in {base} lacks {', '.join(missing)}; README.md gives the commands "
                          "that regenerate it")
     (out / "demo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    print(f"[1/5] synthetic world in {cfg.world}")
-    world = build_world(cfg.world, seed=0)
+    print(f"HSCR demo → {out}/ (options in {out / 'demo_config.json'})")
+    with stages.stage("world", f"synthetic world in {cfg.world}"):
+        world = build_world(cfg.world, seed=0)
 
     similarity = cfg.similarity
     if similarity == "auto":
         similarity = "minilm" if default_minilm_path() else "lexical"
     prefs = Path(cfg.prefs) if cfg.prefs else out / "prefs.jsonl"
-    print(f"[2/5] hscr.py: self-generated negatives from the base model → {prefs}")
-    hscr.run(hscr.Options(model=str(base), data=str(world["align"]), image_root=str(world["root"]), out=str(prefs),
-                          limit=cfg.align, seed=cfg.seed, similarity=similarity, mask_strategy=cfg.mask_strategy,
-                          num_candidates=cfg.num_candidates, candidates=cfg.candidates, alpha=cfg.alpha,
-                          batch_size=128, max_new_tokens=32, device="cpu"))
+    with stages.stage("hscr", f"hscr.py: self-generated negatives from the base model → {prefs}"):
+        _redo_on_overwrite(hscr.run, hscr.Options(
+            model=str(base), data=str(world["align"]), image_root=str(world["root"]), out=str(prefs),
+            limit=cfg.align, seed=cfg.seed, similarity=similarity, mask_strategy=cfg.mask_strategy,
+            num_candidates=cfg.num_candidates, candidates=cfg.candidates, alpha=cfg.alpha, batch_size=128,
+            max_new_tokens=32, device="cpu"), cfg.overwrite)
 
-    print(f"[3/5] train.py: LoRA with the {cfg.loss} loss → {out / 'train'}")
-    train.train(train.TrainConfig(
-        model=str(base), data=str(prefs), image_root=str(world["root"]), out=str(out / "train"), loss=cfg.loss,
-        gamma=cfg.gamma, epochs=cfg.epochs, batch_size=16, micro_batch=16, lr=cfg.lr, seed=cfg.seed,
-        max_steps=cfg.steps, eval_fraction=0.05, eval_every=0, save_every=0, lora_dropout=0.0,
-        max_response_tokens=64, device="cpu"))
+    with stages.stage("train", f"train.py: LoRA with the {cfg.loss} loss → {out / 'train'}"):
+        if _run_train(train.TrainConfig(
+                model=str(base), data=str(prefs), image_root=str(world["root"]), out=str(out / "train"),
+                loss=cfg.loss, gamma=cfg.gamma, epochs=cfg.epochs, batch_size=16, micro_batch=16, lr=cfg.lr,
+                seed=cfg.seed, max_steps=cfg.steps, eval_fraction=0.05, eval_every=0, save_every=0,
+                lora_dropout=0.0, max_response_tokens=64, device="cpu"), out, cfg.overwrite):
+            stages.reused.append("train")
 
-    results = {} if base_results is None else {"base": base_results}
-    for name, adapter in (("base", None), ("hscr", str(out / "train" / "adapter"))):
-        if name in results:
-            print("[4/5] eval.py: base model results reused")
-            continue
-        print(f"[{4 if name == 'base' else 5}/5] eval.py: {name} model on the {cfg.split} split, with and without the image")
-        results[name] = evaluation.run(evaluation.EvalConfig(
-            model=str(base), adapter=adapter, benchmark=[f"{cfg.split}={world[cfg.split]}"], image_root=[str(world["root"])],
-            out=str(out / f"eval-{name}"), blind=True, batch_size=128, max_new_tokens=32, limit=cfg.test,
-            device="cpu", dtype="float32"))[cfg.split]
+    results = {}
+    for name, stage, adapter in (("base", "eval base", None), ("hscr", "eval aligned", str(out / "train" / "adapter"))):
+        title = (f"eval.py: {'base' if adapter is None else 'aligned'} model on the {cfg.split} split, with and "
+                 f"without the image → {out / f'eval-{name}'}")
+        with stages.stage(stage, title):
+            if name == "base" and base_results is not None:
+                print("reused: the base model's results of an earlier run on the same split")
+                results[name] = base_results
+                stages.reused.append(stage)
+                continue
+            results[name] = _redo_on_overwrite(evaluation.run, evaluation.EvalConfig(
+                model=str(base), adapter=adapter, benchmark=[f"{cfg.split}={world[cfg.split]}"],
+                image_root=[str(world["root"])], out=str(out / f"eval-{name}"), blind=True, batch_size=128,
+                max_new_tokens=32, limit=cfg.test, device="cpu", dtype="float32"), cfg.overwrite)[cfg.split]
     table = demo_table(results["base"], results["hscr"])
     (out / "table.md").write_text(table + "\n")
+
+    (out / "timings.json").write_text(json.dumps(stages.timings(), indent=2) + "\n")  # for the page
+    with stages.stage("report", f"report → {out / 'report.html'}"):
+        write_report(out)
+    timings = stages.timings()
+    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     print(f"\nBefore / after HSCR on the world's balanced {cfg.split} split ({out / 'table.md'}):\n\n{table}\n")
-    print(f"Outputs in {out}/: prefs.jsonl (+ .summary.json, .rejects.jsonl), train/ (adapter/, metrics.jsonl), "
-          f"eval-base/ and eval-hscr/ (answers, report.md, summary.json), table.md — {time.time() - t0:.0f} s")
+    print(f"Timings ({out / 'timings.json'}):\n{Stages.table(timings)}\n")
+    print(f"Outputs in {out}/: report.html (open it in a browser), prefs.jsonl (+ .summary.json, .rejects.jsonl), "
+          "train/ (adapter/, metrics.jsonl), eval-base/ and eval-hscr/ (answers, report.md, summary.json), "
+          "table.md, timings.json")
     return results
 
 
@@ -197,16 +326,19 @@ def build_parser(prog: str, ablation_run: bool = False):
 
 
 def main(argv: list[str] | None = None, prog: str = "python train.py") -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["ablation"]:
-        args = vars(build_parser(prog, ablation_run=True).parse_args(argv[1:]))
-        seeds = args.pop("seeds")
-        print(ablation(DemoConfig(**args), seeds))
+    """The CLI; an error the user can fix (a stage's output made from other inputs, a bad file)
+    ends with one line on stderr and exit status 2 (common.run_main; --debug shows the traceback)."""
+    def run(argv: list[str]) -> int:
+        if argv[:1] == ["ablation"]:
+            args = vars(build_parser(prog, ablation_run=True).parse_args(argv[1:]))
+            seeds = args.pop("seeds")
+            print(ablation(DemoConfig(**args), seeds))
+            return 0
+        if argv[:1] == ["demo"]:
+            argv = argv[1:]
+        demo(DemoConfig(**vars(build_parser(prog).parse_args(argv))))
         return 0
-    if argv[:1] == ["demo"]:
-        argv = argv[1:]
-    demo(DemoConfig(**vars(build_parser(prog).parse_args(argv))))
-    return 0
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """The embedded demo end to end at reduced size: `python train.py demo` (demo/run.py) on the
 shipped base model and a freshly built world writes every output it promises. Also checks that the shipped
 checkpoint loads through load_model and answers fluently."""
+import dataclasses
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 import demo.run as run
@@ -40,10 +44,19 @@ def test_shipped_base_model_answers_fluently(tmp_path):
             assert text.lower() in ("yes", "no"), (r.question, text)
 
 
-def test_demo_at_reduced_size(tmp_path):
-    out = tmp_path / "run"
-    results = run.demo(run.DemoConfig(out=str(out), world=str(tmp_path / "world"), align=40, test=40, steps=2,
-                                      similarity="lexical"))
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory):
+    """One reduced demo run (40 entries, 2 steps, 40 questions), shared by the tests below; those
+    that rerun it work on a copy."""
+    root = tmp_path_factory.mktemp("demo")
+    cfg = run.DemoConfig(out=str(root / "run"), world=str(root / "world"), align=40, test=40, steps=2,
+                         similarity="lexical")
+    return cfg, run.demo(cfg)
+
+
+def test_demo_at_reduced_size(reduced):
+    cfg, results = reduced
+    out = Path(cfg.out)
     prefs = [json.loads(line) for line in (out / "prefs.jsonl").read_text().splitlines()]
     assert prefs[0]["_header"] and len(prefs) - 1 + len((out / "prefs.rejects.jsonl").read_text().splitlines()) == 40
     assert json.loads((out / "prefs.summary.json").read_text())["entries_written"] == len(prefs) - 1
@@ -57,6 +70,57 @@ def test_demo_at_reduced_size(tmp_path):
     table = (out / "table.md").read_text()
     assert all(f"| {label} |" in table for label in run.DEMO_ROWS)
     assert set(results) == {"base", "hscr"}
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(run.STAGES) | {"total"} <= set(timings) and timings["reused"] == []
+    assert timings["total"] >= sum(timings[s] for s in run.STAGES)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert all(f'id="{s}"' in page for s in ("results", "preferences", "training", "answers"))
+    assert page.count('class="entry"') == 8 and "data:image/png;base64," in page
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {p: (out / p).read_bytes() for p in ("prefs.jsonl", "train/adapter/adapter_model.safetensors",
+                                                 "eval-base/test/answers.jsonl", "eval-hscr/test/answers.jsonl")}
+
+
+def test_rerun_reuses_what_matches_and_stops_on_a_change(reduced, tmp_path, capsys):
+    """A rerun with the same options reuses every stage's output. With another learning rate it
+    stops before touching anything, naming the change; with --overwrite it trains again and
+    evaluates the new adapter again, and keeps the preference data and the base's answers."""
+    cfg, _ = reduced
+    out = tmp_path / "run"
+    shutil.copytree(cfg.out, out)
+    cfg = dataclasses.replace(cfg, out=str(out))
+    before = _outputs(out)
+    capsys.readouterr()
+
+    run.demo(cfg)
+    assert _outputs(out) == before
+    assert json.loads((out / "timings.json").read_text())["reused"] == ["train"]
+    console = capsys.readouterr()
+    assert all(f"[{i}/6]" in console.out for i in range(1, 7)) and "Timings" in console.out
+    assert '"resolved"' not in console.out + console.err  # eval.py's options go to its config.json
+
+    argv = ["demo", "--out", str(out), "--world", cfg.world, "--align", "40", "--test", "40", "--steps", "2",
+            "--similarity", "lexical", "--lr", str(2 * cfg.lr)]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"option lr: {json.dumps(cfg.lr)} in the file, {json.dumps(2 * cfg.lr)} now" in err
+    assert "--overwrite" in err and str(out / "train") in err
+    assert _outputs(out) == before
+
+    assert run.main(argv + ["--overwrite"]) == 0
+    after = _outputs(out)
+    assert after["prefs.jsonl"] == before["prefs.jsonl"]
+    assert after["eval-base/test/answers.jsonl"] == before["eval-base/test/answers.jsonl"]
+    assert after["train/adapter/adapter_model.safetensors"] != before["train/adapter/adapter_model.safetensors"]
+    assert json.loads((out / run.TRAIN_RECORD).read_text())["fingerprint"]["lr"] == 2 * cfg.lr
+    evaluated = json.loads((out / "eval-hscr" / "provenance.json").read_text())["fingerprint"]["adapter"]
+    assert evaluated["files"]["adapter_model.safetensors"] == hashlib.sha256(
+        after["train/adapter/adapter_model.safetensors"]).hexdigest()
+    console = capsys.readouterr().out
+    assert f"--overwrite: {out / 'train'} was made from other inputs (option lr" in console
+    assert f"--overwrite: {out / 'eval-hscr'} was made from other inputs (adapter" in console
 
 
 def _fake_results(closed: float, closed_blind: float) -> dict:
