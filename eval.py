@@ -759,7 +759,7 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
                 with torch.inference_mode():
                     new = model.generate(batch.input_ids.to(model.device), images,
                                          batch.attention_mask.to(model.device), max_new_tokens=max_new_tokens,
-                                         temperature=0.0, eos_token_id=eos)  # (B, T_new)
+                                         temperature=0.0, eos_token_id=eos, drop_finished=True)  # (B, T_new)
                 for record, ids in zip(chunk, new.tolist()):
                     text = decode(tokenizer, ids, eos_token_id=eos)
                     f.write(json.dumps(answer_row(record, text, model_id, mode)) + "\n")

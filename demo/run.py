@@ -99,6 +99,19 @@ def demo_table(base: dict, aligned: dict) -> str:
     return "\n".join(lines)
 
 
+def demo_world(root: str | os.PathLike) -> dict[str, Path]:
+    """The world's splits the demo reads (align, val, test). A world built whole is used as it is
+    (`python -m demo.base world`, which the base model's training needs); otherwise the demo builds
+    one without the SFT split, two thirds of the images: every split is drawn from (seed, split)
+    alone, so align, val and test are the same files either way."""
+    try:
+        built = json.loads((Path(root) / "world.json").read_text(encoding="utf-8"))
+        whole = built["n"]["sft"] > 0
+    except (OSError, ValueError, KeyError, TypeError):
+        whole = False
+    return build_world(root, seed=0) if whole else build_world(root, seed=0, n_sft=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reuse: a stage's output is kept only when what made it is what this run would use
 
@@ -220,7 +233,7 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
     (out / "demo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     print(f"HSCR demo → {out}/ (options in {out / 'demo_config.json'})")
     with stages.stage("world", f"synthetic world in {cfg.world}"):
-        world = build_world(cfg.world, seed=0)
+        world = demo_world(cfg.world)
 
     similarity = cfg.similarity
     if similarity == "auto":
