@@ -1137,7 +1137,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
             "model_id": model_id, "num_image_tokens": model.config.num_image_tokens}}
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
-        print(f"eval.py: {device}, {resolved['resolved']['dtype']}; options in {run_dir / 'config.json'}", file=sys.stderr)
+        print(f"eval.py: {device}, {resolved['resolved']['dtype']}; options in {run_dir}/config.json", file=sys.stderr)
     modes = MODES if cfg.blind else MODES[:1]
     for name, (records, _) in benchmarks.items():
         skipped = dict(screened[name])  # this rank's view: the screened ones, then its own failures

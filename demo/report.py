@@ -206,8 +206,8 @@ def coupled_table(record: dict, ranked: list[dict]) -> str:
     (candidate m replaces the m highest-scoring replaced positions), candidates when stored."""
     replaced = [c["position"] for c in record.get("coupled", [])]
     with_candidates = any("candidates" in c for c in ranked)
-    head = "<tr><th>rank</th><th>position</th><th>y_t</th><th>s_t</th><th>replacement</th><th>in candidates m ≥</th>" \
-           + ("<th>candidates C_t (P_diff)</th>" if with_candidates else "") + "</tr>"
+    head = ("<tr><th>rank</th><th>position</th><th>y_t</th><th>s_t</th><th>replacement</th>"
+            "<th>in candidates m ≥</th>" + ("<th>candidates C_t (P_diff)</th>" if with_candidates else "") + "</tr>")
     rows = []
     for rank, c in enumerate(ranked, 1):
         m = replaced.index(c["position"]) + 1 if c["position"] in replaced else None
@@ -234,7 +234,8 @@ def negatives_table(record: dict) -> str:
         rows.append(f"<tr><td>{j}</td><td>{n.get('m', '–')}</td><td>{_fmt(n.get('similarity'))}</td>"
                     f"<td>{_fmt(p[j - 1] if j <= len(p) else None)}</td>"
                     f"<td>{word_diff(n.get('text', ''), record.get('chosen', ''))}{complete}</td></tr>")
-    head = "<tr><th>j</th><th>m</th><th>similarity to y_w</th><th>mean p</th><th>negative y_l (words not in y_w marked)</th></tr>"
+    head = ("<tr><th>j</th><th>m</th><th>similarity to y_w</th><th>mean p</th>"
+            "<th>negative y_l (words not in y_w marked)</th></tr>")
     return f'<table class="negs">{head}{"".join(rows)}</table>'
 
 
@@ -281,7 +282,8 @@ def preferences_section(run_dir: Path, n: int = ENTRIES) -> str:
     root = options.get("image_root")
     for r in shown:
         tokens = _answer_tokens(r, tokenizer)
-        answer = shaded_answer(tokens, ranked[r["id"]], scale) if tokens is not None else html.escape(r.get("chosen", ""))
+        answer = (shaded_answer(tokens, ranked[r["id"]], scale) if tokens is not None
+                  else html.escape(r.get("chosen", "")))
         parts.append(
             f'<div class="entry" id="entry-{html.escape(r["id"])}">{_image(root, r.get("image"))}<div class="body">'
             f'<div class="meta">{html.escape(r["id"])} · p(y_w) = {_fmt(r.get("p_chosen"))} per token</div>'
@@ -313,7 +315,8 @@ PANELS = {
              ("eval_loss", "held out")),
     "rewards r(y) = γ·(log π_θ − log π_ref)": (("reward_chosen", "y_w"), ("reward_rejected_1", "y_l1"),
                                                 ("reward_rejected_2", "y_l2"), ("reward_rejected_3", "y_l3"),
-                                                ("margin", "margin r(y_w) − r(y_l)"), ("eval_margin", "held-out margin")),
+                                                ("margin", "margin r(y_w) − r(y_l)"),
+                                                ("eval_margin", "held-out margin")),
     "pair accuracy": (("accuracy_explicit", "y_w over y_l"), ("accuracy_implicit", "y_lj over y_lj′, j < j′"),
                       ("eval_accuracy_explicit", "held out, y_w over y_l"),
                       ("eval_accuracy_implicit", "held out, y_lj over y_lj′")),
@@ -433,7 +436,8 @@ h3 { font-size: 15px; }
 table { border-collapse: collapse; margin: 8px 0; }
 td, th { border: 1px solid #ddd; padding: 3px 7px; vertical-align: top; text-align: left; }
 th { background: #f3f3f5; font-weight: 600; }
-table.results td:not(:first-child), table.timings td:last-child { text-align: right; font-variant-numeric: tabular-nums; }
+table.results td:not(:first-child), table.timings td:last-child {
+  text-align: right; font-variant-numeric: tabular-nums; }
 .note { color: #555; font-size: 13px; }
 .entry { display: flex; gap: 16px; border: 1px solid #ddd; border-radius: 6px; padding: 10px; margin: 12px 0; }
 .entry .body { flex: 1; min-width: 0; }

@@ -3,11 +3,19 @@ world (demo/world.py), on a CPU, and its ablation over seeds.
 
     demo()      world → hscr.py preference data from the base model → train.py LoRA with the
                 multi-level loss → eval.py on the test split, base and aligned, with and without
-                the image → DEMO_ROWS as a before/after table (table.md)
+                the image → DEMO_ROWS as a before/after table (table.md) → report.html
+                (demo/report.py). The console shows a header per stage, the progress bars, the
+                table and each stage's wall time (timings.json); options go to files.
     ablation()  every ABLATION variant over seeds → mean ± std per metric (ablation.md)
 
+Reuse. A rerun into the same --out reuses a stage's output only when the same inputs and options
+made it: hscr.py and eval.py check their own (a content fingerprint, provenance.py), and the
+demo checks the training stage (train_fingerprint, TRAIN_RECORD). Any difference stops the run
+with the stage's message naming it; --overwrite makes that stage's output again (and, through
+the fingerprints, the outputs that depend on it), reusing the stages that match.
+
 Command line (also `python train.py [demo|ablation] …`):
-    python -m demo.run [demo] [--out runs/default] [options]
+    python -m demo.run [demo] [--out runs/default] [--overwrite] [options]
     python -m demo.run ablation [--seeds 0 1 2] [options]
 """
 from __future__ import annotations
@@ -202,7 +210,8 @@ class Stages:
     @staticmethod
     def table(timings: dict) -> str:
         """Stage, seconds, as aligned text lines."""
-        rows = [(k, v) for k, v in timings.items() if isinstance(v, (int, float)) and k not in ("torch_threads", "cpus")]
+        rows = [(k, v) for k, v in timings.items()
+                if isinstance(v, (int, float)) and k not in ("torch_threads", "cpus")]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"  {k:<{width}}  {v:7.1f} s" + ("  (reused)" if k in timings["reused"] else "")
                          for k, v in rows)

@@ -36,7 +36,8 @@ def make_run(tmp_path: Path, candidates: bool = True) -> Path:
 
     Entry a-0, y_w = LONG, tokenized by the shipped tokenizer into 9 pieces
     (▁There ▁is ▁one ▁small ▁nodule ▁in ▁the ▁left ▁lung.): s_t stored for positions 3 (2.0),
-    7 (−1.0), 4 (0.5), all replaced, and 0 (0.25), left unreplaced. Entry a-1, y_w = "yes":
+    4 (0.5), 7 (−1.0), replaced (`coupled`, by descending score as hscr.py writes it), and 0
+    (0.25), left unreplaced. Entry a-1, y_w = "yes":
     position 0 (0.1), with two stored candidates when `candidates`."""
     world, run = tmp_path / "world", tmp_path / "run"
     tok = load_tokenizer(BASE)
@@ -56,13 +57,14 @@ def make_run(tmp_path: Path, candidates: bool = True) -> Path:
     long_entry = {
         "id": "a-0", "index": 0, "image": "images/a-0.png", "question": "What abnormality is seen?",
         "chosen": LONG, "chosen_ids": ids,
-        "coupled": [coupled(3, 2.0, "▁large"), coupled(7, -1.0, "▁right"), coupled(4, 0.5, "▁mass")],
+        "coupled": [coupled(3, 2.0, "▁large"), coupled(4, 0.5, "▁mass"), coupled(7, -1.0, "▁right")],
         "unreplaced": [{"position": 0, "token": piece(ids[0]), "token_id": ids[0], "score": 0.25}],
         "negatives": [{"text": "There is one large nodule in the left lung.", "similarity": 0.9, "m": 1},
                       {"text": "There is one large nodule in the right lung.", "similarity": 0.7, "m": 2,
                        "complete": False}],
         "p_chosen": 0.91, "p_rejected": [0.6, 0.3]}
-    yes = {"position": 0, "token": "▁yes", "token_id": 325, "score": 0.1, "replacement": "▁no", "replacement_id": 321}
+    yes = {"position": 0, "token": "▁yes", "token_id": 325, "score": 0.1, "replacement": "▁no",
+           "replacement_id": 321}
     if candidates:
         yes["candidates"] = [{"token": "▁no", "token_id": 321, "p_diff": 0.01},
                              {"token": "▁left", "token_id": 340, "p_diff": 0.25}]
@@ -88,7 +90,8 @@ def make_run(tmp_path: Path, candidates: bool = True) -> Path:
                                                    "image_root": [str(world)]}))
         _jsonl(d / "test" / "answers.jsonl", [{"question_id": q, "text": a, "metadata": {"mode": "full"}}
                                               for (q, *_), a in zip(questions, answers)])
-    (run / "table.md").write_text("| metric | base | HSCR | Δ |\n|---|---:|---:|---:|\n| closed accuracy | 50.00 | 100.00 | +50.00 |\n")
+    (run / "table.md").write_text("| metric | base | HSCR | Δ |\n|---|---:|---:|---:|\n"
+                                  "| closed accuracy | 50.00 | 100.00 | +50.00 |\n")
     (run / "timings.json").write_text(json.dumps({"world": 1.0, "hscr": 2.0, "total": 3.5, "reused": ["hscr"]}))
     (run / "demo_config.json").write_text(json.dumps({"prefs": None, "seed": 0}))
     return run
@@ -148,6 +151,11 @@ def test_report_sections_images_and_shading(tmp_path):
     plain = re.findall(r'<span class="tok" title="position (\d+): not among the top n', page)
     assert sorted(map(int, plain)) == [1, 2, 5, 6, 8]
 
+    # Candidate m replaces the m highest-scoring replaced positions: "▁left" (third) is in m ≥ 3,
+    # "▁There" (unreplaced) in none.
+    assert re.search(r"<td>4</td><td>7</td><td> left</td><td>-1.0000</td><td> right</td><td>3</td>", page)
+    assert re.search(r"<td>3</td><td>0</td><td> There</td><td>0.2500</td><td>.*?none \(no candidate\).*?</td>"
+                     r"<td>–</td>", page)
     # Candidates with P_diff, shown when stored (the winner in bold); the missing-field note is not.
     assert "<b> no (0.0100)</b>,  left (0.2500)" in page
     assert "would need <code>candidates" not in page
