@@ -90,7 +90,8 @@ from common import UserError, dataclass_parser, dist_env, left_pad, option, read
 from data import Record, load_image, preprocess_image, read_records, resolve_image
 from kernels import contrast_softmax
 from model import load_model
-from model.tokenizer import TEMPLATES, build_prompt, decode, load_tokenizer, tokenize_prompt, tokenize_response
+from model.tokenizer import (TEMPLATES, build_prompt, decode, load_tokenizer, tokenize_prompt, tokenize_response,
+                             tokenizer_file)
 
 # Similarities within this of the gap count as the gap: 0.3 − 0.2 is 0.0999… in floating point.
 GAP_TOLERANCE = 1e-9
@@ -952,21 +953,6 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
     """prefs.jsonl → prefs.rank0-of-2.jsonl."""
     stem = str(out)[: -len(".jsonl")] if str(out).endswith(".jsonl") else str(out)
     return Path(f"{stem}.rank{rank}-of-{world}.jsonl")
-
-
-def tokenizer_file(path: str | os.PathLike) -> Path:
-    """The file load_tokenizer reads for --tokenizer (default --model): the path itself, or a
-    directory's tokenizer.json, else its SentencePiece tokenizer.model. The fingerprint hashes
-    this file, so it is resolved here as load_tokenizer resolves it."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if (path / name).is_file():
-                return path / name
-        raise UserError(f"--tokenizer {path}: no tokenizer.json or tokenizer.model in it")
-    if not path.is_file():
-        raise UserError(f"--tokenizer {path}: not found")
-    return path
 
 
 def image_names(records: list[Record], entries: list[int], image_root: str) -> list[str]:
