@@ -4,44 +4,54 @@ The planner builds model/llava.py at a named config (the LLaVA-Med v1.5 Mistral-
 tiny one) with *fake* floating-point tensors (shapes and dtypes, no storage: a 7B model costs no
 memory here) and runs one real step of each stage through the project's own functions:
 
-    hscr    hscr.visual_token_dropout → hscr.score_two_branches (full + dropped branch in one
-            batch) → coupling_scores → select_coupled_positions → hallucinated_replacements →
-            graded_negatives → hscr.greedy_continuations (model.generate, one KV cache for the
-            candidates of many entries) → teacher_forced_logits of the kept negatives (p_rejected)
-    train   one LoRA step: train.batch_loss (row_logprobs + the multi-level loss, reference
-            log-probs given as cached) → backward → gradient clipping → AdamW; with and without
-            train.enable_gradient_checkpointing, at several micro-batch sizes
-    eval    one batch of greedy answers: model.generate
+    hscr       hscr_step: hscr.visual_token_dropout → hscr.score_two_branches (full + dropped
+               branch in one batch) → coupling_scores → select_coupled_positions →
+               hallucinated_replacements → graded_negatives → hscr.greedy_continuations
+               (model.generate, one KV cache for the candidates of many entries) →
+               teacher_forced_logits of the kept negatives (p_rejected), as HSCR.process runs them
+    train      train_step: train.batch_loss (row_logprobs + the multi-level loss, reference
+               log-probs given as cached) → backward → gradient clipping → AdamW, with and
+               without train.enable_gradient_checkpointing, at several micro-batch sizes
+    reference  reference_step: train.row_logprobs with LoRA disabled, no gradients
+    eval       eval_step: one batch of greedy answers, model.generate
 
-and measures, for each step:
+and measures each step (`measure`):
 
     memory  the peak of all live tensors, by kind: frozen weights, LoRA, gradients, optimizer
-            state, activations, KV cache, temporaries of the backward pass (MemTracker from
-            torch.distributed._tools, which follows every tensor's storage by category);
-    FLOPs   torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions and attention);
-    time    a roofline estimate per card: every operator takes max(FLOPs / (u_c · peak FLOP/s),
-            bytes / (u_m · bandwidth)) + a fixed launch cost, summed over the step (`OpCost`);
-            the utilisation factors u_c, u_m and the launch cost are stated assumptions.
+            state, activations, KV cache, temporaries of the backward pass (`Tracker`, a
+            MemTracker from torch.distributed._tools, which follows every storage by category);
+    FLOPs   FlopCounterMode's formulas (torch.utils.flop_counter, plus CPU flash attention),
+            counted per operator by `OpCost`. FlopCounterMode itself is not stacked on the step:
+            its module tracker keeps checkpointed activations alive (tiny model, one training
+            step: a 36 MiB peak becomes 79 MiB); tests/test_plan.py checks that both count alike;
+    time    a roofline per card: each operator takes max(FLOPs / (u_c · peak FLOP/s), bytes /
+            (u_m · bandwidth)) + a launch cost, summed over the step (`OpCost`); u_c, u_m and
+            the launch cost are stated assumptions, as are the card figures (`CARDS`).
 
-How the fake run works (`FakeFloats`): floating-point tensors are fake (FakeTensorMode), integer
-and boolean tensors are real. Token ids, masks, positions and every Python decision made on them
-(`.tolist()`, `nonzero`, lengths) therefore run exactly as on a GPU; values computed *from* fake
-floats (an argmax, a sort order, `.item()` of a loss) cannot be known, and are placeholders of the
-right shape: 0 for argmax / argmin / `.item()`, reversed `arange` for sort orders (so that the
-coupled positions are the last ones of a response: the longest continuations, the worst case). A
-greedy decode therefore never meets EOS and always runs `max_new_tokens` steps.
+Fake floats, real integers (`FakeFloats`): floating-point tensors are fake (FakeTensorMode),
+integer and boolean tensors real, so token ids, masks, positions and every Python decision made
+on them (`.tolist()`, `nonzero`, lengths) run exactly as on a GPU. What is computed *from* fake
+floats (an argmax, a sort order, `.item()` of a loss) is a placeholder of the right shape: 0 for
+argmax / argmin / `.item()`, a reversed `arange` for sort orders (the coupled positions are then
+the last ones of a response: the longest continuations, the worst case). A greedy decode thus
+never meets EOS by itself; `FakeFloats(eos_after=m)` makes it stop after m steps, and
+`decode_extrapolated` turns runs of 0, 1 and 2 steps into any length (a decode step costs an
+affine function of the cache length it reads). The peak needs no extrapolation: the KV cache is
+allocated whole before the first step.
 
-What the model of a GPU leaves out, and how the verdict allows for it: the CUDA context and
-cuBLAS workspaces (`RESERVE_GIB`), the caching allocator's rounding and fragmentation
-(`FRAGMENTATION`); attention is CPU flash attention here (O(T) memory, like CUDA's flash and
-memory-efficient kernels that SDPA picks for bf16 on a GPU).
+Where a CPU run would keep other tensors than a GPU: dropout (LoRA's) keeps a noise tensor on a
+CPU and a bool mask on a GPU, so planned models use `CudaDropout` (the GPU's kernel); attention
+runs CPU flash attention, which keeps what CUDA's flash / memory-efficient kernels keep (output
+and log-sum-exp). Outside the tensors: the CUDA context and cuBLAS workspaces (`RESERVE_GIB`)
+and the caching allocator's rounding and fragmentation (`FRAGMENTATION`) enter the verdict
+"fits a card" (`device_gib`).
 
 Usage:
-    python benchmarks/plan.py                          # LLaVA-Med 7B: table of every stage
-    python benchmarks/plan.py --json                   # the same as JSON (peak GiB per stage)
+    python benchmarks/plan.py                     # LLaVA-Med 7B: tables, answers, hours (~5 min)
+    python benchmarks/plan.py --json              # the same as JSON (peak GiB per stage)
     python benchmarks/plan.py --preset tiny --quick
-Validation (tests/test_plan.py): at a small config, each stage's fake peak equals the peak of
-the same step run with real tensors on the CPU, tracked the same way, within 10 %.
+Validation (tests/test_plan.py): at a small config, each stage's fake peak against the same step
+run with real tensors on the CPU, tracked the same way: within 10 % (in fact equal).
 """
 from __future__ import annotations
 
@@ -84,19 +94,20 @@ class Card:
     name: str
     flops: float       # dense bf16 FLOP/s
     bandwidth: float   # bytes/s
-    memory_gib: float  # usable device memory
+    memory_gib: float  # total device memory as nvidia-smi reports it
     source: str
 
 
 CARDS = {
-    "rtx3090": Card("RTX 3090", 71e12, 936e9, 24.0,
+    "rtx3090": Card("RTX 3090", 71e12, 936e9, 24576 / 1024,
                     "NVIDIA Ampere GA102 whitepaper, appendix A (GeForce RTX 3090): peak BF16 tensor TFLOPS with "
-                    "FP32 accumulate 71 (142 with sparsity); 936 GB/s GDDR6X; 24 GB"),
-    "a100-80gb": Card("A100-80GB SXM", 312e12, 2039e9, 80.0,
-                      "NVIDIA A100 datasheet: BF16 tensor 312 TFLOPS (624 with sparsity); 80GB HBM2e at 2,039 GB/s"),
-    "h100": Card("H100 SXM", 989e12, 3350e9, 80.0,
-                 "NVIDIA H100 datasheet: BF16 tensor 1,979 TFLOPS with sparsity, i.e. 989 dense; 80GB HBM3 at "
-                 "3.35 TB/s"),
+                    "FP32 accumulate 71 (142 with sparsity), 936 GB/s GDDR6X; 24576 MiB"),
+    "a100-80gb": Card("A100-80GB SXM", 312e12, 2039e9, 81920 / 1024,
+                      "NVIDIA A100 datasheet: BF16 tensor 312 TFLOPS (624 with sparsity), 80GB HBM2e at 2,039 GB/s; "
+                      "81920 MiB"),
+    "h100": Card("H100 SXM", 989e12, 3350e9, 81559 / 1024,
+                 "NVIDIA H100 datasheet: BF16 tensor 1,979 TFLOPS with sparsity (989 dense), 80GB HBM3 at 3.35 TB/s; "
+                 "81559 MiB"),
 }
 
 # Assumptions of the estimate (all stated in the output and in benchmarks/RESULTS.md).
@@ -254,7 +265,8 @@ _NOT_KERNELS = {aten.detach.default, aten._local_scalar_dense.default, aten.lift
 class OpCost(TorchDispatchMode):
     """Per operator: FLOPs (FlopCounterMode's formulas) and bytes moved (tensor inputs + outputs;
     views move nothing; a scatter into a slice moves its source twice), accumulated per card as
-    roofline seconds: max(F / (u_c · P), B / (u_m · BW)) + the launch cost."""
+    roofline seconds: max(F / (u_c · P), B / (u_m · BW)) + the launch cost. A composite op that
+    arrives whole (under inference_mode) is counted by its parts, as FlopCounterMode does."""
 
     def __init__(self, cards: dict[str, Card]):
         super().__init__()
@@ -351,6 +363,7 @@ def memory_by_kind(snapshot: dict, lora_bytes: int) -> dict[str, int]:
 
 @dataclass
 class Measurement:
+    """One measured step: the peak by kind, FLOPs, bytes moved, operators, roofline seconds."""
     stage: str
     settings: dict
     peak: dict[str, int]          # bytes by kind at the peak
@@ -377,9 +390,9 @@ class Measurement:
                 "fits": {k: self.fits(c) for k, c in CARDS.items()}}
 
 
-def measure(stage: str, settings: dict, model: Llava, step: Callable[[MemTracker], None], *,
+def measure(stage: str, settings: dict, model: Llava, step: Callable[[], None], *,
             optimizer: torch.optim.Optimizer | None = None, floats: FakeFloats | None = None) -> Measurement:
-    """Run `step(tracker)` once under the memory tracker, FlopCounterMode and OpCost.
+    """Run `step()` once under the memory tracker and OpCost.
 
     The model (and optimizer state) exist before the step: they are registered as external
     tensors. The KV cache that `model.generate` allocates is re-labelled as a buffer (MemTracker
@@ -404,7 +417,7 @@ def measure(stage: str, settings: dict, model: Llava, step: Callable[[MemTracker
     t0 = time.perf_counter()
     try:
         with tracker, cost:
-            step(tracker)
+            step()
     finally:
         del model.setup_cache
     snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()), {})
@@ -520,7 +533,7 @@ def hscr_step(model: Llava, s: HscrSettings, work: Workload, seed: int = 0) -> C
     eos, pad, image = c.text.eos_token_id, c.text.pad_token_id or 0, c.image_token_id
     banned = tuple(t for t in (eos, c.text.bos_token_id, pad, image) if t is not None and t >= 0)
 
-    def step(tracker):
+    def step():
         rng = torch.Generator().manual_seed(seed)
         prompts = [prompt_ids(c, work.prompt_text_tokens, rng) for _ in range(s.batch_size)]
         responses = [response_ids(c, work.response_tokens, rng) for _ in range(s.batch_size)]
@@ -624,7 +637,7 @@ def train_step(model: Llava, optimizer, s: TrainSettings, work: Workload, seed: 
     ctx = train.Context(device=model.device, amp=s.amp, pad_id=model.config.text.pad_token_id or 0)
     params = list(lora_parameters(model))
 
-    def step(tracker):
+    def step():
         batch = train_examples(model.config, s, work, seed)
         ref = {ex.id: [0.0] * len(ex.rows) for ex in batch}  # cached reference log-probs
         model.train()
@@ -647,7 +660,7 @@ def eval_step(model: Llava, s: EvalSettings, work: Workload, seed: int = 0) -> C
     """eval.generate_answers' model call: left-padded prompts, greedy, with images."""
     c = model.config
 
-    def step(tracker):
+    def step():
         rng = torch.Generator().manual_seed(seed)
         # Questions differ in length (left padding); the first is the longest.
         shorter = [0] + torch.randint(0, min(8, work.prompt_text_tokens), (s.batch_size - 1,), generator=rng).tolist()
@@ -663,7 +676,7 @@ def reference_step(model: Llava, s: TrainSettings, work: Workload, seed: int = 0
     """train.reference_logprobs' inner loop: log π_ref of a micro-batch, LoRA off, no gradients."""
     ctx = train.Context(device=model.device, amp=s.amp, pad_id=model.config.text.pad_token_id or 0)
 
-    def step(tracker):
+    def step():
         batch = train_examples(model.config, s, work, seed)
         model.eval()
         with torch.no_grad(), lora_disabled(model), ctx.autocast(), fake_image_loading(model.dtype):
@@ -786,6 +799,10 @@ def largest_micro_batch(config, gc: bool, work: Workload, measured: dict[int, Me
 def plan(cfg: PlanConfig, log=print) -> dict:
     """Every measurement, the answers and the hours; see the module doc."""
     config = preset(resolve_preset(cfg.preset))
+    # max_seq_len bounds the KV cache, not the weights: make room for the workload's longest row.
+    longest = (1 + config.num_image_tokens + cfg.prompt_text_tokens + cfg.max_response_tokens
+               + max(cfg.hscr_max_new_tokens, cfg.eval_max_new_tokens))
+    config.text = dataclasses.replace(config.text, max_seq_len=max(config.text.max_seq_len, longest))
     worst = Workload(cfg.prompt_text_tokens, cfg.max_response_tokens)
     typical = Workload(cfg.prompt_text_tokens, cfg.mean_response_tokens)
     t0 = time.perf_counter()
@@ -902,7 +919,7 @@ def _settings_text(m: dict) -> str:
 
 def memory_table(memory: list[dict]) -> str:
     head = ("| stage | settings | weights | LoRA | grads | optim. | activ. | KV cache | temp. | peak GiB "
-            "| on a card GiB | fits 24 GB | fits 80 GB |")
+            "| on a card GiB | fits RTX 3090 | fits H100 |")
     lines = [head, "|" + "---|" * 2 + "---:|" * 11]
     for m in memory:
         k = m["peak_gib_by_kind"]
@@ -946,7 +963,7 @@ def render(report: dict) -> str:
         out += ["", "Largest train micro-batch (entries of 1 + 3 responses, longest responses):", "",
                 "| card | GC off | GC on |", "|---|---:|---:|"]
         out += [f"| {CARDS[k].name} | {v['gc_off']} | {v['gc_on']} |" for k, v in report["largest_micro_batch"].items()]
-    out += ["", "Largest hscr decode rows / eval batch that fit: "
+    out += ["", "Largest hscr decode rows / eval batch (of those tried) that fit: "
             + "; ".join(f"{CARDS[k].name} {report['hscr_decode_rows'][k]} / {report['eval_batch'][k]}" for k in CARDS)]
     if "time" in report:
         out += ["", f"Step times (roofline: max(FLOPs / ({a['compute_utilisation']} × peak), bytes / "

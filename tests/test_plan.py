@@ -112,7 +112,7 @@ def test_flops_agree_with_flop_counter():
         counter = FlopCounterMode(display=False, custom_mapping=plan.CPU_ATTENTION_FLOPS)
         cost = plan.OpCost(plan.CARDS)
         with counter, cost:
-            step(None)
+            step()
     assert floats is not None and cost.flops == counter.get_total_flops() > 0
 
 
