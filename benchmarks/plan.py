@@ -559,7 +559,7 @@ def hscr_step(model: Llava, s: HscrSettings, work: Workload, seed: int = 0) -> C
                 start += len(ps)
             owner = [b for b, cands in enumerate(candidates) for _ in cands]
             prefixes = [x for cands in candidates for x in cands]
-            tails = hscr.greedy_continuations(model, [prompts[b] for b in owner], [full[b] for b in owner], prefixes,
+            tails = hscr.greedy_continuations(model, prompts, full, prefixes, owners=owner,
                                               max_new_tokens=s.max_new_tokens, pad_id=pad, rows_per_call=s.decode_rows)
             # The worst case from here on: every continuation ran to max_new_tokens (a fake decode
             # may stop early, see FakeFloats.eos_after; a real one where the model says EOS).
