@@ -608,7 +608,7 @@ def fake_image_loading(dtype):
     """train.batch_loss reads the entries' images; here they are tensors of the right shape."""
     original = train.load_pixels
 
-    def load_pixels(examples, image_size):
+    def load_pixels(examples, image_size, aspect="pad"):
         n = sum(ex.image is not None for ex in examples)
         return torch.randn(n, 3, image_size, image_size, dtype=dtype) if n else None
 
