@@ -2,22 +2,33 @@
 LLaVA-format conversations become rows of token ids with a mask of the tokens trained on
 (`Example`); the rows of a micro-batch are padded into tensors for one forward pass (`collate`).
 
-Preference file (docs/FORMATS.md): a header line {"_header": true, …} (skipped), then JSON lines
-{"id", "image", "question", "prompt" (optional), "chosen", "negatives": [{"text", "similarity"},
-…] ranked best first}; "rejected" (a string or a list of strings) is read when "negatives" is
-absent. A bad record becomes a BadRecord (file, index, id, reason) and reading goes on.
+Preference file (docs/FORMATS.md): a header line {"_header": true, "options", "provenance"}, then
+JSON lines {"id", "image", "question", "prompt" (optional), "chosen", "chosen_ids",
+"chosen_complete", "negatives": [{"text", "similarity", "ids", "complete"}, …] ranked best first};
+"rejected" (a string or a list of strings) is read when "negatives" is absent. The responses are
+trained on the token ids hscr.py stored when the header's tokenizer digest is the one of the
+tokenizer used here, else re-tokenized from their texts (`read_preferences` says which, once); a
+response stored as incomplete (cut at hscr.py's --max-new-tokens) gets no EOS.
+
+A bad record becomes a BadRecord (file, index, id, reason) and reading goes on. Images are looked
+at after reading (`unusable_images`: header, checksums and a full decode, each file once), so that
+a corrupt, empty, truncated or oversized image skips its record before training starts instead of
+stopping it at some step.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from common import BadLine, read_json_records
+from common import BadLine, DataError, read_json_records
 from data import BadRecord, load_image, preprocess_image, read_records, resolve_image
+from eval import image_problem
 from model.tokenizer import IMAGE_TOKEN, TEMPLATES, build_prompt, tokenize_prompt, tokenize_response
 
 if TYPE_CHECKING:
@@ -30,16 +41,43 @@ class Example:
 
     Preference: rows[0] = prompt + y_w, rows[1:] = prompt + y_lj (best first). SFT: one row,
     the whole conversation. `targets[r][t]` is True where token t of row r is trained on.
+    `file` and `index` say where the record is (for bad_records.jsonl).
     """
     id: str
     image: Path | None
     rows: list[list[int]]
     targets: list[list[bool]]
+    file: str = ""
+    index: int = -1
+
+
+@dataclass
+class Response:
+    """A response of a preference record: its text, and the token ids hscr.py generated or scored
+    for it (without EOS; None when the record has none). complete=False: the response was cut
+    before its EOS (at hscr.py's --max-new-tokens), so training appends none."""
+    text: str
+    ids: list[int] | None = None
+    complete: bool = True
+
+
+def _stored_ids(value: object, key: str) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise ValueError(f"{key} must be a list of token ids")
+    return value
+
+
+def _complete(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 def _preference_fields(item: object, max_negatives: int):
-    """(id, image, question, prompt or None, chosen, negatives) of a preference record, or
-    ValueError(reason)."""
+    """(id, image, question, prompt or None, chosen Response, negative Responses) of a preference
+    record, or ValueError(reason)."""
     if isinstance(item, BadLine):
         raise ValueError(item.message)
     if not isinstance(item, dict):
@@ -65,10 +103,16 @@ def _preference_fields(item: object, max_negatives: int):
     raw = [raw] if isinstance(raw, str) else raw
     if not isinstance(raw, list):
         raise ValueError("negatives must be a list")
-    texts = [n.get("text") if isinstance(n, dict) else n for n in raw]
-    if not all(isinstance(t, str) and t.strip() for t in texts):
-        raise ValueError("every negative must be a non-empty string or an object with a non-empty 'text'")
-    return str(item["id"]), image, item["question"], prompt, item["chosen"], texts[:max_negatives]
+    negatives = []
+    for j, n in enumerate(raw[:max_negatives]):
+        n = n if isinstance(n, dict) else {"text": n}
+        if not isinstance(n.get("text"), str) or not n["text"].strip():
+            raise ValueError("every negative must be a non-empty string or an object with a non-empty 'text'")
+        negatives.append(Response(n["text"], _stored_ids(n.get("ids"), f"negatives[{j}].ids"),
+                                  _complete(n.get("complete", True), f"negatives[{j}].complete")))
+    chosen = Response(item["chosen"], _stored_ids(item.get("chosen_ids"), "chosen_ids"),
+                      _complete(item.get("chosen_complete", True), "chosen_complete"))
+    return str(item["id"]), image, item["question"], prompt, chosen, negatives
 
 
 def image_file(image: str | None, image_root: Path) -> Path | None:
@@ -87,6 +131,7 @@ class Tokens:
     def __init__(self, tokenizer, config):
         self.tokenizer, self.text = tokenizer, config.text
         self.image_token_id, self.num_image_tokens = config.image_token_id, config.num_image_tokens
+        self.image_size = config.vision.image_size
 
     def prompt(self, question: str, with_image: bool, first: bool = True, text: str | None = None) -> list[int]:
         """Ids of the prompt `text`, or of the template around `question` (the image first)."""
@@ -97,17 +142,64 @@ class Tokens:
                                num_image_tokens=self.num_image_tokens,
                                bos_token_id=self.text.bos_token_id if first else None)
 
-    def response(self, text: str, limit: int | None = None) -> list[int]:
-        ids = tokenize_response(self.tokenizer, text.strip(), eos_token_id=self.text.eos_token_id)
+    def response(self, text: str, limit: int | None = None, complete: bool = True) -> list[int]:
+        """Ids of a response, then EOS unless it is incomplete (cut before its end); at most `limit`."""
+        ids = tokenize_response(self.tokenizer, text.strip(),
+                                eos_token_id=self.text.eos_token_id if complete else None)
+        return ids[:limit] if limit else ids
+
+    def stored(self, ids: list[int], limit: int | None = None, complete: bool = True) -> list[int]:
+        """Stored response ids (as hscr.py wrote them, without EOS), then EOS unless incomplete."""
+        bad = sorted({i for i in ids if not 0 <= i < self.text.vocab_size or i == self.image_token_id})
+        if bad:
+            raise ValueError(f"stored token ids {bad[:5]} are not text tokens of this model "
+                             f"(vocabulary {self.text.vocab_size}, image token {self.image_token_id})")
+        ids = ids + [self.text.eos_token_id] if complete else list(ids)
         return ids[:limit] if limit else ids
 
 
-def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg: TrainConfig):
-    """Preference records → (examples, bad records). A bad record is reported, not fatal."""
+def preference_header(path: Path) -> dict | None:
+    """The header line hscr.py writes first in a preference file ({"_header": true, "options",
+    "provenance"}), or None when the file has none (or its first line does not parse: reading
+    the records reports that)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+        item = json.loads(first.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return item if isinstance(item, dict) and item.get("_header") else None
+
+
+def stored_ids_usable(header: dict | None, tokenizer_sha256: str | None) -> tuple[bool, str]:
+    """Whether the token ids stored in a preference file are those this tokenizer gives: the
+    header's provenance must name a tokenizer with the same digest. Returns (usable, why not)."""
+    made = (header or {}).get("provenance")
+    made = made.get("tokenizer") if isinstance(made, dict) else None
+    if not isinstance(made, dict) or not isinstance(made.get("sha256"), str):
+        return False, "its header records no tokenizer digest (written by an older hscr.py or another program)"
+    if tokenizer_sha256 is None:
+        return False, "the tokenizer used here has no digest to compare"
+    if made["sha256"] != tokenizer_sha256:
+        return False, (f"it was made with another tokenizer ({made.get('path')}, sha256 {made['sha256'][:12]}…; "
+                       f"here sha256 {tokenizer_sha256[:12]}…)")
+    return True, ""
+
+
+def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg: TrainConfig,
+                     tokenizer_sha256: str | None = None, say: Callable[[str], None] | None = None):
+    """Preference records → (examples, bad records). A bad record is reported, not fatal.
+
+    Responses are the ids stored in the record when `stored_ids_usable` (the file's tokenizer has
+    the digest `tokenizer_sha256`), else their texts tokenized again; `say` (e.g. print) is told
+    once per file which, and why."""
     examples, bad, seen = [], [], set()
+    use_ids, why = stored_ids_usable(None, tokenizer_sha256)
+    counts = {"stored": 0, "unused": 0, "none": 0}
     for index, item in read_json_records(path):
         if isinstance(item, dict) and item.get("_header"):
-            continue  # hscr.py's first line: the options it ran with
+            use_ids, why = stored_ids_usable(item, tokenizer_sha256)
+            continue
         record_id = str(item.get("id")) if isinstance(item, dict) and "id" in item else None
         try:
             rid, image, question, prompt_text, chosen, negatives = _preference_fields(item, cfg.negatives)
@@ -117,24 +209,48 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg: TrainCon
                 raise ValueError(f"{len(negatives)} negatives, fewer than --min-negatives {cfg.min_negatives}")
             image_path = image_file(image, image_root)
             prompt = tokens.prompt(question, image is not None, text=prompt_text)
-            responses = [tokens.response(t, cfg.max_response_tokens) for t in [chosen] + negatives]
+            answers = [chosen] + negatives
+            has_ids = all(r.ids is not None for r in answers)
+            if has_ids and use_ids:
+                responses = [tokens.stored(r.ids, cfg.max_response_tokens, r.complete) for r in answers]
+            else:
+                responses = [tokens.response(r.text, cfg.max_response_tokens, r.complete) for r in answers]
+            if not all(responses):
+                raise ValueError("a response has no tokens")
             rows = [prompt + r for r in responses]
             if max(map(len, rows)) > cfg.max_length:
                 raise ValueError(f"{max(map(len, rows))} tokens, more than --max-length {cfg.max_length}")
         except ValueError as e:
             bad.append(BadRecord(str(path), index, record_id, str(e)))
             continue
+        counts["stored" if has_ids and use_ids else "unused" if has_ids else "none"] += 1
         seen.add(rid)
         targets = [[False] * len(prompt) + [True] * len(r) for r in responses]
-        examples.append(Example(rid, image_path, rows, targets))
+        examples.append(Example(rid, image_path, rows, targets, str(path), index))
+    if say:
+        if counts["stored"]:
+            say(f"{path}: {counts['stored']} records trained on the token ids stored with them (same tokenizer)")
+        if counts["unused"]:
+            say(f"{path}: stored token ids not used, {counts['unused']} records re-tokenized from their texts: {why}")
+        if counts["none"]:
+            say(f"{path}: {counts['none']} records have no stored token ids (written by an older hscr.py or "
+                "another program): re-tokenized from their texts")
     return examples, bad
 
 
 def read_sft(path: Path, image_root: Path, tokens: Tokens, cfg: TrainConfig):
     """LLaVA-format conversations → (examples, bad records); answers are the targets."""
-    records, bad = read_records(path)
+    try:
+        records, bad = read_records(path)
+    except DataError:
+        raise
+    except ValueError as e:  # the file as a whole cannot be read; its name is in the message
+        raise DataError(str(e)) from None
+    # Where each record is in the file (read_records returns the good ones only), for bad_records.
+    skipped = {b.index for b in bad}
+    positions = [i for i, _ in read_json_records(path) if i not in skipped]
     examples = []
-    for index, record in enumerate(records):
+    for index, record in zip(positions, records):
         try:
             turns = record.conversations
             if len(turns) < 2 or len(turns) % 2 or any(t.get("from") != ("human", "gpt")[i % 2]
@@ -152,7 +268,7 @@ def read_sft(path: Path, image_root: Path, tokens: Tokens, cfg: TrainConfig):
         except ValueError as e:
             bad.append(BadRecord(str(path), index, record.id, str(e)))
             continue
-        examples.append(Example(record.id, image_path, [ids], [target]))
+        examples.append(Example(record.id, image_path, [ids], [target], str(path), index))
     return examples, bad
 
 
@@ -197,7 +313,35 @@ def collate(examples: list[Example], pad_id: int) -> Rows:
     return Rows(input_ids, attention_mask, positions, labels, label_mask, torch.tensor(row_image))
 
 
-def load_pixels(examples: list[Example], image_size: int) -> torch.Tensor | None:
-    """(B_img, 3, S, S) for the examples that have an image, in order."""
-    pixels = [preprocess_image(load_image(ex.image), size=image_size) for ex in examples if ex.image is not None]
+def unusable_images(paths: Iterable[Path], image_size: int, aspect: str) -> dict[Path, str]:
+    """image file → why it cannot be trained on, for the `paths` that cannot: empty, not an image,
+    a bad checksum, cut short, refused by pillow's decompression-bomb guard, or a mode that
+    preprocessing refuses. eval.image_problem looks at the header and checksums cheaply; a full
+    decode and preprocessing then catch what it cannot see (a JPEG cut short)."""
+    out = {}
+    for path in paths:
+        try:
+            why = image_problem(path)
+            if why is None:
+                preprocess_image(load_image(path), size=image_size, aspect=aspect)
+        # Any failure to read a file counts as bad input: pillow raises many kinds for bad bytes.
+        except Exception as e:  # noqa: BLE001
+            why = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+        if why is not None:
+            out[path] = why
+    return out
+
+
+def load_pixels(examples: list[Example], image_size: int, aspect: str = "pad") -> torch.Tensor | None:
+    """(B_img, 3, S, S) for the examples that have an image, in order. Every image was checked
+    when the run started (`unusable_images`); one that fails now changed during the run."""
+    pixels = []
+    for ex in examples:
+        if ex.image is None:
+            continue
+        try:
+            pixels.append(preprocess_image(load_image(ex.image), size=image_size, aspect=aspect))
+        except (ValueError, OSError) as e:
+            raise DataError(f"{ex.file} record {ex.index} (id {ex.id}): {e}; the image was readable when the run "
+                            "started, so it changed since: restore it and rerun with --resume") from None
     return torch.stack(pixels) if pixels else None

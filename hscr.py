@@ -90,7 +90,8 @@ from common import UserError, dataclass_parser, dist_env, left_pad, option, read
 from data import Record, load_image, preprocess_image, read_records, resolve_image
 from kernels import contrast_softmax
 from model import load_model
-from model.tokenizer import TEMPLATES, build_prompt, decode, load_tokenizer, tokenize_prompt, tokenize_response
+from model.tokenizer import (TEMPLATES, build_prompt, decode, load_tokenizer, tokenize_prompt, tokenize_response,
+                             tokenizer_file)
 
 # Similarities within this of the gap count as the gap: 0.3 − 0.2 is 0.0999… in floating point.
 GAP_TOLERANCE = 1e-9
@@ -121,8 +122,8 @@ def drop_mask(n: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
 def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Generator], *,
                          strategy: str = "token", ratio: float = 0.7, mode: str = "remove",
                          return_kept: bool = False):
-    """docs/METHOD.md stage 1, step 1: "Encode the image (CLIP → projector) into N_img visual tokens.
-    Drop a fraction ρ = 0.7 of them → i'." Dropped tokens are removed, the kept ones stay in order
+    """docs/METHOD.md, step 1: the image becomes N visual tokens (CLIP → projector), and the
+    dropped branch i' loses a fraction ρ = 0.7 of them. Dropped tokens are removed, the kept ones stay in order
     (`mode="zero"`: replaced by zero vectors). One draw per entry, from its own generator.
 
     Strategies (the paper's masking table):
@@ -231,8 +232,8 @@ def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.
 
 def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_features, responses,
                        pad_id: int, *, stacked: bool = True, drop_positions: list[list[int] | None] | None = None):
-    """docs/METHOD.md stage 1, step 2: "Run the model on (x, i) and (x, i') with the same text; stack
-    both branches in one batch (padding as needed) so the weights are read once." y_w is
+    """docs/METHOD.md, step 2: the same text with the image i and with the dropped image i', both
+    branches of every entry stacked in one left-padded batch, so the weights are read once. y_w is
     teacher-forced (step 4). Returns logits_full (B, L, V), logits_drop (B, L, V), targets (B, L),
     valid (B, L). `stacked=False` runs the branches as two forwards (the naive baseline of the
     benchmark). `drop_positions`: position ids of the dropped prompts (keep_positions), None for
@@ -268,8 +269,9 @@ def mean_token_probability(logits, targets, valid) -> torch.Tensor:
 
 
 def coupling_scores(logits_full, logits_drop, targets, valid, kind: str = "logit") -> torch.Tensor:
-    """docs/METHOD.md stage 1, step 4: "the coupling score is the logit shift
-    s_t = logits_full[t, y_t] − logits_drop[t, y_t]"; `kind="logprob"` uses the log-softmax shift.
+    """docs/METHOD.md, step 4: the coupling score of position t is how much the image raises the
+    logit of y_t, s_t = logits_full[t, y_t] − logits_drop[t, y_t]; `kind="logprob"` uses the
+    log-softmax shift.
     (B, L, V) ×2, targets/valid (B, L) → scores (B, L), −inf at padding."""
     if kind == "logit":
         s = logits_full.gather(-1, targets[..., None])[..., 0] - logits_drop.gather(-1, targets[..., None])[..., 0]
@@ -281,8 +283,8 @@ def coupling_scores(logits_full, logits_drop, targets, valid, kind: str = "logit
 
 
 def select_coupled_positions(scores, targets, valid, n: int = 10, eos_id: int = 2) -> list[list[int]]:
-    """docs/METHOD.md stage 1, step 4: "The top n = 10 positions by s_t (fewer if the response is
-    shorter; never EOS or padding) are the modality-coupled tokens." Per row, positions in
+    """docs/METHOD.md, step 4: the modality-coupled tokens are the n = 10 positions with the highest
+    s_t (all of them in a shorter response), EOS and padding excluded. Per row, positions in
     descending score; equal scores go to the earlier position (a stable sort)."""
     eligible = valid & (targets != eos_id)  # (B, L)
     out = []
@@ -309,7 +311,7 @@ def plausible(logits: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def candidate_sets(logits_full, logits_drop, targets, c: int = 10, rule: str = "dropped-topk",
                    alpha: float = 0.1, banned: tuple[int, ...] = ()) -> torch.Tensor:
-    """docs/METHOD.md stage 1, step 5, this implementation's reading: the candidates C_t at each
+    """docs/METHOD.md, step 5, this implementation's reading: the candidates C_t at each
     coupled position, (P, c) ids, −1 in the slots a rule leaves empty (after the real ones).
 
       dropped-topk       the c most likely tokens of softmax(logits_drop[t]), in that order
@@ -343,7 +345,7 @@ def candidate_sets(logits_full, logits_drop, targets, c: int = 10, rule: str = "
 
 def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, beta: float = 0.9,
                               banned: tuple[int, ...] = (), *, rule: str = "dropped-topk", alpha: float = 0.1):
-    """docs/METHOD.md stage 1, step 5: the replacement of y_t is argmin_{v ∈ C_t} P_diff[t, v] (lowest
+    """docs/METHOD.md, step 5: the replacement of y_t is argmin_{v ∈ C_t} P_diff[t, v] (lowest
     contrast reward = most hallucinated), with P_diff[t] = softmax((1+β)·logits_full[t] −
     β·logits_drop[t]) from the kernel's gather mode and C_t = candidate_sets(rule). The paper says
     only "in ascending order of P_diff"; the candidate set is this implementation's reading.
@@ -371,11 +373,11 @@ def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, be
 
 def graded_negatives(response: list[int], positions: list[int], replacements: list[int],
                      continuation: str = "decode") -> list[list[int]]:
-    """docs/METHOD.md stage 1, step 6: "Candidate m (m = 1 … n) replaces the m highest-scoring
-    coupled positions with their hallucinated tokens."  `positions` in descending score,
-    `replacements` aligned. decode: "keep y_w with the replacements up to and including the last
-    replaced position" (the prefix the model then continues, see greedy_continuations); splice:
-    "keep the rest of y_w unchanged". Returns candidate m − 1 at index m − 1."""
+    """docs/METHOD.md, step 6: graded candidate m (m = 1 … n) swaps in the replacements at the m
+    best-scoring coupled positions. `positions` in descending score, `replacements` aligned.
+    decode: y_w with its replacements, cut right after the last replaced position (the prefix the
+    model then continues, see greedy_continuations); splice: the rest of y_w follows unchanged.
+    Returns candidate m − 1 at index m − 1."""
     if continuation not in ("decode", "splice"):
         raise ValueError(f"unknown continuation {continuation!r}")
     out = []
@@ -455,8 +457,8 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
 
 
 def dedupe_candidates(texts: list[str], chosen: str) -> list[int]:
-    """docs/METHOD.md stage 1, step 6: "Identical candidates and candidates equal to y_w are
-    dropped." Returns the indices kept: the first (smallest m) of identical texts; empty texts are
+    """docs/METHOD.md, step 6: a candidate whose text equals y_w or an earlier candidate is
+    dropped. Returns the indices kept: the first (smallest m) of identical texts; empty texts are
     dropped too."""
     seen = {chosen}
     kept = []
@@ -484,8 +486,8 @@ def token_f1(a: str, b: str) -> float:
 
 
 class Similarity:
-    """docs/METHOD.md stage 2, step 7: "sim(y_l, y_w): cosine similarity of sentence embeddings"
-    with all-MiniLM-L6-v2 (mean pooling, L2-normalised), or `lexical` token F1 (no model)."""
+    """docs/METHOD.md, step 7: sim(y_l, y_w), the cosine similarity of sentence embeddings, here
+    of all-MiniLM-L6-v2 (mean pooling, L2-normalised), or `lexical` token F1 (no model)."""
 
     def __init__(self, kind: str = "minilm", path: str | None = None, device="cpu"):
         self.kind = kind
@@ -513,7 +515,7 @@ class Similarity:
 
 
 def rerank(similarities: list[float], k: int = 3, gap: float = 0.1) -> list[int]:
-    """docs/METHOD.md stage 2, step 8: sort the candidates by similarity, descending, and keep
+    """docs/METHOD.md, step 8: sort the candidates by similarity, descending, and keep
     k = 3 whose consecutive similarities differ by at least `gap` = 0.1: the most similar, then,
     walking down, each next candidate at least `gap` below the last one kept. Fewer are kept when
     fewer qualify. Ties keep the candidate order (smaller m first); a step equal to the gap up to
@@ -952,21 +954,6 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
     """prefs.jsonl → prefs.rank0-of-2.jsonl."""
     stem = str(out)[: -len(".jsonl")] if str(out).endswith(".jsonl") else str(out)
     return Path(f"{stem}.rank{rank}-of-{world}.jsonl")
-
-
-def tokenizer_file(path: str | os.PathLike) -> Path:
-    """The file load_tokenizer reads for --tokenizer (default --model): the path itself, or a
-    directory's tokenizer.json, else its SentencePiece tokenizer.model. The fingerprint hashes
-    this file, so it is resolved here as load_tokenizer resolves it."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if (path / name).is_file():
-                return path / name
-        raise UserError(f"--tokenizer {path}: no tokenizer.json or tokenizer.model in it")
-    if not path.is_file():
-        raise UserError(f"--tokenizer {path}: not found")
-    return path
 
 
 def image_names(records: list[Record], entries: list[int], image_root: str) -> list[str]:

@@ -19,12 +19,22 @@ responses (one batched forward of 1 + k rows); the decoder returns hidden states
 positions that predict response tokens, and the vocabulary projection + log-softmax run in
 chunks of rows that are recomputed in the backward pass, so no (rows × length × V) tensor
 exists. Reference log-probs are computed once, with LoRA disabled, and cached beside the
-preference file. The loop (`train`) is flat: AdamW, warmup + cosine, gradient accumulation,
-clipping, seeded shuffling per epoch, held-out preference accuracy every N steps, metrics.jsonl,
-atomic checkpoints and exact `--resume`.
+preference file under a key of everything they depend on, by content (`reference_cache_key`).
+The loop (`train`) is flat: AdamW, warmup + cosine, gradient accumulation, clipping, seeded
+shuffling per epoch, held-out preference accuracy every N steps, metrics.jsonl, atomic
+checkpoints and exact `--resume`.
 
-Data: hscr.py's preference file, or LLaVA conversations for `--stage sft` (batches.py reads
-them; docs/FORMATS.md). Bad records are reported (out/bad_records.jsonl) and skipped.
+Data: hscr.py's preference file (trained on the token ids it stored when the tokenizer is the
+same, with EOS only after complete responses; images padded or resized as hscr.py did, from its
+header), or LLaVA conversations for `--stage sft` (batches.py reads them; docs/FORMATS.md). Bad
+records, and records whose image cannot be decoded (empty, corrupt, cut short, a decompression
+bomb), are skipped before the first step and listed in out/bad_records.jsonl; the run goes on.
+
+One run per --out: out/provenance.json holds a fingerprint of what made it (model, tokenizer,
+data and every image by content, and the options that change results; `run_fingerprint`).
+`--resume` continues only a run with the same fingerprint and otherwise stops naming what
+changed; a new run into an --out holding one is refused unless `--overwrite` (which deletes what
+train.py wrote there, and nothing else). Expected errors end with one line (exit status 2).
 
 Command line:
     python train.py [demo] [options]     the embedded demo (demo/run.py): all of HSCR on the shipped
@@ -52,8 +62,6 @@ import hashlib
 import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -65,21 +73,26 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from batches import Example, Rows, Tokens, collate, load_pixels, read_preferences, read_sft
-from common import DTYPES, dataclass_parser, dist_env, option, resolve_dtype
+import provenance
+from batches import (Example, Rows, Tokens, collate, load_pixels, preference_header, read_preferences, read_sft,
+                     unusable_images)
+from common import DTYPES, UserError, dataclass_parser, dist_env, option, read_jsonl, resolve_dtype, run_main
 from data import BadRecord
-from model import load_model, save_model
-from model.llava import Llava, preset
-from model.lora import (apply_lora, export_merged, load_adapter, lora_disabled, lora_parameters,
-                        save_adapter)
-from model.tokenizer import IMAGE_TOKEN, load_tokenizer
+
+from model import load_model
+from model.llava import Llava, LlavaConfig, preset
+from model.loading import read_config, read_vision_config
+from model.lora import apply_lora, export_merged, lora_disabled, lora_parameters
+from model.tokenizer import IMAGE_TOKEN, load_tokenizer, tokenizer_file
+from rundir import (PATH_FIELDS, atomic_write_text, check_out, load_checkpoint, plot_metrics, report_skipped,
+                    save_checkpoint, save_weights, start_run, write_run_start)
 
 # ---------------------------------------------------------------------------------------------
 # The method: the reward and the losses of Stage 3 (docs/METHOD.md), one function per equation.
 
 
 def reward(policy_logp: torch.Tensor, ref_logp: torch.Tensor, gamma: float = 0.1) -> torch.Tensor:
-    """r(y) = γ · ( log π_θ(y|i,x) − log π_ref(y|i,x) ), the implicit reward of DPO."""
+    """r(y) = γ · ( log π_θ(y|i,x) − log π_ref(y|i,x) ), DPO's reward of a response."""
     return gamma * (policy_logp - ref_logp)
 
 
@@ -250,42 +263,54 @@ def train(cfg: TrainConfig) -> dict:
     """Run the stage described by `cfg`; returns the last step's and the final eval's metrics."""
     ctx = setup_context(cfg.device, cfg.autocast)
     out = Path(cfg.out)
-    torch.manual_seed(cfg.seed)  # LoRA init: identical on every process
+    check_out(out, cfg)  # before anything slow: never mix two runs in one --out
     dtype = resolve_dtype(cfg.dtype, ctx.device)
+
+    # Data, read before the (slow) model load: bad records and unusable images are reported and
+    # skipped, and what made the run is checked against --out's provenance.json.
+    tokenizer_path = tokenizer_file(cfg.tokenizer or cfg.model)
+    tokenizer = read_tokenizer(tokenizer_path)
+    config = model_config(cfg, tokenizer)
+    ctx.pad_id = config.text.pad_token_id or 0
+    tokens = Tokens(tokenizer, config)
+    image_root = Path(cfg.image_root) if cfg.image_root else Path(cfg.data).parent
+    aspect, source = resolve_image_aspect(cfg.image_aspect, Path(cfg.data) if cfg.stage == "preference" else None)
+    cfg = dataclasses.replace(cfg, image_aspect=aspect)
+    if ctx.rank == 0:
+        print(f"images: {'padded' if aspect == 'pad' else 'resized'} to a square (--image-aspect {aspect}, "
+              f"{source})", file=sys.stderr)
+    examples, held_out, bad, images = read_data(cfg, tokens, tokenizer_path, image_root, ctx)
+    per_step = cfg.micro_batch * ctx.world
+    if cfg.batch_size % per_step:
+        raise UserError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch × processes = {per_step}")
+    accum = cfg.batch_size // per_step
+    steps_per_epoch = len(examples) // cfg.batch_size  # the last partial batch of each epoch is dropped
+    if steps_per_epoch == 0:
+        if ctx.rank == 0:
+            report_skipped(bad)
+        raise UserError(f"{cfg.data}: {len(examples)} training entries ({len(bad)} records skipped"
+                        f"{', listed above' if bad else ''}): fewer than one batch of --batch-size {cfg.batch_size}")
+    total = steps_per_epoch * cfg.epochs
+
+    now = run_fingerprint(cfg, tokenizer_path, image_root, images, dtype, ctx)
+    start_run(out, now, cfg, ctx)
+    if ctx.rank == 0:
+        write_run_start(out, cfg, bad)
+        print(f"{len(examples)} training entries, {len(held_out)} held out, {len(bad)} skipped"
+              + (f" (listed in {out / 'bad_records.jsonl'})" if bad else ""))
+
+    torch.manual_seed(cfg.seed)  # LoRA init (and a --init-preset model): identical on every process
     if cfg.init_preset:
-        base = new_model(cfg.init_preset, cfg.tokenizer, dtype, ctx.device)
+        base = new_model(cfg.init_preset, tokenizer_path, dtype, ctx.device)
     else:
         base = load_model(cfg.model, vision_tower=cfg.vision_tower, dtype=dtype, device=ctx.device)
-    ctx.pad_id = base.config.text.pad_token_id or 0
     if not cfg.full:
         apply_lora(base, cfg.targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(base)
 
-    # Data: bad records are reported and skipped.
-    tokens = Tokens(load_tokenizer(cfg.tokenizer or cfg.model), base.config)
-    read = read_sft if cfg.stage == "sft" else read_preferences
-    data_path = Path(cfg.data)
-    image_root = Path(cfg.image_root) if cfg.image_root else data_path.parent
-    examples, bad = read(data_path, image_root, tokens, cfg)
-    if cfg.eval_data:
-        held_out, bad_eval = read(Path(cfg.eval_data), image_root, tokens, cfg)
-        bad += bad_eval
-    else:
-        examples, held_out = split_held_out(examples, cfg.eval_fraction, cfg.seed)
-    if ctx.rank == 0:
-        write_run_start(out, cfg, bad)
-        print(f"{len(examples)} training entries, {len(held_out)} held out, {len(bad)} skipped")
-    per_step = cfg.micro_batch * ctx.world
-    if cfg.batch_size % per_step:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch × processes = {per_step}")
-    accum = cfg.batch_size // per_step
-    steps_per_epoch = len(examples) // cfg.batch_size  # the last partial batch of each epoch is dropped
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(examples)} training entries: fewer than one batch of --batch-size {cfg.batch_size}")
-    total = steps_per_epoch * cfg.epochs
-
-    ref = reference_logprobs(base, examples + held_out, cfg, dtype, ctx) if cfg.stage == "preference" else {}
+    ref = reference_logprobs(base, examples + held_out, cfg, reference_cache_key(now, cfg), ctx) \
+        if cfg.stage == "preference" else {}
 
     params = list(base.parameters()) if cfg.full else list(lora_parameters(base))
     if cfg.full:
@@ -299,10 +324,9 @@ def train(cfg: TrainConfig) -> dict:
     if not cfg.resume:
         torch.manual_seed(cfg.seed + 1 + ctx.rank)  # dropout: its own stream per process
     metrics_path = out / "metrics.jsonl"
-    if ctx.rank == 0:  # drop what an interrupted run logged after its last checkpoint
-        kept = [line for line in (metrics_path.read_text().splitlines() if cfg.resume and metrics_path.exists()
-                                  else []) if json.loads(line)["step"] <= start]
-        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+    if ctx.rank == 0:  # drop what an interrupted run logged after its last checkpoint (and a torn last line)
+        kept = [m for m in (read_jsonl(metrics_path, repair=True) if cfg.resume else []) if m.get("step", 0) <= start]
+        atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
 
     model = base
     if ctx.world > 1:
@@ -359,10 +383,49 @@ def train(cfg: TrainConfig) -> dict:
     return last
 
 
+def read_data(cfg: TrainConfig, tokens: Tokens, tokenizer_path: Path, image_root: Path, ctx: Context):
+    """(training examples, held-out examples, skipped records, every image file looked at, relative
+    to `image_root`). A bad record, or one whose image cannot be decoded and preprocessed, is
+    skipped; images are checked once each, the processes sharing the files, so that every
+    process keeps the same examples."""
+    say = (lambda line: print(line, file=sys.stderr)) if ctx.rank == 0 else None
+    tokenizer_sha256 = provenance.file_digest(tokenizer_path)
+
+    def read(path: Path):
+        if cfg.stage == "sft":
+            return read_sft(path, image_root, tokens, cfg)
+        return read_preferences(path, image_root, tokens, cfg, tokenizer_sha256, say)
+
+    examples, bad = read(Path(cfg.data))
+    held_out, bad_eval = read(Path(cfg.eval_data)) if cfg.eval_data else ([], [])
+    images = sorted({ex.image for ex in examples + held_out if ex.image is not None})
+    mine = unusable_images(images[ctx.rank::ctx.world], tokens.image_size, cfg.image_aspect)
+    unusable = ctx.gather_dicts({str(path): why for path, why in mine.items()})
+    examples, bad_images = drop_unusable(examples, unusable, image_root)
+    held_out, bad_eval_images = drop_unusable(held_out, unusable, image_root)
+    if not cfg.eval_data:
+        examples, held_out = split_held_out(examples, cfg.eval_fraction, cfg.seed)
+    names = [path.relative_to(image_root).as_posix() for path in images]
+    return examples, held_out, bad + bad_eval + bad_images + bad_eval_images, names
+
+
+def drop_unusable(examples: list[Example], unusable: dict[str, str], image_root: Path):
+    """(examples whose image is usable, a BadRecord for each of the others)."""
+    kept, bad = [], []
+    for ex in examples:
+        why = unusable.get(str(ex.image)) if ex.image is not None else None
+        if why is None:
+            kept.append(ex)
+        else:
+            name = ex.image.relative_to(image_root).as_posix()
+            bad.append(BadRecord(ex.file, ex.index, ex.id, f"image {name}: {why}"))
+    return kept, bad
+
+
 def batch_loss(model, base, batch: list[Example], ref: dict, cfg: TrainConfig, ctx: Context):
     """The micro-batch's loss and the detached log-probs for the step's metrics."""
     rows = collate(batch, ctx.pad_id).to(ctx.device)
-    pixels = load_pixels(batch, base.config.vision.image_size)
+    pixels = load_pixels(batch, base.config.vision.image_size, cfg.image_aspect)
     with ctx.autocast():
         logp = row_logprobs(model, base, rows, pixels, cfg.logit_chunk, cfg.full)  # (R,)
     if cfg.stage == "sft":
@@ -406,8 +469,9 @@ def evaluate(model, base, examples: list[Example], ref: dict, cfg: TrainConfig, 
     for s in range(0, len(mine), cfg.micro_batch):
         batch = mine[s:s + cfg.micro_batch]
         with ctx.autocast():
-            logp = row_logprobs(base, base, collate(batch, ctx.pad_id).to(ctx.device),
-                                load_pixels(batch, base.config.vision.image_size), cfg.logit_chunk).tolist()
+            pixels = load_pixels(batch, base.config.vision.image_size, cfg.image_aspect)
+            logp = row_logprobs(base, base, collate(batch, ctx.pad_id).to(ctx.device), pixels,
+                                cfg.logit_chunk).tolist()
         for ex in batch:
             parts[ex.id], logp = logp[:len(ex.rows)], logp[len(ex.rows):]
     parts = ctx.gather_dicts(parts)
@@ -441,16 +505,57 @@ def split_held_out(examples: list[Example], fraction: float, seed: int):
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
-def new_model(preset_name: str, tokenizer_path: str, dtype: torch.dtype, device) -> Llava:
+def new_model(preset_name: str, tokenizer_path: str | os.PathLike, dtype: torch.dtype, device) -> Llava:
     """A randomly initialised model of preset `preset_name` (`--init-preset`), sized to the
     tokenizer's vocabulary with its `<image>` token as the image placeholder."""
-    tokenizer = load_tokenizer(tokenizer_path)
+    return Llava(preset_config(preset_name, read_tokenizer(tokenizer_path))).to(device=device, dtype=dtype)
+
+
+def preset_config(preset_name: str, tokenizer) -> LlavaConfig:
+    """The config of `new_model`: the preset, with the tokenizer's vocabulary size and <image> id."""
     image_id = tokenizer.token_to_id(IMAGE_TOKEN)
     if image_id is None:
-        raise ValueError(f"--init-preset: tokenizer {tokenizer_path} has no {IMAGE_TOKEN} token")
+        raise UserError(f"--init-preset: the tokenizer has no {IMAGE_TOKEN} token")
     config = preset(preset_name, image_token_id=image_id)
     config.text = dataclasses.replace(config.text, vocab_size=tokenizer.get_vocab_size())
-    return Llava(config).to(device=device, dtype=dtype)
+    return config
+
+
+def model_config(cfg: TrainConfig, tokenizer) -> LlavaConfig:
+    """The model's config without its weights (the data is read before the slow weight load)."""
+    if cfg.init_preset:
+        return preset_config(cfg.init_preset, tokenizer)
+    for flag, path in (("--model", cfg.model), ("--vision-tower", cfg.vision_tower)):
+        if path is not None and not Path(path).is_dir():
+            raise UserError(f"{flag} {path}: " + ("not a directory" if Path(path).exists() else "directory not found"))
+    vision = read_vision_config(Path(cfg.vision_tower)) if cfg.vision_tower else None
+    return read_config(Path(cfg.model), vision)
+
+
+def read_tokenizer(path: str | os.PathLike):
+    """model.tokenizer.load_tokenizer, with a file it cannot read reported as one line."""
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"tokenizer {path}: {e}") from None
+
+
+def resolve_image_aspect(given: str | None, prefs: Path | None) -> tuple[str, str]:
+    """(--image-aspect, where it comes from): as given, else what hscr.py used for the preference
+    file (its header's image_aspect), else pad (LLaVA-Med's)."""
+    header = preference_header(prefs) if prefs is not None else None
+    made = None
+    if header:
+        for where in ("options", "provenance"):
+            if isinstance(header.get(where), dict) and header[where].get("image_aspect") in ("pad", "resize"):
+                made = header[where]["image_aspect"]
+                break
+    if given is not None:
+        note = "as given" if made in (None, given) else f"as given; the preference data was made with {made}"
+        return given, note
+    if made is not None:
+        return made, f"as hscr.py made {prefs.name}"
+    return "pad", "the default" + (f"; {prefs.name} does not record one" if prefs is not None else "")
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -464,20 +569,24 @@ def enable_gradient_checkpointing(model) -> None:
 # Reference log-probs, computed once with LoRA disabled and cached beside the preference file.
 
 
-def reference_cache_key(cfg: TrainConfig, dtype: torch.dtype, autocast: bool) -> dict:
-    """What the cached values depend on; any change recomputes them."""
-    def sha(path: Path) -> str:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    model = Path(cfg.model)
-    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model.glob("*.safetensors"))
-    tok = Path(cfg.tokenizer or cfg.model)
-    tok_files = [tok] if tok.is_file() else sorted(tok.glob("tokenizer.*"))
-    return {"data": sha(Path(cfg.data)), "eval_data": sha(Path(cfg.eval_data)) if cfg.eval_data else None,
-            "model": str(model.resolve()), "config": sha(model / "config.json"), "weights": weights,
-            "vision_tower": str(Path(cfg.vision_tower).resolve()) if cfg.vision_tower else None,
-            "tokenizer": [sha(p) for p in tok_files], "dtype": str(dtype), "autocast": autocast,
-            "negatives": cfg.negatives, "max_response_tokens": cfg.max_response_tokens,
-            "max_length": cfg.max_length}
+# The fingerprint's inputs that reference log-probs depend on (all but the adapter-free options).
+REFERENCE_INPUTS = ("model", "vision tower", "tokenizer", "data", "eval data", "images")
+
+
+def reference_cache_key(now: dict, cfg: TrainConfig) -> dict:
+    """What the cached reference log-probs depend on, by content (from the run's fingerprint
+    `now`; paths left out, so moving the data or the images keeps the cache): the weights, the
+    tokenizer, the data, every image, and the options that shape the rows or the arithmetic.
+    Any change gives another key, hence another cache file."""
+    def content(part):
+        return {k: v for k, v in part.items() if k not in ("path", "root")} if isinstance(part, dict) else part
+    key = {name: content(now.get(name)) for name in REFERENCE_INPUTS}
+    key.update({name: now.get(name) for name in ("image_aspect", "dtype", "autocast", "max_response_tokens",
+                                                "max_length")})
+    key["negatives"] = cfg.negatives
+    # A --init-preset model is random: its weights are the preset, the tokenizer and the seed.
+    key["init"] = [cfg.init_preset, cfg.seed] if cfg.init_preset else None
+    return key
 
 
 def reference_cache_path(cfg: TrainConfig, key: dict) -> Path:
@@ -487,16 +596,17 @@ def reference_cache_path(cfg: TrainConfig, key: dict) -> Path:
     return Path(cfg.data).with_suffix(f".reflogp-{digest}.json")
 
 
-def reference_logprobs(base, examples: list[Example], cfg: TrainConfig, dtype, ctx) -> dict[str, list[float]]:
-    """{entry id: [log π_ref(y_w), log π_ref(y_l1), …]}: read from the cache file, the missing
-    ones computed with LoRA disabled (processes sharing the work) and the file rewritten."""
-    key = reference_cache_key(cfg, dtype, ctx.amp)
+def reference_logprobs(base, examples: list[Example], cfg: TrainConfig, key: dict, ctx) -> dict[str, list[float]]:
+    """{entry id: [log π_ref(y_w), log π_ref(y_l1), …]}: read from the cache file of `key`, the
+    missing ones computed with LoRA disabled (processes sharing the work) and the file rewritten."""
     path = reference_cache_path(cfg, key)
     cached = {}
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == key:
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(stored, dict) and stored.get("key") == key and isinstance(stored.get("logp"), dict):
             cached = stored["logp"]
+    except (OSError, ValueError):  # absent, unreadable or torn: it is only a cache, computed again
+        pass
     todo = [ex for ex in examples if ex.id not in cached]
     if todo:
         mine = todo[ctx.rank::ctx.world]
@@ -506,7 +616,8 @@ def reference_logprobs(base, examples: list[Example], cfg: TrainConfig, dtype, c
             for s in range(0, len(mine), cfg.micro_batch):
                 batch = mine[s:s + cfg.micro_batch]
                 logp = row_logprobs(base, base, collate(batch, ctx.pad_id).to(ctx.device),
-                                    load_pixels(batch, base.config.vision.image_size), cfg.logit_chunk).tolist()
+                                    load_pixels(batch, base.config.vision.image_size, cfg.image_aspect),
+                                    cfg.logit_chunk).tolist()
                 for ex in batch:
                     computed[ex.id], logp = logp[:len(ex.rows)], logp[len(ex.rows):]
         cached.update(ctx.gather_dicts(computed))
@@ -519,7 +630,7 @@ def reference_logprobs(base, examples: list[Example], cfg: TrainConfig, dtype, c
 
 
 # ---------------------------------------------------------------------------------------------
-# Processes (DDP), checkpoints and output files
+# Processes (DDP)
 
 
 @dataclass
@@ -562,106 +673,26 @@ def setup_context(device: str = "auto", autocast: bool = True) -> Context:
     return Context(rank, world, device, amp=autocast and device.type == "cuda")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_run_start(out: Path, cfg: TrainConfig, bad: list[BadRecord]) -> None:
-    """out/config.json and out/bad_records.jsonl; each skipped record is also reported on stderr."""
-    out.mkdir(parents=True, exist_ok=True)
-    for b in bad:
-        print(f"skipped {b.file} record {b.index} (id {b.id}): {b.reason}", file=sys.stderr)
-    atomic_write_text(out / "bad_records.jsonl", "".join(json.dumps(dataclasses.asdict(b)) + "\n" for b in bad))
-    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, ctx: Context) -> None:
-    """checkpoints/step-NNNNNN/{adapter/, trainer.pt}: written under a temporary name, renamed,
-    then `checkpoints/latest` is replaced atomically; only `keep_checkpoints` are kept."""
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None}
-    rngs = [rng]
-    if ctx.world > 1:  # dropout draws differ per rank: keep every rank's state
-        rngs = [None] * ctx.world
-        dist.all_gather_object(rngs, rng)
-    if ctx.rank == 0:
-        root = out / "checkpoints"
-        name = f"step-{step:06d}"
-        tmp = root / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_weights(model, tmp, cfg)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rngs, "config": dataclasses.asdict(cfg)}, tmp / "trainer.pt")
-        shutil.rmtree(root / name, ignore_errors=True)
-        os.replace(tmp, root / name)
-        atomic_write_text(root / "latest", name + "\n")
-        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-cfg.keep_checkpoints]:
-            shutil.rmtree(old)
-    ctx.barrier()
-
-
-def save_weights(model, out: Path, cfg: TrainConfig) -> Path:
-    """The trained weights: the PEFT adapter (out/adapter), or with --full the whole model as a
-    loadable checkpoint directory with its tokenizer (out/model)."""
-    if not cfg.full:
-        return save_adapter(model, out / "adapter", base_model_path=cfg.model) or out / "adapter"
-    save_model(model, out / "model")
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    tokenizer.save(str(out / "model" / "tokenizer.json"))
-    return out / "model"
-
-
-def load_checkpoint(out: Path, model, optimizer, scheduler, cfg: TrainConfig, ctx: Context) -> int:
-    """Restore adapter, optimizer, scheduler and RNG states; returns the step to continue from."""
-    root = out / "checkpoints"
-    if not (root / "latest").is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {root}")
-    ckpt = root / (root / "latest").read_text().strip()
-    state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
-    now = dataclasses.asdict(cfg)
-    changed = sorted(f"{k}: {v!r} → {now.get(k)!r}" for k, v in state["config"].items()
-                     if k not in RESUMABLE_FIELDS and now.get(k) != v)
-    if changed:
-        raise ValueError(f"--resume from {ckpt}: the run's settings changed ({'; '.join(changed)})")
-    if len(state["rng"]) != ctx.world:
-        raise ValueError(f"--resume from {ckpt}: saved by {len(state['rng'])} processes, now {ctx.world}")
-    if cfg.full:
-        model.load_state_dict(load_model(ckpt / "model", dtype=model.dtype, device=model.device).state_dict())
-    else:
-        load_adapter(model, ckpt / "adapter")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"][ctx.rank]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and ctx.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], ctx.device)
-    return state["step"]
-
-
-def plot_metrics(metrics_path: Path, out_png: Path) -> bool:
-    """metrics.png from metrics.jsonl when matplotlib is installed (an optional dependency)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    keys = [k for k in ("loss", "margin", "accuracy_explicit", "accuracy_implicit", "eval_accuracy_explicit",
-                        "eval_margin", "eval_loss", "lr") if any(k in r for r in records)]
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
-    for ax, key in zip(axes[:, 0], keys):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        ax.plot(*zip(*points), marker="." if key.startswith("eval_") else None)
-        ax.set_ylabel(key, fontsize=8)
-    axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return True
+def run_fingerprint(cfg: TrainConfig, tokenizer_path: Path, image_root: Path, image_names: list[str],
+                    dtype: torch.dtype, ctx: Context) -> dict:
+    """What the trained weights depend on, by content (provenance.py): the base model (or the
+    preset it is built from), vision tower, tokenizer file, data and eval data files, the images
+    read (every image file of the records that reached the image check, usable or not), and every
+    option that changes results, with dtype, autocast and the image aspect as resolved and the
+    number of processes (dropout draws one stream per process). Paths and the options of
+    RESUMABLE_FIELDS are left out."""
+    parts = {
+        "model": provenance.Dir(cfg.model) if not cfg.init_preset else None,
+        "vision tower": provenance.Dir(cfg.vision_tower) if cfg.vision_tower and not cfg.init_preset else None,
+        "tokenizer": provenance.File(tokenizer_path),
+        "data": provenance.File(cfg.data),
+        "eval data": provenance.File(cfg.eval_data) if cfg.eval_data else None,
+        "images": provenance.Files(image_root, image_names),
+    }
+    options = {k: v for k, v in dataclasses.asdict(cfg).items()
+               if k not in PATH_FIELDS and k not in RESUMABLE_FIELDS}
+    options.update(dtype=str(dtype).removeprefix("torch."), autocast=ctx.amp, world_size=ctx.world)
+    return provenance.fingerprint(**parts, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,6 +709,9 @@ class TrainConfig:
                         choices=("preference", "sft"))
     image_root: str | None = option(None, "directory the records' image paths are relative to "
                                     "(default: the data file's directory)")
+    image_aspect: str | None = option(None, "pad: images padded to a square with the CLIP mean colour (LLaVA-Med); "
+                                      "resize: stretched to a square (default: what hscr.py used, from the "
+                                      "preference file's header, else pad)", choices=("pad", "resize"))
     vision_tower: str | None = option(None, "separate CLIP directory for the vision tower")
     init_preset: str | None = option(None, "build a randomly initialised model of this preset (model/llava.py "
                                      "PRESETS; vocab size and image token from --tokenizer) instead of loading "
@@ -724,7 +758,9 @@ class TrainConfig:
     eval_every: int = option(50, "evaluate held-out preference accuracy every N steps (0: only at the end)")
     save_every: int = option(100, "write a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(2, "checkpoints kept on disk")
-    resume: bool = option(False, "continue from the latest checkpoint in --out")
+    resume: bool = option(False, "continue from the latest checkpoint in --out (its inputs and options must be "
+                          "those that made it: out/provenance.json)")
+    overwrite: bool = option(False, "delete the run in --out (what train.py wrote there) and start again")
     export_merged: bool = option(False, "also write the base model with LoRA merged, in the input's layout")
     plot: bool = option(True, "write metrics.png at the end (needs matplotlib)")
 
@@ -741,6 +777,8 @@ class TrainConfig:
             problems.append("--batch-size, --micro-batch, --keep-checkpoints and --logit-chunk must be >= 1")
         if not 0 <= self.eval_fraction < 1:
             problems.append("--eval-fraction must be in [0, 1)")
+        if self.resume and self.overwrite:
+            problems.append("--resume continues the run in --out, --overwrite deletes it: choose one")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -754,9 +792,11 @@ class TrainConfig:
         return 1 if self.loss == "dpo" else self.max_negatives
 
 
-# Fields that may change between a run and its --resume (everything else must match).
-RESUMABLE_FIELDS = {"resume", "max_steps", "eval_every", "save_every", "keep_checkpoints", "export_merged",
-                    "plot", "device"}
+# Fields that may change between a run and its --resume: how to start, how long, what to log and
+# keep, where to run, and memory knobs that compute the same values (gradient checkpointing, the
+# chunk of the vocabulary projection). Every other option is in the fingerprint (run_fingerprint).
+RESUMABLE_FIELDS = {"resume", "overwrite", "max_steps", "eval_every", "save_every", "keep_checkpoints",
+                    "export_merged", "plot", "device", "gradient_checkpointing", "logit_chunk"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -802,4 +842,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -346,6 +346,15 @@ def _select_layer(f: _Fields, key: str, vision: VisionConfig) -> int:
     return layer
 
 
+def _image_token_id(f: "_Fields", key: str) -> int:
+    """A vocabulary id, or LLaVA's -200 (IMAGE_TOKEN_INDEX, outside the vocabulary), which
+    save_model writes for models that use LLaVA-Med's convention."""
+    value = f.int(key, 32000, minimum=None)
+    if value < 0 and value != -200:
+        raise f.error(key, f"must be a token id >= 0 or LLaVA's -200, got {value}")
+    return value
+
+
 def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig | None = None) -> LlavaConfig:
     """LlavaConfig from a llava-hf (nested) or LLaVA-Med (`mm_*`) config.json dict.
 
@@ -362,7 +371,7 @@ def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig 
             select_layer=_select_layer(f, "vision_feature_layer", vision),
             select_feature={"default": "patch", "full": "cls_patch"}[
                 f.choice("vision_feature_select_strategy", "default", ("default", "full"))],
-            image_token_id=f.int(image_token, 32000, minimum=0),
+            image_token_id=_image_token_id(f, image_token),
         )
     if "mm_vision_tower" in c or "mm_projector_type" in c:  # LLaVA-Med / LLaVA original
         if vision is None:

@@ -46,6 +46,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 
+from common import UserError
+
 IMAGE_TOKEN = "<image>"  # the placeholder LLaVA writes into prompts
 SPIECE = "\u2581"  # "▁", SentencePiece's visible space
 
@@ -320,25 +322,31 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> Tokenizer:
 # Loading, prompts, tokenization.
 
 
+def tokenizer_file(path: str | Path) -> Path:
+    """The file load_tokenizer reads for `path`: the path itself, or a directory's tokenizer.json,
+    else its SentencePiece tokenizer.model. Fingerprints hash this file, so it is resolved once,
+    here, for loading and hashing alike."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (path / name).is_file():
+                return path / name
+        raise UserError(f"{path}: no tokenizer.json or tokenizer.model in it (pass --tokenizer)")
+    if not path.is_file():
+        raise UserError(f"tokenizer {path}: not found")
+    return path
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer from a tokenizer.json file, a directory holding one, or, when the
     directory only has a SentencePiece `tokenizer.model` (LLaVA-Med v1.5), by converting it."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer path not found: {path}")
-    if path.is_dir():
-        if (path / "tokenizer.json").is_file():
-            path = path / "tokenizer.json"
-        elif (path / "tokenizer.model").is_file():
-            return convert_sentencepiece(path / "tokenizer.model")
-        else:
-            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}")
-    elif path.suffix == ".model":
+    path = tokenizer_file(path)
+    if path.suffix == ".model":
         return convert_sentencepiece(path)
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        raise ValueError(f"cannot read tokenizer file {path}: {e}") from None
+        raise UserError(f"cannot read tokenizer file {path}: {e}") from None
 
 
 def build_prompt(question: str, template: str = "mistral_instruct") -> str:

@@ -301,6 +301,21 @@ def test_sub_config_with_default_fields_left_out(text):
     assert config_from_json(short) == config_from_json(full)
 
 
+def test_image_token_index_vocabulary_id_or_llava_minus_200():
+    """save_model writes image_token_index -200 for models on LLaVA-Med's convention (the id is
+    outside the vocabulary); any other negative id is an error naming the field."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    c = LlavaConfig(text_config=LlamaConfig(), vision_config=CLIPVisionConfig()).to_dict()
+    c = json.loads(json.dumps(c, default=str))
+    for ok in (32000, -200):
+        c["image_token_index"] = ok
+        assert config_from_json(c).image_token_id == ok
+    c["image_token_index"] = -5
+    with pytest.raises(CheckpointError, match="image_token_index must be a token id >= 0 or LLaVA's -200, got -5"):
+        config_from_json(c, source="ckpt/config.json")
+
+
 # --- one line from the scripts -------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ import pytest
 import sentencepiece as spm
 from tokenizers import AddedToken, Tokenizer
 
+from common import UserError
 from model.tokenizer import (build_prompt, convert_sentencepiece, decode, load_tokenizer, main,
                              read_sentencepiece, tokenize_prompt, tokenize_response)
 
@@ -308,14 +309,14 @@ def test_errors_prompt_and_decode(mistral):
 
 
 def test_errors_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer path not found: .*nowhere"):
+    with pytest.raises(UserError, match="tokenizer .*nowhere: not found"):
         load_tokenizer(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match=f"no tokenizer.json or tokenizer.model in {tmp_path}"):
+    with pytest.raises(UserError, match=f"{tmp_path}: no tokenizer.json or tokenizer.model in it"):
         load_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match="SentencePiece model not found: .*missing.model"):
         convert_sentencepiece(tmp_path / "missing.model")
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(ValueError, match="cannot read tokenizer file .*tokenizer.json"):
+    with pytest.raises(UserError, match="cannot read tokenizer file .*tokenizer.json"):
         load_tokenizer(tmp_path)
 
 

@@ -1,6 +1,9 @@
 """train.py end to end on a tiny random Llava: the efficient forward against a plain one, a few
-steps raise the margin, bad records are skipped, --resume continues exactly, DDP on 2 CPU
-processes (gloo) equals one process with the same global batch, --stage sft runs."""
+steps raise the margin, bad records and unusable images are skipped, --resume continues exactly
+(past a torn metrics line) and only what the same inputs made, an existing run is never mixed
+with a new one, hscr.py's stored token ids are trained on, DDP on 2 CPU processes (gloo) equals
+one process with the same global batch, --stage sft runs."""
+import io
 import json
 import math
 import os
@@ -11,11 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+import provenance
 import tiny
 import train
+from common import UserError, run_main
+from eval import image_problem
+from provenance import ProvenanceError
 from oracles import sequence_logprob
 from model import load_model
 from model.lora import apply_lora, load_adapter, lora_disabled, lora_modules
@@ -179,12 +186,14 @@ def test_resume_continues_exactly(workspace, tmp_path):
     part = tmp_path / "part"
     train.train(config(workspace, part, save_every=2, micro_batch=2, max_steps=3))  # "interrupted" after step 3
     assert (part / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    with open(part / "metrics.jsonl", "a") as f:  # killed while writing step 4's line
+        f.write('{"step": 4, "loss": 0.6')
     train.train(config(workspace, part, save_every=2, micro_batch=2, resume=True))
     a, b = adapter_tensors(full), adapter_tensors(part)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ProvenanceError, match="option lr: 0.005 in the file, 0.001 now"):
         train.train(config(workspace, part, micro_batch=2, lr=1e-3, resume=True))
 
 
@@ -312,3 +321,212 @@ def test_full_training_from_a_preset(tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert (tmp_path / "out" / "model" / "tokenizer.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per --out, and what made it (issue #16); bad input never stops the job (issue #14)
+
+
+def short(workspace, out, **kw) -> train.TrainConfig:
+    """A one-epoch run of 3 steps (12 entries, batch 4)."""
+    return config(workspace, out, epochs=1, **kw)
+
+
+def test_existing_run_is_refused_and_overwrite_starts_clean(workspace, tmp_path, capsys):
+    """A second run into an --out that holds one stops with one line naming the directory and
+    both ways on (exit status 2 from the command line); --overwrite deletes train.py's files
+    only (a stray checkpoint of another run included, a user's file kept); --resume without a
+    checkpoint is refused."""
+    root, ckpt, prefs = workspace
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="no checkpoint to continue from"):
+        train.train(short(workspace, out, resume=True))
+    train.train(short(workspace, out))
+    with pytest.raises(UserError, match=f"{out} holds a training run .*--resume.*--overwrite"):
+        train.train(short(workspace, out))
+    args = ["--model", str(ckpt), "--data", str(prefs), "--out", str(out), "--batch-size", "4", "--micro-batch", "4"]
+    capsys.readouterr()
+    assert run_main(train.main, args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "holds a training run" in err and "--overwrite" in err
+
+    (out / "checkpoints" / "step-000099").mkdir()  # as if another run had gone further
+    (out / "notes.txt").write_text("mine")
+    train.train(short(workspace, out, overwrite=True))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000003"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    record = provenance.load(out / "provenance.json")
+    assert record["made_by"] == "train.py" and len(record["sessions"]) == 1
+    assert record["fingerprint"]["images"]["n"] == 3 and record["fingerprint"]["batch_size"] == 4
+
+
+def test_resume_stops_when_the_model_changed(workspace, tmp_path):
+    """--resume after the base model's weights changed stops and names the weights file."""
+    root, ckpt, prefs = workspace
+    model = tmp_path / "ckpt"
+    model.mkdir()
+    for f in ckpt.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "run"
+    train.train(short(workspace, out, model=str(model), max_steps=1))
+    weights = load_file(model / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1
+    save_file(weights, model / "model.safetensors")
+    with pytest.raises(ProvenanceError, match=r"model weights \(model.safetensors\) changed.*--overwrite"):
+        train.train(short(workspace, out, model=str(model), resume=True))
+
+
+def png_bytes(size=(20, 24), seed=0) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    image = Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_unusable_images_are_skipped_and_named(workspace, tmp_path, monkeypatch, capsys):
+    """A corrupt, empty, truncated (PNG: checksum; JPEG: found only by decoding) or oversized
+    image skips its record: it is in bad_records.jsonl with file, line, id and the image's
+    problem, counted on the console, and the other 12 entries train (3 steps)."""
+    root, ckpt, prefs = workspace
+    for k in range(3):
+        (tmp_path / f"img{k}.png").write_bytes((root / f"img{k}.png").read_bytes())
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    (tmp_path / "empty.png").write_bytes(b"")
+    png = png_bytes()
+    (tmp_path / "cut.png").write_bytes(png[:len(png) // 2])
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").resize((64, 64)).save(buffer, format="JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) * 3 // 4])
+    assert image_problem(tmp_path / "cut.jpg") is None  # the cheap look misses it: decoding finds it
+    # pillow refuses images above 2 × MAX_IMAGE_PIXELS: 120² = 14400 > 2 × 5000 (the others: 480, 64² = 4096).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    (tmp_path / "bomb.png").write_bytes(png_bytes((120, 120)))
+    bad_images = ["corrupt.png", "empty.png", "cut.png", "cut.jpg", "bomb.png"]
+    bad = [{**r, "id": f"bad-{name}", "image": name} for r, name in zip(preference_records(5), bad_images)]
+    records = preference_records(12)
+    records = records[:4] + bad + records[4:]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text(HEADER + "".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "run"
+    train.train(short(workspace, out, data=str(data)))
+    skipped = [json.loads(line) for line in (out / "bad_records.jsonl").read_text().splitlines()]
+    assert [(s["id"], s["index"], s["file"]) for s in skipped] == \
+        [(f"bad-{name}", 5 + i, str(data)) for i, name in enumerate(bad_images)]  # line 0 is the header
+    reasons = {s["id"]: s["reason"] for s in skipped}
+    assert reasons["bad-empty.png"] == "image empty.png: empty file"
+    assert "decompression-bomb" in reasons["bad-bomb.png"] and "truncated" in reasons["bad-cut.jpg"]
+    assert all(r.startswith(f"image {name}: ") for name, r in zip(bad_images, reasons.values()))
+    assert "12 training entries, 0 held out, 5 skipped" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_non_utf8_preference_file_names_the_byte(workspace, tmp_path, capsys):
+    """A byte that is not UTF-8 ends the run with one line naming the file and its offset."""
+    root, ckpt, prefs = workspace
+    text = prefs.read_bytes()
+    offset = text.index(b"lesion")
+    data = tmp_path / "prefs.jsonl"
+    data.write_bytes(text[:offset] + b"\xff" + text[offset + 1:])
+    assert run_main(train.main, ["--model", str(ckpt), "--data", str(data), "--image-root", str(root),
+                                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert "Traceback" not in err and len(errors) == 1 and errors[0] == err.strip().splitlines()[-1]
+    assert str(data) in errors[0] and f"byte 0xff at offset {offset}" in errors[0]
+
+
+def hscr_file(path: Path, records: list[dict], tokenizer_sha256: str, **options) -> None:
+    """A preference file as hscr.py writes it (docs/FORMATS.md): a header whose provenance names
+    the tokenizer by digest, and records holding their responses' token ids."""
+    header = {"_header": True, "options": options,
+              "provenance": {"tokenizer": {"kind": "file", "path": "tokenizer.json", "sha256": tokenizer_sha256}}}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [header] + records))
+
+
+def responses(example) -> list[list[int]]:
+    """The trained tokens of each row of an Example (its responses, EOS included when present)."""
+    return [[i for i, on in zip(row, target) if on] for row, target in zip(example.rows, example.targets)]
+
+
+def test_stored_ids_are_trained_on_when_the_tokenizer_is_the_same(workspace, tmp_path):
+    """With the tokenizer hscr.py used (same digest), rows hold the stored ids, though they differ
+    from what the texts give, and EOS only after complete responses; with another tokenizer
+    digest the texts are tokenized again (EOS still only after complete ones), said once."""
+    root, ckpt, prefs = workspace
+    tok = word_tokenizer()
+    ids = {w: tok.token_to_id(w) for w in WORDS}
+    sha = provenance.file_digest(ckpt / "tokenizer.json")
+    record = {"id": "a", "image": "img0.png", "question": "which side of the lung ?",
+              "chosen": "the lesion is in the left lung", "chosen_ids": [ids["a"], ids["mass"]],
+              "chosen_complete": True,
+              "negatives": [{"text": "the lesion is in the right lung", "ids": [ids["right"]], "complete": False},
+                            {"text": "the lesion is in the upper lung", "ids": [ids["upper"]], "complete": True}]}
+    plain = {k: v for k, v in record.items() if k != "chosen_ids"} | {"id": "b"}  # no ids: re-tokenized
+    cfg = config(workspace, tmp_path / "unused")
+    tokens = train.Tokens(tok, train.model_config(cfg, tok))
+    text_ids = [tok.encode(t).ids for t in ("the lesion is in the left lung", "the lesion is in the right lung",
+                                            "the lesion is in the upper lung")]
+    eos = 2
+    data = tmp_path / "prefs.jsonl"
+    hscr_file(data, [record, plain], sha)
+    said = []
+    examples, bad = train.read_preferences(data, root, tokens, cfg, sha, said.append)
+    assert not bad
+    assert responses(examples[0]) == [[ids["a"], ids["mass"], eos], [ids["right"]], [ids["upper"], eos]]
+    assert responses(examples[1]) == [text_ids[0] + [eos], text_ids[1], text_ids[2] + [eos]]
+    assert len(said) == 2 and "1 records trained on the token ids stored" in said[0]
+    assert "1 records have no stored token ids" in said[1]
+
+    hscr_file(data, [record], "0" * 64)  # made with another tokenizer
+    said = []
+    examples, _ = train.read_preferences(data, root, tokens, cfg, sha, said.append)
+    assert responses(examples[0]) == [text_ids[0] + [eos], text_ids[1], text_ids[2] + [eos]]
+    assert len(said) == 1 and "re-tokenized from their texts" in said[0] and "another tokenizer" in said[0]
+
+
+def test_image_aspect_from_the_header_reaches_preprocessing(workspace, tmp_path, monkeypatch, capsys):
+    """Preference data made with --image-aspect resize is trained on resized images (every
+    preprocess_image call of the run gets aspect="resize") and the choice is said; an explicit
+    --image-aspect wins; without a header the default is pad."""
+    root, ckpt, prefs = workspace
+    data = tmp_path / "prefs.jsonl"
+    hscr_file(data, preference_records(12), "0" * 64, image_aspect="resize")
+    for k in range(3):
+        (tmp_path / f"img{k}.png").write_bytes((root / f"img{k}.png").read_bytes())
+    import batches
+    aspects = []
+    real = batches.preprocess_image
+    monkeypatch.setattr(batches, "preprocess_image", lambda *a, **kw: aspects.append(kw["aspect"]) or real(*a, **kw))
+    train.train(short(workspace, tmp_path / "run", data=str(data), max_steps=1))
+    assert len(aspects) > 3 and set(aspects) == {"resize"}
+    assert "--image-aspect resize, as hscr.py made prefs.jsonl" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["image_aspect"] == "resize"
+    assert train.resolve_image_aspect("pad", data)[0] == "pad"
+    assert train.resolve_image_aspect(None, prefs)[0] == "pad"
+
+
+def test_reference_cache_key_follows_image_content(workspace, tmp_path):
+    """The reference log-prob cache key changes with an image's content (not with where the
+    images are), so a rewritten image gets its log-probs computed again."""
+    root, ckpt, prefs = workspace
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(3):
+        (images / f"img{k}.png").write_bytes((root / f"img{k}.png").read_bytes())
+    cfg = config(workspace, tmp_path / "unused")
+    names = [f"img{k}.png" for k in range(3)]
+
+    def key(image_root):
+        now = train.run_fingerprint(cfg, ckpt / "tokenizer.json", image_root, names, torch.float32, train.Context())
+        return train.reference_cache_key(now, cfg)
+
+    before = key(images)
+    assert key(root) == before  # the same images elsewhere
+    (images / "img1.png").write_bytes(png_bytes(seed=7))
+    after = key(images)
+    assert after != before and after["images"] != before["images"]
+    assert train.reference_cache_path(cfg, after) != train.reference_cache_path(cfg, before)

@@ -1,0 +1,232 @@
+"""train.py's output directory: one run per --out, what made it, checkpoints and resume.
+
+    check_out / clear_outputs   an --out holds one run: refused without --resume or --overwrite,
+                                --overwrite deletes what train.py writes there (OUTPUTS) and nothing else
+    start_run                   --resume continues only a run with the same fingerprint
+                                (provenance.json, provenance.py); a new run records its own
+    write_run_start             config.json and bad_records.jsonl
+    save_checkpoint / load_checkpoint
+                                checkpoints/step-NNNNNN/{adapter/ | model/, trainer.pt} written
+                                atomically, `latest` replaced last; weights are safetensors, trainer.pt
+                                holds optimizer, scheduler and RNG states (read with weights_only=True)
+    plot_metrics                metrics.png from metrics.jsonl
+
+Nothing here is part of the method; train.py imports it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+import provenance
+from common import UserError, read_jsonl
+from data import BadRecord
+from model import load_model, save_model
+from model.loading import CheckpointError
+from model.lora import load_adapter, save_adapter
+from model.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from train import Context, TrainConfig
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The output directory: one run, a fingerprint of what made it (provenance.json), checkpoints
+
+PROVENANCE = "provenance.json"
+# What train.py writes in --out: --overwrite deletes these and nothing else.
+OUTPUTS = ("checkpoints", "adapter", "model", "merged", "metrics.jsonl", "metrics.png", "bad_records.jsonl",
+           "config.json", PROVENANCE)
+# Those that hold training results: a directory with any of them holds a run.
+TRAINED = ("checkpoints", "metrics.jsonl", "adapter", "model", "merged")
+# Options that name inputs or the output: the fingerprint holds the inputs' content instead.
+PATH_FIELDS = ("model", "data", "out", "image_root", "vision_tower", "tokenizer", "eval_data")
+
+
+def trained_outputs(out: Path) -> list[str]:
+    """The TRAINED entries present in `out` (an empty checkpoints/ or metrics.jsonl does not count)."""
+    found = []
+    for name in TRAINED:
+        path = out / name
+        if path.is_dir() and any(path.iterdir()) or path.is_file() and path.stat().st_size:
+            found.append(name)
+    return found
+
+
+def check_out(out: Path, cfg: TrainConfig) -> None:
+    """Refuse, before anything slow, what would mix two runs in one --out: an existing run
+    without --resume or --overwrite, --resume without a checkpoint, --overwrite of a directory
+    holding an input, or an --out that is a checkpoint directory."""
+    if any(out.glob("*.safetensors")):
+        raise UserError(f"--out {out} holds *.safetensors (a checkpoint directory?); train.py writes config.json "
+                        "and more there: choose another --out")
+    found = trained_outputs(out)
+    if cfg.resume:
+        if not (out / "checkpoints" / "latest").is_file():
+            raise UserError(f"--resume: {out} has no checkpoint to continue from (checkpoints/latest); "
+                            + ("rerun with --overwrite to start again" if found else "run without --resume to start"))
+    elif found and not cfg.overwrite:
+        raise UserError(f"{out} holds a training run ({', '.join(found)}): pass --resume to continue it, or "
+                        "--overwrite to delete it and start again, or choose another --out")
+    if not cfg.resume:  # outputs will be deleted: none of them may hold an input of this run
+        doomed = [(out / name).resolve() for name in OUTPUTS if (out / name).exists()]
+        for flag in PATH_FIELDS:
+            value = getattr(cfg, flag)
+            if value is None or flag == "out":
+                continue
+            path = Path(value).resolve()
+            hit = next((d for d in doomed if path == d or d in path.parents), None)
+            if hit is not None:
+                raise UserError(f"--{flag.replace('_', '-')} {value} is inside {hit}, which starting a run in "
+                                f"{out} deletes: choose another --out")
+
+
+def clear_outputs(out: Path) -> None:
+    """Delete what train.py writes in `out` (OUTPUTS), and nothing else: --out may hold other files."""
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def start_run(out: Path, now: dict, cfg: TrainConfig, ctx: Context) -> None:
+    """--resume continues only what the same inputs and options made (out/provenance.json, checked
+    on every process so that all stop together); a new run starts from an --out cleared of
+    train.py's files. Rank 0 then records the fingerprint and this session."""
+    path = out / PROVENANCE
+    record = None
+    if cfg.resume:
+        record = provenance.load(path)
+        if record is None:
+            raise UserError(f"{out} has checkpoints but no {PROVENANCE} (written by a train.py older than it), so "
+                            "what made them cannot be checked; rerun with --overwrite to start again")
+        provenance.check(record["fingerprint"], now, out,
+                         restart="rerun with --overwrite to start again (this deletes its checkpoints and metrics)")
+    ctx.barrier()  # every process has read the old record before rank 0 replaces it
+    if ctx.rank == 0:
+        if not cfg.resume:
+            clear_outputs(out)
+        session = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "resume": cfg.resume, "max_steps": cfg.max_steps, "device": str(ctx.device),
+                   "world_size": ctx.world}
+        provenance.save(path, now, made_by="train.py",
+                        sessions=list(record.get("sessions", [])) + [session] if record else [session])
+    ctx.barrier()
+
+
+def write_run_start(out: Path, cfg: TrainConfig, bad: list[BadRecord]) -> None:
+    """out/config.json and out/bad_records.jsonl; each skipped record is also reported on stderr."""
+    out.mkdir(parents=True, exist_ok=True)
+    report_skipped(bad)
+    atomic_write_text(out / "bad_records.jsonl", "".join(json.dumps(dataclasses.asdict(b)) + "\n" for b in bad))
+    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+
+def report_skipped(bad: list[BadRecord]) -> None:
+    for b in bad:
+        print(f"skipped {b.file} record {b.index} (id {b.id}): {b.reason}", file=sys.stderr)
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, ctx: Context) -> None:
+    """checkpoints/step-NNNNNN/{adapter/, trainer.pt}: written under a temporary name, renamed,
+    then `checkpoints/latest` is replaced atomically; only `keep_checkpoints` are kept."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None}
+    rngs = [rng]
+    if ctx.world > 1:  # dropout draws differ per rank: keep every rank's state
+        rngs = [None] * ctx.world
+        dist.all_gather_object(rngs, rng)
+    if ctx.rank == 0:
+        root = out / "checkpoints"
+        name = f"step-{step:06d}"
+        tmp = root / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_weights(model, tmp, cfg)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rngs, "config": dataclasses.asdict(cfg)}, tmp / "trainer.pt")
+        shutil.rmtree(root / name, ignore_errors=True)
+        os.replace(tmp, root / name)
+        atomic_write_text(root / "latest", name + "\n")
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    ctx.barrier()
+
+
+def save_weights(model, out: Path, cfg: TrainConfig) -> Path:
+    """The trained weights: the PEFT adapter (out/adapter), or with --full the whole model as a
+    loadable checkpoint directory with its tokenizer (out/model)."""
+    if not cfg.full:
+        return save_adapter(model, out / "adapter", base_model_path=cfg.model) or out / "adapter"
+    save_model(model, out / "model")
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    tokenizer.save(str(out / "model" / "tokenizer.json"))
+    return out / "model"
+
+
+def load_checkpoint(out: Path, model, optimizer, scheduler, cfg: TrainConfig, ctx: Context) -> int:
+    """Restore adapter, optimizer, scheduler and RNG states; returns the step to continue from.
+    That the run's inputs and options are the same was checked before (start_run)."""
+    root = out / "checkpoints"
+    ckpt = root / (root / "latest").read_text().strip()
+    if not (ckpt / "trainer.pt").is_file():
+        raise CheckpointError(f"{root / 'latest'} names {ckpt.name}, which is missing or incomplete; "
+                              "rerun with --overwrite to start again")
+    state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+    if len(state["rng"]) != ctx.world:
+        raise UserError(f"--resume from {ckpt}: saved by {len(state['rng'])} processes, now {ctx.world}")
+    if cfg.full:
+        model.load_state_dict(load_model(ckpt / "model", dtype=model.dtype, device=model.device).state_dict())
+    else:
+        try:
+            load_adapter(model, ckpt / "adapter")
+        except (ValueError, OSError) as e:  # load_adapter names the file
+            raise CheckpointError(f"--resume from {ckpt}: {e}") from None
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"][ctx.rank]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], ctx.device)
+    return state["step"]
+
+
+def plot_metrics(metrics_path: Path, out_png: Path) -> bool:
+    """metrics.png from metrics.jsonl when matplotlib is installed (an optional dependency)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    records = read_jsonl(metrics_path)
+    keys = [k for k in ("loss", "margin", "accuracy_explicit", "accuracy_implicit", "eval_accuracy_explicit",
+                        "eval_margin", "eval_loss", "lr") if any(k in r for r in records)]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*points), marker="." if key.startswith("eval_") else None)
+        ax.set_ylabel(key, fontsize=8)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return True
