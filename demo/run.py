@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ import train
 from common import dataclass_parser, option, read_jsonl, run_main
 from demo.report import write_report
 from demo.world import build_world
+from rundir import trained_outputs
 from model.sentence import default_minilm_path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: assets/base lives there
@@ -157,29 +157,32 @@ def train_fingerprint(tcfg: "train.TrainConfig") -> dict:
 
 
 def _run_train(tcfg: "train.TrainConfig", run_dir: Path, overwrite: bool) -> bool:
-    """train.py's stage. A finished adapter whose record (TRAIN_RECORD) matches this fingerprint
-    is reused; any other output in train/ stops the demo naming what changed, or, with
-    --overwrite, is trained again. Returns whether the adapter was reused."""
+    """train.py's stage. An adapter is reused when the demo's record of it (TRAIN_RECORD) holds
+    this fingerprint and the adapter's digest; a training run in train/ that differs stops the
+    demo naming what changed, or, with --overwrite, is trained again (train.py refuses a new run
+    into an --out that holds one, and --overwrite deletes it). Returns whether it was reused."""
     out, record_path = Path(tcfg.out), run_dir / TRAIN_RECORD
     now = train_fingerprint(tcfg)
     record = provenance.load(record_path)
-    finished = (out / "adapter" / "adapter_model.safetensors").is_file()
-    changes = provenance.differences(record["fingerprint"], now) if record else [
-        "the demo has no record of a finished training there (interrupted, or trained outside the demo)"]
+    adapter = out / "adapter"
+    finished = (adapter / "adapter_model.safetensors").is_file()
+    if record is None:
+        changes = ["the demo has no record of a finished training there (interrupted, or trained outside the demo)"]
+    else:
+        changes = provenance.differences(record["fingerprint"], now)
+        if finished and record.get("adapter") != provenance.dir_digest(adapter):
+            changes.append(f"{adapter} is not the adapter the demo trained (written again since)")
     if finished and not changes:
-        print(f"reused: {out / 'adapter'} was trained from the same preferences, model and options")
+        print(f"reused: {adapter} was trained from the same preferences, model and options")
         return True
-    if out.exists() and any(out.iterdir()):
+    if trained_outputs(out):
         if not overwrite:
             raise provenance.ProvenanceError(out, changes, restart="rerun the demo with --overwrite to train again")
         print(f"--overwrite: {out} was made from other inputs ({'; '.join(changes)}); trained again")
-        if "overwrite" in {f.name for f in dataclasses.fields(train.TrainConfig)}:
-            tcfg = dataclasses.replace(tcfg, overwrite=True)
-        else:  # TODO(merge train16): train.py without `TrainConfig.overwrite`: the demo clears train/
-            shutil.rmtree(out)
+        tcfg = dataclasses.replace(tcfg, overwrite=True)
     record_path.unlink(missing_ok=True)  # written again once the adapter is complete
     train.train(tcfg)
-    provenance.save(record_path, now, made_by="demo/run.py", stage="train.py")
+    provenance.save(record_path, now, made_by="demo/run.py", stage="train.py", adapter=provenance.dir_digest(adapter))
     return False
 
 

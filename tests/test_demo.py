@@ -86,7 +86,8 @@ def _outputs(out: Path) -> dict[str, bytes]:
 def test_rerun_reuses_what_matches_and_stops_on_a_change(reduced, tmp_path, capsys):
     """A rerun with the same options reuses every stage's output. With another learning rate it
     stops before touching anything, naming the change; with --overwrite it trains again and
-    evaluates the new adapter again, and keeps the preference data and the base's answers."""
+    evaluates the new adapter again, and keeps the preference data and the base's answers. An
+    adapter changed outside the demo is not reused."""
     cfg, _ = reduced
     out = tmp_path / "run"
     shutil.copytree(cfg.out, out)
@@ -121,6 +122,12 @@ def test_rerun_reuses_what_matches_and_stops_on_a_change(reduced, tmp_path, caps
     console = capsys.readouterr().out
     assert f"--overwrite: {out / 'train'} was made from other inputs (option lr" in console
     assert f"--overwrite: {out / 'eval-hscr'} was made from other inputs (adapter" in console
+
+    # An adapter written again behind the demo's back (here: its config) is not reused either.
+    config = out / "train" / "adapter" / "adapter_config.json"
+    config.write_text(config.read_text() + "\n")
+    assert run.main(argv) == 2
+    assert "is not the adapter the demo trained" in capsys.readouterr().err
 
 
 def test_demo_world_leaves_out_sft_unless_a_whole_world_is_there(tmp_path, monkeypatch):
