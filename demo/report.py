@@ -155,6 +155,19 @@ def sample_evenly(items: list, n: int) -> list:
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
+def sample_entries(records: list[dict], n: int) -> list[dict]:
+    """n entries to show: three quarters with several coupled positions (spread evenly over their
+    number), the rest one-token answers (yes / no …), whichever kind has too few filling in."""
+    def size(r):
+        return len(r.get("coupled", [])) + len(r.get("unreplaced", []))
+
+    by_size = sorted(records, key=lambda r: (size(r), r["index"]))
+    short = [r for r in by_size if size(r) <= 1]
+    long = by_size[len(short):]
+    n_long = min(len(long), max(n - min(len(short), n // 4), 0))
+    return sample_evenly(short, n - n_long) + sample_evenly(long, n_long)
+
+
 def _answer_tokens(record: dict, tokenizer) -> list[tuple[int, str]] | None:
     """(id, piece) of y_w as hscr.py scored it: the record's chosen_ids, or the chosen text
     tokenized as hscr.py does (tokenize_response); None without a tokenizer."""
@@ -255,14 +268,14 @@ def preferences_section(run_dir: Path, n: int = ENTRIES) -> str:
         tokenizer = load_tokenizer(options.get("tokenizer") or options["model"])
     except (OSError, KeyError):
         pass
-    by_size = sorted(records, key=lambda r: (len(r.get("coupled", [])) + len(r.get("unreplaced", [])), r["index"]))
-    shown = sorted(sample_evenly(by_size, n), key=lambda r: r["index"])
+    shown = sorted(sample_entries(records, n), key=lambda r: r["index"])
     ranked = {r["id"]: _coupled_in_score_order(r) for r in shown}
     scale = max((abs(c["score"]) for cs in ranked.values() for c in cs), default=0.0)
     top_n, c = options.get("top_n", "n"), options.get("num_candidates", "c")
     parts.append(_note(
-        f"{len(shown)} of the {len(records)} entries of {html.escape(prefs.name)}, spread over the number of "
-        f"coupled positions. Each token of the preferred answer y_w is shaded by its coupling score "
+        f"{len(shown)} of the {len(records)} entries of {html.escape(prefs.name)}: most with several coupled "
+        f"positions (spread over their number), a few one-token answers. Each token of the preferred answer "
+        f"y_w is shaded by its coupling score "
         f"s_t = logits_full[t, y_t] − logits_drop[t, y_t] (docs/METHOD.md step 4): "
         f'<span class="tok" style="background:rgba({POSITIVE[0]},{POSITIVE[1]},{POSITIVE[2]},{SHADE_MAX})">warm</span> '
         f"where the full image raises the token's logit, "

@@ -109,6 +109,18 @@ def test_token_shade_by_hand():
     assert report.token_shade(1.0, 0.0)[1] == 0.0
 
 
+def test_sample_entries_favours_several_coupled_positions():
+    """8 of 50 one-token entries and 10 longer ones (5 × 2, 3 × 3, 2 × 10 positions): 8 // 4 = 2
+    short ones, then 6 long ones spread evenly over the 10 sorted by size, indices
+    round(i · 9 / 5) = 0, 2, 4, 5, 7, 9 → sizes 2, 2, 2, 3, 3, 10. With only 3 long entries the
+    short ones fill in (5 + 3)."""
+    sizes = [1] * 50 + [2] * 5 + [3] * 3 + [10] * 2
+    records = [{"index": i, "coupled": [{}] * k} for i, k in enumerate(sizes)]
+    assert [len(r["coupled"]) for r in report.sample_entries(records, 8)] == [1, 1, 2, 2, 2, 3, 3, 10]
+    records = [{"index": i, "coupled": [{}] * k} for i, k in enumerate([1] * 50 + [3] * 3)]
+    assert [len(r["coupled"]) for r in report.sample_entries(records, 8)] == [1] * 5 + [3] * 3
+
+
 def test_word_diff_marks_words_not_in_the_reference():
     assert report.word_diff("There is one large nodule", "There is one small nodule") == \
         "There is one <mark>large</mark> nodule"
