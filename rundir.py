@@ -209,14 +209,21 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, cfg: TrainConfig, ct
     return state["step"]
 
 
-def plot_metrics(metrics_path: Path, out_png: Path) -> bool:
-    """metrics.png from metrics.jsonl when matplotlib is installed (an optional dependency)."""
+def require_matplotlib():
+    """matplotlib.pyplot on the Agg backend; a listed requirement, so its absence is an error,
+    raised before training starts (train.py calls this first when --plot is on)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        raise UserError("--plot needs matplotlib (pip install -r requirements.txt), or pass --no-plot") from None
+    return plt
+
+
+def plot_metrics(metrics_path: Path, out_png: Path) -> None:
+    """metrics.png from metrics.jsonl: one panel per logged figure, against the step."""
+    plt = require_matplotlib()
     records = read_jsonl(metrics_path)
     keys = [k for k in ("loss", "margin", "accuracy_explicit", "accuracy_implicit", "eval_accuracy_explicit",
                         "eval_margin", "eval_loss", "lr") if any(k in r for r in records)]
@@ -229,4 +236,3 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> bool:
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
-    return True

@@ -85,7 +85,7 @@ from model.loading import read_config, read_vision_config
 from model.lora import apply_lora, export_merged, lora_disabled, lora_parameters
 from model.tokenizer import IMAGE_TOKEN, load_tokenizer, tokenizer_file
 from rundir import (PATH_FIELDS, atomic_write_text, check_out, load_checkpoint, plot_metrics, report_skipped,
-                    save_checkpoint, save_weights, start_run, write_run_start)
+                    require_matplotlib, save_checkpoint, save_weights, start_run, write_run_start)
 
 # ---------------------------------------------------------------------------------------------
 # The method: the reward and the losses of Stage 3 (docs/METHOD.md), one function per equation.
@@ -264,6 +264,8 @@ def train(cfg: TrainConfig) -> dict:
     ctx = setup_context(cfg.device, cfg.autocast)
     out = Path(cfg.out)
     check_out(out, cfg)  # before anything slow: never mix two runs in one --out
+    if cfg.plot:
+        require_matplotlib()
     dtype = resolve_dtype(cfg.dtype, ctx.device)
 
     # Data, read before the (slow) model load: bad records and unusable images are reported and
@@ -373,7 +375,8 @@ def train(cfg: TrainConfig) -> dict:
 
     if ctx.rank == 0:
         weights = save_weights(base, out, cfg)
-        if cfg.plot and plot_metrics(metrics_path, out / "metrics.png"):
+        if cfg.plot:
+            plot_metrics(metrics_path, out / "metrics.png")
             print(f"wrote {out / 'metrics.png'}")
         if cfg.export_merged and not cfg.full:
             export_merged(base, out / "merged", source=cfg.model)

@@ -530,3 +530,14 @@ def test_reference_cache_key_follows_image_content(workspace, tmp_path):
     after = key(images)
     assert after != before and after["images"] != before["images"]
     assert train.reference_cache_path(cfg, after) != train.reference_cache_path(cfg, before)
+
+
+def test_plot_without_matplotlib_is_an_error_before_training(monkeypatch):
+    """matplotlib is a listed requirement: --plot without it stops with one clear error (naming
+    --no-plot) before anything is trained, instead of skipping the plot at the end."""
+    import rundir
+    from common import UserError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    with pytest.raises(UserError, match="--plot needs matplotlib.*--no-plot"):
+        rundir.require_matplotlib()
