@@ -5,7 +5,10 @@
 - demo/base.py   what only the shipped from-scratch base model (assets/base) needs: building the
                  world, and pretraining its vision tower on the world's scene labels;
 - demo/run.py    the demo itself (`python train.py`, `python train.py demo|ablation`): world →
-                 hscr.py → train.py → eval.py → a before/after table, and its ablation over seeds.
+                 hscr.py → train.py → eval.py → a before/after table, and its ablation over seeds;
+- demo/negatives.py  the quality of hscr.py's negatives against the world's ground truth (same-slot
+                 hallucination or junk), and the comparison of candidate rules;
+- demo/report.py the run's report.html: coupling scores, negatives, training curves, answers.
 
 The method's scripts (hscr.py, train.py, eval.py) and data.py never import this package at module
 level; train.py imports demo.run only to run it.
