@@ -64,6 +64,13 @@ def _strict_gain(r: dict, mode: str) -> float:
     return r["modes"]["full"]["closed"]["accuracy_strict"] - r["modes"][mode]["closed"]["accuracy_strict"]
 
 
+def _described(r: dict, key: str) -> float:
+    """A description figure of eval.py (nan when the split has no question with facts, or the
+    answers state none)."""
+    value = r["modes"]["full"].get("description", {}).get(key)
+    return float("nan") if value is None else value
+
+
 # The rows of the default's table: label → figure of one eval.py result (× 100). Blind scores are
 # strict: without its image the small base rambles ("yes is no is no …"), which LLaVA-Med's
 # substring rule scores as a hit on both "yes" and "no" questions.
@@ -72,6 +79,8 @@ DEMO_ROWS = {
     "closed accuracy, strict": lambda r: r["modes"]["full"]["closed"]["accuracy_strict"],
     "open recall": lambda r: r["modes"]["full"]["open"]["recall"],
     "hallucination rate": lambda r: r["modes"]["full"]["closed"]["hallucination_rate"],
+    "description: facts contradicted %": lambda r: _described(r, "facts_contradicted"),
+    "description: facts correct %": lambda r: _described(r, "facts_correct"),
     "closed strict, no image": lambda r: r["modes"]["no_image"]["closed"]["accuracy_strict"],
     "closed strict, blank image": lambda r: r["modes"]["blank_image"]["closed"]["accuracy_strict"],
     "open recall, no image": lambda r: r["modes"]["no_image"]["open"]["recall"],
@@ -149,7 +158,8 @@ ABLATION_METRICS = {label: DEMO_ROWS[key] for label, key in (
     ("closed acc", "closed accuracy (LLaVA-Med, lenient)"), ("closed strict", "closed accuracy, strict"),
     ("open recall", "open recall"), ("halluc. rate", "hallucination rate"),
     ("visual gain, closed strict", "visual gain, closed strict (full − no image)"),
-    ("visual gain, open", "visual gain, open (full − no image)"))}
+    ("visual gain, open", "visual gain, open (full − no image)"),
+    ("facts contradicted", "description: facts contradicted %"), ("facts correct", "description: facts correct %"))}
 
 
 def ablation(cfg: DemoConfig, seeds: list[int]) -> str:
