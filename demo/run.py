@@ -50,12 +50,13 @@ class DemoConfig:
     seed: int = option(0, "seed of the world sample, the negatives' dropout and training")
     similarity: str = option("auto", "minilm when its weights are installed, else lexical",
                              choices=("auto", "minilm", "lexical"))
-    num_candidates: int = option(1, "hscr.py --num-candidates: candidate replacements per coupled position (c; "
-                                 "docs/METHOD.md: 10; 1 chosen on the validation split: with 10 the argmin "
-                                 "picks tokens no branch believes)")
-    candidates: str = option("dropped-topk", "hscr.py --candidates: the candidate rule (docs/METHOD.md, step 5)",
+    num_candidates: int = option(10, "hscr.py --num-candidates: most candidate replacements per coupled position "
+                                 "(c; docs/METHOD.md step 5)")
+    candidates: str = option("dropped-plausible", "hscr.py --candidates: the candidate rule (docs/METHOD.md, step 5: "
+                             "the dropped branch's plausible tokens, chosen on the validation split)",
                              choices=("dropped-topk", "plausible", "both", "dropped-plausible"))
-    alpha: float = option(0.1, "hscr.py --alpha: the plausibility cut of the plausible rules")
+    alpha: float = option(0.01, "hscr.py --alpha: the plausibility cut of the plausible rules (0.01 chosen on the "
+                          "validation split)")
     prefs: str | None = option(None, "preference file to write or reuse (default: OUT/prefs.jsonl)")
 
 

@@ -15,6 +15,17 @@ data.py reads (docs/FORMATS.md):
 Every record is single-turn: "<image>\\n<question>" -> answer, "image": "images/<id>.png"
 (relative to root, the readers' default image root), plus "kind" (the question kind) and
 "scene" (the facts drawn in the pixels): readers ignore both; tests and error analysis use them.
+The describe/report questions of val and test also carry "facts" (`scene_facts`: the facts
+their reference answer states, with every value of each slot and its phrases), which eval.py's
+description metric reads (facts contradicted / correct) without knowing this world.
+
+Question kinds. SFT, val and test share one mix of VQA kinds (half closed). The alignment split
+is instruction-like, as LLaVA-Med's instruction data (ALIGN_KINDS): 70 % reports ("This is a
+chest X-ray. There are two small nodules in the left lung.") and descriptions (the second
+sentence alone), each stating several facts (modality, organ, presence, count, side, size) in
+sentence forms SFT already holds, so each answer has several modality-coupled tokens to corrupt;
+30 % stays VQA. Version 3 changed only the alignment split: SFT, val and test questions and
+answers are those of version 2 (sft.json byte for byte), so the shipped base stays valid.
 
 Scenes. Three modalities with distinct anatomy: chest X-ray (bright body, two dark lung fields,
 spine, heart, ribs), brain MRI (bright skull ring, gray brain, dark ventricles) and abdominal
