@@ -192,7 +192,7 @@ class Record:
     conversations: [{"from": "human" | "gpt", "value": str}, ...] as in the file (values
     untouched); for question JSONL: the raw question text, then the answer if known.
     facts: the record's optional "facts" object, passed through unread (eval.py's description
-    metric: slot → {"value", "phrases"}; docs/FORMATS.md); None when absent.
+    metric, `eval.fact_scores`: slot → {"value", "phrases"}); None when absent.
     """
 
     id: str
