@@ -191,6 +191,8 @@ class Record:
     answer_type: "OPEN" | "CLOSED" | None (instruction data has none).
     conversations: [{"from": "human" | "gpt", "value": str}, ...] as in the file (values
     untouched); for question JSONL: the raw question text, then the answer if known.
+    facts: the record's optional "facts" object, passed through unread (eval.py's description
+    metric, `eval.fact_scores`: slot → {"value", "phrases"}); None when absent.
     """
 
     id: str
@@ -199,6 +201,7 @@ class Record:
     answer: str | None
     answer_type: str | None
     conversations: list[dict] = field(default_factory=list)
+    facts: dict | None = None
 
 
 @dataclass
@@ -307,7 +310,10 @@ def _parse_record(item: object) -> Record:
             turns.append({"from": "gpt", "value": answer})
     else:
         raise _Malformed("neither 'conversations' nor 'text'")
-    return Record(record_id, image, question, answer, answer_type, turns)
+    facts = item.get("facts")
+    if facts is not None and not isinstance(facts, dict):
+        raise _Malformed(f"'facts' must be an object, got {type(facts).__name__}")
+    return Record(record_id, image, question, answer, answer_type, turns, facts)
 
 
 def _check_conversations(conversations: object) -> list[dict]:

@@ -353,6 +353,42 @@ def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
     raise ValueError(f"answer_type must be 'OPEN' or 'CLOSED', got {answer_type!r}")
 
 
+def _states(text: str, phrase: str) -> bool:
+    """Whether `phrase` occurs in `text` as whole words (any case; a hyphen joins words, so
+    "X-ray" is one word and "ray" is not in it)."""
+    return re.search(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])", text, re.IGNORECASE) is not None
+
+
+def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str, int]:
+    """The description metric of one answer, CHAIR-like: which facts of the scene it states right
+    and which values it states that the scene contradicts.
+
+    facts (a question record's "facts" field): slot → {"value": the true value, "phrases": every
+    value of the slot → the phrases that state it}. A value is stated when one of its phrases
+    occurs in `pred` as whole words (`_states`). Per slot, the true value stated counts one
+    correct fact; each other value stated counts one contradicted fact (an answer that says
+    "left" and "right" has one of each). Generic: nothing here knows which world made the facts.
+    Returns {"facts": slots, "correct": slots whose true value is stated, "stated": values stated,
+    "contradicted": stated values that are not the true one}.
+    """
+    counts = {"facts": 0, "correct": 0, "stated": 0, "contradicted": 0}
+    for slot, fact in facts.items():
+        values = fact.get("phrases") if isinstance(fact, dict) else None
+        if not isinstance(values, dict) or fact.get("value") not in values:
+            raise DataError(f"question {qid}: facts[{slot!r}] must be {{'value': v, 'phrases': {{v: [...], ...}}}} "
+                            f"with v among the phrases' keys, got {fact!r}")
+        stated = [v for v, phrases in values.items() if any(_states(pred, p) for p in phrases)]
+        counts["facts"] += 1
+        counts["correct"] += fact["value"] in stated
+        counts["stated"] += len(stated)
+        counts["contradicted"] += sum(v != fact["value"] for v in stated)
+    return counts
+
+
+def _ratio100(a: int, b: int) -> float | None:
+    return 100.0 * a / b if b else None
+
+
 def _mean100(values: Sequence[float]) -> float | None:
     """Mean × 100, or None when there is nothing to average (an absent type is not 0 %)."""
     return 100.0 * sum(values) / len(values) if values else None
@@ -375,6 +411,10 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
                `closed_answer`; a hedge is not counted as a yes)
       overall: n, score (mean over questions of open recall / closed hit),
                mean_of_types ((open recall + closed accuracy) / 2)
+      description: over the questions with `.facts` (describe/report questions of a world that
+               knows its scenes; `fact_scores`), summed over them: n, n_facts, n_stated,
+               facts_contradicted (contradicted / stated values: CHAIR-like, lower is better;
+               None when nothing is stated), facts_correct (true values stated / facts)
       n_questions, n_answered, missing (question ids without an answer: excluded, not 0),
       unknown (answer ids not among the questions), unscorable (ids of questions without an
       answer type or a ground truth: absent, empty, or nothing left after normalisation, such as
@@ -394,9 +434,15 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
     open_s: dict[str, list[float]] = {k: [] for k in ("recall", "precision", "f1", "exact", "hit")}
     hits, hits_strict, hedged, no_answer, gt_no_says_yes = [], [], [], [], []
     missing, unscorable, seen = [], [], set()
+    described = {"n": 0, "facts": 0, "correct": 0, "stated": 0, "contradicted": 0}
     for q in questions:
         qid = str(q.id)
         seen.add(qid)
+        facts = getattr(q, "facts", None)
+        if facts and qid in texts:
+            described["n"] += 1
+            for k, v in fact_scores(texts[qid], facts, qid).items():
+                described[k] += v
         if q.answer is None or q.answer_type not in ("OPEN", "CLOSED") or not normalize_word(q.answer):
             unscorable.append(qid)
         elif qid not in texts:
@@ -424,6 +470,9 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
         "overall": {"n": len(hits) + len(open_s["recall"]),
                     "score": _mean100(open_s["recall"] + hits),
                     "mean_of_types": None if None in both else sum(both) / 2},
+        "description": {"n": described["n"], "n_facts": described["facts"], "n_stated": described["stated"],
+                        "facts_contradicted": _ratio100(described["contradicted"], described["stated"]),
+                        "facts_correct": _ratio100(described["correct"], described["facts"])},
         "n_questions": len(seen),
         "n_answered": len(seen) - len(missing) - len(unscorable),
         "missing": missing,
@@ -792,7 +841,9 @@ def _load_chunk(chunk: Sequence[Any], image_root: str | None, size: int, skipped
 METRICS = (("open recall", "open", "recall"), ("closed acc", "closed", "accuracy"),
            ("closed strict", "closed", "accuracy_strict"), ("hedge rate", "closed", "hedge_rate"),
            ("no answer", "closed", "no_answer_rate"), ("overall", "overall", "score"),
-           ("halluc. rate", "closed", "hallucination_rate"))
+           ("halluc. rate", "closed", "hallucination_rate"),
+           ("facts contradicted", "description", "facts_contradicted"),
+           ("facts correct", "description", "facts_correct"))
 # What the labels mean, under every table (a markdown list, readable in a terminal too).
 LEGEND = "\n".join((
     "- open recall: LLaVA-Med's open score (mean token recall × 100)",
@@ -803,12 +854,15 @@ LEGEND = "\n".join((
     "- hedge rate: % of closed predictions holding both \"yes\" and \"no\" as words",
     "- no answer: % of yes/no questions whose prediction gives no yes/no answer",
     "- overall: mean over questions of open recall and lenient closed hits",
-    "- halluc. rate: % of questions with answer \"no\" answered \"yes\""))
+    "- halluc. rate: % of questions with answer \"no\" answered \"yes\"",
+    "- facts contradicted: over questions whose record lists the scene's facts (\"facts\"), % of the slot values "
+    "an answer states that are not the scene's (CHAIR-like)",
+    "- facts correct: over the same questions, % of the scene's facts the answer states with the true value"))
 MODE_LABELS = {"full": "full", "no_image": "no image", "blank_image": "blank image"}
 
 
 def _fig(scores: Mapping[str, Any], section: str, key: str) -> float | None:
-    return scores[section].get(key)  # None (shown "–") for figures older summaries lack
+    return scores.get(section, {}).get(key)  # None (shown "–") for figures older summaries lack
 
 
 def _diff(a: float | None, b: float | None) -> float | None:

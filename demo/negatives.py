@@ -50,7 +50,8 @@ SLOTS = {
     "count": ("none", "one", "two", "three"),
     "yes/no": ("yes", "no"),
     "modality": ("X-ray", "MRI", "CT"),
-    "organ": ("chest", "brain", "abdomen", "abdominal", "lung", "hemisphere"),
+    # "abdom": the shipped tokenizer's first piece of "abdominal" (abdom|in|al)
+    "organ": ("chest", "brain", "abdomen", "abdominal", "abdom", "lung", "hemisphere"),
     "size": ("small", "large"),
     "finding": ("nodule", "lesion", "mass", "nodules", "lesions", "masses"),
 }
@@ -206,11 +207,17 @@ def top_pairs(s: Summary, n: int) -> str:
 RULES = {
     "dropped-topk-c10": ["--candidates", "dropped-topk", "--num-candidates", "10"],
     "dropped-topk-c1": ["--candidates", "dropped-topk", "--num-candidates", "1"],
+    "dropped-topk-c2": ["--candidates", "dropped-topk", "--num-candidates", "2"],
+    "dropped-topk-c3": ["--candidates", "dropped-topk", "--num-candidates", "3"],
     "plausible-a0.1": ["--candidates", "plausible", "--alpha", "0.1"],
     "both-c10-a0.1": ["--candidates", "both", "--num-candidates", "10", "--alpha", "0.1"],
     "dropped-plausible-a0.1": ["--candidates", "dropped-plausible", "--alpha", "0.1"],
     "plausible-a0.01": ["--candidates", "plausible", "--alpha", "0.01"],
     "dropped-plausible-a0.01": ["--candidates", "dropped-plausible", "--alpha", "0.01"],
+    "dropped-plausible-a0.001": ["--candidates", "dropped-plausible", "--alpha", "0.001"],
+    "both-c10-a0.01": ["--candidates", "both", "--num-candidates", "10", "--alpha", "0.01"],
+    "both-c10-a0.001": ["--candidates", "both", "--num-candidates", "10", "--alpha", "0.001"],
+    "plausible-a0.001": ["--candidates", "plausible", "--alpha", "0.001"],
 }
 HSCR = Path(__file__).resolve().parent.parent / "hscr.py"
 

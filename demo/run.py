@@ -65,12 +65,13 @@ class DemoConfig:
     seed: int = option(0, "seed of the world sample, the negatives' dropout and training")
     similarity: str = option("auto", "minilm when its weights are installed, else lexical",
                              choices=("auto", "minilm", "lexical"))
-    num_candidates: int = option(1, "hscr.py --num-candidates: candidate replacements per coupled position (c; "
-                                 "docs/METHOD.md: 10; 1 chosen on the validation split: with 10 the argmin "
-                                 "picks tokens no branch believes)")
-    candidates: str = option("dropped-topk", "hscr.py --candidates: the candidate rule (docs/METHOD.md, step 5)",
+    num_candidates: int = option(10, "hscr.py --num-candidates: most candidate replacements per coupled position "
+                                 "(c; docs/METHOD.md step 5)")
+    candidates: str = option("dropped-plausible", "hscr.py --candidates: the candidate rule (docs/METHOD.md, step 5: "
+                             "the dropped branch's plausible tokens, chosen on the validation split)",
                              choices=("dropped-topk", "plausible", "both", "dropped-plausible"))
-    alpha: float = option(0.1, "hscr.py --alpha: the plausibility cut of the plausible rules")
+    alpha: float = option(0.01, "hscr.py --alpha: the plausibility cut of the plausible rules (0.01 chosen on the "
+                          "validation split)")
     prefs: str | None = option(None, "preference file to write or reuse (default: OUT/prefs.jsonl)")
     overwrite: bool = option(False, "make again the outputs in --out (and --prefs) that other inputs or options "
                              "made; without it the demo stops naming what changed. Outputs that match are reused")
@@ -81,6 +82,13 @@ def _strict_gain(r: dict, mode: str) -> float:
     return r["modes"]["full"]["closed"]["accuracy_strict"] - r["modes"][mode]["closed"]["accuracy_strict"]
 
 
+def _described(r: dict, key: str) -> float:
+    """A description figure of eval.py (nan when the split has no question with facts, or the
+    answers state none)."""
+    value = r["modes"]["full"].get("description", {}).get(key)
+    return float("nan") if value is None else value
+
+
 # The rows of the default's table: label → figure of one eval.py result (× 100). Blind scores are
 # strict: without its image the small base rambles ("yes is no is no …"), which LLaVA-Med's
 # substring rule scores as a hit on both "yes" and "no" questions.
@@ -89,6 +97,8 @@ DEMO_ROWS = {
     "closed accuracy, strict": lambda r: r["modes"]["full"]["closed"]["accuracy_strict"],
     "open recall": lambda r: r["modes"]["full"]["open"]["recall"],
     "hallucination rate": lambda r: r["modes"]["full"]["closed"]["hallucination_rate"],
+    "description: facts contradicted %": lambda r: _described(r, "facts_contradicted"),
+    "description: facts correct %": lambda r: _described(r, "facts_correct"),
     "closed strict, no image": lambda r: r["modes"]["no_image"]["closed"]["accuracy_strict"],
     "closed strict, blank image": lambda r: r["modes"]["blank_image"]["closed"]["accuracy_strict"],
     "open recall, no image": lambda r: r["modes"]["no_image"]["open"]["recall"],
@@ -303,7 +313,8 @@ ABLATION_METRICS = {label: DEMO_ROWS[key] for label, key in (
     ("closed acc", "closed accuracy (LLaVA-Med, lenient)"), ("closed strict", "closed accuracy, strict"),
     ("open recall", "open recall"), ("halluc. rate", "hallucination rate"),
     ("visual gain, closed strict", "visual gain, closed strict (full − no image)"),
-    ("visual gain, open", "visual gain, open (full − no image)"))}
+    ("visual gain, open", "visual gain, open (full − no image)"),
+    ("facts contradicted", "description: facts contradicted %"), ("facts correct", "description: facts correct %"))}
 
 
 def ablation(cfg: DemoConfig, seeds: list[int]) -> str:

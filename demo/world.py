@@ -15,6 +15,17 @@ data.py reads (docs/FORMATS.md):
 Every record is single-turn: "<image>\\n<question>" -> answer, "image": "images/<id>.png"
 (relative to root, the readers' default image root), plus "kind" (the question kind) and
 "scene" (the facts drawn in the pixels): readers ignore both; tests and error analysis use them.
+The describe/report questions of val and test also carry "facts" (`scene_facts`: the facts
+their reference answer states, with every value of each slot and its phrases), which eval.py's
+description metric reads (facts contradicted / correct) without knowing this world.
+
+Question kinds. SFT, val and test share one mix of VQA kinds (half closed). The alignment split
+is instruction-like, as LLaVA-Med's instruction data (ALIGN_KINDS): 70 % reports ("This is a
+chest X-ray. There are two small nodules in the left lung.") and descriptions (the second
+sentence alone), each stating several facts (modality, organ, presence, count, side, size) in
+sentence forms SFT already holds, so each answer has several modality-coupled tokens to corrupt;
+30 % stays VQA. Version 3 changed only the alignment split: SFT, val and test questions and
+answers are those of version 2 (sft.json byte for byte), so the shipped base stays valid.
 
 Scenes. Three modalities with distinct anatomy: chest X-ray (bright body, two dark lung fields,
 spine, heart, ribs), brain MRI (bright skull ring, gray brain, dark ventricles) and abdominal
@@ -38,6 +49,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +61,7 @@ from PIL import Image
 
 from data import read_records
 
-WORLD_VERSION = "synthetic-medvqa-2"
+WORLD_VERSION = "synthetic-medvqa-3"
 WORLD_SPLITS = ("sft", "align", "val", "test")
 MODALITIES = ("xray", "mri", "ct")
 _COUNT_WORDS = ("none", "one", "two", "three")
@@ -99,6 +111,16 @@ CLOSED_KINDS = {"presence": 0.12, "normal": 0.04, "side_presence": 0.14, "multip
 OPEN_KINDS = {"modality": 0.04, "organ": 0.03, "side": 0.07, "location": 0.06, "count": 0.08,
               "size": 0.05, "describe": 0.12, "report": 0.05}
 _NEEDS_FINDING = {"size_closed", "side", "location", "size"}
+# The alignment split is instruction-like, as LLaVA-Med's instruction data: mostly reports and
+# descriptions, each stating several facts of the scene (modality, organ, presence, count, side,
+# size), hence several modality-coupled tokens per answer for HSCR to corrupt; 30 % stays VQA, in
+# the shares above. The SFT, val and test splits keep the shares above (SFT byte-identical to
+# world version 2, so that the shipped base stays the model of its own SFT data).
+_VQA = {**CLOSED_KINDS, **OPEN_KINDS}
+_VQA_ONLY = {k: v for k, v in _VQA.items() if k not in ("describe", "report")}
+ALIGN_KINDS = {**{k: 0.3 * v / sum(_VQA_ONLY.values()) for k, v in _VQA_ONLY.items()},
+               "describe": 0.25, "report": 0.45}
+SPLIT_KINDS = {"sft": _VQA, "align": ALIGN_KINDS, "val": _VQA, "test": _VQA}
 _YES_NO_SUFFIX = " Please choose from the following two options: [yes, no]"
 _P_SUFFIX = 0.25  # share of closed questions carrying the two-option suffix
 
@@ -167,6 +189,38 @@ def findings_sentence(scene: Scene) -> str:
     if scene.count == 1:
         return f"There is one {scene.size} {text.finding} {where}."
     return f"There are {_COUNT_WORDS[scene.count]} {scene.size} {text.findings} {where}."
+
+
+# Fact slots of a description (eval.py's description metric): slot → value → the phrases that
+# state it (matched as whole words, any case). A value of a slot is stated when one of its
+# phrases occurs; two values of one slot never share a phrase.
+FACT_PHRASES = {
+    "modality": {"X-ray": ["X-ray"], "MRI": ["MRI"], "CT": ["CT"]},
+    "organ": {"chest": ["chest", "lung"], "brain": ["brain", "hemisphere"],
+              "abdomen": ["abdomen", "abdominal"]},
+    "finding": {"nodule": ["nodule", "nodules"], "lesion": ["lesion", "lesions"],
+                "mass": ["mass", "masses"]},
+    "count": {"none": ["no abnormality"], "one": ["one"], "two": ["two"], "three": ["three"]},
+    "side": {"left": ["left"], "right": ["right"]},
+    "size": {"small": ["small"], "large": ["large"]},
+}
+
+
+def _states(text: str, phrases: list[str]) -> bool:
+    return any(re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", text, re.IGNORECASE)
+               for p in phrases)
+
+
+def scene_facts(scene: Scene, answer: str) -> dict[str, dict]:
+    """The facts of `scene` that `answer` (its reference answer) states, in the record field
+    "facts" of describe/report questions: slot → {"value": the scene's value, "phrases": every
+    value of the slot → its phrases}. eval.py reads this field without knowing the world."""
+    text = _TEXT[scene.modality]
+    truth = {"modality": text.name, "organ": text.organ, "count": _COUNT_WORDS[scene.count]}
+    if scene.count:
+        truth.update(finding=text.finding, side=scene.side, size=scene.size)
+    return {slot: {"value": value, "phrases": FACT_PHRASES[slot]}
+            for slot, value in truth.items() if _states(answer, FACT_PHRASES[slot][value])}
 
 
 def _question_answer(kind: str, scene: Scene, asked: str | None,
@@ -459,8 +513,8 @@ def _split_entries(split: str, n: int, seed: int, size: int,
     """Yield the n (record, pixels) of a split, deterministic for (seed, split)."""
     prior = SPLIT_PRIORS[split]
     rng = np.random.default_rng([seed, WORLD_SPLITS.index(split)])
-    names = list(CLOSED_KINDS) + list(OPEN_KINDS)
-    shares = np.array(list(CLOSED_KINDS.values()) + list(OPEN_KINDS.values()))
+    names = list(SPLIT_KINDS[split])
+    shares = np.array(list(SPLIT_KINDS[split].values()))
     kinds = [names[i] for i in rng.choice(len(names), size=n, p=shares / shares.sum())]
     closed = [i for i, kind in enumerate(kinds) if kind in CLOSED_KINDS]
     if prior.balanced:  # exactly half "yes" (the odd one out: "no"), in random order
@@ -486,6 +540,8 @@ def _split_entries(split: str, n: int, seed: int, size: int,
                                    {"from": "gpt", "value": answer}]
         record["kind"] = kind
         record["scene"] = vars(scene)
+        if prior.vqa_format and kind in ("describe", "report"):
+            record["facts"] = scene_facts(scene, answer)
         yield record, pixels
 
 
@@ -505,7 +561,7 @@ def _world_params(seed, n_sft, n_align, n_val, n_test, size, contrast) -> dict:
     params = {"version": WORLD_VERSION, "seed": seed, "size": size, "contrast": float(contrast),
               "n": {"sft": n_sft, "align": n_align, "val": n_val, "test": n_test},
               "priors": {split: vars(prior) for split, prior in SPLIT_PRIORS.items()},
-              "kinds": {**CLOSED_KINDS, **OPEN_KINDS}}
+              "kinds": SPLIT_KINDS}
     return json.loads(json.dumps(params))  # as world.json will hold it (tuples become lists)
 
 

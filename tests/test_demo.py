@@ -152,7 +152,7 @@ def _fake_results(closed: float, closed_blind: float) -> dict:
     """eval.py's per-benchmark results holding just what the ablation table reads."""
     def mode(c):
         return {"closed": {"accuracy": c, "accuracy_strict": c - 1, "hallucination_rate": 100 - c},
-                "open": {"recall": c / 2}}
+                "open": {"recall": c / 2}, "description": {"facts_contradicted": 100 - c, "facts_correct": c}}
     return {"modes": {"full": mode(closed), "no_image": mode(closed_blind), "blank_image": mode(closed_blind)},
             "visual_gain": {"no_image": {"closed acc": closed - closed_blind, "open recall": 1.0}}}
 

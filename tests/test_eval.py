@@ -924,3 +924,70 @@ def test_empty_ground_truth_is_listed_as_unscorable(tiny, tmp_path):
     assert len(E.read_answers(E.answers_path(tmp_path / "run", "rad", "full"))) == 5  # still answered
     report = (tmp_path / "run" / "report.md").read_text()
     assert "1 unscorable (no ground truth)" in report and "Unscorable, no ground truth to score against (1): 11" in report
+
+
+# ---------------------------------------------------------------------------------------------
+# The description metric: facts of the scene stated right or contradicted
+# ---------------------------------------------------------------------------------------------
+# A scene with two small nodules in the left lung of a chest X-ray, in the record field "facts".
+FACTS = {
+    "modality": {"value": "X-ray", "phrases": {"X-ray": ["X-ray"], "MRI": ["MRI"], "CT": ["CT"]}},
+    "organ": {"value": "chest", "phrases": {"chest": ["chest", "lung"], "brain": ["brain", "hemisphere"]}},
+    "count": {"value": "two", "phrases": {"none": ["no abnormality"], "one": ["one"], "two": ["two"]}},
+    "side": {"value": "left", "phrases": {"left": ["left"], "right": ["right"]}},
+    "size": {"value": "small", "phrases": {"small": ["small"], "large": ["large"]}},
+}
+FACT_CASES = [
+    ("This is a chest X-ray. There are two small nodules in the left lung.", 5, 5, 0,
+     "every slot's true value and nothing else: 5 facts, 5 stated, 5 correct"),
+    ("This is a brain MRI. There is one large nodule in the right lung.", 1, 6, 5,
+     "organ says brain and lung (one wrong, one right); modality, count, side, size wrong: "
+     "correct 1 (organ), stated 6, contradicted 5"),
+    ("There are two small nodules in the left and right lung.", 4, 5, 1,
+     "no modality stated; side states left and right: correct 4, stated 5, contradicted 1"),
+    ("No abnormality is seen.", 0, 1, 1, "only a count, 'none' (the phrase 'no abnormality'): contradicted"),
+    ("yes", 0, 0, 0, "states nothing: no fact right, none contradicted"),
+    ("An x-ray of the CHEST; two SMALL, left.", 5, 5, 0, "any case, punctuation around words"),
+    ("This is a ray scan; someone's twofold leftover.", 0, 0, 0,
+     "whole words only: 'ray' is not 'X-ray', 'one' is not in 'someone', 'two' not in 'twofold', 'left' not in "
+     "'leftover'"),
+]
+
+
+@pytest.mark.parametrize("pred,correct,stated,contradicted,reason", FACT_CASES, ids=[c[4][:40] for c in FACT_CASES])
+def test_fact_scores(pred, correct, stated, contradicted, reason):
+    assert E.fact_scores(pred, FACTS) == {"facts": 5, "correct": correct, "stated": stated,
+                                          "contradicted": contradicted}, reason
+
+
+def test_score_file_description_section():
+    """Questions 1-3 carry FACTS, 4 none, 5 facts but no answer (missing: left out). Sums over 1-3
+    (FACT_CASES 0, 1, 2): facts 15, correct 5 + 1 + 4 = 10, stated 5 + 6 + 5 = 16, contradicted
+    0 + 5 + 1 = 6. facts_correct = 10 / 15 = 66.67 %, facts_contradicted = 6 / 16 = 37.5 %."""
+    qs = [SimpleNamespace(id=str(i), answer="There are two small nodules in the left lung.", answer_type="OPEN",
+                          facts=FACTS) for i in (1, 2, 3, 5)]
+    qs.insert(3, _q(4, "no", "CLOSED"))
+    answers = [{"question_id": i, "text": FACT_CASES[i - 1][0]} for i in (1, 2, 3)]
+    answers.append({"question_id": 4, "text": "no"})
+    d = E.score_file(answers, qs)["description"]
+    assert d["n"] == 3 and d["n_facts"] == 15 and d["n_stated"] == 16
+    assert d["facts_correct"] == pytest.approx(200 / 3) and d["facts_contradicted"] == pytest.approx(37.5)
+    # No question with facts: the figures are absent (None), not 0 %.
+    empty = E.score_file([{"question_id": 1, "text": "yes"}], [_q(1, "yes", "CLOSED")])["description"]
+    assert empty == {"n": 0, "n_facts": 0, "n_stated": 0, "facts_contradicted": None, "facts_correct": None}
+
+
+def test_facts_are_read_and_bad_facts_are_named(tmp_path):
+    """data.read_records passes "facts" through; a true value missing from the phrases is an
+    error naming the question and slot; facts that are not an object make the record bad."""
+    path = tmp_path / "q.json"
+    rows = [{"id": "a", "image": "a.png", "answer_type": "OPEN", "facts": FACTS,
+             "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "x"}]},
+            {"id": "b", "image": "b.png", "answer_type": "OPEN", "facts": ["left"],
+             "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "x"}]}]
+    path.write_text(json.dumps(rows))
+    records, bad = E.read_records(path)
+    assert [r.id for r in records] == ["a"] and records[0].facts == FACTS
+    assert len(bad) == 1 and bad[0].id == "b" and "'facts' must be an object" in bad[0].reason
+    with pytest.raises(DataError, match=r"question q7: facts\['side'\]"):
+        E.fact_scores("left", {"side": {"value": "middle", "phrases": {"left": ["left"]}}}, "q7")

@@ -26,7 +26,8 @@ from demo import negatives
     ("▁left", "▁small", "junk"),  # another slot
     ("▁yes", "▁abdomen", "junk"),
     ("▁the", "▁right", "junk"),  # a function word outside the table
-    ("▁left", "abdom", "junk"),  # a word piece
+    ("▁left", "abdom", "junk"),  # a word piece of another slot
+    ("▁chest", "▁abdom", "same-slot"),  # the tokenizer's first piece of "abdominal": an organ
     ("▁left", None, "junk"),
 ])
 def test_classify(original, replacement, expected):

@@ -14,7 +14,8 @@ from PIL import Image
 
 import demo.world as world_module
 from data import load_image, read_records, resolve_image
-from demo.world import CLOSED_KINDS, MODALITIES, Scene, build_world, findings_sentence, world_texts
+import eval as E
+from demo.world import CLOSED_KINDS, MODALITIES, Scene, build_world, findings_sentence, scene_facts, world_texts
 
 SMALL = dict(n_sft=12, n_align=6, n_val=6, n_test=10, size=32)
 # One shared world, big enough for the statistics (about 2 s to build).
@@ -147,6 +148,12 @@ def test_answers_are_the_scene(world):
         elif kind == "report":
             assert answer.endswith(" " + findings_sentence(Scene(**s)))
     assert seen_kinds == set(world_module.CLOSED_KINDS) | set(world_module.OPEN_KINDS)
+    for item in raw["align"]:  # the alignment split's reports and descriptions too
+        scene = Scene(**item["scene"])
+        if item["kind"] == "describe":
+            assert item["conversations"][1]["value"] == findings_sentence(scene)
+        elif item["kind"] == "report":
+            assert item["conversations"][1]["value"].endswith(" " + findings_sentence(scene))
     # Descriptions are sentences of several words, the material coupled tokens come from.
     two = findings_sentence(Scene("xray", 2, "right", "small"))
     assert two == "There are two small nodules in the right lung."
@@ -317,3 +324,64 @@ def test_sft_carries_the_prior_and_test_is_balanced(world):
     stats = json.loads(paths["world"].read_text())["stats"]
     assert stats["test"]["closed_yes"] == rates(raw["test"])["yes"][0]
     assert stats["sft"]["closed_yes"] / stats["sft"]["closed"] > 0.7
+
+
+# --------------------------------------------------------------------------------------------
+# The alignment split (instruction-like) and the facts of descriptions
+
+
+def test_align_is_mostly_descriptions_and_sft_does_not_depend_on_it(tmp_path, world, monkeypatch):
+    """ALIGN_KINDS: 70 % reports (45 %) and descriptions (25 %), 30 % VQA. Over 200 align entries
+    the report + describe share lies within 4 binomial std (4·sqrt(0.7·0.3/200) = 0.13) of 0.7.
+    The SFT split is drawn from its own generator and kind shares: building a world with other
+    align shares leaves sft.json byte for byte the same (the shipped base stays valid)."""
+    _, _, raw = world
+    kinds = [item["kind"] for item in raw["align"]]
+    assert sum(world_module.ALIGN_KINDS.values()) == pytest.approx(1.0)
+    assert abs((kinds.count("report") + kinds.count("describe")) / len(kinds) - 0.7) < 0.13
+    assert set(kinds) - {"report", "describe"}, "some VQA stays"
+    a = build_world(tmp_path / "a", seed=0, **SMALL)
+    monkeypatch.setitem(world_module.SPLIT_KINDS, "align", {"count": 0.5, "side": 0.5})
+    b = build_world(tmp_path / "b", seed=0, **SMALL)
+    assert a["sft"].read_bytes() == b["sft"].read_bytes()
+    assert a["align"].read_bytes() != b["align"].read_bytes()
+
+
+def test_scene_facts_by_hand():
+    """The facts a reference answer states, slot by slot. A report of two small nodules in the
+    left lung states all six slots; a description has no modality; a normal report states
+    modality, organ and the count "none" (no side, size or finding: there is none)."""
+    two = Scene("xray", 2, "left", "small")
+    report = "This is a chest X-ray. " + findings_sentence(two)
+    values = lambda facts: {slot: fact["value"] for slot, fact in facts.items()}
+    assert values(scene_facts(two, report)) == {"modality": "X-ray", "organ": "chest", "count": "two",
+                                                "finding": "nodule", "side": "left", "size": "small"}
+    assert values(scene_facts(two, findings_sentence(two))) == {
+        "organ": "chest", "count": "two", "finding": "nodule", "side": "left", "size": "small"}
+    normal = Scene("ct", 0, None, None)
+    assert values(scene_facts(normal, "This is an abdominal CT scan. No abnormality is seen.")) == {
+        "modality": "CT", "organ": "abdomen", "count": "none"}
+    assert scene_facts(two, report)["side"]["phrases"] == {"left": ["left"], "right": ["right"]}
+
+
+def test_val_and_test_descriptions_carry_their_facts(world):
+    """Only describe/report questions of val and test carry "facts"; scored with eval.py's
+    description metric, each reference answer states every fact right and contradicts none, and
+    the values are the scene's (checked against the scene here)."""
+    _, paths, raw = world
+    names = {"xray": "X-ray", "mri": "MRI", "ct": "CT"}
+    for split in ("sft", "align", "val", "test"):
+        records, _ = read_records(paths[split])
+        for record, item in zip(records, raw[split]):
+            described = split in ("val", "test") and item["kind"] in ("describe", "report")
+            assert ("facts" in item) == described and (record.facts is not None) == described
+            if not described:
+                continue
+            s = item["scene"]
+            scores = E.fact_scores(record.answer, record.facts)
+            assert scores["correct"] == scores["facts"] == scores["stated"] >= 1 and scores["contradicted"] == 0
+            assert record.facts["count"]["value"] == ["none", "one", "two", "three"][s["count"]]
+            if "modality" in record.facts:
+                assert record.facts["modality"]["value"] == names[s["modality"]]
+            if s["count"]:
+                assert record.facts["side"]["value"] == s["side"] and record.facts["size"]["value"] == s["size"]
