@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from common import BadLine, DataError, read_json_records
-from data import BadRecord, load_image, preprocess_image, read_records, resolve_image
-from eval import image_problem
+from data import BadRecord, image_problem, load_image, preprocess_image, read_records, resolve_image
 from model.tokenizer import IMAGE_TOKEN, TEMPLATES, build_prompt, tokenize_prompt, tokenize_response
 
 if TYPE_CHECKING:
@@ -316,7 +315,7 @@ def collate(examples: list[Example], pad_id: int) -> Rows:
 def unusable_images(paths: Iterable[Path], image_size: int, aspect: str) -> dict[Path, str]:
     """image file → why it cannot be trained on, for the `paths` that cannot: empty, not an image,
     a bad checksum, cut short, refused by pillow's decompression-bomb guard, or a mode that
-    preprocessing refuses. eval.image_problem looks at the header and checksums cheaply; a full
+    preprocessing refuses. data.image_problem looks at the header and checksums cheaply; a full
     decode and preprocessing then catch what it cannot see (a JPEG cut short)."""
     out = {}
     for path in paths:

@@ -178,6 +178,24 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     return image
 
 
+def image_problem(path: Path) -> str | None:
+    """Why an existing image file cannot be used, from a cheap look (None: it looks fine).
+
+    Reads the header (size, mode) and lets pillow's verify() walk the file: for PNG that checks
+    every chunk's checksum and finds truncation, without decoding pixels. A JPEG cut short passes
+    this and fails when decoded, which load_image catches when the image is used."""
+    if path.stat().st_size == 0:
+        return "empty file"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Image.DecompressionBombError as error:
+        return f"refused by pillow's decompression-bomb guard: {error}"
+    except (OSError, SyntaxError, ValueError, EOFError) as error:  # what pillow raises for bad bytes
+        return f"not a readable image ({type(error).__name__}: {error})"
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # Records
 

@@ -96,7 +96,7 @@ from tqdm import tqdm
 import provenance
 from common import (DTYPES, BadLine, DataError, UserError, add_dataclass_options, dist_env, left_pad, option,
                     read_json_records, read_jsonl, read_text, resolve_dtype, run_main)
-from data import PAD_RGB, load_image, preprocess_image, read_records, resolve_image
+from data import PAD_RGB, image_problem, load_image, preprocess_image, read_records, resolve_image
 from model import load_model
 from model.loading import CheckpointError
 from model.lora import load_adapter
@@ -636,24 +636,6 @@ def check_images(records: Sequence[Any], image_root: str | None, name: str, sour
                         + (" …" if len(unusable) > show else ""))
     if problems:
         raise UserError(f"{where}: " + "; ".join(problems))
-
-
-def image_problem(path: Path) -> str | None:
-    """Why an existing image file cannot be used, from a cheap look (None: it looks fine).
-
-    Reads the header (size, mode) and lets pillow's verify() walk the file: for PNG that checks
-    every chunk's checksum and finds truncation, without decoding pixels. A JPEG cut short passes
-    this and fails when decoded, which `load_pixels` catches during generation."""
-    if path.stat().st_size == 0:
-        return "empty file"
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except Image.DecompressionBombError as error:
-        return f"refused by pillow's decompression-bomb guard: {error}"
-    except (OSError, SyntaxError, ValueError, EOFError) as error:  # what pillow raises for bad bytes
-        return f"not a readable image ({type(error).__name__}: {error})"
-    return None
 
 
 def screen_images(records: Sequence[Any], image_root: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ import provenance
 import tiny
 import train
 from common import UserError, run_main
-from eval import image_problem
+from data import image_problem
 from provenance import ProvenanceError
 from oracles import sequence_logprob
 from model import load_model
