@@ -100,7 +100,7 @@ from data import PAD_RGB, image_problem, load_image, preprocess_image, read_reco
 from model import load_model
 from model.loading import CheckpointError
 from model.lora import load_adapter
-from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_prompt
+from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_prompt, tokenizer_file
 
 # ---------------------------------------------------------------------------------------------
 # Scoring: LLaVA-Med's normalize_word, split_sentence, calculate_f1score, calculate_exactmatch
@@ -1036,20 +1036,6 @@ def load_benchmarks(cfg: EvalConfig) -> dict[str, tuple[list[Any], list[Any]]]:
         records, bad = read_questions(path, gts.get(name))
         out[name] = (records[:cfg.limit] if cfg.limit is not None else records, bad)
     return out
-
-
-def tokenizer_file(path: str | os.PathLike) -> Path:
-    """The file load_tokenizer reads for `path`: itself, or a directory's tokenizer.json, else its
-    SentencePiece tokenizer.model (resolved here so that the file hashed is the file loaded)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if (path / name).is_file():
-                return path / name
-        raise UserError(f"{path}: no tokenizer.json or tokenizer.model (pass --tokenizer)")
-    if not path.is_file():
-        raise UserError(f"--tokenizer {path}: not found")
-    return path
 
 
 def load_for_eval(cfg: EvalConfig, device: str):
