@@ -514,17 +514,22 @@ def fake_pixels(config, n: int, dtype) -> torch.Tensor:
 # The stages
 
 
+def _hscr_default(name: str):
+    """The default of hscr.Options' field `name`: the planner plans what hscr.py runs."""
+    return hscr.Options.__dataclass_fields__[name].default
+
+
 @dataclass
 class HscrSettings:
     """hscr.py's defaults (Options): batch of entries, n, c, continuation length, decode rows."""
-    batch_size: int = 8
-    top_n: int = 10
-    num_candidates: int = 10
-    num_negatives: int = 3
-    max_new_tokens: int = 256
-    decode_rows: int = 64
-    beta: float = 0.9
-    drop_ratio: float = 0.7
+    batch_size: int = _hscr_default("batch_size")
+    top_n: int = _hscr_default("top_n")
+    num_candidates: int = _hscr_default("num_candidates")
+    num_negatives: int = _hscr_default("num_negatives")
+    max_new_tokens: int = _hscr_default("max_new_tokens")
+    decode_rows: int = _hscr_default("decode_rows")
+    beta: float = _hscr_default("beta")
+    drop_ratio: float = _hscr_default("drop_ratio")
 
 
 def hscr_step(model: Llava, s: HscrSettings, work: Workload, seed: int = 0) -> Callable:
