@@ -653,13 +653,17 @@ class HSCR:
         # Step 5 (with step 3's contrast reward), for all coupled positions of the batch at once;
         # a position whose candidate set is empty stays as it is (fewer graded candidates).
         rows, cols = _flat_positions(coupled_positions, lf.device)
-        repl, _, _ = hallucinated_replacements(lf[rows, cols], ld[rows, cols], targets[rows, cols],
-                                               o.num_candidates, o.beta, self.banned, rule=o.candidates,
-                                               alpha=o.alpha)
+        repl, cand, p_diff = hallucinated_replacements(lf[rows, cols], ld[rows, cols], targets[rows, cols],
+                                                       o.num_candidates, o.beta, self.banned, rule=o.candidates,
+                                                       alpha=o.alpha)
         flat_scores = scores[rows, cols].tolist()
         del lf, ld  # (B, L, V) ×2: the largest tensors of the batch
-        positions, replacements, position_scores, unreplaced = _split_replaced(
-            coupled_positions, _regroup(repl.tolist(), coupled_positions), _regroup(flat_scores, coupled_positions))
+        # C_t with each candidate's P_diff, for the record (what the argmin chose among).
+        cand_lists = [[{"token": self.piece(v), "token_id": v, "p_diff": d} for v, d in zip(vs, ds) if v >= 0]
+                      for vs, ds in zip(cand.tolist(), p_diff.tolist())]
+        positions, replacements, position_scores, candidate_sets_, unreplaced = _split_replaced(
+            coupled_positions, _regroup(repl.tolist(), coupled_positions), _regroup(flat_scores, coupled_positions),
+            _regroup(cand_lists, coupled_positions))
 
         # Step 6: graded candidates, continued by the model (all entries' candidates together), deduped.
         candidates = [graded_negatives(y, ps, rs, o.continuation)
@@ -678,7 +682,8 @@ class HSCR:
         # The record: kept negatives best first, coupled tokens, probabilities under the full image.
         p_rejected = self._negative_probabilities(candidates, ranked, full_prompts, full_feats)
         for b, e in enumerate(entries):
-            coupled = self._coupled(responses[b], positions[b], position_scores[b], replacements[b])
+            coupled = self._coupled(responses[b], positions[b], position_scores[b], replacements[b],
+                                    candidate_sets_[b])
             skipped = [{"position": p, "token": self.piece(responses[b][p]), "token_id": responses[b][p], "score": sc}
                        for p, sc in unreplaced[b]]
             # Ids as scored (p_rejected) and generated, without the final EOS; complete = it had one.
@@ -736,11 +741,12 @@ class HSCR:
         return _regroup(mean_token_probability(logits, t, v).tolist(), ranked)
 
     def _coupled(self, response: list[int], positions: list[int], scores: list[float],
-                 replacements: list[int]) -> list[dict]:
-        """The coupled tokens of one entry, by descending score, with their replacements."""
+                 replacements: list[int], candidates: list[list[dict]]) -> list[dict]:
+        """The coupled tokens of one entry, by descending score, with their replacements and the
+        candidates C_t the replacement was chosen from (argmin of their P_diff)."""
         return [{"position": p, "token": self.piece(response[p]), "token_id": response[p], "score": s,
-                 "replacement": self.piece(r), "replacement_id": r}
-                for p, s, r in zip(positions, scores, replacements)]
+                 "replacement": self.piece(r), "replacement_id": r, "candidates": cs}
+                for p, s, r, cs in zip(positions, scores, replacements, candidates)]
 
     def _record(self, e: Entry, chosen_text: str, chosen_ids: list[int], coupled: list[dict], unreplaced: list[dict],
                 negatives: list[dict], p_chosen: float, p_rejected: list[float]) -> dict | Reject:
@@ -780,17 +786,19 @@ def _pick(xs: list, indices: list[int]) -> list:
     return [xs[i] for i in indices]
 
 
-def _split_replaced(positions: list[list[int]], replacements: list[list[int]], scores: list[list[float]]):
-    """Per entry, the coupled positions that got a replacement (id ≥ 0), with their replacements and
-    scores, in score order, and (position, score) of those left unreplaced (−1)."""
-    kept_p, kept_r, kept_s, skipped = [], [], [], []
-    for ps, rs, ss in zip(positions, replacements, scores):
+def _split_replaced(positions: list[list[int]], replacements: list[list[int]], scores: list[list[float]],
+                    candidates: list[list[list[dict]]]):
+    """Per entry, the coupled positions that got a replacement (id ≥ 0), with their replacements,
+    scores and candidate sets, in score order, and (position, score) of those left unreplaced (−1)."""
+    kept_p, kept_r, kept_s, kept_c, skipped = [], [], [], [], []
+    for ps, rs, ss, cs in zip(positions, replacements, scores, candidates):
         keep = [i for i, r in enumerate(rs) if r >= 0]
         kept_p.append([ps[i] for i in keep])
         kept_r.append([rs[i] for i in keep])
         kept_s.append([ss[i] for i in keep])
+        kept_c.append([cs[i] for i in keep])
         skipped.append([(p, s) for p, r, s in zip(ps, rs, ss) if r < 0])
-    return kept_p, kept_r, kept_s, skipped
+    return kept_p, kept_r, kept_s, kept_c, skipped
 
 
 def _flat_positions(positions: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:

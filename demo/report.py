@@ -14,9 +14,9 @@ Sections, in page order:
                answers (eval-base/, eval-hscr/), scored as eval.py scores them
 
 What the files do not hold is said on the page: hscr.py stores s_t only for the top n coupled
-positions of an answer (the other tokens stay unshaded), and only the winning replacement of each,
-not its candidate set C_t nor their P_diff (a `candidates` list in a coupled item is shown when
-present: [{token, token_id, p_diff}]).
+positions of an answer (the other tokens stay unshaded). Each replaced position's candidate set C_t
+with their P_diff (`candidates` in a coupled item) is shown; files of older hscr.py versions lack
+it, and the page says so.
 
     write_report(run_dir) -> Path         demo/run.py calls it at the end of a run
     python -m demo.report runs/default    the same, for an existing run directory
@@ -286,9 +286,9 @@ def preferences_section(run_dir: Path, n: int = ENTRIES) -> str:
     if not any("candidates" in c for cs in ranked.values() for c in cs):
         parts.append(_note(
             f"The candidate replacements C_t of a position (at most c = {c}) and their contrast reward P_diff are "
-            "not in the file: hscr.py keeps only the winner (argmin P_diff). To show them, each item of "
-            "<code>coupled</code> would need <code>candidates: [{token, token_id, p_diff}]</code>, in the rule's "
-            "order."))
+            "not in this file (written by an hscr.py older than the field): only the winner (argmin P_diff). "
+            "To show them, each item of <code>coupled</code> would need "
+            "<code>candidates: [{token, token_id, p_diff}]</code>, in the rule's order; rerun hscr.py."))
     if tokenizer is None:
         parts.append(_note(f"tokenizer {html.escape(str(options.get('tokenizer')))} not found: y_w is shown as text, "
                            "the coupled tokens in the table only."))

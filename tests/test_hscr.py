@@ -544,6 +544,7 @@ def test_process_plausible_alpha_one_replaces_with_the_full_argmax(model, tokeni
         best = logits.argmax(-1).tolist()  # (L,): the full argmax predicting each response token
         for c in r["coupled"]:
             assert c["replacement_id"] == best[c["position"]] != c["token_id"]
+            assert [k["token_id"] for k in c["candidates"]] == [c["replacement_id"]]  # C_t = {full argmax}
         for u in r["unreplaced"]:
             assert best[u["position"]] in (u["token_id"], *pipe.banned)
         n_unreplaced += len(r["unreplaced"])
@@ -603,6 +604,13 @@ def test_cli_output_records_rejects_and_summary(reference_run, model, tokenizer,
         assert all(c["token"] == chosen[c["position"]] for c in r["coupled"])
         # never a special token as the hallucinated word (<unk> 0, BOS, EOS, <image> 120)
         assert all(c["replacement_id"] not in (0, 1, 2, tiny.IMAGE_TOKEN) for c in r["coupled"])
+        for c in r["coupled"]:
+            # C_t as stored: c = 10 distinct tokens of the dropped branch, never y_t; the replacement
+            # is the one with the lowest P_diff (ties: the first); P_diff is a share of one softmax row.
+            ids, p_diff = [k["token_id"] for k in c["candidates"]], [k["p_diff"] for k in c["candidates"]]
+            assert len(set(ids)) == len(ids) == 10 and c["token_id"] not in ids
+            assert ids[p_diff.index(min(p_diff))] == c["replacement_id"]
+            assert all(0 <= d <= 1 for d in p_diff) and sum(p_diff) <= 1 + 1e-5
         for neg in r["negatives"]:
             # decode: y_w with the top-m replacements up to the last of them, then the model's tail
             top = r["coupled"][: neg["m"]]
