@@ -20,12 +20,14 @@ their reference answer states, with every value of each slot and its phrases), w
 description metric reads (facts contradicted / correct) without knowing this world.
 
 Question kinds. SFT, val and test share one mix of VQA kinds (half closed). The alignment split
-is instruction-like, as LLaVA-Med's instruction data (ALIGN_KINDS): 70 % reports ("This is a
+is instruction-like, as LLaVA-Med's instruction data (ALIGN_KINDS): 90 % reports ("This is a
 chest X-ray. There are two small nodules in the left lung.") and descriptions (the second
 sentence alone), each stating several facts (modality, organ, presence, count, side, size) in
 sentence forms SFT already holds, so each answer has several modality-coupled tokens to corrupt;
-30 % stays VQA. Version 3 changed only the alignment split: SFT, val and test questions and
-answers are those of version 2 (sft.json byte for byte), so the shipped base stays valid.
+10 % stays VQA. Versions 3 and 4 changed only the alignment split (3: 70 % reports and
+descriptions; 4: 90 %, so that most entries give the implicit loss two or more negatives): SFT,
+val and test questions and answers are those of version 2 (sft.json byte for byte), so the
+shipped base stays valid.
 
 Scenes. Three modalities with distinct anatomy: chest X-ray (bright body, two dark lung fields,
 spine, heart, ribs), brain MRI (bright skull ring, gray brain, dark ventricles) and abdominal
@@ -61,7 +63,7 @@ from PIL import Image
 
 from data import read_records
 
-WORLD_VERSION = "synthetic-medvqa-3"
+WORLD_VERSION = "synthetic-medvqa-4"
 WORLD_SPLITS = ("sft", "align", "val", "test")
 MODALITIES = ("xray", "mri", "ct")
 _COUNT_WORDS = ("none", "one", "two", "three")
@@ -113,13 +115,13 @@ OPEN_KINDS = {"modality": 0.04, "organ": 0.03, "side": 0.07, "location": 0.06, "
 _NEEDS_FINDING = {"size_closed", "side", "location", "size"}
 # The alignment split is instruction-like, as LLaVA-Med's instruction data: mostly reports and
 # descriptions, each stating several facts of the scene (modality, organ, presence, count, side,
-# size), hence several modality-coupled tokens per answer for HSCR to corrupt; 30 % stays VQA, in
-# the shares above. The SFT, val and test splits keep the shares above (SFT byte-identical to
+# size), hence several modality-coupled tokens per answer for HSCR to corrupt; 10 % stays VQA, in
+# the shares above (a one-word answer has one coupled position, hence at most one negative). The SFT, val and test splits keep the shares above (SFT byte-identical to
 # world version 2, so that the shipped base stays the model of its own SFT data).
 _VQA = {**CLOSED_KINDS, **OPEN_KINDS}
 _VQA_ONLY = {k: v for k, v in _VQA.items() if k not in ("describe", "report")}
-ALIGN_KINDS = {**{k: 0.3 * v / sum(_VQA_ONLY.values()) for k, v in _VQA_ONLY.items()},
-               "describe": 0.25, "report": 0.45}
+ALIGN_KINDS = {**{k: 0.1 * v / sum(_VQA_ONLY.values()) for k, v in _VQA_ONLY.items()},
+               "describe": 0.3, "report": 0.6}
 SPLIT_KINDS = {"sft": _VQA, "align": ALIGN_KINDS, "val": _VQA, "test": _VQA}
 _YES_NO_SUFFIX = " Please choose from the following two options: [yes, no]"
 _P_SUFFIX = 0.25  # share of closed questions carrying the two-option suffix

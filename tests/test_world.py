@@ -331,14 +331,14 @@ def test_sft_carries_the_prior_and_test_is_balanced(world):
 
 
 def test_align_is_mostly_descriptions_and_sft_does_not_depend_on_it(tmp_path, world, monkeypatch):
-    """ALIGN_KINDS: 70 % reports (45 %) and descriptions (25 %), 30 % VQA. Over 200 align entries
-    the report + describe share lies within 4 binomial std (4·sqrt(0.7·0.3/200) = 0.13) of 0.7.
+    """ALIGN_KINDS: 90 % reports (60 %) and descriptions (30 %), 10 % VQA. Over 200 align entries
+    the report + describe share lies within 4 binomial std (4·sqrt(0.9·0.1/200) = 0.085) of 0.9.
     The SFT split is drawn from its own generator and kind shares: building a world with other
     align shares leaves sft.json byte for byte the same (the shipped base stays valid)."""
     _, _, raw = world
     kinds = [item["kind"] for item in raw["align"]]
     assert sum(world_module.ALIGN_KINDS.values()) == pytest.approx(1.0)
-    assert abs((kinds.count("report") + kinds.count("describe")) / len(kinds) - 0.7) < 0.13
+    assert abs((kinds.count("report") + kinds.count("describe")) / len(kinds) - 0.9) < 0.085
     assert set(kinds) - {"report", "describe"}, "some VQA stays"
     a = build_world(tmp_path / "a", seed=0, **SMALL)
     monkeypatch.setitem(world_module.SPLIT_KINDS, "align", {"count": 0.5, "side": 0.5})
