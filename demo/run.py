@@ -72,6 +72,11 @@ class DemoConfig:
                              choices=("dropped-topk", "plausible", "both", "dropped-plausible"))
     alpha: float = option(0.01, "hscr.py --alpha: the plausibility cut of the plausible rules (0.01 chosen on the "
                           "validation split)")
+    drop_ratio: float = option(0.7, "hscr.py --drop-ratio: the share ρ of visual tokens the dropped branch loses")
+    drop_positions: str = option("renumber", "hscr.py --drop-positions: position ids of the dropped branch's text",
+                                 choices=("renumber", "keep"))
+    coupling: str = option("logit", "hscr.py --coupling: the coupling score s_t (docs/METHOD.md step 4)",
+                           choices=("logit", "logprob"))
     prefs: str | None = option(None, "preference file to write or reuse (default: OUT/prefs.jsonl)")
     overwrite: bool = option(False, "make again the outputs in --out (and --prefs) that other inputs or options "
                              "made; without it the demo stops naming what changed. Outputs that match are reused")
@@ -265,7 +270,8 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
         _redo_on_overwrite(hscr.run, hscr.Options(
             model=str(base), data=str(world["align"]), image_root=str(world["root"]), out=str(prefs),
             limit=cfg.align, seed=cfg.seed, similarity=similarity, mask_strategy=cfg.mask_strategy,
-            num_candidates=cfg.num_candidates, candidates=cfg.candidates, alpha=cfg.alpha, batch_size=128,
+            num_candidates=cfg.num_candidates, candidates=cfg.candidates, alpha=cfg.alpha, drop_ratio=cfg.drop_ratio,
+            drop_positions=cfg.drop_positions, coupling=cfg.coupling, batch_size=128,
             max_new_tokens=32, device="cpu"), cfg.overwrite)
 
     with stages.stage("train", f"train.py: LoRA with the {cfg.loss} loss → {out / 'train'}"):
