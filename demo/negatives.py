@@ -133,6 +133,10 @@ def rule_name(options: dict) -> str:
         text += f" α={options.get('alpha')}"
     if options.get("drop_positions", "renumber") != "renumber":
         text += f" positions={options['drop_positions']}"
+    if options.get("drop_ratio", 0.7) != 0.7:
+        text += f" ρ={options['drop_ratio']}"
+    if options.get("coupling", "logit") != "logit":
+        text += f" coupling={options['coupling']}"
     return text
 
 

@@ -78,9 +78,13 @@ def test_rule_names_and_cli(tmp_path, capsys):
     _write(old, [{"coupled": _coupled(("▁left", "▁right")), "negatives": [{"m": 1}]}], options={"top_k": 1})
     new = tmp_path / "new.jsonl"
     _write(new, [], options={"candidates": "dropped-topk", "num_candidates": 10, "drop_positions": "keep"})
-    summaries = negatives.main([str(old), str(new), "--pairs", "3"])
+    other = tmp_path / "other.jsonl"
+    _write(other, [], options={"candidates": "dropped-plausible", "num_candidates": 10, "alpha": 0.01,
+                               "drop_ratio": 0.9, "coupling": "logprob", "drop_positions": "renumber"})
+    summaries = negatives.main([str(old), str(new), str(other), "--pairs", "3"])
     out = capsys.readouterr().out
-    assert [s.rule for s in summaries] == ["dropped-topk c=1", "dropped-topk c=10 positions=keep"]
+    assert [s.rule for s in summaries] == ["dropped-topk c=1", "dropped-topk c=10 positions=keep",
+                                           "dropped-plausible c=10 α=0.01 ρ=0.9 coupling=logprob"]
     assert "| old.jsonl | dropped-topk c=1 | 1 | 1 | 100.0 |" in out and "left→right 1 (same-slot)" in out
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1}\n')
