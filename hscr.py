@@ -857,9 +857,10 @@ class Options:
                              "token; a position without candidates is left unreplaced", choices=CANDIDATE_RULES)
     alpha: float = option(0.1, "plausibility cut α of --candidates plausible, both and dropped-plausible")
     num_candidates: int = option(10, "most candidate replacements per coupled position (c)")
-    drop_positions: str = option("renumber", "token/latent dropout with --drop-mode remove: the dropped branch's "
-                                 "tokens after a removed one move up (renumber) or keep the position ids they "
-                                 "have in the full branch (keep)", choices=("renumber", "keep"))
+    drop_positions: str = option("keep", "token/latent dropout with --drop-mode remove: the dropped branch's "
+                                 "tokens keep the position ids they have in the full branch (keep: fewer junk "
+                                 "replacements, docs/METHOD.md step 1) or those after a removed one move up "
+                                 "(renumber)", choices=("keep", "renumber"))
     continuation: str = option("decode", "after the last replacement: greedy continuation with the full image, "
                                "or the rest of y_w", choices=("decode", "splice"))
     max_new_tokens: int = option(256, "length limit of a greedy continuation (and of a --score-on greedy answer)")

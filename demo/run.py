@@ -73,8 +73,8 @@ class DemoConfig:
     alpha: float = option(0.01, "hscr.py --alpha: the plausibility cut of the plausible rules (0.01 chosen on the "
                           "validation split)")
     drop_ratio: float = option(0.7, "hscr.py --drop-ratio: the share ρ of visual tokens the dropped branch loses")
-    drop_positions: str = option("renumber", "hscr.py --drop-positions: position ids of the dropped branch's text",
-                                 choices=("renumber", "keep"))
+    drop_positions: str = option("keep", "hscr.py --drop-positions: position ids of the dropped branch's text "
+                                 "(keep chosen on the validation split)", choices=("keep", "renumber"))
     coupling: str = option("logit", "hscr.py --coupling: the coupling score s_t (docs/METHOD.md step 4)",
                            choices=("logit", "logprob"))
     prefs: str | None = option(None, "preference file to write or reuse (default: OUT/prefs.jsonl)")

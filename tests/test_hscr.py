@@ -226,9 +226,9 @@ def test_candidate_and_position_options():
 
     required = ["--model", "m", "--data", "d", "--image-root", "r", "--out", "o"]
     opts = hscr.parse_options(required)
-    assert (opts.candidates, opts.alpha, opts.drop_positions) == ("dropped-topk", 0.1, "renumber")
-    opts = hscr.parse_options(required + ["--candidates", "both", "--alpha", "0.25", "--drop-positions", "keep"])
-    assert (opts.candidates, opts.alpha, opts.drop_positions) == ("both", 0.25, "keep")
+    assert (opts.candidates, opts.alpha, opts.drop_positions) == ("dropped-topk", 0.1, "keep")
+    opts = hscr.parse_options(required + ["--candidates", "both", "--alpha", "0.25", "--drop-positions", "renumber"])
+    assert (opts.candidates, opts.alpha, opts.drop_positions) == ("both", 0.25, "renumber")
     for bad in (["--alpha", "0"], ["--alpha", "1.5"]):
         with pytest.raises(UserError, match="--alpha must be in"):
             hscr.parse_options(required + bad)
@@ -953,7 +953,8 @@ def test_resume_reads_a_header_written_before_the_num_candidates_rename(referenc
     out.write_text("".join(json.dumps(x) + "\n" for x in lines))
     hscr.sidecar(out, "rejects").write_text(hscr.sidecar(reference_run, "rejects").read_text())
     before = out.read_text()
-    summary = hscr.main(_cli(ckpt, dataset, out))
+    # the header lacks drop_positions, so it reads as the behaviour of its time, renumber
+    summary = hscr.main(_cli(ckpt, dataset, out) + ["--drop-positions", "renumber"])
     assert summary["processed_this_run"] == 0 and out.read_text() == before
     now = hscr.stored_options({"num_candidates": 10, "candidates": "both", "alpha": 0.1, "drop_positions": "renumber"})
     assert provenance.differences(hscr.stored_options({"top_k": 1}), now) == [
