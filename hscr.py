@@ -309,8 +309,24 @@ def plausible(logits: torch.Tensor, alpha: float) -> torch.Tensor:
     return logits >= logits.amax(-1, keepdim=True) + math.log(alpha)
 
 
+def word_classes(pieces: list[str | None]) -> torch.Tensor:
+    """(V,) long: tokens that spell the same word share a class. A piece's word is the piece without
+    word-start marks (SentencePiece "▁", byte-level "Ġ") and surrounding punctuation, lower-cased:
+    "▁No", "no" and "▁no." are one word. A piece with no letters or digits left (punctuation, a
+    bare mark, a missing id) is a class of its own."""
+    classes, seen = [], {}
+    for i, piece in enumerate(pieces):
+        w = (piece or "").replace("▁", " ").replace("Ġ", " ").strip().strip(_PUNCTUATION).lower()
+        classes.append(seen.setdefault(w, len(pieces) + len(seen)) if any(ch.isalnum() for ch in w) else i)
+    return torch.tensor(classes, dtype=torch.long)
+
+
+_PUNCTUATION = ".,;:!?\"'()[]{}<>-"
+
+
 def candidate_sets(logits_full, logits_drop, targets, c: int = 10, rule: str = "dropped-topk",
-                   alpha: float = 0.1, banned: tuple[int, ...] = ()) -> torch.Tensor:
+                   alpha: float = 0.1, banned: tuple[int, ...] = (),
+                   word_class: torch.Tensor | None = None) -> torch.Tensor:
     """docs/METHOD.md, step 5, this implementation's reading: the candidates C_t at each
     coupled position, (P, c) ids, −1 in the slots a rule leaves empty (after the real ones).
 
@@ -320,7 +336,9 @@ def candidate_sets(logits_full, logits_drop, targets, c: int = 10, rule: str = "
       dropped-plausible  the dropped branch's plausible tokens (α), its c most likely
 
     Never y_t nor a `banned` id (EOS, BOS, pad, the image placeholder, special tokens: the
-    replacement must decode to a word). Equal logits keep the lower id first (a stable sort).
+    replacement must decode to a word). With `word_class` (V,) (`word_classes`), never a token of
+    y_t's class either: the same word in another spelling ("no" → "No") is no hallucination.
+    Equal logits keep the lower id first (a stable sort).
     logits_full, logits_drop (P, V), targets (P,) = y_t.
     """
     if rule not in CANDIDATE_RULES:
@@ -334,6 +352,8 @@ def candidate_sets(logits_full, logits_drop, targets, c: int = 10, rule: str = "
     ranking = logits_full if rule == "plausible" else logits_drop
     order = torch.sort(ranking, dim=-1, descending=True, stable=True).indices  # (P, V)
     allowed = (order != targets[:, None]) & ~torch.isin(order, ban)  # (P, V), in ranking order
+    if word_class is not None:
+        allowed &= word_class[order] != word_class[targets][:, None]
     if rule in ("plausible", "dropped-plausible"):
         allowed &= plausible(ranking, alpha).gather(-1, order)
     take = allowed & (allowed.cumsum(-1) <= c)  # the first c allowed of each row
@@ -344,7 +364,8 @@ def candidate_sets(logits_full, logits_drop, targets, c: int = 10, rule: str = "
 
 
 def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, beta: float = 0.9,
-                              banned: tuple[int, ...] = (), *, rule: str = "dropped-topk", alpha: float = 0.1):
+                              banned: tuple[int, ...] = (), *, rule: str = "dropped-topk", alpha: float = 0.1,
+                              word_class: torch.Tensor | None = None):
     """docs/METHOD.md, step 5: the replacement of y_t is argmin_{v ∈ C_t} P_diff[t, v] (lowest
     contrast reward = most hallucinated), with P_diff[t] = softmax((1+β)·logits_full[t] −
     β·logits_drop[t]) from the kernel's gather mode and C_t = candidate_sets(rule). The paper says
@@ -358,7 +379,7 @@ def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, be
     logits_full, logits_drop (P, V) at the coupled positions, targets (P,) = y_t →
     (replacement (P,), −1 where C_t is empty; candidates (P, c); P_diff (P, c), +inf where empty).
     """
-    candidates = candidate_sets(logits_full, logits_drop, targets, c, rule, alpha, banned)  # (P, c)
+    candidates = candidate_sets(logits_full, logits_drop, targets, c, rule, alpha, banned, word_class)  # (P, c)
     if candidates.shape[0] == 0:
         return candidates[:, 0], candidates, candidates.float()
     p_diff = contrast_softmax(logits_full, logits_drop, beta, index=candidates.clamp(min=0))  # (P, c)
@@ -578,6 +599,8 @@ class HSCR:
         special = [i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special]
         self.banned = tuple(sorted({t for t in (self.eos, self.bos, pad, self.image_id, *special)
                                     if t is not None and t >= 0}))
+        self.word_class = (word_classes([tokenizer.id_to_token(i) for i in range(cfg.text.vocab_size)]).to(model.device)
+                           if opts.same_word == "exclude" else None)
 
     def prepare(self, index: int, record: Record) -> Entry | Reject:
         """Load the image and tokenize; a problem with the record becomes a Reject."""
@@ -655,7 +678,7 @@ class HSCR:
         rows, cols = _flat_positions(coupled_positions, lf.device)
         repl, cand, p_diff = hallucinated_replacements(lf[rows, cols], ld[rows, cols], targets[rows, cols],
                                                        o.num_candidates, o.beta, self.banned, rule=o.candidates,
-                                                       alpha=o.alpha)
+                                                       alpha=o.alpha, word_class=self.word_class)
         flat_scores = scores[rows, cols].tolist()
         del lf, ld  # (B, L, V) ×2: the largest tensors of the batch
         # C_t with each candidate's P_diff, for the record (what the argmin chose among).
@@ -857,6 +880,9 @@ class Options:
                              "token; a position without candidates is left unreplaced", choices=CANDIDATE_RULES)
     alpha: float = option(0.1, "plausibility cut α of --candidates plausible, both and dropped-plausible")
     num_candidates: int = option(10, "most candidate replacements per coupled position (c)")
+    same_word: str = option("allow", "candidates that spell y_t's word otherwise (\"no\" → \"No\", \"left\" → "
+                            "\"left.\"): allowed, or excluded (they make a correct answer the negative)",
+                            choices=("allow", "exclude"))
     drop_positions: str = option("keep", "token/latent dropout with --drop-mode remove: the dropped branch's "
                                  "tokens keep the position ids they have in the full branch (keep: fewer junk "
                                  "replacements, docs/METHOD.md step 1) or those after a removed one move up "
@@ -949,7 +975,7 @@ RUN_CONTROL = ("overwrite",)
 # Options renamed since a file's header was written: old name → name in Options.
 RENAMED_OPTIONS = {"top_k": "num_candidates"}
 # Options added since: a header without one was written with this value (the behaviour before).
-ADDED_OPTIONS = {"candidates": "dropped-topk", "alpha": 0.1, "drop_positions": "renumber"}
+ADDED_OPTIONS = {"candidates": "dropped-topk", "alpha": 0.1, "drop_positions": "renumber", "same_word": "allow"}
 RESTART = "rerun with --overwrite to start again (this deletes its records, rejects and summary)"
 
 

@@ -77,6 +77,8 @@ class DemoConfig:
                                  "(keep chosen on the validation split)", choices=("keep", "renumber"))
     coupling: str = option("logit", "hscr.py --coupling: the coupling score s_t (docs/METHOD.md step 4)",
                            choices=("logit", "logprob"))
+    same_word: str = option("allow", "hscr.py --same-word: candidates spelling y_t's word otherwise",
+                            choices=("allow", "exclude"))
     prefs: str | None = option(None, "preference file to write or reuse (default: OUT/prefs.jsonl)")
     overwrite: bool = option(False, "make again the outputs in --out (and --prefs) that other inputs or options "
                              "made; without it the demo stops naming what changed. Outputs that match are reused")
@@ -271,7 +273,7 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
             model=str(base), data=str(world["align"]), image_root=str(world["root"]), out=str(prefs),
             limit=cfg.align, seed=cfg.seed, similarity=similarity, mask_strategy=cfg.mask_strategy,
             num_candidates=cfg.num_candidates, candidates=cfg.candidates, alpha=cfg.alpha, drop_ratio=cfg.drop_ratio,
-            drop_positions=cfg.drop_positions, coupling=cfg.coupling, batch_size=128,
+            drop_positions=cfg.drop_positions, coupling=cfg.coupling, same_word=cfg.same_word, batch_size=128,
             max_new_tokens=32, device="cpu"), cfg.overwrite)
 
     with stages.stage("train", f"train.py: LoRA with the {cfg.loss} loss → {out / 'train'}"):

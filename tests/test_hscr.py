@@ -113,6 +113,29 @@ def test_candidate_rules_hand_values(rule, candidates, replacement):
     assert (p_diff[~real] == math.inf).all()
 
 
+def test_word_classes_group_spellings_of_one_word():
+    """Pieces of one word share a class whatever their word-start mark, case or surrounding
+    punctuation; pieces without a letter or digit each keep their own (their id), as does a
+    missing piece. Hand classes: ids 0, 1, 2 = "no"; 3 "." alone; 4 "▁" alone; 5, 7, 8 = "left";
+    6 missing; 9 "lef" is another word."""
+    pieces = ["▁No", "no", "▁no.", ".", "▁", "▁left", None, "left,", "Ġleft", "▁lef"]
+    cls = hscr.word_classes(pieces).tolist()
+    assert cls[0] == cls[1] == cls[2] and cls[5] == cls[7] == cls[8]
+    assert len({cls[0], cls[3], cls[4], cls[5], cls[6], cls[9]}) == 6
+    assert (cls[3], cls[4], cls[6]) == (3, 4, 6)
+
+
+def test_same_word_candidates_excluded():
+    """CAND_* with y_t = 1 and ids 5 and 1 made one word (class 99): dropped-plausible's set
+    [5, 3, 4, 0] (the hand values above) loses id 5, so the argmin of z over {3, 4, 0}
+    (z = −2.25, 0.93, 2.9) is id 3 instead of id 5."""
+    cls = torch.arange(8)
+    cls[[1, 5]] = 99
+    repl, cands, _ = hscr.hallucinated_replacements(CAND_FULL, CAND_DROP, CAND_TARGETS, c=5, beta=0.9,
+                                                    rule="dropped-plausible", alpha=0.1, word_class=cls)
+    assert cands.tolist() == [[3, 4, 0, -1, -1]] * 2 and repl.tolist() == [3, 3]
+
+
 def test_cut_token_never_wins():
     """The trap: the kernel's α cut gives a cut token P_diff = 0, so an argmin over kernel(alpha=α)
     values among the dropped top-5 (ids 5, 3, 4, 0, 7) would pick id 5, which the full branch
@@ -551,6 +574,26 @@ def test_process_plausible_alpha_one_replaces_with_the_full_argmax(model, tokeni
         assert len(r["coupled"]) + len(r["unreplaced"]) == min(10, len(r["chosen"].split()))
         assert max((n["m"] for n in r["negatives"]), default=0) <= len(r["coupled"])
     assert n_unreplaced > 0 and sum(len(r["coupled"]) for r in out) > 0  # both cases occur
+
+
+def test_process_same_word_exclude(model, tokenizer, ckpt, dataset, tmp_path):
+    """--same-word exclude reaches the candidate sets: the tiny tokenizer has no two spellings of a
+    word, so the test pairs ids as one "word" (2i and 2i + 1, by setting the pipeline's classes):
+    with exclusion no stored candidate is the coupled token's partner; without it (the same
+    classes ignored) some are, so the check can fail. Sets stay non-empty (dropped-topk, c = 10)."""
+    partners = {}
+    for mode in ("exclude", "allow"):
+        opts = _opts(ckpt, dataset, tmp_path / f"{mode}.jsonl", same_word=mode, continuation="splice",
+                     min_negatives=0)
+        pipe = hscr.HSCR(model, tokenizer, opts)
+        assert (pipe.word_class is not None) == (mode == "exclude")
+        if mode == "exclude":
+            pipe.word_class = torch.arange(model.config.text.vocab_size) // 2
+        out = pipe.process(_entries(pipe, dataset, {f"e{i}" for i in range(len(GOOD))}))
+        cands = [(c["token_id"], k["token_id"]) for r in out for c in r["coupled"] for k in c["candidates"]]
+        assert cands and all(c["candidates"] for r in out for c in r["coupled"])
+        partners[mode] = sum(t // 2 == k // 2 for t, k in cands)
+    assert partners == {"exclude": 0, "allow": partners["allow"]} and partners["allow"] > 0
 
 
 def test_minilm_similarity_matches_the_encoder():
