@@ -8,8 +8,8 @@ Stage 1, token-level self-contrastive reward
   1  visual_token_dropout       i' = i with ρ = 0.7 of its visual tokens dropped [paper]; removed
                                 (kept ones in order), drawn per entry from a generator seeded by
                                 (seed, entry id): entry_generator, drop_mask [ours]; the tokens
-                                after a removed one move up (renumber) or keep their full-branch
-                                position ids (keep_positions, --drop-positions keep) [ours]
+                                keep their full-branch position ids (keep_positions, --drop-positions
+                                keep) or those after a removed one move up (renumber) [ours]
   2  score_two_branches         the model on (x, i) and (x, i') [paper], y_w (the reference answer)
                                 teacher-forced, both branches stacked in one left-padded batch,
                                 logits only at the response positions (teacher_forced_logits) [ours]
@@ -24,8 +24,9 @@ Stage 1, token-level self-contrastive reward
                                 dropped branch's c most likely tokens (dropped-topk), the full
                                 branch's plausible ones (plausible, VCD's α cut), the dropped-topk
                                 ones that are plausible (both), or the dropped branch's plausible
-                                ones (dropped-plausible); never y_t nor a special token; a position
-                                with no candidate is left unreplaced [ours]
+                                ones (dropped-plausible); never y_t nor a special token, nor with
+                                --same-word exclude another spelling of y_t's word (word_classes);
+                                a position with no candidate is left unreplaced [ours]
   6  graded_negatives           candidate m (m = 1 … n) replaces the m highest-scoring replaced
                                 positions [paper]; then the model continues greedily with the full
                                 image (greedy_continuations, `decode`; each prompt prefilled once per
@@ -51,8 +52,8 @@ Output (read by train.py; docs/FORMATS.md, the preference file): `prefs.jsonl` =
 {"_header": true, "options": {...}, "provenance": {...}} then one record per entry: id, index
 (position among the data file's valid records), image, question, prompt, chosen, chosen_ids and
 chosen_complete, rejected (the most similar negative), negatives [{text, similarity, m, ids,
-complete}] best first, coupled [{position, token, token_id, score, replacement, replacement_id}]
-by descending score, unreplaced [{position, token, token_id, score}] (coupled positions without
+complete}] best first, coupled [{position, token, token_id, score, replacement, replacement_id,
+candidates [{token, token_id, p_diff}]}] by descending score, unreplaced [{position, token, token_id, score}] (coupled positions without
 a candidate), p_chosen and p_rejected (per-token mean probability under the model with the full
 image; p_rejected is aligned with negatives). Ids are the ones scored and generated, without a
 final EOS; complete says whether there was one (a continuation cut at --max-new-tokens has none).
