@@ -120,6 +120,17 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
     return (ids, mask) if device is None else (ids.to(device), mask.to(device))
 
 
+# Word-start marks of SentencePiece / byte-level BPE pieces, and punctuation glued to words.
+_MARKS = "▁Ġ "
+_PUNCT = ".,;:!?\"'()[]"
+
+
+def piece_word(piece: str | None) -> str:
+    """A tokenizer piece as a word, case kept: no word-start mark, no surrounding punctuation
+    ("▁no." → "no"; "." → ""). hscr.py's --same-word and demo/negatives.py's classes use it."""
+    return (piece or "").lstrip(_MARKS).strip(_PUNCT)
+
+
 # ---------------------------------------------------------------------------------------------
 # JSON and JSON lines
 

@@ -87,7 +87,7 @@ from pathlib import Path
 import torch
 
 import provenance
-from common import UserError, dataclass_parser, dist_env, left_pad, option, read_jsonl, resolve_dtype, run_main
+from common import UserError, dataclass_parser, dist_env, left_pad, option, piece_word, read_jsonl, resolve_dtype, run_main
 from data import Record, load_image, preprocess_image, read_records, resolve_image
 from kernels import contrast_softmax
 from model import load_model
@@ -311,18 +311,15 @@ def plausible(logits: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def word_classes(pieces: list[str | None]) -> torch.Tensor:
-    """(V,) long: tokens that spell the same word share a class. A piece's word is the piece without
-    word-start marks (SentencePiece "▁", byte-level "Ġ") and surrounding punctuation, lower-cased:
-    "▁No", "no" and "▁no." are one word. A piece with no letters or digits left (punctuation, a
-    bare mark, a missing id) is a class of its own."""
+    """(V,) long: tokens that spell the same word share a class. A piece's word is
+    common.piece_word (no word-start mark, no surrounding punctuation), lower-cased: "▁No", "no"
+    and "▁no." are one word. A piece with no letters or digits left (punctuation, a bare mark, a
+    missing id) is a class of its own."""
     classes, seen = [], {}
     for i, piece in enumerate(pieces):
-        w = (piece or "").replace("▁", " ").replace("Ġ", " ").strip().strip(_PUNCTUATION).lower()
+        w = piece_word(piece).lower()
         classes.append(seen.setdefault(w, len(pieces) + len(seen)) if any(ch.isalnum() for ch in w) else i)
     return torch.tensor(classes, dtype=torch.long)
-
-
-_PUNCTUATION = ".,;:!?\"'()[]{}<>-"
 
 
 def candidate_sets(logits_full, logits_drop, targets, c: int = 10, rule: str = "dropped-topk",

@@ -42,7 +42,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import read_jsonl
+from common import piece_word as word, read_jsonl
 
 # Content slots: a swap inside one is a factual hallucination.
 SLOTS = {
@@ -62,9 +62,6 @@ GRAMMAR = {
     "a/an": ("a", "an"),
 }
 CLASSES = ("same-slot", "grammar", "same-word", "junk")
-# Word-start marks of SentencePiece / byte-level BPE pieces, and punctuation glued to words.
-_MARKS = "▁Ġ "
-_PUNCT = ".,;:!?\"'()[]"
 
 
 def _lookup(table: dict[str, tuple[str, ...]]) -> tuple[dict[str, str], dict[str, str]]:
@@ -74,11 +71,6 @@ def _lookup(table: dict[str, tuple[str, ...]]) -> tuple[dict[str, str], dict[str
 
 _SLOT_OF, _SLOT_OF_LOWER = _lookup(SLOTS)
 _GRAMMAR_OF, _ = _lookup(GRAMMAR)
-
-
-def word(piece: str | None) -> str:
-    """A tokenizer piece as a word: no word-start mark, no surrounding punctuation."""
-    return (piece or "").lstrip(_MARKS).strip(_PUNCT)
 
 
 def slot(w: str) -> str | None:
