@@ -273,43 +273,79 @@ def read_sft(path: Path, image_root: Path, tokens: Tokens, cfg: TrainConfig):
 
 @dataclass
 class Rows:
-    """A padded batch of rows; the decoder is asked for hidden states at `positions` only."""
-    input_ids: torch.Tensor       # (R, T) right-padded
-    attention_mask: torch.Tensor  # (R, T) 1 on real tokens
-    positions: torch.Tensor       # (R, P) position t − 1 for each target token t
-    labels: torch.Tensor          # (R, P) the target tokens
-    label_mask: torch.Tensor      # (R, P) bool
-    row_image: torch.Tensor       # (R,) index into the batch's images, −1 for none
+    """A micro-batch packed for one forward pass: one sequence per example.
+
+    The rows of an example (the prompt with y_w, then with each y_lj) share a prefix: the image's
+    visual tokens, the prompt, and the answers' first tokens up to where they part. The sequence
+    holds that prefix once, then the rest of each row, one after the other; `visible` lets a
+    token see the prefix and the earlier tokens of its own row only, and `position_ids` count
+    as in the row alone, so every row's log-probs are those of a forward pass over the row by
+    itself (up to float rounding). The prefix, about 80 % of a row on the demo, is computed once
+    per example instead of once per row.
+    """
+    input_ids: torch.Tensor     # (S, T) one packed sequence per example, right-padded
+    position_ids: torch.Tensor  # (S, T) each token's position in its own row
+    visible: torch.Tensor       # (S, T, T) bool: query t sees key u
+    seq: torch.Tensor           # (R,) the sequence that holds row r
+    positions: torch.Tensor     # (R, P) where in seq[r] the hidden state predicting each target is
+    labels: torch.Tensor        # (R, P) the target tokens
+    label_mask: torch.Tensor    # (R, P) bool
+    seq_image: torch.Tensor     # (S,) index into the batch's images, −1 for none
 
     def to(self, device) -> Rows:
         return Rows(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
+def shared_prefix(rows: list[list[int]]) -> int:
+    """Length of the longest prefix common to all `rows`."""
+    n = min(map(len, rows))
+    for r in rows[1:]:
+        n = next((i for i in range(n) if r[i] != rows[0][i]), n)
+    return n
+
+
 def collate(examples: list[Example], pad_id: int) -> Rows:
-    rows, targets, row_image = [], [], []
+    seqs, segments, pos_ids, where, seq_of, seq_image = [], [], [], [], [], []
     n_images = 0
-    for ex in examples:
-        rows += ex.rows
-        targets += ex.targets
-        row_image += [n_images if ex.image is not None else -1] * len(ex.rows)
+    for s, ex in enumerate(examples):
+        n = shared_prefix(ex.rows)
+        ids, segment, positions = list(ex.rows[0][:n]), [0] * n, list(range(n))
+        for r, (row, target) in enumerate(zip(ex.rows, ex.targets)):
+            start = len(ids) - n  # packed index of row index i ≥ n is start + i
+            ids += row[n:]
+            segment += [r + 1] * (len(row) - n)
+            positions += range(n, len(row))
+            # The hidden state at row index t − 1 predicts token t.
+            where.append([((t - 1) if t - 1 < n else start + t - 1, row[t]) for t, on in enumerate(target) if on])
+            seq_of.append(s)
+        seqs.append(ids)
+        segments.append(segment)
+        pos_ids.append(positions)
+        seq_image.append(n_images if ex.image is not None else -1)
         n_images += ex.image is not None
-    R, T = len(rows), max(map(len, rows))
-    where = [[t for t, on in enumerate(tg) if on] for tg in targets]
-    P = max(map(len, where))
-    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(R, T, dtype=torch.long)
+    S, T = len(seqs), max(map(len, seqs))
+    R, P = len(where), max(map(len, where))
+    input_ids = torch.full((S, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(S, T, dtype=torch.long)
+    segment = torch.full((S, T), -1, dtype=torch.long)  # −1: padding, 0: the shared prefix, r + 1: row r
+    for s, (ids, seg, pos) in enumerate(zip(seqs, segments, pos_ids)):
+        input_ids[s, :len(ids)] = torch.tensor(ids)
+        segment[s, :len(ids)] = torch.tensor(seg)
+        position_ids[s, :len(ids)] = torch.tensor(pos)
+    key, query = segment[:, None, :], segment[:, :, None]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    visible = causal & (key >= 0) & ((key == 0) | (key == query))
+    visible |= torch.eye(T, dtype=torch.bool)  # padding sees itself (finite, never read)
     positions = torch.zeros(R, P, dtype=torch.long)
     labels = torch.zeros(R, P, dtype=torch.long)
     label_mask = torch.zeros(R, P, dtype=torch.bool)
-    for r, (ids, ts) in enumerate(zip(rows, where)):
-        input_ids[r, :len(ids)] = torch.tensor(ids)
-        attention_mask[r, :len(ids)] = 1
-        if ts:
-            ts = torch.tensor(ts)
-            positions[r, :len(ts)] = ts - 1   # the logits at t − 1 predict token t
-            labels[r, :len(ts)] = input_ids[r, ts]
-            label_mask[r, :len(ts)] = True
-    return Rows(input_ids, attention_mask, positions, labels, label_mask, torch.tensor(row_image))
+    for r, pairs in enumerate(where):
+        if pairs:
+            positions[r, :len(pairs)] = torch.tensor([p for p, _ in pairs])
+            labels[r, :len(pairs)] = torch.tensor([y for _, y in pairs])
+            label_mask[r, :len(pairs)] = True
+    return Rows(input_ids, position_ids, visible, torch.tensor(seq_of), positions, labels, label_mask,
+                torch.tensor(seq_image))
 
 
 def unusable_images(paths: Iterable[Path], image_size: int, aspect: str) -> dict[Path, str]:

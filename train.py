@@ -196,7 +196,8 @@ def preference_loss(kind: str, policy_chosen, policy_rejected, ref_chosen, ref_r
 
 def row_logprobs(model, base, rows: Rows, pixels: torch.Tensor | None, chunk_rows: int,
                  train_vision: bool = False) -> torch.Tensor:
-    """log π(y|i,x) of every row (R,): each image encoded once and shared by all its rows.
+    """log π(y|i,x) of every row (R,): each image encoded once, and each example's shared prefix
+    (image, prompt, common answer start) run once for all its rows (batches.Rows).
 
     `model` is what runs the decoder (the DDP wrapper when distributed), `base` the Llava inside.
     The vision tower and projector are frozen (no graph kept) unless `train_vision` (--full).
@@ -205,9 +206,10 @@ def row_logprobs(model, base, rows: Rows, pixels: torch.Tensor | None, chunk_row
     if pixels is not None:
         with contextlib.nullcontext() if train_vision else torch.no_grad():
             images = base.encode_images(pixels.to(base.device, base.dtype))   # (B_img, N, D)
-        features = images[rows.row_image[rows.row_image >= 0]]              # (R_img, N, D)
-    hidden = model(rows.input_ids, attention_mask=rows.attention_mask, image_features=features,
-                   logits_positions=rows.positions, return_hidden=True)      # (R, P, D)
+        features = images[rows.seq_image[rows.seq_image >= 0]]              # (S_img, N, D)
+    hidden = model(rows.input_ids, attention_mask=rows.visible, position_ids=rows.position_ids,
+                   image_features=features, return_hidden=True)               # (S, T, D)
+    hidden = hidden[rows.seq[:, None], rows.positions]                        # (R, P, D)
     return hidden_logprob(hidden, base.lm_head.weight, rows.labels, rows.label_mask, chunk_rows)
 
 

@@ -460,8 +460,12 @@ class Llava(nn.Module):
                 return_hidden: bool = False) -> torch.Tensor:
         """Logits (B, T, V) float32, or (B, P, V) at `logits_positions` (B, P) only.
 
-        Padding may be on either side: `position_ids` default to the running count of real tokens
-        (so a left-padded row starts at position 0 at its first real token).
+        `attention_mask` is (B, T), 1 on real tokens: padding may be on either side, and
+        `position_ids` default to the running count of real tokens (so a left-padded row starts at
+        position 0 at its first real token). Or it is a boolean (B, T, T) saying which key u each
+        query t sees (several answers packed after one shared prompt, batches.collate); then
+        `position_ids` must be given, the sliding window (if any) applies to them, and no KV cache
+        may be set up.
         With `return_hidden` the final-norm hidden states (B, T, D) are returned instead of logits,
         for callers that compute the log-softmax in chunks.
         """
@@ -469,22 +473,44 @@ class Llava(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
-        if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         x = self.embed(input_ids, pixel_values, image_features)
-        slots = torch.arange(T, device=input_ids.device)
+        if attention_mask.dim() == 3:
+            h = self._run_packed(x, attention_mask, position_ids)
+        else:
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            h = self._run_rows(x, attention_mask, position_ids)
+        if logits_positions is not None:
+            h = h.gather(1, logits_positions[..., None].expand(-1, -1, h.shape[-1]))  # (B, P, D)
+        if return_hidden:
+            return h
+        return self.lm_head(h).float()
+
+    def _run_rows(self, x, attention_mask, position_ids):
+        B, T = attention_mask.shape
+        slots = torch.arange(T, device=x.device)
         if self._cache_shape is not None:  # prefill: the cache spans more slots than this call
             key_valid = torch.zeros(B, self._cache_shape[1], dtype=torch.bool, device=input_ids.device)
             key_valid[:, :T] = attention_mask
             self._key_valid = key_valid
         else:
             key_valid = attention_mask
-        h = self._run_decoder(x, position_ids, key_valid, slots)
-        if logits_positions is not None:
-            h = h.gather(1, logits_positions[..., None].expand(-1, -1, h.shape[-1]))  # (B, P, D)
-        if return_hidden:
-            return h
-        return self.lm_head(h).float()
+        return self._run_decoder(x, position_ids, key_valid, slots)
+
+    def _run_packed(self, x, visible, position_ids):
+        """Decoder over packed rows: query t sees key u iff visible[b, t, u] (and u is inside the
+        sliding window, counted in positions)."""
+        if self._cache_shape is not None:
+            raise ValueError("a (B, T, T) attention mask cannot be used with a KV cache")
+        if position_ids is None:
+            raise ValueError("a (B, T, T) attention mask needs position_ids")
+        c = self.config.text
+        if c.sliding_window is not None:
+            visible = visible & (position_ids[:, :, None] - position_ids[:, None, :] < c.sliding_window)
+        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)
+        for layer in self.language_model.layers:
+            x = layer(x, cos, sin, visible[:, None])
+        return self.language_model.norm(x)
 
     def _run_decoder(self, x, position_ids, key_valid, slots):
         """Decoder over queries in cache slots `slots` (T,), keys in slots [0, slots[-1]]."""

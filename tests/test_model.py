@@ -1,10 +1,12 @@
 """model/llava.py + model/loading.py against transformers on tiny random Llava checkpoints."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import tiny
+from batches import Example, collate
 from common import left_pad
 from model import CheckpointError, load_model, save_model
 from model.llava import Llava, preset, sample
@@ -211,6 +213,39 @@ def test_generate_shared_prefix_equals_generate(loaded):
                               torch.ones(1, 1), **kw)
     with pytest.raises(ValueError, match="at least one real token"):
         model.generate_shared(pids, pmask, torch.tensor([0]), torch.tensor([[5, 0]]), torch.tensor([[1, 0]]), **kw)
+
+
+def test_packed_rows_equal_rows_alone(hf_models, tmp_path):
+    """Rows packed after their shared prefix (batches.collate: a (B, T, T) mask and each row's own
+    positions) give, at every target, the logits of a forward pass over the row alone; here with
+    a sliding window (6) shorter than the rows, rows that part inside the answer, a row that is
+    the others' prefix plus one token, and an example of a single row."""
+    model = load_model(tiny.save_layout(hf_models[("mistral-window", "default")], tmp_path, "llava-hf"))
+    ids, mask, pixels = tiny.batch_inputs()
+    prompts = [ids[e][mask[e].bool()].tolist() for e in range(2)]
+    answers = [[[30, 31, 32, 33, 34], [30, 31, 40, 41], [30]], [[50, 51, 52]]]
+    examples = []
+    for e, (prompt, rows) in enumerate(zip(prompts, answers)):
+        rows = [prompt + a for a in rows]
+        targets = [[False] * len(prompt) + [True] * (len(r) - len(prompt)) for r in rows]
+        examples.append(Example(f"e{e}", Path(f"img{e}.png"), rows, targets))
+    packed = collate(examples, pad_id=0)
+    n0 = len(prompts[0]) + 1  # example 0 shares its prompt and the answers' first token
+    assert packed.input_ids.shape == (2, n0 + 4 + 3 + 0)
+    assert packed.position_ids[0].tolist() == list(range(n0 + 4)) + list(range(n0, n0 + 3))
+    with torch.no_grad():
+        logits = model(packed.input_ids, pixels, packed.visible, position_ids=packed.position_ids)  # (S, T, V)
+        r = 0
+        for e, ex in enumerate(examples):
+            for row, target in zip(ex.rows, ex.targets):
+                alone = model(torch.tensor([row]), pixels[e:e + 1])[0]  # (T_row, V)
+                t = torch.tensor([i for i, on in enumerate(target) if on])
+                n = len(t)
+                assert packed.seq[r] == e and packed.label_mask[r].sum() == n
+                assert packed.labels[r, :n].tolist() == [row[i] for i in t]
+                assert rel_err(logits[e, packed.positions[r, :n]], alone[t - 1]) <= 1e-5
+                r += 1
+    assert r == len(packed.seq) == 4
 
 
 def test_sampling_is_seeded_and_respects_top_p():
