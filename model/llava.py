@@ -490,7 +490,7 @@ class Llava(nn.Module):
         B, T = attention_mask.shape
         slots = torch.arange(T, device=x.device)
         if self._cache_shape is not None:  # prefill: the cache spans more slots than this call
-            key_valid = torch.zeros(B, self._cache_shape[1], dtype=torch.bool, device=input_ids.device)
+            key_valid = torch.zeros(B, self._cache_shape[1], dtype=torch.bool, device=x.device)
             key_valid[:, :T] = attention_mask
             self._key_valid = key_valid
         else:
