@@ -504,27 +504,30 @@ class Llava(nn.Module):
             raise ValueError("a (B, T, T) attention mask cannot be used with a KV cache")
         if position_ids is None:
             raise ValueError("a (B, T, T) attention mask needs position_ids")
-        c = self.config.text
-        if c.sliding_window is not None:
-            visible = visible & (position_ids[:, :, None] - position_ids[:, None, :] < c.sliding_window)
-        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)
-        for layer in self.language_model.layers:
-            x = layer(x, cos, sin, visible[:, None])
-        return self.language_model.norm(x)
+        window = self.config.text.sliding_window
+        if window is not None:
+            visible = visible & (position_ids[:, :, None] - position_ids[:, None, :] < window)
+        return self._layers(x, position_ids, visible[:, None])
 
     def _run_decoder(self, x, position_ids, key_valid, slots):
         """Decoder over queries in cache slots `slots` (T,), keys in slots [0, slots[-1]]."""
-        c = self.config.text
-        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)
+        window = self.config.text.sliding_window
         S = int(slots[-1]) + 1
         key_valid = key_valid[:, :S]
-        window_bites = c.sliding_window is not None and S > c.sliding_window
+        window_bites = window is not None and S > window
         if key_valid.all() and not window_bites and (len(slots) == 1 or len(slots) == S):
             mask = None  # plain causal (prefill from slot 0) or one query seeing every key
         else:
-            mask = attention_mask_4d(key_valid, slots, c.sliding_window)
+            mask = attention_mask_4d(key_valid, slots, window)
+        return self._layers(x, position_ids, mask, slots if self._cache_shape is not None else None)
+
+    def _layers(self, x, position_ids, mask, slots=None):
+        """The decoder layers and final norm: RoPE at `position_ids`, attention under `mask`
+        (None: causal), keys and values written to the cache at `slots` when one is set up."""
+        c = self.config.text
+        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)
         for layer in self.language_model.layers:
-            x = layer(x, cos, sin, mask, slots if self._cache_shape is not None else None)
+            x = layer(x, cos, sin, mask, slots)
         return self.language_model.norm(x)
 
     # -- KV cache and generation ---------------------------------------------------------------
