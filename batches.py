@@ -13,7 +13,7 @@ response stored as incomplete (cut at hscr.py's --max-new-tokens) gets no EOS.
 A bad record becomes a BadRecord (file, index, id, reason) and reading goes on. Images are looked
 at after reading (`unusable_images`: header, checksums and a full decode, each file once), so that
 a corrupt, empty, truncated or oversized image skips its record before training starts instead of
-stopping it at some step.
+stopping it at some step. `cfg` is train.py's TrainConfig (this module never imports train.py).
 """
 from __future__ import annotations
 
@@ -22,16 +22,13 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from common import BadLine, DataError, read_json_records
+from harness.files import BadLine, DataError, read_json_records
 from data import BadRecord, image_problem, load_image, preprocess_image, read_records, resolve_image
 from model.tokenizer import IMAGE_TOKEN, TEMPLATES, build_prompt, tokenize_prompt, tokenize_response
 
-if TYPE_CHECKING:
-    from train import TrainConfig
 
 
 @dataclass
@@ -185,7 +182,7 @@ def stored_ids_usable(header: dict | None, tokenizer_sha256: str | None) -> tupl
     return True, ""
 
 
-def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg: TrainConfig,
+def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg,
                      tokenizer_sha256: str | None = None, say: Callable[[str], None] | None = None):
     """Preference records → (examples, bad records). A bad record is reported, not fatal.
 
@@ -237,7 +234,7 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg: TrainCon
     return examples, bad
 
 
-def read_sft(path: Path, image_root: Path, tokens: Tokens, cfg: TrainConfig):
+def read_sft(path: Path, image_root: Path, tokens: Tokens, cfg):
     """LLaVA-format conversations → (examples, bad records); answers are the targets."""
     try:
         records, bad = read_records(path)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import BadLine, read_json_records
+from harness.files import BadLine, read_json_records
 
 # OpenAI CLIP normalisation constants (CLIPImageProcessor's defaults, LLaVA-Med's processor).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -279,7 +279,7 @@ def read_records(
 
 
 def _read_items(path: str | os.PathLike) -> list[tuple[int, object]]:
-    """common.read_json_records, with a file that cannot be opened reported by name."""
+    """harness.files.read_json_records, with a file that cannot be opened reported by name."""
     try:
         return read_json_records(path)
     except OSError as error:

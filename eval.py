@@ -47,7 +47,7 @@ Three parts:
    full run as visual gain (full − blind) and hallucination rate.
 
 Resuming. A rerun with the same --out answers only what is not answered yet, and only if it would
-answer it the same way. `run_fingerprint` (provenance.py) covers, by content, not by path:
+answer it the same way. `run_fingerprint` (harness/provenance.py) covers, by content, not by path:
   - the model, adapter, vision tower and tokenizer;
   - every question of each benchmark file (id, image, text; not the reference answers, which only
     scoring reads, and scores are recomputed on every run) and every image they use, so all of
@@ -89,13 +89,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-import provenance
-from common import (DTYPES, BadLine, DataError, UserError, add_dataclass_options, dist_env, left_pad, option,
-                    read_json_records, read_jsonl, read_text, resolve_dtype, run_main)
+from harness import provenance
+from model.loading import DTYPES, resolve_dtype
+from harness.files import BadLine, DataError, read_json_records, read_jsonl, read_text
+from harness.cli import UserError, add_dataclass_options, option, run_main
+from harness.dist import barrier, init_process_group
+from model.llava import left_pad
 from data import PAD_RGB, image_problem, load_image, preprocess_image, read_records, resolve_image
 from model import load_model
 from model.loading import CheckpointError
@@ -513,7 +515,7 @@ class EvalConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """argparse over EvalConfig (common.add_dataclass_options: list fields repeat, bools are switches)."""
+    """argparse over EvalConfig (harness.cli.add_dataclass_options: list fields repeat, bools are switches)."""
     parser = argparse.ArgumentParser(
         prog="eval.py", description="Zero-shot VQA evaluation scored as LLaVA-Med scores it. "
         "Also: `eval.py compare RUN_A RUN_B`, `eval.py score --answers FILE --questions FILE`, "
@@ -679,7 +681,7 @@ def answer_row(record, text: str, model_id: str, mode: str) -> dict[str, Any]:
 def read_answers(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
     """Rows of an answer file this script wrote. A last line without its newline is what a kill
     mid-write leaves: it is ignored (and answered again), and with `repair` cut off the file;
-    any other unreadable line is an error naming the file and line (common.read_jsonl)."""
+    any other unreadable line is an error naming the file and line (harness.files.read_jsonl)."""
     return read_jsonl(path, repair=repair)
 
 
@@ -997,21 +999,6 @@ def baselines(records: Sequence[Any]) -> dict[str, dict[str, Any]]:
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world, local_rank) from torchrun's environment; joins a gloo group when world > 1
-    (gloo: the group only carries barriers, and works with or without GPUs)."""
-    rank, world, local = dist_env()
-    if world > 1 and not dist.is_initialized():
-        # Ranks wait for each other at the merge; a benchmark can take hours on one rank.
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))
-    return rank, world, local
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
 def read_questions(path: str, ground_truth: str | None = None) -> tuple[list[Any], list[Any]]:
     """data.read_records, with the errors a user can act on: a file not found, bytes that are not
     UTF-8 (the file and byte offset), a file that is not JSON or JSON lines."""
@@ -1123,7 +1110,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         problems.append(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if problems:
         raise UserError("; ".join(problems))
-    rank, world, local = _distributed()
+    rank, world, local = init_process_group()  # gloo: only barriers, with or without GPUs
     device = cfg.device if cfg.device != "auto" else (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device, gpu_default="float16")
     run_dir = Path(cfg.out)
@@ -1150,7 +1137,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
                "batch_size": cfg.batch_size, "device": device, "world_size": world, "limit": cfg.limit,
                "blind": cfg.blind, "model_id": model_id}
     start_run(run_dir, now, overwrite=cfg.overwrite, rank=rank, session=session)
-    _barrier(world)
+    barrier(world)
 
     model, tokenizer = load_for_eval(cfg, device)
     if rank == 0:  # the options as given, and what "auto" and the defaults resolved to
@@ -1168,14 +1155,14 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
                              image_root=roots.get(name, roots.get("*")), model_id=model_id,
                              batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                              template=cfg.template, rank=rank, world=world, skipped=skipped)
-            _barrier(world)
+            barrier(world)
             if rank == 0:
                 merge_answers(run_dir, name, mode, records)
         failed = [{"question_id": qid, "reason": why} for qid, why in skipped.items() if qid not in screened[name]]
         if failed:
             skipped_path(run_dir, name, rank).write_text("".join(json.dumps(r) + "\n" for r in failed),
                                                          encoding="utf-8")
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         return None
     results = {}

@@ -59,7 +59,7 @@ image; p_rejected is aligned with negatives). Ids are the ones scored and genera
 final EOS; complete says whether there was one (a continuation cut at --max-new-tokens has none).
 Beside it: `prefs.rejects.jsonl` (records skipped, with the reason) and `prefs.summary.json`.
 
-Provenance and resume: "provenance" is a content fingerprint (provenance.py, run_fingerprint) of
+Provenance and resume: "provenance" is a content fingerprint (harness/provenance.py, run_fingerprint) of
 the checkpoint, vision tower, tokenizer file, data and answers files, the images of the selected
 entries, the sentence encoder, and every option that changes a record, batch_size, decode_rows,
 device, dtype and the number of ranks included (see RUN_CONTROL). A rerun with the same --out
@@ -81,13 +81,17 @@ import time
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 
-import provenance
-from common import UserError, dataclass_parser, dist_env, left_pad, option, piece_word, read_jsonl, resolve_dtype, run_main
+from harness import provenance
+from harness.cli import UserError, dataclass_parser, option, run_main
+from harness.dist import init_process_group
+from model.llava import left_pad
+from model.tokenizer import piece_word
+from harness.files import read_jsonl
+from model.loading import resolve_dtype
 from data import Record, load_image, preprocess_image, read_records, resolve_image
 from kernels import contrast_softmax
 from model import load_model
@@ -312,7 +316,7 @@ def plausible(logits: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def word_classes(pieces: list[str | None]) -> torch.Tensor:
     """(V,) long: tokens that spell the same word share a class. A piece's word is
-    common.piece_word (no word-start mark, no surrounding punctuation), lower-cased: "▁No", "no"
+    model.tokenizer.piece_word (no word-start mark, no surrounding punctuation), lower-cased: "▁No", "no"
     and "▁no." are one word. A piece with no letters or digits left (punctuation, a bare mark, a
     missing id) is a class of its own."""
     classes, seen = [], {}
@@ -840,7 +844,7 @@ def _regroup(flat: list, groups: list[list]) -> list[list]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Options: one dataclass, the CLI is built from it (common.dataclass_parser)
+# Options: one dataclass, the CLI is built from it (harness.cli.dataclass_parser)
 
 
 @dataclass
@@ -1014,7 +1018,7 @@ def sentence_files(path: str | os.PathLike) -> list[str]:
 
 
 def run_fingerprint(opts: Options, records: list[Record], entries: list[int], world: int) -> dict:
-    """What the records depend on, by content (provenance.py): the checkpoint, vision tower,
+    """What the records depend on, by content (harness/provenance.py): the checkpoint, vision tower,
     tokenizer file, data and answers files, the images of the selected `entries` (all ranks'),
     the sentence encoder, every option but PATH_OPTIONS and RUN_CONTROL, and the number of ranks
     (a rank's batches are slices of its share of the entries)."""
@@ -1045,7 +1049,7 @@ def stored_options(options: dict) -> dict:
 
 def check_header(path: Path, stored: dict, header: dict) -> None:
     """An output may be continued only by a run with its fingerprint: else ProvenanceError naming
-    every change (a common.UserError: one line from the command line)."""
+    every change (a harness.cli.UserError: one line from the command line)."""
     if not isinstance(stored.get("provenance"), dict):
         raise UserError(f"{path} was written by an hscr.py that kept no fingerprint of its inputs, so whether "
                         f"this run would continue the same computation cannot be checked; {RESTART}, "
@@ -1229,12 +1233,7 @@ def run(opts: Options) -> dict:
     same records (the fingerprint holds batch_size, decode_rows, device and dtype)."""
     from tqdm import tqdm
 
-    rank, world, local_rank = dist_env()
-    if world > 1:
-        import torch.distributed as dist
-
-        # gloo only synchronises the end of the run; ranks may finish hours apart.
-        dist.init_process_group("gloo", timeout=timedelta(days=7))
+    rank, world, local_rank = init_process_group()  # gloo: it only synchronises the end of the run
     opts = opts.resolved()
     out = Path(opts.out)
     part = shard_path(out, rank, world) if world > 1 else out
@@ -1421,5 +1420,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     # main returns a summary for Python callers; the process exits 0, or 2 with one line on stderr
-    # for an input, output or option the user can fix (common.UserError, DataError).
+    # for an input, output or option the user can fix (harness.cli.UserError, DataError).
     sys.exit(run_main(lambda argv: main(argv) and 0))

@@ -73,10 +73,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-import provenance
+from harness import provenance
 from batches import (Example, Rows, Tokens, collate, load_pixels, preference_header, read_preferences, read_sft,
                      unusable_images)
-from common import DTYPES, UserError, dataclass_parser, dist_env, option, read_jsonl, resolve_dtype, run_main
+from model.loading import DTYPES, resolve_dtype
+from harness.cli import UserError, dataclass_parser, option, run_main
+from harness.dist import dist_env, init_process_group
+from harness.files import atomic_write_text, read_jsonl
 from data import BadRecord
 
 from model import load_model
@@ -84,7 +87,7 @@ from model.llava import Llava, LlavaConfig, preset
 from model.loading import read_config, read_vision_config
 from model.lora import apply_lora, export_merged, lora_disabled, lora_parameters
 from model.tokenizer import IMAGE_TOKEN, load_tokenizer, tokenizer_file
-from rundir import (PATH_FIELDS, atomic_write_text, check_out, load_checkpoint, plot_metrics, report_skipped,
+from harness.rundir import (PATH_FIELDS, check_out, load_checkpoint, plot_metrics, report_skipped,
                     require_matplotlib, save_checkpoint, save_weights, start_run, write_run_start)
 
 # ---------------------------------------------------------------------------------------------
@@ -673,14 +676,13 @@ def setup_context(device: str = "auto", autocast: bool = True) -> Context:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Context(rank, world, device, amp=autocast and device.type == "cuda")
 
 
 def run_fingerprint(cfg: TrainConfig, tokenizer_path: Path, image_root: Path, image_names: list[str],
                     dtype: torch.dtype, ctx: Context) -> dict:
-    """What the trained weights depend on, by content (provenance.py): the base model (or the
+    """What the trained weights depend on, by content (harness/provenance.py): the base model (or the
     preset it is built from), vision tower, tokenizer file, data and eval data files, the images
     read (every image file of the records that reached the image check, usable or not), and every
     option that changes results, with dtype, autocast and the image aspect as resolved and the

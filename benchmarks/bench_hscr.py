@@ -47,7 +47,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hscr  # noqa: E402
-from common import left_pad  # noqa: E402
+from model.llava import left_pad  # noqa: E402
 from data import Record  # noqa: E402
 from model.llava import Llava, LlavaConfig, TextConfig, VisionConfig, preset  # noqa: E402
 

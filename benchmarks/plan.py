@@ -77,7 +77,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import hscr  # noqa: E402
-from common import dataclass_parser, left_pad, option  # noqa: E402
+from harness.cli import dataclass_parser, option  # noqa: E402
+from model.llava import left_pad  # noqa: E402
 import train  # noqa: E402
 from model.llava import PRESETS, Llava, preset  # noqa: E402
 from model.lora import apply_lora, lora_disabled, lora_parameters  # noqa: E402

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from batches import image_file
-from common import DTYPES, BadLine, add_dataclass_options, option, read_json_records, resolve_dtype
+from model.loading import DTYPES, resolve_dtype
+from harness.files import BadLine, read_json_records
+from harness.cli import add_dataclass_options, option
 from data import BadRecord, load_image, preprocess_image
 from demo.world import MODALITIES, build_world
 from model import load_model, save_model

@@ -42,7 +42,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import piece_word as word, read_jsonl
+from model.tokenizer import piece_word as word
+from harness.files import read_jsonl
 
 # Content slots: a swap inside one is a factual hallucination.
 SLOTS = {

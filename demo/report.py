@@ -34,7 +34,8 @@ from pathlib import Path
 from PIL import Image
 
 import eval as evaluation
-from common import UserError, read_jsonl, run_main
+from harness.cli import UserError, run_main
+from harness.files import read_jsonl
 from data import read_records, resolve_image
 from model.tokenizer import load_tokenizer, tokenize_response
 

@@ -9,7 +9,7 @@ world (demo/world.py), on a CPU, and its ablation over seeds.
     ablation()  every ABLATION variant over seeds → mean ± std per metric (ablation.md)
 
 Reuse. A rerun into the same --out reuses a stage's output only when the same inputs and options
-made it: hscr.py and eval.py check their own (a content fingerprint, provenance.py), and the
+made it: hscr.py and eval.py check their own (a content fingerprint, harness/provenance.py), and the
 demo checks the training stage (train_fingerprint, TRAIN_RECORD). Any difference stops the run
 with the stage's message naming it; --overwrite makes that stage's output again (and, through
 the fingerprints, the outputs that depend on it), reusing the stages that match.
@@ -34,12 +34,13 @@ import torch
 
 import eval as evaluation
 import hscr
-import provenance
+from harness import provenance
 import train
-from common import dataclass_parser, option, read_jsonl, run_main
+from harness.cli import dataclass_parser, option, run_main
+from harness.files import read_jsonl
 from demo.report import write_report
 from demo.world import build_world
-from rundir import trained_outputs
+from harness.rundir import trained_outputs
 from model.sentence import default_minilm_path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: assets/base lives there
@@ -371,7 +372,7 @@ def build_parser(prog: str, ablation_run: bool = False):
 
 def main(argv: list[str] | None = None, prog: str = "python train.py") -> int:
     """The CLI; an error the user can fix (a stage's output made from other inputs, a bad file)
-    ends with one line on stderr and exit status 2 (common.run_main; --debug shows the traceback)."""
+    ends with one line on stderr and exit status 2 (harness.cli.run_main; --debug shows the traceback)."""
     def run(argv: list[str]) -> int:
         if argv[:1] == ["ablation"]:
             args = vars(build_parser(prog, ablation_run=True).parse_args(argv[1:]))

@@ -29,6 +29,20 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from typing import Sequence
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (R, T) and attention mask (R, T) of `rows` right-aligned (left-padded) to the longest,
+    as generation with a shared write position expects."""
+    T = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, T - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[i, T - len(r):] = 1
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,9 +36,23 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from common import DataError, UserError, read_text
+from harness.files import DataError, read_text
+from harness.cli import UserError
 
 from .llava import Llava, LlavaConfig, TextConfig, VisionConfig
+
+
+# dtype names the scripts accept; "auto" resolves per device.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: str | torch.device, *, gpu_default: str = "bfloat16") -> torch.dtype:
+    """A dtype name of DTYPES, or "auto": `gpu_default` on CUDA, float32 elsewhere."""
+    if name == "auto":
+        name = gpu_default if str(device).startswith("cuda") else "float32"
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 class CheckpointError(UserError, ValueError):

@@ -46,7 +46,18 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 
-from common import UserError
+from harness.cli import UserError
+
+
+# Word-start marks of SentencePiece / byte-level BPE pieces, and punctuation glued to words.
+_MARKS = "▁Ġ "
+_PUNCT = ".,;:!?\"'()[]"
+
+
+def piece_word(piece: str | None) -> str:
+    """A tokenizer piece as a word, case kept: no word-start mark, no surrounding punctuation
+    ("▁no." → "no"; "." → ""). hscr.py's --same-word and demo/negatives.py's classes use it."""
+    return (piece or "").lstrip(_MARKS).strip(_PUNCT)
 
 IMAGE_TOKEN = "<image>"  # the placeholder LLaVA writes into prompts
 SPIECE = "\u2581"  # "▁", SentencePiece's visible space

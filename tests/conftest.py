@@ -9,7 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import tempfile  # noqa: E402
 
-# provenance.py caches weight digests in $HSCR_CACHE (default ~/.cache/hscr): tests keep theirs
+# harness/provenance.py caches weight digests in $HSCR_CACHE (default ~/.cache/hscr): tests keep theirs
 # in a folder of their own, so that a test run never writes into the user's cache.
 os.environ.setdefault("HSCR_CACHE", tempfile.mkdtemp(prefix="hscr-test-cache-"))
 

@@ -14,8 +14,9 @@ from types import SimpleNamespace
 import pytest
 
 import eval as E
-from common import DataError, UserError, run_main
-from provenance import ProvenanceError
+from harness.files import DataError
+from harness.cli import UserError, run_main
+from harness.provenance import ProvenanceError
 
 # The real VQA-RAD test file, copied unchanged into the repository (tests/data/README.md).
 RAD = Path(__file__).resolve().parent / "data" / "VQA_RAD_test_llavamed_format.jsonl"
@@ -579,7 +580,7 @@ def test_cli_errors_are_listed(tiny, tmp_path):
 
 
 def test_expected_errors_end_with_one_line(tiny, tmp_path, capsys):
-    """Through common.run_main (what `python eval.py` runs): status 2 and one line on stderr,
+    """Through harness.cli.run_main (what `python eval.py` runs): status 2 and one line on stderr,
     no traceback; a file that is not UTF-8 is named with the offset of its first bad byte."""
     bad = tmp_path / "latin1.jsonl"
     bad.write_bytes(b'{"question_id": 1, "image": "a.png", "text": "caf\xe9?", "answer_type": "OPEN"}\n')

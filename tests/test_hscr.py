@@ -235,7 +235,7 @@ def test_select_entries_seeded_sample():
 
 def test_options_errors_list_every_problem():
     """One UserError (one line on stderr from the command line) lists every problem."""
-    from common import UserError
+    from harness.cli import UserError
 
     with pytest.raises(UserError) as e:
         hscr.parse_options(["--model", "m", "--data", "d", "--image-root", "r", "--out", "o", "--drop-ratio", "1.5",
@@ -245,7 +245,7 @@ def test_options_errors_list_every_problem():
 
 
 def test_candidate_and_position_options():
-    from common import UserError
+    from harness.cli import UserError
 
     required = ["--model", "m", "--data", "d", "--image-root", "r", "--out", "o"]
     opts = hscr.parse_options(required)
@@ -278,7 +278,7 @@ def test_options_parse_types_and_help_shows_each_default_once(capsys):
     assert "(default: None)" not in help_text
     # Per option: "(default: …)" once where the field has a default; --tokenizer and
     # --sentence-model (default None) say in their own words what they fall back to, once.
-    from common import dataclass_parser
+    from harness.cli import dataclass_parser
 
     defaults = {f.name: f.default for f in dataclasses.fields(hscr.Options)}
     for action in dataclass_parser(hscr.Options)._actions[1:]:  # [0] is --help
@@ -714,8 +714,8 @@ def test_cli_is_deterministic(reference_run, ckpt, dataset, tmp_path):
 
 def test_cli_resume_refuses_a_corrupt_line(reference_run, ckpt, dataset, tmp_path):
     """A bad line inside an output being resumed (not a last, half-written one) is an error that
-    names the file and the line (common.DataError, one line on stderr from the command line)."""
-    from common import DataError
+    names the file and the line (harness.files.DataError, one line on stderr from the command line)."""
+    from harness.files import DataError
 
     out = tmp_path / "prefs.jsonl"
     lines = reference_run.read_text().split("\n")
@@ -727,7 +727,7 @@ def test_cli_resume_refuses_a_corrupt_line(reference_run, ckpt, dataset, tmp_pat
 def test_cli_resume_after_kill(reference_run, ckpt, dataset, tmp_path, monkeypatch):
     """Killed during the third batch (two batches flushed, a half-written line), then rerun: the
     result equals the uninterrupted run, with no duplicate ids; other options are refused."""
-    from provenance import ProvenanceError
+    from harness.provenance import ProvenanceError
 
     out = tmp_path / "prefs.jsonl"
     real, calls = hscr.HSCR.process, []
@@ -791,7 +791,7 @@ def test_resume_refuses_options_that_change_floats(reference_run, ckpt, dataset,
     resume with another value stops, naming it, and leaves the file as it was. A file holding
     only its header (a run that failed in its first batch, e.g. out of memory) holds nothing
     computed: a run with another batch size starts it again."""
-    from provenance import ProvenanceError
+    from harness.provenance import ProvenanceError
 
     out = tmp_path / "prefs.jsonl"
     _killed_copy(reference_run, out, 3, torn=True)
@@ -841,7 +841,7 @@ def test_changed_weights_stop_the_resume_and_overwrite_starts_again(ckpt, datase
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from provenance import ProvenanceError
+    from harness.provenance import ProvenanceError
 
     model_dir = tmp_path / "ckpt"
     shutil.copytree(ckpt, model_dir)
@@ -875,7 +875,7 @@ def test_a_failed_load_writes_nothing(ckpt, dataset, tmp_path, capsys):
     line on stderr naming it, exit status 2, and no file: the corrected rerun then simply runs."""
     import shutil
 
-    from common import run_main
+    from harness.cli import run_main
 
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
@@ -983,8 +983,8 @@ def test_resume_reads_a_header_written_before_the_num_candidates_rename(referenc
     added since (which ran with today's defaults): resuming one with the same options recomputes
     nothing; a different value is reported under the new name. A header without a fingerprint
     (an hscr.py before it kept one) cannot be checked: the resume stops, pointing at --overwrite."""
-    import provenance
-    from common import UserError
+    from harness import provenance
+    from harness.cli import UserError
 
     out = tmp_path / "prefs.jsonl"
     lines = _lines(reference_run)
@@ -1038,7 +1038,7 @@ def test_torchrun_two_ranks_merge_to_the_single_process_result(reference_run, ck
 def test_merge_refuses_rank_files_made_differently(reference_run, tmp_path):
     """Rank files whose fingerprints differ (here rank 1 ran with another batch size) are not
     merged: the error names the difference, and no merged file is written."""
-    from common import UserError
+    from harness.cli import UserError
 
     out = tmp_path / "prefs.jsonl"
     lines = _lines(reference_run)

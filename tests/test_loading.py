@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tiny
-from common import UserError, run_main
+from harness.cli import UserError, run_main
 from model import CheckpointError, load_model
 from model.loading import MODEL_TYPE_DEFAULTS, config_from_json
 

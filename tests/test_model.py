@@ -7,7 +7,7 @@ import torch
 
 import tiny
 from batches import Example, collate
-from common import left_pad
+from model.llava import left_pad
 from model import CheckpointError, load_model, save_model
 from model.llava import Llava, preset, sample
 

@@ -1,4 +1,4 @@
-"""Tests for provenance.py: content digests, their cache, and what `differences` says changed.
+"""Tests for harness/provenance.py: content digests, their cache, and what `differences` says changed.
 
 Reference digests are hashlib.sha256 of the bytes written, computed here independently of the
 module; "cache hit" and "recompute" are told apart by counting calls of the hashing function.
@@ -10,8 +10,9 @@ import stat
 
 import pytest
 
-import provenance as P
-from common import DataError, UserError, run_main
+from harness import provenance as P
+from harness.files import DataError
+from harness.cli import UserError, run_main
 
 BIG = P.CACHE_MIN_BYTES + 12345  # large enough to be cached
 

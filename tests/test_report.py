@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from common import UserError
+from harness.cli import UserError
 from demo import report
 from model.tokenizer import load_tokenizer, tokenize_response
 

@@ -17,7 +17,7 @@ import pytest
 import sentencepiece as spm
 from tokenizers import AddedToken, Tokenizer
 
-from common import UserError
+from harness.cli import UserError
 from model.tokenizer import (build_prompt, convert_sentencepiece, decode, load_tokenizer, main,
                              read_sentencepiece, tokenize_prompt, tokenize_response)
 

@@ -17,12 +17,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import provenance
+from harness import provenance
 import tiny
 import train
-from common import UserError, run_main
+from harness.cli import UserError, run_main
 from data import image_problem
-from provenance import ProvenanceError
+from harness.provenance import ProvenanceError
 from oracles import sequence_logprob
 from model import load_model
 from model.lora import apply_lora, load_adapter, lora_disabled, lora_modules
@@ -535,8 +535,8 @@ def test_reference_cache_key_follows_image_content(workspace, tmp_path):
 def test_plot_without_matplotlib_is_an_error_before_training(monkeypatch):
     """matplotlib is a listed requirement: --plot without it stops with one clear error (naming
     --no-plot) before anything is trained, instead of skipping the plot at the end."""
-    import rundir
-    from common import UserError
+    from harness import rundir
+    from harness.cli import UserError
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
     with pytest.raises(UserError, match="--plot needs matplotlib.*--no-plot"):

@@ -3,7 +3,7 @@
     check_out / clear_outputs   an --out holds one run: refused without --resume or --overwrite,
                                 --overwrite deletes what train.py writes there (OUTPUTS) and nothing else
     start_run                   --resume continues only a run with the same fingerprint
-                                (provenance.json, provenance.py); a new run records its own
+                                (provenance.json, harness/provenance.py); a new run records its own
     write_run_start             config.json and bad_records.jsonl
     save_checkpoint / load_checkpoint
                                 checkpoints/step-NNNNNN/{adapter/ | model/, trainer.pt} written
@@ -11,7 +11,8 @@
                                 holds optimizer, scheduler and RNG states (read with weights_only=True)
     plot_metrics                metrics.png from metrics.jsonl
 
-Nothing here is part of the method; train.py imports it.
+Nothing here is part of the method; train.py imports it. `cfg` is train.py's TrainConfig and
+`ctx` its Context (rank, world size, device); this module never imports train.py.
 """
 from __future__ import annotations
 
@@ -23,27 +24,19 @@ import random
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-import provenance
-from common import UserError, read_jsonl
+from harness import provenance
+from harness.cli import UserError
+from harness.files import atomic_write_text, read_jsonl
 from data import BadRecord
 from model import load_model, save_model
 from model.loading import CheckpointError
 from model.lora import load_adapter, save_adapter
 from model.tokenizer import load_tokenizer
 
-if TYPE_CHECKING:
-    from train import Context, TrainConfig
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +62,7 @@ def trained_outputs(out: Path) -> list[str]:
     return found
 
 
-def check_out(out: Path, cfg: TrainConfig) -> None:
+def check_out(out: Path, cfg) -> None:
     """Refuse, before anything slow, what would mix two runs in one --out: an existing run
     without --resume or --overwrite, --resume without a checkpoint, --overwrite of a directory
     holding an input, or an --out that is a checkpoint directory."""
@@ -107,7 +100,7 @@ def clear_outputs(out: Path) -> None:
             path.unlink()
 
 
-def start_run(out: Path, now: dict, cfg: TrainConfig, ctx: Context) -> None:
+def start_run(out: Path, now: dict, cfg, ctx) -> None:
     """--resume continues only what the same inputs and options made (out/provenance.json, checked
     on every process so that all stop together); a new run starts from an --out cleared of
     train.py's files. Rank 0 then records the fingerprint and this session."""
@@ -132,7 +125,7 @@ def start_run(out: Path, now: dict, cfg: TrainConfig, ctx: Context) -> None:
     ctx.barrier()
 
 
-def write_run_start(out: Path, cfg: TrainConfig, bad: list[BadRecord]) -> None:
+def write_run_start(out: Path, cfg, bad: list[BadRecord]) -> None:
     """out/config.json and out/bad_records.jsonl; each skipped record is also reported on stderr."""
     out.mkdir(parents=True, exist_ok=True)
     report_skipped(bad)
@@ -145,7 +138,7 @@ def report_skipped(bad: list[BadRecord]) -> None:
         print(f"skipped {b.file} record {b.index} (id {b.id}): {b.reason}", file=sys.stderr)
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, ctx: Context) -> None:
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx) -> None:
     """checkpoints/step-NNNNNN/{adapter/, trainer.pt}: written under a temporary name, renamed,
     then `checkpoints/latest` is replaced atomically; only `keep_checkpoints` are kept."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -170,7 +163,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: Trai
     ctx.barrier()
 
 
-def save_weights(model, out: Path, cfg: TrainConfig) -> Path:
+def save_weights(model, out: Path, cfg) -> Path:
     """The trained weights: the PEFT adapter (out/adapter), or with --full the whole model as a
     loadable checkpoint directory with its tokenizer (out/model)."""
     if not cfg.full:
@@ -181,7 +174,7 @@ def save_weights(model, out: Path, cfg: TrainConfig) -> Path:
     return out / "model"
 
 
-def load_checkpoint(out: Path, model, optimizer, scheduler, cfg: TrainConfig, ctx: Context) -> int:
+def load_checkpoint(out: Path, model, optimizer, scheduler, cfg, ctx) -> int:
     """Restore adapter, optimizer, scheduler and RNG states; returns the step to continue from.
     That the run's inputs and options are the same was checked before (start_run)."""
     root = out / "checkpoints"

@@ -1,4 +1,4 @@
-"""common.py: the CLI builder, dtype names, left padding, JSON readers, run_main."""
+"""harness/ (the CLI builder, JSON readers, run_main) and the small helpers beside the model (dtype names, left padding)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,8 +6,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import common
-from common import option
+from harness import cli, files
+from model.llava import left_pad
+from model.loading import resolve_dtype
+from harness.cli import option
 
 
 @dataclass
@@ -21,7 +23,7 @@ class _Cfg:
 
 
 def test_parser_types_and_defaults():
-    p = common.dataclass_parser(_Cfg)
+    p = cli.dataclass_parser(_Cfg)
     args = vars(p.parse_args(["--name", "x", "--ratio", "0.5", "--steps", "7", "--no-flag",
                               "--files", "a", "--files", "b"]))
     cfg = _Cfg(**args)
@@ -34,71 +36,71 @@ def test_parser_types_and_defaults():
 
 
 def test_help_shows_each_default_once():
-    text = common.dataclass_parser(_Cfg).format_help()
+    text = cli.dataclass_parser(_Cfg).format_help()
     assert text.count("(default: 3)") == 1
     assert "(default: None)" not in text
 
 
 def test_left_pad():
-    ids, mask = common.left_pad([[5, 6, 7], [8]], pad_id=0)
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    ids, mask = common.left_pad([[], [1]], pad_id=9)
+    ids, mask = left_pad([[], [1]], pad_id=9)
     assert ids.tolist() == [[9], [1]] and mask.tolist() == [[0], [1]]
 
 
 def test_resolve_dtype():
-    assert common.resolve_dtype("auto", "cpu") is torch.float32
-    assert common.resolve_dtype("auto", "cuda:1") is torch.bfloat16
-    assert common.resolve_dtype("auto", "cuda", gpu_default="float16") is torch.float16
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    assert resolve_dtype("auto", "cuda:1") is torch.bfloat16
+    assert resolve_dtype("auto", "cuda", gpu_default="float16") is torch.float16
     with pytest.raises(ValueError, match="float64"):
-        common.resolve_dtype("float64", "cpu")
+        resolve_dtype("float64", "cpu")
 
 
 def test_read_json_records_keeps_u2028_and_reports_bad_lines(tmp_path):
     p = tmp_path / "d.jsonl"
     # A raw U+2028 inside a JSON string is legal JSON; splitlines() would cut the line there.
     p.write_text('{"a": "x\u2028y"}\n\n{bad\n{"b": 2}\n', encoding="utf-8")
-    rows = common.read_json_records(p)
+    rows = files.read_json_records(p)
     assert rows[0] == (0, {"a": "x\u2028y"})
-    assert rows[1][0] == 2 and isinstance(rows[1][1], common.BadLine) and "line 3" in rows[1][1].message
+    assert rows[1][0] == 2 and isinstance(rows[1][1], files.BadLine) and "line 3" in rows[1][1].message
     assert rows[2] == (3, {"b": 2})
     q = tmp_path / "l.json"
     q.write_text('[{"a": 1}, {"b": 2}]')
-    assert common.read_json_records(q) == [(0, {"a": 1}), (1, {"b": 2})]
+    assert files.read_json_records(q) == [(0, {"a": 1}), (1, {"b": 2})]
 
 
 def test_read_text_names_file_and_offset(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_bytes(b'{"a": 1}\n\xff\n')
-    with pytest.raises(common.DataError, match=r"bad\.jsonl.*0xff at offset 9"):
-        common.read_json_records(p)
+    with pytest.raises(files.DataError, match=r"bad\.jsonl.*0xff at offset 9"):
+        files.read_json_records(p)
 
 
 def test_read_jsonl_repairs_a_torn_last_line(tmp_path):
     p = tmp_path / "out.jsonl"
     p.write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": ')
-    assert common.read_jsonl(p) == [{"a": 1}, {"b": 2}]
+    assert files.read_jsonl(p) == [{"a": 1}, {"b": 2}]
     assert p.read_bytes().endswith(b'{"c": ')  # without repair the file is left alone
-    assert common.read_jsonl(p, repair=True) == [{"a": 1}, {"b": 2}]
+    assert files.read_jsonl(p, repair=True) == [{"a": 1}, {"b": 2}]
     assert p.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
     p.write_bytes(b'{"a": 1}\nnot json\n{"b": 2}\n')
-    with pytest.raises(common.DataError, match=r"out\.jsonl:2"):
-        common.read_jsonl(p)
+    with pytest.raises(files.DataError, match=r"out\.jsonl:2"):
+        files.read_jsonl(p)
 
 
 def test_run_main_one_line_for_expected_errors(capsys):
     def main(argv):
-        raise common.UserError("data.json: record 3 has no image")
+        raise cli.UserError("data.json: record 3 has no image")
 
-    assert common.run_main(main, []) == 2
+    assert cli.run_main(main, []) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith("error: data.json: record 3 has no image")
-    with pytest.raises(common.UserError):
-        common.run_main(main, ["--debug"])
+    with pytest.raises(cli.UserError):
+        cli.run_main(main, ["--debug"])
 
     def buggy(argv):
         raise KeyError("bug")
 
     with pytest.raises(KeyError):  # unexpected errors keep their traceback
-        common.run_main(buggy, [])
+        cli.run_main(buggy, [])

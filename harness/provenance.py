@@ -26,7 +26,7 @@ costs one re-hash and never changes its digest. The cache is only a shortcut: wh
 written the digests are still right, just recomputed next time.
 
 `differences(stored, now)` says in words what changed between two fingerprints, and `check`
-raises ProvenanceError (a common.UserError, so the scripts end with one line) when they differ.
+raises ProvenanceError (a harness.cli.UserError, so the scripts end with one line) when they differ.
 `save`/`load` keep a provenance record ({"format", "fingerprint", ...}) next to an output.
 """
 from __future__ import annotations
@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import DataError, UserError
+from harness.files import DataError
+from harness.cli import UserError
 
 FORMAT = "hscr-provenance/1"
 # Files smaller than this are hashed every time (an image takes microseconds); larger ones are

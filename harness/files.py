@@ -1,0 +1,100 @@
+"""Files the scripts read and write: UTF-8 text, JSON / JSON-lines records, atomic replacement.
+
+Reading a file the user gave names the file and the line or byte that is wrong (DataError);
+reading an output of this project being resumed repairs what a kill mid-write leaves (a torn
+last line).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+class DataError(ValueError):
+    """A data or output file that cannot be read as it should; the message names the file (and
+    the line or byte). `run_main` reports it as one line, like a UserError."""
+
+
+class BadLine:
+    """Stands in for a JSON line that did not parse; `message` says why."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"BadLine({self.message!r})"
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file; a byte that is not UTF-8 is an error naming the file and its offset."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
+
+
+def read_json_records(path: str | os.PathLike) -> list[tuple[int, object]]:
+    """(index, value) for each record of a JSON list or a JSON-lines file. In JSON lines the index
+    is the 0-based line number and a line that does not parse becomes a BadLine, so that a long job
+    can report it and go on. Lines are split on "\\n" only: JSON strings may hold a raw U+2028,
+    which str.splitlines() would cut."""
+    text = read_text(path)
+    if text.lstrip().startswith("["):
+        try:
+            return list(enumerate(json.loads(text)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not a valid JSON list ({e})") from None
+    lines = [(i, line) for i, line in enumerate(text.split("\n")) if line.strip()]
+    if len(lines) > 1:
+        # A pretty-printed JSON object is not JSON lines: say so once, not once per line.
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if whole is not None:
+            raise DataError(f"{path}: one JSON {type(whole).__name__}, not a list or JSON lines")
+    out: list[tuple[int, object]] = []
+    for i, line in lines:
+        try:
+            out.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append((i, BadLine(f"line {i + 1} is not valid JSON: {e}")))
+    return out
+
+
+def read_jsonl(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
+    """The objects of a JSON-lines file this project wrote (an output being resumed). A last line
+    without its newline is what a kill mid-write leaves: with `repair` it is cut off the file,
+    otherwise ignored. Any other bad line is an error naming the file and line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data) and repair:
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    try:
+        text = data[:end].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+    out = []
+    for n, line in enumerate(text.split("\n")[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not a JSON line ({e}); fix or remove the line") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step: a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
