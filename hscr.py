@@ -88,15 +88,15 @@ import torch
 from harness import provenance
 from harness.cli import UserError, dataclass_parser, option, run_main
 from harness.dist import init_process_group
-from model.llava import left_pad
 from model.tokenizer import piece_word
 from harness.files import read_jsonl
 from model.loading import resolve_dtype
 from data import Record, load_image, preprocess_image, read_records, resolve_image
 from kernels import contrast_softmax
 from model import load_model
-from model.tokenizer import (TEMPLATES, build_prompt, decode, load_tokenizer, tokenize_prompt, tokenize_response,
-                             tokenizer_file)
+from model.llava import left_pad, token_logprobs
+from model.tokenizer import (TEMPLATES, build_prompt, decode, image_span, load_tokenizer, tokenize_prompt,
+                             tokenize_response, tokenizer_file)
 
 # Similarities within this of the gap count as the gap: 0.3 − 0.2 is 0.0999… in floating point.
 GAP_TOLERANCE = 1e-9
@@ -178,8 +178,7 @@ def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Gen
 
 def with_image_tokens(ids: list[int], image_token_id: int, n: int) -> list[int]:
     """The prompt with its run of image placeholders replaced by n of them (the dropped branch)."""
-    first = ids.index(image_token_id)
-    last = len(ids) - 1 - ids[::-1].index(image_token_id)
+    first, last = image_span(ids, image_token_id)
     return ids[:first] + [image_token_id] * n + ids[last + 1:]
 
 
@@ -187,8 +186,7 @@ def keep_positions(prompt: list[int], image_token_id: int, kept: list[int]) -> l
     """Position ids of the dropped branch's prompt (`with_image_tokens(prompt, …, len(kept))`) under
     --drop-positions keep: each kept visual token and every text token has the position it has in
     the full branch's `prompt`, so the removed tokens leave gaps. `kept`: indices among the N."""
-    first = prompt.index(image_token_id)
-    last = len(prompt) - 1 - prompt[::-1].index(image_token_id)
+    first, last = image_span(prompt, image_token_id)
     return list(range(first)) + [first + int(k) for k in kept] + list(range(last + 1, len(prompt)))
 
 
@@ -254,11 +252,6 @@ def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_fe
                                                    list(full_features) + list(drop_features),
                                                    responses + responses, pad_id, positions)  # (2B, L, V)
     return logits[:B], logits[B:], targets[:B], valid[:B]
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[y] per position: (..., V), (...) → (...)."""
-    return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
 
 
 def mean_token_probability(logits, targets, valid) -> torch.Tensor:

@@ -83,7 +83,7 @@ from harness.files import atomic_write_text, read_jsonl
 from data import BadRecord
 
 from model import load_model
-from model.llava import Llava, LlavaConfig, preset
+from model.llava import Llava, LlavaConfig, preset, token_logprobs
 from model.loading import read_config, read_vision_config
 from model.lora import apply_lora, export_merged, lora_disabled, lora_parameters
 from model.tokenizer import IMAGE_TOKEN, load_tokenizer, tokenizer_file
@@ -240,8 +240,7 @@ def hidden_logprob(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: t
 
 
 def _chunk_logprob(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, weight).float()                             # (C, V)
-    return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)
+    return token_logprobs(F.linear(h, weight).float(), targets)     # (C, V) logits → (C,)
 
 
 def split_rows(logp: torch.Tensor, examples: list[Example], K: int):

@@ -49,6 +49,12 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
 # Configs
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[y] at each position, in the logits' dtype: (..., V), (...) → (...).
+    hscr.py scores y_w with it, train.py sums it over a response for log π(y|i,x)."""
+    return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
+
+
 def _check_fields(config, ints: tuple[str, ...], floats: tuple[str, ...] = ()) -> None:
     """Sizes must be positive integers and epsilons / bases positive numbers: a string or a float
     here would otherwise surface as a TypeError deep inside torch.empty."""

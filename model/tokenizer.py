@@ -411,6 +411,13 @@ def tokenize_prompt(tokenizer: Tokenizer, prompt: str, *, image_token_id: int,
     return ids
 
 
+def image_span(ids: Sequence[int], image_token_id: int) -> tuple[int, int]:
+    """(first, last) index of the run of image placeholders in a tokenized prompt."""
+    ids = list(ids)
+    first = ids.index(image_token_id)
+    return first, len(ids) - 1 - ids[::-1].index(image_token_id)
+
+
 def tokenize_response(tokenizer: Tokenizer, text: str, *, eos_token_id: int | None = 2) -> list[int]:
     """The ids of a response as they follow the prompt's "[/INST]", then EOS.
 
