@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from harness.files import BadLine, DataError, read_json_records
-from data import BadRecord, image_problem, load_image, preprocess_image, read_records, resolve_image
+from data import BadRecord, image_problem, load_pixels, read_records, resolve_image
 from model.tokenizer import IMAGE_TOKEN, TEMPLATES, build_prompt, tokenize_prompt, tokenize_response
 
 
@@ -355,7 +355,7 @@ def unusable_images(paths: Iterable[Path], image_size: int, aspect: str) -> dict
         try:
             why = image_problem(path)
             if why is None:
-                preprocess_image(load_image(path), size=image_size, aspect=aspect)
+                load_pixels(path, image_size, aspect)
         # Any failure to read a file counts as bad input: pillow raises many kinds for bad bytes.
         except Exception as e:  # noqa: BLE001
             why = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
@@ -364,7 +364,7 @@ def unusable_images(paths: Iterable[Path], image_size: int, aspect: str) -> dict
     return out
 
 
-def load_pixels(examples: list[Example], image_size: int, aspect: str = "pad") -> torch.Tensor | None:
+def batch_pixels(examples: list[Example], image_size: int, aspect: str = "pad") -> torch.Tensor | None:
     """(B_img, 3, S, S) for the examples that have an image, in order. Every image was checked
     when the run started (`unusable_images`); one that fails now changed during the run."""
     pixels = []
@@ -372,7 +372,7 @@ def load_pixels(examples: list[Example], image_size: int, aspect: str = "pad") -
         if ex.image is None:
             continue
         try:
-            pixels.append(preprocess_image(load_image(ex.image), size=image_size, aspect=aspect))
+            pixels.append(load_pixels(ex.image, image_size, aspect))
         except (ValueError, OSError) as e:
             raise DataError(f"{ex.file} record {ex.index} (id {ex.id}): {e}; the image was readable when the run "
                             "started, so it changed since: restore it and rerun with --resume") from None

@@ -178,6 +178,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     return image
 
 
+def load_pixels(path: str | os.PathLike, size: int, aspect: str = "pad") -> torch.Tensor:
+    """The image at `path` as the model's input, (3, size, size): load_image, then
+    preprocess_image. Raises ValueError or OSError naming the file."""
+    return preprocess_image(load_image(path), size=size, aspect=aspect)
+
+
 def image_problem(path: Path) -> str | None:
     """Why an existing image file cannot be used, from a cheap look (None: it looks fine).
 

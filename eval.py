@@ -98,7 +98,7 @@ from harness.files import BadLine, DataError, read_json_records, read_jsonl, rea
 from harness.cli import UserError, add_dataclass_options, option, run_main
 from harness.dist import barrier, init_process_group
 from model.llava import left_pad
-from data import PAD_RGB, image_problem, load_image, preprocess_image, read_records, resolve_image
+from data import PAD_RGB, image_problem, load_pixels, preprocess_image, read_records, resolve_image
 from model import load_model
 from model.loading import CheckpointError
 from model.lora import load_adapter
@@ -576,12 +576,6 @@ def blank_image(size: int):
     return preprocess_image(Image.new("RGB", (size, size), PAD_RGB), size=size)
 
 
-def load_pixels(record, image_root: str | None, size: int) -> torch.Tensor:
-    """The preprocessed (3, S, S) image of one question. Raises ValueError or OSError (naming the
-    file) for an image that cannot be used: generation skips that question and goes on."""
-    return preprocess_image(load_image(resolve_image(image_root, record.image)), size=size)
-
-
 def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, image_root: str | None,
                 template: str = "mistral_instruct", pixels: Sequence[torch.Tensor] | None = None) -> Batch:
     """Model inputs for a list of data.Record in one of MODES. `pixels`: the records' images,
@@ -598,7 +592,7 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, image_r
         images = blank_image(size)[None].expand(len(records), -1, -1, -1)  # (B, 3, S, S)
     else:
         if pixels is None:
-            pixels = [load_pixels(r, image_root, size) for r in records]
+            pixels = [load_pixels(resolve_image(image_root, r.image), size) for r in records]
         images = torch.stack(list(pixels))  # (B, 3, S, S)
     return Batch(ids, mask, images)
 
@@ -808,7 +802,7 @@ def _load_chunk(chunk: Sequence[Any], image_root: str | None, size: int, skipped
     kept, pixels = [], []
     for r in chunk:
         try:
-            pixels.append(load_pixels(r, image_root, size))
+            pixels.append(load_pixels(resolve_image(image_root, r.image), size))
         except (ValueError, OSError) as error:  # data.load_image names the file in both
             skipped[r.id] = f"image {r.image}: {error}"
             print(f"{name}: question {r.id} skipped: {skipped[r.id]}", file=sys.stderr)

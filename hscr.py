@@ -91,7 +91,7 @@ from harness.dist import init_process_group
 from model.tokenizer import piece_word
 from harness.files import read_jsonl
 from model.loading import resolve_dtype
-from data import Record, load_image, preprocess_image, read_records, resolve_image
+from data import Record, load_pixels, read_records, resolve_image
 from kernels import contrast_softmax
 from model import load_model
 from model.llava import left_pad, token_logprobs
@@ -616,7 +616,7 @@ class HSCR:
         except ValueError as e:
             return reject("bad image path", str(e))
         try:
-            pixels = preprocess_image(load_image(path), size=cfg.vision.image_size, aspect=o.image_aspect)
+            pixels = load_pixels(path, cfg.vision.image_size, o.image_aspect)
         except FileNotFoundError as e:
             return reject("missing image", str(e))
         except (ValueError, OSError) as e:

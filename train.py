@@ -74,7 +74,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from harness import provenance
-from batches import (Example, Rows, Tokens, collate, load_pixels, preference_header, read_preferences, read_sft,
+from batches import (Example, Rows, Tokens, collate, batch_pixels, preference_header, read_preferences, read_sft,
                      unusable_images)
 from model.loading import DTYPES, resolve_dtype
 from harness.cli import UserError, dataclass_parser, option, run_main
@@ -432,7 +432,7 @@ def drop_unusable(examples: list[Example], unusable: dict[str, str], image_root:
 def batch_loss(model, base, batch: list[Example], ref: dict, cfg: TrainConfig, ctx: Context):
     """The micro-batch's loss and the detached log-probs for the step's metrics."""
     rows = collate(batch, ctx.pad_id).to(ctx.device)
-    pixels = load_pixels(batch, base.config.vision.image_size, cfg.image_aspect)
+    pixels = batch_pixels(batch, base.config.vision.image_size, cfg.image_aspect)
     with ctx.autocast():
         logp = row_logprobs(model, base, rows, pixels, cfg.logit_chunk, cfg.full)  # (R,)
     if cfg.stage == "sft":
@@ -476,7 +476,7 @@ def evaluate(model, base, examples: list[Example], ref: dict, cfg: TrainConfig, 
     for s in range(0, len(mine), cfg.micro_batch):
         batch = mine[s:s + cfg.micro_batch]
         with ctx.autocast():
-            pixels = load_pixels(batch, base.config.vision.image_size, cfg.image_aspect)
+            pixels = batch_pixels(batch, base.config.vision.image_size, cfg.image_aspect)
             logp = row_logprobs(base, base, collate(batch, ctx.pad_id).to(ctx.device), pixels,
                                 cfg.logit_chunk).tolist()
         for ex in batch:
@@ -623,7 +623,7 @@ def reference_logprobs(base, examples: list[Example], cfg: TrainConfig, key: dic
             for s in range(0, len(mine), cfg.micro_batch):
                 batch = mine[s:s + cfg.micro_batch]
                 logp = row_logprobs(base, base, collate(batch, ctx.pad_id).to(ctx.device),
-                                    load_pixels(batch, base.config.vision.image_size, cfg.image_aspect),
+                                    batch_pixels(batch, base.config.vision.image_size, cfg.image_aspect),
                                     cfg.logit_chunk).tolist()
                 for ex in batch:
                     computed[ex.id], logp = logp[:len(ex.rows)], logp[len(ex.rows):]

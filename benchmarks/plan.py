@@ -612,17 +612,17 @@ def train_examples(config, s: TrainSettings, work: Workload, seed: int = 0) -> l
 @contextlib.contextmanager
 def fake_image_loading(dtype):
     """train.batch_loss reads the entries' images; here they are tensors of the right shape."""
-    original = train.load_pixels
+    original = train.batch_pixels
 
     def load_pixels(examples, image_size, aspect="pad"):
         n = sum(ex.image is not None for ex in examples)
         return torch.randn(n, 3, image_size, image_size, dtype=dtype) if n else None
 
-    train.load_pixels = load_pixels
+    train.batch_pixels = load_pixels
     try:
         yield
     finally:
-        train.load_pixels = original
+        train.batch_pixels = original
 
 
 def train_setup(model: Llava) -> torch.optim.Optimizer:
@@ -687,7 +687,7 @@ def reference_step(model: Llava, s: TrainSettings, work: Workload, seed: int = 0
         model.eval()
         with torch.no_grad(), lora_disabled(model), ctx.autocast(), fake_image_loading(model.dtype):
             train.row_logprobs(model, model, train.collate(batch, ctx.pad_id).to(ctx.device),
-                               train.load_pixels(batch, model.config.vision.image_size), s.logit_chunk)
+                               train.batch_pixels(batch, model.config.vision.image_size), s.logit_chunk)
     return step
 
 

@@ -28,7 +28,7 @@ from batches import image_file
 from model.loading import DTYPES, resolve_dtype
 from harness.files import BadLine, read_json_records
 from harness.cli import add_dataclass_options, option
-from data import BadRecord, load_image, preprocess_image
+from data import BadRecord, load_pixels
 from demo.world import MODALITIES, build_world
 from model import load_model, save_model
 from model.llava import Llava
@@ -111,7 +111,7 @@ def pretrain_vision(base: Llava, cfg: VisionConfig, out: Path) -> dict:
         picks = torch.randint(len(examples), (cfg.batch_size,), generator=generator).tolist()
         for i in picks:
             if i not in cache:
-                cache[i] = preprocess_image(load_image(examples[i][0]), size=size)
+                cache[i] = load_pixels(examples[i][0], size)
         pixels = torch.stack([cache[i] for i in picks]).to(base.device)
         labels = torch.stack([examples[i][1] for i in picks]).to(base.device)
         loss = vision_loss(head, tower(pixels.to(base.dtype)).float(), labels)

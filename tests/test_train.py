@@ -96,7 +96,7 @@ def test_efficient_forward_matches_plain(workspace):
     assert not bad
     batch = examples[:2]  # K = 1 and K = 2
     rows = train.collate(batch, pad_id=0)
-    pixels = train.load_pixels(batch, model.config.vision.image_size)
+    pixels = train.batch_pixels(batch, model.config.vision.image_size)
     ours = train.row_logprobs(model, model, rows, pixels, chunk_rows=5)
     ours_grad = torch.autograd.grad(ours.sum(), model.language_model.layers[0].self_attn.q_proj.lora_B.weight)[0]
 
@@ -171,7 +171,7 @@ def test_steps_raise_margin_and_bad_records_are_skipped(workspace, tmp_path):
     examples, _ = train.read_preferences(data, tmp_path, tokens, config(workspace, out))
     ex = examples[0]
     with torch.no_grad(), lora_disabled(model):
-        ref = train.row_logprobs(model, model, train.collate([ex], 0), train.load_pixels([ex], 28), 64)
+        ref = train.row_logprobs(model, model, train.collate([ex], 0), train.batch_pixels([ex], 28), 64)
     torch.testing.assert_close(ref, torch.tensor(cache[ex.id]), rtol=1e-5, atol=1e-4)
 
 
@@ -499,8 +499,8 @@ def test_image_aspect_from_the_header_reaches_preprocessing(workspace, tmp_path,
         (tmp_path / f"img{k}.png").write_bytes((root / f"img{k}.png").read_bytes())
     import batches
     aspects = []
-    real = batches.preprocess_image
-    monkeypatch.setattr(batches, "preprocess_image", lambda *a, **kw: aspects.append(kw["aspect"]) or real(*a, **kw))
+    real = batches.load_pixels
+    monkeypatch.setattr(batches, "load_pixels", lambda path, size, aspect: aspects.append(aspect) or real(path, size, aspect))
     train.train(short(workspace, tmp_path / "run", data=str(data), max_steps=1))
     assert len(aspects) > 3 and set(aspects) == {"resize"}
     assert "--image-aspect resize, as hscr.py made prefs.jsonl" in capsys.readouterr().err
