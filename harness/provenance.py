@@ -31,6 +31,7 @@ raises ProvenanceError (a harness.cli.UserError, so the scripts end with one lin
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -213,6 +214,16 @@ def fingerprint(**parts: Any) -> dict[str, Any]:
     out = {name: _resolve(part, cache) for name, part in parts.items()}
     cache.save()
     return out
+
+
+def run_fingerprint(inputs: Mapping[str, Any], options: Any = None, leave_out: Sequence[str] = (),
+                    **resolved: Any) -> dict[str, Any]:
+    """The fingerprint of one run, the one way every script makes it: `inputs` by content (File,
+    Dir, Files, Content; None for one not given), then every field of the `options` dataclass but
+    those in `leave_out` (paths, whose content `inputs` holds, and options that only steer the
+    run), then `resolved`: values decided at run time (dtype, number of processes, …)."""
+    fields = {k: v for k, v in dataclasses.asdict(options).items() if k not in leave_out} if options is not None else {}
+    return fingerprint(**inputs, **fields, **resolved)
 
 
 # ---------------------------------------------------------------------------------------------
