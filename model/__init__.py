@@ -2,4 +2,4 @@
 and the tokenizer / prompt (tokenizer.py)."""
 from .llava import Llava, LlavaConfig, TextConfig, VisionConfig, preset  # noqa: F401
 from .loading import CheckpointError, load_model, save_model  # noqa: F401
-from .sentence import SentenceEncoder, cosine_matrix, default_minilm_path  # noqa: F401
+from .sentence import SentenceEncoder, default_minilm_path  # noqa: F401

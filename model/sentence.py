@@ -192,11 +192,6 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
-def cosine_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every row of x (N, D) with every row of y (M, D) → (N, M)."""
-    return F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).T
-
-
 class SentenceEncoder(nn.Module):
     """BERT + mean pooling (+ L2 norm). `encode` takes texts; `forward` takes token ids."""
 
@@ -270,13 +265,6 @@ class SentenceEncoder(nn.Module):
             e = self(ids.to(self.device), mask.to(self.device), types.to(self.device), normalize)  # (B, D)
             out[torch.tensor(rows, device=self.device)] = e
         return out
-
-    def similarity(self, a: list[str], b: list[str], batch_size: int = 64) -> torch.Tensor:
-        """Cosine similarity of the pairs (a[i], b[i]) → (N,) float32."""
-        if len(a) != len(b):
-            raise ValueError(f"similarity needs pairs: {len(a)} texts in a, {len(b)} in b")
-        e = F.normalize(self.encode(list(a) + list(b), batch_size), dim=-1)  # one pass over both sides
-        return (e[: len(a)] * e[len(a):]).sum(-1)
 
     @property
     def pad_id(self) -> int:

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import CheckpointError
-from model.sentence import PRESETS, SentenceEncoder, cosine_matrix, default_minilm_path
+from model.sentence import PRESETS, SentenceEncoder, default_minilm_path
 
 transformers = pytest.importorskip("transformers")  # listed in requirements-test.txt, never skipped in CI
 
@@ -96,26 +96,26 @@ def test_embeddings_match_transformers(encoder, reference, rows, batch_size):
     assert torch.allclose(ours.norm(dim=-1), torch.ones(len(ours)), atol=1e-6)
 
 
+def _pair_cosine(encoder, a: list[str], b: list[str]) -> torch.Tensor:
+    """Cosine similarity of the pairs (a[i], b[i]), as hscr.py's Similarity computes it."""
+    e = torch.nn.functional.normalize(encoder.encode(a + b), dim=-1)
+    return (e[: len(a)] * e[len(a):]).sum(-1)
+
+
 def test_known_properties(encoder):
-    """Identical texts have similarity 1; paraphrases are closer than unrelated sentences;
-    `similarity` is the diagonal of `cosine_matrix` and is symmetric."""
+    """Identical texts have similarity 1, paraphrases are closer than unrelated sentences, and the
+    similarity is symmetric."""
     a = ["The heart is enlarged.", "There is a fracture of the left femur.", "The heart is enlarged."]
     b = ["Cardiomegaly is present; the cardiac silhouette is enlarged.", "The left thigh bone is broken.",
          "The heart is enlarged."]
     unrelated = ["The stock market fell sharply today.", "She baked a chocolate cake for the party.",
                  "Trains to Berlin leave every hour."]
-    para = encoder.similarity(a, b)
-    unrel = encoder.similarity(a, unrelated)
+    para = _pair_cosine(encoder, a, b)
+    unrel = _pair_cosine(encoder, a, unrelated)
     assert para.shape == (3,) and para.dtype == torch.float32
     assert abs(para[2].item() - 1.0) <= 1e-6
     assert (para[:2] > unrel[:2] + 0.3).all(), (para, unrel)
-    assert torch.allclose(encoder.similarity(b, a), para, atol=1e-6)
-    e_a, e_b = encoder.encode(a), encoder.encode(b)
-    assert torch.allclose(cosine_matrix(e_a, e_b).diagonal(), para, atol=1e-6)
-    # cosine_matrix normalises its inputs: scaling a row does not change it.
-    assert torch.allclose(cosine_matrix(3 * e_a, e_b), cosine_matrix(e_a, e_b), atol=1e-6)
-    with pytest.raises(ValueError, match="pairs"):
-        encoder.similarity(a, b[:2])
+    assert torch.allclose(_pair_cosine(encoder, b, a), para, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
