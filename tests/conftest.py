@@ -18,3 +18,9 @@ from pathlib import Path  # noqa: E402
 
 # Tests import the project's top-level modules (model, kernels, data, hscr, train, eval).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def pytest_configure(config):
+    # `python -m pytest tests/ -m "not slow"` runs the fast set (under a minute on 2 cores);
+    # the slow tests start processes (torchrun), or run the demo at a reduced size.
+    config.addinivalue_line("markers", "slow: starts processes or runs a pipeline end to end")
