@@ -23,9 +23,9 @@ some says which, before the model is loaded.
 3. "Does the model look?" (`--blind`): the same questions with every visual token dropped
    (`no_image`) and with a mean-colour image (`blank_image`), reported as visual gain (full − blind).
 
-Details in docs/FORMATS.md: "VQA metrics" (the scores, the quirks, where we differ from the
-scripts) and "Evaluation files" (answer files, run directory, what a resume checks). The answer
-files are harness/answers.py, the tables harness/reports.py, start or resume harness/rundir.py.
+Details in docs/FORMATS.md, "VQA metrics" (the scores, the quirks, where we differ from the scripts)
+and "Evaluation files" (answer files, run directory, what a resume checks). Plumbing in harness/:
+benchmarks.py (inputs), answers.py (answer files), rundir.py (start or resume), reports.py (tables).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from data import PAD_RGB, load_pixels, preprocess_image, resolve_image
 from harness import provenance
-from harness.benchmarks import check_images, parse_named, read_questions, screen_images
+from harness.benchmarks import check_images, parse_named, read_benchmarks, read_questions, screen_images
 from harness.answers import (answer_row, answered_ids, answers_path, clear_run, clear_stale, gather_skipped,
                              has_answers, merge_answers, read_answer_file, read_answers, write_skipped)
 from harness.cli import UserError, add_dataclass_options, option, run_main
@@ -61,7 +61,6 @@ from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_promp
 
 # ---------------------------------------------------------------------------------------------
 # Scoring: LLaVA-Med's normalize_word, split_sentence, calculate_f1score, calculate_exactmatch
-# ---------------------------------------------------------------------------------------------
 
 # Characters handled by the space-dependent rule, in LLaVA-Med's order (the order does not
 # change the result: each character is replaced independently, and the tests read the input).
@@ -75,39 +74,32 @@ ARTICLES = ("a", "an", "the")
 # can never match because words are lowercased first; they are kept so the table is the same,
 # and "somebody'd" maps to "somebodyd" upstream: kept too.
 CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
-    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
-    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
-    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
-    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
-    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
-    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
+    "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll",
+    "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd",
+    "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am",
+    "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock",
+    "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
     "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
-    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
-    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
-    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
-    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
-    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
     "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
 }
 # A digit, a comma, a digit anywhere in the string switches the punctuation rule to "delete".
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
@@ -215,7 +207,6 @@ def closed_hit(pred: str, gt: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Strict closed scoring: ours, not LLaVA-Med's, reported beside the lenient score
-# ---------------------------------------------------------------------------------------------
 
 # Words after which a "no" has ended its clause ("no or yes", "no but ...").
 CONJUNCTIONS = ("and", "or", "but")
@@ -247,19 +238,12 @@ def closed_answer(pred: str) -> str | None:
 
     The answer is the first answer word (`answer_words`); if answer words of both polarities
     occur it is a hedge, and with none there is no answer. Hedges and non-answers are wrong
-    under `strict_hit`.
-
-    Why this rule. Two plain rules each fail one case. "The first whole word yes/no wins" reads
-    "Yes, but no effusion" right (yes) but lets the hedge "yes no" score on every yes-question;
-    "both words present = wrong" stops the hedge but fails "Yes, but no effusion". What tells the
-    two apart is the role of "no": in "no effusion" it is a determiner, in "yes and no" / "yes no"
-    an answer. So:
+    under `strict_hit`. Not a rule of LLaVA-Med's; why this one: docs/FORMATS.md.
         "Yes."                  → yes      "no, there is not"  → no (a comma ends the clause)
         "yes and no", "yes no"  → hedge    "Yes, but no effusion" → yes ("no" + word: determiner)
         "I am not sure"         → None     "nodule"            → None (whole words only)
-    Deliberately strict where unclear: "No evidence of effusion" answers nothing (determiner,
-    wherever it stands), and "There is no effusion" too; the no-answer rate shows how often that
-    happens. Not a rule of LLaVA-Med's.
+    Deliberately strict where unclear: "No evidence of effusion" and "There is no effusion"
+    answer nothing; the no-answer rate shows how often that happens.
     """
     words = answer_words(pred)
     if not words:
@@ -281,11 +265,8 @@ def strict_hit(pred: str, gt: str) -> bool:
 
 
 def hedges(pred: str) -> bool:
-    """The hedge *rate* statistic: both "yes" and "no" as words of the normalised prediction.
-
-    Broader than `closed_answer`'s hedge ("Yes, but no effusion" counts here): a plain
-    word-level count of how often a model says both words at all, needing no reading of roles.
-    """
+    """The hedge *rate* statistic: both "yes" and "no" as words of the normalised prediction. A plain
+    word count, broader than `closed_answer`'s hedge ("Yes, but no effusion" counts here)."""
     return {"yes", "no"} <= set(normalize_word(pred).split())
 
 
@@ -312,7 +293,6 @@ def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------
 # The description metric: facts of a scene stated right or contradicted (ours)
-# ---------------------------------------------------------------------------------------------
 
 def _states(text: str, phrase: str) -> bool:
     """Whether `phrase` occurs in `text` as whole words (any case; a hyphen joins words, so
@@ -321,17 +301,10 @@ def _states(text: str, phrase: str) -> bool:
 
 
 def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str, int]:
-    """The description metric of one answer, CHAIR-like: which facts of the scene it states right
-    and which values it states that the scene contradicts.
-
-    facts (a question record's "facts" field): slot → {"value": the true value, "phrases": every
-    value of the slot → the phrases that state it}. A value is stated when one of its phrases
-    occurs in `pred` as whole words (`_states`). Per slot, the true value stated counts one
-    correct fact; each other value stated counts one contradicted fact (an answer that says
-    "left" and "right" has one of each). Generic: nothing here knows which world made the facts.
-    Returns {"facts": slots, "correct": slots whose true value is stated, "stated": values stated,
-    "contradicted": stated values that are not the true one}.
-    """
+    """The description metric of one answer (docs/FORMATS.md): {"facts": slots, "correct": slots
+    whose true value `pred` states, "stated": values it states, "contradicted": stated values that
+    are not the true one}. facts: a question record's "facts", slot → {"value", "phrases": value
+    → phrases}; a value is stated when one of its phrases occurs as whole words (`_states`)."""
     counts = {"facts": 0, "correct": 0, "stated": 0, "contradicted": 0}
     for slot, fact in facts.items():
         values = fact.get("phrases") if isinstance(fact, dict) else None
@@ -347,8 +320,7 @@ def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str
 
 
 # ---------------------------------------------------------------------------------------------
-# A whole answer file: every figure of a report
-# ---------------------------------------------------------------------------------------------
+# A whole answer file scored, and what answering without a model scores
 
 def _ratio100(a: int, b: int) -> float | None:
     return 100.0 * a / b if b else None
@@ -360,30 +332,26 @@ def _mean100(values: Sequence[float]) -> float | None:
 
 
 def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -> dict[str, Any]:
-    """Score answer-file rows against questions; every figure is a percentage (× 100).
+    """Score answer-file rows against questions; every figure is a percentage (× 100), None when
+    there is nothing to average (the figures: docs/FORMATS.md "VQA metrics").
 
     answers: dicts with "question_id" and "text" (LLaVA-Med answer-file rows).
-    questions: objects with `.id`, `.answer`, `.answer_type` (data.Record). Ids are compared
-    as strings (answer files keep the question file's ints).
+    questions: objects with `.id`, `.answer`, `.answer_type` and optionally `.facts` (data.Record).
+    Ids are compared as strings (answer files keep the question file's ints).
 
     Returns
       open:    n, recall (the paper's open score), precision, f1, exact, hit
       closed:  n, accuracy (lenient `closed_hit`, the paper's), accuracy_strict (`strict_hit`),
-               hedge_rate (share of closed predictions with both "yes" and "no" as words, `hedges`),
-               n_yes_no (closed questions whose answer is yes or no),
-               no_answer_rate (share of those whose prediction has no answer word, `closed_answer`),
-               n_gt_no, hallucination_rate (share of gt-"no" questions answered "yes" by
-               `closed_answer`; a hedge is not counted as a yes)
+               hedge_rate (`hedges`), n_yes_no and no_answer_rate (share of those without a
+               `closed_answer`), n_gt_no and hallucination_rate (share of those whose
+               `closed_answer` is "yes"; a hedge is not a yes)
       overall: n, score (mean over questions of open recall / closed hit),
                mean_of_types ((open recall + closed accuracy) / 2)
-      description: over the questions with `.facts` (describe/report questions of a world that
-               knows its scenes; `fact_scores`), summed over them: n, n_facts, n_stated,
-               facts_contradicted (contradicted / stated values: CHAIR-like, lower is better;
-               None when nothing is stated), facts_correct (true values stated / facts)
-      n_questions, n_answered, missing (question ids without an answer: excluded, not 0),
+      description: n, n_facts, n_stated, facts_contradicted, facts_correct (`fact_scores`, summed)
+      n_questions, n_answered, missing (question ids without an answer: left out, not 0),
       unknown (answer ids not among the questions), unscorable (ids of questions without an
-      answer type or a ground truth: absent, empty, or nothing left after normalisation, such as
-      "the"; excluded, since LLaVA-Med's `gt in pred` would count any answer right)
+      answer type or a ground truth, or one that normalises to nothing such as "the": left out,
+      since LLaVA-Med's `gt in pred` would count any answer right)
     A question answered twice is an error: merge shards before scoring.
     """
     texts: dict[str, str] = {}
@@ -445,11 +413,6 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
         "unscorable": unscorable,
     }
 
-
-# ---------------------------------------------------------------------------------------------
-# Reference baselines: what answering without looking (without a model at all) scores
-# ---------------------------------------------------------------------------------------------
-
 # name → the one string answered to every question, closed and open alike.
 CONSTANT_BASELINES = {"always yes": "yes", "always no": "no", "hedge \"yes no\"": "yes no"}
 MAJORITY_BASELINES = {"majority per question text": False, "majority, leave-one-out": True}
@@ -497,7 +460,6 @@ def baselines(records: Sequence[Any]) -> dict[str, dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
-# ---------------------------------------------------------------------------------------------
 
 MODES = ("full", "no_image", "blank_image")
 
@@ -538,7 +500,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------
 # Generation over a benchmark: prompts, images, the three modes, resumable answer files
-# ---------------------------------------------------------------------------------------------
 
 @dataclass
 class Batch:
@@ -648,18 +609,6 @@ def _load_chunk(chunk: Sequence[Any], image_root: str | None, size: int, skipped
 
 # ---------------------------------------------------------------------------------------------
 # The run
-# ---------------------------------------------------------------------------------------------
-
-def load_benchmarks(cfg: EvalConfig) -> dict[str, tuple[list[Any], list[Any]]]:
-    """name → (records, bad records), through data.read_records, cut to --limit."""
-    paths = parse_named(cfg.benchmark, "--benchmark")
-    gts = parse_named(cfg.ground_truth, "--ground-truth", names=list(paths))
-    out = {}
-    for name, path in paths.items():
-        records, bad = read_questions(path, gts.get(name))
-        out[name] = (records[:cfg.limit] if cfg.limit is not None else records, bad)
-    return out
-
 
 def load_for_eval(cfg: EvalConfig, device: str):
     """Model (with the LoRA adapter applied, unmerged) and tokenizer; a checkpoint, adapter or
@@ -719,7 +668,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     device = cfg.device if cfg.device != "auto" else (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device, gpu_default="float16")
     run_dir = Path(cfg.out)
-    every = load_benchmarks(dataclasses.replace(cfg, limit=None))
+    every = read_benchmarks(cfg.benchmark, cfg.ground_truth)  # every question: all are fingerprinted
     roots = parse_named(cfg.image_root, "--image-root", names=list(every), allow_global=True)
     sources = parse_named(cfg.benchmark, "--benchmark")
     benchmarks, screened = {}, {}
@@ -751,7 +700,6 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         resolved = {**dataclasses.asdict(cfg), "resolved": {
             "device": device, "dtype": str(model.dtype).removeprefix("torch."), "world_size": world,
             "model_id": model_id, "num_image_tokens": model.config.num_image_tokens}}
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
         print(f"eval.py: {device}, {resolved['resolved']['dtype']}; options in {run_dir}/config.json", file=sys.stderr)
     modes = MODES if cfg.blind else MODES[:1]
@@ -788,8 +736,17 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     return results
 
 
-def _read_questions(path: str, ground_truth: str | None) -> list[Any]:
-    records, bad = read_questions(path, ground_truth)
+def _scoring_command(command: str, description: str, questions: str) -> argparse.ArgumentParser:
+    """The parser of `eval.py score` or `eval.py baselines`: a question file, its ground truth, --json."""
+    p = argparse.ArgumentParser(prog=f"eval.py {command}", description=description)
+    p.add_argument("--questions", required=True, help=questions)
+    p.add_argument("--ground-truth", help="answers kept apart from the questions")
+    p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
+    return p
+
+
+def _read_questions(args: argparse.Namespace) -> list[Any]:
+    records, bad = read_questions(args.questions, args.ground_truth)
     for b in bad:
         print(f"bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
     return records
@@ -806,17 +763,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = p.parse_args(argv[1:])
         print(compare_runs(args.run_a, args.run_b))
     elif argv[:1] == ["score"]:
-        p = argparse.ArgumentParser(prog="eval.py score", description="Score an existing answer file (ours or "
-                                    "one written by LLaVA-Med's scripts) without a model: LLaVA-Med's lenient "
-                                    "figures and the strict ones side by side.")
+        p = _scoring_command("score", "Score an existing answer file (ours or one written by LLaVA-Med's scripts) "
+                             "without a model: LLaVA-Med's lenient figures and the strict ones side by side.",
+                             "test.json or question JSONL, e.g. tests/data/VQA_RAD_test_llavamed_format.jsonl")
         p.add_argument("--answers", required=True, help="answer-file JSONL (question_id and text per line)")
-        p.add_argument("--questions", required=True, help="test.json or question JSONL, e.g. "
-                       "tests/data/VQA_RAD_test_llavamed_format.jsonl")
-        p.add_argument("--ground-truth", help="answers kept apart from the questions")
-        p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
         args = p.parse_args(argv[1:])
-        records = _read_questions(args.questions, args.ground_truth)
-        s = score_file(read_answer_file(args.answers), records)
+        s = score_file(read_answer_file(args.answers), _read_questions(args))
         if args.json:
             print(json.dumps(s, indent=2))
             return 0
@@ -825,13 +777,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{len(s['unknown'])} answers to unknown ids\n")
         print(scores_table({Path(args.answers).name: s}) + "\n\n" + LEGEND)
     elif argv[:1] == ["baselines"]:
-        p = argparse.ArgumentParser(prog="eval.py baselines", description=BASELINES_HELP)
-        p.add_argument("--questions", required=True, help="test.json or question JSONL with answers")
-        p.add_argument("--ground-truth", help="answers kept apart from the questions")
-        p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
-        args = p.parse_args(argv[1:])
-        records = _read_questions(args.questions, args.ground_truth)
-        results = baselines(records)
+        args = _scoring_command("baselines", BASELINES_HELP, "test.json or question JSONL with answers").parse_args(
+            argv[1:])
+        results = baselines(_read_questions(args))
         if args.json:
             print(json.dumps({name: {k: s[k] for k in ("open", "closed", "overall")} for name, s in results.items()},
                              indent=2))

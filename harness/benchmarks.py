@@ -2,6 +2,7 @@
 
     parse_named      NAME=PATH options (--benchmark, --ground-truth, --image-root) → {name: path}
     read_questions   data.read_records with the errors a user can act on
+    read_benchmarks  every --benchmark NAME=PATH read, with its --ground-truth
     check_images     a missing image stops the run before the model is loaded, naming the benchmark
     screen_images    an image that exists but cannot be read skips its questions (listed, not scored)
 
@@ -52,6 +53,19 @@ def read_questions(path: str, ground_truth: str | None = None) -> tuple[list[Any
         return read_records(path, answers_path=ground_truth)
     except ValueError as error:  # read_records raises it for a file it cannot read as a whole
         raise DataError(str(error)) from error
+
+
+def read_benchmarks(benchmark: Sequence[str], ground_truth: Sequence[str] = (),
+                    limit: int | None = None) -> dict[str, tuple[list[Any], list[Any]]]:
+    """name → (records, bad records) of each --benchmark NAME=PATH, with the answers of its
+    --ground-truth NAME=PATH when given, cut to the first `limit` questions."""
+    paths = parse_named(benchmark, "--benchmark")
+    gts = parse_named(ground_truth, "--ground-truth", names=list(paths))
+    out = {}
+    for name, path in paths.items():
+        records, bad = read_questions(path, gts.get(name))
+        out[name] = (records[:limit] if limit is not None else records, bad)
+    return out
 
 
 def check_images(records: Sequence[Any], image_root: str | None, name: str, source: str | None = None,

@@ -16,6 +16,7 @@ import pytest
 import eval as E
 from data import read_records
 from harness import answers as A
+from harness.benchmarks import read_benchmarks
 from harness.files import DataError
 from harness.cli import UserError, run_main
 from harness.provenance import ProvenanceError
@@ -400,11 +401,8 @@ def test_formats_read_into_the_same_questions(tiny):
     """test.json (with the `conversatons` misspelling), question JSONL with inline answers, and
     question JSONL with answers in another file give the same questions; the malformed line is
     reported with its file and index."""
-    cfg = E.EvalConfig(model="-", out="-", benchmark=[f"json={tiny.root / 'test.json'}",
-                                                      f"jsonl={tiny.root / 'questions.jsonl'}",
-                                                      f"split={tiny.root / 'questions_only.jsonl'}"],
-                       ground_truth=[f"split={tiny.root / 'answers.jsonl'}"])
-    b = E.load_benchmarks(cfg)
+    b = read_benchmarks([f"json={tiny.root / 'test.json'}", f"jsonl={tiny.root / 'questions.jsonl'}",
+                         f"split={tiny.root / 'questions_only.jsonl'}"], [f"split={tiny.root / 'answers.jsonl'}"])
     expected = [(str(i), im, q, a, t) for i, im, q, a, t in QUESTIONS]
     for name in ("json", "jsonl", "split"):
         assert _fields(b[name][0]) == expected, name
@@ -418,7 +416,7 @@ def test_no_image_mode_drops_every_visual_token(tiny):
     pixels; blank_image: the same ids as full, one mean-colour image for every row."""
     import torch
 
-    records = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"q={tiny.root / 'test.json'}"]))["q"][0]
+    records = read_benchmarks([f"q={tiny.root / 'test.json'}"])["q"][0]
     cfg = tiny.model.config
     kw = dict(tokenizer=tiny.tokenizer, config=cfg, image_root=str(tiny.images))
     full, none, blank = (E.build_batch(records[:2], m, **kw) for m in E.MODES)
@@ -440,7 +438,7 @@ def test_blind_modes_change_the_logits(tiny):
     next-token logits, and the no_image and blank_image inputs differ from the full one."""
     import torch
 
-    records = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"q={tiny.root / 'test.json'}"]))["q"][0]
+    records = read_benchmarks([f"q={tiny.root / 'test.json'}"])["q"][0]
     # rows 0 and 3 ask about image a, row 1 about b: same question text for 0 vs a copy on b
     same_q_other_image = SimpleNamespace(**{**vars(records[0]), "image": "b.png"})
     kw = dict(tokenizer=tiny.tokenizer, config=tiny.model.config, image_root=str(tiny.images))
@@ -478,7 +476,7 @@ class _StopAfter:
 
 
 def _generate(tiny, model, run_dir, batch_size, rank=0, world=1):
-    records = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"q={tiny.root / 'test.json'}"]))["q"][0]
+    records = read_benchmarks([f"q={tiny.root / 'test.json'}"])["q"][0]
     n = E.generate_answers(model, tiny.tokenizer, records, run_dir=run_dir, name="q", mode="full",
                            image_root=str(tiny.images), model_id="tiny", batch_size=batch_size,
                            max_new_tokens=6, rank=rank, world=world)
@@ -532,7 +530,7 @@ def test_cli_run_blind_report_and_compare(tiny, tmp_path, capsys):
     assert set(rad["modes"]) == set(E.MODES)
     assert [b["index"] for b in rad["bad_records"]] == [2]  # reported, and the rest scored:
     assert rad["modes"]["full"]["open"]["n"] == 3 and rad["modes"]["full"]["closed"]["n"] == 2
-    records = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"r={tiny.root / 'questions.jsonl'}"]))
+    records = read_benchmarks([f"r={tiny.root / 'questions.jsonl'}"])
     records = records["r"][0]
     for mode in E.MODES:
         rows = A.read_answers(A.answers_path(run_a, "rad", mode))
@@ -629,7 +627,7 @@ def test_pathvqa_answer_types_are_scored(tmp_path):
             {"question_id": 3, "image": "x.png", "text": "How many?", "answer": 3, "answer_type": "number"}]
     path = tmp_path / "pvqa.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    records, bad = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"p={path}"]))["p"]
+    records, bad = read_benchmarks([f"p={path}"])["p"]
     assert bad == [] and [r.answer_type for r in records] == ["CLOSED", "OPEN", "OPEN"]
     s = E.score_file([{"question_id": 1, "text": "Yes."}, {"question_id": 2, "text": "colon"},
                       {"question_id": 3, "text": "three nuclei"}], records)
@@ -905,7 +903,7 @@ def test_generation_skips_an_image_that_fails_to_load(tiny, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(tiny.images, images)
     (images / "b.png").write_bytes(b"")  # questions 12 and 15 use b.png
-    records = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"q={tiny.root / 'test.json'}"]))["q"][0]
+    records = read_benchmarks([f"q={tiny.root / 'test.json'}"])["q"][0]
     skipped = {}
     n = E.generate_answers(tiny.model, tiny.tokenizer, records, run_dir=tmp_path / "run", name="q", mode="full",
                            image_root=str(images), model_id="tiny", batch_size=5, max_new_tokens=3,
