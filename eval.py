@@ -736,20 +736,21 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     return results
 
 
-def _scoring_command(command: str, description: str, questions: str) -> argparse.ArgumentParser:
-    """The parser of `eval.py score` or `eval.py baselines`: a question file, its ground truth, --json."""
-    p = argparse.ArgumentParser(prog=f"eval.py {command}", description=description)
+def _scoring_command(argv: Sequence[str], description: str, questions: str,
+                     answers: bool = False) -> tuple[argparse.Namespace, list[Any]]:
+    """`eval.py score` (answers=True) or `eval.py baselines`: the options, and the questions read
+    (bad records reported on stderr)."""
+    p = argparse.ArgumentParser(prog=f"eval.py {argv[0]}", description=description)
+    if answers:
+        p.add_argument("--answers", required=True, help="answer-file JSONL (question_id and text per line)")
     p.add_argument("--questions", required=True, help=questions)
     p.add_argument("--ground-truth", help="answers kept apart from the questions")
     p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
-    return p
-
-
-def _read_questions(args: argparse.Namespace) -> list[Any]:
+    args = p.parse_args(argv[1:])
     records, bad = read_questions(args.questions, args.ground_truth)
     for b in bad:
         print(f"bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
-    return records
+    return args, records
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -763,12 +764,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = p.parse_args(argv[1:])
         print(compare_runs(args.run_a, args.run_b))
     elif argv[:1] == ["score"]:
-        p = _scoring_command("score", "Score an existing answer file (ours or one written by LLaVA-Med's scripts) "
-                             "without a model: LLaVA-Med's lenient figures and the strict ones side by side.",
-                             "test.json or question JSONL, e.g. tests/data/VQA_RAD_test_llavamed_format.jsonl")
-        p.add_argument("--answers", required=True, help="answer-file JSONL (question_id and text per line)")
-        args = p.parse_args(argv[1:])
-        s = score_file(read_answer_file(args.answers), _read_questions(args))
+        args, records = _scoring_command(
+            argv, "Score an existing answer file (ours or one written by LLaVA-Med's scripts) without a model: "
+            "LLaVA-Med's lenient figures and the strict ones side by side.",
+            "test.json or question JSONL, e.g. tests/data/VQA_RAD_test_llavamed_format.jsonl", answers=True)
+        s = score_file(read_answer_file(args.answers), records)
         if args.json:
             print(json.dumps(s, indent=2))
             return 0
@@ -777,9 +777,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{len(s['unknown'])} answers to unknown ids\n")
         print(scores_table({Path(args.answers).name: s}) + "\n\n" + LEGEND)
     elif argv[:1] == ["baselines"]:
-        args = _scoring_command("baselines", BASELINES_HELP, "test.json or question JSONL with answers").parse_args(
-            argv[1:])
-        results = baselines(_read_questions(args))
+        args, records = _scoring_command(argv, BASELINES_HELP, "test.json or question JSONL with answers")
+        results = baselines(records)
         if args.json:
             print(json.dumps({name: {k: s[k] for k in ("open", "closed", "overall")} for name, s in results.items()},
                              indent=2))
