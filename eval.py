@@ -11,76 +11,27 @@ The question files may be the real benchmark files as they are (tests/data/ hold
 `gpt4_answer` is the ground truth); they ship without images, and a run whose image root lacks
 some says which, before the model is loaded.
 
-Three parts:
+1. Scoring: LLaVA-Med v1.0's `llava/eval/eval_metrics` and `run_eval_batch.py`, quirks included
+   (each is named where it is reproduced), so that the paper's open recall and closed accuracy
+   equal LLaVA-Med's on the same answer file. Beside them, ours: the strict closed score
+   (`strict_hit`), the hedge, no-answer and hallucination rates, the description metric
+   (`fact_scores`), and reference baselines that need no model (`baselines`).
+2. Generation: LLaVA-Med's prompt, batched greedy decoding, answers in its answer-file JSONL,
+   flushed per batch and resumable: a rerun answers only what is missing, and only if the inputs
+   and options that made the answers are the same (provenance.json). Sharded under torchrun. A
+   question whose image cannot be read is skipped and listed; a missing image stops the run.
+3. "Does the model look?" (`--blind`): the same questions with every visual token dropped
+   (`no_image`) and with a mean-colour image (`blank_image`), reported as visual gain (full − blind).
 
-1. Scoring (LLaVA-Med v1.0 `llava/eval/eval_metrics` and `run_eval_batch.py`, facts in
-   docs/FORMATS.md "VQA metrics"). The paper's numbers are open-question *recall* and
-   closed-question *accuracy* computed by those scripts, quirks included, so that our scores
-   equal LLaVA-Med's on the same answer file:
-     - `normalize_word` punctuation rule is decided per string, not per occurrence;
-     - only the first 32 stray periods are deleted (upstream passes `re.UNICODE` == 32 as the
-       `count` argument of `re.sub`);
-     - `calculate_f1score` normalises its (already normalised) inputs a second time and counts
-       true positives with the *prediction's* word count, so repeating a right word raises recall;
-     - closed accuracy is the substring test `gt in pred`, so "no" is found in "nodule", and an
-       answer holding both "yes" and "no" hits every yes/no question (92.3 % on VQA-RAD closed,
-       100 % on PathVQA).
-   Beside it, ours: the strict closed accuracy (`strict_hit`: one yes/no answer, read by
-   `closed_answer`, must equal the ground truth; a hedge or a non-answer is wrong), the hedge rate
-   and the no-answer rate; the hallucination rate uses the same reading of the answer. The
-   reference baselines (`baselines`) show what the language prior alone scores on a file.
-   Where we knowingly differ from the scripts (none of it changes a lenient score of a complete file
-   with a ground truth for every question):
-     - answers are matched to questions by id; a question without an answer is reported as
-       missing and left out (the scripts zip the two files and assert equal id lists);
-     - a question whose ground truth is empty (or normalises to nothing, like "the") is
-       unscorable and left out: upstream, "" is a substring of every answer, so any answer hits;
-     - answer_id is a content hash (LLaVA-Med: a random shortuuid) and metadata holds the mode.
-2. Generation: LLaVA-Med's prompt (`[INST] <image>\\n{question} [/INST]`), batched greedy
-   decoding with left padding, answers in LLaVA-Med's answer-file JSONL, flushed per batch,
-   resumable, sharded under torchrun (rank r answers questions r, r+world, ...; rank 0 merges).
-   A question whose image exists but cannot be read (empty, corrupt, truncated, a decompression
-   bomb) is skipped and listed, and the run goes on (`screen_images` up front, `load_pixels` per
-   record); a missing image stops the run before the model is loaded (`check_images`).
-3. "Does the model look?" (`--blind`): the same questions answered with every visual token
-   dropped (`no_image`) and with a mean-colour image (`blank_image`); reported next to the
-   full run as visual gain (full − blind) and hallucination rate.
-
-Resuming. A rerun with the same --out answers only what is not answered yet, and only if it would
-answer it the same way. `run_fingerprint` (harness/provenance.py) covers, by content, not by path:
-  - the model, adapter, vision tower and tokenizer;
-  - every question of each benchmark file (id, image, text; not the reference answers, which only
-    scoring reads, and scores are recomputed on every run) and every image they use, so all of
-    a file's images must be present, even with --limit;
-  - the options that change an answer: template, max_new_tokens, the resolved dtype, and two
-    fixed choices recorded so that a later option cannot mix them (image preprocessing, greedy
-    decoding).
-A difference stops the run with a message naming it; --overwrite deletes the run's answers and
-scores and starts again. Left out, so that a run can be resumed with them changed: --batch-size
-and --device (after running out of memory, or on another machine; provenance.json lists every
-session's. On CPU in float32 batching leaves answers unchanged, see the tests; in half precision
-on a GPU other batch shapes can flip a near tie), --limit and --blind (they choose which
-questions and modes are answered, not how: a run can be extended), --model-id (a label) and
---ground-truth (scoring only).
-
-Run directory:
-    provenance.json                  fingerprint of what made the answers, and each session's
-                                     batch size, device and world size
-    config.json                      resolved options of the last session
-    {benchmark}/answers.jsonl        LLaVA-Med answer file (mode `full`)
-    {benchmark}/answers-no_image.jsonl, answers-blank_image.jsonl   with --blind
-    {benchmark}/answers*.rank{r}.jsonl   per-rank shards while running (merged, then removed)
-    {benchmark}/skipped.rank{r}.jsonl    questions a rank could not build while running (merged)
-    summary.json, report.md          scores, skipped questions (id, reason), unscorable questions
+Details in docs/FORMATS.md, "VQA metrics" (the scores, the quirks, where we differ from the scripts)
+and "Evaluation files" (answer files, run directory, what a resume checks). Plumbing in harness/:
+benchmarks.py (inputs), answers.py (answer files), rundir.py (start or resume), reports.py (tables).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import hashlib
 import json
-import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -92,21 +43,24 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from data import PAD_RGB, load_pixels, preprocess_image, resolve_image
 from harness import provenance
-from model.loading import DTYPES, resolve_dtype
-from harness.files import BadLine, DataError, read_json_records, read_jsonl, read_text
+from harness.benchmarks import check_images, parse_named, read_benchmarks, read_questions, screen_images
+from harness.answers import (answer_row, answered_ids, answers_path, clear_run, clear_stale, gather_skipped,
+                             has_answers, merge_answers, read_answer_file, read_answers, write_skipped)
 from harness.cli import UserError, add_dataclass_options, option, run_main
 from harness.dist import barrier, init_process_group
-from model.llava import left_pad
-from data import PAD_RGB, image_problem, load_pixels, preprocess_image, read_records, resolve_image
+from harness.files import DataError, read_text
+from harness.reports import LEGEND, compare_runs, question_counts, scores_table, visual_gain, write_reports
+from harness.rundir import start_run
 from model import load_model
-from model.loading import CheckpointError
+from model.llava import left_pad
+from model.loading import DTYPES, CheckpointError, resolve_dtype
 from model.lora import load_adapter
 from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_prompt, tokenizer_file
 
 # ---------------------------------------------------------------------------------------------
 # Scoring: LLaVA-Med's normalize_word, split_sentence, calculate_f1score, calculate_exactmatch
-# ---------------------------------------------------------------------------------------------
 
 # Characters handled by the space-dependent rule, in LLaVA-Med's order (the order does not
 # change the result: each character is replaced independently, and the tests read the input).
@@ -120,39 +74,32 @@ ARTICLES = ("a", "an", "the")
 # can never match because words are lowercased first; they are kept so the table is the same,
 # and "somebody'd" maps to "somebodyd" upstream: kept too.
 CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
-    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
-    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
-    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
-    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
-    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
-    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
+    "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll",
+    "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd",
+    "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am",
+    "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock",
+    "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
     "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
-    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
-    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
-    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
-    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
-    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
     "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
 }
 # A digit, a comma, a digit anywhere in the string switches the punctuation rule to "delete".
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
@@ -260,7 +207,6 @@ def closed_hit(pred: str, gt: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Strict closed scoring: ours, not LLaVA-Med's, reported beside the lenient score
-# ---------------------------------------------------------------------------------------------
 
 # Words after which a "no" has ended its clause ("no or yes", "no but ...").
 CONJUNCTIONS = ("and", "or", "but")
@@ -292,19 +238,12 @@ def closed_answer(pred: str) -> str | None:
 
     The answer is the first answer word (`answer_words`); if answer words of both polarities
     occur it is a hedge, and with none there is no answer. Hedges and non-answers are wrong
-    under `strict_hit`.
-
-    Why this rule. Two plain rules each fail one case. "The first whole word yes/no wins" reads
-    "Yes, but no effusion" right (yes) but lets the hedge "yes no" score on every yes-question;
-    "both words present = wrong" stops the hedge but fails "Yes, but no effusion". What tells the
-    two apart is the role of "no": in "no effusion" it is a determiner, in "yes and no" / "yes no"
-    an answer. So:
+    under `strict_hit`. Not a rule of LLaVA-Med's; why this one: docs/FORMATS.md.
         "Yes."                  → yes      "no, there is not"  → no (a comma ends the clause)
         "yes and no", "yes no"  → hedge    "Yes, but no effusion" → yes ("no" + word: determiner)
         "I am not sure"         → None     "nodule"            → None (whole words only)
-    Deliberately strict where unclear: "No evidence of effusion" answers nothing (determiner,
-    wherever it stands), and "There is no effusion" too; the no-answer rate shows how often that
-    happens. Not a rule of LLaVA-Med's.
+    Deliberately strict where unclear: "No evidence of effusion" and "There is no effusion"
+    answer nothing; the no-answer rate shows how often that happens.
     """
     words = answer_words(pred)
     if not words:
@@ -326,11 +265,8 @@ def strict_hit(pred: str, gt: str) -> bool:
 
 
 def hedges(pred: str) -> bool:
-    """The hedge *rate* statistic: both "yes" and "no" as words of the normalised prediction.
-
-    Broader than `closed_answer`'s hedge ("Yes, but no effusion" counts here): a plain
-    word-level count of how often a model says both words at all, needing no reading of roles.
-    """
+    """The hedge *rate* statistic: both "yes" and "no" as words of the normalised prediction. A plain
+    word count, broader than `closed_answer`'s hedge ("Yes, but no effusion" counts here)."""
     return {"yes", "no"} <= set(normalize_word(pred).split())
 
 
@@ -355,6 +291,9 @@ def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
     raise ValueError(f"answer_type must be 'OPEN' or 'CLOSED', got {answer_type!r}")
 
 
+# ---------------------------------------------------------------------------------------------
+# The description metric: facts of a scene stated right or contradicted (ours)
+
 def _states(text: str, phrase: str) -> bool:
     """Whether `phrase` occurs in `text` as whole words (any case; a hyphen joins words, so
     "X-ray" is one word and "ray" is not in it)."""
@@ -362,17 +301,10 @@ def _states(text: str, phrase: str) -> bool:
 
 
 def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str, int]:
-    """The description metric of one answer, CHAIR-like: which facts of the scene it states right
-    and which values it states that the scene contradicts.
-
-    facts (a question record's "facts" field): slot → {"value": the true value, "phrases": every
-    value of the slot → the phrases that state it}. A value is stated when one of its phrases
-    occurs in `pred` as whole words (`_states`). Per slot, the true value stated counts one
-    correct fact; each other value stated counts one contradicted fact (an answer that says
-    "left" and "right" has one of each). Generic: nothing here knows which world made the facts.
-    Returns {"facts": slots, "correct": slots whose true value is stated, "stated": values stated,
-    "contradicted": stated values that are not the true one}.
-    """
+    """The description metric of one answer (docs/FORMATS.md): {"facts": slots, "correct": slots
+    whose true value `pred` states, "stated": values it states, "contradicted": stated values that
+    are not the true one}. facts: a question record's "facts", slot → {"value", "phrases": value
+    → phrases}; a value is stated when one of its phrases occurs as whole words (`_states`)."""
     counts = {"facts": 0, "correct": 0, "stated": 0, "contradicted": 0}
     for slot, fact in facts.items():
         values = fact.get("phrases") if isinstance(fact, dict) else None
@@ -387,6 +319,9 @@ def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str
     return counts
 
 
+# ---------------------------------------------------------------------------------------------
+# A whole answer file scored, and what answering without a model scores
+
 def _ratio100(a: int, b: int) -> float | None:
     return 100.0 * a / b if b else None
 
@@ -397,30 +332,26 @@ def _mean100(values: Sequence[float]) -> float | None:
 
 
 def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -> dict[str, Any]:
-    """Score answer-file rows against questions; every figure is a percentage (× 100).
+    """Score answer-file rows against questions; every figure is a percentage (× 100), None when
+    there is nothing to average (the figures: docs/FORMATS.md "VQA metrics").
 
     answers: dicts with "question_id" and "text" (LLaVA-Med answer-file rows).
-    questions: objects with `.id`, `.answer`, `.answer_type` (data.Record). Ids are compared
-    as strings (answer files keep the question file's ints).
+    questions: objects with `.id`, `.answer`, `.answer_type` and optionally `.facts` (data.Record).
+    Ids are compared as strings (answer files keep the question file's ints).
 
     Returns
       open:    n, recall (the paper's open score), precision, f1, exact, hit
       closed:  n, accuracy (lenient `closed_hit`, the paper's), accuracy_strict (`strict_hit`),
-               hedge_rate (share of closed predictions with both "yes" and "no" as words, `hedges`),
-               n_yes_no (closed questions whose answer is yes or no),
-               no_answer_rate (share of those whose prediction has no answer word, `closed_answer`),
-               n_gt_no, hallucination_rate (share of gt-"no" questions answered "yes" by
-               `closed_answer`; a hedge is not counted as a yes)
+               hedge_rate (`hedges`), n_yes_no and no_answer_rate (share of those without a
+               `closed_answer`), n_gt_no and hallucination_rate (share of those whose
+               `closed_answer` is "yes"; a hedge is not a yes)
       overall: n, score (mean over questions of open recall / closed hit),
                mean_of_types ((open recall + closed accuracy) / 2)
-      description: over the questions with `.facts` (describe/report questions of a world that
-               knows its scenes; `fact_scores`), summed over them: n, n_facts, n_stated,
-               facts_contradicted (contradicted / stated values: CHAIR-like, lower is better;
-               None when nothing is stated), facts_correct (true values stated / facts)
-      n_questions, n_answered, missing (question ids without an answer: excluded, not 0),
+      description: n, n_facts, n_stated, facts_contradicted, facts_correct (`fact_scores`, summed)
+      n_questions, n_answered, missing (question ids without an answer: left out, not 0),
       unknown (answer ids not among the questions), unscorable (ids of questions without an
-      answer type or a ground truth: absent, empty, or nothing left after normalisation, such as
-      "the"; excluded, since LLaVA-Med's `gt in pred` would count any answer right)
+      answer type or a ground truth, or one that normalises to nothing such as "the": left out,
+      since LLaVA-Med's `gt in pred` would count any answer right)
     A question answered twice is an error: merge shards before scoring.
     """
     texts: dict[str, str] = {}
@@ -482,10 +413,53 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
         "unscorable": unscorable,
     }
 
+# name → the one string answered to every question, closed and open alike.
+CONSTANT_BASELINES = {"always yes": "yes", "always no": "no", "hedge \"yes no\"": "yes no"}
+MAJORITY_BASELINES = {"majority per question text": False, "majority, leave-one-out": True}
+BASELINES_HELP = (
+    "Reference baselines that need no model, scored like a model's answers. The constant ones answer the "
+    "same string to every question, open questions included: \"yes\", \"no\", and the hedge \"yes no\". "
+    "The majority ones answer only the open questions (closed columns show –): each gets the most common "
+    "normalised ground truth among the open questions of the same file with the same normalised question "
+    "text (ties: the answer met first in file order). That prior is computed on the test file itself, so "
+    "it is oracle-ish: a question text that occurs once gets its own answer. The leave-one-out row leaves "
+    "the question's own answer out of the count (an empty answer when no other question shares the text), "
+    "which is the part of the score the question text alone predicts.")
+
+
+def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> dict[str, str]:
+    """Open question id → the most common normalised answer among the open `records` whose
+    normalised question text is the same. Ties go to the answer met first in file order; with
+    leave_one_out the question's own answer is not counted ("" when it is alone)."""
+    groups: dict[str, list[Any]] = {}
+    for r in records:
+        if r.answer_type == "OPEN" and r.answer is not None and normalize_word(r.answer):
+            groups.setdefault(normalize_word(r.question), []).append(r)
+    out = {}
+    for group in groups.values():
+        counts: dict[str, int] = {}  # insertion order = file order, which max() keeps for ties
+        for r in group:
+            a = normalize_word(r.answer)
+            counts[a] = counts.get(a, 0) + 1
+        for r in group:
+            own = normalize_word(r.answer)
+            pool = {a: c - (leave_one_out and a == own) for a, c in counts.items()}
+            out[r.id] = max(pool, key=pool.get) if max(pool.values()) > 0 else ""
+    return out
+
+
+def baselines(records: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """name → score_file result of every reference baseline (see BASELINES_HELP) on `records`."""
+    answers = {name: [{"question_id": r.id, "text": text} for r in records]
+               for name, text in CONSTANT_BASELINES.items()}
+    for name, leave_one_out in MAJORITY_BASELINES.items():
+        answers[name] = [{"question_id": qid, "text": text}
+                         for qid, text in majority_answers(records, leave_one_out=leave_one_out).items()]
+    return {name: score_file(rows, records) for name, rows in answers.items()}
+
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
-# ---------------------------------------------------------------------------------------------
 
 MODES = ("full", "no_image", "blank_image")
 
@@ -524,29 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_named(values: Sequence[str], flag: str, *, names: Sequence[str] | None = None,
-                allow_global: bool = False) -> dict[str, str]:
-    """NAME=PATH values → {name: path}, NAME limited to `names` when given. With allow_global a
-    value that names no benchmark is a path for all of them (key "*")."""
-    out, problems = {}, []
-    for value in values:
-        name, sep, path = value.partition("=")
-        if sep and name and path and (names is None or name in names):
-            if name in out:
-                problems.append(f"{flag} {name!r} given twice")
-            out[name] = path
-        elif allow_global:
-            out["*"] = value
-        else:
-            problems.append(f"{flag} {value!r} is not NAME=PATH" + (f" with NAME in {list(names)}" if names else ""))
-    if problems:
-        raise UserError("; ".join(problems))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
-# Batches: prompts, images, the three modes
-# ---------------------------------------------------------------------------------------------
+# Generation over a benchmark: prompts, images, the three modes, resumable answer files
 
 @dataclass
 class Batch:
@@ -596,163 +549,6 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, image_r
         images = torch.stack(list(pixels))  # (B, 3, S, S)
     return Batch(ids, mask, images)
 
-
-def check_images(records: Sequence[Any], image_root: str | None, name: str, source: str | None = None,
-                 show: int = 10) -> None:
-    """Fail before the model is loaded when images are missing, with one error that names the
-    benchmark (and its question file), says how many image files are absent for how many
-    questions, and lists the first `show` of them. The real benchmark files ship without images."""
-    if not records:
-        return
-    where = f"benchmark {name!r}" + (f" ({source})" if source else "")
-    if image_root is None:
-        raise UserError(f"{where}: no --image-root for it (NAME=DIR or one DIR for all)")
-    unusable, absent, n_questions = [], {}, 0  # absent: image path as written → its file
-    for r in records:
-        if r.image is None:
-            unusable.append(f"{r.id}: no image in the record")
-            continue
-        try:
-            path = resolve_image(image_root, r.image)
-        except ValueError as error:
-            unusable.append(f"{r.id}: {error}")
-            continue
-        if r.image in absent or not path.is_file():
-            absent[r.image] = path
-            n_questions += 1
-    problems = []
-    if absent:
-        n_images = len({r.image for r in records if r.image is not None})
-        listed = list(absent)[:show]
-        problems.append(f"{len(absent)} of {n_images} images not found under {image_root} (needed by "
-                        f"{n_questions} of {len(records)} questions): {', '.join(listed)}"
-                        + (f", … ({len(absent) - show} more)" if len(absent) > show else ""))
-    if unusable:
-        problems.append(f"{len(unusable)} questions without a usable image path: " + "; ".join(unusable[:show])
-                        + (" …" if len(unusable) > show else ""))
-    if problems:
-        raise UserError(f"{where}: " + "; ".join(problems))
-
-
-def screen_images(records: Sequence[Any], image_root: str) -> dict[str, str]:
-    """question id → why its (existing) image cannot be used, for the questions to skip. Each
-    image file is looked at once, however many questions share it."""
-    problems: dict[str, str | None] = {}
-    out = {}
-    for r in records:
-        if r.image not in problems:
-            problems[r.image] = image_problem(resolve_image(image_root, r.image))
-        if problems[r.image] is not None:
-            out[r.id] = f"image {r.image}: {problems[r.image]}"
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Answer files: LLaVA-Med's JSONL, resumable, one shard per rank
-# ---------------------------------------------------------------------------------------------
-
-def answers_path(run_dir: Path, name: str, mode: str, rank: int | None = None) -> Path:
-    """{run}/{benchmark}/answers[-mode][.rank{r}].jsonl (mode `full` is LLaVA-Med's answer file)."""
-    stem = "answers" if mode == "full" else f"answers-{mode}"
-    return run_dir / name / (f"{stem}.jsonl" if rank is None else f"{stem}.rank{rank}.jsonl")
-
-
-def answer_id(model_id: str, mode: str, question_id: str, text: str) -> str:
-    """A content hash in place of LLaVA-Med's random shortuuid, so that a resumed run writes
-    the same file as an uninterrupted one."""
-    return hashlib.sha1(f"{model_id}\n{mode}\n{question_id}\n{text}".encode()).hexdigest()[:22]
-
-
-def answer_row(record, text: str, model_id: str, mode: str) -> dict[str, Any]:
-    """One answer-file line. question_id keeps the question file's integer when it was one
-    (Record ids are strings); prompt is the question without <image>, as LLaVA-Med writes it."""
-    qid: int | str = int(record.id) if record.id.isdigit() and str(int(record.id)) == record.id else record.id
-    return {"question_id": qid, "prompt": record.question, "text": text,
-            "answer_id": answer_id(model_id, mode, record.id, text), "model_id": model_id,
-            "metadata": {"mode": mode}}
-
-
-def read_answers(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
-    """Rows of an answer file this script wrote. A last line without its newline is what a kill
-    mid-write leaves: it is ignored (and answered again), and with `repair` cut off the file;
-    any other unreadable line is an error naming the file and line (harness.files.read_jsonl)."""
-    return read_jsonl(path, repair=repair)
-
-
-def read_answer_file(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of an answer file from anywhere (LLaVA-Med's scripts, an edited copy): JSON lines or a
-    JSON list of objects with "question_id" and "text"; a bad line or row is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: answer file not found")
-    rows = []
-    for i, row in read_json_records(path):
-        if isinstance(row, BadLine):
-            raise DataError(f"{path}: {row.message}")
-        if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("text"), str):
-            raise DataError(f"{path}: record {i + 1} is not an answer (an object with question_id and a text string)")
-        rows.append(row)
-    return rows
-
-
-def _shards(run_dir: Path, name: str, mode: str) -> list[Path]:
-    pattern = answers_path(run_dir, name, mode, 0).name.replace(".rank0.", ".rank*.")
-    return sorted((run_dir / name).glob(pattern))
-
-
-def answered_ids(run_dir: Path, name: str, mode: str) -> set[str]:
-    """Ids answered by an earlier (interrupted) run: the merged file and every shard, so that a
-    rerun with another world size still skips them. Read only: another rank may be appending
-    to its shard, whose last line may be half written (and is then not counted)."""
-    files = [answers_path(run_dir, name, mode)] + _shards(run_dir, name, mode)
-    return {str(row["question_id"]) for f in files for row in read_answers(f)}
-
-
-def skipped_path(run_dir: Path, name: str, rank: int) -> Path:
-    return run_dir / name / f"skipped.rank{rank}.jsonl"
-
-
-def gather_skipped(run_dir: Path, name: str) -> dict[str, str]:
-    """question id → reason from every rank's skipped file (then deleted)."""
-    out = {}
-    for f in sorted((run_dir / name).glob("skipped.rank*.jsonl")):
-        out.update({str(row["question_id"]): row["reason"] for row in read_jsonl(f)})
-        f.unlink()
-    return out
-
-
-def clear_run(run_dir: Path) -> None:
-    """Delete what this script writes in a run directory, and nothing else (--out may be a folder
-    holding other files): answer files and shards, skipped files, scores, config, provenance."""
-    for pattern in ("*/answers*.jsonl", "*/answers*.tmp", "*/skipped.rank*.jsonl"):
-        for f in run_dir.glob(pattern):
-            f.unlink()
-    for n in ("summary.json", "report.md", "config.json", PROVENANCE):
-        (run_dir / n).unlink(missing_ok=True)
-
-
-def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -> Path:
-    """Fold the shards into the answer file, in question-file order (rows of questions outside
-    `records`, e.g. from a run without --limit, follow), then delete the shards."""
-    final, shards = answers_path(run_dir, name, mode), _shards(run_dir, name, mode)
-    by_id: dict[str, dict] = {}
-    for f in [final] + shards:
-        for row in read_answers(f):
-            by_id.setdefault(str(row["question_id"]), row)
-    order = [r.id for r in records if r.id in by_id]
-    listed = set(order)
-    order += [qid for qid in by_id if qid not in listed]
-    tmp = final.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(by_id[qid]) + "\n" for qid in order), encoding="utf-8")
-    os.replace(tmp, final)  # atomic: an interrupted merge leaves the old file and the shards
-    for f in shards:
-        f.unlink()
-    return final
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation
-# ---------------------------------------------------------------------------------------------
 
 def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path, name: str, mode: str,
                      image_root: str | None, model_id: str, batch_size: int, max_new_tokens: int,
@@ -812,212 +608,7 @@ def _load_chunk(chunk: Sequence[Any], image_root: str | None, size: int, skipped
 
 
 # ---------------------------------------------------------------------------------------------
-# Reports
-# ---------------------------------------------------------------------------------------------
-
-# (label, section, key) of the figures shown in reports and comparisons.
-METRICS = (("open recall", "open", "recall"), ("closed acc", "closed", "accuracy"),
-           ("closed strict", "closed", "accuracy_strict"), ("hedge rate", "closed", "hedge_rate"),
-           ("no answer", "closed", "no_answer_rate"), ("overall", "overall", "score"),
-           ("halluc. rate", "closed", "hallucination_rate"),
-           ("facts contradicted", "description", "facts_contradicted"),
-           ("facts correct", "description", "facts_correct"))
-# What the labels mean, under every table (a markdown list, readable in a terminal too).
-LEGEND = "\n".join((
-    "- open recall: LLaVA-Med's open score (mean token recall × 100)",
-    "- closed acc: LLaVA-Med's lenient closed score, `gt in pred` on normalised strings (\"yes no\" hits "
-    "every yes/no question)",
-    "- closed strict: a yes/no question needs the prediction's one yes/no answer to equal gt (hedges and "
-    "non-answers are wrong); other closed answers must occur as whole words",
-    "- hedge rate: % of closed predictions holding both \"yes\" and \"no\" as words",
-    "- no answer: % of yes/no questions whose prediction gives no yes/no answer",
-    "- overall: mean over questions of open recall and lenient closed hits",
-    "- halluc. rate: % of questions with answer \"no\" answered \"yes\"",
-    "- facts contradicted: over questions whose record lists the scene's facts (\"facts\"), % of the slot values "
-    "an answer states that are not the scene's (CHAIR-like)",
-    "- facts correct: over the same questions, % of the scene's facts the answer states with the true value"))
-MODE_LABELS = {"full": "full", "no_image": "no image", "blank_image": "blank image"}
-
-
-def _fig(scores: Mapping[str, Any], section: str, key: str) -> float | None:
-    return scores.get(section, {}).get(key)  # None (shown "–") for figures older summaries lack
-
-
-def _diff(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else b - a
-
-
-def _fmt(x: float | None, signed: bool = False) -> str:
-    return "–" if x is None else (f"{x:+.2f}" if signed else f"{x:.2f}")
-
-
-def visual_gain(modes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """full − blind for every metric and every blind mode that was run (positive: the image helps;
-    for the hallucination rate, negative: the image lowers it)."""
-    return {mode: {label: _diff(_fig(modes[mode], s, k), _fig(modes["full"], s, k)) for label, s, k in METRICS}
-            for mode in MODES[1:] if mode in modes and "full" in modes}
-
-
-def _listing(items: Sequence[str], show: int = 20) -> str:
-    return ", ".join(items[:show]) + (f", … ({len(items) - show} more)" if len(items) > show else "")
-
-
-def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
-    """Markdown: one row per mode, then one row of visual gain per blind mode; then the questions
-    skipped (unreadable image) and unscorable (no ground truth), by id."""
-    full = entry["modes"]["full"]
-    skipped = entry.get("skipped", [])
-    lines = [f"### {name}", "",
-             f"{full['n_questions'] + len(skipped)} questions read, {len(entry['bad_records'])} malformed records "
-             f"skipped, {len(skipped)} questions skipped (unreadable image), {len(full['unscorable'])} unscorable "
-             f"(no ground truth); answered {full['open']['n']} open, {full['closed']['n']} closed; "
-             f"{len(full['missing'])} missing", "",
-             "| mode | " + " | ".join(label for label, _, _ in METRICS) + " |",
-             "|---|" + "---:|" * len(METRICS)]
-    for mode, scores in entry["modes"].items():
-        lines.append(f"| {MODE_LABELS[mode]} | " + " | ".join(_fmt(_fig(scores, s, k)) for _, s, k in METRICS) + " |")
-    for mode, gains in entry["visual_gain"].items():
-        lines.append(f"| visual gain (full − {MODE_LABELS[mode]}) | "
-                     + " | ".join(_fmt(gains[label], signed=True) for label, _, _ in METRICS) + " |")
-    if skipped:
-        lines += ["", f"Skipped ({len(skipped)}, not scored):", ""]
-        lines += [f"- {s['question_id']}: {s['reason']}" for s in skipped]
-    if full["unscorable"]:
-        lines += ["", f"Unscorable, no ground truth to score against ({len(full['unscorable'])}): "
-                  + _listing(full["unscorable"])]
-    return "\n".join(lines) + "\n"
-
-
-def write_reports(run_dir: Path, cfg: EvalConfig, results: Mapping[str, Any],
-                  fingerprint: Mapping[str, Any] | None = None) -> None:
-    """summary.json (config, provenance fingerprint, every figure) and report.md (a table per benchmark)."""
-    (run_dir / "summary.json").write_text(json.dumps(
-        {"config": dataclasses.asdict(cfg), "provenance": fingerprint, "benchmarks": results}, indent=2),
-        encoding="utf-8")
-    text = ["# Evaluation", "", f"model `{cfg.model}`" + (f", adapter `{cfg.adapter}`" if cfg.adapter else ""),
-            "", LEGEND, ""]
-    text += [benchmark_table(name, entry) for name, entry in results.items()]
-    (run_dir / "report.md").write_text("\n".join(text), encoding="utf-8")
-
-
-def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
-    """Two runs side by side: every figure of both summaries, and B − A."""
-    summaries = []
-    for run in (run_a, run_b):
-        path = Path(run) / "summary.json"
-        if not path.is_file():
-            raise UserError(f"{path} not found: is {run} an eval.py run directory?")
-        try:
-            summaries.append(json.loads(read_text(path))["benchmarks"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(f"{path}: not an eval.py summary ({e})") from None
-    a, b = summaries
-    lines = [f"A = {run_a}", f"B = {run_b}", ""]
-    for name in list(a) + [n for n in b if n not in a]:
-        lines += [f"### {name}", "", "| mode | metric | A | B | B − A |", "|---|---|---:|---:|---:|"]
-        modes = [m for m in MODES if m in a.get(name, {}).get("modes", {}) or m in b.get(name, {}).get("modes", {})]
-        for mode in modes:
-            for label, s, k in METRICS:
-                fa, fb = (_fig(x[name]["modes"][mode], s, k) if mode in x.get(name, {}).get("modes", {}) else None
-                          for x in (a, b))
-                lines.append(f"| {MODE_LABELS[mode]} | {label} | {_fmt(fa)} | {_fmt(fb)} "
-                             f"| {_fmt(_diff(fa, fb), True)} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def scores_table(rows: Mapping[str, Mapping[str, Any]], first: str = "answers") -> str:
-    """Markdown: one row per score_file result, the METRICS as columns (lenient and strict side by side)."""
-    lines = [f"| {first} | " + " | ".join(label for label, _, _ in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
-    for name, scores in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(_fig(scores, s, k)) for _, s, k in METRICS) + " |")
-    return "\n".join(lines)
-
-
-def _counts(scores: Mapping[str, Any]) -> str:
-    c = scores["closed"]
-    return (f"{scores['n_questions']} questions: {c['n']} closed ({c['n_yes_no']} with answer yes/no, "
-            f"{c['n_gt_no']} of them no), {scores['open']['n']} open")
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference baselines: what answering without looking (without a model at all) scores
-# ---------------------------------------------------------------------------------------------
-
-# name → the one string answered to every question, closed and open alike.
-CONSTANT_BASELINES = {"always yes": "yes", "always no": "no", "hedge \"yes no\"": "yes no"}
-MAJORITY_BASELINES = {"majority per question text": False, "majority, leave-one-out": True}
-BASELINES_HELP = (
-    "Reference baselines that need no model, scored like a model's answers. The constant ones answer the "
-    "same string to every question, open questions included: \"yes\", \"no\", and the hedge \"yes no\". "
-    "The majority ones answer only the open questions (closed columns show –): each gets the most common "
-    "normalised ground truth among the open questions of the same file with the same normalised question "
-    "text (ties: the answer met first in file order). That prior is computed on the test file itself, so "
-    "it is oracle-ish: a question text that occurs once gets its own answer. The leave-one-out row leaves "
-    "the question's own answer out of the count (an empty answer when no other question shares the text), "
-    "which is the part of the score the question text alone predicts.")
-
-
-def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> dict[str, str]:
-    """Open question id → the most common normalised answer among the open `records` whose
-    normalised question text is the same. Ties go to the answer met first in file order; with
-    leave_one_out the question's own answer is not counted ("" when it is alone)."""
-    groups: dict[str, list[Any]] = {}
-    for r in records:
-        if r.answer_type == "OPEN" and r.answer is not None and normalize_word(r.answer):
-            groups.setdefault(normalize_word(r.question), []).append(r)
-    out = {}
-    for group in groups.values():
-        counts: dict[str, int] = {}  # insertion order = file order, which max() keeps for ties
-        for r in group:
-            a = normalize_word(r.answer)
-            counts[a] = counts.get(a, 0) + 1
-        for r in group:
-            own = normalize_word(r.answer)
-            pool = {a: c - (leave_one_out and a == own) for a, c in counts.items()}
-            out[r.id] = max(pool, key=pool.get) if max(pool.values()) > 0 else ""
-    return out
-
-
-def baselines(records: Sequence[Any]) -> dict[str, dict[str, Any]]:
-    """name → score_file result of every reference baseline (see BASELINES_HELP) on `records`."""
-    answers = {name: [{"question_id": r.id, "text": text} for r in records]
-               for name, text in CONSTANT_BASELINES.items()}
-    for name, leave_one_out in MAJORITY_BASELINES.items():
-        answers[name] = [{"question_id": qid, "text": text}
-                         for qid, text in majority_answers(records, leave_one_out=leave_one_out).items()]
-    return {name: score_file(rows, records) for name, rows in answers.items()}
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
-# ---------------------------------------------------------------------------------------------
-
-def read_questions(path: str, ground_truth: str | None = None) -> tuple[list[Any], list[Any]]:
-    """data.read_records, with the errors a user can act on: a file not found, bytes that are not
-    UTF-8 (the file and byte offset), a file that is not JSON or JSON lines."""
-    for what, f in (("question file", path), ("ground-truth file", ground_truth)):
-        if f is None:
-            continue
-        if not Path(f).is_file():
-            raise UserError(f"{f}: {what} not found")
-        read_text(f)  # a DataError naming the byte offset, which read_records would not give
-    try:
-        return read_records(path, answers_path=ground_truth)
-    except ValueError as error:  # read_records raises it for a file it cannot read as a whole
-        raise DataError(str(error)) from error
-
-
-def load_benchmarks(cfg: EvalConfig) -> dict[str, tuple[list[Any], list[Any]]]:
-    """name → (records, bad records), through data.read_records, cut to --limit."""
-    paths = parse_named(cfg.benchmark, "--benchmark")
-    gts = parse_named(cfg.ground_truth, "--ground-truth", names=list(paths))
-    out = {}
-    for name, path in paths.items():
-        records, bad = read_questions(path, gts.get(name))
-        out[name] = (records[:cfg.limit] if cfg.limit is not None else records, bad)
-    return out
-
 
 def load_for_eval(cfg: EvalConfig, device: str):
     """Model (with the LoRA adapter applied, unmerged) and tokenizer; a checkpoint, adapter or
@@ -1043,56 +634,25 @@ def load_for_eval(cfg: EvalConfig, device: str):
 # What data.preprocess_image does in eval (not an option yet): in the fingerprint, so that a later
 # option or default does not mix answers to differently prepared images in one run.
 IMAGE_PREPROCESSING = "LLaVA-Med pad: square with the CLIP mean colour, centred; bicubic resize"
-PROVENANCE = "provenance.json"
 
 
 def run_fingerprint(cfg: EvalConfig, questions: Mapping[str, Sequence[Any]], roots: Mapping[str, str],
                     dtype: torch.dtype) -> dict[str, Any]:
-    """What the answers depend on (see the module docstring, "Resuming"). `questions`: every
-    question of each benchmark file, not only the first --limit, so that --limit can change."""
-    parts: dict[str, Any] = {
+    """What the answers depend on (docs/FORMATS.md "Run directory"). `questions`: every question
+    of each benchmark file, not only the first --limit, so that --limit can change."""
+    inputs: dict[str, Any] = {
         "model": provenance.Dir(cfg.model),
         "adapter": provenance.Dir(cfg.adapter) if cfg.adapter else None,
         "vision tower": provenance.Dir(cfg.vision_tower) if cfg.vision_tower else None,
         "tokenizer": provenance.File(tokenizer_file(cfg.tokenizer or cfg.model)),
     }
     for name, records in questions.items():
-        parts[f"questions {name}"] = provenance.Content([[r.id, r.image, r.question] for r in records])
-        parts[f"images {name}"] = provenance.Files(roots.get(name, roots.get("*")),
-                                                   sorted({r.image for r in records}))
-    parts.update(template=cfg.template, max_new_tokens=cfg.max_new_tokens,
-                 dtype=str(dtype).removeprefix("torch."), image_preprocessing=IMAGE_PREPROCESSING,
-                 decoding="greedy")
-    return provenance.fingerprint(**parts)
-
-
-def _has_outputs(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").exists() or any(run_dir.glob("*/answers*.jsonl"))
-
-
-def start_run(run_dir: Path, now: Mapping[str, Any], *, overwrite: bool, rank: int,
-              session: Mapping[str, Any]) -> None:
-    """Resume only what the same inputs and options made: compare the fingerprint with the run's
-    provenance.json (every rank, so that all stop together), or, with --overwrite, clear the
-    run. Rank 0 then records the fingerprint and this session. Call a barrier after it."""
-    path = run_dir / PROVENANCE
-    record = None
-    if overwrite:
-        if rank == 0:
-            clear_run(run_dir)
-    elif _has_outputs(run_dir):
-        record = provenance.load(path)
-        if record is None:
-            raise UserError(f"{run_dir} holds answers but no {PROVENANCE} (written by an eval.py older than "
-                            "it), so what made them cannot be checked; rerun with --overwrite to start again, "
-                            "or choose another --out")
-        provenance.check(record["fingerprint"], now, run_dir,
-                         restart="rerun with --overwrite to start again (this deletes its answers)")
-    if rank == 0:
-        for stale in run_dir.glob("*/skipped.rank*.jsonl"):  # from an interrupted run; rebuilt below
-            stale.unlink()
-        sessions = list(record.get("sessions", [])) if record else []
-        provenance.save(path, now, made_by="eval.py", sessions=sessions + [dict(session)])
+        inputs[f"questions {name}"] = provenance.Content([[r.id, r.image, r.question] for r in records])
+        inputs[f"images {name}"] = provenance.Files(roots.get(name, roots.get("*")),
+                                                    sorted({r.image for r in records}))
+    return provenance.run_fingerprint(inputs, None, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
+                                      dtype=str(dtype).removeprefix("torch."),
+                                      image_preprocessing=IMAGE_PREPROCESSING, decoding="greedy")
 
 
 def run(cfg: EvalConfig) -> dict[str, Any] | None:
@@ -1108,7 +668,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     device = cfg.device if cfg.device != "auto" else (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device, gpu_default="float16")
     run_dir = Path(cfg.out)
-    every = load_benchmarks(dataclasses.replace(cfg, limit=None))
+    every = read_benchmarks(cfg.benchmark, cfg.ground_truth)  # every question: all are fingerprinted
     roots = parse_named(cfg.image_root, "--image-root", names=list(every), allow_global=True)
     sources = parse_named(cfg.benchmark, "--benchmark")
     benchmarks, screened = {}, {}
@@ -1127,18 +687,19 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
             raise UserError(f"{flag} {path}: " + ("not a directory" if Path(path).exists() else "directory not found"))
     model_id = cfg.model_id or Path(cfg.model).resolve().name
     now = run_fingerprint(cfg, {name: records for name, (records, _) in every.items()}, roots, dtype)
-    session = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "batch_size": cfg.batch_size, "device": device, "world_size": world, "limit": cfg.limit,
-               "blind": cfg.blind, "model_id": model_id}
-    start_run(run_dir, now, overwrite=cfg.overwrite, rank=rank, session=session)
-    barrier(world)
+    if rank == 0:
+        clear_stale(run_dir)  # an interrupted session's skipped files: this one lists its own
+    start_run(run_dir, now, resume=not cfg.overwrite and has_answers(run_dir), clear=clear_run, made_by="eval.py",
+              session={"batch_size": cfg.batch_size, "device": device, "world_size": world, "limit": cfg.limit,
+                       "blind": cfg.blind, "model_id": model_id},
+              holds="answers", restart="rerun with --overwrite to start again (this deletes its answers)",
+              rank=rank, world=world)
 
     model, tokenizer = load_for_eval(cfg, device)
     if rank == 0:  # the options as given, and what "auto" and the defaults resolved to
         resolved = {**dataclasses.asdict(cfg), "resolved": {
             "device": device, "dtype": str(model.dtype).removeprefix("torch."), "world_size": world,
             "model_id": model_id, "num_image_tokens": model.config.num_image_tokens}}
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
         print(f"eval.py: {device}, {resolved['resolved']['dtype']}; options in {run_dir}/config.json", file=sys.stderr)
     modes = MODES if cfg.blind else MODES[:1]
@@ -1152,10 +713,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
             barrier(world)
             if rank == 0:
                 merge_answers(run_dir, name, mode, records)
-        failed = [{"question_id": qid, "reason": why} for qid, why in skipped.items() if qid not in screened[name]]
-        if failed:
-            skipped_path(run_dir, name, rank).write_text("".join(json.dumps(r) + "\n" for r in failed),
-                                                         encoding="utf-8")
+        write_skipped(run_dir, name, rank, {qid: why for qid, why in skipped.items() if qid not in screened[name]})
     barrier(world)
     if rank != 0:
         return None
@@ -1174,15 +732,25 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         if skipped or unscorable:
             print(f"{name}: {len(skipped)} questions skipped (unreadable image), {len(unscorable)} unscorable "
                   f"(no ground truth); listed in {run_dir / 'summary.json'} and report.md", file=sys.stderr)
-    write_reports(run_dir, cfg, results, now)
+    write_reports(run_dir, dataclasses.asdict(cfg), results, now)
     return results
 
 
-def _read_questions(path: str, ground_truth: str | None) -> list[Any]:
-    records, bad = read_questions(path, ground_truth)
+def _scoring_command(argv: Sequence[str], description: str, questions: str,
+                     answers: bool = False) -> tuple[argparse.Namespace, list[Any]]:
+    """`eval.py score` (answers=True) or `eval.py baselines`: the options, and the questions read
+    (bad records reported on stderr)."""
+    p = argparse.ArgumentParser(prog=f"eval.py {argv[0]}", description=description)
+    if answers:
+        p.add_argument("--answers", required=True, help="answer-file JSONL (question_id and text per line)")
+    p.add_argument("--questions", required=True, help=questions)
+    p.add_argument("--ground-truth", help="answers kept apart from the questions")
+    p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
+    args = p.parse_args(argv[1:])
+    records, bad = read_questions(args.questions, args.ground_truth)
     for b in bad:
         print(f"bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
-    return records
+    return args, records
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1196,37 +764,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = p.parse_args(argv[1:])
         print(compare_runs(args.run_a, args.run_b))
     elif argv[:1] == ["score"]:
-        p = argparse.ArgumentParser(prog="eval.py score", description="Score an existing answer file (ours or "
-                                    "one written by LLaVA-Med's scripts) without a model: LLaVA-Med's lenient "
-                                    "figures and the strict ones side by side.")
-        p.add_argument("--answers", required=True, help="answer-file JSONL (question_id and text per line)")
-        p.add_argument("--questions", required=True, help="test.json or question JSONL, e.g. "
-                       "tests/data/VQA_RAD_test_llavamed_format.jsonl")
-        p.add_argument("--ground-truth", help="answers kept apart from the questions")
-        p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
-        args = p.parse_args(argv[1:])
-        records = _read_questions(args.questions, args.ground_truth)
+        args, records = _scoring_command(
+            argv, "Score an existing answer file (ours or one written by LLaVA-Med's scripts) without a model: "
+            "LLaVA-Med's lenient figures and the strict ones side by side.",
+            "test.json or question JSONL, e.g. tests/data/VQA_RAD_test_llavamed_format.jsonl", answers=True)
         s = score_file(read_answer_file(args.answers), records)
         if args.json:
             print(json.dumps(s, indent=2))
             return 0
-        print(f"{args.answers} on {args.questions}\n{_counts(s)}; answered {s['n_answered']}, "
+        print(f"{args.answers} on {args.questions}\n{question_counts(s)}; answered {s['n_answered']}, "
               f"{len(s['missing'])} missing (left out), {len(s['unscorable'])} unscorable (no ground truth), "
               f"{len(s['unknown'])} answers to unknown ids\n")
         print(scores_table({Path(args.answers).name: s}) + "\n\n" + LEGEND)
     elif argv[:1] == ["baselines"]:
-        p = argparse.ArgumentParser(prog="eval.py baselines", description=BASELINES_HELP)
-        p.add_argument("--questions", required=True, help="test.json or question JSONL with answers")
-        p.add_argument("--ground-truth", help="answers kept apart from the questions")
-        p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
-        args = p.parse_args(argv[1:])
-        records = _read_questions(args.questions, args.ground_truth)
+        args, records = _scoring_command(argv, BASELINES_HELP, "test.json or question JSONL with answers")
         results = baselines(records)
         if args.json:
             print(json.dumps({name: {k: s[k] for k in ("open", "closed", "overall")} for name, s in results.items()},
                              indent=2))
             return 0
-        print(f"{args.questions}\n{_counts(results['always yes'])}\n")
+        print(f"{args.questions}\n{question_counts(results['always yes'])}\n")
         print(scores_table(results, "baseline") + "\n\n" + LEGEND)
     else:
         cfg = EvalConfig(**vars(build_parser().parse_args(argv)))

@@ -87,7 +87,7 @@ from model.llava import Llava, LlavaConfig, preset, token_logprobs
 from model.loading import read_config, read_vision_config
 from model.lora import apply_lora, export_merged, lora_disabled, lora_parameters
 from model.tokenizer import IMAGE_TOKEN, load_tokenizer, tokenizer_file
-from harness.rundir import (PATH_FIELDS, check_out, load_checkpoint, plot_metrics, report_skipped,
+from harness.rundir import (PATH_FIELDS, check_out, clear_outputs, load_checkpoint, plot_metrics, report_skipped,
                     require_matplotlib, save_checkpoint, save_weights, start_run, write_run_start)
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +299,11 @@ def train(cfg: TrainConfig) -> dict:
     total = steps_per_epoch * cfg.epochs
 
     now = run_fingerprint(cfg, tokenizer_path, image_root, images, dtype, ctx)
-    start_run(out, now, cfg, ctx)
+    start_run(out, now, resume=cfg.resume, clear=clear_outputs, made_by="train.py", holds="checkpoints",
+              session={"resume": cfg.resume, "max_steps": cfg.max_steps, "device": str(ctx.device),
+                       "world_size": ctx.world},
+              restart="rerun with --overwrite to start again (this deletes its checkpoints and metrics)",
+              rank=ctx.rank, world=ctx.world)
     if ctx.rank == 0:
         write_run_start(out, cfg, bad)
         print(f"{len(examples)} training entries, {len(held_out)} held out, {len(bad)} skipped"

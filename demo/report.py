@@ -34,6 +34,8 @@ from pathlib import Path
 from PIL import Image
 
 import eval as evaluation
+from harness.answers import answers_path
+from harness.benchmarks import parse_named
 from harness.cli import UserError, run_main
 from harness.files import read_jsonl
 from data import read_records, resolve_image
@@ -408,13 +410,13 @@ def answers_section(run_dir: Path, n: int = QUESTIONS) -> str:
     if not config_path.is_file():
         return "\n".join(parts + [_note(f"no {html.escape(str(config_path))}: eval.py has not run")])
     cfg = json.loads(config_path.read_text(encoding="utf-8"))
-    benchmarks = evaluation.parse_named(cfg["benchmark"], "--benchmark")
-    roots = evaluation.parse_named(cfg.get("image_root", []), "--image-root", names=list(benchmarks), allow_global=True)
+    benchmarks = parse_named(cfg["benchmark"], "--benchmark")
+    roots = parse_named(cfg.get("image_root", []), "--image-root", names=list(benchmarks), allow_global=True)
     for name, path in benchmarks.items():
         records, _ = read_records(path)
         answers = {}
         for run in ("base", "hscr"):
-            file = evaluation.answers_path(run_dir / f"eval-{run}", name, "full")
+            file = answers_path(run_dir / f"eval-{run}", name, "full")
             answers[run] = {str(a["question_id"]): a["text"] for a in read_jsonl(file)}
         answered = [r for r in records if r.id in answers["base"] and r.id in answers["hscr"]]
         differ = [r for r in answered if answers["base"][r.id] != answers["hscr"][r.id]]

@@ -4,7 +4,10 @@
     files        UTF-8 text, JSON / JSON-lines readers, atomic writes, torn-line repair
     dist         torchrun's environment and the process group
     provenance   content fingerprints of what made an output, and what changed since
-    rundir       train.py's output directory: checkpoints and exact resume
+    rundir       train.py's output directory: checkpoints and exact resume; start or resume a run (eval.py's too)
+    benchmarks   eval.py's inputs: NAME=PATH options, question files, missing or unreadable images
+    answers      eval.py's answer files: per-rank JSONL shards, resumable, merged in question order
+    reports      eval.py's tables: report.md, summary.json, compare / score / baselines
 
 Nothing here is part of HSCR; the scripts import it, it never imports them.
 """

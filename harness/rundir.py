@@ -2,8 +2,9 @@
 
     check_out / clear_outputs   an --out holds one run: refused without --resume or --overwrite,
                                 --overwrite deletes what train.py writes there (OUTPUTS) and nothing else
-    start_run                   --resume continues only a run with the same fingerprint
-                                (provenance.json, harness/provenance.py); a new run records its own
+    start_run                   start or resume a run directory, train.py's and eval.py's: resuming
+                                needs the same fingerprint (provenance.json, harness/provenance.py);
+                                a new run clears the script's outputs and records its own
     write_run_start             config.json and bad_records.jsonl
     save_checkpoint / load_checkpoint
                                 checkpoints/step-NNNNNN/{adapter/ | model/, trainer.pt} written
@@ -23,13 +24,16 @@ import os
 import random
 import shutil
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from harness import provenance
 from harness.cli import UserError
+from harness.dist import barrier
 from harness.files import atomic_write_text, read_jsonl
 from data import BadRecord
 from model import load_model, save_model
@@ -100,29 +104,35 @@ def clear_outputs(out: Path) -> None:
             path.unlink()
 
 
-def start_run(out: Path, now: dict, cfg, ctx) -> None:
-    """--resume continues only what the same inputs and options made (out/provenance.json, checked
-    on every process so that all stop together); a new run starts from an --out cleared of
-    train.py's files. Rank 0 then records the fingerprint and this session."""
+def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callable[[Path], None], made_by: str,
+              session: Mapping[str, Any], holds: str, restart: str, rank: int = 0, world: int = 1) -> None:
+    """Start or resume the run in `out`, for every script that keeps one there.
+
+    resume: continue what `out` holds, only if the same inputs and options made it: its
+    provenance.json must exist (an output without one cannot be checked: refused, naming what
+    `out` holds) and its fingerprint equal `now` (else ProvenanceError naming each change).
+    Checked on every rank, so that all stop together. eval.py resumes whenever --out holds
+    answers and --overwrite is not given; train.py only with --resume (check_out refused the rest).
+    Otherwise rank 0 deletes this script's outputs with `clear(out)`. Rank 0 then records the
+    fingerprint, `made_by` and the sessions so far plus this one (`session`, with its start time).
+    `restart` says how to start again instead, e.g. "rerun with --overwrite to start again".
+    """
     path = out / PROVENANCE
     record = None
-    if cfg.resume:
+    if resume:
         record = provenance.load(path)
         if record is None:
-            raise UserError(f"{out} has checkpoints but no {PROVENANCE} (written by a train.py older than it), so "
-                            "what made them cannot be checked; rerun with --overwrite to start again")
-        provenance.check(record["fingerprint"], now, out,
-                         restart="rerun with --overwrite to start again (this deletes its checkpoints and metrics)")
-    ctx.barrier()  # every process has read the old record before rank 0 replaces it
-    if ctx.rank == 0:
-        if not cfg.resume:
-            clear_outputs(out)
-        session = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "resume": cfg.resume, "max_steps": cfg.max_steps, "device": str(ctx.device),
-                   "world_size": ctx.world}
-        provenance.save(path, now, made_by="train.py",
-                        sessions=list(record.get("sessions", [])) + [session] if record else [session])
-    ctx.barrier()
+            raise UserError(f"{out} holds {holds} but no {PROVENANCE}, so what made them cannot be checked; "
+                            f"{restart}, or choose another --out")
+        provenance.check(record["fingerprint"], now, out, restart=restart)
+    barrier(world)  # every process has read the old record before rank 0 replaces it
+    if rank == 0:
+        if not resume:
+            clear(out)
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        sessions = list(record.get("sessions", [])) if record else []
+        provenance.save(path, now, made_by=made_by, sessions=sessions + [{"started": started, **session}])
+    barrier(world)
 
 
 def write_run_start(out: Path, cfg, bad: list[BadRecord]) -> None:

@@ -14,6 +14,9 @@ from types import SimpleNamespace
 import pytest
 
 import eval as E
+from data import read_records
+from harness import answers as A
+from harness.benchmarks import read_benchmarks
 from harness.files import DataError
 from harness.cli import UserError, run_main
 from harness.provenance import ProvenanceError
@@ -229,7 +232,7 @@ def test_score_file_empty_type_is_none():
 # The real benchmark files: the constant baselines, counted independently
 # ---------------------------------------------------------------------------------------------
 def _benchmark(path):
-    records, bad = E.read_records(path)
+    records, bad = read_records(path)
     assert bad == []
     return records
 
@@ -398,11 +401,8 @@ def test_formats_read_into_the_same_questions(tiny):
     """test.json (with the `conversatons` misspelling), question JSONL with inline answers, and
     question JSONL with answers in another file give the same questions; the malformed line is
     reported with its file and index."""
-    cfg = E.EvalConfig(model="-", out="-", benchmark=[f"json={tiny.root / 'test.json'}",
-                                                      f"jsonl={tiny.root / 'questions.jsonl'}",
-                                                      f"split={tiny.root / 'questions_only.jsonl'}"],
-                       ground_truth=[f"split={tiny.root / 'answers.jsonl'}"])
-    b = E.load_benchmarks(cfg)
+    b = read_benchmarks([f"json={tiny.root / 'test.json'}", f"jsonl={tiny.root / 'questions.jsonl'}",
+                         f"split={tiny.root / 'questions_only.jsonl'}"], [f"split={tiny.root / 'answers.jsonl'}"])
     expected = [(str(i), im, q, a, t) for i, im, q, a, t in QUESTIONS]
     for name in ("json", "jsonl", "split"):
         assert _fields(b[name][0]) == expected, name
@@ -416,7 +416,7 @@ def test_no_image_mode_drops_every_visual_token(tiny):
     pixels; blank_image: the same ids as full, one mean-colour image for every row."""
     import torch
 
-    records = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"q={tiny.root / 'test.json'}"]))["q"][0]
+    records = read_benchmarks([f"q={tiny.root / 'test.json'}"])["q"][0]
     cfg = tiny.model.config
     kw = dict(tokenizer=tiny.tokenizer, config=cfg, image_root=str(tiny.images))
     full, none, blank = (E.build_batch(records[:2], m, **kw) for m in E.MODES)
@@ -438,7 +438,7 @@ def test_blind_modes_change_the_logits(tiny):
     next-token logits, and the no_image and blank_image inputs differ from the full one."""
     import torch
 
-    records = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"q={tiny.root / 'test.json'}"]))["q"][0]
+    records = read_benchmarks([f"q={tiny.root / 'test.json'}"])["q"][0]
     # rows 0 and 3 ask about image a, row 1 about b: same question text for 0 vs a copy on b
     same_q_other_image = SimpleNamespace(**{**vars(records[0]), "image": "b.png"})
     kw = dict(tokenizer=tiny.tokenizer, config=tiny.model.config, image_root=str(tiny.images))
@@ -476,7 +476,7 @@ class _StopAfter:
 
 
 def _generate(tiny, model, run_dir, batch_size, rank=0, world=1):
-    records = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"q={tiny.root / 'test.json'}"]))["q"][0]
+    records = read_benchmarks([f"q={tiny.root / 'test.json'}"])["q"][0]
     n = E.generate_answers(model, tiny.tokenizer, records, run_dir=run_dir, name="q", mode="full",
                            image_root=str(tiny.images), model_id="tiny", batch_size=batch_size,
                            max_new_tokens=6, rank=rank, world=world)
@@ -486,17 +486,17 @@ def _generate(tiny, model, run_dir, batch_size, rank=0, world=1):
 def test_resume_gives_the_same_answer_file(tiny, tmp_path):
     records, n = _generate(tiny, tiny.model, tmp_path / "once", batch_size=2)
     assert n == 5
-    once = E.merge_answers(tmp_path / "once", "q", "full", records).read_text()
+    once = A.merge_answers(tmp_path / "once", "q", "full", records).read_text()
 
     with pytest.raises(_Interrupt):  # two batches (4 answers) written, then interrupted
         _generate(tiny, _StopAfter(tiny.model, 2), tmp_path / "resumed", batch_size=2)
-    shard = E.answers_path(tmp_path / "resumed", "q", "full", 0)
+    shard = A.answers_path(tmp_path / "resumed", "q", "full", 0)
     assert len(shard.read_text().splitlines()) == 4
     with open(shard, "a") as f:  # and a torn last line, as a kill during a write leaves
         f.write('{"question_id": 15, "te')
     _, n = _generate(tiny, tiny.model, tmp_path / "resumed", batch_size=2)
     assert n == 1  # only the unanswered question
-    assert E.merge_answers(tmp_path / "resumed", "q", "full", records).read_text() == once
+    assert A.merge_answers(tmp_path / "resumed", "q", "full", records).read_text() == once
     _, n = _generate(tiny, tiny.model, tmp_path / "resumed", batch_size=2)
     assert n == 0  # a finished run answers nothing more
 
@@ -509,14 +509,14 @@ def test_resume_gives_the_same_answer_file(tiny, tmp_path):
 def test_batched_and_sharded_runs_equal_batch_one(tiny, tmp_path):
     """Left padding must not change greedy answers; two shards merged equal one run."""
     records, _ = _generate(tiny, tiny.model, tmp_path / "b1", batch_size=1)
-    one = E.merge_answers(tmp_path / "b1", "q", "full", records).read_text()
+    one = A.merge_answers(tmp_path / "b1", "q", "full", records).read_text()
     _generate(tiny, tiny.model, tmp_path / "b5", batch_size=5)
-    assert E.merge_answers(tmp_path / "b5", "q", "full", records).read_text() == one
+    assert A.merge_answers(tmp_path / "b5", "q", "full", records).read_text() == one
     for rank in (1, 0):
         _generate(tiny, tiny.model, tmp_path / "w2", batch_size=3, rank=rank, world=2)
-    assert len(E._shards(tmp_path / "w2", "q", "full")) == 2
-    assert E.merge_answers(tmp_path / "w2", "q", "full", records).read_text() == one
-    assert E._shards(tmp_path / "w2", "q", "full") == []
+    assert len(A.shards(tmp_path / "w2", "q", "full")) == 2
+    assert A.merge_answers(tmp_path / "w2", "q", "full", records).read_text() == one
+    assert A.shards(tmp_path / "w2", "q", "full") == []
 
 
 def test_cli_run_blind_report_and_compare(tiny, tmp_path, capsys):
@@ -530,10 +530,10 @@ def test_cli_run_blind_report_and_compare(tiny, tmp_path, capsys):
     assert set(rad["modes"]) == set(E.MODES)
     assert [b["index"] for b in rad["bad_records"]] == [2]  # reported, and the rest scored:
     assert rad["modes"]["full"]["open"]["n"] == 3 and rad["modes"]["full"]["closed"]["n"] == 2
-    records = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"r={tiny.root / 'questions.jsonl'}"]))
+    records = read_benchmarks([f"r={tiny.root / 'questions.jsonl'}"])
     records = records["r"][0]
     for mode in E.MODES:
-        rows = E.read_answers(E.answers_path(run_a, "rad", mode))
+        rows = A.read_answers(A.answers_path(run_a, "rad", mode))
         # scores recomputed from the answer file equal the summary's
         assert E.score_file(rows, records) == rad["modes"][mode]
         assert all(r["metadata"]["mode"] == mode for r in rows)
@@ -627,7 +627,7 @@ def test_pathvqa_answer_types_are_scored(tmp_path):
             {"question_id": 3, "image": "x.png", "text": "How many?", "answer": 3, "answer_type": "number"}]
     path = tmp_path / "pvqa.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    records, bad = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"p={path}"]))["p"]
+    records, bad = read_benchmarks([f"p={path}"])["p"]
     assert bad == [] and [r.answer_type for r in records] == ["CLOSED", "OPEN", "OPEN"]
     s = E.score_file([{"question_id": 1, "text": "Yes."}, {"question_id": 2, "text": "colon"},
                       {"question_id": 3, "text": "three nuclei"}], records)
@@ -698,14 +698,14 @@ def test_read_answers_splits_on_newlines_only(tmp_path):
     path = tmp_path / "answers.jsonl"
     rows = [{"question_id": 1, "text": "left\u2028lung"}, {"question_id": 2, "text": "no"}]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    assert E.read_answers(path) == rows == E.read_answer_file(path)
+    assert A.read_answers(path) == rows == A.read_answer_file(path)
     path.write_text(path.read_text(encoding="utf-8") + '{"question_id": 3, "te', encoding="utf-8")
-    assert E.read_answers(path) == rows  # a torn last line: ignored (answered again)
+    assert A.read_answers(path) == rows  # a torn last line: ignored (answered again)
     with pytest.raises(DataError, match=r"answers.jsonl: line 3 is not valid JSON"):
-        E.read_answer_file(path)  # in a file from elsewhere, it is an error naming the line
+        A.read_answer_file(path)  # in a file from elsewhere, it is an error naming the line
     (tmp_path / "mid.jsonl").write_text('{"question_id": 1, "text": "a"}\n{oops\n{"question_id": 2, "text": "b"}\n')
     with pytest.raises(DataError, match=r"mid.jsonl:2: not a JSON line"):
-        E.read_answers(tmp_path / "mid.jsonl")
+        A.read_answers(tmp_path / "mid.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,7 +720,7 @@ def _cli(tiny, out, *extra, questions="questions.jsonl", model=None, images=None
 
 
 def _answers(run_dir, mode="full"):
-    return E.answers_path(Path(run_dir), "rad", mode).read_text()
+    return A.answers_path(Path(run_dir), "rad", mode).read_text()
 
 
 def _adapter(tiny, path):
@@ -802,7 +802,7 @@ def test_overwrite_starts_again(tiny, tmp_path):
     _cli(tiny, tmp_path / "fresh", "--adapter", str(adapter))
     assert _answers(run) == _answers(tmp_path / "fresh") != base
     assert set(summary["modes"]) == {"full"}  # the blind answers went with the rest
-    assert not E.answers_path(run, "rad", "no_image").exists() and (run / "notes.txt").exists()
+    assert not A.answers_path(run, "rad", "no_image").exists() and (run / "notes.txt").exists()
     record = json.loads((run / "provenance.json").read_text())
     assert len(record["sessions"]) == 1 and record["fingerprint"]["adapter"]["path"] == str(adapter.resolve())
 
@@ -824,7 +824,7 @@ def test_torn_answer_file_is_repaired_and_resumed(tiny, tmp_path):
     _cli(tiny, run)
     whole = _answers(run)
     lines = whole.splitlines(keepends=True)
-    E.answers_path(run, "rad", "full").write_text("".join(lines[:-1]) + lines[-1][:25])
+    A.answers_path(run, "rad", "full").write_text("".join(lines[:-1]) + lines[-1][:25])
     _cli(tiny, run)
     assert _answers(run) == whole
     assert len(json.loads((run / "provenance.json").read_text())["sessions"]) == 2
@@ -886,7 +886,7 @@ def test_unreadable_images_are_skipped_and_reported(tiny, tmp_path, capsys):
     assert "image bomb.png: refused by pillow's decompression-bomb guard" in reasons["23"]
     assert "image cut.jpg: " in reasons["24"] and "truncated" in reasons["24"]
     for mode in E.MODES:
-        rows_out = E.read_answers(E.answers_path(tmp_path / "run", "rad", mode))
+        rows_out = A.read_answers(A.answers_path(tmp_path / "run", "rad", mode))
         assert [r["question_id"] for r in rows_out] == [11, 12, 13, 14, 15], mode
         assert rad["modes"][mode]["n_questions"] == 5 and rad["modes"][mode]["missing"] == [], mode
     err = capsys.readouterr().err
@@ -903,13 +903,13 @@ def test_generation_skips_an_image_that_fails_to_load(tiny, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(tiny.images, images)
     (images / "b.png").write_bytes(b"")  # questions 12 and 15 use b.png
-    records = E.load_benchmarks(E.EvalConfig(model="-", out="-", benchmark=[f"q={tiny.root / 'test.json'}"]))["q"][0]
+    records = read_benchmarks([f"q={tiny.root / 'test.json'}"])["q"][0]
     skipped = {}
     n = E.generate_answers(tiny.model, tiny.tokenizer, records, run_dir=tmp_path / "run", name="q", mode="full",
                            image_root=str(images), model_id="tiny", batch_size=5, max_new_tokens=3,
                            skipped=skipped)
     assert n == 3 and list(skipped) == ["12", "15"] and "b.png" in skipped["12"]
-    rows = E.read_answers(E.answers_path(tmp_path / "run", "q", "full", 0))
+    rows = A.read_answers(A.answers_path(tmp_path / "run", "q", "full", 0))
     assert [r["question_id"] for r in rows] == [11, 13, 14]
 
 
@@ -922,7 +922,7 @@ def test_empty_ground_truth_is_listed_as_unscorable(tiny, tmp_path):
     rad = _cli(tiny, tmp_path / "run", questions="empty_gt.jsonl")
     full = rad["modes"]["full"]
     assert full["unscorable"] == ["11"] and full["closed"]["n"] == 1 and full["open"]["n"] == 3
-    assert len(E.read_answers(E.answers_path(tmp_path / "run", "rad", "full"))) == 5  # still answered
+    assert len(A.read_answers(A.answers_path(tmp_path / "run", "rad", "full"))) == 5  # still answered
     report = (tmp_path / "run" / "report.md").read_text()
     assert "1 unscorable (no ground truth)" in report and "Unscorable, no ground truth to score against (1): 11" in report
 
@@ -987,7 +987,7 @@ def test_facts_are_read_and_bad_facts_are_named(tmp_path):
             {"id": "b", "image": "b.png", "answer_type": "OPEN", "facts": ["left"],
              "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "x"}]}]
     path.write_text(json.dumps(rows))
-    records, bad = E.read_records(path)
+    records, bad = read_records(path)
     assert [r.id for r in records] == ["a"] and records[0].facts == FACTS
     assert len(bad) == 1 and bad[0].id == "b" and "'facts' must be an object" in bad[0].reason
     with pytest.raises(DataError, match=r"question q7: facts\['side'\]"):

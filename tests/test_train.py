@@ -363,7 +363,8 @@ def test_existing_run_is_refused_and_overwrite_starts_clean(workspace, tmp_path,
 
 
 def test_resume_stops_when_the_model_changed(workspace, tmp_path):
-    """--resume after the base model's weights changed stops and names the weights file."""
+    """--resume after the base model's weights changed stops and names the weights file; without
+    provenance.json it stops too."""
     root, ckpt, prefs = workspace
     model = tmp_path / "ckpt"
     model.mkdir()
@@ -376,6 +377,9 @@ def test_resume_stops_when_the_model_changed(workspace, tmp_path):
     weights[name] = weights[name] + 1
     save_file(weights, model / "model.safetensors")
     with pytest.raises(ProvenanceError, match=r"model weights \(model.safetensors\) changed.*--overwrite"):
+        train.train(short(workspace, out, model=str(model), resume=True))
+    (out / "provenance.json").unlink()  # a user deleted the record: what made the run cannot be checked
+    with pytest.raises(UserError, match=f"^{out} holds checkpoints but no provenance.json, .*--overwrite"):
         train.train(short(workspace, out, model=str(model), resume=True))
 
 

@@ -1,0 +1,144 @@
+"""eval.py's answer files: LLaVA-Med's answer-file JSONL, written per rank, resumable, merged in
+question order (docs/FORMATS.md "Evaluation files").
+
+    {run}/{benchmark}/answers.jsonl              LLaVA-Med's answer file (mode `full`)
+    {run}/{benchmark}/answers-{mode}.jsonl       the blind modes
+    {run}/{benchmark}/answers*.rank{r}.jsonl     rank r's shard while running (merged, then removed)
+    {run}/{benchmark}/skipped.rank{r}.jsonl      questions rank r could not build (gathered, then removed)
+
+A shard is appended to and flushed per batch; a kill mid-write leaves a torn last line, which is
+ignored (the question is answered again) and cut off before the next append. Nothing here knows
+how an answer is made; eval.py imports it, it never imports eval.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from harness.cli import UserError
+from harness.files import BadLine, DataError, read_json_records, read_jsonl
+
+PROVENANCE = "provenance.json"
+
+
+def answers_path(run_dir: Path, name: str, mode: str, rank: int | None = None) -> Path:
+    """{run}/{benchmark}/answers[-mode][.rank{r}].jsonl (mode `full` is LLaVA-Med's answer file)."""
+    stem = "answers" if mode == "full" else f"answers-{mode}"
+    return run_dir / name / (f"{stem}.jsonl" if rank is None else f"{stem}.rank{rank}.jsonl")
+
+
+def answer_id(model_id: str, mode: str, question_id: str, text: str) -> str:
+    """A content hash in place of LLaVA-Med's random shortuuid, so that a resumed run writes
+    the same file as an uninterrupted one."""
+    return hashlib.sha1(f"{model_id}\n{mode}\n{question_id}\n{text}".encode()).hexdigest()[:22]
+
+
+def answer_row(record, text: str, model_id: str, mode: str) -> dict[str, Any]:
+    """One answer-file line. question_id keeps the question file's integer when it was one
+    (Record ids are strings); prompt is the question without <image>, as LLaVA-Med writes it."""
+    qid: int | str = int(record.id) if record.id.isdigit() and str(int(record.id)) == record.id else record.id
+    return {"question_id": qid, "prompt": record.question, "text": text,
+            "answer_id": answer_id(model_id, mode, record.id, text), "model_id": model_id,
+            "metadata": {"mode": mode}}
+
+
+def read_answers(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """Rows of an answer file eval.py wrote. A last line without its newline is what a kill
+    mid-write leaves: it is ignored (and answered again), and with `repair` cut off the file;
+    any other unreadable line is an error naming the file and line (harness.files.read_jsonl)."""
+    return read_jsonl(path, repair=repair)
+
+
+def read_answer_file(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of an answer file from anywhere (LLaVA-Med's scripts, an edited copy): JSON lines or a
+    JSON list of objects with "question_id" and "text"; a bad line or row is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: answer file not found")
+    rows = []
+    for i, row in read_json_records(path):
+        if isinstance(row, BadLine):
+            raise DataError(f"{path}: {row.message}")
+        if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("text"), str):
+            raise DataError(f"{path}: record {i + 1} is not an answer (an object with question_id and a text string)")
+        rows.append(row)
+    return rows
+
+
+def shards(run_dir: Path, name: str, mode: str) -> list[Path]:
+    """Every rank's shard of one answer file, whatever the world size that wrote them."""
+    pattern = answers_path(run_dir, name, mode, 0).name.replace(".rank0.", ".rank*.")
+    return sorted((run_dir / name).glob(pattern))
+
+
+def answered_ids(run_dir: Path, name: str, mode: str) -> set[str]:
+    """Ids answered by an earlier (interrupted) run: the merged file and every shard, so that a
+    rerun with another world size still skips them. Read only: another rank may be appending
+    to its shard, whose last line may be half written (and is then not counted)."""
+    files = [answers_path(run_dir, name, mode)] + shards(run_dir, name, mode)
+    return {str(row["question_id"]) for f in files for row in read_answers(f)}
+
+
+def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -> Path:
+    """Fold the shards into the answer file, in question-file order (rows of questions outside
+    `records`, e.g. from a run without --limit, follow), then delete the shards."""
+    final, parts = answers_path(run_dir, name, mode), shards(run_dir, name, mode)
+    by_id: dict[str, dict] = {}
+    for f in [final] + parts:
+        for row in read_answers(f):
+            by_id.setdefault(str(row["question_id"]), row)
+    order = [r.id for r in records if r.id in by_id]
+    listed = set(order)
+    order += [qid for qid in by_id if qid not in listed]
+    tmp = final.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(by_id[qid]) + "\n" for qid in order), encoding="utf-8")
+    os.replace(tmp, final)  # atomic: an interrupted merge leaves the old file and the shards
+    for f in parts:
+        f.unlink()
+    return final
+
+
+def skipped_path(run_dir: Path, name: str, rank: int) -> Path:
+    return run_dir / name / f"skipped.rank{rank}.jsonl"
+
+
+def write_skipped(run_dir: Path, name: str, rank: int, skipped: Mapping[str, str]) -> None:
+    """This rank's questions that could not be built (question id → reason), when there are any."""
+    if skipped:
+        skipped_path(run_dir, name, rank).write_text(
+            "".join(json.dumps({"question_id": qid, "reason": why}) + "\n" for qid, why in skipped.items()),
+            encoding="utf-8")
+
+
+def gather_skipped(run_dir: Path, name: str) -> dict[str, str]:
+    """question id → reason from every rank's skipped file (then deleted)."""
+    out = {}
+    for f in sorted((run_dir / name).glob("skipped.rank*.jsonl")):
+        out.update({str(row["question_id"]): row["reason"] for row in read_jsonl(f)})
+        f.unlink()
+    return out
+
+
+def clear_stale(run_dir: Path) -> None:
+    """Delete the skipped files an interrupted run left (each session lists its own)."""
+    for f in run_dir.glob("*/skipped.rank*.jsonl"):
+        f.unlink()
+
+
+def has_answers(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run: scores or an answer file (a shard included)."""
+    return (run_dir / "summary.json").exists() or any(run_dir.glob("*/answers*.jsonl"))
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete what eval.py writes in a run directory, and nothing else (--out may be a folder
+    holding other files): answer files and shards, skipped files, scores, config, provenance."""
+    for pattern in ("*/answers*.jsonl", "*/answers*.tmp", "*/skipped.rank*.jsonl"):
+        for f in run_dir.glob(pattern):
+            f.unlink()
+    for n in ("summary.json", "report.md", "config.json", PROVENANCE):
+        (run_dir / n).unlink(missing_ok=True)

@@ -1,0 +1,118 @@
+"""eval.py's inputs: benchmarks named on the command line, their question files and their images.
+
+    parse_named      NAME=PATH options (--benchmark, --ground-truth, --image-root) → {name: path}
+    read_questions   data.read_records with the errors a user can act on
+    read_benchmarks  every --benchmark NAME=PATH read, with its --ground-truth
+    check_images     a missing image stops the run before the model is loaded, naming the benchmark
+    screen_images    an image that exists but cannot be read skips its questions (listed, not scored)
+
+Every refusal is a UserError or DataError: one line, naming the file. eval.py imports this; it
+never imports eval.py.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from data import image_problem, read_records, resolve_image
+from harness.cli import UserError
+from harness.files import DataError, read_text
+
+
+def parse_named(values: Sequence[str], flag: str, *, names: Sequence[str] | None = None,
+                allow_global: bool = False) -> dict[str, str]:
+    """NAME=PATH values → {name: path}, NAME limited to `names` when given. With allow_global a
+    value that names no benchmark is a path for all of them (key "*")."""
+    out, problems = {}, []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if sep and name and path and (names is None or name in names):
+            if name in out:
+                problems.append(f"{flag} {name!r} given twice")
+            out[name] = path
+        elif allow_global:
+            out["*"] = value
+        else:
+            problems.append(f"{flag} {value!r} is not NAME=PATH" + (f" with NAME in {list(names)}" if names else ""))
+    if problems:
+        raise UserError("; ".join(problems))
+    return out
+
+
+def read_questions(path: str, ground_truth: str | None = None) -> tuple[list[Any], list[Any]]:
+    """data.read_records, with the errors a user can act on: a file not found, bytes that are not
+    UTF-8 (the file and byte offset), a file that is not JSON or JSON lines."""
+    for what, f in (("question file", path), ("ground-truth file", ground_truth)):
+        if f is None:
+            continue
+        if not Path(f).is_file():
+            raise UserError(f"{f}: {what} not found")
+        read_text(f)  # a DataError naming the byte offset, which read_records would not give
+    try:
+        return read_records(path, answers_path=ground_truth)
+    except ValueError as error:  # read_records raises it for a file it cannot read as a whole
+        raise DataError(str(error)) from error
+
+
+def read_benchmarks(benchmark: Sequence[str], ground_truth: Sequence[str] = (),
+                    limit: int | None = None) -> dict[str, tuple[list[Any], list[Any]]]:
+    """name → (records, bad records) of each --benchmark NAME=PATH, with the answers of its
+    --ground-truth NAME=PATH when given, cut to the first `limit` questions."""
+    paths = parse_named(benchmark, "--benchmark")
+    gts = parse_named(ground_truth, "--ground-truth", names=list(paths))
+    out = {}
+    for name, path in paths.items():
+        records, bad = read_questions(path, gts.get(name))
+        out[name] = (records[:limit] if limit is not None else records, bad)
+    return out
+
+
+def check_images(records: Sequence[Any], image_root: str | None, name: str, source: str | None = None,
+                 show: int = 10) -> None:
+    """Fail before the model is loaded when images are missing, with one error that names the
+    benchmark (and its question file), says how many image files are absent for how many
+    questions, and lists the first `show` of them. The real benchmark files ship without images."""
+    if not records:
+        return
+    where = f"benchmark {name!r}" + (f" ({source})" if source else "")
+    if image_root is None:
+        raise UserError(f"{where}: no --image-root for it (NAME=DIR or one DIR for all)")
+    unusable, absent, n_questions = [], {}, 0  # absent: image path as written → its file
+    for r in records:
+        if r.image is None:
+            unusable.append(f"{r.id}: no image in the record")
+            continue
+        try:
+            path = resolve_image(image_root, r.image)
+        except ValueError as error:
+            unusable.append(f"{r.id}: {error}")
+            continue
+        if r.image in absent or not path.is_file():
+            absent[r.image] = path
+            n_questions += 1
+    problems = []
+    if absent:
+        n_images = len({r.image for r in records if r.image is not None})
+        listed = list(absent)[:show]
+        problems.append(f"{len(absent)} of {n_images} images not found under {image_root} (needed by "
+                        f"{n_questions} of {len(records)} questions): {', '.join(listed)}"
+                        + (f", … ({len(absent) - show} more)" if len(absent) > show else ""))
+    if unusable:
+        problems.append(f"{len(unusable)} questions without a usable image path: " + "; ".join(unusable[:show])
+                        + (" …" if len(unusable) > show else ""))
+    if problems:
+        raise UserError(f"{where}: " + "; ".join(problems))
+
+
+def screen_images(records: Sequence[Any], image_root: str) -> dict[str, str]:
+    """question id → why its (existing) image cannot be used, for the questions to skip. Each
+    image file is looked at once, however many questions share it."""
+    problems: dict[str, str | None] = {}
+    out = {}
+    for r in records:
+        if r.image not in problems:
+            problems[r.image] = image_problem(resolve_image(image_root, r.image))
+        if problems[r.image] is not None:
+            out[r.id] = f"image {r.image}: {problems[r.image]}"
+    return out
