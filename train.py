@@ -6,7 +6,6 @@ The method, one function per equation of the paper (π_θ is the base model plus
 of an entry, k ≤ --max-negatives, ranked most similar first):
 
     r(y)   = γ · ( log π_θ(y|i,x) − log π_ref(y|i,x) )          reward           γ = 0.1
-    L_DPO  = − log σ( r(y_w) − r(y_l) )                          dpo_loss         Eq. 1
     L_E    = − Σ_{j=1..k} log σ( r(y_w) − r(y_lj) )              explicit_loss    Eq. 5
     L_I    = − Σ_{j<j′}   log σ( r(y_lj) − r(y_lj′) )            implicit_loss    Eq. 6
     L_HSCR = L_E + L_I, averaged over the entries of a batch     multilevel_loss  Eq. 7
@@ -97,15 +96,6 @@ from harness.rundir import (PATH_FIELDS, check_out, load_checkpoint, plot_metric
 def reward(policy_logp: torch.Tensor, ref_logp: torch.Tensor, gamma: float = 0.1) -> torch.Tensor:
     """r(y) = γ · ( log π_θ(y|i,x) − log π_ref(y|i,x) ), DPO's reward of a response."""
     return gamma * (policy_logp - ref_logp)
-
-
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, gamma: float = 0.1) -> torch.Tensor:
-    """Eq. 1, DPO: L = − log σ( γ log π_θ(y_w)/π_ref(y_w) − γ log π_θ(y_l)/π_ref(y_l) ).
-
-    All inputs (B,); returns the loss per entry (B,).
-    """
-    return -F.logsigmoid(reward(policy_chosen, ref_chosen, gamma) - reward(policy_rejected, ref_rejected, gamma))
 
 
 def explicit_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor,
