@@ -77,7 +77,7 @@ from batches import (Example, Rows, Tokens, collate, batch_pixels, preference_he
                      unusable_images)
 from model.loading import DTYPES, resolve_dtype
 from harness.cli import UserError, dataclass_parser, option, run_main
-from harness.dist import dist_env, init_process_group
+from harness.dist import Context, setup_context
 from harness.files import atomic_write_text, read_jsonl
 from data import BadRecord
 
@@ -624,49 +624,6 @@ def reference_logprobs(base, examples: list[Example], cfg: TrainConfig, key: dic
             except OSError as e:  # a read-only data directory: the run goes on without a cache
                 print(f"cannot cache reference log-probs in {path}: {e}", file=sys.stderr)
     return cached
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes (DDP)
-
-
-@dataclass
-class Context:
-    """Where this process runs: rank / world size under torchrun, device, autocast, pad id."""
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-    amp: bool = False
-    pad_id: int = 0
-
-    def autocast(self):
-        if self.amp:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def gather_dicts(self, d: dict) -> dict:
-        if self.world == 1:
-            return d
-        parts = [None] * self.world
-        dist.all_gather_object(parts, d)
-        return {k: v for part in parts for k, v in part.items()}
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-
-def setup_context(device: str = "auto", autocast: bool = True) -> Context:
-    """This process's Context; under torchrun, joins the process group (NCCL on GPUs, else gloo).
-    device "auto": the local GPU under torchrun, else cuda if present, else cpu."""
-    rank, world, local = dist_env()
-    if device == "auto":
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Context(rank, world, device, amp=autocast and device.type == "cuda")
 
 
 def run_fingerprint(cfg: TrainConfig, tokenizer_path: Path, image_root: Path, image_names: list[str],
