@@ -60,8 +60,27 @@ class Context:
         dist.all_gather_object(parts, d)
         return {k: v for part in parts for k, v in part.items()}
 
+    def gather_tensors(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's `t` (all of the same shape), concatenated along dim 0 in rank order."""
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
     def barrier(self):
         barrier(self.world)
+
+    def no_sync(self, model: torch.nn.Module, skip: bool):
+        """Within it, DDP does not all-reduce gradients (when `skip`: a micro-step before the last)."""
+        return model.no_sync() if self.world > 1 and skip else contextlib.nullcontext()
+
+    def distributed(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` wrapped in DistributedDataParallel when there are several processes, else itself."""
+        if self.world == 1:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
 
 def setup_context(device: str = "auto", autocast: bool = True) -> Context:
