@@ -167,8 +167,7 @@ def row_logprobs(model, base, rows: Rows, pixels: Tensor | None, chunk_rows: int
     return hidden_logprob(hidden, base.lm_head.weight, rows.labels, rows.label_mask, chunk_rows)
 
 
-def hidden_logprob(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, mask: Tensor,
-                   chunk_rows: int = 256) -> Tensor:
+def hidden_logprob(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, mask: Tensor, chunk_rows=256) -> Tensor:
     """log π(y|i,x) per row from the decoder's hidden states: Σ over the masked positions t of
     log softmax(hidden[t] @ lm_head_weightᵀ)[labels[t]] (tests/oracles.py: the same from logits).
 

@@ -15,7 +15,7 @@
                                 under a key of what they depend on (`reference_cache_key`)
 
 Nothing here is part of the method; train.py imports it. `cfg` is train.py's TrainConfig and
-`ctx` its Context (rank, world size, device); this module never imports train.py.
+`ctx` its harness.dist.Context (rank, world size, device); this module never imports train.py.
 """
 from __future__ import annotations
 
