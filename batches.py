@@ -1,6 +1,8 @@
-"""The examples train.py trains on, and their batches: preference records (hscr.py's output) and
-LLaVA-format conversations become rows of token ids with a mask of the tokens trained on
-(`Example`); the rows of a micro-batch are padded into tensors for one forward pass (`collate`).
+"""train.py's inputs and their batches: preference records (hscr.py's output) become rows of token
+ids with a mask of the tokens trained on (`Example`); the rows of a micro-batch are packed into
+tensors for one forward pass (`collate`) and their log-probs split back per entry (`split_rows`).
+`read_inputs` reads what a run needs before the (slow) model load: tokenizer, model config,
+examples, held-out examples, and the images, each checked once.
 
 Preference file (docs/FORMATS.md): a header line {"_header": true, "options", "provenance"}, then
 JSON lines {"id", "image", "question", "prompt" (optional), "chosen", "chosen_ids",
@@ -13,21 +15,31 @@ response stored as incomplete (cut at hscr.py's --max-new-tokens) gets no EOS.
 A bad record becomes a BadRecord (file, index, id, reason) and reading goes on. Images are looked
 at after reading (`unusable_images`: header, checksums and a full decode, each file once), so that
 a corrupt, empty, truncated or oversized image skips its record before training starts instead of
-stopping it at some step. `cfg` is train.py's TrainConfig (this module never imports train.py).
+stopping it at some step. `cfg` is train.py's TrainConfig and `ctx` its Context
+(harness/dist.py); this module never imports train.py. demo/base.py reads LLaVA conversations
+into the same Examples (`read_sft`) for the demo's base model.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from data import BadRecord, image_problem, load_pixels, resolve_image
+from harness import provenance
+from harness.cli import UserError
 from harness.files import BadLine, DataError, read_json_records
-from data import BadRecord, image_problem, load_pixels, read_records, resolve_image
-from model.tokenizer import IMAGE_TOKEN, TEMPLATES, build_prompt, tokenize_prompt, tokenize_response
+from harness.rundir import report_skipped
+from model.llava import LlavaConfig
+from model.loading import read_config, read_vision_config
+from model.tokenizer import (IMAGE_TOKEN, TEMPLATES, build_prompt, load_tokenizer, tokenize_prompt,
+                             tokenize_response, tokenizer_file)
 
 
 
@@ -35,8 +47,8 @@ from model.tokenizer import IMAGE_TOKEN, TEMPLATES, build_prompt, tokenize_promp
 class Example:
     """One training entry: its image and the token rows of its responses.
 
-    Preference: rows[0] = prompt + y_w, rows[1:] = prompt + y_lj (best first). SFT: one row,
-    the whole conversation. `targets[r][t]` is True where token t of row r is trained on.
+    Preference: rows[0] = prompt + y_w, rows[1:] = prompt + y_lj (best first). SFT (demo/base.py):
+    one row, the whole conversation. `targets[r][t]` is True where token t of row r is trained on.
     `file` and `index` say where the record is (for bad_records.jsonl).
     """
     id: str
@@ -71,7 +83,7 @@ def _complete(value: object, key: str) -> bool:
     return value
 
 
-def _preference_fields(item: object, max_negatives: int):
+def _preference_fields(item: object, num_negatives: int):
     """(id, image, question, prompt or None, chosen Response, negative Responses) of a preference
     record, or ValueError(reason)."""
     if isinstance(item, BadLine):
@@ -100,7 +112,7 @@ def _preference_fields(item: object, max_negatives: int):
     if not isinstance(raw, list):
         raise ValueError("negatives must be a list")
     negatives = []
-    for j, n in enumerate(raw[:max_negatives]):
+    for j, n in enumerate(raw[:num_negatives]):
         n = n if isinstance(n, dict) else {"text": n}
         if not isinstance(n.get("text"), str) or not n["text"].strip():
             raise ValueError("every negative must be a non-empty string or an object with a non-empty 'text'")
@@ -122,7 +134,7 @@ def image_file(image: str | None, image_root: Path) -> Path | None:
 
 
 class Tokens:
-    """The prompt / response tokenization shared by both stages (model/tokenizer.py)."""
+    """The prompt / response tokenization of train.py and demo/base.py's SFT (model/tokenizer.py)."""
 
     def __init__(self, tokenizer, config):
         self.tokenizer, self.text = tokenizer, config.text
@@ -231,40 +243,6 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg,
         if counts["none"]:
             say(f"{path}: {counts['none']} records have no stored token ids (written by an older hscr.py or "
                 "another program): re-tokenized from their texts")
-    return examples, bad
-
-
-def read_sft(path: Path, image_root: Path, tokens: Tokens, cfg):
-    """LLaVA-format conversations → (examples, bad records); answers are the targets."""
-    try:
-        records, bad = read_records(path)
-    except DataError:
-        raise
-    except ValueError as e:  # the file as a whole cannot be read; its name is in the message
-        raise DataError(str(e)) from None
-    # Where each record is in the file (read_records returns the good ones only), for bad_records.
-    skipped = {b.index for b in bad}
-    positions = [i for i, _ in read_json_records(path) if i not in skipped]
-    examples = []
-    for index, record in zip(positions, records):
-        try:
-            turns = record.conversations
-            if len(turns) < 2 or len(turns) % 2 or any(t.get("from") != ("human", "gpt")[i % 2]
-                                                       for i, t in enumerate(turns)):
-                raise ValueError("conversations must alternate human, gpt, … and end with gpt")
-            image_path = image_file(record.image, image_root)
-            ids, target = [], []
-            for i in range(0, len(turns), 2):
-                prompt = tokens.prompt(turns[i]["value"], image_path is not None and i == 0, first=i == 0)
-                answer = tokens.response(turns[i + 1]["value"], cfg.max_response_tokens)
-                ids += prompt + answer
-                target += [False] * len(prompt) + [True] * len(answer)
-            if len(ids) > cfg.max_length:
-                raise ValueError(f"{len(ids)} tokens, more than --max-length {cfg.max_length}")
-        except ValueError as e:
-            bad.append(BadRecord(str(path), index, record.id, str(e)))
-            continue
-        examples.append(Example(record.id, image_path, [ids], [target], str(path), index))
     return examples, bad
 
 
@@ -377,3 +355,147 @@ def batch_pixels(examples: list[Example], image_size: int, aspect: str = "pad") 
             raise DataError(f"{ex.file} record {ex.index} (id {ex.id}): {e}; the image was readable when the run "
                             "started, so it changed since: restore it and rerun with --resume") from None
     return torch.stack(pixels) if pixels else None
+
+
+def split_rows(logp: torch.Tensor, examples: list[Example], K: int):
+    """Row log-probs (R,) → chosen (B,), rejected (B, K) padded with 0, mask (B, K)."""
+    B = len(examples)
+    chosen = logp.new_zeros(B)
+    rejected = logp.new_zeros(B, K)
+    mask = torch.zeros(B, K, dtype=torch.bool, device=logp.device)
+    r = 0
+    for b, ex in enumerate(examples):
+        n = len(ex.rows) - 1
+        chosen[b] = logp[r]
+        rejected[b, :n] = logp[r + 1:r + 1 + n]
+        mask[b, :n] = True
+        r += 1 + n
+    return chosen, rejected, mask
+
+
+def loss_inputs(policy_logp: torch.Tensor, ref_logp: torch.Tensor, examples: list[Example], K: int):
+    """Row log-probs (R,) under π_θ and π_ref → the inputs of train.preference_loss: policy chosen
+    (B,) and rejected (B, K), reference chosen (B,) and rejected (B, K), mask (B, K)."""
+    policy, reference = split_rows(policy_logp, examples, K), split_rows(ref_logp, examples, K)
+    return policy[0], policy[1], reference[0], reference[1], policy[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's inputs, read before the (slow) model load
+
+
+@dataclass
+class Inputs:
+    """What `read_inputs` found."""
+    tokenizer_path: Path
+    config: LlavaConfig            # the model's, read without its weights
+    image_root: Path
+    image_aspect: str              # --image-aspect as resolved
+    examples: list[Example]        # training entries
+    held_out: list[Example]        # --eval-data, or --eval-fraction of --data
+    bad: list[BadRecord]           # every skipped record, with why
+    images: list[str]              # every image file looked at, relative to image_root
+
+
+def read_inputs(cfg, ctx) -> Inputs:
+    """train.py's inputs: the tokenizer, the model's config, the preference records of --data and
+    --eval-data and their images. Refuses (one line) a --batch-size the processes cannot share,
+    and data with fewer usable entries than one batch."""
+    tokenizer_path = tokenizer_file(cfg.tokenizer or cfg.model)
+    tokenizer = read_tokenizer(tokenizer_path)
+    config = model_config(cfg.model, cfg.vision_tower)
+    tokens = Tokens(tokenizer, config)
+    image_root = Path(cfg.image_root) if cfg.image_root else Path(cfg.data).parent
+    aspect, source = resolve_image_aspect(cfg.image_aspect, Path(cfg.data))
+    say = (lambda line: print(line, file=sys.stderr)) if ctx.rank == 0 else None
+    if say:
+        say(f"images: {'padded' if aspect == 'pad' else 'resized'} to a square (--image-aspect {aspect}, {source})")
+    sha256 = provenance.file_digest(tokenizer_path)
+    examples, held_out, bad, images = read_examples(
+        lambda path: read_preferences(path, image_root, tokens, cfg, sha256, say), cfg, image_root, aspect,
+        config.vision.image_size, ctx)
+    per_step = cfg.micro_batch * ctx.world
+    if cfg.batch_size % per_step:
+        raise UserError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch × processes = {per_step}")
+    if len(examples) < cfg.batch_size:
+        if ctx.rank == 0:
+            report_skipped(bad)
+        raise UserError(f"{cfg.data}: {len(examples)} training entries ({len(bad)} records skipped"
+                        f"{', listed above' if bad else ''}): fewer than one batch of --batch-size {cfg.batch_size}")
+    return Inputs(tokenizer_path, config, image_root, aspect, examples, held_out, bad, images)
+
+
+def read_examples(read: Callable[[Path], tuple[list[Example], list[BadRecord]]], cfg, image_root: Path,
+                  aspect: str, image_size: int, ctx):
+    """(training examples, held-out examples, skipped records, every image file looked at, relative
+    to `image_root`) of cfg.data and cfg.eval_data, each read by `read(path)` → (examples, bad
+    records). A bad record, or one whose image cannot be decoded and preprocessed, is skipped;
+    images are checked once each, the processes sharing the files, so that every process keeps
+    the same examples. Without --eval-data, a seeded --eval-fraction of cfg.data is held out."""
+    examples, bad = read(Path(cfg.data))
+    held_out, bad_eval = read(Path(cfg.eval_data)) if cfg.eval_data else ([], [])
+    images = sorted({ex.image for ex in examples + held_out if ex.image is not None})
+    mine = unusable_images(images[ctx.rank::ctx.world], image_size, aspect)
+    unusable = ctx.gather_dicts({str(path): why for path, why in mine.items()})
+    examples, bad_images = drop_unusable(examples, unusable, image_root)
+    held_out, bad_eval_images = drop_unusable(held_out, unusable, image_root)
+    if not cfg.eval_data:
+        examples, held_out = split_held_out(examples, cfg.eval_fraction, cfg.seed)
+    names = [path.relative_to(image_root).as_posix() for path in images]
+    return examples, held_out, bad + bad_eval + bad_images + bad_eval_images, names
+
+
+def drop_unusable(examples: list[Example], unusable: dict[str, str], image_root: Path):
+    """(examples whose image is usable, a BadRecord for each of the others)."""
+    kept, bad = [], []
+    for ex in examples:
+        why = unusable.get(str(ex.image)) if ex.image is not None else None
+        if why is None:
+            kept.append(ex)
+        else:
+            name = ex.image.relative_to(image_root).as_posix()
+            bad.append(BadRecord(ex.file, ex.index, ex.id, f"image {name}: {why}"))
+    return kept, bad
+
+
+def split_held_out(examples: list[Example], fraction: float, seed: int):
+    """A seeded random `fraction` of the entries for evaluation, the rest for training."""
+    n_eval = int(round(fraction * len(examples)))
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 12345)).tolist()
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def model_config(model: str, vision_tower: str | None = None) -> LlavaConfig:
+    """The config of the checkpoint `model` (and of a separate `vision_tower`), without its weights."""
+    for flag, path in (("--model", model), ("--vision-tower", vision_tower)):
+        if path is not None and not Path(path).is_dir():
+            raise UserError(f"{flag} {path}: " + ("not a directory" if Path(path).exists() else "directory not found"))
+    vision = read_vision_config(Path(vision_tower)) if vision_tower else None
+    return read_config(Path(model), vision)
+
+
+def read_tokenizer(path: str | os.PathLike):
+    """model.tokenizer.load_tokenizer, with a file it cannot read reported as one line."""
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"tokenizer {path}: {e}") from None
+
+
+def resolve_image_aspect(given: str | None, prefs: Path) -> tuple[str, str]:
+    """(--image-aspect, where it comes from): as given, else what hscr.py used for the preference
+    file (its header's image_aspect), else pad (LLaVA-Med's)."""
+    header = preference_header(prefs)
+    made = None
+    if header:
+        for where in ("options", "provenance"):
+            if isinstance(header.get(where), dict) and header[where].get("image_aspect") in ("pad", "resize"):
+                made = header[where]["image_aspect"]
+                break
+    if given is not None:
+        note = "as given" if made in (None, given) else f"as given; the preference data was made with {made}"
+        return given, note
+    if made is not None:
+        return made, f"as hscr.py made {prefs.name}"
+    return "pad", f"the default; {prefs.name} does not record one"

@@ -638,7 +638,7 @@ def train_setup(model: Llava) -> torch.optim.Optimizer:
 
 def train_step(model: Llava, optimizer, s: TrainSettings, work: Workload, seed: int = 0) -> Callable:
     """One optimizer step of one micro-batch through train.batch_loss, as train.train's loop runs it."""
-    cfg = train.TrainConfig(model="-", data="-", micro_batch=s.micro_batch, max_negatives=s.negatives,
+    cfg = train.TrainConfig(model="-", data="-", micro_batch=s.micro_batch, num_negatives=s.negatives,
                             logit_chunk=s.logit_chunk, gradient_checkpointing=s.gradient_checkpointing)
     ctx = train.Context(device=model.device, amp=s.amp, pad_id=model.config.text.pad_token_id or 0)
     params = list(lora_parameters(model))
@@ -679,7 +679,7 @@ def eval_step(model: Llava, s: EvalSettings, work: Workload, seed: int = 0) -> C
 
 
 def reference_step(model: Llava, s: TrainSettings, work: Workload, seed: int = 0) -> Callable:
-    """train.reference_logprobs' inner loop: log π_ref of a micro-batch, LoRA off, no gradients."""
+    """One micro-batch of train.logprobs_by_id under lora_disabled (train.py's log π_ref), no gradients."""
     ctx = train.Context(device=model.device, amp=s.amp, pad_id=model.config.text.pad_token_id or 0)
 
     def step():

@@ -2,9 +2,10 @@
 
     cli          options declared as dataclass fields; an error the user can fix ends with one line
     files        UTF-8 text, JSON / JSON-lines readers, atomic writes, torn-line repair
-    dist         torchrun's environment and the process group
+    dist         torchrun's environment, the process group, a training process's Context
     provenance   content fingerprints of what made an output, and what changed since
-    rundir       train.py's output directory: checkpoints and exact resume; start or resume a run (eval.py's too)
+    rundir       start or resume a run directory (train.py's and eval.py's); train.py's fingerprint,
+                 checkpoints, exact resume, the reference log-prob cache
     benchmarks   eval.py's inputs: NAME=PATH options, question files, missing or unreadable images
     answers      eval.py's answer files: per-rank JSONL shards, resumable, merged in question order
     reports      eval.py's tables: report.md, summary.json, compare / score / baselines

@@ -2,23 +2,28 @@
 
     check_out / clear_outputs   an --out holds one run: refused without --resume or --overwrite,
                                 --overwrite deletes what train.py writes there (OUTPUTS) and nothing else
+    run_fingerprint             what train.py's weights depend on (harness/provenance.py)
     start_run                   start or resume a run directory, train.py's and eval.py's: resuming
                                 needs the same fingerprint (provenance.json, harness/provenance.py);
                                 a new run clears the script's outputs and records its own
     write_run_start             config.json and bad_records.jsonl
+    start_metrics               metrics.jsonl as of the step the run goes on from
     save_checkpoint / load_checkpoint
-                                checkpoints/step-NNNNNN/{adapter/ | model/, trainer.pt} written
-                                atomically, `latest` replaced last; weights are safetensors, trainer.pt
-                                holds optimizer, scheduler and RNG states (read with weights_only=True)
-    plot_metrics                metrics.png from metrics.jsonl
+                                checkpoints/step-NNNNNN/{adapter/, trainer.pt} written atomically,
+                                `latest` replaced last; weights are safetensors, trainer.pt holds
+                                optimizer, scheduler and RNG states (read with weights_only=True)
+    write_outputs               the end of a run: adapter/, metrics.png, merged/
+    cached_logprobs             train.py's reference log-probs, cached beside the preference file
+                                under a key of what they depend on (`reference_cache_key`)
 
 Nothing here is part of the method; train.py imports it. `cfg` is train.py's TrainConfig and
-`ctx` its Context (rank, world size, device); this module never imports train.py.
+`ctx` its harness.dist.Context (rank, world size, device); this module never imports train.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import random
@@ -36,10 +41,8 @@ from harness.cli import UserError
 from harness.dist import barrier
 from harness.files import atomic_write_text, read_jsonl
 from data import BadRecord
-from model import load_model, save_model
 from model.loading import CheckpointError
-from model.lora import load_adapter, save_adapter
-from model.tokenizer import load_tokenizer
+from model.lora import export_merged, load_adapter, save_adapter
 
 
 
@@ -54,6 +57,11 @@ OUTPUTS = ("checkpoints", "adapter", "model", "merged", "metrics.jsonl", "metric
 TRAINED = ("checkpoints", "metrics.jsonl", "adapter", "model", "merged")
 # Options that name inputs or the output: the fingerprint holds the inputs' content instead.
 PATH_FIELDS = ("model", "data", "out", "image_root", "vision_tower", "tokenizer", "eval_data")
+# Options that may change between a run and its --resume: how to start, how long, what to log and
+# keep, where to run, and memory knobs that compute the same values (gradient checkpointing, the
+# chunk of the vocabulary projection). Every other option is in the fingerprint (run_fingerprint).
+RESUMABLE_FIELDS = ("resume", "overwrite", "max_steps", "eval_every", "save_every", "keep_checkpoints",
+                    "export_merged", "plot", "device", "gradient_checkpointing", "logit_chunk")
 
 
 def trained_outputs(out: Path) -> list[str]:
@@ -135,10 +143,39 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callabl
     barrier(world)
 
 
-def write_run_start(out: Path, cfg, bad: list[BadRecord]) -> None:
-    """out/config.json and out/bad_records.jsonl; each skipped record is also reported on stderr."""
+def run_fingerprint(cfg, tokenizer_path: Path, image_root: Path, image_names: list[str], dtype: torch.dtype,
+                    ctx) -> dict:
+    """What the trained weights depend on, by content (harness/provenance.py): the base model,
+    vision tower, tokenizer file, data and eval data files, the images read (every image file of
+    the records that reached the image check, usable or not), and every option that changes
+    results, with dtype, autocast and the image aspect as resolved and the number of processes
+    (dropout draws one stream per process). PATH_FIELDS and RESUMABLE_FIELDS are left out."""
+    inputs = {"model": provenance.Dir(cfg.model),
+              "vision tower": provenance.Dir(cfg.vision_tower) if cfg.vision_tower else None,
+              "tokenizer": provenance.File(tokenizer_path), "data": provenance.File(cfg.data),
+              "eval data": provenance.File(cfg.eval_data) if cfg.eval_data else None,
+              "images": provenance.Files(image_root, image_names)}
+    # dtype and autocast are options too: the fingerprint holds them as resolved instead.
+    return provenance.run_fingerprint(inputs, cfg, leave_out=PATH_FIELDS + RESUMABLE_FIELDS + ("dtype", "autocast"),
+                                      dtype=str(dtype).removeprefix("torch."), autocast=ctx.amp, world_size=ctx.world)
+
+
+
+def start_training(out: Path, now: Mapping[str, Any], cfg, ctx) -> None:
+    """train.py's start_run: resumes only with --resume (check_out refused the other cases)."""
+    start_run(out, now, resume=cfg.resume, clear=clear_outputs, made_by="train.py", holds="checkpoints",
+              session={"resume": cfg.resume, "max_steps": cfg.max_steps, "device": str(ctx.device),
+                       "world_size": ctx.world},
+              restart="rerun with --overwrite to start again (this deletes its checkpoints and metrics)",
+              rank=ctx.rank, world=ctx.world)
+
+def write_run_start(out: Path, cfg, bad: list[BadRecord], counts: str | None = None) -> None:
+    """out/config.json and out/bad_records.jsonl; each skipped record is also reported on stderr,
+    and `counts` ("N training entries, …") printed with the number skipped."""
     out.mkdir(parents=True, exist_ok=True)
     report_skipped(bad)
+    if counts is not None:
+        print(f"{counts}, {len(bad)} skipped" + (f" (listed in {out / 'bad_records.jsonl'})" if bad else ""))
     atomic_write_text(out / "bad_records.jsonl", "".join(json.dumps(dataclasses.asdict(b)) + "\n" for b in bad))
     atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
@@ -174,14 +211,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx)
 
 
 def save_weights(model, out: Path, cfg) -> Path:
-    """The trained weights: the PEFT adapter (out/adapter), or with --full the whole model as a
-    loadable checkpoint directory with its tokenizer (out/model)."""
-    if not cfg.full:
-        return save_adapter(model, out / "adapter", base_model_path=cfg.model) or out / "adapter"
-    save_model(model, out / "model")
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    tokenizer.save(str(out / "model" / "tokenizer.json"))
-    return out / "model"
+    """The trained weights: the LoRA adapter in PEFT's format (out/adapter)."""
+    return save_adapter(model, out / "adapter", base_model_path=cfg.model) or out / "adapter"
 
 
 def load_checkpoint(out: Path, model, optimizer, scheduler, cfg, ctx) -> int:
@@ -195,13 +226,10 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, cfg, ctx) -> int:
     state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
     if len(state["rng"]) != ctx.world:
         raise UserError(f"--resume from {ckpt}: saved by {len(state['rng'])} processes, now {ctx.world}")
-    if cfg.full:
-        model.load_state_dict(load_model(ckpt / "model", dtype=model.dtype, device=model.device).state_dict())
-    else:
-        try:
-            load_adapter(model, ckpt / "adapter")
-        except (ValueError, OSError) as e:  # load_adapter names the file
-            raise CheckpointError(f"--resume from {ckpt}: {e}") from None
+    try:
+        load_adapter(model, ckpt / "adapter")
+    except (ValueError, OSError) as e:  # load_adapter names the file
+        raise CheckpointError(f"--resume from {ckpt}: {e}") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"][ctx.rank]
@@ -210,6 +238,35 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, cfg, ctx) -> int:
     if rng["cuda"] is not None and ctx.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], ctx.device)
     return state["step"]
+
+
+def start_metrics(out: Path, start: int, cfg, ctx) -> Path:
+    """out/metrics.jsonl as of step `start`: empty for a new run; on --resume, without what an
+    interrupted run logged after its last checkpoint (and a torn last line). Rank 0 writes it."""
+    path = out / "metrics.jsonl"
+    if ctx.rank == 0:
+        kept = [m for m in (read_jsonl(path, repair=True) if cfg.resume else []) if m.get("step", 0) <= start]
+        atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in kept))
+    return path
+
+
+def log_metrics(path: Path, metrics: dict) -> None:
+    """Append one step's metrics to metrics.jsonl (start_metrics made it)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def write_outputs(model, out: Path, cfg) -> None:
+    """The end of a run (rank 0): out/adapter, out/metrics.png with --plot, and with
+    --export-merged out/merged, the base model with LoRA merged in the input's key layout."""
+    adapter = save_weights(model, out, cfg)
+    if cfg.plot:
+        plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+        print(f"wrote {out / 'metrics.png'}")
+    if cfg.export_merged:
+        export_merged(model, out / "merged", source=cfg.model)
+        print(f"wrote {out / 'merged'} (LoRA merged, in the input's key layout)")
+    print(f"wrote {adapter} (PEFT format)")
 
 
 def require_matplotlib():
@@ -239,3 +296,55 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference log-probs, cached beside the preference file: they depend on the base model, the data
+# and a few options, never on the adapter, so runs that differ otherwise share them.
+
+# The fingerprint's inputs that reference log-probs depend on (all but the adapter-free options).
+REFERENCE_INPUTS = ("model", "vision tower", "tokenizer", "data", "eval data", "images")
+
+
+def reference_cache_key(now: dict, negatives: int) -> dict:
+    """What the cached reference log-probs depend on, by content (from the run's fingerprint
+    `now`; paths left out, so moving the data or the images keeps the cache): the weights, the
+    tokenizer, the data, every image, and the options that shape the rows or the arithmetic,
+    with the `negatives` forwarded per entry. Any change gives another key, hence another file."""
+    def content(part):
+        return {k: v for k, v in part.items() if k not in ("path", "root")} if isinstance(part, dict) else part
+    key = {name: content(now.get(name)) for name in REFERENCE_INPUTS}
+    key.update({name: now.get(name) for name in ("image_aspect", "dtype", "autocast", "max_response_tokens",
+                                                "max_length")})
+    key["negatives"] = negatives
+    return key
+
+
+def reference_cache_path(data: Path, key: dict) -> Path:
+    """prefs.jsonl → prefs.reflogp-<8 hex digits of the key>.json, beside the preference file, so
+    that runs with other settings (another model, --loss dpo, …) keep their own caches."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(data).with_suffix(f".reflogp-{digest}.json")
+
+
+def cached_logprobs(data: Path, key: dict, examples: list, compute, ctx) -> dict[str, list[float]]:
+    """{entry id: log-probs} of `examples`: those stored under `key` in its cache file beside the
+    `data` file (reference_cache_path), the others computed by `compute(missing examples)` (on
+    every process) and the file rewritten by rank 0. An absent, unreadable, torn or other-key file
+    is only a cache: computed again; a read-only data directory costs only the cache (said on stderr)."""
+    path = reference_cache_path(data, key)
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stored = None
+    ok = isinstance(stored, dict) and stored.get("key") == key and isinstance(stored.get("logp"), dict)
+    cached = stored["logp"] if ok else {}
+    todo = [ex for ex in examples if ex.id not in cached]
+    if todo:
+        cached.update(compute(todo))
+        if ctx.rank == 0:
+            try:
+                atomic_write_text(path, json.dumps({"key": key, "logp": cached}))
+            except OSError as e:
+                print(f"cannot cache reference log-probs in {path}: {e}", file=sys.stderr)
+    return cached

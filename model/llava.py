@@ -24,11 +24,13 @@ heads, Dh head width, N image tokens, P chosen logit positions, V vocabulary.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from typing import Sequence
 
 
@@ -725,3 +727,11 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def enable_gradient_checkpointing(model: Llava) -> None:
+    """Recompute each decoder layer in the backward pass (train.py --gradient-checkpointing). The
+    layer's forward is wrapped in place (not the module), so parameter names and checkpoints are
+    unchanged."""
+    for layer in model.language_model.layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)

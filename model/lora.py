@@ -9,7 +9,7 @@ leaves the model unchanged. `LoRALinear` keeps the frozen weight under its origi
 (`<name>.weight`), so checkpoints of the base model load into it unchanged, and the adapter
 lives beside it as `<name>.lora_A.weight` / `<name>.lora_B.weight`. One switch per layer
 gives back the base model from the same weights (`lora_disabled`, the reference model π_ref
-of docs/METHOD.md, Stage 3), and `merge_lora` folds B A into W for inference; both are idempotent.
+of docs/METHOD.md, Stage 3); `export_merged` writes a checkpoint with B A folded into W.
 
 Files: `save_adapter` writes adapter_config.json + adapter_model.safetensors as PEFT 0.21 does
 for a transformers `LlavaForConditionalGeneration`, so `PeftModel.from_pretrained` loads our
@@ -57,12 +57,11 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=base.weight.device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.merged = False    # W holds W + (α/r)·B A
         self.disabled = False  # forward is the base layer only
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"alpha={self.alpha}, merged={self.merged}, disabled={self.disabled}")
+                f"alpha={self.alpha}, disabled={self.disabled}")
 
     def delta_weight(self) -> torch.Tensor:
         """(α/r)·B A, the update that merging adds to W, in the adapter's dtype. # (D_out, D_in)"""
@@ -70,26 +69,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        # Merged: W already holds the update. Disabled: the base layer (π_ref). Either way the
-        # adapter branch is skipped entirely, so the base output is bit-identical.
-        if self.merged or self.disabled:
+        # Disabled: the base layer (π_ref); the adapter branch is skipped entirely, so the base
+        # output is bit-identical.
+        if self.disabled:
             return y
         # The adapter runs in its own dtype (x may be bf16 while A, B are fp32).
         h = self.dropout(x.to(self.lora_A.weight.dtype))
         return y + (self.scale * self.lora_B(self.lora_A(h))).to(y.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            # Sum in fp32 and round once, so a bf16 merge equals merged_state_dict's export.
-            self.weight.copy_(self.weight.float() + self.delta_weight().float())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.weight.copy_(self.weight.float() - self.delta_weight().float())
-            self.merged = False
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -138,10 +124,6 @@ def apply_lora(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS, ran
 def lora_disabled(model: nn.Module):
     """Run the base model: inside this block every LoRALinear is its frozen layer only (π_ref)."""
     modules = list(lora_modules(model).values())
-    # A merged weight no longer holds the base model: refuse rather than return the policy.
-    merged = [m for m in modules if m.merged]
-    if merged:
-        raise RuntimeError(f"cannot disable LoRA on {len(merged)} merged layers; call unmerge_lora first")
     previous = [m.disabled for m in modules]  # restored on exit, so the blocks nest
     for m in modules:
         m.disabled = True
@@ -150,18 +132,6 @@ def lora_disabled(model: nn.Module):
     finally:
         for m, d in zip(modules, previous):
             m.disabled = d
-
-
-def merge_lora(model: nn.Module) -> None:
-    """Fold (α/r)·B A into every frozen weight. A second call does nothing."""
-    for m in lora_modules(model).values():
-        m.merge()
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    """Undo merge_lora (exact up to rounding in the weight's dtype). A second call does nothing."""
-    for m in lora_modules(model).values():
-        m.unmerge()
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -310,8 +280,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | Non
                          f"the model's LoRA layers {wrong[:3]}…")
     with torch.no_grad():
         for name, m in modules.items():
-            if m.merged:
-                raise RuntimeError(f"{name} is merged; unmerge_lora before loading an adapter")
             m.lora_A.weight.copy_(by_module[name]["lora_A"])
             m.lora_B.weight.copy_(by_module[name]["lora_B"])
     return sorted(modules)
@@ -327,8 +295,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         parent, _, child = module.rpartition(".")
         if parent in modules and child in ("lora_A", "lora_B"):
             continue
-        if module in modules and leaf == "weight" and not modules[module].merged:
-            # Sum in fp32, round once to the weight's dtype (what merge_lora would store).
+        if module in modules and leaf == "weight":
+            # Sum in fp32, round once to the weight's dtype.
             value = value.float() + modules[module].delta_weight().float()
             value = value.to(modules[module].weight.dtype)
         out[key] = value.detach().cpu()

@@ -4,10 +4,14 @@
 keeps no fp32 copy of the logits. train.py computes the same quantity from hidden states instead
 (train.hidden_logprob, chunked and checkpointed); tests check the two against each other and
 this one against autograd of the plain formula in float64 (tests/test_losses.py).
+
+`dpo_loss` is DPO's loss (Eq. 1) written on its own; train.py's `--loss dpo` is the explicit
+level on y_l1 only (`preference_loss("dpo", …)`), and tests/test_losses.py checks the two agree.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class _SequenceLogprob(torch.autograd.Function):
@@ -69,3 +73,13 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Ten
         raise ValueError(f"shapes differ: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, "
                          f"mask {tuple(mask.shape)}")
     return _SequenceLogprob.apply(logits, labels, mask.bool(), chunk_rows)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, gamma: float = 0.1) -> torch.Tensor:
+    """Eq. 1, DPO: L = − log σ( γ log π_θ(y_w)/π_ref(y_w) − γ log π_θ(y_l)/π_ref(y_l) ).
+
+    All inputs (B,); returns the loss per entry (B,).
+    """
+    margin = gamma * (policy_chosen - ref_chosen) - gamma * (policy_rejected - ref_rejected)
+    return -F.logsigmoid(margin)

@@ -1,5 +1,6 @@
-"""The Stage-3 losses of train.py against values derived by hand, and the oracle sequence_logprob
-(tests/oracles.py) against autograd of the plain formula in float64.
+"""The Stage-3 losses of train.py against values derived by hand and `--loss dpo` against DPO's
+Eq. 1 written on its own (tests/oracles.py), and the oracle sequence_logprob against autograd of
+the plain formula in float64.
 
 The batch used throughout (γ = 0.1, so a log-prob difference of 10·ln 3 is a reward of ln 3):
 
@@ -31,8 +32,8 @@ import math
 import pytest
 import torch
 
-from oracles import sequence_logprob
-from train import dpo_loss, explicit_loss, implicit_loss, multilevel_loss, preference_loss, reward
+from oracles import dpo_loss, sequence_logprob
+from train import explicit_loss, implicit_loss, multilevel_loss, preference_loss, reward
 
 LN3 = math.log(3.0)
 EXPECTED = {"hscr": math.log(10240 / 729) / 2, "explicit": math.log(320 / 81) / 2,
@@ -81,7 +82,7 @@ def test_gradients_by_hand():
 
 def test_per_equation_functions():
     pc, pr, rc, rr, mask = batch()
-    # Eq. 1 per entry, on y_l1.
+    # Eq. 1 per entry, on y_l1 (the oracle of `--loss dpo`).
     torch.testing.assert_close(dpo_loss(pc, pr[:, 0], rc, rr[:, 0]).detach(),
                                torch.tensor([math.log(4 / 3), math.log(2)], dtype=torch.float64))
     r_w = reward(pc, rc).detach()
@@ -93,6 +94,17 @@ def test_per_equation_functions():
                                             dtype=torch.float64))
     torch.testing.assert_close(implicit_loss(r_l, mask),
                                torch.tensor([math.log(2) + 2 * math.log(4 / 3), 0.0], dtype=torch.float64))
+
+
+def test_dpo_variant_is_eq_1():
+    """preference_loss("dpo", …) (the explicit level on y_l1 only) is DPO's Eq. 1 averaged over the
+    entries, in value and in gradient, whatever the other negatives hold."""
+    pc, pr, rc, rr, mask = batch()
+    ours, _ = preference_loss("dpo", pc, pr, rc, rr, mask)
+    oracle = dpo_loss(pc, pr[:, 0], rc, rr[:, 0]).mean()
+    torch.testing.assert_close(ours, oracle, rtol=0, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(ours, (pc, pr)), torch.autograd.grad(oracle, (pc, pr))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def test_metrics_by_hand():

@@ -1,8 +1,9 @@
 """train.py end to end on a tiny random Llava: the efficient forward against a plain one, a few
-steps raise the margin, bad records and unusable images are skipped, --resume continues exactly
-(past a torn metrics line) and only what the same inputs made, an existing run is never mixed
-with a new one, hscr.py's stored token ids are trained on, DDP on 2 CPU processes (gloo) equals
-one process with the same global batch, --stage sft runs."""
+steps raise the margin, bad records and unusable images are skipped, --export-merged computes
+what base + adapter computes, --resume continues exactly (past a torn metrics line) and only what
+the same inputs made, an existing run is never mixed with a new one, hscr.py's stored token ids
+are trained on, DDP on 2 CPU processes (gloo) equals one process with the same global batch.
+(SFT and --init-preset models are demo/base.py's: tests/test_demo_base.py.)"""
 import io
 import json
 import math
@@ -17,9 +18,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from harness import provenance
+import batches
 import tiny
 import train
+from harness import provenance, rundir
+from harness.dist import Context
 from harness.cli import UserError, run_main
 from data import image_problem
 from harness.provenance import ProvenanceError
@@ -90,9 +93,9 @@ def test_efficient_forward_matches_plain(workspace):
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.normal_(0, 0.05)
-    tokens = train.Tokens(word_tokenizer(), model.config)
+    tokens = batches.Tokens(word_tokenizer(), model.config)
     cfg = config(workspace, root / "unused")
-    examples, bad = train.read_preferences(prefs, root, tokens, cfg)
+    examples, bad = batches.read_preferences(prefs, root, tokens, cfg)
     assert not bad
     batch = examples[:2]  # K = 1 and K = 2
     rows = train.collate(batch, pad_id=0)
@@ -139,7 +142,8 @@ def test_steps_raise_margin_and_bad_records_are_skipped(workspace, tmp_path):
     for k in range(3):
         (tmp_path / f"img{k}.png").write_bytes((root / f"img{k}.png").read_bytes())
     out = tmp_path / "run"
-    last = train.train(config(workspace, out, data=str(data), eval_data=str(data), epochs=4, lr=3e-3, lora_alpha=32))
+    last = train.train(config(workspace, out, data=str(data), eval_data=str(data), epochs=4, lr=3e-3, lora_alpha=32,
+                              export_merged=True))
     skipped = [json.loads(line) for line in (out / "bad_records.jsonl").read_text().splitlines()]
     # Each bad record is skipped twice (train and eval read the same file) with its reason.
     reasons = {r["id"]: r["reason"] for r in skipped}
@@ -167,12 +171,17 @@ def test_steps_raise_margin_and_bad_records_are_skipped(workspace, tmp_path):
     # The adapter was saved in PEFT's format and disabling it gives the reference again.
     model = load_model(ckpt)
     load_adapter(model, out / "adapter")
-    tokens = train.Tokens(word_tokenizer(), model.config)
-    examples, _ = train.read_preferences(data, tmp_path, tokens, config(workspace, out))
+    tokens = batches.Tokens(word_tokenizer(), model.config)
+    examples, _ = batches.read_preferences(data, tmp_path, tokens, config(workspace, out))
     ex = examples[0]
     with torch.no_grad(), lora_disabled(model):
         ref = train.row_logprobs(model, model, train.collate([ex], 0), train.batch_pixels([ex], 28), 64)
     torch.testing.assert_close(ref, torch.tensor(cache[ex.id]), rtol=1e-5, atol=1e-4)
+    # --export-merged: the input's keys and config; it computes what base + adapter computes.
+    assert sorted(load_file(out / "merged" / "model.safetensors")) == sorted(load_file(ckpt / "model.safetensors"))
+    ids, mask, pixels = tiny.batch_inputs()
+    torch.testing.assert_close(load_model(out / "merged")(ids, pixels, mask), model.eval()(ids, pixels, mask),
+                               rtol=1e-4, atol=1e-4)
 
 
 def adapter_tensors(out: Path) -> dict:
@@ -222,34 +231,6 @@ def test_ddp_two_processes_match_one(workspace, tmp_path):
     assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], rel=1e-4)
 
 
-def test_sft_stage(workspace, tmp_path):
-    root, ckpt, prefs = workspace
-    data = tmp_path / "instruct.json"
-    records = [{"id": f"s{i}", "image": f"img{i % 3}.png",
-                "conversations": [{"from": "human", "value": "<image>\nwhat is shown in the image ?"},
-                                  {"from": "gpt", "value": f"a {['mass', 'lesion'][i % 2]} in the left lung"},
-                                  {"from": "human", "value": "is there a fracture ?"},
-                                  {"from": "gpt", "value": "no"}]} for i in range(8)]
-    records.append({"id": "broken", "image": "img0.png", "conversations": [{"from": "human", "value": "what ?"}]})
-    data.write_text(json.dumps(records))
-    for k in range(3):
-        (tmp_path / f"img{k}.png").write_bytes((root / f"img{k}.png").read_bytes())
-    out = tmp_path / "sft"
-    last = train.train(config(workspace, out, stage="sft", data=str(data), eval_data=str(data), epochs=3, lr=1e-2,
-                              lora_alpha=32, export_merged=True))
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    # Random init: about ln V = ln 128 ≈ 4.85 per answer token; six steps must cut it clearly.
-    assert metrics[0]["loss"] > 4.5 and last["eval_loss"] < metrics[0]["loss"] - 0.4
-    assert [json.loads(line)["id"] for line in (out / "bad_records.jsonl").read_text().splitlines()] == ["broken"] * 2
-    # --export-merged: the input's keys and config; it computes what base + adapter computes.
-    assert sorted(load_file(out / "merged" / "model.safetensors")) == sorted(load_file(ckpt / "model.safetensors"))
-    ids, mask, pixels = tiny.batch_inputs()
-    with_adapter = load_model(ckpt)
-    load_adapter(with_adapter, out / "adapter")
-    torch.testing.assert_close(load_model(out / "merged")(ids, pixels, mask), with_adapter.eval()(ids, pixels, mask),
-                               rtol=1e-4, atol=1e-4)
-
-
 def test_cli_help(capsys):
     """`--help` is the manual of the embedded demo (what `python train.py` runs with no arguments)
     and says how to reach the trainer's; `train --help` is the trainer's manual."""
@@ -268,7 +249,7 @@ def test_cli_help(capsys):
 @pytest.mark.parametrize("argv, trainer", [
     ([], False), (["demo", "--num-candidates", "1"], False), (["ablation"], False), (["--num-candidates", "1"], False),
     (["train"], True), (["--model", "ckpt", "--data", "prefs.jsonl"], True), (["--data=prefs.jsonl"], True),
-    (["--stage", "sft"], True), (["--init-preset", "tiny"], True)])
+    (["--stage", "sft", "--data", "d"], True)])
 def test_cli_dispatch(argv, trainer):
     """The trainer gets `train …` and any argument list holding one of its own options (the
     README's `python train.py --model … --data …`); everything else runs the demo."""
@@ -277,50 +258,19 @@ def test_cli_dispatch(argv, trainer):
 
 def test_trainer_options_parse_as_typed(capsys):
     """Options built from TrainConfig: `int | None` parses as int, flags as booleans; a missing
-    --model, and the vision stage that moved to demo/base.py, are reported (exit status 2)."""
-    cfg = train.config_from_args(["--model", "m", "--data", "d", "--max-steps", "7", "--lr", "1e-3",
-                                  "--no-plot", "--dtype", "bfloat16"])
-    assert (cfg.max_steps, cfg.lr, cfg.plot, cfg.dtype) == (7, 1e-3, False, "bfloat16")
+    --model, and the options that moved to demo/base.py (SFT, --full, --init-preset), are reported
+    in one line (exit status 2)."""
+    cfg = train.TrainConfig(**vars(train.build_parser().parse_args(
+        ["--model", "m", "--data", "d", "--max-steps", "7", "--lr", "1e-3", "--no-plot", "--dtype", "bfloat16",
+         "--num-negatives", "2"])))
+    assert (cfg.max_steps, cfg.lr, cfg.plot, cfg.dtype, cfg.negatives) == (7, 1e-3, False, "bfloat16", 2)
     for argv, message in ((["train", "--data", "d"], "--model is required"),
-                          (["--stage", "vision", "--data", "d"], "python -m demo.base vision")):
+                          (["--stage", "sft", "--data", "d"], "python -m demo.base"),
+                          (["train", "--model", "m", "--data", "d", "--full"], "python -m demo.base"),
+                          (["--init-preset=tiny", "--data", "d"], "python -m demo.base")):
         with pytest.raises(SystemExit) as e:
             train.main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_full_training_from_a_preset(tmp_path):
-    """--init-preset tiny builds a random model sized to the tokenizer and --full trains every
-    part of it: after two steps the vision tower, projector and decoder all differ from the
-    same-seed initialisation, the loss fell, and out/model is a checkpoint load_model reads."""
-    from model.tokenizer import train_tokenizer
-
-    texts = ["is there a nodule ?", "yes", "no", "which side ?", "left", "right"]
-    tok_path = tmp_path / "tokenizer.json"
-    train_tokenizer(texts + [build for build in ("[INST] [/INST]",)], vocab_size=300).save(str(tok_path))
-    g = torch.Generator().manual_seed(0)
-    records = []
-    for i in range(8):
-        Image.fromarray((torch.rand(64, 64, generator=g) * 255).to(torch.uint8).numpy()).save(tmp_path / f"{i}.png")
-        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nwhich side ?"}, {"from": "gpt", "value": ["left", "right"][i % 2]}]})
-    (tmp_path / "sft.json").write_text(json.dumps(records))
-    cfg = train.TrainConfig(stage="sft", init_preset="tiny", tokenizer=str(tok_path), data=str(tmp_path / "sft.json"),
-                            out=str(tmp_path / "out"), batch_size=4, micro_batch=4, epochs=1, lr=3e-3,
-                            eval_fraction=0.0, eval_data=str(tmp_path / "sft.json"), eval_every=0, save_every=0,
-                            plot=False, warmup_ratio=0.0)
-    assert cfg.full  # implied
-    torch.manual_seed(cfg.seed)
-    init = train.new_model(cfg.init_preset, cfg.tokenizer, torch.float32, "cpu").state_dict()
-    train.train(cfg)
-    model = load_model(tmp_path / "out" / "model")
-    assert model.config.text.vocab_size == 300 and model.config.image_token_id == 3
-    trained = model.state_dict()
-    for name in ("vision_tower.encoder.layers.0.mlp.fc1.weight", "multi_modal_projector.linear_1.weight",
-                 "language_model.layers.0.self_attn.q_proj.weight", "lm_head.weight"):
-        assert not torch.equal(trained[name], init[name]), name
-    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["loss"] < metrics[0]["loss"]
-    assert (tmp_path / "out" / "model" / "tokenizer.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +309,13 @@ def test_existing_run_is_refused_and_overwrite_starts_clean(workspace, tmp_path,
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     record = provenance.load(out / "provenance.json")
     assert record["made_by"] == "train.py" and len(record["sessions"]) == 1
-    assert record["fingerprint"]["images"]["n"] == 3 and record["fingerprint"]["batch_size"] == 4
+    fp = record["fingerprint"]
+    assert fp["images"]["n"] == 3 and fp["batch_size"] == 4 and fp["num_negatives"] == 3
+    # Inputs by content, dtype and autocast as resolved, the number of processes; neither paths
+    # (out, image_root, …) nor resumable options (max_steps, …).
+    assert fp["data"]["kind"] == "file" and fp["model"]["kind"] == "dir"
+    assert (fp["dtype"], fp["autocast"], fp["world_size"]) == ("float32", False, 1)
+    assert not {"out", "image_root", "eval_data", "max_steps", "save_every", "resume", "device"} & set(fp)
 
 
 def test_resume_stops_when_the_model_changed(workspace, tmp_path):
@@ -471,14 +427,14 @@ def test_stored_ids_are_trained_on_when_the_tokenizer_is_the_same(workspace, tmp
                             {"text": "the lesion is in the upper lung", "ids": [ids["upper"]], "complete": True}]}
     plain = {k: v for k, v in record.items() if k != "chosen_ids"} | {"id": "b"}  # no ids: re-tokenized
     cfg = config(workspace, tmp_path / "unused")
-    tokens = train.Tokens(tok, train.model_config(cfg, tok))
+    tokens = batches.Tokens(tok, batches.model_config(cfg.model))
     text_ids = [tok.encode(t).ids for t in ("the lesion is in the left lung", "the lesion is in the right lung",
                                             "the lesion is in the upper lung")]
     eos = 2
     data = tmp_path / "prefs.jsonl"
     hscr_file(data, [record, plain], sha)
     said = []
-    examples, bad = train.read_preferences(data, root, tokens, cfg, sha, said.append)
+    examples, bad = batches.read_preferences(data, root, tokens, cfg, sha, said.append)
     assert not bad
     assert responses(examples[0]) == [[ids["a"], ids["mass"], eos], [ids["right"]], [ids["upper"], eos]]
     assert responses(examples[1]) == [text_ids[0] + [eos], text_ids[1], text_ids[2] + [eos]]
@@ -487,7 +443,7 @@ def test_stored_ids_are_trained_on_when_the_tokenizer_is_the_same(workspace, tmp
 
     hscr_file(data, [record], "0" * 64)  # made with another tokenizer
     said = []
-    examples, _ = train.read_preferences(data, root, tokens, cfg, sha, said.append)
+    examples, _ = batches.read_preferences(data, root, tokens, cfg, sha, said.append)
     assert responses(examples[0]) == [text_ids[0] + [eos], text_ids[1], text_ids[2] + [eos]]
     assert len(said) == 1 and "re-tokenized from their texts" in said[0] and "another tokenizer" in said[0]
 
@@ -509,8 +465,8 @@ def test_image_aspect_from_the_header_reaches_preprocessing(workspace, tmp_path,
     assert len(aspects) > 3 and set(aspects) == {"resize"}
     assert "--image-aspect resize, as hscr.py made prefs.jsonl" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["image_aspect"] == "resize"
-    assert train.resolve_image_aspect("pad", data)[0] == "pad"
-    assert train.resolve_image_aspect(None, prefs)[0] == "pad"
+    assert batches.resolve_image_aspect("pad", data)[0] == "pad"
+    assert batches.resolve_image_aspect(None, prefs)[0] == "pad"
 
 
 def test_reference_cache_key_follows_image_content(workspace, tmp_path):
@@ -525,15 +481,15 @@ def test_reference_cache_key_follows_image_content(workspace, tmp_path):
     names = [f"img{k}.png" for k in range(3)]
 
     def key(image_root):
-        now = train.run_fingerprint(cfg, ckpt / "tokenizer.json", image_root, names, torch.float32, train.Context())
-        return train.reference_cache_key(now, cfg)
+        now = rundir.run_fingerprint(cfg, ckpt / "tokenizer.json", image_root, names, torch.float32, Context())
+        return rundir.reference_cache_key(now, cfg.negatives)
 
     before = key(images)
     assert key(root) == before  # the same images elsewhere
     (images / "img1.png").write_bytes(png_bytes(seed=7))
     after = key(images)
     assert after != before and after["images"] != before["images"]
-    assert train.reference_cache_path(cfg, after) != train.reference_cache_path(cfg, before)
+    assert rundir.reference_cache_path(prefs, after) != rundir.reference_cache_path(prefs, before)
 
 
 def test_plot_without_matplotlib_is_an_error_before_training(monkeypatch):
