@@ -73,11 +73,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import re
 import sys
-import time
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -85,11 +83,12 @@ from pathlib import Path
 
 import torch
 
-from harness import provenance
+from harness import outputs, provenance
 from harness.cli import UserError, dataclass_parser, option, run_main
 from harness.dist import init_process_group
-from model.tokenizer import piece_word
 from harness.files import read_jsonl
+from harness.outputs import Reject
+from model.tokenizer import piece_word
 from model.loading import resolve_dtype
 from data import Record, load_pixels, read_records, resolve_image
 from kernels import contrast_softmax
@@ -562,19 +561,6 @@ class Entry:
     response: list[int] | None  # y_w ids with EOS (None with --score-on greedy)
 
 
-@dataclass
-class Reject:
-    index: int | None
-    id: str | None
-    category: str
-    reason: str
-    image: str | None = None
-    negatives_found: int | None = None
-
-    def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None or k in ("index", "id")}
-
-
 class HSCR:
     """Stages 1 and 2 over batches of records; `process` returns output records and rejects."""
 
@@ -596,6 +582,13 @@ class HSCR:
                                     if t is not None and t >= 0}))
         self.word_class = (word_classes([tokenizer.id_to_token(i) for i in range(cfg.text.vocab_size)]).to(model.device)
                            if opts.same_word == "exclude" else None)
+
+    def run_batch(self, batch: list[tuple[int, Record]]) -> list[dict | Reject]:
+        """`prepare` and `process` for (index, record) pairs: one output record or Reject each, in order."""
+        prepared = [self.prepare(i, r) for i, r in batch]
+        ready = [p for p in prepared if isinstance(p, Entry)]
+        results = iter(self.process(ready) if ready else [])
+        return [p if isinstance(p, Reject) else next(results) for p in prepared]
 
     def prepare(self, index: int, record: Record) -> Entry | Reject:
         """Load the image and tokenize; a problem with the record becomes a Reject."""
@@ -955,9 +948,8 @@ def parse_options(argv) -> Options:
 
 
 # ----------------------------------------------------------------------------------------------
-# Files: output, rejects, summary, provenance and resume, shards
+# The run: a data file through the pipeline, resumable, sharded under torchrun (harness/outputs.py)
 
-HEADER_KEY = "_header"
 # Options that name inputs or the output: the fingerprint holds the inputs' content instead, so
 # that a data set or checkpoint moved elsewhere still resumes and one rewritten in place does not.
 PATH_OPTIONS = ("model", "data", "image_root", "out", "answers", "tokenizer", "vision_tower", "sentence_model")
@@ -967,47 +959,6 @@ PATH_OPTIONS = ("model", "data", "image_root", "out", "answers", "tokenizer", "v
 # decode_rows (the rows of one continuation call: the logits whose argmax picks each generated
 # token, 1e-7 apart on the CPU), device and dtype; limit and seed choose the entries.
 RUN_CONTROL = ("overwrite",)
-# Options renamed since a file's header was written: old name → name in Options.
-RENAMED_OPTIONS = {"top_k": "num_candidates"}
-# Options added since: a header without one was written with this value (the behaviour before).
-ADDED_OPTIONS = {"candidates": "dropped-topk", "alpha": 0.1, "drop_positions": "renumber", "same_word": "allow"}
-RESTART = "rerun with --overwrite to start again (this deletes its records, rejects and summary)"
-
-
-def sidecar(out: Path, kind: str) -> Path:
-    """prefs.jsonl → prefs.rejects.jsonl / prefs.summary.json."""
-    stem = str(out)[: -len(".jsonl")] if str(out).endswith(".jsonl") else str(out)
-    return Path(stem + {"rejects": ".rejects.jsonl", "summary": ".summary.json"}[kind])
-
-
-def shard_path(out: Path, rank: int, world: int) -> Path:
-    """prefs.jsonl → prefs.rank0-of-2.jsonl."""
-    stem = str(out)[: -len(".jsonl")] if str(out).endswith(".jsonl") else str(out)
-    return Path(f"{stem}.rank{rank}-of-{world}.jsonl")
-
-
-def image_names(records: list[Record], entries: list[int], image_root: str) -> list[str]:
-    """The images the run reads: those of the selected entries that lie inside the root and can
-    be opened. The others are rejected record by record (HSCR.prepare); the fingerprint cannot
-    hash them, and must not stop the run on them."""
-    names = set()
-    for i in entries:
-        name = records[i].image
-        try:
-            path = resolve_image(image_root, name) if name else None
-        except ValueError:
-            continue
-        if path is not None and path.is_file() and os.access(path, os.R_OK):
-            names.add(name)
-    return sorted(names)
-
-
-def sentence_files(path: str | os.PathLike) -> list[str]:
-    """What a sentence-transformers directory computes with: every *.safetensors and *.json in it
-    and its module folders (weights, configs, modules.json, pooling, tokenizer.json)."""
-    root = Path(path)
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.suffix in (".json", ".safetensors") and p.is_file())
 
 
 def run_fingerprint(opts: Options, records: list[Record], entries: list[int], world: int) -> dict:
@@ -1015,181 +966,17 @@ def run_fingerprint(opts: Options, records: list[Record], entries: list[int], wo
     tokenizer file, data and answers files, the images of the selected `entries` (all ranks'),
     the sentence encoder, every option but PATH_OPTIONS and RUN_CONTROL, and the number of ranks
     (a rank's batches are slices of its share of the entries)."""
-    parts = {
+    inputs = {
         "model": provenance.Dir(opts.model),
         "vision tower": provenance.Dir(opts.vision_tower) if opts.vision_tower else None,
         "tokenizer": provenance.File(tokenizer_file(opts.tokenizer)),
         "data": provenance.File(opts.data),
         "answers": provenance.File(opts.answers) if opts.answers else None,
-        "images": provenance.Files(opts.image_root, image_names(records, entries, opts.image_root)),
-        "sentence encoder": (provenance.Files(opts.sentence_model, sentence_files(opts.sentence_model))
+        "images": provenance.Files(opts.image_root, outputs.image_names(records, entries, opts.image_root)),
+        "sentence encoder": (provenance.Files(opts.sentence_model, outputs.sentence_files(opts.sentence_model))
                              if opts.similarity == "minilm" else None),
     }
-    options = {k: v for k, v in asdict(opts).items() if k not in PATH_OPTIONS + RUN_CONTROL}
-    return provenance.fingerprint(**parts, **options, world_size=world)
-
-
-def header_record(opts: Options, fingerprint: dict) -> dict:
-    return {HEADER_KEY: True, "options": asdict(opts), "provenance": fingerprint}
-
-
-def stored_options(options: dict) -> dict:
-    """A header's options (or fingerprint) under today's names, with the options added since it
-    was written at the value they had then (files written before a rename or an addition still
-    resume)."""
-    return {**ADDED_OPTIONS, **{RENAMED_OPTIONS.get(k, k): v for k, v in options.items()}}
-
-
-def check_header(path: Path, stored: dict, header: dict) -> None:
-    """An output may be continued only by a run with its fingerprint: else ProvenanceError naming
-    every change (a harness.cli.UserError: one line from the command line)."""
-    if not isinstance(stored.get("provenance"), dict):
-        raise UserError(f"{path} was written by an hscr.py that kept no fingerprint of its inputs, so whether "
-                        f"this run would continue the same computation cannot be checked; {RESTART}, "
-                        "or choose another --out")
-    provenance.check(stored_options(stored["provenance"]), header["provenance"], path, restart=RESTART)
-
-
-def cut_torn_line(path: Path) -> None:
-    """A kill mid-write leaves a last line without its newline: cut it off (read_jsonl ignores it)."""
-    with open(path, "r+b") as f:
-        end = pos = f.seek(0, os.SEEK_END)
-        while pos > 0:
-            step = min(pos, 1 << 16)
-            f.seek(pos - step)
-            newline = f.read(step).rfind(b"\n")
-            if newline >= 0:
-                if pos - step + newline + 1 < end:
-                    f.truncate(pos - step + newline + 1)
-                return
-            pos -= step
-        f.truncate(0)
-
-
-def clear_outputs(out: Path, rank: int, world: int) -> None:
-    """--overwrite: delete what a run on `out` wrote. Each rank deletes its own rank files; rank 0
-    (or the single process) the merged output and its rejects and summary, and the rank files of
-    runs with another number of ranks (those of this run's other ranks are theirs to delete)."""
-    mine = shard_path(out, rank, world) if world > 1 else out
-    doomed = [mine, sidecar(mine, "rejects"), sidecar(mine, "summary")]
-    if rank == 0:
-        doomed += [out, sidecar(out, "rejects"), sidecar(out, "summary")]
-        stem = out.name.removesuffix(".jsonl")
-        pattern = re.compile(re.escape(stem) + r"\.rank\d+-of-(\d+)\.(jsonl|rejects\.jsonl|summary\.json)")
-        doomed += [p for p in out.parent.glob("*.rank*-of-*")
-                   if (m := pattern.fullmatch(p.name)) and (world == 1 or int(m.group(1)) != world)]
-    for p in doomed:
-        p.unlink(missing_ok=True)
-
-
-class Output:
-    """The output and rejects files of one process, opened for appending (resume).
-
-    Made once the run's inputs have loaded (`run`), so that a run failing before leaves no file.
-    An existing output holding records or rejects continues only with the same fingerprint
-    (check_header); one holding only a header (or only the data file's bad records) is started
-    again, since nothing computed would be mixed. Nothing is changed before that check."""
-
-    def __init__(self, path: Path, header: dict):
-        self.path, self.rejects_path = path, sidecar(path, "rejects")
-        lines = read_jsonl(path)  # a torn last line is ignored here and cut below, once accepted
-        if lines and not lines[0].get(HEADER_KEY):
-            raise UserError(f"{path} exists but does not start with an hscr.py header; choose another --out")
-        rejected = read_jsonl(self.rejects_path)
-        computed = [r for r in rejected if r.get("category") != "bad record"]
-        if lines and (len(lines) > 1 or computed):
-            check_header(path, lines[0], header)
-        elif computed:
-            raise UserError(f"{self.rejects_path} holds rejects but {path} is {'empty' if path.exists() else 'gone'}, "
-                            f"so what made them cannot be checked; {RESTART}, or choose another --out")
-        else:  # nothing computed: start again
-            lines, rejected = [], []
-            path.unlink(missing_ok=True)
-            self.rejects_path.unlink(missing_ok=True)
-        for p in (path, self.rejects_path):
-            if p.exists():
-                cut_torn_line(p)
-        # Resume skips ids in either file; the data file's bad records are no entries (an id of
-        # one may be the duplicate of a valid entry's).
-        self.done = {r["id"] for r in lines[1:]} | {r["id"] for r in computed if r.get("id") is not None}
-        self.bad_keys = {(r.get("file"), r.get("position")) for r in rejected if r.get("category") == "bad record"}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "a", encoding="utf-8")
-        self.fr = open(self.rejects_path, "a", encoding="utf-8")
-        if not lines:
-            self.f.write(json.dumps(header) + "\n")
-            self.f.flush()
-
-    def write(self, results: list[dict | Reject]):
-        """Append one batch's new results and flush, so that a kill loses at most the batch in
-        flight (whose records `run` then computes again with the whole batch)."""
-        for r in results:
-            if isinstance(r, Reject):
-                self.fr.write(json.dumps(r.to_json()) + "\n")
-            else:
-                self.f.write(json.dumps(r) + "\n")
-            self.done.add(r.id if isinstance(r, Reject) else r["id"])
-        self.f.flush()
-        self.fr.flush()
-
-    def write_bad(self, file: str, position: int, record_id: str | None, reason: str):
-        """A record data.py could not parse (once, even across resumes); `position` is its index in
-        the JSON list or its 0-based line in a JSONL file."""
-        if (file, position) not in self.bad_keys:
-            self.fr.write(json.dumps({"index": None, "id": record_id, "category": "bad record", "reason": reason,
-                                      "file": file, "position": position}) + "\n")
-            self.bad_keys.add((file, position))
-
-    def close(self):
-        self.f.close()
-        self.fr.close()
-
-
-def _header_fingerprint(header: dict) -> dict:
-    """A rank file's fingerprint; its options for rank files written before fingerprints."""
-    if isinstance(header.get("provenance"), dict):
-        return stored_options(header["provenance"])
-    return {k: v for k, v in stored_options(header["options"]).items() if k not in PATH_OPTIONS + RUN_CONTROL}
-
-
-def merge_shards(out: Path, world: int) -> dict:
-    """One file from the rank files: the header, then the records in `index` order, which is the
-    order of a single-process run; rejects likewise. Returns the merged summary."""
-    parts = [shard_path(out, r, world) for r in range(world)]
-    missing = [str(p) for p in parts if not p.exists()]
-    if missing:
-        raise UserError(f"cannot merge: missing rank files {', '.join(missing)}")
-    headers, records, rejects, processed, seconds = [], {}, [], 0, 0.0
-    for p in parts:
-        lines = read_jsonl(p)
-        if not lines or not lines[0].get(HEADER_KEY):
-            raise UserError(f"cannot merge: {p} does not start with an hscr.py header")
-        headers.append(lines[0])
-        for r in lines[1:]:
-            records.setdefault(r["id"], r)
-        rejects += read_jsonl(sidecar(p, "rejects"))
-        s = json.loads(sidecar(p, "summary").read_text()) if sidecar(p, "summary").exists() else {}
-        processed += s.get("processed_this_run", 0)
-        seconds = max(seconds, s.get("seconds", 0.0))
-    for r, h in enumerate(headers[1:], 1):
-        diff = provenance.differences(_header_fingerprint(headers[0]), _header_fingerprint(h))
-        if diff:
-            raise UserError(f"cannot merge: rank {r} ran with other inputs or options than rank 0: {'; '.join(diff)}")
-    unique = {(r.get("id"), r.get("file"), r.get("position")): r for r in rejects}
-    for path, rows in ((out, [headers[0]] + sorted(records.values(), key=lambda r: r["index"])),
-                       (sidecar(out, "rejects"), sorted(unique.values(), key=_reject_order))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
-    return summarize(out, processed=processed, seconds=seconds)
-
-
-def _reject_order(r: dict):
-    return (r.get("index") is not None, r.get("index") or 0, r.get("file") or "", r.get("position") or 0)
-
-
-# ----------------------------------------------------------------------------------------------
-# The run: a data file through the pipeline, batch by batch, resumable, sharded under torchrun
+    return provenance.run_fingerprint(inputs, opts, leave_out=PATH_OPTIONS + RUN_CONTROL, world_size=world)
 
 
 def select_entries(n: int, limit: int | None, seed: int) -> list[int]:
@@ -1219,95 +1006,27 @@ def load_inputs(opts: Options, device: torch.device):
 def run(opts: Options) -> dict:
     """Generate preference data; under torchrun each rank takes entries rank, rank + W, … and rank 0
     merges the rank files at the end. Returns the summary of the file this process wrote/merged.
-
-    Nothing is written before every input has loaded. Batch b of a rank always holds the entries
-    at positions [b·B, (b+1)·B) of its share, so a resumed run computes a batch with a missing
-    record whole, as the uninterrupted run did, and writes the missing ones: bit for bit the
-    same records (the fingerprint holds batch_size, decode_rows, device and dtype)."""
-    from tqdm import tqdm
-
+    Nothing is written before every input has loaded; the output resumes exactly (harness/outputs.py,
+    Output.run_batches: the fingerprint holds batch_size, decode_rows, device and dtype)."""
     rank, world, local_rank = init_process_group()  # gloo: it only synchronises the end of the run
     opts = opts.resolved()
-    out = Path(opts.out)
-    part = shard_path(out, rank, world) if world > 1 else out
     device = torch.device(f"cuda:{local_rank}" if opts.device == "cuda" and world > 1 else opts.device)
-
     records, bad, model, tokenizer, similarity = load_inputs(opts, device)
     selected = select_entries(len(records), opts.limit, opts.seed)
     entries = selected[rank::world]
     pipeline = HSCR(model, tokenizer, opts, similarity)
-    header = header_record(opts, run_fingerprint(opts, records, selected, world))
-    if opts.overwrite:
-        clear_outputs(out, rank, world)
-    output = Output(part, header)
+    header = outputs.header_record(asdict(opts), run_fingerprint(opts, records, selected, world))
+    output = outputs.Output(Path(opts.out), header, rank=rank, world=world, overwrite=opts.overwrite,
+                            count_negatives=True)
     if rank == 0:
         for b in bad:
             output.write_bad(b.file, b.index, b.id, b.reason)
-
-    batches = [entries[i: i + opts.batch_size] for i in range(0, len(entries), opts.batch_size)]
-    done = sum(records[i].id in output.done for i in entries)
-    bar = tqdm(total=len(entries), initial=done, unit="entry", desc=f"hscr rank {rank}" if world > 1 else "hscr",
-               position=rank, dynamic_ncols=True)
-    processed, t0 = 0, time.perf_counter()
-    try:
-        for batch in batches:
-            todo = {records[i].id for i in batch} - output.done
-            if not todo:
-                continue
-            prepared = [pipeline.prepare(i, records[i]) for i in batch]  # the whole batch, done ones too
-            ready = [p for p in prepared if isinstance(p, Entry)]
-            results = iter(pipeline.process(ready) if ready else [])
-            results = [p if isinstance(p, Reject) else next(results) for p in prepared]
-            output.write([r for r in results if (r.id if isinstance(r, Reject) else r["id"]) in todo])
-            processed += len(todo)
-            bar.update(len(todo))
-    finally:
-        bar.close()
-        output.close()
-    summary = summarize(part, processed=processed, seconds=time.perf_counter() - t0)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        if rank == 0:
-            summary = merge_shards(out, world)
-            print_summary(out, summary)
-        dist.barrier()
-        dist.destroy_process_group()
-    else:
-        print_summary(out, summary)
-    return summary
+    return output.run_batches([records[i].id for i in entries], opts.batch_size,
+                              lambda batch: pipeline.run_batch([(entries[k], records[entries[k]]) for k in batch]))
 
 
 # ----------------------------------------------------------------------------------------------
 # Summary and stats: the negatives and the sampling-probability claim
-
-
-def summarize(out: Path, *, processed: int, seconds: float) -> dict:
-    """Counts over the whole output (so a resumed run reports everything) + this run's rate."""
-    records = [r for r in read_jsonl(out) if not r.get(HEADER_KEY)]
-    rejects = read_jsonl(sidecar(out, "rejects"))
-    counts = Counter(len(r["negatives"]) for r in records)
-    counts.update(r["negatives_found"] for r in rejects if r.get("negatives_found") is not None)
-    skipped = Counter(r["category"] for r in rejects)
-    summary = {
-        "entries_written": len(records),
-        "negatives": {str(n): counts.get(n, 0) for n in sorted(set(counts) | {0, 1, 2, 3}, reverse=True)},
-        "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()),
-        "processed_this_run": processed, "seconds": round(seconds, 3),
-        "entries_per_s": round(processed / seconds, 4) if seconds > 0 else None,
-    }
-    sidecar(out, "summary").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def print_summary(out: Path, s: dict):
-    neg = ", ".join(f"{k}: {v}" for k, v in s["negatives"].items())
-    skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
-    rate = f"{s['entries_per_s']} entries/s" if s["entries_per_s"] is not None else "nothing processed"
-    print(f"hscr: {s['entries_written']} entries in {out} (by number of negatives {neg}); "
-          f"skipped {s['skipped_total']} ({skipped}); {rate}; summary in {sidecar(out, 'summary')}")
-
 
 def _mean(xs) -> float | None:
     xs = list(xs)
@@ -1330,16 +1049,13 @@ def stats(argv) -> dict:
     args = p.parse_args(argv)
     path = Path(args.prefs)
     lines = read_jsonl(path)
-    if not lines or not lines[0].get(HEADER_KEY):
+    if not lines or not lines[0].get(outputs.HEADER_KEY):
         raise UserError(f"{path}: not an hscr.py output (no header line)")
-    header, records = stored_options(lines[0]["options"]), lines[1:]
-    counts = Counter(len(r["negatives"]) for r in records)
-    rejects = read_jsonl(sidecar(path, "rejects"))
-    counts.update(r["negatives_found"] for r in rejects if r.get("negatives_found") is not None)
+    header, records = lines[0]["options"], lines[1:]
     depth = max((len(r["negatives"]) for r in records), default=0)
     result = {
         "entries": len(records),
-        "negatives": {str(n): counts.get(n, 0) for n in sorted(set(counts) | {0, 1, 2, 3}, reverse=True)},
+        "negatives": outputs.negatives_histogram(records, read_jsonl(outputs.sidecar(path, "rejects"))),
         "similarity_by_rank": [_mean(r["negatives"][j]["similarity"] for r in records if len(r["negatives"]) > j)
                                for j in range(depth)],
         "p_chosen": _mean(r["p_chosen"] for r in records),
@@ -1401,13 +1117,7 @@ def main(argv=None):
     if argv and argv[0] == "stats":
         return stats(argv[1:])
     if argv and argv[0] == "merge":
-        p = argparse.ArgumentParser(prog="python hscr.py merge", description="merge the rank files of a torchrun run")
-        p.add_argument("--out", required=True, help="the run's --out")
-        p.add_argument("--world-size", type=int, required=True, help="number of ranks of the run")
-        args = p.parse_args(argv[1:])
-        summary = merge_shards(Path(args.out), args.world_size)
-        print_summary(Path(args.out), summary)
-        return summary
+        return outputs.merge_main(argv[1:], count_negatives=True)
     return run(parse_options(argv))
 
 

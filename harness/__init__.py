@@ -4,6 +4,7 @@
     files        UTF-8 text, JSON / JSON-lines readers, atomic writes, torn-line repair
     dist         torchrun's environment and the process group
     provenance   content fingerprints of what made an output, and what changed since
+    outputs      a resumable JSON-lines output with a fingerprint header, rejects, summary, rank files
     rundir       train.py's output directory: checkpoints and exact resume
 
 Nothing here is part of HSCR; the scripts import it, it never imports them.
