@@ -233,19 +233,14 @@ def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.
 
 
 def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_features, responses,
-                       pad_id: int, *, stacked: bool = True, drop_positions: list[list[int] | None] | None = None):
+                       pad_id: int, drop_positions: list[list[int] | None] | None = None):
     """docs/METHOD.md, step 2: the same text with the image i and with the dropped image i', both
     branches of every entry stacked in one left-padded batch, so the weights are read once. y_w is
     teacher-forced (step 4). Returns logits_full (B, L, V), logits_drop (B, L, V), targets (B, L),
-    valid (B, L). `stacked=False` runs the branches as two forwards (the naive baseline of the
-    benchmark). `drop_positions`: position ids of the dropped prompts (keep_positions), None for
+    valid (B, L). `drop_positions`: position ids of the dropped prompts (keep_positions), None for
     0, 1, 2, ….
     """
     B = len(responses)
-    if not stacked:
-        full, targets, valid = teacher_forced_logits(model, full_prompts, full_features, responses, pad_id)
-        drop, _, _ = teacher_forced_logits(model, drop_prompts, drop_features, responses, pad_id, drop_positions)
-        return full, drop, targets, valid
     positions = None if drop_positions is None else [None] * B + list(drop_positions)
     logits, targets, valid = teacher_forced_logits(model, full_prompts + drop_prompts,
                                                    list(full_features) + list(drop_features),
@@ -420,22 +415,22 @@ def cut_generated(ids: list[int], eos_id: int, image_token_id: int) -> list[int]
 @torch.no_grad()
 def greedy_continuations(model, prompts: list[list[int]], features: list[torch.Tensor],
                          prefixes: list[list[int]], *, owners: list[int] | None = None, max_new_tokens: int,
-                         pad_id: int, rows_per_call: int = 64, share_prompt: bool = True,
-                         drop_finished: bool = True) -> list[list[int]]:
+                         pad_id: int, rows_per_call: int = 64) -> list[list[int]]:
     """Greedy continuation of each row r, prompts[o] + prefixes[r] with the full image features[o]
     (N, D), o = owners[r] (default: o = r), until EOS or `max_new_tokens` (docs/METHOD.md step 6,
     `decode`). Rows go through the model in calls of up to `rows_per_call` rows that share one
     static KV cache: the candidates of many entries decode together, grouped by length (less
     padding). Returned in the given order, each cut by `cut_generated`.
 
-    Two savings, each giving the same tokens up to floating-point rounding:
-    share_prompt: each call prefills the prompts of its owners once (all but their last token) and
-      copies their KV cache into their rows (`Llava.generate_shared`), instead of prefilling
-      every row whole: the prompt and image, most of a row, are not recomputed per candidate.
-      Prompts ending in an image placeholder, or a model whose sliding window the rows could
-      exceed, take the plain way (`Llava.generate`).
-    drop_finished: rows that reached EOS leave the call's batch (most tails are a few tokens long,
-      the call runs until its longest one ends).
+    Two savings, each giving the same tokens up to floating-point rounding (benchmarks/bench_hscr.py
+    measures them against the plain way):
+    - each call prefills the prompts of its owners once (all but their last token) and copies
+      their KV cache into their rows (`Llava.generate_shared`), instead of prefilling every row
+      whole: the prompt and image, most of a row, are not recomputed per candidate. Prompts ending
+      in an image placeholder, or a model whose sliding window the rows could exceed, cannot share
+      and take the plain way (`Llava.generate`, every row whole);
+    - rows that reached EOS leave the call's batch (`drop_finished`: most tails are a few tokens
+      long, the call runs until its longest one ends).
     """
     if not prefixes:
         return []
@@ -444,13 +439,13 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
     window = cfg.text.sliding_window
     # The shared cache spans the longest prompt + the longest prefix + the new tokens.
     span = max(len(prompts[o]) for o in owners) + max(map(len, prefixes)) + max_new_tokens
-    share_prompt = share_prompt and all(len(prompts[o]) and prompts[o][-1] != cfg.image_token_id for o in owners) \
+    share_prompt = all(len(prompts[o]) and prompts[o][-1] != cfg.image_token_id for o in owners) \
         and (window is None or span <= window)
     # An owner's rows have nearly equal lengths, so they mostly land in one call and share its prefill.
     order = sorted(range(len(prefixes)), key=lambda r: len(prompts[owners[r]]) + len(prefixes[r]))
     tails: list[list[int]] = [[] for _ in prefixes]
     gen = dict(max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=cfg.text.eos_token_id, pad_token_id=pad_id,
-               drop_finished=drop_finished)
+               drop_finished=True)
     for start in range(0, len(order), rows_per_call):
         rows = order[start: start + rows_per_call]
         if share_prompt:
@@ -564,12 +559,8 @@ class Entry:
 class HSCR:
     """Stages 1 and 2 over batches of records; `process` returns output records and rejects."""
 
-    def __init__(self, model, tokenizer, opts: Options, similarity: Similarity | None = None, *,
-                 stacked: bool = True, share_prompt: bool = True, drop_finished: bool = True):
-        # stacked / share_prompt / drop_finished False: the slower equivalent paths, for
-        # benchmarks/bench_hscr.py (score_two_branches, greedy_continuations).
+    def __init__(self, model, tokenizer, opts: Options, similarity: Similarity | None = None):
         self.model, self.tokenizer, self.opts = model, tokenizer, opts
-        self.stacked, self.share_prompt, self.drop_finished = stacked, share_prompt, drop_finished
         self.similarity = similarity or Similarity(opts.similarity, opts.sentence_model, model.device)
         cfg = model.config
         self.eos, self.bos, self.image_id = cfg.text.eos_token_id, cfg.text.bos_token_id, cfg.image_token_id
@@ -655,8 +646,7 @@ class HSCR:
 
         # Steps 2 and 4: both branches in one batch, coupling scores, coupled positions.
         lf, ld, targets, valid = score_two_branches(model, full_prompts, drop_prompts, full_feats, drop_feats,
-                                                    responses, self.pad, stacked=self.stacked,
-                                                    drop_positions=drop_positions)
+                                                    responses, self.pad, drop_positions)
         p_chosen = mean_token_probability(lf, targets, valid).tolist()
         scores = coupling_scores(lf, ld, targets, valid, o.coupling)
         coupled_positions = select_coupled_positions(scores, targets, valid, o.top_n, self.eos)
@@ -712,8 +702,7 @@ class HSCR:
         if o.score_on == "greedy":
             return greedy_continuations(self.model, prompts, feats, [[] for _ in entries],
                                         max_new_tokens=o.max_new_tokens, pad_id=self.pad,
-                                        rows_per_call=o.decode_rows, share_prompt=self.share_prompt,
-                                        drop_finished=self.drop_finished)
+                                        rows_per_call=o.decode_rows)
         return [e.response for e in entries]
 
     def _reject_empty_answers(self, entries: list[Entry], responses, results: list) -> list[int]:
@@ -736,8 +725,7 @@ class HSCR:
         prefixes = [cand for cands in candidates for cand in cands]
         tails = greedy_continuations(self.model, prompts, feats, prefixes, owners=owner,
                                      max_new_tokens=o.max_new_tokens, pad_id=self.pad,
-                                     rows_per_call=o.decode_rows, share_prompt=self.share_prompt,
-                                     drop_finished=self.drop_finished)
+                                     rows_per_call=o.decode_rows)
         return _regroup([p + t for p, t in zip(prefixes, tails)], candidates)
 
     def _negative_probabilities(self, candidates, ranked: list[list[int]], prompts, feats) -> list[list[float]]:

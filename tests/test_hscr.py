@@ -428,7 +428,7 @@ def test_visual_token_dropout_strategies(model, strategy):
 def test_two_branch_scoring_matches_unpadded_forwards(model, tokenizer, ckpt, dataset, tmp_path):
     """Stacked (both branches, 2B left-padded rows, logits only at response positions) equals, row
     by row, the full-sequence logits of an unpadded single-row forward at the positions predicting
-    each response token; the unstacked path equals it too."""
+    each response token."""
     pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl"))
     entries = _entries(pipe, dataset, {"e0", "e2", "e3"})
     pixels = torch.stack([e.pixels for e in entries])
@@ -437,14 +437,12 @@ def test_two_branch_scoring_matches_unpadded_forwards(model, tokenizer, ckpt, da
     dp = [hscr.with_image_tokens(p, tiny.IMAGE_TOKEN, 5) for p in fp]
     ys = [e.response for e in entries]
     lf, ld, targets, valid = hscr.score_two_branches(model, fp, dp, list(full), dropped, ys, pipe.pad)
-    uf, ud, _, _ = hscr.score_two_branches(model, fp, dp, list(full), dropped, ys, pipe.pad, stacked=False)
     assert lf.shape == (3, max(map(len, ys)), 128) and valid.sum(1).tolist() == [len(y) for y in ys]
     for b, y in enumerate(ys):
-        for prompt, feats, got, got_u in ((fp[b], full[b], lf[b], uf[b]), (dp[b], dropped[b], ld[b], ud[b])):
+        for prompt, feats, got in ((fp[b], full[b], lf[b]), (dp[b], dropped[b], ld[b])):
             ids = torch.tensor([prompt + y])
             ref = model(ids, image_features=feats)[0, len(prompt) - 1: len(prompt) - 1 + len(y)]  # (L_b, V)
             assert torch.allclose(got[: len(y)], ref, atol=1e-5)
-            assert torch.allclose(got_u[: len(y)], ref, atol=1e-5)
         assert targets[b, : len(y)].tolist() == y
 
 
@@ -488,34 +486,41 @@ def test_drop_positions_keep_in_the_stacked_batch(model, tokenizer, ckpt, datase
     assert torch.allclose(ad, af, atol=1e-5)
 
 
-def test_greedy_continuations_batched_equal_single_rows(model, tokenizer, ckpt, dataset, tmp_path):
+def test_greedy_continuations_batched_equal_single_rows(model, tokenizer, ckpt, dataset, tmp_path, monkeypatch):
     """Rows of several entries and prefixes of different lengths in one generate call (and in calls
-    of 2 rows) give what each row gives alone."""
+    of 2 rows) give what each row gives alone: with the shared prompt prefill, and on the plain
+    way that a sliding window shorter than the rows forces (then each reference row runs under
+    the same window)."""
     pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl"))
     entries = _entries(pipe, dataset, {"e0", "e1"})
     feats = list(model.encode_images(torch.stack([e.pixels for e in entries])))
     prompts = [entries[0].prompt_ids, entries[1].prompt_ids, entries[0].prompt_ids]
     features = [feats[0], feats[1], feats[0]]
     prefixes = [entries[0].response[:3], [], entries[0].response[:1] + [50]]
-    alone = []
-    for p, f, x in zip(prompts, features, prefixes):
-        new = model.generate(torch.tensor([p + x]), image_features=f, max_new_tokens=5, eos_token_id=EOS)
-        alone.append(hscr.cut_generated(new[0].tolist(), EOS, tiny.IMAGE_TOKEN))
-    for rows in (64, 2):
-        for share, drop in ((False, False), (True, False), (True, True)):
+    shared = type(model).generate_shared
+    calls = []
+    monkeypatch.setattr(type(model), "generate_shared", lambda *a, **k: (calls.append(1), shared(*a, **k))[1])
+    for window in (None, len(prompts[0]) + 2):  # the rows span the prompt + prefix + 5 new tokens
+        monkeypatch.setattr(model.config.text, "sliding_window", window)
+        alone = []
+        for p, f, x in zip(prompts, features, prefixes):
+            new = model.generate(torch.tensor([p + x]), image_features=f, max_new_tokens=5, eos_token_id=EOS)
+            alone.append(hscr.cut_generated(new[0].tolist(), EOS, tiny.IMAGE_TOKEN))
+        for rows in (64, 2):
+            calls.clear()
             got = hscr.greedy_continuations(model, prompts, features, prefixes, max_new_tokens=5, pad_id=pipe.pad,
-                                            rows_per_call=rows, share_prompt=share, drop_finished=drop)
-            assert got == alone, (rows, share, drop)
+                                            rows_per_call=rows)
+            assert got == alone, (window, rows)
             # the same rows given as entries (prompt, features) and the entry of each row
             got = hscr.greedy_continuations(model, prompts[:2], features[:2], prefixes, owners=[0, 1, 0],
-                                            max_new_tokens=5, pad_id=pipe.pad, rows_per_call=rows,
-                                            share_prompt=share, drop_finished=drop)
-            assert got == alone, (rows, share, drop)
+                                            max_new_tokens=5, pad_id=pipe.pad, rows_per_call=rows)
+            assert got == alone, (window, rows)
+            assert bool(calls) == (window is None), (window, rows)  # the shared prefill, or the plain way
 
 
 def test_shared_prefill_runs_each_prompt_once(model, tokenizer, ckpt, dataset, tmp_path, monkeypatch):
-    """With share_prompt, a call prefills each entry's prompt once: the image features reach the
-    model once per entry, not once per candidate row."""
+    """A call prefills each entry's prompt once: the image features reach the model once per
+    entry, not once per candidate row."""
     pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl"))
     entries = _entries(pipe, dataset, {"e0", "e1"})
     feats = list(model.encode_images(torch.stack([e.pixels for e in entries])))
