@@ -70,8 +70,6 @@ written before the inputs have loaded: a run that failed on a bad input leaves n
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
 import re
@@ -86,14 +84,13 @@ import torch
 from harness import outputs, provenance
 from harness.cli import UserError, dataclass_parser, option, run_main
 from harness.dist import init_process_group
-from harness.files import read_jsonl
 from harness.outputs import Reject
 from model.tokenizer import piece_word
 from model.loading import resolve_dtype
 from data import Record, load_pixels, read_records, resolve_image
 from kernels import contrast_softmax
 from model import load_model
-from model.llava import left_pad, token_logprobs
+from model.llava import flat_features, left_pad, mean_token_probability, teacher_forced_logits, token_logprobs
 from model.tokenizer import (TEMPLATES, build_prompt, decode, image_span, load_tokenizer, tokenize_prompt,
                              tokenize_response, tokenizer_file)
 
@@ -189,54 +186,12 @@ def keep_positions(prompt: list[int], image_token_id: int, kept: list[int]) -> l
     return list(range(first)) + [first + int(k) for k in kept] + list(range(last + 1, len(prompt)))
 
 
-def _flat_features(features: list[torch.Tensor], model) -> torch.Tensor:
-    D = model.config.text.hidden_size
-    return torch.cat([f.reshape(-1, D) for f in features]) if features else torch.zeros(0, D)  # (M, D)
-
-
-@torch.no_grad()
-def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.Tensor],
-                          responses: list[list[int]], pad_id: int,
-                          prompt_positions: list[list[int] | None] | None = None):
-    """Logits that predict each response token, teacher-forced: (R, L, V) float32, targets (R, L)
-    (0 where padded) and valid (R, L), L = the longest response.
-
-    Row r is prompt_r + response_r[:-1], left-padded to T, so every row ends at T − 1 and response
-    token t of row r is predicted at position T − L_r + t: only those positions reach the lm_head.
-    features[r] (N_r, D) fills the N_r image placeholders of prompt r. prompt_positions[r], when
-    given, are the position ids of prompt r's tokens (the response continues from the last + 1);
-    None: 0, 1, 2, … (the model's default).
-    """
-    device = model.device
-    ids, mask = left_pad([p + r[:-1] for p, r in zip(prompts, responses)], pad_id, device)  # (R, T)
-    position_ids = None
-    if prompt_positions is not None and any(pp is not None for pp in prompt_positions):
-        rows = []
-        for p, r, pp in zip(prompts, responses, prompt_positions):
-            pp = list(range(len(p))) if pp is None else list(pp)
-            start = pp[-1] + 1 if pp else 0
-            rows.append(pp + list(range(start, start + len(r) - 1)))
-        position_ids, _ = left_pad(rows, 0, device)  # (R, T); padding reads position 0, as by default
-    T = ids.shape[1]
-    lengths = torch.tensor([len(r) for r in responses], device=device)  # (R,)
-    L = int(lengths.max())
-    t = torch.arange(L, device=device)
-    valid = t[None, :] < lengths[:, None]  # (R, L)
-    positions = torch.where(valid, T - lengths[:, None] + t[None, :], T - 1)  # (R, L); padding reads T−1
-    targets = torch.zeros(len(responses), L, dtype=torch.long)
-    for i, r in enumerate(responses):
-        targets[i, : len(r)] = torch.tensor(r)
-    feats = _flat_features(features, model).to(device=device, dtype=model.dtype)
-    logits = model(ids, attention_mask=mask, image_features=feats, logits_positions=positions,
-                   position_ids=position_ids)  # (R, L, V)
-    return logits, targets.to(device), valid
-
-
 def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_features, responses,
                        pad_id: int, drop_positions: list[list[int] | None] | None = None):
     """docs/METHOD.md, step 2: the same text with the image i and with the dropped image i', both
     branches of every entry stacked in one left-padded batch, so the weights are read once. y_w is
-    teacher-forced (step 4). Returns logits_full (B, L, V), logits_drop (B, L, V), targets (B, L),
+    teacher-forced (step 4), the logits computed only where they predict one of its tokens
+    (model.llava.teacher_forced_logits). Returns logits_full (B, L, V), logits_drop (B, L, V), targets (B, L),
     valid (B, L). `drop_positions`: position ids of the dropped prompts (keep_positions), None for
     0, 1, 2, ….
     """
@@ -246,14 +201,6 @@ def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_fe
                                                    list(full_features) + list(drop_features),
                                                    responses + responses, pad_id, positions)  # (2B, L, V)
     return logits[:B], logits[B:], targets[:B], valid[:B]
-
-
-def mean_token_probability(logits, targets, valid) -> torch.Tensor:
-    """Per-token mean probability of each row's response (the paper's "sampling probability"), (R,).
-    Recorded for y_w and the kept negatives, so that the claim that self-generated negatives are
-    likelier than external ones can be checked (`python hscr.py stats`)."""
-    p = token_logprobs(logits, targets).exp() * valid
-    return p.sum(-1) / valid.sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,12 +400,12 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
             slot = {o: i for i, o in enumerate(shared)}
             pids, pmask = left_pad([prompts[o][:-1] for o in shared], pad_id, model.device)  # (E, Tp)
             sids, smask = left_pad([prompts[owners[r]][-1:] + prefixes[r] for r in rows], pad_id, model.device)
-            feats = _flat_features([features[o] for o in shared], model).to(device=model.device, dtype=model.dtype)
+            feats = flat_features([features[o] for o in shared], model).to(device=model.device, dtype=model.dtype)
             which = torch.tensor([slot[owners[r]] for r in rows], device=model.device)  # (rows,)
             new = model.generate_shared(pids, pmask, which, sids, smask, image_features=feats, **gen)
         else:
             ids, mask = left_pad([prompts[owners[r]] + prefixes[r] for r in rows], pad_id, model.device)
-            feats = _flat_features([features[owners[r]] for r in rows], model).to(device=model.device,
+            feats = flat_features([features[owners[r]] for r in rows], model).to(device=model.device,
                                                                                  dtype=model.dtype)
             new = model.generate(ids, attention_mask=mask, image_features=feats, **gen)
         for r, row in zip(rows, new.tolist()):
@@ -681,7 +628,8 @@ class HSCR:
         similarity_of = [dict(zip(kept, s)) for kept, s in zip(keep, sims)]
 
         # The record: kept negatives best first, coupled tokens, probabilities under the full image.
-        p_rejected = self._negative_probabilities(candidates, ranked, full_prompts, full_feats)
+        p_rejected = (self._negative_probabilities(candidates, ranked, full_prompts, full_feats)
+                      if o.score_negatives else [None] * len(entries))
         for b, e in enumerate(entries):
             coupled = self._coupled(responses[b], positions[b], position_scores[b], replacements[b],
                                     candidate_sets_[b])
@@ -748,7 +696,7 @@ class HSCR:
                 for p, s, r, cs in zip(positions, scores, replacements, candidates)]
 
     def _record(self, e: Entry, chosen_text: str, chosen_ids: list[int], coupled: list[dict], unreplaced: list[dict],
-                negatives: list[dict], p_chosen: float, p_rejected: list[float]) -> dict | Reject:
+                negatives: list[dict], p_chosen: float, p_rejected: list[float] | None) -> dict | Reject:
         """The output record of one entry, or a Reject with fewer than --min-negatives negatives.
         chosen_ids: y_w as scored (with its EOS when it has one)."""
         o, rec = self.opts, e.record
@@ -764,7 +712,7 @@ class HSCR:
             "answer_type": rec.answer_type, "chosen": chosen, "chosen_ids": ids, "chosen_complete": complete,
             "rejected": negatives[0]["text"] if negatives else None,
             "negatives": negatives, "coupled": coupled, "unreplaced": unreplaced,
-            "p_chosen": p_chosen, "p_rejected": p_rejected,
+            "p_chosen": p_chosen, **({"p_rejected": p_rejected} if p_rejected is not None else {}),
         }
 
     def text(self, ids: list[int]) -> str:
@@ -874,6 +822,9 @@ class Options:
     num_negatives: int = option(3, "negatives kept per entry (k)")
     min_gap: float = option(0.1, "least similarity step between consecutive kept negatives")
     min_negatives: int = option(1, "entries with fewer negatives go to the rejects file")
+    score_negatives: bool = option(False, "also record p_rejected, each kept negative's mean per-token probability "
+                                   "under the model with the full image (one more forward over every negative; "
+                                   "`python hscr.py stats` compares it with chosen and external answers)")
     # the run
     limit: int | None = option(None, "a seeded random sample of this many entries (the paper: 2000)")
     seed: int = option(0, "seed of the --limit sample and, with the entry id, of each entry's dropout")
@@ -1014,97 +965,15 @@ def run(opts: Options) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Summary and stats: the negatives and the sampling-probability claim
-
-def _mean(xs) -> float | None:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else None
-
-
-def stats(argv) -> dict:
-    """Counts, similarity per rank, mean per-token probability of chosen vs rejected (from the file)
-    vs "external" negatives (another entry's answer, scored with --model): the paper's claim that
-    self-generated negatives have a higher sampling probability than external ones."""
-    p = argparse.ArgumentParser(prog="python hscr.py stats", description=stats.__doc__.split("\n")[0])
-    p.add_argument("prefs", help="output of hscr.py")
-    p.add_argument("--model", help="checkpoint directory: also score external negatives")
-    p.add_argument("--image-root", help="default: the run's --image-root (from the header)")
-    p.add_argument("--tokenizer", help="default: the run's tokenizer")
-    p.add_argument("--vision-tower", help="CLIP directory, as for the run")
-    p.add_argument("--limit", type=int, help="score external negatives on the first N entries only")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    args = p.parse_args(argv)
-    path = Path(args.prefs)
-    lines = read_jsonl(path)
-    if not lines or not lines[0].get(outputs.HEADER_KEY):
-        raise UserError(f"{path}: not an hscr.py output (no header line)")
-    header, records = lines[0]["options"], lines[1:]
-    depth = max((len(r["negatives"]) for r in records), default=0)
-    result = {
-        "entries": len(records),
-        "negatives": outputs.negatives_histogram(records, read_jsonl(outputs.sidecar(path, "rejects"))),
-        "similarity_by_rank": [_mean(r["negatives"][j]["similarity"] for r in records if len(r["negatives"]) > j)
-                               for j in range(depth)],
-        "p_chosen": _mean(r["p_chosen"] for r in records),
-        "p_rejected": _mean(x for r in records for x in r["p_rejected"]),
-        "p_rejected_by_rank": [_mean(r["p_rejected"][j] for r in records if len(r["p_rejected"]) > j)
-                               for j in range(depth)],
-    }
-    if args.model:
-        result["p_external"] = _external_probability(args, header, records)
-    print(f"{path}: {result['entries']} entries; by number of negatives "
-          + ", ".join(f"{k}: {v}" for k, v in result["negatives"].items()))
-    by_rank = result["similarity_by_rank"]
-    print("  mean similarity by rank: " + ", ".join(f"{j + 1}: {s:.4f}" for j, s in enumerate(by_rank)))
-    for key in ("p_chosen", "p_rejected", "p_external"):
-        if result.get(key) is not None:
-            print(f"  mean per-token probability, {key[2:]}: {result[key]:.4f}")
-    print(json.dumps(result))
-    return result
-
-
-def _external_probability(args, header: dict, records: list[dict]) -> float | None:
-    """Mean per-token probability of each entry's borrowed negative: the chosen answer of the next
-    entry (cyclically) whose answer differs, teacher-forced with this entry's image and prompt."""
-    opts = replace(Options(**header), image_root=args.image_root or header["image_root"],
-                   tokenizer=args.tokenizer or header["tokenizer"],
-                   vision_tower=args.vision_tower or header["vision_tower"],
-                   device=args.device, dtype="auto", similarity="lexical", score_on="reference",
-                   continuation="splice").resolved()
-    model = load_model(args.model, vision_tower=opts.vision_tower, dtype=resolve_dtype(opts.dtype, opts.device),
-                       device=opts.device)
-    pipeline = HSCR(model, load_tokenizer(opts.tokenizer), opts, Similarity("lexical"))
-    chosen = [r["chosen"] for r in records]
-    todo = records[: args.limit] if args.limit else records
-    probs = []
-    for start in range(0, len(todo), args.batch_size):
-        batch = []
-        for i, r in enumerate(todo[start: start + args.batch_size], start):
-            other = next((chosen[(i + d) % len(chosen)] for d in range(1, len(chosen))
-                          if chosen[(i + d) % len(chosen)] != r["chosen"]), None)
-            borrowed = Record(r["id"], r["image"], r["question"], other, None) if other is not None else None
-            e = pipeline.prepare(r["index"], borrowed) if borrowed is not None else None
-            if isinstance(e, Entry):
-                batch.append(e)
-        if batch:
-            pixels = torch.stack([e.pixels for e in batch]).to(device=model.device, dtype=model.dtype)
-            feats = list(model.encode_images(pixels))
-            logits, t, v = teacher_forced_logits(model, [e.prompt_ids for e in batch], feats,
-                                                 [e.response for e in batch], pipeline.pad)
-            probs += mean_token_probability(logits, t, v).tolist()
-    return _mean(probs)
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     """The CLI; returns the run's (or the merge's, or stats') summary for callers in Python."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "stats":
-        return stats(argv[1:])
-    if argv and argv[0] == "merge":
+    if argv[:1] == ["stats"]:  # harness/stats.py: counts, similarities, the sampling-probability claim
+        from harness import stats
+        return stats.main(argv[1:])
+    if argv[:1] == ["merge"]:  # harness/outputs.py: the rank files of a torchrun run, merged again
         return outputs.merge_main(argv[1:], count_negatives=True)
     return run(parse_options(argv))
 

@@ -8,7 +8,8 @@ memory here) and runs one real step of each stage through the project's own func
                branch in one batch) → coupling_scores → select_coupled_positions →
                hallucinated_replacements → graded_negatives → hscr.greedy_continuations
                (model.generate, one KV cache for the candidates of many entries) →
-               teacher_forced_logits of the kept negatives (p_rejected), as HSCR.process runs them
+               teacher_forced_logits of the kept negatives (p_rejected, with --score-negatives), as
+               HSCR.process runs them
     train      train_step: train.batch_loss (row_logprobs + the multi-level loss, reference
                log-probs given as cached) → backward → gradient clipping → AdamW, with and
                without train.enable_gradient_checkpointing, at several micro-batch sizes
@@ -531,6 +532,7 @@ class HscrSettings:
     decode_rows: int = _hscr_default("decode_rows")
     beta: float = _hscr_default("beta")
     drop_ratio: float = _hscr_default("drop_ratio")
+    score_negatives: bool = _hscr_default("score_negatives")
 
 
 def hscr_step(model: Llava, s: HscrSettings, work: Workload, seed: int = 0) -> Callable:
@@ -572,7 +574,7 @@ def hscr_step(model: Llava, s: HscrSettings, work: Workload, seed: int = 0) -> C
             filler = text_ids(c, 1, rng)[0]
             tails = [t[:s.max_new_tokens - 1] + [filler] * (s.max_new_tokens - 1 - len(t)) + [eos]
                      for t in (tail[:-1] if tail and tail[-1] == eos else tail for tail in tails)]
-            # p_rejected: the j kept negatives of each entry teacher-forced with the full image.
+            # p_rejected (--score-negatives): the j kept negatives of each entry teacher-forced with the full image.
             kept = [(b, i) for b, cands in enumerate(candidates) for i in range(min(s.num_negatives, len(cands)))]
             joined = {}
             k = 0
@@ -580,7 +582,7 @@ def hscr_step(model: Llava, s: HscrSettings, work: Workload, seed: int = 0) -> C
                 for i, prefix in enumerate(cands):
                     joined[b, i] = prefix + tails[k]
                     k += 1
-            if kept:
+            if kept and s.score_negatives:
                 logits, t, v = hscr.teacher_forced_logits(model, [prompts[b] for b, _ in kept], [full[b] for b, _ in kept],
                                                           [joined[key] for key in kept], pad)
                 hscr.mean_token_probability(logits, t, v).tolist()

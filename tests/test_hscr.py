@@ -543,7 +543,7 @@ def test_process_every_strategy_and_greedy_scoring(model, tokenizer, ckpt, datas
     coupled positions, ranked negatives and probabilities in (0, 1)."""
     for kw in (dict(mask_strategy="latent", drop_mode="zero"), dict(mask_strategy="patch", coupling="logprob"),
                dict(mask_strategy="pixel", continuation="splice"), dict(score_on="greedy", drop_ratio=1.0)):
-        pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl", **kw))
+        pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl", score_negatives=True, **kw))
         out = pipe.process(_entries(pipe, dataset, {"e0", "e4"}))
         for r in out:
             assert isinstance(r, dict) and 1 <= len(r["negatives"]) <= 3 and r["coupled"], kw
@@ -622,8 +622,9 @@ def test_minilm_similarity_matches_the_encoder():
 
 
 def _cli(ckpt, dataset, out, *extra) -> list[str]:
+    """The command line of the CLI tests; --score-negatives, so that resume and merge carry p_rejected too."""
     return ["--model", str(ckpt), "--data", str(dataset[0]), "--image-root", str(dataset[1]), "--out", str(out),
-            "--similarity", "lexical", "--max-new-tokens", "4", "--batch-size", "2", *extra]
+            "--similarity", "lexical", "--max-new-tokens", "4", "--batch-size", "2", "--score-negatives", *extra]
 
 
 def _lines(path: Path) -> list[dict]:
@@ -928,7 +929,7 @@ def test_stored_ids_are_the_ids_scored_and_generated(model, tokenizer, ckpt, dat
     others run to the --max-new-tokens = 4 limit without EOS, or stop before an image placeholder
     (cut_generated): complete = false. chosen_ids + [EOS] is y_w as scored; splice negatives are
     y_w with replacements and its EOS: complete."""
-    pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl"))
+    pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl", score_negatives=True))
     entries = _entries(pipe, dataset, {"e0", "e1", "e4"})
     real_continue, real_score = hscr.greedy_continuations, hscr.teacher_forced_logits
     rows, scored = [], []
@@ -1040,4 +1041,23 @@ def test_stats(reference_run, ckpt, capsys):
     first = [r["negatives"][0]["similarity"] for r in records]
     assert result["similarity_by_rank"][0] == pytest.approx(sum(first) / len(first))
     assert 0 < result["p_external"] < 1
-    assert "per-token probability" in capsys.readouterr().out
+    rejected = [p for r in records for p in r["p_rejected"]]
+    assert result["p_rejected"] == pytest.approx(sum(rejected) / len(rejected))
+    out = capsys.readouterr().out
+    assert "per-token probability" in out and "--score-negatives" not in out
+
+
+def test_score_negatives_adds_p_rejected_only(reference_run, ckpt, dataset, tmp_path, capsys):
+    """Without --score-negatives the records lack p_rejected and are otherwise the reference
+    run's (which had it); `stats` then says how to get it."""
+    out = tmp_path / "prefs.jsonl"
+    hscr.main([a for a in _cli(ckpt, dataset, out) if a != "--score-negatives"])
+    without, reference = _lines(out), _lines(reference_run)
+    assert without[0]["options"]["score_negatives"] is False and without[0]["provenance"]["score_negatives"] is False
+    assert all("p_rejected" not in r for r in without[1:])
+    assert without[1:] == [{k: v for k, v in r.items() if k != "p_rejected"} for r in reference[1:]]
+    capsys.readouterr()
+    result = hscr.main(["stats", str(out)])
+    assert result["p_rejected"] is None and result["p_chosen"] == pytest.approx(
+        sum(r["p_chosen"] for r in without[1:]) / len(GOOD))
+    assert "no p_rejected in the file: rerun hscr.py with --score-negatives" in capsys.readouterr().out

@@ -1,0 +1,116 @@
+"""`python hscr.py stats prefs.jsonl [--model DIR]`: what a preference file holds, and the paper's
+claim that self-generated negatives are likelier under the model than external ones.
+
+From the file: entries by number of negatives, the mean similarity to y_w of the negatives of each
+rank j, and the mean per-token probability under the model with the full image of `chosen`
+(p_chosen) and of the negatives (p_rejected, in the file when hscr.py ran with --score-negatives).
+With --model, the same probability of external negatives: each entry's borrowed answer (the chosen
+answer of the next entry, cyclically, that differs), teacher-forced with this entry's image and
+prompt, as hscr.py prepares them (model.llava.teacher_forced_logits).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from data import load_pixels, resolve_image
+from harness import outputs
+from harness.cli import UserError
+from harness.files import read_jsonl
+from model import load_model
+from model.llava import mean_token_probability, teacher_forced_logits
+from model.loading import resolve_dtype
+from model.tokenizer import build_prompt, load_tokenizer, tokenize_prompt, tokenize_response
+
+NO_P_REJECTED = ("no p_rejected in the file: rerun hscr.py with --score-negatives (with another --out, or "
+                 "--overwrite) to compare the negatives' probability with chosen and external answers")
+
+
+def _mean(xs) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def main(argv) -> dict:
+    """Counts, similarity per rank, mean per-token probability of chosen vs rejected (from the file)
+    vs "external" negatives (another entry's answer, scored with --model)."""
+    p = argparse.ArgumentParser(prog="python hscr.py stats", description=main.__doc__.split("\n")[0])
+    p.add_argument("prefs", help="output of hscr.py")
+    p.add_argument("--model", help="checkpoint directory: also score external negatives")
+    p.add_argument("--image-root", help="default: the run's --image-root (from the header)")
+    p.add_argument("--tokenizer", help="default: the run's tokenizer")
+    p.add_argument("--vision-tower", help="CLIP directory, as for the run")
+    p.add_argument("--limit", type=int, help="score external negatives on the first N entries only")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = p.parse_args(argv)
+    path = Path(args.prefs)
+    lines = read_jsonl(path)
+    if not lines or not lines[0].get(outputs.HEADER_KEY):
+        raise UserError(f"{path}: not an hscr.py output (no header line)")
+    options, records = lines[0]["options"], lines[1:]
+    depth = max((len(r["negatives"]) for r in records), default=0)
+    scored = [r["p_rejected"] for r in records if "p_rejected" in r]
+    result = {
+        "entries": len(records),
+        "negatives": outputs.negatives_histogram(records, read_jsonl(outputs.sidecar(path, "rejects"))),
+        "similarity_by_rank": [_mean(r["negatives"][j]["similarity"] for r in records if len(r["negatives"]) > j)
+                               for j in range(depth)],
+        "p_chosen": _mean(r["p_chosen"] for r in records),
+        "p_rejected": _mean(x for ps in scored for x in ps),
+        "p_rejected_by_rank": [_mean(ps[j] for ps in scored if len(ps) > j) for j in range(depth)] if scored else None,
+    }
+    if args.model:
+        result["p_external"] = external_probability(args, options, records)
+    print(f"{path}: {result['entries']} entries; by number of negatives "
+          + ", ".join(f"{k}: {v}" for k, v in result["negatives"].items()))
+    by_rank = result["similarity_by_rank"]
+    print("  mean similarity by rank: " + ", ".join(f"{j + 1}: {s:.4f}" for j, s in enumerate(by_rank)))
+    for key in ("p_chosen", "p_rejected", "p_external"):
+        if result.get(key) is not None:
+            print(f"  mean per-token probability, {key[2:]}: {result[key]:.4f}")
+    if records and not scored:
+        print(f"  {NO_P_REJECTED}")
+    print(json.dumps(result))
+    return result
+
+
+def external_probability(args, options: dict, records: list[dict]) -> float | None:
+    """Mean per-token probability of each entry's borrowed negative (see the module doc), under
+    --model with the full image; entries whose image cannot be read, or whose row would exceed the
+    model's max_seq_len, are left out. `options`: the run's, from the file's header."""
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model, vision_tower=args.vision_tower or options["vision_tower"],
+                       dtype=resolve_dtype("auto", device), device=device)
+    tokenizer = load_tokenizer(args.tokenizer or options["tokenizer"])
+    c = model.config
+    eos, image = c.text.eos_token_id, c.image_token_id
+    pad = c.text.pad_token_id if c.text.pad_token_id not in (None, image) else eos  # masked anyway
+    chosen = [r["chosen"] for r in records]
+    rows = []  # (pixels (3, S, S), prompt ids, borrowed answer ids)
+    for i, r in enumerate(records[: args.limit] if args.limit else records):
+        other = next((chosen[(i + d) % len(chosen)] for d in range(1, len(chosen))
+                      if chosen[(i + d) % len(chosen)] != r["chosen"]), None)
+        if other is None or not r.get("image"):
+            continue
+        try:
+            pixels = load_pixels(resolve_image(args.image_root or options["image_root"], r["image"]),
+                                 c.vision.image_size, options["image_aspect"])
+        except (ValueError, OSError):
+            continue
+        prompt = tokenize_prompt(tokenizer, build_prompt(r["question"], options["template"]), image_token_id=image,
+                                 num_image_tokens=c.num_image_tokens, bos_token_id=c.text.bos_token_id)
+        response = tokenize_response(tokenizer, other, eos_token_id=eos)
+        if len(prompt) + len(response) <= c.text.max_seq_len:
+            rows.append((pixels, prompt, response))
+    probs = []
+    for start in range(0, len(rows), args.batch_size):
+        batch = rows[start: start + args.batch_size]
+        pixels = torch.stack([x for x, _, _ in batch]).to(device=model.device, dtype=model.dtype)
+        logits, t, v = teacher_forced_logits(model, [p for _, p, _ in batch], list(model.encode_images(pixels)),
+                                             [y for _, _, y in batch], pad)
+        probs += mean_token_probability(logits, t, v).tolist()
+    return _mean(probs)
