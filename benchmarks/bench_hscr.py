@@ -9,7 +9,7 @@ carrying the dropped branch along.
    every candidate decoded alone (`decode_rows=1`). A third variant is the batched pipeline with
    every continuation row prefilled whole and kept to the end (before the shared prefill): the
    number of records whose output differs from the batched one is reported (expected 0).
-2. The continuation decoding of one batch's candidates alone (hscr.greedy_continuations):
+2. The continuation decoding of one batch's candidates alone (model/rows.py, greedy_continuations):
    per-row prefill, shared prompt prefill, shared prefill + finished rows dropped; same tokens?
 3. Two-branch vs one-branch, same lengths: (a) teacher-forced scoring of B responses through
    both branches (2B stacked rows) vs the full branch only (B rows); (b) greedy decoding of both
@@ -48,6 +48,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hscr  # noqa: E402
+from harness.prefs import select_entries  # noqa: E402
+from model.rows import cut_generated, teacher_forced_logits  # noqa: E402
 from model.llava import left_pad  # noqa: E402
 from data import Record  # noqa: E402
 from model.llava import Llava, LlavaConfig, TextConfig, VisionConfig, preset  # noqa: E402
@@ -119,15 +121,15 @@ def sync(device: str):
 def two_forwards(model, full_prompts, drop_prompts, full_features, drop_features, responses, pad_id,
                  drop_positions=None):
     """hscr.score_two_branches with each branch its own forward (the naive baseline)."""
-    full, targets, valid = hscr.teacher_forced_logits(model, full_prompts, full_features, responses, pad_id)
-    drop, _, _ = hscr.teacher_forced_logits(model, drop_prompts, drop_features, responses, pad_id, drop_positions)
+    full, targets, valid = teacher_forced_logits(model, full_prompts, full_features, responses, pad_id)
+    drop, _, _ = teacher_forced_logits(model, drop_prompts, drop_features, responses, pad_id, drop_positions)
     return full, drop, targets, valid
 
 
 @torch.no_grad()
 def per_row_continuations(model, prompts, features, prefixes, *, owners=None, max_new_tokens, pad_id,
                           rows_per_call=64):
-    """hscr.greedy_continuations the plain way: `model.generate` on calls of rows each prefilled
+    """greedy_continuations the plain way: `model.generate` on calls of rows each prefilled
     whole (prompt, image and prefix), finished rows kept to the end of the call."""
     c = model.config
     owners = list(range(len(prefixes))) if owners is None else list(owners)
@@ -141,13 +143,13 @@ def per_row_continuations(model, prompts, features, prefixes, *, owners=None, ma
                              max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=c.text.eos_token_id,
                              pad_token_id=pad_id)
         for r, row in zip(rows, new.tolist()):
-            tails[r] = hscr.cut_generated(row, c.text.eos_token_id, c.image_token_id)
+            tails[r] = cut_generated(row, c.text.eos_token_id, c.image_token_id)
     return tails
 
 
 class KeepFinished:
     """The model, with finished rows kept in a shared-prefill call's batch to its end: run through
-    hscr.greedy_continuations, the shared prefill alone."""
+    greedy_continuations, the shared prefill alone."""
 
     def __init__(self, model):
         self._model = model
@@ -255,7 +257,7 @@ def branch_costs(model, tokenizer, opts, records, batch: int, new_tokens: int, d
                               eos_token_id=-1)
 
     return timed({
-        "score_1": lambda: hscr.teacher_forced_logits(model, fp, full, ys, pipe.pad),
+        "score_1": lambda: teacher_forced_logits(model, fp, full, ys, pipe.pad),
         "score_2": lambda: hscr.score_two_branches(model, fp, dp, full, dropped, ys, pipe.pad),
         "decode_1": lambda: decode(fp, full),
         "decode_2": lambda: decode(fp + dp, full + dropped),
@@ -271,7 +273,7 @@ def real_inputs(args):
     model = load_model(args.model, dtype=torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
                        device=args.device).eval()
     records, _ = read_records(args.data)
-    return model, load_tokenizer(args.model), [records[i] for i in hscr.select_entries(len(records), args.entries, 0)]
+    return model, load_tokenizer(args.model), [records[i] for i in select_entries(len(records), args.entries, 0)]
 
 
 def main():

@@ -6,7 +6,7 @@ rank j, and the mean per-token probability under the model with the full image o
 (p_chosen) and of the negatives (p_rejected, in the file when hscr.py ran with --score-negatives).
 With --model, the same probability of external negatives: each entry's borrowed answer (the chosen
 answer of the next entry, cyclically, that differs), teacher-forced with this entry's image and
-prompt, as hscr.py prepares them (model.llava.teacher_forced_logits).
+prompt, as hscr.py prepares them (model/rows.py, teacher_forced_logits).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from harness import outputs
 from harness.cli import UserError
 from harness.files import read_jsonl
 from model import load_model
-from model.llava import mean_token_probability, teacher_forced_logits
+from model.rows import mean_token_probability, teacher_forced_logits
 from model.loading import resolve_dtype
 from model.tokenizer import build_prompt, load_tokenizer, tokenize_prompt, tokenize_response
 

@@ -46,72 +46,13 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
 
 
 # ----------------------------------------------------------------------------------------------
-# Teacher-forced scoring of responses
+# Configs
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[y] at each position, in the logits' dtype: (..., V), (...) → (...).
     hscr.py scores y_w with it, train.py sums it over a response for log π(y|i,x)."""
     return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
-
-
-def flat_features(features: Sequence[torch.Tensor], model) -> torch.Tensor:
-    """The image features of several rows, (N_r, D) each, as one (ΣN_r, D): what forward() and
-    generate() write into the rows' image placeholders, row by row."""
-    D = model.config.text.hidden_size
-    return torch.cat([f.reshape(-1, D) for f in features]) if features else torch.zeros(0, D)  # (M, D)
-
-
-@torch.no_grad()
-def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.Tensor],
-                          responses: list[list[int]], pad_id: int,
-                          prompt_positions: list[list[int] | None] | None = None):
-    """Logits that predict each response token, teacher-forced: (R, L, V) float32, targets (R, L)
-    (0 where padded) and valid (R, L), L = the longest response (hscr.py's scores and p_chosen,
-    harness/stats.py's external negatives).
-
-    Row r is prompt_r + response_r[:-1], left-padded to T, so every row ends at T − 1 and response
-    token t of row r is predicted at position T − L_r + t: only those positions reach the lm_head.
-    features[r] (N_r, D) fills the N_r image placeholders of prompt r. prompt_positions[r], when
-    given, are the position ids of prompt r's tokens (the response continues from the last + 1);
-    None: 0, 1, 2, … (the model's default).
-    """
-    device = model.device
-    ids, mask = left_pad([p + r[:-1] for p, r in zip(prompts, responses)], pad_id, device)  # (R, T)
-    position_ids = None
-    if prompt_positions is not None and any(pp is not None for pp in prompt_positions):
-        rows = []
-        for p, r, pp in zip(prompts, responses, prompt_positions):
-            pp = list(range(len(p))) if pp is None else list(pp)
-            start = pp[-1] + 1 if pp else 0
-            rows.append(pp + list(range(start, start + len(r) - 1)))
-        position_ids, _ = left_pad(rows, 0, device)  # (R, T); padding reads position 0, as by default
-    T = ids.shape[1]
-    lengths = torch.tensor([len(r) for r in responses], device=device)  # (R,)
-    L = int(lengths.max())
-    t = torch.arange(L, device=device)
-    valid = t[None, :] < lengths[:, None]  # (R, L)
-    positions = torch.where(valid, T - lengths[:, None] + t[None, :], T - 1)  # (R, L); padding reads T−1
-    targets = torch.zeros(len(responses), L, dtype=torch.long)
-    for i, r in enumerate(responses):
-        targets[i, : len(r)] = torch.tensor(r)
-    feats = flat_features(features, model).to(device=device, dtype=model.dtype)
-    logits = model(ids, attention_mask=mask, image_features=feats, logits_positions=positions,
-                   position_ids=position_ids)  # (R, L, V)
-    return logits, targets.to(device), valid
-
-
-def mean_token_probability(logits, targets, valid) -> torch.Tensor:
-    """Per-token mean probability of each row's response (HSCR's "sampling probability"), (R,), from
-    teacher_forced_logits' output. hscr.py records it for y_w (and with --score-negatives for the
-    kept negatives), so that the paper's claim that self-generated negatives are likelier than
-    external ones can be checked (`python hscr.py stats`)."""
-    p = token_logprobs(logits, targets).exp() * valid
-    return p.sum(-1) / valid.sum(-1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Configs
 
 
 def _check_fields(config, ints: tuple[str, ...], floats: tuple[str, ...] = ()) -> None:

