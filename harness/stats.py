@@ -6,24 +6,26 @@ rank j, and the mean per-token probability under the model with the full image o
 (p_chosen) and of the negatives (p_rejected, in the file when hscr.py ran with --score-negatives).
 With --model, the same probability of external negatives: each entry's borrowed answer (the chosen
 answer of the next entry, cyclically, that differs), teacher-forced with this entry's image and
-prompt, as hscr.py prepares them (model/rows.py, teacher_forced_logits).
+prompt, as hscr.py prepares them (harness/prefs.py; model/rows.py, teacher_forced_logits).
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from data import load_pixels, resolve_image
+from data import Record
 from harness import outputs
 from harness.cli import UserError
 from harness.files import read_jsonl
+from harness.prefs import Entry, prepare
 from model import load_model
 from model.rows import mean_token_probability, teacher_forced_logits
 from model.loading import resolve_dtype
-from model.tokenizer import build_prompt, load_tokenizer, tokenize_prompt, tokenize_response
+from model.tokenizer import load_tokenizer
 
 NO_P_REJECTED = ("no p_rejected in the file: rerun hscr.py with --score-negatives (with another --out, or "
                  "--overwrite) to compare the negatives' probability with chosen and external answers")
@@ -80,37 +82,31 @@ def main(argv) -> dict:
 
 def external_probability(args, options: dict, records: list[dict]) -> float | None:
     """Mean per-token probability of each entry's borrowed negative (see the module doc), under
-    --model with the full image; entries whose image cannot be read, or whose row would exceed the
-    model's max_seq_len, are left out. `options`: the run's, from the file's header."""
+    --model with the full image; the entries are prepared as hscr.py prepares them (an entry
+    whose image cannot be read, or whose row is too long, is left out). `options`: the run's, from
+    the file's header."""
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, vision_tower=args.vision_tower or options["vision_tower"],
                        dtype=resolve_dtype("auto", device), device=device)
     tokenizer = load_tokenizer(args.tokenizer or options["tokenizer"])
+    opts = SimpleNamespace(**{**options, "image_root": args.image_root or options["image_root"],
+                              "score_on": "reference", "continuation": "splice"})  # the borrowed answer, scored
     c = model.config
-    eos, image = c.text.eos_token_id, c.image_token_id
-    pad = c.text.pad_token_id if c.text.pad_token_id not in (None, image) else eos  # masked anyway
+    pad = c.text.pad_token_id if c.text.pad_token_id not in (None, c.image_token_id) else c.text.eos_token_id
     chosen = [r["chosen"] for r in records]
-    rows = []  # (pixels (3, S, S), prompt ids, borrowed answer ids)
+    entries = []
     for i, r in enumerate(records[: args.limit] if args.limit else records):
         other = next((chosen[(i + d) % len(chosen)] for d in range(1, len(chosen))
                       if chosen[(i + d) % len(chosen)] != r["chosen"]), None)
-        if other is None or not r.get("image"):
-            continue
-        try:
-            pixels = load_pixels(resolve_image(args.image_root or options["image_root"], r["image"]),
-                                 c.vision.image_size, options["image_aspect"])
-        except (ValueError, OSError):
-            continue
-        prompt = tokenize_prompt(tokenizer, build_prompt(r["question"], options["template"]), image_token_id=image,
-                                 num_image_tokens=c.num_image_tokens, bos_token_id=c.text.bos_token_id)
-        response = tokenize_response(tokenizer, other, eos_token_id=eos)
-        if len(prompt) + len(response) <= c.text.max_seq_len:
-            rows.append((pixels, prompt, response))
+        if other is not None:
+            entries.append(prepare(r["index"], Record(r["id"], r["image"], r["question"], other, None), opts,
+                                   tokenizer, c))
+    entries = [e for e in entries if isinstance(e, Entry)]
     probs = []
-    for start in range(0, len(rows), args.batch_size):
-        batch = rows[start: start + args.batch_size]
-        pixels = torch.stack([x for x, _, _ in batch]).to(device=model.device, dtype=model.dtype)
-        logits, t, v = teacher_forced_logits(model, [p for _, p, _ in batch], list(model.encode_images(pixels)),
-                                             [y for _, _, y in batch], pad)
+    for start in range(0, len(entries), args.batch_size):
+        batch = entries[start: start + args.batch_size]
+        pixels = torch.stack([e.pixels for e in batch]).to(device=model.device, dtype=model.dtype)
+        logits, t, v = teacher_forced_logits(model, [e.prompt_ids for e in batch], list(model.encode_images(pixels)),
+                                             [e.response for e in batch], pad)
         probs += mean_token_probability(logits, t, v).tolist()
     return _mean(probs)
