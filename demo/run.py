@@ -275,7 +275,7 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
             limit=cfg.align, seed=cfg.seed, similarity=similarity, mask_strategy=cfg.mask_strategy,
             num_candidates=cfg.num_candidates, candidates=cfg.candidates, alpha=cfg.alpha, drop_ratio=cfg.drop_ratio,
             drop_positions=cfg.drop_positions, coupling=cfg.coupling, same_word=cfg.same_word, batch_size=128,
-            max_new_tokens=32, device="cpu"), cfg.overwrite)
+            max_new_tokens=32, device="cpu", score_negatives=True), cfg.overwrite)  # report.html shows p_rejected
 
     with stages.stage("train", f"train.py: LoRA with the {cfg.loss} loss → {out / 'train'}"):
         if _run_train(train.TrainConfig(

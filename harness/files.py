@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+
 class DataError(ValueError):
     """A data or output file that cannot be read as it should; the message names the file (and
     the line or byte). `run_main` reports it as one line, like a UserError."""
@@ -63,18 +64,36 @@ def read_json_records(path: str | os.PathLike) -> list[tuple[int, object]]:
     return out
 
 
+def repair_torn_line(path: str | os.PathLike) -> None:
+    """Cut off a last line without its newline, what a kill mid-write leaves; reads the file from
+    its end, a block at a time. A missing file is left missing."""
+    if not os.path.exists(path):
+        return
+    with open(path, "r+b") as f:
+        end = pos = f.seek(0, os.SEEK_END)
+        while pos > 0:
+            step = min(pos, 1 << 16)
+            f.seek(pos - step)
+            newline = f.read(step).rfind(b"\n")
+            if newline >= 0:
+                if pos - step + newline + 1 < end:
+                    f.truncate(pos - step + newline + 1)
+                return
+            pos -= step
+        f.truncate(0)
+
+
 def read_jsonl(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
     """The objects of a JSON-lines file this project wrote (an output being resumed). A last line
-    without its newline is what a kill mid-write leaves: with `repair` it is cut off the file,
-    otherwise ignored. Any other bad line is an error naming the file and line."""
+    without its newline is what a kill mid-write leaves: with `repair` it is cut off the file
+    (repair_torn_line), otherwise ignored. Any other bad line is an error naming the file and line."""
     path = Path(path)
+    if repair:
+        repair_torn_line(path)
     if not path.exists():
         return []
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data) and repair:
-        with open(path, "r+b") as f:
-            f.truncate(end)
     try:
         text = data[:end].decode("utf-8")
     except UnicodeDecodeError as e:

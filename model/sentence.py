@@ -27,6 +27,8 @@ Shape letters: B batch, T tokens, D width, H heads, Dh head width, N texts.
 from __future__ import annotations
 
 import importlib.util
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -418,3 +420,46 @@ def default_minilm_path() -> Path | None:
         if (model_dir / "modules.json").is_file() and (model_dir / "model.safetensors").is_file():
             return model_dir
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# HSCR's similarity (hscr.py, step 7)
+
+
+def token_f1(a: str, b: str) -> float:
+    """Lexical similarity: F1 of the multisets of lower-cased word tokens (\\w+). Both empty → 1."""
+    ta, tb = Counter(re.findall(r"\w+", a.lower())), Counter(re.findall(r"\w+", b.lower()))
+    if not ta and not tb:
+        return 1.0
+    common = sum((ta & tb).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / sum(ta.values()), common / sum(tb.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+class Similarity:
+    """HSCR's step 7 (docs/METHOD.md): sim(y_l, y_w), the cosine similarity of sentence embeddings,
+    here of all-MiniLM-L6-v2 (mean pooling, L2-normalised), or `lexical` token F1 (no model)."""
+
+    def __init__(self, kind: str = "minilm", path: str | None = None, device="cpu"):
+        self.kind = kind
+        if kind == "minilm":
+            self.encoder = SentenceEncoder.from_pretrained(path, device=device)
+        elif kind != "lexical":
+            raise ValueError(f"unknown similarity {kind!r}")
+
+    def __call__(self, references: list[str], candidates: list[list[str]]) -> list[list[float]]:
+        """sim(candidate, reference) for every candidate of every reference, in one encoder pass."""
+        if self.kind == "lexical":
+            return [[token_f1(c, ref) for c in cands] for ref, cands in zip(references, candidates)]
+        flat = [c for cands in candidates for c in cands]
+        if not flat:
+            return [[] for _ in references]
+        e = F.normalize(self.encoder.encode(list(references) + flat), dim=-1)  # (R + C, d)
+        refs, cands = e[: len(references)], e[len(references):]
+        out, start = [], 0
+        for r, group in enumerate(candidates):
+            out.append((cands[start: start + len(group)] @ refs[r]).tolist())
+            start += len(group)
+        return out

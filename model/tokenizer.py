@@ -59,6 +59,19 @@ def piece_word(piece: str | None) -> str:
     ("▁no." → "no"; "." → ""). hscr.py's --same-word and demo/negatives.py's classes use it."""
     return (piece or "").lstrip(_MARKS).strip(_PUNCT)
 
+
+def word_classes(pieces: Sequence[str | None]) -> list[int]:
+    """A class per token id (pieces[i] = the piece of id i): tokens that spell the same word share
+    one. A piece's word is piece_word lower-cased: "▁No", "no" and "▁no." are one word. A piece
+    with no letters or digits left (punctuation, a bare mark, a missing id) is a class of its own.
+    hscr.py's --same-word exclude drops candidates of y_t's class."""
+    classes, seen = [], {}
+    for i, piece in enumerate(pieces):
+        w = piece_word(piece).lower()
+        classes.append(seen.setdefault(w, len(pieces) + len(seen)) if any(ch.isalnum() for ch in w) else i)
+    return classes
+
+
 IMAGE_TOKEN = "<image>"  # the placeholder LLaVA writes into prompts
 SPIECE = "\u2581"  # "▁", SentencePiece's visible space
 

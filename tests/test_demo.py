@@ -59,6 +59,8 @@ def test_demo_at_reduced_size(reduced):
     out = Path(cfg.out)
     prefs = [json.loads(line) for line in (out / "prefs.jsonl").read_text().splitlines()]
     assert prefs[0]["_header"] and len(prefs) - 1 + len((out / "prefs.rejects.jsonl").read_text().splitlines()) == 40
+    assert prefs[0]["options"]["score_negatives"]  # report.html shows p_rejected
+    assert all(len(r["p_rejected"]) == len(r["negatives"]) for r in prefs[1:])
     assert json.loads((out / "prefs.summary.json").read_text())["entries_written"] == len(prefs) - 1
     assert (out / "train" / "adapter" / "adapter_model.safetensors").is_file()
     assert len((out / "train" / "metrics.jsonl").read_text().splitlines()) == 2

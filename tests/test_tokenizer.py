@@ -19,7 +19,7 @@ from tokenizers import AddedToken, Tokenizer
 
 from harness.cli import UserError
 from model.tokenizer import (build_prompt, convert_sentencepiece, decode, load_tokenizer, main,
-                             read_sentencepiece, tokenize_prompt, tokenize_response)
+                             read_sentencepiece, tokenize_prompt, tokenize_response, word_classes)
 
 # Training text for the tiny model: prose, medical phrases, code with indentation, numbers, some
 # accented and CJK characters (others are left out so that byte fallback is exercised).
@@ -385,3 +385,15 @@ def test_train_cli_keeps_repeated_texts(tmp_path, monkeypatch):
     main(["train", str(tmp_path / "tok.json"), "--json", str(tmp_path / "data.json"), "--vocab-size", "300"])
     assert seen.count("yes") == 6 and seen.count("no") == 2 and seen.count("Is it?") == 8
     assert (tmp_path / "tok.json").is_file()
+
+
+def test_word_classes_group_spellings_of_one_word():
+    """Pieces of one word share a class whatever their word-start mark, case or surrounding
+    punctuation; pieces without a letter or digit each keep their own (their id), as does a
+    missing piece. Hand classes: ids 0, 1, 2 = "no"; 3 "." alone; 4 "▁" alone; 5, 7, 8 = "left";
+    6 missing; 9 "lef" is another word."""
+    pieces = ["▁No", "no", "▁no.", ".", "▁", "▁left", None, "left,", "Ġleft", "▁lef"]
+    cls = word_classes(pieces)
+    assert cls[0] == cls[1] == cls[2] and cls[5] == cls[7] == cls[8]
+    assert len({cls[0], cls[3], cls[4], cls[5], cls[6], cls[9]}) == 6
+    assert (cls[3], cls[4], cls[6]) == (3, 4, 6)

@@ -1,0 +1,335 @@
+"""The output of a job that turns entries into JSON records, can be killed and resumed, and runs
+sharded under torchrun (hscr.py's preference file; eval.py's answer files are to follow):
+
+    prefs.jsonl                  a header line {"_header": true, "options": {...}, "provenance": {...}},
+                                 then one record per entry, with its "id" and "index" (its position
+                                 among the job's entries)
+    prefs.rejects.jsonl          the entries skipped (Reject: index, id, category, reason), and the
+                                 input records that did not parse (category "bad record", file, position)
+    prefs.summary.json           counts over the whole output, and this run's rate (summarize)
+    prefs.rank{R}-of-{W}.jsonl   under torchrun, each rank's own output (with its rejects and
+                                 summary), merged by rank 0 in index order (merge_shards)
+
+"provenance" is the job's fingerprint (harness/provenance.py): an existing output is continued only
+by a job with the same one (check_header), otherwise the job stops, naming what changed.
+`Output` opens one; `Output.run_batches` streams the entries through the job, skipping the ids
+already in either file. Batch b always holds the entries at positions [b·B, (b+1)·B) of the
+process's share, and a batch with any record missing (a kill mid-write) is computed again whole,
+its missing records written: the file equals an uninterrupted run's bit for bit, provided the
+fingerprint holds everything that changes a record (the batch size included: it changes the floats).
+
+Nothing here knows the job; hscr.py's own bits are named: `Reject.negatives_found`, and the
+`count_negatives` histogram of the summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from data import resolve_image
+from harness import provenance
+from harness.cli import UserError
+from harness.dist import barrier
+from harness.files import atomic_write_text, read_jsonl, repair_torn_line
+
+HEADER_KEY = "_header"
+BAD_RECORD = "bad record"  # the reject category of an input record that did not parse
+RESTART = "rerun with --overwrite to start again (this deletes its records, rejects and summary)"
+
+
+@dataclass
+class Reject:
+    """An entry the job skipped, with the reason: one line of the rejects file."""
+
+    index: int | None
+    id: str | None
+    category: str
+    reason: str
+    image: str | None = None
+    negatives_found: int | None = None  # hscr.py, "too few negatives"
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None or k in ("index", "id")}
+
+
+def _result_id(r: dict | Reject) -> str | None:
+    return r.id if isinstance(r, Reject) else r["id"]
+
+
+# ---------------------------------------------------------------------------------------------
+# File names, header
+
+
+def _stem(out: Path) -> str:
+    return str(out)[: -len(".jsonl")] if str(out).endswith(".jsonl") else str(out)
+
+
+def sidecar(out: Path, kind: str) -> Path:
+    """prefs.jsonl → prefs.rejects.jsonl / prefs.summary.json."""
+    return Path(_stem(out) + {"rejects": ".rejects.jsonl", "summary": ".summary.json"}[kind])
+
+
+def shard_path(out: Path, rank: int, world: int) -> Path:
+    """prefs.jsonl → prefs.rank0-of-2.jsonl."""
+    return Path(f"{_stem(out)}.rank{rank}-of-{world}.jsonl")
+
+
+def header_record(options: dict, fingerprint: dict) -> dict:
+    """The first line of an output: the job's options as given, for people, and its fingerprint."""
+    return {HEADER_KEY: True, "options": options, "provenance": fingerprint}
+
+
+def check_header(path: Path, stored: dict, header: dict, program: str = "hscr.py") -> None:
+    """An output may be continued only by a job with its fingerprint: else ProvenanceError naming
+    every change (a harness.cli.UserError: one line from the command line)."""
+    if not isinstance(stored.get("provenance"), dict):
+        raise UserError(f"{path}: not an {program} output (its header holds no fingerprint), so it cannot be "
+                        f"continued; {RESTART}, or choose another --out")
+    provenance.check(stored["provenance"], header["provenance"], path, restart=RESTART)
+
+
+def clear_outputs(out: Path, rank: int, world: int) -> None:
+    """--overwrite: delete what a run on `out` wrote. Each rank deletes its own rank files; rank 0
+    (or the single process) the merged output and its rejects and summary, and the rank files of
+    runs with another number of ranks (those of this run's other ranks are theirs to delete)."""
+    mine = shard_path(out, rank, world) if world > 1 else out
+    doomed = [mine, sidecar(mine, "rejects"), sidecar(mine, "summary")]
+    if rank == 0:
+        doomed += [out, sidecar(out, "rejects"), sidecar(out, "summary")]
+        stem = out.name.removesuffix(".jsonl")
+        pattern = re.compile(re.escape(stem) + r"\.rank\d+-of-(\d+)\.(jsonl|rejects\.jsonl|summary\.json)")
+        doomed += [p for p in out.parent.glob("*.rank*-of-*")
+                   if (m := pattern.fullmatch(p.name)) and (world == 1 or int(m.group(1)) != world)]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The output of one process
+
+
+class Output:
+    """The output and rejects files of one process, opened for appending (resume).
+
+    Made once the job's inputs have loaded, so that a job failing before leaves no file. With
+    `overwrite`, the old files are deleted first (clear_outputs). An existing output holding
+    records or rejects continues only with the same fingerprint (check_header); one holding only
+    a header (or only the input's bad records) is started again, since nothing computed would be
+    mixed. Nothing is changed before that check, not even a torn last line."""
+
+    def __init__(self, out: Path, header: dict, *, rank: int = 0, world: int = 1, overwrite: bool = False,
+                 program: str = "hscr.py", count_negatives: bool = False):
+        self.out, self.rank, self.world, self.program = out, rank, world, program
+        self.count_negatives = count_negatives
+        if overwrite:
+            clear_outputs(out, rank, world)
+        path = self.path = shard_path(out, rank, world) if world > 1 else out
+        self.rejects_path = sidecar(path, "rejects")
+        lines = read_jsonl(path)  # a torn last line is ignored here and cut below, once accepted
+        if lines and not lines[0].get(HEADER_KEY):
+            raise UserError(f"{path} exists but does not start with an {program} header; choose another --out")
+        rejected = read_jsonl(self.rejects_path)
+        computed = [r for r in rejected if r.get("category") != BAD_RECORD]
+        if lines and (len(lines) > 1 or computed):
+            check_header(path, lines[0], header, program)
+        elif computed:
+            raise UserError(f"{self.rejects_path} holds rejects but {path} is {'empty' if path.exists() else 'gone'}, "
+                            f"so what made them cannot be checked; {RESTART}, or choose another --out")
+        else:  # nothing computed: start again
+            lines, rejected = [], []
+            path.unlink(missing_ok=True)
+            self.rejects_path.unlink(missing_ok=True)
+        repair_torn_line(path)
+        repair_torn_line(self.rejects_path)
+        # Resume skips ids in either file; the input's bad records are no entries (an id of one
+        # may be the duplicate of a valid entry's).
+        self.done = {r["id"] for r in lines[1:]} | {r["id"] for r in computed if r.get("id") is not None}
+        self.bad_keys = {(r.get("file"), r.get("position")) for r in rejected if r.get("category") == BAD_RECORD}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8")
+        self.fr = open(self.rejects_path, "a", encoding="utf-8")
+        if not lines:
+            self.f.write(json.dumps(header) + "\n")
+            self.f.flush()
+
+    def write(self, results: list[dict | Reject]):
+        """Append one batch's new results and flush, so that a kill loses at most the batch in
+        flight (whose records `run_batches` then computes again with the whole batch)."""
+        for r in results:
+            if isinstance(r, Reject):
+                self.fr.write(json.dumps(r.to_json()) + "\n")
+            else:
+                self.f.write(json.dumps(r) + "\n")
+            self.done.add(_result_id(r))
+        self.f.flush()
+        self.fr.flush()
+
+    def write_bad(self, file: str, position: int, record_id: str | None, reason: str):
+        """An input record that could not be parsed (once, even across resumes); `position` is its
+        index in the JSON list or its 0-based line in a JSONL file."""
+        if (file, position) not in self.bad_keys:
+            self.fr.write(json.dumps({"index": None, "id": record_id, "category": BAD_RECORD, "reason": reason,
+                                      "file": file, "position": position}) + "\n")
+            self.bad_keys.add((file, position))
+
+    def close(self):
+        self.f.close()
+        self.fr.close()
+
+    def run_batches(self, ids: list[str], batch_size: int, compute) -> dict:
+        """This process's share of the entries through `compute`, batch by batch, then the summary;
+        under torchrun rank 0 then merges the rank files (the others wait) and returns the merged
+        summary. `ids`: the share's entry ids in order; compute(positions) → one record (a dict
+        with "id") or Reject per position of `ids` given. A batch with any result missing is
+        computed whole; only the missing results are written."""
+        from tqdm import tqdm
+
+        name = Path(self.program).stem
+        bar = tqdm(total=len(ids), initial=sum(i in self.done for i in ids), unit="entry", position=self.rank,
+                   desc=f"{name} rank {self.rank}" if self.world > 1 else name, dynamic_ncols=True)
+        processed, t0 = 0, time.perf_counter()
+        try:
+            for start in range(0, len(ids), batch_size):
+                batch = list(range(start, min(start + batch_size, len(ids))))
+                todo = {ids[i] for i in batch} - self.done
+                if not todo:
+                    continue
+                self.write([r for r in compute(batch) if _result_id(r) in todo])
+                processed += len(todo)
+                bar.update(len(todo))
+        finally:
+            bar.close()
+            self.close()
+        summary = summarize(self.path, processed=processed, seconds=time.perf_counter() - t0,
+                            count_negatives=self.count_negatives)
+        if self.world == 1:
+            print_summary(self.out, summary, self.program)
+            return summary
+        import torch.distributed as dist
+
+        barrier(self.world)
+        if self.rank == 0:
+            summary = merge_shards(self.out, self.world, program=self.program, count_negatives=self.count_negatives)
+            print_summary(self.out, summary, self.program)
+        barrier(self.world)
+        dist.destroy_process_group()
+        return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank files merged, summary
+
+
+def merge_shards(out: Path, world: int, *, program: str = "hscr.py", count_negatives: bool = False) -> dict:
+    """One file from the rank files: the header, then the records in `index` order, which is the
+    order of a single-process run; rejects likewise. Refuses rank files whose fingerprints differ.
+    Returns the merged summary."""
+    parts = [shard_path(out, r, world) for r in range(world)]
+    missing = [str(p) for p in parts if not p.exists()]
+    if missing:
+        raise UserError(f"cannot merge: missing rank files {', '.join(missing)}")
+    headers, records, rejects, processed, seconds = [], {}, [], 0, 0.0
+    for p in parts:
+        lines = read_jsonl(p)
+        if not lines or not lines[0].get(HEADER_KEY) or not isinstance(lines[0].get("provenance"), dict):
+            raise UserError(f"cannot merge: {p} does not start with an {program} header holding a fingerprint")
+        headers.append(lines[0])
+        for r in lines[1:]:
+            records.setdefault(r["id"], r)
+        rejects += read_jsonl(sidecar(p, "rejects"))
+        s = json.loads(sidecar(p, "summary").read_text()) if sidecar(p, "summary").exists() else {}
+        processed += s.get("processed_this_run", 0)
+        seconds = max(seconds, s.get("seconds", 0.0))
+    for r, h in enumerate(headers[1:], 1):
+        diff = provenance.differences(headers[0]["provenance"], h["provenance"])
+        if diff:
+            raise UserError(f"cannot merge: rank {r} ran with other inputs or options than rank 0: {'; '.join(diff)}")
+    unique = {(r.get("id"), r.get("file"), r.get("position")): r for r in rejects}
+    for path, rows in ((out, [headers[0]] + sorted(records.values(), key=lambda r: r["index"])),
+                       (sidecar(out, "rejects"), sorted(unique.values(), key=_reject_order))):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return summarize(out, processed=processed, seconds=seconds, count_negatives=count_negatives)
+
+
+def _reject_order(r: dict):
+    return (r.get("index") is not None, r.get("index") or 0, r.get("file") or "", r.get("position") or 0)
+
+
+def merge_main(argv, *, program: str = "hscr.py", count_negatives: bool = False) -> dict:
+    """`python PROGRAM merge --out FILE --world-size N`: the merge alone, e.g. after a crash."""
+    p = argparse.ArgumentParser(prog=f"python {program} merge", description="merge the rank files of a torchrun run")
+    p.add_argument("--out", required=True, help="the run's --out")
+    p.add_argument("--world-size", type=int, required=True, help="number of ranks of the run")
+    args = p.parse_args(argv)
+    summary = merge_shards(Path(args.out), args.world_size, program=program, count_negatives=count_negatives)
+    print_summary(Path(args.out), summary, program)
+    return summary
+
+
+def negatives_histogram(records: list[dict], rejects: list[dict]) -> dict[str, int]:
+    """hscr.py's entries by number of kept negatives, most first (3, 2, 1 and 0 always shown):
+    the records, and the rejects of entries with too few (`negatives_found`)."""
+    counts = Counter(len(r["negatives"]) for r in records)
+    counts.update(r["negatives_found"] for r in rejects if r.get("negatives_found") is not None)
+    return {str(n): counts.get(n, 0) for n in sorted(set(counts) | {0, 1, 2, 3}, reverse=True)}
+
+
+def summarize(out: Path, *, processed: int, seconds: float, count_negatives: bool = False) -> dict:
+    """Counts over the whole output (so a resumed run reports everything) + this run's rate;
+    written beside it (prefs.summary.json). `count_negatives`: hscr.py's negatives_histogram."""
+    records = [r for r in read_jsonl(out) if not r.get(HEADER_KEY)]
+    rejects = read_jsonl(sidecar(out, "rejects"))
+    skipped = Counter(r["category"] for r in rejects)
+    summary = {"entries_written": len(records)}
+    if count_negatives:
+        summary["negatives"] = negatives_histogram(records, rejects)
+    summary.update({
+        "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()),
+        "processed_this_run": processed, "seconds": round(seconds, 3),
+        "entries_per_s": round(processed / seconds, 4) if seconds > 0 else None,
+    })
+    sidecar(out, "summary").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def print_summary(out: Path, s: dict, program: str = "hscr.py"):
+    negatives = ", ".join(f"{k}: {v}" for k, v in s["negatives"].items()) if "negatives" in s else None
+    skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
+    rate = f"{s['entries_per_s']} entries/s" if s["entries_per_s"] is not None else "nothing processed"
+    print(f"{Path(program).stem}: {s['entries_written']} entries in {out}"
+          + (f" (by number of negatives {negatives})" if negatives is not None else "")
+          + f"; skipped {s['skipped_total']} ({skipped}); {rate}; summary in {sidecar(out, 'summary')}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs a fingerprint names by content besides files and checkpoints
+
+
+def image_names(records, entries: list[int], image_root: str) -> list[str]:
+    """The images a job reads: those of the selected entries (records[i].image, relative to
+    image_root) that lie inside the root and can be opened. The others are rejected record by
+    record by the job; the fingerprint cannot hash them, and must not stop the job on them."""
+    names = set()
+    for i in entries:
+        name = records[i].image
+        try:
+            path = resolve_image(image_root, name) if name else None
+        except ValueError:
+            continue
+        if path is not None and path.is_file() and os.access(path, os.R_OK):
+            names.add(name)
+    return sorted(names)
+
+
+def sentence_files(path: str | os.PathLike) -> list[str]:
+    """What a sentence-transformers directory computes with: every *.safetensors and *.json in it
+    and its module folders (weights, configs, modules.json, pooling, tokenizer.json)."""
+    root = Path(path)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.suffix in (".json", ".safetensors") and p.is_file())
