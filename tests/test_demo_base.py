@@ -9,7 +9,7 @@ import train
 from demo.base import main, scene_labels
 from demo.world import build_world
 from model import load_model
-from model.tokenizer import train_tokenizer
+from demo.tokenizer import train_tokenizer
 
 
 def test_vision_stage_trains_the_tower_only(tmp_path):

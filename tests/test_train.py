@@ -292,7 +292,7 @@ def test_full_training_from_a_preset(tmp_path):
     """--init-preset tiny builds a random model sized to the tokenizer and --full trains every
     part of it: after two steps the vision tower, projector and decoder all differ from the
     same-seed initialisation, the loss fell, and out/model is a checkpoint load_model reads."""
-    from model.tokenizer import train_tokenizer
+    from demo.tokenizer import train_tokenizer
 
     texts = ["is there a nodule ?", "yes", "no", "which side ?", "left", "right"]
     tok_path = tmp_path / "tokenizer.json"
