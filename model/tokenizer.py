@@ -29,7 +29,7 @@ The prompt side reproduces LLaVA-Med exactly: the `mistral_instruct` template, a
 chunk-wise tokenization around the literal "<image>" (each chunk tokenized on its own with BOS
 and the "▁" prefix, BOS kept only on the first chunk, the image spliced in at the split point),
 which leaves "▁" tokens (id 28705) on both sides of the image. llava-hf checkpoints instead have
-"<image>" as a real token; `tokenize_prompt(..., chunked=False)` handles that convention.
+"<image>" as a real token and encode the prompt at once, which gives the same ids.
 
 CLI: `python -m model.tokenizer convert path/to/tokenizer.model path/to/tokenizer.json`.
 """
@@ -349,36 +349,23 @@ def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
 
 
 def tokenize_prompt(tokenizer: Tokenizer, prompt: str, *, image_token_id: int,
-                    num_image_tokens: int, bos_token_id: int | None = 1,
-                    chunked: bool = True) -> list[int]:
+                    num_image_tokens: int, bos_token_id: int | None = 1) -> list[int]:
     """Prompt ids with each "<image>" expanded to `num_image_tokens` copies of `image_token_id`.
 
-    chunked=True (LLaVA-Med, LLaVA): split on the literal "<image>" and tokenize each chunk
+    As LLaVA-Med and LLaVA do: split on the literal "<image>" and tokenize each chunk
     separately; each chunk gets its own "▁" prefix (SentencePiece's dummy prefix) and the BOS
     is kept only once, at the start. So "[INST] <image>\\nWhat" gives
     [BOS, "▁[", "INST", "]", "▁", <image> × N, "▁", "\\n", "What"]: a "▁" on each side of the
     image, which the model was trained with. `image_token_id` may be negative (-200) since
-    the ids are never looked up in the vocabulary.
-
-    chunked=False (llava-hf): "<image>" is a real token of the tokenizer (an added token whose
-    id must be `image_token_id`); the whole prompt is encoded at once and each image token is
-    then repeated `num_image_tokens` times.
+    the ids are never looked up in the vocabulary. For a llava-hf tokenizer, where "<image>" is
+    a real token, this equals encoding the whole prompt at once (tests/test_tokenizer.py).
     """
     if num_image_tokens < 1:
         raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
     image = [image_token_id] * num_image_tokens
     ids = [] if bos_token_id is None else [bos_token_id]
-    if chunked:
-        for i, chunk in enumerate(prompt.split(IMAGE_TOKEN)):
-            ids += (image if i else []) + _encode(tokenizer, chunk)
-        return ids
-    vocab_id = tokenizer.token_to_id(IMAGE_TOKEN)
-    if vocab_id != image_token_id:
-        raise ValueError(f"chunked=False needs {IMAGE_TOKEN!r} as a token with id {image_token_id}; "
-                         f"this tokenizer has it as {vocab_id} (use chunked=True for LLaVA-Med "
-                         "checkpoints, whose vocabulary has no image token)")
-    for token in _encode(tokenizer, prompt):
-        ids += image if token == image_token_id else [token]
+    for i, chunk in enumerate(prompt.split(IMAGE_TOKEN)):
+        ids += (image if i else []) + _encode(tokenizer, chunk)
     return ids
 
 

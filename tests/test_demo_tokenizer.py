@@ -6,6 +6,7 @@ import pytest
 import demo.tokenizer as module
 from demo.tokenizer import main, train_tokenizer
 from model.tokenizer import build_prompt, decode, tokenize_prompt
+from test_tokenizer import whole_prompt_ids
 
 
 def test_train_tokenizer_is_llama_shaped():
@@ -26,7 +27,8 @@ def test_train_tokenizer_is_llama_shaped():
     prompt = build_prompt("Describe the findings.")
     chunked = tokenize_prompt(tok, prompt, image_token_id=3, num_image_tokens=4)
     assert chunked[0] == 1 and chunked.count(3) == 4
-    assert chunked == tokenize_prompt(tok, prompt, image_token_id=3, num_image_tokens=4, chunked=False)
+    # llava-hf's convention (the whole prompt at once, <image> a real token) gives the same ids.
+    assert chunked == whole_prompt_ids(tok, prompt, 3, 4)
     with pytest.raises(ValueError, match="no room"):
         train_tokenizer(texts, vocab_size=200)
 
