@@ -551,9 +551,6 @@ class Llava(nn.Module):
         are dropped), so that the decode steps cost less; greedy tokens stay the same (up to
         floating-point rounding), sampled ones come from another split of the random stream.
         """
-        c = self.config.text
-        eos = c.eos_token_id if eos_token_id is None else eos_token_id
-        pad = pad_token_id if pad_token_id is not None else (c.pad_token_id if c.pad_token_id is not None else eos)
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -566,7 +563,7 @@ class Llava(nn.Module):
             logits = self(input_ids, pixel_values, attention_mask, image_features=image_features,
                           position_ids=positions, logits_positions=last)[:, -1]  # (B, V)
             return self._decode_loop(logits, positions[:, -1], T, max_new_tokens, temperature, top_p, generator,
-                                     eos, pad, drop_finished)
+                                     eos_token_id, pad_token_id, drop_finished)
         finally:
             self.clear_cache()
 
@@ -594,8 +591,6 @@ class Llava(nn.Module):
         span more slots than the window. Sampling and `drop_finished` as in generate().
         """
         c = self.config.text
-        eos = c.eos_token_id if eos_token_id is None else eos_token_id
-        pad = pad_token_id if pad_token_id is not None else (c.pad_token_id if c.pad_token_id is not None else eos)
         (E, Tp), (B, Ts) = prefix_ids.shape, suffix_ids.shape
         suffix_mask, prefix_mask = suffix_mask.bool(), prefix_mask.bool()
         if Ts == 0 or not suffix_mask[:, -1].all():
@@ -634,15 +629,20 @@ class Llava(nn.Module):
             h = self._run_decoder(x, positions, key_valid, slots)
             logits = self.lm_head(h[:, -1]).float()  # (B, V)
             return self._decode_loop(logits, positions[:, -1], Tp + Ts, max_new_tokens, temperature, top_p,
-                                     generator, eos, pad, drop_finished)
+                                     generator, eos_token_id, pad_token_id, drop_finished)
         finally:
             self.clear_cache()
 
     def _decode_loop(self, logits, position, slot: int, max_new_tokens: int, temperature: float, top_p: float,
-                     generator, eos: int, pad: int, drop_finished: bool = False) -> torch.Tensor:
+                     generator, eos: int | None, pad: int | None, drop_finished: bool) -> torch.Tensor:
         """Sample from `logits` (B, V), then decode one token at a time from cache slot `slot` and
-        per-row position `position` + 1 on; a row stops at its first EOS (pad after it). With
-        `drop_finished`, the cache keeps only the unfinished rows once half of them are done."""
+        per-row position `position` + 1 on; a row stops at its first EOS (pad after it; None: the
+        config's ids, pad falling back to EOS). With `drop_finished`, the cache keeps only the
+        unfinished rows once half of them are done."""
+        c = self.config.text
+        eos = c.eos_token_id if eos is None else eos
+        if pad is None:
+            pad = c.pad_token_id if c.pad_token_id is not None else eos
         B = logits.shape[0]
         out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=logits.device)
         rows = torch.arange(B, device=logits.device)  # the output row of each cache row
