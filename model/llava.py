@@ -570,16 +570,16 @@ class Llava(nn.Module):
     @torch.no_grad()
     def generate_shared(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, rows: torch.Tensor,
                         suffix_ids: torch.Tensor, suffix_mask: torch.Tensor, *,
-                        pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                        max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                        eos_token_id: int | None = None, pad_token_id: int | None = None,
-                        generator: torch.Generator | None = None, drop_finished: bool = False) -> torch.Tensor:
+                        image_features: torch.Tensor | None = None, max_new_tokens: int = 64,
+                        temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
+                        pad_token_id: int | None = None, generator: torch.Generator | None = None,
+                        drop_finished: bool = False) -> torch.Tensor:
         """generate() for B rows whose input is prefix[rows[b]] + suffix[b], each of the E prefixes
         (e.g. a prompt with its image) prefilled once: new token ids (B, T_new), as generate() gives
         for the concatenated rows (up to floating-point rounding).
 
         prefix_ids / prefix_mask (E, Tp) left-padded, with the image placeholders that
-        pixel_values / image_features fill; rows (B,) the prefix of each row; suffix_ids /
+        image_features fill; rows (B,) the prefix of each row; suffix_ids /
         suffix_mask (B, Ts) left-padded text (no image placeholder), at least one real token per
         row (its last one predicts the first new token).
 
@@ -607,7 +607,7 @@ class Llava(nn.Module):
             if Tp > 0:
                 self.setup_cache(E, Tp)
                 positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)  # (E, Tp)
-                self(prefix_ids, pixel_values, prefix_mask, image_features=image_features, position_ids=positions,
+                self(prefix_ids, attention_mask=prefix_mask, image_features=image_features, position_ids=positions,
                      return_hidden=True)
                 prefix_kv = [(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v)
                              for layer in self.language_model.layers]
