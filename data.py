@@ -5,7 +5,7 @@ Image preprocessing (LLaVA-Med v1.5, `image_aspect_ratio = "pad"`), in pillow + 
 1. expand2square: paste the image onto a square canvas of side max(w, h) filled with the
    CLIP mean colour x255, truncated: (122, 116, 104); grayscale images get the mean of the
    three means x255, truncated: 114. The paste is centred (upstream LLaVA); LLaVA-Med instead
-   offsets it by centre or centre+1 at random, offered as `pad_offset="llava-med-random"`.
+   offsets it by centre or centre+1 at random (random.randint), which is not reproduced.
 2. RGB; resize to size x size with PIL bicubic (torch's bicubic interpolate gives other values).
 3. What CLIPImageProcessor does next: centre crop (a no-op on a square), x 1/255 in float64
    then cast to float32, (x - mean) / std in float32, HWC -> CHW.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,29 +52,14 @@ _GRAY_MODES = {"1", "L", "LA", "La"}
 # would turn most 16-bit scans white, and LLaVA-Med cannot pad them at all. Refused.
 _HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 
-_PAD_OFFSETS = ("center", "llava-med-random")
-# LLaVA-Med draws its offsets from Python's global `random`, seeded 0 once per run; this
-# generator plays that role when the caller passes none.
-_LLAVA_MED_RNG = random.Random(0)
 
-
-def preprocess_image(
-    pil_image: Image.Image,
-    size: int = 336,
-    aspect: str = "pad",
-    *,
-    pad_offset: str = "center",
-    rng: random.Random | None = None,
-) -> torch.Tensor:
+def preprocess_image(pil_image: Image.Image, size: int = 336, aspect: str = "pad") -> torch.Tensor:
     """LLaVA-Med v1.5 image preprocessing: PIL image -> (3, size, size) float32 tensor.
 
-    aspect:     "pad" (LLaVA-Med) pads to a square with the CLIP mean colour, then resizes;
+    aspect:     "pad" (LLaVA-Med) pads to a square with the CLIP mean colour, pasting the image
+                at ((side - w) // 2, (side - h) // 2), then resizes;
                 "resize" resizes straight to size x size, distorting the aspect ratio (no
                 padding and no crop; CLIPImageProcessor alone would crop the long side).
-    pad_offset: "center" pastes at ((side - w) // 2, (side - h) // 2) (upstream LLaVA);
-                "llava-med-random" reproduces LLaVA-Med's offset along the padded axis,
-                randint(d // 2, d // 2 + 1) with d = side - short edge, drawn from `rng`
-                (default: a module-level random.Random(0), as LLaVA-Med seeds `random` with 0).
     Modes: "1", "L", "LA" are padded with gray 114 (alpha dropped); high-bit-depth "I", "I;16*"
     and "F" are refused (convert them to 8 bits yourself, choosing the window); every other
     mode ("RGB", "RGBA", "P", "PA", "CMYK", ...) goes through PIL's convert("RGB") -- alpha
@@ -91,8 +75,6 @@ def preprocess_image(
         problems.append(f"size must be a positive int, got {size!r}")
     if aspect not in ("pad", "resize"):
         problems.append(f"aspect must be 'pad' or 'resize', got {aspect!r}")
-    if pad_offset not in _PAD_OFFSETS:
-        problems.append(f"pad_offset must be one of {_PAD_OFFSETS}, got {pad_offset!r}")
     if pil_image.mode in _HIGH_DEPTH_MODES:
         problems.append(
             f"image mode {pil_image.mode!r} has more than 8 bits per pixel and PIL's conversion "
@@ -104,7 +86,7 @@ def preprocess_image(
     fill = (PAD_GRAY,) * 3 if pil_image.mode in _GRAY_MODES else PAD_RGB
     image = pil_image.convert("RGB")  # returns a copy even when already RGB
     if aspect == "pad":
-        image = _expand_to_square(image, fill, pad_offset, rng or _LLAVA_MED_RNG)
+        image = _expand_to_square(image, fill)
     # reducing_gap stays None, as in transformers' resize: one exact bicubic pass.
     image = image.resize((size, size), resample=Image.Resampling.BICUBIC)
 
@@ -117,21 +99,13 @@ def preprocess_image(
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (3, H, W)
 
 
-def _expand_to_square(
-    image: Image.Image, fill: tuple[int, int, int], pad_offset: str, rng: random.Random
-) -> Image.Image:
-    """Paste an RGB image onto a square canvas of colour `fill` (LLaVA's expand2square)."""
+def _expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Paste an RGB image, centred, onto a square canvas of colour `fill` (LLaVA's expand2square)."""
     width, height = image.size
     if width == height:
         return image
     side = max(width, height)
-    gap = side - min(width, height)  # padding along the short axis
-    if pad_offset == "center":
-        start = gap // 2
-    else:
-        # LLaVA-Med: random.randint is inclusive, so centre or centre+1; always fits, since
-        # gap // 2 + 1 <= gap for gap >= 1.
-        start = rng.randint(gap // 2, gap // 2 + 1)
+    start = (side - min(width, height)) // 2  # half the padding along the short axis
     canvas = Image.new("RGB", (side, side), fill)
     canvas.paste(image, (0, start) if width > height else (start, 0))
     return canvas
@@ -266,10 +240,6 @@ def read_records(
     records: list[Record] = []
     seen: set[str] = set()
     for index, item in items:
-        if isinstance(item, BadLine):
-            bad.append(BadRecord(str(path), index, None, item.message))
-            continue
-        record_id = _raw_id(item)
         try:
             record = _parse_record(item)
             if answers_path is not None:
@@ -277,7 +247,7 @@ def read_records(
             if record.id in seen:
                 raise _Malformed(f"duplicate id {record.id!r}")
         except _Malformed as error:
-            bad.append(BadRecord(str(path), index, record_id, str(error)))
+            bad.append(BadRecord(str(path), index, _raw_id(item), str(error)))
             continue
         seen.add(record.id)
         records.append(record)
@@ -303,12 +273,20 @@ def _raw_id(item: object) -> str | None:
     return None
 
 
-def _parse_record(item: object) -> Record:
+def _record_id(item: object) -> str:
+    """The id of a record that is a JSON object with a usable id; else why it is malformed."""
+    if isinstance(item, BadLine):
+        raise _Malformed(item.message)
     if not isinstance(item, dict):
         raise _Malformed(f"record is a JSON {type(item).__name__}, not an object")
     record_id = _raw_id(item)
     if record_id is None:
         raise _Malformed("no usable id ('question_id' or 'id', a string or an integer)")
+    return record_id
+
+
+def _parse_record(item: object) -> Record:
+    record_id = _record_id(item)
     image = item.get("image")
     if image is not None and (not isinstance(image, str) or not image):
         raise _Malformed(f"'image' must be a non-empty string, got {image!r}")
@@ -393,14 +371,8 @@ def _read_answers(path: str | os.PathLike) -> tuple[_Answers, list[BadRecord]]:
     answers: _Answers = {}
     bad: list[BadRecord] = []
     for index, item in _read_items(path):
-        record_id = _raw_id(item)
         try:
-            if isinstance(item, BadLine):
-                raise _Malformed(item.message)
-            if not isinstance(item, dict):
-                raise _Malformed(f"record is a JSON {type(item).__name__}, not an object")
-            if record_id is None:
-                raise _Malformed("no usable id ('question_id' or 'id', a string or an integer)")
+            record_id = _record_id(item)
             if record_id in answers:
                 raise _Malformed(f"duplicate id {record_id!r}")
             for key in ("answer", "gpt4_answer", "text"):
@@ -415,7 +387,7 @@ def _read_answers(path: str | os.PathLike) -> tuple[_Answers, list[BadRecord]]:
                 answer = turns[1]["value"]
             answers[record_id] = (answer, _answer_type(item))
         except _Malformed as error:
-            bad.append(BadRecord(str(path), index, record_id, str(error)))
+            bad.append(BadRecord(str(path), index, _raw_id(item), str(error)))
     return answers, bad
 
 

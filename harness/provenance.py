@@ -70,8 +70,8 @@ class DigestCache:
     """The cache of file digests: {absolute path: {"size", "mtime_ns", "sha256"}}, read once,
     written back (atomically, merged with what other processes wrote meanwhile) by `save`."""
 
-    def __init__(self, path: Path | None = None):
-        self.path = path or cache_file()
+    def __init__(self):
+        self.path = cache_file()
         self.entries = self._read()
         self.new: dict[str, dict] = {}
 
@@ -119,13 +119,11 @@ class DigestCache:
         self.new = {}
 
 
-def file_digest(path: str | os.PathLike, cache: DigestCache | None = None) -> str:
+def file_digest(path: str | os.PathLike) -> str:
     """sha256 (hex) of one file's bytes, through the digest cache."""
-    own = cache is None
-    cache = cache or DigestCache()
+    cache = DigestCache()
     digest = cache.digest(path)
-    if own:
-        cache.save()
+    cache.save()
     return digest
 
 

@@ -7,19 +7,8 @@ tokens dropped), the contrast distribution is
     z      = (1 + β) · full − β · drop                       (β = 0.9 in the paper)
     P_diff = softmax(z)                                      over the vocabulary (last dim)
 
-Options, all applied in the same pass:
-
-- `log=True` returns log P_diff instead of P_diff.
-- `alpha` is the adaptive plausibility cut of visual contrastive decoding (VCD, Leng et al.,
-  CVPR 2024): only tokens that the full branch itself finds plausible survive,
-
-      keep_v ⇔ softmax(full)_v ≥ α · max_w softmax(full)_w ⇔ full_v ≥ max(full) + log α,
-
-  tokens outside the kept set get z = −inf (probability 0, log-probability −inf), and the
-  softmax renormalises z over the kept set. α ∈ (0, 1]; α = 1 keeps only the full branch's
-  argmax (and its ties). The arg-max of `full` is always kept, so the kept set is never empty.
-- `index` (..., K) returns only P_diff at those token ids (the gather mode of the scoring
-  pass: read 2·V logits per row, write K values).
+`index` (..., K) returns only P_diff at those token ids: the gather mode of hscr.py's scoring
+pass, which reads 2·V logits per row and writes K values.
 
 Edge cases, defined here and followed by both implementations:
 
@@ -38,7 +27,7 @@ Implementations (the Triton tutorial 02-fused-softmax / Liger `ops/softmax.py` l
 - `_contrast_softmax_kernel`: Triton, one program per row. A row of up to MAX_BLOCK logits
   (V = 32000 or 32064 for the Mistral/LLaMA vocabularies) lives in one block of registers: it
   is read once and written once. Longer rows (Qwen's V = 151936) loop over blocks with an
-  online max/sum and a second pass for the outputs; with `alpha` a first pass finds max(full).
+  online max/sum and a second pass for the outputs.
   Arithmetic is fp32 whatever the input dtype (fp32, fp16, bf16); the output is fp32.
 - `contrast_softmax`: the public entry point, which checks its inputs and dispatches.
 
@@ -68,13 +57,7 @@ BACKENDS = ("auto", "triton", "torch")
 
 
 def contrast_softmax_reference(
-    full: torch.Tensor,
-    drop: torch.Tensor,
-    beta: float = 0.9,
-    *,
-    alpha: float | None = None,
-    log: bool = False,
-    index: torch.Tensor | None = None,
+    full: torch.Tensor, drop: torch.Tensor, beta: float = 0.9, *, index: torch.Tensor | None = None
 ) -> torch.Tensor:
     """P_diff = softmax((1+β)·full − β·drop) over the last dim, in fp32 (see the module doc).
 
@@ -82,17 +65,13 @@ def contrast_softmax_reference(
     """
     f, d = full.float(), drop.float()  # (..., V)
     # f + β(f − d) rather than (1+β)f − βd: one rounding less when |f| is large.
-    z = f.clone() if beta == 0 else f + beta * (f - d)
-    keep = f > -math.inf
-    if alpha is not None:
-        keep &= f >= f.amax(dim=-1, keepdim=True) + math.log(alpha)
-    z = z.masked_fill(~keep, -math.inf)
+    z = f if beta == 0 else f + beta * (f - d)
+    z = z.masked_fill(f == -math.inf, -math.inf)
     m = z.amax(dim=-1, keepdim=True)  # (..., 1)
     # +inf entries (only when m = +inf) share the row; −inf entries weigh 0 even when m = −inf.
     shifted = torch.where(z == math.inf, 0.0, z - m)
     e = torch.where(z == -math.inf, 0.0, shifted.exp())
-    s = e.sum(dim=-1, keepdim=True)  # (..., 1)
-    out = shifted - s.log() if log else e / s
+    out = e / e.sum(dim=-1, keepdim=True)
     if index is not None:
         out = out.gather(-1, index.long())  # (..., K)
     return out
@@ -103,35 +82,29 @@ def contrast_softmax_reference(
 
 
 @triton.jit
-def _contrast_logits(f, d, beta, cut):
-    """z = f + β(f − d) in fp32, with the module doc's rules for −inf, β = 0 and the cut."""
+def _contrast_logits(f, d, beta):
+    """z = f + β(f − d) in fp32, with the module doc's rules for −inf and β = 0."""
     z = f + beta * (f - d)
     z = tl.where(beta == 0.0, f, z)
-    # cut is max(full) + log α with alpha, −inf without; −inf in full is always cut.
-    keep = (f > float("-inf")) & (f >= cut)
-    return tl.where(keep, z, float("-inf"))
+    return tl.where(f > float("-inf"), z, float("-inf"))  # −inf in full is always ruled out
 
 
 @triton.jit
-def _shifted(z, m):
-    """z − m, except that +inf entries (present only when m = +inf) get 0: they share the row."""
-    return tl.where(z == float("inf"), 0.0, z - m)
+def _logits_at(full_ptr, drop_ptr, cols, mask, f_sv, d_sv, beta):
+    """z at the columns `cols` of a row. Masked lanes get full = −inf, hence z = −inf: they add
+    nothing to max or sum. Load and widen at once (fp16/bf16 → fp32): all arithmetic is fp32."""
+    f = tl.load(full_ptr + cols * f_sv, mask=mask, other=float("-inf")).to(tl.float32)
+    d = tl.load(drop_ptr + cols * d_sv, mask=mask, other=0.0).to(tl.float32)
+    return _contrast_logits(f, d, beta)
 
 
 @triton.jit
 def _weights(z, m):
-    """exp(z − m); −inf entries give 0 even when m = −inf (where z − m would be NaN)."""
-    return tl.where(z == float("-inf"), 0.0, tl.exp(_shifted(z, m)))
-
-
-@triton.jit
-def _finish(z, m, s, LOG: tl.constexpr):
-    """The output for logits z of a row with max m and sum s = Σ exp(z − m)."""
-    if LOG:
-        y = _shifted(z, m) - tl.log(s)
-    else:
-        y = _weights(z, m) / s
-    return y
+    """exp(z − m) for the logits z of a row with max m; a row's softmax is these over their sum.
+    +inf entries (present only when m = +inf) get exp(0): they share the row. −inf entries give
+    0 even when m = −inf (where z − m would be NaN)."""
+    shifted = tl.where(z == float("inf"), 0.0, z - m)
+    return tl.where(z == float("-inf"), 0.0, tl.exp(shifted))
 
 
 @triton.jit
@@ -141,9 +114,8 @@ def _contrast_softmax_kernel(
     f_s0, f_s1, f_sv,
     d_s0, d_s1, d_sv,
     i_s0, i_s1, i_sk,
-    beta, log_alpha,
-    BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_ALPHA: tl.constexpr, LOG: tl.constexpr, GATHER: tl.constexpr,
+    beta,
+    BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr,
 ):
     # One program per row. Rows are the leading dims flattened into (outer, inner), each
     # with its own stride, so a slice like logits[:, 3:9, :V] is read in place.
@@ -156,36 +128,16 @@ def _contrast_softmax_kernel(
 
     if NUM_BLOCKS == 1:
         # The whole row in registers: one read of each input.
-        mask = cols < V
-        # Padding lanes get full = −inf, hence z = −inf: they add nothing to max or sum.
-        # Load and widen at once (fp16/bf16 → fp32): all arithmetic is fp32.
-        f = tl.load(full_ptr + cols * f_sv, mask=mask, other=float("-inf")).to(tl.float32)
-        d = tl.load(drop_ptr + cols * d_sv, mask=mask, other=0.0).to(tl.float32)
-        cut = float("-inf")
-        if HAS_ALPHA:
-            cut = tl.max(f, axis=0) + log_alpha
-        z = _contrast_logits(f, d, beta, cut)  # (BLOCK,)
+        z = _logits_at(full_ptr, drop_ptr, cols, cols < V, f_sv, d_sv, beta)  # (BLOCK,)
         m = tl.max(z, axis=0)
         s = tl.sum(_weights(z, m), axis=0)
     else:
-        cut = float("-inf")
-        if HAS_ALPHA:
-            # The cut needs max(full) before any z is final: one extra pass over full only.
-            mf = tl.full((), float("-inf"), tl.float32)
-            for b in range(NUM_BLOCKS):
-                c = b * BLOCK + cols
-                f = tl.load(full_ptr + c * f_sv, mask=c < V, other=float("-inf")).to(tl.float32)
-                mf = tl.maximum(mf, tl.max(f, axis=0))
-            cut = mf + log_alpha
         # Online max and sum (Milakov & Gimelshein 2018): rescale s whenever m grows.
         m = tl.full((), float("-inf"), tl.float32)
         s = tl.full((), 0.0, tl.float32)
         for b in range(NUM_BLOCKS):
             c = b * BLOCK + cols
-            mask = c < V
-            f = tl.load(full_ptr + c * f_sv, mask=mask, other=float("-inf")).to(tl.float32)
-            d = tl.load(drop_ptr + c * d_sv, mask=mask, other=0.0).to(tl.float32)
-            z = _contrast_logits(f, d, beta, cut)
+            z = _logits_at(full_ptr, drop_ptr, c, c < V, f_sv, d_sv, beta)
             m_new = tl.maximum(m, tl.max(z, axis=0))
             # exp(m − m_new) is NaN when both are the same infinity; the scale is then 1.
             scale = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
@@ -202,23 +154,18 @@ def _contrast_softmax_kernel(
             idx = tl.load(index_ptr + ks * i_sk, mask=kmask, other=0).to(tl.int64)
             # The launcher rejects ids outside [0, V); the mask keeps memory safe regardless.
             valid = kmask & (idx >= 0) & (idx < V)
-            # (names differ from the row block's f, d: Triton wants fixed shapes per name)
-            fk = tl.load(full_ptr + idx * f_sv, mask=valid, other=float("-inf")).to(tl.float32)
-            dk = tl.load(drop_ptr + idx * d_sv, mask=valid, other=0.0).to(tl.float32)
-            y = _finish(_contrast_logits(fk, dk, beta, cut), m, s, LOG)
-            tl.store(out_ptr + ks, tl.where(valid, y, float("nan")), mask=kmask)
+            # (zk, not z: Triton wants fixed shapes per name)
+            zk = _logits_at(full_ptr, drop_ptr, idx, valid, f_sv, d_sv, beta)
+            tl.store(out_ptr + ks, tl.where(valid, _weights(zk, m) / s, float("nan")), mask=kmask)
     else:
         out_ptr += row * V  # the output is contiguous (..., V)
         if NUM_BLOCKS == 1:
-            tl.store(out_ptr + cols, _finish(z, m, s, LOG), mask=mask)
+            tl.store(out_ptr + cols, _weights(z, m) / s, mask=cols < V)
         else:
             for b in range(NUM_BLOCKS):
                 c = b * BLOCK + cols
-                mask = c < V
-                f = tl.load(full_ptr + c * f_sv, mask=mask, other=float("-inf")).to(tl.float32)
-                d = tl.load(drop_ptr + c * d_sv, mask=mask, other=0.0).to(tl.float32)
-                z = _contrast_logits(f, d, beta, cut)
-                tl.store(out_ptr + c, _finish(z, m, s, LOG), mask=mask)
+                z = _logits_at(full_ptr, drop_ptr, c, c < V, f_sv, d_sv, beta)
+                tl.store(out_ptr + c, _weights(z, m) / s, mask=c < V)
 
 
 # True when TRITON_INTERPRET=1 was set before triton was imported: the kernel then runs on
@@ -273,35 +220,18 @@ def contrast_softmax_triton(
     drop: torch.Tensor,
     beta: float = 0.9,
     *,
-    alpha: float | None = None,
-    log: bool = False,
     index: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
     block_size: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
     """Run the Triton kernel; arguments as `contrast_softmax`, which validates them.
 
-    `out` (fp32, contiguous, (..., V) or (..., K)) receives the result; `block_size` (a power
-    of two) and `num_warps` override the launch settings, so tests reach the looped path on
-    short rows and benchmarks can compare settings.
+    `block_size` (a power of two) and `num_warps` override the launch settings, so tests reach
+    the looped path on short rows and benchmarks can compare settings.
     """
     V = full.shape[-1]
     out_shape = (*full.shape[:-1], V if index is None else index.shape[-1])
-    if out is None:
-        out = torch.empty(out_shape, dtype=torch.float32, device=full.device)
-    else:
-        problems = []
-        if tuple(out.shape) != out_shape:
-            problems.append(f"out has shape {tuple(out.shape)}, expected {out_shape}")
-        if out.dtype != torch.float32:
-            problems.append(f"out has dtype {out.dtype}, expected torch.float32")
-        if out.device != full.device:
-            problems.append(f"out is on {out.device}, the inputs on {full.device}")
-        if not out.is_contiguous():
-            problems.append("out must be contiguous")
-        if problems:
-            raise ValueError("contrast_softmax_triton: " + "; ".join(problems))
+    out = torch.empty(out_shape, dtype=torch.float32, device=full.device)
     if block_size is not None and (block_size < 1 or block_size & (block_size - 1)):
         raise ValueError(f"contrast_softmax_triton: block_size must be a power of two, got {block_size}")
     if out.numel() == 0:
@@ -324,10 +254,9 @@ def contrast_softmax_triton(
         *strides[0], full.stride(-1),
         *strides[1], drop.stride(-1),
         *i_s, index_t.stride(-1),
-        float(beta), math.log(alpha) if alpha is not None else 0.0,
+        float(beta),
         BLOCK=block, NUM_BLOCKS=num_blocks,
-        BLOCK_K=min(triton.next_power_of_2(max(K, 1)), MAX_BLOCK_K),
-        HAS_ALPHA=alpha is not None, LOG=bool(log), GATHER=gather,
+        BLOCK_K=min(triton.next_power_of_2(max(K, 1)), MAX_BLOCK_K), GATHER=gather,
         num_warps=warps,
     )
     return out
@@ -337,7 +266,7 @@ def contrast_softmax_triton(
 # Public function
 
 
-def _check_args(full, drop, beta, alpha, log, index, backend) -> None:
+def _check_args(full, drop, beta, index, backend) -> None:
     """Raise one ValueError listing every problem with the arguments."""
     problems: list[str] = []
     if not isinstance(full, torch.Tensor) or not isinstance(drop, torch.Tensor):
@@ -359,12 +288,6 @@ def _check_args(full, drop, beta, alpha, log, index, backend) -> None:
         problems.append(f"full is on {full.device} but drop is on {drop.device}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0 <= beta < math.inf):
         problems.append(f"beta must be a finite number >= 0, got {beta!r}")
-    if alpha is not None and (
-        isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0 < alpha <= 1)
-    ):
-        problems.append(f"alpha must be None or in (0, 1], got {alpha!r}")
-    if not isinstance(log, bool):
-        problems.append(f"log must be a bool, got {log!r}")
     if backend not in BACKENDS:
         problems.append(f"backend must be one of {BACKENDS}, got {backend!r}")
     if index is not None:
@@ -419,8 +342,6 @@ def contrast_softmax(
     drop: torch.Tensor,
     beta: float = 0.9,
     *,
-    alpha: float | None = None,
-    log: bool = False,
     index: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -429,15 +350,13 @@ def contrast_softmax(
     full, drop: (..., V) logits of the full and the visual-token-dropped branch, same shape,
         dtype (float32, float16 or bfloat16) and device; any strides.
     beta: contrast strength β ≥ 0 (the paper uses 0.9).
-    alpha: None, or the plausibility cut α ∈ (0, 1]: tokens with softmax(full) < α·max get 0.
-    log: return log P_diff.
     index: None, or (..., K) int64/int32 token ids in [0, V): return P_diff there, (..., K).
     backend: "triton" (the kernel; on CPU only under TRITON_INTERPRET=1), "torch" (the fp32
         reference), or "auto" (triton on CUDA tensors, torch otherwise).
 
     Inference only: raises if an input requires grad while grad mode is on.
     """
-    _check_args(full, drop, beta, alpha, log, index, backend)
+    _check_args(full, drop, beta, index, backend)
     if resolve_backend(backend, full.device) == "triton":
-        return contrast_softmax_triton(full, drop, beta, alpha=alpha, log=log, index=index)
-    return contrast_softmax_reference(full, drop, beta, alpha=alpha, log=log, index=index)
+        return contrast_softmax_triton(full, drop, beta, index=index)
+    return contrast_softmax_reference(full, drop, beta, index=index)

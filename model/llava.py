@@ -57,19 +57,6 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
 
 
-def _check_fields(config, ints: tuple[str, ...], floats: tuple[str, ...] = ()) -> None:
-    """Sizes must be positive integers and epsilons / bases positive numbers: a string or a float
-    here would otherwise surface as a TypeError deep inside torch.empty."""
-    for name in ints:
-        v = getattr(config, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{type(config).__name__}.{name} must be a positive integer, got {v!r}")
-    for name in floats:
-        v = getattr(config, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise ValueError(f"{type(config).__name__}.{name} must be a positive number, got {v!r}")
-
-
 @dataclass
 class VisionConfig:
     """CLIP vision transformer. Defaults: ViT-L/14 at 336 px (LLaVA-Med v1.5's tower)."""
@@ -82,14 +69,6 @@ class VisionConfig:
     n_heads: int = 16
     layer_norm_eps: float = 1e-5
     num_channels: int = 3
-
-    def __post_init__(self):
-        _check_fields(self, ("image_size", "patch_size", "hidden_size", "intermediate_size", "n_layers", "n_heads",
-                             "num_channels"), ("layer_norm_eps",))
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.hidden_size % self.n_heads:
-            raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
 
     @property
     def num_patches(self) -> int:
@@ -116,18 +95,15 @@ class TextConfig:
     pad_token_id: int | None = 0
 
     def __post_init__(self):
-        _check_fields(self, ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads",
-                             "max_seq_len") + (("head_dim",) if self.head_dim is not None else ())
-                      + (("sliding_window",) if self.sliding_window is not None else ()),
-                      ("rms_norm_eps", "rope_theta"))
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.n_heads
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
 
 
 @dataclass
 class LlavaConfig:
+    """The whole model's shape. model/loading.py checks what it reads from a config.json (types,
+    ranges, divisibility, naming the field); configs written in code are taken as they are."""
+
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     projector_type: str = "mlp2x_gelu"  # or "linear"
@@ -137,21 +113,6 @@ class LlavaConfig:
     # LLaVA marks image positions with -200 (outside the vocabulary); llava-hf checkpoints have a
     # real `<image>` token (32000). Either way those ids are never looked up in the embedding.
     image_token_id: int = -200
-
-    def __post_init__(self):
-        if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
-        if isinstance(self.text, dict):
-            self.text = TextConfig(**self.text)
-        if self.projector_type not in ("mlp2x_gelu", "linear"):
-            raise ValueError(f"projector_type must be 'mlp2x_gelu' or 'linear', got {self.projector_type!r}")
-        if self.select_feature not in ("patch", "cls_patch"):
-            raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {self.select_feature!r}")
-        if isinstance(self.select_layer, bool) or not isinstance(self.select_layer, int):
-            raise ValueError(f"select_layer must be an integer, got {self.select_layer!r}")
-        n_states = self.vision.n_layers + 1
-        if not -n_states <= self.select_layer < n_states:
-            raise ValueError(f"select_layer {self.select_layer} is outside the {n_states} hidden states")
 
     @property
     def num_image_tokens(self) -> int:
@@ -592,9 +553,6 @@ class Llava(nn.Module):
         are dropped), so that the decode steps cost less; greedy tokens stay the same (up to
         floating-point rounding), sampled ones come from another split of the random stream.
         """
-        c = self.config.text
-        eos = c.eos_token_id if eos_token_id is None else eos_token_id
-        pad = pad_token_id if pad_token_id is not None else (c.pad_token_id if c.pad_token_id is not None else eos)
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -607,23 +565,23 @@ class Llava(nn.Module):
             logits = self(input_ids, pixel_values, attention_mask, image_features=image_features,
                           position_ids=positions, logits_positions=last)[:, -1]  # (B, V)
             return self._decode_loop(logits, positions[:, -1], T, max_new_tokens, temperature, top_p, generator,
-                                     eos, pad, drop_finished)
+                                     eos_token_id, pad_token_id, drop_finished)
         finally:
             self.clear_cache()
 
     @torch.no_grad()
     def generate_shared(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, rows: torch.Tensor,
                         suffix_ids: torch.Tensor, suffix_mask: torch.Tensor, *,
-                        pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                        max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                        eos_token_id: int | None = None, pad_token_id: int | None = None,
-                        generator: torch.Generator | None = None, drop_finished: bool = False) -> torch.Tensor:
+                        image_features: torch.Tensor | None = None, max_new_tokens: int = 64,
+                        temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
+                        pad_token_id: int | None = None, generator: torch.Generator | None = None,
+                        drop_finished: bool = False) -> torch.Tensor:
         """generate() for B rows whose input is prefix[rows[b]] + suffix[b], each of the E prefixes
         (e.g. a prompt with its image) prefilled once: new token ids (B, T_new), as generate() gives
         for the concatenated rows (up to floating-point rounding).
 
         prefix_ids / prefix_mask (E, Tp) left-padded, with the image placeholders that
-        pixel_values / image_features fill; rows (B,) the prefix of each row; suffix_ids /
+        image_features fill; rows (B,) the prefix of each row; suffix_ids /
         suffix_mask (B, Ts) left-padded text (no image placeholder), at least one real token per
         row (its last one predicts the first new token).
 
@@ -635,8 +593,6 @@ class Llava(nn.Module):
         span more slots than the window. Sampling and `drop_finished` as in generate().
         """
         c = self.config.text
-        eos = c.eos_token_id if eos_token_id is None else eos_token_id
-        pad = pad_token_id if pad_token_id is not None else (c.pad_token_id if c.pad_token_id is not None else eos)
         (E, Tp), (B, Ts) = prefix_ids.shape, suffix_ids.shape
         suffix_mask, prefix_mask = suffix_mask.bool(), prefix_mask.bool()
         if Ts == 0 or not suffix_mask[:, -1].all():
@@ -653,7 +609,7 @@ class Llava(nn.Module):
             if Tp > 0:
                 self.setup_cache(E, Tp)
                 positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)  # (E, Tp)
-                self(prefix_ids, pixel_values, prefix_mask, image_features=image_features, position_ids=positions,
+                self(prefix_ids, attention_mask=prefix_mask, image_features=image_features, position_ids=positions,
                      return_hidden=True)
                 prefix_kv = [(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v)
                              for layer in self.language_model.layers]
@@ -675,15 +631,20 @@ class Llava(nn.Module):
             h = self._run_decoder(x, positions, key_valid, slots)
             logits = self.lm_head(h[:, -1]).float()  # (B, V)
             return self._decode_loop(logits, positions[:, -1], Tp + Ts, max_new_tokens, temperature, top_p,
-                                     generator, eos, pad, drop_finished)
+                                     generator, eos_token_id, pad_token_id, drop_finished)
         finally:
             self.clear_cache()
 
     def _decode_loop(self, logits, position, slot: int, max_new_tokens: int, temperature: float, top_p: float,
-                     generator, eos: int, pad: int, drop_finished: bool = False) -> torch.Tensor:
+                     generator, eos: int | None, pad: int | None, drop_finished: bool) -> torch.Tensor:
         """Sample from `logits` (B, V), then decode one token at a time from cache slot `slot` and
-        per-row position `position` + 1 on; a row stops at its first EOS (pad after it). With
-        `drop_finished`, the cache keeps only the unfinished rows once half of them are done."""
+        per-row position `position` + 1 on; a row stops at its first EOS (pad after it; None: the
+        config's ids, pad falling back to EOS). With `drop_finished`, the cache keeps only the
+        unfinished rows once half of them are done."""
+        c = self.config.text
+        eos = c.eos_token_id if eos is None else eos
+        if pad is None:
+            pad = c.pad_token_id if c.pad_token_id is not None else eos
         B = logits.shape[0]
         out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=logits.device)
         rows = torch.arange(B, device=logits.device)  # the output row of each cache row

@@ -275,16 +275,6 @@ class _Fields:
         return v
 
 
-def _build(source: str, cls, **kw):
-    """A config dataclass; its own checks (divisibility, ranges) become errors naming the file."""
-    try:
-        return cls(**kw)
-    except CheckpointError:
-        raise
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
-
-
 def _rope_theta(f: _Fields) -> float:
     # transformers 5 writes rope_parameters: {rope_theta, rope_type}; older files a bare rope_theta
     # and, for scaled RoPE, rope_scaling. Only plain RoPE is implemented.
@@ -318,8 +308,7 @@ def _text_config(f: _Fields) -> TextConfig:
         raise f.error("num_key_value_heads", f"{kv_heads} does not divide num_attention_heads {heads}")
     max_len = f.int("tokenizer_model_max_length", None, none_ok=True) or 0
     pad = f.int("pad_token_id", None, minimum=None, none_ok=True)
-    return _build(
-        f.source, TextConfig,
+    return TextConfig(
         vocab_size=f.int("vocab_size"), hidden_size=f.int("hidden_size"),
         intermediate_size=f.int("intermediate_size"), n_layers=f.int("num_hidden_layers"), n_heads=heads,
         n_kv_heads=kv_heads, head_dim=f.int("head_dim", None, none_ok=True),
@@ -341,8 +330,7 @@ def _vision_config(f: _Fields) -> VisionConfig:
     width, heads = f.int("hidden_size"), f.int("num_attention_heads")
     if width % heads:
         raise f.error("num_attention_heads", f"{heads} does not divide hidden_size {width}")
-    return _build(
-        f.source, VisionConfig,
+    return VisionConfig(
         image_size=image, patch_size=patch, hidden_size=width, intermediate_size=f.int("intermediate_size"),
         n_layers=f.int("num_hidden_layers"), n_heads=heads, layer_norm_eps=f.float("layer_norm_eps", 1e-5),
         num_channels=f.int("num_channels", 3),
@@ -378,8 +366,7 @@ def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig 
         f.choice("projector_hidden_act", "gelu", ("gelu",))
         vision = vision or _vision_config(f.sub("vision_config"))
         image_token = "image_token_index" if "image_token_index" in c else "image_token_id"
-        return _build(
-            source, LlavaConfig,
+        return LlavaConfig(
             vision=vision, text=_text_config(f.sub("text_config")),
             projector_type="mlp2x_gelu", projector_bias=f.bool("multimodal_projector_bias", True),
             select_layer=_select_layer(f, "vision_feature_layer", vision),
@@ -396,8 +383,7 @@ def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig 
             vision = KNOWN_TOWERS[tower]
         if f.bool("mm_use_im_start_end", False):
             raise f.error("mm_use_im_start_end", "is true (LLaVA-Med v1): not supported")
-        return _build(
-            source, LlavaConfig,
+        return LlavaConfig(
             vision=vision, text=_text_config(f), projector_bias=True,
             projector_type=f.choice("mm_projector_type", "linear", ("mlp2x_gelu", "linear")),
             select_layer=_select_layer(f, "mm_vision_select_layer", vision),
@@ -618,17 +604,14 @@ def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], s
     return model
 
 
-def save_model(model: Llava, out_dir, *, layout: str = "llava-hf-legacy", config_json: dict | None = None,
-               state_dict: dict | None = None) -> Path:
-    """Write config.json + model.safetensors in `layout` (keys renamed through its table).
-
-    `config_json` defaults to a llava-hf config for the model (readable by transformers too); pass
-    the source checkpoint's own config.json to export in its own format.
-    """
+def save_model(model: Llava, out_dir, *, layout: str = "llava-hf-legacy", state_dict: dict | None = None) -> Path:
+    """Write config.json (llava-hf's, readable by transformers too) + model.safetensors in `layout`
+    (keys renamed through its table); `state_dict` replaces the model's own (model/lora.py's merged
+    export)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
     tensors = {unrename(k, layout): v.detach().contiguous().cpu() for k, v in sd.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config_json or config_to_json(model.config), indent=2))
+    (out / "config.json").write_text(json.dumps(config_to_json(model.config), indent=2))
     return out

@@ -35,10 +35,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
-from .loading import CheckpointError, _read_json, assign_weights, safetensors_files
+from .loading import CheckpointError, _open, _read_json, assign_weights, safetensors_files
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,19 +75,6 @@ class SentenceConfig:
     max_seq_length: int = 256  # tokens per text including [CLS] and [SEP]; longer texts are truncated
     normalize: bool = True  # a Normalize module follows the pooling
     do_lower_case: bool = False  # sentence-transformers lower-cases the text itself (besides the tokenizer)
-
-    def __post_init__(self):
-        if isinstance(self.bert, dict):
-            self.bert = BertConfig(**self.bert)
-        if not 2 < self.max_seq_length <= self.bert.max_position_embeddings:
-            raise ValueError(f"max_seq_length {self.max_seq_length} must lie in (2, max_position_embeddings = "
-                             f"{self.bert.max_position_embeddings}]")
-
-
-PRESETS: dict[str, SentenceConfig] = {
-    # sentence-transformers/all-MiniLM-L6-v2, the default encoder of docs/METHOD.md, stage 2 (step 7).
-    "all-MiniLM-L6-v2": SentenceConfig(bert=BertConfig()),
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,14 +163,12 @@ class Encoder(nn.Module):
 
 
 class Pooler(nn.Module):
-    """tanh(W · h_[CLS]): BERT's next-sentence head. Kept for strict loading; mean pooling ignores it."""
+    """tanh(W · h_[CLS]), BERT's next-sentence head: its weights only, for strict loading; mean
+    pooling never runs it."""
 
     def __init__(self, c: BertConfig):
         super().__init__()
         self.dense = nn.Linear(c.hidden_size, c.hidden_size)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(hidden[:, 0]))  # (B, D)
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -197,16 +181,14 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 class SentenceEncoder(nn.Module):
     """BERT + mean pooling (+ L2 norm). `encode` takes texts; `forward` takes token ids."""
 
-    def __init__(self, config: SentenceConfig, tokenizer: Tokenizer | None = None):
+    def __init__(self, config: SentenceConfig):
         super().__init__()
         self.config = config
         c = config.bert
         self.embeddings = Embeddings(c)
         self.encoder = Encoder(c)
         self.pooler = Pooler(c) if c.pooler else None
-        self.tokenizer = tokenizer
-        if tokenizer is not None:
-            configure_tokenizer(tokenizer, config.max_seq_length)
+        self.tokenizer: Tokenizer | None = None  # set by load_sentence_encoder
 
     @property
     def device(self) -> torch.device:
@@ -216,24 +198,16 @@ class SentenceEncoder(nn.Module):
     def dim(self) -> int:
         return self.config.bert.hidden_size
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Last-layer hidden states (B, T, D) for right-padded ids (B, T) and their mask (B, T)."""
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor) -> torch.Tensor:
+        """Sentence embeddings (B, D) float32 of right-padded ids, their mask and token types
+        (B, T): mean pooling of the last hidden states, then L2 norm when modules.json asks for it."""
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
         mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): keys only, queries see all
         for layer in self.encoder.layer:
             x = layer(x, mask)
-        return x
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None, normalize: bool | None = None) -> torch.Tensor:
-        """Sentence embeddings (B, D) float32: mean pooling, then L2 norm if `normalize`
-        (None: as the directory's modules.json says)."""
-        h = self.hidden_states(input_ids, attention_mask, token_type_ids)
-        e = mean_pool(h.float(), attention_mask)  # (B, D), pooled in fp32 whatever the weights' dtype
-        if self.config.normalize if normalize is None else normalize:
+        e = mean_pool(x.float(), attention_mask)  # (B, D), pooled in fp32 whatever the weights' dtype
+        if self.config.normalize:
             e = F.normalize(e, dim=-1)  # eps 1e-12, as torch's Normalize module in sentence-transformers
         return e
 
@@ -246,7 +220,7 @@ class SentenceEncoder(nn.Module):
         return [(e.ids, e.type_ids) for e in self.tokenizer.encode_batch(list(texts))]
 
     @torch.inference_mode()
-    def encode(self, texts: list[str], batch_size: int = 64, normalize: bool | None = None) -> torch.Tensor:
+    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """Embeddings (N, D) float32 on the model's device, one row per text, in the given order."""
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts, not a single string")
@@ -264,15 +238,14 @@ class SentenceEncoder(nn.Module):
             for r, i in enumerate(rows):
                 n = len(encoded[i][0])
                 ids[r, :n], types[r, :n], mask[r, :n] = torch.tensor(encoded[i][0]), torch.tensor(encoded[i][1]), 1
-            e = self(ids.to(self.device), mask.to(self.device), types.to(self.device), normalize)  # (B, D)
+            e = self(ids.to(self.device), mask.to(self.device), types.to(self.device))  # (B, D)
             out[torch.tensor(rows, device=self.device)] = e
         return out
 
     @property
     def pad_id(self) -> int:
         # Any id works (padding keys are masked and padding rows are not pooled); use the real one.
-        pad = self.tokenizer.token_to_id("[PAD]") if self.tokenizer is not None else None
-        return 0 if pad is None else pad
+        return self.tokenizer.token_to_id("[PAD]") or 0
 
     @classmethod
     def from_pretrained(cls, path, *, dtype: torch.dtype = torch.float32, device="cpu") -> "SentenceEncoder":
@@ -375,10 +348,7 @@ def load_sentence_encoder(path, *, dtype: torch.dtype = torch.float32, device="c
     files = safetensors_files(root)
     found, unexpected = {}, []
     for file in files:
-        try:
-            f = safe_open(str(file), framework="pt")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        f = _open(file)
         keys = list(f.keys())
         prefix = "bert." if any(k.startswith("bert.") for k in keys) else ""
         for key in keys:

@@ -29,14 +29,13 @@ The prompt side reproduces LLaVA-Med exactly: the `mistral_instruct` template, a
 chunk-wise tokenization around the literal "<image>" (each chunk tokenized on its own with BOS
 and the "▁" prefix, BOS kept only on the first chunk, the image spliced in at the split point),
 which leaves "▁" tokens (id 28705) on both sides of the image. llava-hf checkpoints instead have
-"<image>" as a real token; `tokenize_prompt(..., chunked=False)` handles that convention.
+"<image>" as a real token and encode the prompt at once, which gives the same ids.
 
 CLI: `python -m model.tokenizer convert path/to/tokenizer.model path/to/tokenizer.json`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import struct
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -280,10 +279,12 @@ def convert_sentencepiece(model_path: str | Path) -> Tokenizer:
     path = Path(model_path)
     spm = read_sentencepiece(path)
     _check_supported(spm, path)
-    return _llama_tokenizer(spm)
+    return llama_tokenizer(spm)
 
 
-def _llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
+def llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
+    """The `tokenizers.Tokenizer` of a (checked) SentencePiece BPE model; demo/tokenizer.py builds
+    the shipped base's tokenizer through it too."""
     vocab = {piece: i for i, piece in enumerate(spm.pieces)}
     unk = spm.pieces[spm.unk_id]
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=_bpe_merges(spm.pieces, spm.scores),
@@ -309,36 +310,6 @@ def _llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
             special_tokens=[(bos, spm.bos_id)])
-    return tokenizer
-
-
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> Tokenizer:
-    """Train a small Llama-style tokenizer on `texts` (the embedded default's own vocabulary).
-
-    The result has the same shape as a converted LLaMA/Mistral tokenizer, so every function of
-    this module treats both alike: ids 0-3 are `<unk>`, `<s>`, `</s>` and `<image>` (a real,
-    special token, so both the chunked and the llava-hf conventions work), then the 256 byte
-    pieces `<0x00>`…`<0xFF>` for byte fallback (no character is ever unknown), then BPE pieces
-    learnt with `tokenizers`' trainer on words split at spaces ("▁" starts a word). Each learnt
-    piece gets the score −rank, so merges are ranked as SentencePiece ranks them.
-    """
-    from tokenizers import pre_tokenizers, trainers
-
-    specials = ["<unk>", "<s>", "</s>", IMAGE_TOKEN]
-    n_learnt = vocab_size - len(specials) - 256
-    if n_learnt < 1:
-        raise ValueError(f"vocab_size {vocab_size} leaves no room for learnt pieces (needs > {len(specials) + 256})")
-    learner = Tokenizer(BPE())
-    learner.normalizer = normalizers.Sequence([normalizers.Prepend(SPIECE), normalizers.Replace(" ", SPIECE)])
-    learner.pre_tokenizer = pre_tokenizers.Split(SPIECE, behavior="merged_with_next")  # pieces never span words
-    learner.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=n_learnt, show_progress=False))
-    learnt = sorted(learner.get_vocab().items(), key=lambda kv: kv[1])  # single characters first, then merges
-    pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + [p for p, _ in learnt]
-    types = [UNKNOWN, CONTROL, CONTROL, USER_DEFINED] + [BYTE] * 256 + [NORMAL] * len(learnt)
-    scores = [0.0] * (len(specials) + 256) + [-float(rank) for rank in range(len(learnt))]
-    tokenizer = _llama_tokenizer(SentencePieceModel(pieces, scores, types, model_type=2, byte_fallback=True))
-    # `<image>` must be special (skipped when decoding); _llama_tokenizer adds user-defined pieces as plain.
-    tokenizer.add_special_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)])
     return tokenizer
 
 
@@ -391,36 +362,23 @@ def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
 
 
 def tokenize_prompt(tokenizer: Tokenizer, prompt: str, *, image_token_id: int,
-                    num_image_tokens: int, bos_token_id: int | None = 1,
-                    chunked: bool = True) -> list[int]:
+                    num_image_tokens: int, bos_token_id: int | None = 1) -> list[int]:
     """Prompt ids with each "<image>" expanded to `num_image_tokens` copies of `image_token_id`.
 
-    chunked=True (LLaVA-Med, LLaVA): split on the literal "<image>" and tokenize each chunk
+    As LLaVA-Med and LLaVA do: split on the literal "<image>" and tokenize each chunk
     separately; each chunk gets its own "▁" prefix (SentencePiece's dummy prefix) and the BOS
     is kept only once, at the start. So "[INST] <image>\\nWhat" gives
     [BOS, "▁[", "INST", "]", "▁", <image> × N, "▁", "\\n", "What"]: a "▁" on each side of the
     image, which the model was trained with. `image_token_id` may be negative (-200) since
-    the ids are never looked up in the vocabulary.
-
-    chunked=False (llava-hf): "<image>" is a real token of the tokenizer (an added token whose
-    id must be `image_token_id`); the whole prompt is encoded at once and each image token is
-    then repeated `num_image_tokens` times.
+    the ids are never looked up in the vocabulary. For a llava-hf tokenizer, where "<image>" is
+    a real token, this equals encoding the whole prompt at once (tests/test_tokenizer.py).
     """
     if num_image_tokens < 1:
         raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
     image = [image_token_id] * num_image_tokens
     ids = [] if bos_token_id is None else [bos_token_id]
-    if chunked:
-        for i, chunk in enumerate(prompt.split(IMAGE_TOKEN)):
-            ids += (image if i else []) + _encode(tokenizer, chunk)
-        return ids
-    vocab_id = tokenizer.token_to_id(IMAGE_TOKEN)
-    if vocab_id != image_token_id:
-        raise ValueError(f"chunked=False needs {IMAGE_TOKEN!r} as a token with id {image_token_id}; "
-                         f"this tokenizer has it as {vocab_id} (use chunked=True for LLaVA-Med "
-                         "checkpoints, whose vocabulary has no image token)")
-    for token in _encode(tokenizer, prompt):
-        ids += image if token == image_token_id else [token]
+    for i, chunk in enumerate(prompt.split(IMAGE_TOKEN)):
+        ids += (image if i else []) + _encode(tokenizer, chunk)
     return ids
 
 
@@ -460,29 +418,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     convert = commands.add_parser("convert", help="SentencePiece tokenizer.model -> tokenizer.json")
     convert.add_argument("model", type=Path, help="SentencePiece tokenizer.model")
     convert.add_argument("output", type=Path, help="tokenizer.json to write")
-    train = commands.add_parser("train", help="train a small Llama-style tokenizer on LLaVA-format JSON files")
-    train.add_argument("output", type=Path, help="tokenizer.json to write")
-    train.add_argument("--json", type=Path, nargs="+", required=True,
-                       help="LLaVA instruction / test.json files: every conversation turn is training text")
-    train.add_argument("--vocab-size", type=int, default=512)
     args = parser.parse_args(argv)
-    if args.command == "train":
-        # Repeats are kept: BPE ranks merges by frequency, and deduplicated texts would leave
-        # the commonest answers ("yes") split into pieces.
-        texts = list(TEMPLATES.values())
-        for path in args.json:
-            try:
-                records = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise SystemExit(f"error: cannot read {path}: {e}") from None
-            for record in records:
-                for turn in record.get("conversations") or record.get("conversatons") or []:
-                    texts.append(turn["value"].replace(IMAGE_TOKEN, "").strip())
-        tokenizer = train_tokenizer(texts, args.vocab_size)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(args.output))
-        print(f"wrote {args.output} ({tokenizer.get_vocab_size()} tokens, from {len(texts)} texts)")
-        return
     try:
         tokenizer = convert_sentencepiece(args.model)
     except (FileNotFoundError, ValueError) as e:  # the message names the file and the problem

@@ -6,7 +6,6 @@ names it CLIPImageProcessorPil; plain CLIPImageProcessor is the torchvision back
 tensor resize is not PIL's and is not what LLaVA-Med ran.
 """
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -115,26 +114,6 @@ def test_padding_colour_and_centred_paste(clip_processor, mode, width, height, f
     assert np.abs(ours - reference).max() <= 1e-6
 
 
-def test_llava_med_random_offset(clip_processor):
-    """LLaVA-Med pastes at randint(gap // 2, gap // 2 + 1): with gap 19, offset 9 or 10."""
-    image = _random_image("RGB", 40, 21)
-    expected_rng = random.Random(0)
-    rng = random.Random(0)
-    offsets = set()
-    for _ in range(6):
-        start = expected_rng.randint(9, 10)
-        offsets.add(start)
-        canvas = np.empty((40, 40, 3), np.uint8)
-        canvas[:] = (122, 116, 104)
-        canvas[start : start + 21] = np.asarray(image)
-        ours = preprocess_image(image, pad_offset="llava-med-random", rng=rng).numpy()
-        assert np.abs(ours - _reference(clip_processor(), Image.fromarray(canvas))).max() <= 1e-6
-    assert offsets == {9, 10}  # both branches met with seed 0 in 6 draws
-    # The default is the deterministic centre, whatever the generator.
-    centred = preprocess_image(image)
-    assert np.array_equal(centred.numpy(), preprocess_image(image, rng=random.Random(1)).numpy())
-
-
 def test_aspect_resize_is_a_plain_resize(clip_processor):
     image = _random_image("RGB", 40, 20)
     ours = preprocess_image(image, aspect="resize")
@@ -146,9 +125,9 @@ def test_preprocess_refuses_bad_arguments_and_high_bit_depth():
     image16 = Image.fromarray(np.full((8, 8), 4000, np.uint16))
     assert image16.mode == "I;16"
     with pytest.raises(ValueError) as error:
-        preprocess_image(image16, size=0, aspect="crop", pad_offset="random")
+        preprocess_image(image16, size=0, aspect="crop")
     message = str(error.value)  # one error listing every problem
-    for part in ("size", "aspect", "pad_offset", "I;16"):
+    for part in ("size", "aspect", "I;16"):
         assert part in message
     with pytest.raises(TypeError):
         preprocess_image(np.zeros((8, 8, 3), np.uint8))

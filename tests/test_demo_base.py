@@ -12,7 +12,7 @@ from demo.base import main, new_model, scene_labels
 from demo.world import build_world
 from harness.cli import run_main
 from model import load_model
-from model.tokenizer import train_tokenizer
+from demo.tokenizer import train_tokenizer
 from test_train import word_tokenizer
 
 

@@ -127,14 +127,16 @@ def test_same_word_candidates_excluded():
 
 
 def test_cut_token_never_wins():
-    """The trap: the kernel's α cut gives a cut token P_diff = 0, so an argmin over kernel(alpha=α)
-    values among the dropped top-5 (ids 5, 3, 4, 0, 7) would pick id 5, which the full branch
+    """The trap: VCD's α cut gives a cut token P_diff = 0, so an argmin over cut P_diff values
+    among the dropped top-5 (ids 5, 3, 4, 0, 7) would pick id 5, which the full branch
     cuts (3 of the 5 are cut). `both` must pick among the plausible ones, {4, 0}: id 4.
     With id 4 banned only id 0 is left. With α = 1 only the full argmax (y_t itself) is plausible:
     nothing is left, whatever the other tokens' P_diff."""
     from kernels import contrast_softmax
 
-    cut = contrast_softmax(CAND_FULL[:1], CAND_DROP[:1], 0.9, alpha=0.1, index=torch.tensor([[5, 3, 4, 0, 7]]))
+    ids = torch.tensor([[5, 3, 4, 0, 7]])
+    cut = contrast_softmax(CAND_FULL[:1], CAND_DROP[:1], 0.9, index=ids)
+    cut = cut * hscr.plausible(CAND_FULL[:1], 0.1).gather(-1, ids)  # P_diff zeroed outside the cut
     assert cut[0, 0] == 0 and cut[0].argmin() == 0  # what a naive argmin would choose: id 5
     repl, _, _ = hscr.hallucinated_replacements(CAND_FULL[:1], CAND_DROP[:1], CAND_TARGETS[:1], c=5, rule="both")
     assert repl.tolist() == [4]

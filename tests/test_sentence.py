@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import CheckpointError
-from model.sentence import PRESETS, SentenceEncoder, Similarity, default_minilm_path, token_f1
+from model.sentence import BertConfig, SentenceConfig, SentenceEncoder, Similarity, default_minilm_path, token_f1
 
 transformers = pytest.importorskip("transformers")  # listed in requirements-test.txt, never skipped in CI
 
@@ -68,9 +68,9 @@ def reference(minilm_dir):
 
 def test_default_path_and_config(minilm_dir, encoder):
     """The packaged directory is found without importing the package, and the loaded config is
-    the all-MiniLM-L6-v2 preset (max_seq_length 256, L2-normalised, pooler present)."""
+    all-MiniLM-L6-v2's (BertConfig's defaults, max_seq_length 256, L2-normalised, pooler present)."""
     assert (minilm_dir / "model.safetensors").is_file()
-    assert encoder.config == PRESETS["all-MiniLM-L6-v2"]
+    assert encoder.config == SentenceConfig(bert=BertConfig(), max_seq_length=256, normalize=True, do_lower_case=False)
     assert encoder.pooler is not None and not encoder.training
 
 

@@ -272,14 +272,24 @@ def test_load_tokenizer_and_cli(mistral, tmp_path, capsys):
 # (c) the llava-hf convention: "<image>" is a real (added) token
 
 
+def whole_prompt_ids(tokenizer, prompt, image_token_id, num_image_tokens):
+    """llava-hf's convention: BOS, the whole prompt encoded at once with "<image>" a real token,
+    then each image token repeated `num_image_tokens` times."""
+    ids = [1]
+    for token in tokenizer.encode(prompt, add_special_tokens=False).ids:
+        ids += [token] * (num_image_tokens if token == image_token_id else 1)
+    return ids
+
+
 def test_llava_hf_image_token(mistral):
+    """Chunk-wise tokenization gives a llava-hf tokenizer the ids of its own convention."""
     _, sp, tok = mistral
     tok = Tokenizer.from_str(tok.to_str())  # a copy: the fixture is shared
     tok.add_special_tokens([AddedToken("<image>", normalized=False, special=True),
                             AddedToken("<pad>", normalized=False, special=True)])
     assert (tok.token_to_id("<image>"), tok.token_to_id("<pad>")) == (32000, 32001)
     prompt = build_prompt("What is shown in the image?")
-    got = tokenize_prompt(tok, prompt, image_token_id=32000, num_image_tokens=4, chunked=False)
+    got = whole_prompt_ids(tok, prompt, 32000, 4)
     # The normalizer gives the text after the added token its own "▁", like LLaVA's chunks.
     text_after = sp.encode("\nWhat is shown in the image? [/INST]")
     assert got == [1] + sp.encode("[INST] ") + [32000] * 4 + text_after
@@ -291,11 +301,8 @@ def test_llava_hf_image_token(mistral):
 # (d) errors
 
 
-def test_errors_llava_hf_without_image_token(mistral):
+def test_errors_no_image_tokens(mistral):
     _, _, tok = mistral
-    with pytest.raises(ValueError, match="'<image>' as a token with id 32000.*has it as None"):
-        tokenize_prompt(tok, "[INST] <image>\nQ [/INST]", image_token_id=32000, num_image_tokens=4,
-                        chunked=False)
     with pytest.raises(ValueError, match="num_image_tokens must be >= 1"):
         tokenize_prompt(tok, "x", image_token_id=-200, num_image_tokens=0)
 
@@ -343,48 +350,6 @@ def test_errors_unsupported_model(tmp_path):
     for problem in ["model_type is UNIGRAM", "byte_fallback is off", "normalizer 'nmt_nfkc' rewrites",
                     "remove_extra_whitespaces is on"]:
         assert problem in message
-
-
-def test_train_tokenizer_is_llama_shaped():
-    """A tokenizer trained on a few sentences has the Llama layout (0 <unk>, 1 <s>, 2 </s>,
-    3 <image>, 4.. byte pieces), never maps a character to <unk> (byte fallback), round-trips
-    text, and works with both image conventions."""
-    from model.tokenizer import train_tokenizer
-
-    texts = ["Is there a nodule in the left lung?", "There are two small nodules in the right lung.",
-             "No abnormality is seen.", "[INST] <image>\nDescribe the findings. [/INST]"] * 5
-    tok = train_tokenizer(texts, vocab_size=300)
-    assert tok.get_vocab_size() == 300
-    assert [tok.id_to_token(i) for i in range(5)] == ["<unk>", "<s>", "</s>", "<image>", "<0x00>"]
-    for text in texts[:3] + ["unseen ünïcödé 😀  two  spaces"]:
-        ids = tok.encode(text, add_special_tokens=False).ids
-        assert 0 not in ids
-        assert decode(tok, ids) == text.strip()
-    # Learnt pieces never span a space: every piece holding "▁" starts with it, once.
-    assert all(p.count("\u2581") <= 1 and (p.startswith("\u2581") or "\u2581" not in p) for p in tok.get_vocab())
-    prompt = build_prompt("Describe the findings.")
-    chunked = tokenize_prompt(tok, prompt, image_token_id=3, num_image_tokens=4)
-    assert chunked[0] == 1 and chunked.count(3) == 4
-    assert chunked == tokenize_prompt(tok, prompt, image_token_id=3, num_image_tokens=4, chunked=False)
-    with pytest.raises(ValueError, match="no room"):
-        train_tokenizer(texts, vocab_size=200)
-
-
-def test_train_cli_keeps_repeated_texts(tmp_path, monkeypatch):
-    """BPE ranks merges by frequency: the CLI must pass every turn, repeats included (a set of
-    distinct texts left the world's commonest answer "yes" split as "▁" + "yes")."""
-    import model.tokenizer as module
-
-    records = [{"id": str(i), "conversations": [{"from": "human", "value": "<image>\nIs it?"},
-                                                {"from": "gpt", "value": "yes" if i % 4 else "no"}]}
-               for i in range(8)]
-    (tmp_path / "data.json").write_text(json.dumps(records))
-    seen = []
-    real = module.train_tokenizer
-    monkeypatch.setattr(module, "train_tokenizer", lambda texts, vocab_size: seen.extend(texts) or real(texts, vocab_size))
-    main(["train", str(tmp_path / "tok.json"), "--json", str(tmp_path / "data.json"), "--vocab-size", "300"])
-    assert seen.count("yes") == 6 and seen.count("no") == 2 and seen.count("Is it?") == 8
-    assert (tmp_path / "tok.json").is_file()
 
 
 def test_word_classes_group_spellings_of_one_word():
