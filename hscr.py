@@ -209,8 +209,8 @@ CANDIDATE_RULES = ("dropped-topk", "plausible", "both", "dropped-plausible")
 
 def plausible(logits: torch.Tensor, alpha: float) -> torch.Tensor:
     """VCD's adaptive plausibility set per row, (P, V) bool: the tokens v with
-    softmax(logits)_v ≥ α · max_w softmax(logits)_w, i.e. logits_v ≥ max(logits) + log α, the cut
-    that kernels/contrast_softmax.py applies with `alpha`. The row's argmax is always in it."""
+    softmax(logits)_v ≥ α · max_w softmax(logits)_w, i.e. logits_v ≥ max(logits) + log α. The row's
+    argmax is always in it."""
     return logits >= logits.amax(-1, keepdim=True) + math.log(alpha)
 
 
@@ -261,10 +261,10 @@ def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, be
     β·logits_drop[t]) from the kernel's gather mode and C_t = candidate_sets(rule). The paper says
     only "in ascending order of P_diff"; the candidate set is this implementation's reading.
 
-    The kernel's own α cut is not used: it would give a cut token P_diff = 0, the argmin's
-    winner, and renormalising over the plausible set does not change the order within a row.
-    Cut tokens are never candidates; empty slots get +inf before the argmin. Ties: the first
-    candidate, i.e. the one ranked higher by the rule.
+    P_diff is the softmax over the whole vocabulary: renormalising it over a plausible set would
+    not change the order within a row, and a token outside the set is never a candidate. Empty
+    slots get +inf before the argmin. Ties: the first candidate, i.e. the one ranked higher by
+    the rule.
 
     logits_full, logits_drop (P, V) at the coupled positions, targets (P,) = y_t →
     (replacement (P,), −1 where C_t is empty; candidates (P, c); P_diff (P, c), +inf where empty).
