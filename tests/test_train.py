@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -509,6 +510,46 @@ def test_resume_stops_when_the_model_changed(workspace, tmp_path):
     (out / "provenance.json").unlink()  # a user deleted the record: what made the run cannot be checked
     with pytest.raises(UserError, match=f"^{out} holds checkpoints but no provenance.json, .*--overwrite"):
         train.train(short(workspace, out, model=str(model), resume=True))
+
+
+def test_resume_keeps_a_finished_run_unless_its_adapter_was_written_again(workspace, tmp_path, monkeypatch, capsys):
+    """provenance.json records the end of a run: its last step and the digest of the adapter it
+    wrote. --resume of a run finished at this run's last step loads nothing and writes nothing
+    (the demo's reuse); an adapter written again since, or a last step below the one trained,
+    stops it naming why. A missing adapter is written again from the last checkpoint, and a run
+    interrupted before its first checkpoint starts again from step 0: the same adapter."""
+    out = tmp_path / "run"
+    train.train(short(workspace, out))
+    weights = out / "adapter" / "adapter_model.safetensors"
+    trained = weights.read_bytes()
+    record = provenance.load(out / "provenance.json")
+    assert record["finished"]["step"] == 3
+    assert record["finished"]["outputs"]["adapter"]["files"] == provenance.dir_digest(out / "adapter")
+
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with monkeypatch.context() as m:
+        m.setattr(train, "load_model", lambda *a, **k: pytest.fail("a finished run is loaded again"))
+        capsys.readouterr()
+        assert train.train(short(workspace, out, resume=True)) == {"step": 3, "reused": True}
+        assert f"reused: {out / 'adapter'}" in capsys.readouterr().out
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+        with pytest.raises(ProvenanceError, match=r"steps: 3 trained, 2 now.*--overwrite"):
+            train.train(short(workspace, out, resume=True, max_steps=2))
+        save_file({k: v + 1 for k, v in load_file(weights).items()}, weights)
+        with pytest.raises(ProvenanceError, match=r"adapter weights \(adapter_model.safetensors\) changed since "
+                                                  r"train.py wrote it.*--overwrite"):
+            train.train(short(workspace, out, resume=True))
+
+    shutil.rmtree(out / "adapter")  # killed before the adapter was written: from the checkpoint
+    train.train(short(workspace, out, resume=True))
+    assert weights.read_bytes() == trained and provenance.load(out / "provenance.json")["finished"]["step"] == 3
+    for name in ("adapter", "checkpoints"):  # killed before the first checkpoint: from step 0
+        shutil.rmtree(out / name)
+    record = provenance.load(out / "provenance.json")
+    provenance.save(out / "provenance.json", record["fingerprint"], made_by="train.py", sessions=record["sessions"])
+    train.train(short(workspace, out, resume=True))
+    assert weights.read_bytes() == trained
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
 def png_bytes(size=(20, 24), seed=0) -> bytes:
