@@ -15,9 +15,9 @@ computed once and cached beside the preference file.
 
 The loop (`train`): AdamW, warmup + cosine, gradient accumulation, clipping, seeded shuffling per
 epoch, held-out preference accuracy every N steps, metrics.jsonl, atomic checkpoints, DDP under
-torchrun. One run per --out: `--resume` continues it exactly, and only with the inputs and options
-that made it (out/provenance.json). batches.py reads the data (docs/FORMATS.md): bad records and
-unreadable images are skipped and listed in out/bad_records.jsonl. Expected errors: one line, exit 2.
+torchrun. One run per --out: `--resume` continues it exactly (or keeps it, finished), only with the
+inputs and options that made it (out/provenance.json). batches.py reads the data (docs/FORMATS.md):
+bad records and unreadable images are skipped (out/bad_records.jsonl). Expected errors: one line, exit 2.
 
 `python train.py train [options]` (or any argument list holding --model or --data) runs this
 trainer, `python train.py [demo|ablation] [options]` the embedded demo (demo/run.py): all of HSCR on
@@ -198,7 +198,8 @@ def _chunk_logprob(h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """One run of Stage 3 as `cfg` describes it; returns the last step's metrics (with the final eval's)."""
+    """One run of Stage 3 as `cfg` describes it; returns the last step's metrics (with the final eval's),
+    or {"step", "reused": True} when --resume finds the run finished (rundir.start_training)."""
     ctx = setup_context(cfg.device, cfg.autocast)
     out = Path(cfg.out)
     rundir.check_out(out, cfg)  # before anything slow: never mix two runs in one --out
@@ -214,9 +215,11 @@ def train(cfg: TrainConfig) -> dict:
     accum = cfg.batch_size // (cfg.micro_batch * ctx.world)  # micro-batches per process and step
     steps_per_epoch = len(examples) // cfg.batch_size  # the last partial batch of each epoch is dropped
     total = steps_per_epoch * cfg.epochs
+    end = min(total, cfg.max_steps) if cfg.max_steps else total
 
     now = rundir.run_fingerprint(cfg, data.tokenizer_path, data.image_root, data.images, dtype, ctx)
-    rundir.start_training(out, now, cfg, ctx)
+    if rundir.start_training(out, now, end, cfg, ctx):  # --resume of this very run, finished: nothing to train
+        return {"step": end, "reused": True}
     if ctx.rank == 0:
         rundir.write_run_start(out, cfg, bad, f"{len(examples)} training entries, {len(held_out)} held out")
 
@@ -235,13 +238,12 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_lambda, warmup=warmup, total=total, min_ratio=cfg.min_lr_ratio))
     start = rundir.load_checkpoint(out, base, optimizer, scheduler, cfg, ctx) if cfg.resume else 0
-    if not cfg.resume:
+    if start == 0:
         torch.manual_seed(cfg.seed + 1 + ctx.rank)  # dropout: its own stream per process
     metrics_path = rundir.start_metrics(out, start, cfg, ctx)
 
     model = ctx.distributed(base)  # DDP under torchrun, else `base` itself
     base.train()
-    end = min(total, cfg.max_steps) if cfg.max_steps else total
     progress = tqdm(range(start, end), initial=start, total=end, desc="train", dynamic_ncols=True, disable=ctx.rank > 0)
     last = {}
     for step in progress:
@@ -274,9 +276,7 @@ def train(cfg: TrainConfig) -> dict:
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done:
             rundir.save_checkpoint(out, step + 1, base, optimizer, scheduler, cfg, ctx)
 
-    if ctx.rank == 0:
-        rundir.write_outputs(base, out, cfg)
-    ctx.barrier()
+    rundir.write_outputs(base, out, cfg, end, ctx)
     return last
 
 
@@ -388,7 +388,7 @@ class TrainConfig:
     eval_every: int = option(50, "evaluate held-out preference accuracy every N steps (0: only at the end)")
     save_every: int = option(100, "write a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(2, "checkpoints kept on disk")
-    resume: bool = option(False, "continue the run in --out from its latest checkpoint (same inputs and options only)")
+    resume: bool = option(False, "continue the run in --out from its last checkpoint; kept if finished (same inputs)")
     overwrite: bool = option(False, "delete the run in --out (what train.py wrote there) and start again")
     export_merged: bool = option(False, "also write the base model with LoRA merged, in the input's layout")
     plot: bool = option(True, "write metrics.png at the end (needs matplotlib)")

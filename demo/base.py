@@ -33,7 +33,7 @@ from batches import Example, Tokens, batch_pixels, collate, image_file, model_co
 from data import BadRecord, load_pixels, read_records
 from demo.world import MODALITIES, build_world
 from harness.cli import UserError, add_dataclass_options, option, run_main
-from harness.dist import setup_context
+from harness.dist import dist_env, setup_context
 from harness.files import BadLine, DataError, atomic_write_text, read_json_records
 from harness.rundir import write_run_start
 from model import load_model, save_model
@@ -190,6 +190,8 @@ def finetune(cfg: SFTConfig) -> dict:
     accumulation, clipping, seeded shuffling per epoch, one process. Writes OUT/config.json,
     bad_records.jsonl, metrics.jsonl (eval_loss: the same loss on the held-out conversations) and
     model/ with its tokenizer. Returns the last step's metrics."""
+    if dist_env()[1] > 1:  # before joining a process group: every process would train and write OUT alone
+        raise UserError("python -m demo.base sft runs in one process: run it without torchrun (WORLD_SIZE > 1)")
     ctx = setup_context(cfg.device)
     out = Path(cfg.out)
     dtype = resolve_dtype(cfg.dtype, ctx.device)

@@ -9,10 +9,11 @@ world (demo/world.py), on a CPU, and its ablation over seeds.
     ablation()  every ABLATION variant over seeds → mean ± std per metric (ablation.md)
 
 Reuse. A rerun into the same --out reuses a stage's output only when the same inputs and options
-made it: hscr.py and eval.py check their own (a content fingerprint, harness/provenance.py), and the
-demo checks the training stage (train_fingerprint, TRAIN_RECORD). Any difference stops the run
-with the stage's message naming it; --overwrite makes that stage's output again (and, through
-the fingerprints, the outputs that depend on it), reusing the stages that match.
+made it: hscr.py, train.py and eval.py each check their own (a content fingerprint in their
+record, harness/provenance.py; train.py's train/provenance.json also holds the digest of the
+adapter it finished with). Any difference stops the run with the stage's message naming it;
+--overwrite makes that stage's output again (and, through the fingerprints, the outputs that
+depend on it), reusing the stages that match.
 
 Command line (also `python train.py [demo|ablation] …`):
     python -m demo.run [demo] [--out runs/default] [--overwrite] [options]
@@ -37,10 +38,9 @@ import hscr
 from harness import provenance
 import train
 from harness.cli import dataclass_parser, option, run_main
-from harness.files import read_jsonl
 from demo.report import write_report
 from demo.world import build_world
-from harness.rundir import trained_outputs
+from harness.rundir import PROVENANCE
 from model.sentence import default_minilm_path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: assets/base lives there
@@ -142,66 +142,18 @@ def demo_world(root: str | os.PathLike) -> dict[str, Path]:
 # Reuse: a stage's output is kept only when what made it is what this run would use
 
 
-def _redo_on_overwrite(run, options, overwrite: bool):
+def _redo_on_overwrite(run, options, overwrite: bool, **fresh):
     """Run a stage that refuses an output made from other inputs (ProvenanceError, naming what
-    changed). With --overwrite, only such a stage runs again with its own `overwrite` set: a
-    stage whose output matches is resumed (reused), not redone."""
+    changed). With --overwrite, only such a stage runs again with its own `overwrite` set (and
+    `fresh`, options that starting afresh needs): a stage whose output matches is resumed
+    (reused), not redone."""
     try:
         return run(options)
     except provenance.ProvenanceError as error:
         if not overwrite:
             raise
         print(f"--overwrite: {error.where} was made from other inputs ({'; '.join(error.changes)}); made again")
-    return run(dataclasses.replace(options, overwrite=True))
-
-
-# TrainConfig fields left out of the training stage's fingerprint: paths (the content they name is
-# fingerprinted instead) and what only steers the run, not the adapter it ends with.
-TRAIN_NOT_FINGERPRINTED = ("model", "data", "image_root", "tokenizer", "vision_tower", "eval_data", "out",
-                           "resume", "overwrite", "plot", "keep_checkpoints", "export_merged", "save_every")
-# The demo's record of the training it finished: beside train/, which train.py owns.
-TRAIN_RECORD = "train-provenance.json"
-
-
-def train_fingerprint(tcfg: "train.TrainConfig") -> dict:
-    """What the adapter depends on, by content: the base model's weights, config and tokenizer,
-    the preference file, the images its entries use, and every option that changes training."""
-    base, prefs = Path(tcfg.model), Path(tcfg.data)
-    images = sorted({r["image"] for r in read_jsonl(prefs) if not r.get("_header") and r.get("image")})
-    options = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in TRAIN_NOT_FINGERPRINTED}
-    return provenance.fingerprint(**{
-        "model": provenance.Dir(base), "tokenizer": provenance.File(base / "tokenizer.json"),
-        "preferences": provenance.File(prefs), "images": provenance.Files(tcfg.image_root, images)}, **options)
-
-
-def _run_train(tcfg: "train.TrainConfig", run_dir: Path, overwrite: bool) -> bool:
-    """train.py's stage. An adapter is reused when the demo's record of it (TRAIN_RECORD) holds
-    this fingerprint and the adapter's digest; a training run in train/ that differs stops the
-    demo naming what changed, or, with --overwrite, is trained again (train.py refuses a new run
-    into an --out that holds one, and --overwrite deletes it). Returns whether it was reused."""
-    out, record_path = Path(tcfg.out), run_dir / TRAIN_RECORD
-    now = train_fingerprint(tcfg)
-    record = provenance.load(record_path)
-    adapter = out / "adapter"
-    finished = (adapter / "adapter_model.safetensors").is_file()
-    if record is None:
-        changes = ["the demo has no record of a finished training there (interrupted, or trained outside the demo)"]
-    else:
-        changes = provenance.differences(record["fingerprint"], now)
-        if finished and record.get("adapter") != provenance.dir_digest(adapter):
-            changes.append(f"{adapter} is not the adapter the demo trained (written again since)")
-    if finished and not changes:
-        print(f"reused: {adapter} was trained from the same preferences, model and options")
-        return True
-    if trained_outputs(out):
-        if not overwrite:
-            raise provenance.ProvenanceError(out, changes, restart="rerun the demo with --overwrite to train again")
-        print(f"--overwrite: {out} was made from other inputs ({'; '.join(changes)}); trained again")
-        tcfg = dataclasses.replace(tcfg, overwrite=True)
-    record_path.unlink(missing_ok=True)  # written again once the adapter is complete
-    train.train(tcfg)
-    provenance.save(record_path, now, made_by="demo/run.py", stage="train.py", adapter=provenance.dir_digest(adapter))
-    return False
+    return run(dataclasses.replace(options, overwrite=True, **fresh))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,11 +230,15 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
             max_new_tokens=32, device="cpu", score_negatives=True), cfg.overwrite)  # report.html shows p_rejected
 
     with stages.stage("train", f"train.py: LoRA with the {cfg.loss} loss → {out / 'train'}"):
-        if _run_train(train.TrainConfig(
+        # train.py --resume decides on its own record: this run finished is reused, interrupted resumed,
+        # another refused naming what changed (--overwrite trains again). No record: nothing to reuse.
+        holds = (out / "train" / PROVENANCE).is_file()
+        if _redo_on_overwrite(train.train, train.TrainConfig(
                 model=str(base), data=str(prefs), image_root=str(world["root"]), out=str(out / "train"),
                 loss=cfg.loss, gamma=cfg.gamma, epochs=cfg.epochs, batch_size=16, micro_batch=16, lr=cfg.lr,
                 seed=cfg.seed, max_steps=cfg.steps, eval_fraction=0.05, eval_every=0, save_every=0,
-                lora_dropout=0.0, max_response_tokens=64, device="cpu"), out, cfg.overwrite):
+                lora_dropout=0.0, max_response_tokens=64, device="cpu", resume=holds,
+                overwrite=cfg.overwrite and not holds), cfg.overwrite, resume=False).get("reused"):
             stages.reused.append("train")
 
     results = {}

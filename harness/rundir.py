@@ -5,14 +5,16 @@
     run_fingerprint             what train.py's weights depend on (harness/provenance.py)
     start_run                   start or resume a run directory, train.py's and eval.py's: resuming
                                 needs the same fingerprint (provenance.json, harness/provenance.py);
-                                a new run clears the script's outputs and records its own
+                                a new run clears the script's outputs and records its own; resuming
+                                a finished run whose outputs are as it wrote them does nothing (reuse)
+    finish_run                  record in provenance.json that the run finished, with its outputs' digests
     write_run_start             config.json and bad_records.jsonl
     start_metrics               metrics.jsonl as of the step the run goes on from
     save_checkpoint / load_checkpoint
                                 checkpoints/step-NNNNNN/{adapter/, trainer.pt} written atomically,
                                 `latest` replaced last; weights are safetensors, trainer.pt holds
                                 optimizer, scheduler and RNG states (read with weights_only=True)
-    write_outputs               the end of a run: adapter/, metrics.png, merged/
+    write_outputs               the end of a run: adapter/, metrics.png, merged/, then finish_run
     cached_logprobs             train.py's reference log-probs, cached beside the preference file
                                 under a key of what they depend on (`reference_cache_key`)
 
@@ -29,7 +31,7 @@ import os
 import random
 import shutil
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +78,15 @@ def trained_outputs(out: Path) -> list[str]:
 
 def check_out(out: Path, cfg) -> None:
     """Refuse, before anything slow, what would mix two runs in one --out: an existing run
-    without --resume or --overwrite, --resume without a checkpoint, --overwrite of a directory
+    without --resume or --overwrite, --resume of no run (neither a checkpoint nor provenance.json:
+    a run interrupted before its first checkpoint resumes from step 0), --overwrite of a directory
     holding an input, or an --out that is a checkpoint directory."""
     if any(out.glob("*.safetensors")):
         raise UserError(f"--out {out} holds *.safetensors (a checkpoint directory?); train.py writes config.json "
                         "and more there: choose another --out")
     found = trained_outputs(out)
     if cfg.resume:
-        if not (out / "checkpoints" / "latest").is_file():
+        if not (out / "checkpoints" / "latest").is_file() and not (out / PROVENANCE).is_file():
             raise UserError(f"--resume: {out} has no checkpoint to continue from (checkpoints/latest); "
                             + ("rerun with --overwrite to start again" if found else "run without --resume to start"))
     elif found and not cfg.overwrite:
@@ -113,14 +116,22 @@ def clear_outputs(out: Path) -> None:
 
 
 def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callable[[Path], None], made_by: str,
-              session: Mapping[str, Any], holds: str, restart: str, rank: int = 0, world: int = 1) -> None:
-    """Start or resume the run in `out`, for every script that keeps one there.
+              session: Mapping[str, Any], holds: str, restart: str, rank: int = 0, world: int = 1,
+              finished: Mapping[str, Any] | None = None, outputs: Sequence[str] = (),
+              changes: Sequence[str] = ()) -> bool:
+    """Start or resume the run in `out`, for every script that keeps one there. Returns True
+    when there is nothing left to do (the run is reused as it is), else False.
 
     resume: continue what `out` holds, only if the same inputs and options made it: its
     provenance.json must exist (an output without one cannot be checked: refused, naming what
-    `out` holds) and its fingerprint equal `now` (else ProvenanceError naming each change).
-    Checked on every rank, so that all stop together. eval.py resumes whenever --out holds
-    answers and --overwrite is not given; train.py only with --resume (check_out refused the rest).
+    `out` holds) and its fingerprint equal `now` (else ProvenanceError naming each change, and
+    the caller's own `changes`, e.g. a checkpoint past this run's last step). Checked on every
+    rank, so that all stop together. eval.py resumes whenever --out holds answers and
+    --overwrite is not given; train.py only with --resume (check_out refused the rest).
+    finished: what this run records at its end (finish_run), e.g. {"step": 40}. Resuming a run
+    that finished so, with each of its `outputs` still as it wrote them, writes nothing and
+    returns True (reused); an output written again since stops it (ProvenanceError: never passed
+    off as the run's); one missing is written again by the resumed run.
     Otherwise rank 0 deletes this script's outputs with `clear(out)`. Rank 0 then records the
     fingerprint, `made_by` and the sessions so far plus this one (`session`, with its start time).
     `restart` says how to start again instead, e.g. "rerun with --overwrite to start again".
@@ -132,7 +143,11 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callabl
         if record is None:
             raise UserError(f"{out} holds {holds} but no {PROVENANCE}, so what made them cannot be checked; "
                             f"{restart}, or choose another --out")
-        provenance.check(record["fingerprint"], now, out, restart=restart)
+        found = provenance.differences(record["fingerprint"], now) + list(changes)
+        if found:
+            raise provenance.ProvenanceError(out, found, restart=restart)
+        if finished is not None and _finished(out, record, finished, outputs, made_by, restart):
+            return True
     barrier(world)  # every process has read the old record before rank 0 replaces it
     if rank == 0:
         if not resume:
@@ -141,6 +156,35 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callabl
         sessions = list(record.get("sessions", [])) if record else []
         provenance.save(path, now, made_by=made_by, sessions=sessions + [{"started": started, **session}])
     barrier(world)
+    return False
+
+
+def _finished(out: Path, record: Mapping[str, Any], finished: Mapping[str, Any], outputs: Sequence[str],
+              made_by: str, restart: str) -> bool:
+    """Whether `record` says its run finished as `finished` and each of `outputs` is in `out` as
+    the run wrote it (by content); ProvenanceError naming each one written again since."""
+    done = record.get("finished")
+    if not isinstance(done, dict) or any(done.get(k) != v for k, v in finished.items()):
+        return False
+    written = done.get("outputs") or {}
+    if not all(name in written and (out / name).is_dir() for name in outputs):
+        return False  # missing: the resumed run writes it
+    now = provenance.fingerprint(**{name: provenance.Dir(out / name) for name in outputs})
+    changes = provenance.differences({name: written[name] for name in outputs}, now)
+    if changes:
+        raise provenance.ProvenanceError(out, [f"{c} since {made_by} wrote it" for c in changes], restart=restart)
+    return True
+
+
+def finish_run(out: Path, outputs: Sequence[str], **finished: Any) -> None:
+    """Record in out/provenance.json that its run finished (`finished`, e.g. its last step) and
+    the content of each of its `outputs` (weight directories, as provenance.Dir) as written, so
+    that resuming it can tell them from outputs written again since (start_run). Rank 0."""
+    path = out / PROVENANCE
+    record = provenance.load(path)
+    info = {k: v for k, v in record.items() if k not in ("format", "fingerprint", "finished")}
+    written = provenance.fingerprint(**{name: provenance.Dir(out / name) for name in outputs})
+    provenance.save(path, record["fingerprint"], **info, finished={**finished, "outputs": written})
 
 
 def run_fingerprint(cfg, tokenizer_path: Path, image_root: Path, image_names: list[str], dtype: torch.dtype,
@@ -161,13 +205,33 @@ def run_fingerprint(cfg, tokenizer_path: Path, image_root: Path, image_names: li
 
 
 
-def start_training(out: Path, now: Mapping[str, Any], cfg, ctx) -> None:
-    """train.py's start_run: resumes only with --resume (check_out refused the other cases)."""
-    start_run(out, now, resume=cfg.resume, clear=clear_outputs, made_by="train.py", holds="checkpoints",
-              session={"resume": cfg.resume, "max_steps": cfg.max_steps, "device": str(ctx.device),
-                       "world_size": ctx.world},
-              restart="rerun with --overwrite to start again (this deletes its checkpoints and metrics)",
-              rank=ctx.rank, world=ctx.world)
+def start_training(out: Path, now: Mapping[str, Any], end: int, cfg, ctx) -> bool:
+    """train.py's start_run: resumes only with --resume (check_out refused the other cases), and
+    not past this run's last step `end`. True when --out holds this run finished at step `end`,
+    with adapter/ (and merged/ with --export-merged) as it wrote them: reused, nothing to train."""
+    trained = checkpoint_step(out) if cfg.resume else 0
+    reused = start_run(out, now, resume=cfg.resume, clear=clear_outputs, made_by="train.py", holds="checkpoints",
+                       session={"resume": cfg.resume, "max_steps": cfg.max_steps, "device": str(ctx.device),
+                                "world_size": ctx.world},
+                       restart="rerun with --overwrite to start again (this deletes its checkpoints and metrics)",
+                       rank=ctx.rank, world=ctx.world, finished={"step": end}, outputs=weight_outputs(cfg),
+                       changes=[f"steps: {trained} trained, {end} now"] if trained > end else [])
+    if reused and ctx.rank == 0:
+        print(f"reused: {out / 'adapter'} was trained from the same inputs and options ({out / PROVENANCE})")
+    return reused
+
+
+def weight_outputs(cfg) -> tuple[str, ...]:
+    """The weight directories a run writes at its end (write_outputs), whose digests finish_run records."""
+    return ("adapter", "merged") if cfg.export_merged else ("adapter",)
+
+
+def checkpoint_step(out: Path) -> int:
+    """The step of out's latest checkpoint (checkpoints/latest names step-NNNNNN); 0 without one."""
+    latest = out / "checkpoints" / "latest"
+    step = latest.read_text().strip().removeprefix("step-") if latest.is_file() else ""
+    return int(step) if step.isdigit() else 0
+
 
 def write_run_start(out: Path, cfg, bad: list[BadRecord], counts: str | None = None) -> None:
     """out/config.json and out/bad_records.jsonl; each skipped record is also reported on stderr,
@@ -216,9 +280,12 @@ def save_weights(model, out: Path, cfg) -> Path:
 
 
 def load_checkpoint(out: Path, model, optimizer, scheduler, cfg, ctx) -> int:
-    """Restore adapter, optimizer, scheduler and RNG states; returns the step to continue from.
+    """Restore adapter, optimizer, scheduler and RNG states; returns the step to continue from:
+    0, restoring nothing, for a run interrupted before its first checkpoint (its start is exact).
     That the run's inputs and options are the same was checked before (start_run)."""
     root = out / "checkpoints"
+    if not (root / "latest").is_file():
+        return 0
     ckpt = root / (root / "latest").read_text().strip()
     if not (ckpt / "trainer.pt").is_file():
         raise CheckpointError(f"{root / 'latest'} names {ckpt.name}, which is missing or incomplete; "
@@ -256,17 +323,21 @@ def log_metrics(path: Path, metrics: dict) -> None:
         f.write(json.dumps(metrics) + "\n")
 
 
-def write_outputs(model, out: Path, cfg) -> None:
-    """The end of a run (rank 0): out/adapter, out/metrics.png with --plot, and with
-    --export-merged out/merged, the base model with LoRA merged in the input's key layout."""
-    adapter = save_weights(model, out, cfg)
-    if cfg.plot:
-        plot_metrics(out / "metrics.jsonl", out / "metrics.png")
-        print(f"wrote {out / 'metrics.png'}")
-    if cfg.export_merged:
-        export_merged(model, out / "merged", source=cfg.model)
-        print(f"wrote {out / 'merged'} (LoRA merged, in the input's key layout)")
-    print(f"wrote {adapter} (PEFT format)")
+def write_outputs(model, out: Path, cfg, step: int, ctx) -> None:
+    """The end of a run, by rank 0: out/adapter, out/metrics.png with --plot, and with
+    --export-merged out/merged, the base model with LoRA merged in the input's key layout; then
+    provenance.json records the run finished at `step` with those weights (finish_run)."""
+    if ctx.rank == 0:
+        adapter = save_weights(model, out, cfg)
+        if cfg.plot:
+            plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+            print(f"wrote {out / 'metrics.png'}")
+        if cfg.export_merged:
+            export_merged(model, out / "merged", source=cfg.model)
+            print(f"wrote {out / 'merged'} (LoRA merged, in the input's key layout)")
+        finish_run(out, weight_outputs(cfg), step=step)
+        print(f"wrote {adapter} (PEFT format)")
+    ctx.barrier()
 
 
 def require_matplotlib():

@@ -3,10 +3,10 @@
 `sequence_logprob` is log π(y|i,x) from full logits (B, T, V), with a hand-written backward that
 keeps no fp32 copy of the logits. train.py computes the same quantity from hidden states instead
 (train.hidden_logprob, chunked and checkpointed); tests check the two against each other and
-this one against autograd of the plain formula in float64 (tests/test_losses.py).
+this one against autograd of the plain formula in float64 (tests/test_train.py).
 
 `dpo_loss` is DPO's loss (Eq. 1) written on its own; train.py's `--loss dpo` is the explicit
-level on y_l1 only (`preference_loss("dpo", …)`), and tests/test_losses.py checks the two agree.
+level on y_l1 only (`preference_loss("dpo", …)`), and tests/test_train.py checks the two agree.
 """
 from __future__ import annotations
 

@@ -88,8 +88,10 @@ def _outputs(out: Path) -> dict[str, bytes]:
 def test_rerun_reuses_what_matches_and_stops_on_a_change(reduced, tmp_path, capsys):
     """A rerun with the same options reuses every stage's output. With another learning rate it
     stops before touching anything, naming the change; with --overwrite it trains again and
-    evaluates the new adapter again, and keeps the preference data and the base's answers. An
-    adapter changed outside the demo is not reused."""
+    evaluates the new adapter again, and keeps the preference data and the base's answers; train.py's
+    own record (train/provenance.json) holds the new fingerprint and the adapter it finished with.
+    An adapter changed outside the demo is not reused; a training interrupted before its end is
+    trained again, to the same adapter."""
     cfg, _ = reduced
     out = tmp_path / "run"
     shutil.copytree(cfg.out, out)
@@ -117,7 +119,11 @@ def test_rerun_reuses_what_matches_and_stops_on_a_change(reduced, tmp_path, caps
     assert after["prefs.jsonl"] == before["prefs.jsonl"]
     assert after["eval-base/test/answers.jsonl"] == before["eval-base/test/answers.jsonl"]
     assert after["train/adapter/adapter_model.safetensors"] != before["train/adapter/adapter_model.safetensors"]
-    assert json.loads((out / run.TRAIN_RECORD).read_text())["fingerprint"]["lr"] == 2 * cfg.lr
+    record = json.loads((out / "train" / "provenance.json").read_text())
+    assert record["fingerprint"]["lr"] == 2 * cfg.lr and record["finished"]["step"] == 2
+    assert record["finished"]["outputs"]["adapter"]["files"]["adapter_model.safetensors"] == hashlib.sha256(
+        after["train/adapter/adapter_model.safetensors"]).hexdigest()
+    assert not (out / "train-provenance.json").exists()
     evaluated = json.loads((out / "eval-hscr" / "provenance.json").read_text())["fingerprint"]["adapter"]
     assert evaluated["files"]["adapter_model.safetensors"] == hashlib.sha256(
         after["train/adapter/adapter_model.safetensors"]).hexdigest()
@@ -127,9 +133,23 @@ def test_rerun_reuses_what_matches_and_stops_on_a_change(reduced, tmp_path, caps
 
     # An adapter written again behind the demo's back (here: its config) is not reused either.
     config = out / "train" / "adapter" / "adapter_config.json"
-    config.write_text(config.read_text() + "\n")
+    written = config.read_text()
+    config.write_text(written + "\n")
     assert run.main(argv) == 2
-    assert "is not the adapter the demo trained" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "adapter config (adapter_config.json) changed since train.py wrote it" in err and "--overwrite" in err
+
+    # Interrupted (no adapter, no checkpoint, no end in the record): trained again, to the same adapter.
+    config.write_text(written)
+    for name in ("adapter", "checkpoints"):
+        shutil.rmtree(out / "train" / name)
+    record = json.loads((out / "train" / "provenance.json").read_text())
+    del record["finished"]
+    (out / "train" / "provenance.json").write_text(json.dumps(record))
+    assert run.main(argv) == 0
+    assert _outputs(out) == after
+    assert json.loads((out / "timings.json").read_text())["reused"] == []
+    assert "finished" in json.loads((out / "train" / "provenance.json").read_text())
 
 
 def test_demo_world_leaves_out_sft_unless_a_whole_world_is_there(tmp_path, monkeypatch):

@@ -143,3 +143,14 @@ def test_sft_refuses_too_little_data_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "1 training conversations" in err and "--batch-size 4" in err
+
+
+def test_sft_refuses_torchrun_in_one_line(tmp_path, capsys, monkeypatch):
+    """SFT runs in one process: under torchrun (WORLD_SIZE > 1) it stops before anything is read
+    or written, in one line."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run_main(main, ["sft", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "sft.json"),
+                           "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "one process" in err and "torchrun" in err and not (tmp_path / "out").exists()

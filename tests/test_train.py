@@ -1,4 +1,5 @@
-"""train.py end to end on a tiny random Llava: the efficient forward against a plain one, a few
+"""train.py: the losses (Eq. 1, 5–7) against values derived by hand and DPO's Eq. 1 written on its
+own; end to end on a tiny random Llava: the efficient forward against a plain one, a few
 steps raise the margin, bad records and unusable images are skipped, --export-merged computes
 what base + adapter computes, --resume continues exactly (past a torn metrics line) and only what
 the same inputs made, an existing run is never mixed with a new one, hscr.py's stored token ids
@@ -8,6 +9,7 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +28,182 @@ from harness.dist import Context
 from harness.cli import UserError, run_main
 from data import image_problem
 from harness.provenance import ProvenanceError
-from oracles import sequence_logprob
+from oracles import dpo_loss, sequence_logprob
 from model import load_model
 from model.lora import apply_lora, load_adapter, lora_disabled, lora_modules
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses: the Stage-3 losses against values derived by hand and `--loss dpo` against DPO's
+# Eq. 1 written on its own (tests/oracles.py), and the oracle sequence_logprob against autograd of
+# the plain formula in float64.
+#
+# The batch used throughout (γ = 0.1, so a log-prob difference of 10·ln 3 is a reward of ln 3):
+#
+#     entry 1, K = 3:  r(y_w) = ln 3,  r(y_l1) = 0,  r(y_l2) = 0,  r(y_l3) = −ln 3
+#     entry 2, K = 1:  r(y_w) = 0,     r(y_l1) = 0,  y_l2 and y_l3 absent (NaN, masked)
+#
+# With −log σ(ln a) = ln((1 + a)/a):  −log σ(0) = ln 2,  −log σ(ln 3) = ln(4/3),
+# −log σ(ln 9) = ln(10/9).
+#
+#     explicit, entry 1: pairs ln 3, ln 3, ln 9     → 2·ln(4/3) + ln(10/9)
+#     explicit, entry 2: pair 0                     → ln 2
+#     implicit, entry 1: (1,2) 0, (1,3) ln 3, (2,3) ln 3 → ln 2 + 2·ln(4/3)
+#     implicit, entry 2: no pair                    → 0
+#     dpo (y_l1 only):   ln(4/3) and ln 2
+#
+# Means over the two entries:
+#     hscr     = (4·ln(4/3) + ln(10/9) + 2·ln 2) / 2 = ln(10240/729) / 2
+#     explicit = (2·ln(4/3) + ln(10/9) + ln 2) / 2   = ln(320/81) / 2
+#     implicit = (ln 2 + 2·ln(4/3)) / 2              = ln(32/9) / 2
+#     dpo      = (ln(4/3) + ln 2) / 2                = ln(8/3) / 2
+#
+# Gradients, from ∂/∂z [−log σ(z)] = −σ(−z) and ∂r/∂log π_θ = γ, divided by B = 2:
+#     dpo,  ∂L/∂log π_θ(y_w):  entry 1 −σ(−ln 3)·0.05 = −0.0125, entry 2 −σ(0)·0.05 = −0.025
+#     hscr, ∂L/∂log π_θ(y_l1) of entry 1: explicit +1/4, implicit (1,2) −1/2, (1,3) −1/4
+#           → −1/2 · 0.05 = −0.025;  of y_l3: +1/10 + 1/4 + 1/4 = 3/5 → +0.03
+
+LN3 = math.log(3.0)
+EXPECTED = {"hscr": math.log(10240 / 729) / 2, "explicit": math.log(320 / 81) / 2,
+            "implicit": math.log(32 / 9) / 2, "dpo": math.log(8 / 3) / 2}
+
+
+def loss_batch():
+    """The two entries described above, as log-probs with arbitrary reference values."""
+    nan = float("nan")
+    ref_chosen = torch.tensor([-12.0, -30.0], dtype=torch.float64)
+    ref_rejected = torch.tensor([[-20.0, -25.0, -18.0], [-40.0, nan, nan]], dtype=torch.float64)
+    r_chosen = torch.tensor([LN3, 0.0], dtype=torch.float64)
+    r_rejected = torch.tensor([[0.0, 0.0, -LN3], [0.0, nan, nan]], dtype=torch.float64)
+    policy_chosen = (ref_chosen + 10 * r_chosen).requires_grad_()
+    policy_rejected = (ref_rejected + 10 * r_rejected).requires_grad_()
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    return policy_chosen, policy_rejected, ref_chosen, ref_rejected, mask
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED))
+def test_loss_values_by_hand(kind):
+    pc, pr, rc, rr, mask = loss_batch()
+    loss, metrics = train.preference_loss(kind, pc, pr, rc, rr, mask, gamma=0.1)
+    assert loss.item() == pytest.approx(EXPECTED[kind], abs=1e-12)
+    assert metrics["loss"] == pytest.approx(EXPECTED[kind], abs=1e-12)
+    # Absent negatives hold NaN: neither the value nor any gradient may see them.
+    pc_grad, pr_grad = torch.autograd.grad(loss, (pc, pr), allow_unused=True, materialize_grads=True)
+    assert torch.isfinite(pc_grad).all() and torch.isfinite(pr_grad).all()
+    assert (pr_grad[1, 1:] == 0).all()
+
+
+def test_gradients_by_hand():
+    pc, pr, rc, rr, mask = loss_batch()
+    loss, _ = train.preference_loss("dpo", pc, pr, rc, rr, mask)
+    pc_grad, pr_grad = torch.autograd.grad(loss, (pc, pr))
+    torch.testing.assert_close(pc_grad, torch.tensor([-0.0125, -0.025], dtype=torch.float64))
+    torch.testing.assert_close(pr_grad[:, 0], torch.tensor([0.0125, 0.025], dtype=torch.float64))
+    assert (pr_grad[:, 1:] == 0).all()  # dpo uses y_l1 only
+
+    pc, pr, rc, rr, mask = loss_batch()
+    loss, _ = train.preference_loss("hscr", pc, pr, rc, rr, mask)
+    (pr_grad,) = torch.autograd.grad(loss, (pr,))
+    assert pr_grad[0, 0].item() == pytest.approx(-0.025, abs=1e-12)
+    assert pr_grad[0, 2].item() == pytest.approx(0.03, abs=1e-12)
+
+
+def test_per_equation_functions():
+    pc, pr, rc, rr, mask = loss_batch()
+    # Eq. 1 per entry, on y_l1 (the oracle of `--loss dpo`).
+    torch.testing.assert_close(dpo_loss(pc, pr[:, 0], rc, rr[:, 0]).detach(),
+                               torch.tensor([math.log(4 / 3), math.log(2)], dtype=torch.float64))
+    r_w = train.reward(pc, rc).detach()
+    r_l = train.reward(pr.detach().nan_to_num(0.0), rr.nan_to_num(0.0))
+    torch.testing.assert_close(r_w, torch.tensor([LN3, 0.0], dtype=torch.float64))
+    # Eq. 5 and Eq. 6 per entry (sums over pairs).
+    torch.testing.assert_close(train.explicit_loss(r_w, r_l, mask),
+                               torch.tensor([2 * math.log(4 / 3) + math.log(10 / 9), math.log(2)],
+                                            dtype=torch.float64))
+    torch.testing.assert_close(train.implicit_loss(r_l, mask),
+                               torch.tensor([math.log(2) + 2 * math.log(4 / 3), 0.0], dtype=torch.float64))
+
+
+def test_dpo_variant_is_eq_1():
+    """train.preference_loss("dpo", …) (the explicit level on y_l1 only) is DPO's Eq. 1 averaged over the
+    entries, in value and in gradient, whatever the other negatives hold."""
+    pc, pr, rc, rr, mask = loss_batch()
+    ours, _ = train.preference_loss("dpo", pc, pr, rc, rr, mask)
+    oracle = dpo_loss(pc, pr[:, 0], rc, rr[:, 0]).mean()
+    torch.testing.assert_close(ours, oracle, rtol=0, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(ours, (pc, pr)), torch.autograd.grad(oracle, (pc, pr))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_metrics_by_hand():
+    pc, pr, rc, rr, mask = loss_batch()
+    _, m = train.multilevel_loss(pc, pr, rc, rr, mask)
+    # Explicit pairs: margins ln 3, ln 3, ln 9 (entry 1) and 0 (entry 2, not > 0).
+    assert m["margin"] == pytest.approx((4 * LN3) / 4)
+    assert m["accuracy_explicit"] == pytest.approx(3 / 4)
+    # Implicit pairs of entry 1: 0 (not > 0), ln 3, ln 3.
+    assert m["accuracy_implicit"] == pytest.approx(2 / 3)
+    assert m["reward_chosen"] == pytest.approx(LN3 / 2)
+    assert m["reward_rejected"] == pytest.approx(-LN3 / 4)
+    assert m["reward_rejected_1"] == pytest.approx(0.0)
+    assert m["reward_rejected_3"] == pytest.approx(-LN3)
+    assert m["loss_explicit"] == pytest.approx(EXPECTED["explicit"])
+    assert m["loss_implicit"] == pytest.approx(EXPECTED["implicit"])
+    with pytest.raises(ValueError):
+        train.multilevel_loss(pc, pr, rc, rr, mask, explicit=False, implicit=False)
+
+
+def naive_sequence_logprob(logits, labels, mask):
+    logp = torch.log_softmax(logits.double(), dim=-1)                      # (B, T, V)
+    token = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)    # (B, T)
+    return (token * mask).sum(1)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 512])
+def test_sequence_logprob_matches_autograd(chunk_rows):
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 3, 7, 11
+    logits = (3 * torch.randn(B, T, V, generator=g, dtype=torch.float64)).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.6
+    mask[2] = False                     # a sequence with no response token: log-prob 0
+    labels[~mask] = -100                # never read outside the mask
+    upstream = torch.randn(B, generator=g, dtype=torch.float64)
+
+    ours = sequence_logprob(logits, labels, mask, chunk_rows=chunk_rows)
+    (ours_grad,) = torch.autograd.grad(ours, logits, upstream)
+    ref = naive_sequence_logprob(logits, labels, mask)
+    (ref_grad,) = torch.autograd.grad(ref, logits, upstream)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-6, atol=1e-7)
+    assert ours[2] == 0 and (ours_grad[2] == 0).all()
+
+
+def test_sequence_logprob_by_hand_and_low_precision():
+    # Uniform logits: each of n response tokens has log-prob −ln V.
+    logits = torch.zeros(2, 5, 8)
+    labels = torch.zeros(2, 5, dtype=torch.long)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    torch.testing.assert_close(sequence_logprob(logits, labels, mask),
+                               torch.tensor([-3 * math.log(8), -4 * math.log(8)]))
+    # bf16 logits: fp32 result from the upcast values, gradient in bf16.
+    g = torch.Generator().manual_seed(1)
+    lowp = torch.randn(2, 5, 8, generator=g).bfloat16().requires_grad_()
+    labels = torch.randint(0, 8, (2, 5), generator=g)
+    out = sequence_logprob(lowp, labels, mask)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), naive_sequence_logprob(lowp.detach(), labels, mask))
+    out.sum().backward()
+    assert lowp.grad.dtype == torch.bfloat16
+    with pytest.raises(ValueError):
+        sequence_logprob(logits, labels[:, :4], mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py end to end on a tiny random Llava
+
 WORDS = ("[ INST ] [/ what is shown in the image ? which side lesion mass left right upper lower lobe lung "
          "liver kidney brain normal there a no yes of fracture effusion").split()
 
@@ -337,6 +510,46 @@ def test_resume_stops_when_the_model_changed(workspace, tmp_path):
     (out / "provenance.json").unlink()  # a user deleted the record: what made the run cannot be checked
     with pytest.raises(UserError, match=f"^{out} holds checkpoints but no provenance.json, .*--overwrite"):
         train.train(short(workspace, out, model=str(model), resume=True))
+
+
+def test_resume_keeps_a_finished_run_unless_its_adapter_was_written_again(workspace, tmp_path, monkeypatch, capsys):
+    """provenance.json records the end of a run: its last step and the digest of the adapter it
+    wrote. --resume of a run finished at this run's last step loads nothing and writes nothing
+    (the demo's reuse); an adapter written again since, or a last step below the one trained,
+    stops it naming why. A missing adapter is written again from the last checkpoint, and a run
+    interrupted before its first checkpoint starts again from step 0: the same adapter."""
+    out = tmp_path / "run"
+    train.train(short(workspace, out))
+    weights = out / "adapter" / "adapter_model.safetensors"
+    trained = weights.read_bytes()
+    record = provenance.load(out / "provenance.json")
+    assert record["finished"]["step"] == 3
+    assert record["finished"]["outputs"]["adapter"]["files"] == provenance.dir_digest(out / "adapter")
+
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with monkeypatch.context() as m:
+        m.setattr(train, "load_model", lambda *a, **k: pytest.fail("a finished run is loaded again"))
+        capsys.readouterr()
+        assert train.train(short(workspace, out, resume=True)) == {"step": 3, "reused": True}
+        assert f"reused: {out / 'adapter'}" in capsys.readouterr().out
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+        with pytest.raises(ProvenanceError, match=r"steps: 3 trained, 2 now.*--overwrite"):
+            train.train(short(workspace, out, resume=True, max_steps=2))
+        save_file({k: v + 1 for k, v in load_file(weights).items()}, weights)
+        with pytest.raises(ProvenanceError, match=r"adapter weights \(adapter_model.safetensors\) changed since "
+                                                  r"train.py wrote it.*--overwrite"):
+            train.train(short(workspace, out, resume=True))
+
+    shutil.rmtree(out / "adapter")  # killed before the adapter was written: from the checkpoint
+    train.train(short(workspace, out, resume=True))
+    assert weights.read_bytes() == trained and provenance.load(out / "provenance.json")["finished"]["step"] == 3
+    for name in ("adapter", "checkpoints"):  # killed before the first checkpoint: from step 0
+        shutil.rmtree(out / name)
+    record = provenance.load(out / "provenance.json")
+    provenance.save(out / "provenance.json", record["fingerprint"], made_by="train.py", sessions=record["sessions"])
+    train.train(short(workspace, out, resume=True))
+    assert weights.read_bytes() == trained
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
 def png_bytes(size=(20, 24), seed=0) -> bytes:
