@@ -54,6 +54,7 @@ def reduced(tmp_path_factory):
     return cfg, run.demo(cfg)
 
 
+@pytest.mark.slow
 def test_demo_at_reduced_size(reduced):
     cfg, results = reduced
     out = Path(cfg.out)
@@ -85,6 +86,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
                                                  "eval-base/test/answers.jsonl", "eval-hscr/test/answers.jsonl")}
 
 
+@pytest.mark.slow
 def test_rerun_reuses_what_matches_and_stops_on_a_change(reduced, tmp_path, capsys):
     """A rerun with the same options reuses every stage's output. With another learning rate it
     stops before touching anything, naming the change; with --overwrite it trains again and

@@ -379,6 +379,7 @@ def test_resume_continues_exactly(workspace, tmp_path):
         train.train(config(workspace, part, micro_batch=2, lr=1e-3, resume=True))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(workspace, tmp_path):
     """torchrun with 2 CPU processes (gloo), micro-batch 1 and so 2 accumulation steps each,
     equals 1 process with micro-batch 4 (same global batch of 4, no dropout): same adapter up to
