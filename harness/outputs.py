@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data import resolve_image
 from harness import provenance
 from harness.cli import UserError
 from harness.dist import barrier
@@ -305,31 +303,3 @@ def print_summary(out: Path, s: dict, program: str = "hscr.py"):
     print(f"{Path(program).stem}: {s['entries_written']} entries in {out}"
           + (f" (by number of negatives {negatives})" if negatives is not None else "")
           + f"; skipped {s['skipped_total']} ({skipped}); {rate}; summary in {sidecar(out, 'summary')}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs a fingerprint names by content besides files and checkpoints
-
-
-def image_names(records, entries: list[int], image_root: str) -> list[str]:
-    """The images a job reads: those of the selected entries (records[i].image, relative to
-    image_root) that lie inside the root and can be opened. The others are rejected record by
-    record by the job; the fingerprint cannot hash them, and must not stop the job on them."""
-    names = set()
-    for i in entries:
-        name = records[i].image
-        try:
-            path = resolve_image(image_root, name) if name else None
-        except ValueError:
-            continue
-        if path is not None and path.is_file() and os.access(path, os.R_OK):
-            names.add(name)
-    return sorted(names)
-
-
-def sentence_files(path: str | os.PathLike) -> list[str]:
-    """What a sentence-transformers directory computes with: every *.safetensors and *.json in it
-    and its module folders (weights, configs, modules.json, pooling, tokenizer.json)."""
-    root = Path(path)
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.suffix in (".json", ".safetensors") and p.is_file())
