@@ -25,7 +25,7 @@ some says which, before the model is loaded.
 
 Details in docs/FORMATS.md, "VQA metrics" (the scores, the quirks, where we differ from the scripts)
 and "Evaluation files" (answer files, run directory, what a resume checks). Plumbing in harness/:
-benchmarks.py (inputs), answers.py (answer files), rundir.py (start or resume), reports.py (tables).
+questions.py (inputs), answers.py (answer files), rundir.py (start or resume), reports.py (tables).
 """
 from __future__ import annotations
 
@@ -45,12 +45,12 @@ from tqdm import tqdm
 
 from data import PAD_RGB, load_pixels, preprocess_image, resolve_image
 from harness import provenance
-from harness.benchmarks import check_images, parse_named, read_benchmarks, read_questions, screen_images
 from harness.answers import (answer_row, answered_ids, answers_path, clear_run, clear_stale, gather_skipped,
                              has_answers, merge_answers, read_answer_file, read_answers, write_skipped)
 from harness.cli import UserError, add_dataclass_options, option, run_main
 from harness.dist import barrier, init_process_group
 from harness.files import DataError, read_text
+from harness.questions import check_images, parse_named, read_benchmarks, read_questions, screen_images
 from harness.reports import LEGEND, compare_runs, question_counts, scores_table, visual_gain, write_reports
 from harness.rundir import start_run
 from model import load_model

@@ -16,7 +16,7 @@ import pytest
 import eval as E
 from data import read_records
 from harness import answers as A
-from harness.benchmarks import read_benchmarks
+from harness.questions import read_benchmarks
 from harness.files import DataError
 from harness.cli import UserError, run_main
 from harness.provenance import ProvenanceError
