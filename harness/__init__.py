@@ -1,7 +1,8 @@
 """Everything around the method that hscr.py, train.py, eval.py and the demo share, written once:
 
     cli          options declared as dataclass fields; an error the user can fix ends with one line
-    files        UTF-8 text, JSON / JSON-lines readers, atomic writes, torn-line repair
+    files        UTF-8 text, JSON / JSON-lines readers, atomic writes; the append-only JSON-lines
+                 output (torn-line repair, ids, a batch per flush) and its rank files' merge
     dist         torchrun's environment, the process group, a training process's Context
     provenance   content fingerprints of what made an output, and what changed since
     outputs      a resumable JSON-lines output with a fingerprint header, rejects, summary, rank files
