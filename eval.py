@@ -565,9 +565,8 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
     todo = [r for i, r in enumerate(records) if i % world == rank and r.id not in done and r.id not in skipped]
     eos = model.config.text.eos_token_id
     size = model.config.vision.image_size
-    n = 0
-    with JsonlFile(answers_path(run_dir, name, mode, rank), key=question_id).open() as shard, \
-            tqdm(total=len(todo), desc=f"{name} {mode}", unit="q", disable=rank != 0 or not todo) as bar:
+    n, shard = 0, JsonlFile(answers_path(run_dir, name, mode, rank), key=question_id)
+    with tqdm(total=len(todo), desc=f"{name} {mode}", unit="q", disable=rank != 0 or not todo) as bar:
         for s in range(0, len(todo), batch_size):
             chunk, pixels = todo[s:s + batch_size], None
             if mode == "full":

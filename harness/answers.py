@@ -6,10 +6,9 @@ question order (docs/FORMATS.md "Evaluation files").
     {run}/{benchmark}/answers*.rank{r}.jsonl     rank r's shard while running (merged, then removed)
     {run}/{benchmark}/skipped.rank{r}.jsonl      questions rank r could not build (gathered, then removed)
 
-A shard is appended to and flushed per batch (harness.files.JsonlFile, keyed by question_id); a
-kill mid-write leaves a torn last line, which is ignored (the question is answered again) and cut
-off before the next append. Nothing here knows how an answer is made; eval.py imports it, it never
-imports eval.py.
+A shard is appended to and flushed per batch (harness.files.JsonlFile); a kill mid-write leaves a
+torn last line, which is ignored (the question is answered again) and cut off before the next
+append. Nothing here knows how an answer is made; eval.py imports it, it never imports eval.py.
 """
 from __future__ import annotations
 
@@ -95,14 +94,10 @@ def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -
     return final
 
 
-def skipped_path(run_dir: Path, name: str, rank: int) -> Path:
-    return run_dir / name / f"skipped.rank{rank}.jsonl"
-
-
 def write_skipped(run_dir: Path, name: str, rank: int, skipped: Mapping[str, str]) -> None:
     """This rank's questions that could not be built (question id → reason), when there are any."""
     if skipped:
-        skipped_path(run_dir, name, rank).write_text(
+        (run_dir / name / f"skipped.rank{rank}.jsonl").write_text(
             "".join(json.dumps({"question_id": qid, "reason": why}) + "\n" for qid, why in skipped.items()),
             encoding="utf-8")
 

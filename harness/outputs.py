@@ -1,6 +1,5 @@
 """The output of a job that turns entries into JSON records, can be killed and resumed, and runs
-sharded under torchrun (hscr.py's preference file; the appending and merging are harness/files.py's
-JsonlFile and merge_jsonl, which eval.py's answer files use too):
+sharded under torchrun (hscr.py's preference file; harness.files appends and merges):
 
     prefs.jsonl                  a header line {"_header": true, "options": {...}, "provenance": {...}},
                                  then one record per entry, with its "id" and "index" (its position
@@ -58,7 +57,8 @@ class Reject:
 
 
 def _result_id(r: dict | Reject) -> str | None:
-    return r.id if isinstance(r, Reject) else r["id"]
+    """A record's or Reject's id (None: a header)."""
+    return r.id if isinstance(r, Reject) else r.get("id")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ class Output:
             clear_outputs(out, rank, world)
         path = self.path = shard_path(out, rank, world) if world > 1 else out
         rejects = sidecar(path, "rejects")
-        self.records, self.rejects = JsonlFile(path), JsonlFile(rejects, key=_reject_key)
+        self.records, self.rejects = JsonlFile(path, _result_id), JsonlFile(rejects, _reject_key)
         first = self.records.first
         if first is not None and not first.get(HEADER_KEY):
             raise UserError(f"{path} exists but does not start with an {program} header; choose another --out")
@@ -143,11 +143,10 @@ class Output:
         else:  # nothing computed: start again
             path.unlink(missing_ok=True)
             rejects.unlink(missing_ok=True)
-            self.records, self.rejects = JsonlFile(path), JsonlFile(rejects, key=_reject_key)
-        self.records.open()  # a torn last line is cut only now, once the output is accepted
-        self.rejects.open()
-        if self.records.first is None:
-            self.records.write([header])
+            self.records, self.rejects = JsonlFile(path, _result_id), JsonlFile(rejects, _reject_key)
+        # Both files exist from here on, a torn last line cut only now, once the output is accepted.
+        self.records.write([header] if self.records.first is None else [])
+        self.rejects.write([])
 
     def done(self, entry_id: str) -> bool:
         """Whether the entry has its record or reject. Resume skips those; the input's bad
@@ -167,10 +166,6 @@ class Output:
             self.rejects.write([{"index": None, "id": record_id, "category": BAD_RECORD, "reason": reason,
                                  "file": file, "position": position}])
 
-    def close(self):
-        self.records.close()
-        self.rejects.close()
-
     def run_batches(self, ids: list[str], batch_size: int, compute) -> dict:
         """This process's share of the entries through `compute`, batch by batch, then the summary;
         under torchrun rank 0 then merges the rank files (the others wait) and returns the merged
@@ -180,10 +175,9 @@ class Output:
         from tqdm import tqdm
 
         name = Path(self.program).stem
-        bar = tqdm(total=len(ids), initial=sum(map(self.done, ids)), unit="entry", position=self.rank,
-                   desc=f"{name} rank {self.rank}" if self.world > 1 else name, dynamic_ncols=True)
         processed, t0 = 0, time.perf_counter()
-        try:
+        with tqdm(total=len(ids), initial=sum(map(self.done, ids)), unit="entry", position=self.rank,
+                  desc=f"{name} rank {self.rank}" if self.world > 1 else name, dynamic_ncols=True) as bar:
             for start in range(0, len(ids), batch_size):
                 batch = list(range(start, min(start + batch_size, len(ids))))
                 todo = {ids[i] for i in batch if not self.done(ids[i])}
@@ -192,9 +186,6 @@ class Output:
                 self.write([r for r in compute(batch) if _result_id(r) in todo])
                 processed += len(todo)
                 bar.update(len(todo))
-        finally:
-            bar.close()
-            self.close()
         summary = summarize(self.path, processed=processed, seconds=time.perf_counter() - t0,
                             count_negatives=self.count_negatives)
         if self.world == 1:
@@ -223,7 +214,7 @@ def merge_shards(out: Path, world: int, *, program: str = "hscr.py", count_negat
     missing = [str(p) for p in parts if not p.exists()]
     if missing:
         raise UserError(f"cannot merge: missing rank files {', '.join(missing)}")
-    headers = [JsonlFile(p).first for p in parts]
+    headers = [JsonlFile(p, _result_id).first for p in parts]
     for p, h in zip(parts, headers):
         if not h or not h.get(HEADER_KEY) or not isinstance(h.get("provenance"), dict):
             raise UserError(f"cannot merge: {p} does not start with an {program} header holding a fingerprint")
@@ -231,7 +222,7 @@ def merge_shards(out: Path, world: int, *, program: str = "hscr.py", count_negat
         diff = provenance.differences(headers[0]["provenance"], h["provenance"])
         if diff:
             raise UserError(f"cannot merge: rank {r} ran with other inputs or options than rank 0: {'; '.join(diff)}")
-    merge_jsonl(out, parts, order=lambda r: r["index"], head=headers[:1])
+    merge_jsonl(out, parts, key=_result_id, order=lambda r: r["index"], head=headers[:1])
     merge_jsonl(sidecar(out, "rejects"), [sidecar(p, "rejects") for p in parts], key=_reject_key, order=_reject_order)
     summaries = [json.loads(f.read_text()) if f.exists() else {} for f in (sidecar(p, "summary") for p in parts)]
     return summarize(out, processed=sum(s.get("processed_this_run", 0) for s in summaries),

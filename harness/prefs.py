@@ -7,8 +7,7 @@ train.py's output directory).
                           that cannot be read ends the run with one line naming it
     default_sentence_model  --similarity minilm's weights when --sentence-model is not given
     select_entries        all entries, or --limit's seeded sample
-    run_fingerprint       what the records depend on, by content (PATH_OPTIONS, RUN_CONTROL), the
-                          images (image_names) and sentence encoder files (sentence_files) included
+    run_fingerprint       what the records depend on, by content (PATH_OPTIONS, RUN_CONTROL; image_names)
     Entry / prepare       a data record → the model's inputs (pixels, prompt ids, y_w ids), or a
                           Reject naming what is wrong with it
     Coupled               a coupled position of y_w as steps 4 and 5 leave it (coupled_positions),
