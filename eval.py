@@ -25,7 +25,7 @@ some says which, before the model is loaded.
 
 Details in docs/FORMATS.md, "VQA metrics" (the scores, the quirks, where we differ from the scripts)
 and "Evaluation files" (answer files, run directory, what a resume checks). Plumbing in harness/:
-benchmarks.py (inputs), answers.py (answer files), rundir.py (start or resume), reports.py (tables).
+questions.py (inputs), answers.py (answer files), rundir.py (start or resume), reports.py (tables).
 """
 from __future__ import annotations
 
@@ -45,12 +45,12 @@ from tqdm import tqdm
 
 from data import PAD_RGB, load_pixels, preprocess_image, resolve_image
 from harness import provenance
-from harness.benchmarks import check_images, parse_named, read_benchmarks, read_questions, screen_images
 from harness.answers import (answer_row, answered_ids, answers_path, clear_run, clear_stale, gather_skipped,
-                             has_answers, merge_answers, read_answer_file, read_answers, write_skipped)
+                             has_answers, merge_answers, question_id, read_answer_file, write_skipped)
 from harness.cli import UserError, add_dataclass_options, option, run_main
 from harness.dist import barrier, init_process_group
-from harness.files import DataError, read_text
+from harness.files import DataError, JsonlFile, read_jsonl, read_text
+from harness.questions import check_images, parse_named, read_benchmarks, read_questions, screen_images
 from harness.reports import LEGEND, compare_runs, question_counts, scores_table, visual_gain, write_reports
 from harness.rundir import start_run
 from model import load_model
@@ -563,14 +563,10 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
     done = answered_ids(run_dir, name, mode)
     # Shard first, filter after: every rank must agree on who owns question i.
     todo = [r for i, r in enumerate(records) if i % world == rank and r.id not in done and r.id not in skipped]
-    shard = answers_path(run_dir, name, mode, rank)
-    shard.parent.mkdir(parents=True, exist_ok=True)
-    read_answers(shard, repair=True)  # cut a torn last line before appending after it
     eos = model.config.text.eos_token_id
     size = model.config.vision.image_size
-    n = 0
-    with open(shard, "a", encoding="utf-8") as f, \
-            tqdm(total=len(todo), desc=f"{name} {mode}", unit="q", disable=rank != 0 or not todo) as bar:
+    n, shard = 0, JsonlFile(answers_path(run_dir, name, mode, rank), key=question_id)
+    with tqdm(total=len(todo), desc=f"{name} {mode}", unit="q", disable=rank != 0 or not todo) as bar:
         for s in range(0, len(todo), batch_size):
             chunk, pixels = todo[s:s + batch_size], None
             if mode == "full":
@@ -583,10 +579,8 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
                     new = model.generate(batch.input_ids.to(model.device), images,
                                          batch.attention_mask.to(model.device), max_new_tokens=max_new_tokens,
                                          temperature=0.0, eos_token_id=eos, drop_finished=True)  # (B, T_new)
-                for record, ids in zip(chunk, new.tolist()):
-                    text = decode(tokenizer, ids, eos_token_id=eos)
-                    f.write(json.dumps(answer_row(record, text, model_id, mode)) + "\n")
-                f.flush()
+                shard.write(answer_row(record, decode(tokenizer, ids, eos_token_id=eos), model_id, mode)
+                            for record, ids in zip(chunk, new.tolist()))
                 n += len(chunk)
             bar.update(min(batch_size, len(todo) - s))
     return n
@@ -722,7 +716,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         skipped = {**screened[name], **gather_skipped(run_dir, name)}
         kept = [r for r in records if r.id not in skipped]
         ids = {r.id for r in kept}
-        scored = {mode: score_file([row for row in read_answers(answers_path(run_dir, name, mode))
+        scored = {mode: score_file([row for row in read_jsonl(answers_path(run_dir, name, mode))
                                     if str(row["question_id"]) in ids], kept) for mode in modes}
         results[name] = {"bad_records": [dataclasses.asdict(b) for b in bad],
                          "skipped": [{"question_id": r.id, "image": r.image, "reason": skipped[r.id]}

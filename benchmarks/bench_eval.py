@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 import eval as E  # noqa: E402
 from data import Record  # noqa: E402
-from harness.answers import answers_path, read_answers  # noqa: E402
+from harness.answers import answers_path  # noqa: E402
+from harness.files import read_jsonl  # noqa: E402
 from model import Llava, LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 
 QUESTION_FILE = ROOT / "tests" / "data" / "VQA_RAD_test_llavamed_format.jsonl"
@@ -124,7 +125,7 @@ def main() -> None:
                 t = time.perf_counter()
                 E.generate_answers(model, tokenizer, records, run_dir=run_dir, batch_size=bs, **kw)
                 best[bs] = min(best[bs], time.perf_counter() - t)
-                answers[bs] = [r["text"] for r in read_answers(answers_path(run_dir, "rad", "full", 0))]
+                answers[bs] = [r["text"] for r in read_jsonl(answers_path(run_dir, "rad", "full", 0))]
         reference = answers[args.batch_sizes[0]]
         results = [(bs, best[bs], len(records) / best[bs], sum(a == b for a, b in zip(answers[bs], reference)))
                    for bs in args.batch_sizes]

@@ -6,9 +6,9 @@ question order (docs/FORMATS.md "Evaluation files").
     {run}/{benchmark}/answers*.rank{r}.jsonl     rank r's shard while running (merged, then removed)
     {run}/{benchmark}/skipped.rank{r}.jsonl      questions rank r could not build (gathered, then removed)
 
-A shard is appended to and flushed per batch; a kill mid-write leaves a torn last line, which is
-ignored (the question is answered again) and cut off before the next append. Nothing here knows
-how an answer is made; eval.py imports it, it never imports eval.py.
+A shard is appended to and flushed per batch (harness.files.JsonlFile); a kill mid-write leaves a
+torn last line, which is ignored (the question is answered again) and cut off before the next
+append. Nothing here knows how an answer is made; eval.py imports it, it never imports eval.py.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cli import UserError
-from harness.files import BadLine, DataError, read_json_records, read_jsonl
+from harness.files import BadLine, DataError, JsonlFile, merge_jsonl, read_json_records, read_jsonl
 
 PROVENANCE = "provenance.json"
 
@@ -46,11 +46,9 @@ def answer_row(record, text: str, model_id: str, mode: str) -> dict[str, Any]:
             "metadata": {"mode": mode}}
 
 
-def read_answers(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
-    """Rows of an answer file eval.py wrote. A last line without its newline is what a kill
-    mid-write leaves: it is ignored (and answered again), and with `repair` cut off the file;
-    any other unreadable line is an error naming the file and line (harness.files.read_jsonl)."""
-    return read_jsonl(path, repair=repair)
+def question_id(row: dict[str, Any]) -> str:
+    """An answer row's key: its question id as a string, as Record ids are."""
+    return str(row["question_id"])
 
 
 def read_answer_file(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -80,36 +78,26 @@ def answered_ids(run_dir: Path, name: str, mode: str) -> set[str]:
     rerun with another world size still skips them. Read only: another rank may be appending
     to its shard, whose last line may be half written (and is then not counted)."""
     files = [answers_path(run_dir, name, mode)] + shards(run_dir, name, mode)
-    return {str(row["question_id"]) for f in files for row in read_answers(f)}
+    return set().union(*(JsonlFile(f, key=question_id).ids for f in files))
 
 
 def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -> Path:
     """Fold the shards into the answer file, in question-file order (rows of questions outside
-    `records`, e.g. from a run without --limit, follow), then delete the shards."""
+    `records`, e.g. from a run without --limit, follow), then delete the shards. Atomic: an
+    interrupted merge leaves the old file and the shards."""
     final, parts = answers_path(run_dir, name, mode), shards(run_dir, name, mode)
-    by_id: dict[str, dict] = {}
-    for f in [final] + parts:
-        for row in read_answers(f):
-            by_id.setdefault(str(row["question_id"]), row)
-    order = [r.id for r in records if r.id in by_id]
-    listed = set(order)
-    order += [qid for qid in by_id if qid not in listed]
-    tmp = final.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(by_id[qid]) + "\n" for qid in order), encoding="utf-8")
-    os.replace(tmp, final)  # atomic: an interrupted merge leaves the old file and the shards
+    position = {r.id: i for i, r in enumerate(records)}
+    merge_jsonl(final, [final] + parts, key=question_id,
+                order=lambda row: position.get(question_id(row), len(position)))
     for f in parts:
         f.unlink()
     return final
 
 
-def skipped_path(run_dir: Path, name: str, rank: int) -> Path:
-    return run_dir / name / f"skipped.rank{rank}.jsonl"
-
-
 def write_skipped(run_dir: Path, name: str, rank: int, skipped: Mapping[str, str]) -> None:
     """This rank's questions that could not be built (question id → reason), when there are any."""
     if skipped:
-        skipped_path(run_dir, name, rank).write_text(
+        (run_dir / name / f"skipped.rank{rank}.jsonl").write_text(
             "".join(json.dumps({"question_id": qid, "reason": why}) + "\n" for qid, why in skipped.items()),
             encoding="utf-8")
 
@@ -137,7 +125,7 @@ def has_answers(run_dir: Path) -> bool:
 def clear_run(run_dir: Path) -> None:
     """Delete what eval.py writes in a run directory, and nothing else (--out may be a folder
     holding other files): answer files and shards, skipped files, scores, config, provenance."""
-    for pattern in ("*/answers*.jsonl", "*/answers*.tmp", "*/skipped.rank*.jsonl"):
+    for pattern in ("*/answers*.jsonl", "*/.answers*.jsonl.tmp*", "*/skipped.rank*.jsonl"):
         for f in run_dir.glob(pattern):
             f.unlink()
     for n in ("summary.json", "report.md", "config.json", PROVENANCE):

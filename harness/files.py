@@ -1,4 +1,5 @@
-"""Files the scripts read and write: UTF-8 text, JSON / JSON-lines records, atomic replacement.
+"""Files the scripts read and write: UTF-8 text, JSON / JSON-lines records, atomic replacement,
+the outputs they append to and merge (hscr.py's preference file, eval.py's answer files).
 
 Reading a file the user gave names the file and the line or byte that is wrong (DataError);
 reading an output of this project being resumed repairs what a kill mid-write leaves (a torn
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 
 
@@ -117,3 +119,40 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs a kill may interrupt and a rerun resumes: appended to per batch, merged per rank
+
+
+class JsonlFile:
+    """An append-only JSON-lines output. Made, it only reads the file: `first`, its first row (the
+    header, where the format has one; None when empty), and `ids`, the `key` of each row (None: no
+    id, e.g. a header), a torn last line ignored. `write` cuts that line off before appending."""
+
+    def __init__(self, path: str | os.PathLike, key: Callable[[dict], Hashable]):
+        self.path, self.key = Path(path), key
+        rows = read_jsonl(self.path)
+        self.first = rows[0] if rows else None
+        self.ids = {k for k in map(key, rows) if k is not None}
+
+    def write(self, rows: Iterable[dict]) -> None:
+        """Append a batch and flush (a kill loses at most the batch in flight); no rows: only make the file."""
+        rows = list(rows)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        repair_torn_line(self.path)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        self.ids.update(k for k in map(self.key, rows) if k is not None)
+
+
+def merge_jsonl(out: Path, parts: Sequence[Path], *, key: Callable[[dict], Hashable], order: Callable[[dict], object],
+                head: Sequence[dict] = ()) -> None:
+    """`out` replaced in one step by `head`, then the rows of `parts` (per-rank files; `out` may be one)
+    sorted by `order`, a single-process run's: each key once (its first row), none without one (headers)."""
+    rows: dict = {}
+    for p in parts:
+        for r in read_jsonl(p):
+            if (k := key(r)) is not None:
+                rows.setdefault(k, r)
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in [*head, *sorted(rows.values(), key=order)]))

@@ -1,5 +1,5 @@
 """The output of a job that turns entries into JSON records, can be killed and resumed, and runs
-sharded under torchrun (hscr.py's preference file; eval.py's answer files are to follow):
+sharded under torchrun (hscr.py's preference file; harness.files appends and merges):
 
     prefs.jsonl                  a header line {"_header": true, "options": {...}, "provenance": {...}},
                                  then one record per entry, with its "id" and "index" (its position
@@ -25,18 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data import resolve_image
 from harness import provenance
 from harness.cli import UserError
 from harness.dist import barrier
-from harness.files import atomic_write_text, read_jsonl, repair_torn_line
+from harness.files import JsonlFile, merge_jsonl, read_jsonl
 
 HEADER_KEY = "_header"
 BAD_RECORD = "bad record"  # the reject category of an input record that did not parse
@@ -59,7 +57,8 @@ class Reject:
 
 
 def _result_id(r: dict | Reject) -> str | None:
-    return r.id if isinstance(r, Reject) else r["id"]
+    """A record's or Reject's id (None: a header)."""
+    return r.id if isinstance(r, Reject) else r.get("id")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,57 +129,42 @@ class Output:
         if overwrite:
             clear_outputs(out, rank, world)
         path = self.path = shard_path(out, rank, world) if world > 1 else out
-        self.rejects_path = sidecar(path, "rejects")
-        lines = read_jsonl(path)  # a torn last line is ignored here and cut below, once accepted
-        if lines and not lines[0].get(HEADER_KEY):
+        rejects = sidecar(path, "rejects")
+        self.records, self.rejects = JsonlFile(path, _result_id), JsonlFile(rejects, _reject_key)
+        first = self.records.first
+        if first is not None and not first.get(HEADER_KEY):
             raise UserError(f"{path} exists but does not start with an {program} header; choose another --out")
-        rejected = read_jsonl(self.rejects_path)
-        computed = [r for r in rejected if r.get("category") != BAD_RECORD]
-        if lines and (len(lines) > 1 or computed):
-            check_header(path, lines[0], header, program)
-        elif computed:
-            raise UserError(f"{self.rejects_path} holds rejects but {path} is {'empty' if path.exists() else 'gone'}, "
-                            f"so what made them cannot be checked; {RESTART}, or choose another --out")
+        computed = any(isinstance(k, str) for k in self.rejects.ids)  # rejected entries, not bad records
+        if self.records.ids or computed:
+            if first is None:
+                raise UserError(f"{rejects} holds rejects but {path} is {'empty' if path.exists() else 'gone'}, "
+                                f"so what made them cannot be checked; {RESTART}, or choose another --out")
+            check_header(path, first, header, program)
         else:  # nothing computed: start again
-            lines, rejected = [], []
             path.unlink(missing_ok=True)
-            self.rejects_path.unlink(missing_ok=True)
-        repair_torn_line(path)
-        repair_torn_line(self.rejects_path)
-        # Resume skips ids in either file; the input's bad records are no entries (an id of one
-        # may be the duplicate of a valid entry's).
-        self.done = {r["id"] for r in lines[1:]} | {r["id"] for r in computed if r.get("id") is not None}
-        self.bad_keys = {(r.get("file"), r.get("position")) for r in rejected if r.get("category") == BAD_RECORD}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "a", encoding="utf-8")
-        self.fr = open(self.rejects_path, "a", encoding="utf-8")
-        if not lines:
-            self.f.write(json.dumps(header) + "\n")
-            self.f.flush()
+            rejects.unlink(missing_ok=True)
+            self.records, self.rejects = JsonlFile(path, _result_id), JsonlFile(rejects, _reject_key)
+        # Both files exist from here on, a torn last line cut only now, once the output is accepted.
+        self.records.write([header] if self.records.first is None else [])
+        self.rejects.write([])
+
+    def done(self, entry_id: str) -> bool:
+        """Whether the entry has its record or reject. Resume skips those; the input's bad
+        records are no entries (an id of one may be the duplicate of a valid entry's)."""
+        return entry_id in self.records.ids or entry_id in self.rejects.ids
 
     def write(self, results: list[dict | Reject]):
         """Append one batch's new results and flush, so that a kill loses at most the batch in
         flight (whose records `run_batches` then computes again with the whole batch)."""
-        for r in results:
-            if isinstance(r, Reject):
-                self.fr.write(json.dumps(r.to_json()) + "\n")
-            else:
-                self.f.write(json.dumps(r) + "\n")
-            self.done.add(_result_id(r))
-        self.f.flush()
-        self.fr.flush()
+        self.records.write(r for r in results if not isinstance(r, Reject))
+        self.rejects.write(r.to_json() for r in results if isinstance(r, Reject))
 
     def write_bad(self, file: str, position: int, record_id: str | None, reason: str):
         """An input record that could not be parsed (once, even across resumes); `position` is its
         index in the JSON list or its 0-based line in a JSONL file."""
-        if (file, position) not in self.bad_keys:
-            self.fr.write(json.dumps({"index": None, "id": record_id, "category": BAD_RECORD, "reason": reason,
-                                      "file": file, "position": position}) + "\n")
-            self.bad_keys.add((file, position))
-
-    def close(self):
-        self.f.close()
-        self.fr.close()
+        if (file, position) not in self.rejects.ids:
+            self.rejects.write([{"index": None, "id": record_id, "category": BAD_RECORD, "reason": reason,
+                                 "file": file, "position": position}])
 
     def run_batches(self, ids: list[str], batch_size: int, compute) -> dict:
         """This process's share of the entries through `compute`, batch by batch, then the summary;
@@ -191,21 +175,17 @@ class Output:
         from tqdm import tqdm
 
         name = Path(self.program).stem
-        bar = tqdm(total=len(ids), initial=sum(i in self.done for i in ids), unit="entry", position=self.rank,
-                   desc=f"{name} rank {self.rank}" if self.world > 1 else name, dynamic_ncols=True)
         processed, t0 = 0, time.perf_counter()
-        try:
+        with tqdm(total=len(ids), initial=sum(map(self.done, ids)), unit="entry", position=self.rank,
+                  desc=f"{name} rank {self.rank}" if self.world > 1 else name, dynamic_ncols=True) as bar:
             for start in range(0, len(ids), batch_size):
                 batch = list(range(start, min(start + batch_size, len(ids))))
-                todo = {ids[i] for i in batch} - self.done
+                todo = {ids[i] for i in batch if not self.done(ids[i])}
                 if not todo:
                     continue
                 self.write([r for r in compute(batch) if _result_id(r) in todo])
                 processed += len(todo)
                 bar.update(len(todo))
-        finally:
-            bar.close()
-            self.close()
         summary = summarize(self.path, processed=processed, seconds=time.perf_counter() - t0,
                             count_negatives=self.count_negatives)
         if self.world == 1:
@@ -234,27 +214,24 @@ def merge_shards(out: Path, world: int, *, program: str = "hscr.py", count_negat
     missing = [str(p) for p in parts if not p.exists()]
     if missing:
         raise UserError(f"cannot merge: missing rank files {', '.join(missing)}")
-    headers, records, rejects, processed, seconds = [], {}, [], 0, 0.0
-    for p in parts:
-        lines = read_jsonl(p)
-        if not lines or not lines[0].get(HEADER_KEY) or not isinstance(lines[0].get("provenance"), dict):
+    headers = [JsonlFile(p, _result_id).first for p in parts]
+    for p, h in zip(parts, headers):
+        if not h or not h.get(HEADER_KEY) or not isinstance(h.get("provenance"), dict):
             raise UserError(f"cannot merge: {p} does not start with an {program} header holding a fingerprint")
-        headers.append(lines[0])
-        for r in lines[1:]:
-            records.setdefault(r["id"], r)
-        rejects += read_jsonl(sidecar(p, "rejects"))
-        s = json.loads(sidecar(p, "summary").read_text()) if sidecar(p, "summary").exists() else {}
-        processed += s.get("processed_this_run", 0)
-        seconds = max(seconds, s.get("seconds", 0.0))
     for r, h in enumerate(headers[1:], 1):
         diff = provenance.differences(headers[0]["provenance"], h["provenance"])
         if diff:
             raise UserError(f"cannot merge: rank {r} ran with other inputs or options than rank 0: {'; '.join(diff)}")
-    unique = {(r.get("id"), r.get("file"), r.get("position")): r for r in rejects}
-    for path, rows in ((out, [headers[0]] + sorted(records.values(), key=lambda r: r["index"])),
-                       (sidecar(out, "rejects"), sorted(unique.values(), key=_reject_order))):
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return summarize(out, processed=processed, seconds=seconds, count_negatives=count_negatives)
+    merge_jsonl(out, parts, key=_result_id, order=lambda r: r["index"], head=headers[:1])
+    merge_jsonl(sidecar(out, "rejects"), [sidecar(p, "rejects") for p in parts], key=_reject_key, order=_reject_order)
+    summaries = [json.loads(f.read_text()) if f.exists() else {} for f in (sidecar(p, "summary") for p in parts)]
+    return summarize(out, processed=sum(s.get("processed_this_run", 0) for s in summaries),
+                     seconds=max(s.get("seconds", 0.0) for s in summaries), count_negatives=count_negatives)
+
+
+def _reject_key(r: dict):
+    """A rejected entry's id; an input's bad record: (file, position)."""
+    return (r.get("file"), r.get("position")) if r.get("category") == BAD_RECORD else r.get("id")
 
 
 def _reject_order(r: dict):
@@ -305,31 +282,3 @@ def print_summary(out: Path, s: dict, program: str = "hscr.py"):
     print(f"{Path(program).stem}: {s['entries_written']} entries in {out}"
           + (f" (by number of negatives {negatives})" if negatives is not None else "")
           + f"; skipped {s['skipped_total']} ({skipped}); {rate}; summary in {sidecar(out, 'summary')}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs a fingerprint names by content besides files and checkpoints
-
-
-def image_names(records, entries: list[int], image_root: str) -> list[str]:
-    """The images a job reads: those of the selected entries (records[i].image, relative to
-    image_root) that lie inside the root and can be opened. The others are rejected record by
-    record by the job; the fingerprint cannot hash them, and must not stop the job on them."""
-    names = set()
-    for i in entries:
-        name = records[i].image
-        try:
-            path = resolve_image(image_root, name) if name else None
-        except ValueError:
-            continue
-        if path is not None and path.is_file() and os.access(path, os.R_OK):
-            names.add(name)
-    return sorted(names)
-
-
-def sentence_files(path: str | os.PathLike) -> list[str]:
-    """What a sentence-transformers directory computes with: every *.safetensors and *.json in it
-    and its module folders (weights, configs, modules.json, pooling, tokenizer.json)."""
-    root = Path(path)
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.suffix in (".json", ".safetensors") and p.is_file())

@@ -7,7 +7,7 @@ train.py's output directory).
                           that cannot be read ends the run with one line naming it
     default_sentence_model  --similarity minilm's weights when --sentence-model is not given
     select_entries        all entries, or --limit's seeded sample
-    run_fingerprint       what the records depend on, by content (PATH_OPTIONS, RUN_CONTROL)
+    run_fingerprint       what the records depend on, by content (PATH_OPTIONS, RUN_CONTROL; image_names)
     Entry / prepare       a data record → the model's inputs (pixels, prompt ids, y_w ids), or a
                           Reject naming what is wrong with it
     Coupled               a coupled position of y_w as steps 4 and 5 leave it (coupled_positions),
@@ -20,6 +20,7 @@ this module never imports hscr.py.
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from data import Record, load_pixels, read_records, resolve_image
 from harness import provenance
 from harness.cli import UserError
 from harness.dist import init_process_group
-from harness.outputs import Output, Reject, header_record, image_names, sentence_files
+from harness.outputs import Output, Reject, header_record
 from model import load_model
 from model.loading import resolve_dtype
 from model.sentence import Similarity, default_minilm_path
@@ -123,6 +124,30 @@ def run_fingerprint(opts, records: list[Record], entries: list[int], world: int)
                              if opts.similarity == "minilm" else None),
     }
     return provenance.run_fingerprint(inputs, opts, leave_out=PATH_OPTIONS + RUN_CONTROL, world_size=world)
+
+
+def image_names(records, entries: list[int], image_root: str) -> list[str]:
+    """The images a job reads: those of the selected entries (records[i].image, relative to
+    image_root) that lie inside the root and can be opened. The others are rejected record by
+    record by the job; the fingerprint cannot hash them, and must not stop the job on them."""
+    names = set()
+    for i in entries:
+        name = records[i].image
+        try:
+            path = resolve_image(image_root, name) if name else None
+        except ValueError:
+            continue
+        if path is not None and path.is_file() and os.access(path, os.R_OK):
+            names.add(name)
+    return sorted(names)
+
+
+def sentence_files(path: str | os.PathLike) -> list[str]:
+    """What a sentence-transformers directory computes with: every *.safetensors and *.json in it
+    and its module folders (weights, configs, modules.json, pooling, tokenizer.json)."""
+    root = Path(path)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.suffix in (".json", ".safetensors") and p.is_file())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ import pytest
 import eval as E
 from data import read_records
 from harness import answers as A
-from harness.benchmarks import read_benchmarks
-from harness.files import DataError
+from harness.questions import read_benchmarks
+from harness.files import DataError, read_jsonl
 from harness.cli import UserError, run_main
 from harness.provenance import ProvenanceError
 
@@ -533,7 +533,7 @@ def test_cli_run_blind_report_and_compare(tiny, tmp_path, capsys):
     records = read_benchmarks([f"r={tiny.root / 'questions.jsonl'}"])
     records = records["r"][0]
     for mode in E.MODES:
-        rows = A.read_answers(A.answers_path(run_a, "rad", mode))
+        rows = read_jsonl(A.answers_path(run_a, "rad", mode))
         # scores recomputed from the answer file equal the summary's
         assert E.score_file(rows, records) == rad["modes"][mode]
         assert all(r["metadata"]["mode"] == mode for r in rows)
@@ -692,20 +692,20 @@ def test_score_empty_ground_truth_is_unscorable():
     assert E.majority_answers([_q(1, "", "OPEN")] + [SimpleNamespace(id="2", question="q", answer="", answer_type="OPEN")]) == {}
 
 
-def test_read_answers_splits_on_newlines_only(tmp_path):
+def test_answer_files_split_on_newlines_only(tmp_path):
     """A raw U+2028 inside an answer (json.dumps(..., ensure_ascii=False) writes it as is) stays in
     its line; str.splitlines() would cut the line there and lose both halves."""
     path = tmp_path / "answers.jsonl"
     rows = [{"question_id": 1, "text": "left\u2028lung"}, {"question_id": 2, "text": "no"}]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    assert A.read_answers(path) == rows == A.read_answer_file(path)
+    assert read_jsonl(path) == rows == A.read_answer_file(path)
     path.write_text(path.read_text(encoding="utf-8") + '{"question_id": 3, "te', encoding="utf-8")
-    assert A.read_answers(path) == rows  # a torn last line: ignored (answered again)
+    assert read_jsonl(path) == rows  # a torn last line: ignored (answered again)
     with pytest.raises(DataError, match=r"answers.jsonl: line 3 is not valid JSON"):
         A.read_answer_file(path)  # in a file from elsewhere, it is an error naming the line
     (tmp_path / "mid.jsonl").write_text('{"question_id": 1, "text": "a"}\n{oops\n{"question_id": 2, "text": "b"}\n')
     with pytest.raises(DataError, match=r"mid.jsonl:2: not a JSON line"):
-        A.read_answers(tmp_path / "mid.jsonl")
+        read_jsonl(tmp_path / "mid.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -886,7 +886,7 @@ def test_unreadable_images_are_skipped_and_reported(tiny, tmp_path, capsys):
     assert "image bomb.png: refused by pillow's decompression-bomb guard" in reasons["23"]
     assert "image cut.jpg: " in reasons["24"] and "truncated" in reasons["24"]
     for mode in E.MODES:
-        rows_out = A.read_answers(A.answers_path(tmp_path / "run", "rad", mode))
+        rows_out = read_jsonl(A.answers_path(tmp_path / "run", "rad", mode))
         assert [r["question_id"] for r in rows_out] == [11, 12, 13, 14, 15], mode
         assert rad["modes"][mode]["n_questions"] == 5 and rad["modes"][mode]["missing"] == [], mode
     err = capsys.readouterr().err
@@ -909,7 +909,7 @@ def test_generation_skips_an_image_that_fails_to_load(tiny, tmp_path):
                            image_root=str(images), model_id="tiny", batch_size=5, max_new_tokens=3,
                            skipped=skipped)
     assert n == 3 and list(skipped) == ["12", "15"] and "b.png" in skipped["12"]
-    rows = A.read_answers(A.answers_path(tmp_path / "run", "q", "full", 0))
+    rows = read_jsonl(A.answers_path(tmp_path / "run", "q", "full", 0))
     assert [r["question_id"] for r in rows] == [11, 13, 14]
 
 
@@ -922,7 +922,7 @@ def test_empty_ground_truth_is_listed_as_unscorable(tiny, tmp_path):
     rad = _cli(tiny, tmp_path / "run", questions="empty_gt.jsonl")
     full = rad["modes"]["full"]
     assert full["unscorable"] == ["11"] and full["closed"]["n"] == 1 and full["open"]["n"] == 3
-    assert len(A.read_answers(A.answers_path(tmp_path / "run", "rad", "full"))) == 5  # still answered
+    assert len(read_jsonl(A.answers_path(tmp_path / "run", "rad", "full"))) == 5  # still answered
     report = (tmp_path / "run" / "report.md").read_text()
     assert "1 unscorable (no ground truth)" in report and "Unscorable, no ground truth to score against (1): 11" in report
 

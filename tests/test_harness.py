@@ -89,6 +89,23 @@ def test_read_jsonl_repairs_a_torn_last_line(tmp_path):
         files.read_jsonl(p)
 
 
+
+def test_jsonl_file_reads_then_appends_and_merge_orders(tmp_path):
+    """JsonlFile: made, it only reads (the torn line stays); write() cuts it and appends a batch,
+    and its ids follow. merge_jsonl: head, then each key once in `order`."""
+    p = tmp_path / "rank0.jsonl"
+    p.write_bytes(b'{"h": 1}\n{"id": "b", "i": 1}\n{"id": "c", "i"')
+    f = files.JsonlFile(p, key=lambda r: r.get("id"))
+    assert f.first == {"h": 1} and f.ids == {"b"} and p.read_bytes().endswith(b'"i"')
+    f.write([{"id": "a", "i": 0}])
+    assert p.read_bytes() == b'{"h": 1}\n{"id": "b", "i": 1}\n{"id": "a", "i": 0}\n' and f.ids == {"a", "b"}
+    q = tmp_path / "rank1.jsonl"
+    q.write_text('{"id": "c", "i": 2}\n{"id": "a", "i": 9}\n')
+    files.merge_jsonl(tmp_path / "all.jsonl", [p, q], key=lambda r: r.get("id"), order=lambda r: r["i"],
+                      head=[{"h": 1}])
+    assert (tmp_path / "all.jsonl").read_text().splitlines() == [
+        '{"h": 1}', '{"id": "a", "i": 0}', '{"id": "b", "i": 1}', '{"id": "c", "i": 2}']
+
 def test_repair_torn_line_across_blocks(tmp_path):
     """The file is read from its end a block (64 KiB) at a time: a newline in an earlier block, a
     file without any, an intact file and a missing one."""
