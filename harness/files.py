@@ -85,13 +85,11 @@ def repair_torn_line(path: str | os.PathLike) -> None:
         f.truncate(0)
 
 
-def read_jsonl(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The objects of a JSON-lines file this project wrote (an output being resumed). A last line
-    without its newline is what a kill mid-write leaves: with `repair` it is cut off the file
-    (repair_torn_line), otherwise ignored. Any other bad line is an error naming the file and line."""
+    without its newline is what a kill mid-write leaves: it is ignored (JsonlFile.write cuts it off
+    before appending). Any other bad line is an error naming the file and line."""
     path = Path(path)
-    if repair:
-        repair_torn_line(path)
     if not path.exists():
         return []
     data = path.read_bytes()

@@ -312,7 +312,7 @@ def start_metrics(out: Path, start: int, cfg, ctx) -> Path:
     interrupted run logged after its last checkpoint (and a torn last line). Rank 0 writes it."""
     path = out / "metrics.jsonl"
     if ctx.rank == 0:
-        kept = [m for m in (read_jsonl(path, repair=True) if cfg.resume else []) if m.get("step", 0) <= start]
+        kept = [m for m in (read_jsonl(path) if cfg.resume else []) if m.get("step", 0) <= start]
         atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in kept))
     return path
 

@@ -77,12 +77,12 @@ def test_read_text_names_file_and_offset(tmp_path):
         files.read_json_records(p)
 
 
-def test_read_jsonl_repairs_a_torn_last_line(tmp_path):
+def test_read_jsonl_ignores_a_torn_last_line_and_repair_cuts_it(tmp_path):
     p = tmp_path / "out.jsonl"
     p.write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": ')
     assert files.read_jsonl(p) == [{"a": 1}, {"b": 2}]
-    assert p.read_bytes().endswith(b'{"c": ')  # without repair the file is left alone
-    assert files.read_jsonl(p, repair=True) == [{"a": 1}, {"b": 2}]
+    assert p.read_bytes().endswith(b'{"c": ')  # reading leaves the file alone
+    files.repair_torn_line(p)
     assert p.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
     p.write_bytes(b'{"a": 1}\nnot json\n{"b": 2}\n')
     with pytest.raises(files.DataError, match=r"out\.jsonl:2"):

@@ -957,6 +957,7 @@ def _lines_done(path: Path) -> list[str]:
     return [x for x in path.read_text().split("\n")[1:] if x.endswith("}")]
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_merge_to_the_single_process_result(reference_run, ckpt, dataset, tmp_path):
     out = tmp_path / "prefs.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
