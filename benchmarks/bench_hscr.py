@@ -140,7 +140,7 @@ def per_row_continuations(model, prompts, features, prefixes, *, owners=None, ma
         ids, mask = left_pad([prompts[owners[r]] + prefixes[r] for r in rows], pad_id, model.device)
         feats = torch.cat([features[owners[r]].reshape(-1, c.text.hidden_size) for r in rows])
         new = model.generate(ids, attention_mask=mask, image_features=feats.to(device=model.device, dtype=model.dtype),
-                             max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=c.text.eos_token_id,
+                             max_new_tokens=max_new_tokens, eos_token_id=c.text.eos_token_id,
                              pad_token_id=pad_id)
         for r, row in zip(rows, new.tolist()):
             tails[r] = cut_generated(row, c.text.eos_token_id, c.image_token_id)

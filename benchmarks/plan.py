@@ -677,7 +677,7 @@ def eval_step(model: Llava, s: EvalSettings, work: Workload, seed: int = 0) -> C
         ids, mask = left_pad(rows, c.text.pad_token_id or 0)
         with torch.inference_mode():
             model.generate(ids, fake_pixels(c, s.batch_size, model.dtype), mask, max_new_tokens=s.max_new_tokens,
-                           temperature=0.0, eos_token_id=c.text.eos_token_id)
+                           eos_token_id=c.text.eos_token_id)
     return step
 
 

@@ -540,18 +540,16 @@ class Llava(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None, image_features: torch.Tensor | None = None,
-                 drop_finished: bool = False) -> torch.Tensor:
-        """New token ids (B, T_new) for left-padded prompts; a row stops at its first EOS and is
-        filled with `pad_token_id` (default: the config's pad id, else EOS) after it.
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 image_features: torch.Tensor | None = None, drop_finished: bool = False) -> torch.Tensor:
+        """Greedy new token ids (B, T_new) for left-padded prompts; a row stops at its first EOS and
+        is filled with `pad_token_id` (default: the config's pad id, else EOS) after it. Greedy is
+        the only decoding HSCR and LLaVA-Med's evaluation use.
 
-        temperature 0 is greedy; otherwise sampling from softmax(logits / temperature) restricted
-        to the top-p nucleus, drawn from `generator` so that a seeded run repeats.
         drop_finished: once half the rows have stopped, they leave the batch (their cache rows
-        are dropped), so that the decode steps cost less; greedy tokens stay the same (up to
-        floating-point rounding), sampled ones come from another split of the random stream.
+        are dropped), so that the decode steps cost less; the tokens stay the same (up to
+        floating-point rounding).
         """
         B, T = input_ids.shape
         if attention_mask is None:
@@ -564,8 +562,8 @@ class Llava(nn.Module):
             last = torch.full((B, 1), T - 1, device=input_ids.device)
             logits = self(input_ids, pixel_values, attention_mask, image_features=image_features,
                           position_ids=positions, logits_positions=last)[:, -1]  # (B, V)
-            return self._decode_loop(logits, positions[:, -1], T, max_new_tokens, temperature, top_p, generator,
-                                     eos_token_id, pad_token_id, drop_finished)
+            return self._decode_loop(logits, positions[:, -1], T, max_new_tokens, eos_token_id, pad_token_id,
+                                     drop_finished)
         finally:
             self.clear_cache()
 
@@ -573,8 +571,7 @@ class Llava(nn.Module):
     def generate_shared(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, rows: torch.Tensor,
                         suffix_ids: torch.Tensor, suffix_mask: torch.Tensor, *,
                         image_features: torch.Tensor | None = None, max_new_tokens: int = 64,
-                        temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
-                        pad_token_id: int | None = None, generator: torch.Generator | None = None,
+                        eos_token_id: int | None = None, pad_token_id: int | None = None,
                         drop_finished: bool = False) -> torch.Tensor:
         """generate() for B rows whose input is prefix[rows[b]] + suffix[b], each of the E prefixes
         (e.g. a prompt with its image) prefilled once: new token ids (B, T_new), as generate() gives
@@ -590,7 +587,7 @@ class Llava(nn.Module):
         shorter than Ts leaves padding slots between its prefix and itself, which the key mask
         hides and the position ids skip: the attention sees what it would see in one row.
         Mistral's sliding window counts slots, so a model with one is refused when a row could
-        span more slots than the window. Sampling and `drop_finished` as in generate().
+        span more slots than the window. `drop_finished` as in generate().
         """
         c = self.config.text
         (E, Tp), (B, Ts) = prefix_ids.shape, suffix_ids.shape
@@ -630,14 +627,14 @@ class Llava(nn.Module):
             slots = torch.arange(Tp, Tp + Ts, device=prefix_ids.device)
             h = self._run_decoder(x, positions, key_valid, slots)
             logits = self.lm_head(h[:, -1]).float()  # (B, V)
-            return self._decode_loop(logits, positions[:, -1], Tp + Ts, max_new_tokens, temperature, top_p,
-                                     generator, eos_token_id, pad_token_id, drop_finished)
+            return self._decode_loop(logits, positions[:, -1], Tp + Ts, max_new_tokens, eos_token_id, pad_token_id,
+                                     drop_finished)
         finally:
             self.clear_cache()
 
-    def _decode_loop(self, logits, position, slot: int, max_new_tokens: int, temperature: float, top_p: float,
-                     generator, eos: int | None, pad: int | None, drop_finished: bool) -> torch.Tensor:
-        """Sample from `logits` (B, V), then decode one token at a time from cache slot `slot` and
+    def _decode_loop(self, logits, position, slot: int, max_new_tokens: int, eos: int | None, pad: int | None,
+                     drop_finished: bool) -> torch.Tensor:
+        """The argmax of `logits` (B, V), then decode one token at a time from cache slot `slot` and
         per-row position `position` + 1 on; a row stops at its first EOS (pad after it; None: the
         config's ids, pad falling back to EOS). With `drop_finished`, the cache keeps only the
         unfinished rows once half of them are done."""
@@ -651,7 +648,7 @@ class Llava(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=logits.device)
         steps = 0
         for step in range(max_new_tokens):
-            token = sample(logits, temperature, top_p, generator)
+            token = logits.argmax(-1)  # (B,), greedy
             token = token.masked_fill(done, pad)
             out[rows, step] = token
             steps = step + 1
@@ -674,20 +671,6 @@ class Llava(nn.Module):
         self._key_valid = self._key_valid[rows]
         self._cache_shape = (len(rows), self._cache_shape[1])
 
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token (B,) from logits (B, V): argmax at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def enable_gradient_checkpointing(model: Llava) -> None:

@@ -121,7 +121,7 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
     # An owner's rows have nearly equal lengths, so they mostly land in one call and share its prefill.
     order = sorted(range(len(prefixes)), key=lambda r: len(prompts[owners[r]]) + len(prefixes[r]))
     tails: list[list[int]] = [[] for _ in prefixes]
-    gen = dict(max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=cfg.text.eos_token_id, pad_token_id=pad_id,
+    gen = dict(max_new_tokens=max_new_tokens, eos_token_id=cfg.text.eos_token_id, pad_token_id=pad_id,
                drop_finished=True)
     for start in range(0, len(order), rows_per_call):
         rows = order[start: start + rows_per_call]
