@@ -118,17 +118,17 @@ class Summary:
 
 
 def rule_name(options: dict) -> str:
-    """The candidate options of a run, from an hscr.py header (older files: dropped-topk)."""
-    c = options.get("num_candidates", options.get("top_k"))
-    rule = options.get("candidates", "dropped-topk")
-    text = f"{rule} c={c}"
+    """The candidate options of a run, from an hscr.py header: the rule, c, and what differs from the
+    defaults among α, the dropped branch's positions, ρ and the coupling score."""
+    rule = options["candidates"]
+    text = f"{rule} c={options['num_candidates']}"
     if rule != "dropped-topk":
-        text += f" α={options.get('alpha')}"
-    if options.get("drop_positions", "renumber") != "renumber":
+        text += f" α={options['alpha']}"
+    if options["drop_positions"] != "renumber":
         text += f" positions={options['drop_positions']}"
-    if options.get("drop_ratio", 0.7) != 0.7:
+    if options["drop_ratio"] != 0.7:
         text += f" ρ={options['drop_ratio']}"
-    if options.get("coupling", "logit") != "logit":
+    if options["coupling"] != "logit":
         text += f" coupling={options['coupling']}"
     return text
 

@@ -39,7 +39,13 @@ def _coupled(*pairs):
 
 
 def _write(path, records, rejects=(), options=None):
-    header = {"_header": True, "options": options or {"candidates": "both", "num_candidates": 10, "alpha": 0.1}}
+    """An hscr.py output: a header with every option (hscr.py's defaults unless given), then records."""
+    import dataclasses
+
+    import hscr
+
+    options = options or {**dataclasses.asdict(hscr.Options()), "candidates": "both", "drop_positions": "renumber"}
+    header = {"_header": True, "options": options}
     path.write_text("".join(json.dumps(x) + "\n" for x in [header, *records]))
     negatives.rejects_path(path).write_text("".join(json.dumps(x) + "\n" for x in rejects))
 
@@ -72,20 +78,26 @@ def test_summarize_counts(tmp_path):
 
 
 def test_rule_names_and_cli(tmp_path, capsys):
-    """Headers of older files (top_k, no candidates option) read as dropped-topk; the CLI prints
-    one row per file; a file without a header is refused by name."""
-    old = tmp_path / "old.jsonl"
-    _write(old, [{"coupled": _coupled(("▁left", "▁right")), "negatives": [{"m": 1}]}], options={"top_k": 1})
+    """A run's name gives its rule and c, and what differs from the defaults (α, positions, ρ,
+    coupling); the CLI prints one row per file; a file without a header is refused by name."""
+    import dataclasses
+
+    import hscr
+
+    defaults = dataclasses.asdict(hscr.Options())
+    one = tmp_path / "one.jsonl"
+    _write(one, [{"coupled": _coupled(("▁left", "▁right")), "negatives": [{"m": 1}]}],
+           options={**defaults, "num_candidates": 1, "drop_positions": "renumber"})
     new = tmp_path / "new.jsonl"
-    _write(new, [], options={"candidates": "dropped-topk", "num_candidates": 10, "drop_positions": "keep"})
+    _write(new, [], options=defaults)
     other = tmp_path / "other.jsonl"
-    _write(other, [], options={"candidates": "dropped-plausible", "num_candidates": 10, "alpha": 0.01,
-                               "drop_ratio": 0.9, "coupling": "logprob", "drop_positions": "renumber"})
-    summaries = negatives.main([str(old), str(new), str(other), "--pairs", "3"])
+    _write(other, [], options={**defaults, "candidates": "dropped-plausible", "alpha": 0.01, "drop_ratio": 0.9,
+                               "coupling": "logprob", "drop_positions": "renumber"})
+    summaries = negatives.main([str(one), str(new), str(other), "--pairs", "3"])
     out = capsys.readouterr().out
     assert [s.rule for s in summaries] == ["dropped-topk c=1", "dropped-topk c=10 positions=keep",
                                            "dropped-plausible c=10 α=0.01 ρ=0.9 coupling=logprob"]
-    assert "| old.jsonl | dropped-topk c=1 | 1 | 1 | 100.0 |" in out and "left→right 1 (same-slot)" in out
+    assert "| one.jsonl | dropped-topk c=1 | 1 | 1 | 100.0 |" in out and "left→right 1 (same-slot)" in out
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1}\n')
     with pytest.raises(SystemExit, match="bad.jsonl: not an hscr.py output"):
