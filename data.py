@@ -1,4 +1,12 @@
-"""Data: LLaVA-Med image preprocessing and readers of the real instruction and VQA files.
+"""Data: LLaVA-Med image preprocessing, readers of the real instruction and VQA files, and the
+preference-file reader that gives train.py its examples. The sections, in order:
+
+    preprocessing      preprocess_image: LLaVA-Med's pad to a square (or a resize), CLIP normalisation
+    images on disk     resolve_image, load_image, load_pixels, image_problem; unusable_images (every
+                       training image checked once, before the first step), batch_pixels
+    records            read_records: LLaVA-Med instruction JSON, VQA test.json, question JSONL
+    preference files   read_preferences: hscr.py's output → Examples (token rows, trained tokens);
+                       loss_inputs: the rows' log-probs back per entry, as train.py's losses take them
 
 Image preprocessing (LLaVA-Med v1.5, `image_aspect_ratio = "pad"`), in pillow + numpy:
 
@@ -23,12 +31,28 @@ Readers turn the three file layouts of docs/FORMATS.md into `Record`s:
 A malformed record becomes a `BadRecord` (file, index, id, reason) and reading goes on; a file
 that cannot be read or parsed as a whole raises an error naming it.
 
+Preference file (docs/FORMATS.md): a header line {"_header": true, "options", "provenance"}, then
+JSON lines {"id", "image", "question", "prompt" (optional), "chosen", "chosen_ids",
+"chosen_complete", "negatives": [{"text", "similarity", "ids", "complete"}, …] ranked best first};
+"rejected" (a string or a list of strings) is read when "negatives" is absent. The responses are
+trained on the token ids hscr.py stored when the header's tokenizer digest is the one of the
+tokenizer used here, else re-tokenized from their texts (`read_preferences` says which, once); a
+response stored as incomplete (cut at hscr.py's --max-new-tokens) gets no EOS. A bad record becomes
+a BadRecord too. Images are looked at after reading (`unusable_images`: header, checksums and a
+full decode, each file once), so that a corrupt, empty, truncated or oversized image skips its
+record before training starts instead of stopping it at some step. `cfg` is train.py's
+TrainConfig; this module never imports train.py. demo/base.py reads LLaVA conversations into the
+same Examples (`read_sft`) for the demo's base model. How a run reads all this before its model
+(tokenizer, config, held-out split) is plumbing: harness/trainset.py.
+
 The synthetic world of the embedded demo, which writes files in these layouts, is demo/world.py.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +60,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from harness.files import BadLine, read_json_records
+from harness.files import BadLine, DataError, read_json_records
+from model.tokenizer import IMAGE_TOKEN, TEMPLATES, build_prompt, tokenize_prompt, tokenize_response
 
 # OpenAI CLIP normalisation constants (CLIPImageProcessor's defaults, LLaVA-Med's processor).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -174,6 +199,40 @@ def image_problem(path: Path) -> str | None:
     except (OSError, SyntaxError, ValueError, EOFError) as error:  # what pillow raises for bad bytes
         return f"not a readable image ({type(error).__name__}: {error})"
     return None
+
+
+def unusable_images(paths: Iterable[Path], image_size: int, aspect: str) -> dict[Path, str]:
+    """image file → why it cannot be trained on, for the `paths` that cannot: empty, not an image,
+    a bad checksum, cut short, refused by pillow's decompression-bomb guard, or a mode that
+    preprocessing refuses. data.image_problem looks at the header and checksums cheaply; a full
+    decode and preprocessing then catch what it cannot see (a JPEG cut short)."""
+    out = {}
+    for path in paths:
+        try:
+            why = image_problem(path)
+            if why is None:
+                load_pixels(path, image_size, aspect)
+        # Any failure to read a file counts as bad input: pillow raises many kinds for bad bytes.
+        except Exception as e:  # noqa: BLE001
+            why = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+        if why is not None:
+            out[path] = why
+    return out
+
+
+def batch_pixels(examples: list[Example], image_size: int, aspect: str = "pad") -> torch.Tensor | None:
+    """(B_img, 3, S, S) for the examples that have an image, in order. Every image was checked
+    when the run started (`unusable_images`); one that fails now changed during the run."""
+    pixels = []
+    for ex in examples:
+        if ex.image is None:
+            continue
+        try:
+            pixels.append(load_pixels(ex.image, image_size, aspect))
+        except (ValueError, OSError) as e:
+            raise DataError(f"{ex.file} record {ex.index} (id {ex.id}): {e}; the image was readable when the run "
+                            "started, so it changed since: restore it and rerun with --resume") from None
+    return torch.stack(pixels) if pixels else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,3 +463,237 @@ def _attach_answer(record: Record, answers: _Answers, answers_path: str | os.Pat
         record.answer = answer
         record.conversations = record.conversations[:1] + [{"from": "gpt", "value": answer}]
     record.answer_type = record.answer_type or answer_type
+
+
+# --------------------------------------------------------------------------------------------
+# Preference files (hscr.py's output) → train.py's examples
+
+
+@dataclass
+class Example:
+    """One training entry: its image and the token rows of its responses.
+
+    Preference: rows[0] = prompt + y_w, rows[1:] = prompt + y_lj (best first). SFT (demo/base.py):
+    one row, the whole conversation. `targets[r][t]` is True where token t of row r is trained on.
+    `file` and `index` say where the record is (for bad_records.jsonl).
+    """
+    id: str
+    image: Path | None
+    rows: list[list[int]]
+    targets: list[list[bool]]
+    file: str = ""
+    index: int = -1
+
+
+@dataclass
+class Response:
+    """A response of a preference record: its text, and the token ids hscr.py generated or scored
+    for it (without EOS; None when the record has none). complete=False: the response was cut
+    before its EOS (at hscr.py's --max-new-tokens), so training appends none."""
+    text: str
+    ids: list[int] | None = None
+    complete: bool = True
+
+
+def _stored_ids(value: object, key: str) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise ValueError(f"{key} must be a list of token ids")
+    return value
+
+
+def _complete(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _preference_fields(item: object, num_negatives: int):
+    """(id, image, question, prompt or None, chosen Response, negative Responses) of a preference
+    record, or ValueError(reason)."""
+    if isinstance(item, BadLine):
+        raise ValueError(item.message)
+    if not isinstance(item, dict):
+        raise ValueError(f"a record must be an object, not {type(item).__name__}")
+    missing = [k for k in ("id", "question", "chosen") if k not in item]
+    if "negatives" not in item and "rejected" not in item:
+        missing.append("negatives")
+    if missing:
+        raise ValueError(f"missing field(s) {missing}")
+    if not isinstance(item["id"], (str, int)):
+        raise ValueError(f"id must be a string, got {item['id']!r}")
+    for key in ("question", "chosen"):
+        if not isinstance(item[key], str) or not item[key].strip():
+            raise ValueError(f"{key} must be a non-empty string")
+    prompt = item.get("prompt")  # hscr.py stores the prompt text it scored with
+    if prompt is not None and (not isinstance(prompt, str)
+                               or prompt.count(IMAGE_TOKEN) != (item.get("image") is not None)):
+        raise ValueError(f"prompt must be a string with one {IMAGE_TOKEN} if the record has an image, else none")
+    image = item.get("image")
+    if image is not None and not isinstance(image, str):
+        raise ValueError(f"image must be a path string or null, got {image!r}")
+    raw = item["negatives"] if "negatives" in item else item["rejected"]
+    raw = [raw] if isinstance(raw, str) else raw
+    if not isinstance(raw, list):
+        raise ValueError("negatives must be a list")
+    negatives = []
+    for j, n in enumerate(raw[:num_negatives]):
+        n = n if isinstance(n, dict) else {"text": n}
+        if not isinstance(n.get("text"), str) or not n["text"].strip():
+            raise ValueError("every negative must be a non-empty string or an object with a non-empty 'text'")
+        negatives.append(Response(n["text"], _stored_ids(n.get("ids"), f"negatives[{j}].ids"),
+                                  _complete(n.get("complete", True), f"negatives[{j}].complete")))
+    chosen = Response(item["chosen"], _stored_ids(item.get("chosen_ids"), "chosen_ids"),
+                      _complete(item.get("chosen_complete", True), "chosen_complete"))
+    return str(item["id"]), image, item["question"], prompt, chosen, negatives
+
+
+def image_file(image: str | None, image_root: Path) -> Path | None:
+    """The file of a record's image path (None: no image); a missing file is the record's error."""
+    if image is None:
+        return None
+    path = resolve_image(image_root, image)
+    if not path.is_file():
+        raise ValueError(f"image not found: {path}")
+    return path
+
+
+class Tokens:
+    """The prompt / response tokenization of train.py and demo/base.py's SFT (model/tokenizer.py)."""
+
+    def __init__(self, tokenizer, config):
+        self.tokenizer, self.text = tokenizer, config.text
+        self.image_token_id, self.num_image_tokens = config.image_token_id, config.num_image_tokens
+        self.image_size = config.vision.image_size
+
+    def prompt(self, question: str, with_image: bool, first: bool = True, text: str | None = None) -> list[int]:
+        """Ids of the prompt `text`, or of the template around `question` (the image first)."""
+        if text is None:
+            text = build_prompt(question) if with_image else \
+                TEMPLATES["mistral_instruct"].format(user=question.replace(IMAGE_TOKEN, "").strip())
+        return tokenize_prompt(self.tokenizer, text, image_token_id=self.image_token_id,
+                               num_image_tokens=self.num_image_tokens,
+                               bos_token_id=self.text.bos_token_id if first else None)
+
+    def response(self, text: str, limit: int | None = None, complete: bool = True) -> list[int]:
+        """Ids of a response, then EOS unless it is incomplete (cut before its end); at most `limit`."""
+        ids = tokenize_response(self.tokenizer, text.strip(),
+                                eos_token_id=self.text.eos_token_id if complete else None)
+        return ids[:limit] if limit else ids
+
+    def stored(self, ids: list[int], limit: int | None = None, complete: bool = True) -> list[int]:
+        """Stored response ids (as hscr.py wrote them, without EOS), then EOS unless incomplete."""
+        bad = sorted({i for i in ids if not 0 <= i < self.text.vocab_size or i == self.image_token_id})
+        if bad:
+            raise ValueError(f"stored token ids {bad[:5]} are not text tokens of this model "
+                             f"(vocabulary {self.text.vocab_size}, image token {self.image_token_id})")
+        ids = ids + [self.text.eos_token_id] if complete else list(ids)
+        return ids[:limit] if limit else ids
+
+
+def preference_header(path: Path) -> dict | None:
+    """The header line hscr.py writes first in a preference file ({"_header": true, "options",
+    "provenance"}), or None when the file has none (or its first line does not parse: reading
+    the records reports that)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+        item = json.loads(first.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return item if isinstance(item, dict) and item.get("_header") else None
+
+
+def stored_ids_usable(header: dict | None, tokenizer_sha256: str | None) -> tuple[bool, str]:
+    """Whether the token ids stored in a preference file are those this tokenizer gives: the
+    header's provenance must name a tokenizer with the same digest. Returns (usable, why not)."""
+    made = (header or {}).get("provenance")
+    made = made.get("tokenizer") if isinstance(made, dict) else None
+    if not isinstance(made, dict) or not isinstance(made.get("sha256"), str):
+        return False, "its header records no tokenizer digest (written by an older hscr.py or another program)"
+    if tokenizer_sha256 is None:
+        return False, "the tokenizer used here has no digest to compare"
+    if made["sha256"] != tokenizer_sha256:
+        return False, (f"it was made with another tokenizer ({made.get('path')}, sha256 {made['sha256'][:12]}…; "
+                       f"here sha256 {tokenizer_sha256[:12]}…)")
+    return True, ""
+
+
+def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg,
+                     tokenizer_sha256: str | None = None, say: Callable[[str], None] | None = None):
+    """Preference records → (examples, bad records). A bad record is reported, not fatal.
+
+    Responses are the ids stored in the record when `stored_ids_usable` (the file's tokenizer has
+    the digest `tokenizer_sha256`), else their texts tokenized again; `say` (e.g. print) is told
+    once per file which, and why."""
+    examples, bad, seen = [], [], set()
+    use_ids, why = stored_ids_usable(None, tokenizer_sha256)
+    counts = {"stored": 0, "unused": 0, "none": 0}
+    for index, item in read_json_records(path):
+        if isinstance(item, dict) and item.get("_header"):
+            use_ids, why = stored_ids_usable(item, tokenizer_sha256)
+            continue
+        record_id = str(item.get("id")) if isinstance(item, dict) and "id" in item else None
+        try:
+            rid, image, question, prompt_text, chosen, negatives = _preference_fields(item, cfg.negatives)
+            if rid in seen:
+                raise ValueError(f"duplicate id {rid!r}")
+            if len(negatives) < min(cfg.min_negatives, cfg.negatives):
+                raise ValueError(f"{len(negatives)} negatives, fewer than --min-negatives {cfg.min_negatives}")
+            image_path = image_file(image, image_root)
+            prompt = tokens.prompt(question, image is not None, text=prompt_text)
+            answers = [chosen] + negatives
+            has_ids = all(r.ids is not None for r in answers)
+            if has_ids and use_ids:
+                responses = [tokens.stored(r.ids, cfg.max_response_tokens, r.complete) for r in answers]
+            else:
+                responses = [tokens.response(r.text, cfg.max_response_tokens, r.complete) for r in answers]
+            if not all(responses):
+                raise ValueError("a response has no tokens")
+            rows = [prompt + r for r in responses]
+            if max(map(len, rows)) > cfg.max_length:
+                raise ValueError(f"{max(map(len, rows))} tokens, more than --max-length {cfg.max_length}")
+        except ValueError as e:
+            bad.append(BadRecord(str(path), index, record_id, str(e)))
+            continue
+        counts["stored" if has_ids and use_ids else "unused" if has_ids else "none"] += 1
+        seen.add(rid)
+        targets = [[False] * len(prompt) + [True] * len(r) for r in responses]
+        examples.append(Example(rid, image_path, rows, targets, str(path), index))
+    if say:
+        if counts["stored"]:
+            say(f"{path}: {counts['stored']} records trained on the token ids stored with them (same tokenizer)")
+        if counts["unused"]:
+            say(f"{path}: stored token ids not used, {counts['unused']} records re-tokenized from their texts: {why}")
+        if counts["none"]:
+            say(f"{path}: {counts['none']} records have no stored token ids (written by an older hscr.py or "
+                "another program): re-tokenized from their texts")
+    return examples, bad
+
+
+# --------------------------------------------------------------------------------------------
+# And back: an example's row log-probs, per entry, as the loss takes them (train.py, Stage 3)
+
+
+def split_rows(logp: torch.Tensor, examples: list[Example], K: int):
+    """Row log-probs (R,) → chosen (B,), rejected (B, K) padded with 0, mask (B, K)."""
+    B = len(examples)
+    chosen = logp.new_zeros(B)
+    rejected = logp.new_zeros(B, K)
+    mask = torch.zeros(B, K, dtype=torch.bool, device=logp.device)
+    r = 0
+    for b, ex in enumerate(examples):
+        n = len(ex.rows) - 1
+        chosen[b] = logp[r]
+        rejected[b, :n] = logp[r + 1:r + 1 + n]
+        mask[b, :n] = True
+        r += 1 + n
+    return chosen, rejected, mask
+
+
+def loss_inputs(policy_logp: torch.Tensor, ref_logp: torch.Tensor, examples: list[Example], K: int):
+    """Row log-probs (R,) under π_θ and π_ref → the inputs of train.preference_loss: policy chosen
+    (B,) and rejected (B, K), reference chosen (B,) and rejected (B, K), mask (B, K)."""
+    policy, reference = split_rows(policy_logp, examples, K), split_rows(ref_logp, examples, K)
+    return policy[0], policy[1], reference[0], reference[1], policy[2]

@@ -16,7 +16,7 @@ computed once and cached beside the preference file.
 The loop (`train`): AdamW, warmup + cosine, gradient accumulation, clipping, seeded shuffling per
 epoch, held-out preference accuracy every N steps, metrics.jsonl, atomic checkpoints, DDP under
 torchrun. One run per --out: `--resume` continues it exactly (or keeps it, finished), only with the
-inputs and options that made it (out/provenance.json). batches.py reads the data (docs/FORMATS.md):
+inputs and options that made it (out/provenance.json). data.py reads the data (docs/FORMATS.md):
 bad records and unreadable images are skipped (out/bad_records.jsonl). Expected errors: one line, exit 2.
 
 `python train.py train [options]` (or any argument list holding --model or --data) runs this
@@ -44,14 +44,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from batches import Example, Rows, batch_pixels, collate, loss_inputs, read_inputs
-from harness import rundir
+from data import Example, batch_pixels, loss_inputs
+from harness import rundir, trainset
 from harness.cli import dataclass_parser, option, run_main
 from harness.dist import Context, setup_context
 from model import load_model
 from model.llava import enable_gradient_checkpointing, token_logprobs
 from model.loading import DTYPES, resolve_dtype
 from model.lora import DEFAULT_TARGETS, apply_lora, lora_disabled, lora_parameters
+from model.rows import Rows, collate
 
 # ---------------------------------------------------------------------------------------------
 # The method: the reward and the losses of Stage 3 (docs/METHOD.md), one function per equation.
@@ -151,11 +152,10 @@ def preference_loss(kind: str, policy_chosen, policy_rejected, ref_chosen, ref_r
 
 def row_logprobs(model, base, rows: Rows, pixels: Tensor | None, chunk_rows: int, train_vision: bool = False) -> Tensor:
     """log π(y|i,x) of every row (R,): each image encoded once, and each example's shared prefix
-    (image, prompt, common answer start) run once for all its rows (batches.Rows).
+    (image, prompt, common answer start) run once for all its rows (model/rows.py, `Rows`).
 
     `model` is what runs the decoder (the DDP wrapper when distributed), `base` the Llava inside.
-    The vision tower and projector are frozen (no graph kept) unless `train_vision` (demo/base.py).
-    """
+    The vision tower and projector are frozen (no graph kept) unless `train_vision` (demo/base.py)."""
     features = None
     if pixels is not None:
         with contextlib.nullcontext() if train_vision else torch.no_grad():
@@ -208,7 +208,7 @@ def train(cfg: TrainConfig) -> dict:
     dtype = resolve_dtype(cfg.dtype, ctx.device)
 
     # Data, read before the (slow) model load; what made the run is checked against --out's.
-    data = read_inputs(cfg, ctx)
+    data = trainset.read_inputs(cfg, ctx)
     cfg = replace(cfg, image_aspect=data.image_aspect)
     ctx.pad_id = data.config.text.pad_token_id or 0
     examples, held_out, bad = data.examples, data.held_out, data.bad

@@ -5,7 +5,7 @@ One entry: 1 chosen + 3 rejected responses of 128 tokens after a prompt of 576 i
 loss (Eq. 7, reference log-probs given, as train.py caches them) and its backward pass:
 
     ours    image encoded once; the 4 rows packed after their shared prefix (image tokens and
-            prompt run once, batches.collate); hidden states taken at the 4 × 128 response
+            prompt run once, model.rows.collate); hidden states taken at the 4 × 128 response
             positions only; vocabulary projection + log-softmax in checkpointed chunks
             (train.row_logprobs)
     rows    the same, but each row its own sequence, the prefix run 4 times (the layout before

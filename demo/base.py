@@ -29,16 +29,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from batches import Example, Tokens, batch_pixels, collate, image_file, model_config, read_examples, read_tokenizer
-from data import BadRecord, load_pixels, read_records
+from data import BadRecord, Example, Tokens, batch_pixels, image_file, load_pixels, read_records
 from demo.world import MODALITIES, build_world
 from harness.cli import UserError, add_dataclass_options, option, run_main
 from harness.dist import dist_env, setup_context
 from harness.files import BadLine, DataError, atomic_write_text, read_json_records
 from harness.rundir import write_run_start
+from harness.trainset import model_config, read_examples, read_tokenizer
 from model import load_model, save_model
 from model.llava import Llava, LlavaConfig, preset
 from model.loading import DTYPES, resolve_dtype
+from model.rows import collate
 from model.tokenizer import IMAGE_TOKEN, tokenizer_file
 from train import logprobs_by_id, lr_lambda, row_logprobs
 

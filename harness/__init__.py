@@ -8,6 +8,8 @@
     outputs      a resumable JSON-lines output with a fingerprint header, rejects, summary, rank files
     rundir       start or resume a run directory (train.py's and eval.py's); train.py's fingerprint,
                  checkpoints, exact resume, the reference log-prob cache
+    trainset     train.py's inputs before the model load: tokenizer, model config, examples (and
+                 demo/base.py's), images checked once, the held-out split
     questions    eval.py's inputs: NAME=PATH options, question files, missing or unreadable images
     answers      eval.py's answer files: per-rank JSONL shards, resumable, merged in question order
     reports      eval.py's tables: report.md, summary.json, compare / score / baselines

@@ -446,7 +446,7 @@ class Llava(nn.Module):
         `attention_mask` is (B, T), 1 on real tokens: padding may be on either side, and
         `position_ids` default to the running count of real tokens (so a left-padded row starts at
         position 0 at its first real token). Or it is a boolean (B, T, T) saying which key u each
-        query t sees (several answers packed after one shared prompt, batches.collate); then
+        query t sees (several answers packed after one shared prompt, rows.collate); then
         `position_ids` must be given, the sliding window (if any) applies to them, and no KV cache
         may be set up.
         With `return_hidden` the final-norm hidden states (B, T, D) are returned instead of logits,

@@ -1,5 +1,6 @@
 """Many rows through the model at once, each giving what it gives alone up to floating-point
-rounding (tests/test_hscr.py checks both against single-row forwards and generate calls):
+rounding (tests/test_hscr.py checks the first two against single-row forwards and generate calls,
+tests/test_model.py and tests/test_train.py the packed rows against rows run alone):
 
     teacher_forced_logits   responses teacher-forced after their prompts (with their images),
                             left-padded into one batch; logits only at the positions that
@@ -8,17 +9,25 @@ rounding (tests/test_hscr.py checks both against single-row forwards and generat
     greedy_continuations    greedy tails of many rows that share prompts (hscr.py's graded
                             negatives and --score-on greedy): one KV cache per call, each prompt
                             prefilled once, finished rows leaving the batch
+    collate / Rows          the rows of each example (data.Example: a prompt with y_w, then with
+                            each y_lj) packed into one sequence, their shared prefix once, for one
+                            forward pass (train.py's log π, demo/base.py's SFT)
 
 Shape letters: R rows, T padded row length, L longest response, V vocabulary, N image tokens of a
-row, D model width.
+row, D model width; in `Rows`, S packed sequences (one per example) and P a row's target tokens.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from .llava import left_pad, token_logprobs
+
+if TYPE_CHECKING:  # annotations only: model/ does not import data.py
+    from data import Example
 
 
 def flat_features(features: Sequence[torch.Tensor], model) -> torch.Tensor:
@@ -141,3 +150,84 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
         for r, row in zip(rows, new.tolist()):
             tails[r] = cut_generated(row, cfg.text.eos_token_id, cfg.image_token_id)
     return tails
+
+
+# ---------------------------------------------------------------------------------------------
+# The rows of an example packed after their shared prefix: one forward pass per example
+
+
+@dataclass
+class Rows:
+    """A micro-batch packed for one forward pass: one sequence per example.
+
+    The rows of an example (the prompt with y_w, then with each y_lj) share a prefix: the image's
+    visual tokens, the prompt, and the answers' first tokens up to where they part. The sequence
+    holds that prefix once, then the rest of each row, one after the other; `visible` lets a
+    token see the prefix and the earlier tokens of its own row only, and `position_ids` count
+    as in the row alone, so every row's log-probs are those of a forward pass over the row by
+    itself (up to float rounding). The prefix, about 80 % of a row on the demo, is computed once
+    per example instead of once per row.
+    """
+    input_ids: torch.Tensor     # (S, T) one packed sequence per example, right-padded
+    position_ids: torch.Tensor  # (S, T) each token's position in its own row
+    visible: torch.Tensor       # (S, T, T) bool: query t sees key u
+    seq: torch.Tensor           # (R,) the sequence that holds row r
+    positions: torch.Tensor     # (R, P) where in seq[r] the hidden state predicting each target is
+    labels: torch.Tensor        # (R, P) the target tokens
+    label_mask: torch.Tensor    # (R, P) bool
+    seq_image: torch.Tensor     # (S,) index into the batch's images, −1 for none
+
+    def to(self, device) -> Rows:
+        return Rows(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+
+def shared_prefix(rows: list[list[int]]) -> int:
+    """Length of the longest prefix common to all `rows`."""
+    n = min(map(len, rows))
+    for r in rows[1:]:
+        n = next((i for i in range(n) if r[i] != rows[0][i]), n)
+    return n
+
+
+def collate(examples: list[Example], pad_id: int) -> Rows:
+    seqs, segments, pos_ids, where, seq_of, seq_image = [], [], [], [], [], []
+    n_images = 0
+    for s, ex in enumerate(examples):
+        n = shared_prefix(ex.rows)
+        ids, segment, positions = list(ex.rows[0][:n]), [0] * n, list(range(n))
+        for r, (row, target) in enumerate(zip(ex.rows, ex.targets)):
+            start = len(ids) - n  # packed index of row index i ≥ n is start + i
+            ids += row[n:]
+            segment += [r + 1] * (len(row) - n)
+            positions += range(n, len(row))
+            # The hidden state at row index t − 1 predicts token t.
+            where.append([((t - 1) if t - 1 < n else start + t - 1, row[t]) for t, on in enumerate(target) if on])
+            seq_of.append(s)
+        seqs.append(ids)
+        segments.append(segment)
+        pos_ids.append(positions)
+        seq_image.append(n_images if ex.image is not None else -1)
+        n_images += ex.image is not None
+    S, T = len(seqs), max(map(len, seqs))
+    R, P = len(where), max(map(len, where))
+    input_ids = torch.full((S, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(S, T, dtype=torch.long)
+    segment = torch.full((S, T), -1, dtype=torch.long)  # −1: padding, 0: the shared prefix, r + 1: row r
+    for s, (ids, seg, pos) in enumerate(zip(seqs, segments, pos_ids)):
+        input_ids[s, :len(ids)] = torch.tensor(ids)
+        segment[s, :len(ids)] = torch.tensor(seg)
+        position_ids[s, :len(ids)] = torch.tensor(pos)
+    key, query = segment[:, None, :], segment[:, :, None]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    visible = causal & (key >= 0) & ((key == 0) | (key == query))
+    visible |= torch.eye(T, dtype=torch.bool)  # padding sees itself (finite, never read)
+    positions = torch.zeros(R, P, dtype=torch.long)
+    labels = torch.zeros(R, P, dtype=torch.long)
+    label_mask = torch.zeros(R, P, dtype=torch.bool)
+    for r, pairs in enumerate(where):
+        if pairs:
+            positions[r, :len(pairs)] = torch.tensor([p for p, _ in pairs])
+            labels[r, :len(pairs)] = torch.tensor([y for _, y in pairs])
+            label_mask[r, :len(pairs)] = True
+    return Rows(input_ids, position_ids, visible, torch.tensor(seq_of), positions, labels, label_mask,
+                torch.tensor(seq_image))

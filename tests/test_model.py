@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import tiny
-from batches import Example, collate
+from data import Example
 from model.llava import left_pad
+from model.rows import collate
 from model import CheckpointError, load_model, save_model
 from model.llava import Llava, preset
 
@@ -216,7 +217,7 @@ def test_generate_shared_prefix_equals_generate(loaded):
 
 
 def test_packed_rows_equal_rows_alone(hf_models, tmp_path):
-    """Rows packed after their shared prefix (batches.collate: a (B, T, T) mask and each row's own
+    """Rows packed after their shared prefix (model.rows.collate: a (B, T, T) mask and each row's own
     positions) give, at every target, the logits of a forward pass over the row alone; here with
     a sliding window (6) shorter than the rows, rows that part inside the answer, a row that is
     the others' prefix plus one token, and an example of a single row."""

@@ -20,13 +20,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import batches
 import tiny
 import train
-from harness import provenance, rundir
+from harness import provenance, rundir, trainset
 from harness.dist import Context
 from harness.cli import UserError, run_main
-from data import image_problem
+from data import Tokens, image_problem, load_pixels, read_preferences
 from harness.provenance import ProvenanceError
 from oracles import dpo_loss, sequence_logprob
 from model import load_model
@@ -266,9 +265,9 @@ def test_efficient_forward_matches_plain(workspace):
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.normal_(0, 0.05)
-    tokens = batches.Tokens(word_tokenizer(), model.config)
+    tokens = Tokens(word_tokenizer(), model.config)
     cfg = config(workspace, root / "unused")
-    examples, bad = batches.read_preferences(prefs, root, tokens, cfg)
+    examples, bad = read_preferences(prefs, root, tokens, cfg)
     assert not bad
     batch = examples[:2]  # K = 1 and K = 2
     rows = train.collate(batch, pad_id=0)
@@ -344,8 +343,8 @@ def test_steps_raise_margin_and_bad_records_are_skipped(workspace, tmp_path):
     # The adapter was saved in PEFT's format and disabling it gives the reference again.
     model = load_model(ckpt)
     load_adapter(model, out / "adapter")
-    tokens = batches.Tokens(word_tokenizer(), model.config)
-    examples, _ = batches.read_preferences(data, tmp_path, tokens, config(workspace, out))
+    tokens = Tokens(word_tokenizer(), model.config)
+    examples, _ = read_preferences(data, tmp_path, tokens, config(workspace, out))
     ex = examples[0]
     with torch.no_grad(), lora_disabled(model):
         ref = train.row_logprobs(model, model, train.collate([ex], 0), train.batch_pixels([ex], 28), 64)
@@ -641,14 +640,14 @@ def test_stored_ids_are_trained_on_when_the_tokenizer_is_the_same(workspace, tmp
                             {"text": "the lesion is in the upper lung", "ids": [ids["upper"]], "complete": True}]}
     plain = {k: v for k, v in record.items() if k != "chosen_ids"} | {"id": "b"}  # no ids: re-tokenized
     cfg = config(workspace, tmp_path / "unused")
-    tokens = batches.Tokens(tok, batches.model_config(cfg.model))
+    tokens = Tokens(tok, trainset.model_config(cfg.model))
     text_ids = [tok.encode(t).ids for t in ("the lesion is in the left lung", "the lesion is in the right lung",
                                             "the lesion is in the upper lung")]
     eos = 2
     data = tmp_path / "prefs.jsonl"
     hscr_file(data, [record, plain], sha)
     said = []
-    examples, bad = batches.read_preferences(data, root, tokens, cfg, sha, said.append)
+    examples, bad = read_preferences(data, root, tokens, cfg, sha, said.append)
     assert not bad
     assert responses(examples[0]) == [[ids["a"], ids["mass"], eos], [ids["right"]], [ids["upper"], eos]]
     assert responses(examples[1]) == [text_ids[0] + [eos], text_ids[1], text_ids[2] + [eos]]
@@ -657,7 +656,7 @@ def test_stored_ids_are_trained_on_when_the_tokenizer_is_the_same(workspace, tmp
 
     hscr_file(data, [record], "0" * 64)  # made with another tokenizer
     said = []
-    examples, _ = batches.read_preferences(data, root, tokens, cfg, sha, said.append)
+    examples, _ = read_preferences(data, root, tokens, cfg, sha, said.append)
     assert responses(examples[0]) == [text_ids[0] + [eos], text_ids[1], text_ids[2] + [eos]]
     assert len(said) == 1 and "re-tokenized from their texts" in said[0] and "another tokenizer" in said[0]
 
@@ -671,16 +670,15 @@ def test_image_aspect_from_the_header_reaches_preprocessing(workspace, tmp_path,
     hscr_file(data, preference_records(12), "0" * 64, image_aspect="resize")
     for k in range(3):
         (tmp_path / f"img{k}.png").write_bytes((root / f"img{k}.png").read_bytes())
-    import batches
     aspects = []
-    real = batches.load_pixels
-    monkeypatch.setattr(batches, "load_pixels", lambda path, size, aspect: aspects.append(aspect) or real(path, size, aspect))
+    real = load_pixels
+    monkeypatch.setattr("data.load_pixels", lambda path, size, aspect: aspects.append(aspect) or real(path, size, aspect))
     train.train(short(workspace, tmp_path / "run", data=str(data), max_steps=1))
     assert len(aspects) > 3 and set(aspects) == {"resize"}
     assert "--image-aspect resize, as hscr.py made prefs.jsonl" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["image_aspect"] == "resize"
-    assert batches.resolve_image_aspect("pad", data)[0] == "pad"
-    assert batches.resolve_image_aspect(None, prefs)[0] == "pad"
+    assert trainset.resolve_image_aspect("pad", data)[0] == "pad"
+    assert trainset.resolve_image_aspect(None, prefs)[0] == "pad"
 
 
 def test_reference_cache_key_follows_image_content(workspace, tmp_path):

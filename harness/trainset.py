@@ -1,0 +1,142 @@
+"""train.py's inputs, read before the (slow) model load (`read_inputs`): the tokenizer, the model's
+config without its weights, the preference records of --data and --eval-data (data.read_preferences)
+and their images, each checked once (data.unusable_images), and the held-out split. demo/base.py
+reads its SFT conversations the same way (`read_examples`, `model_config`, `read_tokenizer`).
+
+Nothing here is part of the method; train.py imports it. `cfg` is train.py's TrainConfig (or
+demo/base.py's) and `ctx` its harness.dist.Context; this module never imports train.py.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data import BadRecord, Example, Tokens, preference_header, read_preferences, unusable_images
+from harness import provenance
+from harness.cli import UserError
+from harness.rundir import report_skipped
+from model.llava import LlavaConfig
+from model.loading import read_config, read_vision_config
+from model.tokenizer import load_tokenizer, tokenizer_file
+
+
+@dataclass
+class Inputs:
+    """What `read_inputs` found."""
+    tokenizer_path: Path
+    config: LlavaConfig            # the model's, read without its weights
+    image_root: Path
+    image_aspect: str              # --image-aspect as resolved
+    examples: list[Example]        # training entries
+    held_out: list[Example]        # --eval-data, or --eval-fraction of --data
+    bad: list[BadRecord]           # every skipped record, with why
+    images: list[str]              # every image file looked at, relative to image_root
+
+
+def read_inputs(cfg, ctx) -> Inputs:
+    """train.py's inputs: the tokenizer, the model's config, the preference records of --data and
+    --eval-data and their images. Refuses (one line) a --batch-size the processes cannot share,
+    and data with fewer usable entries than one batch."""
+    tokenizer_path = tokenizer_file(cfg.tokenizer or cfg.model)
+    tokenizer = read_tokenizer(tokenizer_path)
+    config = model_config(cfg.model, cfg.vision_tower)
+    tokens = Tokens(tokenizer, config)
+    image_root = Path(cfg.image_root) if cfg.image_root else Path(cfg.data).parent
+    aspect, source = resolve_image_aspect(cfg.image_aspect, Path(cfg.data))
+    say = (lambda line: print(line, file=sys.stderr)) if ctx.rank == 0 else None
+    if say:
+        say(f"images: {'padded' if aspect == 'pad' else 'resized'} to a square (--image-aspect {aspect}, {source})")
+    sha256 = provenance.file_digest(tokenizer_path)
+    examples, held_out, bad, images = read_examples(
+        lambda path: read_preferences(path, image_root, tokens, cfg, sha256, say), cfg, image_root, aspect,
+        config.vision.image_size, ctx)
+    per_step = cfg.micro_batch * ctx.world
+    if cfg.batch_size % per_step:
+        raise UserError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch × processes = {per_step}")
+    if len(examples) < cfg.batch_size:
+        if ctx.rank == 0:
+            report_skipped(bad)
+        raise UserError(f"{cfg.data}: {len(examples)} training entries ({len(bad)} records skipped"
+                        f"{', listed above' if bad else ''}): fewer than one batch of --batch-size {cfg.batch_size}")
+    return Inputs(tokenizer_path, config, image_root, aspect, examples, held_out, bad, images)
+
+
+def read_examples(read: Callable[[Path], tuple[list[Example], list[BadRecord]]], cfg, image_root: Path,
+                  aspect: str, image_size: int, ctx):
+    """(training examples, held-out examples, skipped records, every image file looked at, relative
+    to `image_root`) of cfg.data and cfg.eval_data, each read by `read(path)` → (examples, bad
+    records). A bad record, or one whose image cannot be decoded and preprocessed, is skipped;
+    images are checked once each, the processes sharing the files, so that every process keeps
+    the same examples. Without --eval-data, a seeded --eval-fraction of cfg.data is held out."""
+    examples, bad = read(Path(cfg.data))
+    held_out, bad_eval = read(Path(cfg.eval_data)) if cfg.eval_data else ([], [])
+    images = sorted({ex.image for ex in examples + held_out if ex.image is not None})
+    mine = unusable_images(images[ctx.rank::ctx.world], image_size, aspect)
+    unusable = ctx.gather_dicts({str(path): why for path, why in mine.items()})
+    examples, bad_images = drop_unusable(examples, unusable, image_root)
+    held_out, bad_eval_images = drop_unusable(held_out, unusable, image_root)
+    if not cfg.eval_data:
+        examples, held_out = split_held_out(examples, cfg.eval_fraction, cfg.seed)
+    names = [path.relative_to(image_root).as_posix() for path in images]
+    return examples, held_out, bad + bad_eval + bad_images + bad_eval_images, names
+
+
+def drop_unusable(examples: list[Example], unusable: dict[str, str], image_root: Path):
+    """(examples whose image is usable, a BadRecord for each of the others)."""
+    kept, bad = [], []
+    for ex in examples:
+        why = unusable.get(str(ex.image)) if ex.image is not None else None
+        if why is None:
+            kept.append(ex)
+        else:
+            name = ex.image.relative_to(image_root).as_posix()
+            bad.append(BadRecord(ex.file, ex.index, ex.id, f"image {name}: {why}"))
+    return kept, bad
+
+
+def split_held_out(examples: list[Example], fraction: float, seed: int):
+    """A seeded random `fraction` of the entries for evaluation, the rest for training."""
+    n_eval = int(round(fraction * len(examples)))
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 12345)).tolist()
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def model_config(model: str, vision_tower: str | None = None) -> LlavaConfig:
+    """The config of the checkpoint `model` (and of a separate `vision_tower`), without its weights."""
+    for flag, path in (("--model", model), ("--vision-tower", vision_tower)):
+        if path is not None and not Path(path).is_dir():
+            raise UserError(f"{flag} {path}: " + ("not a directory" if Path(path).exists() else "directory not found"))
+    vision = read_vision_config(Path(vision_tower)) if vision_tower else None
+    return read_config(Path(model), vision)
+
+
+def read_tokenizer(path: str | os.PathLike):
+    """model.tokenizer.load_tokenizer, with a file it cannot read reported as one line."""
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"tokenizer {path}: {e}") from None
+
+
+def resolve_image_aspect(given: str | None, prefs: Path) -> tuple[str, str]:
+    """(--image-aspect, where it comes from): as given, else what hscr.py used for the preference
+    file (its header's image_aspect), else pad (LLaVA-Med's)."""
+    header = preference_header(prefs)
+    made = None
+    if header:
+        for where in ("options", "provenance"):
+            if isinstance(header.get(where), dict) and header[where].get("image_aspect") in ("pad", "resize"):
+                made = header[where]["image_aspect"]
+                break
+    if given is not None:
+        note = "as given" if made in (None, given) else f"as given; the preference data was made with {made}"
+        return given, note
+    if made is not None:
+        return made, f"as hscr.py made {prefs.name}"
+    return "pad", f"the default; {prefs.name} does not record one"
