@@ -1,6 +1,6 @@
 """demo/report.py: report.html from a small hand-made run directory (the files the demo's stages
 write, with known scores), so that every figure on the page can be derived by hand. The demo's
-end-to-end test (tests/test_demo.py) checks that a real run writes the page too."""
+end-to-end test (tests/test_demo_run.py) checks that a real run writes the page too."""
 import base64
 import io
 import json
