@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import tiny
 from harness.cli import UserError, run_main
 from model import CheckpointError, load_model
-from model.loading import MODEL_TYPE_DEFAULTS, config_from_json
+from model.loading import MODEL_TYPE_DEFAULTS, config_from_json, resolve_dtype
 
 pytest.importorskip("transformers")  # the reference; listed in requirements-test.txt, so never skipped in CI
 
@@ -328,3 +328,11 @@ def test_checkpoint_error_is_a_user_error(saved, tmp_path, capsys):
     assert run_main(lambda argv: load_model(ckpt), []) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'text_config.hidden_size must be an integer, got "256"' in err
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    assert resolve_dtype("auto", "cuda:1") is torch.bfloat16
+    assert resolve_dtype("auto", "cuda", gpu_default="float16") is torch.float16
+    with pytest.raises(ValueError, match="float64"):
+        resolve_dtype("float64", "cpu")

@@ -334,3 +334,11 @@ def test_missing_tower_hint(hf_models, tmp_path):
     _edit(clip, lambda sd: sd.pop("vision_model.pre_layrnorm.weight"))
     with pytest.raises(CheckpointError, match=r"1 missing.*pass vision_tower.*vision_tower\.pre_layrnorm\.weight"):
         load_model(ck, vision_tower=clip)
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = left_pad([[], [1]], pad_id=9)
+    assert ids.tolist() == [[9], [1]] and mask.tolist() == [[0], [1]]
