@@ -1,7 +1,8 @@
 """model/loading.py on checkpoints built the way users hold them: written by transformers' own
 save_pretrained (sharded by size), CLIP towers saved as CLIPVisionModel or CLIPModel, and the
 damaged or mistyped files that users send. Parity is checked against transformers' logits
-(tiny.assert_same_logits); every error must name the file and the key or field."""
+(tiny.assert_same_logits); every error must name the file and the key or field. Also save_model's
+round trip and resolve_dtype's names."""
 import json
 import shutil
 
@@ -12,8 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import tiny
 from harness.cli import UserError, run_main
-from model import CheckpointError, load_model
+from model import CheckpointError, load_model, save_model
 from model.loading import MODEL_TYPE_DEFAULTS, config_from_json, resolve_dtype
+from test_model import hf_models, loaded  # noqa: F401 (fixtures)
 
 pytest.importorskip("transformers")  # the reference; listed in requirements-test.txt, so never skipped in CI
 
@@ -336,3 +338,79 @@ def test_resolve_dtype():
     assert resolve_dtype("auto", "cuda", gpu_default="float16") is torch.float16
     with pytest.raises(ValueError, match="float64"):
         resolve_dtype("float64", "cpu")
+
+
+def test_save_model_round_trip(loaded, tmp_path):
+    _, model = loaded
+    again = load_model(save_model(model, tmp_path / "out"))
+    ids, mask, pixels = tiny.batch_inputs()
+    assert torch.equal(again(ids, pixels, mask), model(ids, pixels, mask))
+
+
+# --- loading errors -----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def ckpt(hf_models, tmp_path):
+    return tiny.save_layout(hf_models[("llama", "default")], tmp_path / "ck", "llava-hf-legacy")
+
+
+def _edit(ckpt, fn):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(ckpt / "model.safetensors"))
+    fn(sd)
+    save_file(sd, str(ckpt / "model.safetensors"))
+
+
+def test_missing_key_is_named(ckpt):
+    _edit(ckpt, lambda sd: sd.pop("language_model.model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"1 missing.*language_model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(ckpt)
+
+
+def test_unexpected_key_is_named(ckpt):
+    _edit(ckpt, lambda sd: sd.__setitem__("language_model.model.layers.0.extra.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match=r"1 unexpected.*layers\.0\.extra\.weight \(model\.safetensors\)"):
+        load_model(ckpt)
+
+
+def test_wrong_shape_is_named(ckpt):
+    _edit(ckpt, lambda sd: sd.__setitem__("multi_modal_projector.linear_2.weight", torch.zeros(64, 63)))
+    with pytest.raises(CheckpointError, match=r"wrong shape.*linear_2\.weight.*\(64, 63\) in the file, \(64, 64\) expected"):
+        load_model(ckpt)
+
+
+def test_all_problems_in_one_error(ckpt):
+    def damage(sd):
+        sd.pop("language_model.lm_head.weight")
+        sd["stray.weight"] = torch.zeros(1)
+    _edit(ckpt, damage)
+    with pytest.raises(CheckpointError) as e:
+        load_model(ckpt)
+    assert "lm_head.weight" in str(e.value) and "stray.weight" in str(e.value)
+
+
+def test_truncated_file(ckpt):
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated or corrupt"):
+        load_model(ckpt)
+
+
+def test_pickle_checkpoint_refused(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(CheckpointError, match=r"(?s)pytorch_model\.bin.*never unpickles.*save_file"):
+        load_model(ckpt)
+
+
+def test_missing_tower_hint(hf_models, tmp_path):
+    hf = hf_models[("llama", "default")]
+    ck = tiny.save_layout(hf, tmp_path / "med", "llava-med")
+    _edit(ck, lambda sd: [sd.pop(k) for k in list(sd) if "vision_tower" in k])
+    with pytest.raises(CheckpointError, match='vision tower "tiny-clip'):
+        load_model(ck)  # the config names a tower whose shape is unknown
+    clip = tiny.save_clip_dir(hf, tmp_path / "clip")
+    _edit(clip, lambda sd: sd.pop("vision_model.pre_layrnorm.weight"))
+    with pytest.raises(CheckpointError, match=r"1 missing.*pass vision_tower.*vision_tower\.pre_layrnorm\.weight"):
+        load_model(ck, vision_tower=clip)

@@ -1,15 +1,13 @@
-"""model/llava.py + model/loading.py against transformers on tiny random Llava checkpoints."""
+"""model/llava.py against transformers on tiny random Llava checkpoints (loaded through
+model/loading.py, whose own checks are in tests/test_loading.py)."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import tiny
-from data import Example
 from model.llava import left_pad
-from model.rows import collate
-from model import CheckpointError, load_model, save_model
+from model import load_model
 from model.llava import Llava, preset
 
 pytest.importorskip("transformers")  # the reference; listed in requirements-test.txt, so never skipped in CI
@@ -216,39 +214,6 @@ def test_generate_shared_prefix_equals_generate(loaded):
         model.generate_shared(pids, pmask, torch.tensor([0]), torch.tensor([[5, 0]]), torch.tensor([[1, 0]]), **kw)
 
 
-def test_packed_rows_equal_rows_alone(hf_models, tmp_path):
-    """Rows packed after their shared prefix (model.rows.collate: a (B, T, T) mask and each row's own
-    positions) give, at every target, the logits of a forward pass over the row alone; here with
-    a sliding window (6) shorter than the rows, rows that part inside the answer, a row that is
-    the others' prefix plus one token, and an example of a single row."""
-    model = load_model(tiny.save_layout(hf_models[("mistral-window", "default")], tmp_path, "llava-hf"))
-    ids, mask, pixels = tiny.batch_inputs()
-    prompts = [ids[e][mask[e].bool()].tolist() for e in range(2)]
-    answers = [[[30, 31, 32, 33, 34], [30, 31, 40, 41], [30]], [[50, 51, 52]]]
-    examples = []
-    for e, (prompt, rows) in enumerate(zip(prompts, answers)):
-        rows = [prompt + a for a in rows]
-        targets = [[False] * len(prompt) + [True] * (len(r) - len(prompt)) for r in rows]
-        examples.append(Example(f"e{e}", Path(f"img{e}.png"), rows, targets))
-    packed = collate(examples, pad_id=0)
-    n0 = len(prompts[0]) + 1  # example 0 shares its prompt and the answers' first token
-    assert packed.input_ids.shape == (2, n0 + 4 + 3 + 0)
-    assert packed.position_ids[0].tolist() == list(range(n0 + 4)) + list(range(n0, n0 + 3))
-    with torch.no_grad():
-        logits = model(packed.input_ids, pixels, packed.visible, position_ids=packed.position_ids)  # (S, T, V)
-        r = 0
-        for e, ex in enumerate(examples):
-            for row, target in zip(ex.rows, ex.targets):
-                alone = model(torch.tensor([row]), pixels[e:e + 1])[0]  # (T_row, V)
-                t = torch.tensor([i for i, on in enumerate(target) if on])
-                n = len(t)
-                assert packed.seq[r] == e and packed.label_mask[r].sum() == n
-                assert packed.labels[r, :n].tolist() == [row[i] for i in t]
-                assert rel_err(logits[e, packed.positions[r, :n]], alone[t - 1]) <= 1e-5
-                r += 1
-    assert r == len(packed.seq) == 4
-
-
 def test_presets_build_on_meta():
     with torch.device("meta"):
         big = Llava(preset("llava-med-v1.5-mistral-7b"))
@@ -258,82 +223,6 @@ def test_presets_build_on_meta():
     assert big.config.num_image_tokens == 576 and big.config.vision_layers_used == 23
     t = Llava(preset("tiny"))
     assert t(torch.tensor([[1, 2]])).shape == (1, 2, t.config.text.vocab_size)
-
-
-def test_save_model_round_trip(loaded, tmp_path):
-    _, model = loaded
-    again = load_model(save_model(model, tmp_path / "out"))
-    ids, mask, pixels = tiny.batch_inputs()
-    assert torch.equal(again(ids, pixels, mask), model(ids, pixels, mask))
-
-
-# --- loading errors -----------------------------------------------------------------------------
-
-
-@pytest.fixture()
-def ckpt(hf_models, tmp_path):
-    return tiny.save_layout(hf_models[("llama", "default")], tmp_path / "ck", "llava-hf-legacy")
-
-
-def _edit(ckpt, fn):
-    from safetensors.torch import load_file, save_file
-    sd = load_file(str(ckpt / "model.safetensors"))
-    fn(sd)
-    save_file(sd, str(ckpt / "model.safetensors"))
-
-
-def test_missing_key_is_named(ckpt):
-    _edit(ckpt, lambda sd: sd.pop("language_model.model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"1 missing.*language_model\.layers\.1\.mlp\.up_proj\.weight"):
-        load_model(ckpt)
-
-
-def test_unexpected_key_is_named(ckpt):
-    _edit(ckpt, lambda sd: sd.__setitem__("language_model.model.layers.0.extra.weight", torch.zeros(2)))
-    with pytest.raises(CheckpointError, match=r"1 unexpected.*layers\.0\.extra\.weight \(model\.safetensors\)"):
-        load_model(ckpt)
-
-
-def test_wrong_shape_is_named(ckpt):
-    _edit(ckpt, lambda sd: sd.__setitem__("multi_modal_projector.linear_2.weight", torch.zeros(64, 63)))
-    with pytest.raises(CheckpointError, match=r"wrong shape.*linear_2\.weight.*\(64, 63\) in the file, \(64, 64\) expected"):
-        load_model(ckpt)
-
-
-def test_all_problems_in_one_error(ckpt):
-    def damage(sd):
-        sd.pop("language_model.lm_head.weight")
-        sd["stray.weight"] = torch.zeros(1)
-    _edit(ckpt, damage)
-    with pytest.raises(CheckpointError) as e:
-        load_model(ckpt)
-    assert "lm_head.weight" in str(e.value) and "stray.weight" in str(e.value)
-
-
-def test_truncated_file(ckpt):
-    f = ckpt / "model.safetensors"
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated or corrupt"):
-        load_model(ckpt)
-
-
-def test_pickle_checkpoint_refused(ckpt):
-    (ckpt / "model.safetensors").unlink()
-    (ckpt / "pytorch_model.bin").write_bytes(b"not unpickled")
-    with pytest.raises(CheckpointError, match=r"(?s)pytorch_model\.bin.*never unpickles.*save_file"):
-        load_model(ckpt)
-
-
-def test_missing_tower_hint(hf_models, tmp_path):
-    hf = hf_models[("llama", "default")]
-    ck = tiny.save_layout(hf, tmp_path / "med", "llava-med")
-    _edit(ck, lambda sd: [sd.pop(k) for k in list(sd) if "vision_tower" in k])
-    with pytest.raises(CheckpointError, match='vision tower "tiny-clip'):
-        load_model(ck)  # the config names a tower whose shape is unknown
-    clip = tiny.save_clip_dir(hf, tmp_path / "clip")
-    _edit(clip, lambda sd: sd.pop("vision_model.pre_layrnorm.weight"))
-    with pytest.raises(CheckpointError, match=r"1 missing.*pass vision_tower.*vision_tower\.pre_layrnorm\.weight"):
-        load_model(ck, vision_tower=clip)
 
 
 def test_left_pad():
