@@ -393,24 +393,6 @@ def tiny(tmp_path_factory):
     return SimpleNamespace(root=root, ckpt=ckpt, images=images, model=model, tokenizer=_tiny_tokenizer())
 
 
-def _fields(records):
-    return [(r.id, r.image, r.question, r.answer, r.answer_type) for r in records]
-
-
-def test_formats_read_into_the_same_questions(tiny):
-    """test.json (with the `conversatons` misspelling), question JSONL with inline answers, and
-    question JSONL with answers in another file give the same questions; the malformed line is
-    reported with its file and index."""
-    b = read_benchmarks([f"json={tiny.root / 'test.json'}", f"jsonl={tiny.root / 'questions.jsonl'}",
-                         f"split={tiny.root / 'questions_only.jsonl'}"], [f"split={tiny.root / 'answers.jsonl'}"])
-    expected = [(str(i), im, q, a, t) for i, im, q, a, t in QUESTIONS]
-    for name in ("json", "jsonl", "split"):
-        assert _fields(b[name][0]) == expected, name
-    assert b["json"][1] == [] and b["split"][1] == []
-    (bad,) = b["jsonl"][1]
-    assert bad.file == str(tiny.root / "questions.jsonl") and bad.index == 2
-
-
 def test_no_image_mode_drops_every_visual_token(tiny):
     """no_image: the prompt ids are the full prompt's with the image positions removed, and no
     pixels; blank_image: the same ids as full, one mean-colour image for every row."""
@@ -690,22 +672,6 @@ def test_score_empty_ground_truth_is_unscorable():
     assert s["unscorable"] == ["2", "3", "4"] and s["n_answered"] == 1
     assert (s["closed"]["n"], s["closed"]["accuracy"], s["open"]["n"]) == (1, 0.0, 0)
     assert E.majority_answers([_q(1, "", "OPEN")] + [SimpleNamespace(id="2", question="q", answer="", answer_type="OPEN")]) == {}
-
-
-def test_answer_files_split_on_newlines_only(tmp_path):
-    """A raw U+2028 inside an answer (json.dumps(..., ensure_ascii=False) writes it as is) stays in
-    its line; str.splitlines() would cut the line there and lose both halves."""
-    path = tmp_path / "answers.jsonl"
-    rows = [{"question_id": 1, "text": "left\u2028lung"}, {"question_id": 2, "text": "no"}]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    assert read_jsonl(path) == rows == A.read_answer_file(path)
-    path.write_text(path.read_text(encoding="utf-8") + '{"question_id": 3, "te', encoding="utf-8")
-    assert read_jsonl(path) == rows  # a torn last line: ignored (answered again)
-    with pytest.raises(DataError, match=r"answers.jsonl: line 3 is not valid JSON"):
-        A.read_answer_file(path)  # in a file from elsewhere, it is an error naming the line
-    (tmp_path / "mid.jsonl").write_text('{"question_id": 1, "text": "a"}\n{oops\n{"question_id": 2, "text": "b"}\n')
-    with pytest.raises(DataError, match=r"mid.jsonl:2: not a JSON line"):
-        read_jsonl(tmp_path / "mid.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------
