@@ -1,4 +1,5 @@
-"""data.py: image preprocessing against transformers' CLIP processor, the readers, image paths.
+"""data.py: image preprocessing against transformers' CLIP processor, the readers (records and
+preference files), image paths.
 
 The preprocessing reference is transformers' PIL-backend CLIPImageProcessor configured as
 LLaVA-Med's (shortest edge 336, centre crop 336, CLIP mean/std, bicubic). transformers 5.x
@@ -18,11 +19,15 @@ from data import (
     CLIP_STD,
     BadRecord,
     Record,
+    Tokens,
     load_image,
     preprocess_image,
+    read_preferences,
     read_records,
     resolve_image,
 )
+from harness import provenance, trainset
+from test_train import WORDS, config, hscr_file, word_tokenizer, workspace  # noqa: F401 (fixture)
 
 # --------------------------------------------------------------------------------------------
 # Image preprocessing
@@ -327,3 +332,48 @@ def test_real_benchmark_files(name):
     for r in records:
         assert isinstance(r.id, str) and r.answer and r.image and r.question
         assert "<image>" not in r.question
+
+
+# --------------------------------------------------------------------------------------------
+# Preference files: hscr.py's output as train.py reads it (read_preferences)
+
+
+def responses(example) -> list[list[int]]:
+    """The trained tokens of each row of an Example (its responses, EOS included when present)."""
+    return [[i for i, on in zip(row, target) if on] for row, target in zip(example.rows, example.targets)]
+
+
+def test_stored_ids_are_trained_on_when_the_tokenizer_is_the_same(workspace, tmp_path):
+    """With the tokenizer hscr.py used (same digest), rows hold the stored ids, though they differ
+    from what the texts give, and EOS only after complete responses; with another tokenizer
+    digest the texts are tokenized again (EOS still only after complete ones), said once."""
+    root, ckpt, prefs = workspace
+    tok = word_tokenizer()
+    ids = {w: tok.token_to_id(w) for w in WORDS}
+    sha = provenance.file_digest(ckpt / "tokenizer.json")
+    record = {"id": "a", "image": "img0.png", "question": "which side of the lung ?",
+              "chosen": "the lesion is in the left lung", "chosen_ids": [ids["a"], ids["mass"]],
+              "chosen_complete": True,
+              "negatives": [{"text": "the lesion is in the right lung", "ids": [ids["right"]], "complete": False},
+                            {"text": "the lesion is in the upper lung", "ids": [ids["upper"]], "complete": True}]}
+    plain = {k: v for k, v in record.items() if k != "chosen_ids"} | {"id": "b"}  # no ids: re-tokenized
+    cfg = config(workspace, tmp_path / "unused")
+    tokens = Tokens(tok, trainset.model_config(cfg.model))
+    text_ids = [tok.encode(t).ids for t in ("the lesion is in the left lung", "the lesion is in the right lung",
+                                            "the lesion is in the upper lung")]
+    eos = 2
+    data = tmp_path / "prefs.jsonl"
+    hscr_file(data, [record, plain], sha)
+    said = []
+    examples, bad = read_preferences(data, root, tokens, cfg, sha, said.append)
+    assert not bad
+    assert responses(examples[0]) == [[ids["a"], ids["mass"], eos], [ids["right"]], [ids["upper"], eos]]
+    assert responses(examples[1]) == [text_ids[0] + [eos], text_ids[1], text_ids[2] + [eos]]
+    assert len(said) == 2 and "1 records trained on the token ids stored" in said[0]
+    assert "1 records have no stored token ids" in said[1]
+
+    hscr_file(data, [record], "0" * 64)  # made with another tokenizer
+    said = []
+    examples, _ = read_preferences(data, root, tokens, cfg, sha, said.append)
+    assert responses(examples[0]) == [text_ids[0] + [eos], text_ids[1], text_ids[2] + [eos]]
+    assert len(said) == 1 and "re-tokenized from their texts" in said[0] and "another tokenizer" in said[0]

@@ -1,9 +1,15 @@
-"""harness/rundir.py: start_run (what a run directory's record allows to resume)."""
+"""harness/rundir.py: start_run (what a run directory's record allows to resume), the reference
+log-prob cache key, the matplotlib check before training."""
 from __future__ import annotations
 
+import sys
+
 import pytest
+import torch
 
 from harness import cli, provenance, rundir
+from harness.dist import Context
+from test_train import config, png_bytes, workspace  # noqa: F401 (fixture)
 
 
 def test_start_run_resumes_only_what_its_record_allows(tmp_path):
@@ -29,3 +35,37 @@ def test_start_run_resumes_only_what_its_record_allows(tmp_path):
     assert cleared == [out] and not (out / "provenance.json").exists()
     rundir.start_run(out, now, resume=False, session={"n": 3}, **kw)  # what --overwrite does
     assert [s["n"] for s in provenance.load(out / "provenance.json")["sessions"]] == [3]
+
+
+def test_reference_cache_key_follows_image_content(workspace, tmp_path):
+    """The reference log-prob cache key changes with an image's content (not with where the
+    images are), so a rewritten image gets its log-probs computed again."""
+    root, ckpt, prefs = workspace
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(3):
+        (images / f"img{k}.png").write_bytes((root / f"img{k}.png").read_bytes())
+    cfg = config(workspace, tmp_path / "unused")
+    names = [f"img{k}.png" for k in range(3)]
+
+    def key(image_root):
+        now = rundir.run_fingerprint(cfg, ckpt / "tokenizer.json", image_root, names, torch.float32, Context())
+        return rundir.reference_cache_key(now, cfg.negatives)
+
+    before = key(images)
+    assert key(root) == before  # the same images elsewhere
+    (images / "img1.png").write_bytes(png_bytes(seed=7))
+    after = key(images)
+    assert after != before and after["images"] != before["images"]
+    assert rundir.reference_cache_path(prefs, after) != rundir.reference_cache_path(prefs, before)
+
+
+def test_plot_without_matplotlib_is_an_error_before_training(monkeypatch):
+    """matplotlib is a listed requirement: --plot without it stops with one clear error (naming
+    --no-plot) before anything is trained, instead of skipping the plot at the end."""
+    from harness import rundir
+    from harness.cli import UserError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    with pytest.raises(UserError, match="--plot needs matplotlib.*--no-plot"):
+        rundir.require_matplotlib()

@@ -2,9 +2,10 @@
 own; end to end on a tiny random Llava: the efficient forward against a plain one, a few
 steps raise the margin, bad records and unusable images are skipped, --export-merged computes
 what base + adapter computes, --resume continues exactly (past a torn metrics line) and only what
-the same inputs made, an existing run is never mixed with a new one, hscr.py's stored token ids
-are trained on, DDP on 2 CPU processes (gloo) equals one process with the same global batch.
-(SFT and --init-preset models are demo/base.py's: tests/test_demo_base.py.)"""
+the same inputs made, an existing run is never mixed with a new one, DDP on 2 CPU processes
+(gloo) equals one process with the same global batch. (SFT and --init-preset models are
+demo/base.py's: tests/test_demo_base.py; the preference reader, hscr.py's stored token ids
+included, is data.py's: tests/test_data.py.)"""
 import io
 import json
 import math
@@ -22,8 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import tiny
 import train
-from harness import provenance, rundir, trainset
-from harness.dist import Context
+from harness import provenance, trainset
 from harness.cli import UserError, run_main
 from data import Tokens, image_problem, load_pixels, read_preferences
 from harness.provenance import ProvenanceError
@@ -620,47 +620,6 @@ def hscr_file(path: Path, records: list[dict], tokenizer_sha256: str, **options)
     path.write_text("".join(json.dumps(r) + "\n" for r in [header] + records))
 
 
-def responses(example) -> list[list[int]]:
-    """The trained tokens of each row of an Example (its responses, EOS included when present)."""
-    return [[i for i, on in zip(row, target) if on] for row, target in zip(example.rows, example.targets)]
-
-
-def test_stored_ids_are_trained_on_when_the_tokenizer_is_the_same(workspace, tmp_path):
-    """With the tokenizer hscr.py used (same digest), rows hold the stored ids, though they differ
-    from what the texts give, and EOS only after complete responses; with another tokenizer
-    digest the texts are tokenized again (EOS still only after complete ones), said once."""
-    root, ckpt, prefs = workspace
-    tok = word_tokenizer()
-    ids = {w: tok.token_to_id(w) for w in WORDS}
-    sha = provenance.file_digest(ckpt / "tokenizer.json")
-    record = {"id": "a", "image": "img0.png", "question": "which side of the lung ?",
-              "chosen": "the lesion is in the left lung", "chosen_ids": [ids["a"], ids["mass"]],
-              "chosen_complete": True,
-              "negatives": [{"text": "the lesion is in the right lung", "ids": [ids["right"]], "complete": False},
-                            {"text": "the lesion is in the upper lung", "ids": [ids["upper"]], "complete": True}]}
-    plain = {k: v for k, v in record.items() if k != "chosen_ids"} | {"id": "b"}  # no ids: re-tokenized
-    cfg = config(workspace, tmp_path / "unused")
-    tokens = Tokens(tok, trainset.model_config(cfg.model))
-    text_ids = [tok.encode(t).ids for t in ("the lesion is in the left lung", "the lesion is in the right lung",
-                                            "the lesion is in the upper lung")]
-    eos = 2
-    data = tmp_path / "prefs.jsonl"
-    hscr_file(data, [record, plain], sha)
-    said = []
-    examples, bad = read_preferences(data, root, tokens, cfg, sha, said.append)
-    assert not bad
-    assert responses(examples[0]) == [[ids["a"], ids["mass"], eos], [ids["right"]], [ids["upper"], eos]]
-    assert responses(examples[1]) == [text_ids[0] + [eos], text_ids[1], text_ids[2] + [eos]]
-    assert len(said) == 2 and "1 records trained on the token ids stored" in said[0]
-    assert "1 records have no stored token ids" in said[1]
-
-    hscr_file(data, [record], "0" * 64)  # made with another tokenizer
-    said = []
-    examples, _ = read_preferences(data, root, tokens, cfg, sha, said.append)
-    assert responses(examples[0]) == [text_ids[0] + [eos], text_ids[1], text_ids[2] + [eos]]
-    assert len(said) == 1 and "re-tokenized from their texts" in said[0] and "another tokenizer" in said[0]
-
-
 def test_image_aspect_from_the_header_reaches_preprocessing(workspace, tmp_path, monkeypatch, capsys):
     """Preference data made with --image-aspect resize is trained on resized images (every
     preprocess_image call of the run gets aspect="resize") and the choice is said; an explicit
@@ -679,37 +638,3 @@ def test_image_aspect_from_the_header_reaches_preprocessing(workspace, tmp_path,
     assert json.loads((tmp_path / "run" / "config.json").read_text())["image_aspect"] == "resize"
     assert trainset.resolve_image_aspect("pad", data)[0] == "pad"
     assert trainset.resolve_image_aspect(None, prefs)[0] == "pad"
-
-
-def test_reference_cache_key_follows_image_content(workspace, tmp_path):
-    """The reference log-prob cache key changes with an image's content (not with where the
-    images are), so a rewritten image gets its log-probs computed again."""
-    root, ckpt, prefs = workspace
-    images = tmp_path / "images"
-    images.mkdir()
-    for k in range(3):
-        (images / f"img{k}.png").write_bytes((root / f"img{k}.png").read_bytes())
-    cfg = config(workspace, tmp_path / "unused")
-    names = [f"img{k}.png" for k in range(3)]
-
-    def key(image_root):
-        now = rundir.run_fingerprint(cfg, ckpt / "tokenizer.json", image_root, names, torch.float32, Context())
-        return rundir.reference_cache_key(now, cfg.negatives)
-
-    before = key(images)
-    assert key(root) == before  # the same images elsewhere
-    (images / "img1.png").write_bytes(png_bytes(seed=7))
-    after = key(images)
-    assert after != before and after["images"] != before["images"]
-    assert rundir.reference_cache_path(prefs, after) != rundir.reference_cache_path(prefs, before)
-
-
-def test_plot_without_matplotlib_is_an_error_before_training(monkeypatch):
-    """matplotlib is a listed requirement: --plot without it stops with one clear error (naming
-    --no-plot) before anything is trained, instead of skipping the plot at the end."""
-    from harness import rundir
-    from harness.cli import UserError
-
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
-    with pytest.raises(UserError, match="--plot needs matplotlib.*--no-plot"):
-        rundir.require_matplotlib()
