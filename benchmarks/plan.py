@@ -24,7 +24,7 @@ and measures each step (`measure`):
     FLOPs   FlopCounterMode's formulas (torch.utils.flop_counter, plus CPU flash attention),
             counted per operator by `OpCost`. FlopCounterMode itself is not stacked on the step:
             its module tracker keeps checkpointed activations alive (tiny model, one training
-            step: a 36 MiB peak becomes 79 MiB); tests/test_plan.py checks that both count alike;
+            step: a 36 MiB peak becomes 79 MiB); tests/test_bench_plan.py checks that both count alike;
     time    a roofline per card: each operator takes max(FLOPs / (u_c · peak FLOP/s), bytes /
             (u_m · bandwidth)) + a launch cost, summed over the step (`OpCost`); u_c, u_m and
             the launch cost are stated assumptions, as are the card figures (`CARDS`).
@@ -51,7 +51,7 @@ Usage:
     python benchmarks/plan.py                     # LLaVA-Med 7B: tables, answers, hours (~5 min)
     python benchmarks/plan.py --json              # the same as JSON (peak GiB per stage)
     python benchmarks/plan.py --preset tiny --quick
-Validation (tests/test_plan.py): at a small config, each stage's fake peak against the same step
+Validation (tests/test_bench_plan.py): at a small config, each stage's fake peak against the same step
 run with real tensors on the CPU, tracked the same way: within 10 % (in fact equal).
 """
 from __future__ import annotations

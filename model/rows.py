@@ -1,6 +1,7 @@
 """Many rows through the model at once, each giving what it gives alone up to floating-point
-rounding (tests/test_hscr.py checks the first two against single-row forwards and generate calls,
-tests/test_model.py and tests/test_train.py the packed rows against rows run alone):
+rounding (tests/test_rows.py checks the continuations against generate calls and the packed rows
+against rows run alone, tests/test_hscr.py the teacher-forced logits through score_two_branches
+against unpadded forwards, tests/test_train.py the packed log-probabilities' values and gradients):
 
     teacher_forced_logits   responses teacher-forced after their prompts (with their images),
                             left-padded into one batch; logits only at the positions that
