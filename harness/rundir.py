@@ -53,10 +53,10 @@ from model.lora import export_merged, load_adapter, save_adapter
 
 PROVENANCE = "provenance.json"
 # What train.py writes in --out: --overwrite deletes these and nothing else.
-OUTPUTS = ("checkpoints", "adapter", "model", "merged", "metrics.jsonl", "metrics.png", "bad_records.jsonl",
+OUTPUTS = ("checkpoints", "adapter", "merged", "metrics.jsonl", "metrics.png", "bad_records.jsonl",
            "config.json", PROVENANCE)
 # Those that hold training results: a directory with any of them holds a run.
-TRAINED = ("checkpoints", "metrics.jsonl", "adapter", "model", "merged")
+TRAINED = ("checkpoints", "metrics.jsonl", "adapter", "merged")
 # Options that name inputs or the output: the fingerprint holds the inputs' content instead.
 PATH_FIELDS = ("model", "data", "out", "image_root", "vision_tower", "tokenizer", "eval_data")
 # Options that may change between a run and its --resume: how to start, how long, what to log and
