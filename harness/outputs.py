@@ -18,8 +18,8 @@ process's share, and a batch with any record missing (a kill mid-write) is compu
 its missing records written: the file equals an uninterrupted run's bit for bit, provided the
 fingerprint holds everything that changes a record (the batch size included: it changes the floats).
 
-Nothing here knows the job; hscr.py's own bits are named: `Reject.negatives_found`, and the
-`count_negatives` histogram of the summary.
+Nothing here knows the job; hscr.py's own bits are named: its name in messages,
+`Reject.negatives_found`, and the `count_negatives` histogram of the summary.
 """
 from __future__ import annotations
 
@@ -65,18 +65,14 @@ def _result_id(r: dict | Reject) -> str | None:
 # File names, header
 
 
-def _stem(out: Path) -> str:
-    return str(out)[: -len(".jsonl")] if str(out).endswith(".jsonl") else str(out)
-
-
 def sidecar(out: Path, kind: str) -> Path:
     """prefs.jsonl → prefs.rejects.jsonl / prefs.summary.json."""
-    return Path(_stem(out) + {"rejects": ".rejects.jsonl", "summary": ".summary.json"}[kind])
+    return Path(str(out).removesuffix(".jsonl") + {"rejects": ".rejects.jsonl", "summary": ".summary.json"}[kind])
 
 
 def shard_path(out: Path, rank: int, world: int) -> Path:
     """prefs.jsonl → prefs.rank0-of-2.jsonl."""
-    return Path(f"{_stem(out)}.rank{rank}-of-{world}.jsonl")
+    return Path(f"{str(out).removesuffix('.jsonl')}.rank{rank}-of-{world}.jsonl")
 
 
 def header_record(options: dict, fingerprint: dict) -> dict:
@@ -84,11 +80,11 @@ def header_record(options: dict, fingerprint: dict) -> dict:
     return {HEADER_KEY: True, "options": options, "provenance": fingerprint}
 
 
-def check_header(path: Path, stored: dict, header: dict, program: str = "hscr.py") -> None:
+def check_header(path: Path, stored: dict, header: dict) -> None:
     """An output may be continued only by a job with its fingerprint: else ProvenanceError naming
     every change (a harness.cli.UserError: one line from the command line)."""
     if not isinstance(stored.get("provenance"), dict):
-        raise UserError(f"{path}: not an {program} output (its header holds no fingerprint), so it cannot be "
+        raise UserError(f"{path}: not an hscr.py output (its header holds no fingerprint), so it cannot be "
                         f"continued; {RESTART}, or choose another --out")
     provenance.check(stored["provenance"], header["provenance"], path, restart=RESTART)
 
@@ -123,9 +119,8 @@ class Output:
     mixed. Nothing is changed before that check, not even a torn last line."""
 
     def __init__(self, out: Path, header: dict, *, rank: int = 0, world: int = 1, overwrite: bool = False,
-                 program: str = "hscr.py", count_negatives: bool = False):
-        self.out, self.rank, self.world, self.program = out, rank, world, program
-        self.count_negatives = count_negatives
+                 count_negatives: bool = False):
+        self.out, self.rank, self.world, self.count_negatives = out, rank, world, count_negatives
         if overwrite:
             clear_outputs(out, rank, world)
         path = self.path = shard_path(out, rank, world) if world > 1 else out
@@ -133,13 +128,13 @@ class Output:
         self.records, self.rejects = JsonlFile(path, _result_id), JsonlFile(rejects, _reject_key)
         first = self.records.first
         if first is not None and not first.get(HEADER_KEY):
-            raise UserError(f"{path} exists but does not start with an {program} header; choose another --out")
+            raise UserError(f"{path} exists but does not start with an hscr.py header; choose another --out")
         computed = any(isinstance(k, str) for k in self.rejects.ids)  # rejected entries, not bad records
         if self.records.ids or computed:
             if first is None:
                 raise UserError(f"{rejects} holds rejects but {path} is {'empty' if path.exists() else 'gone'}, "
                                 f"so what made them cannot be checked; {RESTART}, or choose another --out")
-            check_header(path, first, header, program)
+            check_header(path, first, header)
         else:  # nothing computed: start again
             path.unlink(missing_ok=True)
             rejects.unlink(missing_ok=True)
@@ -174,10 +169,9 @@ class Output:
         computed whole; only the missing results are written."""
         from tqdm import tqdm
 
-        name = Path(self.program).stem
         processed, t0 = 0, time.perf_counter()
         with tqdm(total=len(ids), initial=sum(map(self.done, ids)), unit="entry", position=self.rank,
-                  desc=f"{name} rank {self.rank}" if self.world > 1 else name, dynamic_ncols=True) as bar:
+                  desc=f"hscr rank {self.rank}" if self.world > 1 else "hscr", dynamic_ncols=True) as bar:
             for start in range(0, len(ids), batch_size):
                 batch = list(range(start, min(start + batch_size, len(ids))))
                 todo = {ids[i] for i in batch if not self.done(ids[i])}
@@ -189,14 +183,14 @@ class Output:
         summary = summarize(self.path, processed=processed, seconds=time.perf_counter() - t0,
                             count_negatives=self.count_negatives)
         if self.world == 1:
-            print_summary(self.out, summary, self.program)
+            print_summary(self.out, summary)
             return summary
         import torch.distributed as dist
 
         barrier(self.world)
         if self.rank == 0:
-            summary = merge_shards(self.out, self.world, program=self.program, count_negatives=self.count_negatives)
-            print_summary(self.out, summary, self.program)
+            summary = merge_shards(self.out, self.world, count_negatives=self.count_negatives)
+            print_summary(self.out, summary)
         barrier(self.world)
         dist.destroy_process_group()
         return summary
@@ -206,7 +200,7 @@ class Output:
 # Rank files merged, summary
 
 
-def merge_shards(out: Path, world: int, *, program: str = "hscr.py", count_negatives: bool = False) -> dict:
+def merge_shards(out: Path, world: int, *, count_negatives: bool = False) -> dict:
     """One file from the rank files: the header, then the records in `index` order, which is the
     order of a single-process run; rejects likewise. Refuses rank files whose fingerprints differ.
     Returns the merged summary."""
@@ -217,7 +211,7 @@ def merge_shards(out: Path, world: int, *, program: str = "hscr.py", count_negat
     headers = [JsonlFile(p, _result_id).first for p in parts]
     for p, h in zip(parts, headers):
         if not h or not h.get(HEADER_KEY) or not isinstance(h.get("provenance"), dict):
-            raise UserError(f"cannot merge: {p} does not start with an {program} header holding a fingerprint")
+            raise UserError(f"cannot merge: {p} does not start with an hscr.py header holding a fingerprint")
     for r, h in enumerate(headers[1:], 1):
         diff = provenance.differences(headers[0]["provenance"], h["provenance"])
         if diff:
@@ -238,14 +232,14 @@ def _reject_order(r: dict):
     return (r.get("index") is not None, r.get("index") or 0, r.get("file") or "", r.get("position") or 0)
 
 
-def merge_main(argv, *, program: str = "hscr.py", count_negatives: bool = False) -> dict:
-    """`python PROGRAM merge --out FILE --world-size N`: the merge alone, e.g. after a crash."""
-    p = argparse.ArgumentParser(prog=f"python {program} merge", description="merge the rank files of a torchrun run")
+def merge_main(argv, *, count_negatives: bool = False) -> dict:
+    """`python hscr.py merge --out FILE --world-size N`: the merge alone, e.g. after a crash."""
+    p = argparse.ArgumentParser(prog="python hscr.py merge", description="merge the rank files of a torchrun run")
     p.add_argument("--out", required=True, help="the run's --out")
     p.add_argument("--world-size", type=int, required=True, help="number of ranks of the run")
     args = p.parse_args(argv)
-    summary = merge_shards(Path(args.out), args.world_size, program=program, count_negatives=count_negatives)
-    print_summary(Path(args.out), summary, program)
+    summary = merge_shards(Path(args.out), args.world_size, count_negatives=count_negatives)
+    print_summary(Path(args.out), summary)
     return summary
 
 
@@ -275,10 +269,10 @@ def summarize(out: Path, *, processed: int, seconds: float, count_negatives: boo
     return summary
 
 
-def print_summary(out: Path, s: dict, program: str = "hscr.py"):
+def print_summary(out: Path, s: dict):
     negatives = ", ".join(f"{k}: {v}" for k, v in s["negatives"].items()) if "negatives" in s else None
     skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
     rate = f"{s['entries_per_s']} entries/s" if s["entries_per_s"] is not None else "nothing processed"
-    print(f"{Path(program).stem}: {s['entries_written']} entries in {out}"
+    print(f"hscr: {s['entries_written']} entries in {out}"
           + (f" (by number of negatives {negatives})" if negatives is not None else "")
           + f"; skipped {s['skipped_total']} ({skipped}); {rate}; summary in {sidecar(out, 'summary')}")
