@@ -72,10 +72,7 @@ def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
              f"skipped, {len(skipped)} questions skipped (unreadable image), {len(full['unscorable'])} unscorable "
              f"(no ground truth); answered {full['open']['n']} open, {full['closed']['n']} closed; "
              f"{len(full['missing'])} missing", "",
-             "| mode | " + " | ".join(label for label, _, _ in METRICS) + " |",
-             "|---|" + "---:|" * len(METRICS)]
-    for mode, scores in entry["modes"].items():
-        lines.append(f"| {MODE_LABELS[mode]} | " + " | ".join(_fmt(_fig(scores, s, k)) for _, s, k in METRICS) + " |")
+             scores_table({MODE_LABELS[mode]: scores for mode, scores in entry["modes"].items()}, "mode")]
     for mode, gains in entry["visual_gain"].items():
         lines.append(f"| visual gain (full − {MODE_LABELS[mode]}) | "
                      + " | ".join(_fmt(gains[label], signed=True) for label, _, _ in METRICS) + " |")
@@ -129,7 +126,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
 
 
 def scores_table(rows: Mapping[str, Mapping[str, Any]], first: str = "answers") -> str:
-    """Markdown: one row per score_file result, the METRICS as columns (lenient and strict side by side)."""
+    """Markdown: one row per score_file result (or mode), the METRICS as columns (lenient and strict side by side)."""
     lines = [f"| {first} | " + " | ".join(label for label, _, _ in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for name, scores in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(_fig(scores, s, k)) for _, s, k in METRICS) + " |")
