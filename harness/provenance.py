@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.files import DataError
+from harness.files import DataError, atomic_write_text
 from harness.cli import UserError
 
 FORMAT = "hscr-provenance/1"
@@ -330,7 +330,4 @@ def save(path: str | os.PathLike, fingerprint: Mapping[str, Any], **info: Any) -
     """Write {"format", "fingerprint", **info} atomically (a kill leaves the old record or the new)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "fingerprint": dict(fingerprint), **info}, indent=2) + "\n",
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"format": FORMAT, "fingerprint": dict(fingerprint), **info}, indent=2) + "\n")
