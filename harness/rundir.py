@@ -1,22 +1,6 @@
-"""train.py's output directory: one run per --out, what made it, checkpoints and resume.
-
-    check_out / clear_outputs   an --out holds one run: refused without --resume or --overwrite,
-                                --overwrite deletes what train.py writes there (OUTPUTS) and nothing else
-    run_fingerprint             what train.py's weights depend on (harness/provenance.py)
-    start_run                   start or resume a run directory, train.py's and eval.py's: resuming
-                                needs the same fingerprint (provenance.json, harness/provenance.py);
-                                a new run clears the script's outputs and records its own; resuming
-                                a finished run whose outputs are as it wrote them does nothing (reuse)
-    finish_run                  record in provenance.json that the run finished, with its outputs' digests
-    write_run_start             config.json and bad_records.jsonl
-    start_metrics               metrics.jsonl as of the step the run goes on from
-    save_checkpoint / load_checkpoint
-                                checkpoints/step-NNNNNN/{adapter/, trainer.pt} written atomically,
-                                `latest` replaced last; weights are safetensors, trainer.pt holds
-                                optimizer, scheduler and RNG states (read with weights_only=True)
-    write_outputs               the end of a run: adapter/, metrics.png, merged/, then finish_run
-    cached_logprobs             train.py's reference log-probs, cached beside the preference file
-                                under a key of what they depend on (`reference_cache_key`)
+"""train.py's output directory, one run per --out (docs/FORMATS.md "Training outputs"): what made it
+(provenance.json, by `start_run`, which eval.py's run directory shares), checkpoints and exact resume,
+the reuse of a finished run, and the reference log-prob cache beside the preference file.
 
 Nothing here is part of the method; train.py imports it. `cfg` is train.py's TrainConfig and
 `ctx` its harness.dist.Context (rank, world size, device); this module never imports train.py.
@@ -45,7 +29,6 @@ from harness.files import atomic_write_text, read_jsonl
 from data import BadRecord
 from model.loading import CheckpointError
 from model.lora import export_merged, load_adapter, save_adapter
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,11 +172,8 @@ def finish_run(out: Path, outputs: Sequence[str], **finished: Any) -> None:
 
 def run_fingerprint(cfg, tokenizer_path: Path, image_root: Path, image_names: list[str], dtype: torch.dtype,
                     ctx) -> dict:
-    """What the trained weights depend on, by content (harness/provenance.py): the base model,
-    vision tower, tokenizer file, data and eval data files, the images read (every image file of
-    the records that reached the image check, usable or not), and every option that changes
-    results, with dtype, autocast and the image aspect as resolved and the number of processes
-    (dropout draws one stream per process). PATH_FIELDS and RESUMABLE_FIELDS are left out."""
+    """What the trained weights depend on, by content (docs/FORMATS.md "Training outputs"): inputs,
+    images read and every option but PATH_FIELDS and RESUMABLE_FIELDS, some as resolved at run time."""
     inputs = {"model": provenance.Dir(cfg.model),
               "vision tower": provenance.Dir(cfg.vision_tower) if cfg.vision_tower else None,
               "tokenizer": provenance.File(tokenizer_path), "data": provenance.File(cfg.data),
@@ -202,7 +182,6 @@ def run_fingerprint(cfg, tokenizer_path: Path, image_root: Path, image_names: li
     # dtype and autocast are options too: the fingerprint holds them as resolved instead.
     return provenance.run_fingerprint(inputs, cfg, leave_out=PATH_FIELDS + RESUMABLE_FIELDS + ("dtype", "autocast"),
                                       dtype=str(dtype).removeprefix("torch."), autocast=ctx.amp, world_size=ctx.world)
-
 
 
 def start_training(out: Path, now: Mapping[str, Any], end: int, cfg, ctx) -> bool:
@@ -378,10 +357,8 @@ REFERENCE_INPUTS = ("model", "vision tower", "tokenizer", "data", "eval data", "
 
 
 def reference_cache_key(now: dict, negatives: int) -> dict:
-    """What the cached reference log-probs depend on, by content (from the run's fingerprint
-    `now`; paths left out, so moving the data or the images keeps the cache): the weights, the
-    tokenizer, the data, every image, and the options that shape the rows or the arithmetic,
-    with the `negatives` forwarded per entry. Any change gives another key, hence another file."""
+    """What the cached reference log-probs depend on, by content, from the run's fingerprint `now`
+    (docs/FORMATS.md "Training outputs"); paths left out, so moving the data or the images keeps the cache."""
     def content(part):
         return {k: v for k, v in part.items() if k not in ("path", "root")} if isinstance(part, dict) else part
     key = {name: content(now.get(name)) for name in REFERENCE_INPUTS}
