@@ -1,19 +1,8 @@
-"""hscr.py's inputs and records: data records in, preference records out (as harness/rundir.py is
-train.py's output directory).
-
-    run                   the data file through hscr.py's pipeline into a resumable output
-                          (harness/outputs.py), each rank of torchrun taking its share
-    load_inputs           the data file's records, model, tokenizer and sentence encoder; an input
-                          that cannot be read ends the run with one line naming it
-    default_sentence_model  --similarity minilm's weights when --sentence-model is not given
-    select_entries        all entries, or --limit's seeded sample
-    run_fingerprint       what the records depend on, by content (PATH_OPTIONS, RUN_CONTROL; image_names)
-    Entry / prepare       a data record → the model's inputs (pixels, prompt ids, y_w ids), or a
-                          Reject naming what is wrong with it
-    Coupled               a coupled position of y_w as steps 4 and 5 leave it (coupled_positions),
-                          and those that got a replacement (replaced)
-    preference_record     the record of one entry (docs/FORMATS.md, the preference file), or a
-                          Reject when it has fewer than --min-negatives negatives
+"""hscr.py's inputs and records (docs/FORMATS.md "The preference file"): the data file's records,
+model, tokenizer and sentence encoder loaded (an input that cannot be read ends the run with one
+line naming it), each entry prepared for the model or rejected, each rank's share run into a
+resumable output (harness/outputs.py) under a fingerprint of what the records depend on, and the
+preference record of one entry.
 
 Nothing here is part of the method; hscr.py imports it. `opts` is hscr.py's Options (resolved);
 this module never imports hscr.py.
@@ -109,10 +98,8 @@ def select_entries(n: int, limit: int | None, seed: int) -> list[int]:
 
 
 def run_fingerprint(opts, records: list[Record], entries: list[int], world: int) -> dict:
-    """What the records depend on, by content (harness/provenance.py): the checkpoint, vision tower,
-    tokenizer file, data and answers files, the images of the selected `entries` (all ranks'),
-    the sentence encoder, every option but PATH_OPTIONS and RUN_CONTROL, and the number of ranks
-    (a rank's batches are slices of its share of the entries)."""
+    """What the records depend on, by content (docs/FORMATS.md "The preference file"); the number of
+    ranks too, since a rank's batches are slices of its share of the entries."""
     inputs = {
         "model": provenance.Dir(opts.model),
         "vision tower": provenance.Dir(opts.vision_tower) if opts.vision_tower else None,
