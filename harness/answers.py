@@ -1,10 +1,5 @@
-"""eval.py's answer files: LLaVA-Med's answer-file JSONL, written per rank, resumable, merged in
-question order (docs/FORMATS.md "Evaluation files").
-
-    {run}/{benchmark}/answers.jsonl              LLaVA-Med's answer file (mode `full`)
-    {run}/{benchmark}/answers-{mode}.jsonl       the blind modes
-    {run}/{benchmark}/answers*.rank{r}.jsonl     rank r's shard while running (merged, then removed)
-    {run}/{benchmark}/skipped.rank{r}.jsonl      questions rank r could not build (gathered, then removed)
+"""eval.py's answer files (docs/FORMATS.md "Evaluation files"): LLaVA-Med's answer-file JSONL,
+written per rank and merged in question order, and each rank's questions that could not be built.
 
 A shard is appended to and flushed per batch (harness.files.JsonlFile); a kill mid-write leaves a
 torn last line, which is ignored (the question is answered again) and cut off before the next
