@@ -76,26 +76,25 @@ def read_examples(read: Callable[[Path], tuple[list[Example], list[BadRecord]]],
     examples, bad = read(Path(cfg.data))
     held_out, bad_eval = read(Path(cfg.eval_data)) if cfg.eval_data else ([], [])
     images = sorted({ex.image for ex in examples + held_out if ex.image is not None})
+    names = {path: path.relative_to(image_root).as_posix() for path in images}
     mine = unusable_images(images[ctx.rank::ctx.world], image_size, aspect)
-    unusable = ctx.gather_dicts({str(path): why for path, why in mine.items()})
-    examples, bad_images = drop_unusable(examples, unusable, image_root)
-    held_out, bad_eval_images = drop_unusable(held_out, unusable, image_root)
+    unusable = ctx.gather_dicts({str(path): f"image {names[path]}: {why}" for path, why in mine.items()})
+    examples, bad_images = drop_unusable(examples, unusable)
+    held_out, bad_eval_images = drop_unusable(held_out, unusable)
     if not cfg.eval_data:
         examples, held_out = split_held_out(examples, cfg.eval_fraction, cfg.seed)
-    names = [path.relative_to(image_root).as_posix() for path in images]
-    return examples, held_out, bad + bad_eval + bad_images + bad_eval_images, names
+    return examples, held_out, bad + bad_eval + bad_images + bad_eval_images, list(names.values())
 
 
-def drop_unusable(examples: list[Example], unusable: dict[str, str], image_root: Path):
-    """(examples whose image is usable, a BadRecord for each of the others)."""
+def drop_unusable(examples: list[Example], unusable: dict[str, str]):
+    """(examples whose image is usable, a BadRecord for each of the others); `unusable`: str(image) → why."""
     kept, bad = [], []
     for ex in examples:
         why = unusable.get(str(ex.image)) if ex.image is not None else None
         if why is None:
             kept.append(ex)
         else:
-            name = ex.image.relative_to(image_root).as_posix()
-            bad.append(BadRecord(ex.file, ex.index, ex.id, f"image {name}: {why}"))
+            bad.append(BadRecord(ex.file, ex.index, ex.id, why))
     return kept, bad
 
 
