@@ -237,7 +237,7 @@ def train(cfg: TrainConfig) -> dict:
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_lambda, warmup=warmup, total=total, min_ratio=cfg.min_lr_ratio))
-    start = rundir.load_checkpoint(out, base, optimizer, scheduler, cfg, ctx) if cfg.resume else 0
+    start = rundir.load_checkpoint(out, base, optimizer, scheduler, ctx) if cfg.resume else 0
     if start == 0:
         torch.manual_seed(cfg.seed + 1 + ctx.rank)  # dropout: its own stream per process
     metrics_path = rundir.start_metrics(out, start, cfg, ctx)

@@ -55,17 +55,13 @@ def read_questions(path: str, ground_truth: str | None = None) -> tuple[list[Any
         raise DataError(str(error)) from error
 
 
-def read_benchmarks(benchmark: Sequence[str], ground_truth: Sequence[str] = (),
-                    limit: int | None = None) -> dict[str, tuple[list[Any], list[Any]]]:
+def read_benchmarks(benchmark: Sequence[str],
+                    ground_truth: Sequence[str] = ()) -> dict[str, tuple[list[Any], list[Any]]]:
     """name → (records, bad records) of each --benchmark NAME=PATH, with the answers of its
-    --ground-truth NAME=PATH when given, cut to the first `limit` questions."""
+    --ground-truth NAME=PATH when given."""
     paths = parse_named(benchmark, "--benchmark")
     gts = parse_named(ground_truth, "--ground-truth", names=list(paths))
-    out = {}
-    for name, path in paths.items():
-        records, bad = read_questions(path, gts.get(name))
-        out[name] = (records[:limit] if limit is not None else records, bad)
-    return out
+    return {name: read_questions(path, gts.get(name)) for name, path in paths.items()}
 
 
 def check_images(records: Sequence[Any], image_root: str | None, name: str, source: str | None = None,

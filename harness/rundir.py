@@ -258,7 +258,7 @@ def save_weights(model, out: Path, cfg) -> Path:
     return save_adapter(model, out / "adapter", base_model_path=cfg.model) or out / "adapter"
 
 
-def load_checkpoint(out: Path, model, optimizer, scheduler, cfg, ctx) -> int:
+def load_checkpoint(out: Path, model, optimizer, scheduler, ctx) -> int:
     """Restore adapter, optimizer, scheduler and RNG states; returns the step to continue from:
     0, restoring nothing, for a run interrupted before its first checkpoint (its start is exact).
     That the run's inputs and options are the same was checked before (start_run)."""
