@@ -1,33 +1,23 @@
 """Load LLaVA(-Med) checkpoints from safetensors into `model.llava.Llava`, strictly.
 
-Accepted on disk (docs/FORMATS.md):
-  * LLaVA-Med original (`LlavaMistralForCausalLM`): config.json with `mm_*` fields, keys
-    `model.layers.*`, `model.mm_projector.{0,2}.*`, `model.vision_tower.vision_tower.vision_model.*`.
-  * llava-hf legacy (`LlavaForConditionalGeneration` as saved by transformers 4.x and 5.x):
-    `language_model.model.*`, `language_model.lm_head.*`, `multi_modal_projector.*`,
-    `vision_tower.vision_model.*` (4.x) or `vision_tower.*` (5.x); nested text/vision configs.
-  * llava-hf new in-memory layout: `model.language_model.*`, `model.vision_tower.*`,
-    `model.multi_modal_projector.*`, `lm_head.*`.
-  * a CLIP directory supplying the vision tower, as LLaVA's own code does with OpenAI's CLIP:
-    `vision_model.*` keys (CLIPModel, CLIPVisionModelWithProjection, transformers 4.x
-    CLIPVisionModel) or bare `embeddings.*` / `encoder.*` keys (CLIPVisionModel in transformers 5);
-    a full CLIPModel's text tower and projections are not read.
+The layouts and config fields accepted are in docs/FORMATS.md ("Checkpoints", "Config fields"):
+LLaVA-Med's original layout, llava-hf's legacy (transformers 4.x and 5.x on disk) and new ones,
+and a CLIP directory supplying the vision tower, as LLaVA's own code does with OpenAI's CLIP.
 
-How a checkpoint is read:
-  detect_layout      the layout is decided once for the whole checkpoint, from every shard's keys
-                     (a shard may hold only lm_head, only the tower or only the projector)
-  _headers           every tensor's file and shape from the headers; a key stored in two files is
-                     an error naming both (which copy wins would be an accident of file order)
-  config_from_json   config.json read into typed fields; a wrong type or value is an error naming
-                     the file and the field (`text_config.hidden_size must be an integer, got "256"`)
-  assign_weights     one error for every missing, unexpected, mis-shaped or non-floating tensor,
-                     then each tensor read once into a meta-device model (peak memory ≈ one copy)
+  detect_layout     the layout of the whole checkpoint, from every shard's keys (a shard may hold
+                    only lm_head, only the tower or only the projector)
+  _headers          every tensor's file and shape; a key stored in two files is an error
+  config_from_json  config.json read into typed fields; an error names the file and the field
+                    (`text_config.hidden_size must be an integer, got "256"`)
+  assign_weights    one error for every missing, unexpected, mis-shaped or non-floating tensor,
+                    then each tensor read once into a meta-device model (peak memory ≈ one copy)
 
 The only keys ignored are RoPE `inv_freq`, CLIP `position_ids` and `image_newline`.
 Pickle files (`.bin`, `.pt`) are refused: loading them would run arbitrary code.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -36,8 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from harness.files import DataError, read_text
 from harness.cli import UserError
+from harness.files import DataError, read_text
 
 from .llava import Llava, LlavaConfig, TextConfig, VisionConfig
 
@@ -57,8 +47,7 @@ def resolve_dtype(name: str, device: str | torch.device, *, gpu_default: str = "
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the file and the keys or
-    fields. A UserError, so that the scripts print it as one line; still a ValueError for callers
-    that catch that."""
+    fields. A UserError, so the scripts print it as one line; still a ValueError for callers."""
 
 
 # One prefix table per source layout: (prefix on disk, prefix in `Llava`), first match wins.
@@ -88,41 +77,28 @@ LAYOUTS: dict[str, list[tuple[str, str]]] = {
     "clip": [
         ("vision_model.", "vision_tower."),  # CLIPModel, CLIPVisionModelWithProjection, 4.x CLIPVisionModel
         # transformers 5's CLIPVisionModel writes the tower's own names, without `vision_model.`
-        ("embeddings.", "vision_tower.embeddings."),
-        ("pre_layrnorm.", "vision_tower.pre_layrnorm."),
-        ("encoder.", "vision_tower.encoder."),
-        ("post_layernorm.", "vision_tower.post_layernorm."),
+        *((p, "vision_tower." + p) for p in ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")),
     ],
 }
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids", "image_newline")
 # The parts of a full CLIPModel that are not its vision tower.
 CLIP_IGNORED = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
 
-# Key prefixes that a single checkpoint layout writes, longest first. One such key anywhere in a
-# checkpoint decides its layout; `lm_head.*` (LLaVA-Med and llava-hf alike) decides nothing.
-TELLING = [
-    ("model.vision_tower.vision_tower.", "llava-med"),
-    ("model.mm_projector.", "llava-med"),
-    ("model.layers.", "llava-med"),
-    ("model.embed_tokens.", "llava-med"),
-    ("model.norm.", "llava-med"),
-    ("model.language_model.", "llava-hf"),
-    ("model.multi_modal_projector.", "llava-hf"),
-    ("model.vision_tower.", "llava-hf"),
-    ("language_model.", "llava-hf-legacy"),
-    ("multi_modal_projector.", "llava-hf-legacy"),
-    ("vision_tower.", "llava-hf-legacy"),
-]
+# Key prefixes that only one checkpoint layout writes; one such key anywhere in a checkpoint decides
+# its layout (llava-med is tried first: its tower prefix extends llava-hf's). `lm_head.*`
+# (LLaVA-Med and llava-hf alike) decides nothing.
+TELLING = {
+    "llava-med": ("model.vision_tower.vision_tower.", "model.mm_projector.", "model.layers.",
+                  "model.embed_tokens.", "model.norm."),
+    "llava-hf": ("model.language_model.", "model.multi_modal_projector.", "model.vision_tower."),
+    "llava-hf-legacy": ("language_model.", "multi_modal_projector.", "vision_tower."),
+}
 
 # Vision towers that LLaVA-Med configs name by hub id (their config.json carries no tower shape).
 KNOWN_TOWERS = {
     "openai/clip-vit-large-patch14-336": VisionConfig(),
     "openai/clip-vit-large-patch14": VisionConfig(image_size=224),
 }
-
-
-def _where(key: str, files: dict | None) -> str:
-    return f"{key} ({Path(files[key]).name})" if files else key
 
 
 def detect_layout(keys, source: str = "checkpoint") -> str:
@@ -132,20 +108,24 @@ def detect_layout(keys, source: str = "checkpoint") -> str:
     A checkpoint with no telling key, or with telling keys of two layouts, is an error.
     """
     files = keys if isinstance(keys, dict) else None
-    keys = [k for k in keys if not k.endswith(IGNORED_SUFFIXES)]
+
+    def where(key: str) -> str:
+        return f"{key} ({Path(files[key]).name})" if files else key
+
+    keys = sorted(k for k in keys if not k.endswith(IGNORED_SUFFIXES))
     seen: dict[str, str] = {}  # layout → first key that tells it
-    for key in sorted(keys):
-        layout = next((lay for prefix, lay in TELLING if key.startswith(prefix)), None)
+    for key in keys:
+        layout = next((lay for lay, prefixes in TELLING.items() if key.startswith(prefixes)), None)
         if layout is not None:
             seen.setdefault(layout, key)
     if len(seen) == 1:
         return next(iter(seen))
     if seen:
-        found = "; ".join(f"{_where(k, files)} is {lay}" for lay, k in seen.items())
+        found = "; ".join(f"{where(k)} is {lay}" for lay, k in seen.items())
         raise CheckpointError(f"{source}: keys of {len(seen)} layouts in one checkpoint: {found}")
-    first = ", ".join(_where(k, files) for k in sorted(keys)[:5]) or "none"
+    first = ", ".join(where(k) for k in keys[:5]) or "none"
     raise CheckpointError(f"{source}: unrecognised key layout, no key starts with a prefix of "
-                          f"{', '.join(sorted(set(lay for _, lay in TELLING)))} (first keys: {first})")
+                          f"{', '.join(sorted(TELLING))} (first keys: {first})")
 
 
 def rename(key: str, layout: str) -> str | None:
@@ -173,6 +153,7 @@ def unrename(name: str, layout: str) -> str:
 
 
 def _read_json(path: Path):
+    """A JSON file's content; missing, not UTF-8 or not JSON is a CheckpointError naming the file."""
     if not path.is_file():
         raise CheckpointError(f"{path}: not found")
     try:
@@ -214,9 +195,8 @@ MODEL_TYPE_DEFAULTS = {
 
 
 class _Fields:
-    """Typed reads from one JSON object of a config file. Every error names the file and the
-    field's path in it; a field left out takes its model_type's default (MODEL_TYPE_DEFAULTS),
-    else the default given to the read, else it is reported missing."""
+    """Typed reads from one JSON object of a config file; every error names the file and the field's
+    path. A left-out field takes its model_type's default (MODEL_TYPE_DEFAULTS), else the read's."""
 
     def __init__(self, obj, source: str, path: str = ""):
         if not isinstance(obj, dict):
@@ -232,13 +212,10 @@ class _Fields:
         return CheckpointError(f"{self.source}: {self.name(key)} {what}")
 
     def get(self, key: str, default=_REQUIRED):
-        if key in self.obj:
-            return self.obj[key]
-        if key in self.defaults:
-            return self.defaults[key]
-        if default is _REQUIRED:
+        value = self.obj.get(key, self.defaults.get(key, default))
+        if value is _REQUIRED:
             raise CheckpointError(f"{self.source}: missing field {self.name(key)}")
-        return default
+        return value
 
     def sub(self, key: str) -> "_Fields":
         return _Fields(self.get(key), self.source, self.name(key))
@@ -348,9 +325,9 @@ def _select_layer(f: _Fields, key: str, vision: VisionConfig) -> int:
     return layer
 
 
-def _image_token_id(f: "_Fields", key: str) -> int:
+def _image_token_id(f: _Fields, key: str) -> int:
     """A vocabulary id, or LLaVA's -200 (IMAGE_TOKEN_INDEX, outside the vocabulary), which
-    save_model writes for models that use LLaVA-Med's convention."""
+    save_model writes for models on LLaVA-Med's convention."""
     value = f.int(key, 32000, minimum=None)
     if value < 0 and value != -200:
         raise f.error(key, f"must be a token id >= 0 or LLaVA's -200, got {value}")
@@ -358,9 +335,8 @@ def _image_token_id(f: "_Fields", key: str) -> int:
 
 
 def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig | None = None) -> LlavaConfig:
-    """LlavaConfig from a llava-hf (nested) or LLaVA-Med (`mm_*`) config.json dict.
-
-    Every field is type-checked; an error names `source` and the field's path in the file."""
+    """LlavaConfig from a llava-hf (nested) or LLaVA-Med (`mm_*`) config.json dict; every field is
+    type-checked, and an error names `source` and the field's path in the file."""
     f = _Fields(c, source)
     if "text_config" in c:  # llava-hf
         f.choice("projector_hidden_act", "gelu", ("gelu",))
@@ -526,8 +502,8 @@ def _index(headers: dict, layout: str, source: str, *, skip: tuple[str, ...] = (
 def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, device="cpu") -> Llava:
     """Load a LLaVA(-Med) checkpoint directory (config.json + safetensors) as a `Llava` in eval mode.
 
-    `vision_tower`: a CLIP directory (config.json + safetensors, see the module docstring) whose
-    tower replaces the one stored in the checkpoint, or supplies it when the checkpoint has none.
+    `vision_tower`: a CLIP directory (config.json + safetensors) whose tower replaces the one
+    stored in the checkpoint, or supplies it when the checkpoint has none.
     """
     path = Path(path)
     if not path.is_dir():
@@ -535,9 +511,7 @@ def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, d
     tower_dir = Path(vision_tower) if vision_tower is not None else None
     if tower_dir is not None and not tower_dir.is_dir():
         raise CheckpointError(f"{tower_dir}: not a CLIP directory (vision_tower)")
-    vision = read_vision_config(tower_dir) if tower_dir else None
-    config = read_config(path, vision)
-
+    config = read_config(path, read_vision_config(tower_dir) if tower_dir else None)
     headers = _headers(path, safetensors_files(path))
     layout = detect_layout({k: file for k, (file, _) in headers.items()}, str(path))
     found, unexpected = _index(headers, layout, str(path), drop="vision_tower." if tower_dir else None)
@@ -546,29 +520,20 @@ def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, d
                                          skip=CLIP_IGNORED)
         found.update(tower)
         unexpected += unexpected_tower
-
     with torch.device("meta"):
         model = Llava(config)
-    def hint(missing):
-        if any(k.startswith("vision_tower.") for k in missing):
-            return "the checkpoint has no vision tower: pass vision_tower=<CLIP directory>"
-    return assign_weights(model, found, unexpected, str(path), dtype=dtype, device=device, missing_hint=hint).eval()
+    return assign_weights(model, found, unexpected, str(path), dtype=dtype, device=device).eval()
 
 
 def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], source: str, *,
-                   dtype: torch.dtype, device, missing_hint=None) -> torch.nn.Module:
+                   dtype: torch.dtype, device) -> torch.nn.Module:
     """Check `found` ({name: (file, key, shape)}) against a meta-device model, strictly, then read
     each tensor once and assign it in place (peak memory ≈ one copy of the weights).
 
     One CheckpointError lists every missing, unexpected, mis-shaped and non-floating-point key
-    (an integer tensor where a weight belongs), naming the files; `missing_hint(missing_names)`
-    may add advice to the missing line.
+    (an integer tensor where a weight belongs), naming the files.
     """
-    handles: dict = {}
-
-    def handle(file):
-        return handles.get(file) or handles.setdefault(file, _open(file))
-
+    handle = functools.cache(_open)  # one open file per shard
     params = model.state_dict()
     expected = {k: tuple(v.shape) for k, v in params.items()}
     missing = sorted(set(expected) - set(found))
@@ -583,8 +548,10 @@ def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], s
     if missing or unexpected or wrong or not_float:
         lines = [f"cannot load {source}:"]
         if missing:
-            advice = missing_hint(missing) if missing_hint else None
-            lines.append(f"  {len(missing)} missing" + (f" ({advice})" if advice else "") + ": " + ", ".join(missing))
+            # Only a Llava has vision_tower.* parameters; LLaVA-Med checkpoints may leave the tower out.
+            no_tower = any(k.startswith("vision_tower.") for k in missing)
+            advice = " (the checkpoint has no vision tower: pass vision_tower=<CLIP directory>)" if no_tower else ""
+            lines.append(f"  {len(missing)} missing{advice}: " + ", ".join(missing))
         if unexpected:
             lines.append(f"  {len(unexpected)} unexpected: " + ", ".join(unexpected))
         if wrong:
@@ -592,7 +559,6 @@ def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], s
         if not_float:
             lines.append(f"  {len(not_float)} not floating point where a weight belongs: " + "; ".join(not_float))
         raise CheckpointError("\n".join(lines))
-
     state = {}
     for name, (file, key, _) in found.items():
         try:
