@@ -2,22 +2,11 @@
 
 LLaVA-Med v1.5 ships Mistral-7B's SentencePiece model (`tokenizer.model`) and no tokenizer.json.
 `convert_sentencepiece` reads that protobuf by hand and builds the equivalent Llama-style
-`tokenizers.Tokenizer`:
-
-- model: BPE over the SentencePiece pieces (id = piece index), `byte_fallback` (characters
-  outside the vocabulary become `<0xNN>` byte pieces), `unk_token` = the unknown piece;
-- merges: every split `piece = left + right` with both halves in the vocabulary, ranked by the
-  merged piece's score (higher first), then by longer left, longer right half; ties keep the
-  piece order, and a piece's splits are ordered by (id left, id right). This is the order of
-  transformers' `LlamaConverter` (up to 4.x) and it makes BPE pick merges as SentencePiece does;
-- normalizer: prepend "▁" (SentencePiece's `add_dummy_prefix`) and replace " " by "▁". Being a
-  normalizer, the prefix is added to every stretch of text between special tokens, which is
-  what the slow, "legacy" LlamaTokenizer that LLaVA-Med runs does (it calls SentencePiece on
-  each stretch); no pre-tokenizer;
-- decoder: "▁" → " ", byte fallback, fuse, strip the one leading space the prefix added;
-- added tokens: unknown and control pieces (`<unk>`, `<s>`, `</s>`) as special tokens,
-  user-defined pieces as plain added tokens; a post-processor that prepends BOS, as
-  LLaVA-Med's `add_bos_token=True` does (our own functions below never rely on it).
+`tokenizers.Tokenizer` (docs/FORMATS.md, "Tokenizer"), as transformers' `LlamaConverter` (up to
+4.x) did: BPE over the pieces (id = piece index) with byte fallback, merges ranked by score
+(`_bpe_merges`), a normalizer that prepends "▁" (SentencePiece's `add_dummy_prefix`) and maps
+" " to "▁", the matching decoder, control pieces as special tokens, and a post-processor that
+prepends BOS (LLaVA-Med's `add_bos_token=True`; our own functions below never rely on it).
 
 Why not simply what transformers 5.x builds: its SentencePiece path ranks merges by piece id
 instead of score and uses a Metaspace pre-tokenizer that skips the dummy prefix when the text
@@ -25,11 +14,8 @@ starts with a space, so it disagrees with SentencePiece on runs of spaces (Mistr
 pieces have score -1e9 but small ids). On the real Mistral model the converter here equals
 `sentencepiece`'s encode id for id (see tests/test_tokenizer.py).
 
-The prompt side reproduces LLaVA-Med exactly: the `mistral_instruct` template, and the
-chunk-wise tokenization around the literal "<image>" (each chunk tokenized on its own with BOS
-and the "▁" prefix, BOS kept only on the first chunk, the image spliced in at the split point),
-which leaves "▁" tokens (id 28705) on both sides of the image. llava-hf checkpoints instead have
-"<image>" as a real token and encode the prompt at once, which gives the same ids.
+The prompt side reproduces LLaVA-Med exactly (docs/FORMATS.md, "Prompt"): the `mistral_instruct`
+template, and the chunk-wise tokenization around the literal "<image>" (`tokenize_prompt`).
 
 CLI: `python -m model.tokenizer convert path/to/tokenizer.model path/to/tokenizer.json`.
 """
@@ -164,6 +150,17 @@ class SentencePieceModel:
     denormalizer_charsmap: bytes = b""
 
 
+# The TrainerSpec (2), NormalizerSpec (3) and denormalizer NormalizerSpec (5) fields read, by
+# ModelProto field and sub-field number: SentencePieceModel's attribute, whose type is the field's.
+# A string / bytes field of another wire type is skipped.
+_SPEC_FIELDS = {
+    2: {3: "model_type", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 24: "treat_whitespace_as_suffix"},
+    3: {1: "normalizer_name", 2: "precompiled_charsmap", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces",
+        5: "escape_whitespaces"},
+    5: {2: "denormalizer_charsmap"},
+}
+
+
 def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
     """Parse a SentencePiece `tokenizer.model` (ModelProto) without protobuf or sentencepiece.
 
@@ -173,10 +170,9 @@ def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
     path = Path(model_path)
     if not path.is_file():
         raise FileNotFoundError(f"SentencePiece model not found: {path}")
-    buf = path.read_bytes()
     spm = SentencePieceModel(pieces=[], scores=[], types=[])
     try:
-        for number, value in _fields(buf):
+        for number, value in _fields(path.read_bytes()):
             if number == 1 and isinstance(value, bytes):
                 piece, score, kind = "", 0.0, NORMAL
                 for n, v in _fields(value):
@@ -189,34 +185,16 @@ def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
                 spm.pieces.append(piece)
                 spm.scores.append(score)
                 spm.types.append(kind)
-            elif number == 2 and isinstance(value, bytes):  # TrainerSpec
+            elif number in _SPEC_FIELDS and isinstance(value, bytes):
                 for n, v in _fields(value):
-                    if n == 3:
-                        spm.model_type = _int32(v)
-                    elif n == 35:
-                        spm.byte_fallback = bool(_int32(v))
-                    elif n == 40:
-                        spm.unk_id = _int32(v)
-                    elif n == 41:
-                        spm.bos_id = _int32(v)
-                    elif n == 24:
-                        spm.treat_whitespace_as_suffix = bool(_int32(v))
-            elif number == 3 and isinstance(value, bytes):  # NormalizerSpec
-                for n, v in _fields(value):
-                    if n == 1 and isinstance(v, bytes):
-                        spm.normalizer_name = v.decode("utf-8")
-                    elif n == 2 and isinstance(v, bytes):
-                        spm.precompiled_charsmap = v
-                    elif n == 3:
-                        spm.add_dummy_prefix = bool(_int32(v))
-                    elif n == 4:
-                        spm.remove_extra_whitespaces = bool(_int32(v))
-                    elif n == 5:
-                        spm.escape_whitespaces = bool(_int32(v))
-            elif number == 5 and isinstance(value, bytes):  # denormalizer NormalizerSpec
-                for n, v in _fields(value):
-                    if n == 2 and isinstance(v, bytes):
-                        spm.denormalizer_charsmap = v
+                    name = _SPEC_FIELDS[number].get(n)
+                    if name is None:
+                        continue
+                    old = getattr(spm, name)
+                    if not isinstance(old, (str, bytes)):
+                        setattr(spm, name, type(old)(_int32(v)))  # an int, enum or bool
+                    elif isinstance(v, bytes):
+                        setattr(spm, name, v.decode("utf-8") if isinstance(old, str) else v)
     except (_ProtoError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a valid SentencePiece model: {e}") from None
     if not spm.pieces:
