@@ -549,8 +549,8 @@ def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], s
         lines = [f"cannot load {source}:"]
         if missing:
             # Only a Llava has vision_tower.* parameters; LLaVA-Med checkpoints may leave the tower out.
-            no_tower = any(k.startswith("vision_tower.") for k in missing)
-            advice = " (the checkpoint has no vision tower: pass vision_tower=<CLIP directory>)" if no_tower else ""
+            advice = (" (the checkpoint has no vision tower: pass vision_tower=<CLIP directory>)"
+                      if any(k.startswith("vision_tower.") for k in missing) else "")
             lines.append(f"  {len(missing)} missing{advice}: " + ", ".join(missing))
         if unexpected:
             lines.append(f"  {len(unexpected)} unexpected: " + ", ".join(unexpected))

@@ -35,10 +35,6 @@ from tokenizers import Tokenizer
 from .loading import CheckpointError, _headers, _read_json, assign_weights, safetensors_files
 
 
-# ----------------------------------------------------------------------------------------------
-# Config
-
-
 @dataclass
 class BertConfig:
     """BERT encoder shape. Defaults: all-MiniLM-L6-v2 (MiniLM-L6-H384, 22.7 M parameters)."""
@@ -173,7 +169,8 @@ class SentenceEncoder(nn.Module):
             for r, i in enumerate(rows):
                 n = len(encoded[i][0])
                 ids[r, :n], types[r, :n], mask[r, :n] = torch.tensor(encoded[i][0]), torch.tensor(encoded[i][1]), 1
-            out[torch.tensor(rows, device=device)] = self(ids.to(device), mask.to(device), types.to(device))  # (B, D)
+            e = self(ids.to(device), mask.to(device), types.to(device))  # (B, D)
+            out[torch.tensor(rows, device=device)] = e
         return out
 
     @classmethod

@@ -130,10 +130,8 @@ def _int32(value: int | bytes) -> int:
 
 @dataclass
 class SentencePieceModel:
-    """The parts of a SentencePiece ModelProto that decide how text becomes ids.
-
-    Defaults are the proto2 defaults, which apply when a field is absent from the file.
-    """
+    """The parts of a SentencePiece ModelProto that decide how text becomes ids; the defaults are
+    proto2's, which apply when a field is absent from the file."""
     pieces: list[str]
     scores: list[float]
     types: list[int]
@@ -249,11 +247,8 @@ def _bpe_merges(pieces: Sequence[str], scores: Sequence[float]) -> list[tuple[st
 
 
 def convert_sentencepiece(model_path: str | Path) -> Tokenizer:
-    """Build the Llama-style `tokenizers.Tokenizer` equivalent to a SentencePiece BPE model.
-
-    See the module docstring for what each component reproduces. Raises ValueError listing
-    every unsupported setting (unigram models, character normalizers, ...).
-    """
+    """Build the Llama-style `tokenizers.Tokenizer` equivalent to a SentencePiece BPE model; a
+    ValueError lists every unsupported setting (unigram models, character normalizers, ...)."""
     path = Path(model_path)
     spm = read_sentencepiece(path)
     _check_supported(spm, path)
@@ -267,8 +262,9 @@ def llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
     unk = spm.pieces[spm.unk_id]
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=_bpe_merges(spm.pieces, spm.scores),
                               unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None))
-    # The dummy prefix lives in the normalizer so that every stretch of text between special
-    # tokens gets its "▁", as SentencePiece applied piecewise does (see module docstring).
+    # The dummy prefix lives in the normalizer (no pre-tokenizer), so that every stretch of text
+    # between special tokens gets its "▁", as LLaVA-Med's slow "legacy" LlamaTokenizer does: it
+    # calls SentencePiece on each stretch.
     steps = [normalizers.Prepend(SPIECE)] if spm.add_dummy_prefix else []
     tokenizer.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", SPIECE)])
     steps = [decoders.Replace(SPIECE, " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -343,13 +339,10 @@ def tokenize_prompt(tokenizer: Tokenizer, prompt: str, *, image_token_id: int,
                     num_image_tokens: int, bos_token_id: int | None = 1) -> list[int]:
     """Prompt ids with each "<image>" expanded to `num_image_tokens` copies of `image_token_id`.
 
-    As LLaVA-Med and LLaVA do: split on the literal "<image>" and tokenize each chunk
-    separately; each chunk gets its own "▁" prefix (SentencePiece's dummy prefix) and the BOS
-    is kept only once, at the start. So "[INST] <image>\\nWhat" gives
-    [BOS, "▁[", "INST", "]", "▁", <image> × N, "▁", "\\n", "What"]: a "▁" on each side of the
-    image, which the model was trained with. `image_token_id` may be negative (-200) since
-    the ids are never looked up in the vocabulary. For a llava-hf tokenizer, where "<image>" is
-    a real token, this equals encoding the whole prompt at once (tests/test_tokenizer.py).
+    LLaVA's chunk-wise tokenization (docs/FORMATS.md, "Prompt"): each chunk between "<image>"s
+    gets its own "▁" prefix, BOS only once, so "[INST] <image>\\nWhat" gives [BOS, "▁[", "INST",
+    "]", "▁", <image> × N, "▁", "\\n", "What"]. `image_token_id` may be -200: never looked up.
+    For a llava-hf tokenizer ("<image>" a real token) this equals encoding the prompt at once.
     """
     if num_image_tokens < 1:
         raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
