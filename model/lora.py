@@ -201,8 +201,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | N
 def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | None = None) -> list[str]:
     """Load a PEFT LoRA adapter (ours or PEFT's own) into the model, applying LoRA first if the
     model has none. Unknown, missing or mis-shaped tensors raise one error that lists them."""
-    adapter_dir = Path(adapter_dir)
-    config_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    config_path, weights_path = Path(adapter_dir) / ADAPTER_CONFIG, Path(adapter_dir) / ADAPTER_WEIGHTS
     try:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
