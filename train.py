@@ -1,7 +1,6 @@
-"""Stage 3 of HSCR: multi-level preference optimization of LoRA adapters on hscr.py's preference
-data (docs/METHOD.md). π_θ is the base model plus LoRA (model/lora.py), π_ref the same weights with
-LoRA disabled; y_w is an entry's chosen response, y_l1 … y_lk its k ≤ --num-negatives negatives,
-ranked most similar first. One function per equation of the paper:
+"""Stage 3 of HSCR: multi-level preference optimization of LoRA adapters (model/lora.py) on
+hscr.py's preference data (docs/METHOD.md). π_ref is π_θ with LoRA disabled; y_w is an entry's
+chosen response, y_l1 … y_lk its k ≤ --num-negatives negatives, most similar first:
 
     r(y)   = γ · ( log π_θ(y|i,x) − log π_ref(y|i,x) )          reward           γ = 0.1
     L_E    = − Σ_{j=1..k} log σ( r(y_w) − r(y_lj) )              explicit_loss    Eq. 5
@@ -9,19 +8,16 @@ ranked most similar first. One function per equation of the paper:
     L_HSCR = L_E + L_I, averaged over the entries of a batch     multilevel_loss  Eq. 7
 
 `preference_loss` picks the variant `--loss` names: hscr, explicit, implicit, or dpo (DPO's Eq. 1:
-the explicit level on y_l1 alone). log π(y|i,x) sums the log-probabilities of the response tokens
-only, straight from the decoder's hidden states (row_logprobs → hidden_logprob); log π_ref is
-computed once and cached beside the preference file.
+the explicit level on y_l1 alone). log π(y|i,x) sums the response tokens' log-probabilities,
+straight from the decoder's hidden states (row_logprobs → hidden_logprob); log π_ref is computed
+once and cached beside the preference file.
 
-The loop (`train`): AdamW, warmup + cosine, gradient accumulation, clipping, seeded shuffling per
-epoch, held-out preference accuracy every N steps, metrics.jsonl, atomic checkpoints, DDP under
-torchrun. One run per --out: `--resume` continues it exactly (or keeps it, finished), only with the
-inputs and options that made it (out/provenance.json). data.py reads the data (docs/FORMATS.md):
-bad records and unreadable images are skipped (out/bad_records.jsonl). Expected errors: one line, exit 2.
+The loop (`train`): AdamW, warmup + cosine, gradient accumulation, clipping, held-out preference
+accuracy, DDP under torchrun; the run directory, exact `--resume` and skipped bad records are
+harness/rundir.py's and harness/trainset.py's (docs/FORMATS.md, Training outputs).
 
 `python train.py train [options]` (or any argument list holding --model or --data) runs this
-trainer, `python train.py [demo|ablation] [options]` the embedded demo (demo/run.py): all of HSCR on
-the shipped small model (built by `python -m demo.base`) and a synthetic world, on a CPU. On 8 GPUs
+trainer, `python train.py [demo|ablation] [options]` the demo (demo/run.py) on a CPU. On 8 GPUs
 (paper: global batch 16 = 2 per GPU × 8; with --nproc_per_node 1, the same run by accumulation):
 
     torchrun --standalone --nproc_per_node 8 train.py --model ckpt/llava-med-v1.5-mistral-7b \\
@@ -65,20 +61,14 @@ def reward(policy_logp: Tensor, ref_logp: Tensor, gamma: float = 0.1) -> Tensor:
 
 def explicit_loss(reward_chosen: Tensor, reward_rejected: Tensor, rejected_mask: Tensor) -> Tensor:
     """Eq. 5, explicit: L_E = − Σ_{j=1..k} log σ( r(y_w) − r(y_lj) ), preferred vs each negative.
-
-    reward_chosen (B,), reward_rejected (B, K), rejected_mask (B, K) bool: absent negatives
-    contribute no pair. Returns the sum per entry (B,).
-    """
+    reward_chosen (B,), reward_rejected (B, K), rejected_mask (B, K) bool (absent: no pair) → (B,)."""
     pairs = -F.logsigmoid(reward_chosen[:, None] - reward_rejected)      # (B, K)
     return pairs.where(rejected_mask, 0.0).sum(1)
 
 
 def implicit_loss(reward_rejected: Tensor, rejected_mask: Tensor) -> Tensor:
     """Eq. 6, implicit: L_I = − Σ_{j<j′} log σ( r(y_lj) − r(y_lj′) ), the more similar negative
-    preferred (negatives are ranked best first: pairs (1,2), (1,3), (2,3) when k = 3).
-
-    reward_rejected (B, K), rejected_mask (B, K) bool. Returns the sum per entry (B,).
-    """
+    preferred. reward_rejected (B, K) ranked best first, rejected_mask (B, K) bool → (B,)."""
     K = reward_rejected.shape[1]
     diff = reward_rejected[:, :, None] - reward_rejected[:, None, :]     # (B, K, K): r_j − r_j′
     upper = torch.ones(K, K, dtype=torch.bool, device=diff.device).triu(1)  # j < j′
@@ -89,14 +79,10 @@ def implicit_loss(reward_rejected: Tensor, rejected_mask: Tensor) -> Tensor:
 def multilevel_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
                     rejected_mask: Tensor, gamma: float = 0.1, explicit: bool = True,
                     implicit: bool = True) -> tuple[Tensor, dict[str, float]]:
-    """Eq. 7: L_HSCR = L_E + L_I, averaged over the entries of the batch.
-
-    Log-probs: chosen (B,), rejected (B, K) ranked best first, rejected_mask (B, K) bool.
-    An entry without any pair of a level adds 0 to that level but still counts in the mean
-    (so the loss of a global batch is the mean of equal-sized shards, as DDP needs).
-    Metrics: loss per level, mean rewards, margins r(y_w) − r(y_lj) and pair accuracies over
-    the pairs present.
-    """
+    """Eq. 7: L_HSCR = L_E + L_I, averaged over the entries of the batch (an entry without a pair
+    of a level still counts in the mean: docs/METHOD.md, Eq. 7). Log-probs: chosen (B,), rejected
+    (B, K) ranked best first, rejected_mask (B, K) bool. Metrics: loss per level, mean rewards,
+    margins r(y_w) − r(y_lj) and pair accuracies over the pairs present."""
     if not (explicit or implicit):
         raise ValueError("multilevel_loss needs explicit or implicit (or both)")
     mask = rejected_mask.bool()
@@ -114,8 +100,7 @@ def multilevel_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: 
     with torch.no_grad():
         K = mask.shape[1]
         margins = (r_w[:, None] - r_l)[mask]                            # (pairs,)
-        upper = torch.ones(K, K, dtype=torch.bool, device=mask.device).triu(1)
-        pair_mask = mask[:, :, None] & mask[:, None, :] & upper
+        pair_mask = mask[:, :, None] & mask[:, None, :] & mask.new_ones(K, K).triu(1)  # j < j′
         implicit_diff = (r_l[:, :, None] - r_l[:, None, :])[pair_mask]
         metrics = {"loss": loss.item(), "loss_explicit": l_e.mean().item(), "loss_implicit": l_i.mean().item(),
                    "reward_chosen": r_w.mean().item()}
@@ -151,11 +136,9 @@ def preference_loss(kind: str, policy_chosen, policy_rejected, ref_chosen, ref_r
 
 
 def row_logprobs(model, base, rows: Rows, pixels: Tensor | None, chunk_rows: int, train_vision: bool = False) -> Tensor:
-    """log π(y|i,x) of every row (R,): each image encoded once, and each example's shared prefix
-    (image, prompt, common answer start) run once for all its rows (model/rows.py, `Rows`).
-
-    `model` is what runs the decoder (the DDP wrapper when distributed), `base` the Llava inside.
-    The vision tower and projector are frozen (no graph kept) unless `train_vision` (demo/base.py)."""
+    """log π(y|i,x) of every row (R,), each example's shared prefix run once (model/rows.py).
+    `model` runs the decoder (the DDP wrapper when distributed), `base` is the Llava inside; the
+    vision tower and projector are frozen (no graph kept) unless `train_vision` (demo/base.py)."""
     features = None
     if pixels is not None:
         with contextlib.nullcontext() if train_vision else torch.no_grad():
@@ -168,14 +151,11 @@ def row_logprobs(model, base, rows: Rows, pixels: Tensor | None, chunk_rows: int
 
 
 def hidden_logprob(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, mask: Tensor, chunk_rows=256) -> Tensor:
-    """log π(y|i,x) per row from the decoder's hidden states: Σ over the masked positions t of
+    """log π(y|i,x) per row, from the decoder's hidden states: Σ over the masked positions t of
     log softmax(hidden[t] @ lm_head_weightᵀ)[labels[t]] (tests/oracles.py: the same from logits).
-
-    hidden (R, P, D) at the positions that predict `labels` (R, P); mask (R, P) bool. Only
-    masked rows are projected, `chunk_rows` at a time; with gradients on, each chunk is
-    checkpointed, so its (chunk_rows, V) logits are recomputed in the backward pass instead
-    of being kept. Peak memory: one chunk of fp32 logits and its gradient. Returns (R,) fp32.
-    """
+    hidden (R, P, D) at the positions that predict `labels` (R, P); mask (R, P) bool → (R,) fp32.
+    Masked positions are projected `chunk_rows` at a time, each chunk checkpointed when gradients
+    are on: peak memory is one chunk of fp32 logits and its gradient."""
     R, P, D = hidden.shape
     rows = mask.reshape(R * P).nonzero().squeeze(1)                 # (M,) masked positions
     h = hidden.reshape(R * P, D)[rows]                               # (M, D)
@@ -234,9 +214,8 @@ def train(cfg: TrainConfig) -> dict:
 
     params = list(lora_parameters(base))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = int(cfg.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_lambda, warmup=warmup, total=total, min_ratio=cfg.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_lambda, warmup=int(cfg.warmup_ratio * total), total=total, min_ratio=cfg.min_lr_ratio))
     start = rundir.load_checkpoint(out, base, optimizer, scheduler, ctx) if cfg.resume else 0
     if start == 0:
         torch.manual_seed(cfg.seed + 1 + ctx.rank)  # dropout: its own stream per process
@@ -265,8 +244,11 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        last = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm.item(),
-                **step_metrics(parts, cfg, ctx), "seconds": round(time.time() - t0, 3)}
+        # Metrics of the global batch: every micro-batch of every process (the mask travels as 0/1).
+        tensors = [ctx.gather_tensors(torch.cat([p[i] for p in parts]).float()) for i in range(5)]
+        _, metrics = preference_loss(cfg.loss, *tensors[:4], tensors[4].bool(), gamma=cfg.gamma)
+        last = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm.item(), **metrics,
+                "seconds": round(time.time() - t0, 3)}
         done = step + 1 == end
         if held_out and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
             last.update(evaluate(base, held_out, ref, cfg, ctx))
@@ -290,14 +272,6 @@ def batch_loss(model, base, batch: list[Example], ref: dict, cfg: TrainConfig, c
     inputs = loss_inputs(logp, ref_logp, batch, cfg.negatives)
     loss, _ = preference_loss(cfg.loss, *inputs, gamma=cfg.gamma)
     return loss, [t.detach() for t in inputs]
-
-
-def step_metrics(parts: list, cfg: TrainConfig, ctx: Context) -> dict[str, float]:
-    """Metrics of the global batch: every micro-batch of every process (the mask travels as 0/1)."""
-    tensors = [ctx.gather_tensors(torch.cat([p[i] for p in parts]).float()) for i in range(5)]
-    tensors[4] = tensors[4].bool()
-    _, metrics = preference_loss(cfg.loss, *tensors, gamma=cfg.gamma)
-    return metrics
 
 
 def evaluate(base, examples: list[Example], ref: dict, cfg: TrainConfig, ctx: Context) -> dict[str, float]:

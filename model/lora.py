@@ -5,15 +5,10 @@ LoRA (Hu et al., 2021) adds a trainable low-rank update to a frozen linear layer
     y = x Wᵀ + b + (α / r) · B A dropout(x)        A: (r, D_in), B: (D_out, r)
 
 A is Kaiming-uniform (a = √5, what nn.Linear and PEFT use), B is zero, so a fresh adapter
-leaves the model unchanged. `LoRALinear` keeps the frozen weight under its original name
-(`<name>.weight`), so checkpoints of the base model load into it unchanged, and the adapter
-lives beside it as `<name>.lora_A.weight` / `<name>.lora_B.weight`. One switch per layer
-gives back the base model from the same weights (`lora_disabled`, the reference model π_ref
-of docs/METHOD.md, Stage 3); `export_merged` writes a checkpoint with B A folded into W.
-
-Files: `save_adapter` writes adapter_config.json + adapter_model.safetensors as PEFT 0.21 does
-for a transformers `LlavaForConditionalGeneration`, so `PeftModel.from_pretrained` loads our
-adapters and we load theirs. Module names map between the two with one table (`_PEFT_NAMES`).
+leaves the model unchanged. `LoRALinear` keeps the frozen weight under its original name, so
+checkpoints of the base model load into it unchanged; `lora_disabled` gives back the base model
+(π_ref, docs/METHOD.md) from the same weights; `export_merged` folds B A into W. `save_adapter`
+and `load_adapter` read and write PEFT 0.21's files for a transformers Llava (`_PEFT_NAMES`).
 """
 from __future__ import annotations
 
@@ -36,25 +31,22 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class LoRALinear(nn.Module):
     """A frozen linear layer (weight and bias kept under their names) plus a LoRA update."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.in_features, self.out_features = base.in_features, base.out_features
-        # The very same Parameter objects as the base layer: no copy, names unchanged.
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
-        self.bias = base.bias
+        # The very same Parameter objects as the base layer, frozen: no copy, names unchanged.
+        base.requires_grad_(False)
+        self.weight, self.bias = base.weight, base.bias
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.dropout_p = dropout
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # The adapter is kept in fp32 by default even for a bf16 base: its updates are tiny
-        # relative to W, and the optimizer state follows the parameter dtype.
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=base.weight.device, dtype=dtype)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=base.weight.device, dtype=dtype)
+        # The adapter is kept in fp32 even for a bf16 base: its updates are tiny relative to W,
+        # and the optimizer state follows the parameter dtype.
+        fp32 = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Linear(self.in_features, rank, **fp32)
+        self.lora_B = nn.Linear(rank, self.out_features, **fp32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.disabled = False  # forward is the base layer only
@@ -85,24 +77,17 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 def lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """The trainable parameters: lora_A and lora_B of every LoRALinear."""
-    for m in lora_modules(model).values():
-        yield m.lora_A.weight
-        yield m.lora_B.weight
+    return (getattr(m, ab).weight for m in lora_modules(model).values() for ab in ("lora_A", "lora_B"))
 
 
 def apply_lora(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS, rank: int = 16,
-               alpha: float = 32.0, dropout: float = 0.05, scope: str | None = "language_model",
-               dtype: torch.dtype = torch.float32) -> list[str]:
-    """Replace every nn.Linear under `scope` whose own name is in `targets` by a LoRALinear.
-
-    Names match exactly (the last component of the module path), never by substring. All other
-    parameters are frozen. Returns the replaced module names; a target that matches nothing,
-    or a model that already has LoRA, is an error.
-    """
+               alpha: float = 32.0, dropout: float = 0.05, scope: str = "language_model") -> list[str]:
+    """Replace every nn.Linear under `scope` whose own name (the last component of its path, never
+    a substring) is in `targets` by a LoRALinear, and freeze everything else. Returns the replaced
+    module names; a target that matches nothing, or a model that already has LoRA, is an error."""
     if lora_modules(model):
         raise ValueError("model already has LoRA layers; apply_lora must be called once")
-    root = model.get_submodule(scope) if scope else model
-    prefix = f"{scope}." if scope else ""
+    root = model.get_submodule(scope)
     # Everything is frozen first; only the adapters created below are trainable.
     for p in model.parameters():
         p.requires_grad_(False)
@@ -111,13 +96,13 @@ def apply_lora(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS, ran
              if name.rpartition(".")[2] in targets and isinstance(m, nn.Linear)]
     unmatched = sorted(set(targets) - {name.rpartition(".")[2] for name, _ in found})
     if unmatched:
-        raise ValueError(f"LoRA targets {unmatched} match no nn.Linear under {scope or 'the model'!r}")
+        raise ValueError(f"LoRA targets {unmatched} match no nn.Linear under {scope!r}")
     for name, linear in found:
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
         # A new module starts in training mode: follow the layer it replaces (eval → no dropout).
-        setattr(parent, child, LoRALinear(linear, rank, alpha, dropout, dtype).train(linear.training))
-    return [prefix + name for name, _ in found]
+        setattr(parent, child, LoRALinear(linear, rank, alpha, dropout).train(linear.training))
+    return [f"{scope}.{name}" for name, _ in found]
 
 
 @contextlib.contextmanager
@@ -134,52 +119,38 @@ def lora_disabled(model: nn.Module):
             m.disabled = d
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under our names, `<module>.lora_A.weight` / `<module>.lora_B.weight`."""
-    out = {}
-    for name, m in lora_modules(model).items():
-        out[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
-        out[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # PEFT's format. PEFT names a tensor "base_model.model." + <module path in the transformers
 # model> + ".lora_A.weight". transformers >= 4.52 keeps Llava's decoder at
 # model.language_model.* (what PEFT 0.21 + transformers 5 write); older versions had
 # language_model.model.* — read both, write the new one.
-# (our module name, PEFT's module name, PEFT's module name in the legacy layout)
+# (our prefix, PEFT's, PEFT's in the legacy layout, what must follow the prefix)
 _PEFT_NAMES = (
-    ("language_model.layers.{i}.{sub}", "model.language_model.layers.{i}.{sub}",
-     "language_model.model.layers.{i}.{sub}"),
-    ("multi_modal_projector.{sub}", "model.multi_modal_projector.{sub}", "multi_modal_projector.{sub}"),
+    ("language_model.layers.", "model.language_model.layers.", "language_model.model.layers.",
+     r"\d+\.[\w.]+"),
+    ("multi_modal_projector.", "model.multi_modal_projector.", "multi_modal_projector.", r"[\w.]+"),
 )
 _PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
-def _template_regex(template: str) -> re.Pattern:
-    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{sub\}", r"(?P<sub>[\w.]+)")
-    return re.compile(pattern)
+def _rename(name: str, columns: tuple[int, ...], to: int) -> str | None:
+    """`name` with its prefix from one of `columns` of _PEFT_NAMES replaced by column `to`'s, or None."""
+    for row in _PEFT_NAMES:
+        for prefix in (row[c] for c in columns):
+            if name.startswith(prefix) and re.fullmatch(row[3], name[len(prefix):]):
+                return row[to] + name[len(prefix):]
+    return None
 
 
 def peft_module_name(name: str) -> str | None:
     """Our module name -> the module's name inside transformers' Llava, or None if unmapped."""
-    for ours, peft, _ in _PEFT_NAMES:
-        match = _template_regex(ours).fullmatch(name)
-        if match:
-            return peft.format(**match.groupdict())
-    return None
+    return _rename(name, (0,), 1)
 
 
 def our_module_name(peft_name: str) -> str | None:
     """transformers' Llava module name (either layout) -> ours, or None if unmapped."""
-    for ours, peft, legacy in _PEFT_NAMES:
-        for template in (peft, legacy):
-            match = _template_regex(template).fullmatch(peft_name)
-            if match:
-                return ours.format(**match.groupdict())
-    return None
+    return _rename(peft_name, (1, 2), 0)
 
 
 def _uniform(modules: dict[str, LoRALinear], attr: str):
@@ -218,11 +189,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | N
         "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
     }
     # PEFT's file holds A and B only, keyed without the adapter name ("default").
-    tensors = {}
-    for name, m in modules.items():
-        key = _PEFT_PREFIX + names[name]
-        tensors[f"{key}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
-        tensors[f"{key}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
+    tensors = {f"{_PEFT_PREFIX}{names[n]}.{ab}.weight": getattr(m, ab).weight.detach().contiguous().cpu()
+               for n, m in modules.items() for ab in ("lora_A", "lora_B")}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
@@ -233,8 +201,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | N
 def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | None = None) -> list[str]:
     """Load a PEFT LoRA adapter (ours or PEFT's own) into the model, applying LoRA first if the
     model has none. Unknown, missing or mis-shaped tensors raise one error that lists them."""
-    adapter_dir = Path(adapter_dir)
-    config_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    config_path, weights_path = Path(adapter_dir) / ADAPTER_CONFIG, Path(adapter_dir) / ADAPTER_WEIGHTS
     try:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -297,29 +264,17 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         if module in modules and leaf == "weight":
             # Sum in fp32, round once to the weight's dtype.
-            value = value.float() + modules[module].delta_weight().float()
-            value = value.to(modules[module].weight.dtype)
+            value = (value.float() + modules[module].delta_weight().float()).to(modules[module].weight.dtype)
         out[key] = value.detach().cpu()
     return out
 
 
-def export_merged(model: nn.Module, out_dir: str | Path, *, source: str | Path | None = None,
-                  layout: str = "llava-hf-legacy") -> Path:
-    """Write a full checkpoint (config.json + model.safetensors) with LoRA merged.
-
-    With `source` (the checkpoint directory the model was loaded from) the output has exactly
-    the source's keys and config.json, so it replaces the input wherever the input was used.
-    Without it, keys follow `layout` (one of model/loading.py's LAYOUTS) and config.json is a
-    llava-hf one.
-    """
+def export_merged(model: nn.Module, out_dir: str | Path, *, source: str | Path) -> Path:
+    """Write a full checkpoint with LoRA merged, with exactly the keys and config.json of `source`
+    (the checkpoint directory the model was loaded from): it replaces the input wherever it was used."""
     from . import loading  # loading imports the model; keep lora.py importable on its own
 
     state = merged_state_dict(model)
-    if source is None:
-        if layout not in loading.LAYOUTS or layout == "clip":
-            raise ValueError(f"unknown checkpoint layout {layout!r}; choose from "
-                             f"{[k for k in loading.LAYOUTS if k != 'clip']}")
-        return loading.save_model(model, out_dir, layout=layout, state_dict=state)
     source = Path(source)
     keys = []
     for file in loading.safetensors_files(source):

@@ -1,25 +1,19 @@
 """Many rows through the model at once, each giving what it gives alone up to floating-point
-rounding (tests/test_rows.py checks the continuations against generate calls and the packed rows
-against rows run alone, tests/test_hscr.py the teacher-forced logits through score_two_branches
-against unpadded forwards, tests/test_train.py the packed log-probabilities' values and gradients):
+rounding (tests/test_rows.py, tests/test_hscr.py and tests/test_train.py check each against rows
+run alone):
 
-    teacher_forced_logits   responses teacher-forced after their prompts (with their images),
-                            left-padded into one batch; logits only at the positions that
-                            predict a response token (hscr.py's two branches and p_chosen /
-                            p_rejected, harness/stats.py's external negatives)
-    greedy_continuations    greedy tails of many rows that share prompts (hscr.py's graded
-                            negatives and --score-on greedy): one KV cache per call, each prompt
-                            prefilled once, finished rows leaving the batch
-    collate / Rows          the rows of each example (data.Example: a prompt with y_w, then with
-                            each y_lj) packed into one sequence, their shared prefix once, for one
-                            forward pass (train.py's log π, demo/base.py's SFT)
+    teacher_forced_logits   responses teacher-forced after their prompts, left-padded into one
+                            batch; logits only where they predict a response token (hscr.py)
+    greedy_continuations    greedy tails of many rows that share prompts (hscr.py, step 6)
+    collate / Rows          the rows of an example packed after their shared prefix, for one
+                            forward pass (train.py's log π; docs/METHOD.md, "How the
+                            log-probabilities are computed")
 
 Shape letters: R rows, T padded row length, L longest response, V vocabulary, N image tokens of a
 row, D model width; in `Rows`, S packed sequences (one per example) and P a row's target tokens.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -32,10 +26,11 @@ if TYPE_CHECKING:  # annotations only: model/ does not import data.py
 
 
 def flat_features(features: Sequence[torch.Tensor], model) -> torch.Tensor:
-    """The image features of several rows, (N_r, D) each, as one (ΣN_r, D): what forward() and
-    generate() write into the rows' image placeholders, row by row."""
+    """The image features of several rows, (N_r, D) each, as one (ΣN_r, D) on the model's device
+    and dtype, in row order."""
     D = model.config.text.hidden_size
-    return torch.cat([f.reshape(-1, D) for f in features]) if features else torch.zeros(0, D)  # (M, D)
+    flat = torch.cat([f.reshape(-1, D) for f in features]) if features else torch.zeros(0, D)  # (M, D)
+    return flat.to(device=model.device, dtype=model.dtype)
 
 
 @torch.no_grad()
@@ -43,14 +38,12 @@ def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.
                           responses: list[list[int]], pad_id: int,
                           prompt_positions: list[list[int] | None] | None = None):
     """Logits that predict each response token, teacher-forced: (R, L, V) float32, targets (R, L)
-    (0 where padded) and valid (R, L), L = the longest response (hscr.py's scores and p_chosen,
-    harness/stats.py's external negatives).
+    (0 where padded) and valid (R, L), L = the longest response.
 
-    Row r is prompt_r + response_r[:-1], left-padded to T, so every row ends at T − 1 and response
-    token t of row r is predicted at position T − L_r + t: only those positions reach the lm_head.
-    features[r] (N_r, D) fills the N_r image placeholders of prompt r. prompt_positions[r], when
-    given, are the position ids of prompt r's tokens (the response continues from the last + 1);
-    None: 0, 1, 2, … (the model's default).
+    Row r is prompt_r + response_r[:-1], left-padded to T, so response token t of row r is
+    predicted at position T − L_r + t: only those positions reach the lm_head. features[r] (N_r, D)
+    fills prompt r's image placeholders. prompt_positions[r]: the position ids of prompt r's tokens
+    (the response continues from the last + 1); None: 0, 1, 2, … (the model's default).
     """
     device = model.device
     ids, mask = left_pad([p + r[:-1] for p, r in zip(prompts, responses)], pad_id, device)  # (R, T)
@@ -68,20 +61,15 @@ def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.
     t = torch.arange(L, device=device)
     valid = t[None, :] < lengths[:, None]  # (R, L)
     positions = torch.where(valid, T - lengths[:, None] + t[None, :], T - 1)  # (R, L); padding reads T−1
-    targets = torch.zeros(len(responses), L, dtype=torch.long)
-    for i, r in enumerate(responses):
-        targets[i, : len(r)] = torch.tensor(r)
-    feats = flat_features(features, model).to(device=device, dtype=model.dtype)
-    logits = model(ids, attention_mask=mask, image_features=feats, logits_positions=positions,
-                   position_ids=position_ids)  # (R, L, V)
+    targets = torch.tensor([r + [0] * (L - len(r)) for r in responses], dtype=torch.long)  # (R, L)
+    logits = model(ids, attention_mask=mask, image_features=flat_features(features, model),
+                   logits_positions=positions, position_ids=position_ids)  # (R, L, V)
     return logits, targets.to(device), valid
 
 
 def mean_token_probability(logits, targets, valid) -> torch.Tensor:
     """Per-token mean probability of each row's response (HSCR's "sampling probability"), (R,), from
-    teacher_forced_logits' output. hscr.py records it for y_w (and with --score-negatives for the
-    kept negatives), so that the paper's claim that self-generated negatives are likelier than
-    external ones can be checked (`python hscr.py stats`)."""
+    teacher_forced_logits' output (hscr.py's p_chosen and p_rejected)."""
     p = token_logprobs(logits, targets).exp() * valid
     return p.sum(-1) / valid.sum(-1)
 
@@ -104,20 +92,15 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
                          prefixes: list[list[int]], *, owners: list[int] | None = None, max_new_tokens: int,
                          pad_id: int, rows_per_call: int = 64) -> list[list[int]]:
     """Greedy continuation of each row r, prompts[o] + prefixes[r] with the full image features[o]
-    (N, D), o = owners[r] (default: o = r), until EOS or `max_new_tokens` (docs/METHOD.md step 6,
-    `decode`). Rows go through the model in calls of up to `rows_per_call` rows that share one
-    static KV cache: the candidates of many entries decode together, grouped by length (less
-    padding). Returned in the given order, each cut by `cut_generated`.
+    (N, D), o = owners[r] (default: o = r), until EOS or `max_new_tokens` (docs/METHOD.md step 6).
+    Returned in the given order, each cut by `cut_generated`; equal to decoding each row alone up
+    to float rounding (benchmarks/bench_hscr.py measures the savings against the plain way).
 
-    Two savings, each giving the same tokens up to floating-point rounding (benchmarks/bench_hscr.py
-    measures them against the plain way):
-    - each call prefills the prompts of its owners once (all but their last token) and copies
-      their KV cache into their rows (`Llava.generate_shared`), instead of prefilling every row
-      whole: the prompt and image, most of a row, are not recomputed per candidate. Prompts ending
-      in an image placeholder, or a model whose sliding window the rows could exceed, cannot share
-      and take the plain way (`Llava.generate`, every row whole);
-    - rows that reached EOS leave the call's batch (`drop_finished`: most tails are a few tokens
-      long, the call runs until its longest one ends).
+    Rows, sorted by length, go through the model in calls of up to `rows_per_call` rows that share
+    one static KV cache; rows that reached EOS leave the call's batch (`drop_finished`). Each call
+    prefills the prompts of its owners once and copies their cache into their rows
+    (`Llava.generate_shared`), unless a prompt ends in an image placeholder or the rows could
+    exceed the model's sliding window: then every row is prefilled whole (`Llava.generate`).
     """
     if not prefixes:
         return []
@@ -137,38 +120,27 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
         rows = order[start: start + rows_per_call]
         if share_prompt:
             shared = list(dict.fromkeys(owners[r] for r in rows))  # this call's owners, first seen first
-            slot = {o: i for i, o in enumerate(shared)}
+            which = torch.tensor([shared.index(owners[r]) for r in rows], device=model.device)  # (rows,)
             pids, pmask = left_pad([prompts[o][:-1] for o in shared], pad_id, model.device)  # (E, Tp)
-            sids, smask = left_pad([prompts[owners[r]][-1:] + prefixes[r] for r in rows], pad_id, model.device)
-            feats = flat_features([features[o] for o in shared], model).to(device=model.device, dtype=model.dtype)
-            which = torch.tensor([slot[owners[r]] for r in rows], device=model.device)  # (rows,)
+            sids, smask = left_pad([prompts[owners[r]][-1:] + prefixes[r] for r in rows], pad_id,
+                                   model.device)
+            feats = flat_features([features[o] for o in shared], model)
             new = model.generate_shared(pids, pmask, which, sids, smask, image_features=feats, **gen)
         else:
             ids, mask = left_pad([prompts[owners[r]] + prefixes[r] for r in rows], pad_id, model.device)
-            feats = flat_features([features[owners[r]] for r in rows], model).to(device=model.device,
-                                                                                 dtype=model.dtype)
+            feats = flat_features([features[owners[r]] for r in rows], model)
             new = model.generate(ids, attention_mask=mask, image_features=feats, **gen)
         for r, row in zip(rows, new.tolist()):
             tails[r] = cut_generated(row, cfg.text.eos_token_id, cfg.image_token_id)
     return tails
 
 
-# ---------------------------------------------------------------------------------------------
-# The rows of an example packed after their shared prefix: one forward pass per example
-
-
 @dataclass
 class Rows:
-    """A micro-batch packed for one forward pass: one sequence per example.
-
-    The rows of an example (the prompt with y_w, then with each y_lj) share a prefix: the image's
-    visual tokens, the prompt, and the answers' first tokens up to where they part. The sequence
-    holds that prefix once, then the rest of each row, one after the other; `visible` lets a
-    token see the prefix and the earlier tokens of its own row only, and `position_ids` count
-    as in the row alone, so every row's log-probs are those of a forward pass over the row by
-    itself (up to float rounding). The prefix, about 80 % of a row on the demo, is computed once
-    per example instead of once per row.
-    """
+    """A micro-batch packed for one forward pass, one sequence per example: the prefix that the
+    example's rows (the prompt with y_w, then with each y_lj) share once, then the rest of each row.
+    `visible` lets a token see the prefix and the earlier tokens of its own row only, and
+    `position_ids` count as in the row alone, so every row's log-probs are those of the row alone."""
     input_ids: torch.Tensor     # (S, T) one packed sequence per example, right-padded
     position_ids: torch.Tensor  # (S, T) each token's position in its own row
     visible: torch.Tensor       # (S, T, T) bool: query t sees key u
@@ -179,22 +151,16 @@ class Rows:
     seq_image: torch.Tensor     # (S,) index into the batch's images, −1 for none
 
     def to(self, device) -> Rows:
-        return Rows(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
-
-
-def shared_prefix(rows: list[list[int]]) -> int:
-    """Length of the longest prefix common to all `rows`."""
-    n = min(map(len, rows))
-    for r in rows[1:]:
-        n = next((i for i in range(n) if r[i] != rows[0][i]), n)
-    return n
+        return Rows(*(t.to(device) for t in vars(self).values()))
 
 
 def collate(examples: list[Example], pad_id: int) -> Rows:
-    seqs, segments, pos_ids, where, seq_of, seq_image = [], [], [], [], [], []
-    n_images = 0
+    """The examples' rows packed for one forward pass (`Rows`)."""
+    seqs, segments, pos_ids, at, labels, seq_of = [], [], [], [], [], []
     for s, ex in enumerate(examples):
-        n = shared_prefix(ex.rows)
+        n = min(map(len, ex.rows))  # the length of the prefix that all rows share
+        for r in ex.rows[1:]:
+            n = next((i for i in range(n) if r[i] != ex.rows[0][i]), n)
         ids, segment, positions = list(ex.rows[0][:n]), [0] * n, list(range(n))
         for r, (row, target) in enumerate(zip(ex.rows, ex.targets)):
             start = len(ids) - n  # packed index of row index i ≥ n is start + i
@@ -202,33 +168,23 @@ def collate(examples: list[Example], pad_id: int) -> Rows:
             segment += [r + 1] * (len(row) - n)
             positions += range(n, len(row))
             # The hidden state at row index t − 1 predicts token t.
-            where.append([((t - 1) if t - 1 < n else start + t - 1, row[t]) for t, on in enumerate(target) if on])
+            at.append([(t - 1) if t - 1 < n else start + t - 1 for t, on in enumerate(target) if on])
+            labels.append([row[t] for t, on in enumerate(target) if on])
             seq_of.append(s)
         seqs.append(ids)
         segments.append(segment)
         pos_ids.append(positions)
-        seq_image.append(n_images if ex.image is not None else -1)
-        n_images += ex.image is not None
-    S, T = len(seqs), max(map(len, seqs))
-    R, P = len(where), max(map(len, where))
-    input_ids = torch.full((S, T), pad_id, dtype=torch.long)
-    position_ids = torch.zeros(S, T, dtype=torch.long)
-    segment = torch.full((S, T), -1, dtype=torch.long)  # −1: padding, 0: the shared prefix, r + 1: row r
-    for s, (ids, seg, pos) in enumerate(zip(seqs, segments, pos_ids)):
-        input_ids[s, :len(ids)] = torch.tensor(ids)
-        segment[s, :len(ids)] = torch.tensor(seg)
-        position_ids[s, :len(ids)] = torch.tensor(pos)
+    T, P = max(map(len, seqs)), max(map(len, at))
+
+    def pad(lists, value, width):  # (len(lists), width), right-padded with `value`
+        return torch.tensor([x + [value] * (width - len(x)) for x in lists], dtype=torch.long)
+
+    segment = pad(segments, -1, T)  # −1: padding, 0: the shared prefix, r + 1: row r
     key, query = segment[:, None, :], segment[:, :, None]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     visible = causal & (key >= 0) & ((key == 0) | (key == query))
     visible |= torch.eye(T, dtype=torch.bool)  # padding sees itself (finite, never read)
-    positions = torch.zeros(R, P, dtype=torch.long)
-    labels = torch.zeros(R, P, dtype=torch.long)
-    label_mask = torch.zeros(R, P, dtype=torch.bool)
-    for r, pairs in enumerate(where):
-        if pairs:
-            positions[r, :len(pairs)] = torch.tensor([p for p, _ in pairs])
-            labels[r, :len(pairs)] = torch.tensor([y for _, y in pairs])
-            label_mask[r, :len(pairs)] = True
-    return Rows(input_ids, position_ids, visible, torch.tensor(seq_of), positions, labels, label_mask,
-                torch.tensor(seq_image))
+    label_mask = torch.arange(P) < torch.tensor([len(a) for a in at])[:, None]  # (R, P)
+    has_image = torch.tensor([ex.image is not None for ex in examples])  # (S,)
+    return Rows(pad(seqs, pad_id, T), pad(pos_ids, 0, T), visible, torch.tensor(seq_of), pad(at, 0, P),
+                pad(labels, 0, P), label_mask, torch.where(has_image, has_image.cumsum(0) - 1, -1))

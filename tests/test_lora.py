@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import tiny
 from model import load_model
 from model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, export_merged, load_adapter, lora_disabled,
-                        lora_modules, lora_parameters, lora_state_dict, merged_state_dict,
+                        lora_modules, lora_parameters, merged_state_dict,
                         our_module_name, peft_module_name, save_adapter)
 
 N_LAYERS = 2  # tiny.hf_tiny_llava
@@ -117,12 +117,6 @@ def test_export_merged_loads_as_base_checkpoint(checkpoint, inputs, tmp_path):
     assert (out / "config.json").read_text() == (checkpoint / "config.json").read_text()
     torch.testing.assert_close(logits(load_model(out), inputs), policy, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(p, weights[n]) for n, p in model.state_dict().items())  # the model is left as it was
-    # Without a source: a named layout and a llava-hf config.json.
-    out = export_merged(model, tmp_path / "legacy", layout="llava-hf-legacy")
-    assert "language_model.lm_head.weight" in load_file(out / "model.safetensors")
-    torch.testing.assert_close(logits(load_model(out), inputs), policy, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="layout"):
-        export_merged(model, tmp_path / "x", layout="llava-hf-new")
 
 
 def test_peft_names_round_trip():
@@ -215,4 +209,3 @@ def test_lora_linear_dtypes():
     assert y.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
     expected = torch.nn.functional.linear(x, base.weight, base.bias).float() + x.float() @ layer.delta_weight().T
     torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)
-    assert lora_state_dict(torch.nn.Sequential(layer)).keys() == {"0.lora_A.weight", "0.lora_B.weight"}
