@@ -34,6 +34,7 @@ import dataclasses
 import json
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,14 +112,13 @@ _STRAY_PERIOD = re.compile(r"\.(?!\d)")
 _MAX_PERIODS_PER_CALL = int(re.UNICODE)
 
 
-def strip_punctuation(text: str) -> str:
-    """Delete or space out each character of PUNCT, deciding per character for the whole string.
-
-    A character is deleted everywhere if it stands next to a space anywhere in the *input*
-    ("p " or " p"), or if the input contains a digit,digit pattern; otherwise every occurrence
-    becomes a space. So "x-ray" → "x ray", "x - ray" → "x  ray", and in
-    "x-ray - chest" the dash is deleted inside "x-ray" too → "xray  chest".
-    """
+def normalize_word(text: str) -> str:
+    """LLaVA-Med's `normalize_word` on a lowercased string (the scripts lowercase before calling;
+    doing it first changes nothing in steps 1 and 2). The steps: docs/FORMATS.md "Normalisation"."""
+    text = text.lower()
+    # 1. Each character of PUNCT is deleted everywhere if it stands next to a space anywhere in the
+    # *input* ("p " or " p"), or if the input holds a digit,digit; otherwise every occurrence becomes
+    # a space. So "x-ray" → "x ray", and in "x-ray - chest" the dash goes inside "x-ray" too.
     digit_comma_digit = _DIGIT_COMMA_DIGIT.search(text) is not None
     out = text
     for p in PUNCT:
@@ -126,51 +126,24 @@ def strip_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return out
-
-
-def strip_periods(text: str) -> str:
-    """Delete periods not followed by a digit ("3.5" keeps its point), at most 32 of them."""
-    return _STRAY_PERIOD.sub("", text, count=_MAX_PERIODS_PER_CALL)
-
-
-def normalize_words(text: str) -> str:
-    """Word-level rules: number words → digits, drop articles, restore contractions, single spaces.
-
-    The number map is applied before the article test and contractions after it, as upstream;
-    commas cannot survive strip_punctuation, but the final comma removal is kept for parity.
-    """
-    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    # 2. Periods not followed by a digit are deleted ("3.5" keeps its point), at most 32 of them.
+    out = _STRAY_PERIOD.sub("", out, count=_MAX_PERIODS_PER_CALL)
+    # 3. Number words → digits before the article test, contractions after it, as upstream; single
+    # spaces. Commas cannot survive step 1, but the final comma removal is kept for parity.
+    words = [NUMBER_WORDS.get(w, w) for w in out.lower().split()]
     words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
     return " ".join(words).replace(",", "")
 
 
-def normalize_word(text: str) -> str:
-    """LLaVA-Med's `normalize_word` on a lowercased string (the scripts lowercase before calling).
-
-    Lowercasing first changes nothing in the punctuation and period steps, and the word step
-    lowercases again, so this equals upstream `normalize_word(text.lower())`.
-    """
-    return normalize_words(strip_periods(strip_punctuation(text.lower())))
-
-
-def word_counts(text: str) -> dict[str, int]:
+def word_counts(text: str) -> Counter:
     """Upstream `split_sentence(text, 1)`: lowercase, whitespace split, {word: count}."""
-    counts: dict[str, int] = {}
-    for w in text.lower().split():
-        counts[w] = counts.get(w, 0) + 1
-    return counts
+    return Counter(text.lower().split())
 
 
 def calculate_f1score(pred: str, gt: str) -> tuple[float, float, float]:
-    """LLaVA-Med's token F1 → (f1, precision, recall); callers pass normalised strings.
-
-    Both strings are normalised once more (upstream does; it only matters past 32 periods).
-    Over the union of word types: tp += *prediction* count of shared words (the quirk: "lung
-    lung lung" against "left lung" gives tp = 3, fn = 1, recall 3/4), fp += prediction count of
-    words only predicted, fn += reference count of words only in the reference.
-    Zeros if either side has no words or tp == 0.
-    """
+    """LLaVA-Med's token F1 → (f1, precision, recall) of normalised strings, normalised once more as
+    upstream does. The quirk: tp counts the *prediction*'s repeats of shared words ("lung lung lung"
+    against "left lung": tp = 3, fn = 1, recall 3/4). Zeros if a side has no words or tp == 0."""
     p_words, g_words = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
     if not p_words or not g_words:
         return 0.0, 0.0, 0.0
@@ -184,13 +157,9 @@ def calculate_f1score(pred: str, gt: str) -> tuple[float, float, float]:
 
 
 def calculate_exactmatch(pred: str, gt: str) -> float:
-    """LLaVA-Med's "exact match score": reference word *types* found in the prediction divided
-    by the prediction's word count (with repeats); 0 for an empty prediction.
-
-    Not an exact match in the usual sense ("left lung" vs "left lung" → 1, but "left left
-    lung" → 2/3): it is what the LLaVA-Med tables call exact match, so it is what we report.
-    Inputs are normalised again, as upstream.
-    """
+    """LLaVA-Med's "exact match score": reference word *types* found in the prediction ÷ the
+    prediction's word count with repeats (0 for an empty prediction), so "left left lung" against
+    "left lung" → 2/3. What LLaVA-Med's tables call exact match; inputs normalised again, as upstream."""
     p_words, g_words = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
     total = sum(p_words.values())
     return sum(1 for w in g_words if w in p_words) / total if total else 0.0
@@ -198,10 +167,8 @@ def calculate_exactmatch(pred: str, gt: str) -> float:
 
 def closed_hit(pred: str, gt: str) -> bool:
     """LLaVA-Med's closed-question hit on normalised strings: `gt in pred` as a *substring*
-    (`run_eval_batch.py`), so "no" is found in "nodule" and "cannot", and "yes no" hits every
-    yes/no question. Kept because papers report it; `strict_hit` is the score that means it.
-    (The single-dataset `run_eval.py` also requires a "yes" or "no" substring: no better.)
-    """
+    (`run_eval_batch.py`), so "no" is found in "nodule" and "yes no" hits every yes/no question.
+    Kept because papers report it; `strict_hit` is the score that means it."""
     return gt in pred
 
 
@@ -215,15 +182,10 @@ _TOKENS = re.compile(r"\w+|[^\w\s]")
 
 
 def answer_words(pred: str) -> list[str]:
-    """The yes/no *answer words* of a raw prediction, in order.
-
-    An answer word is a whole word "yes", or a whole word "no" that ends its clause: followed by
-    the end of the text, a punctuation character, or a conjunction (and / or / but). A "no"
-    followed by another word is a determiner ("no effusion", "no evidence of ..."), not an
-    answer. Decided on the lowercased *raw* text, because LLaVA-Med's normalisation deletes the
-    punctuation this rule reads: "No. Effusion is absent" → "no effusion is absent" would turn
-    the answer into a determiner.
-    """
+    """The yes/no *answer words* of a raw prediction, in order: every whole word "yes", and every
+    whole word "no" that ends its clause (followed by the end, a punctuation character or a
+    conjunction; "no effusion" is a determiner). Read on the lowercased *raw* text, because
+    LLaVA-Med's normalisation deletes that punctuation ("No. Effusion is absent" would lose its answer)."""
     tokens = _TOKENS.findall(pred.lower())
     words = []
     for i, t in enumerate(tokens):
@@ -234,16 +196,10 @@ def answer_words(pred: str) -> list[str]:
 
 
 def closed_answer(pred: str) -> str | None:
-    """What a raw prediction answers to a yes/no question: "yes", "no", "hedge" or None.
-
-    The answer is the first answer word (`answer_words`); if answer words of both polarities
-    occur it is a hedge, and with none there is no answer. Hedges and non-answers are wrong
-    under `strict_hit`. Not a rule of LLaVA-Med's; why this one: docs/FORMATS.md.
-        "Yes."                  → yes      "no, there is not"  → no (a comma ends the clause)
-        "yes and no", "yes no"  → hedge    "Yes, but no effusion" → yes ("no" + word: determiner)
-        "I am not sure"         → None     "nodule"            → None (whole words only)
-    Deliberately strict where unclear: "No evidence of effusion" and "There is no effusion"
-    answer nothing; the no-answer rate shows how often that happens.
+    """What a raw prediction answers to a yes/no question: "yes", "no", "hedge" or None: the first
+    answer word (`answer_words`), a hedge if both polarities occur, None if none does. Ours, not
+    LLaVA-Med's; the rule, why, and examples: docs/FORMATS.md "The strict closed score".
+        "no, there is not" → no    "yes no" → hedge    "Yes, but no effusion" → yes    "nodule" → None
     """
     words = answer_words(pred)
     if not words:
@@ -252,12 +208,9 @@ def closed_answer(pred: str) -> str | None:
 
 
 def strict_hit(pred: str, gt: str) -> bool:
-    """Closed-question hit that hedging cannot earn; raw strings in.
-
-    Ground truth "yes" / "no" (after normalize_word): the prediction's `closed_answer` must equal
-    it. Any other closed answer ("left", "mri", "1"): the normalised ground truth must occur in
-    the normalised prediction as whole words ("left" in "left lung", not in "cleft").
-    """
+    """Closed-question hit that hedging cannot earn; raw strings in. A yes/no ground truth needs the
+    prediction's `closed_answer` to equal it; any other ("left", "mri") must occur in the normalised
+    prediction as whole words ("left" in "left lung", not in "cleft")."""
     g = normalize_word(gt)
     if g in ("yes", "no"):
         return closed_answer(pred) == g
@@ -271,13 +224,9 @@ def hedges(pred: str) -> bool:
 
 
 def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
-    """Score one answer as LLaVA-Med does (both strings lowercased and normalised first).
-
-    CLOSED → {"hit", "strict", "exact"}: hit is LLaVA-Med's `closed_hit` (1.0 / 0.0), strict is
-    our `strict_hit`.
-    OPEN → {"recall", "precision", "f1", "exact", "hit"}: recall is the paper's open score;
-    hit is `gt in pred` (the batch script's "open accuracy"; an empty reference always hits).
-    """
+    """Score one answer as LLaVA-Med does (both strings normalised first). CLOSED → {"hit" (its
+    `closed_hit`), "strict" (our `strict_hit`), "exact"}; OPEN → {"recall" (the paper's open score),
+    "precision", "f1", "exact", "hit" (`gt in pred`, the batch script's "open accuracy")}."""
     if not isinstance(pred, str) or not isinstance(gt, str):
         raise TypeError(f"pred and gt must be str, got {type(pred).__name__} and {type(gt).__name__}")
     p, g = normalize_word(pred), normalize_word(gt)
@@ -295,16 +244,14 @@ def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
 # The description metric: facts of a scene stated right or contradicted (ours)
 
 def _states(text: str, phrase: str) -> bool:
-    """Whether `phrase` occurs in `text` as whole words (any case; a hyphen joins words, so
-    "X-ray" is one word and "ray" is not in it)."""
+    """Whether `phrase` occurs in `text` as whole words, any case (a hyphen joins: no "ray" in "X-ray")."""
     return re.search(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])", text, re.IGNORECASE) is not None
 
 
 def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str, int]:
-    """The description metric of one answer (docs/FORMATS.md): {"facts": slots, "correct": slots
-    whose true value `pred` states, "stated": values it states, "contradicted": stated values that
-    are not the true one}. facts: a question record's "facts", slot → {"value", "phrases": value
-    → phrases}; a value is stated when one of its phrases occurs as whole words (`_states`)."""
+    """The description metric of one answer (docs/FORMATS.md): {"facts": slots, "correct": slots whose
+    true value `pred` states, "stated": values it states, "contradicted": stated values not the true
+    one}. facts: slot → {"value", "phrases": value → phrases}, a phrase stated as whole words."""
     counts = {"facts": 0, "correct": 0, "stated": 0, "contradicted": 0}
     for slot, fact in facts.items():
         values = fact.get("phrases") if isinstance(fact, dict) else None
@@ -332,28 +279,16 @@ def _mean100(values: Sequence[float]) -> float | None:
 
 
 def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -> dict[str, Any]:
-    """Score answer-file rows against questions; every figure is a percentage (× 100), None when
-    there is nothing to average (the figures: docs/FORMATS.md "VQA metrics").
-
-    answers: dicts with "question_id" and "text" (LLaVA-Med answer-file rows).
-    questions: objects with `.id`, `.answer`, `.answer_type` and optionally `.facts` (data.Record).
-    Ids are compared as strings (answer files keep the question file's ints).
-
-    Returns
-      open:    n, recall (the paper's open score), precision, f1, exact, hit
-      closed:  n, accuracy (lenient `closed_hit`, the paper's), accuracy_strict (`strict_hit`),
-               hedge_rate (`hedges`), n_yes_no and no_answer_rate (share of those without a
-               `closed_answer`), n_gt_no and hallucination_rate (share of those whose
-               `closed_answer` is "yes"; a hedge is not a yes)
-      overall: n, score (mean over questions of open recall / closed hit),
-               mean_of_types ((open recall + closed accuracy) / 2)
-      description: n, n_facts, n_stated, facts_contradicted, facts_correct (`fact_scores`, summed)
-      n_questions, n_answered, missing (question ids without an answer: left out, not 0),
-      unknown (answer ids not among the questions), unscorable (ids of questions without an
-      answer type or a ground truth, or one that normalises to nothing such as "the": left out,
-      since LLaVA-Med's `gt in pred` would count any answer right)
-    A question answered twice is an error: merge shards before scoring.
-    """
+    """Score answer-file rows ("question_id", "text") against questions (`.id`, `.answer`,
+    `.answer_type`, optionally `.facts`: data.Record), ids compared as strings. Every figure is a
+    percentage, None when there is nothing to average (docs/FORMATS.md "VQA metrics"):
+      open: n, recall, precision, f1, exact, hit; closed: n, accuracy (lenient), accuracy_strict,
+      hedge_rate, n_yes_no, no_answer_rate, n_gt_no, hallucination_rate (a hedge is not a yes);
+      overall: n, score (mean over questions), mean_of_types; description: n, n_facts, n_stated,
+      facts_contradicted, facts_correct; n_questions, n_answered; missing (no answer: left out,
+      not 0), unknown (answers to no question), unscorable (no type or ground truth, or one that
+      normalises to nothing: `gt in pred` would count any answer right). A question answered
+      twice is an error: merge shards before scoring."""
     texts: dict[str, str] = {}
     duplicates = []
     for row in answers:
@@ -363,7 +298,6 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
         texts[qid] = row["text"]
     if duplicates:
         raise DataError(f"answers hold question ids more than once: {sorted(set(duplicates))[:20]}")
-
     open_s: dict[str, list[float]] = {k: [] for k in ("recall", "precision", "f1", "exact", "hit")}
     hits, hits_strict, hedged, no_answer, gt_no_says_yes = [], [], [], [], []
     missing, unscorable, seen = [], [], set()
@@ -437,10 +371,7 @@ def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> 
             groups.setdefault(normalize_word(r.question), []).append(r)
     out = {}
     for group in groups.values():
-        counts: dict[str, int] = {}  # insertion order = file order, which max() keeps for ties
-        for r in group:
-            a = normalize_word(r.answer)
-            counts[a] = counts.get(a, 0) + 1
+        counts = Counter(normalize_word(r.answer) for r in group)  # file order, which max() keeps for ties
         for r in group:
             own = normalize_word(r.answer)
             pool = {a: c - (leave_one_out and a == own) for a, c in counts.items()}
