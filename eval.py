@@ -46,10 +46,10 @@ from tqdm import tqdm
 
 from data import PAD_RGB, load_pixels, preprocess_image, resolve_image
 from harness import provenance
-from harness.answers import (answer_row, answered_ids, answers_path, clear_run, clear_stale, gather_skipped,
-                             has_answers, merge_answers, question_id, read_answer_file, write_skipped)
+from harness.answers import (answer_row, answered_ids, answers_path, clear_run, has_answers, merge_answers,
+                             question_id, read_answer_file)
 from harness.cli import UserError, add_dataclass_options, option, run_main
-from harness.dist import barrier, init_process_group
+from harness.dist import Context, barrier, init_process_group
 from harness.files import DataError, JsonlFile, read_jsonl, read_text
 from harness.questions import check_images, parse_named, read_benchmarks, read_questions, screen_images
 from harness.reports import LEGEND, compare_runs, question_counts, scores_table, visual_gain, write_reports
@@ -390,47 +390,10 @@ def baselines(records: Sequence[Any]) -> dict[str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Configuration
+# Generation over a benchmark: prompts, images, the three modes, resumable answer files
 
 MODES = ("full", "no_image", "blank_image")
 
-
-@dataclass
-class EvalConfig:
-    """Options of an evaluation run (the command line is built from these fields)."""
-
-    model: str = option(help="checkpoint directory (config.json + safetensors)")
-    benchmark: list[str] = option(help="NAME=PATH of a test.json or question JSONL")
-    out: str = option(help="run directory (answers, provenance.json, summary.json, report.md)")
-    image_root: list[str] = option(default_factory=list, help="NAME=DIR for one benchmark, or DIR for all")
-    ground_truth: list[str] = option(default_factory=list, help="NAME=PATH of answers kept apart from the questions")
-    adapter: str | None = option(None, "PEFT-format LoRA adapter directory")
-    vision_tower: str | None = option(None, "CLIP directory replacing (or supplying) the checkpoint's vision tower")
-    tokenizer: str | None = option(None, "tokenizer directory or file (default: --model)")
-    template: str = option("mistral_instruct", "prompt template")
-    batch_size: int = option(8, "questions per generate() call (may change on resume)")
-    max_new_tokens: int = option(1024, "LLaVA-Med used 1024")
-    blind: bool = option(False, "also answer with no visual tokens and with a mean-colour image")
-    limit: int | None = option(None, "first N questions of each benchmark")
-    dtype: str = option("auto", "auto = float16 on GPU (LLaVA-Med's), float32 on CPU", choices=("auto", *DTYPES))
-    device: str = option("auto", "auto = cuda:LOCAL_RANK if available, else cpu (may change on resume)")
-    model_id: str | None = option(None, "model_id written in the answer files (default: the model directory's name)")
-    overwrite: bool = option(False, "delete the run's answers and scores and start again; needed when the model, "
-                             "adapter, questions, images or options differ from what made them (provenance.json)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """argparse over EvalConfig (harness.cli.add_dataclass_options: list fields repeat, bools are switches)."""
-    parser = argparse.ArgumentParser(
-        prog="eval.py", description="Zero-shot VQA evaluation scored as LLaVA-Med scores it. "
-        "Also: `eval.py compare RUN_A RUN_B`, `eval.py score --answers FILE --questions FILE`, "
-        "`eval.py baselines --questions FILE`.")
-    add_dataclass_options(parser, EvalConfig)
-    return parser
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation over a benchmark: prompts, images, the three modes, resumable answer files
 
 @dataclass
 class Batch:
@@ -499,9 +462,16 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
     n, shard = 0, JsonlFile(answers_path(run_dir, name, mode, rank), key=question_id)
     with tqdm(total=len(todo), desc=f"{name} {mode}", unit="q", disable=rank != 0 or not todo) as bar:
         for s in range(0, len(todo), batch_size):
-            chunk, pixels = todo[s:s + batch_size], None
-            if mode == "full":
-                chunk, pixels = _load_chunk(chunk, image_root, size, skipped, name)
+            chunk, pixels = [], []  # the questions whose image loads (all but in full mode), their images
+            for r in todo[s:s + batch_size]:
+                try:
+                    if mode == "full":
+                        pixels.append(load_pixels(resolve_image(image_root, r.image), size))
+                except (ValueError, OSError) as error:  # data.load_image names the file in both
+                    skipped[r.id] = f"image {r.image}: {error}"
+                    print(f"{name}: question {r.id} skipped: {skipped[r.id]}", file=sys.stderr)
+                    continue
+                chunk.append(r)
             if chunk:
                 batch = build_batch(chunk, mode, tokenizer=tokenizer, config=model.config, image_root=image_root,
                                     template=template, pixels=pixels)
@@ -517,19 +487,40 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
     return n
 
 
-def _load_chunk(chunk: Sequence[Any], image_root: str | None, size: int, skipped: dict[str, str],
-                name: str) -> tuple[list[Any], list[torch.Tensor]]:
-    """The records of `chunk` whose image loads, and their pixels; the others go to `skipped`."""
-    kept, pixels = [], []
-    for r in chunk:
-        try:
-            pixels.append(load_pixels(resolve_image(image_root, r.image), size))
-        except (ValueError, OSError) as error:  # data.load_image names the file in both
-            skipped[r.id] = f"image {r.image}: {error}"
-            print(f"{name}: question {r.id} skipped: {skipped[r.id]}", file=sys.stderr)
-            continue
-        kept.append(r)
-    return kept, pixels
+# ---------------------------------------------------------------------------------------------
+# Options: the command line is built from EvalConfig
+
+@dataclass
+class EvalConfig:
+    """Options of an evaluation run (the command line is built from these fields)."""
+    model: str = option(help="checkpoint directory (config.json + safetensors)")
+    benchmark: list[str] = option(help="NAME=PATH of a test.json or question JSONL")
+    out: str = option(help="run directory (answers, provenance.json, summary.json, report.md)")
+    image_root: list[str] = option(default_factory=list, help="NAME=DIR for one benchmark, or DIR for all")
+    ground_truth: list[str] = option(default_factory=list, help="NAME=PATH of answers kept apart from the questions")
+    adapter: str | None = option(None, "PEFT-format LoRA adapter directory")
+    vision_tower: str | None = option(None, "CLIP directory replacing (or supplying) the checkpoint's vision tower")
+    tokenizer: str | None = option(None, "tokenizer directory or file (default: --model)")
+    template: str = option("mistral_instruct", "prompt template")
+    batch_size: int = option(8, "questions per generate() call (may change on resume)")
+    max_new_tokens: int = option(1024, "LLaVA-Med used 1024")
+    blind: bool = option(False, "also answer with no visual tokens and with a mean-colour image")
+    limit: int | None = option(None, "first N questions of each benchmark")
+    dtype: str = option("auto", "auto = float16 on GPU (LLaVA-Med's), float32 on CPU", choices=("auto", *DTYPES))
+    device: str = option("auto", "auto = cuda:LOCAL_RANK if available, else cpu (may change on resume)")
+    model_id: str | None = option(None, "model_id written in the answer files (default: the model directory's name)")
+    overwrite: bool = option(False, "delete the run's answers and scores and start again; needed when the model, "
+                             "adapter, questions, images or options differ from what made them (provenance.json)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse over EvalConfig (harness.cli.add_dataclass_options: list fields repeat, bools are switches)."""
+    parser = argparse.ArgumentParser(
+        prog="eval.py", description="Zero-shot VQA evaluation scored as LLaVA-Med scores it. "
+        "Also: `eval.py compare RUN_A RUN_B`, `eval.py score --answers FILE --questions FILE`, "
+        "`eval.py baselines --questions FILE`.")
+    add_dataclass_options(parser, EvalConfig)
+    return parser
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,8 +564,7 @@ def run_fingerprint(cfg: EvalConfig, questions: Mapping[str, Sequence[Any]], roo
     }
     for name, records in questions.items():
         inputs[f"questions {name}"] = provenance.Content([[r.id, r.image, r.question] for r in records])
-        inputs[f"images {name}"] = provenance.Files(roots.get(name, roots.get("*")),
-                                                    sorted({r.image for r in records}))
+        inputs[f"images {name}"] = provenance.Files(roots[name], sorted({r.image for r in records}))
     return provenance.run_fingerprint(inputs, None, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
                                       dtype=str(dtype).removeprefix("torch."),
                                       image_preprocessing=IMAGE_PREPROCESSING, decoding="greedy")
@@ -594,17 +584,17 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     dtype = resolve_dtype(cfg.dtype, device, gpu_default="float16")
     run_dir = Path(cfg.out)
     every = read_benchmarks(cfg.benchmark, cfg.ground_truth)  # every question: all are fingerprinted
-    roots = parse_named(cfg.image_root, "--image-root", names=list(every), allow_global=True)
+    named = parse_named(cfg.image_root, "--image-root", names=list(every), allow_global=True)
+    roots = {name: named.get(name, named.get("*")) for name in every}
     sources = parse_named(cfg.benchmark, "--benchmark")
     benchmarks, screened = {}, {}
     for name, (records, bad) in every.items():
         for b in bad if rank == 0 else []:
             print(f"{name}: bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
         # Before the (slow) model load: every image of the file, since every one is fingerprinted.
-        root = roots.get(name, roots.get("*"))
-        check_images(records, root, name, source=sources[name])
+        check_images(records, roots[name], name, source=sources[name])
         benchmarks[name] = (records[:cfg.limit] if cfg.limit is not None else records, bad)
-        screened[name] = screen_images(benchmarks[name][0], root)
+        screened[name] = screen_images(benchmarks[name][0], roots[name])
         for qid, why in screened[name].items() if rank == 0 else ():
             print(f"{name}: question {qid} skipped: {why}", file=sys.stderr)
     for flag, path in (("--model", cfg.model), ("--adapter", cfg.adapter), ("--vision-tower", cfg.vision_tower)):
@@ -612,8 +602,6 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
             raise UserError(f"{flag} {path}: " + ("not a directory" if Path(path).exists() else "directory not found"))
     model_id = cfg.model_id or Path(cfg.model).resolve().name
     now = run_fingerprint(cfg, {name: records for name, (records, _) in every.items()}, roots, dtype)
-    if rank == 0:
-        clear_stale(run_dir)  # an interrupted session's skipped files: this one lists its own
     start_run(run_dir, now, resume=not cfg.overwrite and has_answers(run_dir), clear=clear_run, made_by="eval.py",
               session={"batch_size": cfg.batch_size, "device": device, "world_size": world, "limit": cfg.limit,
                        "blind": cfg.blind, "model_id": model_id},
@@ -628,34 +616,33 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
         print(f"eval.py: {device}, {resolved['resolved']['dtype']}; options in {run_dir}/config.json", file=sys.stderr)
     modes = MODES if cfg.blind else MODES[:1]
+    skipped = {}  # benchmark → question id → why: the screened ones, then each rank's own failures
     for name, (records, _) in benchmarks.items():
-        skipped = dict(screened[name])  # this rank's view: the screened ones, then its own failures
+        mine = dict(screened[name])
         for mode in modes:
             generate_answers(model, tokenizer, records, run_dir=run_dir, name=name, mode=mode,
-                             image_root=roots.get(name, roots.get("*")), model_id=model_id,
+                             image_root=roots[name], model_id=model_id,
                              batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                             template=cfg.template, rank=rank, world=world, skipped=skipped)
+                             template=cfg.template, rank=rank, world=world, skipped=mine)
             barrier(world)
             if rank == 0:
                 merge_answers(run_dir, name, mode, records)
-        write_skipped(run_dir, name, rank, {qid: why for qid, why in skipped.items() if qid not in screened[name]})
-    barrier(world)
+        skipped[name] = Context(rank, world).gather_dicts(mine)
     if rank != 0:
         return None
     results = {}
     for name, (records, bad) in benchmarks.items():
-        skipped = {**screened[name], **gather_skipped(run_dir, name)}
-        kept = [r for r in records if r.id not in skipped]
+        kept = [r for r in records if r.id not in skipped[name]]
         ids = {r.id for r in kept}
         scored = {mode: score_file([row for row in read_jsonl(answers_path(run_dir, name, mode))
                                     if str(row["question_id"]) in ids], kept) for mode in modes}
         results[name] = {"bad_records": [dataclasses.asdict(b) for b in bad],
-                         "skipped": [{"question_id": r.id, "image": r.image, "reason": skipped[r.id]}
-                                     for r in records if r.id in skipped],
+                         "skipped": [{"question_id": r.id, "image": r.image, "reason": skipped[name][r.id]}
+                                     for r in records if r.id in skipped[name]],
                          "modes": scored, "visual_gain": visual_gain(scored)}
         unscorable = scored["full"]["unscorable"]
-        if skipped or unscorable:
-            print(f"{name}: {len(skipped)} questions skipped (unreadable image), {len(unscorable)} unscorable "
+        if skipped[name] or unscorable:
+            print(f"{name}: {len(skipped[name])} questions skipped (unreadable image), {len(unscorable)} unscorable "
                   f"(no ground truth); listed in {run_dir / 'summary.json'} and report.md", file=sys.stderr)
     write_reports(run_dir, dataclasses.asdict(cfg), results, now)
     return results
