@@ -8,18 +8,16 @@
     torchrun --nproc_per_node 4 eval.py ...         # shard the questions over 4 processes
 
 The question files may be the real benchmark files as they are (tests/data/ holds VQA-RAD's;
-`gpt4_answer` is the ground truth); they ship without images, and a run whose image root lacks
-some says which, before the model is loaded.
+`gpt4_answer` is the ground truth); they ship without images.
 
 1. Scoring: LLaVA-Med v1.0's `llava/eval/eval_metrics` and `run_eval_batch.py`, quirks included
-   (each is named where it is reproduced), so that the paper's open recall and closed accuracy
-   equal LLaVA-Med's on the same answer file. Beside them, ours: the strict closed score
-   (`strict_hit`), the hedge, no-answer and hallucination rates, the description metric
-   (`fact_scores`), and reference baselines that need no model (`baselines`).
-2. Generation: LLaVA-Med's prompt, batched greedy decoding, answers in its answer-file JSONL,
-   flushed per batch and resumable: a rerun answers only what is missing, and only if the inputs
-   and options that made the answers are the same (provenance.json). Sharded under torchrun. A
-   question whose image cannot be read is skipped and listed; a missing image stops the run.
+   (each named where it is reproduced: `normalize_word`, `calculate_f1score`, `closed_hit`), so
+   that the paper's open recall and closed accuracy equal LLaVA-Med's on the same answer file.
+   Ours beside them: the strict closed score (`strict_hit`), the hedge, no-answer and
+   hallucination rates, the description metric (`fact_scores`), baselines without a model.
+2. Generation (`generate_answers`): LLaVA-Med's prompt, batched greedy decoding, its answer-file
+   JSONL, resumable when the inputs and options are the same (provenance.json), sharded under
+   torchrun. An unreadable image skips its questions (listed); a missing one stops the run.
 3. "Does the model look?" (`--blind`): the same questions with every visual token dropped
    (`no_image`) and with a mean-colour image (`blank_image`), reported as visual gain (full − blind).
 
@@ -51,7 +49,7 @@ from harness.answers import (answer_row, answered_ids, answers_path, clear_run, 
 from harness.cli import UserError, add_dataclass_options, option, run_main
 from harness.dist import Context, barrier, init_process_group
 from harness.files import DataError, JsonlFile, read_jsonl, read_text
-from harness.questions import check_images, parse_named, read_benchmarks, read_questions, screen_images
+from harness.questions import check_images, parse_named, read_benchmarks, read_questions
 from harness.reports import LEGEND, compare_runs, question_counts, scores_table, visual_gain, write_reports
 from harness.rundir import start_run
 from model import load_model
@@ -423,10 +421,9 @@ def blank_image(size: int):
     return preprocess_image(Image.new("RGB", (size, size), PAD_RGB), size=size)
 
 
-def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, image_root: str | None,
-                template: str = "mistral_instruct", pixels: Sequence[torch.Tensor] | None = None) -> Batch:
-    """Model inputs for a list of data.Record in one of MODES. `pixels`: the records' images,
-    already loaded (`load_pixels`) in full mode; read here when not given."""
+def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, template: str = "mistral_instruct",
+                pixels: Sequence[torch.Tensor] = ()) -> Batch:
+    """Model inputs for a list of data.Record in one of MODES; `pixels`: their images in full mode."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     rows = [prompt_ids(r.question, tokenizer, config, mode=mode, template=template) for r in records]
@@ -438,8 +435,6 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, image_r
     elif mode == "blank_image":
         images = blank_image(size)[None].expand(len(records), -1, -1, -1)  # (B, 3, S, S)
     else:
-        if pixels is None:
-            pixels = [load_pixels(resolve_image(image_root, r.image), size) for r in records]
         images = torch.stack(list(pixels))  # (B, 3, S, S)
     return Batch(ids, mask, images)
 
@@ -473,8 +468,8 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
                     continue
                 chunk.append(r)
             if chunk:
-                batch = build_batch(chunk, mode, tokenizer=tokenizer, config=model.config, image_root=image_root,
-                                    template=template, pixels=pixels)
+                batch = build_batch(chunk, mode, tokenizer=tokenizer, config=model.config, template=template,
+                                    pixels=pixels)
                 images = None if batch.pixel_values is None else batch.pixel_values.to(model.device, model.dtype)
                 with torch.inference_mode():
                     new = model.generate(batch.input_ids.to(model.device), images,
@@ -592,9 +587,9 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         for b in bad if rank == 0 else []:
             print(f"{name}: bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
         # Before the (slow) model load: every image of the file, since every one is fingerprinted.
-        check_images(records, roots[name], name, source=sources[name])
+        unusable = check_images(records, roots[name], name, sources[name])
         benchmarks[name] = (records[:cfg.limit] if cfg.limit is not None else records, bad)
-        screened[name] = screen_images(benchmarks[name][0], roots[name])
+        screened[name] = {r.id: unusable[r.id] for r in benchmarks[name][0] if r.id in unusable}
         for qid, why in screened[name].items() if rank == 0 else ():
             print(f"{name}: question {qid} skipped: {why}", file=sys.stderr)
     for flag, path in (("--model", cfg.model), ("--adapter", cfg.adapter), ("--vision-tower", cfg.vision_tower)):
