@@ -1,8 +1,6 @@
 """eval.py's tables: report.md and summary.json of a run, `eval.py compare`, `score` and `baselines`.
-
-Every table shows METRICS, one column each, explained by LEGEND under it. The figures come from
-eval.score_file (percentages, None for a figure that has nothing to average, shown "–"); this
-module only lays them out and never imports eval.py.
+Every table shows METRICS, one column each, explained by LEGEND under it; the figures are
+eval.score_file's (None, shown "–": nothing to average). It never imports eval.py.
 """
 from __future__ import annotations
 
