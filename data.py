@@ -126,8 +126,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def load_pixels(path: str | os.PathLike, size: int, aspect: str = "pad") -> torch.Tensor:
-    """The image at `path` as the model's input, (3, size, size): load_image, then
-    preprocess_image. Raises ValueError or OSError naming the file."""
+    """The image at `path` as the model's input (3, size, size): load_image, then preprocess_image."""
     return preprocess_image(load_image(path), size=size, aspect=aspect)
 
 

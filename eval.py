@@ -299,15 +299,14 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
     open_s: dict[str, list[float]] = {k: [] for k in ("recall", "precision", "f1", "exact", "hit")}
     hits, hits_strict, hedged, no_answer, gt_no_says_yes = [], [], [], [], []
     missing, unscorable, seen = [], [], set()
-    described = {"n": 0, "facts": 0, "correct": 0, "stated": 0, "contradicted": 0}
+    described = Counter()  # "n" questions with facts; fact_scores' counts summed
     for q in questions:
         qid = str(q.id)
         seen.add(qid)
         facts = getattr(q, "facts", None)
         if facts and qid in texts:
             described["n"] += 1
-            for k, v in fact_scores(texts[qid], facts, qid).items():
-                described[k] += v
+            described.update(fact_scores(texts[qid], facts, qid))
         if q.answer is None or q.answer_type not in ("OPEN", "CLOSED") or not normalize_word(q.answer):
             unscorable.append(qid)
         elif qid not in texts:
@@ -443,11 +442,9 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
                      image_root: str | None, model_id: str, batch_size: int, max_new_tokens: int,
                      template: str = "mistral_instruct", rank: int = 0, world: int = 1,
                      skipped: dict[str, str] | None = None) -> int:
-    """Answer this rank's share of `records` (every world-th, starting at rank) that no earlier
-    run answered; append to the rank's shard, flushed per batch. Returns how many were answered.
-
-    skipped: question id → reason, for questions not to answer (known bad images); a question
-    whose image fails to load here is added to it, reported on stderr, and the run goes on."""
+    """Answer this rank's share of `records` (every world-th, starting at rank) that no earlier run
+    answered; append to the rank's shard, flushed per batch. Returns how many were answered.
+    skipped: question id → why, not to answer; a question whose image fails to load here is added."""
     skipped = {} if skipped is None else skipped
     done = answered_ids(run_dir, name, mode)
     # Shard first, filter after: every rank must agree on who owns question i.
