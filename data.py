@@ -403,29 +403,21 @@ class Example:
     index: int = -1
 
 
-@dataclass
-class Response:
-    """A response of a preference record: its text, and the token ids hscr.py generated or scored
-    for it (without EOS; None when the record has none). complete=False: the response was cut
-    before its EOS (at hscr.py's --max-new-tokens), so training appends none."""
-    text: str
-    ids: list[int] | None = None
-    complete: bool = True
-
-
-def _response(text: str, ids: object, complete: object, where: str) -> Response:
-    """A Response from a record's fields, or ValueError naming the bad one (`where`: their prefix)."""
+def _response(text: str, ids: object, complete: object, where: str) -> tuple[str, list[int] | None, bool]:
+    """A response of a preference record: its text, the token ids hscr.py stored for it (without EOS;
+    None: none stored), and complete (False: cut before its EOS at hscr.py's --max-new-tokens, so
+    training appends none). ValueError names a bad field (`where`: the fields' prefix)."""
     if ids is not None and (not isinstance(ids, list)
                             or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
         raise ValueError(f"{where}ids must be a list of token ids")
     if not isinstance(complete, bool):
         raise ValueError(f"{where}complete must be true or false, got {complete!r}")
-    return Response(text, ids, complete)
+    return text, ids, complete
 
 
 def _preference_fields(item: object, num_negatives: int):
-    """(id, image, question, prompt or None, chosen Response, negative Responses) of a preference
-    record, or ValueError(reason)."""
+    """(id, image, question, prompt or None, chosen response, negative responses) of a preference
+    record (`_response`), or ValueError(reason)."""
     if isinstance(item, BadLine):
         raise ValueError(item.message)
     if not isinstance(item, dict):
@@ -552,11 +544,12 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg,
             image_path = image_file(image, image_root)
             prompt = tokens.prompt(question, image is not None, text=prompt_text)
             answers = [chosen] + negatives
-            has_ids = all(r.ids is not None for r in answers)
+            has_ids = all(ids is not None for _, ids, _ in answers)
+            limit = cfg.max_response_tokens
             if has_ids and use_ids:
-                responses = [tokens.stored(r.ids, cfg.max_response_tokens, r.complete) for r in answers]
+                responses = [tokens.stored(ids, limit, complete) for _, ids, complete in answers]
             else:
-                responses = [tokens.response(r.text, cfg.max_response_tokens, r.complete) for r in answers]
+                responses = [tokens.response(text, limit, complete) for text, _, complete in answers]
             if not all(responses):
                 raise ValueError("a response has no tokens")
             rows = [prompt + r for r in responses]

@@ -23,19 +23,15 @@ def answers_path(run_dir: Path, name: str, mode: str, rank: int | None = None) -
     return run_dir / name / (f"{stem}.jsonl" if rank is None else f"{stem}.rank{rank}.jsonl")
 
 
-def answer_id(model_id: str, mode: str, question_id: str, text: str) -> str:
-    """A content hash in place of LLaVA-Med's random shortuuid, so that a resumed run writes
-    the same file as an uninterrupted one."""
-    return hashlib.sha1(f"{model_id}\n{mode}\n{question_id}\n{text}".encode()).hexdigest()[:22]
-
-
 def answer_row(record, text: str, model_id: str, mode: str) -> dict[str, Any]:
     """One answer-file line. question_id keeps the question file's integer when it was one
-    (Record ids are strings); prompt is the question without <image>, as LLaVA-Med writes it."""
+    (Record ids are strings); prompt is the question without <image>, as LLaVA-Med writes it;
+    answer_id is a content hash, not LLaVA-Med's random shortuuid, so that a resumed run writes
+    the same file as an uninterrupted one."""
     qid: int | str = int(record.id) if record.id.isdigit() and str(int(record.id)) == record.id else record.id
-    return {"question_id": qid, "prompt": record.question, "text": text,
-            "answer_id": answer_id(model_id, mode, record.id, text), "model_id": model_id,
-            "metadata": {"mode": mode}}
+    answer_id = hashlib.sha1(f"{model_id}\n{mode}\n{record.id}\n{text}".encode()).hexdigest()[:22]
+    return {"question_id": qid, "prompt": record.question, "text": text, "answer_id": answer_id,
+            "model_id": model_id, "metadata": {"mode": mode}}
 
 
 def question_id(row: dict[str, Any]) -> str:
