@@ -86,9 +86,8 @@ def check_images(records: Sequence[Any], image_root: str | None, name: str, sour
     problems, show = [], 10
     if absent:
         n_images = len({r.image for r in records if r.image is not None})
-        listed = list(absent)[:show]
         problems.append(f"{len(absent)} of {n_images} images not found under {image_root} (needed by "
-                        f"{n_questions} of {len(records)} questions): {', '.join(listed)}"
+                        f"{n_questions} of {len(records)} questions): {', '.join(list(absent)[:show])}"
                         + (f", … ({len(absent) - show} more)" if len(absent) > show else ""))
     if unusable:
         problems.append(f"{len(unusable)} questions without a usable image path: " + "; ".join(unusable[:show])
