@@ -608,7 +608,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
         print(f"eval.py: {device}, {resolved['resolved']['dtype']}; options in {run_dir}/config.json", file=sys.stderr)
     modes = MODES if cfg.blind else MODES[:1]
-    skipped = {}  # benchmark → question id → why: the screened ones, then each rank's own failures
+    skipped_by = {}  # benchmark → question id → why: the screened ones, then each rank's own failures
     for name, (records, _) in benchmarks.items():
         mine = dict(screened[name])
         for mode in modes:
@@ -619,22 +619,23 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
             barrier(world)
             if rank == 0:
                 merge_answers(run_dir, name, mode, records)
-        skipped[name] = Context(rank, world).gather_dicts(mine)
+        skipped_by[name] = Context(rank, world).gather_dicts(mine)
     if rank != 0:
         return None
     results = {}
     for name, (records, bad) in benchmarks.items():
-        kept = [r for r in records if r.id not in skipped[name]]
+        skipped = skipped_by[name]
+        kept = [r for r in records if r.id not in skipped]
         ids = {r.id for r in kept}
         scored = {mode: score_file([row for row in read_jsonl(answers_path(run_dir, name, mode))
                                     if str(row["question_id"]) in ids], kept) for mode in modes}
         results[name] = {"bad_records": [dataclasses.asdict(b) for b in bad],
-                         "skipped": [{"question_id": r.id, "image": r.image, "reason": skipped[name][r.id]}
-                                     for r in records if r.id in skipped[name]],
+                         "skipped": [{"question_id": r.id, "image": r.image, "reason": skipped[r.id]}
+                                     for r in records if r.id in skipped],
                          "modes": scored, "visual_gain": visual_gain(scored)}
         unscorable = scored["full"]["unscorable"]
-        if skipped[name] or unscorable:
-            print(f"{name}: {len(skipped[name])} questions skipped (unreadable image), {len(unscorable)} unscorable "
+        if skipped or unscorable:
+            print(f"{name}: {len(skipped)} questions skipped (unreadable image), {len(unscorable)} unscorable "
                   f"(no ground truth); listed in {run_dir / 'summary.json'} and report.md", file=sys.stderr)
     write_reports(run_dir, dataclasses.asdict(cfg), results, now)
     return results
