@@ -48,16 +48,12 @@ _HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def preprocess_image(pil_image: Image.Image, size: int = 336, aspect: str = "pad") -> torch.Tensor:
-    """LLaVA-Med v1.5 image preprocessing: PIL image -> (3, size, size) float32 tensor.
-
-    aspect "pad" (LLaVA-Med's) pads to a centred square with the CLIP mean colour, then resizes;
-    "resize" resizes straight to size x size (no padding, no crop). "1", "L", "LA" are padded with
-    gray 114; "I", "I;16*" and "F" are refused (convert them to 8 bits yourself, choosing the
-    window); every other mode goes through PIL's convert("RGB") as CLIPImageProcessor's does, and
-    is padded with (122, 116, 104). Padding after that conversion equals LLaVA-Med's padding in
-    the image's own mode for "L", "RGB" and "RGBA"; for "P" LLaVA-Med's one-colour canvas palette
-    garbles the pasted indices, which is not reproduced.
-    """
+    """LLaVA-Med v1.5 image preprocessing: PIL image -> (3, size, size) float32 tensor (docs/FORMATS.md
+    "Image preprocessing"). aspect "pad" (LLaVA-Med's) pads to a centred square with the CLIP mean
+    colour, then resizes; "resize" resizes straight to size x size. "1", "L", "LA" are padded with
+    gray 114; "I", "I;16*", "F" are refused; any other mode is converted to RGB (as CLIPImageProcessor
+    does), then padded: the same as LLaVA-Med's padding in the image's own mode for "L", "RGB", "RGBA";
+    for "P" LLaVA-Med's one-colour canvas palette garbles the pasted indices (not reproduced)."""
     if not isinstance(pil_image, Image.Image):
         raise TypeError(f"preprocess_image expects a PIL image, got {type(pil_image).__name__}")
     problems = []
