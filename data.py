@@ -8,44 +8,13 @@ preference-file reader that gives train.py its examples. The sections, in order:
     preference files   read_preferences: hscr.py's output → Examples (token rows, trained tokens);
                        loss_inputs: the rows' log-probs back per entry, as train.py's losses take them
 
-Image preprocessing (LLaVA-Med v1.5, `image_aspect_ratio = "pad"`), in pillow + numpy:
-
-1. expand2square: paste the image onto a square canvas of side max(w, h) filled with the
-   CLIP mean colour x255, truncated: (122, 116, 104); grayscale images get the mean of the
-   three means x255, truncated: 114. The paste is centred (upstream LLaVA); LLaVA-Med instead
-   offsets it by centre or centre+1 at random (random.randint), which is not reproduced.
-2. RGB; resize to size x size with PIL bicubic (torch's bicubic interpolate gives other values).
-3. What CLIPImageProcessor does next: centre crop (a no-op on a square), x 1/255 in float64
-   then cast to float32, (x - mean) / std in float32, HWC -> CHW.
-
-These are the exact operations of transformers' PIL backend (`CLIPImageProcessorPil`; in
-transformers 5.x `CLIPImageProcessor` is the torchvision backend, whose resize differs, and
-falls back to the PIL one when torchvision is absent), so the result is bit-identical to it.
-
-Readers turn the three file layouts of docs/FORMATS.md into `Record`s:
-- LLaVA-Med instruction JSON: a list of {"id", "image", "conversations" (or the misspelt
-  "conversatons"), ...};
-- LLaVA-Med VQA `test.json`: the same with "answer_type";
-- question JSONL: one {"question_id", "image", "text", "answer_type", "gpt4_answer" | "answer"}
-  per line, or answers in a separate file keyed by question_id.
+The steps and the layouts: docs/FORMATS.md, "Image preprocessing" (bit-identical to transformers'
+PIL-backend CLIPImageProcessor; LLaVA-Med's random offset of the paste is not reproduced), "Data
+files", "The preference file" and "Training outputs" (stored token ids, images checked up front).
 A malformed record becomes a `BadRecord` (file, index, id, reason) and reading goes on; a file
-that cannot be read or parsed as a whole raises an error naming it.
-
-Preference file (docs/FORMATS.md): a header line {"_header": true, "options", "provenance"}, then
-JSON lines {"id", "image", "question", "prompt" (optional), "chosen", "chosen_ids",
-"chosen_complete", "negatives": [{"text", "similarity", "ids", "complete"}, …] ranked best first};
-"rejected" (a string or a list of strings) is read when "negatives" is absent. The responses are
-trained on the token ids hscr.py stored when the header's tokenizer digest is the one of the
-tokenizer used here, else re-tokenized from their texts (`read_preferences` says which, once); a
-response stored as incomplete (cut at hscr.py's --max-new-tokens) gets no EOS. A bad record becomes
-a BadRecord too. Images are looked at after reading (`unusable_images`: header, checksums and a
-full decode, each file once), so that a corrupt, empty, truncated or oversized image skips its
-record before training starts instead of stopping it at some step. `cfg` is train.py's
-TrainConfig; this module never imports train.py. demo/base.py reads LLaVA conversations into the
-same Examples (`read_sft`) for the demo's base model. How a run reads all this before its model
-(tokenizer, config, held-out split) is plumbing: harness/trainset.py.
-
-The synthetic world of the embedded demo, which writes files in these layouts, is demo/world.py.
+that cannot be read as a whole raises an error naming it. `cfg` is train.py's TrainConfig; this
+module never imports train.py. demo/base.py reads LLaVA conversations into the same Examples;
+how a run reads all this before its model is harness/trainset.py; the demo's files: demo/world.py.
 """
 from __future__ import annotations
 
@@ -79,20 +48,12 @@ _HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def preprocess_image(pil_image: Image.Image, size: int = 336, aspect: str = "pad") -> torch.Tensor:
-    """LLaVA-Med v1.5 image preprocessing: PIL image -> (3, size, size) float32 tensor.
-
-    aspect:     "pad" (LLaVA-Med) pads to a square with the CLIP mean colour, pasting the image
-                at ((side - w) // 2, (side - h) // 2), then resizes;
-                "resize" resizes straight to size x size, distorting the aspect ratio (no
-                padding and no crop; CLIPImageProcessor alone would crop the long side).
-    Modes: "1", "L", "LA" are padded with gray 114 (alpha dropped); high-bit-depth "I", "I;16*"
-    and "F" are refused (convert them to 8 bits yourself, choosing the window); every other
-    mode ("RGB", "RGBA", "P", "PA", "CMYK", ...) goes through PIL's convert("RGB") -- alpha
-    dropped, palette applied, exactly as CLIPImageProcessor converts -- and is padded with
-    (122, 116, 104). Padding after the RGB conversion equals LLaVA-Med's padding in the
-    image's own mode for "L", "RGB" and "RGBA"; for "P" LLaVA-Med's canvas has a one-colour
-    palette that garbles the pasted indices, which is not reproduced.
-    """
+    """LLaVA-Med v1.5 image preprocessing: PIL image -> (3, size, size) float32 tensor (docs/FORMATS.md
+    "Image preprocessing"). aspect "pad" (LLaVA-Med's) pads to a centred square with the CLIP mean
+    colour, then resizes; "resize" resizes straight to size x size. "1", "L", "LA" are padded with
+    gray 114; "I", "I;16*", "F" are refused; any other mode is converted to RGB (as CLIPImageProcessor
+    does), then padded: the same as LLaVA-Med's padding in the image's own mode for "L", "RGB", "RGBA";
+    for "P" LLaVA-Med's one-colour canvas palette garbles the pasted indices (not reproduced)."""
     if not isinstance(pil_image, Image.Image):
         raise TypeError(f"preprocess_image expects a PIL image, got {type(pil_image).__name__}")
     problems = []
@@ -101,52 +62,37 @@ def preprocess_image(pil_image: Image.Image, size: int = 336, aspect: str = "pad
     if aspect not in ("pad", "resize"):
         problems.append(f"aspect must be 'pad' or 'resize', got {aspect!r}")
     if pil_image.mode in _HIGH_DEPTH_MODES:
-        problems.append(
-            f"image mode {pil_image.mode!r} has more than 8 bits per pixel and PIL's conversion "
-            "to RGB clips it at 255; convert it to 'L' or 'RGB' with an explicit intensity window"
-        )
+        problems.append(f"image mode {pil_image.mode!r} has more than 8 bits per pixel and PIL's "
+                        "conversion to RGB clips it at 255; convert it to 'L' or 'RGB' with an explicit "
+                        "intensity window")
     if problems:
         raise ValueError("preprocess_image: " + "; ".join(problems))
 
     fill = (PAD_GRAY,) * 3 if pil_image.mode in _GRAY_MODES else PAD_RGB
     image = pil_image.convert("RGB")  # returns a copy even when already RGB
-    if aspect == "pad":
-        image = _expand_to_square(image, fill)
+    width, height = image.size
+    if aspect == "pad" and width != height:  # LLaVA's expand2square, the paste centred
+        side = max(width, height)
+        start = (side - min(width, height)) // 2  # half the padding along the short axis
+        canvas = Image.new("RGB", (side, side), fill)
+        canvas.paste(image, (0, start) if width > height else (start, 0))
+        image = canvas
     # reducing_gap stays None, as in transformers' resize: one exact bicubic pass.
     image = image.resize((size, size), resample=Image.Resampling.BICUBIC)
 
     pixels = np.asarray(image)  # (H, W, 3) uint8
     # Same dtype path as transformers: rescale in float64, cast, then normalise in float32.
     pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
-    mean = np.array(CLIP_MEAN, dtype=np.float32)
-    std = np.array(CLIP_STD, dtype=np.float32)
-    pixels = (pixels - mean) / std  # (H, W, 3) float32
+    pixels = (pixels - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (3, H, W)
-
-
-def _expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
-    """Paste an RGB image, centred, onto a square canvas of colour `fill` (LLaVA's expand2square)."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    start = (side - min(width, height)) // 2  # half the padding along the short axis
-    canvas = Image.new("RGB", (side, side), fill)
-    canvas.paste(image, (0, start) if width > height else (start, 0))
-    return canvas
 
 
 # --------------------------------------------------------------------------------------------
 # Images on disk
 
-
 def resolve_image(image_root: str | os.PathLike, rel_path: str) -> Path:
-    """image_root / rel_path, refusing paths that would leave the root.
-
-    The check is lexical: absolute paths and paths whose ".." components climb above the root
-    are refused. Symlinks inside the root are followed as the user set them up (image folders
-    are often links to other disks); only the data file's paths are untrusted.
-    """
+    """image_root / rel_path, refusing absolute paths and ".." climbing above the root. The check is
+    lexical: symlinks inside the root are followed (image folders are often links to other disks)."""
     if not isinstance(rel_path, str) or not rel_path:
         raise ValueError(f"image path must be a non-empty string, got {rel_path!r}")
     if "\x00" in rel_path:
@@ -160,10 +106,8 @@ def resolve_image(image_root: str | os.PathLike, rel_path: str) -> Path:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image, so that missing, corrupt or truncated files fail here
-    with their name. No EXIF rotation, as LLaVA-Med. Pillow's decompression-bomb guard stays
-    as configured (by default: a warning above Image.MAX_IMAGE_PIXELS, an error above twice it).
-    """
+    """Open and fully decode an image, so that missing, corrupt or truncated files fail here with
+    their name. No EXIF rotation, as LLaVA-Med; pillow's decompression-bomb guard as configured."""
     try:
         with Image.open(path) as image:
             image.load()  # decode now: Image.open only reads the header
@@ -178,17 +122,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def load_pixels(path: str | os.PathLike, size: int, aspect: str = "pad") -> torch.Tensor:
-    """The image at `path` as the model's input, (3, size, size): load_image, then
-    preprocess_image. Raises ValueError or OSError naming the file."""
+    """The image at `path` as the model's input (3, size, size): load_image, then preprocess_image."""
     return preprocess_image(load_image(path), size=size, aspect=aspect)
 
 
 def image_problem(path: Path) -> str | None:
-    """Why an existing image file cannot be used, from a cheap look (None: it looks fine).
-
-    Reads the header (size, mode) and lets pillow's verify() walk the file: for PNG that checks
-    every chunk's checksum and finds truncation, without decoding pixels. A JPEG cut short passes
-    this and fails when decoded, which load_image catches when the image is used."""
+    """Why an existing image file cannot be used, from a cheap look (None: it looks fine): the header
+    and pillow's verify(), which checks a PNG's chunk checksums and truncation without decoding
+    pixels. A JPEG cut short passes this and fails when decoded (load_image)."""
     if path.stat().st_size == 0:
         return "empty file"
     try:
@@ -202,10 +143,8 @@ def image_problem(path: Path) -> str | None:
 
 
 def unusable_images(paths: Iterable[Path], image_size: int, aspect: str) -> dict[Path, str]:
-    """image file → why it cannot be trained on, for the `paths` that cannot: empty, not an image,
-    a bad checksum, cut short, refused by pillow's decompression-bomb guard, or a mode that
-    preprocessing refuses. data.image_problem looks at the header and checksums cheaply; a full
-    decode and preprocessing then catch what it cannot see (a JPEG cut short)."""
+    """image file → why it cannot be trained on, for the `paths` that cannot: `image_problem`'s cheap
+    look, then a full decode and preprocessing for what it cannot see (a JPEG cut short)."""
     out = {}
     for path in paths:
         try:
@@ -238,20 +177,14 @@ def batch_pixels(examples: list[Example], image_size: int, aspect: str = "pad") 
 # --------------------------------------------------------------------------------------------
 # Records
 
-
 @dataclass
 class Record:
-    """One question (and its reference answer, when known).
+    """One question (and its reference answer, when known); docs/FORMATS.md "Data files".
 
-    question: the first human turn with "<image>" removed and stripped.
-    answer: the first gpt turn, or the JSONL answer; None when the file gives none.
-    answer_type: "OPEN" | "CLOSED" | None (instruction data has none).
-    conversations: [{"from": "human" | "gpt", "value": str}, ...] as in the file (values
-    untouched); for question JSONL: the raw question text, then the answer if known.
-    facts: the record's optional "facts" object, passed through unread (eval.py's description
-    metric, `eval.fact_scores`: slot → {"value", "phrases"}); None when absent.
-    """
-
+    question: the first human turn without "<image>", stripped; answer: the first gpt turn or the
+    JSONL answer (None: the file gives none); answer_type: "OPEN" | "CLOSED" | None; conversations:
+    the turns as in the file (question JSONL: the raw question text, then the answer if known);
+    facts: the record's optional "facts", passed through unread (`eval.fact_scores`)."""
     id: str
     image: str | None
     question: str
@@ -264,7 +197,6 @@ class Record:
 @dataclass
 class BadRecord:
     """A record that could not be read: where it is and why."""
-
     file: str
     index: int  # position in the JSON list, or 0-based line number in a JSONL file
     id: str | None
@@ -272,32 +204,23 @@ class BadRecord:
 
 
 # Answer types, case-insensitive: LLaVA-Med's, then PathVQA's (yes/no closed; other, number open).
-_ANSWER_TYPES = {
-    "open": "OPEN", "closed": "CLOSED", "yes/no": "CLOSED", "other": "OPEN", "number": "OPEN"
-}
+_ANSWER_TYPES = {"open": "OPEN", "closed": "CLOSED", "yes/no": "CLOSED", "other": "OPEN", "number": "OPEN"}
 
 
 class _Malformed(Exception):
     """Internal: why a record is bad (becomes a BadRecord)."""
 
 
-def read_records(
-    path: str | os.PathLike, *, answers_path: str | os.PathLike | None = None
-) -> tuple[list[Record], list[BadRecord]]:
-    """Read a LLaVA-Med instruction JSON, VQA test.json or question JSONL file.
-
-    The layout is recognised from the content: a file starting with "[" is a JSON list, any
-    other is JSON lines. Each object is a conversation record if it has "conversations" (or
-    "conversatons") and a question record if it has "text". With `answers_path` (a JSON list
-    or JSONL of {"question_id" | "id", "answer" | "gpt4_answer" | "text" (LLaVA answer-file
-    form) | "conversations", optional "answer_type"}), every record's answer comes from that
-    file: a question missing there, or whose inline answer differs, is bad.
-    Returns (records, bad records) in file order; duplicate ids are reported as bad.
-    """
+def read_records(path: str | os.PathLike, *,
+                 answers_path: str | os.PathLike | None = None) -> tuple[list[Record], list[BadRecord]]:
+    """Read a LLaVA-Med instruction JSON, VQA test.json or question JSONL file, the layout recognised
+    from the content (docs/FORMATS.md "Data files"): an object is a conversation record if it has
+    "conversations" (or "conversatons"), a question record if it has "text". With `answers_path`
+    every record's answer comes from that file: a question missing there, or whose inline answer
+    differs, is bad. Returns (records, bad records) in file order; duplicate ids are bad."""
     items = _read_items(path)
     answers, bad = ({}, []) if answers_path is None else _read_answers(answers_path)
-    records: list[Record] = []
-    seen: set[str] = set()
+    records, seen = [], set()
     for index, item in items:
         try:
             record = _parse_record(item)
@@ -350,7 +273,6 @@ def _parse_record(item: object) -> Record:
     if image is not None and (not isinstance(image, str) or not image):
         raise _Malformed(f"'image' must be a non-empty string, got {image!r}")
     answer_type = _answer_type(item)
-
     conversations = item.get("conversations", item.get("conversatons"))
     if conversations is not None:
         turns = _check_conversations(conversations)
@@ -361,11 +283,7 @@ def _parse_record(item: object) -> Record:
         if not isinstance(text, str):
             raise _Malformed(f"'text' must be a string, got {type(text).__name__}")
         question = _clean_question(text)
-        answer = None
-        for key in ("gpt4_answer", "answer"):
-            if key in item:
-                answer = _answer_text(item[key], key)
-                break
+        answer = _inline_answer(item, ("gpt4_answer", "answer"))
         turns = [{"from": "human", "value": text}]
         if answer is not None:
             turns.append({"from": "gpt", "value": answer})
@@ -388,8 +306,7 @@ def _check_conversations(conversations: object) -> list[dict]:
         if not isinstance(turn, dict):
             raise _Malformed(f"conversation turn {i} is not an object")
         if turn.get("from") != expected:
-            got = turn.get("from")
-            raise _Malformed(f"conversation turn {i} is from {got!r}, expected {expected!r}")
+            raise _Malformed(f"conversation turn {i} is from {turn.get('from')!r}, expected {expected!r}")
         if not isinstance(turn.get("value"), str):
             raise _Malformed(f"conversation turn {i} has no string 'value'")
         turns.append({"from": turn["from"], "value": turn["value"]})
@@ -403,13 +320,18 @@ def _clean_question(text: str) -> str:
     return question
 
 
-def _answer_text(value: object, key: str) -> str:
-    # Numeric answers (PathVQA "number" questions) may be stored as JSON numbers.
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return str(value)
-    raise _Malformed(f"{key!r} must be a string or a number, got {value!r}")
+def _inline_answer(item: dict, keys: tuple[str, ...]) -> str | None:
+    """The answer under the first of `keys` that the record has (None: it has none of them)."""
+    for key in keys:
+        if key in item:
+            value = item[key]
+            if isinstance(value, str):
+                return value
+            # Numeric answers (PathVQA "number" questions) may be stored as JSON numbers.
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                return str(value)
+            raise _Malformed(f"{key!r} must be a string or a number, got {value!r}")
+    return None
 
 
 def _answer_type(item: dict) -> str | None:
@@ -427,18 +349,14 @@ _Answers = dict[str, tuple[str, "str | None"]]  # id -> (answer, answer_type)
 
 def _read_answers(path: str | os.PathLike) -> tuple[_Answers, list[BadRecord]]:
     """id -> (answer, answer_type) from an answers file, and its bad records."""
-    answers: _Answers = {}
-    bad: list[BadRecord] = []
+    answers, bad = {}, []
     for index, item in _read_items(path):
         try:
             record_id = _record_id(item)
             if record_id in answers:
                 raise _Malformed(f"duplicate id {record_id!r}")
-            for key in ("answer", "gpt4_answer", "text"):
-                if key in item:
-                    answer = _answer_text(item[key], key)
-                    break
-            else:
+            answer = _inline_answer(item, ("answer", "gpt4_answer", "text"))
+            if answer is None:
                 conversations = item.get("conversations", item.get("conversatons"))
                 turns = _check_conversations(conversations) if conversations is not None else []
                 if len(turns) < 2:
@@ -468,15 +386,11 @@ def _attach_answer(record: Record, answers: _Answers, answers_path: str | os.Pat
 # --------------------------------------------------------------------------------------------
 # Preference files (hscr.py's output) → train.py's examples
 
-
 @dataclass
 class Example:
-    """One training entry: its image and the token rows of its responses.
-
-    Preference: rows[0] = prompt + y_w, rows[1:] = prompt + y_lj (best first). SFT (demo/base.py):
-    one row, the whole conversation. `targets[r][t]` is True where token t of row r is trained on.
-    `file` and `index` say where the record is (for bad_records.jsonl).
-    """
+    """One training entry: its image and the token rows of its responses. Preference: rows[0] =
+    prompt + y_w, rows[1:] = prompt + y_lj (best first); SFT (demo/base.py): one row, the whole
+    conversation. `targets[r][t]`: token t of row r is trained on. `file`, `index`: where it is."""
     id: str
     image: Path | None
     rows: list[list[int]]
@@ -485,33 +399,21 @@ class Example:
     index: int = -1
 
 
-@dataclass
-class Response:
-    """A response of a preference record: its text, and the token ids hscr.py generated or scored
-    for it (without EOS; None when the record has none). complete=False: the response was cut
-    before its EOS (at hscr.py's --max-new-tokens), so training appends none."""
-    text: str
-    ids: list[int] | None = None
-    complete: bool = True
-
-
-def _stored_ids(value: object, key: str) -> list[int] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-        raise ValueError(f"{key} must be a list of token ids")
-    return value
-
-
-def _complete(value: object, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{key} must be true or false, got {value!r}")
-    return value
+def _response(text: str, ids: object, complete: object, where: str) -> tuple[str, list[int] | None, bool]:
+    """A response of a preference record: its text, the token ids hscr.py stored for it (without EOS;
+    None: none stored), and complete (False: cut before its EOS at hscr.py's --max-new-tokens, so
+    training appends none). ValueError names a bad field (`where`: the fields' prefix)."""
+    if ids is not None and (not isinstance(ids, list)
+                            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        raise ValueError(f"{where}ids must be a list of token ids")
+    if not isinstance(complete, bool):
+        raise ValueError(f"{where}complete must be true or false, got {complete!r}")
+    return text, ids, complete
 
 
 def _preference_fields(item: object, num_negatives: int):
-    """(id, image, question, prompt or None, chosen Response, negative Responses) of a preference
-    record, or ValueError(reason)."""
+    """(id, image, question, prompt or None, chosen response, negative responses) of a preference
+    record (`_response`), or ValueError(reason)."""
     if isinstance(item, BadLine):
         raise ValueError(item.message)
     if not isinstance(item, dict):
@@ -542,10 +444,8 @@ def _preference_fields(item: object, num_negatives: int):
         n = n if isinstance(n, dict) else {"text": n}
         if not isinstance(n.get("text"), str) or not n["text"].strip():
             raise ValueError("every negative must be a non-empty string or an object with a non-empty 'text'")
-        negatives.append(Response(n["text"], _stored_ids(n.get("ids"), f"negatives[{j}].ids"),
-                                  _complete(n.get("complete", True), f"negatives[{j}].complete")))
-    chosen = Response(item["chosen"], _stored_ids(item.get("chosen_ids"), "chosen_ids"),
-                      _complete(item.get("chosen_complete", True), "chosen_complete"))
+        negatives.append(_response(n["text"], n.get("ids"), n.get("complete", True), f"negatives[{j}]."))
+    chosen = _response(item["chosen"], item.get("chosen_ids"), item.get("chosen_complete", True), "chosen_")
     return str(item["id"]), image, item["question"], prompt, chosen, negatives
 
 
@@ -565,7 +465,6 @@ class Tokens:
     def __init__(self, tokenizer, config):
         self.tokenizer, self.text = tokenizer, config.text
         self.image_token_id, self.num_image_tokens = config.image_token_id, config.num_image_tokens
-        self.image_size = config.vision.image_size
 
     def prompt(self, question: str, with_image: bool, first: bool = True, text: str | None = None) -> list[int]:
         """Ids of the prompt `text`, or of the template around `question` (the image first)."""
@@ -598,8 +497,7 @@ def preference_header(path: Path) -> dict | None:
     the records reports that)."""
     try:
         with open(path, "rb") as f:
-            first = f.readline()
-        item = json.loads(first.decode("utf-8"))
+            item = json.loads(f.readline().decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return item if isinstance(item, dict) and item.get("_header") else None
@@ -622,11 +520,9 @@ def stored_ids_usable(header: dict | None, tokenizer_sha256: str | None) -> tupl
 
 def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg,
                      tokenizer_sha256: str | None = None, say: Callable[[str], None] | None = None):
-    """Preference records → (examples, bad records). A bad record is reported, not fatal.
-
-    Responses are the ids stored in the record when `stored_ids_usable` (the file's tokenizer has
-    the digest `tokenizer_sha256`), else their texts tokenized again; `say` (e.g. print) is told
-    once per file which, and why."""
+    """Preference records → (examples, bad records); a bad record is reported, not fatal. Responses
+    are the ids stored in the record when `stored_ids_usable` (the file's tokenizer has the digest
+    `tokenizer_sha256`), else their texts tokenized again; `say` is told once per file which, and why."""
     examples, bad, seen = [], [], set()
     use_ids, why = stored_ids_usable(None, tokenizer_sha256)
     counts = {"stored": 0, "unused": 0, "none": 0}
@@ -644,11 +540,12 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg,
             image_path = image_file(image, image_root)
             prompt = tokens.prompt(question, image is not None, text=prompt_text)
             answers = [chosen] + negatives
-            has_ids = all(r.ids is not None for r in answers)
+            has_ids = all(ids is not None for _, ids, _ in answers)
+            limit = cfg.max_response_tokens
             if has_ids and use_ids:
-                responses = [tokens.stored(r.ids, cfg.max_response_tokens, r.complete) for r in answers]
+                responses = [tokens.stored(ids, limit, complete) for _, ids, complete in answers]
             else:
-                responses = [tokens.response(r.text, cfg.max_response_tokens, r.complete) for r in answers]
+                responses = [tokens.response(text, limit, complete) for text, _, complete in answers]
             if not all(responses):
                 raise ValueError("a response has no tokens")
             rows = [prompt + r for r in responses]
@@ -672,28 +569,24 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg,
     return examples, bad
 
 
+
 # --------------------------------------------------------------------------------------------
 # And back: an example's row log-probs, per entry, as the loss takes them (train.py, Stage 3)
 
-
-def split_rows(logp: torch.Tensor, examples: list[Example], K: int):
-    """Row log-probs (R,) → chosen (B,), rejected (B, K) padded with 0, mask (B, K)."""
-    B = len(examples)
-    chosen = logp.new_zeros(B)
-    rejected = logp.new_zeros(B, K)
-    mask = torch.zeros(B, K, dtype=torch.bool, device=logp.device)
-    r = 0
-    for b, ex in enumerate(examples):
-        n = len(ex.rows) - 1
-        chosen[b] = logp[r]
-        rejected[b, :n] = logp[r + 1:r + 1 + n]
-        mask[b, :n] = True
-        r += 1 + n
-    return chosen, rejected, mask
-
-
 def loss_inputs(policy_logp: torch.Tensor, ref_logp: torch.Tensor, examples: list[Example], K: int):
     """Row log-probs (R,) under π_θ and π_ref → the inputs of train.preference_loss: policy chosen
-    (B,) and rejected (B, K), reference chosen (B,) and rejected (B, K), mask (B, K)."""
-    policy, reference = split_rows(policy_logp, examples, K), split_rows(ref_logp, examples, K)
-    return policy[0], policy[1], reference[0], reference[1], policy[2]
+    (B,) and rejected (B, K), reference chosen (B,) and rejected (B, K), padded with 0; mask (B, K)."""
+    B = len(examples)
+    mask = torch.zeros(B, K, dtype=torch.bool, device=policy_logp.device)
+    out = []
+    for logp in (policy_logp, ref_logp):
+        chosen, rejected = logp.new_zeros(B), logp.new_zeros(B, K)
+        r = 0
+        for b, ex in enumerate(examples):
+            n = len(ex.rows) - 1
+            chosen[b] = logp[r]
+            rejected[b, :n] = logp[r + 1:r + 1 + n]
+            mask[b, :n] = True
+            r += 1 + n
+        out += [chosen, rejected]
+    return (*out, mask)

@@ -8,18 +8,16 @@
     torchrun --nproc_per_node 4 eval.py ...         # shard the questions over 4 processes
 
 The question files may be the real benchmark files as they are (tests/data/ holds VQA-RAD's;
-`gpt4_answer` is the ground truth); they ship without images, and a run whose image root lacks
-some says which, before the model is loaded.
+`gpt4_answer` is the ground truth); they ship without images.
 
 1. Scoring: LLaVA-Med v1.0's `llava/eval/eval_metrics` and `run_eval_batch.py`, quirks included
-   (each is named where it is reproduced), so that the paper's open recall and closed accuracy
-   equal LLaVA-Med's on the same answer file. Beside them, ours: the strict closed score
-   (`strict_hit`), the hedge, no-answer and hallucination rates, the description metric
-   (`fact_scores`), and reference baselines that need no model (`baselines`).
-2. Generation: LLaVA-Med's prompt, batched greedy decoding, answers in its answer-file JSONL,
-   flushed per batch and resumable: a rerun answers only what is missing, and only if the inputs
-   and options that made the answers are the same (provenance.json). Sharded under torchrun. A
-   question whose image cannot be read is skipped and listed; a missing image stops the run.
+   (each named where it is reproduced: `normalize_word`, `calculate_f1score`, `closed_hit`), so
+   that the paper's open recall and closed accuracy equal LLaVA-Med's on the same answer file.
+   Ours beside them: the strict closed score (`strict_hit`), the hedge, no-answer and
+   hallucination rates, the description metric (`fact_scores`), baselines without a model.
+2. Generation (`generate_answers`): LLaVA-Med's prompt, batched greedy decoding, its answer-file
+   JSONL, resumable when the inputs and options are the same (provenance.json), sharded under
+   torchrun. An unreadable image skips its questions (listed); a missing one stops the run.
 3. "Does the model look?" (`--blind`): the same questions with every visual token dropped
    (`no_image`) and with a mean-colour image (`blank_image`), reported as visual gain (full − blind).
 
@@ -34,6 +32,7 @@ import dataclasses
 import json
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +44,12 @@ from tqdm import tqdm
 
 from data import PAD_RGB, load_pixels, preprocess_image, resolve_image
 from harness import provenance
-from harness.answers import (answer_row, answered_ids, answers_path, clear_run, clear_stale, gather_skipped,
-                             has_answers, merge_answers, question_id, read_answer_file, write_skipped)
+from harness.answers import (answer_row, answered_ids, answers_path, clear_run, has_answers, merge_answers,
+                             question_id, read_answer_file)
 from harness.cli import UserError, add_dataclass_options, option, run_main
-from harness.dist import barrier, init_process_group
+from harness.dist import Context, barrier, init_process_group
 from harness.files import DataError, JsonlFile, read_jsonl, read_text
-from harness.questions import check_images, parse_named, read_benchmarks, read_questions, screen_images
+from harness.questions import check_images, parse_named, read_benchmarks, read_questions
 from harness.reports import LEGEND, compare_runs, question_counts, scores_table, visual_gain, write_reports
 from harness.rundir import start_run
 from model import load_model
@@ -111,14 +110,13 @@ _STRAY_PERIOD = re.compile(r"\.(?!\d)")
 _MAX_PERIODS_PER_CALL = int(re.UNICODE)
 
 
-def strip_punctuation(text: str) -> str:
-    """Delete or space out each character of PUNCT, deciding per character for the whole string.
-
-    A character is deleted everywhere if it stands next to a space anywhere in the *input*
-    ("p " or " p"), or if the input contains a digit,digit pattern; otherwise every occurrence
-    becomes a space. So "x-ray" → "x ray", "x - ray" → "x  ray", and in
-    "x-ray - chest" the dash is deleted inside "x-ray" too → "xray  chest".
-    """
+def normalize_word(text: str) -> str:
+    """LLaVA-Med's `normalize_word` on a lowercased string (the scripts lowercase before calling;
+    doing it first changes nothing in steps 1 and 2). The steps: docs/FORMATS.md "Normalisation"."""
+    text = text.lower()
+    # 1. Each character of PUNCT is deleted everywhere if it stands next to a space anywhere in the
+    # *input* ("p " or " p"), or if the input holds a digit,digit; otherwise every occurrence becomes
+    # a space. So "x-ray" → "x ray", and in "x-ray - chest" the dash goes inside "x-ray" too.
     digit_comma_digit = _DIGIT_COMMA_DIGIT.search(text) is not None
     out = text
     for p in PUNCT:
@@ -126,51 +124,24 @@ def strip_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return out
-
-
-def strip_periods(text: str) -> str:
-    """Delete periods not followed by a digit ("3.5" keeps its point), at most 32 of them."""
-    return _STRAY_PERIOD.sub("", text, count=_MAX_PERIODS_PER_CALL)
-
-
-def normalize_words(text: str) -> str:
-    """Word-level rules: number words → digits, drop articles, restore contractions, single spaces.
-
-    The number map is applied before the article test and contractions after it, as upstream;
-    commas cannot survive strip_punctuation, but the final comma removal is kept for parity.
-    """
-    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    # 2. Periods not followed by a digit are deleted ("3.5" keeps its point), at most 32 of them.
+    out = _STRAY_PERIOD.sub("", out, count=_MAX_PERIODS_PER_CALL)
+    # 3. Number words → digits before the article test, contractions after it, as upstream; single
+    # spaces. Commas cannot survive step 1, but the final comma removal is kept for parity.
+    words = [NUMBER_WORDS.get(w, w) for w in out.lower().split()]
     words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
     return " ".join(words).replace(",", "")
 
 
-def normalize_word(text: str) -> str:
-    """LLaVA-Med's `normalize_word` on a lowercased string (the scripts lowercase before calling).
-
-    Lowercasing first changes nothing in the punctuation and period steps, and the word step
-    lowercases again, so this equals upstream `normalize_word(text.lower())`.
-    """
-    return normalize_words(strip_periods(strip_punctuation(text.lower())))
-
-
-def word_counts(text: str) -> dict[str, int]:
+def word_counts(text: str) -> Counter:
     """Upstream `split_sentence(text, 1)`: lowercase, whitespace split, {word: count}."""
-    counts: dict[str, int] = {}
-    for w in text.lower().split():
-        counts[w] = counts.get(w, 0) + 1
-    return counts
+    return Counter(text.lower().split())
 
 
 def calculate_f1score(pred: str, gt: str) -> tuple[float, float, float]:
-    """LLaVA-Med's token F1 → (f1, precision, recall); callers pass normalised strings.
-
-    Both strings are normalised once more (upstream does; it only matters past 32 periods).
-    Over the union of word types: tp += *prediction* count of shared words (the quirk: "lung
-    lung lung" against "left lung" gives tp = 3, fn = 1, recall 3/4), fp += prediction count of
-    words only predicted, fn += reference count of words only in the reference.
-    Zeros if either side has no words or tp == 0.
-    """
+    """LLaVA-Med's token F1 → (f1, precision, recall) of normalised strings, normalised once more as
+    upstream does. The quirk: tp counts the *prediction*'s repeats of shared words ("lung lung lung"
+    against "left lung": tp = 3, fn = 1, recall 3/4). Zeros if a side has no words or tp == 0."""
     p_words, g_words = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
     if not p_words or not g_words:
         return 0.0, 0.0, 0.0
@@ -184,13 +155,9 @@ def calculate_f1score(pred: str, gt: str) -> tuple[float, float, float]:
 
 
 def calculate_exactmatch(pred: str, gt: str) -> float:
-    """LLaVA-Med's "exact match score": reference word *types* found in the prediction divided
-    by the prediction's word count (with repeats); 0 for an empty prediction.
-
-    Not an exact match in the usual sense ("left lung" vs "left lung" → 1, but "left left
-    lung" → 2/3): it is what the LLaVA-Med tables call exact match, so it is what we report.
-    Inputs are normalised again, as upstream.
-    """
+    """LLaVA-Med's "exact match score": reference word *types* found in the prediction ÷ the
+    prediction's word count with repeats (0 for an empty prediction), so "left left lung" against
+    "left lung" → 2/3. What LLaVA-Med's tables call exact match; inputs normalised again, as upstream."""
     p_words, g_words = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
     total = sum(p_words.values())
     return sum(1 for w in g_words if w in p_words) / total if total else 0.0
@@ -198,10 +165,8 @@ def calculate_exactmatch(pred: str, gt: str) -> float:
 
 def closed_hit(pred: str, gt: str) -> bool:
     """LLaVA-Med's closed-question hit on normalised strings: `gt in pred` as a *substring*
-    (`run_eval_batch.py`), so "no" is found in "nodule" and "cannot", and "yes no" hits every
-    yes/no question. Kept because papers report it; `strict_hit` is the score that means it.
-    (The single-dataset `run_eval.py` also requires a "yes" or "no" substring: no better.)
-    """
+    (`run_eval_batch.py`), so "no" is found in "nodule" and "yes no" hits every yes/no question.
+    Kept because papers report it; `strict_hit` is the score that means it."""
     return gt in pred
 
 
@@ -215,15 +180,10 @@ _TOKENS = re.compile(r"\w+|[^\w\s]")
 
 
 def answer_words(pred: str) -> list[str]:
-    """The yes/no *answer words* of a raw prediction, in order.
-
-    An answer word is a whole word "yes", or a whole word "no" that ends its clause: followed by
-    the end of the text, a punctuation character, or a conjunction (and / or / but). A "no"
-    followed by another word is a determiner ("no effusion", "no evidence of ..."), not an
-    answer. Decided on the lowercased *raw* text, because LLaVA-Med's normalisation deletes the
-    punctuation this rule reads: "No. Effusion is absent" → "no effusion is absent" would turn
-    the answer into a determiner.
-    """
+    """The yes/no *answer words* of a raw prediction, in order: every whole word "yes", and every
+    whole word "no" that ends its clause (followed by the end, a punctuation character or a
+    conjunction; "no effusion" is a determiner). Read on the lowercased *raw* text, because
+    LLaVA-Med's normalisation deletes that punctuation ("No. Effusion is absent" would lose its answer)."""
     tokens = _TOKENS.findall(pred.lower())
     words = []
     for i, t in enumerate(tokens):
@@ -234,16 +194,10 @@ def answer_words(pred: str) -> list[str]:
 
 
 def closed_answer(pred: str) -> str | None:
-    """What a raw prediction answers to a yes/no question: "yes", "no", "hedge" or None.
-
-    The answer is the first answer word (`answer_words`); if answer words of both polarities
-    occur it is a hedge, and with none there is no answer. Hedges and non-answers are wrong
-    under `strict_hit`. Not a rule of LLaVA-Med's; why this one: docs/FORMATS.md.
-        "Yes."                  → yes      "no, there is not"  → no (a comma ends the clause)
-        "yes and no", "yes no"  → hedge    "Yes, but no effusion" → yes ("no" + word: determiner)
-        "I am not sure"         → None     "nodule"            → None (whole words only)
-    Deliberately strict where unclear: "No evidence of effusion" and "There is no effusion"
-    answer nothing; the no-answer rate shows how often that happens.
+    """What a raw prediction answers to a yes/no question: "yes", "no", "hedge" or None: the first
+    answer word (`answer_words`), a hedge if both polarities occur, None if none does. Ours, not
+    LLaVA-Med's; the rule, why, and examples: docs/FORMATS.md "The strict closed score".
+        "no, there is not" → no    "yes no" → hedge    "Yes, but no effusion" → yes    "nodule" → None
     """
     words = answer_words(pred)
     if not words:
@@ -252,12 +206,9 @@ def closed_answer(pred: str) -> str | None:
 
 
 def strict_hit(pred: str, gt: str) -> bool:
-    """Closed-question hit that hedging cannot earn; raw strings in.
-
-    Ground truth "yes" / "no" (after normalize_word): the prediction's `closed_answer` must equal
-    it. Any other closed answer ("left", "mri", "1"): the normalised ground truth must occur in
-    the normalised prediction as whole words ("left" in "left lung", not in "cleft").
-    """
+    """Closed-question hit that hedging cannot earn; raw strings in. A yes/no ground truth needs the
+    prediction's `closed_answer` to equal it; any other ("left", "mri") must occur in the normalised
+    prediction as whole words ("left" in "left lung", not in "cleft")."""
     g = normalize_word(gt)
     if g in ("yes", "no"):
         return closed_answer(pred) == g
@@ -271,13 +222,9 @@ def hedges(pred: str) -> bool:
 
 
 def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
-    """Score one answer as LLaVA-Med does (both strings lowercased and normalised first).
-
-    CLOSED → {"hit", "strict", "exact"}: hit is LLaVA-Med's `closed_hit` (1.0 / 0.0), strict is
-    our `strict_hit`.
-    OPEN → {"recall", "precision", "f1", "exact", "hit"}: recall is the paper's open score;
-    hit is `gt in pred` (the batch script's "open accuracy"; an empty reference always hits).
-    """
+    """Score one answer as LLaVA-Med does (both strings normalised first). CLOSED → {"hit" (its
+    `closed_hit`), "strict" (our `strict_hit`), "exact"}; OPEN → {"recall" (the paper's open score),
+    "precision", "f1", "exact", "hit" (`gt in pred`, the batch script's "open accuracy")}."""
     if not isinstance(pred, str) or not isinstance(gt, str):
         raise TypeError(f"pred and gt must be str, got {type(pred).__name__} and {type(gt).__name__}")
     p, g = normalize_word(pred), normalize_word(gt)
@@ -295,16 +242,14 @@ def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
 # The description metric: facts of a scene stated right or contradicted (ours)
 
 def _states(text: str, phrase: str) -> bool:
-    """Whether `phrase` occurs in `text` as whole words (any case; a hyphen joins words, so
-    "X-ray" is one word and "ray" is not in it)."""
+    """Whether `phrase` occurs in `text` as whole words, any case (a hyphen joins: no "ray" in "X-ray")."""
     return re.search(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])", text, re.IGNORECASE) is not None
 
 
 def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str, int]:
-    """The description metric of one answer (docs/FORMATS.md): {"facts": slots, "correct": slots
-    whose true value `pred` states, "stated": values it states, "contradicted": stated values that
-    are not the true one}. facts: a question record's "facts", slot → {"value", "phrases": value
-    → phrases}; a value is stated when one of its phrases occurs as whole words (`_states`)."""
+    """The description metric of one answer (docs/FORMATS.md): {"facts": slots, "correct": slots whose
+    true value `pred` states, "stated": values it states, "contradicted": stated values not the true
+    one}. facts: slot → {"value", "phrases": value → phrases}, a phrase stated as whole words."""
     counts = {"facts": 0, "correct": 0, "stated": 0, "contradicted": 0}
     for slot, fact in facts.items():
         values = fact.get("phrases") if isinstance(fact, dict) else None
@@ -332,28 +277,16 @@ def _mean100(values: Sequence[float]) -> float | None:
 
 
 def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -> dict[str, Any]:
-    """Score answer-file rows against questions; every figure is a percentage (× 100), None when
-    there is nothing to average (the figures: docs/FORMATS.md "VQA metrics").
-
-    answers: dicts with "question_id" and "text" (LLaVA-Med answer-file rows).
-    questions: objects with `.id`, `.answer`, `.answer_type` and optionally `.facts` (data.Record).
-    Ids are compared as strings (answer files keep the question file's ints).
-
-    Returns
-      open:    n, recall (the paper's open score), precision, f1, exact, hit
-      closed:  n, accuracy (lenient `closed_hit`, the paper's), accuracy_strict (`strict_hit`),
-               hedge_rate (`hedges`), n_yes_no and no_answer_rate (share of those without a
-               `closed_answer`), n_gt_no and hallucination_rate (share of those whose
-               `closed_answer` is "yes"; a hedge is not a yes)
-      overall: n, score (mean over questions of open recall / closed hit),
-               mean_of_types ((open recall + closed accuracy) / 2)
-      description: n, n_facts, n_stated, facts_contradicted, facts_correct (`fact_scores`, summed)
-      n_questions, n_answered, missing (question ids without an answer: left out, not 0),
-      unknown (answer ids not among the questions), unscorable (ids of questions without an
-      answer type or a ground truth, or one that normalises to nothing such as "the": left out,
-      since LLaVA-Med's `gt in pred` would count any answer right)
-    A question answered twice is an error: merge shards before scoring.
-    """
+    """Score answer-file rows ("question_id", "text") against questions (`.id`, `.answer`,
+    `.answer_type`, optionally `.facts`: data.Record), ids compared as strings. Every figure is a
+    percentage, None when there is nothing to average (docs/FORMATS.md "VQA metrics"):
+      open: n, recall, precision, f1, exact, hit; closed: n, accuracy (lenient), accuracy_strict,
+      hedge_rate, n_yes_no, no_answer_rate, n_gt_no, hallucination_rate (a hedge is not a yes);
+      overall: n, score (mean over questions), mean_of_types; description: n, n_facts, n_stated,
+      facts_contradicted, facts_correct; n_questions, n_answered; missing (no answer: left out,
+      not 0), unknown (answers to no question), unscorable (no type or ground truth, or one that
+      normalises to nothing: `gt in pred` would count any answer right). A question answered
+      twice is an error: merge shards before scoring."""
     texts: dict[str, str] = {}
     duplicates = []
     for row in answers:
@@ -363,19 +296,17 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
         texts[qid] = row["text"]
     if duplicates:
         raise DataError(f"answers hold question ids more than once: {sorted(set(duplicates))[:20]}")
-
     open_s: dict[str, list[float]] = {k: [] for k in ("recall", "precision", "f1", "exact", "hit")}
     hits, hits_strict, hedged, no_answer, gt_no_says_yes = [], [], [], [], []
     missing, unscorable, seen = [], [], set()
-    described = {"n": 0, "facts": 0, "correct": 0, "stated": 0, "contradicted": 0}
+    described = Counter()  # "n" questions with facts; fact_scores' counts summed
     for q in questions:
         qid = str(q.id)
         seen.add(qid)
         facts = getattr(q, "facts", None)
         if facts and qid in texts:
             described["n"] += 1
-            for k, v in fact_scores(texts[qid], facts, qid).items():
-                described[k] += v
+            described.update(fact_scores(texts[qid], facts, qid))
         if q.answer is None or q.answer_type not in ("OPEN", "CLOSED") or not normalize_word(q.answer):
             unscorable.append(qid)
         elif qid not in texts:
@@ -437,10 +368,7 @@ def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> 
             groups.setdefault(normalize_word(r.question), []).append(r)
     out = {}
     for group in groups.values():
-        counts: dict[str, int] = {}  # insertion order = file order, which max() keeps for ties
-        for r in group:
-            a = normalize_word(r.answer)
-            counts[a] = counts.get(a, 0) + 1
+        counts = Counter(normalize_word(r.answer) for r in group)  # file order, which max() keeps for ties
         for r in group:
             own = normalize_word(r.answer)
             pool = {a: c - (leave_one_out and a == own) for a, c in counts.items()}
@@ -459,47 +387,10 @@ def baselines(records: Sequence[Any]) -> dict[str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Configuration
+# Generation over a benchmark: prompts, images, the three modes, resumable answer files
 
 MODES = ("full", "no_image", "blank_image")
 
-
-@dataclass
-class EvalConfig:
-    """Options of an evaluation run (the command line is built from these fields)."""
-
-    model: str = option(help="checkpoint directory (config.json + safetensors)")
-    benchmark: list[str] = option(help="NAME=PATH of a test.json or question JSONL")
-    out: str = option(help="run directory (answers, provenance.json, summary.json, report.md)")
-    image_root: list[str] = option(default_factory=list, help="NAME=DIR for one benchmark, or DIR for all")
-    ground_truth: list[str] = option(default_factory=list, help="NAME=PATH of answers kept apart from the questions")
-    adapter: str | None = option(None, "PEFT-format LoRA adapter directory")
-    vision_tower: str | None = option(None, "CLIP directory replacing (or supplying) the checkpoint's vision tower")
-    tokenizer: str | None = option(None, "tokenizer directory or file (default: --model)")
-    template: str = option("mistral_instruct", "prompt template")
-    batch_size: int = option(8, "questions per generate() call (may change on resume)")
-    max_new_tokens: int = option(1024, "LLaVA-Med used 1024")
-    blind: bool = option(False, "also answer with no visual tokens and with a mean-colour image")
-    limit: int | None = option(None, "first N questions of each benchmark")
-    dtype: str = option("auto", "auto = float16 on GPU (LLaVA-Med's), float32 on CPU", choices=("auto", *DTYPES))
-    device: str = option("auto", "auto = cuda:LOCAL_RANK if available, else cpu (may change on resume)")
-    model_id: str | None = option(None, "model_id written in the answer files (default: the model directory's name)")
-    overwrite: bool = option(False, "delete the run's answers and scores and start again; needed when the model, "
-                             "adapter, questions, images or options differ from what made them (provenance.json)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """argparse over EvalConfig (harness.cli.add_dataclass_options: list fields repeat, bools are switches)."""
-    parser = argparse.ArgumentParser(
-        prog="eval.py", description="Zero-shot VQA evaluation scored as LLaVA-Med scores it. "
-        "Also: `eval.py compare RUN_A RUN_B`, `eval.py score --answers FILE --questions FILE`, "
-        "`eval.py baselines --questions FILE`.")
-    add_dataclass_options(parser, EvalConfig)
-    return parser
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation over a benchmark: prompts, images, the three modes, resumable answer files
 
 @dataclass
 class Batch:
@@ -529,10 +420,9 @@ def blank_image(size: int):
     return preprocess_image(Image.new("RGB", (size, size), PAD_RGB), size=size)
 
 
-def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, image_root: str | None,
-                template: str = "mistral_instruct", pixels: Sequence[torch.Tensor] | None = None) -> Batch:
-    """Model inputs for a list of data.Record in one of MODES. `pixels`: the records' images,
-    already loaded (`load_pixels`) in full mode; read here when not given."""
+def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, template: str = "mistral_instruct",
+                pixels: Sequence[torch.Tensor] = ()) -> Batch:
+    """Model inputs for a list of data.Record in one of MODES; `pixels`: their images in full mode."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     rows = [prompt_ids(r.question, tokenizer, config, mode=mode, template=template) for r in records]
@@ -544,8 +434,6 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, image_r
     elif mode == "blank_image":
         images = blank_image(size)[None].expand(len(records), -1, -1, -1)  # (B, 3, S, S)
     else:
-        if pixels is None:
-            pixels = [load_pixels(resolve_image(image_root, r.image), size) for r in records]
         images = torch.stack(list(pixels))  # (B, 3, S, S)
     return Batch(ids, mask, images)
 
@@ -554,11 +442,9 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
                      image_root: str | None, model_id: str, batch_size: int, max_new_tokens: int,
                      template: str = "mistral_instruct", rank: int = 0, world: int = 1,
                      skipped: dict[str, str] | None = None) -> int:
-    """Answer this rank's share of `records` (every world-th, starting at rank) that no earlier
-    run answered; append to the rank's shard, flushed per batch. Returns how many were answered.
-
-    skipped: question id → reason, for questions not to answer (known bad images); a question
-    whose image fails to load here is added to it, reported on stderr, and the run goes on."""
+    """Answer this rank's share of `records` (every world-th, starting at rank) that no earlier run
+    answered; append to the rank's shard, flushed per batch. Returns how many were answered.
+    skipped: question id → why, not to answer; a question whose image fails to load here is added."""
     skipped = {} if skipped is None else skipped
     done = answered_ids(run_dir, name, mode)
     # Shard first, filter after: every rank must agree on who owns question i.
@@ -568,12 +454,19 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
     n, shard = 0, JsonlFile(answers_path(run_dir, name, mode, rank), key=question_id)
     with tqdm(total=len(todo), desc=f"{name} {mode}", unit="q", disable=rank != 0 or not todo) as bar:
         for s in range(0, len(todo), batch_size):
-            chunk, pixels = todo[s:s + batch_size], None
-            if mode == "full":
-                chunk, pixels = _load_chunk(chunk, image_root, size, skipped, name)
+            chunk, pixels = [], []  # the questions whose image loads (all but in full mode), their images
+            for r in todo[s:s + batch_size]:
+                try:
+                    if mode == "full":
+                        pixels.append(load_pixels(resolve_image(image_root, r.image), size))
+                except (ValueError, OSError) as error:  # data.load_image names the file in both
+                    skipped[r.id] = f"image {r.image}: {error}"
+                    print(f"{name}: question {r.id} skipped: {skipped[r.id]}", file=sys.stderr)
+                    continue
+                chunk.append(r)
             if chunk:
-                batch = build_batch(chunk, mode, tokenizer=tokenizer, config=model.config, image_root=image_root,
-                                    template=template, pixels=pixels)
+                batch = build_batch(chunk, mode, tokenizer=tokenizer, config=model.config, template=template,
+                                    pixels=pixels)
                 images = None if batch.pixel_values is None else batch.pixel_values.to(model.device, model.dtype)
                 with torch.inference_mode():
                     new = model.generate(batch.input_ids.to(model.device), images,
@@ -586,19 +479,40 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
     return n
 
 
-def _load_chunk(chunk: Sequence[Any], image_root: str | None, size: int, skipped: dict[str, str],
-                name: str) -> tuple[list[Any], list[torch.Tensor]]:
-    """The records of `chunk` whose image loads, and their pixels; the others go to `skipped`."""
-    kept, pixels = [], []
-    for r in chunk:
-        try:
-            pixels.append(load_pixels(resolve_image(image_root, r.image), size))
-        except (ValueError, OSError) as error:  # data.load_image names the file in both
-            skipped[r.id] = f"image {r.image}: {error}"
-            print(f"{name}: question {r.id} skipped: {skipped[r.id]}", file=sys.stderr)
-            continue
-        kept.append(r)
-    return kept, pixels
+# ---------------------------------------------------------------------------------------------
+# Options: the command line is built from EvalConfig
+
+@dataclass
+class EvalConfig:
+    """Options of an evaluation run (the command line is built from these fields)."""
+    model: str = option(help="checkpoint directory (config.json + safetensors)")
+    benchmark: list[str] = option(help="NAME=PATH of a test.json or question JSONL")
+    out: str = option(help="run directory (answers, provenance.json, summary.json, report.md)")
+    image_root: list[str] = option(default_factory=list, help="NAME=DIR for one benchmark, or DIR for all")
+    ground_truth: list[str] = option(default_factory=list, help="NAME=PATH of answers kept apart from the questions")
+    adapter: str | None = option(None, "PEFT-format LoRA adapter directory")
+    vision_tower: str | None = option(None, "CLIP directory replacing (or supplying) the checkpoint's vision tower")
+    tokenizer: str | None = option(None, "tokenizer directory or file (default: --model)")
+    template: str = option("mistral_instruct", "prompt template")
+    batch_size: int = option(8, "questions per generate() call (may change on resume)")
+    max_new_tokens: int = option(1024, "LLaVA-Med used 1024")
+    blind: bool = option(False, "also answer with no visual tokens and with a mean-colour image")
+    limit: int | None = option(None, "first N questions of each benchmark")
+    dtype: str = option("auto", "auto = float16 on GPU (LLaVA-Med's), float32 on CPU", choices=("auto", *DTYPES))
+    device: str = option("auto", "auto = cuda:LOCAL_RANK if available, else cpu (may change on resume)")
+    model_id: str | None = option(None, "model_id written in the answer files (default: the model directory's name)")
+    overwrite: bool = option(False, "delete the run's answers and scores and start again; needed when the model, "
+                             "adapter, questions, images or options differ from what made them (provenance.json)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse over EvalConfig (harness.cli.add_dataclass_options: list fields repeat, bools are switches)."""
+    parser = argparse.ArgumentParser(
+        prog="eval.py", description="Zero-shot VQA evaluation scored as LLaVA-Med scores it. "
+        "Also: `eval.py compare RUN_A RUN_B`, `eval.py score --answers FILE --questions FILE`, "
+        "`eval.py baselines --questions FILE`.")
+    add_dataclass_options(parser, EvalConfig)
+    return parser
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,8 +556,7 @@ def run_fingerprint(cfg: EvalConfig, questions: Mapping[str, Sequence[Any]], roo
     }
     for name, records in questions.items():
         inputs[f"questions {name}"] = provenance.Content([[r.id, r.image, r.question] for r in records])
-        inputs[f"images {name}"] = provenance.Files(roots.get(name, roots.get("*")),
-                                                    sorted({r.image for r in records}))
+        inputs[f"images {name}"] = provenance.Files(roots[name], sorted({r.image for r in records}))
     return provenance.run_fingerprint(inputs, None, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
                                       dtype=str(dtype).removeprefix("torch."),
                                       image_preprocessing=IMAGE_PREPROCESSING, decoding="greedy")
@@ -663,17 +576,17 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     dtype = resolve_dtype(cfg.dtype, device, gpu_default="float16")
     run_dir = Path(cfg.out)
     every = read_benchmarks(cfg.benchmark, cfg.ground_truth)  # every question: all are fingerprinted
-    roots = parse_named(cfg.image_root, "--image-root", names=list(every), allow_global=True)
+    named = parse_named(cfg.image_root, "--image-root", names=list(every), allow_global=True)
+    roots = {name: named.get(name, named.get("*")) for name in every}
     sources = parse_named(cfg.benchmark, "--benchmark")
     benchmarks, screened = {}, {}
     for name, (records, bad) in every.items():
         for b in bad if rank == 0 else []:
             print(f"{name}: bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
         # Before the (slow) model load: every image of the file, since every one is fingerprinted.
-        root = roots.get(name, roots.get("*"))
-        check_images(records, root, name, source=sources[name])
+        unusable = check_images(records, roots[name], name, sources[name])
         benchmarks[name] = (records[:cfg.limit] if cfg.limit is not None else records, bad)
-        screened[name] = screen_images(benchmarks[name][0], root)
+        screened[name] = {r.id: unusable[r.id] for r in benchmarks[name][0] if r.id in unusable}
         for qid, why in screened[name].items() if rank == 0 else ():
             print(f"{name}: question {qid} skipped: {why}", file=sys.stderr)
     for flag, path in (("--model", cfg.model), ("--adapter", cfg.adapter), ("--vision-tower", cfg.vision_tower)):
@@ -681,8 +594,6 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
             raise UserError(f"{flag} {path}: " + ("not a directory" if Path(path).exists() else "directory not found"))
     model_id = cfg.model_id or Path(cfg.model).resolve().name
     now = run_fingerprint(cfg, {name: records for name, (records, _) in every.items()}, roots, dtype)
-    if rank == 0:
-        clear_stale(run_dir)  # an interrupted session's skipped files: this one lists its own
     start_run(run_dir, now, resume=not cfg.overwrite and has_answers(run_dir), clear=clear_run, made_by="eval.py",
               session={"batch_size": cfg.batch_size, "device": device, "world_size": world, "limit": cfg.limit,
                        "blind": cfg.blind, "model_id": model_id},
@@ -697,23 +608,23 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
         print(f"eval.py: {device}, {resolved['resolved']['dtype']}; options in {run_dir}/config.json", file=sys.stderr)
     modes = MODES if cfg.blind else MODES[:1]
+    skipped_by = {}  # benchmark → question id → why: the screened ones, then each rank's own failures
     for name, (records, _) in benchmarks.items():
-        skipped = dict(screened[name])  # this rank's view: the screened ones, then its own failures
+        mine = dict(screened[name])
         for mode in modes:
             generate_answers(model, tokenizer, records, run_dir=run_dir, name=name, mode=mode,
-                             image_root=roots.get(name, roots.get("*")), model_id=model_id,
+                             image_root=roots[name], model_id=model_id,
                              batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                             template=cfg.template, rank=rank, world=world, skipped=skipped)
+                             template=cfg.template, rank=rank, world=world, skipped=mine)
             barrier(world)
             if rank == 0:
                 merge_answers(run_dir, name, mode, records)
-        write_skipped(run_dir, name, rank, {qid: why for qid, why in skipped.items() if qid not in screened[name]})
-    barrier(world)
+        skipped_by[name] = Context(rank, world).gather_dicts(mine)
     if rank != 0:
         return None
     results = {}
     for name, (records, bad) in benchmarks.items():
-        skipped = {**screened[name], **gather_skipped(run_dir, name)}
+        skipped = skipped_by[name]
         kept = [r for r in records if r.id not in skipped]
         ids = {r.id for r in kept}
         scored = {mode: score_file([row for row in read_jsonl(answers_path(run_dir, name, mode))

@@ -1,21 +1,18 @@
 """eval.py's answer files (docs/FORMATS.md "Evaluation files"): LLaVA-Med's answer-file JSONL,
-written per rank and merged in question order, and each rank's questions that could not be built.
-
-A shard is appended to and flushed per batch (harness.files.JsonlFile); a kill mid-write leaves a
-torn last line, which is ignored (the question is answered again) and cut off before the next
-append. Nothing here knows how an answer is made; eval.py imports it, it never imports eval.py.
+written per rank and merged in question order. A shard is appended to and flushed per batch
+(harness.files.JsonlFile: a torn last line is ignored, its question answered again, and cut off
+before the next append). eval.py imports this; it never imports eval.py.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from harness.cli import UserError
-from harness.files import BadLine, DataError, JsonlFile, merge_jsonl, read_json_records, read_jsonl
+from harness.files import BadLine, DataError, JsonlFile, merge_jsonl, read_json_records
 
 PROVENANCE = "provenance.json"
 
@@ -26,19 +23,15 @@ def answers_path(run_dir: Path, name: str, mode: str, rank: int | None = None) -
     return run_dir / name / (f"{stem}.jsonl" if rank is None else f"{stem}.rank{rank}.jsonl")
 
 
-def answer_id(model_id: str, mode: str, question_id: str, text: str) -> str:
-    """A content hash in place of LLaVA-Med's random shortuuid, so that a resumed run writes
-    the same file as an uninterrupted one."""
-    return hashlib.sha1(f"{model_id}\n{mode}\n{question_id}\n{text}".encode()).hexdigest()[:22]
-
-
 def answer_row(record, text: str, model_id: str, mode: str) -> dict[str, Any]:
     """One answer-file line. question_id keeps the question file's integer when it was one
-    (Record ids are strings); prompt is the question without <image>, as LLaVA-Med writes it."""
+    (Record ids are strings); prompt is the question without <image>, as LLaVA-Med writes it;
+    answer_id is a content hash, not LLaVA-Med's random shortuuid, so that a resumed run writes
+    the same file as an uninterrupted one."""
     qid: int | str = int(record.id) if record.id.isdigit() and str(int(record.id)) == record.id else record.id
-    return {"question_id": qid, "prompt": record.question, "text": text,
-            "answer_id": answer_id(model_id, mode, record.id, text), "model_id": model_id,
-            "metadata": {"mode": mode}}
+    answer_id = hashlib.sha1(f"{model_id}\n{mode}\n{record.id}\n{text}".encode()).hexdigest()[:22]
+    return {"question_id": qid, "prompt": record.question, "text": text, "answer_id": answer_id,
+            "model_id": model_id, "metadata": {"mode": mode}}
 
 
 def question_id(row: dict[str, Any]) -> str:
@@ -89,29 +82,6 @@ def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -
     return final
 
 
-def write_skipped(run_dir: Path, name: str, rank: int, skipped: Mapping[str, str]) -> None:
-    """This rank's questions that could not be built (question id → reason), when there are any."""
-    if skipped:
-        (run_dir / name / f"skipped.rank{rank}.jsonl").write_text(
-            "".join(json.dumps({"question_id": qid, "reason": why}) + "\n" for qid, why in skipped.items()),
-            encoding="utf-8")
-
-
-def gather_skipped(run_dir: Path, name: str) -> dict[str, str]:
-    """question id → reason from every rank's skipped file (then deleted)."""
-    out = {}
-    for f in sorted((run_dir / name).glob("skipped.rank*.jsonl")):
-        out.update({str(row["question_id"]): row["reason"] for row in read_jsonl(f)})
-        f.unlink()
-    return out
-
-
-def clear_stale(run_dir: Path) -> None:
-    """Delete the skipped files an interrupted run left (each session lists its own)."""
-    for f in run_dir.glob("*/skipped.rank*.jsonl"):
-        f.unlink()
-
-
 def has_answers(run_dir: Path) -> bool:
     """Whether `run_dir` holds a run: scores or an answer file (a shard included)."""
     return (run_dir / "summary.json").exists() or any(run_dir.glob("*/answers*.jsonl"))
@@ -119,8 +89,8 @@ def has_answers(run_dir: Path) -> bool:
 
 def clear_run(run_dir: Path) -> None:
     """Delete what eval.py writes in a run directory, and nothing else (--out may be a folder
-    holding other files): answer files and shards, skipped files, scores, config, provenance."""
-    for pattern in ("*/answers*.jsonl", "*/.answers*.jsonl.tmp*", "*/skipped.rank*.jsonl"):
+    holding other files): answer files and shards, scores, config, provenance."""
+    for pattern in ("*/answers*.jsonl", "*/.answers*.jsonl.tmp*"):
         for f in run_dir.glob(pattern):
             f.unlink()
     for n in ("summary.json", "report.md", "config.json", PROVENANCE):

@@ -1,13 +1,6 @@
-"""eval.py's inputs: benchmarks named on the command line, their question files and their images.
-
-    parse_named      NAME=PATH options (--benchmark, --ground-truth, --image-root) → {name: path}
-    read_questions   data.read_records with the errors a user can act on
-    read_benchmarks  every --benchmark NAME=PATH read, with its --ground-truth
-    check_images     a missing image stops the run before the model is loaded, naming the benchmark
-    screen_images    an image that exists but cannot be read skips its questions (listed, not scored)
-
-Every refusal is a UserError or DataError: one line, naming the file. eval.py imports this; it
-never imports eval.py.
+"""eval.py's inputs: benchmarks named on the command line (NAME=PATH), their question files and their
+images. Every refusal is a UserError or DataError: one line, naming the file. eval.py imports this;
+it never imports eval.py.
 """
 from __future__ import annotations
 
@@ -64,17 +57,18 @@ def read_benchmarks(benchmark: Sequence[str],
     return {name: read_questions(path, gts.get(name)) for name, path in paths.items()}
 
 
-def check_images(records: Sequence[Any], image_root: str | None, name: str, source: str | None = None,
-                 show: int = 10) -> None:
-    """Fail before the model is loaded when images are missing, with one error that names the
-    benchmark (and its question file), says how many image files are absent for how many
-    questions, and lists the first `show` of them. The real benchmark files ship without images."""
+def check_images(records: Sequence[Any], image_root: str | None, name: str, source: str) -> dict[str, str]:
+    """Fail before the model is loaded when images are missing (the real benchmark files ship without
+    them), with one error naming the benchmark and its file, how many image files are absent for how
+    many questions, and the first of them. Else question id → why its image, which exists, cannot be
+    used (`data.image_problem`, each file looked at once): the questions to skip."""
     if not records:
-        return
-    where = f"benchmark {name!r}" + (f" ({source})" if source else "")
+        return {}
+    where = f"benchmark {name!r} ({source})"
     if image_root is None:
         raise UserError(f"{where}: no --image-root for it (NAME=DIR or one DIR for all)")
     unusable, absent, n_questions = [], {}, 0  # absent: image path as written → its file
+    looked: dict[str, str | None] = {}  # image path as written → why it cannot be used
     for r in records:
         if r.image is None:
             unusable.append(f"{r.id}: no image in the record")
@@ -87,28 +81,17 @@ def check_images(records: Sequence[Any], image_root: str | None, name: str, sour
         if r.image in absent or not path.is_file():
             absent[r.image] = path
             n_questions += 1
-    problems = []
+        elif r.image not in looked:
+            looked[r.image] = image_problem(path)
+    problems, show = [], 10
     if absent:
         n_images = len({r.image for r in records if r.image is not None})
-        listed = list(absent)[:show]
         problems.append(f"{len(absent)} of {n_images} images not found under {image_root} (needed by "
-                        f"{n_questions} of {len(records)} questions): {', '.join(listed)}"
+                        f"{n_questions} of {len(records)} questions): {', '.join(list(absent)[:show])}"
                         + (f", … ({len(absent) - show} more)" if len(absent) > show else ""))
     if unusable:
         problems.append(f"{len(unusable)} questions without a usable image path: " + "; ".join(unusable[:show])
                         + (" …" if len(unusable) > show else ""))
     if problems:
         raise UserError(f"{where}: " + "; ".join(problems))
-
-
-def screen_images(records: Sequence[Any], image_root: str) -> dict[str, str]:
-    """question id → why its (existing) image cannot be used, for the questions to skip. Each
-    image file is looked at once, however many questions share it."""
-    problems: dict[str, str | None] = {}
-    out = {}
-    for r in records:
-        if r.image not in problems:
-            problems[r.image] = image_problem(resolve_image(image_root, r.image))
-        if problems[r.image] is not None:
-            out[r.id] = f"image {r.image}: {problems[r.image]}"
-    return out
+    return {r.id: f"image {r.image}: {looked[r.image]}" for r in records if looked[r.image] is not None}

@@ -1,8 +1,6 @@
 """eval.py's tables: report.md and summary.json of a run, `eval.py compare`, `score` and `baselines`.
-
-Every table shows METRICS, one column each, explained by LEGEND under it. The figures come from
-eval.score_file (percentages, None for a figure that has nothing to average, shown "–"); this
-module only lays them out and never imports eval.py.
+Every table shows METRICS, one column each, explained by LEGEND under it; the figures are
+eval.score_file's (None, shown "–": nothing to average). It never imports eval.py.
 """
 from __future__ import annotations
 
@@ -113,12 +111,10 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
     lines = [f"A = {run_a}", f"B = {run_b}", ""]
     for name in list(a) + [n for n in b if n not in a]:
         lines += [f"### {name}", "", "| mode | metric | A | B | B − A |", "|---|---|---:|---:|---:|"]
-        modes = [m for m in MODE_LABELS
-                 if m in a.get(name, {}).get("modes", {}) or m in b.get(name, {}).get("modes", {})]
-        for mode in modes:
+        modes_a, modes_b = (x.get(name, {}).get("modes", {}) for x in (a, b))
+        for mode in [m for m in MODE_LABELS if m in modes_a or m in modes_b]:
             for label, s, k in METRICS:
-                fa, fb = (_fig(x[name]["modes"][mode], s, k) if mode in x.get(name, {}).get("modes", {}) else None
-                          for x in (a, b))
+                fa, fb = (_fig(modes[mode], s, k) if mode in modes else None for modes in (modes_a, modes_b))
                 lines.append(f"| {MODE_LABELS[mode]} | {label} | {_fmt(fa)} | {_fmt(fb)} "
                              f"| {_fmt(_diff(fa, fb), True)} |")
         lines.append("")

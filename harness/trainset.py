@@ -1,10 +1,7 @@
 """train.py's inputs, read before the (slow) model load (`read_inputs`): the tokenizer, the model's
-config without its weights, the preference records of --data and --eval-data (data.read_preferences)
-and their images, each checked once (data.unusable_images), and the held-out split. demo/base.py
-reads its SFT conversations the same way (`read_examples`, `model_config`, `read_tokenizer`).
-
-Nothing here is part of the method; train.py imports it. `cfg` is train.py's TrainConfig (or
-demo/base.py's) and `ctx` its harness.dist.Context; this module never imports train.py.
+config without its weights, the preference records of --data and --eval-data and their images, each
+checked once, and the held-out split; demo/base.py reads its SFT conversations the same way. `cfg`
+is train.py's TrainConfig (or demo/base.py's), `ctx` its harness.dist.Context; it never imports train.py.
 """
 from __future__ import annotations
 
@@ -88,14 +85,9 @@ def read_examples(read: Callable[[Path], tuple[list[Example], list[BadRecord]]],
 
 def drop_unusable(examples: list[Example], unusable: dict[str, str]):
     """(examples whose image is usable, a BadRecord for each of the others); `unusable`: str(image) → why."""
-    kept, bad = [], []
-    for ex in examples:
-        why = unusable.get(str(ex.image)) if ex.image is not None else None
-        if why is None:
-            kept.append(ex)
-        else:
-            bad.append(BadRecord(ex.file, ex.index, ex.id, why))
-    return kept, bad
+    why = [unusable.get(str(ex.image)) if ex.image is not None else None for ex in examples]
+    return ([ex for ex, w in zip(examples, why) if w is None],
+            [BadRecord(ex.file, ex.index, ex.id, w) for ex, w in zip(examples, why) if w is not None])
 
 
 def split_held_out(examples: list[Example], fraction: float, seed: int):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 import eval as E
-from data import read_records
+from data import load_pixels, read_records
 from harness import answers as A
 from harness.questions import read_benchmarks
 from harness.files import DataError, read_jsonl
@@ -393,6 +393,11 @@ def tiny(tmp_path_factory):
     return SimpleNamespace(root=root, ckpt=ckpt, images=images, model=model, tokenizer=_tiny_tokenizer())
 
 
+def _pixels(tiny, records):
+    """The records' images as generate_answers loads them for build_batch in full mode."""
+    return [load_pixels(tiny.images / r.image, tiny.model.config.vision.image_size) for r in records]
+
+
 def test_no_image_mode_drops_every_visual_token(tiny):
     """no_image: the prompt ids are the full prompt's with the image positions removed, and no
     pixels; blank_image: the same ids as full, one mean-colour image for every row."""
@@ -400,7 +405,7 @@ def test_no_image_mode_drops_every_visual_token(tiny):
 
     records = read_benchmarks([f"q={tiny.root / 'test.json'}"])["q"][0]
     cfg = tiny.model.config
-    kw = dict(tokenizer=tiny.tokenizer, config=cfg, image_root=str(tiny.images))
+    kw = dict(tokenizer=tiny.tokenizer, config=cfg, pixels=_pixels(tiny, records[:2]))
     full, none, blank = (E.build_batch(records[:2], m, **kw) for m in E.MODES)
     n_img = cfg.num_image_tokens
     assert ((full.input_ids == cfg.image_token_id).sum(1) == n_img).all()
@@ -423,11 +428,12 @@ def test_blind_modes_change_the_logits(tiny):
     records = read_benchmarks([f"q={tiny.root / 'test.json'}"])["q"][0]
     # rows 0 and 3 ask about image a, row 1 about b: same question text for 0 vs a copy on b
     same_q_other_image = SimpleNamespace(**{**vars(records[0]), "image": "b.png"})
-    kw = dict(tokenizer=tiny.tokenizer, config=tiny.model.config, image_root=str(tiny.images))
+    pair = [records[0], same_q_other_image]
+    kw = dict(tokenizer=tiny.tokenizer, config=tiny.model.config, pixels=_pixels(tiny, pair))
     last = {}
     with torch.no_grad():
         for m in E.MODES:
-            b = E.build_batch([records[0], same_q_other_image], m, **kw)
+            b = E.build_batch(pair, m, **kw)
             last[m] = tiny.model(b.input_ids, b.pixel_values, b.attention_mask)[:, -1]  # (2, V)
     assert (last["full"][0] - last["full"][1]).abs().max() > 1e-2  # the image matters
     assert (last["full"][0] - last["no_image"][0]).abs().max() > 1e-2
