@@ -590,7 +590,7 @@ def main(argv=None):
         from harness import stats
         return stats.main(argv[1:])
     if argv[:1] == ["merge"]:  # harness/outputs.py: the rank files of a torchrun run, merged again
-        return outputs.merge_main(argv[1:], count_negatives=True)
+        return outputs.merge_main(argv[1:])
     return run(parse_options(argv))
 
 

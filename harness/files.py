@@ -1,15 +1,16 @@
 """Files the scripts read and write: UTF-8 text, JSON / JSON-lines records, atomic replacement,
-the outputs they append to and merge (hscr.py's preference file, eval.py's answer files).
-
-Reading a file the user gave names the file and the line or byte that is wrong (DataError);
-reading an output of this project being resumed repairs what a kill mid-write leaves (a torn
+deletion of what a script wrote, the outputs they append to and merge (hscr.py's preference file,
+eval.py's answer files). Reading a file the user gave names the file and the line or byte that is
+wrong (DataError); an output being resumed is repaired of what a kill mid-write leaves (a torn
 last line).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -18,14 +19,10 @@ class DataError(ValueError):
     the line or byte). `run_main` reports it as one line, like a UserError."""
 
 
+@dataclass
 class BadLine:
     """Stands in for a JSON line that did not parse; `message` says why."""
-
-    def __init__(self, message: str):
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"BadLine({self.message!r})"
+    message: str
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -109,14 +106,20 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` in one step: a kill leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def remove(paths: Iterable[Path]) -> None:
+    """Delete these files and directories, those present: what a script wrote, when it starts again."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +138,7 @@ class JsonlFile:
         self.ids = {k for k in map(key, rows) if k is not None}
 
     def write(self, rows: Iterable[dict]) -> None:
-        """Append a batch and flush (a kill loses at most the batch in flight); no rows: only make the file."""
+        """Append a batch and flush (a kill loses at most the batch in flight); none: make the file."""
         rows = list(rows)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         repair_torn_line(self.path)
@@ -144,8 +147,8 @@ class JsonlFile:
         self.ids.update(k for k in map(self.key, rows) if k is not None)
 
 
-def merge_jsonl(out: Path, parts: Sequence[Path], *, key: Callable[[dict], Hashable], order: Callable[[dict], object],
-                head: Sequence[dict] = ()) -> None:
+def merge_jsonl(out: Path, parts: Sequence[Path], *, key: Callable[[dict], Hashable],
+                order: Callable[[dict], object], head: Sequence[dict] = ()) -> None:
     """`out` replaced in one step by `head`, then the rows of `parts` (per-rank files; `out` may be one)
     sorted by `order`, a single-process run's: each key once (its first row), none without one (headers)."""
     rows: dict = {}
@@ -153,4 +156,5 @@ def merge_jsonl(out: Path, parts: Sequence[Path], *, key: Callable[[dict], Hasha
         for r in read_jsonl(p):
             if (k := key(r)) is not None:
                 rows.setdefault(k, r)
-    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in [*head, *sorted(rows.values(), key=order)]))
+    ordered = sorted(rows.values(), key=order)
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in [*head, *ordered]))

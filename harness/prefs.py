@@ -55,7 +55,7 @@ def run(opts, pipeline) -> dict:
     entries = selected[rank::world]
     pipe = pipeline(model, tokenizer, opts, similarity)
     header = header_record(asdict(opts), run_fingerprint(opts, records, selected, world))
-    output = Output(Path(opts.out), header, rank=rank, world=world, overwrite=opts.overwrite, count_negatives=True)
+    output = Output(Path(opts.out), header, rank=rank, world=world, overwrite=opts.overwrite)
     if rank == 0:
         for b in bad:
             output.write_bad(b.file, b.index, b.id, b.reason)
