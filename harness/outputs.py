@@ -1,22 +1,11 @@
-"""hscr.py's output (docs/FORMATS.md "The preference file"): JSON lines that a kill may interrupt
-and a rerun resumes, written sharded under torchrun (harness.files appends and merges):
-
-    prefs.jsonl                  a header line {"_header": true, "options": {...}, "provenance": {...}},
-                                 then one record per entry, with its "id" and "index" (its position
-                                 among the job's entries)
-    prefs.rejects.jsonl          the entries skipped (Reject), and the input records that did not
-                                 parse (category "bad record", file, position)
-    prefs.summary.json           counts over the whole output, and this run's rate (summarize)
-    prefs.rank{R}-of-{W}.jsonl   under torchrun, each rank's own output (with its rejects and
-                                 summary), merged by rank 0 in index order (merge_shards)
-
-The header's "provenance" is the job's fingerprint: whether a rerun starts the output again,
-continues it or is refused is provenance.start's decision, the one every output of the project makes.
-`Output.run_batches` streams the entries through the job, skipping the ids already in either file.
-Batch b always holds the entries at positions [b·B, (b+1)·B) of the process's share, and a batch
-with any record missing (a kill mid-write) is computed again whole, its missing records written:
-the file equals an uninterrupted run's bit for bit, provided the fingerprint holds everything
-that changes a record (the batch size included: it changes the floats).
+"""hscr.py's output, prefs.jsonl, with its rejects, summary and rank files (docs/FORMATS.md "The
+preference file"): JSON lines that a kill may interrupt and a rerun resumes, sharded under torchrun.
+The header line's fingerprint decides, through provenance.start, whether a rerun starts the output
+again, continues it or is refused. `Output.run_batches` streams the entries through the job,
+skipping those already in either file. Batch b always holds the entries at positions
+[b·B, (b+1)·B) of the process's share, and a batch with any record missing (a kill mid-write) is
+computed again whole, its missing records written: the file equals an uninterrupted run's bit for
+bit, provided the fingerprint holds everything that changes a record (the batch size included).
 """
 from __future__ import annotations
 
@@ -96,10 +85,6 @@ def written(out: Path, rank: int, world: int) -> list[Path]:
         paths += [p for p in out.parent.glob("*.rank*-of-*")
                   if (m := pattern.fullmatch(p.name)) and (world == 1 or int(m.group(1)) != world)]
     return paths
-
-
-# ---------------------------------------------------------------------------------------------
-# The output of one process
 
 
 class Output:
@@ -187,10 +172,6 @@ class Output:
         barrier(self.world)
         dist.destroy_process_group()
         return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# Rank files merged, summary
 
 
 def merge_shards(out: Path, world: int) -> dict:

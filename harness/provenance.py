@@ -1,15 +1,12 @@
 """Provenance: a fingerprint of what made an output, what changed since, and `start`, the one
-decision of every output of this project: start it, continue it, refuse it naming each change, or
-reuse it as it is. Its fingerprint is kept in a header line (harness/outputs.py, hscr.py) or in
-provenance.json (harness/rundir.py, train.py and eval.py; `save` / `load`).
+decision of every output: start it, continue it, refuse it naming each change, or reuse it. The
+fingerprint is kept in a header line (harness/outputs.py) or in provenance.json (`save`, `load`).
 
-A fingerprint is name → part: an option value (a JSON scalar or list), or a digest of an input's
-content, never of its path (a checkpoint moved keeps its fingerprint, a file rewritten in place
-gets a new one; paths are stored for people only). The parts' forms: docs/FORMATS.md, "The
-preference file". Files of at least CACHE_MIN_BYTES (weights) are hashed once and cached by
-(absolute path, size, mtime_ns) in $HSCR_CACHE/fingerprints.json, else
-~/.cache/hscr/fingerprints.json, never inside a hashed directory (it may be read-only and
-shared). The cache is only a shortcut: when it cannot be written the digests are still right.
+A fingerprint is name → part: an option value, or a digest of an input's content, never of its
+path (docs/FORMATS.md, "The preference file"). Files of CACHE_MIN_BYTES or more are hashed once,
+cached by (absolute path, size, mtime_ns) in $HSCR_CACHE/fingerprints.json (default
+~/.cache/hscr/), never inside a hashed directory: it may be read-only and shared. The cache is
+only a shortcut: when it cannot be written the digests are still right.
 """
 from __future__ import annotations
 
@@ -19,9 +16,8 @@ import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from harness.cli import UserError
 from harness.dist import barrier
@@ -117,31 +113,23 @@ def dir_digest(path: str | os.PathLike, cache: DigestCache | None = None) -> dic
 
 
 # ---------------------------------------------------------------------------------------------
-# Fingerprints
+# Fingerprints: the inputs' parts, by content
 
 
-@dataclass(frozen=True)
-class File:
-    """One file, by content."""
+class File(NamedTuple):  # one file
     path: str | os.PathLike
 
 
-@dataclass(frozen=True)
-class Dir:
-    """A checkpoint or adapter directory, by the content of each of its weight and config files."""
+class Dir(NamedTuple):  # a checkpoint or adapter directory: each of its weight and config files
     path: str | os.PathLike
 
 
-@dataclass(frozen=True)
-class Files:
-    """Many files under `root` (names relative to it), by one digest of (name, content) pairs."""
+class Files(NamedTuple):  # many files under `root`: one digest of (name, content) pairs
     root: str | os.PathLike
     names: Sequence[str]
 
 
-@dataclass(frozen=True)
-class Content:
-    """Data as read (JSON-serialisable), by one digest; `n` is its length when it is a list."""
+class Content(NamedTuple):  # data as read (JSON-serialisable), one digest; `n`: its length
     value: Any
 
 
@@ -183,9 +171,8 @@ def fingerprint(**parts: Any) -> dict[str, Any]:
 
 def run_fingerprint(inputs: Mapping[str, Any], options: Any = None, leave_out: Sequence[str] = (),
                     **resolved: Any) -> dict[str, Any]:
-    """The fingerprint of one run, the one way every script makes it: `inputs` by content, then
-    every field of the `options` dataclass but those in `leave_out` (paths, whose content `inputs`
-    holds, and options that only steer the run), then `resolved`: values decided at run time."""
+    """The fingerprint of one run, the one way every script makes it: `inputs`, every field of the
+    `options` dataclass but `leave_out` (paths, options that only steer the run), then `resolved`."""
     fields = dataclasses.asdict(options) if options is not None else {}
     fields = {k: v for k, v in fields.items() if k not in leave_out}
     return fingerprint(**inputs, **fields, **resolved)
@@ -275,17 +262,13 @@ class ProvenanceError(UserError):
 def start(where: str | os.PathLike, now: Mapping[str, Any], stored: Mapping[str, Any] | None, *, resume: bool,
           clear: Callable[[], Any], unknown: str, restart: str, changes: Sequence[str] = (),
           reuse: Callable[[], bool] = lambda: False, rank: int = 0, world: int = 1) -> bool:
-    """The one decision of every output, whichever file keeps its fingerprint. Returns True when
-    `where` is reused as it is (nothing left to do).
-
-    resume: continue what `where` holds, only if its fingerprint `stored` equals `now`: else a
-    ProvenanceError naming each change (and the caller's `changes`), or, without a stored
-    fingerprint, a UserError saying so (`unknown`, e.g. "X holds answers but no provenance.json,
-    so what made them cannot be checked"). Checked on every rank, so that all stop together. A
-    resumed output that `reuse()` finds finished, as this run would leave it, is reused.
-    Otherwise, once every rank has read what it needed, rank 0 deletes what the script wrote there
-    (`clear()`, nothing else): it starts again. `restart` says how to start again instead.
-    """
+    """The one decision of every output, whichever file keeps its fingerprint; True: `where` is
+    reused as it is. resume: continue it, only if its fingerprint `stored` equals `now`, else a
+    ProvenanceError naming each change and the caller's `changes` (without one, a UserError:
+    `unknown` says what cannot be checked); checked on every rank, so that all stop together; a
+    resumed output that `reuse()` finds finished as this run would leave it is reused. Otherwise,
+    once every rank has read it, rank 0 deletes what the script wrote there (`clear()`, nothing
+    else). `restart` says how to start again instead."""
     if resume:
         if stored is None:
             raise UserError(f"{unknown}; {restart}, or choose another --out")

@@ -78,18 +78,13 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callabl
               session: Mapping[str, Any], holds: str, restart: str, rank: int = 0, world: int = 1,
               finished: Mapping[str, Any] | None = None, outputs: Sequence[str] = (),
               changes: Sequence[str] = ()) -> bool:
-    """Start or resume the run in `out` (provenance.start, the fingerprint kept in
-    out/provenance.json); True when it is reused as it is (nothing left to do).
-
-    eval.py resumes whenever --out holds answers and --overwrite is not given; train.py only with
-    --resume (check_out refused the rest). An output without provenance.json cannot be checked
-    (refused, naming what `out` `holds`). finished: what this run records at its end (finish_run),
-    e.g. {"step": 40}: a resumed run that finished so, with each of its `outputs` still as it wrote
-    them, is reused; an output written again since stops it (ProvenanceError: never passed off as
-    the run's); one missing is written again by the resumed run. Otherwise rank 0 deletes this
-    script's outputs (`clear(out)`) when not resuming, and records the fingerprint, `made_by` and
-    the sessions so far plus this one (`session`, with its start time).
-    """
+    """Start or resume the run in `out` (provenance.start, the fingerprint kept in provenance.json,
+    which names what `out` `holds`); True when it is reused as it is. eval.py resumes whenever
+    --out holds answers and --overwrite is not given, train.py only with --resume. finished: what
+    the run records at its end, e.g. {"step": 40}: a resumed run that finished so, each of its
+    `outputs` as it wrote them, is reused; one written again since stops it (never passed off as
+    the run's); one missing is written again. Rank 0 then records the fingerprint, `made_by` and
+    the sessions so far plus this one (`session`, with its start time)."""
     path = out / PROVENANCE
     record = provenance.load(path) if resume else None
 
@@ -173,6 +168,7 @@ def write_run_start(out: Path, cfg, bad: list[BadRecord], counts: str | None = N
 
 
 def report_skipped(bad: list[BadRecord]) -> None:
+    """Each skipped record, on stderr."""
     for b in bad:
         print(f"skipped {b.file} record {b.index} (id {b.id}): {b.reason}", file=sys.stderr)
 
@@ -209,8 +205,7 @@ def save_weights(model, out: Path, cfg) -> Path:
 
 def load_checkpoint(out: Path, model, optimizer, scheduler, ctx) -> int:
     """Restore adapter, optimizer, scheduler and RNG states; returns the step to continue from:
-    0, restoring nothing, for a run interrupted before its first checkpoint (its start is exact).
-    That the run's inputs and options are the same was checked before (start_run)."""
+    0, restoring nothing, for a run interrupted before its first checkpoint (its start is exact)."""
     root = out / "checkpoints"
     if not (root / "latest").is_file():
         return 0
@@ -303,11 +298,8 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------
-# Reference log-probs, cached beside the preference file: they depend on the base model, the data
-# and a few options, never on the adapter, so runs that differ otherwise share them.
-
-# The fingerprint's inputs that reference log-probs depend on (all but the adapter-free options).
+# Reference log-probs depend on the base model, the data and a few options, never on the adapter:
+# cached beside the preference file, runs that differ otherwise share them. Their inputs:
 REFERENCE_INPUTS = ("model", "vision tower", "tokenizer", "data", "eval data", "images")
 
 

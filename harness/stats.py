@@ -23,12 +23,9 @@ from harness.cli import UserError
 from harness.files import read_jsonl
 from harness.prefs import Entry, prepare
 from model import load_model
-from model.rows import mean_token_probability, teacher_forced_logits
 from model.loading import resolve_dtype
+from model.rows import mean_token_probability, teacher_forced_logits
 from model.tokenizer import load_tokenizer
-
-NO_P_REJECTED = ("no p_rejected in the file: rerun hscr.py with --score-negatives (with another --out, or "
-                 "--overwrite) to compare the negatives' probability with chosen and external answers")
 
 
 def _mean(xs) -> float | None:
@@ -75,16 +72,16 @@ def main(argv) -> dict:
         if result.get(key) is not None:
             print(f"  mean per-token probability, {key[2:]}: {result[key]:.4f}")
     if records and not scored:
-        print(f"  {NO_P_REJECTED}")
+        print("  no p_rejected in the file: rerun hscr.py with --score-negatives (with another --out, or "
+              "--overwrite) to compare the negatives' probability with chosen and external answers")
     print(json.dumps(result))
     return result
 
 
 def external_probability(args, options: dict, records: list[dict]) -> float | None:
     """Mean per-token probability of each entry's borrowed negative (see the module doc), under
-    --model with the full image; the entries are prepared as hscr.py prepares them (an entry
-    whose image cannot be read, or whose row is too long, is left out). `options`: the run's, from
-    the file's header."""
+    --model with the full image; an entry whose image cannot be read, or whose row is too long, is
+    left out. `options`: the run's, from the file's header."""
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, vision_tower=args.vision_tower or options["vision_tower"],
                        dtype=resolve_dtype("auto", device), device=device)
