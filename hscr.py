@@ -70,9 +70,8 @@ GAP_TOLERANCE = 1e-9
 
 def entry_generator(seed: int, entry_id: str) -> torch.Generator:
     """The entry's random stream, seeded by (global seed, entry id): the dropped set does not depend
-    on batch, shard or resume. crc32 is stable across processes (Python's str hash is salted). Both
-    go through one crc32, since torch's CPU generator (mt19937) keeps only 32 bits of its seed; two
-    entries sharing a stream by collision would only share a dropout pattern."""
+    on batch, shard or resume. crc32: stable across processes (Python's str hash is salted), and
+    torch's CPU generator keeps only 32 bits of its seed anyway."""
     g = torch.Generator()
     g.manual_seed(zlib.crc32(f"{seed}\0{entry_id}".encode("utf-8")))
     return g
@@ -90,17 +89,11 @@ def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Gen
                          strategy: str = "token", ratio: float = 0.7, mode: str = "remove",
                          return_kept: bool = False):
     """docs/METHOD.md, step 1: the image becomes N visual tokens (CLIP → projector), and the
-    dropped branch i' loses a fraction ρ = 0.7 of them. Dropped tokens are removed, the kept ones stay in order
-    (`mode="zero"`: replaced by zero vectors). One draw per entry, from its own generator.
-
-    Strategies (the paper's masking table):
-      token   after the projector (default);
-      latent  CLIP patch features before the projector. The projector acts on each token alone,
-              so latent + remove equals token + remove; latent + zero projects zero vectors;
-      patch   blank round(ρ·G) of the G (patch_size)² pixel patches to the mean colour before CLIP;
-      pixel   blank round(ρ·H·W) single pixels (all channels) to the mean colour before CLIP.
-    The CLIP mean colour is exactly 0 after normalisation. `mode` does not apply to patch / pixel:
-    the tower sees the whole grid, so the dropped branch keeps N tokens.
+    dropped branch i' loses a fraction ρ = 0.7 of them: removed, the kept ones in order
+    (`mode="zero"`: replaced by zero vectors); one draw per entry, from its own generator.
+    `strategy` (the paper's masking table): token (after the projector), latent (CLIP features
+    before it), patch or pixel (blanked to the mean colour, exactly 0 after normalisation, before
+    CLIP: the dropped branch keeps N tokens, `mode` does not apply).
 
     pixels (B, 3, H, W) normalised → (full (B, N, D), dropped: B tensors (N'_b, D)); with
     `return_kept` also the indices (among the N) of each entry's kept tokens, (N'_b,), or None
@@ -155,11 +148,10 @@ def keep_positions(prompt: list[int], image_token_id: int, kept: list[int]) -> l
 def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_features, responses,
                        pad_id: int, drop_positions: list[list[int] | None] | None = None):
     """docs/METHOD.md, step 2: the same text with the image i and with the dropped image i', both
-    branches of every entry stacked in one left-padded batch, so the weights are read once. y_w is
-    teacher-forced (step 4), the logits computed only where they predict one of its tokens
-    (model/rows.py, teacher_forced_logits). Returns logits_full (B, L, V), logits_drop (B, L, V),
-    targets (B, L), valid (B, L). `drop_positions`: position ids of the dropped prompts
-    (keep_positions), None for 0, 1, 2, ….
+    branches of every entry stacked in one left-padded batch, so the weights are read once; y_w
+    teacher-forced, the logits computed only where they predict one of its tokens. Returns
+    logits_full (B, L, V), logits_drop (B, L, V), targets (B, L), valid (B, L). `drop_positions`:
+    position ids of the dropped prompts (keep_positions), None for 0, 1, 2, ….
     """
     B = len(responses)
     positions = None if drop_positions is None else [None] * B + list(drop_positions)
@@ -217,19 +209,12 @@ def plausible(logits: torch.Tensor, alpha: float) -> torch.Tensor:
 def candidate_sets(logits_full, logits_drop, targets, c: int = 10, rule: str = "dropped-topk",
                    alpha: float = 0.1, banned: tuple[int, ...] = (),
                    word_class: torch.Tensor | None = None) -> torch.Tensor:
-    """docs/METHOD.md, step 5, this implementation's reading: the candidates C_t at each
-    coupled position, (P, c) ids, −1 in the slots a rule leaves empty (after the real ones).
-
-      dropped-topk       the c most likely tokens of softmax(logits_drop[t]), in that order
-      plausible          the full branch's plausible tokens (`plausible`, α), its c most likely
-      both               the dropped-topk candidates that are also plausible under the full branch
-      dropped-plausible  the dropped branch's plausible tokens (α), its c most likely
-
-    Never y_t nor a `banned` id (EOS, BOS, pad, the image placeholder, special tokens: the
-    replacement must decode to a word). With `word_class` (V,) (`word_classes`), never a token of
-    y_t's class either: the same word in another spelling ("no" → "No") is no hallucination.
-    Equal logits keep the lower id first (a stable sort).
-    logits_full, logits_drop (P, V), targets (P,) = y_t.
+    """docs/METHOD.md, step 5, this implementation's reading: the candidates C_t at each coupled
+    position under `rule` (the table there: dropped-topk, plausible, both, dropped-plausible), the
+    c first in the rule's order. Never y_t nor a `banned` id (EOS, BOS, pad, the image placeholder,
+    special tokens: the replacement must decode to a word); with `word_class` (V,), never a token of
+    y_t's class ("no" → "No" is no hallucination). Equal logits keep the lower id first.
+    logits_full, logits_drop (P, V), targets (P,) = y_t → (P, c) ids, −1 in the slots left empty.
     """
     if rule not in CANDIDATE_RULES:
         raise ValueError(f"unknown candidate rule {rule!r}; known: {', '.join(CANDIDATE_RULES)}")
@@ -259,12 +244,9 @@ def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, be
     """docs/METHOD.md, step 5: the replacement of y_t is argmin_{v ∈ C_t} P_diff[t, v] (lowest
     contrast reward = most hallucinated), with P_diff[t] = softmax((1+β)·logits_full[t] −
     β·logits_drop[t]) from the kernel's gather mode and C_t = candidate_sets(rule). The paper says
-    only "in ascending order of P_diff"; the candidate set is this implementation's reading.
-
-    P_diff is the softmax over the whole vocabulary: renormalising it over a plausible set would
-    not change the order within a row, and a token outside the set is never a candidate. Empty
-    slots get +inf before the argmin. Ties: the first candidate, i.e. the one ranked higher by
-    the rule.
+    only "in ascending order of P_diff"; the candidate set is this implementation's reading. P_diff
+    is over the whole vocabulary (renormalising over C_t would not change the order). Ties: the
+    candidate the rule ranks first.
 
     logits_full, logits_drop (P, V) at the coupled positions, targets (P,) = y_t →
     (replacement (P,), −1 where C_t is empty; candidates (P, c); P_diff (P, c), +inf where empty).
@@ -285,11 +267,9 @@ def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, be
 def graded_negatives(response: list[int], positions: list[int], replacements: list[int],
                      continuation: str = "decode") -> list[list[int]]:
     """docs/METHOD.md, step 6: graded candidate m (m = 1 … n) swaps in the replacements at the m
-    best-scoring coupled positions that got one. `positions` (those, in descending score) and
-    `replacements` aligned.
-    decode: y_w with its replacements, cut right after the last replaced position (the prefix the
-    model then continues, see greedy_continuations); splice: the rest of y_w follows unchanged.
-    Returns candidate m − 1 at index m − 1."""
+    best-scoring coupled positions that got one (`positions`, in descending score, `replacements`
+    aligned). decode: cut right after the last replaced position (the prefix the model then
+    continues); splice: the rest of y_w follows unchanged. Returns candidate m − 1 at index m − 1."""
     if continuation not in ("decode", "splice"):
         raise ValueError(f"unknown continuation {continuation!r}")
     out = []
@@ -319,11 +299,10 @@ def dedupe_candidates(texts: list[str], chosen: str) -> list[int]:
 
 
 def rerank(similarities: list[float], k: int = 3, gap: float = 0.1) -> list[int]:
-    """docs/METHOD.md, step 8: sort the candidates by similarity, descending, and keep
-    k = 3 whose consecutive similarities differ by at least `gap` = 0.1: the most similar, then,
-    walking down, each next candidate at least `gap` below the last one kept. Fewer are kept when
-    fewer qualify. Ties keep the candidate order (smaller m first); a step equal to the gap up to
-    GAP_TOLERANCE counts. Returns the indices kept, best first (negative j = 1 … k)."""
+    """docs/METHOD.md, step 8: sort the candidates by similarity, descending, and keep k = 3 whose
+    consecutive similarities differ by at least `gap` = 0.1: the most similar, then each next one at
+    least `gap` below the last kept; fewer when fewer qualify. Ties keep the candidate order (smaller
+    m first). Returns the indices kept, best first (negative j = 1 … k)."""
     order = sorted(range(len(similarities)), key=lambda i: -similarities[i])  # stable
     kept: list[int] = []
     for i in order:
@@ -474,8 +453,7 @@ def _flat_positions(positions: list[list[int]], device) -> tuple[torch.Tensor, t
 
 
 def _regroup(flat: list, groups: list[list]) -> list[list]:
-    """`flat` cut into consecutive pieces as long as the lists of `groups`: the inverse of
-    flattening a list shaped like `groups`."""
+    """`flat` cut into consecutive pieces as long as the lists of `groups` (flattening undone)."""
     ends = list(accumulate(len(g) for g in groups))
     return [flat[end - len(g): end] for g, end in zip(groups, ends)]
 
@@ -578,8 +556,7 @@ def parse_options(argv) -> Options:
 
 
 def run(opts: Options) -> dict:
-    """Generate preference data from opts.data into opts.out (harness/prefs.py: the inputs, the
-    resumable output, the shares of torchrun's ranks); returns the output's summary."""
+    """Generate preference data from opts.data into opts.out (harness/prefs.py); its summary."""
     return prefs.run(opts.resolved(), HSCR)
 
 
@@ -594,7 +571,5 @@ def main(argv=None):
     return run(parse_options(argv))
 
 
-if __name__ == "__main__":
-    # main returns a summary for Python callers; the process exits 0, or 2 with one line on stderr
-    # for an input, output or option the user can fix (harness.cli.UserError, DataError).
+if __name__ == "__main__":  # exit status 0, or 2 with one line on stderr (harness.cli.run_main)
     sys.exit(run_main(lambda argv: main(argv) and 0))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 class DataError(ValueError):
     """A data or output file that cannot be read as it should; the message names the file (and
-    the line or byte). `run_main` reports it as one line, like a UserError."""
+    the line or byte), which `run_main` reports as one line."""
 
 
 @dataclass
@@ -122,14 +122,10 @@ def remove(paths: Iterable[Path]) -> None:
             path.unlink()
 
 
-# ---------------------------------------------------------------------------------------------
-# Outputs a kill may interrupt and a rerun resumes: appended to per batch, merged per rank
-
-
 class JsonlFile:
-    """An append-only JSON-lines output. Made, it only reads the file: `first`, its first row (the
-    header, where the format has one; None when empty), and `ids`, the `key` of each row (None: no
-    id, e.g. a header), a torn last line ignored. `write` cuts that line off before appending."""
+    """An append-only JSON-lines output, which a kill may interrupt and a rerun resumes. Made, it
+    only reads the file: `first`, its first row (None when empty), and `ids`, the `key` of each row
+    (None: no id, e.g. a header), a torn last line ignored. `write` cuts that line off first."""
 
     def __init__(self, path: str | os.PathLike, key: Callable[[dict], Hashable]):
         self.path, self.key = Path(path), key

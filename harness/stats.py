@@ -1,12 +1,8 @@
 """`python hscr.py stats prefs.jsonl [--model DIR]`: what a preference file holds, and the paper's
-claim that self-generated negatives are likelier under the model than external ones.
-
-From the file: entries by number of negatives, the mean similarity to y_w of the negatives of each
-rank j, and the mean per-token probability under the model with the full image of `chosen`
-(p_chosen) and of the negatives (p_rejected, in the file when hscr.py ran with --score-negatives).
-With --model, the same probability of external negatives: each entry's borrowed answer (the chosen
-answer of the next entry, cyclically, that differs), teacher-forced with this entry's image and
-prompt, as hscr.py prepares them (harness/prefs.py; model/rows.py, teacher_forced_logits).
+claim that self-generated negatives are likelier under the model than external ones: the mean
+per-token probability with the full image of `chosen`, of the negatives (p_rejected, in the file
+with --score-negatives) and, with --model, of external negatives: each entry's borrowed answer (the
+chosen answer of the next entry, cyclically, that differs), teacher-forced as hscr.py scores y_w.
 """
 from __future__ import annotations
 
@@ -34,8 +30,7 @@ def _mean(xs) -> float | None:
 
 
 def main(argv) -> dict:
-    """Counts, similarity per rank, mean per-token probability of chosen vs rejected (from the file)
-    vs "external" negatives (another entry's answer, scored with --model)."""
+    """Counts, similarity per rank, mean per-token probability of chosen vs rejected vs external."""
     p = argparse.ArgumentParser(prog="python hscr.py stats", description=main.__doc__.split("\n")[0])
     p.add_argument("prefs", help="output of hscr.py")
     p.add_argument("--model", help="checkpoint directory: also score external negatives")
@@ -56,11 +51,12 @@ def main(argv) -> dict:
     result = {
         "entries": len(records),
         "negatives": outputs.negatives_histogram(records, read_jsonl(outputs.sidecar(path, "rejects"))),
-        "similarity_by_rank": [_mean(r["negatives"][j]["similarity"] for r in records if len(r["negatives"]) > j)
-                               for j in range(depth)],
+        "similarity_by_rank": [_mean(r["negatives"][j]["similarity"] for r in records
+                                     if len(r["negatives"]) > j) for j in range(depth)],
         "p_chosen": _mean(r["p_chosen"] for r in records),
         "p_rejected": _mean(x for ps in scored for x in ps),
-        "p_rejected_by_rank": [_mean(ps[j] for ps in scored if len(ps) > j) for j in range(depth)] if scored else None,
+        "p_rejected_by_rank": ([_mean(ps[j] for ps in scored if len(ps) > j) for j in range(depth)]
+                               if scored else None),
     }
     if args.model:
         result["p_external"] = external_probability(args, options, records)
@@ -79,15 +75,14 @@ def main(argv) -> dict:
 
 
 def external_probability(args, options: dict, records: list[dict]) -> float | None:
-    """Mean per-token probability of each entry's borrowed negative (see the module doc), under
-    --model with the full image; an entry whose image cannot be read, or whose row is too long, is
-    left out. `options`: the run's, from the file's header."""
+    """Mean per-token probability of each entry's borrowed negative under --model, prepared as
+    hscr.py prepares y_w (an entry it rejects is left out); `options`: the run's, from the header."""
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, vision_tower=args.vision_tower or options["vision_tower"],
                        dtype=resolve_dtype("auto", device), device=device)
     tokenizer = load_tokenizer(args.tokenizer or options["tokenizer"])
     opts = SimpleNamespace(**{**options, "image_root": args.image_root or options["image_root"],
-                              "score_on": "reference", "continuation": "splice"})  # the borrowed answer, scored
+                              "score_on": "reference", "continuation": "splice"})  # the borrowed answer
     c = model.config
     pad = c.text.pad_token_id if c.text.pad_token_id not in (None, c.image_token_id) else c.text.eos_token_id
     chosen = [r["chosen"] for r in records]
@@ -103,7 +98,8 @@ def external_probability(args, options: dict, records: list[dict]) -> float | No
     for start in range(0, len(entries), args.batch_size):
         batch = entries[start: start + args.batch_size]
         pixels = torch.stack([e.pixels for e in batch]).to(device=model.device, dtype=model.dtype)
-        logits, t, v = teacher_forced_logits(model, [e.prompt_ids for e in batch], list(model.encode_images(pixels)),
+        features = list(model.encode_images(pixels))
+        logits, t, v = teacher_forced_logits(model, [e.prompt_ids for e in batch], features,
                                              [e.response for e in batch], pad)
         probs += mean_token_probability(logits, t, v).tolist()
     return _mean(probs)
