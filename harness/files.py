@@ -64,22 +64,13 @@ def read_json_records(path: str | os.PathLike) -> list[tuple[int, object]]:
 
 
 def repair_torn_line(path: str | os.PathLike) -> None:
-    """Cut off a last line without its newline, what a kill mid-write leaves; reads the file from
-    its end, a block at a time. A missing file is left missing."""
-    if not os.path.exists(path):
-        return
-    with open(path, "r+b") as f:
-        end = pos = f.seek(0, os.SEEK_END)
-        while pos > 0:
-            step = min(pos, 1 << 16)
-            f.seek(pos - step)
-            newline = f.read(step).rfind(b"\n")
-            if newline >= 0:
-                if pos - step + newline + 1 < end:
-                    f.truncate(pos - step + newline + 1)
-                return
-            pos -= step
-        f.truncate(0)
+    """Cut off a last line without its newline, what a kill mid-write leaves; a missing file is
+    left missing."""
+    if os.path.exists(path):
+        with open(path, "r+b") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -125,10 +116,10 @@ def remove(paths: Iterable[Path]) -> None:
 class JsonlFile:
     """An append-only JSON-lines output, which a kill may interrupt and a rerun resumes. Made, it
     only reads the file: `first`, its first row (None when empty), and `ids`, the `key` of each row
-    (None: no id, e.g. a header), a torn last line ignored. `write` cuts that line off first."""
+    (None: no id, e.g. a header), a torn last line ignored. The first `write` cuts that line off."""
 
     def __init__(self, path: str | os.PathLike, key: Callable[[dict], Hashable]):
-        self.path, self.key = Path(path), key
+        self.path, self.key, self.repaired = Path(path), key, False
         rows = read_jsonl(self.path)
         self.first = rows[0] if rows else None
         self.ids = {k for k in map(key, rows) if k is not None}
@@ -137,7 +128,9 @@ class JsonlFile:
         """Append a batch and flush (a kill loses at most the batch in flight); none: make the file."""
         rows = list(rows)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        repair_torn_line(self.path)
+        if not self.repaired:  # this process appends whole lines from here on
+            repair_torn_line(self.path)
+            self.repaired = True
         with open(self.path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
         self.ids.update(k for k in map(self.key, rows) if k is not None)

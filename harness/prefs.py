@@ -59,8 +59,14 @@ def run(opts, pipeline) -> dict:
     for b in bad if rank == 0 else []:
         output.write_bad(b.file, b.index, b.id, b.reason)
     share = [(i, records[i]) for i in entries]
-    return output.run_batches([r.id for _, r in share], opts.batch_size,
-                              lambda batch: pipe.run_batch([share[k] for k in batch]))
+
+    def compute(batch: list[int]) -> list[dict | Reject]:  # one record or Reject per entry, in order
+        prepared = [pipe.prepare(*share[k]) for k in batch]
+        ready = [p for p in prepared if isinstance(p, Entry)]
+        results = iter(pipe.process(ready) if ready else [])
+        return [p if isinstance(p, Reject) else next(results) for p in prepared]
+
+    return output.run_batches([r.id for _, r in share], opts.batch_size, compute)
 
 
 def default_sentence_model() -> str:
