@@ -1,8 +1,6 @@
-"""Files the scripts read and write: UTF-8 text, JSON / JSON-lines records, atomic replacement,
-deletion of what a script wrote, the outputs they append to and merge (hscr.py's preference file,
-eval.py's answer files). Reading a file the user gave names the file and the line or byte that is
-wrong (DataError); an output being resumed is repaired of what a kill mid-write leaves (a torn
-last line).
+"""Files the scripts read and write: UTF-8 text, JSON / JSON-lines records (a file the user gave
+that is wrong: DataError, naming the file and the line or byte), atomic replacement, deletion, the
+outputs they append to (a kill's torn last line repaired) and merge per rank.
 """
 from __future__ import annotations
 

@@ -88,12 +88,10 @@ def written(out: Path, rank: int, world: int) -> list[Path]:
 
 
 class Output:
-    """The output and rejects files of one process, opened for appending (resume).
-
-    Made once the job's inputs have loaded, so that a job failing before leaves no file. It starts
-    again with `overwrite` (deleting what `written` lists) or when it holds nothing computed (only
-    a header, or only the input's bad records); otherwise it continues only with the header's
-    fingerprint (provenance.start). Nothing is changed before that, not even a torn last line."""
+    """The output and rejects files of one process, opened for appending, made once the job's
+    inputs have loaded. It starts again with `overwrite` (deleting what `written` lists) or when it
+    holds nothing computed (only a header, or the input's bad records); otherwise it continues only
+    with the header's fingerprint (provenance.start). Nothing is changed before, not a torn line."""
 
     def __init__(self, out: Path, header: dict, *, rank: int = 0, world: int = 1, overwrite: bool = False):
         self.out, self.rank, self.world = out, rank, world
@@ -138,12 +136,10 @@ class Output:
                                  "file": file, "position": position}])
 
     def run_batches(self, ids: list[str], batch_size: int, compute) -> dict:
-        """This process's share of the entries through `compute`, batch by batch, then the summary;
-        under torchrun rank 0 then merges the rank files (the others wait) and returns the merged
-        summary. `ids`: the share's entry ids in order; compute(positions) → one record (a dict
-        with "id") or Reject per position of `ids` given. A batch with any result missing is
-        computed whole; only the missing results are written, and flushed: a kill loses at most
-        the batch in flight."""
+        """This process's share of the entries (`ids`, in order) through compute(positions) → one
+        record or Reject per position, batch by batch, then the summary (under torchrun rank 0
+        merges the rank files and returns the merged one). A batch with any result missing is
+        computed whole; only the missing results are written, and flushed."""
         from tqdm import tqdm
 
         processed, t0 = 0, time.perf_counter()

@@ -1,8 +1,7 @@
 """`python hscr.py stats prefs.jsonl [--model DIR]`: what a preference file holds, and the paper's
-claim that self-generated negatives are likelier under the model than external ones: the mean
-per-token probability with the full image of `chosen`, of the negatives (p_rejected, in the file
-with --score-negatives) and, with --model, of external negatives: each entry's borrowed answer (the
-chosen answer of the next entry, cyclically, that differs), teacher-forced as hscr.py scores y_w.
+claim that self-generated negatives are likelier under the model than external ones (docs/METHOD.md,
+"Evaluation"). External negatives, with --model: each entry's borrowed answer (the chosen answer
+of the next entry, cyclically, that differs), teacher-forced as hscr.py scores y_w.
 """
 from __future__ import annotations
 
