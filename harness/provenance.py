@@ -112,10 +112,6 @@ def dir_digest(path: str | os.PathLike, cache: DigestCache | None = None) -> dic
     return digests
 
 
-# ---------------------------------------------------------------------------------------------
-# Fingerprints: the inputs' parts, by content
-
-
 class File(NamedTuple):  # one file
     path: str | os.PathLike
 
@@ -176,10 +172,6 @@ def run_fingerprint(inputs: Mapping[str, Any], options: Any = None, leave_out: S
     fields = dataclasses.asdict(options) if options is not None else {}
     fields = {k: v for k, v in fields.items() if k not in leave_out}
     return fingerprint(**inputs, **fields, **resolved)
-
-
-# ---------------------------------------------------------------------------------------------
-# What changed, in words
 
 
 def _is_input(part: Any) -> bool:
@@ -253,10 +245,6 @@ class ProvenanceError(UserError):
         super().__init__(f"{where} was made from other inputs or options than this run: "
                          f"{'; '.join(self.changes)}. To resume it, use what made it; or {restart}, "
                          "or choose another output")
-
-
-# ---------------------------------------------------------------------------------------------
-# Start, continue, refuse or reuse an output; the record file kept next to one
 
 
 def start(where: str | os.PathLike, now: Mapping[str, Any], stored: Mapping[str, Any] | None, *, resume: bool,
