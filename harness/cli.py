@@ -1,62 +1,48 @@
-"""Command lines: options declared once as dataclass fields, and expected errors as one line.
-
-    option / dataclass_parser   a dataclass field is a `--flag`; the parser is built from the class
-    UserError / run_main        an error the user can fix ends the script with one line (exit 2)
+"""Command lines: options declared once as dataclass fields (`option`, `dataclass_parser`), and
+an error the user can fix as one line (`UserError`, `run_main`: exit status 2).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from harness.files import DataError
 
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Sequence | None = None,
            required: bool = False, default_factory: Any = dataclasses.MISSING):
     """A dataclass field that is also a command-line option (`--field-name`)."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "required": required}
-    if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
 # Annotation (as a string: every module uses `from __future__ import annotations`) → argparse type.
 _TYPES = {"int": int, "float": float, "str": str}
 
 
-def _base_type(annotation: str) -> str:
-    """'int | None' → 'int', 'float' → 'float'."""
-    parts = [p.strip() for p in str(annotation).split("|") if p.strip() != "None"]
-    if len(parts) != 1:
-        raise TypeError(f"cannot build an option from the annotation {annotation!r}")
-    return parts[0]
-
-
 def add_dataclass_options(parser: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
     """One `--flag` per field of `cls`: `X | None` parses as X, `bool` is a --flag/--no-flag
     switch, `list[str]` repeats. Each default is printed once, after the help text."""
-    defaults = defaults or {}
     for f in dataclasses.fields(cls):
-        meta = f.metadata
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in defaults:
-            default = defaults[f.name]
-        elif f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None
-        required = meta.get("required", False) or (f.default is dataclasses.MISSING
-                                                   and f.default_factory is dataclasses.MISSING)
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        given = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = (defaults or {}).get(f.name, default if given else None)
+        required = meta.get("required", False) or not given
         help = meta.get("help", "")
         if default not in (None, [], ()) and not required:
             help += f" (default: {default})"
-        kind = _base_type(f.type)
+        parts = [p.strip() for p in str(f.type).split("|") if p.strip() != "None"]  # 'int | None' → 'int'
+        if len(parts) != 1:
+            raise TypeError(f"cannot build an option from the annotation {f.type!r}")
+        kind = parts[0]
         if kind == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help)
         elif kind == "list[str]":
             parser.add_argument(flag, dest=f.name, action="append", required=required,
                                 default=None if required else list(default or []), help=help + "; repeat")
@@ -76,9 +62,6 @@ def dataclass_parser(cls, *, prog: str | None = None, description: str | None = 
     return parser
 
 
-# ---------------------------------------------------------------------------------------------
-
-
 class UserError(Exception):
     """An error the user can fix (a bad file, record, option or checkpoint): the scripts print its
     message as one line on stderr and exit with status 2. Set HSCR_DEBUG=1 (or pass --debug) to see
@@ -87,8 +70,6 @@ class UserError(Exception):
 
 def run_main(main, argv: Sequence[str] | None = None) -> int:
     """Call `main(argv)`; a UserError becomes one line on stderr and exit status 2."""
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("HSCR_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]

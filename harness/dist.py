@@ -1,9 +1,6 @@
-"""Processes under torchrun: where this one runs, and the process group, set up in one place.
-
-hscr.py and eval.py shard their entries over the ranks and only synchronise at the end (gloo);
-train.py's DDP all-reduces gradients (NCCL on GPUs). All use one timeout, long enough for ranks
-that finish their share hours apart. `setup_context` places a training process (train.py, the
-demo's base): its rank, device and autocast, as a `Context`.
+"""Processes under torchrun, set up in one place: hscr.py and eval.py shard their entries and only
+synchronise at the end (gloo); train.py's DDP all-reduces gradients (NCCL on GPUs), its process
+placed by `setup_context` as a `Context`. One timeout, long enough for ranks hours apart.
 """
 from __future__ import annotations
 
@@ -34,6 +31,7 @@ def init_process_group(backend: str = "gloo") -> tuple[int, int, int]:
 
 
 def barrier(world: int) -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
     if world > 1:
         dist.barrier()
 

@@ -1,31 +1,26 @@
-"""Files the scripts read and write: UTF-8 text, JSON / JSON-lines records, atomic replacement,
-the outputs they append to and merge (hscr.py's preference file, eval.py's answer files).
-
-Reading a file the user gave names the file and the line or byte that is wrong (DataError);
-reading an output of this project being resumed repairs what a kill mid-write leaves (a torn
-last line).
+"""Files the scripts read and write: UTF-8 text, JSON / JSON-lines records (a file the user gave
+that is wrong: DataError, naming the file and the line or byte), atomic replacement, deletion, the
+outputs they append to (a kill's torn last line repaired) and merge per rank.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 
 class DataError(ValueError):
     """A data or output file that cannot be read as it should; the message names the file (and
-    the line or byte). `run_main` reports it as one line, like a UserError."""
+    the line or byte), which `run_main` reports as one line."""
 
 
+@dataclass
 class BadLine:
     """Stands in for a JSON line that did not parse; `message` says why."""
-
-    def __init__(self, message: str):
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"BadLine({self.message!r})"
+    message: str
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -67,22 +62,13 @@ def read_json_records(path: str | os.PathLike) -> list[tuple[int, object]]:
 
 
 def repair_torn_line(path: str | os.PathLike) -> None:
-    """Cut off a last line without its newline, what a kill mid-write leaves; reads the file from
-    its end, a block at a time. A missing file is left missing."""
-    if not os.path.exists(path):
-        return
-    with open(path, "r+b") as f:
-        end = pos = f.seek(0, os.SEEK_END)
-        while pos > 0:
-            step = min(pos, 1 << 16)
-            f.seek(pos - step)
-            newline = f.read(step).rfind(b"\n")
-            if newline >= 0:
-                if pos - step + newline + 1 < end:
-                    f.truncate(pos - step + newline + 1)
-                return
-            pos -= step
-        f.truncate(0)
+    """Cut off a last line without its newline, what a kill mid-write leaves; a missing file is
+    left missing."""
+    if os.path.exists(path):
+        with open(path, "r+b") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -109,9 +95,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` in one step: a kill leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -119,33 +102,40 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# Outputs a kill may interrupt and a rerun resumes: appended to per batch, merged per rank
+def remove(paths: Iterable[Path]) -> None:
+    """Delete these files and directories, those present: what a script wrote, when it starts again."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 class JsonlFile:
-    """An append-only JSON-lines output. Made, it only reads the file: `first`, its first row (the
-    header, where the format has one; None when empty), and `ids`, the `key` of each row (None: no
-    id, e.g. a header), a torn last line ignored. `write` cuts that line off before appending."""
+    """An append-only JSON-lines output, which a kill may interrupt and a rerun resumes. Made, it
+    only reads the file: `first`, its first row (None when empty), and `ids`, the `key` of each row
+    (None: no id, e.g. a header), a torn last line ignored. The first `write` cuts that line off."""
 
     def __init__(self, path: str | os.PathLike, key: Callable[[dict], Hashable]):
-        self.path, self.key = Path(path), key
+        self.path, self.key, self.repaired = Path(path), key, False
         rows = read_jsonl(self.path)
         self.first = rows[0] if rows else None
         self.ids = {k for k in map(key, rows) if k is not None}
 
     def write(self, rows: Iterable[dict]) -> None:
-        """Append a batch and flush (a kill loses at most the batch in flight); no rows: only make the file."""
+        """Append a batch and flush (a kill loses at most the batch in flight); none: make the file."""
         rows = list(rows)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        repair_torn_line(self.path)
+        if not self.repaired:  # this process appends whole lines from here on
+            repair_torn_line(self.path)
+            self.repaired = True
         with open(self.path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
         self.ids.update(k for k in map(self.key, rows) if k is not None)
 
 
-def merge_jsonl(out: Path, parts: Sequence[Path], *, key: Callable[[dict], Hashable], order: Callable[[dict], object],
-                head: Sequence[dict] = ()) -> None:
+def merge_jsonl(out: Path, parts: Sequence[Path], *, key: Callable[[dict], Hashable],
+                order: Callable[[dict], object], head: Sequence[dict] = ()) -> None:
     """`out` replaced in one step by `head`, then the rows of `parts` (per-rank files; `out` may be one)
     sorted by `order`, a single-process run's: each key once (its first row), none without one (headers)."""
     rows: dict = {}
@@ -153,4 +143,5 @@ def merge_jsonl(out: Path, parts: Sequence[Path], *, key: Callable[[dict], Hasha
         for r in read_jsonl(p):
             if (k := key(r)) is not None:
                 rows.setdefault(k, r)
-    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in [*head, *sorted(rows.values(), key=order)]))
+    ordered = sorted(rows.values(), key=order)
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in [*head, *ordered]))

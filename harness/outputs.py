@@ -1,25 +1,11 @@
-"""The output of a job that turns entries into JSON records, can be killed and resumed, and runs
-sharded under torchrun (hscr.py's preference file; harness.files appends and merges):
-
-    prefs.jsonl                  a header line {"_header": true, "options": {...}, "provenance": {...}},
-                                 then one record per entry, with its "id" and "index" (its position
-                                 among the job's entries)
-    prefs.rejects.jsonl          the entries skipped (Reject: index, id, category, reason), and the
-                                 input records that did not parse (category "bad record", file, position)
-    prefs.summary.json           counts over the whole output, and this run's rate (summarize)
-    prefs.rank{R}-of-{W}.jsonl   under torchrun, each rank's own output (with its rejects and
-                                 summary), merged by rank 0 in index order (merge_shards)
-
-"provenance" is the job's fingerprint (harness/provenance.py): an existing output is continued only
-by a job with the same one (check_header), otherwise the job stops, naming what changed.
-`Output` opens one; `Output.run_batches` streams the entries through the job, skipping the ids
-already in either file. Batch b always holds the entries at positions [b·B, (b+1)·B) of the
-process's share, and a batch with any record missing (a kill mid-write) is computed again whole,
-its missing records written: the file equals an uninterrupted run's bit for bit, provided the
-fingerprint holds everything that changes a record (the batch size included: it changes the floats).
-
-Nothing here knows the job; hscr.py's own bits are named: its name in messages,
-`Reject.negatives_found`, and the `count_negatives` histogram of the summary.
+"""hscr.py's output, prefs.jsonl, with its rejects, summary and rank files (docs/FORMATS.md "The
+preference file"): JSON lines that a kill may interrupt and a rerun resumes, sharded under torchrun.
+The header line's fingerprint decides, through provenance.start, whether a rerun starts the output
+again, continues it or is refused. `Output.run_batches` streams the entries through the job,
+skipping those already in either file. Batch b always holds the entries at positions
+[b·B, (b+1)·B) of the process's share, and a batch with any record missing (a kill mid-write) is
+computed again whole, its missing records written: the file equals an uninterrupted run's bit for
+bit, provided the fingerprint holds everything that changes a record (the batch size included).
 """
 from __future__ import annotations
 
@@ -34,7 +20,7 @@ from pathlib import Path
 from harness import provenance
 from harness.cli import UserError
 from harness.dist import barrier
-from harness.files import JsonlFile, merge_jsonl, read_jsonl
+from harness.files import JsonlFile, merge_jsonl, read_jsonl, remove
 
 HEADER_KEY = "_header"
 BAD_RECORD = "bad record"  # the reject category of an input record that did not parse
@@ -50,7 +36,7 @@ class Reject:
     category: str
     reason: str
     image: str | None = None
-    negatives_found: int | None = None  # hscr.py, "too few negatives"
+    negatives_found: int | None = None  # "too few negatives"
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None or k in ("index", "id")}
@@ -61,13 +47,19 @@ def _result_id(r: dict | Reject) -> str | None:
     return r.id if isinstance(r, Reject) else r.get("id")
 
 
-# ---------------------------------------------------------------------------------------------
-# File names, header
+def _reject_key(r: dict):
+    """A rejected entry's id; an input's bad record: (file, position)."""
+    return (r.get("file"), r.get("position")) if r.get("category") == BAD_RECORD else r.get("id")
+
+
+def _reject_order(r: dict):
+    return (r.get("index") is not None, r.get("index") or 0, r.get("file") or "", r.get("position") or 0)
 
 
 def sidecar(out: Path, kind: str) -> Path:
     """prefs.jsonl → prefs.rejects.jsonl / prefs.summary.json."""
-    return Path(str(out).removesuffix(".jsonl") + {"rejects": ".rejects.jsonl", "summary": ".summary.json"}[kind])
+    suffix = {"rejects": ".rejects.jsonl", "summary": ".summary.json"}[kind]
+    return Path(str(out).removesuffix(".jsonl") + suffix)
 
 
 def shard_path(out: Path, rank: int, world: int) -> Path:
@@ -80,64 +72,52 @@ def header_record(options: dict, fingerprint: dict) -> dict:
     return {HEADER_KEY: True, "options": options, "provenance": fingerprint}
 
 
-def check_header(path: Path, stored: dict, header: dict) -> None:
-    """An output may be continued only by a job with its fingerprint: else ProvenanceError naming
-    every change (a harness.cli.UserError: one line from the command line)."""
-    if not isinstance(stored.get("provenance"), dict):
-        raise UserError(f"{path}: not an hscr.py output (its header holds no fingerprint), so it cannot be "
-                        f"continued; {RESTART}, or choose another --out")
-    provenance.check(stored["provenance"], header["provenance"], path, restart=RESTART)
-
-
-def clear_outputs(out: Path, rank: int, world: int) -> None:
-    """--overwrite: delete what a run on `out` wrote. Each rank deletes its own rank files; rank 0
+def written(out: Path, rank: int, world: int) -> list[Path]:
+    """What a run on `out` wrote, which --overwrite deletes: each rank its own rank files; rank 0
     (or the single process) the merged output and its rejects and summary, and the rank files of
     runs with another number of ranks (those of this run's other ranks are theirs to delete)."""
     mine = shard_path(out, rank, world) if world > 1 else out
-    doomed = [mine, sidecar(mine, "rejects"), sidecar(mine, "summary")]
+    paths = [mine, sidecar(mine, "rejects"), sidecar(mine, "summary")]
     if rank == 0:
-        doomed += [out, sidecar(out, "rejects"), sidecar(out, "summary")]
+        paths += [out, sidecar(out, "rejects"), sidecar(out, "summary")]
         stem = out.name.removesuffix(".jsonl")
         pattern = re.compile(re.escape(stem) + r"\.rank\d+-of-(\d+)\.(jsonl|rejects\.jsonl|summary\.json)")
-        doomed += [p for p in out.parent.glob("*.rank*-of-*")
-                   if (m := pattern.fullmatch(p.name)) and (world == 1 or int(m.group(1)) != world)]
-    for p in doomed:
-        p.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# The output of one process
+        paths += [p for p in out.parent.glob("*.rank*-of-*")
+                  if (m := pattern.fullmatch(p.name)) and (world == 1 or int(m.group(1)) != world)]
+    return paths
 
 
 class Output:
-    """The output and rejects files of one process, opened for appending (resume).
+    """The output and rejects files of one process, opened for appending, made once the job's
+    inputs have loaded. It starts again with `overwrite` (deleting what `written` lists) or when it
+    holds nothing computed (only a header, or the input's bad records); otherwise it continues only
+    with the header's fingerprint (provenance.start). Nothing is changed before, not a torn line."""
 
-    Made once the job's inputs have loaded, so that a job failing before leaves no file. With
-    `overwrite`, the old files are deleted first (clear_outputs). An existing output holding
-    records or rejects continues only with the same fingerprint (check_header); one holding only
-    a header (or only the input's bad records) is started again, since nothing computed would be
-    mixed. Nothing is changed before that check, not even a torn last line."""
-
-    def __init__(self, out: Path, header: dict, *, rank: int = 0, world: int = 1, overwrite: bool = False,
-                 count_negatives: bool = False):
-        self.out, self.rank, self.world, self.count_negatives = out, rank, world, count_negatives
-        if overwrite:
-            clear_outputs(out, rank, world)
+    def __init__(self, out: Path, header: dict, *, rank: int = 0, world: int = 1, overwrite: bool = False):
+        self.out, self.rank, self.world = out, rank, world
         path = self.path = shard_path(out, rank, world) if world > 1 else out
         rejects = sidecar(path, "rejects")
-        self.records, self.rejects = JsonlFile(path, _result_id), JsonlFile(rejects, _reject_key)
-        first = self.records.first
-        if first is not None and not first.get(HEADER_KEY):
-            raise UserError(f"{path} exists but does not start with an hscr.py header; choose another --out")
-        computed = any(isinstance(k, str) for k in self.rejects.ids)  # rejected entries, not bad records
-        if self.records.ids or computed:
-            if first is None:
-                raise UserError(f"{rejects} holds rejects but {path} is {'empty' if path.exists() else 'gone'}, "
-                                f"so what made them cannot be checked; {RESTART}, or choose another --out")
-            check_header(path, first, header)
-        else:  # nothing computed: start again
-            path.unlink(missing_ok=True)
-            rejects.unlink(missing_ok=True)
+        first, held = None, False
+        if not overwrite:
+            self.records, self.rejects = JsonlFile(path, _result_id), JsonlFile(rejects, _reject_key)
+            first = self.records.first
+            if first is not None and not first.get(HEADER_KEY):
+                raise UserError(f"{path} exists but does not start with an hscr.py header; "
+                                "choose another --out")
+            computed = any(isinstance(k, str) for k in self.rejects.ids)  # rejected entries, not bad records
+            held = bool(self.records.ids) or computed
+        stored = first.get("provenance") if first is not None else None
+        if first is not None:
+            unknown = (f"{path}: not an hscr.py output (its header holds no fingerprint), "
+                       "so it cannot be continued")
+        else:
+            unknown = (f"{rejects} holds rejects but {path} is {'empty' if path.exists() else 'gone'}, "
+                       "so what made them cannot be checked")
+        # Each process on its own (as rank 0 of 1): it reads and deletes only its own files.
+        provenance.start(path, header["provenance"], stored if isinstance(stored, dict) else None,
+                         resume=held, unknown=unknown, restart=RESTART,
+                         clear=lambda: remove(written(out, rank, world) if overwrite else [path, rejects]))
+        if not held:
             self.records, self.rejects = JsonlFile(path, _result_id), JsonlFile(rejects, _reject_key)
         # Both files exist from here on, a torn last line cut only now, once the output is accepted.
         self.records.write([header] if self.records.first is None else [])
@@ -148,12 +128,6 @@ class Output:
         records are no entries (an id of one may be the duplicate of a valid entry's)."""
         return entry_id in self.records.ids or entry_id in self.rejects.ids
 
-    def write(self, results: list[dict | Reject]):
-        """Append one batch's new results and flush, so that a kill loses at most the batch in
-        flight (whose records `run_batches` then computes again with the whole batch)."""
-        self.records.write(r for r in results if not isinstance(r, Reject))
-        self.rejects.write(r.to_json() for r in results if isinstance(r, Reject))
-
     def write_bad(self, file: str, position: int, record_id: str | None, reason: str):
         """An input record that could not be parsed (once, even across resumes); `position` is its
         index in the JSON list or its 0-based line in a JSONL file."""
@@ -162,11 +136,10 @@ class Output:
                                  "file": file, "position": position}])
 
     def run_batches(self, ids: list[str], batch_size: int, compute) -> dict:
-        """This process's share of the entries through `compute`, batch by batch, then the summary;
-        under torchrun rank 0 then merges the rank files (the others wait) and returns the merged
-        summary. `ids`: the share's entry ids in order; compute(positions) → one record (a dict
-        with "id") or Reject per position of `ids` given. A batch with any result missing is
-        computed whole; only the missing results are written."""
+        """This process's share of the entries (`ids`, in order) through compute(positions) → one
+        record or Reject per position, batch by batch, then the summary (under torchrun rank 0
+        merges the rank files and returns the merged one). A batch with any result missing is
+        computed whole; only the missing results are written, and flushed."""
         from tqdm import tqdm
 
         processed, t0 = 0, time.perf_counter()
@@ -177,11 +150,12 @@ class Output:
                 todo = {ids[i] for i in batch if not self.done(ids[i])}
                 if not todo:
                     continue
-                self.write([r for r in compute(batch) if _result_id(r) in todo])
+                results = [r for r in compute(batch) if _result_id(r) in todo]
+                self.records.write(r for r in results if not isinstance(r, Reject))
+                self.rejects.write(r.to_json() for r in results if isinstance(r, Reject))
                 processed += len(todo)
                 bar.update(len(todo))
-        summary = summarize(self.path, processed=processed, seconds=time.perf_counter() - t0,
-                            count_negatives=self.count_negatives)
+        summary = summarize(self.path, processed=processed, seconds=time.perf_counter() - t0)
         if self.world == 1:
             print_summary(self.out, summary)
             return summary
@@ -189,18 +163,14 @@ class Output:
 
         barrier(self.world)
         if self.rank == 0:
-            summary = merge_shards(self.out, self.world, count_negatives=self.count_negatives)
+            summary = merge_shards(self.out, self.world)
             print_summary(self.out, summary)
         barrier(self.world)
         dist.destroy_process_group()
         return summary
 
 
-# ---------------------------------------------------------------------------------------------
-# Rank files merged, summary
-
-
-def merge_shards(out: Path, world: int, *, count_negatives: bool = False) -> dict:
+def merge_shards(out: Path, world: int) -> dict:
     """One file from the rank files: the header, then the records in `index` order, which is the
     order of a single-process run; rejects likewise. Refuses rank files whose fingerprints differ.
     Returns the merged summary."""
@@ -215,64 +185,56 @@ def merge_shards(out: Path, world: int, *, count_negatives: bool = False) -> dic
     for r, h in enumerate(headers[1:], 1):
         diff = provenance.differences(headers[0]["provenance"], h["provenance"])
         if diff:
-            raise UserError(f"cannot merge: rank {r} ran with other inputs or options than rank 0: {'; '.join(diff)}")
+            raise UserError(f"cannot merge: rank {r} ran with other inputs or options than rank 0: "
+                            f"{'; '.join(diff)}")
     merge_jsonl(out, parts, key=_result_id, order=lambda r: r["index"], head=headers[:1])
-    merge_jsonl(sidecar(out, "rejects"), [sidecar(p, "rejects") for p in parts], key=_reject_key, order=_reject_order)
-    summaries = [json.loads(f.read_text()) if f.exists() else {} for f in (sidecar(p, "summary") for p in parts)]
+    merge_jsonl(sidecar(out, "rejects"), [sidecar(p, "rejects") for p in parts], key=_reject_key,
+                order=_reject_order)
+    summaries = [sidecar(p, "summary") for p in parts]
+    summaries = [json.loads(f.read_text()) if f.exists() else {} for f in summaries]
     return summarize(out, processed=sum(s.get("processed_this_run", 0) for s in summaries),
-                     seconds=max(s.get("seconds", 0.0) for s in summaries), count_negatives=count_negatives)
+                     seconds=max(s.get("seconds", 0.0) for s in summaries))
 
 
-def _reject_key(r: dict):
-    """A rejected entry's id; an input's bad record: (file, position)."""
-    return (r.get("file"), r.get("position")) if r.get("category") == BAD_RECORD else r.get("id")
-
-
-def _reject_order(r: dict):
-    return (r.get("index") is not None, r.get("index") or 0, r.get("file") or "", r.get("position") or 0)
-
-
-def merge_main(argv, *, count_negatives: bool = False) -> dict:
+def merge_main(argv) -> dict:
     """`python hscr.py merge --out FILE --world-size N`: the merge alone, e.g. after a crash."""
-    p = argparse.ArgumentParser(prog="python hscr.py merge", description="merge the rank files of a torchrun run")
+    p = argparse.ArgumentParser(prog="python hscr.py merge",
+                                description="merge the rank files of a torchrun run")
     p.add_argument("--out", required=True, help="the run's --out")
     p.add_argument("--world-size", type=int, required=True, help="number of ranks of the run")
     args = p.parse_args(argv)
-    summary = merge_shards(Path(args.out), args.world_size, count_negatives=count_negatives)
+    summary = merge_shards(Path(args.out), args.world_size)
     print_summary(Path(args.out), summary)
     return summary
 
 
 def negatives_histogram(records: list[dict], rejects: list[dict]) -> dict[str, int]:
-    """hscr.py's entries by number of kept negatives, most first (3, 2, 1 and 0 always shown):
-    the records, and the rejects of entries with too few (`negatives_found`)."""
+    """Entries by number of kept negatives, most first (3, 2, 1 and 0 always shown): the records,
+    and the rejects of entries with too few (`negatives_found`)."""
     counts = Counter(len(r["negatives"]) for r in records)
     counts.update(r["negatives_found"] for r in rejects if r.get("negatives_found") is not None)
     return {str(n): counts.get(n, 0) for n in sorted(set(counts) | {0, 1, 2, 3}, reverse=True)}
 
 
-def summarize(out: Path, *, processed: int, seconds: float, count_negatives: bool = False) -> dict:
+def summarize(out: Path, *, processed: int, seconds: float) -> dict:
     """Counts over the whole output (so a resumed run reports everything) + this run's rate;
-    written beside it (prefs.summary.json). `count_negatives`: hscr.py's negatives_histogram."""
+    written beside it (prefs.summary.json)."""
     records = [r for r in read_jsonl(out) if not r.get(HEADER_KEY)]
     rejects = read_jsonl(sidecar(out, "rejects"))
     skipped = Counter(r["category"] for r in rejects)
-    summary = {"entries_written": len(records)}
-    if count_negatives:
-        summary["negatives"] = negatives_histogram(records, rejects)
-    summary.update({
+    summary = {
+        "entries_written": len(records), "negatives": negatives_histogram(records, rejects),
         "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()),
         "processed_this_run": processed, "seconds": round(seconds, 3),
         "entries_per_s": round(processed / seconds, 4) if seconds > 0 else None,
-    })
+    }
     sidecar(out, "summary").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def print_summary(out: Path, s: dict):
-    negatives = ", ".join(f"{k}: {v}" for k, v in s["negatives"].items()) if "negatives" in s else None
+    negatives = ", ".join(f"{k}: {v}" for k, v in s["negatives"].items())
     skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
     rate = f"{s['entries_per_s']} entries/s" if s["entries_per_s"] is not None else "nothing processed"
-    print(f"hscr: {s['entries_written']} entries in {out}"
-          + (f" (by number of negatives {negatives})" if negatives is not None else "")
-          + f"; skipped {s['skipped_total']} ({skipped}); {rate}; summary in {sidecar(out, 'summary')}")
+    print(f"hscr: {s['entries_written']} entries in {out} (by number of negatives {negatives}); "
+          f"skipped {s['skipped_total']} ({skipped}); {rate}; summary in {sidecar(out, 'summary')}")

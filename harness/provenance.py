@@ -1,33 +1,12 @@
-"""Provenance: a fingerprint of what made an output, so that a job resumed into an existing output
-can tell whether it would continue the same computation.
+"""Provenance: a fingerprint of what made an output, what changed since, and `start`, the one
+decision of every output: start it, continue it, refuse it naming each change, or reuse it. The
+fingerprint is kept in a header line (harness/outputs.py) or in provenance.json (`save`, `load`).
 
-A fingerprint is a JSON object, name → part. A part is either an option value (a JSON scalar or
-list: what changes results, such as max_new_tokens) or a content digest of an input:
-
-    File(path)          one file                  {"kind": "file", "path", "sha256"}
-    Dir(path)           a checkpoint or adapter   {"kind": "dir", "path", "files": {name: sha256}}
-                        directory: every *.safetensors (header and data) and the JSON files
-                        that say how to read them (DIR_JSON)
-    Files(root, names)  many small files, one     {"kind": "files", "root", "n", "sha256"}
-                        digest (a benchmark's images)
-    Content(value)      what was read, as JSON    {"kind": "content", "n", "sha256"}
-                        (the questions a file asks, without its reference answers)
-
-Digests are of content, never of paths: a checkpoint copied or moved elsewhere keeps its
-fingerprint, a file rewritten in place gets a new one. Paths are stored only for people reading
-the record.
-
-Hashing a 7B checkpoint (~15 GB) takes seconds to minutes, so the sha256 of every file of at
-least CACHE_MIN_BYTES is cached by (absolute path, size, mtime_ns) in one JSON file outside the
-hashed directories (`cache_file()`): `$HSCR_CACHE/fingerprints.json`, else
-`~/.cache/hscr/fingerprints.json`. A checkpoint directory may be read-only and shared, so nothing
-is ever written into it. A file whose size or mtime changed is hashed again; touching a file
-costs one re-hash and never changes its digest. The cache is only a shortcut: when it cannot be
-written the digests are still right, just recomputed next time.
-
-`differences(stored, now)` says in words what changed between two fingerprints, and `check`
-raises ProvenanceError (a harness.cli.UserError, so the scripts end with one line) when they differ.
-`save`/`load` keep a provenance record ({"format", "fingerprint", ...}) next to an output.
+A fingerprint is name → part: an option value, or a digest of an input's content, never of its
+path (docs/FORMATS.md, "The preference file"). Files of CACHE_MIN_BYTES or more are hashed once,
+cached by (absolute path, size, mtime_ns) in $HSCR_CACHE/fingerprints.json (default
+~/.cache/hscr/), never inside a hashed directory: it may be read-only and shared. The cache is
+only a shortcut: when it cannot be written the digests are still right.
 """
 from __future__ import annotations
 
@@ -36,13 +15,13 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from harness.files import DataError, atomic_write_text
 from harness.cli import UserError
+from harness.dist import barrier
+from harness.files import DataError, atomic_write_text
 
 FORMAT = "hscr-provenance/1"
 # Files smaller than this are hashed every time (an image takes microseconds); larger ones are
@@ -51,15 +30,6 @@ CACHE_MIN_BYTES = 1 << 20
 # The JSON files of a checkpoint or adapter directory that change what its weights compute.
 DIR_JSON = ("config.json", "adapter_config.json", "model.safetensors.index.json")
 
-# ---------------------------------------------------------------------------------------------
-# Digests of files, cached by (absolute path, size, mtime_ns)
-
-
-def cache_file() -> Path:
-    """Where digests are cached: $HSCR_CACHE/fingerprints.json, else ~/.cache/hscr/fingerprints.json."""
-    folder = os.environ.get("HSCR_CACHE")
-    return (Path(folder) if folder else Path.home() / ".cache" / "hscr") / "fingerprints.json"
-
 
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
@@ -67,13 +37,13 @@ def _sha256(path: Path) -> str:
 
 
 class DigestCache:
-    """The cache of file digests: {absolute path: {"size", "mtime_ns", "sha256"}}, read once,
-    written back (atomically, merged with what other processes wrote meanwhile) by `save`."""
+    """The digests of large files: {absolute path: {"size", "mtime_ns", "sha256"}}, read once;
+    `save` writes the new ones back, merged with what other processes wrote meanwhile."""
 
     def __init__(self):
-        self.path = cache_file()
-        self.entries = self._read()
-        self.new: dict[str, dict] = {}
+        folder = os.environ.get("HSCR_CACHE")
+        self.path = (Path(folder) if folder else Path.home() / ".cache" / "hscr") / "fingerprints.json"
+        self.entries, self.new = self._read(), {}
 
     def _read(self) -> dict[str, dict]:
         try:
@@ -93,22 +63,22 @@ class DigestCache:
             return _sha256(path)
         key, stamp = str(path), {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
         hit = self.entries.get(key)
-        if isinstance(hit, dict) and {k: hit.get(k) for k in stamp} == stamp and isinstance(hit.get("sha256"), str):
+        fresh = isinstance(hit, dict) and {k: hit.get(k) for k in stamp} == stamp
+        if fresh and isinstance(hit.get("sha256"), str):
             return hit["sha256"]
         self.new[key] = self.entries[key] = {**stamp, "sha256": _sha256(path)}
         return self.new[key]["sha256"]
 
     def save(self) -> None:
-        """Write the new digests back; entries of files that no longer exist are dropped."""
+        """Write the new digests back, atomically; entries of files that no longer exist are dropped."""
         if not self.new:
             return
-        entries = {**self._read(), **self.new}
-        entries = {k: v for k, v in entries.items() if os.path.exists(k)}
+        entries = {k: v for k, v in {**self._read(), **self.new}.items() if os.path.exists(k)}
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(entries, indent=0, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, self.path)  # atomic: readers see the old cache or the new one
+            os.replace(tmp, self.path)
         except OSError as e:
             print(f"provenance: cannot write the digest cache {self.path} ({e.strerror}); "
                   "digests will be recomputed next time", file=sys.stderr)
@@ -127,54 +97,35 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest
 
 
-def dir_files(path: str | os.PathLike) -> list[Path]:
-    """The files of a checkpoint or adapter directory that its fingerprint covers: every
-    *.safetensors and the DIR_JSON files present."""
+def dir_digest(path: str | os.PathLike, cache: DigestCache | None = None) -> dict[str, str]:
+    """{file name: sha256} of a checkpoint or adapter directory: every *.safetensors and the
+    DIR_JSON files present."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: " + ("not a directory" if path.exists() else "directory not found"))
     files = sorted(path.glob("*.safetensors")) + [path / n for n in DIR_JSON if (path / n).is_file()]
     if not files:
         raise UserError(f"{path}: no *.safetensors or {', '.join(DIR_JSON)} to fingerprint")
-    return files
-
-
-def dir_digest(path: str | os.PathLike, cache: DigestCache | None = None) -> dict[str, str]:
-    """{file name: sha256} of a checkpoint or adapter directory (see dir_files)."""
-    own = cache is None
     cache = cache or DigestCache()
-    digests = {f.name: cache.digest(f) for f in dir_files(path)}
-    if own:
-        cache.save()
+    digests = {f.name: cache.digest(f) for f in files}
+    cache.save()
     return digests
 
 
-# ---------------------------------------------------------------------------------------------
-# Fingerprints
-
-
-@dataclass(frozen=True)
-class File:
-    """One file, by content."""
+class File(NamedTuple):  # one file
     path: str | os.PathLike
 
 
-@dataclass(frozen=True)
-class Dir:
-    """A checkpoint or adapter directory, by the content of each of its weight and config files."""
+class Dir(NamedTuple):  # a checkpoint or adapter directory: each of its weight and config files
     path: str | os.PathLike
 
 
-@dataclass(frozen=True)
-class Files:
-    """Many files under `root` (names relative to it), by one digest of (name, content) pairs."""
+class Files(NamedTuple):  # many files under `root`: one digest of (name, content) pairs
     root: str | os.PathLike
     names: Sequence[str]
 
 
-@dataclass(frozen=True)
-class Content:
-    """Data as read (JSON-serialisable), by one digest; `n` is its length when it is a list."""
+class Content(NamedTuple):  # data as read (JSON-serialisable), one digest; `n`: its length
     value: Any
 
 
@@ -199,15 +150,15 @@ def _resolve(part: Any, cache: DigestCache) -> Any:
         n = len(part.value) if isinstance(part.value, (list, tuple)) else None
         return {"kind": "content", "n": n, "sha256": hashlib.sha256(_canonical(part.value)).hexdigest()}
     if isinstance(part, dict):
-        raise TypeError("an option value must be a JSON scalar or list; wrap inputs in File, Dir, Files or Content")
+        raise TypeError("an option value must be a JSON scalar or list; wrap inputs in File, Dir, Files or "
+                        "Content")
     json.dumps(part)  # an option must survive the round trip through the record file
     return part
 
 
 def fingerprint(**parts: Any) -> dict[str, Any]:
     """name → resolved part: File/Dir/Files/Content become digests, other values (options, or
-    None for an input not given) are kept as they are. Names may hold spaces (pass a dict with
-    **): they are shown as they are by `differences`."""
+    None for an input not given) are kept. Names may hold spaces (pass a dict with **)."""
     cache = DigestCache()
     out = {name: _resolve(part, cache) for name, part in parts.items()}
     cache.save()
@@ -216,16 +167,11 @@ def fingerprint(**parts: Any) -> dict[str, Any]:
 
 def run_fingerprint(inputs: Mapping[str, Any], options: Any = None, leave_out: Sequence[str] = (),
                     **resolved: Any) -> dict[str, Any]:
-    """The fingerprint of one run, the one way every script makes it: `inputs` by content (File,
-    Dir, Files, Content; None for one not given), then every field of the `options` dataclass but
-    those in `leave_out` (paths, whose content `inputs` holds, and options that only steer the
-    run), then `resolved`: values decided at run time (dtype, number of processes, …)."""
-    fields = {k: v for k, v in dataclasses.asdict(options).items() if k not in leave_out} if options is not None else {}
+    """The fingerprint of one run, the one way every script makes it: `inputs`, every field of the
+    `options` dataclass but `leave_out` (paths, options that only steer the run), then `resolved`."""
+    fields = dataclasses.asdict(options) if options is not None else {}
+    fields = {k: v for k, v in fields.items() if k not in leave_out}
     return fingerprint(**inputs, **fields, **resolved)
-
-
-# ---------------------------------------------------------------------------------------------
-# What changed, in words
 
 
 def _is_input(part: Any) -> bool:
@@ -301,15 +247,28 @@ class ProvenanceError(UserError):
                          "or choose another output")
 
 
-def check(stored: Mapping[str, Any], now: Mapping[str, Any], where: str | os.PathLike, **kwargs) -> None:
-    """Raise ProvenanceError (naming every change) when the fingerprints differ."""
-    changes = differences(stored, now)
-    if changes:
-        raise ProvenanceError(where, changes, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# The record file kept next to an output
+def start(where: str | os.PathLike, now: Mapping[str, Any], stored: Mapping[str, Any] | None, *, resume: bool,
+          clear: Callable[[], Any], unknown: str, restart: str, changes: Sequence[str] = (),
+          reuse: Callable[[], bool] = lambda: False, rank: int = 0, world: int = 1) -> bool:
+    """The one decision of every output, whichever file keeps its fingerprint; True: `where` is
+    reused as it is. resume: continue it, only if its fingerprint `stored` equals `now`, else a
+    ProvenanceError naming each change and the caller's `changes` (without one, a UserError:
+    `unknown` says what cannot be checked); checked on every rank, so that all stop together; a
+    resumed output that `reuse()` finds finished as this run would leave it is reused. Otherwise,
+    once every rank has read it, rank 0 deletes what the script wrote there (`clear()`, nothing
+    else). `restart` says how to start again instead."""
+    if resume:
+        if stored is None:
+            raise UserError(f"{unknown}; {restart}, or choose another --out")
+        found = differences(stored, now) + list(changes)
+        if found:
+            raise ProvenanceError(where, found, restart=restart)
+        if reuse():
+            return True
+    barrier(world)  # every process has read the old fingerprint before it is replaced
+    if not resume and rank == 0:
+        clear()
+    return False
 
 
 def load(path: str | os.PathLike) -> dict | None:
@@ -320,8 +279,10 @@ def load(path: str | os.PathLike) -> dict | None:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not a readable provenance record ({e}); delete it or rerun with --overwrite") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("fingerprint"), dict):
+        raise DataError(f"{path}: not a readable provenance record ({e}); delete it or rerun with "
+                        "--overwrite") from None
+    ours = isinstance(record, dict) and record.get("format") == FORMAT
+    if not ours or not isinstance(record.get("fingerprint"), dict):
         raise DataError(f"{path}: not a provenance record of format {FORMAT}")
     return record
 
@@ -330,4 +291,5 @@ def save(path: str | os.PathLike, fingerprint: Mapping[str, Any], **info: Any) -
     """Write {"format", "fingerprint", **info} atomically (a kill leaves the old record or the new)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"format": FORMAT, "fingerprint": dict(fingerprint), **info}, indent=2) + "\n")
+    record = {"format": FORMAT, "fingerprint": dict(fingerprint), **info}
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")

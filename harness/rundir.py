@@ -1,9 +1,8 @@
-"""train.py's output directory, one run per --out (docs/FORMATS.md "Training outputs"): what made it
-(provenance.json, by `start_run`, which eval.py's run directory shares), checkpoints and exact resume,
-the reuse of a finished run, and the reference log-prob cache beside the preference file.
-
-Nothing here is part of the method; train.py imports it. `cfg` is train.py's TrainConfig and
-`ctx` its harness.dist.Context (rank, world size, device); this module never imports train.py.
+"""Run directories (docs/FORMATS.md "Training outputs", "Run directory"): `start_run`, the start or
+resume of eval.py's and train.py's, the fingerprint kept in provenance.json; then train.py's own:
+checkpoints and exact resume, the reuse of a finished run, metrics, and the reference log-prob
+cache beside the preference file. `cfg` is train.py's TrainConfig and `ctx` its
+harness.dist.Context; this module never imports train.py.
 """
 from __future__ import annotations
 
@@ -25,14 +24,10 @@ import torch.distributed as dist
 from harness import provenance
 from harness.cli import UserError
 from harness.dist import barrier
-from harness.files import atomic_write_text, read_jsonl
+from harness.files import atomic_write_text, read_jsonl, remove
 from data import BadRecord
 from model.loading import CheckpointError
 from model.lora import export_merged, load_adapter, save_adapter
-
-
-# ---------------------------------------------------------------------------------------------
-# The output directory: one run, a fingerprint of what made it (provenance.json), checkpoints
 
 PROVENANCE = "provenance.json"
 # What train.py writes in --out: --overwrite deletes these and nothing else.
@@ -49,29 +44,20 @@ RESUMABLE_FIELDS = ("resume", "overwrite", "max_steps", "eval_every", "save_ever
                     "export_merged", "plot", "device", "gradient_checkpointing", "logit_chunk")
 
 
-def trained_outputs(out: Path) -> list[str]:
-    """The TRAINED entries present in `out` (an empty checkpoints/ or metrics.jsonl does not count)."""
-    found = []
-    for name in TRAINED:
-        path = out / name
-        if path.is_dir() and any(path.iterdir()) or path.is_file() and path.stat().st_size:
-            found.append(name)
-    return found
-
-
 def check_out(out: Path, cfg) -> None:
-    """Refuse, before anything slow, what would mix two runs in one --out: an existing run
-    without --resume or --overwrite, --resume of no run (neither a checkpoint nor provenance.json:
-    a run interrupted before its first checkpoint resumes from step 0), --overwrite of a directory
-    holding an input, or an --out that is a checkpoint directory."""
+    """Refuse, before anything slow, what would mix two runs in one --out: an existing run (a
+    non-empty TRAINED entry) without --resume or --overwrite, --resume of no run (neither a
+    checkpoint nor provenance.json: a run interrupted before its first checkpoint resumes from step
+    0), --overwrite of a directory holding an input, or an --out that is a checkpoint directory."""
     if any(out.glob("*.safetensors")):
-        raise UserError(f"--out {out} holds *.safetensors (a checkpoint directory?); train.py writes config.json "
-                        "and more there: choose another --out")
-    found = trained_outputs(out)
+        raise UserError(f"--out {out} holds *.safetensors (a checkpoint directory?); train.py writes "
+                        "config.json and more there: choose another --out")
+    found = [name for name in TRAINED if (out / name).is_dir() and any((out / name).iterdir())
+             or (out / name).is_file() and (out / name).stat().st_size]
     if cfg.resume:
         if not (out / "checkpoints" / "latest").is_file() and not (out / PROVENANCE).is_file():
-            raise UserError(f"--resume: {out} has no checkpoint to continue from (checkpoints/latest); "
-                            + ("rerun with --overwrite to start again" if found else "run without --resume to start"))
+            raise UserError(f"--resume: {out} has no checkpoint to continue from (checkpoints/latest); " + (
+                "rerun with --overwrite to start again" if found else "run without --resume to start"))
     elif found and not cfg.overwrite:
         raise UserError(f"{out} holds a training run ({', '.join(found)}): pass --resume to continue it, or "
                         "--overwrite to delete it and start again, or choose another --out")
@@ -84,57 +70,45 @@ def check_out(out: Path, cfg) -> None:
             path = Path(value).resolve()
             hit = next((d for d in doomed if path == d or d in path.parents), None)
             if hit is not None:
-                raise UserError(f"--{flag.replace('_', '-')} {value} is inside {hit}, which starting a run in "
-                                f"{out} deletes: choose another --out")
-
-
-def clear_outputs(out: Path) -> None:
-    """Delete what train.py writes in `out` (OUTPUTS), and nothing else: --out may hold other files."""
-    for name in OUTPUTS:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+                raise UserError(f"--{flag.replace('_', '-')} {value} is inside {hit}, which starting a run "
+                                f"in {out} deletes: choose another --out")
 
 
 def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callable[[Path], None], made_by: str,
               session: Mapping[str, Any], holds: str, restart: str, rank: int = 0, world: int = 1,
               finished: Mapping[str, Any] | None = None, outputs: Sequence[str] = (),
               changes: Sequence[str] = ()) -> bool:
-    """Start or resume the run in `out`, for every script that keeps one there. Returns True
-    when there is nothing left to do (the run is reused as it is), else False.
-
-    resume: continue what `out` holds, only if the same inputs and options made it: its
-    provenance.json must exist (an output without one cannot be checked: refused, naming what
-    `out` holds) and its fingerprint equal `now` (else ProvenanceError naming each change, and
-    the caller's own `changes`, e.g. a checkpoint past this run's last step). Checked on every
-    rank, so that all stop together. eval.py resumes whenever --out holds answers and
-    --overwrite is not given; train.py only with --resume (check_out refused the rest).
-    finished: what this run records at its end (finish_run), e.g. {"step": 40}. Resuming a run
-    that finished so, with each of its `outputs` still as it wrote them, writes nothing and
-    returns True (reused); an output written again since stops it (ProvenanceError: never passed
-    off as the run's); one missing is written again by the resumed run.
-    Otherwise rank 0 deletes this script's outputs with `clear(out)`. Rank 0 then records the
-    fingerprint, `made_by` and the sessions so far plus this one (`session`, with its start time).
-    `restart` says how to start again instead, e.g. "rerun with --overwrite to start again".
-    """
+    """Start or resume the run in `out` (provenance.start, the fingerprint kept in provenance.json,
+    which names what `out` `holds`); True when it is reused as it is. eval.py resumes whenever
+    --out holds answers and --overwrite is not given, train.py only with --resume. finished: what
+    the run records at its end, e.g. {"step": 40}: a resumed run that finished so, each of its
+    `outputs` as it wrote them, is reused; one written again since stops it (never passed off as
+    the run's); one missing is written again. Rank 0 then records the fingerprint, `made_by` and
+    the sessions so far plus this one (`session`, with its start time)."""
     path = out / PROVENANCE
-    record = None
-    if resume:
-        record = provenance.load(path)
-        if record is None:
-            raise UserError(f"{out} holds {holds} but no {PROVENANCE}, so what made them cannot be checked; "
-                            f"{restart}, or choose another --out")
-        found = provenance.differences(record["fingerprint"], now) + list(changes)
-        if found:
-            raise provenance.ProvenanceError(out, found, restart=restart)
-        if finished is not None and _finished(out, record, finished, outputs, made_by, restart):
-            return True
-    barrier(world)  # every process has read the old record before rank 0 replaces it
+    record = provenance.load(path) if resume else None
+
+    def reused() -> bool:
+        done = record.get("finished")
+        if finished is None or not isinstance(done, dict):
+            return False
+        written = done.get("outputs") or {}
+        if any(done.get(k) != v for k, v in finished.items()):
+            return False
+        if not all(name in written and (out / name).is_dir() for name in outputs):
+            return False  # missing: the resumed run writes it
+        digests = provenance.fingerprint(**{name: provenance.Dir(out / name) for name in outputs})
+        changed = provenance.differences({name: written[name] for name in outputs}, digests)
+        if changed:
+            raise provenance.ProvenanceError(out, [f"{c} since {made_by} wrote it" for c in changed], restart)
+        return True
+
+    unknown = f"{out} holds {holds} but no {PROVENANCE}, so what made them cannot be checked"
+    if provenance.start(out, now, record and record["fingerprint"], resume=resume, clear=lambda: clear(out),
+                        unknown=unknown, restart=restart, changes=changes, reuse=reused, rank=rank,
+                        world=world):
+        return True
     if rank == 0:
-        if not resume:
-            clear(out)
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         sessions = list(record.get("sessions", [])) if record else []
         provenance.save(path, now, made_by=made_by, sessions=sessions + [{"started": started, **session}])
@@ -142,57 +116,33 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callabl
     return False
 
 
-def _finished(out: Path, record: Mapping[str, Any], finished: Mapping[str, Any], outputs: Sequence[str],
-              made_by: str, restart: str) -> bool:
-    """Whether `record` says its run finished as `finished` and each of `outputs` is in `out` as
-    the run wrote it (by content); ProvenanceError naming each one written again since."""
-    done = record.get("finished")
-    if not isinstance(done, dict) or any(done.get(k) != v for k, v in finished.items()):
-        return False
-    written = done.get("outputs") or {}
-    if not all(name in written and (out / name).is_dir() for name in outputs):
-        return False  # missing: the resumed run writes it
-    now = provenance.fingerprint(**{name: provenance.Dir(out / name) for name in outputs})
-    changes = provenance.differences({name: written[name] for name in outputs}, now)
-    if changes:
-        raise provenance.ProvenanceError(out, [f"{c} since {made_by} wrote it" for c in changes], restart=restart)
-    return True
-
-
-def finish_run(out: Path, outputs: Sequence[str], **finished: Any) -> None:
-    """Record in out/provenance.json that its run finished (`finished`, e.g. its last step) and
-    the content of each of its `outputs` (weight directories, as provenance.Dir) as written, so
-    that resuming it can tell them from outputs written again since (start_run). Rank 0."""
-    path = out / PROVENANCE
-    record = provenance.load(path)
-    info = {k: v for k, v in record.items() if k not in ("format", "fingerprint", "finished")}
-    written = provenance.fingerprint(**{name: provenance.Dir(out / name) for name in outputs})
-    provenance.save(path, record["fingerprint"], **info, finished={**finished, "outputs": written})
-
-
 def run_fingerprint(cfg, tokenizer_path: Path, image_root: Path, image_names: list[str], dtype: torch.dtype,
                     ctx) -> dict:
-    """What the trained weights depend on, by content (docs/FORMATS.md "Training outputs"): inputs,
-    images read and every option but PATH_FIELDS and RESUMABLE_FIELDS, some as resolved at run time."""
+    """What the trained weights depend on, by content (docs/FORMATS.md "Training outputs")."""
     inputs = {"model": provenance.Dir(cfg.model),
               "vision tower": provenance.Dir(cfg.vision_tower) if cfg.vision_tower else None,
               "tokenizer": provenance.File(tokenizer_path), "data": provenance.File(cfg.data),
               "eval data": provenance.File(cfg.eval_data) if cfg.eval_data else None,
               "images": provenance.Files(image_root, image_names)}
     # dtype and autocast are options too: the fingerprint holds them as resolved instead.
-    return provenance.run_fingerprint(inputs, cfg, leave_out=PATH_FIELDS + RESUMABLE_FIELDS + ("dtype", "autocast"),
-                                      dtype=str(dtype).removeprefix("torch."), autocast=ctx.amp, world_size=ctx.world)
+    leave_out = PATH_FIELDS + RESUMABLE_FIELDS + ("dtype", "autocast")
+    return provenance.run_fingerprint(inputs, cfg, leave_out, dtype=str(dtype).removeprefix("torch."),
+                                      autocast=ctx.amp, world_size=ctx.world)
 
 
 def start_training(out: Path, now: Mapping[str, Any], end: int, cfg, ctx) -> bool:
-    """train.py's start_run: resumes only with --resume (check_out refused the other cases), and
-    not past this run's last step `end`. True when --out holds this run finished at step `end`,
-    with adapter/ (and merged/ with --export-merged) as it wrote them: reused, nothing to train."""
-    trained = checkpoint_step(out) if cfg.resume else 0
-    reused = start_run(out, now, resume=cfg.resume, clear=clear_outputs, made_by="train.py", holds="checkpoints",
+    """train.py's start_run: resumes only with --resume (check_out refused the other cases), not
+    past this run's last step `end`; starting again deletes OUTPUTS, nothing else. True when --out
+    holds this run finished at step `end`, with its weights as it wrote them: nothing to train."""
+    latest = out / "checkpoints" / "latest"  # names step-NNNNNN
+    trained = latest.read_text().strip().removeprefix("step-") if cfg.resume and latest.is_file() else ""
+    trained = int(trained) if trained.isdigit() else 0
+    reused = start_run(out, now, resume=cfg.resume, clear=lambda run: remove(run / name for name in OUTPUTS),
+                       made_by="train.py", holds="checkpoints",
                        session={"resume": cfg.resume, "max_steps": cfg.max_steps, "device": str(ctx.device),
                                 "world_size": ctx.world},
-                       restart="rerun with --overwrite to start again (this deletes its checkpoints and metrics)",
+                       restart="rerun with --overwrite to start again (this deletes its checkpoints and "
+                               "metrics)",
                        rank=ctx.rank, world=ctx.world, finished={"step": end}, outputs=weight_outputs(cfg),
                        changes=[f"steps: {trained} trained, {end} now"] if trained > end else [])
     if reused and ctx.rank == 0:
@@ -201,15 +151,8 @@ def start_training(out: Path, now: Mapping[str, Any], end: int, cfg, ctx) -> boo
 
 
 def weight_outputs(cfg) -> tuple[str, ...]:
-    """The weight directories a run writes at its end (write_outputs), whose digests finish_run records."""
+    """The weight directories a run writes at its end (write_outputs), whose digests it records."""
     return ("adapter", "merged") if cfg.export_merged else ("adapter",)
-
-
-def checkpoint_step(out: Path) -> int:
-    """The step of out's latest checkpoint (checkpoints/latest names step-NNNNNN); 0 without one."""
-    latest = out / "checkpoints" / "latest"
-    step = latest.read_text().strip().removeprefix("step-") if latest.is_file() else ""
-    return int(step) if step.isdigit() else 0
 
 
 def write_run_start(out: Path, cfg, bad: list[BadRecord], counts: str | None = None) -> None:
@@ -219,11 +162,13 @@ def write_run_start(out: Path, cfg, bad: list[BadRecord], counts: str | None = N
     report_skipped(bad)
     if counts is not None:
         print(f"{counts}, {len(bad)} skipped" + (f" (listed in {out / 'bad_records.jsonl'})" if bad else ""))
-    atomic_write_text(out / "bad_records.jsonl", "".join(json.dumps(dataclasses.asdict(b)) + "\n" for b in bad))
+    atomic_write_text(out / "bad_records.jsonl", "".join(json.dumps(dataclasses.asdict(b)) + "\n"
+                                                         for b in bad))
     atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
 
 def report_skipped(bad: list[BadRecord]) -> None:
+    """Each skipped record, on stderr."""
     for b in bad:
         print(f"skipped {b.file} record {b.index} (id {b.id}): {b.reason}", file=sys.stderr)
 
@@ -260,8 +205,7 @@ def save_weights(model, out: Path, cfg) -> Path:
 
 def load_checkpoint(out: Path, model, optimizer, scheduler, ctx) -> int:
     """Restore adapter, optimizer, scheduler and RNG states; returns the step to continue from:
-    0, restoring nothing, for a run interrupted before its first checkpoint (its start is exact).
-    That the run's inputs and options are the same was checked before (start_run)."""
+    0, restoring nothing, for a run interrupted before its first checkpoint (its start is exact)."""
     root = out / "checkpoints"
     if not (root / "latest").is_file():
         return 0
@@ -305,7 +249,8 @@ def log_metrics(path: Path, metrics: dict) -> None:
 def write_outputs(model, out: Path, cfg, step: int, ctx) -> None:
     """The end of a run, by rank 0: out/adapter, out/metrics.png with --plot, and with
     --export-merged out/merged, the base model with LoRA merged in the input's key layout; then
-    provenance.json records the run finished at `step` with those weights (finish_run)."""
+    provenance.json records that the run finished at `step`, and the digest of each weight
+    directory as written, so that resuming it can tell them from ones written again (start_run)."""
     if ctx.rank == 0:
         adapter = save_weights(model, out, cfg)
         if cfg.plot:
@@ -314,7 +259,11 @@ def write_outputs(model, out: Path, cfg, step: int, ctx) -> None:
         if cfg.export_merged:
             export_merged(model, out / "merged", source=cfg.model)
             print(f"wrote {out / 'merged'} (LoRA merged, in the input's key layout)")
-        finish_run(out, weight_outputs(cfg), step=step)
+        record = provenance.load(out / PROVENANCE)
+        info = {k: v for k, v in record.items() if k not in ("format", "fingerprint", "finished")}
+        written = provenance.fingerprint(**{name: provenance.Dir(out / name) for name in weight_outputs(cfg)})
+        provenance.save(out / PROVENANCE, record["fingerprint"], **info,
+                        finished={"step": step, "outputs": written})
         print(f"wrote {adapter} (PEFT format)")
     ctx.barrier()
 
@@ -327,7 +276,8 @@ def require_matplotlib():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("--plot needs matplotlib (pip install -r requirements.txt), or pass --no-plot") from None
+        raise UserError("--plot needs matplotlib (pip install -r requirements.txt), or pass "
+                        "--no-plot") from None
     return plt
 
 
@@ -348,19 +298,18 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------
-# Reference log-probs, cached beside the preference file: they depend on the base model, the data
-# and a few options, never on the adapter, so runs that differ otherwise share them.
-
-# The fingerprint's inputs that reference log-probs depend on (all but the adapter-free options).
+# Reference log-probs depend on the base model, the data and a few options, never on the adapter:
+# cached beside the preference file, runs that differ otherwise share them. Their inputs:
 REFERENCE_INPUTS = ("model", "vision tower", "tokenizer", "data", "eval data", "images")
 
 
 def reference_cache_key(now: dict, negatives: int) -> dict:
     """What the cached reference log-probs depend on, by content, from the run's fingerprint `now`
-    (docs/FORMATS.md "Training outputs"); paths left out, so moving the data or the images keeps the cache."""
+    (docs/FORMATS.md "Training outputs"); paths left out: moving the data or images keeps the cache."""
     def content(part):
-        return {k: v for k, v in part.items() if k not in ("path", "root")} if isinstance(part, dict) else part
+        if not isinstance(part, dict):
+            return part
+        return {k: v for k, v in part.items() if k not in ("path", "root")}
     key = {name: content(now.get(name)) for name in REFERENCE_INPUTS}
     key.update({name: now.get(name) for name in ("image_aspect", "dtype", "autocast", "max_response_tokens",
                                                 "max_length")})

@@ -1,12 +1,7 @@
 """`python hscr.py stats prefs.jsonl [--model DIR]`: what a preference file holds, and the paper's
-claim that self-generated negatives are likelier under the model than external ones.
-
-From the file: entries by number of negatives, the mean similarity to y_w of the negatives of each
-rank j, and the mean per-token probability under the model with the full image of `chosen`
-(p_chosen) and of the negatives (p_rejected, in the file when hscr.py ran with --score-negatives).
-With --model, the same probability of external negatives: each entry's borrowed answer (the chosen
-answer of the next entry, cyclically, that differs), teacher-forced with this entry's image and
-prompt, as hscr.py prepares them (harness/prefs.py; model/rows.py, teacher_forced_logits).
+claim that self-generated negatives are likelier under the model than external ones (docs/METHOD.md,
+"Evaluation"). External negatives, with --model: each entry's borrowed answer (the chosen answer
+of the next entry, cyclically, that differs), teacher-forced as hscr.py scores y_w.
 """
 from __future__ import annotations
 
@@ -23,12 +18,9 @@ from harness.cli import UserError
 from harness.files import read_jsonl
 from harness.prefs import Entry, prepare
 from model import load_model
-from model.rows import mean_token_probability, teacher_forced_logits
 from model.loading import resolve_dtype
+from model.rows import mean_token_probability, teacher_forced_logits
 from model.tokenizer import load_tokenizer
-
-NO_P_REJECTED = ("no p_rejected in the file: rerun hscr.py with --score-negatives (with another --out, or "
-                 "--overwrite) to compare the negatives' probability with chosen and external answers")
 
 
 def _mean(xs) -> float | None:
@@ -37,8 +29,7 @@ def _mean(xs) -> float | None:
 
 
 def main(argv) -> dict:
-    """Counts, similarity per rank, mean per-token probability of chosen vs rejected (from the file)
-    vs "external" negatives (another entry's answer, scored with --model)."""
+    """Counts, similarity per rank, mean per-token probability of chosen vs rejected vs external."""
     p = argparse.ArgumentParser(prog="python hscr.py stats", description=main.__doc__.split("\n")[0])
     p.add_argument("prefs", help="output of hscr.py")
     p.add_argument("--model", help="checkpoint directory: also score external negatives")
@@ -59,11 +50,12 @@ def main(argv) -> dict:
     result = {
         "entries": len(records),
         "negatives": outputs.negatives_histogram(records, read_jsonl(outputs.sidecar(path, "rejects"))),
-        "similarity_by_rank": [_mean(r["negatives"][j]["similarity"] for r in records if len(r["negatives"]) > j)
-                               for j in range(depth)],
+        "similarity_by_rank": [_mean(r["negatives"][j]["similarity"] for r in records
+                                     if len(r["negatives"]) > j) for j in range(depth)],
         "p_chosen": _mean(r["p_chosen"] for r in records),
         "p_rejected": _mean(x for ps in scored for x in ps),
-        "p_rejected_by_rank": [_mean(ps[j] for ps in scored if len(ps) > j) for j in range(depth)] if scored else None,
+        "p_rejected_by_rank": ([_mean(ps[j] for ps in scored if len(ps) > j) for j in range(depth)]
+                               if scored else None),
     }
     if args.model:
         result["p_external"] = external_probability(args, options, records)
@@ -75,22 +67,21 @@ def main(argv) -> dict:
         if result.get(key) is not None:
             print(f"  mean per-token probability, {key[2:]}: {result[key]:.4f}")
     if records and not scored:
-        print(f"  {NO_P_REJECTED}")
+        print("  no p_rejected in the file: rerun hscr.py with --score-negatives (with another --out, or "
+              "--overwrite) to compare the negatives' probability with chosen and external answers")
     print(json.dumps(result))
     return result
 
 
 def external_probability(args, options: dict, records: list[dict]) -> float | None:
-    """Mean per-token probability of each entry's borrowed negative (see the module doc), under
-    --model with the full image; the entries are prepared as hscr.py prepares them (an entry
-    whose image cannot be read, or whose row is too long, is left out). `options`: the run's, from
-    the file's header."""
+    """Mean per-token probability of each entry's borrowed negative under --model, prepared as
+    hscr.py prepares y_w (an entry it rejects is left out); `options`: the run's, from the header."""
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, vision_tower=args.vision_tower or options["vision_tower"],
                        dtype=resolve_dtype("auto", device), device=device)
     tokenizer = load_tokenizer(args.tokenizer or options["tokenizer"])
     opts = SimpleNamespace(**{**options, "image_root": args.image_root or options["image_root"],
-                              "score_on": "reference", "continuation": "splice"})  # the borrowed answer, scored
+                              "score_on": "reference", "continuation": "splice"})  # the borrowed answer
     c = model.config
     pad = c.text.pad_token_id if c.text.pad_token_id not in (None, c.image_token_id) else c.text.eos_token_id
     chosen = [r["chosen"] for r in records]
@@ -106,7 +97,8 @@ def external_probability(args, options: dict, records: list[dict]) -> float | No
     for start in range(0, len(entries), args.batch_size):
         batch = entries[start: start + args.batch_size]
         pixels = torch.stack([e.pixels for e in batch]).to(device=model.device, dtype=model.dtype)
-        logits, t, v = teacher_forced_logits(model, [e.prompt_ids for e in batch], list(model.encode_images(pixels)),
+        features = list(model.encode_images(pixels))
+        logits, t, v = teacher_forced_logits(model, [e.prompt_ids for e in batch], features,
                                              [e.response for e in batch], pad)
         probs += mean_token_probability(logits, t, v).tolist()
     return _mean(probs)

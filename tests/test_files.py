@@ -56,8 +56,8 @@ def test_jsonl_file_reads_then_appends_and_merge_orders(tmp_path):
 
 
 def test_repair_torn_line_across_blocks(tmp_path):
-    """The file is read from its end a block (64 KiB) at a time: a newline in an earlier block, a
-    file without any, an intact file and a missing one."""
+    """A newline far from the end (more than 64 KiB before it), a file without any, an intact file
+    and a missing one."""
     p = tmp_path / "out.jsonl"
     for data in (b"", b"a\n", b"\n", b"a\nb", b"x" * 70000 + b"\n" + b"y" * 140000, b"z" * 140000):
         p.write_bytes(data)

@@ -19,11 +19,11 @@ IDS = [f"e{i}" for i in range(6)]
 
 
 def _compute(calls: list):
-    """A job: entry k → a record {"id", "index", "value": k²}; e3 is rejected."""
+    """A job: entry k → a record {"id", "index", "negatives": k % 3 of them}; e3 is rejected."""
     def compute(batch):
         calls.append([IDS[k] for k in batch])
-        return [Reject(k, IDS[k], "odd", "e3 is odd") if IDS[k] == "e3" else {"id": IDS[k], "index": k, "value": k * k}
-                for k in batch]
+        return [Reject(k, IDS[k], "odd", "e3 is odd") if IDS[k] == "e3"
+                else {"id": IDS[k], "index": k, "negatives": [k] * (k % 3)} for k in batch]
     return compute
 
 
@@ -39,9 +39,11 @@ def test_run_writes_header_records_rejects_and_summary(tmp_path, capsys):
     assert lines[0] == HEADER and [r["id"] for r in lines[1:]] == ["e0", "e1", "e2", "e4", "e5"]
     assert json.loads(outputs.sidecar(out, "rejects").read_text()) == {
         "index": 3, "id": "e3", "category": "odd", "reason": "e3 is odd"}
-    assert summary["entries_written"] == 5 and summary["skipped"] == {"odd": 1} and "negatives" not in summary
+    assert summary["entries_written"] == 5 and summary["skipped"] == {"odd": 1}
+    assert summary["negatives"] == {"3": 0, "2": 2, "1": 2, "0": 1}  # e0 e1 e2 e4 e5: 0 1 2 1 2
     assert json.loads(outputs.sidecar(out, "summary").read_text()) == summary
-    assert f"hscr: 5 entries in {out}; skipped 1 (odd: 1)" in capsys.readouterr().out
+    assert (f"hscr: 5 entries in {out} (by number of negatives 3: 0, 2: 2, 1: 2, 0: 1); skipped 1 (odd: 1)"
+            in capsys.readouterr().out)
 
 
 def test_resume_computes_a_batch_with_a_missing_record_whole(tmp_path):
@@ -114,7 +116,7 @@ def test_merge_orders_by_index_and_refuses_other_fingerprints(tmp_path, capsys):
         p.write_text("".join(json.dumps(x) + "\n" for x in [HEADER] + records[rank::2]))
     outputs.sidecar(outputs.shard_path(out, 1, 2), "rejects").write_text(
         outputs.sidecar(single, "rejects").read_text())
-    summary = outputs.merge_main(["--out", str(out), "--world-size", "2"], count_negatives=False)
+    summary = outputs.merge_main(["--out", str(out), "--world-size", "2"])
     assert out.read_text() == single.read_text() and summary["entries_written"] == 5
     assert outputs.sidecar(out, "rejects").read_text() == outputs.sidecar(single, "rejects").read_text()
     out.unlink()

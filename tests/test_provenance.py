@@ -202,16 +202,27 @@ def test_fingerprint_survives_the_record_file(tmp_path):
         P.fingerprint(options={"a": 1})
 
 
-def test_check_raises_one_line_naming_the_change_and_overwrite(tmp_path, capsys):
-    stored = P.fingerprint(max_new_tokens=32)
+def test_start_continues_refuses_reuses_or_clears(tmp_path, capsys):
+    """provenance.start, the one decision of every output: a resume with another fingerprint is one
+    line naming each change and how to start again; without a stored fingerprint it says so; the
+    same fingerprint continues (or is reused) and clears nothing; not resuming clears."""
+    stored, cleared = P.fingerprint(max_new_tokens=32), []
+    kw = dict(clear=lambda: cleared.append(1), unknown="x holds answers but no record",
+              restart="rerun with --overwrite")
     with pytest.raises(P.ProvenanceError) as error:
-        P.check(stored, P.fingerprint(max_new_tokens=64), tmp_path / "run")
+        P.start(tmp_path / "run", P.fingerprint(max_new_tokens=64), stored, resume=True, **kw)
     assert isinstance(error.value, UserError)
     assert error.value.changes == ["option max_new_tokens: 32 in the file, 64 now"]
     assert "--overwrite" in str(error.value) and str(tmp_path / "run") in str(error.value)
+    with pytest.raises(UserError, match="^x holds answers but no record; rerun with --overwrite, or choose"):
+        P.start("run", stored, None, resume=True, **kw)
+    assert P.start("run", stored, stored, resume=True, **kw) is False
+    assert P.start("run", stored, stored, resume=True, reuse=lambda: True, **kw) is True
+    assert P.start("run", stored, None, resume=False, rank=1, **kw) is False and cleared == []
+    assert P.start("run", stored, None, resume=False, **kw) is False and cleared == [1]
 
     def main(argv):
-        P.check(stored, P.fingerprint(max_new_tokens=64), "runs/x")
+        P.start("runs/x", P.fingerprint(max_new_tokens=64), stored, resume=True, **kw)
 
     assert run_main(main, []) == 2
     err = capsys.readouterr().err
