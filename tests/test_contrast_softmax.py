@@ -163,7 +163,7 @@ def test_large_magnitudes_and_infinities(dtype, block_size, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_size", [None, 256])
-@pytest.mark.parametrize("K", [1, 1500])  # 1500 ids: more than one chunk of 1024
+@pytest.mark.parametrize("K", [1, 1500])  # 1500 ids: many chunks of BLOCK_K
 def test_gather(K, block_size, device):
     full, drop = logits((2, 3, 1023), torch.float16, device, seed=5)
     g = torch.Generator().manual_seed(6)
