@@ -141,7 +141,7 @@ def main() -> None:
     compiled = torch.compile(contrast_softmax_reference, dynamic=False) if cfg.compile else None
     impls = {
         "triton": lambda f, d: contrast_softmax_triton(f, d, cfg.beta),
-        "triton-loop": lambda f, d: contrast_softmax_triton(f, d, cfg.beta, block_size=4096, num_warps=8),
+        "triton-loop": lambda f, d: contrast_softmax_triton(f, d, cfg.beta, block_size=4096),
         "eager": lambda f, d: contrast_softmax_reference(f, d, cfg.beta),
     }
     if compiled is not None:

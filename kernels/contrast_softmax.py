@@ -205,16 +205,6 @@ def _row_layout(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int, i
     return tensors, sizes[0], sizes[1], strides
 
 
-def _launch_settings(V: int, block_size: int | None, num_warps: int | None) -> tuple[int, int]:
-    """(BLOCK, num_warps): one block for rows up to MAX_BLOCK, else a loop over blocks of it."""
-    block = block_size or min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK)
-    # Warps grow with the block so that each thread holds ≤ 32 values per array (the Unsloth /
-    # Liger `calculate_settings` rule); at MAX_BLOCK 32 warps, as 16 would spill fp32 on sm_90.
-    if num_warps is None:
-        num_warps = 32 if block >= 16384 else 16 if block >= 8192 else 8 if block >= 2048 else 4
-    return block, num_warps
-
-
 def contrast_softmax_triton(
     full: torch.Tensor,
     drop: torch.Tensor,
@@ -222,12 +212,11 @@ def contrast_softmax_triton(
     *,
     index: torch.Tensor | None = None,
     block_size: int | None = None,
-    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Run the Triton kernel; arguments as `contrast_softmax`, which validates them.
 
-    `block_size` (a power of two) and `num_warps` override the launch settings, so tests reach
-    the looped path on short rows and benchmarks can compare settings.
+    `block_size` (a power of two) overrides the block, so tests reach the looped path on short
+    rows and benchmarks can compare block sizes.
     """
     V = full.shape[-1]
     out_shape = (*full.shape[:-1], V if index is None else index.shape[-1])
@@ -246,7 +235,11 @@ def contrast_softmax_triton(
     full, drop = tensors[0], tensors[1]
     index_t = tensors[2] if gather else full  # a dummy pointer when there is no index
     i_s = strides[2] if gather else (0, 0)
-    block, warps = _launch_settings(V, block_size, num_warps)
+    # One block for rows up to MAX_BLOCK, else a loop over blocks of it. Warps grow with the block
+    # so that each thread holds ≤ 32 values per array (the Unsloth / Liger `calculate_settings`
+    # rule); at MAX_BLOCK, 32 warps (16 values each), as 16 warps spill fp32 on sm_90.
+    block = block_size or min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK)
+    warps = 32 if block >= 16384 else 16 if block >= 8192 else 8 if block >= 2048 else 4
     K = index.shape[-1] if gather else 0
     _contrast_softmax_kernel[(n_outer * n_inner,)](
         full, drop, index_t, out,

@@ -116,8 +116,8 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
       whole: the prompt and image, most of a row, are not recomputed per candidate. Prompts ending
       in an image placeholder, or a model whose sliding window the rows could exceed, cannot share
       and take the plain way (`Llava.generate`, every row whole);
-    - rows that reached EOS leave the call's batch (`drop_finished`: most tails are a few tokens
-      long, the call runs until its longest one ends).
+    - rows that reached EOS leave the call's batch (`Llava.generate` drops them: most tails are a
+      few tokens long, the call runs until its longest one ends).
     """
     if not prefixes:
         return []
@@ -131,8 +131,7 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
     # An owner's rows have nearly equal lengths, so they mostly land in one call and share its prefill.
     order = sorted(range(len(prefixes)), key=lambda r: len(prompts[owners[r]]) + len(prefixes[r]))
     tails: list[list[int]] = [[] for _ in prefixes]
-    gen = dict(max_new_tokens=max_new_tokens, eos_token_id=cfg.text.eos_token_id, pad_token_id=pad_id,
-               drop_finished=True)
+    gen = dict(max_new_tokens=max_new_tokens, eos_token_id=cfg.text.eos_token_id, pad_token_id=pad_id)
     for start in range(0, len(order), rows_per_call):
         rows = order[start: start + rows_per_call]
         if share_prompt:
