@@ -143,7 +143,8 @@ def per_row_continuations(model, prompts, features, prefixes, *, owners=None, ma
         with keep_finished(model):
             new = model.generate(ids, attention_mask=mask,
                                  image_features=feats.to(device=model.device, dtype=model.dtype),
-                                 max_new_tokens=max_new_tokens, eos_token_id=c.text.eos_token_id, pad_token_id=pad_id)
+                                 max_new_tokens=max_new_tokens, eos_token_id=c.text.eos_token_id,
+                                 pad_token_id=pad_id)
         for r, row in zip(rows, new.tolist()):
             tails[r] = cut_generated(row, c.text.eos_token_id, c.image_token_id)
     return tails

@@ -237,7 +237,7 @@ def contrast_softmax_triton(
     i_s = strides[2] if gather else (0, 0)
     # One block for rows up to MAX_BLOCK, else a loop over blocks of it. Warps grow with the block
     # so that each thread holds ≤ 32 values per array (the Unsloth / Liger `calculate_settings`
-    # rule); at MAX_BLOCK, 32 warps (16 values each), as 16 warps spill fp32 on sm_90.
+    # rule); at MAX_BLOCK, 32 warps (16 values each): with 16, sm_90a spills fp16/bf16 gathers.
     block = block_size or min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK)
     warps = 32 if block >= 16384 else 16 if block >= 8192 else 8 if block >= 2048 else 4
     K = index.shape[-1] if gather else 0

@@ -41,9 +41,8 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for i, r in enumerate(rows):
-        if len(r):
-            ids[i, T - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
-            mask[i, T - len(r):] = 1
+        ids[i, T - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, T - len(r):] = 1
     return (ids, mask) if device is None else (ids.to(device), mask.to(device))
 
 
@@ -457,8 +456,15 @@ class Llava(nn.Module):
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
         x = self.embed(input_ids, pixel_values, image_features)
-        if attention_mask.dim() == 3:
-            h = self._run_packed(x, attention_mask, position_ids)
+        if attention_mask.dim() == 3:  # packed rows
+            if self._cache_shape is not None:
+                raise ValueError("a (B, T, T) attention mask cannot be used with a KV cache")
+            if position_ids is None:
+                raise ValueError("a (B, T, T) attention mask needs position_ids")
+            window = self.config.text.sliding_window
+            if window is not None:  # counted in positions
+                attention_mask = attention_mask & (position_ids[:, :, None] - position_ids[:, None, :] < window)
+            h = self._layers(x, position_ids, attention_mask[:, None])
         else:
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -470,18 +476,6 @@ class Llava(nn.Module):
         if return_hidden:
             return h
         return self.lm_head(h).float()
-
-    def _run_packed(self, x, visible, position_ids):
-        """Decoder over packed rows: query t sees key u iff visible[b, t, u] (and u is inside the
-        sliding window, counted in positions)."""
-        if self._cache_shape is not None:
-            raise ValueError("a (B, T, T) attention mask cannot be used with a KV cache")
-        if position_ids is None:
-            raise ValueError("a (B, T, T) attention mask needs position_ids")
-        window = self.config.text.sliding_window
-        if window is not None:
-            visible = visible & (position_ids[:, :, None] - position_ids[:, None, :] < window)
-        return self._layers(x, position_ids, visible[:, None])
 
     def _run_decoder(self, x, position_ids, key_valid, start: int = 0):
         """Decoder over T queries in cache slots [start, start + T), seeing the real keys (key_valid
@@ -551,7 +545,8 @@ class Llava(nn.Module):
             last = torch.full((B, 1), T - 1, device=input_ids.device)
             logits = self(input_ids, pixel_values, attention_mask, image_features=image_features,
                           position_ids=positions, logits_positions=last)[:, -1]  # (B, V)
-            return self._decode_loop(logits, positions[:, -1], T, max_new_tokens, eos_token_id, pad_token_id, compile)
+            return self._decode_loop(logits, positions[:, -1], T, max_new_tokens, eos_token_id, pad_token_id,
+                                     compile)
         finally:
             self.clear_cache()
 
@@ -605,12 +600,14 @@ class Llava(nn.Module):
                 layer.self_attn.kv_cache.k[:, :, :Tp] = k[rows]
                 layer.self_attn.kv_cache.v[:, :, :Tp] = v[rows]
             del prefix_kv
-            # Real keys: the prefix's, the suffix's and every new token's (the causal mask hides them until written).
-            self._key_valid = torch.cat([prefix_mask[rows], suffix_mask, suffix_mask.new_ones(B, max_new_tokens)], 1)
+            # Real keys: the prefix's, the suffix's, every new token's (hidden by causality until written).
+            new_tokens = suffix_mask.new_ones(B, max_new_tokens)
+            self._key_valid = torch.cat([prefix_mask[rows], suffix_mask, new_tokens], 1)  # (B, Tp + Ts + T_new)
             # 3. The suffixes, positioned after their prefix's real tokens.
             positions = prefix_mask.long().sum(-1)[rows, None] + suffix_mask.long().cumsum(-1) - 1  # (B, Ts)
             x = self.language_model.embed_tokens(suffix_ids)  # (B, Ts, D)
-            logits = self.lm_head(self._run_decoder(x, positions, self._key_valid, Tp)[:, -1]).float()  # (B, V)
+            h = self._run_decoder(x, positions, self._key_valid, Tp)  # (B, Ts, D)
+            logits = self.lm_head(h[:, -1]).float()  # (B, V)
             return self._decode_loop(logits, positions[:, -1], Tp + Ts, max_new_tokens, eos_token_id, pad_token_id,
                                      compile)
         finally:
@@ -636,7 +633,8 @@ class Llava(nn.Module):
         def greedy_step(token, position, slot, keys):
             return self.decode_one_token(token, position, slot, keys).argmax(-1)
 
-        step_fn = torch.compile(greedy_step, fullgraph=True, mode="reduce-overhead") if compile else greedy_step
+        if compile:  # as gpt-fast: CUDA graphs on a GPU; new shapes (rows leaving) compile once more
+            greedy_step = torch.compile(greedy_step, fullgraph=True, mode="reduce-overhead")
         token = logits.argmax(-1)  # (B,)
         for step in range(max_new_tokens):
             token = token.masked_fill(done, pad)
@@ -648,11 +646,11 @@ class Llava(nn.Module):
                 n_done = int(done.sum())  # the step's one host sync
                 if n_done == len(done):
                     return out[:, :step + 1]
-                if 2 * n_done >= len(done):
+                if 2 * n_done >= len(done):  # half are done: the unfinished rows, in order, go on alone
                     live = torch.sort(done.to(torch.uint8), stable=True).indices[:len(done) - n_done]
                     rows, token, position, done = self._keep_rows(live, rows, token, position, done)
             position = position + 1
-            token = step_fn(token, position, slots[step:step + 1], None if compile else slot + step + 1)
+            token = greedy_step(token, position, slots[step:step + 1], None if compile else slot + step + 1)
         return out
 
     def _keep_rows(self, live: torch.Tensor, *state: torch.Tensor) -> list[torch.Tensor]:

@@ -86,7 +86,8 @@ def compile_all(caps) -> list[dict]:
         backend = make_backend(target)
         kwargs = dict(kwargs, debug=False, instrumentation_mode=triton.knobs.compilation.instrumentation_mode)
         # What JITFunction.run does before compiling: bind, specialise, pack.
-        bound, spec, options = create_function_from_signature(kernel.signature, kernel.params, backend)(*args, **kwargs)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, spec, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
         src = ASTSource(kernel, signature, constexprs, attrs)
         key = f"{cap}-{src.hash()}-{options.hash()}"
@@ -102,15 +103,16 @@ def compile_all(caps) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--caps", type=int, nargs="+", default=list(CAPS), help="compute capabilities (80 = sm_80)")
+    ap.add_argument("--caps", type=int, nargs="+", default=list(CAPS), help="capabilities (80 = sm_80)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     rows = compile_all(args.caps)
     print(f"{'arch':7} {'dtype':9} {'mode':11} {'V':20} {'BLOCK':>6} {'warps':>5} {'regs':>5} "
           f"{'spill st/ld B':>13} {'smem B':>7}")
     for r in rows:
+        spill = f"{r['spill_st']}/{r['spill_ld']}"
         print(f"{r['arch']:7} {r['dtype']:9} {r['mode']:11} {','.join(map(str, r['V'])):20} {r['BLOCK']:>6} "
-              f"{r['warps']:>5} {r['regs']:>5} {str(r['spill_st']) + '/' + str(r['spill_ld']):>13} {r['smem']:>7}")
+              f"{r['warps']:>5} {r['regs']:>5} {spill:>13} {r['smem']:>7}")
     spilled = [r for r in rows if r["spill_st"] or r["spill_ld"]]
     print(f"{len(rows)} kernels compiled, {len(spilled)} spill")
     return 1 if spilled else 0

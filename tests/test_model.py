@@ -127,7 +127,8 @@ def test_kv_cached_decoding_equals_full_forward(loaded):
         first = model(ids, pixels, mask, position_ids=pos)[:, -1]
         steps = [first]
         for i in range(new.shape[1] - 1):
-            steps.append(model.decode_one_token(new[:, i], pos[:, -1] + i + 1, torch.tensor([T + i]), T + i + 1))
+            slot = torch.tensor([T + i])
+            steps.append(model.decode_one_token(new[:, i], pos[:, -1] + i + 1, slot, T + i + 1))
     finally:
         model.clear_cache()
     assert rel_err(torch.stack(steps, 1), logits[:, T - 1:-1]) <= 1e-5
@@ -203,7 +204,8 @@ def test_generate_shared_prefix_equals_generate(loaded):
                          eos_token_id=eos, pad_token_id=0)
     assert (ref == eos).any(1).sum() >= 1 and not (ref == eos).any(1).all()
     for drop in (False, True):
-        with contextlib.nullcontext() if drop else mock.patch.object(model, "_keep_rows", lambda _, *state: state):
+        keep_all = mock.patch.object(model, "_keep_rows", lambda _, *state: state)
+        with contextlib.nullcontext() if drop else keep_all:
             got = model.generate_shared(pids, pmask, torch.tensor(rows), sids, smask, eos_token_id=eos,
                                         pad_token_id=0, **kw)
             assert torch.equal(got, ref)
