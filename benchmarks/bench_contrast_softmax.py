@@ -2,7 +2,7 @@
 
 For each row count (V = 32000, bf16 logits by default) it times
 
-    triton        the kernel with its default launch (one block per row when V ≤ 32768)
+    triton        the kernel with its default launch (one block per row when V ≤ 32768 in bf16)
     triton-loop   the same kernel forced to loop over 4096-wide blocks (a tuning reference)
     eager         contrast_softmax_reference, the fp32 PyTorch specification
     compile       torch.compile(contrast_softmax_reference)

@@ -24,10 +24,11 @@ Edge cases, defined here and followed by both implementations:
 Implementations (the Triton tutorial 02-fused-softmax / Liger `ops/softmax.py` layout):
 
 - `contrast_softmax_reference`: pure PyTorch in fp32, the specification.
-- `_contrast_softmax_kernel`: Triton, one program per row. A row of up to MAX_BLOCK logits
-  lives in one block of registers: it is read once and written once. Longer rows (V = 32000
-  and 32064 of Mistral/LLaMA, Qwen's 151936) loop over blocks with an online max/sum, then
-  write the outputs (all V, or the K gathered ones) in a second pass.
+- `_contrast_softmax_kernel`: Triton, one program per row. A row of up to 64 KiB per input
+  (V ≤ 32768 in fp16/bf16, so Mistral/LLaMA's 32000 and 32064; V ≤ 16384 in fp32) lives in one
+  block of registers: it is read once and written once. Longer rows (Qwen's V = 151936) loop
+  over blocks with an online max/sum, then write the outputs (all V, or the K gathered ones)
+  in a second pass.
   Arithmetic is fp32 whatever the input dtype (fp32, fp16, bf16); the output is fp32.
 - `contrast_softmax`: the public entry point, which checks its inputs and dispatches.
 
@@ -42,10 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest block: 16384 values over 32 warps, 16 per thread per live array. With 32768, ptxas
-# (triton 3.8, sm_80-sm_90) spills 16-60 bytes per thread for fp32 inputs, LLaVA-Med's logits
-# (benchmarks/RESULTS.md, "contrast_softmax: compiled for real cards"); with 16384 nothing spills.
-MAX_BLOCK = 16384
+# Largest block, in bytes of one input: 32768 fp16/bf16 or 16384 fp32 values over 32 warps.
+# With 32768 fp32 values (LLaVA-Med's logits at V = 32000), ptxas (triton 3.8, sm_80-sm_90)
+# spills 16-60 bytes per thread; at these sizes nothing spills (benchmarks/RESULTS.md).
+MAX_BLOCK_BYTES = 65536
 # Gather mode reads the K requested ids in chunks of this many.
 BLOCK_K = 64
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -235,10 +236,10 @@ def contrast_softmax_triton(
     full, drop = tensors[0], tensors[1]
     index_t = tensors[2] if gather else full  # a dummy pointer when there is no index
     i_s = strides[2] if gather else (0, 0)
-    # One block for rows up to MAX_BLOCK, else a loop over blocks of it. Warps grow with the block
-    # so that each thread holds ≤ 32 values per array (the Unsloth / Liger `calculate_settings`
-    # rule); at MAX_BLOCK, 32 warps (16 values each): with 16, sm_90a spills fp16/bf16 gathers.
-    block = block_size or min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK)
+    # One block for rows up to MAX_BLOCK_BYTES, else a loop over blocks of it. Warps grow with the
+    # block so that each thread holds ≤ 32 values per array (the Unsloth / Liger
+    # `calculate_settings` rule), and 32 from 16384 on (with 16, sm_90a spills in gather mode).
+    block = block_size or min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK_BYTES // full.element_size())
     warps = 32 if block >= 16384 else 16 if block >= 8192 else 8 if block >= 2048 else 4
     K = index.shape[-1] if gather else 0
     _contrast_softmax_kernel[(n_outer * n_inner,)](
