@@ -471,7 +471,7 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
                 with torch.inference_mode():
                     new = model.generate(batch.input_ids.to(model.device), images,
                                          batch.attention_mask.to(model.device), max_new_tokens=max_new_tokens,
-                                         eos_token_id=eos, drop_finished=True)  # (B, T_new)
+                                         eos_token_id=eos)  # (B, T_new)
                 shard.write(answer_row(record, decode(tokenizer, ids, eos_token_id=eos), model_id, mode)
                             for record, ids in zip(chunk, new.tolist()))
                 n += len(chunk)

@@ -2,7 +2,7 @@
 
 For each row count (V = 32000, bf16 logits by default) it times
 
-    triton        the kernel with its default launch (one block per row when V ≤ 32768)
+    triton        the kernel with its default launch (one block per row when V ≤ 32768 in bf16)
     triton-loop   the same kernel forced to loop over 4096-wide blocks (a tuning reference)
     eager         contrast_softmax_reference, the fp32 PyTorch specification
     compile       torch.compile(contrast_softmax_reference)
@@ -141,7 +141,7 @@ def main() -> None:
     compiled = torch.compile(contrast_softmax_reference, dynamic=False) if cfg.compile else None
     impls = {
         "triton": lambda f, d: contrast_softmax_triton(f, d, cfg.beta),
-        "triton-loop": lambda f, d: contrast_softmax_triton(f, d, cfg.beta, block_size=4096, num_warps=8),
+        "triton-loop": lambda f, d: contrast_softmax_triton(f, d, cfg.beta, block_size=4096),
         "eager": lambda f, d: contrast_softmax_reference(f, d, cfg.beta),
     }
     if compiled is not None:

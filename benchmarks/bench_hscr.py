@@ -39,6 +39,7 @@ import os
 import sys
 import tempfile
 import time
+import unittest.mock
 from pathlib import Path
 
 import numpy as np
@@ -139,12 +140,20 @@ def per_row_continuations(model, prompts, features, prefixes, *, owners=None, ma
         rows = order[start: start + rows_per_call]
         ids, mask = left_pad([prompts[owners[r]] + prefixes[r] for r in rows], pad_id, model.device)
         feats = torch.cat([features[owners[r]].reshape(-1, c.text.hidden_size) for r in rows])
-        new = model.generate(ids, attention_mask=mask, image_features=feats.to(device=model.device, dtype=model.dtype),
-                             max_new_tokens=max_new_tokens, eos_token_id=c.text.eos_token_id,
-                             pad_token_id=pad_id)
+        with keep_finished(model):
+            new = model.generate(ids, attention_mask=mask,
+                                 image_features=feats.to(device=model.device, dtype=model.dtype),
+                                 max_new_tokens=max_new_tokens, eos_token_id=c.text.eos_token_id,
+                                 pad_token_id=pad_id)
         for r, row in zip(rows, new.tolist()):
             tails[r] = cut_generated(row, c.text.eos_token_id, c.image_token_id)
     return tails
+
+
+def keep_finished(model):
+    """The model's generation with finished rows kept in the batch to the end of a call (it drops
+    them through `_keep_rows`, here made to keep every row)."""
+    return unittest.mock.patch.object(model, "_keep_rows", lambda live, *state: list(state))
 
 
 class KeepFinished:
@@ -158,7 +167,8 @@ class KeepFinished:
         return getattr(self._model, name)
 
     def generate_shared(self, *args, **kwargs):
-        return self._model.generate_shared(*args, **{**kwargs, "drop_finished": False})
+        with keep_finished(self._model):
+            return self._model.generate_shared(*args, **kwargs)
 
 
 @contextlib.contextmanager

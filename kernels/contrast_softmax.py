@@ -24,10 +24,11 @@ Edge cases, defined here and followed by both implementations:
 Implementations (the Triton tutorial 02-fused-softmax / Liger `ops/softmax.py` layout):
 
 - `contrast_softmax_reference`: pure PyTorch in fp32, the specification.
-- `_contrast_softmax_kernel`: Triton, one program per row. A row of up to MAX_BLOCK logits
-  (V = 32000 or 32064 for the Mistral/LLaMA vocabularies) lives in one block of registers: it
-  is read once and written once. Longer rows (Qwen's V = 151936) loop over blocks with an
-  online max/sum and a second pass for the outputs.
+- `_contrast_softmax_kernel`: Triton, one program per row. A row of up to 64 KiB per input
+  (V ≤ 32768 in fp16/bf16, so Mistral/LLaMA's 32000 and 32064; V ≤ 16384 in fp32) lives in one
+  block of registers: it is read once and written once. Longer rows (Qwen's V = 151936) loop
+  over blocks with an online max/sum, then write the outputs (all V, or the K gathered ones)
+  in a second pass.
   Arithmetic is fp32 whatever the input dtype (fp32, fp16, bf16); the output is fp32.
 - `contrast_softmax`: the public entry point, which checks its inputs and dispatches.
 
@@ -42,12 +43,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest row held in one block: 32768 values over 32 warps are 32 registers per thread per
-# live array. ptxas (sm_90, bf16 in, triton 3.6 and 3.8) already spills 100-140 bytes per
-# thread at this size and would spill far more beyond it, so longer rows loop instead.
-MAX_BLOCK = 32768
-# Gather mode reads the K requested ids in chunks of at most this many.
-MAX_BLOCK_K = 1024
+# Largest block, in bytes of one input: 32768 fp16/bf16 or 16384 fp32 values over 32 warps.
+# With 32768 fp32 values (LLaVA-Med's logits at V = 32000), ptxas (triton 3.8, sm_80-sm_90)
+# spills 16-60 bytes per thread; at these sizes nothing spills (benchmarks/RESULTS.md).
+MAX_BLOCK_BYTES = 65536
+# Gather mode reads the K requested ids in chunks of this many.
+BLOCK_K = 64
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "torch")
 
@@ -115,7 +116,7 @@ def _contrast_softmax_kernel(
     d_s0, d_s1, d_sv,
     i_s0, i_s1, i_sk,
     beta,
-    BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr,
+    BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr,
 ):
     # One program per row. Rows are the leading dims flattened into (outer, inner), each
     # with its own stride, so a slice like logits[:, 3:9, :V] is read in place.
@@ -126,7 +127,7 @@ def _contrast_softmax_kernel(
     drop_ptr += outer * d_s0 + inner * d_s1
     cols = tl.arange(0, BLOCK)
 
-    if NUM_BLOCKS == 1:
+    if ONE_BLOCK:
         # The whole row in registers: one read of each input.
         z = _logits_at(full_ptr, drop_ptr, cols, cols < V, f_sv, d_sv, beta)  # (BLOCK,)
         m = tl.max(z, axis=0)
@@ -135,7 +136,7 @@ def _contrast_softmax_kernel(
         # Online max and sum (Milakov & Gimelshein 2018): rescale s whenever m grows.
         m = tl.full((), float("-inf"), tl.float32)
         s = tl.full((), 0.0, tl.float32)
-        for b in range(NUM_BLOCKS):
+        for b in range(tl.cdiv(V, BLOCK)):
             c = b * BLOCK + cols
             z = _logits_at(full_ptr, drop_ptr, c, c < V, f_sv, d_sv, beta)
             m_new = tl.maximum(m, tl.max(z, axis=0))
@@ -159,10 +160,10 @@ def _contrast_softmax_kernel(
             tl.store(out_ptr + ks, tl.where(valid, _weights(zk, m) / s, float("nan")), mask=kmask)
     else:
         out_ptr += row * V  # the output is contiguous (..., V)
-        if NUM_BLOCKS == 1:
+        if ONE_BLOCK:
             tl.store(out_ptr + cols, _weights(z, m) / s, mask=cols < V)
         else:
-            for b in range(NUM_BLOCKS):
+            for b in range(tl.cdiv(V, BLOCK)):
                 c = b * BLOCK + cols
                 z = _logits_at(full_ptr, drop_ptr, c, c < V, f_sv, d_sv, beta)
                 tl.store(out_ptr + c, _weights(z, m) / s, mask=c < V)
@@ -205,16 +206,6 @@ def _row_layout(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int, i
     return tensors, sizes[0], sizes[1], strides
 
 
-def _launch_settings(V: int, block_size: int | None, num_warps: int | None) -> tuple[int, int, int]:
-    """(BLOCK, NUM_BLOCKS, num_warps): one block for rows up to MAX_BLOCK, else a loop."""
-    block = block_size or min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK)
-    # Warps grow with the block so that each thread holds ≤ 32 values per array
-    # (the Unsloth / Liger `calculate_settings` rule).
-    if num_warps is None:
-        num_warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
-    return block, max(triton.cdiv(V, block), 1), num_warps
-
-
 def contrast_softmax_triton(
     full: torch.Tensor,
     drop: torch.Tensor,
@@ -222,12 +213,11 @@ def contrast_softmax_triton(
     *,
     index: torch.Tensor | None = None,
     block_size: int | None = None,
-    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Run the Triton kernel; arguments as `contrast_softmax`, which validates them.
 
-    `block_size` (a power of two) and `num_warps` override the launch settings, so tests reach
-    the looped path on short rows and benchmarks can compare settings.
+    `block_size` (a power of two) overrides the block, so tests reach the looped path on short
+    rows and benchmarks can compare block sizes.
     """
     V = full.shape[-1]
     out_shape = (*full.shape[:-1], V if index is None else index.shape[-1])
@@ -246,7 +236,11 @@ def contrast_softmax_triton(
     full, drop = tensors[0], tensors[1]
     index_t = tensors[2] if gather else full  # a dummy pointer when there is no index
     i_s = strides[2] if gather else (0, 0)
-    block, num_blocks, warps = _launch_settings(V, block_size, num_warps)
+    # One block for rows up to MAX_BLOCK_BYTES, else a loop over blocks of it. Warps grow with the
+    # block so that each thread holds ≤ 32 values per array (the Unsloth / Liger
+    # `calculate_settings` rule), and 32 from 16384 on (with 16, sm_90a spills in gather mode).
+    block = block_size or min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK_BYTES // full.element_size())
+    warps = 32 if block >= 16384 else 16 if block >= 8192 else 8 if block >= 2048 else 4
     K = index.shape[-1] if gather else 0
     _contrast_softmax_kernel[(n_outer * n_inner,)](
         full, drop, index_t, out,
@@ -255,9 +249,7 @@ def contrast_softmax_triton(
         *strides[1], drop.stride(-1),
         *i_s, index_t.stride(-1),
         float(beta),
-        BLOCK=block, NUM_BLOCKS=num_blocks,
-        BLOCK_K=min(triton.next_power_of_2(max(K, 1)), MAX_BLOCK_K), GATHER=gather,
-        num_warps=warps,
+        BLOCK=block, ONE_BLOCK=V <= block, BLOCK_K=BLOCK_K, GATHER=gather, num_warps=warps,
     )
     return out
 
@@ -308,11 +300,10 @@ def _check_args(full, drop, beta, index, backend) -> None:
             "inputs require grad: contrast_softmax is inference only (no autograd); "
             "call it under torch.no_grad() or pass detached tensors"
         )
-    if not problems and index is not None and index.numel() > 0:
-        # Ids outside the vocabulary would read out of bounds (one host sync on GPU).
-        lo, hi = int(index.min()), int(index.max())
-        if lo < 0 or hi >= full.shape[-1]:
-            problems.append(f"index holds ids in [{lo}, {hi}], outside [0, {full.shape[-1]})")
+    # Ids outside the vocabulary would read out of bounds (the one host sync of a call on GPU).
+    if not problems and index is not None and bool(((index < 0) | (index >= full.shape[-1])).any()):
+        problems.append(f"index holds ids in [{int(index.min())}, {int(index.max())}], "
+                        f"outside [0, {full.shape[-1]})")
     if problems:
         raise ValueError("contrast_softmax: " + "; ".join(problems))
 

@@ -41,9 +41,8 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for i, r in enumerate(rows):
-        if len(r):
-            ids[i, T - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
-            mask[i, T - len(r):] = 1
+        ids[i, T - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, T - len(r):] = 1
     return (ids, mask) if device is None else (ids.to(device), mask.to(device))
 
 
@@ -305,8 +304,8 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, slots=None):
-        """`mask` is a boolean (B, 1, T, S) mask, or None for plain causal attention over S = T keys
-        (or, for one query, over all S keys); with a cache, S = the mask's last dim slots of it."""
+        """`mask` is a boolean (B, 1, T, S) mask, or None for plain causal attention over S = T keys;
+        with a cache, the keys are its first S slots."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
@@ -314,8 +313,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(slots, k, v)  # (B, Hkv, S_max, Dh)
-            S = mask.shape[-1] if mask is not None else int(slots[-1]) + 1
-            k, v = k[:, :, :S], v[:, :, :S]  # only the slots written so far
+            S = mask.shape[-1] if mask is not None else T
+            k, v = k[:, :, :S], v[:, :, :S]  # (B, Hkv, S, Dh)
         # GQA: SDPA repeats each key/value head over its n_heads / n_kv_heads query heads.
         # Without a mask SDPA can take its fused causal path (no (B, 1, T, S) tensor to read).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
@@ -457,51 +456,36 @@ class Llava(nn.Module):
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
         x = self.embed(input_ids, pixel_values, image_features)
-        if attention_mask.dim() == 3:
-            h = self._run_packed(x, attention_mask, position_ids)
+        if attention_mask.dim() == 3:  # packed rows
+            if self._cache_shape is not None:
+                raise ValueError("a (B, T, T) attention mask cannot be used with a KV cache")
+            if position_ids is None:
+                raise ValueError("a (B, T, T) attention mask needs position_ids")
+            window = self.config.text.sliding_window
+            if window is not None:  # counted in positions
+                attention_mask = attention_mask & (position_ids[:, :, None] - position_ids[:, None, :] < window)
+            h = self._layers(x, position_ids, attention_mask[:, None])
         else:
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            h = self._run_rows(x, attention_mask, position_ids)
+            if self._cache_shape is not None:  # prefill: the slots after the prompt take new tokens
+                self._key_valid = F.pad(attention_mask, (0, self._cache_shape[1] - T), value=True)
+            h = self._run_decoder(x, position_ids, attention_mask)
         if logits_positions is not None:
             h = h.gather(1, logits_positions[..., None].expand(-1, -1, h.shape[-1]))  # (B, P, D)
         if return_hidden:
             return h
         return self.lm_head(h).float()
 
-    def _run_rows(self, x, attention_mask, position_ids):
-        B, T = attention_mask.shape
-        slots = torch.arange(T, device=x.device)
-        if self._cache_shape is not None:  # prefill: the cache spans more slots than this call
-            key_valid = torch.zeros(B, self._cache_shape[1], dtype=torch.bool, device=x.device)
-            key_valid[:, :T] = attention_mask
-            self._key_valid = key_valid
+    def _run_decoder(self, x, position_ids, key_valid, start: int = 0):
+        """Decoder over T queries in cache slots [start, start + T), seeing the real keys (key_valid
+        (B, ≥ S)) among slots [0, S), S = start + T."""
+        window, S = self.config.text.sliding_window, start + x.shape[1]
+        slots = torch.arange(start, S, device=x.device)
+        if start == 0 and (window is None or S <= window) and key_valid[:, :S].all():
+            mask = None  # plain causal attention from slot 0: SDPA's fused path
         else:
-            key_valid = attention_mask
-        return self._run_decoder(x, position_ids, key_valid, slots)
-
-    def _run_packed(self, x, visible, position_ids):
-        """Decoder over packed rows: query t sees key u iff visible[b, t, u] (and u is inside the
-        sliding window, counted in positions)."""
-        if self._cache_shape is not None:
-            raise ValueError("a (B, T, T) attention mask cannot be used with a KV cache")
-        if position_ids is None:
-            raise ValueError("a (B, T, T) attention mask needs position_ids")
-        window = self.config.text.sliding_window
-        if window is not None:
-            visible = visible & (position_ids[:, :, None] - position_ids[:, None, :] < window)
-        return self._layers(x, position_ids, visible[:, None])
-
-    def _run_decoder(self, x, position_ids, key_valid, slots):
-        """Decoder over queries in cache slots `slots` (T,), keys in slots [0, slots[-1]]."""
-        window = self.config.text.sliding_window
-        S = int(slots[-1]) + 1
-        key_valid = key_valid[:, :S]
-        window_bites = window is not None and S > window
-        if key_valid.all() and not window_bites and (len(slots) == 1 or len(slots) == S):
-            mask = None  # plain causal (prefill from slot 0) or one query seeing every key
-        else:
-            mask = attention_mask_4d(key_valid, slots, window)
+            mask = attention_mask_4d(key_valid[:, :S], slots, window)
         return self._layers(x, position_ids, mask, slots if self._cache_shape is not None else None)
 
     def _layers(self, x, position_ids, mask, slots=None):
@@ -530,26 +514,25 @@ class Llava(nn.Module):
             layer.self_attn.kv_cache = None
         self._cache_shape = None
 
-    def decode_one_token(self, token: torch.Tensor, position: torch.Tensor, slot: int) -> torch.Tensor:
-        """One step: token (B,) at per-row position (B,) into cache slot `slot` → logits (B, V)."""
-        self._key_valid[:, slot] = True
+    def decode_one_token(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor,
+                         keys: int | None = None) -> torch.Tensor:
+        """One step: token (B,) at per-row position (B,) into cache slot `slot` (1,) → logits (B, V).
+        Attention reads cache slots [0, keys), where the causal mask hides those not yet written:
+        slot + 1 of them eagerly, all (None) under torch.compile, whose shapes then never change.
+        The slot is a tensor, as in gpt-fast, so that every step is the same compiled graph."""
         x = self.language_model.embed_tokens(token[:, None])  # (B, 1, D)
-        slots = torch.tensor([slot], device=token.device)
-        h = self._run_decoder(x, position[:, None], self._key_valid, slots)
-        return self.lm_head(h[:, -1]).float()
+        mask = attention_mask_4d(self._key_valid[:, :keys], slot, self.config.text.sliding_window)
+        return self.lm_head(self._layers(x, position[:, None], mask, slot)[:, -1]).float()
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
                  eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 image_features: torch.Tensor | None = None, drop_finished: bool = False) -> torch.Tensor:
+                 image_features: torch.Tensor | None = None, compile: bool = False) -> torch.Tensor:
         """Greedy new token ids (B, T_new) for left-padded prompts; a row stops at its first EOS and
         is filled with `pad_token_id` (default: the config's pad id, else EOS) after it. Greedy is
-        the only decoding HSCR and LLaVA-Med's evaluation use.
-
-        drop_finished: once half the rows have stopped, they leave the batch (their cache rows
-        are dropped), so that the decode steps cost less; the tokens stay the same (up to
-        floating-point rounding).
+        the only decoding HSCR and LLaVA-Med's evaluation use. `compile`: the decode step runs
+        under torch.compile (the same tokens up to floating-point rounding).
         """
         B, T = input_ids.shape
         if attention_mask is None:
@@ -563,7 +546,7 @@ class Llava(nn.Module):
             logits = self(input_ids, pixel_values, attention_mask, image_features=image_features,
                           position_ids=positions, logits_positions=last)[:, -1]  # (B, V)
             return self._decode_loop(logits, positions[:, -1], T, max_new_tokens, eos_token_id, pad_token_id,
-                                     drop_finished)
+                                     compile)
         finally:
             self.clear_cache()
 
@@ -572,7 +555,7 @@ class Llava(nn.Module):
                         suffix_ids: torch.Tensor, suffix_mask: torch.Tensor, *,
                         image_features: torch.Tensor | None = None, max_new_tokens: int = 64,
                         eos_token_id: int | None = None, pad_token_id: int | None = None,
-                        drop_finished: bool = False) -> torch.Tensor:
+                        compile: bool = False) -> torch.Tensor:
         """generate() for B rows whose input is prefix[rows[b]] + suffix[b], each of the E prefixes
         (e.g. a prompt with its image) prefilled once: new token ids (B, T_new), as generate() gives
         for the concatenated rows (up to floating-point rounding).
@@ -587,14 +570,14 @@ class Llava(nn.Module):
         shorter than Ts leaves padding slots between its prefix and itself, which the key mask
         hides and the position ids skip: the attention sees what it would see in one row.
         Mistral's sliding window counts slots, so a model with one is refused when a row could
-        span more slots than the window. `drop_finished` as in generate().
+        span more slots than the window.
         """
         c = self.config.text
         (E, Tp), (B, Ts) = prefix_ids.shape, suffix_ids.shape
         suffix_mask, prefix_mask = suffix_mask.bool(), prefix_mask.bool()
         if Ts == 0 or not suffix_mask[:, -1].all():
             raise ValueError("generate_shared() needs left-padded suffixes with at least one real token per row")
-        if (suffix_ids[suffix_mask] == self.config.image_token_id).any():
+        if ((suffix_ids == self.config.image_token_id) & suffix_mask).any():
             raise ValueError("generate_shared(): image placeholders belong in the prefixes, not the suffixes")
         if c.sliding_window is not None and Tp + Ts + max_new_tokens > c.sliding_window:
             raise ValueError(f"generate_shared(): rows of up to {Tp + Ts + max_new_tokens} slots exceed the "
@@ -617,60 +600,67 @@ class Llava(nn.Module):
                 layer.self_attn.kv_cache.k[:, :, :Tp] = k[rows]
                 layer.self_attn.kv_cache.v[:, :, :Tp] = v[rows]
             del prefix_kv
-            key_valid = torch.zeros(B, Tp + Ts + max_new_tokens, dtype=torch.bool, device=prefix_ids.device)
-            key_valid[:, :Tp] = prefix_mask[rows]
-            key_valid[:, Tp:Tp + Ts] = suffix_mask
-            self._key_valid = key_valid
+            # Real keys: the prefix's, the suffix's, every new token's (hidden by causality until written).
+            new_tokens = suffix_mask.new_ones(B, max_new_tokens)
+            self._key_valid = torch.cat([prefix_mask[rows], suffix_mask, new_tokens], 1)  # (B, Tp + Ts + T_new)
             # 3. The suffixes, positioned after their prefix's real tokens.
             positions = prefix_mask.long().sum(-1)[rows, None] + suffix_mask.long().cumsum(-1) - 1  # (B, Ts)
             x = self.language_model.embed_tokens(suffix_ids)  # (B, Ts, D)
-            slots = torch.arange(Tp, Tp + Ts, device=prefix_ids.device)
-            h = self._run_decoder(x, positions, key_valid, slots)
+            h = self._run_decoder(x, positions, self._key_valid, Tp)  # (B, Ts, D)
             logits = self.lm_head(h[:, -1]).float()  # (B, V)
             return self._decode_loop(logits, positions[:, -1], Tp + Ts, max_new_tokens, eos_token_id, pad_token_id,
-                                     drop_finished)
+                                     compile)
         finally:
             self.clear_cache()
 
     def _decode_loop(self, logits, position, slot: int, max_new_tokens: int, eos: int | None, pad: int | None,
-                     drop_finished: bool) -> torch.Tensor:
-        """The argmax of `logits` (B, V), then decode one token at a time from cache slot `slot` and
-        per-row position `position` + 1 on; a row stops at its first EOS (pad after it; None: the
-        config's ids, pad falling back to EOS). With `drop_finished`, the cache keeps only the
-        unfinished rows once half of them are done."""
+                     compile: bool) -> torch.Tensor:
+        """The argmax of `logits` (B, V), then one greedy step at a time into cache slots `slot`,
+        slot + 1, … at per-row positions `position` + 1, …; a row stops at its first EOS (pad after
+        it; None: the config's ids, pad falling back to EOS). Once half the rows are done, they
+        leave the batch (the steps cost less; the tokens stay the same up to rounding).
+        One host sync per step (how many rows are done), none when EOS is outside the vocabulary."""
         c = self.config.text
         eos = c.eos_token_id if eos is None else eos
         if pad is None:
             pad = c.pad_token_id if c.pad_token_id is not None else eos
-        B = logits.shape[0]
-        out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=logits.device)
-        rows = torch.arange(B, device=logits.device)  # the output row of each cache row
-        done = torch.zeros(B, dtype=torch.bool, device=logits.device)
-        steps = 0
+        B, device = logits.shape[0], logits.device
+        out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+        rows = torch.arange(B, device=device)  # the output row of each cache row
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        slots = torch.arange(slot, slot + max_new_tokens, device=device)  # (T_new,)
+
+        def greedy_step(token, position, slot, keys):
+            return self.decode_one_token(token, position, slot, keys).argmax(-1)
+
+        if compile:  # as gpt-fast: CUDA graphs on a GPU; new shapes (rows leaving) compile once more
+            greedy_step = torch.compile(greedy_step, fullgraph=True, mode="reduce-overhead")
+        token = logits.argmax(-1)  # (B,)
         for step in range(max_new_tokens):
-            token = logits.argmax(-1)  # (B,), greedy
             token = token.masked_fill(done, pad)
             out[rows, step] = token
-            steps = step + 1
             done |= token == eos
-            if done.all() or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1:
                 break
-            if drop_finished and 2 * int(done.sum()) >= len(done):
-                live = (~done).nonzero()[:, 0]
-                self._keep_cache_rows(live)
-                rows, token, position, done = rows[live], token[live], position[live], done[live]
+            if 0 <= eos < c.vocab_size:
+                n_done = int(done.sum())  # the step's one host sync
+                if n_done == len(done):
+                    return out[:, :step + 1]
+                if 2 * n_done >= len(done):  # half are done: the unfinished rows, in order, go on alone
+                    live = torch.sort(done.to(torch.uint8), stable=True).indices[:len(done) - n_done]
+                    rows, token, position, done = self._keep_rows(live, rows, token, position, done)
             position = position + 1
-            logits = self.decode_one_token(token, position, slot + step)
-        return out[:, :steps]
+            token = greedy_step(token, position, slots[step:step + 1], None if compile else slot + step + 1)
+        return out
 
-    def _keep_cache_rows(self, rows: torch.Tensor):
-        """Shrink the KV cache (and its key mask) to the given rows, in that order."""
+    def _keep_rows(self, live: torch.Tensor, *state: torch.Tensor) -> list[torch.Tensor]:
+        """Shrink the KV cache (and its key mask) to rows `live`, in that order; those rows of `state`."""
         for layer in self.language_model.layers:
             cache = layer.self_attn.kv_cache
-            cache.k, cache.v = cache.k[rows], cache.v[rows]
-        self._key_valid = self._key_valid[rows]
-        self._cache_shape = (len(rows), self._cache_shape[1])
-
+            cache.k, cache.v = cache.k[live], cache.v[live]
+        self._key_valid = self._key_valid[live]
+        self._cache_shape = (len(live), self._cache_shape[1])
+        return [t[live] for t in state]
 
 
 def enable_gradient_checkpointing(model: Llava) -> None:

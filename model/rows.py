@@ -97,7 +97,7 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
     to float rounding (benchmarks/bench_hscr.py measures the savings against the plain way).
 
     Rows, sorted by length, go through the model in calls of up to `rows_per_call` rows that share
-    one static KV cache; rows that reached EOS leave the call's batch (`drop_finished`). Each call
+    one static KV cache; rows that reached EOS leave the call's batch. Each call
     prefills the prompts of its owners once and copies their cache into their rows
     (`Llava.generate_shared`), unless a prompt ends in an image placeholder or the rows could
     exceed the model's sliding window: then every row is prefilled whole (`Llava.generate`).
@@ -114,8 +114,7 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
     # An owner's rows have nearly equal lengths, so they mostly land in one call and share its prefill.
     order = sorted(range(len(prefixes)), key=lambda r: len(prompts[owners[r]]) + len(prefixes[r]))
     tails: list[list[int]] = [[] for _ in prefixes]
-    gen = dict(max_new_tokens=max_new_tokens, eos_token_id=cfg.text.eos_token_id, pad_token_id=pad_id,
-               drop_finished=True)
+    gen = dict(max_new_tokens=max_new_tokens, eos_token_id=cfg.text.eos_token_id, pad_token_id=pad_id)
     for start in range(0, len(order), rows_per_call):
         rows = order[start: start + rows_per_call]
         if share_prompt:

@@ -113,7 +113,7 @@ def run_kernel(full, drop, beta, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 1023), (2, 3, 32000), (4, 32064), (1, 151936)])
 def test_shapes_and_dtypes(shape, dtype, device):
-    # (1, 151936) is longer than one block: the looped path.
+    # (1, 151936), and V = 32000 / 32064 in fp32, are longer than one block: the looped path.
     full, drop = logits(shape, dtype, device, seed=shape[-1])
     out = run_kernel(full, drop, 0.9)
     assert_matches(out, reference64(full, drop, 0.9), dtype=dtype, scale=scale_of(full, drop, 0.9))
@@ -163,7 +163,7 @@ def test_large_magnitudes_and_infinities(dtype, block_size, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_size", [None, 256])
-@pytest.mark.parametrize("K", [1, 1500])  # 1500 ids: more than one chunk of 1024
+@pytest.mark.parametrize("K", [1, 1500])  # 1500 ids: many chunks of BLOCK_K
 def test_gather(K, block_size, device):
     full, drop = logits((2, 3, 1023), torch.float16, device, seed=5)
     g = torch.Generator().manual_seed(6)

@@ -1,6 +1,8 @@
 """model/llava.py against transformers on tiny random Llava checkpoints (loaded through
 model/loading.py, whose own checks are in tests/test_loading.py)."""
+import contextlib
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -125,7 +127,8 @@ def test_kv_cached_decoding_equals_full_forward(loaded):
         first = model(ids, pixels, mask, position_ids=pos)[:, -1]
         steps = [first]
         for i in range(new.shape[1] - 1):
-            steps.append(model.decode_one_token(new[:, i], pos[:, -1] + i + 1, T + i))
+            slot = torch.tensor([T + i])
+            steps.append(model.decode_one_token(new[:, i], pos[:, -1] + i + 1, slot, T + i + 1))
     finally:
         model.clear_cache()
     assert rel_err(torch.stack(steps, 1), logits[:, T - 1:-1]) <= 1e-5
@@ -177,7 +180,8 @@ def test_position_ids_default_and_gapped_match_transformers(loaded):
 def test_generate_shared_prefix_equals_generate(loaded):
     """Rows = a shared prefix (prompt + image) + their own suffix: generate_shared (each prefix
     prefilled once, its cache rows copied) gives generate()'s tokens on the concatenated rows, with
-    and without dropping finished rows, including rows that stop at an early EOS."""
+    and without dropping finished rows (`_keep_rows` made to keep all), including rows that stop
+    at an early EOS."""
     _, model = loaded
     ids, mask, pixels = tiny.batch_inputs()
     feats = model.encode_images(pixels)  # (2, 16, D)
@@ -192,21 +196,21 @@ def test_generate_shared_prefix_equals_generate(loaded):
     pids, pmask = left_pad([p[:-1] for p in prefixes], 0)
     sids, smask = left_pad([prefixes[e][-1:] + x for e, x in zip(rows, after)], 0)
     kw = dict(image_features=feats.reshape(-1, feats.shape[-1]), max_new_tokens=10)
-    for drop in (False, True):
-        got = model.generate_shared(pids, pmask, torch.tensor(rows), sids, smask, eos_token_id=-1, drop_finished=drop,
-                                    **kw)
-        assert torch.equal(got, ref)
+    got = model.generate_shared(pids, pmask, torch.tensor(rows), sids, smask, eos_token_id=-1, **kw)
+    assert torch.equal(got, ref)
     # An EOS that rows meet at different steps: they stop there, are padded after, and the others go on.
     eos = int(ref[2, 3])
     ref = model.generate(full_ids, attention_mask=full_mask, image_features=row_feats, max_new_tokens=10,
                          eos_token_id=eos, pad_token_id=0)
     assert (ref == eos).any(1).sum() >= 1 and not (ref == eos).any(1).all()
     for drop in (False, True):
-        got = model.generate_shared(pids, pmask, torch.tensor(rows), sids, smask, eos_token_id=eos, pad_token_id=0,
-                                    drop_finished=drop, **kw)
-        assert torch.equal(got, ref)
-        assert torch.equal(model.generate(full_ids, attention_mask=full_mask, image_features=row_feats,
-                                          max_new_tokens=10, eos_token_id=eos, pad_token_id=0, drop_finished=drop), ref)
+        keep_all = mock.patch.object(model, "_keep_rows", lambda _, *state: state)
+        with contextlib.nullcontext() if drop else keep_all:
+            got = model.generate_shared(pids, pmask, torch.tensor(rows), sids, smask, eos_token_id=eos,
+                                        pad_token_id=0, **kw)
+            assert torch.equal(got, ref)
+            assert torch.equal(model.generate(full_ids, attention_mask=full_mask, image_features=row_feats,
+                                              max_new_tokens=10, eos_token_id=eos, pad_token_id=0), ref)
     with pytest.raises(ValueError, match="image placeholders"):
         model.generate_shared(pids, pmask, torch.tensor([0]), torch.tensor([[tiny.IMAGE_TOKEN]]),
                               torch.ones(1, 1), **kw)
