@@ -186,9 +186,9 @@ class _Malformed(Exception):
 
 def read_records(path: str | os.PathLike, *,
                  answers_path: str | os.PathLike | None = None) -> tuple[list[Record], list[BadRecord]]:
-    """(records, bad records) of a LLaVA-Med instruction JSON, VQA test.json or question JSONL file, the layout
-    recognised from the content (docs/FORMATS.md "Data files"). With `answers_path` every record's answer
-    comes from that file: a question missing there, or whose inline answer differs, is bad."""
+    """(records, bad records) of a LLaVA-Med instruction JSON, VQA test.json or question JSONL file, the
+    layout recognised from the content (docs/FORMATS.md "Data files"). With `answers_path` every record's
+    answer comes from that file: a question missing there, or whose inline answer differs, is bad."""
     answers, bad = ({}, []) if answers_path is None else _read_answers(answers_path)
     records, seen = [], set()
     for index, item in _read_items(path):
@@ -508,7 +508,8 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg, tokenize
     if say and counts["stored"]:
         say(f"{path}: {counts['stored']} records trained on the token ids stored with them (same tokenizer)")
     if say and counts["unused"]:
-        say(f"{path}: stored token ids not used, {counts['unused']} records re-tokenized from their texts: {why}")
+        say(f"{path}: stored token ids not used, {counts['unused']} records re-tokenized from their texts: "
+            f"{why}")
     if say and counts["none"]:
         say(f"{path}: {counts['none']} records have no stored token ids (written by an older hscr.py or "
             "another program): re-tokenized from their texts")

@@ -7,14 +7,11 @@
     python eval.py baselines --questions QUESTIONS   # always yes / always no / "yes no" / majority
     torchrun --nproc_per_node 4 eval.py ...         # shard the questions over 4 processes
 
-The question files may be the real benchmark files as they are (tests/data/ holds VQA-RAD's).
-1. Scoring: LLaVA-Med v1.0's `eval_metrics` and `run_eval_batch.py`, quirks included and named where
-   reproduced (`normalize_word`, `calculate_f1score`, `closed_hit`); ours beside them: `strict_hit`, the
-   hedge, no-answer and hallucination rates, the description metric (`fact_scores`), baselines.
-2. Generation (`generate_answers`): LLaVA-Med's prompt, batched greedy decoding, its answer files,
-   resumable and sharded; `--blind` answers again without visual tokens and with a mean-colour image.
-Details: docs/FORMATS.md, "VQA metrics" and "Evaluation files"; plumbing in harness/ (questions.py,
-answers.py, rundir.py, reports.py).
+1. Scoring: LLaVA-Med v1.0's `eval_metrics` and `run_eval_batch.py`, quirks named where reproduced; ours
+   beside them: `strict_hit`, the hedge, no-answer and hallucination rates, `fact_scores`, baselines.
+2. Generation (`generate_answers`): LLaVA-Med's prompt and answer files (the real benchmark files are read
+   as they are), batched greedy decoding, resumable, sharded; `--blind` answers again without visual
+   tokens and with a mean-colour image. Details: docs/FORMATS.md "VQA metrics" and "Evaluation files".
 """
 from __future__ import annotations
 
@@ -25,7 +22,6 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +47,9 @@ from model.lora import load_adapter
 from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_prompt, tokenizer_file
 
 # Scoring: LLaVA-Med's normalize_word, split_sentence, calculate_f1score, calculate_exactmatch
-
 # Characters handled by the space-dependent rule, in LLaVA-Med's order (the order does not
 # change the result: each character is replaced independently, and the tests read the input).
-PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
-         "!")
+PUNCT = tuple(';/[]"{}()=+\\_-><@`,?!')
 # Number words that LLaVA-Med maps to digits; only whole words, only up to ten.
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -108,8 +102,7 @@ def normalize_word(text: str) -> str:
     # 1. Each character of PUNCT is deleted everywhere if it stands next to a space anywhere in the
     # *input* ("p " or " p"), or if the input holds a digit,digit; otherwise every occurrence becomes
     # a space. So "x-ray" → "x ray", and in "x-ray - chest" the dash goes inside "x-ray" too.
-    digit_comma_digit = _DIGIT_COMMA_DIGIT.search(text) is not None
-    out = text
+    digit_comma_digit, out = _DIGIT_COMMA_DIGIT.search(text) is not None, text
     for p in PUNCT:
         out = out.replace(p, "" if p + " " in text or " " + p in text or digit_comma_digit else " ")
     # 2. Periods not followed by a digit are deleted ("3.5" keeps its point), at most 32 of them.
@@ -131,12 +124,10 @@ def calculate_f1score(pred: str, gt: str) -> tuple[float, float, float]:
     does. The quirk: tp counts the *prediction*'s repeats of shared words ("lung lung lung" against "left
     lung": tp = 3, fn = 1, recall 3/4). Zeros if a side has no words or tp == 0."""
     p_words, g_words = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
-    if not p_words or not g_words:
-        return 0.0, 0.0, 0.0
     tp = sum(c for w, c in p_words.items() if w in g_words)
     fp = sum(c for w, c in p_words.items() if w not in g_words)
     fn = sum(c for w, c in g_words.items() if w not in p_words)
-    if tp == 0:
+    if tp == 0:  # also when a side has no words
         return 0.0, 0.0, 0.0
     precision, recall = tp / (tp + fp), tp / (tp + fn)
     return 2 * precision * recall / (precision + recall), precision, recall
@@ -158,7 +149,6 @@ def closed_hit(pred: str, gt: str) -> bool:
 
 
 # Strict closed scoring: ours, not LLaVA-Med's, reported beside the lenient score
-
 # Words after which a "no" has ended its clause ("no or yes", "no but ...").
 CONJUNCTIONS = ("and", "or", "but")
 # Words and single punctuation characters of the raw text, in order ("no," → "no", ",").
@@ -170,12 +160,8 @@ def answer_words(pred: str) -> list[str]:
     "no" that ends its clause (followed by the end, a punctuation character or a conjunction; "no effusion" is
     a determiner). Read on the lowercased *raw* text: LLaVA-Med's normalisation deletes that punctuation."""
     tokens = _TOKENS.findall(pred.lower())
-    words = []
-    for i, t in enumerate(tokens):
-        after = tokens[i + 1] if i + 1 < len(tokens) else None
-        if t == "yes" or (t == "no" and (after is None or not after[0].isalnum() or after in CONJUNCTIONS)):
-            words.append(t)
-    return words
+    return [t for t, after in zip(tokens, tokens[1:] + [None]) if t == "yes"
+            or (t == "no" and (after is None or not after[0].isalnum() or after in CONJUNCTIONS))]
 
 
 def closed_answer(pred: str) -> str | None:
@@ -185,9 +171,7 @@ def closed_answer(pred: str) -> str | None:
         "no, there is not" → no    "yes no" → hedge    "Yes, but no effusion" → yes    "nodule" → None
     """
     words = answer_words(pred)
-    if not words:
-        return None
-    return "hedge" if len(set(words)) > 1 else words[0]
+    return None if not words else "hedge" if len(set(words)) > 1 else words[0]
 
 
 def strict_hit(pred: str, gt: str) -> bool:
@@ -224,7 +208,6 @@ def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
 
 
 # The description metric: facts of a scene stated right or contradicted (ours)
-
 def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str, int]:
     """The description metric of one answer (docs/FORMATS.md): {"facts": slots, "correct": slots whose
     true value `pred` states, "stated": values it states, "contradicted": stated values not the true
@@ -246,7 +229,6 @@ def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str
 
 
 # A whole answer file scored, and what answering without a model scores
-
 def _ratio100(a: int, b: int) -> float | None:
     return 100.0 * a / b if b else None  # None: nothing to average (an absent type is not 0 %)
 
@@ -352,11 +334,10 @@ def baselines(records: Sequence[Any]) -> dict[str, dict[str, Any]]:
 
 
 # Generation over a benchmark: prompts, images, the three modes, resumable answer files
-
 MODES = ("full", "no_image", "blank_image")
 
 
-@dataclass
+@dataclasses.dataclass
 class Batch:
     input_ids: torch.Tensor  # (B, T) long, left-padded
     attention_mask: torch.Tensor  # (B, T) long, 1 on real tokens
@@ -435,8 +416,7 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
 
 
 # Options: the command line is built from EvalConfig
-
-@dataclass
+@dataclasses.dataclass
 class EvalConfig:
     """Options of an evaluation run (the command line is built from these fields)."""
     model: str = option(help="checkpoint directory (config.json + safetensors)")
@@ -470,7 +450,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The run
-
 def load_for_eval(cfg: EvalConfig, device: str):
     """Model (with the LoRA adapter applied, unmerged) and tokenizer; a checkpoint, adapter or
     tokenizer that cannot be read is a UserError naming it."""

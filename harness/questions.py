@@ -47,7 +47,7 @@ def read_questions(path: str, ground_truth: str | None = None) -> tuple[list[Any
         raise DataError(str(error)) from error
 
 
-def read_benchmarks(benchmark: Sequence[str], ground_truth: Sequence[str] = ()) -> dict[str, tuple[list, list]]:
+def read_benchmarks(benchmark: Sequence[str], ground_truth: Sequence[str] = ()) -> dict[str, tuple]:
     """name → (records, bad records) of each --benchmark NAME=PATH, with its --ground-truth NAME=PATH."""
     paths = parse_named(benchmark, "--benchmark")
     gts = parse_named(ground_truth, "--ground-truth", names=list(paths))
@@ -56,10 +56,9 @@ def read_benchmarks(benchmark: Sequence[str], ground_truth: Sequence[str] = ()) 
 
 def check_images(records: Sequence[Any], image_root: str | None, name: str, source: str, rank: int = 0,
                  world: int = 1) -> dict[str, str]:
-    """Fail before the model is loaded when images of `records` are missing (the real benchmark files ship
-    without them), with one error naming the benchmark and its file, how many image files are absent for
-    how many questions, and the first of them. Else question id → why its image, which exists, cannot be
-    used (`data.image_problem`, each file looked at once), for this process's share (records[rank::world])."""
+    """One error naming the benchmark, how many images of `records` are missing and the first of them (the
+    real benchmark files ship without images); else question id → why its image cannot be used
+    (`data.image_problem`, each file looked at once), for this process's share, records[rank::world]."""
     if not records:
         return {}
     where = f"benchmark {name!r} ({source})"

@@ -106,8 +106,8 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callabl
 
     unknown = f"{out} holds {holds} but no {PROVENANCE}, so what made them cannot be checked"
     if provenance.start(out, compare or now, record and record["fingerprint"], resume=resume,
-                        clear=lambda: clear(out), unknown=unknown, restart=restart, changes=changes, reuse=reused,
-                        rank=rank, world=world):
+                        clear=lambda: clear(out), unknown=unknown, restart=restart, changes=changes,
+                        reuse=reused, rank=rank, world=world):
         return True
     if rank == 0:
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -36,8 +36,7 @@ class Inputs:
 
 
 def read_inputs(cfg, ctx) -> Inputs:
-    """train.py's inputs. Refuses (one line) a --batch-size the processes cannot share, and data with
-    fewer usable entries than one batch."""
+    """train.py's inputs; refuses a --batch-size the processes cannot share and fewer entries than a batch."""
     tokenizer_path = tokenizer_file(cfg.tokenizer or cfg.model)
     tokenizer = read_tokenizer(tokenizer_path)
     config = model_config(cfg.model, cfg.vision_tower)
@@ -63,11 +62,9 @@ def read_inputs(cfg, ctx) -> Inputs:
 
 def read_examples(read: Callable[[Path], tuple[list[Example], list[BadRecord]]], cfg, image_root: Path,
                   aspect: str, image_size: int, ctx):
-    """(training examples, held-out examples, skipped records, every image file looked at, relative to
-    `image_root`) of cfg.data and cfg.eval_data, each read by `read(path)` → (examples, bad records). A bad
-    record, or one whose image cannot be decoded and preprocessed, is skipped; images are checked once each,
-    the processes sharing the files, so that every process keeps the same examples. Without --eval-data, a
-    seeded --eval-fraction of cfg.data is held out."""
+    """(training examples, held-out examples, skipped records, image files relative to `image_root`) of
+    cfg.data and cfg.eval_data, each read by `read(path)`. Images are checked once each, the processes sharing
+    them, so that all keep the same examples. Without --eval-data a seeded --eval-fraction is held out."""
     examples, bad = read(Path(cfg.data))
     held_out, bad_eval = read(Path(cfg.eval_data)) if cfg.eval_data else ([], [])
     images = sorted({ex.image for ex in examples + held_out if ex.image is not None})
@@ -97,7 +94,7 @@ def split_held_out(examples: list[Example], fraction: float, seed: int):
 
 
 def check_dirs(**paths: str | None) -> None:
-    """A UserError for the first of the given options (model="ckpt" → --model ckpt) that names no directory."""
+    """A UserError for the first option given (model="ckpt": --model ckpt) that names no directory."""
     for key, path in paths.items():
         if path is not None and not Path(path).is_dir():
             why = "not a directory" if Path(path).exists() else "directory not found"
@@ -119,13 +116,13 @@ def read_tokenizer(path: str | os.PathLike):
 
 
 def resolve_image_aspect(given: str | None, prefs: Path) -> tuple[str, str]:
-    """(--image-aspect, where it comes from): as given, else what hscr.py used for the preference file (its
-    header's options.image_aspect), else pad (LLaVA-Med's)."""
+    """(--image-aspect, where it comes from): as given, else the preference file header's, else pad."""
     options = (preference_header(prefs) or {}).get("options")
     made = options.get("image_aspect") if isinstance(options, dict) else None
     made = made if made in ("pad", "resize") else None
     if given is not None:
-        return given, "as given" if made in (None, given) else f"as given; the preference data was made with {made}"
+        note = "as given" if made in (None, given) else f"as given; the preference data was made with {made}"
+        return given, note
     if made is not None:
         return made, f"as hscr.py made {prefs.name}"
     return "pad", f"the default; {prefs.name} does not record one"
