@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from data import PAD_RGB, load_pixels, preprocess_image, resolve_image
 from harness import provenance
-from harness.answers import (PROVENANCE, answer_row, answered_ids, answers_path, clear_run, has_answers,
-                             merge_answers, question_id, read_answer_file)
+from harness.answers import (PROVENANCE, answer_row, answered_ids, answers_path, clear_run, merge_answers,
+                             question_id, read_answer_file)
 from harness.cli import UserError, add_dataclass_options, option, run_main
 from harness.dist import Context, barrier, init_process_group
 from harness.files import DataError, JsonlFile, read_jsonl, read_text
@@ -521,7 +521,8 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     model_id = cfg.model_id or Path(cfg.model).resolve().name
     # The images of the questions that any session chose are fingerprinted; the stored fingerprint is
     # compared with the earlier sessions' choice, so that a resumed run may choose more (--limit).
-    resume = not cfg.overwrite and has_answers(run_dir)
+    started = (run_dir / "summary.json").exists() or any(run_dir.glob("*/answers*.jsonl"))  # shards too
+    resume = not cfg.overwrite and started
     record = provenance.load(run_dir / PROVENANCE) if resume else None
     earlier = [s["limit"] for s in record["sessions"]] if record else []
     questions = {name: records for name, (records, _) in every.items()}

@@ -77,11 +77,6 @@ def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -
     return final
 
 
-def has_answers(run_dir: Path) -> bool:
-    """Whether `run_dir` holds a run: scores or an answer file (a shard included)."""
-    return (run_dir / "summary.json").exists() or any(run_dir.glob("*/answers*.jsonl"))
-
-
 def clear_run(run_dir: Path) -> None:
     """Delete what eval.py writes in a run directory, and nothing else (--out may hold other files)."""
     for f in [*run_dir.glob("*/answers*.jsonl"), *run_dir.glob("*/.answers*.jsonl.tmp*")]:

@@ -73,8 +73,12 @@ def read_examples(read: Callable[[Path], tuple[list[Example], list[BadRecord]]],
     unusable = ctx.gather_dicts({str(path): f"image {names[path]}: {why}" for path, why in mine.items()})
     examples, bad_images = drop_unusable(examples, unusable)
     held_out, bad_eval_images = drop_unusable(held_out, unusable)
-    if not cfg.eval_data:
-        examples, held_out = split_held_out(examples, cfg.eval_fraction, cfg.seed)
+    if not cfg.eval_data:  # a seeded random --eval-fraction of the entries
+        generator = torch.Generator().manual_seed(cfg.seed + 12345)
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        held = set(order[:int(round(cfg.eval_fraction * len(examples)))])
+        held_out = [e for i, e in enumerate(examples) if i in held]
+        examples = [e for i, e in enumerate(examples) if i not in held]
     return examples, held_out, bad + bad_eval + bad_images + bad_eval_images, list(names.values())
 
 
@@ -83,14 +87,6 @@ def drop_unusable(examples: list[Example], unusable: dict[str, str]):
     why = [unusable.get(str(ex.image)) if ex.image is not None else None for ex in examples]
     return ([ex for ex, w in zip(examples, why) if w is None],
             [BadRecord(ex.file, ex.index, ex.id, w) for ex, w in zip(examples, why) if w is not None])
-
-
-def split_held_out(examples: list[Example], fraction: float, seed: int):
-    """A seeded random `fraction` of the entries for evaluation, the rest for training."""
-    n_eval = int(round(fraction * len(examples)))
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 12345)).tolist()
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
 def check_dirs(**paths: str | None) -> None:
