@@ -1,20 +1,9 @@
-"""Data: LLaVA-Med image preprocessing, readers of the real instruction and VQA files, and the
-preference-file reader that gives train.py its examples. The sections, in order:
-
-    preprocessing      preprocess_image: LLaVA-Med's pad to a square (or a resize), CLIP normalisation
-    images on disk     resolve_image, load_image, load_pixels, image_problem; unusable_images (every
-                       training image checked once, before the first step), batch_pixels
-    records            read_records: LLaVA-Med instruction JSON, VQA test.json, question JSONL
-    preference files   read_preferences: hscr.py's output → Examples (token rows, trained tokens);
-                       loss_inputs: the rows' log-probs back per entry, as train.py's losses take them
-
-The steps and the layouts: docs/FORMATS.md, "Image preprocessing" (bit-identical to transformers'
-PIL-backend CLIPImageProcessor; LLaVA-Med's random offset of the paste is not reproduced), "Data
-files", "The preference file" and "Training outputs" (stored token ids, images checked up front).
-A malformed record becomes a `BadRecord` (file, index, id, reason) and reading goes on; a file
-that cannot be read as a whole raises an error naming it. `cfg` is train.py's TrainConfig; this
-module never imports train.py. demo/base.py reads LLaVA conversations into the same Examples;
-how a run reads all this before its model is harness/trainset.py; the demo's files: demo/world.py.
+"""Data: LLaVA-Med image preprocessing (`preprocess_image`), images on disk (`unusable_images`: every
+training image checked once, before the first step), readers of the real instruction and VQA files
+(`read_records`), and the preference-file reader that gives train.py its examples (`read_preferences`).
+Layouts and steps: docs/FORMATS.md, "Image preprocessing", "Data files", "The preference file" and
+"Training outputs". A malformed record becomes a `BadRecord` and reading goes on; a file that cannot be
+read as a whole raises an error naming it. `cfg` is train.py's TrainConfig; this never imports train.py.
 """
 from __future__ import annotations
 
@@ -38,7 +27,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # LLaVA-Med's pad colours: tuple(int(m * 255)) for colour images, int(255 * mean(m)) for "L".
 PAD_RGB = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104)
 PAD_GRAY = int(255 * sum(CLIP_MEAN) / len(CLIP_MEAN))  # 114
-
 # Modes whose pixels are one gray level (alpha dropped, as convert("RGB") drops it too):
 # they are padded with gray 114, like LLaVA-Med's "L" images.
 _GRAY_MODES = {"1", "L", "LA", "La"}
@@ -48,12 +36,9 @@ _HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def preprocess_image(pil_image: Image.Image, size: int = 336, aspect: str = "pad") -> torch.Tensor:
-    """LLaVA-Med v1.5 image preprocessing: PIL image -> (3, size, size) float32 tensor (docs/FORMATS.md
-    "Image preprocessing"). aspect "pad" (LLaVA-Med's) pads to a centred square with the CLIP mean
-    colour, then resizes; "resize" resizes straight to size x size. "1", "L", "LA" are padded with
-    gray 114; "I", "I;16*", "F" are refused; any other mode is converted to RGB (as CLIPImageProcessor
-    does), then padded: the same as LLaVA-Med's padding in the image's own mode for "L", "RGB", "RGBA";
-    for "P" LLaVA-Med's one-colour canvas palette garbles the pasted indices (not reproduced)."""
+    """LLaVA-Med v1.5 image preprocessing: PIL image -> (3, size, size) float32 (docs/FORMATS.md "Image
+    preprocessing"). aspect "pad" (LLaVA-Med's) pads to a centred square with the CLIP mean colour, then
+    resizes; "resize" resizes straight to size x size. Modes "I", "I;16*", "F" are refused (ValueError)."""
     if not isinstance(pil_image, Image.Image):
         raise TypeError(f"preprocess_image expects a PIL image, got {type(pil_image).__name__}")
     problems = []
@@ -67,19 +52,16 @@ def preprocess_image(pil_image: Image.Image, size: int = 336, aspect: str = "pad
                         "intensity window")
     if problems:
         raise ValueError("preprocess_image: " + "; ".join(problems))
-
     fill = (PAD_GRAY,) * 3 if pil_image.mode in _GRAY_MODES else PAD_RGB
     image = pil_image.convert("RGB")  # returns a copy even when already RGB
     width, height = image.size
     if aspect == "pad" and width != height:  # LLaVA's expand2square, the paste centred
         side = max(width, height)
-        start = (side - min(width, height)) // 2  # half the padding along the short axis
         canvas = Image.new("RGB", (side, side), fill)
-        canvas.paste(image, (0, start) if width > height else (start, 0))
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))  # half the padding before the image
         image = canvas
     # reducing_gap stays None, as in transformers' resize: one exact bicubic pass.
     image = image.resize((size, size), resample=Image.Resampling.BICUBIC)
-
     pixels = np.asarray(image)  # (H, W, 3) uint8
     # Same dtype path as transformers: rescale in float64, cast, then normalise in float32.
     pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
@@ -87,9 +69,7 @@ def preprocess_image(pil_image: Image.Image, size: int = 336, aspect: str = "pad
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (3, H, W)
 
 
-# --------------------------------------------------------------------------------------------
 # Images on disk
-
 def resolve_image(image_root: str | os.PathLike, rel_path: str) -> Path:
     """image_root / rel_path, refusing absolute paths and ".." climbing above the root. The check is
     lexical: symlinks inside the root are followed (image folders are often links to other disks)."""
@@ -127,9 +107,8 @@ def load_pixels(path: str | os.PathLike, size: int, aspect: str = "pad") -> torc
 
 
 def image_problem(path: Path) -> str | None:
-    """Why an existing image file cannot be used, from a cheap look (None: it looks fine): the header
-    and pillow's verify(), which checks a PNG's chunk checksums and truncation without decoding
-    pixels. A JPEG cut short passes this and fails when decoded (load_image)."""
+    """Why an existing image file cannot be used (None: it looks fine), from the header and pillow's verify(),
+    which checks a PNG's checksums without decoding. A JPEG cut short passes, and fails when decoded."""
     if path.stat().st_size == 0:
         return "empty file"
     try:
@@ -163,28 +142,22 @@ def batch_pixels(examples: list[Example], image_size: int, aspect: str = "pad") 
     """(B_img, 3, S, S) for the examples that have an image, in order. Every image was checked
     when the run started (`unusable_images`); one that fails now changed during the run."""
     pixels = []
-    for ex in examples:
-        if ex.image is None:
-            continue
+    for ex in (ex for ex in examples if ex.image is not None):
         try:
             pixels.append(load_pixels(ex.image, image_size, aspect))
         except (ValueError, OSError) as e:
-            raise DataError(f"{ex.file} record {ex.index} (id {ex.id}): {e}; the image was readable when the run "
-                            "started, so it changed since: restore it and rerun with --resume") from None
+            raise DataError(f"{ex.file} record {ex.index} (id {ex.id}): {e}; the image was readable when the "
+                            "run started, so it changed since: restore it and rerun with --resume") from None
     return torch.stack(pixels) if pixels else None
 
 
-# --------------------------------------------------------------------------------------------
-# Records
-
+# Records: LLaVA-Med instruction JSON, VQA test.json, question JSONL
 @dataclass
 class Record:
-    """One question (and its reference answer, when known); docs/FORMATS.md "Data files".
-
-    question: the first human turn without "<image>", stripped; answer: the first gpt turn or the
-    JSONL answer (None: the file gives none); answer_type: "OPEN" | "CLOSED" | None; conversations:
-    the turns as in the file (question JSONL: the raw question text, then the answer if known);
-    facts: the record's optional "facts", passed through unread (`eval.fact_scores`)."""
+    """One question and its reference answer (None: the file gives none); docs/FORMATS.md "Data files".
+    question: the first human turn without "<image>", stripped; answer_type: "OPEN" | "CLOSED" | None;
+    conversations: the turns as in the file (question JSONL: the raw question text, then the answer if
+    known); facts: the record's optional "facts", passed through unread (`eval.fact_scores`)."""
     id: str
     image: str | None
     question: str
@@ -213,19 +186,16 @@ class _Malformed(Exception):
 
 def read_records(path: str | os.PathLike, *,
                  answers_path: str | os.PathLike | None = None) -> tuple[list[Record], list[BadRecord]]:
-    """Read a LLaVA-Med instruction JSON, VQA test.json or question JSONL file, the layout recognised
-    from the content (docs/FORMATS.md "Data files"): an object is a conversation record if it has
-    "conversations" (or "conversatons"), a question record if it has "text". With `answers_path`
-    every record's answer comes from that file: a question missing there, or whose inline answer
-    differs, is bad. Returns (records, bad records) in file order; duplicate ids are bad."""
-    items = _read_items(path)
+    """(records, bad records) of a LLaVA-Med instruction JSON, VQA test.json or question JSONL file, the
+    layout recognised from the content (docs/FORMATS.md "Data files"). With `answers_path` every record's
+    answer comes from that file: a question missing there, or whose inline answer differs, is bad."""
     answers, bad = ({}, []) if answers_path is None else _read_answers(answers_path)
     records, seen = [], set()
-    for index, item in items:
+    for index, item in _read_items(path):
         try:
             record = _parse_record(item)
             if answers_path is not None:
-                _attach_answer(record, answers, answers_path)
+                _attach_answer(record, answers, repr(str(answers_path)))
             if record.id in seen:
                 raise _Malformed(f"duplicate id {record.id!r}")
         except _Malformed as error:
@@ -237,7 +207,6 @@ def read_records(path: str | os.PathLike, *,
 
 
 def _read_items(path: str | os.PathLike) -> list[tuple[int, object]]:
-    """harness.files.read_json_records, with a file that cannot be opened reported by name."""
     try:
         return read_json_records(path)
     except OSError as error:
@@ -245,7 +214,6 @@ def _read_items(path: str | os.PathLike) -> list[tuple[int, object]]:
 
 
 def _raw_id(item: object) -> str | None:
-    """The record's id as a string, if it has a usable one (for error reports)."""
     if not isinstance(item, dict):
         return None
     for key in ("question_id", "id"):
@@ -256,7 +224,6 @@ def _raw_id(item: object) -> str | None:
 
 
 def _record_id(item: object) -> str:
-    """The id of a record that is a JSON object with a usable id; else why it is malformed."""
     if isinstance(item, BadLine):
         raise _Malformed(item.message)
     if not isinstance(item, dict):
@@ -296,11 +263,9 @@ def _parse_record(item: object) -> Record:
 
 
 def _check_conversations(conversations: object) -> list[dict]:
-    """Validate LLaVA turns: a non-empty list alternating human, gpt, human, ... (what LLaVA's
-    training code asserts), each {"from", "value": str}. Returns copies holding those two keys."""
+    """Copies of LLaVA turns, checked as LLaVA's training code asserts: alternating human, gpt, …"""
     if not isinstance(conversations, list) or not conversations:
         raise _Malformed("conversations must be a non-empty list")
-    turns = []
     for i, turn in enumerate(conversations):
         expected = "human" if i % 2 == 0 else "gpt"
         if not isinstance(turn, dict):
@@ -309,8 +274,7 @@ def _check_conversations(conversations: object) -> list[dict]:
             raise _Malformed(f"conversation turn {i} is from {turn.get('from')!r}, expected {expected!r}")
         if not isinstance(turn.get("value"), str):
             raise _Malformed(f"conversation turn {i} has no string 'value'")
-        turns.append({"from": turn["from"], "value": turn["value"]})
-    return turns
+    return [{"from": turn["from"], "value": turn["value"]} for turn in conversations]
 
 
 def _clean_question(text: str) -> str:
@@ -322,33 +286,27 @@ def _clean_question(text: str) -> str:
 
 def _inline_answer(item: dict, keys: tuple[str, ...]) -> str | None:
     """The answer under the first of `keys` that the record has (None: it has none of them)."""
-    for key in keys:
-        if key in item:
-            value = item[key]
-            if isinstance(value, str):
-                return value
-            # Numeric answers (PathVQA "number" questions) may be stored as JSON numbers.
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                return str(value)
-            raise _Malformed(f"{key!r} must be a string or a number, got {value!r}")
+    for key in (k for k in keys if k in item):
+        value = item[key]
+        if isinstance(value, str):
+            return value
+        # Numeric answers (PathVQA "number" questions) may be stored as JSON numbers.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return str(value)
+        raise _Malformed(f"{key!r} must be a string or a number, got {value!r}")
     return None
 
 
 def _answer_type(item: dict) -> str | None:
-    if "answer_type" not in item or item["answer_type"] is None:
-        return None
-    value = item["answer_type"]
+    value = item.get("answer_type")
     normalised = _ANSWER_TYPES.get(value.lower()) if isinstance(value, str) else None
-    if normalised is None:
+    if value is not None and normalised is None:
         raise _Malformed(f"unknown answer_type {value!r} (expected one of {sorted(_ANSWER_TYPES)})")
     return normalised
 
 
-_Answers = dict[str, tuple[str, "str | None"]]  # id -> (answer, answer_type)
-
-
-def _read_answers(path: str | os.PathLike) -> tuple[_Answers, list[BadRecord]]:
-    """id -> (answer, answer_type) from an answers file, and its bad records."""
+def _read_answers(path: str | os.PathLike) -> tuple[dict[str, tuple[str, str | None]], list[BadRecord]]:
+    """(id -> (answer, answer_type), bad records) of an answers file."""
     answers, bad = {}, []
     for index, item in _read_items(path):
         try:
@@ -368,8 +326,7 @@ def _read_answers(path: str | os.PathLike) -> tuple[_Answers, list[BadRecord]]:
     return answers, bad
 
 
-def _attach_answer(record: Record, answers: _Answers, answers_path: str | os.PathLike) -> None:
-    where = repr(str(answers_path))
+def _attach_answer(record: Record, answers: dict[str, tuple[str, str | None]], where: str) -> None:
     if record.id not in answers:
         raise _Malformed(f"no answer for id {record.id!r} in {where}")
     answer, answer_type = answers[record.id]
@@ -383,9 +340,7 @@ def _attach_answer(record: Record, answers: _Answers, answers_path: str | os.Pat
     record.answer_type = record.answer_type or answer_type
 
 
-# --------------------------------------------------------------------------------------------
 # Preference files (hscr.py's output) → train.py's examples
-
 @dataclass
 class Example:
     """One training entry: its image and the token rows of its responses. Preference: rows[0] =
@@ -400,9 +355,8 @@ class Example:
 
 
 def _response(text: str, ids: object, complete: object, where: str) -> tuple[str, list[int] | None, bool]:
-    """A response of a preference record: its text, the token ids hscr.py stored for it (without EOS;
-    None: none stored), and complete (False: cut before its EOS at hscr.py's --max-new-tokens, so
-    training appends none). ValueError names a bad field (`where`: the fields' prefix)."""
+    """(text, the ids hscr.py stored without EOS or None, complete: False when cut before its EOS, so that
+    training appends none) of a response; ValueError names a bad field (`where`: the fields' prefix)."""
     if ids is not None and (not isinstance(ids, list)
                             or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
         raise ValueError(f"{where}ids must be a list of token ids")
@@ -412,8 +366,7 @@ def _response(text: str, ids: object, complete: object, where: str) -> tuple[str
 
 
 def _preference_fields(item: object, num_negatives: int):
-    """(id, image, question, prompt or None, chosen response, negative responses) of a preference
-    record (`_response`), or ValueError(reason)."""
+    """(id, image, question, prompt or None, chosen, negatives) of a preference record, or ValueError."""
     if isinstance(item, BadLine):
         raise ValueError(item.message)
     if not isinstance(item, dict):
@@ -428,11 +381,10 @@ def _preference_fields(item: object, num_negatives: int):
     for key in ("question", "chosen"):
         if not isinstance(item[key], str) or not item[key].strip():
             raise ValueError(f"{key} must be a non-empty string")
-    prompt = item.get("prompt")  # hscr.py stores the prompt text it scored with
+    prompt, image = item.get("prompt"), item.get("image")  # hscr.py stores the prompt text it scored with
     if prompt is not None and (not isinstance(prompt, str)
-                               or prompt.count(IMAGE_TOKEN) != (item.get("image") is not None)):
+                               or prompt.count(IMAGE_TOKEN) != (image is not None)):
         raise ValueError(f"prompt must be a string with one {IMAGE_TOKEN} if the record has an image, else none")
-    image = item.get("image")
     if image is not None and not isinstance(image, str):
         raise ValueError(f"image must be a path string or null, got {image!r}")
     raw = item["negatives"] if "negatives" in item else item["rejected"]
@@ -451,10 +403,8 @@ def _preference_fields(item: object, num_negatives: int):
 
 def image_file(image: str | None, image_root: Path) -> Path | None:
     """The file of a record's image path (None: no image); a missing file is the record's error."""
-    if image is None:
-        return None
-    path = resolve_image(image_root, image)
-    if not path.is_file():
+    path = resolve_image(image_root, image) if image is not None else None
+    if path is not None and not path.is_file():
         raise ValueError(f"image not found: {path}")
     return path
 
@@ -492,9 +442,7 @@ class Tokens:
 
 
 def preference_header(path: Path) -> dict | None:
-    """The header line hscr.py writes first in a preference file ({"_header": true, "options",
-    "provenance"}), or None when the file has none (or its first line does not parse: reading
-    the records reports that)."""
+    """The header line hscr.py writes first in a preference file, or None (a bad one: reading reports it)."""
     try:
         with open(path, "rb") as f:
             item = json.loads(f.readline().decode("utf-8"))
@@ -518,11 +466,10 @@ def stored_ids_usable(header: dict | None, tokenizer_sha256: str | None) -> tupl
     return True, ""
 
 
-def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg,
-                     tokenizer_sha256: str | None = None, say: Callable[[str], None] | None = None):
-    """Preference records → (examples, bad records); a bad record is reported, not fatal. Responses
-    are the ids stored in the record when `stored_ids_usable` (the file's tokenizer has the digest
-    `tokenizer_sha256`), else their texts tokenized again; `say` is told once per file which, and why."""
+def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg, tokenizer_sha256: str | None = None,
+                     say: Callable[[str], None] | None = None):
+    """(examples, bad records) of a preference file. Responses are the ids stored in the record when
+    `stored_ids_usable`, else their texts tokenized again; `say` is told once per file which, and why."""
     examples, bad, seen = [], [], set()
     use_ids, why = stored_ids_usable(None, tokenizer_sha256)
     counts = {"stored": 0, "unused": 0, "none": 0}
@@ -558,21 +505,18 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg,
         seen.add(rid)
         targets = [[False] * len(prompt) + [True] * len(r) for r in responses]
         examples.append(Example(rid, image_path, rows, targets, str(path), index))
-    if say:
-        if counts["stored"]:
-            say(f"{path}: {counts['stored']} records trained on the token ids stored with them (same tokenizer)")
-        if counts["unused"]:
-            say(f"{path}: stored token ids not used, {counts['unused']} records re-tokenized from their texts: {why}")
-        if counts["none"]:
-            say(f"{path}: {counts['none']} records have no stored token ids (written by an older hscr.py or "
-                "another program): re-tokenized from their texts")
+    if say and counts["stored"]:
+        say(f"{path}: {counts['stored']} records trained on the token ids stored with them (same tokenizer)")
+    if say and counts["unused"]:
+        say(f"{path}: stored token ids not used, {counts['unused']} records re-tokenized from their texts: "
+            f"{why}")
+    if say and counts["none"]:
+        say(f"{path}: {counts['none']} records have no stored token ids (written by an older hscr.py or "
+            "another program): re-tokenized from their texts")
     return examples, bad
 
 
-
-# --------------------------------------------------------------------------------------------
 # And back: an example's row log-probs, per entry, as the loss takes them (train.py, Stage 3)
-
 def loss_inputs(policy_logp: torch.Tensor, ref_logp: torch.Tensor, examples: list[Example], K: int):
     """Row log-probs (R,) under π_θ and π_ref → the inputs of train.preference_loss: policy chosen
     (B,) and rejected (B, K), reference chosen (B,) and rejected (B, K), padded with 0; mask (B, K)."""

@@ -7,23 +7,11 @@
     python eval.py baselines --questions QUESTIONS   # always yes / always no / "yes no" / majority
     torchrun --nproc_per_node 4 eval.py ...         # shard the questions over 4 processes
 
-The question files may be the real benchmark files as they are (tests/data/ holds VQA-RAD's;
-`gpt4_answer` is the ground truth); they ship without images.
-
-1. Scoring: LLaVA-Med v1.0's `llava/eval/eval_metrics` and `run_eval_batch.py`, quirks included
-   (each named where it is reproduced: `normalize_word`, `calculate_f1score`, `closed_hit`), so
-   that the paper's open recall and closed accuracy equal LLaVA-Med's on the same answer file.
-   Ours beside them: the strict closed score (`strict_hit`), the hedge, no-answer and
-   hallucination rates, the description metric (`fact_scores`), baselines without a model.
-2. Generation (`generate_answers`): LLaVA-Med's prompt, batched greedy decoding, its answer-file
-   JSONL, resumable when the inputs and options are the same (provenance.json), sharded under
-   torchrun. An unreadable image skips its questions (listed); a missing one stops the run.
-3. "Does the model look?" (`--blind`): the same questions with every visual token dropped
-   (`no_image`) and with a mean-colour image (`blank_image`), reported as visual gain (full − blind).
-
-Details in docs/FORMATS.md, "VQA metrics" (the scores, the quirks, where we differ from the scripts)
-and "Evaluation files" (answer files, run directory, what a resume checks). Plumbing in harness/:
-questions.py (inputs), answers.py (answer files), rundir.py (start or resume), reports.py (tables).
+1. Scoring: LLaVA-Med v1.0's `eval_metrics` and `run_eval_batch.py`, quirks named where reproduced; ours
+   beside them: `strict_hit`, the hedge, no-answer and hallucination rates, `fact_scores`, baselines.
+2. Generation (`generate_answers`): LLaVA-Med's prompt and answer files (the real benchmark files are read
+   as they are), batched greedy decoding, resumable, sharded; `--blind` answers again without visual
+   tokens and with a mean-colour image. Details: docs/FORMATS.md "VQA metrics" and "Evaluation files".
 """
 from __future__ import annotations
 
@@ -34,7 +22,6 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +31,7 @@ from tqdm import tqdm
 
 from data import PAD_RGB, load_pixels, preprocess_image, resolve_image
 from harness import provenance
-from harness.answers import (answer_row, answered_ids, answers_path, clear_run, has_answers, merge_answers,
+from harness.answers import (PROVENANCE, answer_row, answered_ids, answers_path, clear_run, merge_answers,
                              question_id, read_answer_file)
 from harness.cli import UserError, add_dataclass_options, option, run_main
 from harness.dist import Context, barrier, init_process_group
@@ -52,19 +39,17 @@ from harness.files import DataError, JsonlFile, read_jsonl, read_text
 from harness.questions import check_images, parse_named, read_benchmarks, read_questions
 from harness.reports import LEGEND, compare_runs, question_counts, scores_table, visual_gain, write_reports
 from harness.rundir import start_run
+from harness.trainset import check_dirs
 from model import load_model
 from model.llava import left_pad
-from model.loading import DTYPES, CheckpointError, resolve_dtype
+from model.loading import DTYPES, resolve_dtype
 from model.lora import load_adapter
 from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_prompt, tokenizer_file
 
-# ---------------------------------------------------------------------------------------------
 # Scoring: LLaVA-Med's normalize_word, split_sentence, calculate_f1score, calculate_exactmatch
-
 # Characters handled by the space-dependent rule, in LLaVA-Med's order (the order does not
 # change the result: each character is replaced independently, and the tests read the input).
-PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@",
-         "`", ",", "?", "!")
+PUNCT = tuple(';/[]"{}()=+\\_-><@`,?!')
 # Number words that LLaVA-Med maps to digits; only whole words, only up to ten.
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -72,34 +57,34 @@ ARTICLES = ("a", "an", "the")
 # LLaVA-Med's contraction table (the VQA-v2 one). Keys with capitals ("Im", "Ive", "Id've")
 # can never match because words are lowercased first; they are kept so the table is the same,
 # and "somebody'd" maps to "somebodyd" upstream: kept too.
-CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
-    "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
-    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll",
-    "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd",
-    "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am",
-    "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock",
-    "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
-    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+CONTRACTIONS = {"aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
+    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't",
+    "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
+    "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've",
+    "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've",
+    "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
+    "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
     "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
     "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
-    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
-    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
-    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
-    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
-    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
-    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
-    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
-    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
-    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
-    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
-    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
-}
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's",
+    "somethingd": "something'd", "somethingd've": "something'd've", "something'dve": "something'd've",
+    "somethingll": "something'll", "thats": "that's", "thered": "there'd", "thered've": "there'd've",
+    "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd",
+    "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
+    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
+    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've",
+    "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll", "whos": "who's",
+    "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've",
+    "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
+    "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've"}
 # A digit, a comma, a digit anywhere in the string switches the punctuation rule to "delete".
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 # Upstream writes "(?!<=\d)(\.)(?!\d)": the first group is a look-*ahead* for the text "<=d",
@@ -117,13 +102,9 @@ def normalize_word(text: str) -> str:
     # 1. Each character of PUNCT is deleted everywhere if it stands next to a space anywhere in the
     # *input* ("p " or " p"), or if the input holds a digit,digit; otherwise every occurrence becomes
     # a space. So "x-ray" → "x ray", and in "x-ray - chest" the dash goes inside "x-ray" too.
-    digit_comma_digit = _DIGIT_COMMA_DIGIT.search(text) is not None
-    out = text
+    digit_comma_digit, out = _DIGIT_COMMA_DIGIT.search(text) is not None, text
     for p in PUNCT:
-        if p + " " in text or " " + p in text or digit_comma_digit:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
+        out = out.replace(p, "" if p + " " in text or " " + p in text or digit_comma_digit else " ")
     # 2. Periods not followed by a digit are deleted ("3.5" keeps its point), at most 32 of them.
     out = _STRAY_PERIOD.sub("", out, count=_MAX_PERIODS_PER_CALL)
     # 3. Number words → digits before the article test, contractions after it, as upstream; single
@@ -139,25 +120,22 @@ def word_counts(text: str) -> Counter:
 
 
 def calculate_f1score(pred: str, gt: str) -> tuple[float, float, float]:
-    """LLaVA-Med's token F1 → (f1, precision, recall) of normalised strings, normalised once more as
-    upstream does. The quirk: tp counts the *prediction*'s repeats of shared words ("lung lung lung"
-    against "left lung": tp = 3, fn = 1, recall 3/4). Zeros if a side has no words or tp == 0."""
+    """LLaVA-Med's token F1 → (f1, precision, recall) of normalised strings, normalised once more as upstream
+    does. The quirk: tp counts the *prediction*'s repeats of shared words ("lung lung lung" against "left
+    lung": tp = 3, fn = 1, recall 3/4). Zeros if a side has no words or tp == 0."""
     p_words, g_words = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
-    if not p_words or not g_words:
-        return 0.0, 0.0, 0.0
     tp = sum(c for w, c in p_words.items() if w in g_words)
     fp = sum(c for w, c in p_words.items() if w not in g_words)
     fn = sum(c for w, c in g_words.items() if w not in p_words)
-    if tp == 0:
+    if tp == 0:  # also when a side has no words
         return 0.0, 0.0, 0.0
     precision, recall = tp / (tp + fp), tp / (tp + fn)
     return 2 * precision * recall / (precision + recall), precision, recall
 
 
 def calculate_exactmatch(pred: str, gt: str) -> float:
-    """LLaVA-Med's "exact match score": reference word *types* found in the prediction ÷ the
-    prediction's word count with repeats (0 for an empty prediction), so "left left lung" against
-    "left lung" → 2/3. What LLaVA-Med's tables call exact match; inputs normalised again, as upstream."""
+    """LLaVA-Med's "exact match score": reference word *types* found in the prediction ÷ the prediction's
+    word count with repeats (0 for an empty prediction): "left left lung" against "left lung" → 2/3."""
     p_words, g_words = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
     total = sum(p_words.values())
     return sum(1 for w in g_words if w in p_words) / total if total else 0.0
@@ -170,9 +148,7 @@ def closed_hit(pred: str, gt: str) -> bool:
     return gt in pred
 
 
-# ---------------------------------------------------------------------------------------------
 # Strict closed scoring: ours, not LLaVA-Med's, reported beside the lenient score
-
 # Words after which a "no" has ended its clause ("no or yes", "no but ...").
 CONJUNCTIONS = ("and", "or", "but")
 # Words and single punctuation characters of the raw text, in order ("no," → "no", ",").
@@ -180,29 +156,22 @@ _TOKENS = re.compile(r"\w+|[^\w\s]")
 
 
 def answer_words(pred: str) -> list[str]:
-    """The yes/no *answer words* of a raw prediction, in order: every whole word "yes", and every
-    whole word "no" that ends its clause (followed by the end, a punctuation character or a
-    conjunction; "no effusion" is a determiner). Read on the lowercased *raw* text, because
-    LLaVA-Med's normalisation deletes that punctuation ("No. Effusion is absent" would lose its answer)."""
+    """The yes/no *answer words* of a raw prediction, in order: every whole word "yes", and every whole word
+    "no" that ends its clause (followed by the end, a punctuation character or a conjunction; "no effusion" is
+    a determiner). Read on the lowercased *raw* text: LLaVA-Med's normalisation deletes that punctuation."""
     tokens = _TOKENS.findall(pred.lower())
-    words = []
-    for i, t in enumerate(tokens):
-        after = tokens[i + 1] if i + 1 < len(tokens) else None
-        if t == "yes" or (t == "no" and (after is None or not after[0].isalnum() or after in CONJUNCTIONS)):
-            words.append(t)
-    return words
+    return [t for t, after in zip(tokens, tokens[1:] + [None]) if t == "yes"
+            or (t == "no" and (after is None or not after[0].isalnum() or after in CONJUNCTIONS))]
 
 
 def closed_answer(pred: str) -> str | None:
     """What a raw prediction answers to a yes/no question: "yes", "no", "hedge" or None: the first
-    answer word (`answer_words`), a hedge if both polarities occur, None if none does. Ours, not
-    LLaVA-Med's; the rule, why, and examples: docs/FORMATS.md "The strict closed score".
+    answer word (`answer_words`), a hedge if both polarities occur, None if none does. Ours; the rule
+    and why: docs/FORMATS.md "The strict closed score".
         "no, there is not" → no    "yes no" → hedge    "Yes, but no effusion" → yes    "nodule" → None
     """
     words = answer_words(pred)
-    if not words:
-        return None
-    return "hedge" if len(set(words)) > 1 else words[0]
+    return None if not words else "hedge" if len(set(words)) > 1 else words[0]
 
 
 def strict_hit(pred: str, gt: str) -> bool:
@@ -222,9 +191,9 @@ def hedges(pred: str) -> bool:
 
 
 def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
-    """Score one answer as LLaVA-Med does (both strings normalised first). CLOSED → {"hit" (its
-    `closed_hit`), "strict" (our `strict_hit`), "exact"}; OPEN → {"recall" (the paper's open score),
-    "precision", "f1", "exact", "hit" (`gt in pred`, the batch script's "open accuracy")}."""
+    """Score one answer as LLaVA-Med does (both strings normalised first). CLOSED → {"hit" (its `closed_hit`),
+    "strict" (our `strict_hit`), "exact"}; OPEN → {"recall" (the paper's open score), "precision", "f1",
+    "exact", "hit" (`gt in pred`, the batch script's "open accuracy")}."""
     if not isinstance(pred, str) or not isinstance(gt, str):
         raise TypeError(f"pred and gt must be str, got {type(pred).__name__} and {type(gt).__name__}")
     p, g = normalize_word(pred), normalize_word(gt)
@@ -233,19 +202,12 @@ def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
                 "exact": calculate_exactmatch(p, g)}
     if answer_type == "OPEN":
         f1, precision, recall = calculate_f1score(p, g)
-        return {"recall": recall, "precision": precision, "f1": f1,
-                "exact": calculate_exactmatch(p, g), "hit": float(g in p)}
+        return {"recall": recall, "precision": precision, "f1": f1, "exact": calculate_exactmatch(p, g),
+                "hit": float(g in p)}
     raise ValueError(f"answer_type must be 'OPEN' or 'CLOSED', got {answer_type!r}")
 
 
-# ---------------------------------------------------------------------------------------------
 # The description metric: facts of a scene stated right or contradicted (ours)
-
-def _states(text: str, phrase: str) -> bool:
-    """Whether `phrase` occurs in `text` as whole words, any case (a hyphen joins: no "ray" in "X-ray")."""
-    return re.search(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])", text, re.IGNORECASE) is not None
-
-
 def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str, int]:
     """The description metric of one answer (docs/FORMATS.md): {"facts": slots, "correct": slots whose
     true value `pred` states, "stated": values it states, "contradicted": stated values not the true
@@ -254,9 +216,11 @@ def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str
     for slot, fact in facts.items():
         values = fact.get("phrases") if isinstance(fact, dict) else None
         if not isinstance(values, dict) or fact.get("value") not in values:
-            raise DataError(f"question {qid}: facts[{slot!r}] must be {{'value': v, 'phrases': {{v: [...], ...}}}} "
-                            f"with v among the phrases' keys, got {fact!r}")
-        stated = [v for v, phrases in values.items() if any(_states(pred, p) for p in phrases)]
+            raise DataError(f"question {qid}: facts[{slot!r}] must be {{'value': v, 'phrases': {{v: [...], "
+                            f"...}}}} with v among the phrases' keys, got {fact!r}")
+        # A phrase is stated as whole words, any case; a hyphen joins words: no "ray" in "X-ray".
+        stated = [v for v, phrases in values.items()
+                  if any(re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", pred, re.I) for p in phrases)]
         counts["facts"] += 1
         counts["correct"] += fact["value"] in stated
         counts["stated"] += len(stated)
@@ -264,38 +228,26 @@ def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str
     return counts
 
 
-# ---------------------------------------------------------------------------------------------
 # A whole answer file scored, and what answering without a model scores
-
 def _ratio100(a: int, b: int) -> float | None:
-    return 100.0 * a / b if b else None
+    return 100.0 * a / b if b else None  # None: nothing to average (an absent type is not 0 %)
 
 
 def _mean100(values: Sequence[float]) -> float | None:
-    """Mean × 100, or None when there is nothing to average (an absent type is not 0 %)."""
-    return 100.0 * sum(values) / len(values) if values else None
+    return _ratio100(sum(values), len(values))
 
 
 def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -> dict[str, Any]:
-    """Score answer-file rows ("question_id", "text") against questions (`.id`, `.answer`,
-    `.answer_type`, optionally `.facts`: data.Record), ids compared as strings. Every figure is a
-    percentage, None when there is nothing to average (docs/FORMATS.md "VQA metrics"):
-      open: n, recall, precision, f1, exact, hit; closed: n, accuracy (lenient), accuracy_strict,
-      hedge_rate, n_yes_no, no_answer_rate, n_gt_no, hallucination_rate (a hedge is not a yes);
-      overall: n, score (mean over questions), mean_of_types; description: n, n_facts, n_stated,
-      facts_contradicted, facts_correct; n_questions, n_answered; missing (no answer: left out,
-      not 0), unknown (answers to no question), unscorable (no type or ground truth, or one that
-      normalises to nothing: `gt in pred` would count any answer right). A question answered
-      twice is an error: merge shards before scoring."""
-    texts: dict[str, str] = {}
-    duplicates = []
-    for row in answers:
-        qid = str(row["question_id"])
-        if qid in texts:
-            duplicates.append(qid)
-        texts[qid] = row["text"]
+    """Score answer-file rows ("question_id", "text") against questions (data.Record: `.id`, `.answer`,
+    `.answer_type`, optional `.facts`), ids compared as strings. Figures are percentages, None when there is
+    nothing to average (docs/FORMATS.md "VQA metrics"), in sections open, closed, overall, description;
+    then n_questions, n_answered, and the ids `missing` (no answer: left out, not 0), `unknown` (answers to
+    no question) and `unscorable` (no type or ground truth, or one that normalises to nothing: `gt in pred`
+    would count any answer right). A question answered twice is an error: merge shards before scoring."""
+    rows = [(str(row["question_id"]), row["text"]) for row in answers]
+    texts, duplicates = dict(rows), [qid for qid, n in Counter(qid for qid, _ in rows).items() if n > 1]
     if duplicates:
-        raise DataError(f"answers hold question ids more than once: {sorted(set(duplicates))[:20]}")
+        raise DataError(f"answers hold question ids more than once: {sorted(duplicates)[:20]}")
     open_s: dict[str, list[float]] = {k: [] for k in ("recall", "precision", "f1", "exact", "hit")}
     hits, hits_strict, hedged, no_answer, gt_no_says_yes = [], [], [], [], []
     missing, unscorable, seen = [], [], set()
@@ -331,17 +283,13 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
                    "hedge_rate": _mean100(hedged), "n_yes_no": len(no_answer),
                    "no_answer_rate": _mean100(no_answer), "n_gt_no": len(gt_no_says_yes),
                    "hallucination_rate": _mean100(gt_no_says_yes)},
-        "overall": {"n": len(hits) + len(open_s["recall"]),
-                    "score": _mean100(open_s["recall"] + hits),
+        "overall": {"n": len(hits) + len(open_s["recall"]), "score": _mean100(open_s["recall"] + hits),
                     "mean_of_types": None if None in both else sum(both) / 2},
         "description": {"n": described["n"], "n_facts": described["facts"], "n_stated": described["stated"],
                         "facts_contradicted": _ratio100(described["contradicted"], described["stated"]),
                         "facts_correct": _ratio100(described["correct"], described["facts"])},
-        "n_questions": len(seen),
-        "n_answered": len(seen) - len(missing) - len(unscorable),
-        "missing": missing,
-        "unknown": [qid for qid in texts if qid not in seen],
-        "unscorable": unscorable,
+        "n_questions": len(seen), "n_answered": len(seen) - len(missing) - len(unscorable),
+        "missing": missing, "unknown": [qid for qid in texts if qid not in seen], "unscorable": unscorable,
     }
 
 # name → the one string answered to every question, closed and open alike.
@@ -378,21 +326,18 @@ def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> 
 
 def baselines(records: Sequence[Any]) -> dict[str, dict[str, Any]]:
     """name → score_file result of every reference baseline (see BASELINES_HELP) on `records`."""
-    answers = {name: [{"question_id": r.id, "text": text} for r in records]
-               for name, text in CONSTANT_BASELINES.items()}
+    answers = {n: [{"question_id": r.id, "text": t} for r in records] for n, t in CONSTANT_BASELINES.items()}
     for name, leave_one_out in MAJORITY_BASELINES.items():
         answers[name] = [{"question_id": qid, "text": text}
                          for qid, text in majority_answers(records, leave_one_out=leave_one_out).items()]
     return {name: score_file(rows, records) for name, rows in answers.items()}
 
 
-# ---------------------------------------------------------------------------------------------
 # Generation over a benchmark: prompts, images, the three modes, resumable answer files
-
 MODES = ("full", "no_image", "blank_image")
 
 
-@dataclass
+@dataclasses.dataclass
 class Batch:
     input_ids: torch.Tensor  # (B, T) long, left-padded
     attention_mask: torch.Tensor  # (B, T) long, 1 on real tokens
@@ -400,24 +345,16 @@ class Batch:
 
 
 def prompt_ids(question: str, tokenizer, config, *, mode: str, template: str) -> list[int]:
-    """LLaVA-Med's prompt for one question: `[INST] <image>\\n{question} [/INST]`, tokenised
-    chunk-wise around the image. In `no_image` mode the same text gets zero image positions:
-    every visual token is dropped, the "▁" pieces around the image stay."""
-    prompt = build_prompt(question, template)
-    if mode != "no_image":
-        return tokenize_prompt(tokenizer, prompt, image_token_id=config.image_token_id,
-                               num_image_tokens=config.num_image_tokens, bos_token_id=config.text.bos_token_id)
-    # tokenize_prompt wants at least one image position: mark it with an id no tokenizer
-    # produces (-1; chunked tokenization never looks it up) and take it out again.
-    ids = tokenize_prompt(tokenizer, prompt, image_token_id=-1, num_image_tokens=1,
-                          bos_token_id=config.text.bos_token_id)
-    return [i for i in ids if i != -1]
-
-
-def blank_image(size: int):
-    """The mean-colour image (CLIP mean × 255, what LLaVA pads with), preprocessed: ~0 after
-    normalisation, so the model sees an image that shows nothing."""
-    return preprocess_image(Image.new("RGB", (size, size), PAD_RGB), size=size)
+    """LLaVA-Med's prompt for one question: `[INST] <image>\\n{question} [/INST]`, tokenised chunk-wise
+    around the image. In `no_image` mode the same text gets zero image positions: every visual token is
+    dropped, the "▁" pieces around the image stay."""
+    # tokenize_prompt wants at least one image position: in no_image mode it gets an id no tokenizer
+    # produces (-1; chunked tokenization never looks it up), taken out again.
+    blind = mode == "no_image"
+    ids = tokenize_prompt(tokenizer, build_prompt(question, template), bos_token_id=config.text.bos_token_id,
+                          image_token_id=-1 if blind else config.image_token_id,
+                          num_image_tokens=1 if blind else config.num_image_tokens)
+    return [i for i in ids if i != -1] if blind else ids
 
 
 def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, template: str = "mistral_instruct",
@@ -431,8 +368,9 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, templat
     size = config.vision.image_size
     if mode == "no_image":
         images = None
-    elif mode == "blank_image":
-        images = blank_image(size)[None].expand(len(records), -1, -1, -1)  # (B, 3, S, S)
+    elif mode == "blank_image":  # LLaVA's pad colour: ~0 once normalised, an image that shows nothing
+        blank = preprocess_image(Image.new("RGB", (size, size), PAD_RGB), size=size)
+        images = blank[None].expand(len(records), -1, -1, -1)  # (B, 3, S, S)
     else:
         images = torch.stack(list(pixels))  # (B, 3, S, S)
     return Batch(ids, mask, images)
@@ -448,9 +386,8 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
     skipped = {} if skipped is None else skipped
     done = answered_ids(run_dir, name, mode)
     # Shard first, filter after: every rank must agree on who owns question i.
-    todo = [r for i, r in enumerate(records) if i % world == rank and r.id not in done and r.id not in skipped]
-    eos = model.config.text.eos_token_id
-    size = model.config.vision.image_size
+    todo = [r for r in records[rank::world] if r.id not in done and r.id not in skipped]
+    eos, size = model.config.text.eos_token_id, model.config.vision.image_size
     n, shard = 0, JsonlFile(answers_path(run_dir, name, mode, rank), key=question_id)
     with tqdm(total=len(todo), desc=f"{name} {mode}", unit="q", disable=rank != 0 or not todo) as bar:
         for s in range(0, len(todo), batch_size):
@@ -459,11 +396,10 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
                 try:
                     if mode == "full":
                         pixels.append(load_pixels(resolve_image(image_root, r.image), size))
+                    chunk.append(r)
                 except (ValueError, OSError) as error:  # data.load_image names the file in both
                     skipped[r.id] = f"image {r.image}: {error}"
                     print(f"{name}: question {r.id} skipped: {skipped[r.id]}", file=sys.stderr)
-                    continue
-                chunk.append(r)
             if chunk:
                 batch = build_batch(chunk, mode, tokenizer=tokenizer, config=model.config, template=template,
                                     pixels=pixels)
@@ -479,10 +415,8 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
     return n
 
 
-# ---------------------------------------------------------------------------------------------
 # Options: the command line is built from EvalConfig
-
-@dataclass
+@dataclasses.dataclass
 class EvalConfig:
     """Options of an evaluation run (the command line is built from these fields)."""
     model: str = option(help="checkpoint directory (config.json + safetensors)")
@@ -515,17 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---------------------------------------------------------------------------------------------
 # The run
-
 def load_for_eval(cfg: EvalConfig, device: str):
     """Model (with the LoRA adapter applied, unmerged) and tokenizer; a checkpoint, adapter or
     tokenizer that cannot be read is a UserError naming it."""
     dtype = resolve_dtype(cfg.dtype, device, gpu_default="float16")
-    try:
-        model = load_model(cfg.model, vision_tower=cfg.vision_tower, dtype=dtype, device=device)
-    except CheckpointError as error:
-        raise UserError(str(error)) from error
+    model = load_model(cfg.model, vision_tower=cfg.vision_tower, dtype=dtype, device=device)
     if cfg.adapter is not None:
         try:
             load_adapter(model, cfg.adapter, dropout=0.0)
@@ -545,18 +474,18 @@ IMAGE_PREPROCESSING = "LLaVA-Med pad: square with the CLIP mean colour, centred;
 
 
 def run_fingerprint(cfg: EvalConfig, questions: Mapping[str, Sequence[Any]], roots: Mapping[str, str],
-                    dtype: torch.dtype) -> dict[str, Any]:
-    """What the answers depend on (docs/FORMATS.md "Run directory"). `questions`: every question
-    of each benchmark file, not only the first --limit, so that --limit can change."""
+                    dtype: torch.dtype, limits: Sequence[int | None]) -> dict[str, Any]:
+    """What the answers depend on (docs/FORMATS.md "Run directory"): every question of each benchmark file,
+    and the images of the first max(`limits`) questions (all if a limit is None): the sessions' questions."""
+    n = None if None in limits else max(limits)
     inputs: dict[str, Any] = {
-        "model": provenance.Dir(cfg.model),
-        "adapter": provenance.Dir(cfg.adapter) if cfg.adapter else None,
+        "model": provenance.Dir(cfg.model), "adapter": provenance.Dir(cfg.adapter) if cfg.adapter else None,
         "vision tower": provenance.Dir(cfg.vision_tower) if cfg.vision_tower else None,
-        "tokenizer": provenance.File(tokenizer_file(cfg.tokenizer or cfg.model)),
-    }
+        "tokenizer": provenance.File(tokenizer_file(cfg.tokenizer or cfg.model))}
     for name, records in questions.items():
         inputs[f"questions {name}"] = provenance.Content([[r.id, r.image, r.question] for r in records])
-        inputs[f"images {name}"] = provenance.Files(roots[name], sorted({r.image for r in records}))
+        images = sorted({r.image for r in records[:n] if r.image is not None})
+        inputs[f"images {name}"] = provenance.Files(roots[name], images)
     return provenance.run_fingerprint(inputs, None, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
                                       dtype=str(dtype).removeprefix("torch."),
                                       image_preprocessing=IMAGE_PREPROCESSING, decoding="greedy")
@@ -575,31 +504,35 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     device = cfg.device if cfg.device != "auto" else (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device, gpu_default="float16")
     run_dir = Path(cfg.out)
-    every = read_benchmarks(cfg.benchmark, cfg.ground_truth)  # every question: all are fingerprinted
+    every = read_benchmarks(cfg.benchmark, cfg.ground_truth)
     named = parse_named(cfg.image_root, "--image-root", names=list(every), allow_global=True)
     roots = {name: named.get(name, named.get("*")) for name in every}
     sources = parse_named(cfg.benchmark, "--benchmark")
-    benchmarks, screened = {}, {}
+    benchmarks, screened = {}, {}  # --limit chooses the questions first: only their images are looked at
     for name, (records, bad) in every.items():
         for b in bad if rank == 0 else []:
             print(f"{name}: bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
-        # Before the (slow) model load: every image of the file, since every one is fingerprinted.
-        unusable = check_images(records, roots[name], name, sources[name])
-        benchmarks[name] = (records[:cfg.limit] if cfg.limit is not None else records, bad)
-        screened[name] = {r.id: unusable[r.id] for r in benchmarks[name][0] if r.id in unusable}
-        for qid, why in screened[name].items() if rank == 0 else ():
+        benchmarks[name] = (records[:cfg.limit], bad)
+        # Before the (slow) model load; each process opens the images of its own share of the questions.
+        screened[name] = check_images(records[:cfg.limit], roots[name], name, sources[name], rank, world)
+        for qid, why in screened[name].items():
             print(f"{name}: question {qid} skipped: {why}", file=sys.stderr)
-    for flag, path in (("--model", cfg.model), ("--adapter", cfg.adapter), ("--vision-tower", cfg.vision_tower)):
-        if path is not None and not Path(path).is_dir():
-            raise UserError(f"{flag} {path}: " + ("not a directory" if Path(path).exists() else "directory not found"))
+    check_dirs(model=cfg.model, adapter=cfg.adapter, vision_tower=cfg.vision_tower)
     model_id = cfg.model_id or Path(cfg.model).resolve().name
-    now = run_fingerprint(cfg, {name: records for name, (records, _) in every.items()}, roots, dtype)
-    start_run(run_dir, now, resume=not cfg.overwrite and has_answers(run_dir), clear=clear_run, made_by="eval.py",
+    # The images of the questions that any session chose are fingerprinted; the stored fingerprint is
+    # compared with the earlier sessions' choice, so that a resumed run may choose more (--limit).
+    started = (run_dir / "summary.json").exists() or any(run_dir.glob("*/answers*.jsonl"))  # shards too
+    resume = not cfg.overwrite and started
+    record = provenance.load(run_dir / PROVENANCE) if resume else None
+    earlier = [s["limit"] for s in record["sessions"]] if record else []
+    questions = {name: records for name, (records, _) in every.items()}
+    now = run_fingerprint(cfg, questions, roots, dtype, earlier + [cfg.limit])
+    before = run_fingerprint(cfg, questions, roots, dtype, earlier) if earlier else None
+    start_run(run_dir, now, resume=resume, clear=clear_run, made_by="eval.py",
               session={"batch_size": cfg.batch_size, "device": device, "world_size": world, "limit": cfg.limit,
                        "blind": cfg.blind, "model_id": model_id},
               holds="answers", restart="rerun with --overwrite to start again (this deletes its answers)",
-              rank=rank, world=world)
-
+              rank=rank, world=world, compare=before)
     model, tokenizer = load_for_eval(cfg, device)
     if rank == 0:  # the options as given, and what "auto" and the defaults resolved to
         resolved = {**dataclasses.asdict(cfg), "resolved": {
@@ -613,9 +546,9 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         mine = dict(screened[name])
         for mode in modes:
             generate_answers(model, tokenizer, records, run_dir=run_dir, name=name, mode=mode,
-                             image_root=roots[name], model_id=model_id,
-                             batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                             template=cfg.template, rank=rank, world=world, skipped=mine)
+                             image_root=roots[name], model_id=model_id, batch_size=cfg.batch_size,
+                             max_new_tokens=cfg.max_new_tokens, template=cfg.template, rank=rank, world=world,
+                             skipped=mine)
             barrier(world)
             if rank == 0:
                 merge_answers(run_dir, name, mode, records)
@@ -674,22 +607,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "LLaVA-Med's lenient figures and the strict ones side by side.",
             "test.json or question JSONL, e.g. tests/data/VQA_RAD_test_llavamed_format.jsonl", answers=True)
         s = score_file(read_answer_file(args.answers), records)
-        if args.json:
-            print(json.dumps(s, indent=2))
-            return 0
-        print(f"{args.answers} on {args.questions}\n{question_counts(s)}; answered {s['n_answered']}, "
+        print(json.dumps(s, indent=2) if args.json else
+              f"{args.answers} on {args.questions}\n{question_counts(s)}; answered {s['n_answered']}, "
               f"{len(s['missing'])} missing (left out), {len(s['unscorable'])} unscorable (no ground truth), "
-              f"{len(s['unknown'])} answers to unknown ids\n")
-        print(scores_table({Path(args.answers).name: s}) + "\n\n" + LEGEND)
+              f"{len(s['unknown'])} answers to unknown ids\n\n"
+              f"{scores_table({Path(args.answers).name: s})}\n\n{LEGEND}")
     elif argv[:1] == ["baselines"]:
         args, records = _scoring_command(argv, BASELINES_HELP, "test.json or question JSONL with answers")
         results = baselines(records)
-        if args.json:
-            print(json.dumps({name: {k: s[k] for k in ("open", "closed", "overall")} for name, s in results.items()},
-                             indent=2))
-            return 0
-        print(f"{args.questions}\n{question_counts(results['always yes'])}\n")
-        print(scores_table(results, "baseline") + "\n\n" + LEGEND)
+        figures = {name: {k: s[k] for k in ("open", "closed", "overall")} for name, s in results.items()}
+        print(json.dumps(figures, indent=2) if args.json else f"{args.questions}\n"
+              f"{question_counts(results['always yes'])}\n\n{scores_table(results, 'baseline')}\n\n{LEGEND}")
     else:
         cfg = EvalConfig(**vars(build_parser().parse_args(argv)))
         results = run(cfg)

@@ -1,7 +1,6 @@
-"""eval.py's answer files (docs/FORMATS.md "Evaluation files"): LLaVA-Med's answer-file JSONL,
-written per rank and merged in question order. A shard is appended to and flushed per batch
-(harness.files.JsonlFile: a torn last line is ignored, its question answered again, and cut off
-before the next append). eval.py imports this; it never imports eval.py.
+"""eval.py's answer files (docs/FORMATS.md "Evaluation files"): LLaVA-Med's answer-file JSONL, written per
+rank, appended to and flushed per batch (harness.files.JsonlFile: a torn last line is ignored, its question
+answered again), and merged in question order. It never imports eval.py.
 """
 from __future__ import annotations
 
@@ -24,10 +23,8 @@ def answers_path(run_dir: Path, name: str, mode: str, rank: int | None = None) -
 
 
 def answer_row(record, text: str, model_id: str, mode: str) -> dict[str, Any]:
-    """One answer-file line. question_id keeps the question file's integer when it was one
-    (Record ids are strings); prompt is the question without <image>, as LLaVA-Med writes it;
-    answer_id is a content hash, not LLaVA-Med's random shortuuid, so that a resumed run writes
-    the same file as an uninterrupted one."""
+    """One answer-file line: question_id keeps the question file's integer when it was one; answer_id is a
+    content hash, not LLaVA-Med's random shortuuid, so that a resumed run writes the same file."""
     qid: int | str = int(record.id) if record.id.isdigit() and str(int(record.id)) == record.id else record.id
     answer_id = hashlib.sha1(f"{model_id}\n{mode}\n{record.id}\n{text}".encode()).hexdigest()[:22]
     return {"question_id": qid, "prompt": record.question, "text": text, "answer_id": answer_id,
@@ -40,8 +37,8 @@ def question_id(row: dict[str, Any]) -> str:
 
 
 def read_answer_file(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of an answer file from anywhere (LLaVA-Med's scripts, an edited copy): JSON lines or a
-    JSON list of objects with "question_id" and "text"; a bad line or row is an error naming it."""
+    """Rows of an answer file from anywhere (LLaVA-Med's scripts, an edited copy): JSON lines or a JSON list
+    of objects with "question_id" and "text"; a bad line or row is an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: answer file not found")
@@ -62,17 +59,15 @@ def shards(run_dir: Path, name: str, mode: str) -> list[Path]:
 
 
 def answered_ids(run_dir: Path, name: str, mode: str) -> set[str]:
-    """Ids answered by an earlier (interrupted) run: the merged file and every shard, so that a
-    rerun with another world size still skips them. Read only: another rank may be appending
-    to its shard, whose last line may be half written (and is then not counted)."""
+    """Ids answered by an earlier run: the merged file and every shard, whatever the world size that wrote
+    them. Read only: another rank may be appending to its shard (a half line is not counted)."""
     files = [answers_path(run_dir, name, mode)] + shards(run_dir, name, mode)
     return set().union(*(JsonlFile(f, key=question_id).ids for f in files))
 
 
 def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -> Path:
-    """Fold the shards into the answer file, in question-file order (rows of questions outside
-    `records`, e.g. from a run without --limit, follow), then delete the shards. Atomic: an
-    interrupted merge leaves the old file and the shards."""
+    """Fold the shards into the answer file, in the order of `records` (rows of other questions, e.g. from a
+    run without --limit, follow), then delete the shards. Atomic: an interrupted merge leaves them."""
     final, parts = answers_path(run_dir, name, mode), shards(run_dir, name, mode)
     position = {r.id: i for i, r in enumerate(records)}
     merge_jsonl(final, [final] + parts, key=question_id,
@@ -82,16 +77,9 @@ def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -
     return final
 
 
-def has_answers(run_dir: Path) -> bool:
-    """Whether `run_dir` holds a run: scores or an answer file (a shard included)."""
-    return (run_dir / "summary.json").exists() or any(run_dir.glob("*/answers*.jsonl"))
-
-
 def clear_run(run_dir: Path) -> None:
-    """Delete what eval.py writes in a run directory, and nothing else (--out may be a folder
-    holding other files): answer files and shards, scores, config, provenance."""
-    for pattern in ("*/answers*.jsonl", "*/.answers*.jsonl.tmp*"):
-        for f in run_dir.glob(pattern):
-            f.unlink()
+    """Delete what eval.py writes in a run directory, and nothing else (--out may hold other files)."""
+    for f in [*run_dir.glob("*/answers*.jsonl"), *run_dir.glob("*/.answers*.jsonl.tmp*")]:
+        f.unlink()
     for n in ("summary.json", "report.md", "config.json", PROVENANCE):
         (run_dir / n).unlink(missing_ok=True)

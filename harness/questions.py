@@ -1,6 +1,5 @@
 """eval.py's inputs: benchmarks named on the command line (NAME=PATH), their question files and their
-images. Every refusal is a UserError or DataError: one line, naming the file. eval.py imports this;
-it never imports eval.py.
+images. Every refusal is a UserError or DataError: one line, naming the file. It never imports eval.py.
 """
 from __future__ import annotations
 
@@ -27,7 +26,8 @@ def parse_named(values: Sequence[str], flag: str, *, names: Sequence[str] | None
         elif allow_global:
             out["*"] = value
         else:
-            problems.append(f"{flag} {value!r} is not NAME=PATH" + (f" with NAME in {list(names)}" if names else ""))
+            with_names = f" with NAME in {list(names)}" if names else ""
+            problems.append(f"{flag} {value!r} is not NAME=PATH{with_names}")
     if problems:
         raise UserError("; ".join(problems))
     return out
@@ -37,39 +37,35 @@ def read_questions(path: str, ground_truth: str | None = None) -> tuple[list[Any
     """data.read_records, with the errors a user can act on: a file not found, bytes that are not
     UTF-8 (the file and byte offset), a file that is not JSON or JSON lines."""
     for what, f in (("question file", path), ("ground-truth file", ground_truth)):
-        if f is None:
-            continue
-        if not Path(f).is_file():
+        if f is not None and not Path(f).is_file():
             raise UserError(f"{f}: {what} not found")
-        read_text(f)  # a DataError naming the byte offset, which read_records would not give
+        if f is not None:
+            read_text(f)  # a DataError naming the byte offset, which read_records would not give
     try:
         return read_records(path, answers_path=ground_truth)
     except ValueError as error:  # read_records raises it for a file it cannot read as a whole
         raise DataError(str(error)) from error
 
 
-def read_benchmarks(benchmark: Sequence[str],
-                    ground_truth: Sequence[str] = ()) -> dict[str, tuple[list[Any], list[Any]]]:
-    """name → (records, bad records) of each --benchmark NAME=PATH, with the answers of its
-    --ground-truth NAME=PATH when given."""
+def read_benchmarks(benchmark: Sequence[str], ground_truth: Sequence[str] = ()) -> dict[str, tuple]:
+    """name → (records, bad records) of each --benchmark NAME=PATH, with its --ground-truth NAME=PATH."""
     paths = parse_named(benchmark, "--benchmark")
     gts = parse_named(ground_truth, "--ground-truth", names=list(paths))
     return {name: read_questions(path, gts.get(name)) for name, path in paths.items()}
 
 
-def check_images(records: Sequence[Any], image_root: str | None, name: str, source: str) -> dict[str, str]:
-    """Fail before the model is loaded when images are missing (the real benchmark files ship without
-    them), with one error naming the benchmark and its file, how many image files are absent for how
-    many questions, and the first of them. Else question id → why its image, which exists, cannot be
-    used (`data.image_problem`, each file looked at once): the questions to skip."""
+def check_images(records: Sequence[Any], image_root: str | None, name: str, source: str, rank: int = 0,
+                 world: int = 1) -> dict[str, str]:
+    """One error naming the benchmark, how many images of `records` are missing and the first of them (the
+    real benchmark files ship without images); else question id → why its image cannot be used
+    (`data.image_problem`, each file looked at once), for this process's share, records[rank::world]."""
     if not records:
         return {}
     where = f"benchmark {name!r} ({source})"
     if image_root is None:
         raise UserError(f"{where}: no --image-root for it (NAME=DIR or one DIR for all)")
-    unusable, absent, n_questions = [], {}, 0  # absent: image path as written → its file
-    looked: dict[str, str | None] = {}  # image path as written → why it cannot be used
-    for r in records:
+    unusable, absent, looked = [], {}, {}  # image path as written → its file, or → why it cannot be used
+    for i, r in enumerate(records):
         if r.image is None:
             unusable.append(f"{r.id}: no image in the record")
             continue
@@ -80,18 +76,18 @@ def check_images(records: Sequence[Any], image_root: str | None, name: str, sour
             continue
         if r.image in absent or not path.is_file():
             absent[r.image] = path
-            n_questions += 1
-        elif r.image not in looked:
+        elif i % world == rank and r.image not in looked:
             looked[r.image] = image_problem(path)
     problems, show = [], 10
     if absent:
         n_images = len({r.image for r in records if r.image is not None})
         problems.append(f"{len(absent)} of {n_images} images not found under {image_root} (needed by "
-                        f"{n_questions} of {len(records)} questions): {', '.join(list(absent)[:show])}"
+                        f"{sum(r.image in absent for r in records)} of {len(records)} questions): "
+                        f"{', '.join(list(absent)[:show])}"
                         + (f", … ({len(absent) - show} more)" if len(absent) > show else ""))
     if unusable:
         problems.append(f"{len(unusable)} questions without a usable image path: " + "; ".join(unusable[:show])
                         + (" …" if len(unusable) > show else ""))
     if problems:
         raise UserError(f"{where}: " + "; ".join(problems))
-    return {r.id: f"image {r.image}: {looked[r.image]}" for r in records if looked[r.image] is not None}
+    return {r.id: f"image {r.image}: {looked[r.image]}" for r in records[rank::world] if looked[r.image]}

@@ -1,11 +1,11 @@
-"""eval.py's tables: report.md and summary.json of a run, `eval.py compare`, `score` and `baselines`.
-Every table shows METRICS, one column each, explained by LEGEND under it; the figures are
-eval.score_file's (None, shown "–": nothing to average). It never imports eval.py.
+"""eval.py's tables: report.md and summary.json of a run, `eval.py compare`, `score` and `baselines`. Every
+table shows METRICS, one column each, explained by LEGEND under it; the figures are eval.score_file's
+(None, shown "–": nothing to average). It never imports eval.py.
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,6 @@ LEGEND = "\n".join((
 MODE_LABELS = {"full": "full", "no_image": "no image", "blank_image": "blank image"}
 
 
-def _fig(scores: Mapping[str, Any], section: str, key: str) -> float | None:
-    return scores.get(section, {}).get(key)  # None (shown "–") for figures older summaries lack
-
-
 def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else b - a
 
@@ -49,25 +45,21 @@ def _fmt(x: float | None, signed: bool = False) -> str:
     return "–" if x is None else (f"{x:+.2f}" if signed else f"{x:.2f}")
 
 
-def _listing(items: Sequence[str], show: int = 20) -> str:
-    return ", ".join(items[:show]) + (f", … ({len(items) - show} more)" if len(items) > show else "")
-
-
 def visual_gain(modes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
     """full − blind for every metric and every blind mode that was run (positive: the image helps;
     for the hallucination rate, negative: the image lowers it)."""
-    return {mode: {label: _diff(_fig(modes[mode], s, k), _fig(modes["full"], s, k)) for label, s, k in METRICS}
+    return {mode: {label: _diff(modes[mode][s][k], modes["full"][s][k]) for label, s, k in METRICS}
             for mode in MODE_LABELS if mode != "full" and mode in modes and "full" in modes}
 
 
 def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
     """Markdown: one row per mode, then one row of visual gain per blind mode; then the questions
     skipped (unreadable image) and unscorable (no ground truth), by id."""
-    full = entry["modes"]["full"]
-    skipped = entry.get("skipped", [])
+    full, skipped = entry["modes"]["full"], entry["skipped"]
+    unscorable, show = full["unscorable"], 20
     lines = [f"### {name}", "",
              f"{full['n_questions'] + len(skipped)} questions read, {len(entry['bad_records'])} malformed records "
-             f"skipped, {len(skipped)} questions skipped (unreadable image), {len(full['unscorable'])} unscorable "
+             f"skipped, {len(skipped)} questions skipped (unreadable image), {len(unscorable)} unscorable "
              f"(no ground truth); answered {full['open']['n']} open, {full['closed']['n']} closed; "
              f"{len(full['missing'])} missing", "",
              scores_table({MODE_LABELS[mode]: scores for mode, scores in entry["modes"].items()}, "mode")]
@@ -77,9 +69,10 @@ def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
     if skipped:
         lines += ["", f"Skipped ({len(skipped)}, not scored):", ""]
         lines += [f"- {s['question_id']}: {s['reason']}" for s in skipped]
-    if full["unscorable"]:
-        lines += ["", f"Unscorable, no ground truth to score against ({len(full['unscorable'])}): "
-                  + _listing(full["unscorable"])]
+    if unscorable:
+        more = f", … ({len(unscorable) - show} more)" if len(unscorable) > show else ""
+        lines += ["", f"Unscorable, no ground truth to score against ({len(unscorable)}): "
+                  + ", ".join(unscorable[:show]) + more]
     return "\n".join(lines) + "\n"
 
 
@@ -91,8 +84,7 @@ def write_reports(run_dir: Path, config: Mapping[str, Any], results: Mapping[str
         {"config": dict(config), "provenance": fingerprint, "benchmarks": results}, indent=2), encoding="utf-8")
     adapter = config.get("adapter")
     text = ["# Evaluation", "", f"model `{config['model']}`" + (f", adapter `{adapter}`" if adapter else ""),
-            "", LEGEND, ""]
-    text += [benchmark_table(name, entry) for name, entry in results.items()]
+            "", LEGEND, ""] + [benchmark_table(name, entry) for name, entry in results.items()]
     (run_dir / "report.md").write_text("\n".join(text), encoding="utf-8")
 
 
@@ -111,10 +103,10 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
     lines = [f"A = {run_a}", f"B = {run_b}", ""]
     for name in list(a) + [n for n in b if n not in a]:
         lines += [f"### {name}", "", "| mode | metric | A | B | B − A |", "|---|---|---:|---:|---:|"]
-        modes_a, modes_b = (x.get(name, {}).get("modes", {}) for x in (a, b))
+        modes_a, modes_b = (x[name]["modes"] if name in x else {} for x in (a, b))
         for mode in [m for m in MODE_LABELS if m in modes_a or m in modes_b]:
             for label, s, k in METRICS:
-                fa, fb = (_fig(modes[mode], s, k) if mode in modes else None for modes in (modes_a, modes_b))
+                fa, fb = (modes[mode][s][k] if mode in modes else None for modes in (modes_a, modes_b))
                 lines.append(f"| {MODE_LABELS[mode]} | {label} | {_fmt(fa)} | {_fmt(fb)} "
                              f"| {_fmt(_diff(fa, fb), True)} |")
         lines.append("")
@@ -125,7 +117,7 @@ def scores_table(rows: Mapping[str, Mapping[str, Any]], first: str = "answers") 
     """Markdown: one row per score_file result (or mode), the METRICS as columns (lenient and strict side by side)."""
     lines = [f"| {first} | " + " | ".join(label for label, _, _ in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for name, scores in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(_fig(scores, s, k)) for _, s, k in METRICS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(scores[s][k]) for _, s, k in METRICS) + " |")
     return "\n".join(lines)
 
 

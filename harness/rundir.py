@@ -77,14 +77,15 @@ def check_out(out: Path, cfg) -> None:
 def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callable[[Path], None], made_by: str,
               session: Mapping[str, Any], holds: str, restart: str, rank: int = 0, world: int = 1,
               finished: Mapping[str, Any] | None = None, outputs: Sequence[str] = (),
-              changes: Sequence[str] = ()) -> bool:
+              changes: Sequence[str] = (), compare: Mapping[str, Any] | None = None) -> bool:
     """Start or resume the run in `out` (provenance.start, the fingerprint kept in provenance.json,
     which names what `out` `holds`); True when it is reused as it is. eval.py resumes whenever
     --out holds answers and --overwrite is not given, train.py only with --resume. finished: what
     the run records at its end, e.g. {"step": 40}: a resumed run that finished so, each of its
     `outputs` as it wrote them, is reused; one written again since stops it (never passed off as
     the run's); one missing is written again. Rank 0 then records the fingerprint, `made_by` and
-    the sessions so far plus this one (`session`, with its start time)."""
+    the sessions so far plus this one (`session`, with its start time). `compare`: what the stored
+    fingerprint must equal, when not `now` (eval.py: the images of the questions earlier sessions chose)."""
     path = out / PROVENANCE
     record = provenance.load(path) if resume else None
 
@@ -104,9 +105,9 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callabl
         return True
 
     unknown = f"{out} holds {holds} but no {PROVENANCE}, so what made them cannot be checked"
-    if provenance.start(out, now, record and record["fingerprint"], resume=resume, clear=lambda: clear(out),
-                        unknown=unknown, restart=restart, changes=changes, reuse=reused, rank=rank,
-                        world=world):
+    if provenance.start(out, compare or now, record and record["fingerprint"], resume=resume,
+                        clear=lambda: clear(out), unknown=unknown, restart=restart, changes=changes,
+                        reuse=reused, rank=rank, world=world):
         return True
     if rank == 0:
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,7 +1,7 @@
-"""train.py's inputs, read before the (slow) model load (`read_inputs`): the tokenizer, the model's
-config without its weights, the preference records of --data and --eval-data and their images, each
-checked once, and the held-out split; demo/base.py reads its SFT conversations the same way. `cfg`
-is train.py's TrainConfig (or demo/base.py's), `ctx` its harness.dist.Context; it never imports train.py.
+"""train.py's inputs, read before the (slow) model load (`read_inputs`): the tokenizer, the model's config
+without its weights, the preference records of --data and --eval-data and their images, each checked once,
+and the held-out split; demo/base.py reads its SFT conversations the same way. `cfg` is train.py's
+TrainConfig (or demo/base.py's), `ctx` its harness.dist.Context; it never imports train.py.
 """
 from __future__ import annotations
 
@@ -36,19 +36,16 @@ class Inputs:
 
 
 def read_inputs(cfg, ctx) -> Inputs:
-    """train.py's inputs: the tokenizer, the model's config, the preference records of --data and
-    --eval-data and their images. Refuses (one line) a --batch-size the processes cannot share,
-    and data with fewer usable entries than one batch."""
+    """train.py's inputs; refuses a --batch-size the processes cannot share and fewer entries than a batch."""
     tokenizer_path = tokenizer_file(cfg.tokenizer or cfg.model)
     tokenizer = read_tokenizer(tokenizer_path)
     config = model_config(cfg.model, cfg.vision_tower)
-    tokens = Tokens(tokenizer, config)
     image_root = Path(cfg.image_root) if cfg.image_root else Path(cfg.data).parent
     aspect, source = resolve_image_aspect(cfg.image_aspect, Path(cfg.data))
     say = (lambda line: print(line, file=sys.stderr)) if ctx.rank == 0 else None
     if say:
         say(f"images: {'padded' if aspect == 'pad' else 'resized'} to a square (--image-aspect {aspect}, {source})")
-    sha256 = provenance.file_digest(tokenizer_path)
+    sha256, tokens = provenance.file_digest(tokenizer_path), Tokens(tokenizer, config)
     examples, held_out, bad, images = read_examples(
         lambda path: read_preferences(path, image_root, tokens, cfg, sha256, say), cfg, image_root, aspect,
         config.vision.image_size, ctx)
@@ -65,11 +62,9 @@ def read_inputs(cfg, ctx) -> Inputs:
 
 def read_examples(read: Callable[[Path], tuple[list[Example], list[BadRecord]]], cfg, image_root: Path,
                   aspect: str, image_size: int, ctx):
-    """(training examples, held-out examples, skipped records, every image file looked at, relative
-    to `image_root`) of cfg.data and cfg.eval_data, each read by `read(path)` → (examples, bad
-    records). A bad record, or one whose image cannot be decoded and preprocessed, is skipped;
-    images are checked once each, the processes sharing the files, so that every process keeps
-    the same examples. Without --eval-data, a seeded --eval-fraction of cfg.data is held out."""
+    """(training examples, held-out examples, skipped records, image files relative to `image_root`) of
+    cfg.data and cfg.eval_data, each read by `read(path)`. Images are checked once each, the processes sharing
+    them, so that all keep the same examples. Without --eval-data a seeded --eval-fraction is held out."""
     examples, bad = read(Path(cfg.data))
     held_out, bad_eval = read(Path(cfg.eval_data)) if cfg.eval_data else ([], [])
     images = sorted({ex.image for ex in examples + held_out if ex.image is not None})
@@ -78,8 +73,12 @@ def read_examples(read: Callable[[Path], tuple[list[Example], list[BadRecord]]],
     unusable = ctx.gather_dicts({str(path): f"image {names[path]}: {why}" for path, why in mine.items()})
     examples, bad_images = drop_unusable(examples, unusable)
     held_out, bad_eval_images = drop_unusable(held_out, unusable)
-    if not cfg.eval_data:
-        examples, held_out = split_held_out(examples, cfg.eval_fraction, cfg.seed)
+    if not cfg.eval_data:  # a seeded random --eval-fraction of the entries
+        generator = torch.Generator().manual_seed(cfg.seed + 12345)
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        held = set(order[:int(round(cfg.eval_fraction * len(examples)))])
+        held_out = [e for i, e in enumerate(examples) if i in held]
+        examples = [e for i, e in enumerate(examples) if i not in held]
     return examples, held_out, bad + bad_eval + bad_images + bad_eval_images, list(names.values())
 
 
@@ -90,21 +89,18 @@ def drop_unusable(examples: list[Example], unusable: dict[str, str]):
             [BadRecord(ex.file, ex.index, ex.id, w) for ex, w in zip(examples, why) if w is not None])
 
 
-def split_held_out(examples: list[Example], fraction: float, seed: int):
-    """A seeded random `fraction` of the entries for evaluation, the rest for training."""
-    n_eval = int(round(fraction * len(examples)))
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 12345)).tolist()
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+def check_dirs(**paths: str | None) -> None:
+    """A UserError for the first option given (model="ckpt": --model ckpt) that names no directory."""
+    for key, path in paths.items():
+        if path is not None and not Path(path).is_dir():
+            why = "not a directory" if Path(path).exists() else "directory not found"
+            raise UserError(f"--{key.replace('_', '-')} {path}: {why}")
 
 
 def model_config(model: str, vision_tower: str | None = None) -> LlavaConfig:
     """The config of the checkpoint `model` (and of a separate `vision_tower`), without its weights."""
-    for flag, path in (("--model", model), ("--vision-tower", vision_tower)):
-        if path is not None and not Path(path).is_dir():
-            raise UserError(f"{flag} {path}: " + ("not a directory" if Path(path).exists() else "directory not found"))
-    vision = read_vision_config(Path(vision_tower)) if vision_tower else None
-    return read_config(Path(model), vision)
+    check_dirs(model=model, vision_tower=vision_tower)
+    return read_config(Path(model), read_vision_config(Path(vision_tower)) if vision_tower else None)
 
 
 def read_tokenizer(path: str | os.PathLike):
@@ -116,15 +112,10 @@ def read_tokenizer(path: str | os.PathLike):
 
 
 def resolve_image_aspect(given: str | None, prefs: Path) -> tuple[str, str]:
-    """(--image-aspect, where it comes from): as given, else what hscr.py used for the preference
-    file (its header's image_aspect), else pad (LLaVA-Med's)."""
-    header = preference_header(prefs)
-    made = None
-    if header:
-        for where in ("options", "provenance"):
-            if isinstance(header.get(where), dict) and header[where].get("image_aspect") in ("pad", "resize"):
-                made = header[where]["image_aspect"]
-                break
+    """(--image-aspect, where it comes from): as given, else the preference file header's, else pad."""
+    options = (preference_header(prefs) or {}).get("options")
+    made = options.get("image_aspect") if isinstance(options, dict) else None
+    made = made if made in ("pad", "resize") else None
     if given is not None:
         note = "as given" if made in (None, given) else f"as given; the preference data was made with {made}"
         return given, note

@@ -802,6 +802,31 @@ def test_torn_answer_file_is_repaired_and_resumed(tiny, tmp_path):
     assert len(json.loads((run / "provenance.json").read_text())["sessions"]) == 2
 
 
+def test_limit_needs_only_the_images_of_its_questions(tiny, tmp_path):
+    """--limit chooses the questions first, and only their images are checked and fingerprinted (a
+    12-question run used to need every image of the file). A later session may choose more, whose
+    images it then needs; an image that an earlier session answered from is still checked."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes((tiny.images / "a.png").read_bytes())  # question 11's; b.png, c.png absent
+    run = tmp_path / "run"
+    _cli(tiny, run, "--limit", "1", images=images)
+    fingerprint = json.loads((run / "provenance.json").read_text())["fingerprint"]
+    assert [json.loads(line)["question_id"] for line in _answers(run).splitlines()] == [11]
+    assert fingerprint["images rad"]["n"] == 1 and fingerprint["questions rad"]["n"] == 5
+    with pytest.raises(UserError, match=r"2 of 3 images not found .*\(needed by 3 of 5 questions\)"):
+        _cli(tiny, run, images=images)  # more questions: their images are needed
+    for name in ("b.png", "c.png"):
+        (images / name).write_bytes((tiny.images / name).read_bytes())
+    _cli(tiny, run, images=images)  # resumed with every question
+    _cli(tiny, tmp_path / "fresh")
+    assert _answers(run) == _answers(tmp_path / "fresh")
+    assert json.loads((run / "provenance.json").read_text())["fingerprint"]["images rad"]["n"] == 3
+    (images / "b.png").write_bytes((tiny.images / "c.png").read_bytes())  # question 12 was answered from it
+    with pytest.raises(ProvenanceError, match="images rad changed"):
+        _cli(tiny, run, "--limit", "1", images=images)
+
+
 # ---------------------------------------------------------------------------------------------
 # Images that exist but cannot be read; reference answers that are empty
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """harness/questions.py: eval.py's question files, read in each layout (on tests/test_eval.py's
 tiny question files)."""
-from harness.questions import read_benchmarks
+from harness.questions import check_images, read_benchmarks
 from test_eval import QUESTIONS, tiny  # noqa: F401 (fixture)
 
 
@@ -20,3 +20,26 @@ def test_formats_read_into_the_same_questions(tiny):
     assert b["json"][1] == [] and b["split"][1] == []
     (bad,) = b["jsonl"][1]
     assert bad.file == str(tiny.root / "questions.jsonl") and bad.index == 2
+
+
+def test_check_images_opens_the_images_of_its_share_only(tiny, tmp_path):
+    """Missing images stop every process alike; an image that exists but cannot be used is found by the
+    process that answers its question (records rank, rank + world, …), which skips it."""
+    import shutil
+
+    import pytest
+
+    from harness.cli import UserError
+
+    images = tmp_path / "images"
+    shutil.copytree(tiny.images, images)
+    (images / "b.png").write_bytes(b"")  # questions 12 and 15, at positions 1 and 4
+    records = read_benchmarks([f"q={tiny.root / 'test.json'}"])["q"][0]
+    empty = "image b.png: empty file"
+    assert check_images(records, str(images), "q", "test.json") == {"12": empty, "15": empty}
+    assert check_images(records, str(images), "q", "test.json", rank=0, world=2) == {"15": empty}
+    assert check_images(records, str(images), "q", "test.json", rank=1, world=2) == {"12": empty}
+    (images / "c.png").unlink()
+    for rank in (0, 1):
+        with pytest.raises(UserError, match=r"1 of 3 images not found .*\(needed by 1 of 5 questions\): c.png$"):
+            check_images(records, str(images), "q", "test.json", rank=rank, world=2)
