@@ -164,27 +164,23 @@ MODEL_TYPE_DEFAULTS = {
 class _Fields:
     """Typed reads from one JSON object of a config file; every error names the file and the field's
     path. A left-out field takes its model_type's default (MODEL_TYPE_DEFAULTS), else the read's."""
-
     def __init__(self, obj, source: str, path: str = ""):
         if not isinstance(obj, dict):
             raise CheckpointError(f"{source}: {path or 'the file'} must be a JSON object, got {_show(obj)}")
-        self.obj, self.source, self.path = obj, source, path
+        self.obj, self.source, self.prefix = obj, source, f"{path}." if path else ""
         self.defaults = MODEL_TYPE_DEFAULTS.get(str(obj.get("model_type")), {})  # str(): a list is no key
 
-    def name(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
     def error(self, key: str, what: str) -> CheckpointError:
-        return CheckpointError(f"{self.source}: {self.name(key)} {what}")
+        return CheckpointError(f"{self.source}: {self.prefix}{key} {what}")
 
     def get(self, key: str, default=_REQUIRED):
         value = self.obj.get(key, self.defaults.get(key, default))
         if value is _REQUIRED:
-            raise CheckpointError(f"{self.source}: missing field {self.name(key)}")
+            raise CheckpointError(f"{self.source}: missing field {self.prefix}{key}")
         return value
 
     def sub(self, key: str) -> "_Fields":
-        return _Fields(self.get(key), self.source, self.name(key))
+        return _Fields(self.get(key), self.source, self.prefix + key)
 
     def int(self, key: str, default=_REQUIRED, *, minimum: int | None = 1, none_ok: bool = False):
         v = self.get(key, default)
@@ -223,8 +219,8 @@ def _rope_theta(f: _Fields) -> float:
     # and, for scaled RoPE, rope_scaling. Only plain RoPE is implemented.
     if f.get("rope_scaling", None) is not None:
         scaling = f.sub("rope_scaling")
-        kind = "rope_type" if "rope_type" in scaling.obj else "type"
-        scaling.choice(kind, "default", ("default",), "only plain RoPE is supported")
+        scaling.choice("rope_type" if "rope_type" in scaling.obj else "type", "default", ("default",),
+                       "only plain RoPE is supported")
     if f.get("rope_parameters", None) is not None:
         params = f.sub("rope_parameters")
         params.choice("rope_type", "default", ("default",), "only plain RoPE is supported")
