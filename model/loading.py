@@ -1,13 +1,11 @@
 """Load LLaVA(-Med) checkpoints from safetensors into `model.llava.Llava`, strictly.
 
-The layouts and config fields accepted are in docs/FORMATS.md ("Checkpoints", "Config fields"):
-LLaVA-Med's original layout, llava-hf's legacy (transformers 4.x and 5.x on disk) and new ones,
-and a CLIP directory supplying the vision tower, as LLaVA's own code does with OpenAI's CLIP.
-The layout is decided over every shard's keys (`detect_layout`: a shard may hold only lm_head);
-`config_from_json` names the file and field of a bad value; `assign_weights` lists every missing,
-unexpected, mis-shaped or non-floating tensor in one error, then reads each tensor once into a
-meta-device model (peak memory ≈ one copy). Only RoPE `inv_freq`, CLIP `position_ids` and
-`image_newline` keys are ignored; pickles (`.bin`, `.pt`) are refused: they can run arbitrary code.
+The layouts, config fields and ignored keys are in docs/FORMATS.md ("Checkpoints", "Config fields"):
+LLaVA-Med's original layout, llava-hf's legacy and new ones, and a CLIP directory supplying the vision
+tower, as LLaVA's own code does with OpenAI's CLIP. The layout is decided over every shard's keys
+(`detect_layout`: a shard may hold only lm_head); `assign_weights` lists every missing, unexpected,
+mis-shaped or non-floating tensor in one error, then reads each tensor once into a meta-device model
+(peak memory ≈ one copy). Pickles (`.bin`, `.pt`) are refused: loading them would run arbitrary code.
 """
 from __future__ import annotations
 
@@ -64,8 +62,8 @@ LAYOUTS: dict[str, list[tuple[str, str]]] = {
     # CLIPModel, CLIPVisionModelWithProjection and 4.x CLIPVisionModel write `vision_model.`;
     # transformers 5's CLIPVisionModel writes the tower's own names, without it.
     "clip": [("vision_model.", "vision_tower."),
-             *((p, "vision_tower." + p) for p in ("embeddings.", "pre_layrnorm.", "encoder.",
-                                                  "post_layernorm."))],
+             ("embeddings.", "vision_tower.embeddings."), ("pre_layrnorm.", "vision_tower.pre_layrnorm."),
+             ("encoder.", "vision_tower.encoder."), ("post_layernorm.", "vision_tower.post_layernorm.")],
 }
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids", "image_newline")
 # The parts of a full CLIPModel that are not its vision tower.
@@ -73,9 +71,8 @@ CLIP_IGNORED = ("text_model.", "text_projection.", "visual_projection.", "logit_
 # Prefixes only read, never written: transformers 4.x's tower prefix (5.x writes the shorter one).
 READ_ONLY = {"vision_tower.vision_model.", "model.vision_tower.vision_model."}
 
-# Key prefixes that only one checkpoint layout writes; one such key anywhere in a checkpoint decides
-# its layout (llava-med is tried first: its tower prefix extends llava-hf's). `lm_head.*`
-# (LLaVA-Med and llava-hf alike) decides nothing.
+# Key prefixes that only one checkpoint layout writes; one such key anywhere in a checkpoint decides its
+# layout (llava-med is tried first: its tower prefix extends llava-hf's). `lm_head.*` decides nothing.
 TELLING = {
     "llava-med": ("model.vision_tower.vision_tower.", "model.mm_projector.", "model.layers.",
                   "model.embed_tokens.", "model.norm."),
@@ -96,8 +93,7 @@ def detect_layout(keys, source: str = "checkpoint") -> str:
     where = {k: f"{k} ({Path(files[k]).name})" if files else k for k in keys}
     seen: dict[str, str] = {}  # layout → first key that tells it
     for key in keys:
-        layout = next((lay for lay, prefixes in TELLING.items() if key.startswith(prefixes)), None)
-        if layout is not None:
+        if (layout := next((lay for lay, pre in TELLING.items() if key.startswith(pre)), None)) is not None:
             seen.setdefault(layout, key)
     if len(seen) == 1:
         return next(iter(seen))
@@ -143,10 +139,9 @@ def _show(value) -> str:
 
 _REQUIRED = object()
 
-# What transformers assumes for a field that a nested config leaves out: transformers 4.x writes
-# only the fields of text_config / vision_config that differ from their class's defaults, so
-# e.g. llava-hf/llava-1.5-7b-hf's text_config has no hidden_size. Keyed by the sub-config's
-# model_type; tests/test_loading.py checks these numbers against transformers' classes.
+# What transformers assumes for a field that a nested config leaves out: transformers 4.x writes only
+# the fields of text_config / vision_config that differ from their class's defaults (llava-hf's
+# llava-1.5-7b-hf has no text_config.hidden_size). tests/test_loading.py checks these numbers.
 MODEL_TYPE_DEFAULTS = {
     "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
               "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
@@ -174,8 +169,7 @@ class _Fields:
         return CheckpointError(f"{self.source}: {self.prefix}{key} {what}")
 
     def get(self, key: str, default=_REQUIRED):
-        value = self.obj.get(key, self.defaults.get(key, default))
-        if value is _REQUIRED:
+        if (value := self.obj.get(key, self.defaults.get(key, default))) is _REQUIRED:
             raise CheckpointError(f"{self.source}: missing field {self.prefix}{key}")
         return value
 
@@ -377,15 +371,12 @@ def safetensors_files(path: Path) -> list[Path]:
             raise CheckpointError(f"{index}: weight_map[{bad!r}] must be a file name in {path}, "
                                   f"got {_show(weight_map[bad])}")
         files = [path / f for f in sorted(set(weight_map.values()))]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
+        if missing := [str(f) for f in files if not f.is_file()]:
             raise CheckpointError(f"{index} names shards that do not exist: {', '.join(missing)}")
         return files
-    files = sorted(path.glob("*.safetensors"))
-    if files:
+    if files := sorted(path.glob("*.safetensors")):
         return files
-    pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(ext))
-    if pickles:
+    if pickles := sorted(p.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(ext)):
         raise CheckpointError(
             f"{path} holds only pickle checkpoints ({', '.join(pickles)}); this project never unpickles "
             "weights (it can run arbitrary code). Convert them once, where you trust the file, e.g.\n"
@@ -404,10 +395,9 @@ def _open(file: Path):
 
 
 def _headers(source: Path, files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """{key: (file, shape)} over all the files of a checkpoint, from their headers only.
-
-    A key held by two files is an error naming both: whichever copy loaded would depend on file
-    order (a stray partial file of zeros next to the real shards would load without a word)."""
+    """{key: (file, shape)} over all the files of a checkpoint, from their headers only. A key held by
+    two files is an error naming both: whichever copy loaded would depend on file order (a stray
+    partial file of zeros next to the real shards would load without a word)."""
     where: dict[str, tuple[Path, tuple[int, ...]]] = {}
     twice: dict[tuple[str, str], list[str]] = {}  # (first file, second file) → keys in both
     for file in files:
@@ -449,7 +439,6 @@ def _index(headers: dict, layout: str, source: str, *, skip: tuple[str, ...] = (
 
 def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, device="cpu") -> Llava:
     """Load a LLaVA(-Med) checkpoint directory (config.json + safetensors) as a `Llava` in eval mode.
-
     `vision_tower`: a CLIP directory whose tower replaces the checkpoint's, or supplies a missing one."""
     path = Path(path)
     if not path.is_dir():
@@ -472,11 +461,9 @@ def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, d
 
 def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], source: str, *,
                    dtype: torch.dtype, device) -> torch.nn.Module:
-    """Check `found` ({name: (file, key, shape)}) against a meta-device model, strictly, then read
-    each tensor once and assign it in place (peak memory ≈ one copy of the weights).
-
-    One CheckpointError lists every missing, unexpected, mis-shaped and non-floating-point key
-    (an integer tensor where a weight belongs), naming the files."""
+    """Check `found` ({name: (file, key, shape)}) against a meta-device model, strictly, then read each
+    tensor once and assign it in place. One CheckpointError lists every missing, unexpected, mis-shaped
+    and non-floating-point key (an integer tensor where a weight belongs), naming the files."""
     handle = functools.cache(_open)  # one open file per shard
     params = model.state_dict()
     expected = {k: tuple(v.shape) for k, v in params.items()}
@@ -496,8 +483,7 @@ def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], s
     problems = [(missing, f"missing{advice}", ", "), (unexpected, "unexpected", ", "),
                 (wrong, "with the wrong shape", "; "),
                 (not_float, "not floating point where a weight belongs", "; ")]
-    lines = [f"  {len(items)} {what}: " + sep.join(items) for items, what, sep in problems if items]
-    if lines:
+    if lines := [f"  {len(items)} {what}: " + sep.join(items) for items, what, sep in problems if items]:
         raise CheckpointError("\n".join([f"cannot load {source}:", *lines]))
     state = {}
     for name, (file, key, _) in found.items():

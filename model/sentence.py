@@ -155,8 +155,7 @@ class SentenceEncoder(nn.Module):
             for r, i in enumerate(rows):
                 (row_ids, row_types), n = encoded[i], len(encoded[i][0])
                 ids[r, :n], types[r, :n], mask[r, :n] = torch.tensor(row_ids), torch.tensor(row_types), 1
-            e = self(ids.to(device), mask.to(device), types.to(device))  # (B, D)
-            out[torch.tensor(rows, device=device)] = e
+            out[torch.tensor(rows, device=device)] = self(ids.to(device), mask.to(device), types.to(device))
         return out
 
     @classmethod
@@ -188,35 +187,6 @@ def bert_config_from_json(c: dict, source: str = "config.json") -> BertConfig:
         raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
 
 
-def _modules(path: Path) -> dict[str, Path]:
-    """modules.json → {module kind: its directory}; refuses modules that are not reproduced here."""
-    found = {}
-    for m in _read_json(path / "modules.json"):
-        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
-        if kind not in SUPPORTED_MODULES:
-            raise CheckpointError(f"{path / 'modules.json'}: module {m.get('type')!r} is not supported "
-                                  f"(only {', '.join(SUPPORTED_MODULES)})")
-        found[kind] = path / m.get("path", "")
-    for kind in ("Transformer", "Pooling"):
-        if kind not in found:
-            raise CheckpointError(f"{path / 'modules.json'}: no {kind} module")
-    return found
-
-
-def _check_pooling(file: Path, hidden_size: int) -> None:
-    """Only mean pooling is implemented: 1_Pooling/config.json must ask for it and nothing else."""
-    c = _read_json(file)
-    modes = {k: v for k, v in c.items() if k.startswith("pooling_mode_")}
-    others = sorted(k for k, v in modes.items() if v and k != "pooling_mode_mean_tokens")
-    if not modes.get("pooling_mode_mean_tokens") or others:
-        raise CheckpointError(f"{file}: only mean pooling is supported (pooling_mode_mean_tokens alone); "
-                              f"this file asks for {', '.join(others) or 'no mean pooling'}")
-    dim = c.get("word_embedding_dimension", hidden_size)
-    if dim != hidden_size:
-        raise CheckpointError(f"{file}: word_embedding_dimension {dim} ≠ the encoder's hidden_size "
-                              f"{hidden_size}")
-
-
 def load_sentence_encoder(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> SentenceEncoder:
     """Load a sentence-transformers directory strictly, as a `SentenceEncoder` in eval mode: its
     modules.json, the Transformer directory's config.json, *.safetensors (keys with or without a
@@ -224,10 +194,29 @@ def load_sentence_encoder(path, *, dtype: torch.dtype = torch.float32, device="c
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a sentence-transformers directory")
-    modules = _modules(path)
+    modules = {}  # module kind → its directory
+    for m in _read_json(path / "modules.json"):
+        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+        if kind not in SUPPORTED_MODULES:
+            raise CheckpointError(f"{path / 'modules.json'}: module {m.get('type')!r} is not supported "
+                                  f"(only {', '.join(SUPPORTED_MODULES)})")
+        modules[kind] = path / m.get("path", "")
+    for kind in ("Transformer", "Pooling"):
+        if kind not in modules:
+            raise CheckpointError(f"{path / 'modules.json'}: no {kind} module")
     root = modules["Transformer"]
     bert = bert_config_from_json(_read_json(root / "config.json"), str(root / "config.json"))
-    _check_pooling(modules["Pooling"] / "config.json", bert.hidden_size)
+    # Only mean pooling is implemented: the Pooling config must ask for it and nothing else.
+    pooling_file = modules["Pooling"] / "config.json"
+    pooling = _read_json(pooling_file)
+    modes = {k: v for k, v in pooling.items() if k.startswith("pooling_mode_")}
+    others = sorted(k for k, v in modes.items() if v and k != "pooling_mode_mean_tokens")
+    if not modes.get("pooling_mode_mean_tokens") or others:
+        raise CheckpointError(f"{pooling_file}: only mean pooling is supported (pooling_mode_mean_tokens "
+                              f"alone); this file asks for {', '.join(others) or 'no mean pooling'}")
+    if (dim := pooling.get("word_embedding_dimension", bert.hidden_size)) != bert.hidden_size:
+        raise CheckpointError(f"{pooling_file}: word_embedding_dimension {dim} ≠ the encoder's hidden_size "
+                              f"{bert.hidden_size}")
     st_file = root / "sentence_bert_config.json"
     st = _read_json(st_file) if st_file.is_file() else {}
     max_len = st.get("max_seq_length") or bert.max_position_embeddings

@@ -6,9 +6,7 @@ LLaVA-Med v1.5 ships Mistral-7B's SentencePiece model (`tokenizer.model`) and no
 it equals `sentencepiece` id for id; transformers 5.x's conversion does not (it ranks merges by piece
 id, not score: docs/FORMATS.md, "Tokenizer"). The prompt side reproduces LLaVA-Med exactly
 (docs/FORMATS.md, "Prompt"): the `mistral_instruct` template and the chunk-wise tokenization around
-"<image>" (`tokenize_prompt`).
-
-CLI: `python -m model.tokenizer convert path/to/tokenizer.model path/to/tokenizer.json`.
+"<image>" (`tokenize_prompt`). CLI: `python -m model.tokenizer convert tokenizer.model tokenizer.json`.
 """
 from __future__ import annotations
 
@@ -131,7 +129,6 @@ _SPEC_FIELDS = {
 
 def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
     """Parse a SentencePiece `tokenizer.model` (ModelProto) without protobuf or sentencepiece.
-
     ModelProto: 1 pieces (repeated SentencePiece {1 piece, 2 score, 3 type}), 2 trainer_spec,
     3 normalizer_spec, 5 denormalizer_spec. Raises FileNotFoundError / ValueError naming the file."""
     path = Path(model_path)
@@ -167,32 +164,8 @@ def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
     return spm
 
 
-def _check_supported(spm: SentencePieceModel, path: Path) -> None:
-    """One error listing every way the model differs from the Llama/Mistral kind we rebuild."""
-    kind = _MODEL_TYPES.get(spm.model_type, str(spm.model_type))
-    duplicates = sorted(p for p, n in Counter(spm.pieces).items() if n > 1)
-    checks = [  # (what is wrong, what it means)
-        (spm.model_type != 2, f"model_type is {kind}; only BPE (Llama / Mistral style) is supported"),
-        (not spm.byte_fallback, "byte_fallback is off; Llama-style tokenizers need it"),
-        (spm.precompiled_charsmap or spm.denormalizer_charsmap,
-         f"normalizer {spm.normalizer_name!r} rewrites characters; only the 'identity' normalizer is "
-         "supported"),
-        (spm.remove_extra_whitespaces,
-         "remove_extra_whitespaces is on; whitespace runs could not be reproduced"),
-        (not spm.escape_whitespaces, "escape_whitespaces is off; spaces must become '▁'"),
-        (spm.treat_whitespace_as_suffix, "treat_whitespace_as_suffix is on; only '▁' prefixes are supported"),
-        (not 0 <= spm.unk_id < len(spm.pieces) or spm.types[spm.unk_id] != UNKNOWN,
-         f"unk_id {spm.unk_id} is not an UNKNOWN piece"),
-        (duplicates, f"duplicate pieces {duplicates[:5]}"),
-    ]
-    problems = [problem for failed, problem in checks if failed]
-    if problems:
-        raise ValueError(f"unsupported SentencePiece model {path}:\n  - " + "\n  - ".join(problems))
-
-
 def _bpe_merges(pieces: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
     """All (left, right) with left + right a piece and both halves pieces, in rank order.
-
     SentencePiece's BPE merges, at each step, the adjacent pair whose concatenation has the highest
     score; HF BPE merges the pair with the lowest rank: ranking by score (descending) makes the two
     agree. Secondary keys and ties follow transformers' converter, so the merges list is its."""
@@ -209,10 +182,28 @@ def _bpe_merges(pieces: Sequence[str], scores: Sequence[float]) -> list[tuple[st
 
 
 def convert_sentencepiece(model_path: str | Path) -> Tokenizer:
-    """Build the Llama-style `tokenizers.Tokenizer` equivalent to a SentencePiece BPE model; a
-    ValueError lists every unsupported setting (unigram models, character normalizers, ...)."""
-    spm = read_sentencepiece(model_path)
-    _check_supported(spm, Path(model_path))
+    """Build the Llama-style `tokenizers.Tokenizer` equivalent to a SentencePiece BPE model; one
+    ValueError lists every way the model differs from the Llama/Mistral kind rebuilt here."""
+    path = Path(model_path)
+    spm = read_sentencepiece(path)
+    kind = _MODEL_TYPES.get(spm.model_type, str(spm.model_type))
+    duplicates = sorted(p for p, n in Counter(spm.pieces).items() if n > 1)
+    checks = [  # (unsupported?, the problem)
+        (spm.model_type != 2, f"model_type is {kind}; only BPE (Llama / Mistral style) is supported"),
+        (not spm.byte_fallback, "byte_fallback is off; Llama-style tokenizers need it"),
+        (spm.precompiled_charsmap or spm.denormalizer_charsmap,
+         f"normalizer {spm.normalizer_name!r} rewrites characters; only the 'identity' normalizer is "
+         "supported"),
+        (spm.remove_extra_whitespaces,
+         "remove_extra_whitespaces is on; whitespace runs could not be reproduced"),
+        (not spm.escape_whitespaces, "escape_whitespaces is off; spaces must become '▁'"),
+        (spm.treat_whitespace_as_suffix, "treat_whitespace_as_suffix is on; only '▁' prefixes are supported"),
+        (not 0 <= spm.unk_id < len(spm.pieces) or spm.types[spm.unk_id] != UNKNOWN,
+         f"unk_id {spm.unk_id} is not an UNKNOWN piece"),
+        (duplicates, f"duplicate pieces {duplicates[:5]}"),
+    ]
+    if problems := [problem for failed, problem in checks if failed]:
+        raise ValueError(f"unsupported SentencePiece model {path}:\n  - " + "\n  - ".join(problems))
     return llama_tokenizer(spm)
 
 
@@ -222,18 +213,16 @@ def llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
     vocab, unk = {piece: i for i, piece in enumerate(spm.pieces)}, spm.pieces[spm.unk_id]
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=_bpe_merges(spm.pieces, spm.scores), unk_token=unk,
                               fuse_unk=True, byte_fallback=True, dropout=None))
-    # The dummy prefix lives in the normalizer (no pre-tokenizer), so that every stretch of text
-    # between special tokens gets its "▁", as LLaVA-Med's slow "legacy" LlamaTokenizer does: it
-    # calls SentencePiece on each stretch.
+    # The dummy prefix lives in the normalizer (no pre-tokenizer), so that every stretch of text between
+    # special tokens gets its "▁", as in LLaVA-Med's slow "legacy" LlamaTokenizer (SentencePiece per stretch).
     steps = [normalizers.Prepend(SPIECE)] if spm.add_dummy_prefix else []
     tokenizer.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", SPIECE)])
     steps = [decoders.Replace(SPIECE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if spm.add_dummy_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))  # undo the dummy prefix
     tokenizer.decoder = decoders.Sequence(steps)
-    # Control pieces (and the unknown piece) are special: matched verbatim in text, skipped by
-    # decode(skip_special_tokens=True). User-defined pieces are matched verbatim but decoded.
-    # add_special_tokens / add_tokens keep the ids because the pieces are already in the vocab.
+    # Control and unknown pieces are special: matched verbatim, skipped by decode(skip_special_tokens=True);
+    # user-defined ones are matched verbatim but decoded. The ids stay: the pieces are in the vocab.
     tokenizer.add_special_tokens([AddedToken(p, normalized=False, special=True)
                                   for p, t in zip(spm.pieces, spm.types) if t in (UNKNOWN, CONTROL)])
     tokenizer.add_tokens([AddedToken(p, normalized=False, special=False)
@@ -248,9 +237,8 @@ def llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
 
 # Loading, prompts, tokenization.
 def tokenizer_file(path: str | Path) -> Path:
-    """The file load_tokenizer reads for `path`: the path itself, or a directory's tokenizer.json,
-    else its SentencePiece tokenizer.model. Fingerprints hash this file, so it is resolved once,
-    here, for loading and hashing alike."""
+    """The file load_tokenizer reads for `path`: the path itself, or a directory's tokenizer.json, else
+    its tokenizer.model. Fingerprints hash this file, so it is resolved here for loading and hashing."""
     path = Path(path)
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):
@@ -275,11 +263,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def build_prompt(question: str, template: str = "mistral_instruct") -> str:
-    """The evaluation prompt: any "<image>" removed from the question, "<image>\\n" put first.
-
-    >>> build_prompt("What is shown?<image>")
-    '[INST] <image>\\nWhat is shown? [/INST]'
-    """
+    """The evaluation prompt: any "<image>" removed from the question, "<image>\\n" put first:
+    build_prompt("What is shown?<image>") == '[INST] <image>\\nWhat is shown? [/INST]'."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
     question = question.replace(IMAGE_TOKEN, "").strip()
@@ -289,7 +274,6 @@ def build_prompt(question: str, template: str = "mistral_instruct") -> str:
 def tokenize_prompt(tokenizer: Tokenizer, prompt: str, *, image_token_id: int,
                     num_image_tokens: int, bos_token_id: int | None = 1) -> list[int]:
     """Prompt ids with each "<image>" expanded to `num_image_tokens` copies of `image_token_id`.
-
     LLaVA's chunk-wise tokenization (docs/FORMATS.md, "Prompt"): each chunk between "<image>"s
     gets its own "▁" prefix, BOS only once, so "[INST] <image>\\nWhat" gives [BOS, "▁[", "INST",
     "]", "▁", <image> × N, "▁", "\\n", "What"]. `image_token_id` may be -200: never looked up.
@@ -311,7 +295,6 @@ def image_span(ids: Sequence[int], image_token_id: int) -> tuple[int, int]:
 
 def tokenize_response(tokenizer: Tokenizer, text: str, *, eos_token_id: int | None = 2) -> list[int]:
     """The ids of a response as they follow the prompt's "[/INST]", then EOS.
-
     LLaVA joins "[/INST]" and the answer with one space; SentencePiece pieces never cross the "]" / "▁"
     boundary, so the answer's ids are its own encoding, the dummy prefix standing for that space."""
     ids = tokenizer.encode(text, add_special_tokens=False).ids  # EOS placed here, not by the post-processor
@@ -324,8 +307,7 @@ def decode(tokenizer: Tokenizer, ids: Sequence[int], *, eos_token_id: int | None
     ids = [int(i) for i in ids]
     if eos_token_id is not None and eos_token_id in ids:
         ids = ids[:ids.index(eos_token_id)]
-    negative = [i for i in ids if i < 0]
-    if negative:
+    if negative := [i for i in ids if i < 0]:
         raise ValueError(f"cannot decode negative ids {sorted(set(negative))} (image placeholders?)")
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
