@@ -159,6 +159,7 @@ MODEL_TYPE_DEFAULTS = {
 class _Fields:
     """Typed reads from one JSON object of a config file; every error names the file and the field's
     path. A left-out field takes its model_type's default (MODEL_TYPE_DEFAULTS), else the read's."""
+
     def __init__(self, obj, source: str, path: str = ""):
         if not isinstance(obj, dict):
             raise CheckpointError(f"{source}: {path or 'the file'} must be a JSON object, got {_show(obj)}")

@@ -36,6 +36,7 @@ from .loading import CheckpointError, _headers, _read_json, assign_weights, safe
 @dataclass
 class BertConfig:
     """BERT encoder shape. Defaults: all-MiniLM-L6-v2 (MiniLM-L6-H384, 22.7 M parameters)."""
+
     vocab_size: int = 30522
     hidden_size: int = 384
     intermediate_size: int = 1536
@@ -54,6 +55,7 @@ class BertConfig:
 @dataclass
 class SentenceConfig:
     """The sentence-transformers modules around the encoder: Transformer → mean Pooling → Normalize."""
+
     bert: BertConfig
     max_seq_length: int = 256  # tokens per text including [CLS] and [SEP]; longer texts are truncated
     normalize: bool = True  # a Normalize module follows the pooling
@@ -70,6 +72,7 @@ def _dense_norm(d_in: int, c: BertConfig) -> nn.ModuleDict:
 
 class Layer(nn.Module):
     """x = LN(x + Wo · MHA(x)), then x = LN(x + W2 · GELU(W1 · x)): `encoder.layer.{i}.*`."""
+
     def __init__(self, c: BertConfig):
         super().__init__()
         self.n_heads = c.n_heads
@@ -92,6 +95,7 @@ class Layer(nn.Module):
 
 class SentenceEncoder(nn.Module):
     """BERT + mean pooling (+ L2 norm). `encode` takes texts; `forward` takes token ids."""
+
     def __init__(self, config: SentenceConfig):
         super().__init__()
         self.config = config
@@ -100,12 +104,10 @@ class SentenceEncoder(nn.Module):
             "word_embeddings": nn.Embedding(c.vocab_size, c.hidden_size),
             "position_embeddings": nn.Embedding(c.max_position_embeddings, c.hidden_size),
             "token_type_embeddings": nn.Embedding(c.type_vocab_size, c.hidden_size),
-            "LayerNorm": nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps),
-        })
+            "LayerNorm": nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)})
         self.encoder = nn.ModuleDict({"layer": nn.ModuleList(Layer(c) for _ in range(c.n_layers))})
-        # tanh(W · h_[CLS]), BERT's next-sentence head: its weights only, for strict loading.
         self.pooler = nn.ModuleDict({"dense": nn.Linear(c.hidden_size, c.hidden_size)}) if c.pooler else None
-        self.tokenizer: Tokenizer | None = None  # set by load_sentence_encoder
+        self.tokenizer: Tokenizer | None = None  # set by from_pretrained
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor):
         """Sentence embeddings (B, D) float32 of right-padded ids, their mask and token types (B, T):
@@ -160,11 +162,69 @@ class SentenceEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, *, dtype: torch.dtype = torch.float32, device="cpu") -> "SentenceEncoder":
-        return load_sentence_encoder(path, dtype=dtype, device=device)
+        """Load a sentence-transformers directory strictly, as a `SentenceEncoder` in eval mode: its
+        modules.json, the Transformer directory's config.json, *.safetensors (keys with or without a
+        `bert.` prefix), tokenizer.json and sentence_bert_config.json, the Pooling's config.json."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a sentence-transformers directory")
+        modules = {}  # module kind → its directory
+        for m in _read_json(path / "modules.json"):
+            kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+            if kind not in SUPPORTED_MODULES:
+                raise CheckpointError(f"{path / 'modules.json'}: module {m.get('type')!r} is not supported "
+                                      f"(only {', '.join(SUPPORTED_MODULES)})")
+            modules[kind] = path / m.get("path", "")
+        for kind in ("Transformer", "Pooling"):
+            if kind not in modules:
+                raise CheckpointError(f"{path / 'modules.json'}: no {kind} module")
+        root = modules["Transformer"]
+        bert = bert_config_from_json(_read_json(root / "config.json"), str(root / "config.json"))
+        # Only mean pooling is implemented: the Pooling config must ask for it and nothing else.
+        pooling_file = modules["Pooling"] / "config.json"
+        pooling = _read_json(pooling_file)
+        modes = {k: v for k, v in pooling.items() if k.startswith("pooling_mode_")}
+        others = sorted(k for k, v in modes.items() if v and k != "pooling_mode_mean_tokens")
+        if not modes.get("pooling_mode_mean_tokens") or others:
+            raise CheckpointError(f"{pooling_file}: only mean pooling is supported (pooling_mode_mean_tokens "
+                                  f"alone); this file asks for {', '.join(others) or 'no mean pooling'}")
+        if (dim := pooling.get("word_embedding_dimension", bert.hidden_size)) != bert.hidden_size:
+            raise CheckpointError(f"{pooling_file}: word_embedding_dimension {dim} ≠ the encoder's "
+                                  f"hidden_size {bert.hidden_size}")
+        st_file = root / "sentence_bert_config.json"
+        st = _read_json(st_file) if st_file.is_file() else {}
+        max_len = st.get("max_seq_length") or bert.max_position_embeddings
+        if not 2 < max_len <= bert.max_position_embeddings:
+            raise CheckpointError(f"{st_file}: max_seq_length {max_len} must lie in "
+                                  f"(2, max_position_embeddings = {bert.max_position_embeddings}]")
+        if not (root / "tokenizer.json").is_file():
+            raise CheckpointError(f"{root / 'tokenizer.json'}: not found (a fast-tokenizer file is required)")
+        tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+        # Truncate as sentence-transformers does, which overrides the tokenizer.json's own settings
+        # (all-MiniLM-L6-v2's: truncate at 128, pad to 128); `encode` pads per batch.
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length=max_len, strategy="longest_first")
+        # {our name: (file, key, shape)}: a `bert.` prefix is stripped when the checkpoint uses it; a
+        # key outside that prefix is then unexpected rather than silently dropped.
+        files = safetensors_files(root)
+        headers = _headers(root, files)
+        prefix = "bert." if any(k.startswith("bert.") for k in headers) else ""
+        # `embeddings.position_ids` is a buffer, not a weight (an arange HF saved in older files).
+        found = {k[len(prefix):]: (file, k, shape) for k, (file, shape) in headers.items()
+                 if k.startswith(prefix) and k[len(prefix):] != "embeddings.position_ids"}
+        unexpected = [f"{k} ({file.name})" for k, (file, _) in headers.items() if not k.startswith(prefix)]
+        # The [CLS] pooler is optional (add_pooling_layer=False): built iff the file has it (strict loading).
+        bert.pooler = any(k.startswith("pooler.") for k in found)
+        config = SentenceConfig(bert=bert, max_seq_length=max_len, normalize="Normalize" in modules,
+                                do_lower_case=bool(st.get("do_lower_case", False)))
+        with torch.device("meta"):
+            model = cls(config)
+        assign_weights(model, found, unexpected, ", ".join(str(f) for f in files), dtype=dtype, device=device)
+        model.tokenizer = tokenizer
+        return model.eval()
 
 
-# Loading a sentence-transformers directory.
-# The sentence-transformers modules this encoder reproduces; any other module changes the output.
+# The sentence-transformers modules from_pretrained reproduces; any other module changes the output.
 SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
 
 
@@ -185,70 +245,6 @@ def bert_config_from_json(c: dict, source: str = "config.json") -> BertConfig:
             type_vocab_size=c.get("type_vocab_size", 2), layer_norm_eps=c.get("layer_norm_eps", 1e-12))
     except KeyError as e:
         raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
-
-
-def load_sentence_encoder(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> SentenceEncoder:
-    """Load a sentence-transformers directory strictly, as a `SentenceEncoder` in eval mode: its
-    modules.json, the Transformer directory's config.json, *.safetensors (keys with or without a
-    `bert.` prefix), tokenizer.json and sentence_bert_config.json, the Pooling's config.json."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a sentence-transformers directory")
-    modules = {}  # module kind → its directory
-    for m in _read_json(path / "modules.json"):
-        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
-        if kind not in SUPPORTED_MODULES:
-            raise CheckpointError(f"{path / 'modules.json'}: module {m.get('type')!r} is not supported "
-                                  f"(only {', '.join(SUPPORTED_MODULES)})")
-        modules[kind] = path / m.get("path", "")
-    for kind in ("Transformer", "Pooling"):
-        if kind not in modules:
-            raise CheckpointError(f"{path / 'modules.json'}: no {kind} module")
-    root = modules["Transformer"]
-    bert = bert_config_from_json(_read_json(root / "config.json"), str(root / "config.json"))
-    # Only mean pooling is implemented: the Pooling config must ask for it and nothing else.
-    pooling_file = modules["Pooling"] / "config.json"
-    pooling = _read_json(pooling_file)
-    modes = {k: v for k, v in pooling.items() if k.startswith("pooling_mode_")}
-    others = sorted(k for k, v in modes.items() if v and k != "pooling_mode_mean_tokens")
-    if not modes.get("pooling_mode_mean_tokens") or others:
-        raise CheckpointError(f"{pooling_file}: only mean pooling is supported (pooling_mode_mean_tokens "
-                              f"alone); this file asks for {', '.join(others) or 'no mean pooling'}")
-    if (dim := pooling.get("word_embedding_dimension", bert.hidden_size)) != bert.hidden_size:
-        raise CheckpointError(f"{pooling_file}: word_embedding_dimension {dim} ≠ the encoder's hidden_size "
-                              f"{bert.hidden_size}")
-    st_file = root / "sentence_bert_config.json"
-    st = _read_json(st_file) if st_file.is_file() else {}
-    max_len = st.get("max_seq_length") or bert.max_position_embeddings
-    if not 2 < max_len <= bert.max_position_embeddings:
-        raise CheckpointError(f"{st_file}: max_seq_length {max_len} must lie in "
-                              f"(2, max_position_embeddings = {bert.max_position_embeddings}]")
-    if not (root / "tokenizer.json").is_file():
-        raise CheckpointError(f"{root / 'tokenizer.json'}: not found (a fast-tokenizer file is required)")
-    tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
-    # Truncate as sentence-transformers does, which overrides the tokenizer.json's own settings
-    # (all-MiniLM-L6-v2's: truncate at 128, pad to 128); `encode` pads per batch.
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=max_len, strategy="longest_first")
-    # {our name: (file, key, shape)}: a `bert.` prefix is stripped when the checkpoint uses it; a
-    # key outside that prefix is then unexpected rather than silently dropped.
-    files = safetensors_files(root)
-    headers = _headers(root, files)
-    prefix = "bert." if any(k.startswith("bert.") for k in headers) else ""
-    # `embeddings.position_ids` is a buffer, not a weight (an arange HF saved in older files).
-    found = {k[len(prefix):]: (file, k, shape) for k, (file, shape) in headers.items()
-             if k.startswith(prefix) and k[len(prefix):] != "embeddings.position_ids"}
-    unexpected = [f"{k} ({file.name})" for k, (file, _) in headers.items() if not k.startswith(prefix)]
-    # The pooler is optional in BERT checkpoints (add_pooling_layer=False); build it iff present,
-    # so that either way every key of the file has a parameter and every parameter a key.
-    bert.pooler = any(k.startswith("pooler.") for k in found)
-    config = SentenceConfig(bert=bert, max_seq_length=max_len, normalize="Normalize" in modules,
-                            do_lower_case=bool(st.get("do_lower_case", False)))
-    with torch.device("meta"):
-        model = SentenceEncoder(config)
-    assign_weights(model, found, unexpected, ", ".join(str(f) for f in files), dtype=dtype, device=device)
-    model.tokenizer = tokenizer
-    return model.eval()
 
 
 def default_minilm_path() -> Path | None:
@@ -282,6 +278,7 @@ def token_f1(a: str, b: str) -> float:
 class Similarity:
     """HSCR's step 7 (docs/METHOD.md): sim(y_l, y_w), the cosine similarity of sentence embeddings,
     here of all-MiniLM-L6-v2 (mean pooling, L2-normalised), or `lexical` token F1 (no model)."""
+
     def __init__(self, kind: str = "minilm", path: str | None = None, device="cpu"):
         self.kind = kind
         if kind == "minilm":

@@ -1,12 +1,11 @@
 """Tokenizer and prompt for LLaVA-Med v1.5, with the `tokenizers` library only.
 
-LLaVA-Med v1.5 ships Mistral-7B's SentencePiece model (`tokenizer.model`) and no tokenizer.json.
+LLaVA-Med v1.5 ships Mistral-7B's SentencePiece model (`tokenizer.model`), no tokenizer.json:
 `convert_sentencepiece` reads that protobuf by hand and builds the equivalent Llama-style
-`tokenizers.Tokenizer`, as transformers' `LlamaConverter` (up to 4.x) did. On the real Mistral model
-it equals `sentencepiece` id for id; transformers 5.x's conversion does not (it ranks merges by piece
-id, not score: docs/FORMATS.md, "Tokenizer"). The prompt side reproduces LLaVA-Med exactly
-(docs/FORMATS.md, "Prompt"): the `mistral_instruct` template and the chunk-wise tokenization around
-"<image>" (`tokenize_prompt`). CLI: `python -m model.tokenizer convert tokenizer.model tokenizer.json`.
+`tokenizers.Tokenizer` as transformers' `LlamaConverter` (up to 4.x) did, equal to `sentencepiece` id
+for id on the real model (docs/FORMATS.md, "Tokenizer", says why not transformers 5.x's). The prompt
+side reproduces LLaVA-Med exactly: the `mistral_instruct` template and the chunk-wise tokenization
+around "<image>" (docs/FORMATS.md, "Prompt"). CLI: `python -m model.tokenizer convert IN.model OUT.json`.
 """
 from __future__ import annotations
 
@@ -267,8 +266,7 @@ def build_prompt(question: str, template: str = "mistral_instruct") -> str:
     build_prompt("What is shown?<image>") == '[INST] <image>\\nWhat is shown? [/INST]'."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
-    question = question.replace(IMAGE_TOKEN, "").strip()
-    return TEMPLATES[template].format(user=f"{IMAGE_TOKEN}\n{question}")
+    return TEMPLATES[template].format(user=f"{IMAGE_TOKEN}\n{question.replace(IMAGE_TOKEN, '').strip()}")
 
 
 def tokenize_prompt(tokenizer: Tokenizer, prompt: str, *, image_token_id: int,
@@ -302,8 +300,7 @@ def tokenize_response(tokenizer: Tokenizer, text: str, *, eos_token_id: int | No
 
 
 def decode(tokenizer: Tokenizer, ids: Sequence[int], *, eos_token_id: int | None = 2) -> str:
-    """Text of generated ids: cut at the first EOS, special tokens skipped, whitespace stripped
-    (as LLaVA-Med's evaluation does)."""
+    """Text of generated ids: cut at the first EOS, special tokens skipped, stripped (as LLaVA-Med's eval)."""
     ids = [int(i) for i in ids]
     if eos_token_id is not None and eos_token_id in ids:
         ids = ids[:ids.index(eos_token_id)]
