@@ -391,8 +391,8 @@ def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): "
-                              f"{e}") from None
+        raise CheckpointError(f"{file}: not a readable safetensors file "
+                              f"(truncated or corrupt?): {e}") from None
 
 
 def _headers(source: Path, files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
@@ -491,8 +491,8 @@ def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], s
         try:
             t = handle(file).get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{file}: tensor {key} cannot be read (truncated or corrupt?): "
-                                  f"{e}") from None
+            raise CheckpointError(f"{file}: tensor {key} cannot be read "
+                                  f"(truncated or corrupt?): {e}") from None
         state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model

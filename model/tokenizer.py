@@ -64,8 +64,9 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     for shift in range(0, 70, 7):  # a 64-bit value needs at most 10 bytes
         if pos >= len(buf):
             raise _ProtoError("truncated varint")
-        value, pos = value | (buf[pos] & 0x7F) << shift, pos + 1
-        if buf[pos - 1] < 0x80:
+        byte, pos = buf[pos], pos + 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
             return value, pos
     raise _ProtoError("varint longer than 10 bytes")
 
