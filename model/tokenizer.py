@@ -1,23 +1,11 @@
 """Tokenizer and prompt for LLaVA-Med v1.5, with the `tokenizers` library only.
 
-LLaVA-Med v1.5 ships Mistral-7B's SentencePiece model (`tokenizer.model`) and no tokenizer.json.
+LLaVA-Med v1.5 ships Mistral-7B's SentencePiece model (`tokenizer.model`), no tokenizer.json:
 `convert_sentencepiece` reads that protobuf by hand and builds the equivalent Llama-style
-`tokenizers.Tokenizer` (docs/FORMATS.md, "Tokenizer"), as transformers' `LlamaConverter` (up to
-4.x) did: BPE over the pieces (id = piece index) with byte fallback, merges ranked by score
-(`_bpe_merges`), a normalizer that prepends "▁" (SentencePiece's `add_dummy_prefix`) and maps
-" " to "▁", the matching decoder, control pieces as special tokens, and a post-processor that
-prepends BOS (LLaVA-Med's `add_bos_token=True`; our own functions below never rely on it).
-
-Why not simply what transformers 5.x builds: its SentencePiece path ranks merges by piece id
-instead of score and uses a Metaspace pre-tokenizer that skips the dummy prefix when the text
-starts with a space, so it disagrees with SentencePiece on runs of spaces (Mistral's "▁▁"
-pieces have score -1e9 but small ids). On the real Mistral model the converter here equals
-`sentencepiece`'s encode id for id (see tests/test_tokenizer.py).
-
-The prompt side reproduces LLaVA-Med exactly (docs/FORMATS.md, "Prompt"): the `mistral_instruct`
-template, and the chunk-wise tokenization around the literal "<image>" (`tokenize_prompt`).
-
-CLI: `python -m model.tokenizer convert path/to/tokenizer.model path/to/tokenizer.json`.
+`tokenizers.Tokenizer` as transformers' `LlamaConverter` (up to 4.x) did, equal to `sentencepiece` id
+for id on the real model (docs/FORMATS.md, "Tokenizer", says why not transformers 5.x's). The prompt
+side reproduces LLaVA-Med exactly: the `mistral_instruct` template and the chunk-wise tokenization
+around "<image>" (docs/FORMATS.md, "Prompt"). CLI: `python -m model.tokenizer convert IN.model OUT.json`.
 """
 from __future__ import annotations
 
@@ -33,7 +21,6 @@ from tokenizers.models import BPE
 
 from harness.cli import UserError
 
-
 # Word-start marks of SentencePiece / byte-level BPE pieces, and punctuation glued to words.
 _MARKS = "▁Ġ "
 _PUNCT = ".,;:!?\"'()[]"
@@ -46,10 +33,9 @@ def piece_word(piece: str | None) -> str:
 
 
 def word_classes(pieces: Sequence[str | None]) -> list[int]:
-    """A class per token id (pieces[i] = the piece of id i): tokens that spell the same word share
-    one. A piece's word is piece_word lower-cased: "▁No", "no" and "▁no." are one word. A piece
-    with no letters or digits left (punctuation, a bare mark, a missing id) is a class of its own.
-    hscr.py's --same-word exclude drops candidates of y_t's class."""
+    """A class per token id (pieces[i] = the piece of id i): tokens that spell the same word
+    (piece_word lower-cased: "▁No", "no", "▁no.") share one; a piece with no letter or digit left
+    is a class of its own. hscr.py's --same-word exclude drops candidates of y_t's class."""
     classes, seen = [], {}
     for i, piece in enumerate(pieces):
         w = piece_word(piece).lower()
@@ -62,45 +48,32 @@ SPIECE = "\u2581"  # "▁", SentencePiece's visible space
 
 # SentencePiece piece types (sentencepiece_model.proto, ModelProto.SentencePiece.Type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-# TrainerSpec.model_type values, for error messages.
-_MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
+_MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}  # TrainerSpec.model_type, for error messages
 
-TEMPLATES = {
-    # LLaVA-Med's conv_mistral_instruct (sep_style LLAMA_2, empty system prompt), single turn.
-    "mistral_instruct": "[INST] {user} [/INST]",
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# A minimal protobuf reader: just enough wire format for sentencepiece_model.proto.
+# LLaVA-Med's conv_mistral_instruct (sep_style LLAMA_2, empty system prompt), single turn.
+TEMPLATES = {"mistral_instruct": "[INST] {user} [/INST]"}
 
 
 class _ProtoError(ValueError):
-    pass
+    """A malformed message: this minimal protobuf reader knows just enough for sentencepiece_model.proto."""
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     """Decode a base-128 varint at `pos`; returns (value, next position)."""
-    value = shift = 0
-    while True:
+    value = 0
+    for shift in range(0, 70, 7):  # a 64-bit value needs at most 10 bytes
         if pos >= len(buf):
             raise _ProtoError("truncated varint")
-        byte = buf[pos]
-        pos += 1
+        byte, pos = buf[pos], pos + 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
             return value, pos
-        shift += 7
-        if shift >= 70:  # a 64-bit value needs at most 10 bytes
-            raise _ProtoError("varint longer than 10 bytes")
+    raise _ProtoError("varint longer than 10 bytes")
 
 
 def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """Yield (field number, value) of one message: int for varints, bytes for the rest.
-
-    Wire types: 0 varint, 1 fixed 64-bit, 2 length-delimited (strings, bytes, sub-messages),
-    5 fixed 32-bit (floats). Groups (3, 4) are long deprecated and not in this schema.
-    """
+    """Yield (field number, value) of one message: int for varints, bytes for the rest. Wire types:
+    0 varint, 1 fixed 64-bit, 2 length-delimited, 5 fixed 32-bit; groups (3, 4) are not in this schema."""
     pos = 0
     while pos < len(buf):
         key, pos = _varint(buf, pos)
@@ -108,10 +81,7 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
         if wire == 0:
             value, pos = _varint(buf, pos)
         elif wire in (1, 2, 5):
-            if wire == 2:
-                size, pos = _varint(buf, pos)
-            else:
-                size = 8 if wire == 1 else 4
+            size, pos = _varint(buf, pos) if wire == 2 else (8 if wire == 1 else 4, pos)
             if pos + size > len(buf):
                 raise _ProtoError(f"field {number} runs past the end of its message")
             value, pos = buf[pos:pos + size], pos + size
@@ -121,8 +91,7 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
 
 
 def _int32(value: int | bytes) -> int:
-    """An int32 / enum / bool field; protobuf writes negative int32 (pad_id = -1) as a 64-bit
-    two's complement varint."""
+    """An int32 / enum / bool field; a negative int32 (pad_id = -1) is a 64-bit two's complement varint."""
     if not isinstance(value, int):
         raise _ProtoError("a numeric field is not a varint")
     return value - (1 << 64) if value >= 1 << 63 else value
@@ -148,9 +117,8 @@ class SentencePieceModel:
     denormalizer_charsmap: bytes = b""
 
 
-# The TrainerSpec (2), NormalizerSpec (3) and denormalizer NormalizerSpec (5) fields read, by
-# ModelProto field and sub-field number: SentencePieceModel's attribute, whose type is the field's.
-# A string / bytes field of another wire type is skipped.
+# The TrainerSpec (2), NormalizerSpec (3) and denormalizer NormalizerSpec (5) fields read, by ModelProto
+# field and sub-field number: SentencePieceModel's attribute, whose type is the field's.
 _SPEC_FIELDS = {
     2: {3: "model_type", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 24: "treat_whitespace_as_suffix"},
     3: {1: "normalizer_name", 2: "precompiled_charsmap", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces",
@@ -161,10 +129,8 @@ _SPEC_FIELDS = {
 
 def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
     """Parse a SentencePiece `tokenizer.model` (ModelProto) without protobuf or sentencepiece.
-
     ModelProto: 1 pieces (repeated SentencePiece {1 piece, 2 score, 3 type}), 2 trainer_spec,
-    3 normalizer_spec, 5 denormalizer_spec. Raises FileNotFoundError / ValueError naming the file.
-    """
+    3 normalizer_spec, 5 denormalizer_spec. Raises FileNotFoundError / ValueError naming the file."""
     path = Path(model_path)
     if not path.is_file():
         raise FileNotFoundError(f"SentencePiece model not found: {path}")
@@ -184,14 +150,12 @@ def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
                 spm.scores.append(score)
                 spm.types.append(kind)
             elif number in _SPEC_FIELDS and isinstance(value, bytes):
-                for n, v in _fields(value):
-                    name = _SPEC_FIELDS[number].get(n)
-                    if name is None:
-                        continue
+                spec = _SPEC_FIELDS[number]
+                for name, v in ((spec[n], v) for n, v in _fields(value) if n in spec):
                     old = getattr(spm, name)
                     if not isinstance(old, (str, bytes)):
                         setattr(spm, name, type(old)(_int32(v)))  # an int, enum or bool
-                    elif isinstance(v, bytes):
+                    elif isinstance(v, bytes):  # a string / bytes field of another wire type is skipped
                         setattr(spm, name, v.decode("utf-8") if isinstance(old, str) else v)
     except (_ProtoError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a valid SentencePiece model: {e}") from None
@@ -200,40 +164,11 @@ def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
     return spm
 
 
-def _check_supported(spm: SentencePieceModel, path: Path) -> None:
-    """One error listing every way the model differs from the Llama/Mistral kind we rebuild."""
-    problems = []
-    if spm.model_type != 2:
-        kind = _MODEL_TYPES.get(spm.model_type, str(spm.model_type))
-        problems.append(f"model_type is {kind}; only BPE (Llama / Mistral style) is supported")
-    if not spm.byte_fallback:
-        problems.append("byte_fallback is off; Llama-style tokenizers need it")
-    if spm.precompiled_charsmap or spm.denormalizer_charsmap:
-        problems.append(f"normalizer {spm.normalizer_name!r} rewrites characters; "
-                        "only the 'identity' normalizer is supported")
-    if spm.remove_extra_whitespaces:
-        problems.append("remove_extra_whitespaces is on; whitespace runs could not be reproduced")
-    if not spm.escape_whitespaces:
-        problems.append("escape_whitespaces is off; spaces must become '▁'")
-    if spm.treat_whitespace_as_suffix:
-        problems.append("treat_whitespace_as_suffix is on; only '▁' prefixes are supported")
-    if not 0 <= spm.unk_id < len(spm.pieces) or spm.types[spm.unk_id] != UNKNOWN:
-        problems.append(f"unk_id {spm.unk_id} is not an UNKNOWN piece")
-    duplicates = sorted(p for p, n in Counter(spm.pieces).items() if n > 1)
-    if duplicates:
-        problems.append(f"duplicate pieces {duplicates[:5]}")
-    if problems:
-        raise ValueError(f"unsupported SentencePiece model {path}:\n  - " + "\n  - ".join(problems))
-
-
 def _bpe_merges(pieces: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
     """All (left, right) with left + right a piece and both halves pieces, in rank order.
-
-    SentencePiece's BPE merges, at each step, the adjacent pair whose concatenation has the
-    highest score; HF BPE merges the pair with the lowest rank. Ranking by score (descending)
-    makes the two agree. Secondary keys and tie order follow transformers' converter, so the
-    merges list is the same as the one in its tokenizer.json.
-    """
+    SentencePiece's BPE merges, at each step, the adjacent pair whose concatenation has the highest
+    score; HF BPE merges the pair with the lowest rank: ranking by score (descending) makes the two
+    agree. Secondary keys and ties follow transformers' converter, so the merges list is its."""
     ids = {piece: i for i, piece in enumerate(pieces)}
     candidates = []  # (score, len left, len right, left, right), in piece order
     for piece, score in zip(pieces, scores):
@@ -247,33 +182,47 @@ def _bpe_merges(pieces: Sequence[str], scores: Sequence[float]) -> list[tuple[st
 
 
 def convert_sentencepiece(model_path: str | Path) -> Tokenizer:
-    """Build the Llama-style `tokenizers.Tokenizer` equivalent to a SentencePiece BPE model; a
-    ValueError lists every unsupported setting (unigram models, character normalizers, ...)."""
+    """Build the Llama-style `tokenizers.Tokenizer` equivalent to a SentencePiece BPE model; one
+    ValueError lists every way the model differs from the Llama/Mistral kind rebuilt here."""
     path = Path(model_path)
     spm = read_sentencepiece(path)
-    _check_supported(spm, path)
+    kind = _MODEL_TYPES.get(spm.model_type, str(spm.model_type))
+    duplicates = sorted(p for p, n in Counter(spm.pieces).items() if n > 1)
+    checks = [  # (unsupported?, the problem)
+        (spm.model_type != 2, f"model_type is {kind}; only BPE (Llama / Mistral style) is supported"),
+        (not spm.byte_fallback, "byte_fallback is off; Llama-style tokenizers need it"),
+        (spm.precompiled_charsmap or spm.denormalizer_charsmap,
+         f"normalizer {spm.normalizer_name!r} rewrites characters; only the 'identity' normalizer is "
+         "supported"),
+        (spm.remove_extra_whitespaces,
+         "remove_extra_whitespaces is on; whitespace runs could not be reproduced"),
+        (not spm.escape_whitespaces, "escape_whitespaces is off; spaces must become '▁'"),
+        (spm.treat_whitespace_as_suffix, "treat_whitespace_as_suffix is on; only '▁' prefixes are supported"),
+        (not 0 <= spm.unk_id < len(spm.pieces) or spm.types[spm.unk_id] != UNKNOWN,
+         f"unk_id {spm.unk_id} is not an UNKNOWN piece"),
+        (duplicates, f"duplicate pieces {duplicates[:5]}"),
+    ]
+    if problems := [problem for failed, problem in checks if failed]:
+        raise ValueError(f"unsupported SentencePiece model {path}:\n  - " + "\n  - ".join(problems))
     return llama_tokenizer(spm)
 
 
 def llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
     """The `tokenizers.Tokenizer` of a (checked) SentencePiece BPE model; demo/tokenizer.py builds
     the shipped base's tokenizer through it too."""
-    vocab = {piece: i for i, piece in enumerate(spm.pieces)}
-    unk = spm.pieces[spm.unk_id]
-    tokenizer = Tokenizer(BPE(vocab=vocab, merges=_bpe_merges(spm.pieces, spm.scores),
-                              unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None))
-    # The dummy prefix lives in the normalizer (no pre-tokenizer), so that every stretch of text
-    # between special tokens gets its "▁", as LLaVA-Med's slow "legacy" LlamaTokenizer does: it
-    # calls SentencePiece on each stretch.
+    vocab, unk = {piece: i for i, piece in enumerate(spm.pieces)}, spm.pieces[spm.unk_id]
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=_bpe_merges(spm.pieces, spm.scores), unk_token=unk,
+                              fuse_unk=True, byte_fallback=True, dropout=None))
+    # The dummy prefix lives in the normalizer (no pre-tokenizer), so that every stretch of text between
+    # special tokens gets its "▁", as in LLaVA-Med's slow "legacy" LlamaTokenizer (SentencePiece per stretch).
     steps = [normalizers.Prepend(SPIECE)] if spm.add_dummy_prefix else []
     tokenizer.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", SPIECE)])
     steps = [decoders.Replace(SPIECE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if spm.add_dummy_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))  # undo the dummy prefix
     tokenizer.decoder = decoders.Sequence(steps)
-    # Control pieces (and the unknown piece) are special: matched verbatim in text, skipped by
-    # decode(skip_special_tokens=True). User-defined pieces are matched verbatim but decoded.
-    # add_special_tokens / add_tokens keep the ids because the pieces are already in the vocab.
+    # Control and unknown pieces are special: matched verbatim, skipped by decode(skip_special_tokens=True);
+    # user-defined ones are matched verbatim but decoded. The ids stay: the pieces are in the vocab.
     tokenizer.add_special_tokens([AddedToken(p, normalized=False, special=True)
                                   for p, t in zip(spm.pieces, spm.types) if t in (UNKNOWN, CONTROL)])
     tokenizer.add_tokens([AddedToken(p, normalized=False, special=False)
@@ -282,19 +231,14 @@ def llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
         # LLaVA-Med's tokenizer_config has add_bos_token=True: plain `encode` gives BOS first.
         bos = spm.pieces[spm.bos_id]
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-            special_tokens=[(bos, spm.bos_id)])
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, spm.bos_id)])
     return tokenizer
 
 
-# ----------------------------------------------------------------------------------------------
 # Loading, prompts, tokenization.
-
-
 def tokenizer_file(path: str | Path) -> Path:
-    """The file load_tokenizer reads for `path`: the path itself, or a directory's tokenizer.json,
-    else its SentencePiece tokenizer.model. Fingerprints hash this file, so it is resolved once,
-    here, for loading and hashing alike."""
+    """The file load_tokenizer reads for `path`: the path itself, or a directory's tokenizer.json, else
+    its tokenizer.model. Fingerprints hash this file, so it is resolved here for loading and hashing."""
     path = Path(path)
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):
@@ -319,66 +263,49 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def build_prompt(question: str, template: str = "mistral_instruct") -> str:
-    """The evaluation prompt: any "<image>" removed from the question, "<image>\\n" put first.
-
-    >>> build_prompt("What is shown?<image>")
-    '[INST] <image>\\nWhat is shown? [/INST]'
-    """
+    """The evaluation prompt: any "<image>" removed from the question, "<image>\\n" put first:
+    build_prompt("What is shown?<image>") == '[INST] <image>\\nWhat is shown? [/INST]'."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
-    question = question.replace(IMAGE_TOKEN, "").strip()
-    return TEMPLATES[template].format(user=f"{IMAGE_TOKEN}\n{question}")
-
-
-def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    # Never the post-processor: BOS/EOS are placed explicitly by the callers.
-    return tokenizer.encode(text, add_special_tokens=False).ids
+    return TEMPLATES[template].format(user=f"{IMAGE_TOKEN}\n{question.replace(IMAGE_TOKEN, '').strip()}")
 
 
 def tokenize_prompt(tokenizer: Tokenizer, prompt: str, *, image_token_id: int,
                     num_image_tokens: int, bos_token_id: int | None = 1) -> list[int]:
     """Prompt ids with each "<image>" expanded to `num_image_tokens` copies of `image_token_id`.
-
     LLaVA's chunk-wise tokenization (docs/FORMATS.md, "Prompt"): each chunk between "<image>"s
     gets its own "▁" prefix, BOS only once, so "[INST] <image>\\nWhat" gives [BOS, "▁[", "INST",
     "]", "▁", <image> × N, "▁", "\\n", "What"]. `image_token_id` may be -200: never looked up.
-    For a llava-hf tokenizer ("<image>" a real token) this equals encoding the prompt at once.
-    """
+    For a llava-hf tokenizer ("<image>" a real token) this equals encoding the prompt at once."""
     if num_image_tokens < 1:
         raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
     image = [image_token_id] * num_image_tokens
     ids = [] if bos_token_id is None else [bos_token_id]
-    for i, chunk in enumerate(prompt.split(IMAGE_TOKEN)):
-        ids += (image if i else []) + _encode(tokenizer, chunk)
+    for i, chunk in enumerate(prompt.split(IMAGE_TOKEN)):  # never the post-processor: BOS is placed here
+        ids += (image if i else []) + tokenizer.encode(chunk, add_special_tokens=False).ids
     return ids
 
 
 def image_span(ids: Sequence[int], image_token_id: int) -> tuple[int, int]:
     """(first, last) index of the run of image placeholders in a tokenized prompt."""
     ids = list(ids)
-    first = ids.index(image_token_id)
-    return first, len(ids) - 1 - ids[::-1].index(image_token_id)
+    return ids.index(image_token_id), len(ids) - 1 - ids[::-1].index(image_token_id)
 
 
 def tokenize_response(tokenizer: Tokenizer, text: str, *, eos_token_id: int | None = 2) -> list[int]:
     """The ids of a response as they follow the prompt's "[/INST]", then EOS.
-
-    LLaVA joins "[/INST]" and the answer with one space; SentencePiece pieces never cross the
-    "]" / "▁" boundary, so the answer's ids are exactly its own encoding with the dummy
-    prefix standing for that space.
-    """
-    ids = _encode(tokenizer, text)
+    LLaVA joins "[/INST]" and the answer with one space; SentencePiece pieces never cross the "]" / "▁"
+    boundary, so the answer's ids are its own encoding, the dummy prefix standing for that space."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids  # EOS placed here, not by the post-processor
     return ids if eos_token_id is None else ids + [eos_token_id]
 
 
 def decode(tokenizer: Tokenizer, ids: Sequence[int], *, eos_token_id: int | None = 2) -> str:
-    """Text of generated ids: cut at the first EOS, special tokens skipped, whitespace stripped
-    (as LLaVA-Med's evaluation does)."""
+    """Text of generated ids: cut at the first EOS, special tokens skipped, stripped (as LLaVA-Med's eval)."""
     ids = [int(i) for i in ids]
     if eos_token_id is not None and eos_token_id in ids:
         ids = ids[:ids.index(eos_token_id)]
-    negative = [i for i in ids if i < 0]
-    if negative:
+    if negative := [i for i in ids if i < 0]:
         raise ValueError(f"cannot decode negative ids {sorted(set(negative))} (image placeholders?)")
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
