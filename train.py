@@ -12,11 +12,10 @@ paper's rule, [ours] a decision of this implementation:
                                                                            L_E on y_l1 alone [ours]
 
 log π(y|i,x) sums the response tokens' log-probabilities, straight from the decoder's hidden states
-(row_logprobs); log π_ref is computed once and cached beside the preference file [ours]. `train` is the
-loop: AdamW, warmup + cosine, accumulation, clipping, held-out accuracy, DDP under torchrun (the run
-directory and --resume: docs/FORMATS.md, Training outputs). `python train.py train [options]` (or any
-arguments holding --model or --data) runs it, `python train.py [demo|ablation]` the demo (demo/run.py)
-on a CPU; README.md gives the 8-GPU command.
+(row_logprobs); log π_ref is computed once and cached beside the preference file [ours]. `train` runs the
+loop (docs/METHOD.md, Training settings; outputs and --resume: docs/FORMATS.md, Training outputs).
+`python train.py train [options]` (or any arguments holding --model or --data) runs the trainer, plain
+`python train.py [demo|ablation]` the demo (demo/run.py) on a CPU; README.md gives the 8-GPU command.
 """
 from __future__ import annotations
 
@@ -230,7 +229,11 @@ def train(cfg: TrainConfig) -> dict:
                 "seconds": round(time.time() - t0, 3)}
         done = step + 1 == end
         if held_out and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
-            last.update(evaluate(base, held_out, ref, cfg, ctx))
+            policy = logprobs_by_id(base, held_out, cfg, ctx)  # held-out metrics, processes sharing the work
+            base.train()
+            both = [torch.tensor([v for ex in held_out for v in d[ex.id]]) for d in (policy, ref)]
+            _, held = preference_loss(cfg.loss, *loss_inputs(*both, held_out, cfg.negatives), gamma=cfg.gamma)
+            last.update({f"eval_{k}": v for k, v in held.items()})
         if ctx.rank == 0:
             rundir.log_metrics(metrics_path, last)
             shown = ("loss", "margin", "accuracy_explicit")
@@ -239,16 +242,6 @@ def train(cfg: TrainConfig) -> dict:
             rundir.save_checkpoint(out, step + 1, base, optimizer, scheduler, cfg, ctx)
     rundir.write_outputs(base, out, cfg, end, ctx)
     return last
-
-
-def evaluate(base, examples: list[Example], ref: dict, cfg: TrainConfig, ctx: Context) -> dict[str, float]:
-    """Held-out metrics of the policy (eval_loss, eval_accuracy_explicit, …), processes sharing the work."""
-    logp = logprobs_by_id(base, examples, cfg, ctx)
-    base.train()
-    inputs = loss_inputs(torch.tensor([v for ex in examples for v in logp[ex.id]]),
-                         torch.tensor([v for ex in examples for v in ref[ex.id]]), examples, cfg.negatives)
-    _, metrics = preference_loss(cfg.loss, *inputs, gamma=cfg.gamma)
-    return {f"eval_{k}": v for k, v in metrics.items()}
 
 
 @torch.no_grad()

@@ -263,7 +263,6 @@ def export_merged(model: nn.Module, out_dir: str | Path, *, source: str | Path) 
     """A full checkpoint with LoRA merged, with exactly the keys and config.json of `source` (the directory
     the model was loaded from): it replaces the input wherever it was used."""
     from . import loading  # loading imports the model; keep lora.py importable on its own
-
     state = merged_state_dict(model)
     source = Path(source)
     keys = []
