@@ -244,7 +244,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | Non
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict, LoRA folded into the weights: the base model's keys, on the CPU."""
+    """The state dict with LoRA folded into the weights (the model unchanged): the base keys, on the CPU."""
     modules = lora_modules(model)
     out = {}
     for key, value in model.state_dict().items():

@@ -58,8 +58,7 @@ def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.
 
 
 def mean_token_probability(logits, targets, valid) -> torch.Tensor:
-    """Per-token mean probability of each row's response (HSCR's "sampling probability"), (R,), from
-    teacher_forced_logits' output."""
+    """Per-token mean probability of each row's response (HSCR's "sampling probability"), (R,)."""
     p = token_logprobs(logits, targets).exp() * valid
     return p.sum(-1) / valid.sum(-1)
 
