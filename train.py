@@ -203,19 +203,13 @@ def train(cfg: TrainConfig) -> dict:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         batch = [examples[i] for i in order[index * cfg.batch_size:(index + 1) * cfg.batch_size].tolist()]
         mine = batch[ctx.rank::ctx.world]  # this process's share of the global batch
-        parts = []  # per micro-batch: the loss inputs, detached, for the step's metrics
+        parts = []
         for micro in range(accum):
             micro_batch = mine[micro * cfg.micro_batch:(micro + 1) * cfg.micro_batch]
             with ctx.no_sync(model, micro < accum - 1):  # DDP all-reduces gradients on the last only
-                rows = collate(micro_batch, ctx.pad_id).to(ctx.device)
-                pixels = batch_pixels(micro_batch, base.config.vision.image_size, cfg.image_aspect)
-                with ctx.autocast():
-                    logp = row_logprobs(model, base, rows, pixels, cfg.logit_chunk)  # (R,)
-                ref_logp = torch.tensor([v for ex in micro_batch for v in ref[ex.id]], device=ctx.device)
-                inputs = loss_inputs(logp, ref_logp, micro_batch, cfg.negatives)
-                loss, _ = preference_loss(cfg.loss, *inputs, gamma=cfg.gamma)
+                loss, part = batch_loss(model, base, micro_batch, ref, cfg, ctx)
                 (loss / accum).backward()
-            parts.append([t.detach() for t in inputs])
+            parts.append(part)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         lr = scheduler.get_last_lr()[0]  # the rate this step used
@@ -242,6 +236,18 @@ def train(cfg: TrainConfig) -> dict:
             rundir.save_checkpoint(out, step + 1, base, optimizer, scheduler, cfg, ctx)
     rundir.write_outputs(base, out, cfg, end, ctx)
     return last
+
+
+def batch_loss(model, base, batch: list[Example], ref: dict, cfg: TrainConfig, ctx: Context):
+    """The micro-batch's loss and the detached log-probs for the step's metrics (benchmarks/plan.py too)."""
+    rows = collate(batch, ctx.pad_id).to(ctx.device)
+    pixels = batch_pixels(batch, base.config.vision.image_size, cfg.image_aspect)
+    with ctx.autocast():
+        logp = row_logprobs(model, base, rows, pixels, cfg.logit_chunk)  # (R,)
+    ref_logp = torch.tensor([v for ex in batch for v in ref[ex.id]], device=ctx.device)  # (R,)
+    inputs = loss_inputs(logp, ref_logp, batch, cfg.negatives)
+    loss, _ = preference_loss(cfg.loss, *inputs, gamma=cfg.gamma)
+    return loss, [t.detach() for t in inputs]
 
 
 @torch.no_grad()
