@@ -1,27 +1,21 @@
-"""Stage 3 of HSCR: multi-level preference optimization of LoRA adapters (model/lora.py) on
-hscr.py's preference data (docs/METHOD.md). π_ref is π_θ with LoRA disabled; y_w is an entry's
-chosen response, y_l1 … y_lk its k ≤ --num-negatives negatives, most similar first:
+"""Stage 3 of HSCR: multi-level preference optimization of LoRA adapters (model/lora.py) on hscr.py's
+preference data (docs/METHOD.md, Stage 3). π_ref is π_θ with LoRA disabled [ours]; y_w is an entry's
+chosen response, y_l1 … y_lk its k ≤ --num-negatives negatives, most similar first. [paper] marks the
+paper's rule, [ours] a decision of this implementation:
 
-    r(y)   = γ · ( log π_θ(y|i,x) − log π_ref(y|i,x) )          reward           γ = 0.1
-    L_E    = − Σ_{j=1..k} log σ( r(y_w) − r(y_lj) )              explicit_loss    Eq. 5
-    L_I    = − Σ_{j<j′}   log σ( r(y_lj) − r(y_lj′) )            implicit_loss    Eq. 6
-    L_HSCR = L_E + L_I, averaged over the entries of a batch     multilevel_loss  Eq. 7
+    r(y)   = γ · ( log π_θ(y|i,x) − log π_ref(y|i,x) )   reward           γ = 0.1 [paper]
+    L_E    = − Σ_{j=1..k} log σ( r(y_w) − r(y_lj) )       explicit_loss    Eq. 5 [paper]
+    L_I    = − Σ_{j<j′}   log σ( r(y_lj) − r(y_lj′) )     implicit_loss    Eq. 6 [paper]
+    L_HSCR = L_E + L_I                                    multilevel_loss  Eq. 7 [paper], averaged
+                                                                           over a batch's entries [ours]
+    --loss hscr | explicit | implicit | dpo               preference_loss  dpo: DPO's Eq. 1 [paper],
+                                                                           L_E on y_l1 alone [ours]
 
-`preference_loss` picks the variant `--loss` names: hscr, explicit, implicit, or dpo (DPO's Eq. 1:
-the explicit level on y_l1 alone). log π(y|i,x) sums the response tokens' log-probabilities,
-straight from the decoder's hidden states (row_logprobs → hidden_logprob); log π_ref is computed
-once and cached beside the preference file.
-
-The loop (`train`): AdamW, warmup + cosine, gradient accumulation, clipping, held-out preference
-accuracy, DDP under torchrun; the run directory, exact `--resume` and skipped bad records are
-harness/rundir.py's and harness/trainset.py's (docs/FORMATS.md, Training outputs).
-
-`python train.py train [options]` (or any argument list holding --model or --data) runs this
-trainer, `python train.py [demo|ablation] [options]` the demo (demo/run.py) on a CPU. On 8 GPUs
-(paper: global batch 16 = 2 per GPU × 8; with --nproc_per_node 1, the same run by accumulation):
-
-    torchrun --standalone --nproc_per_node 8 train.py --model ckpt/llava-med-v1.5-mistral-7b \\
-        --data prefs.jsonl --image-root images --batch-size 16 --micro-batch 2 --out runs/hscr
+log π(y|i,x) sums the response tokens' log-probabilities, straight from the decoder's hidden states
+(row_logprobs); log π_ref is computed once and cached beside the preference file [ours]. `train` runs the
+loop (docs/METHOD.md, Training settings; outputs and --resume: docs/FORMATS.md, Training outputs).
+`python train.py train [options]` (or any arguments holding --model or --data) runs the trainer, plain
+`python train.py [demo|ablation]` the demo (demo/run.py) on a CPU; README.md gives the 8-GPU command.
 """
 from __future__ import annotations
 
@@ -50,10 +44,8 @@ from model.loading import DTYPES, resolve_dtype
 from model.lora import DEFAULT_TARGETS, apply_lora, lora_disabled, lora_parameters
 from model.rows import Rows, collate
 
-# ---------------------------------------------------------------------------------------------
-# The method: the reward and the losses of Stage 3 (docs/METHOD.md), one function per equation.
 
-
+# The method: the reward and the losses of Stage 3, one function per equation.
 def reward(policy_logp: Tensor, ref_logp: Tensor, gamma: float = 0.1) -> Tensor:
     """r(y) = γ · ( log π_θ(y|i,x) − log π_ref(y|i,x) ), DPO's reward of a response."""
     return gamma * (policy_logp - ref_logp)
@@ -76,13 +68,11 @@ def implicit_loss(reward_rejected: Tensor, rejected_mask: Tensor) -> Tensor:
     return (-F.logsigmoid(diff)).where(pair_mask, 0.0).sum((1, 2))
 
 
-def multilevel_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-                    rejected_mask: Tensor, gamma: float = 0.1, explicit: bool = True,
-                    implicit: bool = True) -> tuple[Tensor, dict[str, float]]:
-    """Eq. 7: L_HSCR = L_E + L_I, averaged over the entries of the batch (an entry without a pair
-    of a level still counts in the mean: docs/METHOD.md, Eq. 7). Log-probs: chosen (B,), rejected
-    (B, K) ranked best first, rejected_mask (B, K) bool. Metrics: loss per level, mean rewards,
-    margins r(y_w) − r(y_lj) and pair accuracies over the pairs present."""
+def multilevel_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, rejected_mask, gamma=0.1,
+                    explicit=True, implicit=True) -> tuple[Tensor, dict[str, float]]:
+    """Eq. 7: L_HSCR = L_E + L_I, averaged over the entries (one without a pair of a level still counts).
+    Log-probs: chosen (B,), rejected (B, K) ranked best first, rejected_mask (B, K) bool. Metrics: loss
+    per level, mean rewards, margins r(y_w) − r(y_lj) and pair accuracies over the pairs present."""
     if not (explicit or implicit):
         raise ValueError("multilevel_loss needs explicit or implicit (or both)")
     mask = rejected_mask.bool()
@@ -90,26 +80,19 @@ def multilevel_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: 
     # Absent negatives may hold anything (padding, NaN): zeroed first, seen by neither loss nor gradient.
     r_l = reward(policy_rejected.where(mask, 0.0), ref_rejected.where(mask, 0.0), gamma)  # (B, K)
     l_e, l_i = explicit_loss(r_w, r_l, mask), implicit_loss(r_l, mask)  # (B,), (B,)
-    per_entry = torch.zeros_like(r_w)
-    if explicit:
-        per_entry = per_entry + l_e
-    if implicit:
-        per_entry = per_entry + l_i
-    loss = per_entry.mean()
-
+    loss = sum([l for l, on in ((l_e, explicit), (l_i, implicit)) if on], torch.zeros_like(r_w)).mean()
     with torch.no_grad():
         K = mask.shape[1]
         margins = (r_w[:, None] - r_l)[mask]                            # (pairs,)
         pair_mask = mask[:, :, None] & mask[:, None, :] & mask.new_ones(K, K).triu(1)  # j < j′
         implicit_diff = (r_l[:, :, None] - r_l[:, None, :])[pair_mask]
-        metrics = {"loss": loss.item(), "loss_explicit": l_e.mean().item(), "loss_implicit": l_i.mean().item(),
-                   "reward_chosen": r_w.mean().item()}
+        metrics = {"loss": loss.item(), "loss_explicit": l_e.mean().item(),
+                   "loss_implicit": l_i.mean().item(), "reward_chosen": r_w.mean().item()}
         if margins.numel():
             metrics.update(reward_rejected=r_l[mask].mean().item(), margin=margins.mean().item(),
                            accuracy_explicit=(margins > 0).float().mean().item())
-        for j in range(K):  # mean reward of the j-th ranked negative, where present
-            if mask[:, j].any():
-                metrics[f"reward_rejected_{j + 1}"] = r_l[:, j][mask[:, j]].mean().item()
+        metrics.update({f"reward_rejected_{j + 1}": r_l[:, j][mask[:, j]].mean().item()  # j-th negative
+                        for j in range(K) if mask[:, j].any()})
         if implicit_diff.numel():
             metrics["accuracy_implicit"] = (implicit_diff > 0).float().mean().item()
     return loss, metrics
@@ -124,18 +107,13 @@ def preference_loss(kind: str, policy_chosen, policy_rejected, ref_chosen, ref_r
     """The loss that `--loss kind` selects, on the same inputs as multilevel_loss."""
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; choose from {sorted(LOSSES)}")
-    if kind == "dpo":
-        policy_rejected, ref_rejected, rejected_mask = policy_rejected[:, :1], ref_rejected[:, :1], rejected_mask[:, :1]
-    explicit, implicit = LOSSES[kind]
-    return multilevel_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, rejected_mask,
-                           gamma=gamma, explicit=explicit, implicit=implicit)
+    k = 1 if kind == "dpo" else None  # the negatives used: dpo's y_l1, else all
+    return multilevel_loss(policy_chosen, policy_rejected[:, :k], ref_chosen, ref_rejected[:, :k],
+                           rejected_mask[:, :k], gamma, *LOSSES[kind])
 
 
-# ---------------------------------------------------------------------------------------------
 # log π(y|i,x) of every row of a batch, straight from the decoder's hidden states.
-
-
-def row_logprobs(model, base, rows: Rows, pixels: Tensor | None, chunk_rows: int, train_vision: bool = False) -> Tensor:
+def row_logprobs(model, base, rows: Rows, pixels: Tensor | None, chunk_rows: int, train_vision=False):
     """log π(y|i,x) of every row (R,), each example's shared prefix run once (model/rows.py).
     `model` runs the decoder (the DDP wrapper when distributed), `base` is the Llava inside; the
     vision tower and projector are frozen (no graph kept) unless `train_vision` (demo/base.py)."""
@@ -150,12 +128,11 @@ def row_logprobs(model, base, rows: Rows, pixels: Tensor | None, chunk_rows: int
     return hidden_logprob(hidden, base.lm_head.weight, rows.labels, rows.label_mask, chunk_rows)
 
 
-def hidden_logprob(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, mask: Tensor, chunk_rows=256) -> Tensor:
-    """log π(y|i,x) per row, from the decoder's hidden states: Σ over the masked positions t of
-    log softmax(hidden[t] @ lm_head_weightᵀ)[labels[t]] (tests/oracles.py: the same from logits).
-    hidden (R, P, D) at the positions that predict `labels` (R, P); mask (R, P) bool → (R,) fp32.
-    Masked positions are projected `chunk_rows` at a time, each chunk checkpointed when gradients
-    are on: peak memory is one chunk of fp32 logits and its gradient."""
+def hidden_logprob(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor, chunk_rows=256) -> Tensor:
+    """log π(y|i,x) per row, Σ_t log softmax(hidden[t] @ weightᵀ)[labels[t]] over the masked t, weight the
+    lm_head's (tests/oracles.py: the same from logits). hidden (R, P, D) at the positions that predict
+    `labels` (R, P); mask (R, P) bool → (R,) fp32. Projected `chunk_rows` positions at a time, each chunk
+    checkpointed when gradients are on: peak memory is one chunk of fp32 logits and its gradient."""
     R, P, D = hidden.shape
     rows = mask.reshape(R * P).nonzero().squeeze(1)                 # (M,) masked positions
     h = hidden.reshape(R * P, D)[rows]                               # (M, D)
@@ -163,30 +140,25 @@ def hidden_logprob(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, mask:
     track = torch.is_grad_enabled() and h.requires_grad
     parts = []
     for s in range(0, rows.numel(), chunk_rows):
-        args = (h[s:s + chunk_rows], lm_head_weight, targets[s:s + chunk_rows])
-        parts.append(checkpoint(_chunk_logprob, *args, use_reentrant=False) if track else _chunk_logprob(*args))
+        args = (h[s:s + chunk_rows], weight, targets[s:s + chunk_rows])
+        parts.append(checkpoint(_chunk_logp, *args, use_reentrant=False) if track else _chunk_logp(*args))
     token_logp = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
     return torch.zeros(R, dtype=torch.float32, device=hidden.device).index_add(0, rows // P, token_logp)
 
 
-def _chunk_logprob(h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+def _chunk_logp(h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     return token_logprobs(F.linear(h, weight).float(), targets)     # (C, V) logits → (C,)
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop
-
-
 def train(cfg: TrainConfig) -> dict:
-    """One run of Stage 3 as `cfg` describes it; returns the last step's metrics (with the final eval's),
-    or {"step", "reused": True} when --resume finds the run finished (rundir.start_training)."""
+    """One run of Stage 3 as `cfg` describes it; returns the last step's metrics (with the final
+    eval's), or {"step", "reused": True} when --resume finds the run finished (rundir.start_training)."""
     ctx = setup_context(cfg.device, cfg.autocast)
     out = Path(cfg.out)
     rundir.check_out(out, cfg)  # before anything slow: never mix two runs in one --out
     if cfg.plot:
         rundir.require_matplotlib()
     dtype = resolve_dtype(cfg.dtype, ctx.device)
-
     # Data, read before the (slow) model load; what made the run is checked against --out's.
     data = trainset.read_inputs(cfg, ctx)
     cfg = replace(cfg, image_aspect=data.image_aspect)
@@ -196,9 +168,8 @@ def train(cfg: TrainConfig) -> dict:
     steps_per_epoch = len(examples) // cfg.batch_size  # the last partial batch of each epoch is dropped
     total = steps_per_epoch * cfg.epochs
     end = min(total, cfg.max_steps) if cfg.max_steps else total
-
     now = rundir.run_fingerprint(cfg, data.tokenizer_path, data.image_root, data.images, dtype, ctx)
-    if rundir.start_training(out, now, end, cfg, ctx):  # --resume of this very run, finished: nothing to train
+    if rundir.start_training(out, now, end, cfg, ctx):  # --resume of this very run, finished: nothing to do
         return {"step": end, "reused": True}
     if ctx.rank == 0:
         rundir.write_run_start(out, cfg, bad, f"{len(examples)} training entries, {len(held_out)} held out")
@@ -209,9 +180,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(base)
     with lora_disabled(base):  # log π_ref: computed once, cached beside --data
-        ref = rundir.cached_logprobs(Path(cfg.data), rundir.reference_cache_key(now, cfg.negatives),
-                                     examples + held_out, lambda todo: logprobs_by_id(base, todo, cfg, ctx), ctx)
-
+        key = rundir.reference_cache_key(now, cfg.negatives)
+        ref = rundir.cached_logprobs(Path(cfg.data), key, examples + held_out,
+                                     lambda todo: logprobs_by_id(base, todo, cfg, ctx), ctx)
     params = list(lora_parameters(base))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
@@ -223,13 +194,14 @@ def train(cfg: TrainConfig) -> dict:
 
     model = ctx.distributed(base)  # DDP under torchrun, else `base` itself
     base.train()
-    progress = tqdm(range(start, end), initial=start, total=end, desc="train", dynamic_ncols=True, disable=ctx.rank > 0)
+    progress = tqdm(range(start, end), initial=start, total=end, desc="train", dynamic_ncols=True,
+                    disable=ctx.rank > 0)
     last = {}
     for step in progress:
         t0 = time.time()
         epoch, index = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        batch = [examples[i] for i in order[index * cfg.batch_size:(index + 1) * cfg.batch_size]]
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        batch = [examples[i] for i in order[index * cfg.batch_size:(index + 1) * cfg.batch_size].tolist()]
         mine = batch[ctx.rank::ctx.world]  # this process's share of the global batch
         parts = []
         for micro in range(accum):
@@ -238,12 +210,12 @@ def train(cfg: TrainConfig) -> dict:
                 loss, part = batch_loss(model, base, micro_batch, ref, cfg, ctx)
                 (loss / accum).backward()
             parts.append(part)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-
         # Metrics of the global batch: every micro-batch of every process (the mask travels as 0/1).
         tensors = [ctx.gather_tensors(torch.cat([p[i] for p in parts]).float()) for i in range(5)]
         _, metrics = preference_loss(cfg.loss, *tensors[:4], tensors[4].bool(), gamma=cfg.gamma)
@@ -251,19 +223,23 @@ def train(cfg: TrainConfig) -> dict:
                 "seconds": round(time.time() - t0, 3)}
         done = step + 1 == end
         if held_out and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
-            last.update(evaluate(base, held_out, ref, cfg, ctx))
+            policy = logprobs_by_id(base, held_out, cfg, ctx)  # held-out metrics, processes sharing the work
+            base.train()
+            both = [torch.tensor([v for ex in held_out for v in d[ex.id]]) for d in (policy, ref)]
+            _, held = preference_loss(cfg.loss, *loss_inputs(*both, held_out, cfg.negatives), gamma=cfg.gamma)
+            last.update({f"eval_{k}": v for k, v in held.items()})
         if ctx.rank == 0:
             rundir.log_metrics(metrics_path, last)
-            progress.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "margin", "accuracy_explicit") if k in last})
+            shown = ("loss", "margin", "accuracy_explicit")
+            progress.set_postfix({k: f"{last[k]:.4g}" for k in shown if k in last})
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done:
             rundir.save_checkpoint(out, step + 1, base, optimizer, scheduler, cfg, ctx)
-
     rundir.write_outputs(base, out, cfg, end, ctx)
     return last
 
 
 def batch_loss(model, base, batch: list[Example], ref: dict, cfg: TrainConfig, ctx: Context):
-    """The micro-batch's loss and the detached log-probs for the step's metrics."""
+    """The micro-batch's loss and the detached log-probs for the step's metrics (benchmarks/plan.py too)."""
     rows = collate(batch, ctx.pad_id).to(ctx.device)
     pixels = batch_pixels(batch, base.config.vision.image_size, cfg.image_aspect)
     with ctx.autocast():
@@ -274,21 +250,10 @@ def batch_loss(model, base, batch: list[Example], ref: dict, cfg: TrainConfig, c
     return loss, [t.detach() for t in inputs]
 
 
-def evaluate(base, examples: list[Example], ref: dict, cfg: TrainConfig, ctx: Context) -> dict[str, float]:
-    """Held-out metrics of the policy (eval_loss, eval_accuracy_explicit, …), processes sharing the work."""
-    logp = logprobs_by_id(base, examples, cfg, ctx)
-    base.train()
-    inputs = loss_inputs(torch.tensor([v for ex in examples for v in logp[ex.id]]),
-                         torch.tensor([v for ex in examples for v in ref[ex.id]]), examples, cfg.negatives)
-    _, metrics = preference_loss(cfg.loss, *inputs, gamma=cfg.gamma)
-    return {f"eval_{k}": v for k, v in metrics.items()}
-
-
 @torch.no_grad()
 def logprobs_by_id(base, examples: list[Example], cfg: TrainConfig, ctx: Context) -> dict[str, list[float]]:
-    """{entry id: [log π(y_w), log π(y_l1), …]} under `base` as it is (LoRA on: π_θ; inside
-    lora_disabled: π_ref), in eval mode. Each process computes its share of the examples, in
-    micro-batches, and every process gets all of them."""
+    """{entry id: [log π(y_w), log π(y_l1), …]} under `base` as it is (LoRA on: π_θ; inside lora_disabled:
+    π_ref), in eval mode; each process computes its share, in micro-batches, and every process gets all."""
     mine = examples[ctx.rank::ctx.world]
     base.eval()
     out = {}
@@ -311,10 +276,7 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ---------------------------------------------------------------------------------------------
 # Configuration: one dataclass, from which the command line is built; the command line.
-
-
 @dataclass
 class TrainConfig:
     model: str | None = option(None, "checkpoint directory (LLaVA-Med, llava-hf or our own)")
@@ -386,8 +348,7 @@ class TrainConfig:
 
     @property
     def negatives(self) -> int:
-        """Negatives per entry that are forwarded: DPO uses y_l1 only."""
-        return 1 if self.loss == "dpo" else self.num_negatives
+        return 1 if self.loss == "dpo" else self.num_negatives  # negatives forwarded: DPO uses y_l1 only
 
 
 def build_parser():
@@ -406,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         from demo.run import main as demo_main
         return demo_main(argv)
     parser, argv = build_parser(), argv[1:] if argv[:1] == ["train"] else argv
-    if any(a.split("=", 1)[0] in ("--stage", "--init-preset", "--full") for a in argv):  # moved to demo/base.py
+    if any(a.split("=", 1)[0] in ("--stage", "--init-preset", "--full") for a in argv):  # now demo/base.py's
         parser.error("SFT, --full and --init-preset build the demo's base model: python -m demo.base --help")
     try:
         cfg = TrainConfig(**vars(parser.parse_args(argv)))

@@ -1,14 +1,10 @@
 """Hand-written LoRA for the language model, with adapters saved in PEFT's format.
 
-LoRA (Hu et al., 2021) adds a trainable low-rank update to a frozen linear layer:
-
     y = x Wᵀ + b + (α / r) · B A dropout(x)        A: (r, D_in), B: (D_out, r)
 
-A is Kaiming-uniform (a = √5, what nn.Linear and PEFT use), B is zero, so a fresh adapter
-leaves the model unchanged. `LoRALinear` keeps the frozen weight under its original name, so
-checkpoints of the base model load into it unchanged; `lora_disabled` gives back the base model
-(π_ref, docs/METHOD.md) from the same weights; `export_merged` folds B A into W. `save_adapter`
-and `load_adapter` read and write PEFT 0.21's files for a transformers Llava (`_PEFT_NAMES`).
+LoRA (Hu et al., 2021): `LoRALinear` keeps the frozen weight under its original name; `lora_disabled`
+gives back the base model (π_ref, docs/METHOD.md) from the same weights; `export_merged` folds B A into
+W; `save_adapter` and `load_adapter` read and write PEFT 0.21's files for a transformers Llava.
 """
 from __future__ import annotations
 
@@ -36,17 +32,18 @@ class LoRALinear(nn.Module):
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.in_features, self.out_features = base.in_features, base.out_features
-        # The very same Parameter objects as the base layer, frozen: no copy, names unchanged.
+        # The very same Parameter objects as the base layer, frozen: no copy, names unchanged, so
+        # checkpoints of the base model load into it unchanged.
         base.requires_grad_(False)
         self.weight, self.bias = base.weight, base.bias
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        self.dropout_p = dropout
+        self.rank, self.alpha, self.scale, self.dropout_p = rank, alpha, alpha / rank, dropout
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # The adapter is kept in fp32 even for a bf16 base: its updates are tiny relative to W,
         # and the optimizer state follows the parameter dtype.
         fp32 = dict(bias=False, device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Linear(self.in_features, rank, **fp32)
         self.lora_B = nn.Linear(rank, self.out_features, **fp32)
+        # A Kaiming-uniform (a = √5, what nn.Linear and PEFT use), B zero: a fresh adapter changes nothing.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.disabled = False  # forward is the base layer only
@@ -82,9 +79,8 @@ def lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 
 def apply_lora(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS, rank: int = 16,
                alpha: float = 32.0, dropout: float = 0.05, scope: str = "language_model") -> list[str]:
-    """Replace every nn.Linear under `scope` whose own name (the last component of its path, never
-    a substring) is in `targets` by a LoRALinear, and freeze everything else. Returns the replaced
-    module names; a target that matches nothing, or a model that already has LoRA, is an error."""
+    """Replace every nn.Linear under `scope` whose own name (the last component of its path, never a
+    substring) is in `targets` by a LoRALinear, and freeze the rest; returns the replaced module names."""
     if lora_modules(model):
         raise ValueError("model already has LoRA layers; apply_lora must be called once")
     root = model.get_submodule(scope)
@@ -119,11 +115,9 @@ def lora_disabled(model: nn.Module):
             m.disabled = d
 
 
-# ---------------------------------------------------------------------------------------------
-# PEFT's format. PEFT names a tensor "base_model.model." + <module path in the transformers
-# model> + ".lora_A.weight". transformers >= 4.52 keeps Llava's decoder at
-# model.language_model.* (what PEFT 0.21 + transformers 5 write); older versions had
-# language_model.model.* — read both, write the new one.
+# PEFT's format names a tensor "base_model.model." + <module path in the transformers model> +
+# ".lora_A.weight". transformers >= 4.52 keeps Llava's decoder at model.language_model.* (what PEFT 0.21
+# + transformers 5 write); older versions had language_model.model.*: read both, write the new one.
 # (our prefix, PEFT's, PEFT's in the legacy layout, what must follow the prefix)
 _PEFT_NAMES = (
     ("language_model.layers.", "model.language_model.layers.", "language_model.model.layers.",
@@ -161,33 +155,30 @@ def _uniform(modules: dict[str, LoRALinear], attr: str):
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | None = None) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained
-    loads onto transformers' LlavaForConditionalGeneration."""
+    """Write the adapter files that peft.PeftModel.from_pretrained loads onto transformers' Llava."""
     modules = lora_modules(model)
     if not modules:
         raise ValueError("model has no LoRA layers to save")
-    names = {name: peft_module_name(name) for name in modules}
+    names = {name: peft_module_name(name) for name in modules}  # ours → PEFT's
     unmapped = sorted(n for n, p in names.items() if p is None)
     if unmapped:
         raise ValueError(f"LoRA layers with no PEFT name (see _PEFT_NAMES in model/lora.py): {unmapped}")
-    # target_modules as one regex that PEFT fullmatches against module names: each name with
-    # its layer index generalised to \d+. Check it selects exactly our layers.
+    # target_modules as one regex that PEFT fullmatches against module names: each name with its layer
+    # index generalised to \d+. Check it selects exactly our layers.
     pattern = "|".join(sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(p)) for p in names.values()}))
     selected = {name for name, _ in model.named_modules()
                 if (p := peft_module_name(name)) is not None and re.fullmatch(pattern, p)}
     if selected != set(modules):
-        raise ValueError(f"LoRA covers only some layers of a kind (e.g. {sorted(selected - set(modules))[:3]} "
-                         "have none); PEFT's target_modules cannot express that as one pattern")
-    # The fields PEFT reads; the rest of LoraConfig keeps its defaults (plain LoRA, no DoRA,
-    # no rsLoRA scaling, no bias training), which is what LoRALinear computes.
-    config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_path,
-        "r": _uniform(modules, "rank"), "lora_alpha": _uniform(modules, "alpha"),
-        "lora_dropout": _uniform(modules, "dropout_p"), "target_modules": pattern,
-        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
-        "use_dora": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
-    }
+        raise ValueError(f"LoRA covers only some layers of a kind (e.g. {sorted(selected - set(modules))[:3]}"
+                         " have none); PEFT's target_modules cannot express that as one pattern")
+    # The fields PEFT reads; the rest of LoraConfig keeps its defaults (plain LoRA, no DoRA, no rsLoRA
+    # scaling, no bias training), which is what LoRALinear computes.
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_path,
+              "r": _uniform(modules, "rank"), "lora_alpha": _uniform(modules, "alpha"),
+              "lora_dropout": _uniform(modules, "dropout_p"), "target_modules": pattern, "bias": "none",
+              "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+              "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+              "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True}
     # PEFT's file holds A and B only, keyed without the adapter name ("default").
     tensors = {f"{_PEFT_PREFIX}{names[n]}.{ab}.weight": getattr(m, ab).weight.detach().contiguous().cpu()
                for n, m in modules.items() for ab in ("lora_A", "lora_B")}
@@ -199,8 +190,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | N
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | None = None) -> list[str]:
-    """Load a PEFT LoRA adapter (ours or PEFT's own) into the model, applying LoRA first if the
-    model has none. Unknown, missing or mis-shaped tensors raise one error that lists them."""
+    """Load a PEFT LoRA adapter (ours or PEFT's own), applying LoRA first if the model has none; what is
+    wrong in the files (unknown, missing or mis-shaped tensors) raises one error that lists it all."""
     config_path, weights_path = Path(adapter_dir) / ADAPTER_CONFIG, Path(adapter_dir) / ADAPTER_WEIGHTS
     try:
         config = json.loads(config_path.read_text())
@@ -212,11 +203,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | Non
         if config.get(k, ok) != ok]
     if unsupported:
         raise ValueError(f"{config_path}: unsupported adapter settings: {', '.join(unsupported)}")
-    tensors = load_file(weights_path)
-    # Group the file's tensors by our module name: {module: {"lora_A": t, "lora_B": t}}.
+    # The file's tensors by our module name: {module: {"lora_A": t, "lora_B": t}}.
     by_module, unknown = {}, []
-    for key, value in tensors.items():
-        match = re.fullmatch(re.escape(_PEFT_PREFIX) + r"(.+)\.(lora_[AB])\.weight", key)
+    for key, value in load_file(weights_path).items():
+        match = re.fullmatch(re.escape(_PEFT_PREFIX) + r"(.+)\.(lora_[AB])\.weight", key)  # (module, A or B)
         name = our_module_name(match.group(1)) if match else None
         if name is None:
             unknown.append(key)
@@ -225,11 +215,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | Non
     if not lora_modules(model):
         # A bare model: give it LoRA on exactly the layer kinds the file has (e.g. q,v only).
         targets = tuple(sorted({n.rpartition(".")[2] for n in by_module}))
-        scopes = {n.split(".")[0] for n in by_module}
+        scopes = sorted({n.split(".")[0] for n in by_module})
         if len(scopes) != 1:
-            raise ValueError(f"{weights_path}: adapter spans {sorted(scopes)}; load_adapter applies one scope")
-        apply_lora(model, targets, rank=config["r"], alpha=config["lora_alpha"],
-                   dropout=config.get("lora_dropout", 0.0) if dropout is None else dropout, scope=scopes.pop())
+            raise ValueError(f"{weights_path}: adapter spans {scopes}; load_adapter applies one scope")
+        apply_lora(model, targets, rank=config["r"], alpha=config["lora_alpha"], scope=scopes[0],
+                   dropout=config.get("lora_dropout", 0.0) if dropout is None else dropout)
     modules = lora_modules(model)
     # Everything that is wrong goes into one error: unknown, missing and mis-shaped tensors.
     unknown += [f"{_PEFT_PREFIX}{peft_module_name(n)}.*" for n in by_module if n not in modules]
@@ -237,10 +227,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | Non
     shapes = [f"{n}.{ab}: file {tuple(t.shape)} vs model {tuple(getattr(modules[n], ab).weight.shape)}"
               for n, d in by_module.items() if n in modules for ab, t in d.items()
               if t.shape != getattr(modules[n], ab).weight.shape]
-    problems = [f"{what}: {items}" for what, items in (("unknown keys", sorted(unknown)), ("missing", missing),
-                                                       ("mis-shaped", shapes)) if items]
+    problems = [f"{what}: {items}" for what, items in
+                (("unknown keys", sorted(unknown)), ("missing", missing), ("mis-shaped", shapes)) if items]
     if problems:
         raise ValueError(f"{weights_path}: " + "; ".join(problems))
+    # A model that had LoRA already: its layers must have the file's r and α.
     wrong = sorted(n for n, m in modules.items() if (m.rank, m.alpha) != (config["r"], config["lora_alpha"]))
     if wrong:
         raise ValueError(f"{config_path}: r={config['r']}, lora_alpha={config['lora_alpha']} differ from "
@@ -253,14 +244,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | Non
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every LoRA update folded into its weight, without the
-    lora_A / lora_B entries: the base model's keys, on the CPU. The model itself is unchanged."""
+    """The state dict with LoRA folded into the weights (the model unchanged): the base keys, on the CPU."""
     modules = lora_modules(model)
     out = {}
     for key, value in model.state_dict().items():
         module, _, leaf = key.rpartition(".")
         parent, _, child = module.rpartition(".")
-        if parent in modules and child in ("lora_A", "lora_B"):
+        if parent in modules and child in ("lora_A", "lora_B"):  # the adapter's own entries
             continue
         if module in modules and leaf == "weight":
             # Sum in fp32, round once to the weight's dtype.
@@ -270,10 +260,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_merged(model: nn.Module, out_dir: str | Path, *, source: str | Path) -> Path:
-    """Write a full checkpoint with LoRA merged, with exactly the keys and config.json of `source`
-    (the checkpoint directory the model was loaded from): it replaces the input wherever it was used."""
+    """A full checkpoint with LoRA merged, with exactly the keys and config.json of `source` (the directory
+    the model was loaded from): it replaces the input wherever it was used."""
     from . import loading  # loading imports the model; keep lora.py importable on its own
-
     state = merged_state_dict(model)
     source = Path(source)
     keys = []

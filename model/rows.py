@@ -1,13 +1,7 @@
-"""Many rows through the model at once, each giving what it gives alone up to floating-point
-rounding (tests/test_rows.py, tests/test_hscr.py and tests/test_train.py check each against rows
-run alone):
-
-    teacher_forced_logits   responses teacher-forced after their prompts, left-padded into one
-                            batch; logits only where they predict a response token (hscr.py)
-    greedy_continuations    greedy tails of many rows that share prompts (hscr.py, step 6)
-    collate / Rows          the rows of an example packed after their shared prefix, for one
-                            forward pass (train.py's log π; docs/METHOD.md, "How the
-                            log-probabilities are computed")
+"""Many rows through the model at once, each giving what it gives alone up to floating-point rounding
+(tests/test_rows.py, test_hscr.py and test_train.py check each against rows run alone):
+`teacher_forced_logits` and `greedy_continuations` for hscr.py, `collate` into `Rows` for train.py's
+log π (docs/METHOD.md, "How the log-probabilities are computed").
 
 Shape letters: R rows, T padded row length, L longest response, V vocabulary, N image tokens of a
 row, D model width; in `Rows`, S packed sequences (one per example) and P a row's target tokens.
@@ -26,8 +20,7 @@ if TYPE_CHECKING:  # annotations only: model/ does not import data.py
 
 
 def flat_features(features: Sequence[torch.Tensor], model) -> torch.Tensor:
-    """The image features of several rows, (N_r, D) each, as one (ΣN_r, D) on the model's device
-    and dtype, in row order."""
+    """The image features of several rows, (N_r, D) each, as one (ΣN_r, D) in the model's device and dtype."""
     D = model.config.text.hidden_size
     flat = torch.cat([f.reshape(-1, D) for f in features]) if features else torch.zeros(0, D)  # (M, D)
     return flat.to(device=model.device, dtype=model.dtype)
@@ -37,15 +30,12 @@ def flat_features(features: Sequence[torch.Tensor], model) -> torch.Tensor:
 def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.Tensor],
                           responses: list[list[int]], pad_id: int,
                           prompt_positions: list[list[int] | None] | None = None):
-    """Logits that predict each response token, teacher-forced: (R, L, V) float32, targets (R, L)
-    (0 where padded) and valid (R, L), L = the longest response.
-
-    Row r is prompt_r + response_r[:-1], left-padded to T, so response token t of row r is
-    predicted at position T − L_r + t: only those positions reach the lm_head. features[r] (N_r, D)
-    fills prompt r's image placeholders. prompt_positions[r]: the position ids of prompt r's tokens
-    (the response continues from the last + 1); None: 0, 1, 2, … (the model's default).
-    """
+    """Logits that predict each response token, teacher-forced: (R, L, V) float32, targets (R, L) (0 where
+    padded) and valid (R, L). features[r] (N_r, D) fills prompt r's image placeholders; prompt_positions[r]
+    the position ids of prompt r's tokens (the response continues from the last + 1; None: 0, 1, 2, …)."""
     device = model.device
+    # Row r is prompt_r + response_r[:-1], left-padded to T: response token t of row r is predicted at
+    # position T − L_r + t, and only those positions reach the lm_head.
     ids, mask = left_pad([p + r[:-1] for p, r in zip(prompts, responses)], pad_id, device)  # (R, T)
     position_ids = None
     if prompt_positions is not None and any(pp is not None for pp in prompt_positions):
@@ -68,18 +58,16 @@ def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.
 
 
 def mean_token_probability(logits, targets, valid) -> torch.Tensor:
-    """Per-token mean probability of each row's response (HSCR's "sampling probability"), (R,), from
-    teacher_forced_logits' output (hscr.py's p_chosen and p_rejected)."""
+    """Per-token mean probability of each row's response (HSCR's "sampling probability"), (R,)."""
     p = token_logprobs(logits, targets).exp() * valid
     return p.sum(-1) / valid.sum(-1)
 
 
 def cut_generated(ids: list[int], eos_id: int, image_token_id: int) -> list[int]:
-    """Generated ids up to and including the first EOS; an image placeholder id (a real token in
-    llava-hf vocabularies) ends the text before it, since it cannot be fed back as text."""
+    """Generated ids up to and including the first EOS; an image placeholder id ends the text before it."""
     out = []
     for t in ids:
-        if t == image_token_id:
+        if t == image_token_id:  # a real token in llava-hf vocabularies, but it cannot be fed back as text
             break
         out.append(t)
         if t == eos_id:
@@ -91,27 +79,21 @@ def cut_generated(ids: list[int], eos_id: int, image_token_id: int) -> list[int]
 def greedy_continuations(model, prompts: list[list[int]], features: list[torch.Tensor],
                          prefixes: list[list[int]], *, owners: list[int] | None = None, max_new_tokens: int,
                          pad_id: int, rows_per_call: int = 64) -> list[list[int]]:
-    """Greedy continuation of each row r, prompts[o] + prefixes[r] with the full image features[o]
-    (N, D), o = owners[r] (default: o = r), until EOS or `max_new_tokens` (docs/METHOD.md step 6).
-    Returned in the given order, each cut by `cut_generated`; equal to decoding each row alone up
-    to float rounding (benchmarks/bench_hscr.py measures the savings against the plain way).
-
-    Rows, sorted by length, go through the model in calls of up to `rows_per_call` rows that share
-    one static KV cache; rows that reached EOS leave the call's batch. Each call
-    prefills the prompts of its owners once and copies their cache into their rows
-    (`Llava.generate_shared`), unless a prompt ends in an image placeholder or the rows could
-    exceed the model's sliding window: then every row is prefilled whole (`Llava.generate`).
-    """
+    """Greedy continuation of each row r, prompts[o] + prefixes[r] with the full image features[o] (N, D),
+    o = owners[r] (default r), until EOS or `max_new_tokens` (docs/METHOD.md step 6), each cut by
+    `cut_generated`; equal to decoding each row alone up to float rounding (benchmarks/bench_hscr.py)."""
     if not prefixes:
         return []
     cfg = model.config
     owners = list(range(len(prefixes))) if owners is None else list(owners)
-    window = cfg.text.sliding_window
-    # The shared cache spans the longest prompt + the longest prefix + the new tokens.
+    # Each call prefills its owners' prompts once and copies their cache into their rows (generate_shared),
+    # unless a prompt ends in an image placeholder or the rows could exceed the sliding window: then every
+    # row is prefilled whole (generate). The shared cache spans the longest prompt + prefix + new tokens.
     span = max(len(prompts[o]) for o in owners) + max(map(len, prefixes)) + max_new_tokens
     share_prompt = all(len(prompts[o]) and prompts[o][-1] != cfg.image_token_id for o in owners) \
-        and (window is None or span <= window)
-    # An owner's rows have nearly equal lengths, so they mostly land in one call and share its prefill.
+        and (cfg.text.sliding_window is None or span <= cfg.text.sliding_window)
+    # Rows sorted by length, `rows_per_call` per call sharing one static KV cache (finished rows leave
+    # it): an owner's rows have nearly equal lengths, so they mostly land in one call and share its prefill.
     order = sorted(range(len(prefixes)), key=lambda r: len(prompts[owners[r]]) + len(prefixes[r]))
     tails: list[list[int]] = [[] for _ in prefixes]
     gen = dict(max_new_tokens=max_new_tokens, eos_token_id=cfg.text.eos_token_id, pad_token_id=pad_id)
@@ -136,10 +118,9 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
 
 @dataclass
 class Rows:
-    """A micro-batch packed for one forward pass, one sequence per example: the prefix that the
-    example's rows (the prompt with y_w, then with each y_lj) share once, then the rest of each row.
-    `visible` lets a token see the prefix and the earlier tokens of its own row only, and
-    `position_ids` count as in the row alone, so every row's log-probs are those of the row alone."""
+    """A micro-batch packed for one forward pass, one sequence per example: the prefix that the example's
+    rows (the prompt with y_w, then with each y_lj) share once, then the rest of each row; a token sees the
+    prefix and its own row's earlier tokens only, at its position in the row alone (docs/METHOD.md)."""
     input_ids: torch.Tensor     # (S, T) one packed sequence per example, right-padded
     position_ids: torch.Tensor  # (S, T) each token's position in its own row
     visible: torch.Tensor       # (S, T, T) bool: query t sees key u
@@ -177,11 +158,9 @@ def collate(examples: list[Example], pad_id: int) -> Rows:
 
     def pad(lists, value, width):  # (len(lists), width), right-padded with `value`
         return torch.tensor([x + [value] * (width - len(x)) for x in lists], dtype=torch.long)
-
     segment = pad(segments, -1, T)  # −1: padding, 0: the shared prefix, r + 1: row r
     key, query = segment[:, None, :], segment[:, :, None]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    visible = causal & (key >= 0) & ((key == 0) | (key == query))
+    visible = torch.ones(T, T, dtype=torch.bool).tril() & (key >= 0) & ((key == 0) | (key == query))  # causal
     visible |= torch.eye(T, dtype=torch.bool)  # padding sees itself (finite, never read)
     label_mask = torch.arange(P) < torch.tensor([len(a) for a in at])[:, None]  # (R, P)
     has_image = torch.tensor([ex.image is not None for ex in examples])  # (S,)
