@@ -64,10 +64,7 @@ from model.tokenizer import TEMPLATES, decode, image_span, word_classes
 GAP_TOLERANCE = 1e-9
 
 
-# ----------------------------------------------------------------------------------------------
 # Stage 1, step 1: visual-token dropout
-
-
 def entry_generator(seed: int, entry_id: str) -> torch.Generator:
     """The entry's random stream, seeded by (global seed, entry id): the dropped set does not depend
     on batch, shard or resume. crc32: stable across processes (Python's str hash is salted), and
@@ -88,17 +85,10 @@ def drop_mask(n: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
 def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Generator], *,
                          strategy: str = "token", ratio: float = 0.7, mode: str = "remove",
                          return_kept: bool = False):
-    """docs/METHOD.md, step 1: the image becomes N visual tokens (CLIP → projector), and the
-    dropped branch i' loses a fraction ρ = 0.7 of them: removed, the kept ones in order
-    (`mode="zero"`: replaced by zero vectors); one draw per entry, from its own generator.
-    `strategy` (the paper's masking table): token (after the projector), latent (CLIP features
-    before it), patch or pixel (blanked to the mean colour, exactly 0 after normalisation, before
-    CLIP: the dropped branch keeps N tokens, `mode` does not apply).
-
-    pixels (B, 3, H, W) normalised → (full (B, N, D), dropped: B tensors (N'_b, D)); with
-    `return_kept` also the indices (among the N) of each entry's kept tokens, (N'_b,), or None
-    where the dropped branch keeps all N positions (zero mode, patch, pixel).
-    """
+    """docs/METHOD.md, step 1: the dropped branch i' loses a fraction ρ = 0.7 of the N visual
+    tokens, removed (`mode="zero"`: zeroed), one draw per entry; `strategy`: token, latent, patch, pixel.
+    pixels (B, 3, H, W) normalised → (full (B, N, D), dropped: B tensors (N'_b, D)); with `return_kept`
+    also each entry's kept indices among the N, (N'_b,), or None where all N positions stay."""
     if strategy in ("token", "latent"):
         latent = model.vision_tower(pixels)  # (B, N, Dv)
         full = model.multi_modal_projector(latent)  # (B, N, D)
@@ -127,10 +117,7 @@ def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Gen
     return (full, dropped, [None] * len(dropped)) if return_kept else (full, dropped)
 
 
-# ----------------------------------------------------------------------------------------------
 # Stage 1, step 2: both branches teacher-forced in one batch
-
-
 def with_image_tokens(ids: list[int], image_token_id: int, n: int) -> list[int]:
     """The prompt with its run of image placeholders replaced by n of them (the dropped branch)."""
     first, last = image_span(ids, image_token_id)
@@ -138,38 +125,28 @@ def with_image_tokens(ids: list[int], image_token_id: int, n: int) -> list[int]:
 
 
 def keep_positions(prompt: list[int], image_token_id: int, kept: list[int]) -> list[int]:
-    """Position ids of the dropped branch's prompt (`with_image_tokens(prompt, …, len(kept))`) under
-    --drop-positions keep: each kept visual token and every text token has the position it has in
-    the full branch's `prompt`, so the removed tokens leave gaps. `kept`: indices among the N."""
+    """Position ids of the dropped branch's prompt under --drop-positions keep: each kept visual token
+    and text token keeps its position in the full `prompt`, leaving gaps. `kept`: indices among the N."""
     first, last = image_span(prompt, image_token_id)
     return list(range(first)) + [first + int(k) for k in kept] + list(range(last + 1, len(prompt)))
 
 
 def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_features, responses,
                        pad_id: int, drop_positions: list[list[int] | None] | None = None):
-    """docs/METHOD.md, step 2: the same text with the image i and with the dropped image i', both
-    branches of every entry stacked in one left-padded batch, so the weights are read once; y_w
-    teacher-forced, the logits computed only where they predict one of its tokens. Returns
-    logits_full (B, L, V), logits_drop (B, L, V), targets (B, L), valid (B, L). `drop_positions`:
-    position ids of the dropped prompts (keep_positions), None for 0, 1, 2, ….
-    """
+    """docs/METHOD.md, step 2: y_w teacher-forced with i and with i', both branches in one left-padded
+    batch. → logits_full, logits_drop (B, L, V), targets, valid (B, L); `drop_positions`: keep_positions'."""
     B = len(responses)
     positions = None if drop_positions is None else [None] * B + list(drop_positions)
-    logits, targets, valid = teacher_forced_logits(model, full_prompts + drop_prompts,
-                                                   list(full_features) + list(drop_features),
-                                                   responses + responses, pad_id, positions)  # (2B, L, V)
+    logits, targets, valid = teacher_forced_logits(model, full_prompts + drop_prompts, list(full_features)
+                                                   + list(drop_features), responses + responses, pad_id,
+                                                   positions)  # (2B, L, V)
     return logits[:B], logits[B:], targets[:B], valid[:B]
 
 
-# ----------------------------------------------------------------------------------------------
 # Stage 1, step 4: modality-coupled positions (step 3, the contrast reward, is used in step 5)
-
-
 def coupling_scores(logits_full, logits_drop, targets, valid, kind: str = "logit") -> torch.Tensor:
-    """docs/METHOD.md, step 4 (the score is a decision): how much the image raises the logit of y_t
-    at position t, s_t = logits_full[t, y_t] − logits_drop[t, y_t]; `kind="logprob"` uses the
-    log-softmax shift.
-    (B, L, V) ×2, targets/valid (B, L) → scores (B, L), −inf at padding."""
+    """docs/METHOD.md, step 4 [ours]: s_t = logits_full[t, y_t] − logits_drop[t, y_t]; `kind="logprob"`
+    uses the log-softmax shift. (B, L, V) ×2, targets/valid (B, L) → scores (B, L), −inf at padding."""
     if kind == "logit":
         y = targets[..., None]  # (B, L, 1)
         s = logits_full.gather(-1, y)[..., 0] - logits_drop.gather(-1, y)[..., 0]
@@ -181,9 +158,8 @@ def coupling_scores(logits_full, logits_drop, targets, valid, kind: str = "logit
 
 
 def select_coupled_positions(scores, targets, valid, n: int = 10, eos_id: int = 2) -> list[list[int]]:
-    """docs/METHOD.md, step 4: the modality-coupled tokens are the n = 10 positions with the highest
-    s_t (all of them in a shorter response); EOS and padding excluded (a decision). Per row,
-    positions in descending score; equal scores go to the earlier position (a stable sort)."""
+    """docs/METHOD.md, step 4: per row the n = 10 positions of highest s_t [paper], in descending score;
+    EOS and padding excluded, equal scores: the earlier position first (a stable sort) [ours]."""
     eligible = valid & (targets != eos_id)  # (B, L)
     out = []
     for b in range(scores.shape[0]):
@@ -193,30 +169,22 @@ def select_coupled_positions(scores, targets, valid, n: int = 10, eos_id: int = 
     return out
 
 
-# ----------------------------------------------------------------------------------------------
 # Stage 1, step 5: hallucinated replacements
-
-
 CANDIDATE_RULES = ("dropped-topk", "plausible", "both", "dropped-plausible")
 
 
 def plausible(logits: torch.Tensor, alpha: float) -> torch.Tensor:
-    """VCD's adaptive plausibility set per row, (P, V) bool: the tokens v with
-    softmax(logits)_v ≥ α · max_w softmax(logits)_w, i.e. logits_v ≥ max(logits) + log α. The row's
-    argmax is always in it."""
+    """VCD's adaptive plausibility set per row, (P, V) bool: softmax(logits)_v ≥ α · max_w softmax(logits)_w,
+    i.e. logits_v ≥ max(logits) + log α; the row's argmax is always in it."""
     return logits >= logits.amax(-1, keepdim=True) + math.log(alpha)
 
 
 def candidate_sets(logits_full, logits_drop, targets, c: int = 10, rule: str = "dropped-topk",
                    alpha: float = 0.1, banned: tuple[int, ...] = (),
                    word_class: torch.Tensor | None = None) -> torch.Tensor:
-    """docs/METHOD.md, step 5, this implementation's reading: the candidates C_t at each coupled
-    position under `rule` (the table there: dropped-topk, plausible, both, dropped-plausible), the
-    c first in the rule's order. Never y_t nor a `banned` id (EOS, BOS, pad, the image placeholder,
-    special tokens: the replacement must decode to a word); with `word_class` (V,), never a token of
-    y_t's class ("no" → "No" is no hallucination). Equal logits keep the lower id first.
-    logits_full, logits_drop (P, V), targets (P,) = y_t → (P, c) ids, −1 in the slots left empty.
-    """
+    """docs/METHOD.md, step 5 [ours]: the candidates C_t under `rule`, the c first in its order; never y_t,
+    a `banned` id, or (with `word_class` (V,)) a token of y_t's class. Equal logits: the lower id first.
+    logits_full, logits_drop (P, V), targets (P,) = y_t → (P, c) ids, −1 in the slots left empty."""
     if rule not in CANDIDATE_RULES:
         raise ValueError(f"unknown candidate rule {rule!r}; known: {', '.join(CANDIDATE_RULES)}")
     P, V = logits_drop.shape
@@ -242,16 +210,11 @@ def candidate_sets(logits_full, logits_drop, targets, c: int = 10, rule: str = "
 def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, beta: float = 0.9,
                               banned: tuple[int, ...] = (), *, rule: str = "dropped-topk", alpha: float = 0.1,
                               word_class: torch.Tensor | None = None):
-    """docs/METHOD.md, step 5: the replacement of y_t is argmin_{v ∈ C_t} P_diff[t, v] (lowest
-    contrast reward = most hallucinated), with P_diff[t] = softmax((1+β)·logits_full[t] −
-    β·logits_drop[t]) from the kernel's gather mode and C_t = candidate_sets(rule). The paper says
-    only "in ascending order of P_diff"; the candidate set is this implementation's reading. P_diff
-    is over the whole vocabulary (renormalising over C_t would not change the order). Ties: the
-    candidate the rule ranks first.
-
-    logits_full, logits_drop (P, V) at the coupled positions, targets (P,) = y_t →
-    (replacement (P,), −1 where C_t is empty; candidates (P, c); P_diff (P, c), +inf where empty).
-    """
+    """docs/METHOD.md, step 5: a replacement "in ascending order of P_diff" [paper], read as
+        replacement_t = argmin_{v ∈ C_t} P_diff[t, v],   C_t = candidate_sets(rule) [ours],
+        P_diff[t] = softmax((1+β)·logits_full[t] − β·logits_drop[t])   (over the vocabulary).
+    Ties: the rule's first candidate. (P, V) ×2, targets (P,) → (replacement (P,), −1 if C_t is empty;
+    candidates (P, c); P_diff (P, c), +inf if empty)."""
     candidates = candidate_sets(logits_full, logits_drop, targets, c, rule, alpha, banned,
                                 word_class)  # (P, c)
     if candidates.shape[0] == 0:
@@ -262,16 +225,12 @@ def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, be
     return candidates.gather(-1, best)[:, 0], candidates, p_diff
 
 
-# ----------------------------------------------------------------------------------------------
 # Stage 1, step 6: graded negatives, their continuation (model/rows.py, greedy_continuations), duplicates
-
-
 def graded_negatives(response: list[int], positions: list[int], replacements: list[int],
                      continuation: str = "decode") -> list[list[int]]:
-    """docs/METHOD.md, step 6: graded candidate m (m = 1 … n) swaps in the replacements at the m
-    best-scoring coupled positions that got one (`positions`, in descending score, `replacements`
-    aligned). decode: cut right after the last replaced position (the prefix the model then
-    continues); splice: the rest of y_w follows unchanged. Returns candidate m − 1 at index m − 1."""
+    """docs/METHOD.md, step 6: candidate m (m = 1 … n) swaps the m best-scoring coupled `positions` [paper]
+    that got one of the aligned `replacements` [ours]; decode: cut after the last replaced position (the
+    prefix the model continues), splice: the rest of y_w follows. Candidate m at index m − 1."""
     if continuation not in ("decode", "splice"):
         raise ValueError(f"unknown continuation {continuation!r}")
     out = []
@@ -284,9 +243,8 @@ def graded_negatives(response: list[int], positions: list[int], replacements: li
 
 
 def dedupe_candidates(texts: list[str], chosen: str) -> list[int]:
-    """docs/METHOD.md, step 6 (a decision): a candidate whose text equals y_w or an earlier
-    candidate is dropped. Returns the indices kept: the first (smallest m) of identical texts;
-    empty texts are dropped too."""
+    """docs/METHOD.md, step 6 [ours]: the indices kept, without empty texts and those equal to y_w or to
+    an earlier candidate (the smallest m of identical texts stays)."""
     seen = {chosen}
     kept = []
     for i, t in enumerate(texts):
@@ -296,15 +254,10 @@ def dedupe_candidates(texts: list[str], chosen: str) -> list[int]:
     return kept
 
 
-# ----------------------------------------------------------------------------------------------
 # Stage 2, steps 7-8: similarity-aware re-ranking (step 7's Similarity: model/sentence.py)
-
-
 def rerank(similarities: list[float], k: int = 3, gap: float = 0.1) -> list[int]:
-    """docs/METHOD.md, step 8: sort the candidates by similarity, descending, and keep k = 3 whose
-    consecutive similarities differ by at least `gap` = 0.1: the most similar, then each next one at
-    least `gap` below the last kept; fewer when fewer qualify. Ties keep the candidate order (smaller
-    m first). Returns the indices kept, best first (negative j = 1 … k)."""
+    """docs/METHOD.md, step 8: the most similar, then each next one at least `gap` = 0.1 below the last
+    kept, until k = 3 [paper]; fewer when fewer qualify, ties: smaller m first [ours]. Indices, best first."""
     order = sorted(range(len(similarities)), key=lambda i: -similarities[i])  # stable
     kept: list[int] = []
     for i in order:
@@ -315,10 +268,7 @@ def rerank(similarities: list[float], k: int = 3, gap: float = 0.1) -> list[int]
     return kept
 
 
-# ----------------------------------------------------------------------------------------------
 # The pipeline: the steps in order, one batch of entries at a time
-
-
 class HSCR:
     """Stages 1 and 2 over batches of records: `prepare` one (harness/prefs.py), `process` a batch."""
 
@@ -351,8 +301,7 @@ class HSCR:
         generators = [entry_generator(o.seed, e.record.id) for e in entries]
         full, dropped, kept = visual_token_dropout(model, pixels, generators, strategy=o.mask_strategy,
                                                    ratio=o.drop_ratio, mode=o.drop_mode, return_kept=True)
-        responses = self._preferred_responses(entries, list(full))
-        results, alive = self._reject_empty_answers(entries, responses)
+        responses, results, alive = self._preferred_responses(entries, list(full))
         if not alive:
             return results
         entries, responses, full, dropped, kept = ([xs[b] for b in alive] for xs in (entries, responses, full,
@@ -385,58 +334,50 @@ class HSCR:
         return self._records(results, alive, entries, responses, coupled, negatives, p_chosen, prompts, full)
 
     # -- helpers of process: the bookkeeping around the steps
-
-    def _preferred_responses(self, entries: list[Entry], feats) -> list[list[int]]:
-        """y_w: the reference answer, or the model's own greedy answer (--score-on greedy)."""
+    def _preferred_responses(self, entries: list[Entry], feats) -> tuple[list, list, list[int]]:
+        """y_w (the reference, or with --score-on greedy the model's greedy answer); a Reject for each that
+        decodes to no text (EOS at once, special tokens only), None for the others; the others' indices."""
         o = self.opts
+        responses = [e.response for e in entries]
         if o.score_on == "greedy":
-            return greedy_continuations(self.model, [e.prompt_ids for e in entries], feats,
-                                        [[] for _ in entries], max_new_tokens=o.max_new_tokens,
-                                        pad_id=self.pad, rows_per_call=o.decode_rows)
-        return [e.response for e in entries]
-
-    def _reject_empty_answers(self, entries: list[Entry], responses) -> tuple[list, list[int]]:
-        """A Reject for each y_w that decodes to no text (a greedy answer that is EOS at once, an
-        answer of special tokens only), None for the others; and the indices of the others."""
-        what = "the model's greedy answer" if self.opts.score_on == "greedy" else "the answer's tokenization"
+            responses = greedy_continuations(self.model, [e.prompt_ids for e in entries], feats,
+                                             [[] for _ in entries], max_new_tokens=o.max_new_tokens,
+                                             pad_id=self.pad, rows_per_call=o.decode_rows)
+        what = "the model's greedy answer" if o.score_on == "greedy" else "the answer's tokenization"
         results = [None if y and self.text(y) else
                    Reject(e.index, e.record.id, "empty answer", f"{what} decodes to no text", e.record.image)
                    for e, y in zip(entries, responses)]
-        return results, [b for b, r in enumerate(results) if r is None]
+        return responses, results, [b for b, r in enumerate(results) if r is None]
 
     def _dropped_prompts(self, prompts, dropped, kept) -> tuple[list[list[int]], list[list[int] | None]]:
-        """The dropped branch's prompts, with fewer image placeholders when tokens were removed, and
-        their position ids: the full branch's (--drop-positions keep), or None: 0, 1, 2, … (renumber)."""
+        """Fewer image placeholders where tokens were removed; positions: keep_positions, None: renumber."""
         keep = self.opts.drop_positions == "keep"
         return ([with_image_tokens(p, self.image_id, d.shape[0]) for p, d in zip(prompts, dropped)],
                 [keep_positions(p, self.image_id, k.tolist()) if k is not None and keep else None
                  for p, k in zip(prompts, kept)])
 
     def _continue(self, candidates: list[list[list[int]]], prompts, feats) -> list[list[list[int]]]:
-        """Each candidate prefix + the model's greedy tail with the full image; the candidates of all
-        entries go through greedy_continuations together."""
-        o = self.opts
+        """Each prefix + its greedy tail with the full image, all entries' candidates decoded together."""
         owner = [b for b, cands in enumerate(candidates) for _ in cands]
         prefixes = [cand for cands in candidates for cand in cands]
         tails = greedy_continuations(self.model, prompts, feats, prefixes, owners=owner, pad_id=self.pad,
-                                     max_new_tokens=o.max_new_tokens, rows_per_call=o.decode_rows)
+                                     max_new_tokens=self.opts.max_new_tokens,
+                                     rows_per_call=self.opts.decode_rows)
         return _regroup([p + t for p, t in zip(prefixes, tails)], candidates)
 
     def _negative_probabilities(self, negatives, prompts, feats) -> list[list[float]]:
-        """p_rejected (--score-negatives): the mean per-token probability of each kept negative,
-        teacher-forced with the full image."""
+        """p_rejected: each kept negative's mean per-token probability, teacher-forced with the full image."""
         owner = [b for b, negs in enumerate(negatives) for _ in negs]
         if not owner:
             return [[] for _ in negatives]
+        rows = [ids for negs in negatives for *_, ids in negs]
         logits, t, v = teacher_forced_logits(self.model, [prompts[b] for b in owner],
-                                             [feats[b] for b in owner],
-                                             [ids for negs in negatives for *_, ids in negs], self.pad)
+                                             [feats[b] for b in owner], rows, self.pad)
         return _regroup(mean_token_probability(logits, t, v).tolist(), negatives)
 
     def _records(self, results, alive, entries, responses, coupled, negatives, p_chosen, prompts,
                  feats) -> list:
-        """`results` with the record (or Reject) of each entry that got this far at its index in
-        `alive` (harness/prefs.py, preference_record), p_rejected computed with --score-negatives."""
+        """`results` with each remaining entry's record or Reject (prefs.preference_record) at its index."""
         p_rejected = (self._negative_probabilities(negatives, prompts, feats) if self.opts.score_negatives
                       else [None] * len(entries))
         rows = zip(alive, entries, responses, coupled, negatives, p_chosen, p_rejected)
@@ -448,9 +389,7 @@ class HSCR:
         return decode(self.tokenizer, ids, eos_token_id=self.eos)
 
 
-
 def _flat_positions(positions: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, column) index tensors of every coupled position of the batch, entry by entry."""
     pairs = [(b, p) for b, ps in enumerate(positions) for p in ps]
     return tuple(torch.tensor([pair[i] for pair in pairs], dtype=torch.long, device=device) for i in (0, 1))
 
@@ -461,10 +400,7 @@ def _regroup(flat: list, groups: list[list]) -> list[list]:
     return [flat[end - len(g): end] for g, end in zip(groups, ends)]
 
 
-# ----------------------------------------------------------------------------------------------
 # Options: one dataclass, the CLI is built from it (harness.cli.dataclass_parser)
-
-
 @dataclass
 class Options:
     """Every knob of stages 1 and 2; the defaults are docs/METHOD.md's."""
@@ -570,10 +506,7 @@ def parse_options(argv) -> Options:
     return opts
 
 
-# ----------------------------------------------------------------------------------------------
 # The run and the command line
-
-
 def run(opts: Options) -> dict:
     """Generate preference data from opts.data into opts.out (harness/prefs.py); its summary."""
     return prefs.run(opts.resolved(), HSCR)
