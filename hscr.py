@@ -515,9 +515,8 @@ def run(opts: Options) -> dict:
 def main(argv=None):
     """The CLI; returns the run's (or the merge's, or stats') summary for callers in Python."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["stats"]:  # harness/stats.py: counts, similarities, the sampling-probability claim
-        from harness import stats
-        return stats.main(argv[1:])
+    if argv[:1] == ["stats"]:  # harness/prefs.py: counts, similarities, the sampling-probability claim
+        return prefs.stats_main(argv[1:])
     if argv[:1] == ["merge"]:  # harness/outputs.py: the rank files of a torchrun run, merged again
         return outputs.merge_main(argv[1:])
     return run(parse_options(argv))

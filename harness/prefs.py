@@ -1,42 +1,43 @@
-"""hscr.py's plumbing (docs/FORMATS.md "The preference file"): its inputs loaded (one that cannot
-be read ends the run with one line naming it), each rank's share of the entries run into a
-resumable output (harness/outputs.py) under a fingerprint of what the records depend on, an entry
-prepared for the model or rejected, and the preference record of one entry. `opts` is hscr.py's
-Options (resolved); this module never imports hscr.py.
+"""hscr.py's plumbing (docs/FORMATS.md "The preference file"): its inputs loaded, each rank's share of
+the entries run into a resumable output (harness/outputs.py) under a fingerprint of what the records
+depend on, an entry prepared for the model or rejected, one entry's preference record, and
+`python hscr.py stats`. `opts` is hscr.py's Options (resolved); this module never imports hscr.py.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
 
 from data import Record, load_pixels, read_records, resolve_image
-from harness import provenance
+from harness import outputs, provenance
 from harness.cli import UserError
 from harness.dist import init_process_group
+from harness.files import read_jsonl
 from harness.outputs import Output, Reject, header_record
 from model import load_model
 from model.loading import resolve_dtype
+from model.rows import mean_token_probability, teacher_forced_logits
 from model.sentence import Similarity, default_minilm_path
 from model.tokenizer import (build_prompt, decode, load_tokenizer, tokenize_prompt, tokenize_response,
                              tokenizer_file)
 
-# Options that name inputs or the output: the fingerprint holds the inputs' content instead. With
-# --overwrite (how to start), every other option is in the fingerprint: each changes what a record
-# holds, batch_size and decode_rows included (which rows share a padded forward: the last bits of
-# the floats, hence at times a coupled position or a generated token).
+# Options that name inputs or the output: the fingerprint holds the inputs' content instead. Every
+# other option but --overwrite is in it, batch_size and decode_rows included (they change the floats).
 PATH_OPTIONS = ("model", "data", "image_root", "out", "answers", "tokenizer", "vision_tower",
                 "sentence_model")
 
 
 def run(opts, pipeline) -> dict:
-    """Under torchrun each rank takes entries rank, rank + W, … and rank 0 merges the rank files
-    at the end; returns the summary of the file this process wrote or merged. Nothing is written
-    before every input has loaded. `pipeline`: hscr.py's HSCR(model, tokenizer, opts, similarity)."""
+    """Each rank takes entries rank, rank + W, …, rank 0 merges; the summary of the file this process
+    wrote or merged. Nothing is written before every input has loaded. `pipeline`: hscr.py's HSCR."""
     rank, world, local_rank = init_process_group()  # gloo: it only synchronises the end of the run
     device = torch.device(f"cuda:{local_rank}" if opts.device == "cuda" and world > 1 else opts.device)
     try:
@@ -44,21 +45,19 @@ def run(opts, pipeline) -> dict:
     except ValueError as e:  # data.py names the file
         raise UserError(str(e)) from e
     # CheckpointError is a UserError naming the checkpoint or tower file.
-    model = load_model(opts.model, vision_tower=opts.vision_tower,
-                       dtype=resolve_dtype(opts.dtype, device), device=device)
+    model = load_model(opts.model, vision_tower=opts.vision_tower, dtype=resolve_dtype(opts.dtype, device),
+                       device=device)
     try:
         tokenizer = load_tokenizer(tokenizer_file(opts.tokenizer))
     except (OSError, ValueError) as e:
         raise UserError(f"--tokenizer: {e}") from e
-    similarity = Similarity(opts.similarity, opts.sentence_model, device)
+    pipe = pipeline(model, tokenizer, opts, Similarity(opts.similarity, opts.sentence_model, device))
     selected = select_entries(len(records), opts.limit, opts.seed)
-    entries = selected[rank::world]
-    pipe = pipeline(model, tokenizer, opts, similarity)
     header = header_record(asdict(opts), run_fingerprint(opts, records, selected, world))
     output = Output(Path(opts.out), header, rank=rank, world=world, overwrite=opts.overwrite)
     for b in bad if rank == 0 else []:
         output.write_bad(b.file, b.index, b.id, b.reason)
-    share = [(i, records[i]) for i in entries]
+    share = [(i, records[i]) for i in selected[rank::world]]
 
     def compute(batch: list[int]) -> list[dict | Reject]:  # one record or Reject per entry, in order
         prepared = [pipe.prepare(*share[k]) for k in batch]
@@ -87,10 +86,8 @@ def select_entries(n: int, limit: int | None, seed: int) -> list[int]:
 
 
 def run_fingerprint(opts, records: list[Record], entries: list[int], world: int) -> dict:
-    """What the records depend on, by content (docs/FORMATS.md "The preference file"); the number of
-    ranks too, since a rank's batches are slices of its share of the entries. The images: those of
-    the selected entries that lie inside the root and can be opened (the others are rejected entry
-    by entry; the fingerprint must not stop the job on them)."""
+    """What the records depend on, by content (docs/FORMATS.md "The preference file"). The images: those
+    of the selected entries that can be opened (the others are rejected entry by entry, not here)."""
     names = set()
     for i in entries:
         name = records[i].image
@@ -105,15 +102,12 @@ def run_fingerprint(opts, records: list[Record], entries: list[int], world: int)
         root = Path(opts.sentence_model)
         encoder = provenance.Files(root, sorted(str(p.relative_to(root)) for p in root.rglob("*")
                                                 if p.suffix in (".json", ".safetensors") and p.is_file()))
-    inputs = {
-        "model": provenance.Dir(opts.model),
-        "vision tower": provenance.Dir(opts.vision_tower) if opts.vision_tower else None,
-        "tokenizer": provenance.File(tokenizer_file(opts.tokenizer)),
-        "data": provenance.File(opts.data),
-        "answers": provenance.File(opts.answers) if opts.answers else None,
-        "images": provenance.Files(opts.image_root, sorted(names)),
-        "sentence encoder": encoder,
-    }
+    inputs = {"model": provenance.Dir(opts.model),
+              "vision tower": provenance.Dir(opts.vision_tower) if opts.vision_tower else None,
+              "tokenizer": provenance.File(tokenizer_file(opts.tokenizer)),
+              "data": provenance.File(opts.data),
+              "answers": provenance.File(opts.answers) if opts.answers else None,
+              "images": provenance.Files(opts.image_root, sorted(names)), "sentence encoder": encoder}
     return provenance.run_fingerprint(inputs, opts, PATH_OPTIONS + ("overwrite",), world_size=world)
 
 
@@ -132,10 +126,8 @@ class Entry:
 def prepare(index: int, record: Record, opts, tokenizer, config) -> Entry | Reject:
     """Load the image and tokenize; a problem with the record becomes a Reject. config: the model's."""
     t = config.text
-
     def reject(category, reason):
         return Reject(index, record.id, category, reason, record.image)
-
     if not record.question.strip():
         return reject("no question", "empty question")
     answer = (record.answer or "").replace("<image>", "").strip()
@@ -156,9 +148,8 @@ def prepare(index: int, record: Record, opts, tokenizer, config) -> Entry | Reje
     prompt = build_prompt(record.question, opts.template)
     prompt_ids = tokenize_prompt(tokenizer, prompt, image_token_id=config.image_token_id,
                                  num_image_tokens=config.num_image_tokens, bos_token_id=t.bos_token_id)
-    response = None
-    if opts.score_on == "reference":
-        response = tokenize_response(tokenizer, answer, eos_token_id=t.eos_token_id)
+    response = (tokenize_response(tokenizer, answer, eos_token_id=t.eos_token_id)
+                if opts.score_on == "reference" else None)
     # The longest row ever built: prompt + response (or a greedy answer) + a continuation.
     longest = len(prompt_ids) + (len(response) if response else opts.max_new_tokens)
     longest += opts.max_new_tokens if opts.continuation == "decode" else 0
@@ -181,24 +172,22 @@ class Coupled(NamedTuple):
 
 def coupled_positions(positions: list[list[int]], scores, replacements, candidates,
                       p_diff) -> list[list[Coupled]]:
-    """Per entry, its coupled positions (by descending score) with step 4's score and step 5's
-    replacement and candidates; the tensors run over all coupled positions of the batch, in order."""
+    """Per entry, its coupled positions (by descending score) with step 4's score and step 5's results;
+    the tensors run over all coupled positions of the batch, in order."""
     values = zip(scores.tolist(), replacements.tolist(), candidates.tolist(), p_diff.tolist())
     flat = iter([Coupled(p, *v) for p, v in zip((p for ps in positions for p in ps), values)])
     return [[next(flat) for _ in ps] for ps in positions]
 
 
 def replaced(coupled: list[Coupled]) -> tuple[list[int], list[int]]:
-    """The positions of an entry's coupled tokens that got a replacement, and those replacements:
-    what step 6 grades."""
+    """The positions of an entry's coupled tokens that got a replacement, and those: what step 6 grades."""
     kept = [c for c in coupled if c.replacement >= 0]
     return [c.position for c in kept], [c.replacement for c in kept]
 
 
 def split_eos(ids: list[int], eos: int) -> tuple[list[int], bool]:
-    """(the ids without a final EOS, whether there was one): how a record stores a response.
-    A continuation cut at --max-new-tokens (or before an image placeholder) has none, and
-    training must not add one (docs/FORMATS.md, the preference file)."""
+    """(the ids without a final EOS, whether there was one): how a record stores a response
+    (docs/FORMATS.md, the preference file)."""
     complete = bool(ids) and ids[-1] == eos
     return list(ids[:-1] if complete else ids), complete
 
@@ -206,9 +195,8 @@ def split_eos(ids: list[int], eos: int) -> tuple[list[int], bool]:
 def preference_record(e: Entry, chosen_ids: list[int], coupled: list[Coupled], negatives: list[tuple],
                       p_chosen: float, p_rejected: list[float] | None, opts, tokenizer,
                       eos: int) -> dict | Reject:
-    """The output record of one entry, or a Reject with fewer than --min-negatives negatives.
-    chosen_ids: y_w as scored (with its EOS when it has one); coupled by descending score;
-    negatives: (text, similarity, m, ids as scored and generated) of the kept ones, best first."""
+    """The output record of one entry, or a Reject with fewer than --min-negatives negatives. chosen_ids:
+    y_w as scored; negatives: (text, similarity, m, ids as scored and generated), best first."""
     rec = e.record
     if len(negatives) < opts.min_negatives:
         return Reject(e.index, rec.id, "too few negatives",
@@ -222,7 +210,6 @@ def preference_record(e: Entry, chosen_ids: list[int], coupled: list[Coupled], n
     def token(c: Coupled) -> dict:  # y_t at a coupled position
         y = chosen_ids[c.position]
         return {"position": c.position, "token": piece(y), "token_id": y, "score": c.score}
-
     return {
         "id": rec.id, "index": e.index, "image": rec.image, "question": rec.question, "prompt": e.prompt,
         "answer_type": rec.answer_type, "chosen": chosen, "chosen_ids": ids, "chosen_complete": complete,
@@ -237,3 +224,84 @@ def preference_record(e: Entry, chosen_ids: list[int], coupled: list[Coupled], n
         "unreplaced": [token(c) for c in coupled if c.replacement < 0],
         "p_chosen": p_chosen, **({"p_rejected": p_rejected} if p_rejected is not None else {}),
     }
+
+
+# `python hscr.py stats`: what a preference file holds, and the paper's claim that self-generated
+# negatives are likelier under the model than external ones (docs/METHOD.md, "Evaluation").
+def _mean(xs) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def stats_main(argv) -> dict:
+    """Counts, similarity per rank, mean per-token probability of chosen vs rejected vs external."""
+    p = argparse.ArgumentParser(prog="python hscr.py stats", description=stats_main.__doc__.split("\n")[0])
+    p.add_argument("prefs", help="output of hscr.py")
+    p.add_argument("--model", help="checkpoint directory: also score external negatives")
+    p.add_argument("--image-root", help="default: the run's --image-root (from the header)")
+    p.add_argument("--tokenizer", help="default: the run's tokenizer")
+    p.add_argument("--vision-tower", help="CLIP directory, as for the run")
+    p.add_argument("--limit", type=int, help="score external negatives on the first N entries only")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = p.parse_args(argv)
+    path = Path(args.prefs)
+    lines = read_jsonl(path)
+    if not lines or not lines[0].get(outputs.HEADER_KEY):
+        raise UserError(f"{path}: not an hscr.py output (no header line)")
+    options, records = lines[0]["options"], lines[1:]
+    depth = max((len(r["negatives"]) for r in records), default=0)
+    scored = [r["p_rejected"] for r in records if "p_rejected" in r]
+    result = {"entries": len(records),
+              "negatives": outputs.negatives_histogram(records, read_jsonl(outputs.sidecar(path, "rejects"))),
+              "similarity_by_rank": [_mean(r["negatives"][j]["similarity"] for r in records
+                                           if len(r["negatives"]) > j) for j in range(depth)],
+              "p_chosen": _mean(r["p_chosen"] for r in records),
+              "p_rejected": _mean(x for ps in scored for x in ps),
+              "p_rejected_by_rank": ([_mean(ps[j] for ps in scored if len(ps) > j) for j in range(depth)]
+                                     if scored else None)}
+    if args.model:
+        result["p_external"] = external_probability(args, options, records)
+    print(f"{path}: {result['entries']} entries; by number of negatives "
+          + ", ".join(f"{k}: {v}" for k, v in result["negatives"].items()))
+    by_rank = result["similarity_by_rank"]
+    print("  mean similarity by rank: " + ", ".join(f"{j + 1}: {s:.4f}" for j, s in enumerate(by_rank)))
+    for key in ("p_chosen", "p_rejected", "p_external"):
+        if result.get(key) is not None:
+            print(f"  mean per-token probability, {key[2:]}: {result[key]:.4f}")
+    if records and not scored:
+        print("  no p_rejected in the file: rerun hscr.py with --score-negatives (with another --out, or "
+              "--overwrite) to compare the negatives' probability with chosen and external answers")
+    print(json.dumps(result))
+    return result
+
+
+def external_probability(args, options: dict, records: list[dict]) -> float | None:
+    """Mean per-token probability under --model of each entry's borrowed negative (the chosen answer of
+    the next entry, cyclically, that differs), prepared as hscr.py prepares y_w (a reject is left out)."""
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model, vision_tower=args.vision_tower or options["vision_tower"],
+                       dtype=resolve_dtype("auto", device), device=device)
+    tokenizer = load_tokenizer(args.tokenizer or options["tokenizer"])
+    opts = SimpleNamespace(**{**options, "image_root": args.image_root or options["image_root"],
+                              "score_on": "reference", "continuation": "splice"})  # the borrowed answer
+    c = model.config
+    pad = c.text.pad_token_id if c.text.pad_token_id not in (None, c.image_token_id) else c.text.eos_token_id
+    chosen = [r["chosen"] for r in records]
+    entries = []
+    for i, r in enumerate(records[: args.limit] if args.limit else records):
+        other = next((chosen[(i + d) % len(chosen)] for d in range(1, len(chosen))
+                      if chosen[(i + d) % len(chosen)] != r["chosen"]), None)
+        if other is not None:
+            entries.append(prepare(r["index"], Record(r["id"], r["image"], r["question"], other, None), opts,
+                                   tokenizer, c))
+    entries = [e for e in entries if isinstance(e, Entry)]
+    probs = []
+    for start in range(0, len(entries), args.batch_size):
+        batch = entries[start: start + args.batch_size]
+        pixels = torch.stack([e.pixels for e in batch]).to(device=model.device, dtype=model.dtype)
+        features = list(model.encode_images(pixels))
+        logits, t, v = teacher_forced_logits(model, [e.prompt_ids for e in batch], features,
+                                             [e.response for e in batch], pad)
+        probs += mean_token_probability(logits, t, v).tolist()
+    return _mean(probs)
