@@ -13,8 +13,8 @@ from pathlib import Path
 
 
 class DataError(ValueError):
-    """A data or output file that cannot be read as it should; the message names the file (and
-    the line or byte), which `run_main` reports as one line."""
+    """A data or output file that cannot be read as it should; the message names the file (and the
+    line or byte), which `run_main` reports as one line."""
 
 
 @dataclass
@@ -33,10 +33,9 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 def read_json_records(path: str | os.PathLike) -> list[tuple[int, object]]:
-    """(index, value) for each record of a JSON list or a JSON-lines file. In JSON lines the index
-    is the 0-based line number and a line that does not parse becomes a BadLine, so that a long job
-    can report it and go on. Lines are split on "\\n" only: JSON strings may hold a raw U+2028,
-    which str.splitlines() would cut."""
+    """(index, value) for each record of a JSON list or a JSON-lines file; in JSON lines the index is
+    the 0-based line and a line that does not parse is a BadLine, for a long job to report and go on.
+    Lines are split on "\\n" only: JSON strings may hold a raw U+2028, which str.splitlines() cuts."""
     text = read_text(path)
     if text.lstrip().startswith("["):
         try:
@@ -44,8 +43,7 @@ def read_json_records(path: str | os.PathLike) -> list[tuple[int, object]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not a valid JSON list ({e})") from None
     lines = [(i, line) for i, line in enumerate(text.split("\n")) if line.strip()]
-    if len(lines) > 1:
-        # A pretty-printed JSON object is not JSON lines: say so once, not once per line.
+    if len(lines) > 1:  # a pretty-printed JSON object is not JSON lines: say so once, not once per line
         try:
             whole = json.loads(text)
         except json.JSONDecodeError:
@@ -62,8 +60,7 @@ def read_json_records(path: str | os.PathLike) -> list[tuple[int, object]]:
 
 
 def repair_torn_line(path: str | os.PathLike) -> None:
-    """Cut off a last line without its newline, what a kill mid-write leaves; a missing file is
-    left missing."""
+    """Cut off a last line without its newline (what a kill mid-write leaves); a missing file stays so."""
     if os.path.exists(path):
         with open(path, "r+b") as f:
             data = f.read()
@@ -72,22 +69,18 @@ def repair_torn_line(path: str | os.PathLike) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The objects of a JSON-lines file this project wrote (an output being resumed). A last line
-    without its newline is what a kill mid-write leaves: it is ignored (JsonlFile.write cuts it off
-    before appending). Any other bad line is an error naming the file and line."""
+    """The objects of a JSON-lines file this project wrote, [] if there is none; a torn last line is
+    ignored (JsonlFile.write cuts it off), any other bad line is an error naming the file and line."""
     path = Path(path)
     if not path.exists():
         return []
     data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
     try:
-        text = data[:end].decode("utf-8")
+        text = data[:data.rfind(b"\n") + 1].decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
     out = []
-    for n, line in enumerate(text.split("\n")[:-1], 1):
-        if not line.strip():
-            continue
+    for n, line in [(n, line) for n, line in enumerate(text.split("\n")[:-1], 1) if line.strip()]:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as e:
@@ -112,9 +105,9 @@ def remove(paths: Iterable[Path]) -> None:
 
 
 class JsonlFile:
-    """An append-only JSON-lines output, which a kill may interrupt and a rerun resumes. Made, it
-    only reads the file: `first`, its first row (None when empty), and `ids`, the `key` of each row
-    (None: no id, e.g. a header), a torn last line ignored. The first `write` cuts that line off."""
+    """An append-only JSON-lines output that a kill may interrupt and a rerun resumes. Made, it only
+    reads: `first`, its first row (None when empty), and `ids`, the `key` of each row (None: no id, e.g.
+    a header), a torn last line ignored; the first `write` cuts that line off."""
 
     def __init__(self, path: str | os.PathLike, key: Callable[[dict], Hashable]):
         self.path, self.key, self.repaired = Path(path), key, False
@@ -136,12 +129,10 @@ class JsonlFile:
 
 def merge_jsonl(out: Path, parts: Sequence[Path], *, key: Callable[[dict], Hashable],
                 order: Callable[[dict], object], head: Sequence[dict] = ()) -> None:
-    """`out` replaced in one step by `head`, then the rows of `parts` (per-rank files; `out` may be one)
-    sorted by `order`, a single-process run's: each key once (its first row), none without one (headers)."""
+    """`out` replaced in one step by `head`, then the rows of `parts` (rank files; `out` may be one)
+    sorted by `order`: each key once (its first row), none without one (headers)."""
     rows: dict = {}
-    for p in parts:
-        for r in read_jsonl(p):
-            if (k := key(r)) is not None:
-                rows.setdefault(k, r)
-    ordered = sorted(rows.values(), key=order)
-    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in [*head, *ordered]))
+    for r in (r for p in parts for r in read_jsonl(p)):
+        if (k := key(r)) is not None:
+            rows.setdefault(k, r)
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in [*head, *sorted(rows.values(), key=order)]))
