@@ -1,15 +1,12 @@
 """Provenance: a fingerprint of what made an output, what changed since, and `start`, the one
 decision of every output: start it, continue it, refuse it naming each change, or reuse it. The
 fingerprint is kept in a header line (harness/outputs.py) or in provenance.json (`save`, `load`).
-
-A fingerprint is name → part: an option value, or a digest of an input's content, never of its
-path (docs/FORMATS.md, "The preference file"). Files of CACHE_MIN_BYTES or more are hashed once,
-cached by (absolute path, size, mtime_ns) in $HSCR_CACHE/fingerprints.json (default
-~/.cache/hscr/), never inside a hashed directory: it may be read-only and shared. The cache is
-only a shortcut: when it cannot be written the digests are still right.
+A fingerprint is name → part: an option value, or a digest of an input's content, never of its path;
+large files' digests are cached (docs/FORMATS.md, "The preference file").
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,8 +34,8 @@ def _sha256(path: Path) -> str:
 
 
 class DigestCache:
-    """The digests of large files: {absolute path: {"size", "mtime_ns", "sha256"}}, read once;
-    `save` writes the new ones back, merged with what other processes wrote meanwhile."""
+    """The digests of large files in $HSCR_CACHE/fingerprints.json (default ~/.cache/hscr/), keyed by
+    absolute path, size and mtime_ns; `save` merges the new ones with what other processes wrote."""
 
     def __init__(self):
         folder = os.environ.get("HSCR_CACHE")
@@ -70,7 +67,8 @@ class DigestCache:
         return self.new[key]["sha256"]
 
     def save(self) -> None:
-        """Write the new digests back, atomically; entries of files that no longer exist are dropped."""
+        """Write the new digests back atomically, without entries of files that no longer exist; a cache
+        that cannot be written is said on stderr (the digests are right all the same)."""
         if not self.new:
             return
         entries = {k: v for k, v in {**self._read(), **self.new}.items() if os.path.exists(k)}
@@ -82,10 +80,8 @@ class DigestCache:
         except OSError as e:
             print(f"provenance: cannot write the digest cache {self.path} ({e.strerror}); "
                   "digests will be recomputed next time", file=sys.stderr)
-            try:
+            with contextlib.suppress(OSError):  # e.g. the cache "folder" is a file: no temporary either
                 tmp.unlink(missing_ok=True)
-            except OSError:  # e.g. the cache "folder" is a file: there is no temporary either
-                pass
         self.new = {}
 
 
@@ -98,8 +94,7 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def dir_digest(path: str | os.PathLike, cache: DigestCache | None = None) -> dict[str, str]:
-    """{file name: sha256} of a checkpoint or adapter directory: every *.safetensors and the
-    DIR_JSON files present."""
+    """{file name: sha256} of a checkpoint or adapter directory: every *.safetensors and DIR_JSON file."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: " + ("not a directory" if path.exists() else "directory not found"))
@@ -112,21 +107,13 @@ def dir_digest(path: str | os.PathLike, cache: DigestCache | None = None) -> dic
     return digests
 
 
-class File(NamedTuple):  # one file
-    path: str | os.PathLike
-
-
-class Dir(NamedTuple):  # a checkpoint or adapter directory: each of its weight and config files
-    path: str | os.PathLike
-
-
-class Files(NamedTuple):  # many files under `root`: one digest of (name, content) pairs
-    root: str | os.PathLike
-    names: Sequence[str]
-
-
-class Content(NamedTuple):  # data as read (JSON-serialisable), one digest; `n`: its length
-    value: Any
+# The inputs of a fingerprint, each resolved to a digest of its content: one file; a checkpoint or adapter
+# directory (its weight and config files); many files under `root`, one digest of (name, content) pairs;
+# data as read (JSON-serialisable), one digest and `n`, its length.
+File = NamedTuple("File", [("path", str | os.PathLike)])
+Dir = NamedTuple("Dir", [("path", str | os.PathLike)])
+Files = NamedTuple("Files", [("root", str | os.PathLike), ("names", Sequence[str])])
+Content = NamedTuple("Content", [("value", Any)])
 
 
 def _canonical(value: Any) -> bytes:
@@ -157,8 +144,8 @@ def _resolve(part: Any, cache: DigestCache) -> Any:
 
 
 def fingerprint(**parts: Any) -> dict[str, Any]:
-    """name → resolved part: File/Dir/Files/Content become digests, other values (options, or
-    None for an input not given) are kept. Names may hold spaces (pass a dict with **)."""
+    """name → resolved part: File/Dir/Files/Content become digests, other values (options, or None for
+    an input not given) are kept. Names may hold spaces (pass a dict with **)."""
     cache = DigestCache()
     out = {name: _resolve(part, cache) for name, part in parts.items()}
     cache.save()
@@ -170,8 +157,7 @@ def run_fingerprint(inputs: Mapping[str, Any], options: Any = None, leave_out: S
     """The fingerprint of one run, the one way every script makes it: `inputs`, every field of the
     `options` dataclass but `leave_out` (paths, options that only steer the run), then `resolved`."""
     fields = dataclasses.asdict(options) if options is not None else {}
-    fields = {k: v for k, v in fields.items() if k not in leave_out}
-    return fingerprint(**inputs, **fields, **resolved)
+    return fingerprint(**inputs, **{k: v for k, v in fields.items() if k not in leave_out}, **resolved)
 
 
 def _is_input(part: Any) -> bool:
@@ -194,17 +180,16 @@ def _file_role(name: str) -> str:
 
 
 def _input_changes(label: str, old: dict, new: dict) -> list[str]:
-    if old["kind"] != new["kind"]:
-        return [f"{label} changed ({_show(old)} in the file, {_show(new)} now)"]
     kind = old["kind"]
+    if kind != new["kind"]:
+        return [f"{label} changed ({_show(old)} in the file, {_show(new)} now)"]
     if kind == "file":
         return [] if old["sha256"] == new["sha256"] else [f"{label} ({Path(new['path']).name}) changed"]
     if kind == "dir":
         a, b = old["files"], new["files"]
         out = [f"{label} {_file_role(f)} ({f}) changed" for f in a if f in b and a[f] != b[f]]
         out += [f"{label}: {f} is gone" for f in a if f not in b]
-        out += [f"{label}: {f} is new" for f in b if f not in a]
-        return out
+        return out + [f"{label}: {f} is new" for f in b if f not in a]
     if old["sha256"] == new["sha256"]:
         return []
     unit = "files" if kind == "files" else "items"
@@ -215,10 +200,9 @@ def _input_changes(label: str, old: dict, new: dict) -> list[str]:
 
 
 def differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """What differs between a stored fingerprint and the current one, one phrase per change:
-        "model weights (model.safetensors) changed", "adapter: none in the file, /runs/a now",
-        "option max_new_tokens: 32 in the file, 64 now", "questions vqa_rad changed (451 items
-        in the file, 450 now)". Empty when they agree. Paths alone never count."""
+    """What differs between a stored fingerprint and the current one, one phrase per change, e.g.
+    "model weights (model.safetensors) changed", "option max_new_tokens: 32 in the file, 64 now".
+    Empty when they agree. Paths alone never count."""
     out = []
     for name in list(stored) + [n for n in now if n not in stored]:
         old, new = stored.get(name), now.get(name)
@@ -250,13 +234,9 @@ class ProvenanceError(UserError):
 def start(where: str | os.PathLike, now: Mapping[str, Any], stored: Mapping[str, Any] | None, *, resume: bool,
           clear: Callable[[], Any], unknown: str, restart: str, changes: Sequence[str] = (),
           reuse: Callable[[], bool] = lambda: False, rank: int = 0, world: int = 1) -> bool:
-    """The one decision of every output, whichever file keeps its fingerprint; True: `where` is
-    reused as it is. resume: continue it, only if its fingerprint `stored` equals `now`, else a
-    ProvenanceError naming each change and the caller's `changes` (without one, a UserError:
-    `unknown` says what cannot be checked); checked on every rank, so that all stop together; a
-    resumed output that `reuse()` finds finished as this run would leave it is reused. Otherwise,
-    once every rank has read it, rank 0 deletes what the script wrote there (`clear()`, nothing
-    else). `restart` says how to start again instead."""
+    """The one decision of every output; True: `where` is reused as it is (`reuse()`). resume: only
+    if `stored` equals `now` and there are no `changes`, else a ProvenanceError naming each (no `stored`:
+    a UserError, `unknown` says why), on every rank. Otherwise rank 0 runs `clear()` once all have read."""
     if resume:
         if stored is None:
             raise UserError(f"{unknown}; {restart}, or choose another --out")
@@ -289,7 +269,6 @@ def load(path: str | os.PathLike) -> dict | None:
 
 def save(path: str | os.PathLike, fingerprint: Mapping[str, Any], **info: Any) -> None:
     """Write {"format", "fingerprint", **info} atomically (a kill leaves the old record or the new)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     record = {"format": FORMAT, "fingerprint": dict(fingerprint), **info}
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(Path(path), json.dumps(record, indent=2) + "\n")
