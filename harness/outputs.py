@@ -1,11 +1,7 @@
 """hscr.py's output, prefs.jsonl, with its rejects, summary and rank files (docs/FORMATS.md "The
-preference file"): JSON lines that a kill may interrupt and a rerun resumes, sharded under torchrun.
-The header line's fingerprint decides, through provenance.start, whether a rerun starts the output
-again, continues it or is refused. `Output.run_batches` streams the entries through the job,
-skipping those already in either file. Batch b always holds the entries at positions
-[b·B, (b+1)·B) of the process's share, and a batch with any record missing (a kill mid-write) is
-computed again whole, its missing records written: the file equals an uninterrupted run's bit for
-bit, provided the fingerprint holds everything that changes a record (the batch size included).
+preference file"): JSON lines that a kill may interrupt and a rerun resumes bit for bit, sharded under
+torchrun. The header line's fingerprint decides, through provenance.start, whether a rerun starts the
+output again, continues it or is refused.
 """
 from __future__ import annotations
 
@@ -16,6 +12,9 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch.distributed as dist
+from tqdm import tqdm
 
 from harness import provenance
 from harness.cli import UserError
@@ -42,13 +41,11 @@ class Reject:
         return {k: v for k, v in asdict(self).items() if v is not None or k in ("index", "id")}
 
 
-def _result_id(r: dict | Reject) -> str | None:
-    """A record's or Reject's id (None: a header)."""
+def _result_id(r: dict | Reject) -> str | None:  # None: a header
     return r.id if isinstance(r, Reject) else r.get("id")
 
 
-def _reject_key(r: dict):
-    """A rejected entry's id; an input's bad record: (file, position)."""
+def _reject_key(r: dict):  # a rejected entry's id; an input's bad record: (file, position)
     return (r.get("file"), r.get("position")) if r.get("category") == BAD_RECORD else r.get("id")
 
 
@@ -73,9 +70,8 @@ def header_record(options: dict, fingerprint: dict) -> dict:
 
 
 def written(out: Path, rank: int, world: int) -> list[Path]:
-    """What a run on `out` wrote, which --overwrite deletes: each rank its own rank files; rank 0
-    (or the single process) the merged output and its rejects and summary, and the rank files of
-    runs with another number of ranks (those of this run's other ranks are theirs to delete)."""
+    """What --overwrite deletes: each rank its own rank files; rank 0 also the merged output, its rejects
+    and summary, and the rank files of runs with another number of ranks."""
     mine = shard_path(out, rank, world) if world > 1 else out
     paths = [mine, sidecar(mine, "rejects"), sidecar(mine, "summary")]
     if rank == 0:
@@ -88,10 +84,9 @@ def written(out: Path, rank: int, world: int) -> list[Path]:
 
 
 class Output:
-    """The output and rejects files of one process, opened for appending, made once the job's
-    inputs have loaded. It starts again with `overwrite` (deleting what `written` lists) or when it
-    holds nothing computed (only a header, or the input's bad records); otherwise it continues only
-    with the header's fingerprint (provenance.start). Nothing is changed before, not a torn line."""
+    """The output and rejects files of one process, made once the job's inputs have loaded. It starts
+    again with `overwrite` (deleting what `written` lists) or when it holds nothing computed (only a
+    header or bad records), else continues only with the header's fingerprint (provenance.start)."""
 
     def __init__(self, out: Path, header: dict, *, rank: int = 0, world: int = 1, overwrite: bool = False):
         self.out, self.rank, self.world = out, rank, world
@@ -107,12 +102,9 @@ class Output:
             computed = any(isinstance(k, str) for k in self.rejects.ids)  # rejected entries, not bad records
             held = bool(self.records.ids) or computed
         stored = first.get("provenance") if first is not None else None
-        if first is not None:
-            unknown = (f"{path}: not an hscr.py output (its header holds no fingerprint), "
-                       "so it cannot be continued")
-        else:
-            unknown = (f"{rejects} holds rejects but {path} is {'empty' if path.exists() else 'gone'}, "
-                       "so what made them cannot be checked")
+        unknown = (f"{path}: not an hscr.py output (its header holds no fingerprint), so it cannot be "
+                   "continued" if first is not None else f"{rejects} holds rejects but {path} is "
+                   f"{'empty' if path.exists() else 'gone'}, so what made them cannot be checked")
         # Each process on its own (as rank 0 of 1): it reads and deletes only its own files.
         provenance.start(path, header["provenance"], stored if isinstance(stored, dict) else None,
                          resume=held, unknown=unknown, restart=RESTART,
@@ -124,24 +116,20 @@ class Output:
         self.rejects.write([])
 
     def done(self, entry_id: str) -> bool:
-        """Whether the entry has its record or reject. Resume skips those; the input's bad
-        records are no entries (an id of one may be the duplicate of a valid entry's)."""
+        """Whether the entry has its record or reject (an input's bad records are no entries)."""
         return entry_id in self.records.ids or entry_id in self.rejects.ids
 
     def write_bad(self, file: str, position: int, record_id: str | None, reason: str):
-        """An input record that could not be parsed (once, even across resumes); `position` is its
-        index in the JSON list or its 0-based line in a JSONL file."""
+        """An input record that could not be parsed, once even across resumes; `position`: its index in
+        the JSON list or its 0-based line in a JSONL file."""
         if (file, position) not in self.rejects.ids:
             self.rejects.write([{"index": None, "id": record_id, "category": BAD_RECORD, "reason": reason,
                                  "file": file, "position": position}])
 
     def run_batches(self, ids: list[str], batch_size: int, compute) -> dict:
-        """This process's share of the entries (`ids`, in order) through compute(positions) → one
-        record or Reject per position, batch by batch, then the summary (under torchrun rank 0
-        merges the rank files and returns the merged one). A batch with any result missing is
-        computed whole; only the missing results are written, and flushed."""
-        from tqdm import tqdm
-
+        """This process's share of the entries (`ids`) through compute(positions) → one record or Reject
+        per position; batch b is always positions [b·B, (b+1)·B), computed whole when any result is
+        missing, only the missing ones written. Returns the summary (under torchrun, the merged one)."""
         processed, t0 = 0, time.perf_counter()
         with tqdm(total=len(ids), initial=sum(map(self.done, ids)), unit="entry", position=self.rank,
                   desc=f"hscr rank {self.rank}" if self.world > 1 else "hscr", dynamic_ncols=True) as bar:
@@ -159,8 +147,6 @@ class Output:
         if self.world == 1:
             print_summary(self.out, summary)
             return summary
-        import torch.distributed as dist
-
         barrier(self.world)
         if self.rank == 0:
             summary = merge_shards(self.out, self.world)
@@ -171,9 +157,8 @@ class Output:
 
 
 def merge_shards(out: Path, world: int) -> dict:
-    """One file from the rank files: the header, then the records in `index` order, which is the
-    order of a single-process run; rejects likewise. Refuses rank files whose fingerprints differ.
-    Returns the merged summary."""
+    """One file from the rank files, records and rejects in `index` order (a single-process run's);
+    refuses rank files whose fingerprints differ. Returns the merged summary."""
     parts = [shard_path(out, r, world) for r in range(world)]
     missing = [str(p) for p in parts if not p.exists()]
     if missing:
@@ -217,17 +202,15 @@ def negatives_histogram(records: list[dict], rejects: list[dict]) -> dict[str, i
 
 
 def summarize(out: Path, *, processed: int, seconds: float) -> dict:
-    """Counts over the whole output (so a resumed run reports everything) + this run's rate;
-    written beside it (prefs.summary.json)."""
+    """Counts over the whole output (a resumed run reports everything), this run's rate; written beside
+    it (prefs.summary.json)."""
     records = [r for r in read_jsonl(out) if not r.get(HEADER_KEY)]
     rejects = read_jsonl(sidecar(out, "rejects"))
     skipped = Counter(r["category"] for r in rejects)
-    summary = {
-        "entries_written": len(records), "negatives": negatives_histogram(records, rejects),
-        "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()),
-        "processed_this_run": processed, "seconds": round(seconds, 3),
-        "entries_per_s": round(processed / seconds, 4) if seconds > 0 else None,
-    }
+    summary = {"entries_written": len(records), "negatives": negatives_histogram(records, rejects),
+               "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()),
+               "processed_this_run": processed, "seconds": round(seconds, 3),
+               "entries_per_s": round(processed / seconds, 4) if seconds > 0 else None}
     sidecar(out, "summary").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
