@@ -1,8 +1,7 @@
-"""Run directories (docs/FORMATS.md "Training outputs", "Run directory"): `start_run`, the start or
-resume of eval.py's and train.py's, the fingerprint kept in provenance.json; then train.py's own:
-checkpoints and exact resume, the reuse of a finished run, metrics, and the reference log-prob
-cache beside the preference file. `cfg` is train.py's TrainConfig and `ctx` its
-harness.dist.Context; this module never imports train.py.
+"""Run directories (docs/FORMATS.md "Training outputs", "Run directory"): `start_run`, eval.py's and
+train.py's start or resume under the fingerprint in provenance.json; then train.py's checkpoints, exact
+resume, reuse of a finished run, metrics and reference log-prob cache. `cfg` is train.py's TrainConfig,
+`ctx` its harness.dist.Context; this module never imports train.py.
 """
 from __future__ import annotations
 
@@ -37,18 +36,15 @@ OUTPUTS = ("checkpoints", "adapter", "merged", "metrics.jsonl", "metrics.png", "
 TRAINED = ("checkpoints", "metrics.jsonl", "adapter", "merged")
 # Options that name inputs or the output: the fingerprint holds the inputs' content instead.
 PATH_FIELDS = ("model", "data", "out", "image_root", "vision_tower", "tokenizer", "eval_data")
-# Options that may change between a run and its --resume: how to start, how long, what to log and
-# keep, where to run, and memory knobs that compute the same values (gradient checkpointing, the
-# chunk of the vocabulary projection). Every other option is in the fingerprint (run_fingerprint).
+# Options that may change between a run and its --resume (how to start, how long, what to log and keep,
+# where to run, memory knobs that compute the same values); every other one is in the fingerprint.
 RESUMABLE_FIELDS = ("resume", "overwrite", "max_steps", "eval_every", "save_every", "keep_checkpoints",
                     "export_merged", "plot", "device", "gradient_checkpointing", "logit_chunk")
 
 
 def check_out(out: Path, cfg) -> None:
-    """Refuse, before anything slow, what would mix two runs in one --out: an existing run (a
-    non-empty TRAINED entry) without --resume or --overwrite, --resume of no run (neither a
-    checkpoint nor provenance.json: a run interrupted before its first checkpoint resumes from step
-    0), --overwrite of a directory holding an input, or an --out that is a checkpoint directory."""
+    """Refuse, before anything slow, what would mix two runs in one --out (docs/FORMATS.md,
+    "Training outputs"); --resume of a run with provenance.json but no checkpoint starts at step 0."""
     if any(out.glob("*.safetensors")):
         raise UserError(f"--out {out} holds *.safetensors (a checkpoint directory?); train.py writes "
                         "config.json and more there: choose another --out")
@@ -63,10 +59,8 @@ def check_out(out: Path, cfg) -> None:
                         "--overwrite to delete it and start again, or choose another --out")
     if not cfg.resume:  # outputs will be deleted: none of them may hold an input of this run
         doomed = [(out / name).resolve() for name in OUTPUTS if (out / name).exists()]
-        for flag in PATH_FIELDS:
-            value = getattr(cfg, flag)
-            if value is None or flag == "out":
-                continue
+        given = [(f, getattr(cfg, f)) for f in PATH_FIELDS if f != "out" and getattr(cfg, f) is not None]
+        for flag, value in given:
             path = Path(value).resolve()
             hit = next((d for d in doomed if path == d or d in path.parents), None)
             if hit is not None:
@@ -78,24 +72,21 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callabl
               session: Mapping[str, Any], holds: str, restart: str, rank: int = 0, world: int = 1,
               finished: Mapping[str, Any] | None = None, outputs: Sequence[str] = (),
               changes: Sequence[str] = (), compare: Mapping[str, Any] | None = None) -> bool:
-    """Start or resume the run in `out` (provenance.start, the fingerprint kept in provenance.json,
-    which names what `out` `holds`); True when it is reused as it is. eval.py resumes whenever
-    --out holds answers and --overwrite is not given, train.py only with --resume. finished: what
-    the run records at its end, e.g. {"step": 40}: a resumed run that finished so, each of its
-    `outputs` as it wrote them, is reused; one written again since stops it (never passed off as
-    the run's); one missing is written again. Rank 0 then records the fingerprint, `made_by` and
-    the sessions so far plus this one (`session`, with its start time). `compare`: what the stored
-    fingerprint must equal, when not `now` (eval.py: the images of the questions earlier sessions chose)."""
+    """Start or resume the run in `out` through provenance.start, the fingerprint in provenance.json;
+    True when it is reused as it is: resumed, it `finished` so (e.g. {"step": 40}) with each of its
+    `outputs` as it wrote them (one written again since stops it, one missing is written again).
+    Rank 0 then records the fingerprint, `made_by` and the sessions so far plus this `session`.
+    `compare`: what the stored fingerprint must equal, when not `now` (eval.py: the images of the
+    questions earlier sessions chose)."""
     path = out / PROVENANCE
     record = provenance.load(path) if resume else None
 
     def reused() -> bool:
         done = record.get("finished")
-        if finished is None or not isinstance(done, dict):
+        if finished is None or not isinstance(done, dict) or any(done.get(k) != v
+                                                                 for k, v in finished.items()):
             return False
         written = done.get("outputs") or {}
-        if any(done.get(k) != v for k, v in finished.items()):
-            return False
         if not all(name in written and (out / name).is_dir() for name in outputs):
             return False  # missing: the resumed run writes it
         digests = provenance.fingerprint(**{name: provenance.Dir(out / name) for name in outputs})
@@ -132,19 +123,17 @@ def run_fingerprint(cfg, tokenizer_path: Path, image_root: Path, image_names: li
 
 
 def start_training(out: Path, now: Mapping[str, Any], end: int, cfg, ctx) -> bool:
-    """train.py's start_run: resumes only with --resume (check_out refused the other cases), not
-    past this run's last step `end`; starting again deletes OUTPUTS, nothing else. True when --out
-    holds this run finished at step `end`, with its weights as it wrote them: nothing to train."""
+    """train.py's start_run: resumes only with --resume, not past this run's last step `end`; starting
+    again deletes OUTPUTS. True when --out holds this run finished at `end`: nothing to train."""
     latest = out / "checkpoints" / "latest"  # names step-NNNNNN
     trained = latest.read_text().strip().removeprefix("step-") if cfg.resume and latest.is_file() else ""
     trained = int(trained) if trained.isdigit() else 0
     reused = start_run(out, now, resume=cfg.resume, clear=lambda run: remove(run / name for name in OUTPUTS),
-                       made_by="train.py", holds="checkpoints",
+                       made_by="train.py", holds="checkpoints", rank=ctx.rank, world=ctx.world,
                        session={"resume": cfg.resume, "max_steps": cfg.max_steps, "device": str(ctx.device),
                                 "world_size": ctx.world},
                        restart="rerun with --overwrite to start again (this deletes its checkpoints and "
-                               "metrics)",
-                       rank=ctx.rank, world=ctx.world, finished={"step": end}, outputs=weight_outputs(cfg),
+                               "metrics)", finished={"step": end}, outputs=weight_outputs(cfg),
                        changes=[f"steps: {trained} trained, {end} now"] if trained > end else [])
     if reused and ctx.rank == 0:
         print(f"reused: {out / 'adapter'} was trained from the same inputs and options ({out / PROVENANCE})")
@@ -157,19 +146,18 @@ def weight_outputs(cfg) -> tuple[str, ...]:
 
 
 def write_run_start(out: Path, cfg, bad: list[BadRecord], counts: str | None = None) -> None:
-    """out/config.json and out/bad_records.jsonl; each skipped record is also reported on stderr,
-    and `counts` ("N training entries, …") printed with the number skipped."""
+    """out/config.json and out/bad_records.jsonl, each skipped record on stderr; `counts` ("N training
+    entries, …") printed with the number skipped."""
     out.mkdir(parents=True, exist_ok=True)
     report_skipped(bad)
     if counts is not None:
         print(f"{counts}, {len(bad)} skipped" + (f" (listed in {out / 'bad_records.jsonl'})" if bad else ""))
-    atomic_write_text(out / "bad_records.jsonl", "".join(json.dumps(dataclasses.asdict(b)) + "\n"
-                                                         for b in bad))
+    rows = "".join(json.dumps(dataclasses.asdict(b)) + "\n" for b in bad)
+    atomic_write_text(out / "bad_records.jsonl", rows)
     atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
 
 def report_skipped(bad: list[BadRecord]) -> None:
-    """Each skipped record, on stderr."""
     for b in bad:
         print(f"skipped {b.file} record {b.index} (id {b.id}): {b.reason}", file=sys.stderr)
 
@@ -184,11 +172,10 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx)
         rngs = [None] * ctx.world
         dist.all_gather_object(rngs, rng)
     if ctx.rank == 0:
-        root = out / "checkpoints"
-        name = f"step-{step:06d}"
+        root, name = out / "checkpoints", f"step-{step:06d}"
         tmp = root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_weights(model, tmp, cfg)
+        save_adapter(model, tmp / "adapter", base_model_path=cfg.model)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rngs, "config": dataclasses.asdict(cfg)}, tmp / "trainer.pt")
         shutil.rmtree(root / name, ignore_errors=True)
@@ -199,14 +186,9 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx)
     ctx.barrier()
 
 
-def save_weights(model, out: Path, cfg) -> Path:
-    """The trained weights: the LoRA adapter in PEFT's format (out/adapter)."""
-    return save_adapter(model, out / "adapter", base_model_path=cfg.model) or out / "adapter"
-
-
 def load_checkpoint(out: Path, model, optimizer, scheduler, ctx) -> int:
-    """Restore adapter, optimizer, scheduler and RNG states; returns the step to continue from:
-    0, restoring nothing, for a run interrupted before its first checkpoint (its start is exact)."""
+    """Restore adapter, optimizer, scheduler and RNG states; the step to continue from (0, restoring
+    nothing, for a run interrupted before its first checkpoint)."""
     root = out / "checkpoints"
     if not (root / "latest").is_file():
         return 0
@@ -232,8 +214,7 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, ctx) -> int:
 
 
 def start_metrics(out: Path, start: int, cfg, ctx) -> Path:
-    """out/metrics.jsonl as of step `start`: empty for a new run; on --resume, without what an
-    interrupted run logged after its last checkpoint (and a torn last line). Rank 0 writes it."""
+    """out/metrics.jsonl as of step `start` (on --resume without what was logged after the checkpoint)."""
     path = out / "metrics.jsonl"
     if ctx.rank == 0:
         kept = [m for m in (read_jsonl(path) if cfg.resume else []) if m.get("step", 0) <= start]
@@ -242,18 +223,15 @@ def start_metrics(out: Path, start: int, cfg, ctx) -> Path:
 
 
 def log_metrics(path: Path, metrics: dict) -> None:
-    """Append one step's metrics to metrics.jsonl (start_metrics made it)."""
     with open(path, "a") as f:
         f.write(json.dumps(metrics) + "\n")
 
 
 def write_outputs(model, out: Path, cfg, step: int, ctx) -> None:
-    """The end of a run, by rank 0: out/adapter, out/metrics.png with --plot, and with
-    --export-merged out/merged, the base model with LoRA merged in the input's key layout; then
-    provenance.json records that the run finished at `step`, and the digest of each weight
-    directory as written, so that resuming it can tell them from ones written again (start_run)."""
+    """The end of a run, by rank 0: adapter/, metrics.png (--plot), merged/ (--export-merged); then
+    provenance.json records `finished` at `step` with each weight directory's digest (start_run)."""
     if ctx.rank == 0:
-        adapter = save_weights(model, out, cfg)
+        adapter = save_adapter(model, out / "adapter", base_model_path=cfg.model)
         if cfg.plot:
             plot_metrics(out / "metrics.jsonl", out / "metrics.png")
             print(f"wrote {out / 'metrics.png'}")
@@ -270,8 +248,7 @@ def write_outputs(model, out: Path, cfg, step: int, ctx) -> None:
 
 
 def require_matplotlib():
-    """matplotlib.pyplot on the Agg backend; a listed requirement, so its absence is an error,
-    raised before training starts (train.py calls this first when --plot is on)."""
+    """matplotlib.pyplot on the Agg backend; train.py calls this before training when --plot is on."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -305,13 +282,10 @@ REFERENCE_INPUTS = ("model", "vision tower", "tokenizer", "data", "eval data", "
 
 
 def reference_cache_key(now: dict, negatives: int) -> dict:
-    """What the cached reference log-probs depend on, by content, from the run's fingerprint `now`
-    (docs/FORMATS.md "Training outputs"); paths left out: moving the data or images keeps the cache."""
-    def content(part):
-        if not isinstance(part, dict):
-            return part
-        return {k: v for k, v in part.items() if k not in ("path", "root")}
-    key = {name: content(now.get(name)) for name in REFERENCE_INPUTS}
+    """What the cached reference log-probs depend on, from the run's fingerprint `now`, paths left out:
+    moving the data or images keeps the cache (docs/FORMATS.md "Training outputs")."""
+    key = {name: ({k: v for k, v in part.items() if k not in ("path", "root")} if isinstance(part, dict)
+                  else part) for name, part in ((n, now.get(n)) for n in REFERENCE_INPUTS)}
     key.update({name: now.get(name) for name in ("image_aspect", "dtype", "autocast", "max_response_tokens",
                                                 "max_length")})
     key["negatives"] = negatives
@@ -319,17 +293,15 @@ def reference_cache_key(now: dict, negatives: int) -> dict:
 
 
 def reference_cache_path(data: Path, key: dict) -> Path:
-    """prefs.jsonl → prefs.reflogp-<8 hex digits of the key>.json, beside the preference file, so
-    that runs with other settings (another model, --loss dpo, …) keep their own caches."""
+    """prefs.jsonl → prefs.reflogp-<8 hex digits of the key>.json, beside the preference file."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return Path(data).with_suffix(f".reflogp-{digest}.json")
 
 
 def cached_logprobs(data: Path, key: dict, examples: list, compute, ctx) -> dict[str, list[float]]:
-    """{entry id: log-probs} of `examples`: those stored under `key` in its cache file beside the
-    `data` file (reference_cache_path), the others computed by `compute(missing examples)` (on
-    every process) and the file rewritten by rank 0. An absent, unreadable, torn or other-key file
-    is only a cache: computed again; a read-only data directory costs only the cache (said on stderr)."""
+    """{entry id: log-probs} of `examples`: those cached under `key` (reference_cache_path), the others
+    from `compute(missing examples)` on every process, the file rewritten by rank 0. A cache that cannot
+    be read is computed again; one that cannot be written is only said on stderr."""
     path = reference_cache_path(data, key)
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
