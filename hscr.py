@@ -60,15 +60,12 @@ from model.rows import greedy_continuations, mean_token_probability, teacher_for
 from model.sentence import Similarity
 from model.tokenizer import TEMPLATES, decode, image_span, word_classes
 
-# Similarities within this of the gap count as the gap: 0.3 − 0.2 is 0.0999… in floating point.
-GAP_TOLERANCE = 1e-9
 
 
 # Stage 1, step 1: visual-token dropout
 def entry_generator(seed: int, entry_id: str) -> torch.Generator:
-    """The entry's random stream, seeded by (global seed, entry id): the dropped set does not depend
-    on batch, shard or resume. crc32: stable across processes (Python's str hash is salted), and
-    torch's CPU generator keeps only 32 bits of its seed anyway."""
+    """The entry's random stream, seeded by crc32(global seed, entry id): the dropped set does not depend
+    on batch, shard or resume (crc32: unlike Python's salted str hash, the same in every process)."""
     g = torch.Generator()
     g.manual_seed(zlib.crc32(f"{seed}\0{entry_id}".encode("utf-8")))
     return g
@@ -85,10 +82,9 @@ def drop_mask(n: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
 def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Generator], *,
                          strategy: str = "token", ratio: float = 0.7, mode: str = "remove",
                          return_kept: bool = False):
-    """docs/METHOD.md, step 1: the dropped branch i' loses a fraction ρ = 0.7 of the N visual
-    tokens, removed (`mode="zero"`: zeroed), one draw per entry; `strategy`: token, latent, patch, pixel.
-    pixels (B, 3, H, W) normalised → (full (B, N, D), dropped: B tensors (N'_b, D)); with `return_kept`
-    also each entry's kept indices among the N, (N'_b,), or None where all N positions stay."""
+    """docs/METHOD.md, step 1: i' loses ρ = 0.7 of the N visual tokens [paper], removed, one draw per entry
+    [ours]. pixels (B, 3, H, W) → (full (B, N, D), dropped: B × (N'_b, D)); `return_kept`: also each
+    entry's kept indices among the N, (N'_b,), or None where all N positions stay."""
     if strategy in ("token", "latent"):
         latent = model.vision_tower(pixels)  # (B, N, Dv)
         full = model.multi_modal_projector(latent)  # (B, N, D)
@@ -182,9 +178,8 @@ def plausible(logits: torch.Tensor, alpha: float) -> torch.Tensor:
 def candidate_sets(logits_full, logits_drop, targets, c: int = 10, rule: str = "dropped-topk",
                    alpha: float = 0.1, banned: tuple[int, ...] = (),
                    word_class: torch.Tensor | None = None) -> torch.Tensor:
-    """docs/METHOD.md, step 5 [ours]: the candidates C_t under `rule`, the c first in its order; never y_t,
-    a `banned` id, or (with `word_class` (V,)) a token of y_t's class. Equal logits: the lower id first.
-    logits_full, logits_drop (P, V), targets (P,) = y_t → (P, c) ids, −1 in the slots left empty."""
+    """docs/METHOD.md, step 5 [ours]: C_t, the c first of `rule`'s order but y_t, `banned` ids and y_t's
+    `word_class`. (P, V) ×2, targets (P,) = y_t → (P, c) ids, −1 in empty slots; ties: the lower id."""
     if rule not in CANDIDATE_RULES:
         raise ValueError(f"unknown candidate rule {rule!r}; known: {', '.join(CANDIDATE_RULES)}")
     P, V = logits_drop.shape
@@ -228,25 +223,21 @@ def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, be
 # Stage 1, step 6: graded negatives, their continuation (model/rows.py, greedy_continuations), duplicates
 def graded_negatives(response: list[int], positions: list[int], replacements: list[int],
                      continuation: str = "decode") -> list[list[int]]:
-    """docs/METHOD.md, step 6: candidate m (m = 1 … n) swaps the m best-scoring coupled `positions` [paper]
-    that got one of the aligned `replacements` [ours]; decode: cut after the last replaced position (the
-    prefix the model continues), splice: the rest of y_w follows. Candidate m at index m − 1."""
+    """docs/METHOD.md, step 6: candidate m swaps the m best-scoring coupled `positions` [paper] that got one
+    of the `replacements` [ours], cut after the last (decode) or with the rest of y_w (splice)."""
     if continuation not in ("decode", "splice"):
         raise ValueError(f"unknown continuation {continuation!r}")
-    out = []
-    for m in range(1, len(positions) + 1):
-        ids = list(response)
-        for pos, token in zip(positions[:m], replacements[:m]):
-            ids[pos] = token
-        out.append(ids[: max(positions[:m]) + 1] if continuation == "decode" else ids)
+    ids, out = list(response), []
+    for m, (pos, token) in enumerate(zip(positions, replacements), 1):  # candidate m − 1 plus one swap
+        ids[pos] = token
+        out.append(ids[: max(positions[:m]) + 1] if continuation == "decode" else list(ids))
     return out
 
 
 def dedupe_candidates(texts: list[str], chosen: str) -> list[int]:
     """docs/METHOD.md, step 6 [ours]: the indices kept, without empty texts and those equal to y_w or to
     an earlier candidate (the smallest m of identical texts stays)."""
-    seen = {chosen}
-    kept = []
+    seen, kept = {chosen}, []
     for i, t in enumerate(texts):
         if t and t not in seen:
             seen.add(t)
@@ -258,12 +249,10 @@ def dedupe_candidates(texts: list[str], chosen: str) -> list[int]:
 def rerank(similarities: list[float], k: int = 3, gap: float = 0.1) -> list[int]:
     """docs/METHOD.md, step 8: the most similar, then each next one at least `gap` = 0.1 below the last
     kept, until k = 3 [paper]; fewer when fewer qualify, ties: smaller m first [ours]. Indices, best first."""
-    order = sorted(range(len(similarities)), key=lambda i: -similarities[i])  # stable
     kept: list[int] = []
-    for i in order:
-        if len(kept) == k:
-            break
-        if not kept or similarities[kept[-1]] - similarities[i] >= gap - GAP_TOLERANCE:
+    for i in sorted(range(len(similarities)), key=lambda i: -similarities[i]):  # stable
+        # A step within 1e-9 of the gap counts: 0.3 − 0.2 is 0.0999… in floating point.
+        if len(kept) < k and (not kept or similarities[kept[-1]] - similarities[i] >= gap - 1e-9):
             kept.append(i)
     return kept
 

@@ -12,6 +12,9 @@ from typing import Any, Sequence
 
 from harness.files import DataError
 
+# Annotation (as a string: every module uses `from __future__ import annotations`) → argparse type.
+_TYPES = {"int": int, "float": float, "str": str}
+
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Sequence | None = None,
            required: bool = False, default_factory: Any = dataclasses.MISSING):
@@ -20,13 +23,9 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Seque
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
-# Annotation (as a string: every module uses `from __future__ import annotations`) → argparse type.
-_TYPES = {"int": int, "float": float, "str": str}
-
-
 def add_dataclass_options(parser: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
-    """One `--flag` per field of `cls`: `X | None` parses as X, `bool` is a --flag/--no-flag
-    switch, `list[str]` repeats. Each default is printed once, after the help text."""
+    """One `--flag` per field of `cls`: `X | None` parses as X, `bool` is a --flag/--no-flag switch,
+    `list[str]` repeats. Each default is printed once, after the help text."""
     for f in dataclasses.fields(cls):
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
         given = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
@@ -46,11 +45,11 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, defaults: dict |
         elif kind == "list[str]":
             parser.add_argument(flag, dest=f.name, action="append", required=required,
                                 default=None if required else list(default or []), help=help + "; repeat")
-        else:
-            if kind not in _TYPES:
-                raise TypeError(f"{cls.__name__}.{f.name}: unsupported option type {f.type!r}")
+        elif kind in _TYPES:
             parser.add_argument(flag, dest=f.name, type=_TYPES[kind], default=default, required=required,
                                 choices=meta.get("choices"), help=help)
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: unsupported option type {f.type!r}")
 
 
 def dataclass_parser(cls, *, prog: str | None = None, description: str | None = None,
@@ -64,20 +63,18 @@ def dataclass_parser(cls, *, prog: str | None = None, description: str | None = 
 
 class UserError(Exception):
     """An error the user can fix (a bad file, record, option or checkpoint): the scripts print its
-    message as one line on stderr and exit with status 2. Set HSCR_DEBUG=1 (or pass --debug) to see
-    the traceback. Anything else is a bug and keeps its traceback."""
+    message as one line on stderr and exit with status 2; HSCR_DEBUG=1 (or --debug) shows the traceback.
+    Anything else is a bug and keeps its traceback."""
 
 
 def run_main(main, argv: Sequence[str] | None = None) -> int:
     """Call `main(argv)`; a UserError becomes one line on stderr and exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("HSCR_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
     try:
-        return main(argv) or 0
+        return main([a for a in argv if a != "--debug"]) or 0
     except (UserError, DataError) as e:
         if debug:
             raise
-        prog = Path(sys.argv[0]).name or "hscr"
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{Path(sys.argv[0]).name or 'hscr'}: error: {e}", file=sys.stderr)
         return 2
