@@ -66,19 +66,14 @@ class Context:
         dist.all_gather(parts, t)
         return torch.cat(parts)
 
-    def barrier(self):
-        barrier(self.world)
-
     def no_sync(self, model: torch.nn.Module, skip: bool):
         """Within it, DDP does not all-reduce gradients (when `skip`: a micro-step before the last)."""
         return model.no_sync() if self.world > 1 and skip else contextlib.nullcontext()
 
     def distributed(self, model: torch.nn.Module) -> torch.nn.Module:
         """`model` wrapped in DistributedDataParallel when there are several processes, else itself."""
-        if self.world == 1:
-            return model
-        return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return model if self.world == 1 else torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def setup_context(device: str = "auto", autocast: bool = True) -> Context:

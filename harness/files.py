@@ -13,8 +13,7 @@ from pathlib import Path
 
 
 class DataError(ValueError):
-    """A data or output file that cannot be read as it should; the message names the file (and the
-    line or byte), which `run_main` reports as one line."""
+    """A data or output file that cannot be read as it should; the message names the file (line, byte)."""
 
 
 @dataclass
@@ -33,9 +32,8 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 def read_json_records(path: str | os.PathLike) -> list[tuple[int, object]]:
-    """(index, value) for each record of a JSON list or a JSON-lines file; in JSON lines the index is
-    the 0-based line and a line that does not parse is a BadLine, for a long job to report and go on.
-    Lines are split on "\\n" only: JSON strings may hold a raw U+2028, which str.splitlines() cuts."""
+    """(index, value) for each record of a JSON list or a JSON-lines file (index: the 0-based line, a line
+    that does not parse a BadLine). Split on "\\n" only: splitlines() would cut a JSON string's U+2028."""
     text = read_text(path)
     if text.lstrip().startswith("["):
         try:
@@ -105,9 +103,8 @@ def remove(paths: Iterable[Path]) -> None:
 
 
 class JsonlFile:
-    """An append-only JSON-lines output that a kill may interrupt and a rerun resumes. Made, it only
-    reads: `first`, its first row (None when empty), and `ids`, the `key` of each row (None: no id, e.g.
-    a header), a torn last line ignored; the first `write` cuts that line off."""
+    """An append-only JSON-lines output that a rerun resumes. Made, it only reads `first` (its first row or
+    None) and `ids` (the non-None `key` of each row), a torn last line ignored; the first `write` cuts it."""
 
     def __init__(self, path: str | os.PathLike, key: Callable[[dict], Hashable]):
         self.path, self.key, self.repaired = Path(path), key, False

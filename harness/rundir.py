@@ -177,7 +177,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx)
         atomic_write_text(root / "latest", name + "\n")
         for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-cfg.keep_checkpoints]:
             shutil.rmtree(old)
-    ctx.barrier()
+    barrier(ctx.world)
 
 
 def load_checkpoint(out: Path, model, optimizer, scheduler, ctx) -> int:
@@ -237,7 +237,7 @@ def write_outputs(model, out: Path, cfg, step: int, ctx) -> None:
         provenance.save(out / PROVENANCE, record["fingerprint"], **info,
                         finished={"step": step, "outputs": written})
         print(f"wrote {adapter} (PEFT format)")
-    ctx.barrier()
+    barrier(ctx.world)
 
 
 def require_matplotlib():
