@@ -45,7 +45,6 @@ import math
 import sys
 import zlib
 from dataclasses import dataclass, replace
-from itertools import accumulate
 
 import torch
 
@@ -385,8 +384,8 @@ def _flat_positions(positions: list[list[int]], device) -> tuple[torch.Tensor, t
 
 def _regroup(flat: list, groups: list[list]) -> list[list]:
     """`flat` cut into consecutive pieces as long as the lists of `groups` (flattening undone)."""
-    ends = list(accumulate(len(g) for g in groups))
-    return [flat[end - len(g): end] for g, end in zip(groups, ends)]
+    items = iter(flat)
+    return [[next(items) for _ in g] for g in groups]
 
 
 # Options: one dataclass, the CLI is built from it (harness.cli.dataclass_parser)
