@@ -153,7 +153,6 @@ class Output:
         barrier(self.world)
         if self.rank == 0:
             summary = merge_shards(self.out, self.world)
-            print_summary(self.out, summary)
         barrier(self.world)
         dist.destroy_process_group()
         return summary
@@ -161,7 +160,7 @@ class Output:
 
 def merge_shards(out: Path, world: int) -> dict:
     """One file from the rank files, records and rejects in `index` order (a single-process run's);
-    refuses rank files whose fingerprints differ. Returns the merged summary."""
+    refuses rank files whose fingerprints differ. Returns the merged summary, printed."""
     parts = [shard_path(out, r, world) for r in range(world)]
     missing = [str(p) for p in parts if not p.exists()]
     if missing:
@@ -180,8 +179,10 @@ def merge_shards(out: Path, world: int) -> dict:
                 order=_reject_order)
     summaries = [sidecar(p, "summary") for p in parts]
     summaries = [json.loads(f.read_text()) if f.exists() else {} for f in summaries]
-    return summarize(out, processed=sum(s.get("processed_this_run", 0) for s in summaries),
-                     seconds=max(s.get("seconds", 0.0) for s in summaries))
+    summary = summarize(out, processed=sum(s.get("processed_this_run", 0) for s in summaries),
+                        seconds=max(s.get("seconds", 0.0) for s in summaries))
+    print_summary(out, summary)
+    return summary
 
 
 def merge_main(argv) -> dict:
@@ -191,9 +192,7 @@ def merge_main(argv) -> dict:
     p.add_argument("--out", required=True, help="the run's --out")
     p.add_argument("--world-size", type=int, required=True, help="number of ranks of the run")
     args = p.parse_args(argv)
-    summary = merge_shards(Path(args.out), args.world_size)
-    print_summary(Path(args.out), summary)
-    return summary
+    return merge_shards(Path(args.out), args.world_size)
 
 
 def negatives_histogram(records: list[dict], rejects: list[dict]) -> dict[str, int]:

@@ -173,12 +173,6 @@ def _show(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _file_role(name: str) -> str:
-    if name.endswith(".safetensors"):
-        return "weights"
-    return "weights index" if name.endswith(".index.json") else "config"
-
-
 def _input_changes(label: str, old: dict, new: dict) -> list[str]:
     kind = old["kind"]
     if kind != new["kind"]:
@@ -187,7 +181,9 @@ def _input_changes(label: str, old: dict, new: dict) -> list[str]:
         return [] if old["sha256"] == new["sha256"] else [f"{label} ({Path(new['path']).name}) changed"]
     if kind == "dir":
         a, b = old["files"], new["files"]
-        out = [f"{label} {_file_role(f)} ({f}) changed" for f in a if f in b and a[f] != b[f]]
+        role = {f: "weights" if f.endswith(".safetensors") else "weights index" if f.endswith(".index.json")
+                else "config" for f in a}
+        out = [f"{label} {role[f]} ({f}) changed" for f in a if f in b and a[f] != b[f]]
         out += [f"{label}: {f} is gone" for f in a if f not in b]
         return out + [f"{label}: {f} is new" for f in b if f not in a]
     if old["sha256"] == new["sha256"]:
@@ -223,8 +219,7 @@ def differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
 class ProvenanceError(UserError):
     """An output was made from other inputs or options than the job resuming it would use."""
 
-    def __init__(self, where: str | os.PathLike, changes: Sequence[str],
-                 restart: str = "rerun with --overwrite to start again"):
+    def __init__(self, where: str | os.PathLike, changes: Sequence[str], restart: str):
         self.where, self.changes = str(where), list(changes)
         super().__init__(f"{where} was made from other inputs or options than this run: "
                          f"{'; '.join(self.changes)}. To resume it, use what made it; or {restart}, "
@@ -242,7 +237,7 @@ def start(where: str | os.PathLike, now: Mapping[str, Any], stored: Mapping[str,
             raise UserError(f"{unknown}; {restart}, or choose another --out")
         found = differences(stored, now) + list(changes)
         if found:
-            raise ProvenanceError(where, found, restart=restart)
+            raise ProvenanceError(where, found, restart)
         if reuse():
             return True
     barrier(world)  # every process has read the old fingerprint before it is replaced
