@@ -275,12 +275,12 @@ REFERENCE_INPUTS = ("model", "vision tower", "tokenizer", "data", "eval data", "
 
 
 def reference_cache_key(now: dict, negatives: int) -> dict:
-    """What the cached reference log-probs depend on, from the run's fingerprint `now` without paths."""
-    key = {name: ({k: v for k, v in part.items() if k not in ("path", "root")} if isinstance(part, dict)
-                  else part) for name, part in ((n, now.get(n)) for n in REFERENCE_INPUTS)}
-    key.update({name: now.get(name) for name in ("image_aspect", "dtype", "autocast", "max_response_tokens",
-                                                "max_length")})
-    key["negatives"] = negatives
+    """What the cached reference log-probs depend on: parts of the run's fingerprint `now`, without paths."""
+    key = {"negatives": negatives}
+    for name in REFERENCE_INPUTS + ("image_aspect", "dtype", "autocast", "max_response_tokens", "max_length"):
+        part = now.get(name)  # an input's content without its path, or an option's value
+        key[name] = part if not isinstance(part, dict) else {k: v for k, v in part.items()
+                                                             if k not in ("path", "root")}
     return key
 
 
