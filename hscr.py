@@ -31,7 +31,7 @@ Stage 2, similarity-aware re-ranking
                                 ≥ 0.1 [paper]; fewer when fewer qualify [ours]
 
 HSCR.process runs the steps on a batch of entries; `run` streams a data file through it into a
-resumable output (harness/outputs.py; the format: docs/FORMATS.md, the preference file).
+resumable output (harness/prefs.py; the format: docs/FORMATS.md, the preference file).
 
 Usage:
     python hscr.py --model DIR --data FILE --image-root DIR --out prefs.jsonl [knobs: --help]
@@ -49,10 +49,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from data import Record
-from harness import outputs, prefs
+from harness import prefs
 from harness.cli import UserError, dataclass_parser, option, run_main
-from harness.outputs import Reject
-from harness.prefs import Entry
+from harness.prefs import Entry, Reject
 from kernels import contrast_softmax
 from model.llava import token_logprobs
 from model.rows import greedy_continuations, mean_token_probability, teacher_forced_logits
@@ -505,8 +504,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["stats"]:  # harness/prefs.py: counts, similarities, the sampling-probability claim
         return prefs.stats_main(argv[1:])
-    if argv[:1] == ["merge"]:  # harness/outputs.py: the rank files of a torchrun run, merged again
-        return outputs.merge_main(argv[1:])
+    if argv[:1] == ["merge"]:  # harness/prefs.py: the rank files of a torchrun run, merged again
+        return prefs.merge_main(argv[1:])
     return run(parse_options(argv))
 
 

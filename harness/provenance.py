@@ -1,6 +1,6 @@
 """Provenance: a fingerprint of what made an output, what changed since, and `start`, the one
 decision of every output: start it, continue it, refuse it naming each change, or reuse it. The
-fingerprint is kept in a header line (harness/outputs.py) or in provenance.json (`save`, `load`).
+fingerprint is kept in a header line (harness/prefs.py) or in provenance.json (`save`, `load`).
 A fingerprint is name → part: an option value, or a digest of an input's content, never of its path;
 large files' digests are cached (docs/FORMATS.md, "The preference file").
 """

@@ -23,7 +23,7 @@ from PIL import Image
 
 import hscr
 import tiny
-from harness import outputs, prefs
+from harness import prefs
 from model.rows import cut_generated
 from data import Record
 
@@ -588,10 +588,10 @@ def test_cli_output_records_rejects_and_summary(reference_run, model, tokenizer,
     probs = logits[len(e.prompt_ids) - 1: -1].softmax(-1).gather(-1, torch.tensor(e.response)[:, None])
     assert r["p_chosen"] == pytest.approx(probs.mean().item(), abs=1e-5)
 
-    rejects = {(x["id"], x["category"]) for x in _lines(outputs.sidecar(reference_run, "rejects"))}
+    rejects = {(x["id"], x["category"]) for x in _lines(prefs.sidecar(reference_run, "rejects"))}
     assert rejects == {("noimage", "no image"), ("missing", "missing image"), ("corrupt", "unreadable image"),
                        ("empty", "empty answer"), ("noq", "bad record"), (None, "bad record")}
-    summary = json.loads(outputs.sidecar(reference_run, "summary").read_text())
+    summary = json.loads(prefs.sidecar(reference_run, "summary").read_text())
     n3 = sum(len(r["negatives"]) == 3 for r in records)
     assert summary["entries_written"] == len(GOOD) and summary["negatives"]["3"] == n3
     assert sum(summary["negatives"].values()) == len(GOOD) and summary["skipped_total"] == 6
@@ -607,7 +607,7 @@ def test_cli_splice_replaces_exactly_m_tokens(ckpt, dataset, tmp_path):
 
     parsed, _ = read_records(dataset[0])
     sample = {parsed[i].id for i in prefs.select_entries(len(parsed), 6, 0)}
-    seen = {r["id"] for r in records} | {x["id"] for x in _lines(outputs.sidecar(out, "rejects"))
+    seen = {r["id"] for r in records} | {x["id"] for x in _lines(prefs.sidecar(out, "rejects"))
                                          if x["category"] != "bad record"}
     assert seen == sample and len(records) >= 2
     for r in records:
@@ -625,7 +625,7 @@ def test_cli_is_deterministic(reference_run, ckpt, dataset, tmp_path):
     hscr.main(_cli(ckpt, dataset, out))
     strip = lambda p: [{k: v for k, v in x.items() if k != "options"} for x in _lines(p)]  # noqa: E731
     assert strip(out) == strip(reference_run)
-    assert _lines(outputs.sidecar(out, "rejects")) == _lines(outputs.sidecar(reference_run, "rejects"))
+    assert _lines(prefs.sidecar(out, "rejects")) == _lines(prefs.sidecar(reference_run, "rejects"))
 
 
 def test_cli_resume_refuses_a_corrupt_line(reference_run, ckpt, dataset, tmp_path):
@@ -663,7 +663,7 @@ def test_cli_resume_after_kill(reference_run, ckpt, dataset, tmp_path, monkeypat
     assert len(_lines_done(out)) < len(GOOD)
     hscr.main(_cli(ckpt, dataset, out))
     assert out.read_text() == reference_run.read_text().replace(str(reference_run), str(out))
-    assert _lines(outputs.sidecar(out, "rejects")) == _lines(outputs.sidecar(reference_run, "rejects"))
+    assert _lines(prefs.sidecar(out, "rejects")) == _lines(prefs.sidecar(reference_run, "rejects"))
     with pytest.raises(ProvenanceError, match="option top_n: 10 in the file, 3 now"):
         hscr.main(_cli(ckpt, dataset, out, "--top-n", "3"))
 
@@ -674,8 +674,8 @@ def _killed_copy(reference_run: Path, out: Path, k: int, torn: bool) -> None:
     rejects written before (every one but the last batch's "empty")."""
     lines = reference_run.read_text().replace(str(reference_run), str(out)).split("\n")
     out.write_text("\n".join(lines[: k + 1]) + "\n" + (lines[k + 1][: len(lines[k + 1]) // 2] if torn else ""))
-    rejects = [x for x in outputs.sidecar(reference_run, "rejects").read_text().split("\n") if x and '"empty"' not in x]
-    outputs.sidecar(out, "rejects").write_text("\n".join(rejects) + "\n")
+    rejects = [x for x in prefs.sidecar(reference_run, "rejects").read_text().split("\n") if x and '"empty"' not in x]
+    prefs.sidecar(out, "rejects").write_text("\n".join(rejects) + "\n")
 
 
 @pytest.mark.parametrize("k, torn, batches", [
@@ -699,7 +699,7 @@ def test_resume_is_exact_bit_for_bit(reference_run, ckpt, dataset, tmp_path, mon
     assert seen == batches
     assert summary["processed_this_run"] == len(GOOD) - k + 1  # and the "empty" reject
     assert out.read_text() == reference_run.read_text().replace(str(reference_run), str(out))
-    assert outputs.sidecar(out, "rejects").read_text() == outputs.sidecar(reference_run, "rejects").read_text()
+    assert prefs.sidecar(out, "rejects").read_text() == prefs.sidecar(reference_run, "rejects").read_text()
 
 
 def test_resume_refuses_options_that_change_floats(reference_run, ckpt, dataset, tmp_path):
@@ -719,12 +719,12 @@ def test_resume_refuses_options_that_change_floats(reference_run, ckpt, dataset,
         assert out.read_bytes() == before  # not even the torn line was cut
     lines = out.read_text().split("\n")
     out.write_text(lines[0] + "\n")
-    outputs.sidecar(out, "rejects").write_text("".join(x + "\n" for x in outputs.sidecar(reference_run, "rejects")
+    prefs.sidecar(out, "rejects").write_text("".join(x + "\n" for x in prefs.sidecar(reference_run, "rejects")
                                                     .read_text().split("\n") if '"bad record"' in x))
     hscr.main(_cli(ckpt, dataset, out, "--batch-size", "3"))
     header = _lines(out)[0]
     assert header["options"]["batch_size"] == 3 and header["provenance"]["batch_size"] == 3
-    assert len(_lines(out)) == 1 + len(GOOD) and len(_lines(outputs.sidecar(out, "rejects"))) == 6
+    assert len(_lines(out)) == 1 + len(GOOD) and len(_lines(prefs.sidecar(out, "rejects"))) == 6
 
 
 def test_header_provenance_names_every_input_and_option(reference_run, ckpt, dataset):
@@ -774,7 +774,7 @@ def test_changed_weights_stop_the_resume_and_overwrite_starts_again(ckpt, datase
     with pytest.raises(ProvenanceError, match=r"model weights \(model\.safetensors\) changed"):
         hscr.main(args(out))
     assert out.read_bytes() == first
-    stale = [outputs.shard_path(out, 1, 2), outputs.sidecar(outputs.shard_path(out, 0, 3), "rejects")]
+    stale = [prefs.shard_path(out, 1, 2), prefs.sidecar(prefs.shard_path(out, 0, 3), "rejects")]
     for p in stale:
         p.write_text("{}\n")
     hscr.main(args(out, "--overwrite"))
@@ -807,7 +807,7 @@ def test_a_failed_load_writes_nothing(ckpt, dataset, tmp_path, capsys):
         assert run_main(lambda a: hscr.main(a) and 0, argv) == 2
         err = capsys.readouterr().err.strip().split("\n")
         assert len(err) == 1 and ": error: " in err[0] and named in err[0], err
-        assert not out.exists() and not outputs.sidecar(out, "rejects").exists()
+        assert not out.exists() and not prefs.sidecar(out, "rejects").exists()
     hscr.main(good)
     assert len(_lines(out)) == 1 + len(GOOD)
 
@@ -915,11 +915,11 @@ def test_torchrun_two_ranks_merge_to_the_single_process_result(reference_run, ck
         assert a["p_chosen"] == pytest.approx(b["p_chosen"], rel=1e-4)
         assert a["p_rejected"] == pytest.approx(b["p_rejected"], rel=1e-4)
     key = lambda x: (str(x["id"]), x["category"])  # noqa: E731
-    assert sorted(map(key, _lines(outputs.sidecar(out, "rejects")))) == sorted(
-        map(key, _lines(outputs.sidecar(reference_run, "rejects"))))
+    assert sorted(map(key, _lines(prefs.sidecar(out, "rejects")))) == sorted(
+        map(key, _lines(prefs.sidecar(reference_run, "rejects"))))
     for r in range(2):
-        assert outputs.shard_path(out, r, 2).exists()
-    assert json.loads(outputs.sidecar(out, "summary").read_text())["entries_written"] == len(GOOD)
+        assert prefs.shard_path(out, r, 2).exists()
+    assert json.loads(prefs.sidecar(out, "summary").read_text())["entries_written"] == len(GOOD)
 
 
 def test_merge_refuses_rank_files_made_differently(reference_run, tmp_path):
@@ -932,9 +932,9 @@ def test_merge_refuses_rank_files_made_differently(reference_run, tmp_path):
     for rank, batch_size in ((0, 2), (1, 3)):
         header = {**lines[0], "provenance": {**lines[0]["provenance"], "world_size": 2, "batch_size": batch_size}}
         rows = [header] + lines[1 + rank:: 2]
-        outputs.shard_path(out, rank, 2).write_text("".join(json.dumps(x) + "\n" for x in rows))
+        prefs.shard_path(out, rank, 2).write_text("".join(json.dumps(x) + "\n" for x in rows))
     with pytest.raises(UserError, match="rank 1 ran with other inputs or options than rank 0: option batch_size: 2"):
-        outputs.merge_shards(out, 2)
+        prefs.merge_shards(out, 2)
     assert not out.exists()
 
 
