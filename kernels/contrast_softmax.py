@@ -1,33 +1,24 @@
 """Fused self-contrast softmax: HSCR's contrast reward P_diff in one pass over the logits.
 
 HSCR (docs/METHOD.md, stage 1, step 3) contrasts the model with and without most of its visual
-tokens. At a position t, with logits `full` (image kept) and `drop` (70% of the visual tokens
-dropped), the contrast distribution is
+tokens. At a position, with logits `full` (image kept) and `drop` (70% of the visual tokens dropped):
 
     z      = (1 + β) · full − β · drop                       (β = 0.9 in the paper)
     P_diff = softmax(z)                                      over the vocabulary (last dim)
 
-`index` (..., K) returns only P_diff at those token ids: the gather mode of hscr.py's scoring
-pass, which reads 2·V logits per row and writes K values.
-
-Edge cases, defined here and followed by both implementations:
-- full_v = −inf ⇒ z_v = −inf whatever drop_v is: a token the full branch rules out stays ruled out
-  (for β ≥ 0 the limit of the formula; it also avoids −inf + inf = NaN when both branches mask it).
+`index` (..., K) returns P_diff at those ids only: hscr.py's gather mode, reading 2·V logits per row
+and writing K values. Edge cases, defined here and followed by both implementations:
+- full_v = −inf ⇒ z_v = −inf whatever drop_v is (the limit for β ≥ 0; no −inf + inf = NaN).
 - β = 0 ⇒ z = full exactly; drop is not used (0 · ±inf would otherwise give NaN).
-- full_v finite and drop_v = −inf with β > 0 ⇒ z_v = +inf. The row's mass is then shared equally
-  by its +inf entries and every finite entry gets 0: the limit of the softmax.
-- A row whose z is −inf everywhere (full = −inf everywhere) has no distribution: NaN, as
-  `torch.softmax` gives. NaN inputs are not supported (GPU max may skip NaN).
+- full_v finite, drop_v = −inf, β > 0 ⇒ z_v = +inf: the row's +inf entries share its mass equally.
+- z = −inf everywhere ⇒ NaN, as `torch.softmax` gives. NaN inputs are not supported (GPU max may skip NaN).
 
-Implementations (the layout of Triton's tutorial 02-fused-softmax and Liger's `ops/softmax.py`):
-- `contrast_softmax_reference`: pure PyTorch in fp32, the specification.
-- `_contrast_softmax_kernel`: Triton, one program per row, fp32 arithmetic whatever the input dtype
-  (fp32, fp16, bf16), fp32 output. A row of up to 64 KiB per input (V ≤ 32768 in fp16/bf16, so
-  Mistral/LLaMA's 32000 and 32064; V ≤ 16384 in fp32) lives in one block of registers: read once,
-  written once. Longer rows (Qwen's V = 151936) loop over blocks with an online max/sum, then write
-  the outputs (all V, or the K gathered ones) in a second pass.
-- `contrast_softmax`: the public entry point, which checks its inputs and dispatches. Inference
-  only (the reward is a fixed target): it raises if an input requires grad while grad mode is on.
+`contrast_softmax_reference` is the specification (PyTorch, fp32). `_contrast_softmax_kernel` (Triton;
+the layout of tutorial 02-fused-softmax and Liger's `ops/softmax.py`) runs one program per row in fp32:
+a row of up to 64 KiB per input (V ≤ 32768 in fp16/bf16, so Mistral/LLaMA's 32000 and 32064; ≤ 16384
+in fp32) is read once into registers; longer rows (Qwen's V = 151936) loop over blocks with an online
+max/sum, then write the outputs in a second pass. `contrast_softmax` checks its inputs and dispatches;
+inference only (the reward is a fixed target), it raises if an input requires grad under grad mode.
 """
 from __future__ import annotations
 
@@ -38,9 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Largest block, in bytes of one input: 32768 fp16/bf16 or 16384 fp32 values over 32 warps.
-# With 32768 fp32 values (LLaVA-Med's logits at V = 32000), ptxas (triton 3.8, sm_80-sm_90)
-# spills 16-60 bytes per thread; at these sizes nothing spills (benchmarks/RESULTS.md).
+# Largest block, in bytes of one input: 32768 fp16/bf16 or 16384 fp32 values over 32 warps. With 32768
+# fp32 values ptxas (triton 3.8, sm_80-sm_90) spills 16-60 bytes per thread (benchmarks/RESULTS.md).
 MAX_BLOCK_BYTES = 65536
 # Gather mode reads the K requested ids in chunks of this many.
 BLOCK_K = 64
@@ -51,8 +41,7 @@ BACKENDS = ("auto", "triton", "torch")
 # Reference (the specification)
 def contrast_softmax_reference(full: Tensor, drop: Tensor, beta: float = 0.9, *,
                                index: Tensor | None = None) -> Tensor:
-    """P_diff = softmax((1+β)·full − β·drop) over the last dim, in fp32 (see the module doc).
-    Unchecked: `contrast_softmax` validates the arguments before calling it."""
+    """P_diff = softmax((1+β)·full − β·drop) in fp32, unchecked (`contrast_softmax` checks)."""
     f, d = full.float(), drop.float()  # (..., V)
     # f + β(f − d) rather than (1+β)f − βd: one rounding less when |f| is large.
     z = f if beta == 0 else f + beta * (f - d)
@@ -69,27 +58,19 @@ def contrast_softmax_reference(full: Tensor, drop: Tensor, beta: float = 0.9, *,
 
 # Triton kernel
 @triton.jit
-def _contrast_logits(f, d, beta):
-    """z = f + β(f − d) in fp32, with the module doc's rules for −inf and β = 0."""
+def _logits_at(full_ptr, drop_ptr, cols, mask, f_sv, d_sv, beta):
+    """z = f + β(f − d) in fp32 at the columns `cols` of a row (the module doc's rules for −inf, β = 0).
+    Masked lanes get full = −inf, hence z = −inf: nothing to max or sum. fp16/bf16 widen as they load."""
+    f = tl.load(full_ptr + cols * f_sv, mask=mask, other=float("-inf")).to(tl.float32)
+    d = tl.load(drop_ptr + cols * d_sv, mask=mask, other=0.0).to(tl.float32)
     z = f + beta * (f - d)
     z = tl.where(beta == 0.0, f, z)
     return tl.where(f > float("-inf"), z, float("-inf"))  # −inf in full is always ruled out
 
 
 @triton.jit
-def _logits_at(full_ptr, drop_ptr, cols, mask, f_sv, d_sv, beta):
-    """z at the columns `cols` of a row. Masked lanes get full = −inf, hence z = −inf: they add
-    nothing to max or sum. Load and widen at once (fp16/bf16 → fp32): all arithmetic is fp32."""
-    f = tl.load(full_ptr + cols * f_sv, mask=mask, other=float("-inf")).to(tl.float32)
-    d = tl.load(drop_ptr + cols * d_sv, mask=mask, other=0.0).to(tl.float32)
-    return _contrast_logits(f, d, beta)
-
-
-@triton.jit
 def _weights(z, m):
-    """exp(z − m) for the logits z of a row with max m; a row's softmax is these over their sum.
-    +inf entries (present only when m = +inf) get exp(0): they share the row. −inf entries give
-    0 even when m = −inf (where z − m would be NaN)."""
+    """exp(z − m) for the logits z of a row with max m, with the reference's rules for ±inf."""
     shifted = tl.where(z == float("inf"), 0.0, z - m)
     return tl.where(z == float("-inf"), 0.0, tl.exp(shifted))
 
@@ -99,12 +80,10 @@ def _contrast_softmax_kernel(full_ptr, drop_ptr, index_ptr, out_ptr, n_inner, V,
                              f_s0, f_s1, f_sv, d_s0, d_s1, d_sv, i_s0, i_s1, i_sk, beta,
                              BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
                              GATHER: tl.constexpr):
-    # One program per row. Rows are the leading dims flattened into (outer, inner), each with its
-    # own stride, so a slice like logits[:, 3:9, :V] is read in place. Strides: f_ full, d_ drop,
-    # i_ index; s0 outer, s1 inner, sv / sk along the row.
+    # One program per row. Rows are the leading dims flattened into (outer, inner), each with its own
+    # stride (f_ full, d_ drop, i_ index), so a slice like logits[:, 3:9, :V] is read in place.
     row = tl.program_id(0).to(tl.int64)
-    outer = row // n_inner
-    inner = row % n_inner
+    outer, inner = row // n_inner, row % n_inner
     full_ptr += outer * f_s0 + inner * f_s1
     drop_ptr += outer * d_s0 + inner * d_s1
     cols = tl.arange(0, BLOCK)
@@ -149,17 +128,14 @@ def _contrast_softmax_kernel(full_ptr, drop_ptr, index_ptr, out_ptr, n_inner, V,
                 tl.store(out_ptr + c, _weights(z, m) / s, mask=c < V)
 
 
-# True when TRITON_INTERPRET=1 was set before triton was imported: the kernel then runs on
-# CPU tensors through numpy, and CUDA tensors are not supported.
+# True under TRITON_INTERPRET=1 (set before triton's import): the kernel then runs on CPU tensors, not CUDA.
 INTERPRETED = type(_contrast_softmax_kernel).__name__ == "InterpretedFunction"
 
 
 # Launcher
 def _row_layout(tensors: list[Tensor]) -> tuple[list[Tensor], int, int, list[tuple[int, int]]]:
-    """(tensors, n_outer, n_inner, [(stride_outer, stride_inner)] per tensor) for tensors sharing leading
-    dims (..., X): row r = outer · n_inner + inner in row-major order. Adjacent leading dims merge when
-    every tensor allows it (size-1 dims drop out; an expand()ed dim has stride 0 and merges too); more
-    than two groups left: the tensors are made contiguous."""
+    """(tensors, n_outer, n_inner, [(stride_outer, stride_inner)] per tensor), row r = outer·n_inner + inner.
+    Adjacent leading dims merge where every tensor allows (size-1 dims drop out); > 2 groups: contiguous."""
     lead = tensors[0].shape[:-1]
     groups: list[list[int]] = []
     for i, n in enumerate(lead):
@@ -194,15 +170,13 @@ def contrast_softmax_triton(full: Tensor, drop: Tensor, beta: float = 0.9, *, in
     # Column offsets are int32 inside the kernel: a huge column stride needs a copy.
     tensors = [t if (V - 1) * t.stride(-1) < 2**31 else t.contiguous() for t in (full, drop)]
     gather = index is not None
-    if gather:
-        tensors.append(index)
-    tensors, n_outer, n_inner, strides = _row_layout(tensors)
+    tensors, n_outer, n_inner, strides = _row_layout(tensors + [index] if gather else tensors)
     full, drop = tensors[0], tensors[1]
     index_t = tensors[2] if gather else full  # a dummy pointer when there is no index
     i_s = strides[2] if gather else (0, 0)
-    # One block for rows up to MAX_BLOCK_BYTES, else a loop over blocks of it. Warps grow with the
-    # block so that each thread holds ≤ 32 values per array (the Unsloth / Liger
-    # `calculate_settings` rule), and 32 from 16384 on (with 16, sm_90a spills in gather mode).
+    # One block for rows up to MAX_BLOCK_BYTES, else a loop over blocks of it. Warps grow with the block so
+    # that a thread holds ≤ 32 values per array (Unsloth / Liger's `calculate_settings`), and 32 from 16384
+    # on (with 16, sm_90a spills in gather mode).
     block = block_size or min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK_BYTES // full.element_size())
     warps = 32 if block >= 16384 else 16 if block >= 8192 else 8 if block >= 2048 else 4
     K = index.shape[-1] if gather else 0
@@ -214,8 +188,29 @@ def contrast_softmax_triton(full: Tensor, drop: Tensor, beta: float = 0.9, *, in
 
 
 # Public function
-def _check_args(full, drop, beta, index, backend) -> None:
-    """Raise one ValueError listing every problem with the arguments."""
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" → "triton" on CUDA tensors, "torch" elsewhere; a forced backend is checked."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and not INTERPRETED else "torch"
+    if backend == "triton":
+        if device.type == "cuda" and INTERPRETED:
+            raise ValueError("contrast_softmax: backend='triton' on CUDA tensors, but TRITON_INTERPRET=1 "
+                             "made the kernel an interpreted one; unset it before importing triton")
+        if device.type == "cpu" and not INTERPRETED:
+            raise ValueError("contrast_softmax: backend='triton' on CPU tensors needs the Triton "
+                             "interpreter: set TRITON_INTERPRET=1 before triton is imported")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"contrast_softmax: backend='triton' does not run on {device.type}")
+    return backend
+
+
+def contrast_softmax(full: Tensor, drop: Tensor, beta: float = 0.9, *, index: Tensor | None = None,
+                     backend: str = "auto") -> Tensor:
+    """P_diff = softmax((1+β)·full − β·drop) over the last dim, as fp32 (see the module doc).
+    full, drop: (..., V) logits of the full and the dropped branch, same shape, dtype (float32, float16
+    or bfloat16) and device, any strides; index: None, or (..., K) int64/int32 ids in [0, V) → (..., K).
+    backend: "triton" (the kernel; on CPU only under TRITON_INTERPRET=1), "torch" (the fp32 reference)
+    or "auto" (triton on CUDA tensors). Raises one ValueError listing every problem with the arguments."""
     problems: list[str] = []
     if not isinstance(full, Tensor) or not isinstance(drop, Tensor):
         raise ValueError(f"contrast_softmax: full and drop must be tensors, got {type(full).__name__} "
@@ -256,36 +251,6 @@ def _check_args(full, drop, beta, index, backend) -> None:
                         f"outside [0, {full.shape[-1]})")
     if problems:
         raise ValueError("contrast_softmax: " + "; ".join(problems))
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" → "triton" on CUDA tensors, "torch" elsewhere; a forced backend is checked."""
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and not INTERPRETED else "torch"
-    if backend == "triton":
-        if device.type == "cuda" and INTERPRETED:
-            raise ValueError("contrast_softmax: backend='triton' on CUDA tensors, but TRITON_INTERPRET=1 "
-                             "made the kernel an interpreted one; unset it before importing triton")
-        if device.type == "cpu" and not INTERPRETED:
-            raise ValueError("contrast_softmax: backend='triton' on CPU tensors needs the Triton "
-                             "interpreter: set TRITON_INTERPRET=1 before triton is imported")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"contrast_softmax: backend='triton' does not run on {device.type}")
-    return backend
-
-
-def contrast_softmax(full: Tensor, drop: Tensor, beta: float = 0.9, *, index: Tensor | None = None,
-                     backend: str = "auto") -> Tensor:
-    """P_diff = softmax((1+β)·full − β·drop) over the last dim, as fp32 (see the module doc).
-
-    full, drop: (..., V) logits of the full and the visual-token-dropped branch, same shape, dtype
-        (float32, float16 or bfloat16) and device; any strides. beta: contrast strength β ≥ 0 (0.9).
-    index: None, or (..., K) int64/int32 token ids in [0, V): return P_diff there, (..., K).
-    backend: "triton" (the kernel; on CPU only under TRITON_INTERPRET=1), "torch" (the fp32
-        reference), or "auto" (triton on CUDA tensors, torch otherwise).
-    Raises ValueError listing every problem with the arguments, and if an input requires grad.
-    """
-    _check_args(full, drop, beta, index, backend)
     if resolve_backend(backend, full.device) == "triton":
         return contrast_softmax_triton(full, drop, beta, index=index)
     return contrast_softmax_reference(full, drop, beta, index=index)
