@@ -12,11 +12,10 @@
          (language_model)         Mistral-v0.2), GQA, SwiGLU MLP, optional sliding window
       └─ lm_head                  logits, optionally only at chosen positions
 
-Sources of the facts reproduced here (the code is ours): the LLaVA / LLaVA-Med papers and repositories
-(projector, feature layer, image placement), OpenAI CLIP and HF's CLIPVisionModel (quick_gelu,
-`pre_layrnorm`, hidden-state list), Meta's LLaMA and Mistral-7B (RMSNorm, RoPE, GQA, sliding window),
-gpt-fast (preallocated KV cache, prefill / decode_one_token / generate). Parameter names follow the
-llava-hf layout (without its `model.` prefix), so model/loading.py maps each source layout by prefix.
+Sources of the facts reproduced here (the code is ours): LLaVA / LLaVA-Med (projector, feature layer,
+image placement), OpenAI CLIP and HF's CLIPVisionModel (quick_gelu, `pre_layrnorm`, hidden-state list),
+Meta's LLaMA and Mistral-7B (RMSNorm, RoPE, GQA, sliding window), gpt-fast (preallocated KV cache,
+prefill / decode_one_token / generate). Parameter names follow llava-hf's, without its `model.` prefix.
 
 Shape letters: B batch, T query length, S key/cache length, D model width, H heads, Hkv key/value
 heads, Dh head width, N image tokens, P chosen logit positions, V vocabulary.
@@ -77,7 +76,7 @@ class TextConfig:
 
 @dataclass
 class LlavaConfig:
-    """The whole model's shape (model/loading.py validates one read from config.json, not one in code)."""
+    """The whole model's shape; model/loading.py validates configs read from config.json, not ones in code."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     projector_type: str = "mlp2x_gelu"  # or "linear"
@@ -102,11 +101,11 @@ PRESETS: dict[str, LlavaConfig] = {
     # microsoft/llava-med-v1.5-mistral-7b (docs/FORMATS.md, "The LLaVA-Med config").
     "llava-med-v1.5-mistral-7b": LlavaConfig(),
     # A small model of the same architecture for tests and the embedded default.
-    "tiny": LlavaConfig(VisionConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512,
-                                     n_layers=4, n_heads=4),
-                        TextConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, n_layers=4,
-                                   n_heads=8, n_kv_heads=4, rope_theta=1e4, max_seq_len=512),
-                        image_token_id=3),
+    "tiny": LlavaConfig(
+        vision=VisionConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, n_layers=4,
+                            n_heads=4),
+        text=TextConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, n_layers=4, n_heads=8,
+                        n_kv_heads=4, rope_theta=1e4, max_seq_len=512), image_token_id=3),
 }
 
 
@@ -178,7 +177,6 @@ class VisionTower(nn.Module):
     """CLIP ViT returning hidden state `select_layer` of the list [embeddings, block 1, …, block L].
     All blocks and `post_layernorm` exist so that checkpoints load strictly, but only the first
     `vision_layers_used` blocks run: LLaVA never reads the last block or the final norm."""
-
     def __init__(self, c: LlavaConfig):
         super().__init__()
         self.n_used, self.keep_cls, v = c.vision_layers_used, c.select_feature == "cls_patch", c.vision
@@ -242,9 +240,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class KVCache(nn.Module):
     """Preallocated keys/values (B, Hkv, S_max, Dh); slot s of every row holds sequence step s."""
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+    def __init__(self, batch: int, max_len: int, c: TextConfig, dtype, device):
         super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
+        shape = (batch, c.n_kv_heads, max_len, c.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -345,9 +343,8 @@ class Llava(nn.Module):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, CLIPEmbeddings):
             nn.init.normal_(m.class_embedding, std=std)
-            # A patch embedding sums 3·p² pixels, so with std 0.02 it starts ~15x larger than a position
-            # embedding of the same std, and a from-scratch ViT takes hundreds of steps before it can
-            # tell left from right. Start positions at a comparable scale.
+            # A patch embedding sums 3·p² pixels (~15x a position embedding of the same std), and a
+            # from-scratch ViT then takes hundreds of steps to tell left from right: scale positions up.
             nn.init.normal_(m.position_embedding.weight, std=0.3)
 
     @property
@@ -363,9 +360,8 @@ class Llava(nn.Module):
         return self.multi_modal_projector(self.vision_tower(pixel_values))
 
     def embed(self, input_ids, pixel_values=None, image_features=None) -> Tensor:
-        """Token embeddings with visual tokens written into the image placeholder positions.
-        `image_features` (pre-computed, e.g. after visual-token dropout), (B_img, N, D) or (M, D), fill the
-        placeholders in reading order, one per placeholder (rows may hold different numbers of them)."""
+        """Token embeddings, visual tokens in the image placeholders. `image_features` (pre-computed, e.g.
+        after visual-token dropout), (B_img, N, D) or (M, D), fill them in reading order, one each."""
         is_image = input_ids == self.config.image_token_id  # (B, T)
         # Placeholder ids may lie outside the vocabulary (-200): look up id 0 there, then overwrite.
         x = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, D)
@@ -390,10 +386,9 @@ class Llava(nn.Module):
                 return_hidden: bool = False) -> Tensor:
         """Logits (B, T, V) float32, or (B, P, V) at `logits_positions` (B, P) only; with `return_hidden`
         the final-norm hidden states (B, T, D) instead, for callers that log-softmax in chunks.
-        `attention_mask` (B, T) is 1 on real tokens, padding on either side; `position_ids` default to
-        the running count of real tokens (a left-padded row starts at 0). Or a boolean (B, T, T): which
-        key each query sees (answers packed after one shared prompt, rows.collate); `position_ids` are
-        then required, the sliding window applies to them, and no KV cache may be set up."""
+        `attention_mask` (B, T): 1 on real tokens, padding on either side, `position_ids` defaulting to
+        their running count. Or (B, T, T): which key each query sees (answers packed after one prompt,
+        rows.collate), with `position_ids` given (the sliding window applies to them) and no KV cache."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -417,9 +412,7 @@ class Llava(nn.Module):
             h = self._run_decoder(x, position_ids, attention_mask)
         if logits_positions is not None:
             h = h.gather(1, logits_positions[..., None].expand(-1, -1, h.shape[-1]))  # (B, P, D)
-        if return_hidden:
-            return h
-        return self.lm_head(h).float()
+        return h if return_hidden else self.lm_head(h).float()
 
     def _run_decoder(self, x, position_ids, key_valid, start: int = 0):
         """Decoder over T queries in cache slots [start, S = start + T), seeing the real keys in [0, S)."""
@@ -432,7 +425,6 @@ class Llava(nn.Module):
         return self._layers(x, position_ids, mask, slots if self._cache_shape is not None else None)
 
     def _layers(self, x, position_ids, mask, slots=None):
-        """Decoder layers and final norm; keys and values go to cache `slots` when a cache is set up."""
         c = self.config.text
         cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)
         for layer in self.language_model.layers:
@@ -448,8 +440,7 @@ class Llava(nn.Module):
                              "raise TextConfig.max_seq_len")
         if self._cache_shape != (batch, max_len):
             for layer in self.language_model.layers:
-                layer.self_attn.kv_cache = KVCache(batch, c.n_kv_heads, max_len, c.head_dim, self.dtype,
-                                                   self.device)
+                layer.self_attn.kv_cache = KVCache(batch, max_len, c, self.dtype, self.device)
             self._cache_shape = (batch, max_len)
 
     def clear_cache(self):
@@ -459,9 +450,8 @@ class Llava(nn.Module):
 
     def decode_one_token(self, token: Tensor, position: Tensor, slot: Tensor, keys: int | None = None):
         """One step: token (B,) at per-row position (B,) into cache slot `slot` (1,) → logits (B, V).
-        Attention reads cache slots [0, keys), the causal mask hiding those not yet written: slot + 1
-        eagerly, all (None) under torch.compile, whose shapes then never change. The slot is a tensor,
-        as in gpt-fast, so that every step is the same compiled graph."""
+        Attention reads cache slots [0, keys): slot + 1 eagerly; all (None) under torch.compile, the causal
+        mask hiding unwritten ones, so that shapes never change: why the slot is a tensor too (gpt-fast)."""
         x = self.language_model.embed_tokens(token[:, None])  # (B, 1, D)
         mask = attention_mask_4d(self._key_valid[:, :keys], slot, self.config.text.sliding_window)
         return self.lm_head(self._layers(x, position[:, None], mask, slot)[:, -1]).float()
@@ -498,13 +488,12 @@ class Llava(nn.Module):
                         pad_token_id: int | None = None, compile: bool = False) -> Tensor:
         """generate() for B rows whose input is prefix[rows[b]] + suffix[b], each of the E prefixes (a
         prompt with its image) prefilled once: generate()'s new token ids (B, T_new) up to rounding.
-        prefix_ids / prefix_mask (E, Tp) left-padded, with the image placeholders that image_features
-        fill; rows (B,) the prefix of each row; suffix_ids / suffix_mask (B, Ts) left-padded text (no
-        image placeholder), at least one real token per row (its last one predicts the first new token)."""
-        # Cache slots [0, Tp) hold the prefixes (copied to the rows that use them), [Tp, Tp + Ts) the
-        # suffixes, then the new tokens. A short suffix leaves padding slots after its prefix, which the
-        # key mask hides and the positions skip: attention sees what it would in one row. Mistral's
-        # sliding window counts slots: a row that could span more slots than it is refused.
+        prefix_ids / prefix_mask (E, Tp) left-padded, with the image placeholders; rows (B,) the prefix of
+        each row; suffix_ids / suffix_mask (B, Ts) left-padded text, at least one real token per row (the
+        last predicts the first new token)."""
+        # Cache slots [0, Tp) hold the prefixes, [Tp, Tp + Ts) the suffixes, then the new tokens. A short
+        # suffix leaves padding slots after its prefix, which the key mask hides and the positions skip.
+        # Mistral's sliding window counts slots: a model with one refuses rows that could span more.
         c = self.config.text
         (E, Tp), (B, Ts) = prefix_ids.shape, suffix_ids.shape
         suffix_mask, prefix_mask = suffix_mask.bool(), prefix_mask.bool()
@@ -518,21 +507,20 @@ class Llava(nn.Module):
                              f"sliding window {c.sliding_window}, which counts slots; use generate()")
         rows = rows.to(prefix_ids.device)
         try:
-            # 1. The E prefixes, once; their keys/values (E, Hkv, Tp, Dh) per layer.
+            # 1. The E prefixes, once; their caches, keys/values (E, Hkv, Tp, Dh) per layer.
             prefix_kv = []
             if Tp > 0:
                 self.setup_cache(E, Tp)
                 positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)  # (E, Tp)
                 self(prefix_ids, attention_mask=prefix_mask, image_features=image_features,
                      position_ids=positions, return_hidden=True)
-                prefix_kv = [(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v)
-                             for layer in self.language_model.layers]
-                self.clear_cache()  # the buffers live on in prefix_kv
+                prefix_kv = [layer.self_attn.kv_cache for layer in self.language_model.layers]
+                self.clear_cache()  # the caches live on in prefix_kv
             # 2. Each row's cache starts as a copy of its prefix's.
             self.setup_cache(B, Tp + Ts + max_new_tokens)
-            for layer, (k, v) in zip(self.language_model.layers, prefix_kv):
-                layer.self_attn.kv_cache.k[:, :, :Tp] = k[rows]
-                layer.self_attn.kv_cache.v[:, :, :Tp] = v[rows]
+            for layer, prefix in zip(self.language_model.layers, prefix_kv):
+                layer.self_attn.kv_cache.k[:, :, :Tp] = prefix.k[rows]
+                layer.self_attn.kv_cache.v[:, :, :Tp] = prefix.v[rows]
             del prefix_kv
             # Real keys: the prefix's, the suffix's, every new token's (hidden by causality until written).
             new_tokens = suffix_mask.new_ones(B, max_new_tokens)
@@ -550,9 +538,8 @@ class Llava(nn.Module):
     def _decode_loop(self, logits, position, slot: int, max_new_tokens: int, eos: int | None, pad: int | None,
                      compile: bool) -> Tensor:
         """The argmax of `logits` (B, V), then greedy steps into cache slots `slot`, slot + 1, … at per-row
-        positions `position` + 1, …; a row stops at its first EOS (pad after it). Once half the rows
-        are done, they leave the batch (cheaper steps, the same tokens up to rounding). One host sync
-        per step (how many rows are done), none when EOS is outside the vocabulary."""
+        positions `position` + 1, …; eos/pad as generate(). Once half the rows are done, those leave the
+        batch (same tokens up to rounding). One host sync per step, none if EOS is outside the vocabulary."""
         c = self.config.text
         eos = c.eos_token_id if eos is None else eos
         if pad is None:
@@ -598,22 +585,17 @@ class Llava(nn.Module):
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
     """ids (R, T) and attention mask (R, T) of `rows` left-padded to the longest, as generate() expects."""
     T = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, T - len(r):] = 1
-    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
+    ids = [[pad_id] * (T - len(r)) + list(r) for r in rows]
+    mask = [[0] * (T - len(r)) + [1] * len(r) for r in rows]
+    return tuple(torch.tensor(x, dtype=torch.long, device=device).view(len(rows), T) for x in (ids, mask))
 
 
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
-    """log softmax(logits)[y] at each position, in the logits' dtype: (..., V), (...) → (...).
-    hscr.py scores y_w with it, train.py sums it over a response for log π(y|i,x)."""
+    """log softmax(logits)[y] at each position, in the logits' dtype: (..., V), (...) → (...)."""
     return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
 
 
 def enable_gradient_checkpointing(model: Llava) -> None:
-    """Recompute each decoder layer in the backward pass (train.py --gradient-checkpointing); the
-    layer's forward is wrapped in place, so parameter names and checkpoints are unchanged."""
+    """Recompute each decoder layer in the backward pass; its forward is wrapped, so parameter names stay."""
     for layer in model.language_model.layers:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
