@@ -9,15 +9,13 @@
       └─ N = 576 visual tokens    written into the N placeholder positions of the text embedding
                                   (input_ids == config.image_token_id) by one masked assignment
       └─ decoder                  LLaMA / Mistral: RMSNorm (fp32), rotate-half RoPE (θ = 1e6 for
-         (Decoder)                Mistral-v0.2), GQA, SwiGLU MLP, optional sliding window
+         (language_model)         Mistral-v0.2), GQA, SwiGLU MLP, optional sliding window
       └─ lm_head                  logits, optionally only at chosen positions
 
-Sources of the facts reproduced here (the code is ours): the LLaVA / LLaVA-Med papers and
-repositories (projector, feature layer, image placement), OpenAI CLIP and HF's CLIPVisionModel
-(quick_gelu, `pre_layrnorm`, hidden-state list), Meta's LLaMA and Mistral-7B (RMSNorm, RoPE, GQA,
-sliding window), gpt-fast (preallocated KV cache, prefill / decode_one_token / generate).
-Parameter names follow the llava-hf checkpoint layout (without its `model.` prefix), so that
-`model/loading.py` needs only a prefix table per source layout.
+Sources of the facts reproduced here (the code is ours): LLaVA / LLaVA-Med (projector, feature layer,
+image placement), OpenAI CLIP and HF's CLIPVisionModel (quick_gelu, `pre_layrnorm`, hidden-state list),
+Meta's LLaMA and Mistral-7B (RMSNorm, RoPE, GQA, sliding window), gpt-fast (preallocated KV cache,
+prefill / decode_one_token / generate). Parameter names follow llava-hf's, without its `model.` prefix.
 
 Shape letters: B batch, T query length, S key/cache length, D model width, H heads, Hkv key/value
 heads, Dh head width, N image tokens, P chosen logit positions, V vocabulary.
@@ -26,40 +24,19 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-from typing import Sequence
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids (R, T) and attention mask (R, T) of `rows` right-aligned (left-padded) to the longest,
-    as generation with a shared write position expects."""
-    T = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, T - len(r):] = 1
-    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
-
-
-# ----------------------------------------------------------------------------------------------
 # Configs
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[y] at each position, in the logits' dtype: (..., V), (...) → (...).
-    hscr.py scores y_w with it, train.py sums it over a response for log π(y|i,x)."""
-    return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
-
-
 @dataclass
 class VisionConfig:
     """CLIP vision transformer. Defaults: ViT-L/14 at 336 px (LLaVA-Med v1.5's tower)."""
-
     image_size: int = 336
     patch_size: int = 14
     hidden_size: int = 1024
@@ -77,7 +54,6 @@ class VisionConfig:
 @dataclass
 class TextConfig:
     """LLaMA / Mistral decoder. Defaults: Mistral-7B-v0.2 as used by LLaVA-Med v1.5."""
-
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 14336
@@ -100,9 +76,7 @@ class TextConfig:
 
 @dataclass
 class LlavaConfig:
-    """The whole model's shape. model/loading.py checks what it reads from a config.json (types,
-    ranges, divisibility, naming the field); configs written in code are taken as they are."""
-
+    """The whole model's shape; model/loading.py validates configs read from config.json, not ones in code."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     projector_type: str = "mlp2x_gelu"  # or "linear"
@@ -128,11 +102,10 @@ PRESETS: dict[str, LlavaConfig] = {
     "llava-med-v1.5-mistral-7b": LlavaConfig(),
     # A small model of the same architecture for tests and the embedded default.
     "tiny": LlavaConfig(
-        vision=VisionConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, n_layers=4, n_heads=4),
+        vision=VisionConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, n_layers=4,
+                            n_heads=4),
         text=TextConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, n_layers=4, n_heads=8,
-                        n_kv_heads=4, rope_theta=1e4, max_seq_len=512),
-        image_token_id=3,
-    ),
+                        n_kv_heads=4, rope_theta=1e4, max_seq_len=512), image_token_id=3),
 }
 
 
@@ -142,18 +115,16 @@ def preset(name: str, **overrides) -> LlavaConfig:
     return replace(PRESETS[name], **overrides)
 
 
-# ----------------------------------------------------------------------------------------------
 # Vision tower: CLIP ViT
-
-
 class CLIPEmbeddings(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.empty(c.hidden_size))
-        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size,
+                                         bias=False)
         self.position_embedding = nn.Embedding(c.num_patches + 1, c.hidden_size)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: Tensor) -> Tensor:
         x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, D, g, g)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
         cls = self.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, D)
@@ -170,11 +141,12 @@ class CLIPAttention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.hidden_size)
         self.out_proj = nn.Linear(c.hidden_size, c.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
-        q, k, v = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in projections)  # (B, H, T, Dh)
         y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh), bidirectional
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 
 class CLIPMLP(nn.Module):
@@ -201,29 +173,20 @@ class CLIPLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class CLIPEncoder(nn.Module):
-    def __init__(self, c: VisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(CLIPLayer(c) for _ in range(c.n_layers))
-
-
 class VisionTower(nn.Module):
     """CLIP ViT returning hidden state `select_layer` of the list [embeddings, block 1, …, block L].
-
     All blocks and `post_layernorm` exist so that checkpoints load strictly, but only the first
-    `vision_layers_used` blocks run: LLaVA never reads the last block or the final norm.
-    """
-
+    `vision_layers_used` blocks run: LLaVA never reads the last block or the final norm."""
     def __init__(self, c: LlavaConfig):
         super().__init__()
-        self.n_used = c.vision_layers_used
-        self.keep_cls = c.select_feature == "cls_patch"
-        self.embeddings = CLIPEmbeddings(c.vision)
-        self.pre_layrnorm = nn.LayerNorm(c.vision.hidden_size, eps=c.vision.layer_norm_eps)  # sic, CLIP's name
-        self.encoder = CLIPEncoder(c.vision)
-        self.post_layernorm = nn.LayerNorm(c.vision.hidden_size, eps=c.vision.layer_norm_eps)  # unused
+        self.n_used, self.keep_cls, v = c.vision_layers_used, c.select_feature == "cls_patch", c.vision
+        self.embeddings = CLIPEmbeddings(v)
+        self.pre_layrnorm = nn.LayerNorm(v.hidden_size, eps=v.layer_norm_eps)  # sic, CLIP's name
+        # A container (as nanoGPT's `transformer`), so that parameter names follow the checkpoint.
+        self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(CLIPLayer(v) for _ in range(v.n_layers))))
+        self.post_layernorm = nn.LayerNorm(v.hidden_size, eps=v.layer_norm_eps)  # unused
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: Tensor) -> Tensor:
         x = self.pre_layrnorm(self.embeddings(pixels))  # hidden state 0, (B, 1+N, D)
         for layer in self.encoder.layers[: self.n_used]:
             x = layer(x)
@@ -245,10 +208,7 @@ class Projector(nn.Module):
         return x
 
 
-# ----------------------------------------------------------------------------------------------
 # Decoder: LLaMA / Mistral
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -262,31 +222,31 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos, sin of shape (B, T, Dh) for integer positions (B, T); inv_freq_i = θ^(−2i/Dh)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim)
+    two_i = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float()
+    inv_freq = 1.0 / theta ** (two_i / head_dim)
     freqs = positions.float()[..., None] * inv_freq  # (B, T, Dh/2), fp32 so long positions stay exact
     emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, Dh): rotate-half layout pairs i with i + Dh/2
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     # x (B, H, T, Dh); HF-converted LLaMA weights are permuted so that rotate-half is the right form.
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, Dh)
     return x * cos[:, None] + rotated * sin[:, None]
 
 
 class KVCache(nn.Module):
     """Preallocated keys/values (B, Hkv, S_max, Dh); slot s of every row holds sequence step s."""
-
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+    def __init__(self, batch: int, max_len: int, c: TextConfig, dtype, device):
         super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
+        shape = (batch, c.n_kv_heads, max_len, c.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def update(self, slots: Tensor, k: Tensor, v: Tensor):
         # slots (T,), k/v (B, Hkv, T, Dh) → the whole cache (B, Hkv, S_max, Dh)
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
@@ -304,8 +264,7 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, slots=None):
-        """`mask` is a boolean (B, 1, T, S) mask, or None for plain causal attention over S = T keys;
-        with a cache, the keys are its first S slots."""
+        """`mask`: boolean (B, 1, T, S), or None (causal over S = T keys); with a cache, its first S slots."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
@@ -318,7 +277,7 @@ class Attention(nn.Module):
         # GQA: SDPA repeats each key/value head over its n_heads / n_kv_heads query heads.
         # Without a mask SDPA can take its fused causal path (no (B, 1, T, S) tensor to read).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
@@ -346,21 +305,10 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Decoder(nn.Module):
-    def __init__(self, c: TextConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-
-
-def attention_mask_4d(key_valid: torch.Tensor, q_slots: torch.Tensor, window: int | None) -> torch.Tensor:
+def attention_mask_4d(key_valid: Tensor, q_slots: Tensor, window: int | None) -> Tensor:
     """Boolean SDPA mask (B, 1, T, S): key slot k is visible from query slot q iff the key is a real
-    token, k ≤ q (causal) and q − k < window (Mistral's sliding window, if any).
-
-    A query that sees nothing (a left-padding position) is allowed to see itself, so that SDPA
-    returns finite values there instead of NaN; nothing reads those positions.
-    """
+    token, k ≤ q (causal) and q − k < window (Mistral's sliding window, if any). A query that sees
+    nothing (left padding) sees itself, so that SDPA gives finite values there (nothing reads them)."""
     S = key_valid.shape[1]
     k_slots = torch.arange(S, device=key_valid.device)
     visible = k_slots[None, :] <= q_slots[:, None]  # (T, S)
@@ -371,18 +319,18 @@ def attention_mask_4d(key_valid: torch.Tensor, q_slots: torch.Tensor, window: in
     return mask[:, None]  # (B, 1, T, S)
 
 
-# ----------------------------------------------------------------------------------------------
 # The model
-
-
 class Llava(nn.Module):
     def __init__(self, config: LlavaConfig):
         super().__init__()
         self.config = config
         self.vision_tower = VisionTower(config)
         self.multi_modal_projector = Projector(config)
-        self.language_model = Decoder(config.text)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        t = config.text  # the decoder, a container as VisionTower.encoder
+        self.language_model = nn.ModuleDict(dict(embed_tokens=nn.Embedding(t.vocab_size, t.hidden_size),
+                                                 layers=nn.ModuleList(Block(t) for _ in range(t.n_layers)),
+                                                 norm=RMSNorm(t.hidden_size, t.rms_norm_eps)))
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
         self._cache_shape: tuple[int, int] | None = None
         self.apply(self._init_weights)  # a no-op cost on the meta device, where loading builds
 
@@ -395,9 +343,8 @@ class Llava(nn.Module):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, CLIPEmbeddings):
             nn.init.normal_(m.class_embedding, std=std)
-            # A patch embedding sums 3·p² pixels, so with std 0.02 it starts ~15x larger than a
-            # position embedding of the same std, and a from-scratch ViT takes hundreds of steps
-            # before it can tell left from right. Start positions at a comparable scale.
+            # A patch embedding sums 3·p² pixels (~15x a position embedding of the same std), and a
+            # from-scratch ViT then takes hundreds of steps to tell left from right: scale positions up.
             nn.init.normal_(m.position_embedding.weight, std=0.3)
 
     @property
@@ -408,17 +355,13 @@ class Llava(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) pixels → (B, N, D) visual tokens in the decoder's embedding space."""
         return self.multi_modal_projector(self.vision_tower(pixel_values))
 
-    def embed(self, input_ids, pixel_values=None, image_features=None) -> torch.Tensor:
-        """Token embeddings with visual tokens written into the image placeholder positions.
-
-        `image_features` (pre-computed, e.g. after visual-token dropout) is either (B_img, N, D)
-        or flat (M, D); its rows fill the placeholders in reading order, so their count must equal
-        the number of placeholders in `input_ids` (rows may hold different numbers of them).
-        """
+    def embed(self, input_ids, pixel_values=None, image_features=None) -> Tensor:
+        """Token embeddings, visual tokens in the image placeholders. `image_features` (pre-computed, e.g.
+        after visual-token dropout), (B_img, N, D) or (M, D), fill them in reading order, one each."""
         is_image = input_ids == self.config.image_token_id  # (B, T)
         # Placeholder ids may lie outside the vocabulary (-200): look up id 0 there, then overwrite.
         x = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, D)
@@ -427,30 +370,25 @@ class Llava(nn.Module):
             return x
         if image_features is None:
             if pixel_values is None:
-                raise ValueError(f"input_ids hold {n_slots} image positions but neither pixel_values nor image_features was given")
+                raise ValueError(f"input_ids hold {n_slots} image positions but neither pixel_values nor "
+                                 "image_features was given")
             image_features = self.encode_images(pixel_values)
         feats = image_features.reshape(-1, x.shape[-1])  # (M, D)
         if feats.shape[0] != n_slots:
-            raise ValueError(f"input_ids hold {n_slots} image positions but {feats.shape[0]} visual tokens were given "
-                             f"({self.config.num_image_tokens} per image)")
+            raise ValueError(f"input_ids hold {n_slots} image positions but {feats.shape[0]} visual tokens "
+                             f"were given ({self.config.num_image_tokens} per image)")
         x[is_image] = feats.to(x.dtype)  # the one masked assignment
         return x
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None,
-                logits_positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
-        """Logits (B, T, V) float32, or (B, P, V) at `logits_positions` (B, P) only.
-
-        `attention_mask` is (B, T), 1 on real tokens: padding may be on either side, and
-        `position_ids` default to the running count of real tokens (so a left-padded row starts at
-        position 0 at its first real token). Or it is a boolean (B, T, T) saying which key u each
-        query t sees (several answers packed after one shared prompt, rows.collate); then
-        `position_ids` must be given, the sliding window (if any) applies to them, and no KV cache
-        may be set up.
-        With `return_hidden` the final-norm hidden states (B, T, D) are returned instead of logits,
-        for callers that compute the log-softmax in chunks.
-        """
+    def forward(self, input_ids: Tensor, pixel_values: Tensor | None = None,
+                attention_mask: Tensor | None = None, *, image_features: Tensor | None = None,
+                logits_positions: Tensor | None = None, position_ids: Tensor | None = None,
+                return_hidden: bool = False) -> Tensor:
+        """Logits (B, T, V) float32, or (B, P, V) at `logits_positions` (B, P) only; with `return_hidden`
+        the final-norm hidden states (B, T, D) instead, for callers that log-softmax in chunks.
+        `attention_mask` (B, T): 1 on real tokens, padding on either side, `position_ids` defaulting to
+        their running count. Or (B, T, T): which key each query sees (answers packed after one prompt,
+        rows.collate), with `position_ids` given (the sliding window applies to them) and no KV cache."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -463,7 +401,8 @@ class Llava(nn.Module):
                 raise ValueError("a (B, T, T) attention mask needs position_ids")
             window = self.config.text.sliding_window
             if window is not None:  # counted in positions
-                attention_mask = attention_mask & (position_ids[:, :, None] - position_ids[:, None, :] < window)
+                distance = position_ids[:, :, None] - position_ids[:, None, :]  # (B, T, T)
+                attention_mask = attention_mask & (distance < window)
             h = self._layers(x, position_ids, attention_mask[:, None])
         else:
             if position_ids is None:
@@ -473,13 +412,10 @@ class Llava(nn.Module):
             h = self._run_decoder(x, position_ids, attention_mask)
         if logits_positions is not None:
             h = h.gather(1, logits_positions[..., None].expand(-1, -1, h.shape[-1]))  # (B, P, D)
-        if return_hidden:
-            return h
-        return self.lm_head(h).float()
+        return h if return_hidden else self.lm_head(h).float()
 
     def _run_decoder(self, x, position_ids, key_valid, start: int = 0):
-        """Decoder over T queries in cache slots [start, start + T), seeing the real keys (key_valid
-        (B, ≥ S)) among slots [0, S), S = start + T."""
+        """Decoder over T queries in cache slots [start, S = start + T), seeing the real keys in [0, S)."""
         window, S = self.config.text.sliding_window, start + x.shape[1]
         slots = torch.arange(start, S, device=x.device)
         if start == 0 and (window is None or S <= window) and key_valid[:, :S].all():
@@ -489,24 +425,22 @@ class Llava(nn.Module):
         return self._layers(x, position_ids, mask, slots if self._cache_shape is not None else None)
 
     def _layers(self, x, position_ids, mask, slots=None):
-        """The decoder layers and final norm: RoPE at `position_ids`, attention under `mask`
-        (None: causal), keys and values written to the cache at `slots` when one is set up."""
         c = self.config.text
         cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)
         for layer in self.language_model.layers:
             x = layer(x, cos, sin, mask, slots)
         return self.language_model.norm(x)
 
-    # -- KV cache and generation ---------------------------------------------------------------
-
+    # KV cache and generation
     def setup_cache(self, batch: int, max_len: int):
         """Allocate (or reuse) a static KV cache for `batch` rows of up to `max_len` steps."""
         c = self.config.text
         if max_len > c.max_seq_len:
-            raise ValueError(f"{max_len} steps exceed max_seq_len={c.max_seq_len}; raise TextConfig.max_seq_len")
+            raise ValueError(f"{max_len} steps exceed max_seq_len={c.max_seq_len}; "
+                             "raise TextConfig.max_seq_len")
         if self._cache_shape != (batch, max_len):
             for layer in self.language_model.layers:
-                layer.self_attn.kv_cache = KVCache(batch, c.n_kv_heads, max_len, c.head_dim, self.dtype, self.device)
+                layer.self_attn.kv_cache = KVCache(batch, max_len, c, self.dtype, self.device)
             self._cache_shape = (batch, max_len)
 
     def clear_cache(self):
@@ -514,31 +448,28 @@ class Llava(nn.Module):
             layer.self_attn.kv_cache = None
         self._cache_shape = None
 
-    def decode_one_token(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor,
-                         keys: int | None = None) -> torch.Tensor:
+    def decode_one_token(self, token: Tensor, position: Tensor, slot: Tensor, keys: int | None = None):
         """One step: token (B,) at per-row position (B,) into cache slot `slot` (1,) → logits (B, V).
-        Attention reads cache slots [0, keys), where the causal mask hides those not yet written:
-        slot + 1 of them eagerly, all (None) under torch.compile, whose shapes then never change.
-        The slot is a tensor, as in gpt-fast, so that every step is the same compiled graph."""
+        Attention reads cache slots [0, keys): slot + 1 eagerly; all (None) under torch.compile, the causal
+        mask hiding unwritten ones, so that shapes never change: why the slot is a tensor too (gpt-fast)."""
         x = self.language_model.embed_tokens(token[:, None])  # (B, 1, D)
         mask = attention_mask_4d(self._key_valid[:, :keys], slot, self.config.text.sliding_window)
         return self.lm_head(self._layers(x, position[:, None], mask, slot)[:, -1]).float()
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
+    def generate(self, input_ids: Tensor, pixel_values: Tensor | None = None,
+                 attention_mask: Tensor | None = None, max_new_tokens: int = 64,
                  eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 image_features: torch.Tensor | None = None, compile: bool = False) -> torch.Tensor:
-        """Greedy new token ids (B, T_new) for left-padded prompts; a row stops at its first EOS and
-        is filled with `pad_token_id` (default: the config's pad id, else EOS) after it. Greedy is
-        the only decoding HSCR and LLaVA-Med's evaluation use. `compile`: the decode step runs
-        under torch.compile (the same tokens up to floating-point rounding).
-        """
+                 image_features: Tensor | None = None, compile: bool = False) -> Tensor:
+        """Greedy new token ids (B, T_new) for left-padded prompts, the only decoding HSCR and LLaVA-Med's
+        evaluation use; a row stops at its first EOS, then `pad_token_id` (default: the config's pad id,
+        else EOS). `compile`: the decode step runs under torch.compile (same tokens up to rounding)."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         if T > 0 and not attention_mask[:, -1].all():
-            raise ValueError("generate() needs left-padded prompts: the last position of every row must be a real token")
+            raise ValueError("generate() needs left-padded prompts: the last position of every row must be "
+                             "a real token")
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.setup_cache(B, T + max_new_tokens)
         try:
@@ -551,32 +482,24 @@ class Llava(nn.Module):
             self.clear_cache()
 
     @torch.no_grad()
-    def generate_shared(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, rows: torch.Tensor,
-                        suffix_ids: torch.Tensor, suffix_mask: torch.Tensor, *,
-                        image_features: torch.Tensor | None = None, max_new_tokens: int = 64,
-                        eos_token_id: int | None = None, pad_token_id: int | None = None,
-                        compile: bool = False) -> torch.Tensor:
-        """generate() for B rows whose input is prefix[rows[b]] + suffix[b], each of the E prefixes
-        (e.g. a prompt with its image) prefilled once: new token ids (B, T_new), as generate() gives
-        for the concatenated rows (up to floating-point rounding).
-
-        prefix_ids / prefix_mask (E, Tp) left-padded, with the image placeholders that
-        image_features fill; rows (B,) the prefix of each row; suffix_ids /
-        suffix_mask (B, Ts) left-padded text (no image placeholder), at least one real token per
-        row (its last one predicts the first new token).
-
-        Cache layout: slots [0, Tp) hold the prefixes, copied from the prefill's cache to the
-        rows that use them, slots [Tp, Tp + Ts) the suffixes, then the new tokens. A suffix
-        shorter than Ts leaves padding slots between its prefix and itself, which the key mask
-        hides and the position ids skip: the attention sees what it would see in one row.
-        Mistral's sliding window counts slots, so a model with one is refused when a row could
-        span more slots than the window.
-        """
+    def generate_shared(self, prefix_ids: Tensor, prefix_mask: Tensor, rows: Tensor, suffix_ids: Tensor,
+                        suffix_mask: Tensor, *, image_features: Tensor | None = None,
+                        max_new_tokens: int = 64, eos_token_id: int | None = None,
+                        pad_token_id: int | None = None, compile: bool = False) -> Tensor:
+        """generate() for B rows whose input is prefix[rows[b]] + suffix[b], each of the E prefixes (a
+        prompt with its image) prefilled once: generate()'s new token ids (B, T_new) up to rounding.
+        prefix_ids / prefix_mask (E, Tp) left-padded, with the image placeholders; rows (B,) the prefix of
+        each row; suffix_ids / suffix_mask (B, Ts) left-padded text, at least one real token per row (the
+        last predicts the first new token)."""
+        # Cache slots [0, Tp) hold the prefixes, [Tp, Tp + Ts) the suffixes, then the new tokens. A short
+        # suffix leaves padding slots after its prefix, which the key mask hides and the positions skip.
+        # Mistral's sliding window counts slots: a model with one refuses rows that could span more.
         c = self.config.text
         (E, Tp), (B, Ts) = prefix_ids.shape, suffix_ids.shape
         suffix_mask, prefix_mask = suffix_mask.bool(), prefix_mask.bool()
         if Ts == 0 or not suffix_mask[:, -1].all():
-            raise ValueError("generate_shared() needs left-padded suffixes with at least one real token per row")
+            raise ValueError("generate_shared() needs left-padded suffixes with at least one real token "
+                             "per row")
         if ((suffix_ids == self.config.image_token_id) & suffix_mask).any():
             raise ValueError("generate_shared(): image placeholders belong in the prefixes, not the suffixes")
         if c.sliding_window is not None and Tp + Ts + max_new_tokens > c.sliding_window:
@@ -584,42 +507,39 @@ class Llava(nn.Module):
                              f"sliding window {c.sliding_window}, which counts slots; use generate()")
         rows = rows.to(prefix_ids.device)
         try:
-            # 1. The E prefixes, once; their keys/values (E, Hkv, Tp, Dh) per layer.
+            # 1. The E prefixes, once; their caches, keys/values (E, Hkv, Tp, Dh) per layer.
             prefix_kv = []
             if Tp > 0:
                 self.setup_cache(E, Tp)
                 positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)  # (E, Tp)
-                self(prefix_ids, attention_mask=prefix_mask, image_features=image_features, position_ids=positions,
-                     return_hidden=True)
-                prefix_kv = [(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v)
-                             for layer in self.language_model.layers]
-                self.clear_cache()  # the buffers live on in prefix_kv
+                self(prefix_ids, attention_mask=prefix_mask, image_features=image_features,
+                     position_ids=positions, return_hidden=True)
+                prefix_kv = [layer.self_attn.kv_cache for layer in self.language_model.layers]
+                self.clear_cache()  # the caches live on in prefix_kv
             # 2. Each row's cache starts as a copy of its prefix's.
             self.setup_cache(B, Tp + Ts + max_new_tokens)
-            for layer, (k, v) in zip(self.language_model.layers, prefix_kv):
-                layer.self_attn.kv_cache.k[:, :, :Tp] = k[rows]
-                layer.self_attn.kv_cache.v[:, :, :Tp] = v[rows]
+            for layer, prefix in zip(self.language_model.layers, prefix_kv):
+                layer.self_attn.kv_cache.k[:, :, :Tp] = prefix.k[rows]
+                layer.self_attn.kv_cache.v[:, :, :Tp] = prefix.v[rows]
             del prefix_kv
             # Real keys: the prefix's, the suffix's, every new token's (hidden by causality until written).
             new_tokens = suffix_mask.new_ones(B, max_new_tokens)
-            self._key_valid = torch.cat([prefix_mask[rows], suffix_mask, new_tokens], 1)  # (B, Tp + Ts + T_new)
+            self._key_valid = torch.cat([prefix_mask[rows], suffix_mask, new_tokens], 1)  # (B, Tp+Ts+T_new)
             # 3. The suffixes, positioned after their prefix's real tokens.
             positions = prefix_mask.long().sum(-1)[rows, None] + suffix_mask.long().cumsum(-1) - 1  # (B, Ts)
             x = self.language_model.embed_tokens(suffix_ids)  # (B, Ts, D)
             h = self._run_decoder(x, positions, self._key_valid, Tp)  # (B, Ts, D)
             logits = self.lm_head(h[:, -1]).float()  # (B, V)
-            return self._decode_loop(logits, positions[:, -1], Tp + Ts, max_new_tokens, eos_token_id, pad_token_id,
-                                     compile)
+            return self._decode_loop(logits, positions[:, -1], Tp + Ts, max_new_tokens, eos_token_id,
+                                     pad_token_id, compile)
         finally:
             self.clear_cache()
 
     def _decode_loop(self, logits, position, slot: int, max_new_tokens: int, eos: int | None, pad: int | None,
-                     compile: bool) -> torch.Tensor:
-        """The argmax of `logits` (B, V), then one greedy step at a time into cache slots `slot`,
-        slot + 1, … at per-row positions `position` + 1, …; a row stops at its first EOS (pad after
-        it; None: the config's ids, pad falling back to EOS). Once half the rows are done, they
-        leave the batch (the steps cost less; the tokens stay the same up to rounding).
-        One host sync per step (how many rows are done), none when EOS is outside the vocabulary."""
+                     compile: bool) -> Tensor:
+        """The argmax of `logits` (B, V), then greedy steps into cache slots `slot`, slot + 1, … at per-row
+        positions `position` + 1, …; eos/pad as generate(). Once half the rows are done, those leave the
+        batch (same tokens up to rounding). One host sync per step, none if EOS is outside the vocabulary."""
         c = self.config.text
         eos = c.eos_token_id if eos is None else eos
         if pad is None:
@@ -632,7 +552,6 @@ class Llava(nn.Module):
 
         def greedy_step(token, position, slot, keys):
             return self.decode_one_token(token, position, slot, keys).argmax(-1)
-
         if compile:  # as gpt-fast: CUDA graphs on a GPU; new shapes (rows leaving) compile once more
             greedy_step = torch.compile(greedy_step, fullgraph=True, mode="reduce-overhead")
         token = logits.argmax(-1)  # (B,)
@@ -653,7 +572,7 @@ class Llava(nn.Module):
             token = greedy_step(token, position, slots[step:step + 1], None if compile else slot + step + 1)
         return out
 
-    def _keep_rows(self, live: torch.Tensor, *state: torch.Tensor) -> list[torch.Tensor]:
+    def _keep_rows(self, live: Tensor, *state: Tensor) -> list[Tensor]:
         """Shrink the KV cache (and its key mask) to rows `live`, in that order; those rows of `state`."""
         for layer in self.language_model.layers:
             cache = layer.self_attn.kv_cache
@@ -663,9 +582,20 @@ class Llava(nn.Module):
         return [t[live] for t in state]
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
+    """ids (R, T) and attention mask (R, T) of `rows` left-padded to the longest, as generate() expects."""
+    T = max((len(r) for r in rows), default=0)
+    ids = [[pad_id] * (T - len(r)) + list(r) for r in rows]
+    mask = [[0] * (T - len(r)) + [1] * len(r) for r in rows]
+    return tuple(torch.tensor(x, dtype=torch.long, device=device).view(len(rows), T) for x in (ids, mask))
+
+
+def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log softmax(logits)[y] at each position, in the logits' dtype: (..., V), (...) → (...)."""
+    return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
+
+
 def enable_gradient_checkpointing(model: Llava) -> None:
-    """Recompute each decoder layer in the backward pass (train.py --gradient-checkpointing). The
-    layer's forward is wrapped in place (not the module), so parameter names and checkpoints are
-    unchanged."""
+    """Recompute each decoder layer in the backward pass; its forward is wrapped, so parameter names stay."""
     for layer in model.language_model.layers:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
