@@ -862,7 +862,7 @@ def _bad_images(folder):
 
 def test_unreadable_images_are_skipped_and_reported(tiny, tmp_path, capsys):
     """Five questions whose image exists but cannot be used are skipped (four found up front by
-    screen_images, the cut JPEG when generation decodes it), listed with id and reason in
+    check_images, the cut JPEG when generation decodes it), listed with id and reason in
     summary.json and report.md, counted on stderr; the five good questions are answered in every
     mode and scored; a blind mode skips the same questions."""
     images = tmp_path / "images"
