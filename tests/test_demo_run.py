@@ -162,7 +162,8 @@ def test_a_refused_rerun_leaves_demo_config_as_it_was(tmp_path, monkeypatch):
     (out / "demo_config.json").write_text("the options that made the outputs\n")
 
     def refuse(options):
-        raise run.provenance.ProvenanceError(options.out, ["option seed: 0 in the file, 1 now"], "--overwrite")
+        raise run.provenance.ProvenanceError(options.out, ["option seed: 0 in the file, 1 now"],
+                                             "--overwrite")
 
     monkeypatch.setattr(run, "demo_world", lambda root: {"align": tmp_path, "root": tmp_path})
     monkeypatch.setattr(run.hscr, "run", refuse)

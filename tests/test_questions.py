@@ -53,8 +53,8 @@ def test_check_images_opens_the_images_of_its_share_only(tiny, tmp_path):
 def test_benchmark_name_is_a_plain_name(tiny, tmp_path, name):
     """A benchmark's name is a folder of eval.py's --out: one that is not a plain name (a path
     that would put the answers outside --out) is refused before anything is written."""
-    args = ["--model", str(tiny.ckpt), "--benchmark", f"{name}={tiny.root / 'test.json'}", "--image-root",
-            str(tiny.images), "--out", str(tmp_path / "run" / "out")]
+    args = ["--model", str(tiny.ckpt), "--benchmark", f"{name}={tiny.root / 'test.json'}",
+            "--image-root", str(tiny.images), "--out", str(tmp_path / "run" / "out")]
     with pytest.raises(UserError, match=f"--benchmark '{name}=.*': NAME must be a plain name"):
         E.main(args)
     assert not (tmp_path / "run").exists()

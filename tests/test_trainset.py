@@ -8,8 +8,8 @@ from harness.cli import run_main
 from test_train import workspace  # noqa: F401 (fixture)
 
 
-@pytest.mark.parametrize("flag,what", [("--data", "missing"), ("--data", "folder"), ("--eval-data", "missing"),
-                                       ("--eval-data", "folder")])
+@pytest.mark.parametrize("flag,what", [("--data", "missing"), ("--data", "folder"),
+                                       ("--eval-data", "missing"), ("--eval-data", "folder")])
 def test_data_that_is_no_file_is_one_line(workspace, tmp_path, capsys, flag, what):
     """A --data or --eval-data that is missing or a folder: exit status 2 and one line naming the
     option and the path, not a FileNotFoundError or IsADirectoryError traceback."""
