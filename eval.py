@@ -39,7 +39,7 @@ from harness.files import DataError, JsonlFile, read_jsonl, read_text
 from harness.questions import check_images, parse_named, read_benchmarks, read_questions
 from harness.reports import LEGEND, compare_runs, question_counts, scores_table, visual_gain, write_reports
 from harness.rundir import start_run
-from harness.trainset import check_dirs
+from harness.trainset import check_paths
 from model import load_model
 from model.llava import left_pad
 from model.loading import DTYPES, resolve_dtype
@@ -517,7 +517,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         screened[name] = check_images(records[:cfg.limit], roots[name], name, sources[name], rank, world)
         for qid, why in screened[name].items():
             print(f"{name}: question {qid} skipped: {why}", file=sys.stderr)
-    check_dirs(model=cfg.model, adapter=cfg.adapter, vision_tower=cfg.vision_tower)
+    check_paths("directory", model=cfg.model, adapter=cfg.adapter, vision_tower=cfg.vision_tower)
     model_id = cfg.model_id or Path(cfg.model).resolve().name
     # The images of the questions that any session chose are fingerprinted; the stored fingerprint is
     # compared with the earlier sessions' choice, so that a resumed run may choose more (--limit).

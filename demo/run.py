@@ -212,8 +212,7 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
     if missing:
         raise SystemExit(f"the base model in {base} lacks {', '.join(missing)}; README.md gives the commands "
                          "that regenerate it")
-    (out / "demo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    print(f"HSCR demo → {out}/ (options in {out / 'demo_config.json'})")
+    print(f"HSCR demo → {out}/ (options in {out / 'demo_config.json'} once every stage has run)")
     with stages.stage("world", f"synthetic world in {cfg.world}"):
         world = demo_world(cfg.world)
 
@@ -257,6 +256,7 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
                 max_new_tokens=32, limit=cfg.test, device="cpu", dtype="float32"), cfg.overwrite)[cfg.split]
     table = demo_table(results["base"], results["hscr"])
     (out / "table.md").write_text(table + "\n")
+    (out / "demo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")  # made them
 
     (out / "timings.json").write_text(json.dumps(stages.timings(), indent=2) + "\n")  # for the page
     with stages.stage("report", f"report → {out / 'report.html'}"):

@@ -3,6 +3,7 @@ images. Every refusal is a UserError or DataError: one line, naming the file. It
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,14 @@ from harness.files import DataError, read_text
 
 def parse_named(values: Sequence[str], flag: str, *, names: Sequence[str] | None = None,
                 allow_global: bool = False) -> dict[str, str]:
-    """NAME=PATH values → {name: path}, NAME limited to `names` when given. With allow_global a
-    value that names no benchmark is a path for all of them (key "*")."""
+    """NAME=PATH values → {name: path}, NAME limited to `names` when given, else a plain name (a folder
+    of eval.py's --out). With allow_global a value that names no benchmark is a path for all (key "*")."""
     out, problems = {}, []
     for value in values:
         name, sep, path = value.partition("=")
-        if sep and name and path and (names is None or name in names):
+        if sep and name and path and names is None and not re.fullmatch(r"[\w-]+", name):
+            problems.append(f"{flag} {value!r}: NAME must be a plain name (letters, digits, _ and -)")
+        elif sep and name and path and (names is None or name in names):
             if name in out:
                 problems.append(f"{flag} {name!r} given twice")
             out[name] = path

@@ -10,7 +10,9 @@ import datetime
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -158,7 +160,8 @@ def report_skipped(bad: list[BadRecord]) -> None:
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx) -> None:
     """checkpoints/step-NNNNNN/{adapter/, trainer.pt} written under a temporary name, renamed, then
-    `checkpoints/latest` replaced atomically; the last `keep_checkpoints` are kept."""
+    `checkpoints/latest` replaced atomically; the last `keep_checkpoints` are kept. trainer.pt records
+    the step and the run's fingerprint (provenance.json's), which load_checkpoint checks."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None}
     rngs = [rng]
@@ -170,7 +173,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx)
         tmp = root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(model, tmp / "adapter", base_model_path=cfg.model)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"step": step, "run": provenance.load(out / PROVENANCE)["fingerprint"],
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rngs, "config": dataclasses.asdict(cfg)}, tmp / "trainer.pt")
         shutil.rmtree(root / name, ignore_errors=True)
         os.replace(tmp, root / name)
@@ -181,15 +185,30 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx)
 
 
 def load_checkpoint(out: Path, model, optimizer, scheduler, ctx) -> int:
-    """Restore adapter, optimizer, scheduler and RNG states; the step to continue from (0: no checkpoint)."""
-    root = out / "checkpoints"
+    """Restore adapter, optimizer, scheduler and RNG states; the step to continue from (0: no checkpoint).
+    Only from a checkpoint of this run: in its checkpoints/, with its fingerprint and the step of its name."""
+    root, restart = out / "checkpoints", "rerun with --overwrite to start again"
     if not (root / "latest").is_file():
         return 0
-    ckpt = root / (root / "latest").read_text().strip()
-    if not (ckpt / "trainer.pt").is_file():
-        raise CheckpointError(f"{root / 'latest'} names {ckpt.name}, which is missing or incomplete; "
-                              "rerun with --overwrite to start again")
-    state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+    name = (root / "latest").read_text().strip()
+    ckpt, pt = root / name, root / name / "trainer.pt"
+    if not re.fullmatch(r"step-\d{6,}", name):
+        raise CheckpointError(f"{root / 'latest'} names {name!r}, not a step-NNNNNN of {root}; {restart}")
+    if not pt.is_file():
+        raise CheckpointError(f"{root / 'latest'} names {name}, which is missing or incomplete; {restart}")
+    try:
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # not torch's message: it advises weights_only=False, unsafe here
+        raise CheckpointError(f"{pt} holds more than tensors and plain values: train.py did not write it; "
+                              f"{restart}") from None
+    except (RuntimeError, EOFError):
+        raise CheckpointError(f"{pt} cannot be read (cut short?); {restart}") from None
+    run, step = state.get("run") if isinstance(state, dict) else None, int(name.removeprefix("step-"))
+    foreign = provenance.differences(run, provenance.load(out / PROVENANCE)["fingerprint"]) if isinstance(
+        run, dict) else ["it records no run"]
+    if foreign or state["step"] != step:
+        why = "; ".join(foreign) if foreign else f"it holds step {state['step']}, its name says {step}"
+        raise CheckpointError(f"{pt} is not a checkpoint of this run ({why}); {restart}")
     if len(state["rng"]) != ctx.world:
         raise UserError(f"--resume from {ckpt}: saved by {len(state['rng'])} processes, now {ctx.world}")
     try:

@@ -65,6 +65,7 @@ def read_examples(read: Callable[[Path], tuple[list[Example], list[BadRecord]]],
     """(training examples, held-out examples, skipped records, image files relative to `image_root`) of
     cfg.data and cfg.eval_data, each read by `read(path)`. Images are checked once each, the processes sharing
     them, so that all keep the same examples. Without --eval-data a seeded --eval-fraction is held out."""
+    check_paths("file", data=cfg.data, eval_data=cfg.eval_data)
     examples, bad = read(Path(cfg.data))
     held_out, bad_eval = read(Path(cfg.eval_data)) if cfg.eval_data else ([], [])
     images = sorted({ex.image for ex in examples + held_out if ex.image is not None})
@@ -89,17 +90,18 @@ def drop_unusable(examples: list[Example], unusable: dict[str, str]):
             [BadRecord(ex.file, ex.index, ex.id, w) for ex, w in zip(examples, why) if w is not None])
 
 
-def check_dirs(**paths: str | None) -> None:
-    """A UserError for the first option given (model="ckpt": --model ckpt) that names no directory."""
+def check_paths(kind: str, **paths: str | None) -> None:
+    """A UserError for the first option given (model="ckpt": --model ckpt) that names no `kind`
+    ("directory" or "file")."""
     for key, path in paths.items():
-        if path is not None and not Path(path).is_dir():
-            why = "not a directory" if Path(path).exists() else "directory not found"
+        if path is not None and not (Path(path).is_dir() if kind == "directory" else Path(path).is_file()):
+            why = f"not a {kind}" if Path(path).exists() else f"{kind} not found"
             raise UserError(f"--{key.replace('_', '-')} {path}: {why}")
 
 
 def model_config(model: str, vision_tower: str | None = None) -> LlavaConfig:
     """The config of the checkpoint `model` (and of a separate `vision_tower`), without its weights."""
-    check_dirs(model=model, vision_tower=vision_tower)
+    check_paths("directory", model=model, vision_tower=vision_tower)
     return read_config(Path(model), read_vision_config(Path(vision_tower)) if vision_tower else None)
 
 

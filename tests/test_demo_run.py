@@ -154,6 +154,24 @@ def test_rerun_reuses_what_matches_and_stops_on_a_change(reduced, tmp_path, caps
     assert "finished" in json.loads((out / "train" / "provenance.json").read_text())
 
 
+def test_a_refused_rerun_leaves_demo_config_as_it_was(tmp_path, monkeypatch):
+    """demo_config.json describes the outputs beside it: a rerun that a stage refuses (here hscr.py,
+    made from other options) leaves the file of the run that made them."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "demo_config.json").write_text("the options that made the outputs\n")
+
+    def refuse(options):
+        raise run.provenance.ProvenanceError(options.out, ["option seed: 0 in the file, 1 now"],
+                                             "--overwrite")
+
+    monkeypatch.setattr(run, "demo_world", lambda root: {"align": tmp_path, "root": tmp_path})
+    monkeypatch.setattr(run.hscr, "run", refuse)
+    with pytest.raises(run.provenance.ProvenanceError):
+        run.demo(run.DemoConfig(out=str(out), seed=1))
+    assert (out / "demo_config.json").read_text() == "the options that made the outputs\n"
+
+
 def test_demo_world_leaves_out_sft_unless_a_whole_world_is_there(tmp_path, monkeypatch):
     """demo_world builds no SFT split (only the base's training reads it), which is safe because
     each split is drawn from (seed, split) alone: a small world with and without SFT entries has

@@ -1,5 +1,9 @@
 """harness/questions.py: eval.py's question files, read in each layout (on tests/test_eval.py's
 tiny question files)."""
+import pytest
+
+import eval as E
+from harness.cli import UserError
 from harness.questions import check_images, read_benchmarks
 from test_eval import QUESTIONS, tiny  # noqa: F401 (fixture)
 
@@ -43,3 +47,14 @@ def test_check_images_opens_the_images_of_its_share_only(tiny, tmp_path):
     for rank in (0, 1):
         with pytest.raises(UserError, match=r"1 of 3 images not found .*\(needed by 1 of 5 questions\): c.png$"):
             check_images(records, str(images), "q", "test.json", rank=rank, world=2)
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", ".", "..", "/tmp/x"])
+def test_benchmark_name_is_a_plain_name(tiny, tmp_path, name):
+    """A benchmark's name is a folder of eval.py's --out: one that is not a plain name (a path
+    that would put the answers outside --out) is refused before anything is written."""
+    args = ["--model", str(tiny.ckpt), "--benchmark", f"{name}={tiny.root / 'test.json'}",
+            "--image-root", str(tiny.images), "--out", str(tmp_path / "run" / "out")]
+    with pytest.raises(UserError, match=f"--benchmark '{name}=.*': NAME must be a plain name"):
+        E.main(args)
+    assert not (tmp_path / "run").exists()

@@ -1,14 +1,19 @@
 """harness/rundir.py: start_run (what a run directory's record allows to resume), the reference
-log-prob cache key, the matplotlib check before training."""
+log-prob cache key, the matplotlib check before training, resume only from this run's checkpoints."""
 from __future__ import annotations
 
+import json
+import pickle
+import shutil
 import sys
 
 import pytest
 import torch
 
+import train
 from harness import cli, provenance, rundir
 from harness.dist import Context
+from model.loading import CheckpointError
 from test_train import config, png_bytes, workspace  # noqa: F401 (fixture)
 
 
@@ -69,3 +74,51 @@ def test_plot_without_matplotlib_is_an_error_before_training(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
     with pytest.raises(UserError, match="--plot needs matplotlib.*--no-plot"):
         rundir.require_matplotlib()
+
+
+def test_resume_only_from_a_checkpoint_of_this_run(workspace, tmp_path):
+    """checkpoints/latest may name only a step-NNNNNN of this run's checkpoints/, whose trainer.pt
+    records this run's fingerprint and the step of its name: another run's checkpoint, named by a
+    path or copied in under an expected name, is refused naming why, and so is a trainer.pt cut
+    short or holding a pickle payload (without torch's advice to pass weights_only=False)."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    train.train(config(workspace, mine, epochs=1, save_every=1, max_steps=2))  # "interrupted" after step 2
+    train.train(config(workspace, other, epochs=1, save_every=1, lr=1e-3))
+    ckpts = mine / "checkpoints"
+    shutil.copytree(ckpts / "step-000002", tmp_path / "good")
+
+    def refused(match):
+        with pytest.raises(CheckpointError, match=match) as e:
+            train.train(config(workspace, mine, epochs=1, save_every=1, resume=True))
+        assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+
+    (ckpts / "latest").write_text("../../other/checkpoints/step-000003\n")
+    refused(r"latest names '\.\./\.\./other/checkpoints/step-000003', not a step-NNNNNN of .*--overwrite")
+    (ckpts / "latest").write_text("step-000002\n")
+    shutil.rmtree(ckpts / "step-000002")
+    shutil.copytree(other / "checkpoints" / "step-000002", ckpts / "step-000002")
+    refused(r"step-000002/trainer.pt is not a checkpoint of this run "
+            r"\(option lr: 0.001 in the file, 0.005 now\)")
+    shutil.rmtree(ckpts / "step-000002")
+    shutil.copytree(ckpts / "step-000001", ckpts / "step-000002")
+    refused(r"step-000002/trainer.pt is not a checkpoint of this run \(it holds step 1, its name says 2\)")
+    pt = ckpts / "step-000002" / "trainer.pt"
+    torch.save({"step": 2}, pt)  # written before checkpoints recorded their run
+    refused(r"trainer.pt is not a checkpoint of this run \(it records no run\)")
+    pt.write_bytes((tmp_path / "good" / "trainer.pt").read_bytes()[:1000])
+    refused(r"trainer.pt cannot be read \(cut short\?\); rerun with --overwrite")
+    pt.write_bytes(pickle.dumps(Payload()))
+    refused(r"trainer.pt holds more than tensors and plain values: train.py did not write it")
+
+    shutil.rmtree(ckpts / "step-000002")
+    shutil.copytree(tmp_path / "good", ckpts / "step-000002")
+    train.train(config(workspace, mine, epochs=1, save_every=1, resume=True))  # its own: continues
+    lines = (mine / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+
+class Payload:
+    """Unpickled, it would call print: what a malicious trainer.pt would do with os.system."""
+
+    def __reduce__(self):
+        return print, ("unpickled",)
