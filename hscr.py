@@ -86,27 +86,29 @@ def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Gen
     if strategy in ("token", "latent"):
         latent = model.vision_tower(pixels)  # (B, N, Dv)
         full = model.multi_modal_projector(latent)  # (B, N, D)
-        dropped, kept_indices = [], []
-        for b, g in enumerate(generators):
-            drop = drop_mask(full.shape[1], ratio, g).to(pixels.device)  # (N,)
-            source = full[b] if strategy == "token" else latent[b]  # (N, D) or (N, Dv)
-            kept = source[~drop] if mode == "remove" else source.masked_fill(drop[:, None], 0.0)
-            dropped.append(kept if strategy == "token" else model.multi_modal_projector(kept))
-            kept_indices.append((~drop).nonzero()[:, 0].cpu() if mode == "remove" else None)
+        N = full.shape[1]
+        drop = torch.stack([drop_mask(N, ratio, g) for g in generators])  # (B, N), on the host
+        # The kept indices, ascending, without nonzero (a host sync): a stable sort puts kept (0) first.
+        kept = torch.sort(drop.to(torch.uint8), stable=True).indices[:, : N - round(ratio * N)]  # (B, N')
+        source = full if strategy == "token" else latent  # (B, N, D) or (B, N, Dv)
+        source = (source.take_along_dim(kept.to(pixels.device)[..., None], 1) if mode == "remove"
+                  else source.masked_fill(drop.to(pixels.device)[..., None], 0.0))  # (B, N' or N, ·)
+        dropped = list(source) if strategy == "token" else [model.multi_modal_projector(s) for s in source]
+        kept_indices = list(kept) if mode == "remove" else [None] * len(dropped)
         return (full, dropped, kept_indices) if return_kept else (full, dropped)
     if strategy not in ("patch", "pixel"):
         raise ValueError(f"unknown mask strategy {strategy!r}")
     full = model.encode_images(pixels)  # (B, N, D)
-    blanked = pixels.clone()
     H, W = pixels.shape[-2:]
     p = model.config.vision.patch_size
-    for b, g in enumerate(generators):
+    holes = []
+    for g in generators:
         if strategy == "patch":
             grid = drop_mask((H // p) * (W // p), ratio, g).view(H // p, W // p)
-            hole = grid.repeat_interleave(p, 0).repeat_interleave(p, 1)  # (H, W), whole patches
+            holes.append(grid.repeat_interleave(p, 0).repeat_interleave(p, 1))  # (H, W), whole patches
         else:
-            hole = drop_mask(H * W, ratio, g).view(H, W)
-        blanked[b][:, hole.to(pixels.device)] = 0.0  # every channel of the pixel
+            holes.append(drop_mask(H * W, ratio, g).view(H, W))
+    blanked = pixels.masked_fill(torch.stack(holes).to(pixels.device)[:, None], 0.0)  # every channel
     dropped = list(model.encode_images(blanked))
     return (full, dropped, [None] * len(dropped)) if return_kept else (full, dropped)
 
@@ -155,12 +157,12 @@ def select_coupled_positions(scores, targets, valid, n: int = 10, eos_id: int = 
     """docs/METHOD.md, step 4: per row the n = 10 positions of highest s_t [paper], in descending score;
     EOS and padding excluded, equal scores: the earlier position first (a stable sort) [ours]."""
     eligible = valid & (targets != eos_id)  # (B, L)
-    out = []
-    for b in range(scores.shape[0]):
-        idx = eligible[b].nonzero()[:, 0]  # eligible positions, ascending
-        order = torch.sort(scores[b, idx], descending=True, stable=True).indices
-        out.append(idx[order][:n].tolist())
-    return out
+    # The whole batch at once, read with one host sync: by score (descending), then eligible first,
+    # both sorts stable, so each row's eligible positions come first, ordered as a stable sort of them.
+    order = torch.sort(scores, descending=True, stable=True).indices  # (B, L)
+    order = order.gather(1, torch.sort((~eligible.gather(1, order)).to(torch.uint8), stable=True).indices)
+    top = order[:, :n].masked_fill(~eligible.gather(1, order[:, :n]), -1).tolist()  # (B, ≤ n), −1: none
+    return [[p for p in row if p >= 0] for row in top]
 
 
 # Stage 1, step 5: hallucinated replacements

@@ -86,15 +86,19 @@ def multilevel_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, re
         margins = (r_w[:, None] - r_l)[mask]                            # (pairs,)
         pair_mask = mask[:, :, None] & mask[:, None, :] & mask.new_ones(K, K).triu(1)  # j < j′
         implicit_diff = (r_l[:, :, None] - r_l[:, None, :])[pair_mask]
-        metrics = {"loss": loss.item(), "loss_explicit": l_e.mean().item(),
-                   "loss_implicit": l_i.mean().item(), "reward_chosen": r_w.mean().item()}
+        metrics = {"loss": loss, "loss_explicit": l_e.mean(), "loss_implicit": l_i.mean(),
+                   "reward_chosen": r_w.mean()}
         if margins.numel():
-            metrics.update(reward_rejected=r_l[mask].mean().item(), margin=margins.mean().item(),
-                           accuracy_explicit=(margins > 0).float().mean().item())
-        metrics.update({f"reward_rejected_{j + 1}": r_l[:, j][mask[:, j]].mean().item()  # j-th negative
-                        for j in range(K) if mask[:, j].any()})
+            metrics.update(reward_rejected=r_l[mask].mean(), margin=margins.mean(),
+                           accuracy_explicit=(margins > 0).float().mean())
+        levels = [f"reward_rejected_{j + 1}" for j in range(K)]  # the j-th negative's (NaN where none)
+        metrics.update({name: r_l[:, j][mask[:, j]].mean() for j, name in enumerate(levels)})
         if implicit_diff.numel():
-            metrics["accuracy_implicit"] = (implicit_diff > 0).float().mean().item()
+            metrics["accuracy_implicit"] = (implicit_diff > 0).float().mean()
+        # One host sync reads them all (in the widest dtype: the same floats), with the levels present.
+        values = torch.stack([*metrics.values(), *mask.any(0)]).tolist()
+        present = dict(zip(levels, values[len(metrics):]))
+        metrics = {k: v for k, v in zip(metrics, values) if present.get(k, True)}
     return loss, metrics
 
 

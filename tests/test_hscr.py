@@ -26,6 +26,7 @@ import tiny
 from harness import prefs
 from model.rows import cut_generated
 from data import Record
+from syncs import host_syncs
 
 REPO = Path(__file__).resolve().parent.parent
 EOS = 2
@@ -524,6 +525,18 @@ def test_process_same_word_exclude(model, tokenizer, ckpt, dataset, tmp_path):
         assert cands and all(c["candidates"] for r in out for c in r["coupled"])
         partners[mode] = sum(t // 2 == k // 2 for t, k in cands)
     assert partners == {"exclude": 0, "allow": partners["allow"]} and partners["allow"] > 0
+
+
+def test_process_syncs_do_not_grow(model, tokenizer, ckpt, dataset, tmp_path):
+    """One batch's host syncs (tests/syncs.py) are as many for 1 entry as for 4, short answers or long
+    ones: the same 6 (splice; decode adds the continuation's, at most one per new token). Before: 9,
+    12, 18 (a nonzero and a boolean index per entry in visual_token_dropout, a nonzero per entry in
+    select_coupled_positions)."""
+    pipe = hscr.HSCR(model, tokenizer, _opts(ckpt, dataset, tmp_path / "o.jsonl", continuation="splice"))
+    entries = _entries(pipe, dataset, {f"e{i}" for i in range(len(GOOD))})
+    longer = [dataclasses.replace(e, response=e.response[:-1] * 3 + e.response[-1:]) for e in entries]
+    counts = [host_syncs(lambda: pipe.process(es[:n]))[0] for es in (entries, longer) for n in (1, 4)]
+    assert counts == [6, 6, 6, 6]
 
 
 # ----------------------------------------------------------------------------------------------

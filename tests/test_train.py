@@ -28,6 +28,7 @@ from harness.cli import UserError, run_main
 from data import Tokens, image_problem, load_pixels, read_preferences
 from harness.provenance import ProvenanceError
 from oracles import dpo_loss, sequence_logprob
+from syncs import host_syncs
 from model import load_model
 from model.lora import apply_lora, load_adapter, lora_disabled, lora_modules
 
@@ -286,6 +287,27 @@ def test_efficient_forward_matches_plain(workspace):
     assert ours.shape == (sum(len(ex.rows) for ex in batch),)
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(ours_grad, plain_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_training_step_syncs_do_not_grow(workspace):
+    """One training step's host syncs (tests/syncs.py: forward, loss, backward, the step's metrics
+    read once) are as many for 3 entries as for 9, K = 3 levels in both. Before: 44 and 44, 28 of them
+    the metrics' (batch_loss's and the step's: .item() ×7, per level .any() and .item())."""
+    root, ckpt, prefs = workspace
+    model = load_model(ckpt)
+    apply_lora(model, rank=4, alpha=8, dropout=0.0)
+    cfg = config(workspace, root / "unused", image_aspect="pad")
+    examples, _ = read_preferences(prefs, root, Tokens(word_tokenizer(), model.config), cfg)
+    ref = {ex.id: [0.0] * len(ex.rows) for ex in examples}
+    ctx = train.Context()
+
+    def step(batch):
+        loss, parts = train.batch_loss(model, model, batch, ref, cfg, ctx)
+        loss.backward()
+        return train.preference_loss(cfg.loss, *parts[:4], parts[4].bool(), gamma=cfg.gamma)[1]
+
+    counts = [host_syncs(lambda: step(examples[:n])) for n in (3, 9)]
+    assert [n for n, _ in counts] == [16, 16] and "reward_rejected_3" in counts[1][1]
 
 
 def test_hidden_logprob_matches_sequence_logprob():
