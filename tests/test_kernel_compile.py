@@ -118,10 +118,10 @@ def main(argv=None) -> int:
     return 1 if spilled else 0
 
 
-@pytest.mark.parametrize("caps", [(80, 90), pytest.param((86, 89), marks=pytest.mark.slow)])
+@pytest.mark.parametrize("caps", [(90,), pytest.param((80, 86, 89), marks=pytest.mark.slow)])
 def test_compiles_for_real_cards_without_spills(caps, tmp_path):
-    """Every launch configuration compiles (Ampere and Hopper in the fast set, the cards between
-    them in the slow one), and none spills registers."""
+    """Every launch configuration compiles (Hopper in the fast set, Ampere and Ada in the slow one),
+    and none spills registers."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
     run = subprocess.run([sys.executable, __file__, "--caps", *map(str, caps)], env=env, capture_output=True,
                          text=True, timeout=600)
