@@ -35,7 +35,8 @@ def _sha256(path: Path) -> str:
 
 class DigestCache:
     """The digests of large files in $HSCR_CACHE/fingerprints.json (default ~/.cache/hscr/), keyed by
-    absolute path, size and mtime_ns; `save` merges the new ones with what other processes wrote."""
+    absolute path, size, mtime_ns, and ctime_ns and inode, which no copy tool can restore (cp -p and
+    rsync -t keep the mtime); `save` merges the new ones with what other processes wrote."""
 
     def __init__(self):
         folder = os.environ.get("HSCR_CACHE")
@@ -50,7 +51,7 @@ class DigestCache:
         return entries if isinstance(entries, dict) else {}
 
     def digest(self, path: str | os.PathLike) -> str:
-        """The sha256 (hex) of a file's bytes; from the cache when its size and mtime are unchanged."""
+        """The sha256 (hex) of a file's bytes; from the cache when its stamp (see above) is unchanged."""
         path = Path(path).resolve()
         try:
             st = path.stat()
@@ -58,7 +59,8 @@ class DigestCache:
             raise UserError(f"{path}: cannot read ({e.strerror})") from None
         if st.st_size < CACHE_MIN_BYTES:
             return _sha256(path)
-        key, stamp = str(path), {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        key, stamp = str(path), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                                 "inode": st.st_ino}
         hit = self.entries.get(key)
         fresh = isinstance(hit, dict) and {k: hit.get(k) for k in stamp} == stamp
         if fresh and isinstance(hit.get("sha256"), str):

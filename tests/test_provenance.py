@@ -68,7 +68,9 @@ def test_cache_hit_recompute_on_mtime_and_content(tmp_path, hashed, cache_dir):
     assert P.file_digest(f) == _sha(data) and hashed == ["model.safetensors"]
     assert P.file_digest(f) == _sha(data) and len(hashed) == 1  # cache hit
     entry = json.loads((cache_dir / "fingerprints.json").read_text())[str(f.resolve())]
-    assert entry == {"size": len(data), "mtime_ns": f.stat().st_mtime_ns, "sha256": _sha(data)}
+    st = f.stat()
+    assert entry == {"size": len(data), "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                     "inode": st.st_ino, "sha256": _sha(data)}
 
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, content unchanged
@@ -79,6 +81,27 @@ def test_cache_hit_recompute_on_mtime_and_content(tmp_path, hashed, cache_dir):
     f.write_bytes(changed)
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
     assert P.file_digest(f) == _sha(changed) != _sha(data) and len(hashed) == 3
+
+
+def test_rewrite_with_the_mtime_restored_is_not_a_cache_hit(tmp_path, hashed):
+    """Same size, mtime put back (cp -p, rsync -t, tar): in place (the ctime moves) or replaced by a
+    rename (a new inode), the new bytes are hashed, never the old digest reused."""
+    f = tmp_path / "model.safetensors"
+    data = b"a" * BIG
+    f.write_bytes(data)
+    st = f.stat()
+    assert P.file_digest(f) == _sha(data)
+    in_place, renamed = b"b" * BIG, b"c" * BIG
+    f.write_bytes(in_place)
+    while f.stat().st_ctime_ns == st.st_ctime_ns:  # a coarse clock: wait until the ctime shows the write
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_ino == st.st_ino and P.file_digest(f) == _sha(in_place) and len(hashed) == 2
+    tmp = tmp_path / ".model.safetensors.tmp"
+    tmp.write_bytes(renamed)
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, f)  # what rsync does; its new inode may even have the old ctime
+    assert P.file_digest(f) == _sha(renamed) and len(hashed) == 3
 
 
 def test_small_files_are_hashed_every_time_and_not_cached(tmp_path, hashed, cache_dir):
