@@ -3,9 +3,10 @@
 The layouts, config fields and ignored keys are in docs/FORMATS.md ("Checkpoints", "Config fields"):
 LLaVA-Med's original layout, llava-hf's legacy and new ones, and a CLIP directory supplying the vision
 tower, as LLaVA's own code does with OpenAI's CLIP. The layout is decided over every shard's keys
-(`detect_layout`: a shard may hold only lm_head); `assign_weights` lists every missing, unexpected,
-mis-shaped or non-floating tensor in one error, then reads each tensor once into a meta-device model
-(peak memory ≈ one copy). Pickles (`.bin`, `.pt`) are refused: loading them would run arbitrary code.
+(`detect_layout`: a shard may hold only lm_head); `assign_weights` counts every missing, unexpected,
+mis-shaped or non-floating tensor in one error (naming a few of each), then reads each tensor once into a
+meta-device model (peak memory ≈ one copy), refusing NaN or Inf (safetensors has no checksum: damaged bytes
+decode as NaN). Pickles (`.bin`, `.pt`) are refused: loading them would run arbitrary code.
 """
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ def resolve_dtype(name: str, device: str | torch.device, *, gpu_default: str = "
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the file and the keys or
     fields. A UserError, so the scripts print it as one line; still a ValueError for callers."""
+
+
+def _few(items, sep: str = ", ", n: int = 3) -> str:
+    """The first `n` of `items` and how many more: an error names a few keys, never hundreds."""
+    items = list(items)
+    return sep.join(items[:n]) + (f"{sep}and {len(items) - n} more" if len(items) > n else "")
 
 
 # One prefix table per source layout: (prefix on disk, prefix in `Llava`), first match wins.
@@ -304,7 +311,7 @@ def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig 
             tower = f.get("mm_vision_tower", None)
             if not isinstance(tower, str) or tower not in KNOWN_TOWERS:
                 raise CheckpointError(f"{source}: vision tower {_show(tower)} is not one whose shape is known"
-                                      f" ({', '.join(KNOWN_TOWERS)}); pass vision_tower=<CLIP directory>")
+                                      f" ({', '.join(KNOWN_TOWERS)}); pass --vision-tower <CLIP directory>")
             vision = KNOWN_TOWERS[tower]
         if f.bool("mm_use_im_start_end", False):
             raise f.error("mm_use_im_start_end", "is true (LLaVA-Med v1): not supported")
@@ -373,7 +380,7 @@ def safetensors_files(path: Path) -> list[Path]:
                                   f"got {_show(weight_map[bad])}")
         files = [path / f for f in sorted(set(weight_map.values()))]
         if missing := [str(f) for f in files if not f.is_file()]:
-            raise CheckpointError(f"{index} names shards that do not exist: {', '.join(missing)}")
+            raise CheckpointError(f"{index} names {len(missing)} shards that do not exist: {_few(missing)}")
         return files
     if files := sorted(path.glob("*.safetensors")):
         return files
@@ -411,7 +418,7 @@ def _headers(source: Path, files: list[Path]) -> dict[str, tuple[Path, tuple[int
     if twice:
         pairs = [f"{a} and {b} both hold {k[0]}" + (f" (and {len(k) - 1} more keys)" if len(k) > 1 else "")
                  for (a, b), k in twice.items()]
-        raise CheckpointError(f"{source}: tensors stored twice, remove the stray file: " + "; ".join(pairs))
+        raise CheckpointError(f"{source}: tensors stored twice, remove the stray file: " + _few(pairs, "; "))
     return where
 
 
@@ -434,13 +441,16 @@ def _index(headers: dict, layout: str, source: str, *, skip: tuple[str, ...] = (
         else:
             found[name] = (file, key, shape)
     if clashes:
-        raise CheckpointError(f"{source}: one parameter stored under two keys: " + "; ".join(clashes))
+        raise CheckpointError(f"{source}: {len(clashes)} parameters stored under two keys: "
+                              + _few(clashes, "; "))
     return found, unexpected
 
 
-def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, device="cpu") -> Llava:
+def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, device="cpu",
+               check_finite: bool = True) -> Llava:
     """Load a LLaVA(-Med) checkpoint directory (config.json + safetensors) as a `Llava` in eval mode.
-    `vision_tower`: a CLIP directory whose tower replaces the checkpoint's, or supplies a missing one."""
+    `vision_tower`: a CLIP directory whose tower replaces the checkpoint's, or supplies a missing one;
+    `check_finite`: see assign_weights (the scripts' --check-finite)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -457,14 +467,26 @@ def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, d
         found, unexpected = found | tower, unexpected + unexpected_tower
     with torch.device("meta"):
         model = Llava(config)
-    return assign_weights(model, found, unexpected, str(path), dtype=dtype, device=device).eval()
+    # A tower that does not fit the config, said in words: its keys alone would be hundreds.
+    why, width = "", found.get("vision_tower.embeddings.class_embedding", (0, 0, None))[2]
+    if tower_dir is None and not any(k.startswith("vision_tower.") for k in found):
+        why = " the checkpoint has no vision tower: pass --vision-tower <CLIP directory>"
+    elif tower_dir is None and width and width != (config.vision.hidden_size,):
+        tower = _read_json(path / "config.json").get("mm_vision_tower")  # llava-hf: none, a shape
+        said = f"mm_vision_tower {_show(tower)}" if tower else "vision_config.hidden_size"
+        why = (f" the vision tower in the checkpoint has width {width[0]} where {said} implies "
+               f"{config.vision.hidden_size}: pass --vision-tower <the CLIP directory it was trained with>")
+    return assign_weights(model, found, unexpected, str(path), dtype=dtype, device=device,
+                          check_finite=check_finite, why=why).eval()
 
 
 def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], source: str, *,
-                   dtype: torch.dtype, device) -> torch.nn.Module:
+                   dtype: torch.dtype, device, check_finite: bool = True, why: str = "") -> torch.nn.Module:
     """Check `found` ({name: (file, key, shape)}) against a meta-device model, strictly, then read each
-    tensor once and assign it in place. One CheckpointError lists every missing, unexpected, mis-shaped
-    and non-floating-point key (an integer tensor where a weight belongs), naming the files."""
+    tensor once and assign it in place. One CheckpointError (`why` its first line's end) counts every
+    missing, unexpected, mis-shaped and non-floating-point key (an integer tensor where a weight belongs),
+    naming a few of each with their files. With `check_finite`, floating-point tensors holding NaN or Inf
+    are an error naming them: each is checked on `device` as it is read, the flags read once at the end."""
     handle = functools.cache(_open)  # one open file per shard
     params = model.state_dict()
     expected = {k: tuple(v.shape) for k, v in params.items()}
@@ -478,15 +500,12 @@ def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], s
     dtypes = {k: handle(found[k][0]).get_slice(found[k][1]).get_dtype() for k in both}
     not_float = [f"{at[k]} is {dtypes[k]}" for k in both
                  if params[k].is_floating_point() and not dtypes[k].startswith(("F", "BF"))]
-    # Only a Llava has vision_tower.* parameters; LLaVA-Med checkpoints may leave the tower out.
-    advice = (" (the checkpoint has no vision tower: pass vision_tower=<CLIP directory>)"
-              if any(k.startswith("vision_tower.") for k in missing) else "")
-    problems = [(missing, f"missing{advice}", ", "), (unexpected, "unexpected", ", "),
+    problems = [(missing, "missing", ", "), (unexpected, "unexpected", ", "),
                 (wrong, "with the wrong shape", "; "),
                 (not_float, "not floating point where a weight belongs", "; ")]
-    if lines := [f"  {len(items)} {what}: " + sep.join(items) for items, what, sep in problems if items]:
-        raise CheckpointError("\n".join([f"cannot load {source}:", *lines]))
-    state = {}
+    if lines := [f"  {len(items)} {what}: " + _few(items, sep) for items, what, sep in problems if items]:
+        raise CheckpointError("\n".join([f"cannot load {source}:{why}", *lines]))
+    state, finite = {}, {}
     for name, (file, key, _) in found.items():
         try:
             t = handle(file).get_tensor(key)
@@ -494,6 +513,12 @@ def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], s
             raise CheckpointError(f"{file}: tensor {key} cannot be read "
                                   f"(truncated or corrupt?): {e}") from None
         state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        if check_finite and t.is_floating_point():
+            finite[name] = state[name].isfinite().all()  # stays on the device: no wait per tensor
+    flags = torch.stack(list(finite.values())).tolist() if finite else []  # the one wait
+    if bad := [at[k] for k, ok in zip(finite, flags) if not ok]:
+        raise CheckpointError(f"cannot load {source}: {len(bad)} of {len(flags)} tensors hold NaN or Inf "
+                              f"(damaged bytes?): {_few(bad)}; --no-check-finite skips this check of --model")
     model.load_state_dict(state, strict=True, assign=True)
     return model
 

@@ -404,13 +404,70 @@ def test_pickle_checkpoint_refused(ckpt):
         load_model(ckpt)
 
 
+def _med_naming_vit_l(hf, out, *, tower: bool):
+    """A LLaVA-Med checkpoint whose config names OpenAI's ViT-L/14-336 (width 1024) and holds the
+    tiny tower (width 32), or no tower."""
+    ck = tiny.save_layout(hf, out, "llava-med")
+    config = json.loads((ck / "config.json").read_text())
+    config["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"
+    (ck / "config.json").write_text(json.dumps(config))
+    if not tower:
+        _edit(ck, lambda sd: [sd.pop(k) for k in list(sd) if "vision_tower" in k])
+    return ck
+
+
 def test_missing_tower_hint(hf_models, tmp_path):
     hf = hf_models[("llama", "default")]
     ck = tiny.save_layout(hf, tmp_path / "med", "llava-med")
     _edit(ck, lambda sd: [sd.pop(k) for k in list(sd) if "vision_tower" in k])
-    with pytest.raises(CheckpointError, match='vision tower "tiny-clip'):
+    with pytest.raises(CheckpointError, match='"tiny-clip.*pass --vision-tower <CLIP directory>$'):
         load_model(ck)  # the config names a tower whose shape is unknown
+    with pytest.raises(CheckpointError, match=r"no vision tower: pass --vision-tower <CLIP directory>\n"):
+        load_model(_med_naming_vit_l(hf, tmp_path / "vit-l", tower=False))  # one it knows, not in the file
     clip = tiny.save_clip_dir(hf, tmp_path / "clip")
     _edit(clip, lambda sd: sd.pop("vision_model.pre_layrnorm.weight"))
-    with pytest.raises(CheckpointError, match=r"1 missing.*pass vision_tower.*vision_tower\.pre_layrnorm\.weight"):
-        load_model(ck, vision_tower=clip)
+    with pytest.raises(CheckpointError, match=r"med:\n  1 missing: vision_tower\.pre_layrnorm\.weight$"):
+        load_model(ck, vision_tower=clip)  # the tower is there, one key short: no advice
+
+
+def test_tower_of_another_width_is_said_in_words(hf_models, tmp_path):
+    """Issue #26 item 5: a tiny tower under a config naming ViT-L was 336 missing keys and 56 shapes
+    (26 KB) after advice to pass a tower it has. Now: the widths in words, the flag, and each list
+    cut to three keys and a count."""
+    ck = _med_naming_vit_l(hf_models[("llama", "default")], tmp_path / "med", tower=True)
+    with pytest.raises(CheckpointError) as e:
+        load_model(ck)
+    lines = str(e.value).split("\n")
+    assert lines[0] == (f"cannot load {ck}: the vision tower in the checkpoint has width 32 where "
+                        'mm_vision_tower "openai/clip-vit-large-patch14-336" implies 1024: '
+                        "pass --vision-tower <the CLIP directory it was trained with>")
+    assert lines[1].startswith("  336 missing: vision_tower.encoder.layers.10.")
+    assert lines[1].endswith(", and 333 more")
+    assert lines[2].startswith("  56 with the wrong shape: ") and lines[2].endswith("; and 53 more")
+    assert len(lines) == 3 and lines[1].count("vision_tower.") == lines[2].count(" expected") == 3
+
+
+def test_non_finite_weights_are_refused_naming_file_and_tensor(ckpt):
+    """Issue #24 item 1: one NaN, one +Inf, or 4 KiB of 0xFF in the middle of the file (NaN once
+    decoded: safetensors has no checksum) loaded silently. Now each is an error naming the file and
+    the tensors; check_finite=False (--no-check-finite) still loads them."""
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    k = "language_model.model.layers.1.mlp.up_proj.weight"
+
+    def poison(sd):
+        sd[q][3, 5], sd[k][0, 0] = float("nan"), float("inf")
+    _edit(ckpt, poison)
+    with pytest.raises(CheckpointError, match=rf"cannot load {ckpt}: 2 of \d+ tensors hold NaN or Inf .*: "
+                                              rf"{q} \(model\.safetensors\), {k} \(model\.safetensors\); "
+                                              "--no-check-finite skips this check"):
+        load_model(ckpt)
+    assert load_model(ckpt, check_finite=False).language_model.layers[0].self_attn.q_proj.weight[3, 5].isnan()
+
+    f = ckpt / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    middle = (8 + int.from_bytes(data[:8], "little") + len(data)) // 2  # of the bytes past the header
+    data[middle:middle + 4096] = b"\xff" * 4096
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"tensors hold NaN or Inf .*\(model\.safetensors\)"):
+        load_model(ckpt)
+
