@@ -426,6 +426,7 @@ class EvalConfig:
     ground_truth: list[str] = option(default_factory=list, help="NAME=PATH of answers kept apart from the questions")
     adapter: str | None = option(None, "PEFT-format LoRA adapter directory")
     vision_tower: str | None = option(None, "CLIP directory replacing (or supplying) the checkpoint's vision tower")
+    check_finite: bool = option(True, "refuse weights holding NaN or Inf as they load")
     tokenizer: str | None = option(None, "tokenizer directory or file (default: --model)")
     template: str = option("mistral_instruct", "prompt template")
     batch_size: int = option(8, "questions per generate() call (may change on resume)")
@@ -454,7 +455,8 @@ def load_for_eval(cfg: EvalConfig, device: str):
     """Model (with the LoRA adapter applied, unmerged) and tokenizer; a checkpoint, adapter or
     tokenizer that cannot be read is a UserError naming it."""
     dtype = resolve_dtype(cfg.dtype, device, gpu_default="float16")
-    model = load_model(cfg.model, vision_tower=cfg.vision_tower, dtype=dtype, device=device)
+    model = load_model(cfg.model, vision_tower=cfg.vision_tower, dtype=dtype, device=device,
+                       check_finite=cfg.check_finite)
     if cfg.adapter is not None:
         try:
             load_adapter(model, cfg.adapter, dropout=0.0)

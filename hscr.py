@@ -406,6 +406,7 @@ class Options:
                                    "(default: --model)")
     vision_tower: str | None = option(None, "CLIP directory replacing or supplying the checkpoint's "
                                       "vision tower")
+    check_finite: bool = option(True, "refuse weights holding NaN or Inf as they load")
     template: str = option("mistral_instruct", "prompt template", choices=tuple(TEMPLATES))
     image_aspect: str = option("pad", "images padded to a square (LLaVA-Med) or resized",
                                choices=("pad", "resize"))

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from data import Example, batch_pixels, loss_inputs
 from harness import rundir, trainset
-from harness.cli import dataclass_parser, option, run_main
+from harness.cli import UserError, dataclass_parser, option, run_main
 from harness.dist import Context, setup_context
 from model import load_model
 from model.llava import enable_gradient_checkpointing, token_logprobs
@@ -179,7 +179,8 @@ def train(cfg: TrainConfig) -> dict:
         rundir.write_run_start(out, cfg, bad, f"{len(examples)} training entries, {len(held_out)} held out")
 
     torch.manual_seed(cfg.seed)  # LoRA init: identical on every process
-    base = load_model(cfg.model, vision_tower=cfg.vision_tower, dtype=dtype, device=ctx.device)
+    base = load_model(cfg.model, vision_tower=cfg.vision_tower, dtype=dtype, device=ctx.device,
+                      check_finite=cfg.check_finite)
     apply_lora(base, cfg.targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(base)
@@ -225,6 +226,9 @@ def train(cfg: TrainConfig) -> dict:
         _, metrics = preference_loss(cfg.loss, *tensors[:4], tensors[4].bool(), gamma=cfg.gamma)
         last = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm.item(), **metrics,
                 "seconds": round(time.time() - t0, 3)}
+        if not math.isfinite(last["loss"] + last["grad_norm"]):  # read above: no wait of its own
+            raise UserError(f"step {step + 1}: loss {last['loss']}, gradient norm {last['grad_norm']}; "
+                            f"stopped, nothing of it saved: {out} keeps the last good checkpoint, if any")
         done = step + 1 == end
         if held_out and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
             policy = logprobs_by_id(base, held_out, cfg, ctx)  # held-out metrics, processes sharing the work
@@ -291,6 +295,7 @@ class TrainConfig:
                                       "stretched (default: hscr.py's choice, from --data's header, else pad)",
                                       choices=("pad", "resize"))
     vision_tower: str | None = option(None, "separate CLIP directory for the vision tower")
+    check_finite: bool = option(True, "refuse weights holding NaN or Inf as they load")
     tokenizer: str | None = option(None, "tokenizer.json / tokenizer.model / directory (default: --model)")
     eval_data: str | None = option(None, "held-out file (default: --eval-fraction of --data)")
     eval_fraction: float = option(0.05, "share of --data held out for evaluation when --eval-data is not given")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -35,7 +36,8 @@ from model.tokenizer import (build_prompt, decode, load_tokenizer, tokenize_prom
                              tokenizer_file)
 
 # Options that name inputs or the output: the fingerprint holds the inputs' content instead. Every
-# other option but --overwrite is in it, batch_size and decode_rows included (they change the floats).
+# other option but --overwrite and --check-finite is in it, batch_size and decode_rows included (they
+# change the floats).
 PATH_OPTIONS = ("model", "data", "image_root", "out", "answers", "tokenizer", "vision_tower",
                 "sentence_model")
 HEADER_KEY = "_header"
@@ -54,7 +56,7 @@ def run(opts, pipeline) -> dict:
         raise UserError(str(e)) from e
     # CheckpointError is a UserError naming the checkpoint or tower file.
     model = load_model(opts.model, vision_tower=opts.vision_tower, dtype=resolve_dtype(opts.dtype, device),
-                       device=device)
+                       device=device, check_finite=opts.check_finite)
     try:
         tokenizer = load_tokenizer(tokenizer_file(opts.tokenizer))
     except (OSError, ValueError) as e:
@@ -115,7 +117,8 @@ def run_fingerprint(opts, records: list[Record], entries: list[int], world: int)
               "data": provenance.File(opts.data),
               "answers": provenance.File(opts.answers) if opts.answers else None,
               "images": provenance.Files(opts.image_root, sorted(names)), "sentence encoder": encoder}
-    return provenance.run_fingerprint(inputs, opts, PATH_OPTIONS + ("overwrite",), world_size=world)
+    return provenance.run_fingerprint(inputs, opts, PATH_OPTIONS + ("overwrite", "check_finite"),
+                                      world_size=world)
 
 
 @dataclass
@@ -212,8 +215,12 @@ def split_eos(ids: list[int], eos: int) -> tuple[list[int], bool]:
 def preference_record(e: Entry, chosen_ids: list[int], coupled: list[Coupled], negatives: list[tuple],
                       p_chosen: float, p_rejected: list[float] | None, opts, tokenizer,
                       eos: int) -> dict | Reject:
-    """The entry's output record (a Reject under --min-negatives); negatives: (text, similarity, m, ids)."""
+    """The entry's output record (a Reject under --min-negatives, or when a probability is NaN or Inf:
+    the model computes nothing sound); negatives: (text, similarity, m, ids)."""
     rec = e.record
+    if not all(map(math.isfinite, [p_chosen, *(p_rejected or [])])):
+        return Reject(e.index, rec.id, "non-finite probability", f"p_chosen {p_chosen}, p_rejected "
+                      f"{p_rejected}: the model gives NaN or Inf (damaged weights?)", rec.image)
     if len(negatives) < opts.min_negatives:
         return Reject(e.index, rec.id, "too few negatives",
                       f"{len(negatives)} negatives, fewer than --min-negatives {opts.min_negatives}",

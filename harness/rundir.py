@@ -41,7 +41,8 @@ PATH_FIELDS = ("model", "data", "out", "image_root", "vision_tower", "tokenizer"
 # Options that may change between a run and its --resume (how to start, how long, what to log and keep,
 # where to run, memory knobs that compute the same values); every other one is in the fingerprint.
 RESUMABLE_FIELDS = ("resume", "overwrite", "max_steps", "eval_every", "save_every", "keep_checkpoints",
-                    "export_merged", "plot", "device", "gradient_checkpointing", "logit_chunk")
+                    "export_merged", "plot", "device", "gradient_checkpointing", "logit_chunk",
+                    "check_finite")
 
 
 def check_out(out: Path, cfg) -> None:

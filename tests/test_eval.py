@@ -608,6 +608,23 @@ def test_adapter_is_applied_on_the_fly(tiny, tmp_path):
         assert (model(ids) - tiny.model(ids)).abs().max() > 1e-2
 
 
+def test_non_finite_weights_refused_unless_no_check_finite(tiny, tmp_path):
+    """Issue #24 item 1: eval.py answered nothing from NaN weights and scored 0. The load now stops,
+    naming the tensor; --no-check-finite (check_finite=False) loads them all the same."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = shutil.copytree(tiny.ckpt, tmp_path / "ckpt")
+    weights = load_file(ckpt / "model.safetensors")
+    weights["language_model.model.norm.weight"][3] = float("inf")
+    save_file(weights, ckpt / "model.safetensors")
+    cfg = E.EvalConfig(model=str(ckpt), benchmark=[], out="-")
+    with pytest.raises(UserError, match=r"1 of \d+ tensors hold NaN or Inf .*model\.norm\.weight"):
+        E.load_for_eval(cfg, "cpu")
+    argv = ["--model", str(ckpt), "--benchmark", "x=y", "--out", "-", "--no-check-finite"]
+    cfg = E.EvalConfig(**vars(E.build_parser().parse_args(argv)))
+    assert E.load_for_eval(cfg, "cpu")[0].language_model.norm.weight[3].isinf()
+
+
 def test_pathvqa_answer_types_are_scored(tmp_path):
     """PathVQA's answer types: yes/no is closed, other and number are open."""
     rows = [{"question_id": 1, "image": "x.png", "text": "Is it benign?", "answer": "yes", "answer_type": "yes/no"},

@@ -743,8 +743,8 @@ def test_resume_refuses_options_that_change_floats(reference_run, ckpt, dataset,
 def test_header_provenance_names_every_input_and_option(reference_run, ckpt, dataset):
     """The fingerprint: the checkpoint directory, the tokenizer file load_tokenizer reads (here
     the checkpoint's tokenizer.json), the data file and the 8 images that exist (0-6.png and
-    corrupt.png; nope.png is missing, its entry rejected), by sha256; every option but the paths
-    and --overwrite, and the number of ranks."""
+    corrupt.png; nope.png is missing, its entry rejected), by sha256; every option but the paths,
+    --overwrite and --check-finite (they change no number), and the number of ranks."""
     import hashlib
 
     p = _lines(reference_run)[0]["provenance"]
@@ -755,8 +755,9 @@ def test_header_provenance_names_every_input_and_option(reference_run, ckpt, dat
     assert p["data"]["sha256"] == sha(dataset[0])
     assert p["images"]["kind"] == "files" and p["images"]["n"] == 8
     assert p["vision tower"] is None and p["answers"] is None and p["sentence encoder"] is None
-    options = {f.name for f in dataclasses.fields(hscr.Options)} - set(prefs.PATH_OPTIONS) - {"overwrite"}
-    assert options <= set(p) and p["world_size"] == 1 and p["batch_size"] == 2 and p["dtype"] == "float32"
+    options = {f.name for f in dataclasses.fields(hscr.Options)} - set(prefs.PATH_OPTIONS)
+    assert options - set(p) == {"overwrite", "check_finite"}
+    assert p["world_size"] == 1 and p["batch_size"] == 2 and p["dtype"] == "float32"
     assert not {"out", "image_root", "vision_tower", "sentence_model"} & set(p)  # paths never count
 
 
@@ -823,6 +824,29 @@ def test_a_failed_load_writes_nothing(ckpt, dataset, tmp_path, capsys):
         assert not out.exists() and not prefs.sidecar(out, "rejects").exists()
     hscr.main(good)
     assert len(_lines(out)) == 1 + len(GOOD)
+
+
+def test_non_finite_weights_are_refused_or_give_rejects(ckpt, dataset, tmp_path):
+    """Issue #24 item 1: one NaN in a q_proj weight gave records with p_chosen NaN and negatives of
+    "\\u0000", counted as good entries. The load refuses it, naming the tensor; let through with
+    --no-check-finite, every entry is a reject "non-finite probability", never a record."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from model import CheckpointError
+
+    poisoned = shutil.copytree(ckpt, tmp_path / "ckpt")
+    weights = load_file(poisoned / "model.safetensors")
+    weights["language_model.model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(weights, poisoned / "model.safetensors")
+    out = tmp_path / "prefs.jsonl"
+    with pytest.raises(CheckpointError, match=r"1 of \d+ tensors hold NaN or Inf .*q_proj\.weight \(model\."):
+        hscr.main(_cli(poisoned, dataset, out, "--limit", "3"))
+    summary = hscr.main(_cli(poisoned, dataset, out, "--limit", "3", "--no-check-finite"))
+    rejects = [r for r in _lines(prefs.sidecar(out, "rejects")) if r["category"] == "non-finite probability"]
+    assert len(_lines(out)) == 1 and summary["entries_written"] == 0 and rejects
+    assert all(r["reason"].startswith("p_chosen nan, p_rejected ") for r in rejects)
 
 
 def test_a_duplicate_id_does_not_mark_its_entry_done(ckpt, dataset, tmp_path):

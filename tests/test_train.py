@@ -510,7 +510,9 @@ def test_existing_run_is_refused_and_overwrite_starts_clean(workspace, tmp_path,
     # (out, image_root, …) nor resumable options (max_steps, …).
     assert fp["data"]["kind"] == "file" and fp["model"]["kind"] == "dir"
     assert (fp["dtype"], fp["autocast"], fp["world_size"]) == ("float32", False, 1)
-    assert not {"out", "image_root", "eval_data", "max_steps", "save_every", "resume", "device"} & set(fp)
+    left_out = {"out", "image_root", "eval_data", "max_steps", "save_every", "resume", "device",
+                "check_finite"}
+    assert not left_out & set(fp)
 
 
 def test_resume_stops_when_the_model_changed(workspace, tmp_path):
@@ -572,6 +574,37 @@ def test_resume_keeps_a_finished_run_unless_its_adapter_was_written_again(worksp
     train.train(short(workspace, out, resume=True))
     assert weights.read_bytes() == trained
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_non_finite_step_stops_the_run_and_keeps_the_last_checkpoint(workspace, tmp_path, monkeypatch):
+    """Issue #24 item 1: NaN weights (one NaN in a q_proj weight) were trained on at every step and
+    the adapter saved. The loader refuses them; let through (--no-check-finite), the run stops at
+    step 1 naming it. A gradient gone NaN at step 2 stops the run there, before anything of the step
+    is logged or saved: step 1's checkpoint stays the latest, and no adapter is written."""
+    root, ckpt, prefs = workspace
+    poisoned = shutil.copytree(ckpt, tmp_path / "ckpt")
+    weights = load_file(poisoned / "model.safetensors")
+    weights["model.language_model.layers.0.self_attn.q_proj.weight"][0, 0] = math.nan
+    save_file(weights, poisoned / "model.safetensors")
+    with pytest.raises(UserError, match=r"1 of \d+ tensors hold NaN or Inf .*layers\.0\.self_attn\.q_proj\."):
+        train.train(short(workspace, tmp_path / "refused", model=str(poisoned)))
+    with pytest.raises(UserError, match=r"^step 1: loss nan"):
+        train.train(short(workspace, tmp_path / "nan", model=str(poisoned), check_finite=False))
+
+    real, calls = train.batch_loss, []
+
+    def nan_at_step_2(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls.append(loss)
+        return loss * (math.nan if len(calls) == 2 else 1.0), parts
+    monkeypatch.setattr(train, "batch_loss", nan_at_step_2)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=rf"^step 2: loss [0-9.]+, gradient norm nan; stopped, .*{out} keeps "
+                                        "the last good checkpoint"):
+        train.train(short(workspace, out, save_every=1))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000001"
+    assert not (out / "adapter").exists()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def png_bytes(size=(20, 24), seed=0) -> bytes:
