@@ -71,8 +71,8 @@ def preprocess_image(pil_image: Image.Image, size: int = 336, aspect: str = "pad
 
 # Images on disk
 def resolve_image(image_root: str | os.PathLike, rel_path: str) -> Path:
-    """image_root / rel_path, refusing absolute paths and ".." climbing above the root. The check is
-    lexical: symlinks inside the root are followed (image folders are often links to other disks)."""
+    """image_root / rel_path, refusing absolute paths, ".." climbing above the root, and a path whose
+    symlinks lead out of the root (resolved: the root itself may be a link); a missing file is the caller's."""
     if not isinstance(rel_path, str) or not rel_path:
         raise ValueError(f"image path must be a non-empty string, got {rel_path!r}")
     if "\x00" in rel_path:
@@ -82,7 +82,10 @@ def resolve_image(image_root: str | os.PathLike, rel_path: str) -> Path:
     normalised = os.path.normpath(rel_path)
     if normalised == os.pardir or normalised.startswith(os.pardir + os.sep):
         raise ValueError(f"image path {rel_path!r} escapes the image root {str(image_root)!r}")
-    return Path(image_root) / normalised
+    path = Path(image_root) / normalised
+    if path.exists() and not path.resolve().is_relative_to(Path(image_root).resolve()):
+        raise ValueError(f"image outside --image-root: {rel_path!r} links to {path.resolve()}")
+    return path
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from data import PAD_RGB, load_pixels, preprocess_image, resolve_image
 from harness import provenance
-from harness.answers import (PROVENANCE, answer_row, answered_ids, answers_path, clear_run, merge_answers,
+from harness.answers import (PROVENANCE, answer_row, answered_ids, answers_path, merge_answers,
                              question_id, read_answer_file)
 from harness.cli import UserError, add_dataclass_options, option, run_main
 from harness.dist import Context, barrier, init_process_group
@@ -530,11 +530,11 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     questions = {name: records for name, (records, _) in every.items()}
     now = run_fingerprint(cfg, questions, roots, dtype, earlier + [cfg.limit])
     before = run_fingerprint(cfg, questions, roots, dtype, earlier) if earlier else None
-    start_run(run_dir, now, resume=resume, clear=clear_run, made_by="eval.py",
+    start_run(run_dir, now, resume=resume, writes=[*every, "config.json", "summary.json", "report.md"],
               session={"batch_size": cfg.batch_size, "device": device, "world_size": world, "limit": cfg.limit,
                        "blind": cfg.blind, "model_id": model_id},
               holds="answers", restart="rerun with --overwrite to start again (this deletes its answers)",
-              rank=rank, world=world, compare=before)
+              rank=rank, world=world, compare=before, made_by="eval.py")
     model, tokenizer = load_for_eval(cfg, device)
     if rank == 0:  # the options as given, and what "auto" and the defaults resolved to
         resolved = {**dataclasses.asdict(cfg), "resolved": {

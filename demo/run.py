@@ -13,7 +13,8 @@ made it: hscr.py, train.py and eval.py each check their own (a content fingerpri
 record, harness/provenance.py; train.py's train/provenance.json also holds the digest of the
 adapter it finished with). Any difference stops the run with the stage's message naming it;
 --overwrite makes that stage's output again (and, through the fingerprints, the outputs that
-depend on it), reusing the stages that match.
+depend on it), reusing the stages that match. A training stage interrupted before its end is
+continued by a rerun with the same options; with others, the demo says it was interrupted.
 
 Command line (also `python train.py [demo|ablation] …`):
     python -m demo.run [demo] [--out runs/default] [--overwrite] [options]
@@ -37,7 +38,7 @@ import eval as evaluation
 import hscr
 from harness import provenance
 import train
-from harness.cli import dataclass_parser, option, run_main
+from harness.cli import UserError, dataclass_parser, option, run_main
 from demo.report import write_report
 from demo.world import build_world
 from harness.rundir import PROVENANCE
@@ -231,14 +232,24 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
     with stages.stage("train", f"train.py: LoRA with the {cfg.loss} loss → {out / 'train'}"):
         # train.py --resume decides on its own record: this run finished is reused, interrupted resumed,
         # another refused naming what changed (--overwrite trains again). No record: nothing to reuse.
-        holds = (out / "train" / PROVENANCE).is_file()
-        if _redo_on_overwrite(train.train, train.TrainConfig(
-                model=str(base), data=str(prefs), image_root=str(world["root"]), out=str(out / "train"),
-                loss=cfg.loss, gamma=cfg.gamma, epochs=cfg.epochs, batch_size=16, micro_batch=16, lr=cfg.lr,
-                seed=cfg.seed, max_steps=cfg.steps, eval_fraction=0.05, eval_every=0, save_every=0,
-                lora_dropout=0.0, max_response_tokens=64, device="cpu", resume=holds,
-                overwrite=cfg.overwrite and not holds), cfg.overwrite, resume=False).get("reused"):
-            stages.reused.append("train")
+        record = provenance.load(out / "train" / PROVENANCE)
+        holds = record is not None
+        options = train.TrainConfig(
+            model=str(base), data=str(prefs), image_root=str(world["root"]), out=str(out / "train"),
+            loss=cfg.loss, gamma=cfg.gamma, epochs=cfg.epochs, batch_size=16, micro_batch=16, lr=cfg.lr,
+            seed=cfg.seed, max_steps=cfg.steps, eval_fraction=0.05, eval_every=0, save_every=0,
+            lora_dropout=0.0, max_response_tokens=64, device="cpu", resume=holds,
+            overwrite=cfg.overwrite and not holds)
+        try:
+            if _redo_on_overwrite(train.train, options, cfg.overwrite, resume=False).get("reused"):
+                stages.reused.append("train")
+        except provenance.ProvenanceError as error:  # a record without its end: a training cut short
+            if "finished" in record:
+                raise
+            why = "; ".join(error.changes)
+            raise UserError(f"{error.where}: a training interrupted before its end, from other inputs or "
+                            f"options than this run ({why}): to continue it, rerun the demo with those of "
+                            "the interrupted run; or pass --overwrite to train again with these") from None
 
     results = {}
     for name, stage, adapter in (("base", "eval base", None), ("hscr", "eval aligned", str(out / "train" / "adapter"))):

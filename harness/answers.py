@@ -76,10 +76,3 @@ def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -
         f.unlink()
     return final
 
-
-def clear_run(run_dir: Path) -> None:
-    """Delete what eval.py writes in a run directory, and nothing else (--out may hold other files)."""
-    for f in [*run_dir.glob("*/answers*.jsonl"), *run_dir.glob("*/.answers*.jsonl.tmp*")]:
-        f.unlink()
-    for n in ("summary.json", "report.md", "config.json", PROVENANCE):
-        (run_dir / n).unlink(missing_ok=True)

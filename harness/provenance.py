@@ -249,18 +249,18 @@ def start(where: str | os.PathLike, now: Mapping[str, Any], stored: Mapping[str,
 
 
 def load(path: str | os.PathLike) -> dict | None:
-    """A provenance record written by `save`, or None when there is none."""
+    """A provenance record written by `save`, or None when there is none; any other file is refused."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not a readable provenance record ({e}); delete it or rerun with "
-                        "--overwrite") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        record = None
     ours = isinstance(record, dict) and record.get("format") == FORMAT
-    if not ours or not isinstance(record.get("fingerprint"), dict):
-        raise DataError(f"{path}: not a provenance record of format {FORMAT}")
+    if not ours or not isinstance(record.get("fingerprint"), dict):  # a user's file: never replaced
+        raise DataError(f"{path}: not a provenance record of format {FORMAT}, so not this project's to "
+                        "replace: move it, or choose another --out")
     return record
 
 

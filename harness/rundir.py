@@ -15,7 +15,7 @@ import random
 import re
 import shutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,6 @@ from model.loading import CheckpointError
 from model.lora import export_merged, load_adapter, save_adapter
 
 PROVENANCE = "provenance.json"
-# What train.py writes in --out: --overwrite deletes these and nothing else.
-OUTPUTS = ("checkpoints", "adapter", "merged", "metrics.jsonl", "metrics.png", "bad_records.jsonl",
-           "config.json", PROVENANCE)
 # Those that hold training results: a directory with any of them holds a run.
 TRAINED = ("checkpoints", "metrics.jsonl", "adapter", "merged")
 # Options that name inputs or the output: the fingerprint holds the inputs' content instead.
@@ -45,12 +42,26 @@ RESUMABLE_FIELDS = ("resume", "overwrite", "max_steps", "eval_every", "save_ever
                     "check_finite")
 
 
+def owned(out: Path) -> tuple[dict | None, list[str]]:
+    """The record of the run in `out` (None: none) and the entries of `out` that its run wrote: those it
+    lists ("wrote"), itself, and what a kill left of their atomic writes. Any other entry is not this
+    project's, and a run there would delete or replace it: refused, naming a few."""
+    record = provenance.load(out / PROVENANCE)
+    listed = {PROVENANCE, *record.get("wrote", ())} if record else set()
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    foreign = [n for n in entries if n not in listed and re.sub(r"^\.(.+)\.tmp\d+$", r"\1", n) not in listed]
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise UserError(f"{out} holds what no {PROVENANCE} there lists as written by a run of this project: "
+                        f"{', '.join(foreign[:3])}{more}; move them, or choose another --out")
+    return record, entries
+
+
 def check_out(out: Path, cfg) -> None:
-    """Refuse, before anything slow, what would mix two runs in one --out (docs/FORMATS.md,
-    "Training outputs"); --resume of a run with provenance.json but no checkpoint starts at step 0."""
-    if any(out.glob("*.safetensors")):
-        raise UserError(f"--out {out} holds *.safetensors (a checkpoint directory?); train.py writes "
-                        "config.json and more there: choose another --out")
+    """Refuse, before anything slow, what would mix two runs in one --out or touch what no run wrote there
+    (docs/FORMATS.md, "Training outputs"); --resume of a run with provenance.json but no checkpoint starts
+    at step 0."""
+    mine = owned(out)[1]
     found = [name for name in TRAINED if (out / name).is_dir() and any((out / name).iterdir())
              or (out / name).is_file() and (out / name).stat().st_size]
     if cfg.resume:
@@ -61,7 +72,7 @@ def check_out(out: Path, cfg) -> None:
         raise UserError(f"{out} holds a training run ({', '.join(found)}): pass --resume to continue it, or "
                         "--overwrite to delete it and start again, or choose another --out")
     if not cfg.resume:  # outputs will be deleted: none of them may hold an input of this run
-        doomed = [(out / name).resolve() for name in OUTPUTS if (out / name).exists()]
+        doomed = [(out / name).resolve() for name in mine]
         given = [(f, getattr(cfg, f)) for f in PATH_FIELDS if f != "out" and getattr(cfg, f) is not None]
         for flag, value in given:
             path = Path(value).resolve()
@@ -71,15 +82,17 @@ def check_out(out: Path, cfg) -> None:
                                 f"in {out} deletes: choose another --out")
 
 
-def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callable[[Path], None], made_by: str,
+def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, writes: Sequence[str], made_by: str,
               session: Mapping[str, Any], holds: str, restart: str, rank: int = 0, world: int = 1,
               finished: Mapping[str, Any] | None = None, outputs: Sequence[str] = (),
               changes: Sequence[str] = (), compare: Mapping[str, Any] | None = None) -> bool:
-    """Start or resume the run in `out` (provenance.start; rank 0 records the fingerprint, `made_by` and
-    each `session`). True: reused, as it `finished` (e.g. {"step": 40}) with its `outputs` as written.
-    `compare`: what the stored fingerprint must equal, when not `now` (eval.py: earlier sessions' images)."""
+    """Start or resume the run in `out` (provenance.start; rank 0 records the fingerprint, `made_by`, each
+    `session` and what the sessions write there, `writes`: top-level names). Starting again deletes what the
+    record lists, nothing else (`owned`). True: reused, as it `finished` (e.g. {"step": 40}) with its
+    `outputs` as written. `compare`: what the stored fingerprint must equal, when not `now` (eval.py:
+    earlier sessions' images)."""
     path = out / PROVENANCE
-    record = provenance.load(path) if resume else None
+    record, mine = owned(out)
 
     def reused() -> bool:
         done = record.get("finished") if finished is not None else None
@@ -96,13 +109,14 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callabl
 
     unknown = f"{out} holds {holds} but no {PROVENANCE}, so what made them cannot be checked"
     if provenance.start(out, compare or now, record and record["fingerprint"], resume=resume,
-                        clear=lambda: clear(out), unknown=unknown, restart=restart, changes=changes,
-                        reuse=reused, rank=rank, world=world):
+                        clear=lambda: remove(out / name for name in mine), unknown=unknown, restart=restart,
+                        changes=changes, reuse=reused, rank=rank, world=world):
         return True
     if rank == 0:
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        sessions = list(record.get("sessions", [])) if record else []
-        provenance.save(path, now, made_by=made_by, sessions=sessions + [{"started": started, **session}])
+        kept = record if resume and record else {}
+        provenance.save(path, now, made_by=made_by, wrote=sorted({*kept.get("wrote", ()), *writes}),
+                        sessions=[*kept.get("sessions", []), {"started": started, **session}])
     barrier(world)
     return False
 
@@ -126,8 +140,10 @@ def start_training(out: Path, now: Mapping[str, Any], end: int, cfg, ctx) -> boo
     latest = out / "checkpoints" / "latest"  # names step-NNNNNN
     trained = latest.read_text().strip().removeprefix("step-") if cfg.resume and latest.is_file() else ""
     trained = int(trained) if trained.isdigit() else 0
-    reused = start_run(out, now, resume=cfg.resume, clear=lambda run: remove(run / name for name in OUTPUTS),
-                       made_by="train.py", holds="checkpoints", rank=ctx.rank, world=ctx.world,
+    writes = ("config.json", "bad_records.jsonl", "metrics.jsonl", "checkpoints", *weight_outputs(cfg),
+              *("metrics.png",) * cfg.plot)
+    reused = start_run(out, now, resume=cfg.resume, writes=writes, made_by="train.py", holds="checkpoints",
+                       rank=ctx.rank, world=ctx.world,
                        session={"resume": cfg.resume, "max_steps": cfg.max_steps, "device": str(ctx.device),
                                 "world_size": ctx.world},
                        restart="rerun with --overwrite to start again (this deletes its checkpoints and "

@@ -151,6 +151,27 @@ def test_resolve_image_stays_inside_root(tmp_path):
         assert repr(bad) in str(error.value)
 
 
+def test_resolve_image_refuses_links_that_leave_the_root(tmp_path):
+    """The rule (docs/FORMATS.md "Data files"): an image whose resolved file lies outside the root, through a
+    linked file or folder, is refused ("image outside --image-root", a bad record); links that stay inside,
+    and a root that is itself a link, are followed; a missing file is left to the caller."""
+    root, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (root / "sub" / "a.png").write_bytes(b"png")
+    (elsewhere / "b.png").write_bytes(b"png")
+    (root / "inside.png").symlink_to(root / "sub" / "a.png")
+    (root / "out.png").symlink_to(elsewhere / "b.png")
+    (root / "far").symlink_to(elsewhere)
+    (tmp_path / "link").symlink_to(root)
+    assert resolve_image(root, "inside.png") == root / "inside.png"
+    assert resolve_image(tmp_path / "link", "sub/a.png") == tmp_path / "link" / "sub" / "a.png"
+    assert resolve_image(root, "missing.png") == root / "missing.png"
+    for bad in ("out.png", "far/b.png"):
+        with pytest.raises(ValueError, match=f"^image outside --image-root: '{bad}' links to "):
+            resolve_image(root, bad)
+
+
 def test_load_image_errors_name_the_file(tmp_path):
     good = tmp_path / "good.png"
     _random_image("RGB", 64, 64).save(good)

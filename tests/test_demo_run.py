@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import demo.run as run
+import train
 from data import load_image, preprocess_image, read_records
 from demo.world import build_world
 from model import load_model
 from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_prompt
+from test_train import HEADER, preference_records, workspace  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "assets" / "base"
@@ -170,6 +172,39 @@ def test_a_refused_rerun_leaves_demo_config_as_it_was(tmp_path, monkeypatch):
     with pytest.raises(run.provenance.ProvenanceError):
         run.demo(run.DemoConfig(out=str(out), seed=1))
     assert (out / "demo_config.json").read_text() == "the options that made the outputs\n"
+
+
+def test_interrupted_training_stage_says_so(workspace, tmp_path, monkeypatch, capsys):
+    """A demo killed in its training stage leaves train/ with its record but no end in it. A rerun with other
+    options says that the training was interrupted and how to continue it (not only that other inputs
+    made it); with the same options it continues it. The stage folder is train.py's: a file no run wrote
+    there stops the demo, naming it. (hscr.py is stubbed; training is stopped as its model loads.)"""
+    root, ckpt, prefs = workspace
+    data = tmp_path / "prefs.jsonl"
+    data.write_text(HEADER + "".join(json.dumps(r) + "\n" for r in preference_records(40)))
+    monkeypatch.setattr(run, "demo_world", lambda world: {"root": root, "align": data, "test": data})
+    monkeypatch.setattr(run.hscr, "run", lambda options: None)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "load_model", killed)
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--base", str(ckpt), "--prefs", str(data), "--steps", "2"]
+    with pytest.raises(KeyboardInterrupt):
+        run.main(argv)
+    assert "finished" not in json.loads((out / "train" / "provenance.json").read_text())
+    capsys.readouterr()
+    assert run.main(argv + ["--lr", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'train'}: a training interrupted before its end, from other inputs or options than this run " \
+           "(option lr: 0.0005 in the file, 0.001 now): to continue it, rerun the demo with those of the " \
+           "interrupted run; or pass --overwrite to train again with these" in err
+    with pytest.raises(KeyboardInterrupt):  # the same options: continued, up to loading the model
+        run.main(argv)
+    (out / "train" / "notes.txt").write_text("mine")
+    assert run.main(argv) == 2
+    assert "lists as written by a run of this project: notes.txt" in capsys.readouterr().err
 
 
 def test_demo_world_leaves_out_sft_unless_a_whole_world_is_there(tmp_path, monkeypatch):

@@ -781,29 +781,40 @@ def test_changed_model_or_adapter_stops_naming_it(tiny, tmp_path):
 
 def test_overwrite_starts_again(tiny, tmp_path):
     """--overwrite deletes the old answers and scores: the run then equals a fresh run with the
-    adapter, and differs from the base model's answers it replaced."""
+    adapter, and differs from the base model's answers it replaced. A file the run's record does not
+    list (a user's) is never deleted: refused while it is there."""
     adapter = _adapter(tiny, tmp_path / "adapter")
     run = tmp_path / "run"
     _cli(tiny, run, "--blind")
     base = _answers(run)
-    (run / "notes.txt").write_text("mine")  # --out may hold other files: they stay
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=f"^{run} holds what no provenance.json there lists .*: notes.txt; "):
+        _cli(tiny, run, "--adapter", str(adapter), "--overwrite")
+    (run / "notes.txt").unlink()
     summary = _cli(tiny, run, "--adapter", str(adapter), "--overwrite")
     _cli(tiny, tmp_path / "fresh", "--adapter", str(adapter))
     assert _answers(run) == _answers(tmp_path / "fresh") != base
     assert set(summary["modes"]) == {"full"}  # the blind answers went with the rest
-    assert not A.answers_path(run, "rad", "no_image").exists() and (run / "notes.txt").exists()
+    assert not A.answers_path(run, "rad", "no_image").exists()
     record = json.loads((run / "provenance.json").read_text())
     assert len(record["sessions"]) == 1 and record["fingerprint"]["adapter"]["path"] == str(adapter.resolve())
 
 
 def test_run_without_provenance_is_not_resumed(tiny, tmp_path):
-    """Answers from an eval.py that kept no provenance.json cannot be checked: stop, say so."""
+    """Answers from an eval.py that kept no provenance.json cannot be checked, nor said to be its run's:
+    stop, naming them, with or without --overwrite; a user's config.json is never replaced."""
     run = tmp_path / "run"
     _cli(tiny, run)
     (run / "provenance.json").unlink()
-    with pytest.raises(UserError, match="holds answers but no provenance.json.*--overwrite"):
+    for again in ((), ("--overwrite",)):
+        with pytest.raises(UserError, match="lists .*: config.json, rad, report.md and 1 more"):
+            _cli(tiny, run, *again)
+    shutil.rmtree(run)
+    (run / "config.json").parent.mkdir()
+    (run / "config.json").write_text("mine")
+    with pytest.raises(UserError, match="no provenance.json there lists .*: config.json; move them"):
         _cli(tiny, run)
-    _cli(tiny, run, "--overwrite")
+    assert (run / "config.json").read_text() == "mine"
 
 
 def test_torn_answer_file_is_repaired_and_resumed(tiny, tmp_path):

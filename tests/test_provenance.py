@@ -218,9 +218,12 @@ def test_fingerprint_survives_the_record_file(tmp_path):
     assert P.differences(record["fingerprint"], now) == [] and record["sessions"] == [{"batch_size": 8}]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["provenance.json"]
     assert P.load(tmp_path / "none.json") is None
-    (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(DataError, match="bad.json: not a readable provenance record"):
-        P.load(tmp_path / "bad.json")
+    for text in ("{", '{"format": "hscr-provenance/1"}', '{"fingerprint": {}}', "[]"):  # a user's: refused
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(DataError, match="^[^\n]*bad.json: not a provenance record of format "
+                           "hscr-provenance/1, so not this project's to replace: move it, or choose "
+                           "another --out$"):
+            P.load(tmp_path / "bad.json")
     with pytest.raises(TypeError, match="JSON scalar or list"):
         P.fingerprint(options={"a": 1})
 

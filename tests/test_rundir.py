@@ -13,33 +13,93 @@ import torch
 import train
 from harness import cli, provenance, rundir
 from harness.dist import Context
+from harness.files import DataError
 from model.loading import CheckpointError
 from test_train import config, png_bytes, workspace  # noqa: F401 (fixture)
 
 
 def test_start_run_resumes_only_what_its_record_allows(tmp_path):
     """harness.rundir.start_run, as eval.py (resume when --out holds answers) and train.py
-    (--resume) call it: a fresh start clears the script's outputs and records one session; a
-    resume needs the record and the same fingerprint, and adds a session; no record, no resume."""
-    out, cleared = tmp_path / "run", []
-    kw = dict(clear=cleared.append, made_by="x.py", holds="answers", restart="rerun with --overwrite")
+    (--resume) call it: a fresh start deletes what the record lists and records one session and what it
+    writes; a resume needs the record and the same fingerprint, and adds a session and what it writes;
+    no record, no resume."""
+    out = tmp_path / "run"
+    kw = dict(made_by="x.py", holds="answers", restart="rerun with --overwrite")
     now = provenance.fingerprint(max_new_tokens=4)
-    rundir.start_run(out, now, resume=False, session={"n": 1}, **kw)
-    assert cleared == [out]
-    rundir.start_run(out, now, resume=True, session={"n": 2}, **kw)
-    assert cleared == [out]  # a resume clears nothing
+    rundir.start_run(out, now, resume=False, session={"n": 1}, writes=["answers"], **kw)
+    (out / "answers").write_text("a\n")
+    rundir.start_run(out, now, resume=True, session={"n": 2}, writes=["config.json"], **kw)
+    assert (out / "answers").read_text() == "a\n"  # a resume deletes nothing
     record = provenance.load(out / "provenance.json")
     assert record["made_by"] == "x.py" and [s["n"] for s in record["sessions"]] == [1, 2]
     assert all(set(s) == {"started", "n"} for s in record["sessions"])
+    assert record["wrote"] == ["answers", "config.json"]
     with pytest.raises(provenance.ProvenanceError, match="option max_new_tokens: 4 in the file, 5 now.*--overwrite"):
-        rundir.start_run(out, provenance.fingerprint(max_new_tokens=5), resume=True, session={}, **kw)
+        rundir.start_run(out, provenance.fingerprint(max_new_tokens=5), resume=True, session={}, writes=[],
+                         **kw)
+    rundir.start_run(out, now, resume=False, session={"n": 3}, writes=["answers"], **kw)  # --overwrite
+    assert sorted(p.name for p in out.iterdir()) == ["provenance.json"]
+    record = provenance.load(out / "provenance.json")
+    assert [s["n"] for s in record["sessions"]] == [3] and record["wrote"] == ["answers"]
     (out / "provenance.json").unlink()
     with pytest.raises(cli.UserError, match=f"^{out} holds answers but no provenance.json, so what made them "
                        "cannot be checked; rerun with --overwrite, or choose another --out$"):
-        rundir.start_run(out, now, resume=True, session={}, **kw)
-    assert cleared == [out] and not (out / "provenance.json").exists()
-    rundir.start_run(out, now, resume=False, session={"n": 3}, **kw)  # what --overwrite does
-    assert [s["n"] for s in provenance.load(out / "provenance.json")["sessions"]] == [3]
+        rundir.start_run(out, now, resume=True, session={}, writes=[], **kw)
+
+
+def test_a_run_deletes_or_replaces_only_what_its_record_lists(tmp_path):
+    """Ownership is the record's: a run starts, resumes or starts again in a folder only when every entry
+    there is listed in its provenance.json as written by the run (with the record itself, and what a kill
+    left of an atomic write); anything else, a user's config.json, provenance.json or model/ folder
+    included, is refused naming a few of them, and nothing is deleted or replaced."""
+    out = tmp_path / "run"
+    kw = dict(made_by="x.py", holds="answers", restart="rerun with --overwrite", session={})
+    now = provenance.fingerprint(max_new_tokens=4)
+    (out / "model").mkdir(parents=True)
+    (out / "config.json").write_text("mine")
+    for resume in (False, True):
+        with pytest.raises(cli.UserError, match=f"^{out} holds what no provenance.json there lists as "
+                           "written by a run of this project: config.json, model; move them, or choose "
+                           "another --out$"):
+            rundir.start_run(out, now, resume=resume, writes=["config.json"], **kw)
+    (out / "provenance.json").write_text('{"format": "theirs"}')
+    with pytest.raises(DataError, match="provenance.json: not a provenance record of format .*move it"):
+        rundir.start_run(out, now, resume=False, writes=["config.json"], **kw)
+    assert (out / "config.json").read_text() == "mine" and (out / "model").is_dir()
+    assert (out / "provenance.json").read_text() == '{"format": "theirs"}'
+
+    shutil.rmtree(out)
+    rundir.start_run(out, now, resume=False, writes=["adapter", "config.json"], **kw)
+    (out / "adapter").mkdir()
+    (out / ".config.json.tmp123").write_text("cut short by a kill")
+    for name in ("model", "notes.txt", "a.safetensors", "b.safetensors"):
+        (out / name).write_text("mine")
+    for resume in (False, True):
+        with pytest.raises(cli.UserError, match=r"project: a.safetensors, b.safetensors, model and 1 more; "):
+            rundir.start_run(out, now, resume=resume, writes=["adapter"], **kw)
+    for name in ("model", "notes.txt", "a.safetensors", "b.safetensors"):
+        (out / name).unlink()
+    rundir.start_run(out, now, resume=False, writes=["adapter"], **kw)  # starting again: its own, all of them
+    assert [p.name for p in out.iterdir()] == ["provenance.json"]
+
+
+def test_train_out_holding_a_users_folder_is_refused(workspace, tmp_path):
+    """train.py --out P where P holds the user's model/ folder: refused before anything is read, with or
+    without --overwrite, naming it; nothing deleted. A run's own outputs are listed in its record (a LoRA
+    run: no merged/, no metrics.png without --plot), and --overwrite deletes those."""
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "model.safetensors").write_text("weights")
+    for overwrite in (False, True):
+        with pytest.raises(cli.UserError, match=f"^{out} holds what no provenance.json there .*: model; "):
+            train.train(config(workspace, out, epochs=1, overwrite=overwrite))
+    assert (out / "model" / "model.safetensors").read_text() == "weights"
+    shutil.rmtree(out / "model")
+    train.train(config(workspace, out, epochs=1))
+    wrote = ["adapter", "bad_records.jsonl", "checkpoints", "config.json", "metrics.jsonl"]
+    assert provenance.load(out / "provenance.json")["wrote"] == wrote
+    train.train(config(workspace, out, epochs=1, overwrite=True, lr=1e-3))
+    assert sorted(p.name for p in out.iterdir()) == sorted(wrote + ["provenance.json"])
 
 
 def test_reference_cache_key_follows_image_content(workspace, tmp_path):

@@ -479,9 +479,9 @@ def short(workspace, out, **kw) -> train.TrainConfig:
 
 def test_existing_run_is_refused_and_overwrite_starts_clean(workspace, tmp_path, capsys):
     """A second run into an --out that holds one stops with one line naming the directory and
-    both ways on (exit status 2 from the command line); --overwrite deletes train.py's files
-    only (a stray checkpoint of another run included, a user's file kept); --resume without a
-    checkpoint is refused."""
+    both ways on (exit status 2 from the command line); --overwrite deletes what the run's record
+    lists (a stray checkpoint of another run in its checkpoints/ included) and refuses while a user's
+    file is there; --resume without a checkpoint is refused."""
     root, ckpt, prefs = workspace
     out = tmp_path / "run"
     with pytest.raises(UserError, match="no checkpoint to continue from"):
@@ -498,9 +498,11 @@ def test_existing_run_is_refused_and_overwrite_starts_clean(workspace, tmp_path,
 
     (out / "checkpoints" / "step-000099").mkdir()  # as if another run had gone further
     (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="lists as written by a run of this project: notes.txt; move them"):
+        train.train(short(workspace, out, overwrite=True))
+    (out / "notes.txt").unlink()
     train.train(short(workspace, out, overwrite=True))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000003"]
-    assert (out / "notes.txt").read_text() == "mine"
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     record = provenance.load(out / "provenance.json")
     assert record["made_by"] == "train.py" and len(record["sessions"]) == 1
@@ -517,7 +519,7 @@ def test_existing_run_is_refused_and_overwrite_starts_clean(workspace, tmp_path,
 
 def test_resume_stops_when_the_model_changed(workspace, tmp_path):
     """--resume after the base model's weights changed stops and names the weights file; without
-    provenance.json it stops too."""
+    provenance.json it stops too, and so does --overwrite: no record says the files are the run's."""
     root, ckpt, prefs = workspace
     model = tmp_path / "ckpt"
     model.mkdir()
@@ -532,8 +534,9 @@ def test_resume_stops_when_the_model_changed(workspace, tmp_path):
     with pytest.raises(ProvenanceError, match=r"model weights \(model.safetensors\) changed.*--overwrite"):
         train.train(short(workspace, out, model=str(model), resume=True))
     (out / "provenance.json").unlink()  # a user deleted the record: what made the run cannot be checked
-    with pytest.raises(UserError, match=f"^{out} holds checkpoints but no provenance.json, .*--overwrite"):
-        train.train(short(workspace, out, model=str(model), resume=True))
+    for again in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(UserError, match=f"^{out} holds what no provenance.json there .*: adapter, "):
+            train.train(short(workspace, out, model=str(model), **again))
 
 
 def test_resume_keeps_a_finished_run_unless_its_adapter_was_written_again(workspace, tmp_path, monkeypatch, capsys):
@@ -570,7 +573,8 @@ def test_resume_keeps_a_finished_run_unless_its_adapter_was_written_again(worksp
     for name in ("adapter", "checkpoints"):  # killed before the first checkpoint: from step 0
         shutil.rmtree(out / name)
     record = provenance.load(out / "provenance.json")
-    provenance.save(out / "provenance.json", record["fingerprint"], made_by="train.py", sessions=record["sessions"])
+    provenance.save(out / "provenance.json", record["fingerprint"], made_by="train.py",
+                    sessions=record["sessions"], wrote=record["wrote"])
     train.train(short(workspace, out, resume=True))
     assert weights.read_bytes() == trained
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
