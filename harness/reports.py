@@ -54,14 +54,14 @@ def visual_gain(modes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, f
 
 def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
     """Markdown: one row per mode, then one row of visual gain per blind mode; then the questions
-    skipped (unreadable image) and unscorable (no ground truth), by id."""
+    skipped (unreadable image or too long for the context) and unscorable (no ground truth), by id."""
     full, skipped = entry["modes"]["full"], entry["skipped"]
     unscorable, show = full["unscorable"], 20
     lines = [f"### {name}", "",
              f"{full['n_questions'] + len(skipped)} questions read, {len(entry['bad_records'])} malformed records "
-             f"skipped, {len(skipped)} questions skipped (unreadable image), {len(unscorable)} unscorable "
-             f"(no ground truth); answered {full['open']['n']} open, {full['closed']['n']} closed; "
-             f"{len(full['missing'])} missing", "",
+             f"skipped, {len(skipped)} questions skipped (unreadable image or too long), {len(unscorable)} "
+             f"unscorable (no ground truth); answered {full['open']['n']} open, {full['closed']['n']} "
+             f"closed; {len(full['missing'])} missing", "",
              scores_table({MODE_LABELS[mode]: scores for mode, scores in entry["modes"].items()}, "mode")]
     for mode, gains in entry["visual_gain"].items():
         lines.append(f"| visual gain (full − {MODE_LABELS[mode]}) | "
