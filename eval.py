@@ -448,7 +448,8 @@ class EvalConfig:
     limit: int | None = option(None, "first N questions of each benchmark")
     dtype: str = option("auto", "auto = float16 on GPU (LLaVA-Med's), float32 on CPU", choices=("auto", *DTYPES))
     device: str = option("auto", "auto = cuda:LOCAL_RANK if available, else cpu (may change on resume)")
-    model_id: str | None = option(None, "model_id written in the answer files (default: the model directory's name)")
+    model_id: str | None = option(None, "model_id written in the answer files (default: the model "
+                                  "directory's name, + the adapter directory's name with --adapter)")
     overwrite: bool = option(False, "delete the run's answers and scores and start again; needed when the model, "
                              "adapter, questions, images or options differ from what made them (provenance.json)")
 
@@ -532,7 +533,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         for qid, why in screened[name].items():
             print(f"{name}: question {qid} skipped: {why}", file=sys.stderr)
     check_paths("directory", model=cfg.model, adapter=cfg.adapter, vision_tower=cfg.vision_tower)
-    model_id = cfg.model_id or Path(cfg.model).resolve().name
+    model_id = cfg.model_id or "+".join(Path(p).resolve().name for p in (cfg.model, cfg.adapter) if p)
     # The images of the questions that any session chose are fingerprinted; the stored fingerprint is
     # compared with the earlier sessions' choice, so that a resumed run may choose more (--limit).
     started = (run_dir / "summary.json").exists() or any(run_dir.glob("*/answers*.jsonl"))  # shards too

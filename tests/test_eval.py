@@ -777,6 +777,9 @@ def test_overwrite_starts_again(tiny, tmp_path):
     assert not A.answers_path(run, "rad", "no_image").exists() and (run / "notes.txt").exists()
     record = json.loads((run / "provenance.json").read_text())
     assert len(record["sessions"]) == 1 and record["fingerprint"]["adapter"]["path"] == str(adapter.resolve())
+    # The default model_id tells the aligned answers from the base model's: the adapter's name is added.
+    assert {r["model_id"] for r in read_jsonl(A.answers_path(run, "rad", "full"))} == {"ckpt+adapter"}
+    assert json.loads(base.splitlines()[0])["model_id"] == "ckpt"
 
 
 def test_run_without_provenance_is_not_resumed(tiny, tmp_path):
