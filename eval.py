@@ -376,6 +376,20 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, templat
     return Batch(ids, mask, images)
 
 
+def answer_room(records: Sequence[Any], tokenizer, config, template: str,
+                max_new_tokens: int) -> tuple[int, dict[str, str]]:
+    """New tokens per answer, and the questions that cannot have them (ours): max_new_tokens clamped to what
+    the model's context leaves after the longest prompt of `records` that takes at most half of it (so that
+    one over-long question does not cut every answer short); a question whose prompt leaves less is skipped
+    (question id → why). Whole benchmark files come in: --limit does not change the room."""
+    context = config.text.max_seq_len
+    lengths = {r.id: len(prompt_ids(r.question, tokenizer, config, mode="full", template=template))
+               for r in records}
+    room = min(max_new_tokens, context - max([n for n in lengths.values() if 2 * n <= context], default=0))
+    return room, {qid: f"prompt of {n} tokens leaves fewer than {room} new tokens in the context of {context}"
+                  for qid, n in lengths.items() if n + room > context}
+
+
 def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path, name: str, mode: str,
                      image_root: str | None, model_id: str, batch_size: int, max_new_tokens: int,
                      template: str = "mistral_instruct", rank: int = 0, world: int = 1,
@@ -430,12 +444,13 @@ class EvalConfig:
     tokenizer: str | None = option(None, "tokenizer directory or file (default: --model)")
     template: str = option("mistral_instruct", "prompt template")
     batch_size: int = option(8, "questions per generate() call (may change on resume)")
-    max_new_tokens: int = option(1024, "LLaVA-Med used 1024")
+    max_new_tokens: int = option(1024, "LLaVA-Med used 1024; clamped to what the model's context leaves")
     blind: bool = option(False, "also answer with no visual tokens and with a mean-colour image")
     limit: int | None = option(None, "first N questions of each benchmark")
     dtype: str = option("auto", "auto = float16 on GPU (LLaVA-Med's), float32 on CPU", choices=("auto", *DTYPES))
     device: str = option("auto", "auto = cuda:LOCAL_RANK if available, else cpu (may change on resume)")
-    model_id: str | None = option(None, "model_id written in the answer files (default: the model directory's name)")
+    model_id: str | None = option(None, "model_id written in the answer files (default: the model "
+                                  "directory's name, + the adapter directory's name with --adapter)")
     overwrite: bool = option(False, "delete the run's answers and scores and start again; needed when the model, "
                              "adapter, questions, images or options differ from what made them (provenance.json)")
 
@@ -520,7 +535,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         for qid, why in screened[name].items():
             print(f"{name}: question {qid} skipped: {why}", file=sys.stderr)
     check_paths("directory", model=cfg.model, adapter=cfg.adapter, vision_tower=cfg.vision_tower)
-    model_id = cfg.model_id or Path(cfg.model).resolve().name
+    model_id = cfg.model_id or "+".join(Path(p).resolve().name for p in (cfg.model, cfg.adapter) if p)
     # The images of the questions that any session chose are fingerprinted; the stored fingerprint is
     # compared with the earlier sessions' choice, so that a resumed run may choose more (--limit).
     started = (run_dir / "summary.json").exists() or any(run_dir.glob("*/answers*.jsonl"))  # shards too
@@ -543,13 +558,23 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
         print(f"eval.py: {device}, {resolved['resolved']['dtype']}; options in {run_dir}/config.json", file=sys.stderr)
     modes = MODES if cfg.blind else MODES[:1]
-    skipped_by = {}  # benchmark → question id → why: the screened ones, then each rank's own failures
+    skipped_by, rooms = {}, {}  # benchmark → question id → why: screened, too long, each rank's own failures
     for name, (records, _) in benchmarks.items():
         mine = dict(screened[name])
+        rooms[name], too_long = answer_room(every[name][0], tokenizer, model.config, cfg.template,
+                                            cfg.max_new_tokens)
+        if rank == 0 and rooms[name] < cfg.max_new_tokens:
+            print(f"{name}: max-new-tokens {cfg.max_new_tokens} clamped to {rooms[name]} "
+                  f"(context {model.config.text.max_seq_len})", file=sys.stderr)
+        for r in records:
+            if r.id in too_long and r.id not in mine:
+                mine[r.id] = too_long[r.id]
+                if rank == 0:
+                    print(f"{name}: question {r.id} skipped: {mine[r.id]}", file=sys.stderr)
         for mode in modes:
             generate_answers(model, tokenizer, records, run_dir=run_dir, name=name, mode=mode,
                              image_root=roots[name], model_id=model_id, batch_size=cfg.batch_size,
-                             max_new_tokens=cfg.max_new_tokens, template=cfg.template, rank=rank, world=world,
+                             max_new_tokens=rooms[name], template=cfg.template, rank=rank, world=world,
                              skipped=mine)
             barrier(world)
             if rank == 0:
@@ -567,11 +592,12 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         results[name] = {"bad_records": [dataclasses.asdict(b) for b in bad],
                          "skipped": [{"question_id": r.id, "image": r.image, "reason": skipped[r.id]}
                                      for r in records if r.id in skipped],
-                         "modes": scored, "visual_gain": visual_gain(scored)}
+                         "max_new_tokens": rooms[name], "modes": scored, "visual_gain": visual_gain(scored)}
         unscorable = scored["full"]["unscorable"]
         if skipped or unscorable:
-            print(f"{name}: {len(skipped)} questions skipped (unreadable image), {len(unscorable)} unscorable "
-                  f"(no ground truth); listed in {run_dir / 'summary.json'} and report.md", file=sys.stderr)
+            print(f"{name}: {len(skipped)} questions skipped (unreadable image or too long), "
+                  f"{len(unscorable)} unscorable (no ground truth); listed in {run_dir / 'summary.json'} and "
+                  "report.md", file=sys.stderr)
     write_reports(run_dir, dataclasses.asdict(cfg), results, now)
     return results
 

@@ -5,7 +5,7 @@ table shows METRICS, one column each, explained by LEGEND under it; the figures 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ LEGEND = "\n".join((
     "- no answer: % of yes/no questions whose prediction gives no yes/no answer",
     "- overall: mean over questions of open recall and lenient closed hits",
     "- halluc. rate: % of questions with answer \"no\" answered \"yes\"",
-    "- facts contradicted: over questions whose record lists the scene's facts (\"facts\"), % of the slot values "
-    "an answer states that are not the scene's (CHAIR-like)",
+    "- facts contradicted: over questions whose record lists the scene's facts (\"facts\"; no column without "
+    "them), % of the slot values an answer states that are not the scene's (CHAIR-like)",
     "- facts correct: over the same questions, % of the scene's facts the answer states with the true value"))
 # eval.py's modes, in the order tables show them ("full" first: the blind modes are compared with it).
 MODE_LABELS = {"full": "full", "no_image": "no image", "blank_image": "blank image"}
@@ -45,6 +45,11 @@ def _fmt(x: float | None, signed: bool = False) -> str:
     return "–" if x is None else (f"{x:+.2f}" if signed else f"{x:.2f}")
 
 
+def _shown(rows: Iterable[Mapping[str, Any]]) -> tuple:
+    """METRICS without the description figures when no row scored a question with facts (always – then)."""
+    return tuple(m for m in METRICS if m[1] != "description" or any(r["description"]["n"] for r in rows))
+
+
 def visual_gain(modes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
     """full − blind for every metric and every blind mode that was run (positive: the image helps;
     for the hallucination rate, negative: the image lowers it)."""
@@ -54,18 +59,18 @@ def visual_gain(modes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, f
 
 def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
     """Markdown: one row per mode, then one row of visual gain per blind mode; then the questions
-    skipped (unreadable image) and unscorable (no ground truth), by id."""
+    skipped (unreadable image or too long for the context) and unscorable (no ground truth), by id."""
     full, skipped = entry["modes"]["full"], entry["skipped"]
     unscorable, show = full["unscorable"], 20
     lines = [f"### {name}", "",
              f"{full['n_questions'] + len(skipped)} questions read, {len(entry['bad_records'])} malformed records "
-             f"skipped, {len(skipped)} questions skipped (unreadable image), {len(unscorable)} unscorable "
-             f"(no ground truth); answered {full['open']['n']} open, {full['closed']['n']} closed; "
-             f"{len(full['missing'])} missing", "",
+             f"skipped, {len(skipped)} questions skipped (unreadable image or too long), {len(unscorable)} "
+             f"unscorable (no ground truth); answered {full['open']['n']} open, {full['closed']['n']} "
+             f"closed; {len(full['missing'])} missing", "",
              scores_table({MODE_LABELS[mode]: scores for mode, scores in entry["modes"].items()}, "mode")]
     for mode, gains in entry["visual_gain"].items():
-        lines.append(f"| visual gain (full − {MODE_LABELS[mode]}) | "
-                     + " | ".join(_fmt(gains[label], signed=True) for label, _, _ in METRICS) + " |")
+        lines.append(f"| visual gain (full − {MODE_LABELS[mode]}) | " + " | ".join(
+            _fmt(gains[label], signed=True) for label, _, _ in _shown(entry["modes"].values())) + " |")
     if skipped:
         lines += ["", f"Skipped ({len(skipped)}, not scored):", ""]
         lines += [f"- {s['question_id']}: {s['reason']}" for s in skipped]
@@ -105,7 +110,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
         lines += [f"### {name}", "", "| mode | metric | A | B | B − A |", "|---|---|---:|---:|---:|"]
         modes_a, modes_b = (x[name]["modes"] if name in x else {} for x in (a, b))
         for mode in [m for m in MODE_LABELS if m in modes_a or m in modes_b]:
-            for label, s, k in METRICS:
+            for label, s, k in _shown([*modes_a.values(), *modes_b.values()]):
                 fa, fb = (modes[mode][s][k] if mode in modes else None for modes in (modes_a, modes_b))
                 lines.append(f"| {MODE_LABELS[mode]} | {label} | {_fmt(fa)} | {_fmt(fb)} "
                              f"| {_fmt(_diff(fa, fb), True)} |")
@@ -115,9 +120,11 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
 
 def scores_table(rows: Mapping[str, Mapping[str, Any]], first: str = "answers") -> str:
     """Markdown: one row per score_file result (or mode), the METRICS as columns (lenient and strict side by side)."""
-    lines = [f"| {first} | " + " | ".join(label for label, _, _ in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    metrics = _shown(rows.values())
+    lines = [f"| {first} | " + " | ".join(label for label, _, _ in metrics) + " |",
+             "|---|" + "---:|" * len(metrics)]
     for name, scores in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(scores[s][k]) for _, s, k in METRICS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(scores[s][k]) for _, s, k in metrics) + " |")
     return "\n".join(lines)
 
 

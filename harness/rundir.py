@@ -29,6 +29,7 @@ from harness.files import atomic_write_text, read_jsonl, remove
 from data import BadRecord
 from model.loading import CheckpointError
 from model.lora import export_merged, load_adapter, save_adapter
+from model.tokenizer import tokenizer_file
 
 PROVENANCE = "provenance.json"
 # Those that hold training results: a directory with any of them holds a run.
@@ -265,8 +266,13 @@ def write_outputs(model, out: Path, cfg, step: int, ctx) -> None:
             plot_metrics(out / "metrics.jsonl", out / "metrics.png")
             print(f"wrote {out / 'metrics.png'}")
         if cfg.export_merged:
-            export_merged(model, out / "merged", source=cfg.model)
-            print(f"wrote {out / 'merged'} (LoRA merged, in the input's key layout)")
+            merged = export_merged(model, out / "merged", source=cfg.model)
+            tokenizer = tokenizer_file(cfg.tokenizer or cfg.model)  # what training read
+            shutil.copyfile(tokenizer, merged / f"tokenizer{tokenizer.suffix}")
+            for name in ("tokenizer_config.json", "special_tokens_map.json"):  # transformers' files, if any
+                if (tokenizer.parent / name).is_file():
+                    shutil.copyfile(tokenizer.parent / name, merged / name)
+            print(f"wrote {merged} (LoRA merged, in the input's key layout and dtypes, with the tokenizer)")
         record = provenance.load(out / PROVENANCE)
         info = {k: v for k, v in record.items() if k not in ("format", "fingerprint", "finished")}
         written = provenance.fingerprint(**{name: provenance.Dir(out / name) for name in weight_outputs(cfg)})

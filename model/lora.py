@@ -260,21 +260,24 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_merged(model: nn.Module, out_dir: str | Path, *, source: str | Path) -> Path:
-    """A full checkpoint with LoRA merged, with exactly the keys and config.json of `source` (the directory
-    the model was loaded from): it replaces the input wherever it was used."""
+    """A full checkpoint with LoRA merged, with exactly the keys, dtypes and config.json of `source` (the
+    directory the model was loaded from, in any dtype): it replaces the input wherever it was used."""
     from . import loading  # loading imports the model; keep lora.py importable on its own
     state = merged_state_dict(model)
     source = Path(source)
-    keys = []
+    dtypes = {}  # key → its safetensors dtype name in the source ("BF16", ...)
     for file in loading.safetensors_files(source):
         with safe_open(str(file), framework="pt") as f:  # reads the header only
-            keys += [k for k in f.keys() if not k.endswith(loading.IGNORED_SUFFIXES)]
-    src_layout = loading.detect_layout(keys)
+            dtypes.update({k: f.get_slice(k).get_dtype() for k in f.keys()
+                           if not k.endswith(loading.IGNORED_SUFFIXES)})
+    src_layout = loading.detect_layout(list(dtypes))
+    as_torch = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     tensors, unknown = {}, []
-    for key in keys:
+    for key, dtype in dtypes.items():
         name = loading.rename(key, src_layout)
         if name in state:
-            tensors[key] = state.pop(name).contiguous()
+            value = state.pop(name)  # a model trained in fp32 is merged in fp32, rounded once here
+            tensors[key] = value.to(as_torch.get(dtype, value.dtype)).contiguous()
         else:
             unknown.append(key)
     if unknown:

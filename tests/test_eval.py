@@ -798,6 +798,9 @@ def test_overwrite_starts_again(tiny, tmp_path):
     assert not A.answers_path(run, "rad", "no_image").exists()
     record = json.loads((run / "provenance.json").read_text())
     assert len(record["sessions"]) == 1 and record["fingerprint"]["adapter"]["path"] == str(adapter.resolve())
+    # The default model_id tells the aligned answers from the base model's: the adapter's name is added.
+    assert {r["model_id"] for r in read_jsonl(A.answers_path(run, "rad", "full"))} == {"ckpt+adapter"}
+    assert json.loads(base.splitlines()[0])["model_id"] == "ckpt"
 
 
 def test_run_without_provenance_is_not_resumed(tiny, tmp_path):
@@ -916,9 +919,9 @@ def test_unreadable_images_are_skipped_and_reported(tiny, tmp_path, capsys):
         assert rad["modes"][mode]["n_questions"] == 5 and rad["modes"][mode]["missing"] == [], mode
     err = capsys.readouterr().err
     assert "rad: question 24 skipped: image cut.jpg" in err
-    assert "rad: 5 questions skipped (unreadable image), 0 unscorable" in err
+    assert "rad: 5 questions skipped (unreadable image or too long), 0 unscorable" in err
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "10 questions read, 0 malformed records skipped, 5 questions skipped (unreadable image)" in report
+    assert "10 questions read, 0 malformed records skipped, 5 questions skipped (unreadable image" in report
     assert "- 23: image bomb.png: refused by pillow's decompression-bomb guard" in report
 
 
@@ -1017,3 +1020,75 @@ def test_facts_are_read_and_bad_facts_are_named(tmp_path):
     assert len(bad) == 1 and bad[0].id == "b" and "'facts' must be an object" in bad[0].reason
     with pytest.raises(DataError, match=r"question q7: facts\['side'\]"):
         E.fact_scores("left", {"side": {"value": "middle", "phrases": {"left": ["left"]}}}, "q7")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's context: the default --max-new-tokens clamped, a question too long for it skipped
+# ---------------------------------------------------------------------------------------------
+def _context_run(tmp_path, capsys, ckpt, images, rows, *extra):
+    """eval.py with the default --max-new-tokens (1024) on `rows`; → (summary entry, stderr, room the
+    rule gives: the context less the longest prompt of at most half of it)."""
+    from model import load_model
+    from model.tokenizer import load_tokenizer
+
+    questions = tmp_path / "long.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    E.main(["--model", str(ckpt), "--benchmark", f"rad={questions}", "--image-root", str(images),
+            "--out", str(tmp_path / "run"), *extra])
+    config, tokenizer = load_model(ckpt).config, load_tokenizer(ckpt / "tokenizer.json")
+    lengths = [len(E.prompt_ids(r["text"], tokenizer, config, mode="full", template="mistral_instruct"))
+               for r in rows]
+    context = config.text.max_seq_len
+    room = context - max(n for n in lengths if 2 * n <= context)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["benchmarks"]["rad"]
+    return summary, capsys.readouterr().err, room
+
+
+def test_default_max_new_tokens_is_clamped_and_long_questions_are_skipped(tiny, tmp_path, capsys):
+    """The tiny model with a context of 128: 1024 new tokens are clamped, said once; an 1,800-word
+    question and one whose prompt takes more than half the context are skipped and listed like a bad
+    image (the second would leave room for fewer new tokens: it does not shorten every answer); the
+    others are answered."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny.ckpt, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 128
+    (ckpt / "config.json").write_text(json.dumps(config))
+    rows = [{"question_id": i, "image": im, "text": q + "\n<image>", "gpt4_answer": a, "answer_type": t}
+            for i, im, q, a, t in QUESTIONS if i in (11, 12, 15)]
+    rows += [{"question_id": 30, "image": "a.png", "text": "Is there a nodule? " + "lesion " * 1800,
+              "gpt4_answer": "no", "answer_type": "CLOSED"},
+             {"question_id": 31, "image": "b.png", "text": "Describe it. " + "x" * 40, "gpt4_answer": "x",
+              "answer_type": "OPEN"}]
+    rad, err, room = _context_run(tmp_path, capsys, ckpt, tiny.images, rows)
+    assert 0 < room < 128 - 50
+    assert err.count(f"rad: max-new-tokens 1024 clamped to {room} (context 128)") == 1
+    assert rad["max_new_tokens"] == room
+    reasons = {s["question_id"]: s["reason"] for s in rad["skipped"]}
+    assert list(reasons) == ["30", "31"]
+    assert f"leaves fewer than {room} new tokens in the context of 128" in reasons["30"]
+    assert "rad: question 30 skipped: prompt of " in err
+    answered = read_jsonl(A.answers_path(tmp_path / "run", "rad", "full"))
+    assert [r["question_id"] for r in answered] == [11, 12, 15]
+    assert "- 30: prompt of " in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_shipped_base_answers_with_the_default_max_new_tokens(tmp_path, capsys):
+    """assets/base (context 512) with the default 1024 new tokens: clamped, an 1,800-word question
+    skipped, the other two answered."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 64), (100, 120, 140)).save(images / "a.png")
+    rows = [{"question_id": 1, "image": "a.png", "text": "Is there a nodule?", "gpt4_answer": "no",
+             "answer_type": "CLOSED"},
+            {"question_id": 2, "image": "a.png", "text": "Describe " + "lesion " * 1800, "gpt4_answer": "yes",
+             "answer_type": "CLOSED"},
+            {"question_id": 3, "image": "a.png", "text": "What organ is shown?", "gpt4_answer": "liver",
+             "answer_type": "OPEN"}]
+    base = Path(__file__).resolve().parents[1] / "assets" / "base"
+    rad, err, room = _context_run(tmp_path, capsys, base, images, rows)
+    assert err.count(f"rad: max-new-tokens 1024 clamped to {room} (context 512)") == 1
+    assert [s["question_id"] for s in rad["skipped"]] == ["2"]
+    assert [r["question_id"] for r in read_jsonl(A.answers_path(tmp_path / "run", "rad", "full"))] == [1, 3]

@@ -119,6 +119,25 @@ def test_export_merged_loads_as_base_checkpoint(checkpoint, inputs, tmp_path):
     assert all(torch.equal(p, weights[n]) for n, p in model.state_dict().items())  # the model is left as it was
 
 
+def test_export_merged_keeps_the_source_dtype(checkpoint, tmp_path):
+    """A bf16 checkpoint (its config says so) trained in fp32: the merged weights are written in bf16,
+    each rounded once from the fp32 merge, not in the training dtype."""
+    source = tmp_path / "bf16"
+    source.mkdir()
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(checkpoint / "model.safetensors").items()},
+              source / "model.safetensors")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    model = load_model(source)  # float32
+    apply_lora(model, rank=4, alpha=8)
+    randomize_lora(model)
+    merged = merged_state_dict(model)
+    out = load_file(export_merged(model, tmp_path / "merged", source=source) / "model.safetensors")
+    assert {v.dtype for v in out.values()} == {torch.bfloat16}
+    key = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(out[key], merged["language_model.layers.0.self_attn.q_proj.weight"].to(torch.bfloat16))
+
+
 def test_peft_names_round_trip():
     ours = "language_model.layers.12.mlp.down_proj"
     assert peft_module_name(ours) == "model.language_model.layers.12.mlp.down_proj"

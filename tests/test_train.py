@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+import eval as E
 import tiny
 import train
 from harness import provenance, trainset
@@ -376,6 +377,14 @@ def test_steps_raise_margin_and_bad_records_are_skipped(workspace, tmp_path):
     ids, mask, pixels = tiny.batch_inputs()
     torch.testing.assert_close(load_model(out / "merged")(ids, pixels, mask), model.eval()(ids, pixels, mask),
                                rtol=1e-4, atol=1e-4)
+    # ... with the tokenizer training read: eval.py runs on it as it runs on a base checkpoint.
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "image": f"img{i}.png", "text": "which side ?",
+                                             "gpt4_answer": "left", "answer_type": "OPEN"}) + "\n"
+                                 for i in range(2)))
+    E.main(["--model", str(out / "merged"), "--benchmark", f"q={questions}", "--image-root", str(tmp_path),
+            "--out", str(tmp_path / "eval"), "--max-new-tokens", "2"])
+    assert len((tmp_path / "eval" / "q" / "answers.jsonl").read_text().splitlines()) == 2
 
 
 def adapter_tensors(out: Path) -> dict:
