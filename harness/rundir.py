@@ -29,6 +29,7 @@ from harness.files import atomic_write_text, read_jsonl, remove
 from data import BadRecord
 from model.loading import CheckpointError
 from model.lora import export_merged, load_adapter, save_adapter
+from model.tokenizer import canonical_form
 
 PROVENANCE = "provenance.json"
 # What train.py writes in --out: --overwrite deletes these and nothing else.
@@ -41,7 +42,8 @@ PATH_FIELDS = ("model", "data", "out", "image_root", "vision_tower", "tokenizer"
 # Options that may change between a run and its --resume (how to start, how long, what to log and keep,
 # where to run, memory knobs that compute the same values); every other one is in the fingerprint.
 RESUMABLE_FIELDS = ("resume", "overwrite", "max_steps", "eval_every", "save_every", "keep_checkpoints",
-                    "export_merged", "plot", "device", "gradient_checkpointing", "logit_chunk")
+                    "export_merged", "plot", "device", "gradient_checkpointing", "logit_chunk",
+                    "allow_other_model")
 
 
 def check_out(out: Path, cfg) -> None:
@@ -106,12 +108,12 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, clear: Callabl
     return False
 
 
-def run_fingerprint(cfg, tokenizer_path: Path, image_root: Path, image_names: list[str], dtype: torch.dtype,
+def run_fingerprint(cfg, tokenizer, image_root: Path, image_names: list[str], dtype: torch.dtype,
                     ctx) -> dict:
     """What the trained weights depend on, by content (docs/FORMATS.md "Training outputs")."""
     inputs = {"model": provenance.Dir(cfg.model),
               "vision tower": provenance.Dir(cfg.vision_tower) if cfg.vision_tower else None,
-              "tokenizer": provenance.File(tokenizer_path), "data": provenance.File(cfg.data),
+              "tokenizer": provenance.Content(canonical_form(tokenizer)), "data": provenance.File(cfg.data),
               "eval data": provenance.File(cfg.eval_data) if cfg.eval_data else None,
               "images": provenance.Files(image_root, image_names)}
     # dtype and autocast are options too: the fingerprint holds them as resolved instead.
@@ -169,11 +171,13 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx)
         rngs = [None] * ctx.world
         dist.all_gather_object(rngs, rng)
     if ctx.rank == 0:
+        run = provenance.load(out / PROVENANCE)["fingerprint"]
         root, name = out / "checkpoints", f"step-{step:06d}"
         tmp = root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(model, tmp / "adapter", base_model_path=cfg.model)
-        torch.save({"step": step, "run": provenance.load(out / PROVENANCE)["fingerprint"],
+        provenance.save(tmp / "adapter" / PROVENANCE, run, made_by="train.py")  # its model: eval.py checks
+        torch.save({"step": step, "run": run,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rngs, "config": dataclasses.asdict(cfg)}, tmp / "trainer.pt")
         shutil.rmtree(root / name, ignore_errors=True)
@@ -243,14 +247,14 @@ def write_outputs(model, out: Path, cfg, step: int, ctx) -> None:
     """Rank 0 writes adapter/, metrics.png, merged/ (as asked), then records in provenance.json that the
     run finished at `step`, with each weight directory's digest (start_run's reuse checks them)."""
     if ctx.rank == 0:
-        adapter = save_adapter(model, out / "adapter", base_model_path=cfg.model)
+        adapter, record = save_adapter(model, out / "adapter", cfg.model), provenance.load(out / PROVENANCE)
+        provenance.save(adapter / PROVENANCE, record["fingerprint"], made_by="train.py")
         if cfg.plot:
             plot_metrics(out / "metrics.jsonl", out / "metrics.png")
             print(f"wrote {out / 'metrics.png'}")
         if cfg.export_merged:
             export_merged(model, out / "merged", source=cfg.model)
             print(f"wrote {out / 'merged'} (LoRA merged, in the input's key layout)")
-        record = provenance.load(out / PROVENANCE)
         info = {k: v for k, v in record.items() if k not in ("format", "fingerprint", "finished")}
         written = provenance.fingerprint(**{name: provenance.Dir(out / name) for name in weight_outputs(cfg)})
         provenance.save(out / PROVENANCE, record["fingerprint"], **info,

@@ -27,6 +27,7 @@ from data import (
     resolve_image,
 )
 from harness import provenance, trainset
+from model.tokenizer import canonical_form
 from test_train import WORDS, config, hscr_file, word_tokenizer, workspace  # noqa: F401 (fixture)
 
 # --------------------------------------------------------------------------------------------
@@ -346,11 +347,12 @@ def responses(example) -> list[list[int]]:
 def test_stored_ids_are_trained_on_when_the_tokenizer_is_the_same(workspace, tmp_path):
     """With the tokenizer hscr.py used (same digest), rows hold the stored ids, though they differ
     from what the texts give, and EOS only after complete responses; with another tokenizer
-    digest the texts are tokenized again (EOS still only after complete ones), said once."""
+    digest the texts are tokenized again (EOS still only after complete ones), said once; so with the
+    header of an older hscr.py, which hashed the tokenizer's file rather than what it does."""
     root, ckpt, prefs = workspace
     tok = word_tokenizer()
     ids = {w: tok.token_to_id(w) for w in WORDS}
-    sha = provenance.file_digest(ckpt / "tokenizer.json")
+    sha = provenance.fingerprint(t=provenance.Content(canonical_form(tok)))["t"]["sha256"]
     record = {"id": "a", "image": "img0.png", "question": "which side of the lung ?",
               "chosen": "the lesion is in the left lung", "chosen_ids": [ids["a"], ids["mass"]],
               "chosen_complete": True,
@@ -377,3 +379,8 @@ def test_stored_ids_are_trained_on_when_the_tokenizer_is_the_same(workspace, tmp
     examples, _ = read_preferences(data, root, tokens, cfg, sha, said.append)
     assert responses(examples[0]) == [text_ids[0] + [eos], text_ids[1], text_ids[2] + [eos]]
     assert len(said) == 1 and "re-tokenized from their texts" in said[0] and "another tokenizer" in said[0]
+    old = {"_header": True, "provenance": {"tokenizer": {"kind": "file", "path": "t.json", "sha256": sha}}}
+    data.write_text(json.dumps(old) + "\n" + json.dumps(record) + "\n")  # an older hscr.py hashed the file
+    said = []
+    read_preferences(data, root, tokens, cfg, sha, said.append)
+    assert len(said) == 1 and "digest of a tokenizer file (an older hscr.py)" in said[0]

@@ -14,6 +14,7 @@ import train
 from harness import cli, provenance, rundir
 from harness.dist import Context
 from model.loading import CheckpointError
+from model.tokenizer import load_tokenizer
 from test_train import config, png_bytes, workspace  # noqa: F401 (fixture)
 
 
@@ -54,7 +55,7 @@ def test_reference_cache_key_follows_image_content(workspace, tmp_path):
     names = [f"img{k}.png" for k in range(3)]
 
     def key(image_root):
-        now = rundir.run_fingerprint(cfg, ckpt / "tokenizer.json", image_root, names, torch.float32, Context())
+        now = rundir.run_fingerprint(cfg, load_tokenizer(ckpt), image_root, names, torch.float32, Context())
         return rundir.reference_cache_key(now, cfg.negatives)
 
     before = key(images)
