@@ -456,7 +456,8 @@ def preference_header(path: Path) -> dict | None:
 
 def stored_ids_usable(header: dict | None, tokenizer_sha256: str | None) -> tuple[bool, str]:
     """Whether the token ids stored in a preference file are those this tokenizer gives: the
-    header's provenance must name a tokenizer with the same digest. Returns (usable, why not)."""
+    header's provenance must name a tokenizer with the same digest (of what it does, whichever file holds
+    it: model.tokenizer.canonical_form). Returns (usable, why not)."""
     made = (header or {}).get("provenance")
     made = made.get("tokenizer") if isinstance(made, dict) else None
     if not isinstance(made, dict) or not isinstance(made.get("sha256"), str):
@@ -464,7 +465,7 @@ def stored_ids_usable(header: dict | None, tokenizer_sha256: str | None) -> tupl
     if tokenizer_sha256 is None:
         return False, "the tokenizer used here has no digest to compare"
     if made["sha256"] != tokenizer_sha256:
-        return False, (f"it was made with another tokenizer ({made.get('path')}, sha256 {made['sha256'][:12]}…; "
+        return False, (f"it was made with another tokenizer (sha256 {made['sha256'][:12]}…; "
                        f"here sha256 {tokenizer_sha256[:12]}…)")
     return True, ""
 

@@ -1,7 +1,7 @@
 """Zero-shot medical VQA evaluation, scored as LLaVA-Med scores it and with a strict closed score beside.
 
     python eval.py --model DIR --benchmark vqa_rad=VQA_RAD_test.jsonl --image-root IMAGES --out runs/base
-    python eval.py --model DIR --adapter LORA_DIR --benchmark ... --out runs/hscr --blind
+    python eval.py --adapter LORA_DIR --benchmark ... --out runs/hscr --blind   # on the model it was trained on
     python eval.py compare runs/base runs/hscr
     python eval.py score --answers ANSWERS --questions QUESTIONS   # score an existing answer file
     python eval.py baselines --questions QUESTIONS   # always yes / always no / "yes no" / majority
@@ -39,12 +39,13 @@ from harness.files import DataError, JsonlFile, read_jsonl, read_text
 from harness.questions import check_images, parse_named, read_benchmarks, read_questions
 from harness.reports import LEGEND, compare_runs, question_counts, scores_table, visual_gain, write_reports
 from harness.rundir import start_run
-from harness.trainset import check_paths
+from harness.trainset import check_paths, model_of, read_tokenizer
 from model import load_model
 from model.llava import left_pad
 from model.loading import DTYPES, resolve_dtype
 from model.lora import load_adapter
-from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_prompt, tokenizer_file
+from model.tokenizer import (build_prompt, canonical_form, decode, load_tokenizer, tokenize_prompt,
+                             tokenizer_file)
 
 # Scoring: LLaVA-Med's normalize_word, split_sentence, calculate_f1score, calculate_exactmatch
 # Characters handled by the space-dependent rule, in LLaVA-Med's order (the order does not
@@ -433,12 +434,15 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
 @dataclasses.dataclass
 class EvalConfig:
     """Options of an evaluation run (the command line is built from these fields)."""
-    model: str = option(help="checkpoint directory (config.json + safetensors)")
     benchmark: list[str] = option(help="NAME=PATH of a test.json or question JSONL")
     out: str = option(help="run directory (answers, provenance.json, summary.json, report.md)")
+    model: str | None = option(None, "checkpoint directory (config.json + safetensors; default: the "
+                               "model, with its vision tower, that --adapter was trained on)")
     image_root: list[str] = option(default_factory=list, help="NAME=DIR for one benchmark, or DIR for all")
     ground_truth: list[str] = option(default_factory=list, help="NAME=PATH of answers kept apart from the questions")
     adapter: str | None = option(None, "PEFT-format LoRA adapter directory")
+    allow_other_model: bool = option(False, "apply --adapter although it was trained on another model or "
+                                     "vision tower (by content) than --model's")
     vision_tower: str | None = option(None, "CLIP directory replacing (or supplying) the checkpoint's vision tower")
     check_finite: bool = option(True, "refuse weights holding NaN or Inf as they load")
     tokenizer: str | None = option(None, "tokenizer directory or file (default: --model)")
@@ -491,14 +495,14 @@ IMAGE_PREPROCESSING = "LLaVA-Med pad: square with the CLIP mean colour, centred;
 
 
 def run_fingerprint(cfg: EvalConfig, questions: Mapping[str, Sequence[Any]], roots: Mapping[str, str],
-                    dtype: torch.dtype, limits: Sequence[int | None]) -> dict[str, Any]:
+                    dtype: torch.dtype, limits: Sequence[int | None], tokenizer) -> dict[str, Any]:
     """What the answers depend on (docs/FORMATS.md "Run directory"): every question of each benchmark file,
     and the images of the first max(`limits`) questions (all if a limit is None): the sessions' questions."""
     n = None if None in limits else max(limits)
     inputs: dict[str, Any] = {
         "model": provenance.Dir(cfg.model), "adapter": provenance.Dir(cfg.adapter) if cfg.adapter else None,
         "vision tower": provenance.Dir(cfg.vision_tower) if cfg.vision_tower else None,
-        "tokenizer": provenance.File(tokenizer_file(cfg.tokenizer or cfg.model))}
+        "tokenizer": tokenizer}
     for name, records in questions.items():
         inputs[f"questions {name}"] = provenance.Content([[r.id, r.image, r.question] for r in records])
         images = sorted({r.image for r in records[:n] if r.image is not None})
@@ -535,6 +539,8 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         for qid, why in screened[name].items():
             print(f"{name}: question {qid} skipped: {why}", file=sys.stderr)
     check_paths("directory", model=cfg.model, adapter=cfg.adapter, vision_tower=cfg.vision_tower)
+    made = (provenance.load(Path(cfg.adapter) / PROVENANCE) or {}).get("fingerprint") if cfg.adapter else None
+    cfg = model_of(cfg, made, cfg.adapter and f"--adapter {cfg.adapter}")  # default: the adapter's model
     model_id = cfg.model_id or "+".join(Path(p).resolve().name for p in (cfg.model, cfg.adapter) if p)
     # The images of the questions that any session chose are fingerprinted; the stored fingerprint is
     # compared with the earlier sessions' choice, so that a resumed run may choose more (--limit).
@@ -543,8 +549,12 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     record = provenance.load(run_dir / PROVENANCE) if resume else None
     earlier = [s["limit"] for s in record["sessions"]] if record else []
     questions = {name: records for name, (records, _) in every.items()}
-    now = run_fingerprint(cfg, questions, roots, dtype, earlier + [cfg.limit])
-    before = run_fingerprint(cfg, questions, roots, dtype, earlier) if earlier else None
+    words = provenance.Content(canonical_form(read_tokenizer(cfg.tokenizer or cfg.model)))  # what it does
+    now = run_fingerprint(cfg, questions, roots, dtype, earlier + [cfg.limit], words)
+    before = run_fingerprint(cfg, questions, roots, dtype, earlier, words) if earlier else None
+    if not cfg.allow_other_model:
+        provenance.check_model(made, now, f"--adapter {cfg.adapter}", "evaluate it on that model (the "
+                               "default without --model), or pass --allow-other-model to apply it anyway")
     start_run(run_dir, now, resume=resume, writes=[*every, "config.json", "summary.json", "report.md"],
               session={"batch_size": cfg.batch_size, "device": device, "world_size": world, "limit": cfg.limit,
                        "blind": cfg.blind, "model_id": model_id},

@@ -158,7 +158,7 @@ def train(cfg: TrainConfig) -> dict:
     """One run of Stage 3 as `cfg` describes it; returns the last step's metrics (with the final
     eval's), or {"step", "reused": True} when --resume finds the run finished (rundir.start_training)."""
     ctx = setup_context(cfg.device, cfg.autocast)
-    out = Path(cfg.out)
+    out, cfg = Path(cfg.out), trainset.made_by(cfg)  # by default the model and images that made --data
     rundir.check_out(out, cfg)  # before anything slow: never mix two runs in one --out
     if cfg.plot:
         rundir.require_matplotlib()
@@ -172,7 +172,7 @@ def train(cfg: TrainConfig) -> dict:
     steps_per_epoch = len(examples) // cfg.batch_size  # the last partial batch of each epoch is dropped
     total = steps_per_epoch * cfg.epochs
     end = min(total, cfg.max_steps) if cfg.max_steps else total
-    now = rundir.run_fingerprint(cfg, data.tokenizer_path, data.image_root, data.images, dtype, ctx)
+    now = rundir.run_fingerprint(cfg, data.tokenizer, data.image_root, data.images, dtype, ctx)
     if rundir.start_training(out, now, end, cfg, ctx):  # --resume of this very run, finished: nothing to do
         return {"step": end, "reused": True}
     if ctx.rank == 0:
@@ -287,14 +287,19 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
 # Configuration: one dataclass, from which the command line is built; the command line.
 @dataclass
 class TrainConfig:
-    model: str | None = option(None, "checkpoint directory (LLaVA-Med, llava-hf or our own)")
+    model: str | None = option(None, "checkpoint directory (LLaVA-Med, llava-hf or our own; default: the "
+                               "model that made --data, from its header)")
     data: str | None = option(None, "preference JSONL from hscr.py")
     out: str = option("runs/train", "output directory: config.json, metrics.jsonl, adapter/, checkpoints/")
-    image_root: str | None = option(None, "the records' image paths are relative to it (default: --data's directory)")
+    image_root: str | None = option(None, "the records' image paths are relative to it (default: hscr.py's, "
+                                    "from --data's header, else --data's directory)")
     image_aspect: str | None = option(None, "pad: padded to a square with CLIP's mean colour (LLaVA-Med); resize: "
                                       "stretched (default: hscr.py's choice, from --data's header, else pad)",
                                       choices=("pad", "resize"))
-    vision_tower: str | None = option(None, "separate CLIP directory for the vision tower")
+    vision_tower: str | None = option(None, "separate CLIP directory for the vision tower (default without "
+                                      "--model: the one that made --data)")
+    allow_other_model: bool = option(False, "train although another model or vision tower (by content) made "
+                                     "--data: off-policy, e.g. DPO on another model's preferences")
     check_finite: bool = option(True, "refuse weights holding NaN or Inf as they load")
     tokenizer: str | None = option(None, "tokenizer.json / tokenizer.model / directory (default: --model)")
     eval_data: str | None = option(None, "held-out file (default: --eval-fraction of --data)")
@@ -339,7 +344,7 @@ class TrainConfig:
     plot: bool = option(True, "write metrics.png at the end (needs matplotlib)")
 
     def __post_init__(self):
-        problems = [f"--{f} is required" for f in ("model", "data") if getattr(self, f) is None]
+        problems = ["--data is required"] if self.data is None else []
         if self.num_negatives < 1 or not 0 <= self.min_negatives <= self.num_negatives:
             problems.append("need 0 <= --min-negatives <= --num-negatives and --num-negatives >= 1")
         if min(self.batch_size, self.micro_batch, self.keep_checkpoints, self.logit_chunk) < 1:

@@ -32,8 +32,8 @@ from model import load_model
 from model.loading import resolve_dtype
 from model.rows import mean_token_probability, teacher_forced_logits
 from model.sentence import Similarity, default_minilm_path
-from model.tokenizer import (build_prompt, decode, load_tokenizer, tokenize_prompt, tokenize_response,
-                             tokenizer_file)
+from model.tokenizer import (build_prompt, canonical_form, decode, load_tokenizer, tokenize_prompt,
+                             tokenize_response, tokenizer_file)
 
 # Options that name inputs or the output: the fingerprint holds the inputs' content instead. Every
 # other option but --overwrite and --check-finite is in it, batch_size and decode_rows included (they
@@ -54,16 +54,16 @@ def run(opts, pipeline) -> dict:
         records, bad = read_records(opts.data, answers_path=opts.answers)
     except ValueError as e:  # data.py names the file
         raise UserError(str(e)) from e
-    # CheckpointError is a UserError naming the checkpoint or tower file.
-    model = load_model(opts.model, vision_tower=opts.vision_tower, dtype=resolve_dtype(opts.dtype, device),
-                       device=device, check_finite=opts.check_finite)
     try:
         tokenizer = load_tokenizer(tokenizer_file(opts.tokenizer))
     except (OSError, ValueError) as e:
         raise UserError(f"--tokenizer: {e}") from e
-    pipe = pipeline(model, tokenizer, opts, Similarity(opts.similarity, opts.sentence_model, device))
     selected = select_entries(len(records), opts.limit, opts.seed)
-    header = header_record(asdict(opts), run_fingerprint(opts, records, selected, world))
+    header = header_record(asdict(opts), run_fingerprint(opts, records, selected, world, tokenizer))
+    # CheckpointError is a UserError naming the checkpoint or tower file.
+    model = load_model(opts.model, vision_tower=opts.vision_tower, dtype=resolve_dtype(opts.dtype, device),
+                       device=device, check_finite=opts.check_finite)
+    pipe = pipeline(model, tokenizer, opts, Similarity(opts.similarity, opts.sentence_model, device))
     output = Output(Path(opts.out), header, rank=rank, world=world, overwrite=opts.overwrite)
     for b in bad if rank == 0 else []:
         output.write_bad(b.file, b.index, b.id, b.reason)
@@ -94,18 +94,21 @@ def select_entries(n: int, limit: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), limit))
 
 
-def run_fingerprint(opts, records: list[Record], entries: list[int], world: int) -> dict:
+def run_fingerprint(opts, records: list[Record], entries: list[int], world: int, tokenizer) -> dict:
     """What the records depend on, by content (docs/FORMATS.md "The preference file"). The images: those
-    of the selected entries that can be opened (the others are rejected entry by entry, not here)."""
-    names = set()
-    for i in entries:
-        name = records[i].image
+    of the selected entries that can be opened (the others are rejected entry by entry, not here); none
+    of them is a UserError (a wrong --image-root), before the model loads."""
+    names, named = set(), [records[i].image for i in entries if records[i].image]
+    for name in named:
         try:
-            path = resolve_image(opts.image_root, name) if name else None
+            path = resolve_image(opts.image_root, name)
         except ValueError:
             continue
-        if path is not None and path.is_file() and os.access(path, os.R_OK):
+        if path.is_file() and os.access(path, os.R_OK):
             names.add(name)
+    if named and not names:
+        raise UserError(f"--image-root {opts.image_root}: none of the images that {len(named)} selected "
+                        f"entries name is there (e.g. {Path(opts.image_root) / named[0]})")
     encoder = None
     if opts.similarity == "minilm":  # every *.safetensors and *.json of it and of its module folders
         root = Path(opts.sentence_model)
@@ -113,7 +116,7 @@ def run_fingerprint(opts, records: list[Record], entries: list[int], world: int)
                                                 if p.suffix in (".json", ".safetensors") and p.is_file()))
     inputs = {"model": provenance.Dir(opts.model),
               "vision tower": provenance.Dir(opts.vision_tower) if opts.vision_tower else None,
-              "tokenizer": provenance.File(tokenizer_file(opts.tokenizer)),
+              "tokenizer": provenance.Content(canonical_form(tokenizer)),
               "data": provenance.File(opts.data),
               "answers": provenance.File(opts.answers) if opts.answers else None,
               "images": provenance.Files(opts.image_root, sorted(names)), "sentence encoder": encoder}

@@ -269,3 +269,28 @@ def save(path: str | os.PathLike, fingerprint: Mapping[str, Any], **info: Any) -
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     record = {"format": FORMAT, "fingerprint": dict(fingerprint), **info}
     atomic_write_text(Path(path), json.dumps(record, indent=2) + "\n")
+
+
+# The model of a run as a fingerprint records it. HSCR is on-policy: train.py trains the model that made
+# its preferences (--data's header), eval.py applies an adapter to the model it was trained on.
+MODEL_PARTS = ("model", "vision tower")
+
+
+def model_paths(made: Any) -> tuple[str, str | None] | None:
+    """(model, vision tower or None): the directories that fingerprint `made` records; None if none."""
+    if not isinstance(made, Mapping) or not _is_input(made.get("model")):
+        return None
+    tower = made.get("vision tower")
+    return made["model"].get("path"), tower.get("path") if _is_input(tower) else None
+
+
+def check_model(made: Any, now: Mapping[str, Any], what: str, hint: str) -> None:
+    """A UserError when fingerprint `made` (of `what`, e.g. "--data prefs.jsonl") records another model or
+    vision tower than `now`, by content (paths alone never count); one that records none is not checked."""
+    if model_paths(made) is None:
+        return
+    changes = differences({k: made.get(k) for k in MODEL_PARTS}, {k: now.get(k) for k in MODEL_PARTS})
+    if changes:
+        old, new = (" with vision tower ".join(_show(fp.get(k)) for k in MODEL_PARTS if fp.get(k))
+                    for fp in (made, now))
+        raise UserError(f"{what} comes from another model: {old}, not {new} ({'; '.join(changes)}); {hint}")

@@ -29,7 +29,7 @@ from harness.files import atomic_write_text, read_jsonl, remove
 from data import BadRecord
 from model.loading import CheckpointError
 from model.lora import export_merged, load_adapter, save_adapter
-from model.tokenizer import tokenizer_file
+from model.tokenizer import canonical_form, tokenizer_file
 
 PROVENANCE = "provenance.json"
 # Those that hold training results: a directory with any of them holds a run.
@@ -40,7 +40,7 @@ PATH_FIELDS = ("model", "data", "out", "image_root", "vision_tower", "tokenizer"
 # where to run, memory knobs that compute the same values); every other one is in the fingerprint.
 RESUMABLE_FIELDS = ("resume", "overwrite", "max_steps", "eval_every", "save_every", "keep_checkpoints",
                     "export_merged", "plot", "device", "gradient_checkpointing", "logit_chunk",
-                    "check_finite")
+                    "check_finite", "allow_other_model")
 
 
 def owned(out: Path) -> tuple[dict | None, list[str]]:
@@ -122,12 +122,12 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, writes: Sequen
     return False
 
 
-def run_fingerprint(cfg, tokenizer_path: Path, image_root: Path, image_names: list[str], dtype: torch.dtype,
+def run_fingerprint(cfg, tokenizer, image_root: Path, image_names: list[str], dtype: torch.dtype,
                     ctx) -> dict:
     """What the trained weights depend on, by content (docs/FORMATS.md "Training outputs")."""
     inputs = {"model": provenance.Dir(cfg.model),
               "vision tower": provenance.Dir(cfg.vision_tower) if cfg.vision_tower else None,
-              "tokenizer": provenance.File(tokenizer_path), "data": provenance.File(cfg.data),
+              "tokenizer": provenance.Content(canonical_form(tokenizer)), "data": provenance.File(cfg.data),
               "eval data": provenance.File(cfg.eval_data) if cfg.eval_data else None,
               "images": provenance.Files(image_root, image_names)}
     # dtype and autocast are options too: the fingerprint holds them as resolved instead.
@@ -187,11 +187,13 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx)
         rngs = [None] * ctx.world
         dist.all_gather_object(rngs, rng)
     if ctx.rank == 0:
+        run = provenance.load(out / PROVENANCE)["fingerprint"]
         root, name = out / "checkpoints", f"step-{step:06d}"
         tmp = root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(model, tmp / "adapter", base_model_path=cfg.model)
-        torch.save({"step": step, "run": provenance.load(out / PROVENANCE)["fingerprint"],
+        provenance.save(tmp / "adapter" / PROVENANCE, run, made_by="train.py")  # its model: eval.py checks
+        torch.save({"step": step, "run": run,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rngs, "config": dataclasses.asdict(cfg)}, tmp / "trainer.pt")
         shutil.rmtree(root / name, ignore_errors=True)
@@ -261,7 +263,8 @@ def write_outputs(model, out: Path, cfg, step: int, ctx) -> None:
     """Rank 0 writes adapter/, metrics.png, merged/ (as asked), then records in provenance.json that the
     run finished at `step`, with each weight directory's digest (start_run's reuse checks them)."""
     if ctx.rank == 0:
-        adapter = save_adapter(model, out / "adapter", base_model_path=cfg.model)
+        adapter, record = save_adapter(model, out / "adapter", cfg.model), provenance.load(out / PROVENANCE)
+        provenance.save(adapter / PROVENANCE, record["fingerprint"], made_by="train.py")
         if cfg.plot:
             plot_metrics(out / "metrics.jsonl", out / "metrics.png")
             print(f"wrote {out / 'metrics.png'}")
@@ -273,7 +276,6 @@ def write_outputs(model, out: Path, cfg, step: int, ctx) -> None:
                 if (tokenizer.parent / name).is_file():
                     shutil.copyfile(tokenizer.parent / name, merged / name)
             print(f"wrote {merged} (LoRA merged, in the input's key layout and dtypes, with the tokenizer)")
-        record = provenance.load(out / PROVENANCE)
         info = {k: v for k, v in record.items() if k not in ("format", "fingerprint", "finished")}
         written = provenance.fingerprint(**{name: provenance.Dir(out / name) for name in weight_outputs(cfg)})
         provenance.save(out / PROVENANCE, record["fingerprint"], **info,

@@ -8,10 +8,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from data import BadRecord, Example, Tokens, preference_header, read_preferences, unusable_images
 from harness import provenance
@@ -19,13 +20,13 @@ from harness.cli import UserError
 from harness.rundir import report_skipped
 from model.llava import LlavaConfig
 from model.loading import read_config, read_vision_config
-from model.tokenizer import load_tokenizer, tokenizer_file
+from model.tokenizer import canonical_form, load_tokenizer, tokenizer_file
 
 
 @dataclass
 class Inputs:
     """What `read_inputs` found."""
-    tokenizer_path: Path
+    tokenizer: Tokenizer
     config: LlavaConfig            # the model's, read without its weights
     image_root: Path
     image_aspect: str              # --image-aspect as resolved
@@ -37,15 +38,15 @@ class Inputs:
 
 def read_inputs(cfg, ctx) -> Inputs:
     """train.py's inputs; refuses a --batch-size the processes cannot share and fewer entries than a batch."""
-    tokenizer_path = tokenizer_file(cfg.tokenizer or cfg.model)
-    tokenizer = read_tokenizer(tokenizer_path)
+    tokenizer = read_tokenizer(tokenizer_file(cfg.tokenizer or cfg.model))
     config = model_config(cfg.model, cfg.vision_tower)
     image_root = Path(cfg.image_root) if cfg.image_root else Path(cfg.data).parent
     aspect, source = resolve_image_aspect(cfg.image_aspect, Path(cfg.data))
     say = (lambda line: print(line, file=sys.stderr)) if ctx.rank == 0 else None
     if say:
         say(f"images: {'padded' if aspect == 'pad' else 'resized'} to a square (--image-aspect {aspect}, {source})")
-    sha256, tokens = provenance.file_digest(tokenizer_path), Tokens(tokenizer, config)
+    sha256 = provenance.fingerprint(t=provenance.Content(canonical_form(tokenizer)))["t"]["sha256"]
+    tokens = Tokens(tokenizer, config)
     examples, held_out, bad, images = read_examples(
         lambda path: read_preferences(path, image_root, tokens, cfg, sha256, say), cfg, image_root, aspect,
         config.vision.image_size, ctx)
@@ -57,7 +58,40 @@ def read_inputs(cfg, ctx) -> Inputs:
             report_skipped(bad)
         raise UserError(f"{cfg.data}: {len(examples)} training entries ({len(bad)} records skipped"
                         f"{', listed above' if bad else ''}): fewer than one batch of --batch-size {cfg.batch_size}")
-    return Inputs(tokenizer_path, config, image_root, aspect, examples, held_out, bad, images)
+    return Inputs(tokenizer, config, image_root, aspect, examples, held_out, bad, images)
+
+
+def made_by(cfg):
+    """cfg with what made --data, from its header, for what is not given: without --model, the model and
+    vision tower; without --image-root, the images' root. HSCR is on-policy: another model or tower (by
+    content) is refused unless --allow-other-model; a header that records none is not checked."""
+    check_paths("file", data=cfg.data)
+    made = (preference_header(Path(cfg.data)) or {}).get("provenance")
+    images = made.get("images") if isinstance(made, dict) else None
+    if cfg.image_root is None and isinstance(images, dict) and images.get("root"):
+        cfg = replace(cfg, image_root=images["root"])
+    cfg = model_of(cfg, made, f"--data {cfg.data}")
+    if not cfg.allow_other_model:
+        tower = provenance.Dir(cfg.vision_tower) if cfg.vision_tower else None
+        now = provenance.fingerprint(model=provenance.Dir(cfg.model), **{"vision tower": tower})
+        provenance.check_model(made, now, f"--data {cfg.data}", "HSCR trains the model that made its "
+                               "preferences: train that one (the default without --model), or pass "
+                               "--allow-other-model to train off-policy (e.g. DPO on another model's data)")
+    return cfg
+
+
+def model_of(cfg, made: dict | None, what: str | None):
+    """cfg (train.py's or eval.py's) with the model and vision tower that fingerprint `made` of `what`
+    ("--data FILE", "--adapter DIR") records, when --model is not given."""
+    if cfg.model is not None:
+        return cfg
+    paths = provenance.model_paths(made)
+    if paths is None:
+        raise UserError("--model is required" + (f": {what} does not record its model" if what else ""))
+    if not all(Path(p).is_dir() for p in paths if p is not None):
+        raise UserError(f"{what} was made by {' with vision tower '.join(p for p in paths if p)}, not a "
+                        "directory here: pass --model (and --vision-tower)")
+    return replace(cfg, model=paths[0], vision_tower=paths[1])
 
 
 def read_examples(read: Callable[[Path], tuple[list[Example], list[BadRecord]]], cfg, image_root: Path,

@@ -10,6 +10,7 @@ around "<image>" (docs/FORMATS.md, "Prompt"). CLI: `python -m model.tokenizer co
 from __future__ import annotations
 
 import argparse
+import json
 import struct
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -238,7 +239,7 @@ def llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
 # Loading, prompts, tokenization.
 def tokenizer_file(path: str | Path) -> Path:
     """The file load_tokenizer reads for `path`: the path itself, or a directory's tokenizer.json, else
-    its tokenizer.model. Fingerprints hash this file, so it is resolved here for loading and hashing."""
+    its tokenizer.model (fingerprints hash what it does: canonical_form)."""
     path = Path(path)
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):
@@ -260,6 +261,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise UserError(f"cannot read tokenizer file {path}: {e}") from None
+
+
+def canonical_form(tokenizer: Tokenizer) -> dict:
+    """What a tokenizer does, as one JSON value (vocabulary, merges, normalizer, pre-tokenizer, special
+    tokens, post-processor, decoder), whichever file it was read from: a tokenizer.model and the
+    tokenizer.json `convert` writes from it give the same. The fingerprints of the scripts hash this."""
+    form = json.loads(tokenizer.to_str())
+    form.pop("version", None)  # the file format's, as are merges as "a b" strings (older tokenizers)
+    if "merges" in (model := form["model"]):
+        model["merges"] = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+    return form
 
 
 def build_prompt(question: str, template: str = "mistral_instruct") -> str:

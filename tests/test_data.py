@@ -27,6 +27,7 @@ from data import (
     resolve_image,
 )
 from harness import provenance, trainset
+from model.tokenizer import canonical_form
 from test_train import WORDS, config, hscr_file, word_tokenizer, workspace  # noqa: F401 (fixture)
 
 # --------------------------------------------------------------------------------------------
@@ -371,7 +372,7 @@ def test_stored_ids_are_trained_on_when_the_tokenizer_is_the_same(workspace, tmp
     root, ckpt, prefs = workspace
     tok = word_tokenizer()
     ids = {w: tok.token_to_id(w) for w in WORDS}
-    sha = provenance.file_digest(ckpt / "tokenizer.json")
+    sha = provenance.fingerprint(t=provenance.Content(canonical_form(tok)))["t"]["sha256"]
     record = {"id": "a", "image": "img0.png", "question": "which side of the lung ?",
               "chosen": "the lesion is in the left lung", "chosen_ids": [ids["a"], ids["mass"]],
               "chosen_complete": True,

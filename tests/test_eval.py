@@ -625,6 +625,58 @@ def test_non_finite_weights_refused_unless_no_check_finite(tiny, tmp_path):
     assert E.load_for_eval(cfg, "cpu")[0].language_model.norm.weight[3].isinf()
 
 
+def test_an_adapter_runs_on_the_model_it_was_trained_on(tiny, tmp_path, monkeypatch, capsys):
+    """train.py's adapter records the model it was trained on (its provenance.json): without --model,
+    eval.py evaluates that model; another model (by content) stops before the model loads, in one line
+    naming both, unless --allow-other-model. An adapter without the record (PEFT's) needs --model and
+    is applied to it unchecked."""
+    from safetensors.torch import load_file, save_file
+
+    from harness import provenance
+    from model import load_model
+    from model.lora import apply_lora, save_adapter
+
+    source = load_model(tiny.ckpt)
+    apply_lora(source, rank=2, alpha=4.0, dropout=0.0)
+    adapter = save_adapter(source, tmp_path / "adapter")
+    made = provenance.fingerprint(model=provenance.Dir(tiny.ckpt), **{"vision tower": None})
+    provenance.save(adapter / "provenance.json", made, made_by="train.py")
+    other = tmp_path / "other"
+    shutil.copytree(tiny.ckpt, other)
+    weights = other / "model.safetensors"
+    save_file({k: v + 1 for k, v in load_file(weights).items()}, weights)
+
+    class Loaded(Exception):
+        pass
+
+    loaded = []
+
+    def load(cfg, device):
+        loaded.append(cfg.model)
+        raise Loaded
+
+    monkeypatch.setattr(E, "load_for_eval", load)
+    args = ["--adapter", str(adapter), "--benchmark", f"q={tiny.root / 'test.json'}", "--image-root",
+            str(tiny.images), "--out", str(tmp_path / "run")]
+    with pytest.raises(Loaded):
+        E.main(args)
+    assert loaded == [str(tiny.ckpt.resolve())]
+    capsys.readouterr()
+    assert run_main(E.main, args + ["--model", str(other)]) == 2
+    err = capsys.readouterr().err.strip().split("\n")
+    assert len(err) == 1 and "--allow-other-model" in err[0], err
+    assert f"--adapter {adapter} comes from another model: {tiny.ckpt.resolve()}, not {other.resolve()} (" \
+        "model weights (model.safetensors) changed)" in err[0]
+    with pytest.raises(Loaded):
+        E.main(args + ["--model", str(other), "--allow-other-model"])
+    (adapter / "provenance.json").unlink()  # PEFT's adapter
+    with pytest.raises(UserError, match=f"^--model is required: --adapter {adapter} does not record its "):
+        E.main(args)
+    with pytest.raises(Loaded):
+        E.main(args + ["--model", str(other)])
+    assert loaded == [str(tiny.ckpt.resolve()), str(other), str(other)]
+
+
 def test_pathvqa_answer_types_are_scored(tmp_path):
     """PathVQA's answer types: yes/no is closed, other and number are open."""
     rows = [{"question_id": 1, "image": "x.png", "text": "Is it benign?", "answer": "yes", "answer_type": "yes/no"},

@@ -25,6 +25,7 @@ import hscr
 import tiny
 from harness import prefs
 from model.rows import cut_generated
+from model.tokenizer import canonical_form, load_tokenizer
 from data import Record
 from syncs import host_syncs
 
@@ -741,8 +742,8 @@ def test_resume_refuses_options_that_change_floats(reference_run, ckpt, dataset,
 
 
 def test_header_provenance_names_every_input_and_option(reference_run, ckpt, dataset):
-    """The fingerprint: the checkpoint directory, the tokenizer file load_tokenizer reads (here
-    the checkpoint's tokenizer.json), the data file and the 8 images that exist (0-6.png and
+    """The fingerprint: the checkpoint directory, what the tokenizer does (its canonical form; here
+    the checkpoint's tokenizer.json's), the data file and the 8 images that exist (0-6.png and
     corrupt.png; nope.png is missing, its entry rejected), by sha256; every option but the paths,
     --overwrite and --check-finite (they change no number), and the number of ranks."""
     import hashlib
@@ -750,8 +751,9 @@ def test_header_provenance_names_every_input_and_option(reference_run, ckpt, dat
     p = _lines(reference_run)[0]["provenance"]
     sha = lambda path: hashlib.sha256(Path(path).read_bytes()).hexdigest()  # noqa: E731
     assert p["model"]["kind"] == "dir" and p["model"]["files"]["model.safetensors"] == sha(ckpt / "model.safetensors")
-    assert p["tokenizer"] == {"kind": "file", "path": str((ckpt / "tokenizer.json").resolve()),
-                              "sha256": sha(ckpt / "tokenizer.json")}
+    form = json.dumps(canonical_form(load_tokenizer(ckpt)), sort_keys=True, ensure_ascii=False,
+                      separators=(",", ":")).encode("utf-8")
+    assert p["tokenizer"] == {"kind": "content", "n": None, "sha256": hashlib.sha256(form).hexdigest()}
     assert p["data"]["sha256"] == sha(dataset[0])
     assert p["images"]["kind"] == "files" and p["images"]["n"] == 8
     assert p["vision tower"] is None and p["answers"] is None and p["sentence encoder"] is None
@@ -847,6 +849,23 @@ def test_non_finite_weights_are_refused_or_give_rejects(ckpt, dataset, tmp_path)
     rejects = [r for r in _lines(prefs.sidecar(out, "rejects")) if r["category"] == "non-finite probability"]
     assert len(_lines(out)) == 1 and summary["entries_written"] == 0 and rejects
     assert all(r["reason"].startswith("p_chosen nan, p_rejected ") for r in rejects)
+
+
+def test_a_wrong_image_root_stops_before_the_model_loads(ckpt, dataset, tmp_path, monkeypatch, capsys):
+    """An --image-root that holds none of the selected entries' images (a wrong folder) stops in one line
+    naming it and where the first image was looked for, before the model loads, and writes nothing."""
+    from harness.cli import run_main
+
+    monkeypatch.setattr(prefs, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out, root = tmp_path / "prefs.jsonl", tmp_path / "elsewhere"
+    root.mkdir()
+    argv = _cli(ckpt, dataset, out)
+    argv[argv.index("--image-root") + 1] = str(root)
+    assert run_main(lambda a: hscr.main(a) and 0, argv) == 2
+    err = capsys.readouterr().err.strip().split("\n")
+    assert len(err) == 1 and f"--image-root {root}: none of the images that 10 selected entries name is " \
+        f"there (e.g. {root / '0.png'})" in err[0], err
+    assert not out.exists() and not prefs.sidecar(out, "rejects").exists()
 
 
 def test_a_duplicate_id_does_not_mark_its_entry_done(ckpt, dataset, tmp_path):

@@ -17,9 +17,10 @@ import pytest
 import sentencepiece as spm
 from tokenizers import AddedToken, Tokenizer
 
+from harness import provenance
 from harness.cli import UserError
-from model.tokenizer import (build_prompt, convert_sentencepiece, decode, load_tokenizer, main,
-                             read_sentencepiece, tokenize_prompt, tokenize_response, word_classes)
+from model.tokenizer import (build_prompt, canonical_form, convert_sentencepiece, decode, load_tokenizer,
+                             main, read_sentencepiece, tokenize_prompt, tokenize_response, word_classes)
 
 # Training text for the tiny model: prose, medical phrases, code with indentation, numbers, some
 # accented and CJK characters (others are left out so that byte fallback is exercised).
@@ -266,6 +267,27 @@ def test_load_tokenizer_and_cli(mistral, tmp_path, capsys):
     assert ids(load_tokenizer(out), text) == sp.encode(text)
     assert ids(load_tokenizer(out.parent), text) == sp.encode(text)
     assert ids(load_tokenizer(tmp_path / "tokenizer.model"), text) == sp.encode(text)
+
+
+def test_a_converted_tokenizer_json_is_the_same_tokenizer(mistral, tiny, tmp_path):
+    """What the fingerprints hash is what a tokenizer does, not its file: tokenizer.model, the
+    tokenizer.json `convert` writes from it, and that file with its merges in the older "a b" string
+    form all have one canonical form and digest (so hscr.py, train.py and eval.py resume across the
+    conversion); another tokenizer has another."""
+    path = tmp_path / "tokenizer.model"
+    shutil.copy(mistral[0], path)
+    main(["convert", str(path), str(tmp_path / "tokenizer.json")])
+    old = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    old["model"]["merges"] = [" ".join(pair) for pair in old["model"]["merges"]]
+    (tmp_path / "old.json").write_text(json.dumps(old), encoding="utf-8")
+    assert (tmp_path / "old.json").read_bytes() != (tmp_path / "tokenizer.json").read_bytes()
+
+    def digest(tokenizer_path):
+        part = provenance.Content(canonical_form(load_tokenizer(tokenizer_path)))
+        return provenance.fingerprint(tokenizer=part)["tokenizer"]
+
+    same = [digest(p) for p in (path, tmp_path / "tokenizer.json", tmp_path / "old.json")]
+    assert same[0] == same[1] == same[2] and digest(tiny[0]) != same[0]
 
 
 # ----------------------------------------------------------------------------------------------

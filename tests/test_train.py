@@ -462,19 +462,63 @@ def test_cli_dispatch(argv, trainer):
 
 def test_trainer_options_parse_as_typed(capsys):
     """Options built from TrainConfig: `int | None` parses as int, flags as booleans; a missing
-    --model, and the options that moved to demo/base.py (SFT, --full, --init-preset), are reported
+    --data, and the options that moved to demo/base.py (SFT, --full, --init-preset), are reported
     in one line (exit status 2)."""
     cfg = train.TrainConfig(**vars(train.build_parser().parse_args(
         ["--model", "m", "--data", "d", "--max-steps", "7", "--lr", "1e-3", "--no-plot", "--dtype", "bfloat16",
          "--num-negatives", "2"])))
     assert (cfg.max_steps, cfg.lr, cfg.plot, cfg.dtype, cfg.negatives) == (7, 1e-3, False, "bfloat16", 2)
-    for argv, message in ((["train", "--data", "d"], "--model is required"),
+    for argv, message in ((["train", "--model", "m"], "--data is required"),
                           (["--stage", "sft", "--data", "d"], "python -m demo.base"),
                           (["train", "--model", "m", "--data", "d", "--full"], "python -m demo.base"),
                           (["--init-preset=tiny", "--data", "d"], "python -m demo.base")):
         with pytest.raises(SystemExit) as e:
             train.main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_takes_the_model_that_made_the_preferences(workspace, tmp_path, monkeypatch, capsys):
+    """HSCR is on-policy. Without --model and --image-root, train.py trains the model and reads the images
+    that the preference file's header records; the same weights elsewhere are the same model; another
+    model (by content) stops before the model loads, in one line naming both, unless --allow-other-model
+    (off-policy, e.g. DPO on another model's preferences). A file that records no model needs --model."""
+    root, ckpt, prefs = workspace
+    made = provenance.fingerprint(model=provenance.Dir(ckpt), **{"vision tower": None},
+                                  images=provenance.Files(root, ["img0.png"]))
+    data = tmp_path / "data" / "prefs.jsonl"  # not beside the images: their root comes from the header
+    data.parent.mkdir()
+    data.write_text(json.dumps({"_header": True, "options": {}, "provenance": made}) + "\n"
+                    + "".join(json.dumps(r) + "\n" for r in preference_records(12)))
+    copy, other = tmp_path / "copy", tmp_path / "other"
+    shutil.copytree(ckpt, copy)
+    tiny.save_layout(tiny.hf_tiny_llava("llama", seed=1), other, "llava-hf")
+    shutil.copy(ckpt / "tokenizer.json", other)
+
+    class Loaded(Exception):
+        pass
+
+    loaded = []
+
+    def load(path, **kw):
+        loaded.append(path)
+        raise Loaded
+
+    monkeypatch.setattr(train, "load_model", load)
+    for model in (None, str(copy)):
+        with pytest.raises(Loaded):
+            train.train(config(workspace, tmp_path / f"run-{len(loaded)}", model=model, data=str(data)))
+    assert loaded == [str(ckpt.resolve()), str(copy)]
+    argv = ["--model", str(other), "--data", str(data), "--out", str(tmp_path / "run"), "--batch-size", "4",
+            "--micro-batch", "4", "--eval-fraction", "0"]
+    capsys.readouterr()
+    assert run_main(train.main, argv) == 2
+    err = capsys.readouterr().err.strip().split("\n")
+    assert len(err) == 1 and "--allow-other-model" in err[0], err
+    assert f"--data {data} comes from another model: {ckpt.resolve()}, not {other.resolve()}" in err[0]
+    with pytest.raises(Loaded):
+        train.main(argv + ["--allow-other-model"])
+    with pytest.raises(UserError, match=f"^--model is required: --data {prefs} does not record its model$"):
+        train.train(config(workspace, tmp_path / "run", model=None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,6 +604,7 @@ def test_resume_keeps_a_finished_run_unless_its_adapter_was_written_again(worksp
     trained = weights.read_bytes()
     record = provenance.load(out / "provenance.json")
     assert record["finished"]["step"] == 3
+    assert provenance.load(out / "adapter" / "provenance.json")["fingerprint"] == record["fingerprint"]
     assert record["finished"]["outputs"]["adapter"]["files"] == provenance.dir_digest(out / "adapter")
 
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -682,9 +727,9 @@ def test_non_utf8_preference_file_names_the_byte(workspace, tmp_path, capsys):
 
 def hscr_file(path: Path, records: list[dict], tokenizer_sha256: str, **options) -> None:
     """A preference file as hscr.py writes it (docs/FORMATS.md): a header whose provenance names
-    the tokenizer by digest, and records holding their responses' token ids."""
+    the tokenizer by the digest of what it does, and records holding their responses' token ids."""
     header = {"_header": True, "options": options,
-              "provenance": {"tokenizer": {"kind": "file", "path": "tokenizer.json", "sha256": tokenizer_sha256}}}
+              "provenance": {"tokenizer": {"kind": "content", "n": None, "sha256": tokenizer_sha256}}}
     path.write_text("".join(json.dumps(r) + "\n" for r in [header] + records))
 
 
