@@ -191,7 +191,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | N
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | None = None) -> list[str]:
     """Load a PEFT LoRA adapter (ours or PEFT's own), applying LoRA first if the model has none; what is
-    wrong in the files (unknown, missing or mis-shaped tensors) raises one error that lists it all."""
+    wrong in the files (unknown, missing, mis-shaped or non-finite tensors) raises one error listing it all."""
     config_path, weights_path = Path(adapter_dir) / ADAPTER_CONFIG, Path(adapter_dir) / ADAPTER_WEIGHTS
     try:
         config = json.loads(config_path.read_text())
@@ -227,8 +227,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | Non
     shapes = [f"{n}.{ab}: file {tuple(t.shape)} vs model {tuple(getattr(modules[n], ab).weight.shape)}"
               for n, d in by_module.items() if n in modules for ab, t in d.items()
               if t.shape != getattr(modules[n], ab).weight.shape]
-    problems = [f"{what}: {items}" for what, items in
-                (("unknown keys", sorted(unknown)), ("missing", missing), ("mis-shaped", shapes)) if items]
+    nonfinite = [f"{n}.{ab}" for n, d in by_module.items() for ab, t in d.items() if not t.isfinite().all()]
+    problems = [f"{what}: {items}" for what, items in (("unknown keys", sorted(unknown)), ("missing", missing),
+                                                        ("mis-shaped", shapes), ("NaN or Inf", nonfinite)) if items]
     if problems:
         raise ValueError(f"{weights_path}: " + "; ".join(problems))
     # A model that had LoRA already: its layers must have the file's r and α.

@@ -203,7 +203,7 @@ def test_load_adapter_errors_list_keys_and_file(checkpoint, tmp_path):
     weights = tmp_path / "a" / "adapter_model.safetensors"
     tensors = load_file(weights)
     gone = "base_model.model.model.language_model.layers.1.mlp.up_proj.lora_B.weight"
-    del tensors[gone]
+    kept = tensors.pop(gone)
     tensors["base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 32)
     save_file(tensors, weights)
     with pytest.raises(ValueError) as err:
@@ -211,6 +211,12 @@ def test_load_adapter_errors_list_keys_and_file(checkpoint, tmp_path):
     message = str(err.value)
     assert str(weights) in message and "vision_tower.encoder.layers.0" in message
     assert "language_model.layers.1.mlp.up_proj.lora_B" in message
+    tensors[gone] = kept
+    del tensors["base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj.lora_A.weight"]
+    tensors[gone][0, 1] = float("nan")  # damaged bytes: issue #24 item 1, for adapters too
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: NaN or Inf: \[.*layers\.1\.mlp\.up_proj\.lora_B"):
+        load_adapter(model, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     config["use_dora"] = True
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))

@@ -277,7 +277,7 @@ def test_efficient_forward_matches_plain(workspace):
     ours = train.row_logprobs(model, model, rows, pixels, chunk_rows=5)
     ours_grad = torch.autograd.grad(ours.sum(), model.language_model.layers[0].self_attn.q_proj.lora_B.weight)[0]
 
-    plain, r = [], 0
+    plain = []
     for b, ex in enumerate(batch):
         for ids, target in zip(ex.rows, ex.targets):
             logits = model(torch.tensor([ids]), pixels[b:b + 1])[0]               # (T, V)
