@@ -37,7 +37,7 @@ Usage:
     python hscr.py --model DIR --data FILE --image-root DIR --out prefs.jsonl [knobs: --help]
     torchrun --nproc_per_node N hscr.py ...      each rank writes prefs.rankR-of-N.jsonl, rank 0 merges
     python hscr.py merge --out prefs.jsonl --world-size N      (the merge alone, e.g. after a crash)
-    python hscr.py stats prefs.jsonl [--model DIR]             negatives, similarities, probabilities
+    python hscr.py stats prefs.jsonl [--model DIR] [--external FILE]   negatives, similarities, probabilities
 """
 from __future__ import annotations
 

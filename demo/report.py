@@ -3,7 +3,9 @@ base64 PNG, no scripts) that shows what each stage of HSCR did, from the files t
 
 Sections, in page order:
   results      table.md (base vs aligned), timings.json, prefs.summary.json
-  preferences  a sample of alignment entries of prefs.jsonl (hscr.py, stages 1-2 of
+  preferences  with --negatives external, histograms of the mean per-token probability under the
+               base of the self-made and the external negatives (sampling.json: `sampling_png`);
+               a sample of alignment entries of prefs.jsonl (hscr.py, stages 1-2 of
                docs/METHOD.md): the image, the question, y_w with each token shaded by its
                coupling score s_t (step 4: `token_shade`), the coupled positions in score order
                with their replacement (step 5), the graded negatives kept by the re-ranking, with
@@ -295,6 +297,16 @@ def preferences_section(run_dir: Path, n: int = ENTRIES) -> str:
     if tokenizer is None:
         parts.append(_note(f"tokenizer {html.escape(str(options.get('tokenizer')))} not found: y_w is shown as text, "
                            "the coupled tokens in the table only."))
+    sampling = run_dir / "sampling.json"
+    if sampling.is_file():
+        p = json.loads(sampling.read_text(encoding="utf-8"))
+        parts.append('<h3>Sampling probability: self-made vs external negatives</h3>' + _note(
+            "Mean per-token probability under the base (<code>python hscr.py stats --external</code>): "
+            f"chosen {_fmt(p['p_chosen'])}, self-made negatives {_fmt(p['p_rejected'])}, external "
+            f"{_fmt(p['p_external'])} (written by the world from the reference, the paper's GPT-4o pairs; "
+            "training used these).")
+            + f'<img class="curves" alt="sampling probability" src="data:image/png;base64,'
+              f'{base64.b64encode(sampling_png(p)).decode("ascii")}">')
     root = options.get("image_root")
     for r in shown:
         tokens = _answer_tokens(r, tokenizer)
@@ -365,11 +377,31 @@ def curves_png(metrics: list[dict]) -> bytes:
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "not in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
+    return _png_of(plt, fig)
+
+
+def _png_of(plt, fig) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return buf.getvalue()
+
+
+def sampling_png(p: dict) -> bytes:
+    """Two histograms on the same bins (sampling.json: `python hscr.py stats --external` with the
+    per-negative values under "each"): self-made and external negatives, each with its mean and
+    the chosen answers' mean marked."""
+    plt = _matplotlib()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), sharex=True, squeeze=False)
+    for ax, key, mean in zip(axes.flat, ("self-made", "external"), (p["p_rejected"], p["p_external"])):
+        ax.hist(p["each"][key], bins=[i / 20 for i in range(21)], color="C0" if key == "self-made" else "C1")
+        ax.axvline(mean, color="k", label=f"mean {_fmt(mean)}")
+        ax.axvline(p["p_chosen"], color="k", linestyle=":", label=f"chosen, mean {_fmt(p['p_chosen'])}")
+        ax.set_title(f"{key} negatives ({len(p['each'][key])})", fontsize=10)
+        ax.set_xlabel("mean per-token probability under the base", fontsize=8)
+        ax.legend(fontsize=7)
+    return _png_of(plt, fig)
 
 
 def training_section(run_dir: Path) -> str:

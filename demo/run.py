@@ -40,7 +40,8 @@ from harness import provenance
 import train
 from harness.cli import UserError, dataclass_parser, option, run_main
 from demo.report import write_report
-from demo.world import build_world
+from demo.world import build_world, write_external_negatives
+from harness.files import read_jsonl
 from harness.rundir import PROVENANCE
 from model.sentence import default_minilm_path
 
@@ -82,6 +83,9 @@ class DemoConfig:
     same_word: str = option("allow", "hscr.py --same-word: candidates spelling y_t's word otherwise",
                             choices=("allow", "exclude"))
     prefs: str | None = option(None, "preference file to write or reuse (default: OUT/prefs.jsonl)")
+    negatives: str = option("self", "train on hscr.py's negatives, or on one external negative per entry "
+                            "written by the world from the reference (PREFS.external.jsonl; docs/METHOD.md, "
+                            "Evaluation)", choices=("self", "external"))
     overwrite: bool = option(False, "make again the outputs in --out (and --prefs) that other inputs or options "
                              "made; without it the demo stops naming what changed. Outputs that match are reused")
 
@@ -228,6 +232,15 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
             num_candidates=cfg.num_candidates, candidates=cfg.candidates, alpha=cfg.alpha, drop_ratio=cfg.drop_ratio,
             drop_positions=cfg.drop_positions, coupling=cfg.coupling, same_word=cfg.same_word, batch_size=128,
             max_new_tokens=32, device="cpu", score_negatives=True), cfg.overwrite)  # report.html shows p_rejected
+        data = prefs
+        if cfg.negatives == "external":  # the paper's GPT-4o pairs, played by the world; p under the base
+            data = write_external_negatives(prefs, world["align"], prefs.with_suffix(".external.jsonl"),
+                                            cfg.seed, cfg.overwrite)
+            stats = hscr.main(["stats", str(prefs), "--external", str(data), "--model", str(base),
+                               "--device", "cpu", "--batch-size", "128"])
+            each = {"self-made": [p for r in read_jsonl(prefs)[1:] for p in r.get("p_rejected", [])],
+                    "external": stats.pop("p_external_each")}
+            (out / "sampling.json").write_text(json.dumps({**stats, "each": each}) + "\n")  # for report.html
 
     with stages.stage("train", f"train.py: LoRA with the {cfg.loss} loss → {out / 'train'}"):
         # train.py --resume decides on its own record: this run finished is reused, interrupted resumed,
@@ -235,7 +248,7 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
         record = provenance.load(out / "train" / PROVENANCE)
         holds = record is not None
         options = train.TrainConfig(
-            model=str(base), data=str(prefs), image_root=str(world["root"]), out=str(out / "train"),
+            model=str(base), data=str(data), image_root=str(world["root"]), out=str(out / "train"),
             loss=cfg.loss, gamma=cfg.gamma, epochs=cfg.epochs, batch_size=16, micro_batch=16, lr=cfg.lr,
             seed=cfg.seed, max_steps=cfg.steps, eval_fraction=0.05, eval_every=0, save_every=0,
             lora_dropout=0.0, max_response_tokens=64, device="cpu", resume=holds,
@@ -283,8 +296,11 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
 
 
 # The ablation of issue 7 / the paper's tables: variant name → DemoConfig overrides.
-ABLATION = {"dpo (1 negative)": {"loss": "dpo"}, "explicit only": {"loss": "explicit"},
-            "implicit only": {"loss": "implicit"}, "hscr": {}, "hscr, pixel masking": {"mask_strategy": "pixel"}}
+# "dpo, external negatives": the paper's GPT-4o pairs (Table 3), one per entry, written by the world.
+ABLATION = {"dpo (1 negative)": {"loss": "dpo"},
+            "dpo, external negatives": {"loss": "dpo", "negatives": "external"},
+            "explicit only": {"loss": "explicit"}, "implicit only": {"loss": "implicit"}, "hscr": {},
+            "hscr, pixel masking": {"mask_strategy": "pixel"}}
 ABLATION_METRICS = {label: DEMO_ROWS[key] for label, key in (
     ("closed acc", "closed accuracy (LLaVA-Med, lenient)"), ("closed strict", "closed accuracy, strict"),
     ("open recall", "open recall"), ("halluc. rate", "hallucination rate"),
@@ -326,8 +342,9 @@ def build_parser(prog: str, ablation_run: bool = False):
     """The options of DemoConfig; the ablation's default --out is runs/ablation and it adds --seeds."""
     if ablation_run:
         parser = dataclass_parser(DemoConfig, prog=f"{prog} ablation", defaults={"out": "runs/ablation"},
-                                  description="The embedded demo's ablation: base, DPO, explicit only, implicit "
-                                  "only, HSCR, HSCR with pixel masking, over several seeds.")
+                                  description="The embedded demo's ablation: base, DPO, DPO on external "
+                                  "negatives, explicit only, implicit only, HSCR, HSCR with pixel masking, "
+                                  "over several seeds.")
         parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="(default: 0 1 2)")
         return parser
     return dataclass_parser(DemoConfig, prog=f"{prog} [demo]", description=(

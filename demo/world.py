@@ -683,3 +683,90 @@ def world_texts(root: str | os.PathLike) -> list[str]:
             texts.append(record.question)
             texts.append(record.answer)
     return texts
+
+
+# --------------------------------------------------------------------------------------------
+# External negatives: the dispreferred answers an outside system writes (the paper's GPT-4o pairs)
+
+# The facts a wrong answer may change, as attributes of the scene: "presence" adds findings to an
+# empty scene or removes them all; a modality brings its organ and finding words along.
+EXTERNAL_FACTS = ("modality", "presence", "count", "side", "size")
+_SINGLE_FACT = {"modality": ("modality",), "organ": ("modality",), "side": ("side",), "location": ("side",),
+                "size": ("size",)}
+
+
+def _other(value, choices, rng: np.random.Generator):
+    rest = [c for c in choices if c != value]
+    return rest[int(rng.integers(len(rest)))]
+
+
+def external_negative(kind: str, scene: Scene, answer: str,
+                      rng: np.random.Generator) -> tuple[str, list[str]]:
+    """(a fluent wrong answer, the facts it changes): what a strong text model asked for a plausible
+    wrong answer would write from the reference, in the world's phrasing. A yes/no answer is
+    flipped; any other is the world's answer for the scene with one to three of the facts the
+    answer states (EXTERNAL_FACTS) changed to values the scene contradicts."""
+    if kind in CLOSED_KINDS:
+        return ("no" if answer == "yes" else "yes"), ["yes/no"]
+    found = scene.count > 0
+    if kind in _SINGLE_FACT:
+        facts = list(_SINGLE_FACT[kind])
+    elif kind == "count":
+        facts = [_other(None, ("presence", "count") if found else ("presence",), rng)]
+    else:  # describe, report: modality is stated in reports, and by the organ of a finding
+        able = ["presence"] + ["count", "side", "size"] * found + ["modality"] * (found or kind == "report")
+        facts, want = [], int(rng.integers(1, 4))
+        for fact in (able[i] for i in rng.permutation(len(able))):
+            gone = "presence" in facts and found  # the findings are removed: nothing else to change
+            if len(facts) < want and not gone and not (fact == "presence" and found and facts):
+                facts.append(fact)
+    wrong = vars(scene).copy()
+    for fact in facts:
+        if fact == "presence":
+            wrong.update(count=0, side=None, size=None) if found else wrong.update(
+                count=int(rng.integers(1, 4)), side=_other(None, ("left", "right"), rng),
+                size=_other(None, ("small", "large"), rng))
+        else:
+            choices = {"modality": MODALITIES, "count": (1, 2, 3), "side": ("left", "right"),
+                       "size": ("small", "large")}[fact]
+            wrong[fact] = _other(wrong[fact], choices, rng)
+    return _question_answer(kind, Scene(**wrong), None, rng)[1], facts
+
+
+def write_external_negatives(prefs: str | os.PathLike, align: str | os.PathLike, out: str | os.PathLike,
+                             seed: int, overwrite: bool = False) -> Path:
+    """A preference file (docs/FORMATS.md) with the entries of `prefs` (hscr.py's output on `align`),
+    each with one external negative (`external_negative`, drawn from (seed, the entry's index)) in
+    place of the self-made ones; texts only, which train.py tokenizes. The header records what made
+    it. A file already at `out` is kept when it holds the same, else replaced only with `overwrite`."""
+    from harness import provenance
+    from harness.cli import UserError
+    from harness.files import read_jsonl
+
+    lines = read_jsonl(prefs)
+    if not lines or not lines[0].get("_header"):
+        raise UserError(f"{prefs}: not an hscr.py output (no header line)")
+    entries = {r["id"]: r for r in json.loads(Path(align).read_text(encoding="utf-8"))}
+    options = {"prefs": str(prefs), "align": str(align), "seed": seed, "world_version": WORLD_VERSION,
+               "image_aspect": lines[0]["options"].get("image_aspect")}
+    made = provenance.fingerprint(**{"preference data": provenance.File(prefs),
+                                     "align": provenance.File(align), "seed": seed, "writer": WORLD_VERSION})
+    rows = [{"_header": True, "writer": "demo.world.write_external_negatives", "options": options,
+             "provenance": made}]
+    for r in lines[1:]:
+        if r["id"] not in entries:
+            raise UserError(f"{prefs}: entry {r['id']} is not in {align}")
+        entry = entries[r["id"]]
+        text, facts = external_negative(entry["kind"], Scene(**entry["scene"]), r["chosen"],
+                                        np.random.default_rng([seed, r["index"]]))
+        kept = ("id", "index", "image", "question", "prompt", "answer_type", "chosen")
+        rows.append({**{k: r[k] for k in kept}, "negatives": [{"text": text, "facts": facts}],
+                     "rejected": text})
+    text, out = "".join(json.dumps(row) + "\n" for row in rows), Path(out)
+    held = out.read_text(encoding="utf-8") if out.is_file() else None
+    if held is not None and held != text and not overwrite:
+        raise UserError(f"{out} holds other external negatives than {prefs} gives now; "
+                        "--overwrite writes it again")
+    if held != text:
+        _write_atomic(out, text)
+    return out

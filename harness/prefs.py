@@ -12,6 +12,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -23,11 +24,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import Record, load_pixels, read_records, resolve_image
+from data import Record, _preference_fields, load_pixels, read_records, resolve_image
 from harness import provenance
 from harness.cli import UserError
 from harness.dist import barrier, init_process_group
-from harness.files import JsonlFile, merge_jsonl, read_jsonl, remove
+from harness.files import JsonlFile, merge_jsonl, read_json_records, read_jsonl, remove
 from model import load_model
 from model.loading import resolve_dtype
 from model.rows import mean_token_probability, teacher_forced_logits
@@ -449,6 +450,8 @@ def stats_main(argv) -> dict:
     p = argparse.ArgumentParser(prog="python hscr.py stats", description=stats_main.__doc__.split("\n")[0])
     p.add_argument("prefs", help="output of hscr.py")
     p.add_argument("--model", help="checkpoint directory: also score external negatives")
+    p.add_argument("--external", help="preference file whose negatives (matched by id) --model scores as the "
+                   "external ones (default: each entry's borrowed one, another entry's answer)")
     p.add_argument("--image-root", help="default: the run's --image-root (from the header)")
     p.add_argument("--tokenizer", help="default: the run's tokenizer")
     p.add_argument("--vision-tower", help="CLIP directory, as for the run")
@@ -471,8 +474,11 @@ def stats_main(argv) -> dict:
               "p_rejected": _mean(x for ps in scored for x in ps),
               "p_rejected_by_rank": ([_mean(ps[j] for ps in scored if len(ps) > j) for j in range(depth)]
                                      if scored else None)}
+    if args.external and not (args.model and Path(args.external).is_file()):
+        raise UserError(f"--external {args.external}: {'file not found' if args.model else 'needs --model'}")
     if args.model:
-        result["p_external"] = external_probability(args, options, records)
+        each = external_probability(args, options, records)
+        result.update(p_external=_mean(each), p_external_each=each)
     print(f"{path}: {result['entries']} entries; by number of negatives "
           + ", ".join(f"{k}: {v}" for k, v in result["negatives"].items()))
     by_rank = result["similarity_by_rank"]
@@ -483,29 +489,44 @@ def stats_main(argv) -> dict:
     if records and not scored:
         print("  no p_rejected in the file: rerun hscr.py with --score-negatives (with another --out, or "
               "--overwrite) to compare the negatives' probability with chosen and external answers")
-    print(json.dumps(result))
+    print(json.dumps({k: v for k, v in result.items() if k != "p_external_each"}))
     return result
 
 
-def external_probability(args, options: dict, records: list[dict]) -> float | None:
-    """Mean per-token probability under --model of each entry's borrowed negative (the next entry's
-    different chosen answer, cyclically), prepared as hscr.py prepares y_w (a reject is left out)."""
+def external_negatives(path: str) -> dict[str, list[str]]:
+    """id → negative texts of a preference file (`stats --external`); a bad record is named and skipped."""
+    found = {}
+    for index, item in read_json_records(path):
+        try:
+            if not (isinstance(item, dict) and item.get(HEADER_KEY)):
+                rid, *_, negatives = _preference_fields(item, None)
+                found[rid] = [text for text, *_ in negatives]
+        except ValueError as e:
+            print(f"{path}: record {index} skipped: {e}", file=sys.stderr)
+    return found
+
+
+def external_probability(args, options: dict, records: list[dict]) -> list[float]:
+    """Per-token probability under --model of each entry's external negatives: those of --external,
+    else its borrowed one (the next entry's different chosen answer, cyclically), each prepared as
+    hscr.py prepares y_w (a reject is left out)."""
+    external = external_negatives(args.external) if args.external else None
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, vision_tower=args.vision_tower or options["vision_tower"],
                        dtype=resolve_dtype("auto", device), device=device)
     tokenizer = load_tokenizer(args.tokenizer or options["tokenizer"])
     opts = SimpleNamespace(**{**options, "image_root": args.image_root or options["image_root"],
-                              "score_on": "reference", "continuation": "splice"})  # the borrowed answer
+                              "score_on": "reference", "continuation": "splice"})  # as the reference
     c = model.config
     pad = c.text.pad_token_id if c.text.pad_token_id not in (None, c.image_token_id) else c.text.eos_token_id
     chosen = [r["chosen"] for r in records]
     entries = []
     for i, r in enumerate(records[: args.limit] if args.limit else records):
         other = next((chosen[(i + d) % len(chosen)] for d in range(1, len(chosen))
-                      if chosen[(i + d) % len(chosen)] != r["chosen"]), None)
-        if other is not None:
-            entries.append(prepare(r["index"], Record(r["id"], r["image"], r["question"], other, None), opts,
-                                   tokenizer, c))
+                      if chosen[(i + d) % len(chosen)] != r["chosen"]), None) if external is None else None
+        texts = external.get(r["id"], []) if external is not None else [other] * (other is not None)
+        entries += [prepare(r["index"], Record(r["id"], r["image"], r["question"], text, None), opts,
+                            tokenizer, c) for text in texts]
     entries = [e for e in entries if isinstance(e, Entry)]
     probs = []
     for start in range(0, len(entries), args.batch_size):
@@ -515,4 +536,4 @@ def external_probability(args, options: dict, records: list[dict]) -> float | No
         logits, t, v = teacher_forced_logits(model, [e.prompt_ids for e in batch], features,
                                              [e.response for e in batch], pad)
         probs += mean_token_probability(logits, t, v).tolist()
-    return _mean(probs)
+    return probs

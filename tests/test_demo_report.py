@@ -207,3 +207,22 @@ def test_cli(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(run / "report.html")
     assert report.main([str(tmp_path / "nothing")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_sampling_probability_histograms(tmp_path, monkeypatch):
+    """With sampling.json (a run with --negatives external) the preference section draws the two
+    histograms, self-made and external negatives on the same bins of width 0.05, each with its mean
+    and the chosen answers' mean, and states the three means."""
+    run = make_run(tmp_path)
+    each = {"self-made": [0.6, 0.3, 0.5], "external": [0.2, 0.3]}
+    (run / "sampling.json").write_text(json.dumps({"p_chosen": 0.93, "p_rejected": 0.4667, "p_external": 0.25,
+                                                   "each": each}))
+    drawn = []
+    from matplotlib.axes import Axes
+    monkeypatch.setattr(Axes, "hist", lambda ax, values, bins, **kw: drawn.append((values, bins)))
+    page = report.write_report(run).read_text(encoding="utf-8")
+    assert "<h3>Sampling probability: self-made vs external negatives</h3>" in page
+    assert "chosen 0.930, self-made negatives 0.467, external 0.250" in page
+    assert re.search(r'alt="sampling probability" src="data:image/png;base64,', page)
+    assert [values for values, _ in drawn] == [[0.6, 0.3, 0.5], [0.2, 0.3]]
+    assert drawn[0][1] == drawn[1][1] == pytest.approx([i * 0.05 for i in range(21)])

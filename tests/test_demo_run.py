@@ -254,3 +254,40 @@ def test_ablation_table_means_and_base_reuse(tmp_path, monkeypatch):
     assert rows["hscr"][0] == "62.00 ± 2.83" and rows["hscr"][4] == "12.00 ± 2.83"
     assert rows["base"][0] == "50.00 ± 0.00" and rows["dpo (1 negative)"][0] == "57.00 ± 2.83"
     assert (tmp_path / "ablation.md").read_text().endswith(table + "\n")
+
+
+def test_external_negatives_are_written_scored_and_trained_on(tmp_path, monkeypatch):
+    """--negatives external: after hscr.py, the world writes PREFS.external.jsonl from the self-made
+    file (the run's seed and --overwrite passed on), `hscr.py stats --external` scores it under the base
+    into sampling.json (with every self-made negative's p_rejected, for report.html), and train.py
+    trains on it. The ablation's variant is DPO on it."""
+    out, prefs = tmp_path / "run", tmp_path / "prefs-seed3.jsonl"
+    dest = tmp_path / "prefs-seed3.external.jsonl"
+    rows = ({"_header": True}, {"id": "a", "p_rejected": [0.5, 0.25]})
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = {}
+
+    def external(*args):
+        calls["external"] = args
+        return dest
+
+    def train(cfg):
+        calls["train"] = cfg.data
+        raise KeyboardInterrupt  # stop here
+
+    stats = {"p_chosen": 0.9, "p_rejected": 0.375, "p_external": 0.2}
+    monkeypatch.setattr(run, "demo_world", lambda root: {"align": tmp_path / "align.json", "root": tmp_path})
+    monkeypatch.setattr(run.hscr, "run", lambda options: {})
+    monkeypatch.setattr(run, "write_external_negatives", external)
+    monkeypatch.setattr(run.hscr, "main", lambda argv: calls.setdefault("stats", argv) and
+                        {**stats, "p_external_each": [0.2]})
+    monkeypatch.setattr(run.train, "train", train)
+    with pytest.raises(KeyboardInterrupt):
+        run.demo(run.DemoConfig(out=str(out), prefs=str(prefs), seed=3, negatives="external"))
+    assert calls["external"] == (prefs, tmp_path / "align.json", dest, 3, False)
+    assert calls["stats"] == ["stats", str(prefs), "--external", str(dest), "--model", str(BASE),
+                              "--device", "cpu", "--batch-size", "128"]
+    assert calls["train"] == str(dest)
+    assert json.loads((out / "sampling.json").read_text()) == {
+        **stats, "each": {"self-made": [0.5, 0.25], "external": [0.2]}}
+    assert run.ABLATION["dpo, external negatives"] == {"loss": "dpo", "negatives": "external"}

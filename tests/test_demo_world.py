@@ -6,6 +6,7 @@ records state, far above chance. The priors are checked on the written files wit
 tolerances of about 3 binomial standard deviations.
 """
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 import demo.world as world_module
 from data import load_image, read_records, resolve_image
 import eval as E
+from harness.cli import UserError
 from demo.world import CLOSED_KINDS, MODALITIES, Scene, build_world, findings_sentence, scene_facts, world_texts
 
 SMALL = dict(n_sft=12, n_align=6, n_val=6, n_test=10, size=32)
@@ -385,3 +387,80 @@ def test_val_and_test_descriptions_carry_their_facts(world):
                 assert record.facts["modality"]["value"] == names[s["modality"]]
             if s["count"]:
                 assert record.facts["side"]["value"] == s["side"] and record.facts["size"]["value"] == s["size"]
+
+
+# The scene attributes a world answer states, read from its words alone (not the generator's code).
+_MODALITY_WORDS = {"x-ray": "xray", "chest": "xray", "lung": "xray", "nodule": "xray", "nodules": "xray",
+                   "mri": "mri", "brain": "mri", "hemisphere": "mri", "lesion": "mri", "lesions": "mri",
+                   "ct": "ct", "abdominal": "ct", "abdomen": "ct", "mass": "ct", "masses": "ct"}
+
+
+def _stated(text: str) -> dict:
+    words = re.findall(r"[\w-]+", text.lower())
+    modality = {_MODALITY_WORDS[w] for w in words if w in _MODALITY_WORDS}
+    assert len(modality) <= 1, f"{text!r} mixes modalities"
+    counts = [["none", "one", "two", "three"].index(w) for w in words if w in ("none", "one", "two", "three")]
+    counts += [0] * ("no abnormality" in text.lower())
+    stated = {"modality": modality.pop() if modality else None, "count": counts[0] if counts else None,
+              "side": next((w for w in words if w in ("left", "right")), None),
+              "size": next((w for w in words if w in ("small", "large")), None)}
+    return {k: v for k, v in stated.items() if v is not None}
+
+
+def _external(tmp_path, raw, seed=0, overwrite=False, out="prefs.external.jsonl"):
+    """An hscr.py-like output over every align entry, then its external negatives."""
+    prefs = tmp_path / "prefs.jsonl"
+    rows = [{"_header": True, "options": {"image_aspect": "pad"}}] + [
+        {"id": r["id"], "index": i, "image": r["image"], "question": r["conversations"][0]["value"],
+         "prompt": None, "answer_type": None, "chosen": r["conversations"][1]["value"]}
+        for i, r in enumerate(raw["align"])]
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return world_module.write_external_negatives(prefs, tmp_path / "align.json", tmp_path / out, seed,
+                                                 overwrite)
+
+
+def test_external_negatives_change_one_to_three_facts_the_scene_contradicts(world, tmp_path):
+    """Each of the 200 align entries gets one external negative: a yes/no answer flipped; any other
+    answer is one the world writes for some scene of that question kind (fluent, in its phrasing),
+    other than the reference, whose attributes that differ from the reference's scene are 1 to 3
+    facts (findings added or removed count once, as presence) and are the facts the record names.
+    Every fact kind and every number of facts occurs; a write is deterministic for its seed."""
+    _, paths, raw = world
+    (tmp_path / "align.json").write_bytes(paths["align"].read_bytes())
+    out = _external(tmp_path, raw)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert lines[0]["_header"] and lines[0]["options"]["seed"] == 0 and len(lines) == 1 + len(raw["align"])
+    scenes = [Scene(m, 0, None, None) for m in MODALITIES] + [
+        Scene(m, c, side, size) for m in MODALITIES for c in (1, 2, 3) for side in ("left", "right")
+        for size in ("small", "large")]
+    said = {kind: {world_module._question_answer(kind, s, None, np.random.default_rng(0))[1] for s in scenes}
+            for kind in world_module.OPEN_KINDS}
+    seen, sizes = set(), set()
+    for item, r in zip(raw["align"], lines[1:]):
+        (negative,) = r["negatives"]
+        assert r["id"] == item["id"] and r["rejected"] == negative["text"] != r["chosen"]
+        kind, truth = item["kind"], item["scene"]
+        if kind in CLOSED_KINDS:
+            assert {negative["text"], r["chosen"]} == {"yes", "no"} and negative["facts"] == ["yes/no"]
+            continue
+        assert negative["text"] in said[kind], negative["text"]
+        changed = {k for k, v in _stated(negative["text"]).items() if v != truth[k]}
+        if "count" in changed and 0 in (truth["count"], _stated(negative["text"])["count"]):
+            changed = changed - {"count", "side", "size"} | {"presence"}
+        assert 1 <= len(changed) <= 3 and changed == set(negative["facts"]), (r["chosen"], negative)
+        seen |= changed
+        sizes.add(len(changed))
+    assert seen == set(world_module.EXTERNAL_FACTS) and sizes == {1, 2, 3}
+    assert _external(tmp_path, raw, out="again.jsonl").read_bytes() == out.read_bytes()
+    assert _external(tmp_path, raw, seed=1, out="other.jsonl").read_bytes() != out.read_bytes()
+
+
+def test_external_negatives_keep_another_file_unless_overwrite(world, tmp_path):
+    """A file at the output that holds something else is refused, naming it, and replaced with overwrite."""
+    _, paths, raw = world
+    (tmp_path / "align.json").write_bytes(paths["align"].read_bytes())
+    (tmp_path / "prefs.external.jsonl").write_text("mine\n")
+    with pytest.raises(UserError, match="prefs.external.jsonl holds other external negatives"):
+        _external(tmp_path, raw)
+    assert (tmp_path / "prefs.external.jsonl").read_text() == "mine\n"
+    assert _external(tmp_path, raw, overwrite=True).read_text().startswith('{"_header": true')

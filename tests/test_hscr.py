@@ -1027,3 +1027,30 @@ def test_score_negatives_adds_p_rejected_only(reference_run, ckpt, dataset, tmp_
     assert result["p_rejected"] is None and result["p_chosen"] == pytest.approx(
         sum(r["p_chosen"] for r in without[1:]) / len(GOOD))
     assert "no p_rejected in the file: rerun hscr.py with --score-negatives" in capsys.readouterr().out
+
+
+def test_stats_scores_a_file_of_external_negatives(reference_run, ckpt, tmp_path, capsys):
+    """--external: each entry's negatives in that file, matched by id, scored as hscr.py scores y_w. Here an
+    entry's external negative is its own chosen answer, so its probability is the record's p_chosen (up to
+    the batch's padding); the last entry is not in the file, a bad record is named and skipped."""
+    records = _lines(reference_run)[1:]
+    external = tmp_path / "external.jsonl"
+    rows = [{"_header": True}] + [{"id": r["id"], "question": r["question"], "chosen": r["chosen"],
+                                   "negatives": [{"text": r["chosen"]}]} for r in records[:-1]]
+    rows.append({"id": "x"})
+    external.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    result = hscr.main(["stats", str(reference_run), "--model", str(ckpt), "--external", str(external)])
+    assert result["p_external_each"] == pytest.approx([r["p_chosen"] for r in records[:-1]], abs=1e-5)
+    n = len(records) - 1
+    assert result["p_external"] == pytest.approx(sum(r["p_chosen"] for r in records[:-1]) / n, abs=1e-5)
+    out = capsys.readouterr()
+    assert f"{external}: record {n + 1} skipped: missing field(s) ['question', 'chosen', 'negatives']" \
+        in out.err
+    assert "p_external_each" not in out.out  # the console's JSON line holds the means
+    stats = ["stats", str(reference_run), "--external"]
+    assert hscr.run_main(lambda argv: hscr.main(argv) and 0, stats + [str(external)]) == 2
+    missing = [str(tmp_path / "none"), "--model", str(ckpt)]
+    assert hscr.run_main(lambda argv: hscr.main(argv) and 0, stats + missing) == 2
+    err = capsys.readouterr().err
+    assert f"--external {external}: needs --model" in err
+    assert f"--external {tmp_path / 'none'}: file not found" in err
