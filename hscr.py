@@ -14,7 +14,8 @@ Stage 1, token-level self-contrastive reward
                                 (kernels/contrast_softmax.py, used in step 5)
   4  select_coupled_positions   the top n = 10 positions by the logit difference of the passes
      coupling_scores            [paper], scored s_t = logits_full[t, y_t] − logits_drop[t, y_t]
-                                (signed; --coupling), never EOS or padding, ties: earlier [ours]
+                                (signed; --coupling), never EOS or padding, ties: earlier, s_t > 0
+                                only with --coupled positive [ours]
   5  hallucinated_replacements  a replacement "in ascending order of P_diff" [paper], read as the
      candidate_sets             argmin of P_diff[t, v] over candidates v ∈ C_t (--candidates, at
                                 most c = 10; never y_t or a special token); a position without
@@ -153,10 +154,12 @@ def coupling_scores(logits_full, logits_drop, targets, valid, kind: str = "logit
     return s.masked_fill(~valid, float("-inf"))
 
 
-def select_coupled_positions(scores, targets, valid, n: int = 10, eos_id: int = 2) -> list[list[int]]:
+def select_coupled_positions(scores, targets, valid, n: int = 10, eos_id: int = 2,
+                             positive: bool = False) -> list[list[int]]:
     """docs/METHOD.md, step 4: per row the n = 10 positions of highest s_t [paper], in descending score;
-    EOS and padding excluded, equal scores: the earlier position first (a stable sort) [ours]."""
-    eligible = valid & (targets != eos_id)  # (B, L)
+    EOS and padding excluded, equal scores: the earlier position first (a stable sort), with `positive`
+    only positions with s_t > 0 [ours]."""
+    eligible = valid & (targets != eos_id) & (scores > 0 if positive else True)  # (B, L)
     # The whole batch at once, read with one host sync: by score (descending), then eligible first,
     # both sorts stable, so each row's eligible positions come first, ordered as a stable sort of them.
     order = torch.sort(scores, descending=True, stable=True).indices  # (B, L)
@@ -302,7 +305,7 @@ class HSCR:
                                                     self.pad, drop_positions)
         p_chosen = mean_token_probability(lf, targets, valid).tolist()
         scores = coupling_scores(lf, ld, targets, valid, o.coupling)
-        positions = select_coupled_positions(scores, targets, valid, o.top_n, self.eos)
+        positions = select_coupled_positions(scores, targets, valid, o.top_n, self.eos, o.coupled == "positive")
         # Step 5 (with step 3's contrast reward), for all coupled positions of the batch at once.
         at = _flat_positions(positions, lf.device)  # (rows, columns) of every coupled position
         found = hallucinated_replacements(lf[at], ld[at], targets[at], o.num_candidates, o.beta, self.banned,
@@ -421,6 +424,8 @@ class Options:
                          "softmax((1+β)·full − β·drop)")
     coupling: str = option("logit", "s_t: shift of the raw logit or of the log-softmax",
                            choices=("logit", "logprob"))
+    coupled: str = option("any", "which positions may be coupled: any (the top n by s_t) or only those with "
+                          "s_t > 0 (the image raises y_t)", choices=("any", "positive"))
     score_on: str = option("reference", "y_w, the response scored and perturbed: the reference answer or the "
                            "model's own greedy answer", choices=("reference", "greedy"))
     top_n: int = option(10, "modality-coupled positions per entry (n), hence at most n graded candidates")

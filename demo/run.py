@@ -80,6 +80,8 @@ class DemoConfig:
                                  "(keep chosen on the validation split)", choices=("keep", "renumber"))
     coupling: str = option("logit", "hscr.py --coupling: the coupling score s_t (docs/METHOD.md step 4)",
                            choices=("logit", "logprob"))
+    coupled: str = option("any", "hscr.py --coupled: any position or only those with s_t > 0 (docs/METHOD.md "
+                          "step 4)", choices=("any", "positive"))
     same_word: str = option("allow", "hscr.py --same-word: candidates spelling y_t's word otherwise",
                             choices=("allow", "exclude"))
     prefs: str | None = option(None, "preference file to write or reuse (default: OUT/prefs.jsonl)")
@@ -230,8 +232,8 @@ def demo(cfg: DemoConfig, base_results: dict | None = None) -> dict:
             model=str(base), data=str(world["align"]), image_root=str(world["root"]), out=str(prefs),
             limit=cfg.align, seed=cfg.seed, similarity=similarity, mask_strategy=cfg.mask_strategy,
             num_candidates=cfg.num_candidates, candidates=cfg.candidates, alpha=cfg.alpha, drop_ratio=cfg.drop_ratio,
-            drop_positions=cfg.drop_positions, coupling=cfg.coupling, same_word=cfg.same_word, batch_size=128,
-            max_new_tokens=32, device="cpu", score_negatives=True), cfg.overwrite)  # report.html shows p_rejected
+            drop_positions=cfg.drop_positions, coupling=cfg.coupling, coupled=cfg.coupled, same_word=cfg.same_word,
+            batch_size=128, max_new_tokens=32, device="cpu", score_negatives=True), cfg.overwrite)  # shows p_rejected
         data = prefs
         if cfg.negatives == "external":  # the paper's GPT-4o pairs, played by the world; p under the base
             data = write_external_negatives(prefs, world["align"], prefs.with_suffix(".external.jsonl"),

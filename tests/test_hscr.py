@@ -56,6 +56,11 @@ def test_coupling_scores_and_top_positions():
     assert torch.allclose(s[valid], shift[valid]) and s[0, 3] == -math.inf
     assert hscr.select_coupled_positions(s, targets, valid, n=2, eos_id=EOS) == [[1, 0], [0, 1]]
     assert hscr.select_coupled_positions(s, targets, valid, n=10, eos_id=EOS) == [[1, 0], [0, 1, 2]]
+    # --coupled positive: position 2 of row 1 (s_t = −1) is never coupled; a zero shift neither.
+    assert hscr.select_coupled_positions(s, targets, valid, n=10, eos_id=EOS, positive=True) == [[1, 0], [0, 1]]
+    zero = s.clone()
+    zero[1, 0] = 0.0
+    assert hscr.select_coupled_positions(zero, targets, valid, n=10, eos_id=EOS, positive=True) == [[1, 0], [1]]
     # logprob: the shift of log-softmax, computed here in float64.
     lp = hscr.coupling_scores(full, drop, targets, valid, "logprob")
     ref = (full.double().log_softmax(-1) - drop.double().log_softmax(-1)).gather(-1, targets[..., None])[..., 0]
@@ -526,6 +531,18 @@ def test_process_same_word_exclude(model, tokenizer, ckpt, dataset, tmp_path):
         assert cands and all(c["candidates"] for r in out for c in r["coupled"])
         partners[mode] = sum(t // 2 == k // 2 for t, k in cands)
     assert partners == {"exclude": 0, "allow": partners["allow"]} and partners["allow"] > 0
+
+
+def test_process_coupled_positive(model, tokenizer, ckpt, dataset, tmp_path):
+    """--coupled positive reaches step 4: every coupled position of the records (replaced or not) has
+    s_t > 0; with any, the same entries hold positions with s_t ≤ 0, so the check can fail."""
+    scores = {}
+    for mode in ("any", "positive"):
+        opts = _opts(ckpt, dataset, tmp_path / f"{mode}.jsonl", coupled=mode, continuation="splice", min_negatives=0)
+        pipe = hscr.HSCR(model, tokenizer, opts)
+        out = pipe.process(_entries(pipe, dataset, {f"e{i}" for i in range(len(GOOD))}))
+        scores[mode] = [c["score"] for r in out for c in r["coupled"] + r["unreplaced"]]
+    assert min(scores["any"]) <= 0 < min(scores["positive"])
 
 
 def test_process_syncs_do_not_grow(model, tokenizer, ckpt, dataset, tmp_path):
