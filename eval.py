@@ -44,7 +44,7 @@ from model import load_model
 from model.llava import left_pad
 from model.loading import DTYPES, resolve_dtype
 from model.lora import load_adapter
-from model.tokenizer import (build_prompt, canonical_form, decode, load_tokenizer, tokenize_prompt,
+from model.tokenizer import (build_prompt, decode, load_tokenizer, tokenize_prompt,
                              tokenizer_file)
 
 # Scoring: LLaVA-Med's normalize_word, split_sentence, calculate_f1score, calculate_exactmatch
@@ -549,7 +549,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     record = provenance.load(run_dir / PROVENANCE) if resume else None
     earlier = [s["limit"] for s in record["sessions"]] if record else []
     questions = {name: records for name, (records, _) in every.items()}
-    words = provenance.Content(canonical_form(read_tokenizer(cfg.tokenizer or cfg.model)))  # what it does
+    words = provenance.tokenizer(read_tokenizer(cfg.tokenizer or cfg.model))  # what it does
     now = run_fingerprint(cfg, questions, roots, dtype, earlier + [cfg.limit], words)
     before = run_fingerprint(cfg, questions, roots, dtype, earlier, words) if earlier else None
     if not cfg.allow_other_model:

@@ -172,7 +172,7 @@ def train(cfg: TrainConfig) -> dict:
     steps_per_epoch = len(examples) // cfg.batch_size  # the last partial batch of each epoch is dropped
     total = steps_per_epoch * cfg.epochs
     end = min(total, cfg.max_steps) if cfg.max_steps else total
-    now = rundir.run_fingerprint(cfg, data.tokenizer, data.image_root, data.images, dtype, ctx)
+    now = rundir.run_fingerprint(cfg, data.tokenizer_digest, data.image_root, data.images, dtype, ctx)
     if rundir.start_training(out, now, end, cfg, ctx):  # --resume of this very run, finished: nothing to do
         return {"step": end, "reused": True}
     if ctx.rank == 0:

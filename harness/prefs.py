@@ -33,7 +33,7 @@ from model import load_model
 from model.loading import resolve_dtype
 from model.rows import mean_token_probability, teacher_forced_logits
 from model.sentence import Similarity, default_minilm_path
-from model.tokenizer import (build_prompt, canonical_form, decode, load_tokenizer, tokenize_prompt,
+from model.tokenizer import (build_prompt, decode, load_tokenizer, tokenize_prompt,
                              tokenize_response, tokenizer_file)
 
 # Options that name inputs or the output: the fingerprint holds the inputs' content instead. Every
@@ -117,7 +117,7 @@ def run_fingerprint(opts, records: list[Record], entries: list[int], world: int,
                                                 if p.suffix in (".json", ".safetensors") and p.is_file()))
     inputs = {"model": provenance.Dir(opts.model),
               "vision tower": provenance.Dir(opts.vision_tower) if opts.vision_tower else None,
-              "tokenizer": provenance.Content(canonical_form(tokenizer)),
+              "tokenizer": provenance.tokenizer(tokenizer),
               "data": provenance.File(opts.data),
               "answers": provenance.File(opts.answers) if opts.answers else None,
               "images": provenance.Files(opts.image_root, sorted(names)), "sentence encoder": encoder}

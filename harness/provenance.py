@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 from harness.cli import UserError
 from harness.dist import barrier
 from harness.files import DataError, atomic_write_text
+from model.tokenizer import canonical_form
 
 FORMAT = "hscr-provenance/1"
 # Files smaller than this are hashed every time (an image takes microseconds); larger ones are
@@ -139,10 +140,17 @@ def _resolve(part: Any, cache: DigestCache) -> Any:
         n = len(part.value) if isinstance(part.value, (list, tuple)) else None
         return {"kind": "content", "n": n, "sha256": hashlib.sha256(_canonical(part.value)).hexdigest()}
     if isinstance(part, dict):
+        if _is_input(part):  # resolved already (`tokenizer`)
+            return part
         raise TypeError("an option value must be a JSON scalar or list; wrap inputs in File, Dir, Files or "
                         "Content")
     json.dumps(part)  # an option must survive the round trip through the record file
     return part
+
+
+def tokenizer(tok) -> dict:
+    """The resolved part of a tokenizer: a digest of what it does (model.tokenizer.canonical_form)."""
+    return _resolve(Content(canonical_form(tok)), None)
 
 
 def fingerprint(**parts: Any) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from harness.files import atomic_write_text, read_jsonl, remove
 from data import BadRecord
 from model.loading import CheckpointError
 from model.lora import export_merged, load_adapter, save_adapter
-from model.tokenizer import canonical_form, tokenizer_file
+from model.tokenizer import tokenizer_file
 
 PROVENANCE = "provenance.json"
 # Those that hold training results: a directory with any of them holds a run.
@@ -127,7 +127,7 @@ def run_fingerprint(cfg, tokenizer, image_root: Path, image_names: list[str], dt
     """What the trained weights depend on, by content (docs/FORMATS.md "Training outputs")."""
     inputs = {"model": provenance.Dir(cfg.model),
               "vision tower": provenance.Dir(cfg.vision_tower) if cfg.vision_tower else None,
-              "tokenizer": provenance.Content(canonical_form(tokenizer)), "data": provenance.File(cfg.data),
+              "tokenizer": tokenizer, "data": provenance.File(cfg.data),
               "eval data": provenance.File(cfg.eval_data) if cfg.eval_data else None,
               "images": provenance.Files(image_root, image_names)}
     # dtype and autocast are options too: the fingerprint holds them as resolved instead.

@@ -20,13 +20,14 @@ from harness.cli import UserError
 from harness.rundir import report_skipped
 from model.llava import LlavaConfig
 from model.loading import read_config, read_vision_config
-from model.tokenizer import canonical_form, load_tokenizer, tokenizer_file
+from model.tokenizer import load_tokenizer, tokenizer_file
 
 
 @dataclass
 class Inputs:
     """What `read_inputs` found."""
     tokenizer: Tokenizer
+    tokenizer_digest: dict         # provenance.tokenizer's, for the fingerprint
     config: LlavaConfig            # the model's, read without its weights
     image_root: Path
     image_aspect: str              # --image-aspect as resolved
@@ -45,10 +46,10 @@ def read_inputs(cfg, ctx) -> Inputs:
     say = (lambda line: print(line, file=sys.stderr)) if ctx.rank == 0 else None
     if say:
         say(f"images: {'padded' if aspect == 'pad' else 'resized'} to a square (--image-aspect {aspect}, {source})")
-    sha256 = provenance.fingerprint(t=provenance.Content(canonical_form(tokenizer)))["t"]["sha256"]
+    digest = provenance.tokenizer(tokenizer)
     tokens = Tokens(tokenizer, config)
     examples, held_out, bad, images = read_examples(
-        lambda path: read_preferences(path, image_root, tokens, cfg, sha256, say), cfg, image_root, aspect,
+        lambda path: read_preferences(path, image_root, tokens, cfg, digest["sha256"], say), cfg, image_root, aspect,
         config.vision.image_size, ctx)
     per_step = cfg.micro_batch * ctx.world
     if cfg.batch_size % per_step:
@@ -58,7 +59,7 @@ def read_inputs(cfg, ctx) -> Inputs:
             report_skipped(bad)
         raise UserError(f"{cfg.data}: {len(examples)} training entries ({len(bad)} records skipped"
                         f"{', listed above' if bad else ''}): fewer than one batch of --batch-size {cfg.batch_size}")
-    return Inputs(tokenizer, config, image_root, aspect, examples, held_out, bad, images)
+    return Inputs(tokenizer, digest, config, image_root, aspect, examples, held_out, bad, images)
 
 
 def made_by(cfg):

@@ -115,7 +115,7 @@ def test_reference_cache_key_follows_image_content(workspace, tmp_path):
     names = [f"img{k}.png" for k in range(3)]
 
     def key(image_root):
-        now = rundir.run_fingerprint(cfg, load_tokenizer(ckpt), image_root, names, torch.float32, Context())
+        now = rundir.run_fingerprint(cfg, provenance.tokenizer(load_tokenizer(ckpt)), image_root, names, torch.float32, Context())
         return rundir.reference_cache_key(now, cfg.negatives)
 
     before = key(images)
