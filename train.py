@@ -11,16 +11,16 @@ paper's rule, [ours] a decision of this implementation:
     --loss hscr | explicit | implicit | dpo               preference_loss  dpo: DPO's Eq. 1 [paper],
                                                                            L_E on y_l1 alone [ours]
 
-log π(y|i,x) sums the response tokens' log-probabilities, straight from the decoder's hidden states
-(row_logprobs); log π_ref is computed once and cached beside the preference file [ours]. `train` runs the
-loop (docs/METHOD.md, Training settings; outputs and --resume: docs/FORMATS.md, Training outputs).
-`python train.py train [options]` (or any arguments holding --model or --data) runs the trainer, plain
-`python train.py [demo|ablation]` the demo (demo/run.py) on a CPU; README.md gives the 8-GPU command.
+log π(y|i,x) sums the response tokens' log-probabilities (row_logprobs); log π_ref is computed once and
+cached beside the preference file [ours]. `train` runs the loop (docs/METHOD.md, Training settings;
+outputs and --resume: docs/FORMATS.md). `python train.py train [options]` (or arguments holding --model or
+--data) runs the trainer, plain `python train.py [demo|ablation]` the demo (demo/run.py) on a CPU.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import sys
 import time
@@ -237,7 +237,8 @@ def train(cfg: TrainConfig) -> dict:
             _, held = preference_loss(cfg.loss, *loss_inputs(*both, held_out, cfg.negatives), gamma=cfg.gamma)
             last.update({f"eval_{k}": v for k, v in held.items()})
         if ctx.rank == 0:
-            rundir.log_metrics(metrics_path, last)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
             shown = ("loss", "margin", "accuracy_explicit")
             progress.set_postfix({k: f"{last[k]:.4g}" for k in shown if k in last})
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done:
@@ -287,19 +288,14 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
 # Configuration: one dataclass, from which the command line is built; the command line.
 @dataclass
 class TrainConfig:
-    model: str | None = option(None, "checkpoint directory (LLaVA-Med, llava-hf or our own; default: the "
-                               "model that made --data, from its header)")
+    model: str | None = option(None, "checkpoint directory (default: the model that made --data)")
     data: str | None = option(None, "preference JSONL from hscr.py")
     out: str = option("runs/train", "output directory: config.json, metrics.jsonl, adapter/, checkpoints/")
-    image_root: str | None = option(None, "the records' image paths are relative to it (default: hscr.py's, "
-                                    "from --data's header, else --data's directory)")
-    image_aspect: str | None = option(None, "pad: padded to a square with CLIP's mean colour (LLaVA-Med); resize: "
-                                      "stretched (default: hscr.py's choice, from --data's header, else pad)",
-                                      choices=("pad", "resize"))
-    vision_tower: str | None = option(None, "separate CLIP directory for the vision tower (default without "
-                                      "--model: the one that made --data)")
-    allow_other_model: bool = option(False, "train although another model or vision tower (by content) made "
-                                     "--data: off-policy, e.g. DPO on another model's preferences")
+    image_root: str | None = option(None, "root of the image paths (default: hscr.py's, else --data's dir)")
+    image_aspect: str | None = option(None, "pad to a square with CLIP's mean colour (LLaVA-Med), or stretch "
+                                      "(default: hscr.py's choice, else pad)", choices=("pad", "resize"))
+    vision_tower: str | None = option(None, "separate CLIP directory (default without --model: --data's)")
+    allow_other_model: bool = option(False, "train although another model made --data (off-policy, e.g. DPO)")
     check_finite: bool = option(True, "refuse weights holding NaN or Inf as they load")
     tokenizer: str | None = option(None, "tokenizer.json / tokenizer.model / directory (default: --model)")
     eval_data: str | None = option(None, "held-out file (default: --eval-fraction of --data)")

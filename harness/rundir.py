@@ -141,23 +141,19 @@ def start_training(out: Path, now: Mapping[str, Any], end: int, cfg, ctx) -> boo
     latest = out / "checkpoints" / "latest"  # names step-NNNNNN
     trained = latest.read_text().strip().removeprefix("step-") if cfg.resume and latest.is_file() else ""
     trained = int(trained) if trained.isdigit() else 0
-    writes = ("config.json", "bad_records.jsonl", "metrics.jsonl", "checkpoints", *weight_outputs(cfg),
+    outputs = ("adapter", "merged") if cfg.export_merged else ("adapter",)  # their digests: write_outputs
+    writes = ("config.json", "bad_records.jsonl", "metrics.jsonl", "checkpoints", *outputs,
               *("metrics.png",) * cfg.plot)
     reused = start_run(out, now, resume=cfg.resume, writes=writes, made_by="train.py", holds="checkpoints",
                        rank=ctx.rank, world=ctx.world,
                        session={"resume": cfg.resume, "max_steps": cfg.max_steps, "device": str(ctx.device),
                                 "world_size": ctx.world},
                        restart="rerun with --overwrite to start again (this deletes its checkpoints and "
-                               "metrics)", finished={"step": end}, outputs=weight_outputs(cfg),
+                               "metrics)", finished={"step": end}, outputs=outputs,
                        changes=[f"steps: {trained} trained, {end} now"] if trained > end else [])
     if reused and ctx.rank == 0:
         print(f"reused: {out / 'adapter'} was trained from the same inputs and options ({out / PROVENANCE})")
     return reused
-
-
-def weight_outputs(cfg) -> tuple[str, ...]:
-    """The weight directories a run writes at its end (write_outputs), whose digests it records."""
-    return ("adapter", "merged") if cfg.export_merged else ("adapter",)
 
 
 def write_run_start(out: Path, cfg, bad: list[BadRecord], counts: str | None = None) -> None:
@@ -254,17 +250,13 @@ def start_metrics(out: Path, start: int, cfg, ctx) -> Path:
     return path
 
 
-def log_metrics(path: Path, metrics: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-
-
 def write_outputs(model, out: Path, cfg, step: int, ctx) -> None:
     """Rank 0 writes adapter/, metrics.png, merged/ (as asked), then records in provenance.json that the
     run finished at `step`, with each weight directory's digest (start_run's reuse checks them)."""
     if ctx.rank == 0:
         adapter, record = save_adapter(model, out / "adapter", cfg.model), provenance.load(out / PROVENANCE)
         provenance.save(adapter / PROVENANCE, record["fingerprint"], made_by="train.py")
+        written = {"adapter": provenance.Dir(adapter)}
         if cfg.plot:
             plot_metrics(out / "metrics.jsonl", out / "metrics.png")
             print(f"wrote {out / 'metrics.png'}")
@@ -276,10 +268,10 @@ def write_outputs(model, out: Path, cfg, step: int, ctx) -> None:
                 if (tokenizer.parent / name).is_file():
                     shutil.copyfile(tokenizer.parent / name, merged / name)
             print(f"wrote {merged} (LoRA merged, in the input's key layout and dtypes, with the tokenizer)")
+            written["merged"] = provenance.Dir(merged)
         info = {k: v for k, v in record.items() if k not in ("format", "fingerprint", "finished")}
-        written = provenance.fingerprint(**{name: provenance.Dir(out / name) for name in weight_outputs(cfg)})
         provenance.save(out / PROVENANCE, record["fingerprint"], **info,
-                        finished={"step": step, "outputs": written})
+                        finished={"step": step, "outputs": provenance.fingerprint(**written)})
         print(f"wrote {adapter} (PEFT format)")
     barrier(ctx.world)
 
@@ -328,16 +320,11 @@ def reference_cache_key(now: dict, negatives: int) -> dict:
     return key
 
 
-def reference_cache_path(data: Path, key: dict) -> Path:
-    """prefs.jsonl → prefs.reflogp-<8 hex digits of the key>.json, beside the preference file."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    return Path(data).with_suffix(f".reflogp-{digest}.json")
-
-
 def cached_logprobs(data: Path, key: dict, examples: list, compute, ctx) -> dict[str, list[float]]:
     """{entry id: log-probs} of `examples`: cached under `key`, or `compute(missing examples)` on every
     process and the cache rewritten by rank 0 (one that cannot be read or written is only a cache)."""
-    path = reference_cache_path(data, key)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    path = Path(data).with_suffix(f".reflogp-{digest}.json")  # prefs.reflogp-<8 hex digits of key>.json
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
