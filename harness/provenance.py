@@ -88,31 +88,9 @@ class DigestCache:
         self.new = {}
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 (hex) of one file's bytes, through the digest cache."""
-    cache = DigestCache()
-    digest = cache.digest(path)
-    cache.save()
-    return digest
-
-
-def dir_digest(path: str | os.PathLike, cache: DigestCache | None = None) -> dict[str, str]:
-    """{file name: sha256} of a checkpoint or adapter directory: every *.safetensors and DIR_JSON file."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: " + ("not a directory" if path.exists() else "directory not found"))
-    files = sorted(path.glob("*.safetensors")) + [path / n for n in DIR_JSON if (path / n).is_file()]
-    if not files:
-        raise UserError(f"{path}: no *.safetensors or {', '.join(DIR_JSON)} to fingerprint")
-    cache = cache or DigestCache()
-    digests = {f.name: cache.digest(f) for f in files}
-    cache.save()
-    return digests
-
-
 # The inputs of a fingerprint, each resolved to a digest of its content: one file; a checkpoint or adapter
-# directory (its weight and config files); many files under `root`, one digest of (name, content) pairs;
-# data as read (JSON-serialisable), one digest and `n`, its length.
+# directory (every *.safetensors and DIR_JSON file); many files under `root`, one digest of (name, content)
+# pairs; data as read (JSON-serialisable), one digest and `n`, its length.
 File = NamedTuple("File", [("path", str | os.PathLike)])
 Dir = NamedTuple("Dir", [("path", str | os.PathLike)])
 Files = NamedTuple("Files", [("root", str | os.PathLike), ("names", Sequence[str])])
@@ -130,7 +108,13 @@ def _resolve(part: Any, cache: DigestCache) -> Any:
             raise UserError(f"{path}: " + ("not a file" if path.exists() else "file not found"))
         return {"kind": "file", "path": str(path.resolve()), "sha256": cache.digest(path)}
     if isinstance(part, Dir):
-        return {"kind": "dir", "path": str(Path(part.path).resolve()), "files": dir_digest(part.path, cache)}
+        path = Path(part.path)
+        if not path.is_dir():
+            raise UserError(f"{path}: " + ("not a directory" if path.exists() else "directory not found"))
+        files = sorted(path.glob("*.safetensors")) + [path / n for n in DIR_JSON if (path / n).is_file()]
+        if not files:
+            raise UserError(f"{path}: no *.safetensors or {', '.join(DIR_JSON)} to fingerprint")
+        return {"kind": "dir", "path": str(path.resolve()), "files": {f.name: cache.digest(f) for f in files}}
     if isinstance(part, Files):
         root, h = Path(part.root), hashlib.sha256()
         for name in part.names:

@@ -42,6 +42,14 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_digest(path) -> str:
+    return P.fingerprint(f=P.File(path))["f"]["sha256"]
+
+
+def dir_digest(path) -> dict:
+    return P.fingerprint(d=P.Dir(path))["d"]["files"]
+
+
 def _checkpoint(root, weights=b"w" * BIG, config=b'{"hidden_size": 8}'):
     root.mkdir(parents=True, exist_ok=True)
     (root / "model.safetensors").write_bytes(weights)
@@ -53,9 +61,9 @@ def _checkpoint(root, weights=b"w" * BIG, config=b'{"hidden_size": 8}'):
 def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
     f = tmp_path / "q.jsonl"
     f.write_bytes(b'{"question_id": 1}\n')
-    assert P.file_digest(f) == _sha(b'{"question_id": 1}\n')
+    assert file_digest(f) == _sha(b'{"question_id": 1}\n')
     f.write_bytes(b'{"question_id": 2}\n')
-    assert P.file_digest(f) == _sha(b'{"question_id": 2}\n')
+    assert file_digest(f) == _sha(b'{"question_id": 2}\n')
 
 
 def test_cache_hit_recompute_on_mtime_and_content(tmp_path, hashed, cache_dir):
@@ -65,8 +73,8 @@ def test_cache_hit_recompute_on_mtime_and_content(tmp_path, hashed, cache_dir):
     f = tmp_path / "model.safetensors"
     data = bytes(range(256)) * (BIG // 256)
     f.write_bytes(data)
-    assert P.file_digest(f) == _sha(data) and hashed == ["model.safetensors"]
-    assert P.file_digest(f) == _sha(data) and len(hashed) == 1  # cache hit
+    assert file_digest(f) == _sha(data) and hashed == ["model.safetensors"]
+    assert file_digest(f) == _sha(data) and len(hashed) == 1  # cache hit
     entry = json.loads((cache_dir / "fingerprints.json").read_text())[str(f.resolve())]
     st = f.stat()
     assert entry == {"size": len(data), "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
@@ -74,13 +82,13 @@ def test_cache_hit_recompute_on_mtime_and_content(tmp_path, hashed, cache_dir):
 
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, content unchanged
-    assert P.file_digest(f) == _sha(data) and len(hashed) == 2  # recomputed, same digest
-    assert P.file_digest(f) == _sha(data) and len(hashed) == 2  # and cached again
+    assert file_digest(f) == _sha(data) and len(hashed) == 2  # recomputed, same digest
+    assert file_digest(f) == _sha(data) and len(hashed) == 2  # and cached again
 
     changed = b"\xff" + data[1:]  # same size, other first byte
     f.write_bytes(changed)
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
-    assert P.file_digest(f) == _sha(changed) != _sha(data) and len(hashed) == 3
+    assert file_digest(f) == _sha(changed) != _sha(data) and len(hashed) == 3
 
 
 def test_rewrite_with_the_mtime_restored_is_not_a_cache_hit(tmp_path, hashed):
@@ -90,25 +98,25 @@ def test_rewrite_with_the_mtime_restored_is_not_a_cache_hit(tmp_path, hashed):
     data = b"a" * BIG
     f.write_bytes(data)
     st = f.stat()
-    assert P.file_digest(f) == _sha(data)
+    assert file_digest(f) == _sha(data)
     in_place, renamed = b"b" * BIG, b"c" * BIG
     f.write_bytes(in_place)
     while f.stat().st_ctime_ns == st.st_ctime_ns:  # a coarse clock: wait until the ctime shows the write
         os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert f.stat().st_ino == st.st_ino and P.file_digest(f) == _sha(in_place) and len(hashed) == 2
+    assert f.stat().st_ino == st.st_ino and file_digest(f) == _sha(in_place) and len(hashed) == 2
     tmp = tmp_path / ".model.safetensors.tmp"
     tmp.write_bytes(renamed)
     os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
     os.replace(tmp, f)  # what rsync does; its new inode may even have the old ctime
-    assert P.file_digest(f) == _sha(renamed) and len(hashed) == 3
+    assert file_digest(f) == _sha(renamed) and len(hashed) == 3
 
 
 def test_small_files_are_hashed_every_time_and_not_cached(tmp_path, hashed, cache_dir):
     f = tmp_path / "a.png"
     f.write_bytes(b"png")
-    P.file_digest(f)
-    P.file_digest(f)
+    file_digest(f)
+    file_digest(f)
     assert hashed == ["a.png", "a.png"] and not (cache_dir / "fingerprints.json").exists()
 
 
@@ -121,8 +129,8 @@ def test_cache_is_never_written_inside_a_read_only_checkpoint(tmp_path, monkeypa
     before = sorted(p.name for p in ckpt.iterdir())
     ckpt.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
-        first = P.dir_digest(ckpt)
-        second = P.dir_digest(ckpt)
+        first = dir_digest(ckpt)
+        second = dir_digest(ckpt)
     finally:
         ckpt.chmod(stat.S_IRWXU)
     assert first == second == {"model.safetensors": _sha(b"w" * BIG), "config.json": _sha(b'{"hidden_size": 8}')}
@@ -138,22 +146,22 @@ def test_unwritable_or_torn_cache_still_gives_right_digests(tmp_path, monkeypatc
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
     monkeypatch.setenv("HSCR_CACHE", str(blocker))
-    assert P.file_digest(f) == _sha(b"x" * BIG)
+    assert file_digest(f) == _sha(b"x" * BIG)
     assert "cannot write the digest cache" in capsys.readouterr().err
     torn = tmp_path / "torn"
     torn.mkdir()
     (torn / "fingerprints.json").write_text('{"/x": {"size": 1, "mt')  # a kill mid-write elsewhere
     monkeypatch.setenv("HSCR_CACHE", str(torn))
-    assert P.file_digest(f) == _sha(b"x" * BIG)
+    assert file_digest(f) == _sha(b"x" * BIG)
     assert str(f.resolve()) in json.loads((torn / "fingerprints.json").read_text())
 
 
 def test_dir_digest_errors_name_the_directory(tmp_path):
     with pytest.raises(UserError, match="nowhere: directory not found"):
-        P.dir_digest(tmp_path / "nowhere")
+        dir_digest(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"empty: no \*\.safetensors"):
-        P.dir_digest(tmp_path / "empty")
+        dir_digest(tmp_path / "empty")
 
 
 def test_differences_name_what_changed(tmp_path):

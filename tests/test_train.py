@@ -605,7 +605,7 @@ def test_resume_keeps_a_finished_run_unless_its_adapter_was_written_again(worksp
     record = provenance.load(out / "provenance.json")
     assert record["finished"]["step"] == 3
     assert provenance.load(out / "adapter" / "provenance.json")["fingerprint"] == record["fingerprint"]
-    assert record["finished"]["outputs"]["adapter"]["files"] == provenance.dir_digest(out / "adapter")
+    assert record["finished"]["outputs"] == provenance.fingerprint(adapter=provenance.Dir(out / "adapter"))
 
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with monkeypatch.context() as m:
