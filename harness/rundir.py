@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from harness import provenance
 from harness.cli import UserError
@@ -69,18 +68,17 @@ def check_out(out: Path, cfg) -> None:
         if not (out / "checkpoints" / "latest").is_file() and not (out / PROVENANCE).is_file():
             raise UserError(f"--resume: {out} has no checkpoint to continue from (checkpoints/latest); " + (
                 "rerun with --overwrite to start again" if found else "run without --resume to start"))
-    elif found and not cfg.overwrite:
+        return
+    if found and not cfg.overwrite:
         raise UserError(f"{out} holds a training run ({', '.join(found)}): pass --resume to continue it, or "
                         "--overwrite to delete it and start again, or choose another --out")
-    if not cfg.resume:  # outputs will be deleted: none of them may hold an input of this run
-        doomed = [(out / name).resolve() for name in mine]
-        given = [(f, getattr(cfg, f)) for f in PATH_FIELDS if f != "out" and getattr(cfg, f) is not None]
-        for flag, value in given:
-            path = Path(value).resolve()
-            hit = next((d for d in doomed if path == d or d in path.parents), None)
-            if hit is not None:
-                raise UserError(f"--{flag.replace('_', '-')} {value} is inside {hit}, which starting a run "
-                                f"in {out} deletes: choose another --out")
+    doomed = [(out / name).resolve() for name in mine]  # deleted on start: none may hold an input of the run
+    for flag in (f for f in PATH_FIELDS if f != "out" and getattr(cfg, f) is not None):
+        path = Path(getattr(cfg, flag)).resolve()
+        hit = next((d for d in doomed if path == d or d in path.parents), None)
+        if hit is not None:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)} is inside {hit}, which "
+                            f"starting a run in {out} deletes: choose another --out")
 
 
 def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, writes: Sequence[str], made_by: str,
@@ -92,7 +90,6 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, writes: Sequen
     record lists, nothing else (`owned`). True: reused, as it `finished` (e.g. {"step": 40}) with its
     `outputs` as written. `compare`: what the stored fingerprint must equal, when not `now` (eval.py:
     earlier sessions' images)."""
-    path = out / PROVENANCE
     record, mine = owned(out)
 
     def reused() -> bool:
@@ -116,7 +113,8 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, writes: Sequen
     if rank == 0:
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         kept = record if resume and record else {}
-        provenance.save(path, now, made_by=made_by, wrote=sorted({*kept.get("wrote", ()), *writes}),
+        provenance.save(out / PROVENANCE, now, made_by=made_by,
+                        wrote=sorted({*kept.get("wrote", ()), *writes}),
                         sessions=[*kept.get("sessions", []), {"started": started, **session}])
     barrier(world)
     return False
@@ -178,10 +176,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx)
     the step and the run's fingerprint (provenance.json's), which load_checkpoint checks."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None}
-    rngs = [rng]
-    if ctx.world > 1:  # dropout draws differ per rank: keep every rank's state
-        rngs = [None] * ctx.world
-        dist.all_gather_object(rngs, rng)
+    rngs = list(ctx.gather_dicts({ctx.rank: rng}).values())  # dropout draws differ per rank: every rank's
     if ctx.rank == 0:
         run = provenance.load(out / PROVENANCE)["fingerprint"]
         root, name = out / "checkpoints", f"step-{step:06d}"
@@ -305,15 +300,12 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
-# Reference log-probs depend on the base model, the data and a few options, never on the adapter:
-# cached beside the preference file, runs that differ otherwise share them. Their inputs:
-REFERENCE_INPUTS = ("model", "vision tower", "tokenizer", "data", "eval data", "images")
-
-
 def reference_cache_key(now: dict, negatives: int) -> dict:
-    """What the cached reference log-probs depend on: parts of the run's fingerprint `now`, without paths."""
+    """What the cached reference log-probs depend on: parts of the run's fingerprint `now`, without paths.
+    Never the adapter: they are cached beside the preference file, runs that differ otherwise share them."""
     key = {"negatives": negatives}
-    for name in REFERENCE_INPUTS + ("image_aspect", "dtype", "autocast", "max_response_tokens", "max_length"):
+    for name in ("model", "vision tower", "tokenizer", "data", "eval data", "images", "image_aspect", "dtype",
+                 "autocast", "max_response_tokens", "max_length"):
         part = now.get(name)  # an input's content without its path, or an option's value
         key[name] = part if not isinstance(part, dict) else {k: v for k, v in part.items()
                                                              if k not in ("path", "root")}
