@@ -106,23 +106,17 @@ def read_examples(read: Callable[[Path], tuple[list[Example], list[BadRecord]]],
     images = sorted({ex.image for ex in examples + held_out if ex.image is not None})
     names = {path: path.relative_to(image_root).as_posix() for path in images}
     mine = unusable_images(images[ctx.rank::ctx.world], image_size, aspect)
-    unusable = ctx.gather_dicts({str(path): f"image {names[path]}: {why}" for path, why in mine.items()})
-    examples, bad_images = drop_unusable(examples, unusable)
-    held_out, bad_eval_images = drop_unusable(held_out, unusable)
+    unusable = ctx.gather_dicts({path: f"image {names[path]}: {why}" for path, why in mine.items()})
+    dropped = [BadRecord(ex.file, ex.index, ex.id, unusable[ex.image]) for ex in examples + held_out
+               if ex.image in unusable]
+    examples, held_out = ([ex for ex in part if ex.image not in unusable] for part in (examples, held_out))
     if not cfg.eval_data:  # a seeded random --eval-fraction of the entries
         generator = torch.Generator().manual_seed(cfg.seed + 12345)
         order = torch.randperm(len(examples), generator=generator).tolist()
         held = set(order[:int(round(cfg.eval_fraction * len(examples)))])
         held_out = [e for i, e in enumerate(examples) if i in held]
         examples = [e for i, e in enumerate(examples) if i not in held]
-    return examples, held_out, bad + bad_eval + bad_images + bad_eval_images, list(names.values())
-
-
-def drop_unusable(examples: list[Example], unusable: dict[str, str]):
-    """(examples whose image is usable, a BadRecord for each of the others); `unusable`: str(image) → why."""
-    why = [unusable.get(str(ex.image)) if ex.image is not None else None for ex in examples]
-    return ([ex for ex, w in zip(examples, why) if w is None],
-            [BadRecord(ex.file, ex.index, ex.id, w) for ex, w in zip(examples, why) if w is not None])
+    return examples, held_out, bad + bad_eval + dropped, list(names.values())
 
 
 def check_paths(kind: str, **paths: str | None) -> None:
