@@ -35,10 +35,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, defaults: dict |
         help = meta.get("help", "")
         if default not in (None, [], ()) and not required:
             help += f" (default: {default})"
-        parts = [p.strip() for p in str(f.type).split("|") if p.strip() != "None"]  # 'int | None' → 'int'
-        if len(parts) != 1:
-            raise TypeError(f"cannot build an option from the annotation {f.type!r}")
-        kind = parts[0]
+        kind = str(f.type).removesuffix(" | None")  # 'int | None' parses as int
         if kind == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help)

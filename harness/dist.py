@@ -1,6 +1,6 @@
 """Processes under torchrun, set up in one place: hscr.py and eval.py shard their entries and only
 synchronise at the end (gloo); train.py's DDP all-reduces gradients (NCCL on GPUs), its process
-placed by `setup_context` as a `Context`. One timeout, long enough for ranks hours apart.
+placed by `setup_context` as a `Context`.
 """
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-# Ranks meet at the end of a shard (hscr.py, eval.py) or at a checkpoint; one may be hours behind.
-TIMEOUT = datetime.timedelta(days=7)
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -26,7 +23,8 @@ def init_process_group(backend: str = "gloo") -> tuple[int, int, int]:
     """(rank, world size, local rank); joins the process group (once) when world size > 1."""
     rank, world, local = dist_env()
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend, timeout=TIMEOUT)
+        # Ranks meet at the end of a shard (hscr.py, eval.py) or at a checkpoint; one may be hours behind.
+        dist.init_process_group(backend, timeout=datetime.timedelta(days=7))
     return rank, world, local
 
 
@@ -46,9 +44,7 @@ class Context:
     pad_id: int = 0
 
     def autocast(self):
-        if self.amp:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.autocast(self.device.type, torch.bfloat16) if self.amp else contextlib.nullcontext()
 
     def gather_dicts(self, d: dict) -> dict:
         """The union of every process's `d` (each process gets all of them)."""

@@ -4,6 +4,7 @@ outputs they append to (a kill's torn last line repaired) and merge per rank.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,12 +43,8 @@ def read_json_records(path: str | os.PathLike) -> list[tuple[int, object]]:
             raise DataError(f"{path}: not a valid JSON list ({e})") from None
     lines = [(i, line) for i, line in enumerate(text.split("\n")) if line.strip()]
     if len(lines) > 1:  # a pretty-printed JSON object is not JSON lines: say so once, not once per line
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None
-        if whole is not None:
-            raise DataError(f"{path}: one JSON {type(whole).__name__}, not a list or JSON lines")
+        with contextlib.suppress(json.JSONDecodeError):
+            raise DataError(f"{path}: one JSON {type(json.loads(text)).__name__}, not a list or JSON lines")
     out: list[tuple[int, object]] = []
     for i, line in lines:
         try:
