@@ -245,29 +245,24 @@ def load(path: str | os.PathLike) -> dict | None:
     path = Path(path)
     if not path.is_file():
         return None
-    try:
+    with contextlib.suppress(UnicodeDecodeError, json.JSONDecodeError):
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        record = None
-    ours = isinstance(record, dict) and record.get("format") == FORMAT
-    if not ours or not isinstance(record.get("fingerprint"), dict):  # a user's file: never replaced
-        raise DataError(f"{path}: not a provenance record of format {FORMAT}, so not this project's to "
-                        "replace: move it, or choose another --out")
-    return record
+        ours = isinstance(record, dict) and record.get("format") == FORMAT
+        if ours and isinstance(record.get("fingerprint"), dict):
+            return record
+    raise DataError(f"{path}: not a provenance record of format {FORMAT}, so not this project's to "
+                    "replace: move it, or choose another --out")  # a user's file: never replaced
 
 
 def save(path: str | os.PathLike, fingerprint: Mapping[str, Any], **info: Any) -> None:
     """Write {"format", "fingerprint", **info} atomically (a kill leaves the old record or the new)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    record = {"format": FORMAT, "fingerprint": dict(fingerprint), **info}
-    atomic_write_text(Path(path), json.dumps(record, indent=2) + "\n")
+    atomic_write_text(Path(path), json.dumps({"format": FORMAT, "fingerprint": dict(fingerprint), **info},
+                                             indent=2) + "\n")
 
 
 # The model of a run as a fingerprint records it. HSCR is on-policy: train.py trains the model that made
 # its preferences (--data's header), eval.py applies an adapter to the model it was trained on.
-MODEL_PARTS = ("model", "vision tower")
-
-
 def model_paths(made: Any) -> tuple[str, str | None] | None:
     """(model, vision tower or None): the directories that fingerprint `made` records; None if none."""
     if not isinstance(made, Mapping) or not _is_input(made.get("model")):
@@ -281,8 +276,9 @@ def check_model(made: Any, now: Mapping[str, Any], what: str, hint: str) -> None
     vision tower than `now`, by content (paths alone never count); one that records none is not checked."""
     if model_paths(made) is None:
         return
-    changes = differences({k: made.get(k) for k in MODEL_PARTS}, {k: now.get(k) for k in MODEL_PARTS})
+    parts = ("model", "vision tower")
+    changes = differences({k: made.get(k) for k in parts}, {k: now.get(k) for k in parts})
     if changes:
-        old, new = (" with vision tower ".join(_show(fp.get(k)) for k in MODEL_PARTS if fp.get(k))
+        old, new = (" with vision tower ".join(_show(fp.get(k)) for k in parts if fp.get(k))
                     for fp in (made, now))
         raise UserError(f"{what} comes from another model: {old}, not {new} ({'; '.join(changes)}); {hint}")
