@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 
 from data import BadRecord, Example, Tokens, preference_header, read_preferences, unusable_images
 from harness import provenance
@@ -26,7 +25,6 @@ from model.tokenizer import load_tokenizer, tokenizer_file
 @dataclass
 class Inputs:
     """What `read_inputs` found."""
-    tokenizer: Tokenizer
     tokenizer_digest: dict         # provenance.tokenizer's, for the fingerprint
     config: LlavaConfig            # the model's, read without its weights
     image_root: Path
@@ -59,7 +57,7 @@ def read_inputs(cfg, ctx) -> Inputs:
             report_skipped(bad)
         raise UserError(f"{cfg.data}: {len(examples)} training entries ({len(bad)} records skipped"
                         f"{', listed above' if bad else ''}): fewer than one batch of --batch-size {cfg.batch_size}")
-    return Inputs(tokenizer, digest, config, image_root, aspect, examples, held_out, bad, images)
+    return Inputs(digest, config, image_root, aspect, examples, held_out, bad, images)
 
 
 def made_by(cfg):
