@@ -47,8 +47,8 @@ def read_inputs(cfg, ctx) -> Inputs:
     digest = provenance.tokenizer(tokenizer)
     tokens = Tokens(tokenizer, config)
     examples, held_out, bad, images = read_examples(
-        lambda path: read_preferences(path, image_root, tokens, cfg, digest["sha256"], say), cfg, image_root, aspect,
-        config.vision.image_size, ctx)
+        lambda path: read_preferences(path, image_root, tokens, cfg, digest["sha256"], say), cfg, image_root,
+        aspect, config.vision.image_size, ctx)
     per_step = cfg.micro_batch * ctx.world
     if cfg.batch_size % per_step:
         raise UserError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch × processes = {per_step}")
