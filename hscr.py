@@ -57,7 +57,6 @@ from model.sentence import Similarity, default_minilm_path
 from model.tokenizer import TEMPLATES, decode, image_span, word_classes
 
 
-
 # Stage 1, step 1: visual-token dropout
 def entry_generator(seed: int, entry_id: str) -> torch.Generator:
     """The entry's random stream, seeded by crc32(global seed, entry id): the dropped set does not depend
@@ -90,21 +89,16 @@ def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Gen
         source = (source.take_along_dim(kept.to(pixels.device)[..., None], 1) if mode == "remove"
                   else source.masked_fill(drop.to(pixels.device)[..., None], 0.0))  # (B, N' or N, ·)
         dropped = list(source) if strategy == "token" else [model.multi_modal_projector(s) for s in source]
-        kept_indices = list(kept) if mode == "remove" else [None] * len(dropped)
-        return (full, dropped, kept_indices) if return_kept else (full, dropped)
-    full = model.encode_images(pixels)  # "patch" or "pixel" (hscr.py's --mask-strategy choices)  # (B, N, D)
-    H, W = pixels.shape[-2:]
-    p = model.config.vision.patch_size
-    holes = []
-    for g in generators:
-        if strategy == "patch":
-            grid = drop_mask((H // p) * (W // p), ratio, g).view(H // p, W // p)
-            holes.append(grid.repeat_interleave(p, 0).repeat_interleave(p, 1))  # (H, W), whole patches
-        else:
-            holes.append(drop_mask(H * W, ratio, g).view(H, W))
-    blanked = pixels.masked_fill(torch.stack(holes).to(pixels.device)[:, None], 0.0)  # every channel
-    dropped = list(model.encode_images(blanked))
-    return (full, dropped, [None] * len(dropped)) if return_kept else (full, dropped)
+        kept = list(kept) if mode == "remove" else [None] * len(dropped)
+    else:  # "patch" or "pixel" (a patch of one pixel): holes in the image, every channel
+        full = model.encode_images(pixels)  # (B, N, D)
+        H, W = pixels.shape[-2:]
+        p = model.config.vision.patch_size if strategy == "patch" else 1
+        holes = torch.stack([drop_mask((H // p) * (W // p), ratio, g).view(H // p, W // p)  # → (B, H, W)
+                             .repeat_interleave(p, 0).repeat_interleave(p, 1) for g in generators])
+        dropped = list(model.encode_images(pixels.masked_fill(holes.to(pixels.device)[:, None], 0.0)))
+        kept = [None] * len(dropped)
+    return (full, dropped, kept) if return_kept else (full, dropped)
 
 
 # Stage 1, step 2: both branches teacher-forced in one batch

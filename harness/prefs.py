@@ -88,9 +88,8 @@ def select_entries(n: int, limit: int | None, seed: int) -> list[int]:
 
 
 def run_fingerprint(opts, records: list[Record], entries: list[int], world: int, tokenizer) -> dict:
-    """What the records depend on, by content (docs/FORMATS.md "The preference file"). The images: those
-    of the selected entries that can be opened (the others are rejected entry by entry, not here); none
-    of them is a UserError (a wrong --image-root), before the model loads."""
+    """What the records depend on, by content (docs/FORMATS.md "The preference file"). The images: those of
+    the selected entries that open (the others are rejected one by one); none: a UserError (--image-root)."""
     names, named = set(), [records[i].image for i in entries if records[i].image]
     for name in named:
         try:
@@ -184,8 +183,7 @@ Coupled = NamedTuple("Coupled", [("position", int), ("score", float), ("replacem
                                  ("candidates", list[int]), ("p_diff", list[float])])
 
 
-def coupled_positions(positions: list[list[int]], scores, replacements, candidates,
-                      p_diff) -> list[list[Coupled]]:
+def coupled_positions(positions, scores, replacements, candidates, p_diff) -> list[list[Coupled]]:
     """Per entry, its coupled positions with steps 4 and 5's results (tensors over the batch's positions)."""
     values = zip(scores.tolist(), replacements.tolist(), candidates.tolist(), p_diff.tolist())
     flat = iter([Coupled(p, *v) for p, v in zip((p for ps in positions for p in ps), values)])
@@ -285,9 +283,8 @@ def written(out: Path, rank: int, world: int) -> list[Path]:
 
 
 class Output:
-    """The output and rejects files of one process, made once the job's inputs have loaded. It starts
-    again with `overwrite` (deleting what `written` lists) or when it holds nothing computed (only a
-    header or bad records), else continues only with the header's fingerprint (provenance.start)."""
+    """One process's output and rejects files, made once the inputs have loaded: started again with
+    `overwrite` (deleting what `written` lists) or with nothing computed, else resumed (provenance.start)."""
 
     def __init__(self, out: Path, header: dict, *, rank: int = 0, world: int = 1, overwrite: bool = False):
         self.out, self.rank, self.world = out, rank, world
@@ -372,8 +369,7 @@ def merge_shards(out: Path, world: int) -> dict:
 
 def merge_main(argv) -> dict:
     """`python hscr.py merge --out FILE --world-size N`: the merge alone, e.g. after a crash."""
-    p = argparse.ArgumentParser(prog="python hscr.py merge",
-                                description="merge the rank files of a torchrun run")
+    p = argparse.ArgumentParser(prog="python hscr.py merge", description="merge a torchrun run's rank files")
     p.add_argument("--out", required=True, help="the run's --out")
     p.add_argument("--world-size", type=int, required=True, help="number of ranks of the run")
     args = p.parse_args(argv)
@@ -381,8 +377,7 @@ def merge_main(argv) -> dict:
 
 
 def negatives_histogram(records: list[dict], rejects: list[dict]) -> dict[str, int]:
-    """Entries by number of kept negatives, most first (3, 2, 1 and 0 always shown): the records,
-    and the rejects of entries with too few (`negatives_found`)."""
+    """Entries by number of kept negatives, most first (3, 2, 1 and 0 always shown), too few included."""
     counts = Counter(len(r["negatives"]) for r in records)
     counts.update(r["negatives_found"] for r in rejects if r.get("negatives_found") is not None)
     return {str(n): counts.get(n, 0) for n in sorted(set(counts) | {0, 1, 2, 3}, reverse=True)}
@@ -428,6 +423,8 @@ def stats_main(argv) -> dict:
     p.add_argument("--limit", type=int, help="score external negatives on the first N entries only")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--check-finite", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse weights holding NaN or Inf as they load (default: on)")
     args = p.parse_args(argv)
     path = Path(args.prefs)
     lines = read_jsonl(path)
@@ -483,7 +480,7 @@ def external_probability(args, options: dict, records: list[dict]) -> list[float
     external = external_negatives(args.external) if args.external else None
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, vision_tower=args.vision_tower or options["vision_tower"],
-                       dtype=resolve_dtype("auto", device), device=device)
+                       dtype=resolve_dtype("auto", device), device=device, check_finite=args.check_finite)
     tokenizer = load_tokenizer(args.tokenizer or options["tokenizer"])
     opts = SimpleNamespace(**{**options, "image_root": args.image_root or options["image_root"],
                               "score_on": "reference", "continuation": "splice"})  # as the reference
