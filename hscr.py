@@ -140,8 +140,7 @@ def coupling_scores(logits_full, logits_drop, targets, valid, kind: str = "logit
 def select_coupled_positions(scores, targets, valid, n: int = 10, eos_id: int = 2,
                              positive: bool = False) -> list[list[int]]:
     """docs/METHOD.md, step 4: per row the n = 10 positions of highest s_t [paper], in descending score;
-    EOS and padding excluded, equal scores: the earlier position first (a stable sort), with `positive`
-    only positions with s_t > 0 [ours]."""
+    never EOS or padding, ties: the earlier first (a stable sort), `positive`: only s_t > 0 [ours]."""
     eligible = valid & (targets != eos_id) & (scores > 0 if positive else True)  # (B, L)
     # The whole batch at once, read with one host sync: by score (descending), then eligible first,
     # both sorts stable, so each row's eligible positions come first, ordered as a stable sort of them.
@@ -196,8 +195,7 @@ def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, be
         P_diff[t] = softmax((1+β)·logits_full[t] − β·logits_drop[t])   (over the vocabulary).
     Ties: the rule's first candidate. (P, V) ×2, targets (P,) → (replacement (P,), −1 if C_t is empty;
     candidates (P, c); P_diff (P, c), +inf if empty)."""
-    candidates = candidate_sets(logits_full, logits_drop, targets, c, rule, alpha, banned,
-                                word_class)  # (P, c)
+    candidates = candidate_sets(logits_full, logits_drop, targets, c, rule, alpha, banned, word_class)
     if candidates.shape[0] == 0:
         return candidates[:, 0], candidates, candidates.float()
     p_diff = contrast_softmax(logits_full, logits_drop, beta, index=candidates.clamp(min=0))  # (P, c)
