@@ -9,9 +9,9 @@
 
 1. Scoring: LLaVA-Med v1.0's `eval_metrics` and `run_eval_batch.py`, quirks named where reproduced; ours
    beside them: `strict_hit`, the hedge, no-answer and hallucination rates, `fact_scores`, baselines.
-2. Generation (`generate_answers`): LLaVA-Med's prompt and answer files (the real benchmark files are read
-   as they are), batched greedy decoding, resumable, sharded; `--blind` answers again without visual
-   tokens and with a mean-colour image. Details: docs/FORMATS.md "VQA metrics" and "Evaluation files".
+2. Generation (`generate_answers`): LLaVA-Med's prompt and answer files, batched greedy decoding, resumable,
+   sharded; `--blind` answers again without visual tokens and with a mean-colour image.
+Details: docs/FORMATS.md "VQA metrics" and "Evaluation files".
 """
 from __future__ import annotations
 
@@ -31,13 +31,13 @@ from tqdm import tqdm
 
 from data import PAD_RGB, load_pixels, preprocess_image, resolve_image
 from harness import provenance
-from harness.answers import (PROVENANCE, answer_row, answered_ids, answers_path, merge_answers,
-                             question_id, read_answer_file)
-from harness.cli import UserError, add_dataclass_options, option, run_main
+from harness.cli import UserError, dataclass_parser, option, run_main
 from harness.dist import Context, barrier, init_process_group
+from harness.evalfiles import (LEGEND, PROVENANCE, answer_row, answered_ids, answers_path, check_images,
+                               compare_runs, merge_answers, parse_named, question_counts, question_id,
+                               read_answer_file, read_benchmarks, read_questions, scores_table, visual_gain,
+                               write_reports)
 from harness.files import DataError, JsonlFile, read_jsonl, read_text
-from harness.questions import check_images, parse_named, read_benchmarks, read_questions
-from harness.reports import LEGEND, compare_runs, question_counts, scores_table, visual_gain, write_reports
 from harness.rundir import start_run
 from harness.trainset import check_paths, model_of, read_tokenizer
 from model import load_model
@@ -48,8 +48,7 @@ from model.tokenizer import (build_prompt, canonical_form, decode, load_tokenize
                              tokenizer_file)
 
 # Scoring: LLaVA-Med's normalize_word, split_sentence, calculate_f1score, calculate_exactmatch
-# Characters handled by the space-dependent rule, in LLaVA-Med's order (the order does not
-# change the result: each character is replaced independently, and the tests read the input).
+# Characters handled by the space-dependent rule, in LLaVA-Med's order (which does not change the result).
 PUNCT = tuple(';/[]"{}()=+\\_-><@`,?!')
 # Number words that LLaVA-Med maps to digits; only whole words, only up to ten.
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
@@ -115,16 +114,12 @@ def normalize_word(text: str) -> str:
     return " ".join(words).replace(",", "")
 
 
-def word_counts(text: str) -> Counter:
-    """Upstream `split_sentence(text, 1)`: lowercase, whitespace split, {word: count}."""
-    return Counter(text.lower().split())
-
-
 def calculate_f1score(pred: str, gt: str) -> tuple[float, float, float]:
     """LLaVA-Med's token F1 → (f1, precision, recall) of normalised strings, normalised once more as upstream
     does. The quirk: tp counts the *prediction*'s repeats of shared words ("lung lung lung" against "left
     lung": tp = 3, fn = 1, recall 3/4). Zeros if a side has no words or tp == 0."""
-    p_words, g_words = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
+    # Upstream `split_sentence(text, 1)`: lowercase, whitespace split, {word: count}.
+    p_words, g_words = (Counter(normalize_word(s).lower().split()) for s in (pred, gt))
     tp = sum(c for w, c in p_words.items() if w in g_words)
     fp = sum(c for w, c in p_words.items() if w not in g_words)
     fn = sum(c for w, c in g_words.items() if w not in p_words)
@@ -137,15 +132,14 @@ def calculate_f1score(pred: str, gt: str) -> tuple[float, float, float]:
 def calculate_exactmatch(pred: str, gt: str) -> float:
     """LLaVA-Med's "exact match score": reference word *types* found in the prediction ÷ the prediction's
     word count with repeats (0 for an empty prediction): "left left lung" against "left lung" → 2/3."""
-    p_words, g_words = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
+    p_words, g_words = (Counter(normalize_word(s).lower().split()) for s in (pred, gt))
     total = sum(p_words.values())
     return sum(1 for w in g_words if w in p_words) / total if total else 0.0
 
 
 def closed_hit(pred: str, gt: str) -> bool:
-    """LLaVA-Med's closed-question hit on normalised strings: `gt in pred` as a *substring*
-    (`run_eval_batch.py`), so "no" is found in "nodule" and "yes no" hits every yes/no question.
-    Kept because papers report it; `strict_hit` is the score that means it."""
+    """LLaVA-Med's closed hit (`run_eval_batch.py`), normalised strings in: `gt in pred` as a *substring*, so
+    "no" is in "nodule" and "yes no" hits every yes/no question. Papers report it; `strict_hit` means it."""
     return gt in pred
 
 
@@ -156,22 +150,17 @@ CONJUNCTIONS = ("and", "or", "but")
 _TOKENS = re.compile(r"\w+|[^\w\s]")
 
 
-def answer_words(pred: str) -> list[str]:
-    """The yes/no *answer words* of a raw prediction, in order: every whole word "yes", and every whole word
-    "no" that ends its clause (followed by the end, a punctuation character or a conjunction; "no effusion" is
-    a determiner). Read on the lowercased *raw* text: LLaVA-Med's normalisation deletes that punctuation."""
-    tokens = _TOKENS.findall(pred.lower())
-    return [t for t, after in zip(tokens, tokens[1:] + [None]) if t == "yes"
-            or (t == "no" and (after is None or not after[0].isalnum() or after in CONJUNCTIONS))]
-
-
 def closed_answer(pred: str) -> str | None:
-    """What a raw prediction answers to a yes/no question: "yes", "no", "hedge" or None: the first
-    answer word (`answer_words`), a hedge if both polarities occur, None if none does. Ours; the rule
-    and why: docs/FORMATS.md "The strict closed score".
+    """What a raw prediction answers to a yes/no question: "yes", "no", "hedge" or None: the first *answer
+    word*, a hedge if both polarities occur, None if none does. Answer words: every whole word "yes", and
+    every whole word "no" that ends its clause (followed by the end, a punctuation character or a
+    conjunction; "no effusion" is a determiner), read on the lowercased *raw* text: LLaVA-Med's
+    normalisation deletes that punctuation. Ours; the rule and why: docs/FORMATS.md "The strict closed score".
         "no, there is not" → no    "yes no" → hedge    "Yes, but no effusion" → yes    "nodule" → None
     """
-    words = answer_words(pred)
+    tokens = _TOKENS.findall(pred.lower())
+    words = [t for t, after in zip(tokens, tokens[1:] + [None]) if t == "yes"
+             or (t == "no" and (after is None or not after[0].isalnum() or after in CONJUNCTIONS))]
     return None if not words else "hedge" if len(set(words)) > 1 else words[0]
 
 
@@ -213,7 +202,7 @@ def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str
     """The description metric of one answer (docs/FORMATS.md): {"facts": slots, "correct": slots whose
     true value `pred` states, "stated": values it states, "contradicted": stated values not the true
     one}. facts: slot → {"value", "phrases": value → phrases}, a phrase stated as whole words."""
-    counts = {"facts": 0, "correct": 0, "stated": 0, "contradicted": 0}
+    counts = Counter(facts=0, correct=0, stated=0, contradicted=0)
     for slot, fact in facts.items():
         values = fact.get("phrases") if isinstance(fact, dict) else None
         if not isinstance(values, dict) or fact.get("value") not in values:
@@ -222,11 +211,9 @@ def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str
         # A phrase is stated as whole words, any case; a hyphen joins words: no "ray" in "X-ray".
         stated = [v for v, phrases in values.items()
                   if any(re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", pred, re.I) for p in phrases)]
-        counts["facts"] += 1
-        counts["correct"] += fact["value"] in stated
-        counts["stated"] += len(stated)
-        counts["contradicted"] += sum(v != fact["value"] for v in stated)
-    return counts
+        counts.update(facts=1, correct=int(fact["value"] in stated), stated=len(stated),
+                      contradicted=sum(v != fact["value"] for v in stated))
+    return dict(counts)
 
 
 # A whole answer file scored, and what answering without a model scores
@@ -239,12 +226,11 @@ def _mean100(values: Sequence[float]) -> float | None:
 
 
 def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -> dict[str, Any]:
-    """Score answer-file rows ("question_id", "text") against questions (data.Record: `.id`, `.answer`,
-    `.answer_type`, optional `.facts`), ids compared as strings. Figures are percentages, None when there is
-    nothing to average (docs/FORMATS.md "VQA metrics"), in sections open, closed, overall, description;
-    then n_questions, n_answered, and the ids `missing` (no answer: left out, not 0), `unknown` (answers to
-    no question) and `unscorable` (no type or ground truth, or one that normalises to nothing: `gt in pred`
-    would count any answer right). A question answered twice is an error: merge shards before scoring."""
+    """Score answer-file rows ("question_id", "text") against data.Records (`.facts` optional), ids compared
+    as strings: percentages (None: nothing to average; docs/FORMATS.md "VQA metrics") in sections open,
+    closed, overall, description; the ids `missing` (left out, not 0), `unknown` (answers to no question)
+    and `unscorable` (no type or ground truth, or one that normalises to nothing: `gt in pred` would count
+    any answer right). A question answered twice is an error: merge shards before scoring."""
     rows = [(str(row["question_id"]), row["text"]) for row in answers]
     texts, duplicates = dict(rows), [qid for qid, n in Counter(qid for qid, _ in rows).items() if n > 1]
     if duplicates:
@@ -297,20 +283,16 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
 CONSTANT_BASELINES = {"always yes": "yes", "always no": "no", "hedge \"yes no\"": "yes no"}
 MAJORITY_BASELINES = {"majority per question text": False, "majority, leave-one-out": True}
 BASELINES_HELP = (
-    "Reference baselines that need no model, scored like a model's answers. The constant ones answer the "
-    "same string to every question, open questions included: \"yes\", \"no\", and the hedge \"yes no\". "
-    "The majority ones answer only the open questions (closed columns show –): each gets the most common "
-    "normalised ground truth among the open questions of the same file with the same normalised question "
-    "text (ties: the answer met first in file order). That prior is computed on the test file itself, so "
-    "it is oracle-ish: a question text that occurs once gets its own answer. The leave-one-out row leaves "
-    "the question's own answer out of the count (an empty answer when no other question shares the text), "
-    "which is the part of the score the question text alone predicts.")
+    "Reference baselines that need no model, scored like a model's answers. The constant ones answer "
+    "\"yes\", \"no\" or the hedge \"yes no\" to every question, open ones included. The majority ones answer "
+    "the open questions only (closed columns: –), each with the most common normalised ground truth of the "
+    "open questions of the file with the same normalised text (ties: first in file order): oracle-ish, a "
+    "text met once gets its own answer. Leave-one-out leaves the question's own answer out (\"\" when no "
+    "other question shares the text): the part of the score the question text alone predicts.")
 
 
 def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> dict[str, str]:
-    """Open question id → the most common normalised answer among the open `records` whose
-    normalised question text is the same. Ties go to the answer met first in file order; with
-    leave_one_out the question's own answer is not counted ("" when it is alone)."""
+    """Open question id → its majority answer (BASELINES_HELP), with leave_one_out or not."""
     groups: dict[str, list[Any]] = {}
     for r in records:
         if r.answer_type == "OPEN" and r.answer is not None and normalize_word(r.answer):
@@ -327,11 +309,10 @@ def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> 
 
 def baselines(records: Sequence[Any]) -> dict[str, dict[str, Any]]:
     """name → score_file result of every reference baseline (see BASELINES_HELP) on `records`."""
-    answers = {n: [{"question_id": r.id, "text": t} for r in records] for n, t in CONSTANT_BASELINES.items()}
-    for name, leave_one_out in MAJORITY_BASELINES.items():
-        answers[name] = [{"question_id": qid, "text": text}
-                         for qid, text in majority_answers(records, leave_one_out=leave_one_out).items()]
-    return {name: score_file(rows, records) for name, rows in answers.items()}
+    answers = {n: [(r.id, t) for r in records] for n, t in CONSTANT_BASELINES.items()}
+    answers |= {n: majority_answers(records, leave_one_out=l).items() for n, l in MAJORITY_BASELINES.items()}
+    return {n: score_file([{"question_id": q, "text": t} for q, t in rows], records)
+            for n, rows in answers.items()}
 
 
 # Generation over a benchmark: prompts, images, the three modes, resumable answer files
@@ -365,7 +346,6 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, templat
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     rows = [prompt_ids(r.question, tokenizer, config, mode=mode, template=template) for r in records]
     pad = config.text.pad_token_id if config.text.pad_token_id is not None else config.text.eos_token_id
-    ids, mask = left_pad(rows, pad)
     size = config.vision.image_size
     if mode == "no_image":
         images = None
@@ -374,15 +354,14 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, templat
         images = blank[None].expand(len(records), -1, -1, -1)  # (B, 3, S, S)
     else:
         images = torch.stack(list(pixels))  # (B, 3, S, S)
-    return Batch(ids, mask, images)
+    return Batch(*left_pad(rows, pad), images)
 
 
 def answer_room(records: Sequence[Any], tokenizer, config, template: str,
                 max_new_tokens: int) -> tuple[int, dict[str, str]]:
-    """New tokens per answer, and the questions that cannot have them (ours): max_new_tokens clamped to what
-    the model's context leaves after the longest prompt of `records` that takes at most half of it (so that
-    one over-long question does not cut every answer short); a question whose prompt leaves less is skipped
-    (question id → why). Whole benchmark files come in: --limit does not change the room."""
+    """(room, question id → why) (ours, docs/FORMATS.md "Run directory", Context): max_new_tokens clamped to
+    what the context leaves after the longest prompt of `records` (a whole benchmark file, whatever --limit)
+    that takes at most half of it; a question whose prompt leaves less is skipped."""
     context = config.text.max_seq_len
     lengths = {r.id: len(prompt_ids(r.question, tokenizer, config, mode="full", template=template))
                for r in records}
@@ -436,13 +415,11 @@ class EvalConfig:
     """Options of an evaluation run (the command line is built from these fields)."""
     benchmark: list[str] = option(help="NAME=PATH of a test.json or question JSONL")
     out: str = option(help="run directory (answers, provenance.json, summary.json, report.md)")
-    model: str | None = option(None, "checkpoint directory (config.json + safetensors; default: the "
-                               "model, with its vision tower, that --adapter was trained on)")
+    model: str | None = option(None, "checkpoint directory (default: the model --adapter was trained on)")
     image_root: list[str] = option(default_factory=list, help="NAME=DIR for one benchmark, or DIR for all")
     ground_truth: list[str] = option(default_factory=list, help="NAME=PATH of answers kept apart from the questions")
     adapter: str | None = option(None, "PEFT-format LoRA adapter directory")
-    allow_other_model: bool = option(False, "apply --adapter although it was trained on another model or "
-                                     "vision tower (by content) than --model's")
+    allow_other_model: bool = option(False, "apply --adapter although it was trained on another model")
     vision_tower: str | None = option(None, "CLIP directory replacing (or supplying) the checkpoint's vision tower")
     check_finite: bool = option(True, "refuse weights holding NaN or Inf as they load")
     tokenizer: str | None = option(None, "tokenizer directory or file (default: --model)")
@@ -453,20 +430,15 @@ class EvalConfig:
     limit: int | None = option(None, "first N questions of each benchmark")
     dtype: str = option("auto", "auto = float16 on GPU (LLaVA-Med's), float32 on CPU", choices=("auto", *DTYPES))
     device: str = option("auto", "auto = cuda:LOCAL_RANK if available, else cpu (may change on resume)")
-    model_id: str | None = option(None, "model_id written in the answer files (default: the model "
-                                  "directory's name, + the adapter directory's name with --adapter)")
-    overwrite: bool = option(False, "delete the run's answers and scores and start again; needed when the model, "
-                             "adapter, questions, images or options differ from what made them (provenance.json)")
+    model_id: str | None = option(None, "model_id in the answer files (default: model[+adapter] dir names)")
+    overwrite: bool = option(False, "delete the run's answers and scores and start again")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """argparse over EvalConfig (harness.cli.add_dataclass_options: list fields repeat, bools are switches)."""
-    parser = argparse.ArgumentParser(
-        prog="eval.py", description="Zero-shot VQA evaluation scored as LLaVA-Med scores it. "
-        "Also: `eval.py compare RUN_A RUN_B`, `eval.py score --answers FILE --questions FILE`, "
-        "`eval.py baselines --questions FILE`.")
-    add_dataclass_options(parser, EvalConfig)
-    return parser
+    """argparse over EvalConfig (harness.cli.dataclass_parser: list fields repeat, bools are switches)."""
+    return dataclass_parser(EvalConfig, prog="eval.py", description=(
+        "Zero-shot VQA evaluation scored as LLaVA-Med scores it. Also:\n  eval.py compare RUN_A RUN_B\n"
+        "  eval.py score --answers FILE --questions FILE\n  eval.py baselines --questions FILE"))
 
 
 # The run
@@ -516,9 +488,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     """Generate (resuming), merge, score and report. Returns the results on rank 0."""
     problems = [f"--{k.replace('_', '-')} must be >= 1, got {v}" for k, v in
                 (("batch_size", cfg.batch_size), ("max_new_tokens", cfg.max_new_tokens), ("limit", cfg.limit))
-                if v is not None and v < 1]
-    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        problems.append(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+                if v is not None and v < 1]  # --dtype: argparse's choices, or resolve_dtype, refuse a bad one
     if problems:
         raise UserError("; ".join(problems))
     rank, world, local = init_process_group()  # gloo: only barriers, with or without GPUs
@@ -612,23 +582,6 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     return results
 
 
-def _scoring_command(argv: Sequence[str], description: str, questions: str,
-                     answers: bool = False) -> tuple[argparse.Namespace, list[Any]]:
-    """`eval.py score` (answers=True) or `eval.py baselines`: the options, and the questions read
-    (bad records reported on stderr)."""
-    p = argparse.ArgumentParser(prog=f"eval.py {argv[0]}", description=description)
-    if answers:
-        p.add_argument("--answers", required=True, help="answer-file JSONL (question_id and text per line)")
-    p.add_argument("--questions", required=True, help=questions)
-    p.add_argument("--ground-truth", help="answers kept apart from the questions")
-    p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
-    args = p.parse_args(argv[1:])
-    records, bad = read_questions(args.questions, args.ground_truth)
-    for b in bad:
-        print(f"bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
-    return args, records
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; expected errors are raised as UserError/DataError (`run_main` turns
     them into one line on stderr and exit status 2)."""
@@ -639,23 +592,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("run_b")
         args = p.parse_args(argv[1:])
         print(compare_runs(args.run_a, args.run_b))
-    elif argv[:1] == ["score"]:
-        args, records = _scoring_command(
-            argv, "Score an existing answer file (ours or one written by LLaVA-Med's scripts) without a model: "
-            "LLaVA-Med's lenient figures and the strict ones side by side.",
-            "test.json or question JSONL, e.g. tests/data/VQA_RAD_test_llavamed_format.jsonl", answers=True)
-        s = score_file(read_answer_file(args.answers), records)
-        print(json.dumps(s, indent=2) if args.json else
-              f"{args.answers} on {args.questions}\n{question_counts(s)}; answered {s['n_answered']}, "
-              f"{len(s['missing'])} missing (left out), {len(s['unscorable'])} unscorable (no ground truth), "
-              f"{len(s['unknown'])} answers to unknown ids\n\n"
-              f"{scores_table({Path(args.answers).name: s})}\n\n{LEGEND}")
-    elif argv[:1] == ["baselines"]:
-        args, records = _scoring_command(argv, BASELINES_HELP, "test.json or question JSONL with answers")
-        results = baselines(records)
-        figures = {name: {k: s[k] for k in ("open", "closed", "overall")} for name, s in results.items()}
-        print(json.dumps(figures, indent=2) if args.json else f"{args.questions}\n"
-              f"{question_counts(results['always yes'])}\n\n{scores_table(results, 'baseline')}\n\n{LEGEND}")
+    elif argv[:1] in (["score"], ["baselines"]):
+        score = argv[0] == "score"
+        p = argparse.ArgumentParser(prog=f"eval.py {argv[0]}", description=BASELINES_HELP if not score else (
+            "Score an existing answer file (ours or one written by LLaVA-Med's scripts) without a model: "
+            "LLaVA-Med's lenient figures and the strict ones side by side."))
+        if score:
+            p.add_argument("--answers", required=True, help="answer-file JSONL (question_id, text)")
+        p.add_argument("--questions", required=True, help="test.json or question JSONL" + (
+            ", e.g. tests/data/VQA_RAD_test_llavamed_format.jsonl" if score else " with answers"))
+        p.add_argument("--ground-truth", help="answers kept apart from the questions")
+        p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
+        args = p.parse_args(argv[1:])
+        records, bad = read_questions(args.questions, args.ground_truth)
+        for b in bad:
+            print(f"bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
+        if score:
+            s = score_file(read_answer_file(args.answers), records)
+            print(json.dumps(s, indent=2) if args.json else
+                  f"{args.answers} on {args.questions}\n{question_counts(s)}; answered {s['n_answered']}, "
+                  f"{len(s['missing'])} missing (left out), {len(s['unscorable'])} unscorable (no ground "
+                  f"truth), {len(s['unknown'])} answers to unknown ids\n\n"
+                  f"{scores_table({Path(args.answers).name: s})}\n\n{LEGEND}")
+        else:
+            results = baselines(records)
+            figures = {name: {k: s[k] for k in ("open", "closed", "overall")} for name, s in results.items()}
+            print(json.dumps(figures, indent=2) if args.json else
+                  f"{args.questions}\n{question_counts(results['always yes'])}\n\n"
+                  f"{scores_table(results, 'baseline')}\n\n{LEGEND}")
     else:
         cfg = EvalConfig(**vars(build_parser().parse_args(argv)))
         results = run(cfg)
