@@ -33,10 +33,9 @@ from data import PAD_RGB, load_pixels, preprocess_image, resolve_image
 from harness import provenance
 from harness.cli import UserError, dataclass_parser, option, run_main
 from harness.dist import Context, barrier, init_process_group
-from harness.evalfiles import (LEGEND, PROVENANCE, answer_row, answered_ids, answers_path, check_images,
-                               compare_runs, merge_answers, parse_named, question_counts, question_id,
-                               read_answer_file, read_benchmarks, read_questions, scores_table, visual_gain,
-                               write_reports)
+from harness.evalfiles import (LEGEND, PROVENANCE, answer_row, answers_path, check_images, compare_runs,
+                               merge_answers, parse_named, question_counts, question_id, read_answer_file,
+                               read_benchmarks, read_questions, scores_table, shards, visual_gain, write_reports)
 from harness.files import DataError, JsonlFile, read_jsonl, read_text
 from harness.rundir import start_run
 from harness.trainset import check_paths, model_of, read_tokenizer
@@ -44,8 +43,7 @@ from model import load_model
 from model.llava import left_pad
 from model.loading import DTYPES, resolve_dtype
 from model.lora import load_adapter
-from model.tokenizer import (build_prompt, canonical_form, decode, load_tokenizer, tokenize_prompt,
-                             tokenizer_file)
+from model.tokenizer import build_prompt, canonical_form, decode, tokenize_prompt
 
 # Scoring: LLaVA-Med's normalize_word, split_sentence, calculate_f1score, calculate_exactmatch
 # Characters handled by the space-dependent rule, in LLaVA-Med's order (which does not change the result).
@@ -378,7 +376,10 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
     answered; append to the rank's shard, flushed per batch. Returns how many were answered.
     skipped: question id → why, not to answer; a question whose image fails to load here is added."""
     skipped = {} if skipped is None else skipped
-    done = answered_ids(run_dir, name, mode)
+    # Answered by an earlier run: the merged file and every shard, whatever the world size that wrote them.
+    # Read only: another rank may be appending to its shard (a half line is not counted).
+    done = set().union(*(JsonlFile(f, key=question_id).ids
+                         for f in [answers_path(run_dir, name, mode), *shards(run_dir, name, mode)]))
     # Shard first, filter after: every rank must agree on who owns question i.
     todo = [r for r in records[rank::world] if r.id not in done and r.id not in skipped]
     eos, size = model.config.text.eos_token_id, model.config.vision.image_size
@@ -445,20 +446,15 @@ def build_parser() -> argparse.ArgumentParser:
 def load_for_eval(cfg: EvalConfig, device: str):
     """Model (with the LoRA adapter applied, unmerged) and tokenizer; a checkpoint, adapter or
     tokenizer that cannot be read is a UserError naming it."""
-    dtype = resolve_dtype(cfg.dtype, device, gpu_default="float16")
-    model = load_model(cfg.model, vision_tower=cfg.vision_tower, dtype=dtype, device=device,
-                       check_finite=cfg.check_finite)
+    model = load_model(cfg.model, vision_tower=cfg.vision_tower, device=device, check_finite=cfg.check_finite,
+                       dtype=resolve_dtype(cfg.dtype, device, gpu_default="float16"))
     if cfg.adapter is not None:
         try:
             load_adapter(model, cfg.adapter, dropout=0.0)
         except (ValueError, OSError) as error:  # load_adapter names the adapter file in its messages
             raise UserError(f"--adapter {cfg.adapter}: {error}") from error
         model.to(device)
-    try:
-        tokenizer = load_tokenizer(tokenizer_file(cfg.tokenizer or cfg.model))
-    except ValueError as error:
-        raise UserError(str(error)) from error
-    return model.eval(), tokenizer
+    return model.eval(), read_tokenizer(cfg.tokenizer or cfg.model)
 
 
 # What data.preprocess_image does in eval (not an option yet): in the fingerprint, so that a later
@@ -466,7 +462,7 @@ def load_for_eval(cfg: EvalConfig, device: str):
 IMAGE_PREPROCESSING = "LLaVA-Med pad: square with the CLIP mean colour, centred; bicubic resize"
 
 
-def run_fingerprint(cfg: EvalConfig, questions: Mapping[str, Sequence[Any]], roots: Mapping[str, str],
+def run_fingerprint(cfg: EvalConfig, benchmarks: Mapping[str, tuple], roots: Mapping[str, str],
                     dtype: torch.dtype, limits: Sequence[int | None], tokenizer) -> dict[str, Any]:
     """What the answers depend on (docs/FORMATS.md "Run directory"): every question of each benchmark file,
     and the images of the first max(`limits`) questions (all if a limit is None): the sessions' questions."""
@@ -475,7 +471,7 @@ def run_fingerprint(cfg: EvalConfig, questions: Mapping[str, Sequence[Any]], roo
         "model": provenance.Dir(cfg.model), "adapter": provenance.Dir(cfg.adapter) if cfg.adapter else None,
         "vision tower": provenance.Dir(cfg.vision_tower) if cfg.vision_tower else None,
         "tokenizer": tokenizer}
-    for name, records in questions.items():
+    for name, (records, _) in benchmarks.items():
         inputs[f"questions {name}"] = provenance.Content([[r.id, r.image, r.question] for r in records])
         images = sorted({r.image for r in records[:n] if r.image is not None})
         inputs[f"images {name}"] = provenance.Files(roots[name], images)
@@ -496,8 +492,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     dtype = resolve_dtype(cfg.dtype, device, gpu_default="float16")
     run_dir = Path(cfg.out)
     every = read_benchmarks(cfg.benchmark, cfg.ground_truth)
-    named = parse_named(cfg.image_root, "--image-root", names=list(every), allow_global=True)
-    roots = {name: named.get(name, named.get("*")) for name in every}
+    roots = parse_named(cfg.image_root, "--image-root", names=list(every), allow_global=True)
     sources = parse_named(cfg.benchmark, "--benchmark")
     benchmarks, screened = {}, {}  # --limit chooses the questions first: only their images are looked at
     for name, (records, bad) in every.items():
@@ -518,10 +513,9 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     resume = not cfg.overwrite and started
     record = provenance.load(run_dir / PROVENANCE) if resume else None
     earlier = [s["limit"] for s in record["sessions"]] if record else []
-    questions = {name: records for name, (records, _) in every.items()}
     words = provenance.Content(canonical_form(read_tokenizer(cfg.tokenizer or cfg.model)))  # what it does
-    now = run_fingerprint(cfg, questions, roots, dtype, earlier + [cfg.limit], words)
-    before = run_fingerprint(cfg, questions, roots, dtype, earlier, words) if earlier else None
+    now = run_fingerprint(cfg, every, roots, dtype, earlier + [cfg.limit], words)
+    before = run_fingerprint(cfg, every, roots, dtype, earlier, words) if earlier else None
     if not cfg.allow_other_model:
         provenance.check_model(made, now, f"--adapter {cfg.adapter}", "evaluate it on that model (the "
                                "default without --model), or pass --allow-other-model to apply it anyway")

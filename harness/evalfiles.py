@@ -16,7 +16,7 @@ from typing import Any
 
 from data import image_problem, read_records, resolve_image
 from harness.cli import UserError
-from harness.files import BadLine, DataError, JsonlFile, merge_jsonl, read_json_records, read_text
+from harness.files import BadLine, DataError, merge_jsonl, read_json_records, read_text
 
 PROVENANCE = "provenance.json"
 
@@ -24,8 +24,8 @@ PROVENANCE = "provenance.json"
 # Inputs
 def parse_named(values: Sequence[str], flag: str, *, names: Sequence[str] | None = None,
                 allow_global: bool = False) -> dict[str, str]:
-    """NAME=PATH values → {name: path}, NAME limited to `names` when given, else a plain name (a folder
-    of eval.py's --out). With allow_global a value that names no benchmark is a path for all (key "*")."""
+    """NAME=PATH values → {name: path}, NAME among `names` when given, else a plain name (a folder of eval.py's
+    --out). allow_global: a value naming no benchmark is the path for all (→ name: its path, that, or None)."""
     out, problems = {}, []
     for value in values:
         name, sep, path = value.partition("=")
@@ -43,7 +43,7 @@ def parse_named(values: Sequence[str], flag: str, *, names: Sequence[str] | None
             problems.append(f"{flag} {value!r} is not NAME=PATH{with_names}")
     if problems:
         raise UserError("; ".join(problems))
-    return out
+    return {n: out.get(n, out.get("*")) for n in names} if allow_global else out
 
 
 def read_questions(path: str, ground_truth: str | None = None) -> tuple[list[Any], list[Any]]:
@@ -144,13 +144,6 @@ def shards(run_dir: Path, name: str, mode: str) -> list[Path]:
     """Every rank's shard of one answer file, whatever the world size that wrote them."""
     pattern = answers_path(run_dir, name, mode, 0).name.replace(".rank0.", ".rank*.")
     return sorted((run_dir / name).glob(pattern))
-
-
-def answered_ids(run_dir: Path, name: str, mode: str) -> set[str]:
-    """Ids answered by an earlier run: the merged file and every shard, whatever the world size that wrote
-    them. Read only: another rank may be appending to its shard (a half line is not counted)."""
-    files = [answers_path(run_dir, name, mode)] + shards(run_dir, name, mode)
-    return set().union(*(JsonlFile(f, key=question_id).ids for f in files))
 
 
 def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -> Path:
