@@ -35,7 +35,8 @@ from harness.cli import UserError, dataclass_parser, option, run_main
 from harness.dist import Context, barrier, init_process_group
 from harness.evalfiles import (LEGEND, PROVENANCE, answer_row, answers_path, check_images, compare_runs,
                                merge_answers, parse_named, question_counts, question_id, read_answer_file,
-                               read_benchmarks, read_questions, scores_table, shards, visual_gain, write_reports)
+                               read_benchmarks, read_questions, scores_table, shards, visual_gain,
+                               write_reports)
 from harness.files import DataError, JsonlFile, read_jsonl, read_text
 from harness.rundir import start_run
 from harness.trainset import check_paths, model_of, read_tokenizer
@@ -52,9 +53,8 @@ PUNCT = tuple(';/[]"{}()=+\\_-><@`,?!')
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = ("a", "an", "the")
-# LLaVA-Med's contraction table (the VQA-v2 one). Keys with capitals ("Im", "Ive", "Id've")
-# can never match because words are lowercased first; they are kept so the table is the same,
-# and "somebody'd" maps to "somebodyd" upstream: kept too.
+# LLaVA-Med's contraction table (the VQA-v2 one), kept as it is: keys with capitals ("Im", "Ive", "Id've")
+# never match (words are lowercased first), and "somebody'd" maps to "somebodyd".
 CONTRACTIONS = {"aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
     "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't",
     "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
@@ -357,9 +357,9 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, templat
 
 def answer_room(records: Sequence[Any], tokenizer, config, template: str,
                 max_new_tokens: int) -> tuple[int, dict[str, str]]:
-    """(room, question id → why) (ours, docs/FORMATS.md "Run directory", Context): max_new_tokens clamped to
-    what the context leaves after the longest prompt of `records` (a whole benchmark file, whatever --limit)
-    that takes at most half of it; a question whose prompt leaves less is skipped."""
+    """New tokens per answer, and question id → why for those whose prompt leaves fewer (ours; FORMATS.md
+    "Run directory", Context): max_new_tokens clamped to what the context leaves after the longest prompt of
+    `records` (the whole benchmark file, whatever --limit) that takes at most half of it."""
     context = config.text.max_seq_len
     lengths = {r.id: len(prompt_ids(r.question, tokenizer, config, mode="full", template=template))
                for r in records}
@@ -410,7 +410,6 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
     return n
 
 
-# Options: the command line is built from EvalConfig
 @dataclasses.dataclass
 class EvalConfig:
     """Options of an evaluation run (the command line is built from these fields)."""
@@ -559,10 +558,9 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     results = {}
     for name, (records, bad) in benchmarks.items():
         skipped = skipped_by[name]
-        kept = [r for r in records if r.id not in skipped]
-        ids = {r.id for r in kept}
+        kept = {r.id: r for r in records if r.id not in skipped}
         scored = {mode: score_file([row for row in read_jsonl(answers_path(run_dir, name, mode))
-                                    if str(row["question_id"]) in ids], kept) for mode in modes}
+                                    if question_id(row) in kept], kept.values()) for mode in modes}
         results[name] = {"bad_records": [dataclasses.asdict(b) for b in bad],
                          "skipped": [{"question_id": r.id, "image": r.image, "reason": skipped[r.id]}
                                      for r in records if r.id in skipped],

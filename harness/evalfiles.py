@@ -1,8 +1,7 @@
-"""eval.py's files (docs/FORMATS.md "Evaluation files"): its inputs (benchmarks named NAME=PATH, their
-question files and images), its answer files (LLaVA-Med's answer-file JSONL, a shard per rank appended to
-and flushed per batch, merged in question order) and its tables (report.md, summary.json, `compare`,
-`score`, `baselines`). Every refusal is a UserError or DataError: one line, naming the file. It never
-imports eval.py.
+"""eval.py's files (docs/FORMATS.md "Evaluation files"): inputs (benchmarks named NAME=PATH, question files,
+images), answer files (LLaVA-Med's answer-file JSONL, a shard per rank appended to and flushed per batch,
+merged in question order) and tables (report.md, summary.json, `compare`, `score`, `baselines`). Every
+refusal is a UserError or DataError: one line, naming the file. It never imports eval.py.
 """
 from __future__ import annotations
 
@@ -24,8 +23,9 @@ PROVENANCE = "provenance.json"
 # Inputs
 def parse_named(values: Sequence[str], flag: str, *, names: Sequence[str] | None = None,
                 allow_global: bool = False) -> dict[str, str]:
-    """NAME=PATH values → {name: path}, NAME among `names` when given, else a plain name (a folder of eval.py's
-    --out). allow_global: a value naming no benchmark is the path for all (→ name: its path, that, or None)."""
+    """NAME=PATH values → {name: path}, NAME among `names` when given, else a plain name (a folder of
+    eval.py's --out). allow_global: a value naming no benchmark is the path for all (→ name: its path,
+    that one, or None)."""
     out, problems = {}, []
     for value in values:
         name, sep, path = value.partition("=")
@@ -158,9 +158,8 @@ def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -
     return final
 
 
-# Tables: every one shows METRICS, one column each, explained by LEGEND under it; the figures are
-# eval.score_file's (None, shown "–": nothing to average).
-# (label, section, key) of the figures shown in reports and comparisons.
+# Tables: every one shows METRICS, (label, section, key) of eval.score_file's figures (None, shown "–":
+# nothing to average), one column each, explained by LEGEND under it.
 METRICS = (("open recall", "open", "recall"), ("closed acc", "closed", "accuracy"),
            ("closed strict", "closed", "accuracy_strict"), ("hedge rate", "closed", "hedge_rate"),
            ("no answer", "closed", "no_answer_rate"), ("overall", "overall", "score"),
