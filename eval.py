@@ -23,7 +23,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -317,8 +317,7 @@ def baselines(records: Sequence[Any]) -> dict[str, dict[str, Any]]:
 MODES = ("full", "no_image", "blank_image")
 
 
-@dataclasses.dataclass
-class Batch:
+class Batch(NamedTuple):
     input_ids: torch.Tensor  # (B, T) long, left-padded
     attention_mask: torch.Tensor  # (B, T) long, 1 on real tokens
     pixel_values: torch.Tensor | None  # (B, 3, S, S) float, None in no_image mode
@@ -396,13 +395,12 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
                     skipped[r.id] = f"image {r.image}: {error}"
                     print(f"{name}: question {r.id} skipped: {skipped[r.id]}", file=sys.stderr)
             if chunk:
-                batch = build_batch(chunk, mode, tokenizer=tokenizer, config=model.config, template=template,
-                                    pixels=pixels)
-                images = None if batch.pixel_values is None else batch.pixel_values.to(model.device, model.dtype)
+                input_ids, mask, images = build_batch(chunk, mode, tokenizer=tokenizer, config=model.config,
+                                                      template=template, pixels=pixels)
+                images = None if images is None else images.to(model.device, model.dtype)
                 with torch.inference_mode():
-                    new = model.generate(batch.input_ids.to(model.device), images,
-                                         batch.attention_mask.to(model.device), max_new_tokens=max_new_tokens,
-                                         eos_token_id=eos)  # (B, T_new)
+                    new = model.generate(input_ids.to(model.device), images, mask.to(model.device),
+                                         max_new_tokens=max_new_tokens, eos_token_id=eos)  # (B, T_new)
                 shard.write(answer_row(record, decode(tokenizer, ids, eos_token_id=eos), model_id, mode)
                             for record, ids in zip(chunk, new.tolist()))
                 n += len(chunk)
