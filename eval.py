@@ -415,10 +415,10 @@ class EvalConfig:
     out: str = option(help="run directory (answers, provenance.json, summary.json, report.md)")
     model: str | None = option(None, "checkpoint directory (default: the model --adapter was trained on)")
     image_root: list[str] = option(default_factory=list, help="NAME=DIR for one benchmark, or DIR for all")
-    ground_truth: list[str] = option(default_factory=list, help="NAME=PATH of answers kept apart from the questions")
+    ground_truth: list[str] = option(default_factory=list, help="NAME=PATH: answers apart from questions")
     adapter: str | None = option(None, "PEFT-format LoRA adapter directory")
     allow_other_model: bool = option(False, "apply --adapter although it was trained on another model")
-    vision_tower: str | None = option(None, "CLIP directory replacing (or supplying) the checkpoint's vision tower")
+    vision_tower: str | None = option(None, "CLIP directory replacing or supplying the checkpoint's tower")
     check_finite: bool = option(True, "refuse weights holding NaN or Inf as they load")
     tokenizer: str | None = option(None, "tokenizer directory or file (default: --model)")
     template: str = option("mistral_instruct", "prompt template")
@@ -426,7 +426,7 @@ class EvalConfig:
     max_new_tokens: int = option(1024, "LLaVA-Med used 1024; clamped to what the model's context leaves")
     blind: bool = option(False, "also answer with no visual tokens and with a mean-colour image")
     limit: int | None = option(None, "first N questions of each benchmark")
-    dtype: str = option("auto", "auto = float16 on GPU (LLaVA-Med's), float32 on CPU", choices=("auto", *DTYPES))
+    dtype: str = option("auto", "auto: float16 on GPU (LLaVA-Med's), else float32", choices=("auto", *DTYPES))
     device: str = option("auto", "auto = cuda:LOCAL_RANK if available, else cpu (may change on resume)")
     model_id: str | None = option(None, "model_id in the answer files (default: model[+adapter] dir names)")
     overwrite: bool = option(False, "delete the run's answers and scores and start again")
@@ -529,7 +529,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
         print(f"eval.py: {device}, {resolved['resolved']['dtype']}; options in {run_dir}/config.json", file=sys.stderr)
     modes = MODES if cfg.blind else MODES[:1]
-    skipped_by, rooms = {}, {}  # benchmark → question id → why: screened, too long, each rank's own failures
+    skipped_by, rooms = {}, {}  # benchmark → question id → why: screened, too long, each rank's failures
     for name, (records, _) in benchmarks.items():
         mine = dict(screened[name])
         rooms[name], too_long = answer_room(every[name][0], tokenizer, model.config, cfg.template,
