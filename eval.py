@@ -277,6 +277,7 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
         "missing": missing, "unknown": [qid for qid in texts if qid not in seen], "unscorable": unscorable,
     }
 
+
 # name → the one string answered to every question, closed and open alike.
 CONSTANT_BASELINES = {"always yes": "yes", "always no": "no", "hedge \"yes no\"": "yes no"}
 MAJORITY_BASELINES = {"majority per question text": False, "majority, leave-one-out": True}
