@@ -9,9 +9,9 @@
 
 1. Scoring: LLaVA-Med v1.0's `eval_metrics` and `run_eval_batch.py`, quirks named where reproduced; ours
    beside them: `strict_hit`, the hedge, no-answer and hallucination rates, `fact_scores`, baselines.
-2. Generation (`generate_answers`): LLaVA-Med's prompt and answer files (the real benchmark files are read
-   as they are), batched greedy decoding, resumable, sharded; `--blind` answers again without visual
-   tokens and with a mean-colour image. Details: docs/FORMATS.md "VQA metrics" and "Evaluation files".
+2. Generation (`generate_answers`): LLaVA-Med's prompt and answer files, batched greedy decoding, resumable,
+   sharded; `--blind` answers again without visual tokens and with a mean-colour image.
+Details: docs/FORMATS.md "VQA metrics" and "Evaluation files".
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -31,33 +31,30 @@ from tqdm import tqdm
 
 from data import PAD_RGB, load_pixels, preprocess_image, resolve_image
 from harness import provenance
-from harness.answers import (PROVENANCE, answer_row, answered_ids, answers_path, merge_answers,
-                             question_id, read_answer_file)
-from harness.cli import UserError, add_dataclass_options, option, run_main
+from harness.cli import UserError, dataclass_parser, option, run_main
 from harness.dist import Context, barrier, init_process_group
+from harness.evalfiles import (LEGEND, PROVENANCE, answer_row, answers_path, check_images, compare_runs,
+                               merge_answers, parse_named, question_counts, question_id, read_answer_file,
+                               read_benchmarks, read_questions, scores_table, shards, visual_gain,
+                               write_reports)
 from harness.files import DataError, JsonlFile, read_jsonl, read_text
-from harness.questions import check_images, parse_named, read_benchmarks, read_questions
-from harness.reports import LEGEND, compare_runs, question_counts, scores_table, visual_gain, write_reports
 from harness.rundir import start_run
 from harness.trainset import check_paths, model_of, read_tokenizer
 from model import load_model
 from model.llava import left_pad
 from model.loading import DTYPES, resolve_dtype
 from model.lora import load_adapter
-from model.tokenizer import (build_prompt, decode, load_tokenizer, tokenize_prompt,
-                             tokenizer_file)
+from model.tokenizer import build_prompt, decode, tokenize_prompt
 
 # Scoring: LLaVA-Med's normalize_word, split_sentence, calculate_f1score, calculate_exactmatch
-# Characters handled by the space-dependent rule, in LLaVA-Med's order (the order does not
-# change the result: each character is replaced independently, and the tests read the input).
+# Characters handled by the space-dependent rule, in LLaVA-Med's order (which does not change the result).
 PUNCT = tuple(';/[]"{}()=+\\_-><@`,?!')
 # Number words that LLaVA-Med maps to digits; only whole words, only up to ten.
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = ("a", "an", "the")
-# LLaVA-Med's contraction table (the VQA-v2 one). Keys with capitals ("Im", "Ive", "Id've")
-# can never match because words are lowercased first; they are kept so the table is the same,
-# and "somebody'd" maps to "somebodyd" upstream: kept too.
+# LLaVA-Med's contraction table (the VQA-v2 one), kept as it is: keys with capitals ("Im", "Ive", "Id've")
+# never match (words are lowercased first), and "somebody'd" maps to "somebodyd".
 CONTRACTIONS = {"aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
     "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't",
     "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
@@ -115,16 +112,12 @@ def normalize_word(text: str) -> str:
     return " ".join(words).replace(",", "")
 
 
-def word_counts(text: str) -> Counter:
-    """Upstream `split_sentence(text, 1)`: lowercase, whitespace split, {word: count}."""
-    return Counter(text.lower().split())
-
-
 def calculate_f1score(pred: str, gt: str) -> tuple[float, float, float]:
     """LLaVA-Med's token F1 → (f1, precision, recall) of normalised strings, normalised once more as upstream
     does. The quirk: tp counts the *prediction*'s repeats of shared words ("lung lung lung" against "left
     lung": tp = 3, fn = 1, recall 3/4). Zeros if a side has no words or tp == 0."""
-    p_words, g_words = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
+    # Upstream `split_sentence(text, 1)`: lowercase, whitespace split, {word: count}.
+    p_words, g_words = (Counter(normalize_word(s).lower().split()) for s in (pred, gt))
     tp = sum(c for w, c in p_words.items() if w in g_words)
     fp = sum(c for w, c in p_words.items() if w not in g_words)
     fn = sum(c for w, c in g_words.items() if w not in p_words)
@@ -137,15 +130,14 @@ def calculate_f1score(pred: str, gt: str) -> tuple[float, float, float]:
 def calculate_exactmatch(pred: str, gt: str) -> float:
     """LLaVA-Med's "exact match score": reference word *types* found in the prediction ÷ the prediction's
     word count with repeats (0 for an empty prediction): "left left lung" against "left lung" → 2/3."""
-    p_words, g_words = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
+    p_words, g_words = (Counter(normalize_word(s).lower().split()) for s in (pred, gt))
     total = sum(p_words.values())
     return sum(1 for w in g_words if w in p_words) / total if total else 0.0
 
 
 def closed_hit(pred: str, gt: str) -> bool:
-    """LLaVA-Med's closed-question hit on normalised strings: `gt in pred` as a *substring*
-    (`run_eval_batch.py`), so "no" is found in "nodule" and "yes no" hits every yes/no question.
-    Kept because papers report it; `strict_hit` is the score that means it."""
+    """LLaVA-Med's closed hit (`run_eval_batch.py`), normalised strings in: `gt in pred` as a *substring*, so
+    "no" is in "nodule" and "yes no" hits every yes/no question. Papers report it; `strict_hit` means it."""
     return gt in pred
 
 
@@ -156,22 +148,17 @@ CONJUNCTIONS = ("and", "or", "but")
 _TOKENS = re.compile(r"\w+|[^\w\s]")
 
 
-def answer_words(pred: str) -> list[str]:
-    """The yes/no *answer words* of a raw prediction, in order: every whole word "yes", and every whole word
-    "no" that ends its clause (followed by the end, a punctuation character or a conjunction; "no effusion" is
-    a determiner). Read on the lowercased *raw* text: LLaVA-Med's normalisation deletes that punctuation."""
-    tokens = _TOKENS.findall(pred.lower())
-    return [t for t, after in zip(tokens, tokens[1:] + [None]) if t == "yes"
-            or (t == "no" and (after is None or not after[0].isalnum() or after in CONJUNCTIONS))]
-
-
 def closed_answer(pred: str) -> str | None:
-    """What a raw prediction answers to a yes/no question: "yes", "no", "hedge" or None: the first
-    answer word (`answer_words`), a hedge if both polarities occur, None if none does. Ours; the rule
-    and why: docs/FORMATS.md "The strict closed score".
+    """What a raw prediction answers to a yes/no question: "yes", "no", "hedge" or None: the first *answer
+    word*, a hedge if both polarities occur, None if none does. Answer words: every whole word "yes", and
+    every whole word "no" that ends its clause (followed by the end, a punctuation character or a
+    conjunction; "no effusion" is a determiner), read on the lowercased *raw* text: LLaVA-Med's
+    normalisation deletes that punctuation. Ours; the rule and why: docs/FORMATS.md "The strict closed score".
         "no, there is not" → no    "yes no" → hedge    "Yes, but no effusion" → yes    "nodule" → None
     """
-    words = answer_words(pred)
+    tokens = _TOKENS.findall(pred.lower())
+    words = [t for t, after in zip(tokens, tokens[1:] + [None]) if t == "yes"
+             or (t == "no" and (after is None or not after[0].isalnum() or after in CONJUNCTIONS))]
     return None if not words else "hedge" if len(set(words)) > 1 else words[0]
 
 
@@ -213,7 +200,7 @@ def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str
     """The description metric of one answer (docs/FORMATS.md): {"facts": slots, "correct": slots whose
     true value `pred` states, "stated": values it states, "contradicted": stated values not the true
     one}. facts: slot → {"value", "phrases": value → phrases}, a phrase stated as whole words."""
-    counts = {"facts": 0, "correct": 0, "stated": 0, "contradicted": 0}
+    counts = Counter(facts=0, correct=0, stated=0, contradicted=0)
     for slot, fact in facts.items():
         values = fact.get("phrases") if isinstance(fact, dict) else None
         if not isinstance(values, dict) or fact.get("value") not in values:
@@ -222,11 +209,9 @@ def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str
         # A phrase is stated as whole words, any case; a hyphen joins words: no "ray" in "X-ray".
         stated = [v for v, phrases in values.items()
                   if any(re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", pred, re.I) for p in phrases)]
-        counts["facts"] += 1
-        counts["correct"] += fact["value"] in stated
-        counts["stated"] += len(stated)
-        counts["contradicted"] += sum(v != fact["value"] for v in stated)
-    return counts
+        counts.update(facts=1, correct=int(fact["value"] in stated), stated=len(stated),
+                      contradicted=sum(v != fact["value"] for v in stated))
+    return dict(counts)
 
 
 # A whole answer file scored, and what answering without a model scores
@@ -239,12 +224,11 @@ def _mean100(values: Sequence[float]) -> float | None:
 
 
 def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -> dict[str, Any]:
-    """Score answer-file rows ("question_id", "text") against questions (data.Record: `.id`, `.answer`,
-    `.answer_type`, optional `.facts`), ids compared as strings. Figures are percentages, None when there is
-    nothing to average (docs/FORMATS.md "VQA metrics"), in sections open, closed, overall, description;
-    then n_questions, n_answered, and the ids `missing` (no answer: left out, not 0), `unknown` (answers to
-    no question) and `unscorable` (no type or ground truth, or one that normalises to nothing: `gt in pred`
-    would count any answer right). A question answered twice is an error: merge shards before scoring."""
+    """Score answer-file rows ("question_id", "text") against data.Records (`.facts` optional), ids compared
+    as strings: percentages (None: nothing to average; docs/FORMATS.md "VQA metrics") in sections open,
+    closed, overall, description; the ids `missing` (left out, not 0), `unknown` (answers to no question)
+    and `unscorable` (no type or ground truth, or one that normalises to nothing: `gt in pred` would count
+    any answer right). A question answered twice is an error: merge shards before scoring."""
     rows = [(str(row["question_id"]), row["text"]) for row in answers]
     texts, duplicates = dict(rows), [qid for qid, n in Counter(qid for qid, _ in rows).items() if n > 1]
     if duplicates:
@@ -293,24 +277,21 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
         "missing": missing, "unknown": [qid for qid in texts if qid not in seen], "unscorable": unscorable,
     }
 
+
 # name → the one string answered to every question, closed and open alike.
 CONSTANT_BASELINES = {"always yes": "yes", "always no": "no", "hedge \"yes no\"": "yes no"}
 MAJORITY_BASELINES = {"majority per question text": False, "majority, leave-one-out": True}
 BASELINES_HELP = (
-    "Reference baselines that need no model, scored like a model's answers. The constant ones answer the "
-    "same string to every question, open questions included: \"yes\", \"no\", and the hedge \"yes no\". "
-    "The majority ones answer only the open questions (closed columns show –): each gets the most common "
-    "normalised ground truth among the open questions of the same file with the same normalised question "
-    "text (ties: the answer met first in file order). That prior is computed on the test file itself, so "
-    "it is oracle-ish: a question text that occurs once gets its own answer. The leave-one-out row leaves "
-    "the question's own answer out of the count (an empty answer when no other question shares the text), "
-    "which is the part of the score the question text alone predicts.")
+    "Reference baselines that need no model, scored like a model's answers. The constant ones answer "
+    "\"yes\", \"no\" or the hedge \"yes no\" to every question, open ones included. The majority ones answer "
+    "the open questions only (closed columns: –), each with the most common normalised ground truth of the "
+    "open questions of the file with the same normalised text (ties: first in file order): oracle-ish, a "
+    "text met once gets its own answer. Leave-one-out leaves the question's own answer out (\"\" when no "
+    "other question shares the text): the part of the score the question text alone predicts.")
 
 
 def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> dict[str, str]:
-    """Open question id → the most common normalised answer among the open `records` whose
-    normalised question text is the same. Ties go to the answer met first in file order; with
-    leave_one_out the question's own answer is not counted ("" when it is alone)."""
+    """Open question id → its majority answer (BASELINES_HELP), with leave_one_out or not."""
     groups: dict[str, list[Any]] = {}
     for r in records:
         if r.answer_type == "OPEN" and r.answer is not None and normalize_word(r.answer):
@@ -327,19 +308,17 @@ def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> 
 
 def baselines(records: Sequence[Any]) -> dict[str, dict[str, Any]]:
     """name → score_file result of every reference baseline (see BASELINES_HELP) on `records`."""
-    answers = {n: [{"question_id": r.id, "text": t} for r in records] for n, t in CONSTANT_BASELINES.items()}
-    for name, leave_one_out in MAJORITY_BASELINES.items():
-        answers[name] = [{"question_id": qid, "text": text}
-                         for qid, text in majority_answers(records, leave_one_out=leave_one_out).items()]
-    return {name: score_file(rows, records) for name, rows in answers.items()}
+    answers = {n: [(r.id, t) for r in records] for n, t in CONSTANT_BASELINES.items()}
+    answers |= {n: majority_answers(records, leave_one_out=l).items() for n, l in MAJORITY_BASELINES.items()}
+    return {n: score_file([{"question_id": q, "text": t} for q, t in rows], records)
+            for n, rows in answers.items()}
 
 
 # Generation over a benchmark: prompts, images, the three modes, resumable answer files
 MODES = ("full", "no_image", "blank_image")
 
 
-@dataclasses.dataclass
-class Batch:
+class Batch(NamedTuple):
     input_ids: torch.Tensor  # (B, T) long, left-padded
     attention_mask: torch.Tensor  # (B, T) long, 1 on real tokens
     pixel_values: torch.Tensor | None  # (B, 3, S, S) float, None in no_image mode
@@ -365,7 +344,6 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, templat
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     rows = [prompt_ids(r.question, tokenizer, config, mode=mode, template=template) for r in records]
     pad = config.text.pad_token_id if config.text.pad_token_id is not None else config.text.eos_token_id
-    ids, mask = left_pad(rows, pad)
     size = config.vision.image_size
     if mode == "no_image":
         images = None
@@ -374,15 +352,14 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, templat
         images = blank[None].expand(len(records), -1, -1, -1)  # (B, 3, S, S)
     else:
         images = torch.stack(list(pixels))  # (B, 3, S, S)
-    return Batch(ids, mask, images)
+    return Batch(*left_pad(rows, pad), images)
 
 
 def answer_room(records: Sequence[Any], tokenizer, config, template: str,
                 max_new_tokens: int) -> tuple[int, dict[str, str]]:
-    """New tokens per answer, and the questions that cannot have them (ours): max_new_tokens clamped to what
-    the model's context leaves after the longest prompt of `records` that takes at most half of it (so that
-    one over-long question does not cut every answer short); a question whose prompt leaves less is skipped
-    (question id → why). Whole benchmark files come in: --limit does not change the room."""
+    """New tokens per answer, and question id → why for those whose prompt leaves fewer (ours; FORMATS.md
+    "Run directory", Context): max_new_tokens clamped to what the context leaves after the longest prompt of
+    `records` (the whole benchmark file, whatever --limit) that takes at most half of it."""
     context = config.text.max_seq_len
     lengths = {r.id: len(prompt_ids(r.question, tokenizer, config, mode="full", template=template))
                for r in records}
@@ -399,7 +376,10 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
     answered; append to the rank's shard, flushed per batch. Returns how many were answered.
     skipped: question id → why, not to answer; a question whose image fails to load here is added."""
     skipped = {} if skipped is None else skipped
-    done = answered_ids(run_dir, name, mode)
+    # Answered by an earlier run: the merged file and every shard, whatever the world size that wrote them.
+    # Read only: another rank may be appending to its shard (a half line is not counted).
+    done = set().union(*(JsonlFile(f, key=question_id).ids
+                         for f in [answers_path(run_dir, name, mode), *shards(run_dir, name, mode)]))
     # Shard first, filter after: every rank must agree on who owns question i.
     todo = [r for r in records[rank::world] if r.id not in done and r.id not in skipped]
     eos, size = model.config.text.eos_token_id, model.config.vision.image_size
@@ -416,13 +396,12 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
                     skipped[r.id] = f"image {r.image}: {error}"
                     print(f"{name}: question {r.id} skipped: {skipped[r.id]}", file=sys.stderr)
             if chunk:
-                batch = build_batch(chunk, mode, tokenizer=tokenizer, config=model.config, template=template,
-                                    pixels=pixels)
-                images = None if batch.pixel_values is None else batch.pixel_values.to(model.device, model.dtype)
+                input_ids, mask, images = build_batch(chunk, mode, tokenizer=tokenizer, config=model.config,
+                                                      template=template, pixels=pixels)
+                images = None if images is None else images.to(model.device, model.dtype)
                 with torch.inference_mode():
-                    new = model.generate(batch.input_ids.to(model.device), images,
-                                         batch.attention_mask.to(model.device), max_new_tokens=max_new_tokens,
-                                         eos_token_id=eos)  # (B, T_new)
+                    new = model.generate(input_ids.to(model.device), images, mask.to(model.device),
+                                         max_new_tokens=max_new_tokens, eos_token_id=eos)  # (B, T_new)
                 shard.write(answer_row(record, decode(tokenizer, ids, eos_token_id=eos), model_id, mode)
                             for record, ids in zip(chunk, new.tolist()))
                 n += len(chunk)
@@ -430,20 +409,17 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
     return n
 
 
-# Options: the command line is built from EvalConfig
 @dataclasses.dataclass
 class EvalConfig:
     """Options of an evaluation run (the command line is built from these fields)."""
     benchmark: list[str] = option(help="NAME=PATH of a test.json or question JSONL")
     out: str = option(help="run directory (answers, provenance.json, summary.json, report.md)")
-    model: str | None = option(None, "checkpoint directory (config.json + safetensors; default: the "
-                               "model, with its vision tower, that --adapter was trained on)")
+    model: str | None = option(None, "checkpoint directory (default: the model --adapter was trained on)")
     image_root: list[str] = option(default_factory=list, help="NAME=DIR for one benchmark, or DIR for all")
-    ground_truth: list[str] = option(default_factory=list, help="NAME=PATH of answers kept apart from the questions")
+    ground_truth: list[str] = option(default_factory=list, help="NAME=PATH: answers apart from questions")
     adapter: str | None = option(None, "PEFT-format LoRA adapter directory")
-    allow_other_model: bool = option(False, "apply --adapter although it was trained on another model or "
-                                     "vision tower (by content) than --model's")
-    vision_tower: str | None = option(None, "CLIP directory replacing (or supplying) the checkpoint's vision tower")
+    allow_other_model: bool = option(False, "apply --adapter although it was trained on another model")
+    vision_tower: str | None = option(None, "CLIP directory replacing or supplying the checkpoint's tower")
     check_finite: bool = option(True, "refuse weights holding NaN or Inf as they load")
     tokenizer: str | None = option(None, "tokenizer directory or file (default: --model)")
     template: str = option("mistral_instruct", "prompt template")
@@ -451,42 +427,32 @@ class EvalConfig:
     max_new_tokens: int = option(1024, "LLaVA-Med used 1024; clamped to what the model's context leaves")
     blind: bool = option(False, "also answer with no visual tokens and with a mean-colour image")
     limit: int | None = option(None, "first N questions of each benchmark")
-    dtype: str = option("auto", "auto = float16 on GPU (LLaVA-Med's), float32 on CPU", choices=("auto", *DTYPES))
+    dtype: str = option("auto", "auto: float16 on GPU (LLaVA-Med's), else float32", choices=("auto", *DTYPES))
     device: str = option("auto", "auto = cuda:LOCAL_RANK if available, else cpu (may change on resume)")
-    model_id: str | None = option(None, "model_id written in the answer files (default: the model "
-                                  "directory's name, + the adapter directory's name with --adapter)")
-    overwrite: bool = option(False, "delete the run's answers and scores and start again; needed when the model, "
-                             "adapter, questions, images or options differ from what made them (provenance.json)")
+    model_id: str | None = option(None, "model_id in the answer files (default: model[+adapter] dir names)")
+    overwrite: bool = option(False, "delete the run's answers and scores and start again")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """argparse over EvalConfig (harness.cli.add_dataclass_options: list fields repeat, bools are switches)."""
-    parser = argparse.ArgumentParser(
-        prog="eval.py", description="Zero-shot VQA evaluation scored as LLaVA-Med scores it. "
-        "Also: `eval.py compare RUN_A RUN_B`, `eval.py score --answers FILE --questions FILE`, "
-        "`eval.py baselines --questions FILE`.")
-    add_dataclass_options(parser, EvalConfig)
-    return parser
+    """argparse over EvalConfig (harness.cli.dataclass_parser: list fields repeat, bools are switches)."""
+    return dataclass_parser(EvalConfig, prog="eval.py", description=(
+        "Zero-shot VQA evaluation scored as LLaVA-Med scores it. Also:\n  eval.py compare RUN_A RUN_B\n"
+        "  eval.py score --answers FILE --questions FILE\n  eval.py baselines --questions FILE"))
 
 
 # The run
 def load_for_eval(cfg: EvalConfig, device: str):
     """Model (with the LoRA adapter applied, unmerged) and tokenizer; a checkpoint, adapter or
     tokenizer that cannot be read is a UserError naming it."""
-    dtype = resolve_dtype(cfg.dtype, device, gpu_default="float16")
-    model = load_model(cfg.model, vision_tower=cfg.vision_tower, dtype=dtype, device=device,
-                       check_finite=cfg.check_finite)
+    model = load_model(cfg.model, vision_tower=cfg.vision_tower, device=device, check_finite=cfg.check_finite,
+                       dtype=resolve_dtype(cfg.dtype, device, gpu_default="float16"))
     if cfg.adapter is not None:
         try:
             load_adapter(model, cfg.adapter, dropout=0.0)
         except (ValueError, OSError) as error:  # load_adapter names the adapter file in its messages
             raise UserError(f"--adapter {cfg.adapter}: {error}") from error
         model.to(device)
-    try:
-        tokenizer = load_tokenizer(tokenizer_file(cfg.tokenizer or cfg.model))
-    except ValueError as error:
-        raise UserError(str(error)) from error
-    return model.eval(), tokenizer
+    return model.eval(), read_tokenizer(cfg.tokenizer or cfg.model)
 
 
 # What data.preprocess_image does in eval (not an option yet): in the fingerprint, so that a later
@@ -494,7 +460,7 @@ def load_for_eval(cfg: EvalConfig, device: str):
 IMAGE_PREPROCESSING = "LLaVA-Med pad: square with the CLIP mean colour, centred; bicubic resize"
 
 
-def run_fingerprint(cfg: EvalConfig, questions: Mapping[str, Sequence[Any]], roots: Mapping[str, str],
+def run_fingerprint(cfg: EvalConfig, benchmarks: Mapping[str, tuple], roots: Mapping[str, str],
                     dtype: torch.dtype, limits: Sequence[int | None], tokenizer) -> dict[str, Any]:
     """What the answers depend on (docs/FORMATS.md "Run directory"): every question of each benchmark file,
     and the images of the first max(`limits`) questions (all if a limit is None): the sessions' questions."""
@@ -503,7 +469,7 @@ def run_fingerprint(cfg: EvalConfig, questions: Mapping[str, Sequence[Any]], roo
         "model": provenance.Dir(cfg.model), "adapter": provenance.Dir(cfg.adapter) if cfg.adapter else None,
         "vision tower": provenance.Dir(cfg.vision_tower) if cfg.vision_tower else None,
         "tokenizer": tokenizer}
-    for name, records in questions.items():
+    for name, (records, _) in benchmarks.items():
         inputs[f"questions {name}"] = provenance.Content([[r.id, r.image, r.question] for r in records])
         images = sorted({r.image for r in records[:n] if r.image is not None})
         inputs[f"images {name}"] = provenance.Files(roots[name], images)
@@ -516,9 +482,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     """Generate (resuming), merge, score and report. Returns the results on rank 0."""
     problems = [f"--{k.replace('_', '-')} must be >= 1, got {v}" for k, v in
                 (("batch_size", cfg.batch_size), ("max_new_tokens", cfg.max_new_tokens), ("limit", cfg.limit))
-                if v is not None and v < 1]
-    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        problems.append(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+                if v is not None and v < 1]  # --dtype: argparse's choices, or resolve_dtype, refuse a bad one
     if problems:
         raise UserError("; ".join(problems))
     rank, world, local = init_process_group()  # gloo: only barriers, with or without GPUs
@@ -526,8 +490,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     dtype = resolve_dtype(cfg.dtype, device, gpu_default="float16")
     run_dir = Path(cfg.out)
     every = read_benchmarks(cfg.benchmark, cfg.ground_truth)
-    named = parse_named(cfg.image_root, "--image-root", names=list(every), allow_global=True)
-    roots = {name: named.get(name, named.get("*")) for name in every}
+    roots = parse_named(cfg.image_root, "--image-root", names=list(every), allow_global=True)
     sources = parse_named(cfg.benchmark, "--benchmark")
     benchmarks, screened = {}, {}  # --limit chooses the questions first: only their images are looked at
     for name, (records, bad) in every.items():
@@ -548,10 +511,9 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     resume = not cfg.overwrite and started
     record = provenance.load(run_dir / PROVENANCE) if resume else None
     earlier = [s["limit"] for s in record["sessions"]] if record else []
-    questions = {name: records for name, (records, _) in every.items()}
     words = provenance.tokenizer(read_tokenizer(cfg.tokenizer or cfg.model))  # what it does
-    now = run_fingerprint(cfg, questions, roots, dtype, earlier + [cfg.limit], words)
-    before = run_fingerprint(cfg, questions, roots, dtype, earlier, words) if earlier else None
+    now = run_fingerprint(cfg, every, roots, dtype, earlier + [cfg.limit], words)
+    before = run_fingerprint(cfg, every, roots, dtype, earlier, words) if earlier else None
     if not cfg.allow_other_model:
         provenance.check_model(made, now, f"--adapter {cfg.adapter}", "evaluate it on that model (the "
                                "default without --model), or pass --allow-other-model to apply it anyway")
@@ -568,7 +530,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
         print(f"eval.py: {device}, {resolved['resolved']['dtype']}; options in {run_dir}/config.json", file=sys.stderr)
     modes = MODES if cfg.blind else MODES[:1]
-    skipped_by, rooms = {}, {}  # benchmark → question id → why: screened, too long, each rank's own failures
+    skipped_by, rooms = {}, {}  # benchmark → question id → why: screened, too long, each rank's failures
     for name, (records, _) in benchmarks.items():
         mine = dict(screened[name])
         rooms[name], too_long = answer_room(every[name][0], tokenizer, model.config, cfg.template,
@@ -595,10 +557,9 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     results = {}
     for name, (records, bad) in benchmarks.items():
         skipped = skipped_by[name]
-        kept = [r for r in records if r.id not in skipped]
-        ids = {r.id for r in kept}
+        kept = {r.id: r for r in records if r.id not in skipped}
         scored = {mode: score_file([row for row in read_jsonl(answers_path(run_dir, name, mode))
-                                    if str(row["question_id"]) in ids], kept) for mode in modes}
+                                    if question_id(row) in kept], kept.values()) for mode in modes}
         results[name] = {"bad_records": [dataclasses.asdict(b) for b in bad],
                          "skipped": [{"question_id": r.id, "image": r.image, "reason": skipped[r.id]}
                                      for r in records if r.id in skipped],
@@ -612,23 +573,6 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     return results
 
 
-def _scoring_command(argv: Sequence[str], description: str, questions: str,
-                     answers: bool = False) -> tuple[argparse.Namespace, list[Any]]:
-    """`eval.py score` (answers=True) or `eval.py baselines`: the options, and the questions read
-    (bad records reported on stderr)."""
-    p = argparse.ArgumentParser(prog=f"eval.py {argv[0]}", description=description)
-    if answers:
-        p.add_argument("--answers", required=True, help="answer-file JSONL (question_id and text per line)")
-    p.add_argument("--questions", required=True, help=questions)
-    p.add_argument("--ground-truth", help="answers kept apart from the questions")
-    p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
-    args = p.parse_args(argv[1:])
-    records, bad = read_questions(args.questions, args.ground_truth)
-    for b in bad:
-        print(f"bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
-    return args, records
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; expected errors are raised as UserError/DataError (`run_main` turns
     them into one line on stderr and exit status 2)."""
@@ -639,23 +583,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("run_b")
         args = p.parse_args(argv[1:])
         print(compare_runs(args.run_a, args.run_b))
-    elif argv[:1] == ["score"]:
-        args, records = _scoring_command(
-            argv, "Score an existing answer file (ours or one written by LLaVA-Med's scripts) without a model: "
-            "LLaVA-Med's lenient figures and the strict ones side by side.",
-            "test.json or question JSONL, e.g. tests/data/VQA_RAD_test_llavamed_format.jsonl", answers=True)
-        s = score_file(read_answer_file(args.answers), records)
-        print(json.dumps(s, indent=2) if args.json else
-              f"{args.answers} on {args.questions}\n{question_counts(s)}; answered {s['n_answered']}, "
-              f"{len(s['missing'])} missing (left out), {len(s['unscorable'])} unscorable (no ground truth), "
-              f"{len(s['unknown'])} answers to unknown ids\n\n"
-              f"{scores_table({Path(args.answers).name: s})}\n\n{LEGEND}")
-    elif argv[:1] == ["baselines"]:
-        args, records = _scoring_command(argv, BASELINES_HELP, "test.json or question JSONL with answers")
-        results = baselines(records)
-        figures = {name: {k: s[k] for k in ("open", "closed", "overall")} for name, s in results.items()}
-        print(json.dumps(figures, indent=2) if args.json else f"{args.questions}\n"
-              f"{question_counts(results['always yes'])}\n\n{scores_table(results, 'baseline')}\n\n{LEGEND}")
+    elif argv[:1] in (["score"], ["baselines"]):
+        score = argv[0] == "score"
+        p = argparse.ArgumentParser(prog=f"eval.py {argv[0]}", description=BASELINES_HELP if not score else (
+            "Score an existing answer file (ours or one written by LLaVA-Med's scripts) without a model: "
+            "LLaVA-Med's lenient figures and the strict ones side by side."))
+        if score:
+            p.add_argument("--answers", required=True, help="answer-file JSONL (question_id, text)")
+        p.add_argument("--questions", required=True, help="test.json or question JSONL" + (
+            ", e.g. tests/data/VQA_RAD_test_llavamed_format.jsonl" if score else " with answers"))
+        p.add_argument("--ground-truth", help="answers kept apart from the questions")
+        p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
+        args = p.parse_args(argv[1:])
+        records, bad = read_questions(args.questions, args.ground_truth)
+        for b in bad:
+            print(f"bad record {b.file}[{b.index}] id={b.id}: {b.reason}", file=sys.stderr)
+        if score:
+            s = score_file(read_answer_file(args.answers), records)
+            print(json.dumps(s, indent=2) if args.json else
+                  f"{args.answers} on {args.questions}\n{question_counts(s)}; answered {s['n_answered']}, "
+                  f"{len(s['missing'])} missing (left out), {len(s['unscorable'])} unscorable (no ground "
+                  f"truth), {len(s['unknown'])} answers to unknown ids\n\n"
+                  f"{scores_table({Path(args.answers).name: s})}\n\n{LEGEND}")
+        else:
+            results = baselines(records)
+            figures = {name: {k: s[k] for k in ("open", "closed", "overall")} for name, s in results.items()}
+            print(json.dumps(figures, indent=2) if args.json else
+                  f"{args.questions}\n{question_counts(results['always yes'])}\n\n"
+                  f"{scores_table(results, 'baseline')}\n\n{LEGEND}")
     else:
         cfg = EvalConfig(**vars(build_parser().parse_args(argv)))
         results = run(cfg)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import eval as E  # noqa: E402
 from data import Record  # noqa: E402
-from harness.answers import answers_path  # noqa: E402
+from harness.evalfiles import answers_path  # noqa: E402
 from harness.files import read_jsonl  # noqa: E402
 from model import Llava, LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 

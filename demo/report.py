@@ -36,10 +36,9 @@ from pathlib import Path
 from PIL import Image
 
 import eval as evaluation
-from harness.answers import answers_path
+from harness.evalfiles import answers_path, parse_named
 from harness.cli import UserError, run_main
 from harness.files import read_jsonl
-from harness.questions import parse_named
 from data import read_records, resolve_image
 from model.tokenizer import load_tokenizer, tokenize_response
 

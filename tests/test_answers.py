@@ -1,9 +1,9 @@
-"""harness/answers.py: eval.py's answer files (read_answer_file beside harness.files.read_jsonl)."""
+"""harness/evalfiles.py: eval.py's answer files (read_answer_file beside harness.files.read_jsonl)."""
 import json
 
 import pytest
 
-from harness import answers as A
+from harness import evalfiles as A
 from harness.files import DataError, read_jsonl
 
 

@@ -15,8 +15,8 @@ import pytest
 
 import eval as E
 from data import load_pixels, read_records
-from harness import answers as A
-from harness.questions import read_benchmarks
+from harness import evalfiles as A
+from harness.evalfiles import read_benchmarks
 from harness.files import DataError, read_jsonl
 from harness.cli import UserError, run_main
 from harness.provenance import ProvenanceError

@@ -1,10 +1,10 @@
-"""harness/questions.py: eval.py's question files, read in each layout (on tests/test_eval.py's
+"""harness/evalfiles.py: eval.py's question files, read in each layout (on tests/test_eval.py's
 tiny question files)."""
 import pytest
 
 import eval as E
 from harness.cli import UserError
-from harness.questions import check_images, read_benchmarks
+from harness.evalfiles import check_images, read_benchmarks
 from test_eval import QUESTIONS, tiny  # noqa: F401 (fixture)
 
 

@@ -1,9 +1,9 @@
-"""harness/reports.py: the tables of eval.py's reports, `compare`, `score` and `baselines`."""
+"""harness/evalfiles.py: the tables of eval.py's reports, `compare`, `score` and `baselines`."""
 import json
 from types import SimpleNamespace
 
 import eval as E
-from harness.reports import benchmark_table, compare_runs, scores_table, visual_gain, write_reports
+from harness.evalfiles import benchmark_table, compare_runs, scores_table, visual_gain, write_reports
 
 FACTS = {"side": {"value": "left", "phrases": {"left": ["left"], "right": ["right"]}}}
 
