@@ -192,81 +192,74 @@ def read_records(path: str | os.PathLike, *,
     """(records, bad records) of a LLaVA-Med instruction JSON, VQA test.json or question JSONL file, the
     layout recognised from the content (docs/FORMATS.md "Data files"). With `answers_path` every record's
     answer comes from that file: a question missing there, or whose inline answer differs, is bad."""
-    answers, bad = ({}, []) if answers_path is None else _read_answers(answers_path)
-    records, seen = [], set()
-    for index, item in _read_items(path):
-        try:
-            record = _parse_record(item)
-            if answers_path is not None:
-                _attach_answer(record, answers, repr(str(answers_path)))
-            if record.id in seen:
-                raise _Malformed(f"duplicate id {record.id!r}")
-        except _Malformed as error:
-            bad.append(BadRecord(str(path), index, _raw_id(item), str(error)))
-            continue
-        seen.add(record.id)
-        records.append(record)
-    return records, bad
+    answers, bad = ({}, []) if answers_path is None else _read(answers_path, _answer)
+    records, more = _read(path, lambda rid, item: _with_answer(_record(rid, item), answers, answers_path))
+    return list(records.values()), bad + more
 
 
-def _read_items(path: str | os.PathLike) -> list[tuple[int, object]]:
+def _read(path: str | os.PathLike, parse: Callable[[str, dict], object]) -> tuple[dict, list[BadRecord]]:
+    """({id: parse(id, record)}, bad records) of a data file, in file order; a repeated id is a bad record."""
     try:
-        return read_json_records(path)
+        items = read_json_records(path)
     except OSError as error:
         raise ValueError(f"cannot read data file {str(path)!r}: {error}") from error
+    found, bad = {}, []
+    for index, item in items:
+        record_id = _raw_id(item)
+        try:
+            if isinstance(item, BadLine):
+                raise _Malformed(item.message)
+            if not isinstance(item, dict):
+                raise _Malformed(f"record is a JSON {type(item).__name__}, not an object")
+            if record_id is None:
+                raise _Malformed("no usable id ('question_id' or 'id', a string or an integer)")
+            value = parse(record_id, item)
+            if record_id in found:
+                raise _Malformed(f"duplicate id {record_id!r}")
+            found[record_id] = value
+        except _Malformed as error:
+            bad.append(BadRecord(str(path), index, record_id, str(error)))
+    return found, bad
 
 
 def _raw_id(item: object) -> str | None:
-    if not isinstance(item, dict):
-        return None
     for key in ("question_id", "id"):
-        value = item.get(key)
+        value = item.get(key) if isinstance(item, dict) else None
         if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
             return str(value)
     return None
 
 
-def _record_id(item: object) -> str:
-    if isinstance(item, BadLine):
-        raise _Malformed(item.message)
-    if not isinstance(item, dict):
-        raise _Malformed(f"record is a JSON {type(item).__name__}, not an object")
-    record_id = _raw_id(item)
-    if record_id is None:
-        raise _Malformed("no usable id ('question_id' or 'id', a string or an integer)")
-    return record_id
-
-
-def _parse_record(item: object) -> Record:
-    record_id = _record_id(item)
+def _record(record_id: str, item: dict) -> Record:
     image = item.get("image")
     if image is not None and (not isinstance(image, str) or not image):
         raise _Malformed(f"'image' must be a non-empty string, got {image!r}")
     answer_type = _answer_type(item)
-    conversations = item.get("conversations", item.get("conversatons"))
-    if conversations is not None:
-        turns = _check_conversations(conversations)
-        question = _clean_question(turns[0]["value"])
-        answer = turns[1]["value"] if len(turns) > 1 else None
-    elif "text" in item:
-        text = item["text"]
-        if not isinstance(text, str):
+    turns = _turns(item)
+    if turns is None:
+        if "text" not in item:
+            raise _Malformed("neither 'conversations' nor 'text'")
+        if not isinstance(text := item["text"], str):
             raise _Malformed(f"'text' must be a string, got {type(text).__name__}")
-        question = _clean_question(text)
-        answer = _inline_answer(item, ("gpt4_answer", "answer"))
         turns = [{"from": "human", "value": text}]
-        if answer is not None:
+        if (answer := _inline_answer(item, ("gpt4_answer", "answer"))) is not None:
             turns.append({"from": "gpt", "value": answer})
-    else:
-        raise _Malformed("neither 'conversations' nor 'text'")
+    question = turns[0]["value"].replace("<image>", "").strip()
+    if not question:
+        raise _Malformed("empty question")
     facts = item.get("facts")
     if facts is not None and not isinstance(facts, dict):
         raise _Malformed(f"'facts' must be an object, got {type(facts).__name__}")
+    answer = turns[1]["value"] if len(turns) > 1 else None
     return Record(record_id, image, question, answer, answer_type, turns, facts)
 
 
-def _check_conversations(conversations: object) -> list[dict]:
-    """Copies of LLaVA turns, checked as LLaVA's training code asserts: alternating human, gpt, …"""
+def _turns(item: dict) -> list[dict] | None:
+    """Copies of the record's LLaVA turns (None: it has none), checked as LLaVA's training code asserts:
+    alternating human, gpt, …"""
+    conversations = item.get("conversations", item.get("conversatons"))
+    if conversations is None:
+        return None
     if not isinstance(conversations, list) or not conversations:
         raise _Malformed("conversations must be a non-empty list")
     for i, turn in enumerate(conversations):
@@ -278,13 +271,6 @@ def _check_conversations(conversations: object) -> list[dict]:
         if not isinstance(turn.get("value"), str):
             raise _Malformed(f"conversation turn {i} has no string 'value'")
     return [{"from": turn["from"], "value": turn["value"]} for turn in conversations]
-
-
-def _clean_question(text: str) -> str:
-    question = text.replace("<image>", "").strip()
-    if not question:
-        raise _Malformed("empty question")
-    return question
 
 
 def _inline_answer(item: dict, keys: tuple[str, ...]) -> str | None:
@@ -308,28 +294,22 @@ def _answer_type(item: dict) -> str | None:
     return normalised
 
 
-def _read_answers(path: str | os.PathLike) -> tuple[dict[str, tuple[str, str | None]], list[BadRecord]]:
-    """(id -> (answer, answer_type), bad records) of an answers file."""
-    answers, bad = {}, []
-    for index, item in _read_items(path):
-        try:
-            record_id = _record_id(item)
-            if record_id in answers:
-                raise _Malformed(f"duplicate id {record_id!r}")
-            answer = _inline_answer(item, ("answer", "gpt4_answer", "text"))
-            if answer is None:
-                conversations = item.get("conversations", item.get("conversatons"))
-                turns = _check_conversations(conversations) if conversations is not None else []
-                if len(turns) < 2:
-                    raise _Malformed("no answer ('answer', 'gpt4_answer', 'text' or a gpt turn)")
-                answer = turns[1]["value"]
-            answers[record_id] = (answer, _answer_type(item))
-        except _Malformed as error:
-            bad.append(BadRecord(str(path), index, _raw_id(item), str(error)))
-    return answers, bad
+def _answer(record_id: str, item: dict) -> tuple[str, str | None]:
+    """(answer, answer_type) of a record of an answers file."""
+    answer = _inline_answer(item, ("answer", "gpt4_answer", "text"))
+    if answer is None:
+        turns = _turns(item) or []
+        if len(turns) < 2:
+            raise _Malformed("no answer ('answer', 'gpt4_answer', 'text' or a gpt turn)")
+        answer = turns[1]["value"]
+    return answer, _answer_type(item)
 
 
-def _attach_answer(record: Record, answers: dict[str, tuple[str, str | None]], where: str) -> None:
+def _with_answer(record: Record, answers: dict[str, tuple[str, str | None]], answers_path) -> Record:
+    """`record` given its answer from the answers file (`answers`, read from `answers_path`), if any."""
+    if answers_path is None:
+        return record
+    where = repr(str(answers_path))
     if record.id not in answers:
         raise _Malformed(f"no answer for id {record.id!r} in {where}")
     answer, answer_type = answers[record.id]
@@ -341,6 +321,7 @@ def _attach_answer(record: Record, answers: dict[str, tuple[str, str | None]], w
         record.answer = answer
         record.conversations = record.conversations[:1] + [{"from": "gpt", "value": answer}]
     record.answer_type = record.answer_type or answer_type
+    return record
 
 
 # Preference files (hscr.py's output) → train.py's examples
@@ -490,13 +471,10 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg, tokenize
                 raise ValueError(f"{len(negatives)} negatives, fewer than --min-negatives {cfg.min_negatives}")
             image_path = image_file(image, image_root)
             prompt = tokens.prompt(question, image is not None, text=prompt_text)
-            answers = [chosen] + negatives
-            has_ids = all(ids is not None for _, ids, _ in answers)
-            limit = cfg.max_response_tokens
-            if has_ids and use_ids:
-                responses = [tokens.stored(ids, limit, complete) for _, ids, complete in answers]
-            else:
-                responses = [tokens.response(text, limit, complete) for text, _, complete in answers]
+            answers, limit = [chosen] + negatives, cfg.max_response_tokens
+            kind = ("stored" if use_ids else "unused") if all(a[1] is not None for a in answers) else "none"
+            responses = [tokens.stored(ids, limit, complete) if kind == "stored" else
+                         tokens.response(text, limit, complete) for text, ids, complete in answers]
             if not all(responses):
                 raise ValueError("a response has no tokens")
             rows = [prompt + r for r in responses]
@@ -505,7 +483,7 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg, tokenize
         except ValueError as e:
             bad.append(BadRecord(str(path), index, record_id, str(e)))
             continue
-        counts["stored" if has_ids and use_ids else "unused" if has_ids else "none"] += 1
+        counts[kind] += 1
         seen.add(rid)
         targets = [[False] * len(prompt) + [True] * len(r) for r in responses]
         examples.append(Example(rid, image_path, rows, targets, str(path), index))
