@@ -1,9 +1,8 @@
 """Data: LLaVA-Med image preprocessing (`preprocess_image`), images on disk (`unusable_images`: every
-training image checked once, before the first step), readers of the real instruction and VQA files
-(`read_records`), and the preference-file reader that gives train.py its examples (`read_preferences`).
-Layouts and steps: docs/FORMATS.md, "Image preprocessing", "Data files", "The preference file" and
-"Training outputs". A malformed record becomes a `BadRecord` and reading goes on; a file that cannot be
-read as a whole raises an error naming it. `cfg` is train.py's TrainConfig; this never imports train.py.
+training image checked once, before the first step), readers of the instruction and VQA files (`read_records`)
+and of the preference file that gives train.py its examples (`read_preferences`); docs/FORMATS.md. A malformed
+record becomes a `BadRecord` and reading goes on; a file that cannot be read as a whole raises an error naming
+it. `cfg` is train.py's TrainConfig; this never imports train.py.
 """
 from __future__ import annotations
 
@@ -62,9 +61,8 @@ def preprocess_image(pil_image: Image.Image, size: int = 336, aspect: str = "pad
         image = canvas
     # reducing_gap stays None, as in transformers' resize: one exact bicubic pass.
     image = image.resize((size, size), resample=Image.Resampling.BICUBIC)
-    pixels = np.asarray(image)  # (H, W, 3) uint8
     # Same dtype path as transformers: rescale in float64, cast, then normalise in float32.
-    pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    pixels = (np.asarray(image).astype(np.float64) * (1 / 255)).astype(np.float32)  # (H, W, 3)
     pixels = (pixels - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (3, H, W)
 
@@ -457,7 +455,11 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg, tokenize
     `stored_ids_usable`, else their texts tokenized again; `say` is told once per file which, and why."""
     examples, bad, seen = [], [], set()
     use_ids, why = stored_ids_usable(None, tokenizer_sha256)
-    counts = {"stored": 0, "unused": 0, "none": 0}
+    notes = {"stored": "{n} records trained on the token ids stored with them (same tokenizer)",
+             "unused": "stored token ids not used, {n} records re-tokenized from their texts: {why}",
+             "none": "{n} records have no stored token ids (written by an older hscr.py or another program): "
+                     "re-tokenized from their texts"}
+    counts = dict.fromkeys(notes, 0)
     for index, item in read_json_records(path):
         if isinstance(item, dict) and item.get("_header"):
             use_ids, why = stored_ids_usable(item, tokenizer_sha256)
@@ -487,14 +489,9 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg, tokenize
         seen.add(rid)
         targets = [[False] * len(prompt) + [True] * len(r) for r in responses]
         examples.append(Example(rid, image_path, rows, targets, str(path), index))
-    if say and counts["stored"]:
-        say(f"{path}: {counts['stored']} records trained on the token ids stored with them (same tokenizer)")
-    if say and counts["unused"]:
-        say(f"{path}: stored token ids not used, {counts['unused']} records re-tokenized from their texts: "
-            f"{why}")
-    if say and counts["none"]:
-        say(f"{path}: {counts['none']} records have no stored token ids (written by an older hscr.py or "
-            "another program): re-tokenized from their texts")
+    for kind, n in counts.items():
+        if say and n:
+            say(f"{path}: " + notes[kind].format(n=n, why=why))
     return examples, bad
 
 
@@ -502,17 +499,10 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg, tokenize
 def loss_inputs(policy_logp: torch.Tensor, ref_logp: torch.Tensor, examples: list[Example], K: int):
     """Row log-probs (R,) under π_θ and π_ref → the inputs of train.preference_loss: policy chosen
     (B,) and rejected (B, K), reference chosen (B,) and rejected (B, K), padded with 0; mask (B, K)."""
-    B = len(examples)
-    mask = torch.zeros(B, K, dtype=torch.bool, device=policy_logp.device)
-    out = []
-    for logp in (policy_logp, ref_logp):
-        chosen, rejected = logp.new_zeros(B), logp.new_zeros(B, K)
-        r = 0
-        for b, ex in enumerate(examples):
-            n = len(ex.rows) - 1
-            chosen[b] = logp[r]
-            rejected[b, :n] = logp[r + 1:r + 1 + n]
-            mask[b, :n] = True
-            r += 1 + n
-        out += [chosen, rejected]
+    n = torch.tensor([len(ex.rows) - 1 for ex in examples], dtype=torch.long, device=policy_logp.device)
+    chosen = torch.cumsum(n + 1, 0) - (n + 1)  # (B,) the row of each entry's y_w, its n y_lj after it
+    k = torch.arange(K, device=n.device)
+    mask = k < n[:, None]  # (B, K)
+    rejected = (chosen[:, None] + 1 + k).clamp(max=len(policy_logp) - 1)  # (B, K); padding (zeroed) clamped
+    out = [t for logp in (policy_logp, ref_logp) for t in (logp[chosen], logp[rejected].where(mask, 0.0))]
     return (*out, mask)

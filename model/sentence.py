@@ -174,9 +174,8 @@ class SentenceEncoder(nn.Module):
                 raise CheckpointError(f"{path / 'modules.json'}: module {m.get('type')!r} is not supported "
                                       "(only Transformer, Pooling, Normalize)")
             modules[kind] = path / m.get("path", "")
-        for kind in ("Transformer", "Pooling"):
-            if kind not in modules:
-                raise CheckpointError(f"{path / 'modules.json'}: no {kind} module")
+        if missing := [kind for kind in ("Transformer", "Pooling") if kind not in modules]:
+            raise CheckpointError(f"{path / 'modules.json'}: no {missing[0]} module")
         root = modules["Transformer"]
         bert = bert_config_from_json(_read_json(root / "config.json"), str(root / "config.json"))
         # Only mean pooling is implemented: the Pooling config must ask for it and nothing else.
