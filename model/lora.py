@@ -135,13 +135,6 @@ def our_module_name(peft_name: str) -> str | None:
     return None
 
 
-def _uniform(modules: dict[str, LoRALinear], attr: str):
-    values = {getattr(m, attr) for m in modules.values()}
-    if len(values) != 1:
-        raise ValueError(f"LoRA layers differ in {attr} ({sorted(values)}); PEFT's config needs one value")
-    return values.pop()
-
-
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | None = None) -> Path:
     """Write the adapter files that peft.PeftModel.from_pretrained loads onto transformers' Llava."""
     modules = lora_modules(model)
@@ -160,13 +153,14 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | N
         raise ValueError(f"LoRA covers only some layers of a kind (e.g. {sorted(selected - set(modules))[:3]}"
                          " have none); PEFT's target_modules cannot express that as one pattern")
     # The fields PEFT reads; the rest of LoraConfig keeps its defaults (plain LoRA, no DoRA, no rsLoRA
-    # scaling, no bias training), which is what LoRALinear computes.
+    # scaling, no bias training), which is what LoRALinear computes. apply_lora, called once, gives
+    # every layer the same r, α and dropout.
+    one = next(iter(modules.values()))
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_path,
-              "r": _uniform(modules, "rank"), "lora_alpha": _uniform(modules, "alpha"),
-              "lora_dropout": _uniform(modules, "dropout_p"), "target_modules": pattern, "bias": "none",
-              "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-              "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-              "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True}
+              "r": one.rank, "lora_alpha": one.alpha, "lora_dropout": one.dropout_p,
+              "target_modules": pattern, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+              "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+              "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True}
     # PEFT's file holds A and B only, keyed without the adapter name ("default").
     tensors = {f"{_PEFT_PREFIX}{names[n]}.{ab}.weight": getattr(m, ab).weight.detach().contiguous().cpu()
                for n, m in modules.items() for ab in ("lora_A", "lora_B")}
