@@ -233,18 +233,17 @@ def _record(record_id: str, item: dict) -> Record:
     if image is not None and (not isinstance(image, str) or not image):
         raise _Malformed(f"'image' must be a non-empty string, got {image!r}")
     answer_type = _answer_type(item)
-    turns = _turns(item)
+    turns, text = _turns(item), item.get("text")  # question JSONL: the question `text`, answers inline
+    if turns is None and not isinstance(text, str):
+        raise _Malformed("neither 'conversations' nor 'text'" if "text" not in item else
+                         f"'text' must be a string, got {type(text).__name__}")
+    question = (text if turns is None else turns[0]["value"]).replace("<image>", "").strip()
+    if not question:
+        raise _Malformed("empty question")
     if turns is None:
-        if "text" not in item:
-            raise _Malformed("neither 'conversations' nor 'text'")
-        if not isinstance(text := item["text"], str):
-            raise _Malformed(f"'text' must be a string, got {type(text).__name__}")
         turns = [{"from": "human", "value": text}]
         if (answer := _inline_answer(item, ("gpt4_answer", "answer"))) is not None:
             turns.append({"from": "gpt", "value": answer})
-    question = turns[0]["value"].replace("<image>", "").strip()
-    if not question:
-        raise _Malformed("empty question")
     facts = item.get("facts")
     if facts is not None and not isinstance(facts, dict):
         raise _Malformed(f"'facts' must be an object, got {type(facts).__name__}")
