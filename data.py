@@ -203,7 +203,9 @@ def _read(path: str | os.PathLike, parse: Callable[[str, dict], object]) -> tupl
         raise ValueError(f"cannot read data file {str(path)!r}: {error}") from error
     found, bad = {}, []
     for index, item in items:
-        record_id = _raw_id(item)
+        # The id: "question_id", else "id", whichever is a string or an integer (JSON's ints, not bools).
+        ids = [item.get(key) for key in ("question_id", "id")] if isinstance(item, dict) else []
+        record_id = next((str(v) for v in ids if isinstance(v, str) or type(v) is int), None)
         try:
             if isinstance(item, BadLine):
                 raise _Malformed(item.message)
@@ -218,14 +220,6 @@ def _read(path: str | os.PathLike, parse: Callable[[str, dict], object]) -> tupl
         except _Malformed as error:
             bad.append(BadRecord(str(path), index, record_id, str(error)))
     return found, bad
-
-
-def _raw_id(item: object) -> str | None:
-    for key in ("question_id", "id"):
-        value = item.get(key) if isinstance(item, dict) else None
-        if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
-            return str(value)
-    return None
 
 
 def _record(record_id: str, item: dict) -> Record:
