@@ -256,9 +256,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def canonical_form(tokenizer: Tokenizer) -> dict:
-    """What a tokenizer does, as one JSON value (vocabulary, merges, normalizer, pre-tokenizer, special
-    tokens, post-processor, decoder), whichever file it was read from: a tokenizer.model and the
-    tokenizer.json `convert` writes from it give the same. The fingerprints of the scripts hash this."""
+    """What a tokenizer does as one JSON value, whichever file it was read from (a tokenizer.model and the
+    tokenizer.json `convert` writes from it give the same): the scripts' fingerprints hash this."""
     form = json.loads(tokenizer.to_str())
     form.pop("version", None)  # the file format's, as are merges as "a b" strings (older tokenizers)
     if "merges" in (model := form["model"]):
@@ -276,11 +275,9 @@ def build_prompt(question: str, template: str = "mistral_instruct") -> str:
 
 def tokenize_prompt(tokenizer: Tokenizer, prompt: str, *, image_token_id: int,
                     num_image_tokens: int, bos_token_id: int | None = 1) -> list[int]:
-    """Prompt ids with each "<image>" expanded to `num_image_tokens` copies of `image_token_id`.
-    LLaVA's chunk-wise tokenization (docs/FORMATS.md, "Prompt"): each chunk between "<image>"s
-    gets its own "▁" prefix, BOS only once, so "[INST] <image>\\nWhat" gives [BOS, "▁[", "INST",
-    "]", "▁", <image> × N, "▁", "\\n", "What"]. `image_token_id` may be -200: never looked up.
-    For a llava-hf tokenizer ("<image>" a real token) this equals encoding the prompt at once."""
+    """Prompt ids with each "<image>" expanded to `num_image_tokens` copies of `image_token_id` (-200 is
+    never looked up), by LLaVA's chunk-wise tokenization (docs/FORMATS.md, "Prompt": each chunk between
+    "<image>"s gets its own "▁" prefix, BOS only once); for a llava-hf tokenizer, the whole prompt's ids."""
     if num_image_tokens < 1:
         raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
     image = [image_token_id] * num_image_tokens
