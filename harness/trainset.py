@@ -18,7 +18,7 @@ from harness import provenance
 from harness.cli import UserError
 from harness.rundir import report_skipped
 from model.llava import LlavaConfig
-from model.loading import read_config, read_vision_config
+from model.loading import read_config
 from model.tokenizer import load_tokenizer, tokenizer_file
 
 
@@ -129,7 +129,7 @@ def check_paths(kind: str, **paths: str | None) -> None:
 def model_config(model: str, vision_tower: str | None = None) -> LlavaConfig:
     """The config of the checkpoint `model` (and of a separate `vision_tower`), without its weights."""
     check_paths("directory", model=model, vision_tower=vision_tower)
-    return read_config(Path(model), read_vision_config(Path(vision_tower)) if vision_tower else None)
+    return read_config(model, vision_tower)
 
 
 def read_tokenizer(path: str | os.PathLike):

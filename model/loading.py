@@ -1,12 +1,9 @@
 """Load LLaVA(-Med) checkpoints from safetensors into `model.llava.Llava`, strictly.
 
-The layouts, config fields and ignored keys are in docs/FORMATS.md ("Checkpoints", "Config fields"):
-LLaVA-Med's original layout, llava-hf's legacy and new ones, and a CLIP directory supplying the vision
-tower, as LLaVA's own code does with OpenAI's CLIP. The layout is decided over every shard's keys
-(`detect_layout`: a shard may hold only lm_head); `assign_weights` counts every missing, unexpected,
-mis-shaped or non-floating tensor in one error (naming a few of each), then reads each tensor once into a
-meta-device model (peak memory ≈ one copy), refusing NaN or Inf (safetensors has no checksum: damaged bytes
-decode as NaN). Pickles (`.bin`, `.pt`) are refused: loading them would run arbitrary code.
+Layouts (LLaVA-Med's, llava-hf's legacy and new ones, a CLIP directory as the tower), config fields and
+ignored keys: docs/FORMATS.md, "Checkpoints" and "Config fields". The layout is decided over every shard's
+keys (a shard may hold only lm_head); the weights are read once into a meta-device model (peak memory ≈ one
+copy). Pickles (`.bin`, `.pt`) are refused: loading them would run arbitrary code.
 """
 from __future__ import annotations
 
@@ -75,8 +72,6 @@ LAYOUTS: dict[str, list[tuple[str, str]]] = {
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids", "image_newline")
 # The parts of a full CLIPModel that are not its vision tower.
 CLIP_IGNORED = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
-# Prefixes only read, never written: transformers 4.x's tower prefix (5.x writes the shorter one).
-READ_ONLY = {"vision_tower.vision_model.", "model.vision_tower.vision_model."}
 
 # Key prefixes that only one checkpoint layout writes; one such key anywhere in a checkpoint decides its
 # layout (llava-med is tried first: its tower prefix extends llava-hf's). `lm_head.*` decides nothing.
@@ -115,14 +110,6 @@ def detect_layout(keys, source: str = "checkpoint") -> str:
 def rename(key: str, layout: str) -> str | None:
     """Source key → our parameter name, or None when no prefix of the layout matches."""
     return next((dst + key[len(src):] for src, dst in LAYOUTS[layout] if key.startswith(src)), None)
-
-
-def unrename(name: str, layout: str) -> str:
-    """Our parameter name → the key it has in `layout` (the first writable entry producing it)."""
-    for src, dst in LAYOUTS[layout]:
-        if name.startswith(dst) and src not in READ_ONLY:
-            return src + name[len(dst):]
-    raise KeyError(f"{name} has no key in layout {layout}")
 
 
 # config.json
@@ -184,12 +171,13 @@ class _Fields:
     def sub(self, key: str) -> "_Fields":
         return _Fields(self.get(key), self.source, self.prefix + key)
 
-    def int(self, key: str, default=_REQUIRED, *, minimum: int | None = 1, none_ok: bool = False):
+    def int(self, key: str, default=_REQUIRED, *, minimum: int | None = 1):
         v = self.get(key, default)
-        if v is None and none_ok:
+        if v is None and default is None:  # a field whose default is None may be null
             return None
         if isinstance(v, bool) or not isinstance(v, int):
-            raise self.error(key, f"must be an integer{' or null' if none_ok else ''}, got {_show(v)}")
+            null = " or null" if default is None else ""
+            raise self.error(key, f"must be an integer{null}, got {_show(v)}")
         if minimum is not None and v < minimum:
             raise self.error(key, f"must be at least {minimum}, got {v}")
         return v
@@ -237,25 +225,24 @@ def _token_id(f: _Fields, key: str, default: int) -> int:
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        what = "must be a token id (an integer ≥ 0, or a list of them)"
-        raise f.error(key, f"{what}, got {_show(f.get(key))}")
+        raise f.error(key, f"must be a token id (an integer ≥ 0, or a list of them), got {_show(f.get(key))}")
     return v
 
 
 def _text_config(f: _Fields) -> TextConfig:
     f.choice("hidden_act", "silu", ("silu",), "LLaMA / Mistral use")
     heads = f.int("num_attention_heads")
-    kv_heads = f.int("num_key_value_heads", None, none_ok=True) or heads
+    kv_heads = f.int("num_key_value_heads", None) or heads
     if heads % kv_heads:
         raise f.error("num_key_value_heads", f"{kv_heads} does not divide num_attention_heads {heads}")
-    max_len = f.int("tokenizer_model_max_length", None, none_ok=True) or 0
-    pad = f.int("pad_token_id", None, minimum=None, none_ok=True)
+    max_len = f.int("tokenizer_model_max_length", None) or 0
+    pad = f.int("pad_token_id", None, minimum=None)
     return TextConfig(
         vocab_size=f.int("vocab_size"), hidden_size=f.int("hidden_size"),
         intermediate_size=f.int("intermediate_size"), n_layers=f.int("num_hidden_layers"), n_heads=heads,
-        n_kv_heads=kv_heads, head_dim=f.int("head_dim", None, none_ok=True),
+        n_kv_heads=kv_heads, head_dim=f.int("head_dim", None),
         rms_norm_eps=f.float("rms_norm_eps", 1e-6), rope_theta=_rope_theta(f),
-        sliding_window=f.int("sliding_window", None, none_ok=True),
+        sliding_window=f.int("sliding_window", None),
         max_seq_len=max(f.int("max_position_embeddings", 4096), max_len),
         bos_token_id=_token_id(f, "bos_token_id", 1), eos_token_id=_token_id(f, "eos_token_id", 2),
         pad_token_id=pad if pad is None or pad >= 0 else None)  # old LLaMA configs write -1 for "none"
@@ -325,16 +312,15 @@ def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig 
                           "(mm_* fields)")
 
 
-def read_config(path: Path, vision: VisionConfig | None = None) -> LlavaConfig:
-    """The LlavaConfig of a checkpoint directory's config.json."""
+def read_config(path, vision_tower=None) -> LlavaConfig:
+    """The LlavaConfig of a checkpoint directory's config.json, with the tower of `vision_tower`'s (a CLIP
+    directory: CLIPVisionModel or full CLIPModel) where given."""
+    vision = None
+    if vision_tower:
+        file = Path(vision_tower) / "config.json"
+        vision = _vision_config(_Fields(_read_json(file), str(file)))
     file = Path(path) / "config.json"
     return config_from_json(_read_json(file), str(file), vision)
-
-
-def read_vision_config(path: Path) -> VisionConfig:
-    """The VisionConfig of a CLIP directory's config.json (CLIPVisionModel or full CLIPModel)."""
-    file = Path(path) / "config.json"
-    return _vision_config(_Fields(_read_json(file), str(file)))
 
 
 def config_to_json(config: LlavaConfig) -> dict:
@@ -457,7 +443,7 @@ def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, d
     tower_dir = Path(vision_tower) if vision_tower is not None else None
     if tower_dir is not None and not tower_dir.is_dir():
         raise CheckpointError(f"{tower_dir}: not a CLIP directory (vision_tower)")
-    config = read_config(path, read_vision_config(tower_dir) if tower_dir else None)
+    config = read_config(path, tower_dir)
     headers = _headers(path, safetensors_files(path))
     layout = detect_layout({k: file for k, (file, _) in headers.items()}, str(path))
     found, unexpected = _index(headers, layout, str(path), drop="vision_tower." if tower_dir else None)
@@ -467,15 +453,20 @@ def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, d
         found, unexpected = found | tower, unexpected + unexpected_tower
     with torch.device("meta"):
         model = Llava(config)
-    # A tower that does not fit the config, said in words: its keys alone would be hundreds.
-    why, width = "", found.get("vision_tower.embeddings.class_embedding", (0, 0, None))[2]
+    # A tower that does not fit the config (its width, else its depth) in words, not as hundreds of keys.
+    why, v = "", config.vision
+    width = found.get("vision_tower.embeddings.class_embedding", (0, 0, None))[2]
+    depth = len({k.split(".")[3] for k in found if k.startswith("vision_tower.encoder.layers.")})
     if tower_dir is None and not any(k.startswith("vision_tower.") for k in found):
         why = " the checkpoint has no vision tower: pass --vision-tower <CLIP directory>"
-    elif tower_dir is None and width and width != (config.vision.hidden_size,):
+    elif tower_dir is None and width and (width, depth) != ((v.hidden_size,), v.n_layers):
+        has, field, implied = f"width {width[0]}", "hidden_size", v.hidden_size
+        if width == (v.hidden_size,):
+            has, field, implied = f"{depth} layers", "num_hidden_layers", v.n_layers
         tower = _read_json(path / "config.json").get("mm_vision_tower")  # llava-hf: none, a shape
-        said = f"mm_vision_tower {_show(tower)}" if tower else "vision_config.hidden_size"
-        why = (f" the vision tower in the checkpoint has width {width[0]} where {said} implies "
-               f"{config.vision.hidden_size}: pass --vision-tower <the CLIP directory it was trained with>")
+        said = f"mm_vision_tower {_show(tower)}" if tower else f"vision_config.{field}"
+        why = (f" the vision tower in the checkpoint has {has} where {said} implies {implied}: "
+               "pass --vision-tower <the CLIP directory it was trained with>")
     return assign_weights(model, found, unexpected, str(path), dtype=dtype, device=device,
                           check_finite=check_finite, why=why).eval()
 
@@ -523,12 +514,14 @@ def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], s
     return model
 
 
-def save_model(model: Llava, out_dir, *, layout: str = "llava-hf-legacy") -> Path:
-    """Write config.json (llava-hf's, readable by transformers too) + model.safetensors in `layout`
-    (keys renamed through its table)."""
+def save_model(model: Llava, out_dir) -> Path:
+    """Write config.json (llava-hf's, readable by transformers too) + model.safetensors in llava-hf's
+    legacy layout as transformers 5 writes it: its LAYOUTS table backwards, less the 4.x tower prefix."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {unrename(k, layout): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    table = [(dst, src) for src, dst in LAYOUTS["llava-hf-legacy"] if src != "vision_tower.vision_model."]
+    tensors = {next(src + k[len(dst):] for dst, src in table if k.startswith(dst)):
+               v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_to_json(model.config), indent=2))
     return out

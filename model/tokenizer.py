@@ -1,11 +1,10 @@
 """Tokenizer and prompt for LLaVA-Med v1.5, with the `tokenizers` library only.
 
-LLaVA-Med v1.5 ships Mistral-7B's SentencePiece model (`tokenizer.model`), no tokenizer.json:
-`convert_sentencepiece` reads that protobuf by hand and builds the equivalent Llama-style
-`tokenizers.Tokenizer` as transformers' `LlamaConverter` (up to 4.x) did, equal to `sentencepiece` id
-for id on the real model (docs/FORMATS.md, "Tokenizer", says why not transformers 5.x's). The prompt
-side reproduces LLaVA-Med exactly: the `mistral_instruct` template and the chunk-wise tokenization
-around "<image>" (docs/FORMATS.md, "Prompt"). CLI: `python -m model.tokenizer convert IN.model OUT.json`.
+`convert_sentencepiece` reads the SentencePiece `tokenizer.model` LLaVA-Med ships (no tokenizer.json) by
+hand and builds the Llama-style `tokenizers.Tokenizer` of transformers' `LlamaConverter` (up to 4.x), equal
+to `sentencepiece` id for id; the prompt side is LLaVA-Med's `mistral_instruct` template and chunk-wise
+tokenization around "<image>" (docs/FORMATS.md, "Tokenizer", "Prompt").
+CLI: `python -m model.tokenizer convert IN.model OUT.json`.
 """
 from __future__ import annotations
 
@@ -55,21 +54,18 @@ _MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}  # TrainerSpec.mod
 TEMPLATES = {"mistral_instruct": "[INST] {user} [/INST]"}
 
 
-class _ProtoError(ValueError):
-    """A malformed message: this minimal protobuf reader knows just enough for sentencepiece_model.proto."""
-
-
+# A minimal protobuf reader, just enough for sentencepiece_model.proto: a malformed message is a ValueError.
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     """Decode a base-128 varint at `pos`; returns (value, next position)."""
     value = 0
     for shift in range(0, 70, 7):  # a 64-bit value needs at most 10 bytes
         if pos >= len(buf):
-            raise _ProtoError("truncated varint")
+            raise ValueError("truncated varint")
         byte, pos = buf[pos], pos + 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
             return value, pos
-    raise _ProtoError("varint longer than 10 bytes")
+    raise ValueError("varint longer than 10 bytes")
 
 
 def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
@@ -84,17 +80,17 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
         elif wire in (1, 2, 5):
             size, pos = _varint(buf, pos) if wire == 2 else (8 if wire == 1 else 4, pos)
             if pos + size > len(buf):
-                raise _ProtoError(f"field {number} runs past the end of its message")
+                raise ValueError(f"field {number} runs past the end of its message")
             value, pos = buf[pos:pos + size], pos + size
         else:
-            raise _ProtoError(f"unsupported wire type {wire} (field {number})")
+            raise ValueError(f"unsupported wire type {wire} (field {number})")
         yield number, value
 
 
 def _int32(value: int | bytes) -> int:
     """An int32 / enum / bool field; a negative int32 (pad_id = -1) is a 64-bit two's complement varint."""
     if not isinstance(value, int):
-        raise _ProtoError("a numeric field is not a varint")
+        raise ValueError("a numeric field is not a varint")
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
@@ -158,7 +154,7 @@ def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
                         setattr(spm, name, type(old)(_int32(v)))  # an int, enum or bool
                     elif isinstance(v, bytes):  # a string / bytes field of another wire type is skipped
                         setattr(spm, name, v.decode("utf-8") if isinstance(old, str) else v)
-    except (_ProtoError, UnicodeDecodeError) as e:
+    except ValueError as e:  # a malformed message, or a piece that is not UTF-8
         raise ValueError(f"{path} is not a valid SentencePiece model: {e}") from None
     if not spm.pieces:
         raise ValueError(f"{path} is not a valid SentencePiece model: it has no pieces")
@@ -170,16 +166,12 @@ def _bpe_merges(pieces: Sequence[str], scores: Sequence[float]) -> list[tuple[st
     SentencePiece's BPE merges, at each step, the adjacent pair whose concatenation has the highest
     score; HF BPE merges the pair with the lowest rank: ranking by score (descending) makes the two
     agree. Secondary keys and ties follow transformers' converter, so the merges list is its."""
-    ids = {piece: i for i, piece in enumerate(pieces)}
-    candidates = []  # (score, len left, len right, left, right), in piece order
-    for piece, score in zip(pieces, scores):
-        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
-                  if piece[:k] in ids and piece[k:] in ids]
-        splits.sort(key=lambda lr: (ids[lr[0]], ids[lr[1]]))
-        candidates += [(score, len(left), len(right), left, right) for left, right in splits]
-    # A stable sort: ties keep the piece order built above.
-    candidates.sort(key=lambda c: (-c[0], -c[1], -c[2]))
-    return [(left, right) for _, _, _, left, right in candidates]
+    known = set(pieces)
+    merges = [(score, piece[:k], piece[k:]) for piece, score in zip(pieces, scores)
+              for k in range(1, len(piece)) if piece[:k] in known and piece[k:] in known]
+    # A stable sort: ties keep piece order (two splits of one piece never tie: their lefts differ in length).
+    merges.sort(key=lambda m: (-m[0], -len(m[1]), -len(m[2])))
+    return [(left, right) for _, left, right in merges]
 
 
 def convert_sentencepiece(model_path: str | Path) -> Tokenizer:
@@ -264,9 +256,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def canonical_form(tokenizer: Tokenizer) -> dict:
-    """What a tokenizer does, as one JSON value (vocabulary, merges, normalizer, pre-tokenizer, special
-    tokens, post-processor, decoder), whichever file it was read from: a tokenizer.model and the
-    tokenizer.json `convert` writes from it give the same. The fingerprints of the scripts hash this."""
+    """What a tokenizer does as one JSON value, whichever file it was read from (a tokenizer.model and the
+    tokenizer.json `convert` writes from it give the same): the scripts' fingerprints hash this."""
     form = json.loads(tokenizer.to_str())
     form.pop("version", None)  # the file format's, as are merges as "a b" strings (older tokenizers)
     if "merges" in (model := form["model"]):
@@ -284,11 +275,9 @@ def build_prompt(question: str, template: str = "mistral_instruct") -> str:
 
 def tokenize_prompt(tokenizer: Tokenizer, prompt: str, *, image_token_id: int,
                     num_image_tokens: int, bos_token_id: int | None = 1) -> list[int]:
-    """Prompt ids with each "<image>" expanded to `num_image_tokens` copies of `image_token_id`.
-    LLaVA's chunk-wise tokenization (docs/FORMATS.md, "Prompt"): each chunk between "<image>"s
-    gets its own "▁" prefix, BOS only once, so "[INST] <image>\\nWhat" gives [BOS, "▁[", "INST",
-    "]", "▁", <image> × N, "▁", "\\n", "What"]. `image_token_id` may be -200: never looked up.
-    For a llava-hf tokenizer ("<image>" a real token) this equals encoding the prompt at once."""
+    """Prompt ids with each "<image>" expanded to `num_image_tokens` copies of `image_token_id` (-200 is
+    never looked up), by LLaVA's chunk-wise tokenization (docs/FORMATS.md, "Prompt": each chunk between
+    "<image>"s gets its own "▁" prefix, BOS only once); for a llava-hf tokenizer, the whole prompt's ids."""
     if num_image_tokens < 1:
         raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
     image = [image_token_id] * num_image_tokens

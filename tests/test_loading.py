@@ -447,6 +447,20 @@ def test_tower_of_another_width_is_said_in_words(hf_models, tmp_path):
     assert len(lines) == 3 and lines[1].count("vision_tower.") == lines[2].count(" expected") == 3
 
 
+@pytest.mark.parametrize("layers", [2, 5])
+def test_tower_of_another_depth_is_said_in_words(ckpt, layers):
+    """A tower of the config's width but another layer count (the file's has 3) is said in words too,
+    not only as keys missing or unexpected."""
+    config = json.loads((ckpt / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] = layers
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as e:
+        load_model(ckpt)
+    assert str(e.value).split("\n")[0] == (
+        f"cannot load {ckpt}: the vision tower in the checkpoint has 3 layers where vision_config.num_hidden_layers "
+        f"implies {layers}: pass --vision-tower <the CLIP directory it was trained with>")
+
+
 def test_non_finite_weights_are_refused_naming_file_and_tensor(ckpt):
     """Issue #24 item 1: one NaN, one +Inf, or 4 KiB of 0xFF in the middle of the file (NaN once
     decoded: safetensors has no checksum) loaded silently. Now each is an error naming the file and
