@@ -1,5 +1,4 @@
-"""Many rows through the model at once, each giving what it gives alone up to floating-point rounding
-(tests/test_rows.py, test_hscr.py and test_train.py check each against rows run alone):
+"""Many rows through the model at once, each giving what it gives alone up to float rounding (tests check):
 `teacher_forced_logits` and `greedy_continuations` for hscr.py, `collate` into `Rows` for train.py's
 log π (docs/METHOD.md, "How the log-probabilities are computed").
 
@@ -37,14 +36,12 @@ def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.
     # Row r is prompt_r + response_r[:-1], left-padded to T: response token t of row r is predicted at
     # position T − L_r + t, and only those positions reach the lm_head.
     ids, mask = left_pad([p + r[:-1] for p, r in zip(prompts, responses)], pad_id, device)  # (R, T)
-    position_ids = None
-    if prompt_positions is not None and any(pp is not None for pp in prompt_positions):
-        rows = []
-        for p, r, pp in zip(prompts, responses, prompt_positions):
-            pp = list(range(len(p))) if pp is None else list(pp)
-            start = pp[-1] + 1 if pp else 0
-            rows.append(pp + list(range(start, start + len(r) - 1)))
-        position_ids, _ = left_pad(rows, 0, device)  # (R, T); padding reads position 0, as by default
+    position_ids = []  # with no prompt_positions, the values that forward() would default to
+    for p, r, pp in zip(prompts, responses, prompt_positions or [None] * len(prompts)):
+        pp = list(range(len(p))) if pp is None else list(pp)
+        start = pp[-1] + 1 if pp else 0
+        position_ids.append(pp + list(range(start, start + len(r) - 1)))
+    position_ids, _ = left_pad(position_ids, 0, device)  # (R, T); padding reads position 0, as by default
     T = ids.shape[1]
     lengths = torch.tensor([len(r) for r in responses], device=device)  # (R,)
     L = int(lengths.max())
@@ -65,14 +62,9 @@ def mean_token_probability(logits, targets, valid) -> torch.Tensor:
 
 def cut_generated(ids: list[int], eos_id: int, image_token_id: int) -> list[int]:
     """Generated ids up to and including the first EOS; an image placeholder id ends the text before it."""
-    out = []
-    for t in ids:
-        if t == image_token_id:  # a real token in llava-hf vocabularies, but it cannot be fed back as text
-            break
-        out.append(t)
-        if t == eos_id:
-            break
-    return out
+    # (The image id is a real token in llava-hf vocabularies, but it cannot be fed back as text.)
+    ids = ids[:ids.index(image_token_id)] if image_token_id in ids else ids
+    return ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
 
 
 @torch.no_grad()
