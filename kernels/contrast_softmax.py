@@ -14,11 +14,10 @@ and writing K values. Edge cases, defined here and followed by both implementati
 - z = −inf everywhere ⇒ NaN, as `torch.softmax` gives. NaN inputs are not supported (GPU max may skip NaN).
 
 `contrast_softmax_reference` is the specification (PyTorch, fp32). `_contrast_softmax_kernel` (Triton;
-the layout of tutorial 02-fused-softmax and Liger's `ops/softmax.py`) runs one program per row in fp32:
-a row of up to 64 KiB per input (V ≤ 32768 in fp16/bf16, so Mistral/LLaMA's 32000 and 32064; ≤ 16384
-in fp32) is read once into registers; longer rows (Qwen's V = 151936) loop over blocks with an online
-max/sum, then write the outputs in a second pass. `contrast_softmax` checks its inputs and dispatches;
-inference only (the reward is a fixed target), it raises if an input requires grad under grad mode.
+the layout of tutorial 02-fused-softmax and Liger's `ops/softmax.py`) runs one program per row in fp32,
+the whole row in registers up to 64 KiB per input (V ≤ 32768 in fp16/bf16: Mistral/LLaMA's 32000, 32064),
+else (Qwen's V = 151936) an online max/sum over blocks, then a second pass to write. `contrast_softmax`
+checks its inputs and dispatches; inference only (the reward is a fixed target).
 """
 from __future__ import annotations
 

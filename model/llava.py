@@ -46,10 +46,6 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
     num_channels: int = 3
 
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
 
 @dataclass
 class TextConfig:
@@ -89,7 +85,7 @@ class LlavaConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        return self.vision.num_patches + (self.select_feature == "cls_patch")
+        return (self.vision.image_size // self.vision.patch_size) ** 2 + (self.select_feature == "cls_patch")
 
     @property
     def vision_layers_used(self) -> int:
@@ -120,14 +116,13 @@ class CLIPEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(c.hidden_size))
         self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size,
                                          bias=False)
-        self.position_embedding = nn.Embedding(c.num_patches + 1, c.hidden_size)
+        self.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2 + 1, c.hidden_size)
 
     def forward(self, pixels: Tensor) -> Tensor:
         x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, D, g, g)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
         cls = self.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1)  # (B, 1+N, D)
-        return x + self.position_embedding.weight
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (B, 1+N, D)
 
 
 class CLIPAttention(nn.Module):
@@ -213,8 +208,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # Normalise in fp32 (bf16/fp16 variance underflows), cast back, then scale: LLaMA's order.
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -262,10 +256,9 @@ class Attention(nn.Module):
         projections = (self.q_proj, self.k_proj, self.v_proj)  # → q (B, H, T, Dh); k, v (B, Hkv, T, Dh)
         q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in projections)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(slots, k, v)  # (B, Hkv, S_max, Dh)
+        if self.kv_cache is not None:  # write the T new keys/values, attend to the first S slots
             S = mask.shape[-1] if mask is not None else T
-            k, v = k[:, :, :S], v[:, :, :S]  # (B, Hkv, S, Dh)
+            k, v = (kv[:, :, :S] for kv in self.kv_cache.update(slots, k, v))  # (B, Hkv, S, Dh)
         # GQA: SDPA repeats each key/value head over its n_heads / n_kv_heads query heads.
         # Without a mask SDPA can take its fused causal path (no (B, 1, T, S) tensor to read).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
@@ -301,8 +294,7 @@ def attention_mask_4d(key_valid: Tensor, q_slots: Tensor, window: int | None) ->
     """Boolean SDPA mask (B, 1, T, S): key slot k is visible from query slot q iff the key is a real
     token, k ≤ q (causal) and q − k < window (Mistral's sliding window, if any). A query that sees
     nothing (left padding) sees itself, so that SDPA gives finite values there (nothing reads them)."""
-    S = key_valid.shape[1]
-    k_slots = torch.arange(S, device=key_valid.device)
+    k_slots = torch.arange(key_valid.shape[1], device=key_valid.device)  # (S,)
     visible = k_slots[None, :] <= q_slots[:, None]  # (T, S)
     if window is not None:
         visible = visible & (q_slots[:, None] - k_slots[None, :] < window)
@@ -457,14 +449,12 @@ class Llava(nn.Module):
         if T > 0 and not attention_mask[:, -1].all():
             raise ValueError("generate() needs left-padded prompts: the last position of every row must be "
                              "a real token")
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.setup_cache(B, T + max_new_tokens)
-        try:
-            last = torch.full((B, 1), T - 1, device=input_ids.device)
+        try:  # (forward's default position ids: the running count, as in the decode steps)
             logits = self(input_ids, pixel_values, attention_mask, image_features=image_features,
-                          position_ids=positions, logits_positions=last)[:, -1]  # (B, V)
-            return self._decode_loop(logits, positions[:, -1], T, max_new_tokens, eos_token_id, pad_token_id,
-                                     compile)
+                          logits_positions=torch.full((B, 1), T - 1, device=input_ids.device))[:, -1]
+            position = attention_mask.long().sum(-1) - 1  # (B,) the last prompt token's
+            return self._decode_loop(logits, position, T, max_new_tokens, eos_token_id, pad_token_id, compile)
         finally:
             self.clear_cache()
 
@@ -515,9 +505,8 @@ class Llava(nn.Module):
             positions = prefix_mask.long().sum(-1)[rows, None] + suffix_mask.long().cumsum(-1) - 1  # (B, Ts)
             x = self.language_model.embed_tokens(suffix_ids)  # (B, Ts, D)
             h = self._run_decoder(x, positions, self._key_valid, Tp)  # (B, Ts, D)
-            logits = self.lm_head(h[:, -1]).float()  # (B, V)
-            return self._decode_loop(logits, positions[:, -1], Tp + Ts, max_new_tokens, eos_token_id,
-                                     pad_token_id, compile)
+            return self._decode_loop(self.lm_head(h[:, -1]).float(), positions[:, -1], Tp + Ts,
+                                     max_new_tokens, eos_token_id, pad_token_id, compile)
         finally:
             self.clear_cache()
 
@@ -528,8 +517,7 @@ class Llava(nn.Module):
         batch (same tokens up to rounding). One host sync per step, none if EOS is outside the vocabulary."""
         c = self.config.text
         eos = c.eos_token_id if eos is None else eos
-        if pad is None:
-            pad = c.pad_token_id if c.pad_token_id is not None else eos
+        pad = next(p for p in (pad, c.pad_token_id, eos) if p is not None)
         B, device = logits.shape[0], logits.device
         out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
         rows = torch.arange(B, device=device)  # the output row of each cache row
