@@ -71,12 +71,11 @@ def cut_generated(ids: list[int], eos_id: int, image_token_id: int) -> list[int]
 def greedy_continuations(model, prompts: list[list[int]], features: list[torch.Tensor],
                          prefixes: list[list[int]], *, owners: list[int] | None = None, max_new_tokens: int,
                          pad_id: int, rows_per_call: int = 64) -> list[list[int]]:
-    """Greedy continuation of each row r, prompts[o] + prefixes[r] with the full image features[o] (N, D),
-    o = owners[r] (default r), until EOS or `max_new_tokens` (docs/METHOD.md step 6), each cut by
-    `cut_generated`; equal to decoding each row alone up to float rounding (benchmarks/bench_hscr.py)."""
+    """Greedy continuation (docs/METHOD.md step 6) of each row r, prompts[o] + prefixes[r] with the full image
+    features[o] (N, D), o = owners[r] (default r), until EOS or `max_new_tokens`, cut by `cut_generated`."""
     if not prefixes:
         return []
-    cfg = model.config
+    cfg, device = model.config, model.device
     owners = list(range(len(prefixes))) if owners is None else list(owners)
     # Each call prefills its owners' prompts once and copies their cache into their rows (generate_shared),
     # unless a prompt ends in an image placeholder or the rows could exceed the sliding window: then every
@@ -93,14 +92,13 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
         rows = order[start: start + rows_per_call]
         if share_prompt:
             shared = list(dict.fromkeys(owners[r] for r in rows))  # this call's owners, first seen first
-            which = torch.tensor([shared.index(owners[r]) for r in rows], device=model.device)  # (rows,)
-            pids, pmask = left_pad([prompts[o][:-1] for o in shared], pad_id, model.device)  # (E, Tp)
-            sids, smask = left_pad([prompts[owners[r]][-1:] + prefixes[r] for r in rows], pad_id,
-                                   model.device)
+            which = torch.tensor([shared.index(owners[r]) for r in rows], device=device)  # (rows,)
+            pids, pmask = left_pad([prompts[o][:-1] for o in shared], pad_id, device)  # (E, Tp)
+            sids, smask = left_pad([prompts[owners[r]][-1:] + prefixes[r] for r in rows], pad_id, device)
             feats = flat_features([features[o] for o in shared], model)
             new = model.generate_shared(pids, pmask, which, sids, smask, image_features=feats, **gen)
         else:
-            ids, mask = left_pad([prompts[owners[r]] + prefixes[r] for r in rows], pad_id, model.device)
+            ids, mask = left_pad([prompts[owners[r]] + prefixes[r] for r in rows], pad_id, device)
             feats = flat_features([features[owners[r]] for r in rows], model)
             new = model.generate(ids, attention_mask=mask, image_features=feats, **gen)
         for r, row in zip(rows, new.tolist()):
@@ -130,9 +128,8 @@ def collate(examples: list[Example], pad_id: int) -> Rows:
     """The examples' rows packed for one forward pass (`Rows`)."""
     seqs, segments, pos_ids, at, labels, seq_of = [], [], [], [], [], []
     for s, ex in enumerate(examples):
-        n = min(map(len, ex.rows))  # the length of the prefix that all rows share
-        for r in ex.rows[1:]:
-            n = next((i for i in range(n) if r[i] != ex.rows[0][i]), n)
+        # n: the length of the prefix that all rows share (the first column where they differ)
+        n = next((i for i, col in enumerate(zip(*ex.rows)) if len(set(col)) > 1), min(map(len, ex.rows)))
         ids, segment, positions = list(ex.rows[0][:n]), [0] * n, list(range(n))
         for r, (row, target) in enumerate(zip(ex.rows, ex.targets)):
             start = len(ids) - n  # packed index of row index i ≥ n is start + i
