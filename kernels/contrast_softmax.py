@@ -14,11 +14,10 @@ and writing K values. Edge cases, defined here and followed by both implementati
 - z = −inf everywhere ⇒ NaN, as `torch.softmax` gives. NaN inputs are not supported (GPU max may skip NaN).
 
 `contrast_softmax_reference` is the specification (PyTorch, fp32). `_contrast_softmax_kernel` (Triton;
-the layout of tutorial 02-fused-softmax and Liger's `ops/softmax.py`) runs one program per row in fp32:
-a row of up to 64 KiB per input (V ≤ 32768 in fp16/bf16, so Mistral/LLaMA's 32000 and 32064; ≤ 16384
-in fp32) is read once into registers; longer rows (Qwen's V = 151936) loop over blocks with an online
-max/sum, then write the outputs in a second pass. `contrast_softmax` checks its inputs and dispatches;
-inference only (the reward is a fixed target), it raises if an input requires grad under grad mode.
+the layout of tutorial 02-fused-softmax and Liger's `ops/softmax.py`) runs one program per row in fp32,
+the whole row in registers up to 64 KiB per input (V ≤ 32768 in fp16/bf16: Mistral/LLaMA's 32000, 32064),
+else (Qwen's V = 151936) an online max/sum over blocks, then a second pass to write. `contrast_softmax`
+checks its inputs and dispatches; inference only (the reward is a fixed target).
 """
 from __future__ import annotations
 
@@ -34,7 +33,6 @@ from torch import Tensor
 MAX_BLOCK_BYTES = 65536
 # Gather mode reads the K requested ids in chunks of this many.
 BLOCK_K = 64
-INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -147,13 +145,9 @@ def _row_layout(tensors: list[Tensor]) -> tuple[list[Tensor], int, int, list[tup
             groups.append([i])
     if len(groups) > 2:
         return _row_layout([t.contiguous() for t in tensors])
-    sizes = [math.prod(lead[i] for i in g) for g in groups]
-    # Pad to exactly two groups with a size-1, stride-0 group in front.
-    while len(groups) < 2:
-        groups.insert(0, [])
-        sizes.insert(0, 1)
+    groups = [[]] * (2 - len(groups)) + groups  # exactly two: empty ones (size 1, stride 0) in front
     strides = [tuple(t.stride(g[-1]) if g else 0 for g in groups) for t in tensors]
-    return tensors, sizes[0], sizes[1], strides
+    return tensors, *(math.prod(lead[i] for i in g) for g in groups), strides
 
 
 def contrast_softmax_triton(full: Tensor, drop: Tensor, beta: float = 0.9, *, index: Tensor | None = None,
@@ -161,8 +155,7 @@ def contrast_softmax_triton(full: Tensor, drop: Tensor, beta: float = 0.9, *, in
     """Run the Triton kernel; arguments as `contrast_softmax`, which validates them. `block_size` (a power
     of two) overrides the block, so tests reach the looped path on short rows and benchmarks compare."""
     V = full.shape[-1]
-    out_shape = (*full.shape[:-1], V if index is None else index.shape[-1])
-    out = torch.empty(out_shape, dtype=torch.float32, device=full.device)
+    out = full.new_empty((*full.shape[:-1], V if index is None else index.shape[-1]), dtype=torch.float32)
     if block_size is not None and (block_size < 1 or block_size & (block_size - 1)):
         raise ValueError(f"contrast_softmax_triton: block_size must be a power of two, got {block_size}")
     if out.numel() == 0:
@@ -171,18 +164,16 @@ def contrast_softmax_triton(full: Tensor, drop: Tensor, beta: float = 0.9, *, in
     tensors = [t if (V - 1) * t.stride(-1) < 2**31 else t.contiguous() for t in (full, drop)]
     gather = index is not None
     tensors, n_outer, n_inner, strides = _row_layout(tensors + [index] if gather else tensors)
-    full, drop = tensors[0], tensors[1]
-    index_t = tensors[2] if gather else full  # a dummy pointer when there is no index
+    full, drop, index = tensors if gather else (*tensors, tensors[0])  # no index: `full` as a dummy pointer
     i_s = strides[2] if gather else (0, 0)
     # One block for rows up to MAX_BLOCK_BYTES, else a loop over blocks of it. Warps grow with the block so
     # that a thread holds ≤ 32 values per array (Unsloth / Liger's `calculate_settings`), and 32 from 16384
     # on (with 16, sm_90a spills in gather mode).
     block = block_size or min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK_BYTES // full.element_size())
     warps = 32 if block >= 16384 else 16 if block >= 8192 else 8 if block >= 2048 else 4
-    K = index.shape[-1] if gather else 0
     _contrast_softmax_kernel[(n_outer * n_inner,)](
-        full, drop, index_t, out, n_inner, V, K, *strides[0], full.stride(-1), *strides[1], drop.stride(-1),
-        *i_s, index_t.stride(-1), float(beta),
+        full, drop, index, out, n_inner, V, out.shape[-1] if gather else 0, *strides[0], full.stride(-1),
+        *strides[1], drop.stride(-1), *i_s, index.stride(-1), float(beta),
         BLOCK=block, ONE_BLOCK=V <= block, BLOCK_K=BLOCK_K, GATHER=gather, num_warps=warps)
     return out
 
@@ -221,7 +212,7 @@ def contrast_softmax(full: Tensor, drop: Tensor, beta: float = 0.9, *, index: Te
         problems.append("the last dim (V) is empty: there is no distribution to normalise")
     if full.shape != drop.shape:
         problems.append(f"full has shape {tuple(full.shape)} but drop has {tuple(drop.shape)}")
-    if full.dtype not in INPUT_DTYPES or drop.dtype not in INPUT_DTYPES:
+    if not {full.dtype, drop.dtype} <= {torch.float32, torch.float16, torch.bfloat16}:
         problems.append(f"dtypes must be float32, float16 or bfloat16, got {full.dtype} and {drop.dtype}")
     elif full.dtype != drop.dtype:
         problems.append(f"full is {full.dtype} but drop is {drop.dtype}")

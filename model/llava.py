@@ -46,10 +46,6 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
     num_channels: int = 3
 
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
 
 @dataclass
 class TextConfig:
@@ -89,7 +85,7 @@ class LlavaConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        return self.vision.num_patches + (self.select_feature == "cls_patch")
+        return (self.vision.image_size // self.vision.patch_size) ** 2 + (self.select_feature == "cls_patch")
 
     @property
     def vision_layers_used(self) -> int:
@@ -110,9 +106,7 @@ PRESETS: dict[str, LlavaConfig] = {
 
 
 def preset(name: str, **overrides) -> LlavaConfig:
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    return replace(PRESETS[name], **overrides)  # callers offer only these names (argparse choices)
 
 
 # Vision tower: CLIP ViT
@@ -122,14 +116,13 @@ class CLIPEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(c.hidden_size))
         self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size,
                                          bias=False)
-        self.position_embedding = nn.Embedding(c.num_patches + 1, c.hidden_size)
+        self.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2 + 1, c.hidden_size)
 
     def forward(self, pixels: Tensor) -> Tensor:
         x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, D, g, g)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
         cls = self.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1)  # (B, 1+N, D)
-        return x + self.position_embedding.weight
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (B, 1+N, D)
 
 
 class CLIPAttention(nn.Module):
@@ -196,16 +189,13 @@ class VisionTower(nn.Module):
 class Projector(nn.Module):
     def __init__(self, c: LlavaConfig):
         super().__init__()
-        self.kind = c.projector_type
         self.linear_1 = nn.Linear(c.vision.hidden_size, c.text.hidden_size, bias=c.projector_bias)
-        if self.kind == "mlp2x_gelu":
-            self.linear_2 = nn.Linear(c.text.hidden_size, c.text.hidden_size, bias=c.projector_bias)
+        self.linear_2 = (nn.Linear(c.text.hidden_size, c.text.hidden_size, bias=c.projector_bias)
+                         if c.projector_type == "mlp2x_gelu" else None)
 
     def forward(self, x):
         x = self.linear_1(x)
-        if self.kind == "mlp2x_gelu":
-            x = self.linear_2(F.gelu(x))  # exact erf GELU, not the tanh approximation
-        return x
+        return x if self.linear_2 is None else self.linear_2(F.gelu(x))  # exact erf GELU, not tanh
 
 
 # Decoder: LLaMA / Mistral
@@ -218,14 +208,12 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # Normalise in fp32 (bf16/fp16 variance underflows), cast back, then scale: LLaMA's order.
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos, sin of shape (B, T, Dh) for integer positions (B, T); inv_freq_i = θ^(−2i/Dh)."""
-    two_i = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float()
-    inv_freq = 1.0 / theta ** (two_i / head_dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     freqs = positions.float()[..., None] * inv_freq  # (B, T, Dh/2), fp32 so long positions stay exact
     emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, Dh): rotate-half layout pairs i with i + Dh/2
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -234,8 +222,7 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dt
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     # x (B, H, T, Dh); HF-converted LLaMA weights are permuted so that rotate-half is the right form.
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, Dh)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]  # rotate-half
 
 
 class KVCache(nn.Module):
@@ -256,7 +243,7 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, c: TextConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.head_dim = c.head_dim
         self.q_proj = nn.Linear(c.hidden_size, c.n_heads * c.head_dim, bias=False)
         self.k_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=False)
@@ -266,18 +253,16 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, slots=None):
         """`mask`: boolean (B, 1, T, S), or None (causal over S = T keys); with a cache, its first S slots."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        projections = (self.q_proj, self.k_proj, self.v_proj)  # → q (B, H, T, Dh); k, v (B, Hkv, T, Dh)
+        q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in projections)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(slots, k, v)  # (B, Hkv, S_max, Dh)
+        if self.kv_cache is not None:  # write the T new keys/values, attend to the first S slots
             S = mask.shape[-1] if mask is not None else T
-            k, v = k[:, :, :S], v[:, :, :S]  # (B, Hkv, S, Dh)
+            k, v = (kv[:, :, :S] for kv in self.kv_cache.update(slots, k, v))  # (B, Hkv, S, Dh)
         # GQA: SDPA repeats each key/value head over its n_heads / n_kv_heads query heads.
         # Without a mask SDPA can take its fused causal path (no (B, 1, T, S) tensor to read).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, Dh)
+                                           enable_gqa=k.shape[1] != q.shape[1])  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
@@ -309,8 +294,7 @@ def attention_mask_4d(key_valid: Tensor, q_slots: Tensor, window: int | None) ->
     """Boolean SDPA mask (B, 1, T, S): key slot k is visible from query slot q iff the key is a real
     token, k ≤ q (causal) and q − k < window (Mistral's sliding window, if any). A query that sees
     nothing (left padding) sees itself, so that SDPA gives finite values there (nothing reads them)."""
-    S = key_valid.shape[1]
-    k_slots = torch.arange(S, device=key_valid.device)
+    k_slots = torch.arange(key_valid.shape[1], device=key_valid.device)  # (S,)
     visible = k_slots[None, :] <= q_slots[:, None]  # (T, S)
     if window is not None:
         visible = visible & (q_slots[:, None] - k_slots[None, :] < window)
@@ -389,16 +373,12 @@ class Llava(nn.Module):
         `attention_mask` (B, T): 1 on real tokens, padding on either side, `position_ids` defaulting to
         their running count. Or (B, T, T): which key each query sees (answers packed after one prompt,
         rows.collate), with `position_ids` given (the sliding window applies to them) and no KV cache."""
-        B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        attention_mask = attention_mask.bool()
+        T = input_ids.shape[1]
+        attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).bool()
         x = self.embed(input_ids, pixel_values, image_features)
         if attention_mask.dim() == 3:  # packed rows
-            if self._cache_shape is not None:
-                raise ValueError("a (B, T, T) attention mask cannot be used with a KV cache")
-            if position_ids is None:
-                raise ValueError("a (B, T, T) attention mask needs position_ids")
+            if self._cache_shape is not None or position_ids is None:
+                raise ValueError("a (B, T, T) attention mask needs position_ids and no KV cache")
             window = self.config.text.sliding_window
             if window is not None:  # counted in positions
                 distance = position_ids[:, :, None] - position_ids[:, None, :]  # (B, T, T)
@@ -465,19 +445,16 @@ class Llava(nn.Module):
         evaluation use; a row stops at its first EOS, then `pad_token_id` (default: the config's pad id,
         else EOS). `compile`: the decode step runs under torch.compile (same tokens up to rounding)."""
         B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if T > 0 and not attention_mask[:, -1].all():
             raise ValueError("generate() needs left-padded prompts: the last position of every row must be "
                              "a real token")
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.setup_cache(B, T + max_new_tokens)
-        try:
-            last = torch.full((B, 1), T - 1, device=input_ids.device)
+        try:  # (forward's default position ids: the running count, as in the decode steps)
             logits = self(input_ids, pixel_values, attention_mask, image_features=image_features,
-                          position_ids=positions, logits_positions=last)[:, -1]  # (B, V)
-            return self._decode_loop(logits, positions[:, -1], T, max_new_tokens, eos_token_id, pad_token_id,
-                                     compile)
+                          logits_positions=torch.full((B, 1), T - 1, device=input_ids.device))[:, -1]
+            position = attention_mask.long().sum(-1) - 1  # (B,) the last prompt token's
+            return self._decode_loop(logits, position, T, max_new_tokens, eos_token_id, pad_token_id, compile)
         finally:
             self.clear_cache()
 
@@ -511,9 +488,8 @@ class Llava(nn.Module):
             prefix_kv = []
             if Tp > 0:
                 self.setup_cache(E, Tp)
-                positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)  # (E, Tp)
                 self(prefix_ids, attention_mask=prefix_mask, image_features=image_features,
-                     position_ids=positions, return_hidden=True)
+                     return_hidden=True)  # position ids: forward's default, the running count
                 prefix_kv = [layer.self_attn.kv_cache for layer in self.language_model.layers]
                 self.clear_cache()  # the caches live on in prefix_kv
             # 2. Each row's cache starts as a copy of its prefix's.
@@ -529,9 +505,8 @@ class Llava(nn.Module):
             positions = prefix_mask.long().sum(-1)[rows, None] + suffix_mask.long().cumsum(-1) - 1  # (B, Ts)
             x = self.language_model.embed_tokens(suffix_ids)  # (B, Ts, D)
             h = self._run_decoder(x, positions, self._key_valid, Tp)  # (B, Ts, D)
-            logits = self.lm_head(h[:, -1]).float()  # (B, V)
-            return self._decode_loop(logits, positions[:, -1], Tp + Ts, max_new_tokens, eos_token_id,
-                                     pad_token_id, compile)
+            return self._decode_loop(self.lm_head(h[:, -1]).float(), positions[:, -1], Tp + Ts,
+                                     max_new_tokens, eos_token_id, pad_token_id, compile)
         finally:
             self.clear_cache()
 
@@ -542,8 +517,7 @@ class Llava(nn.Module):
         batch (same tokens up to rounding). One host sync per step, none if EOS is outside the vocabulary."""
         c = self.config.text
         eos = c.eos_token_id if eos is None else eos
-        if pad is None:
-            pad = c.pad_token_id if c.pad_token_id is not None else eos
+        pad = next(p for p in (pad, c.pad_token_id, eos) if p is not None)
         B, device = logits.shape[0], logits.device
         out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
         rows = torch.arange(B, device=device)  # the output row of each cache row

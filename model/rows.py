@@ -1,5 +1,4 @@
-"""Many rows through the model at once, each giving what it gives alone up to floating-point rounding
-(tests/test_rows.py, test_hscr.py and test_train.py check each against rows run alone):
+"""Many rows through the model at once, each giving what it gives alone up to float rounding (tests check):
 `teacher_forced_logits` and `greedy_continuations` for hscr.py, `collate` into `Rows` for train.py's
 log π (docs/METHOD.md, "How the log-probabilities are computed").
 
@@ -37,14 +36,12 @@ def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.
     # Row r is prompt_r + response_r[:-1], left-padded to T: response token t of row r is predicted at
     # position T − L_r + t, and only those positions reach the lm_head.
     ids, mask = left_pad([p + r[:-1] for p, r in zip(prompts, responses)], pad_id, device)  # (R, T)
-    position_ids = None
-    if prompt_positions is not None and any(pp is not None for pp in prompt_positions):
-        rows = []
-        for p, r, pp in zip(prompts, responses, prompt_positions):
-            pp = list(range(len(p))) if pp is None else list(pp)
-            start = pp[-1] + 1 if pp else 0
-            rows.append(pp + list(range(start, start + len(r) - 1)))
-        position_ids, _ = left_pad(rows, 0, device)  # (R, T); padding reads position 0, as by default
+    position_ids = []  # with no prompt_positions, the values that forward() would default to
+    for p, r, pp in zip(prompts, responses, prompt_positions or [None] * len(prompts)):
+        pp = list(range(len(p))) if pp is None else list(pp)
+        start = pp[-1] + 1 if pp else 0
+        position_ids.append(pp + list(range(start, start + len(r) - 1)))
+    position_ids, _ = left_pad(position_ids, 0, device)  # (R, T); padding reads position 0, as by default
     T = ids.shape[1]
     lengths = torch.tensor([len(r) for r in responses], device=device)  # (R,)
     L = int(lengths.max())
@@ -65,26 +62,20 @@ def mean_token_probability(logits, targets, valid) -> torch.Tensor:
 
 def cut_generated(ids: list[int], eos_id: int, image_token_id: int) -> list[int]:
     """Generated ids up to and including the first EOS; an image placeholder id ends the text before it."""
-    out = []
-    for t in ids:
-        if t == image_token_id:  # a real token in llava-hf vocabularies, but it cannot be fed back as text
-            break
-        out.append(t)
-        if t == eos_id:
-            break
-    return out
+    # (The image id is a real token in llava-hf vocabularies, but it cannot be fed back as text.)
+    ids = ids[:ids.index(image_token_id)] if image_token_id in ids else ids
+    return ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
 
 
 @torch.no_grad()
 def greedy_continuations(model, prompts: list[list[int]], features: list[torch.Tensor],
                          prefixes: list[list[int]], *, owners: list[int] | None = None, max_new_tokens: int,
                          pad_id: int, rows_per_call: int = 64) -> list[list[int]]:
-    """Greedy continuation of each row r, prompts[o] + prefixes[r] with the full image features[o] (N, D),
-    o = owners[r] (default r), until EOS or `max_new_tokens` (docs/METHOD.md step 6), each cut by
-    `cut_generated`; equal to decoding each row alone up to float rounding (benchmarks/bench_hscr.py)."""
+    """Greedy continuation (docs/METHOD.md step 6) of each row r, prompts[o] + prefixes[r] with the full image
+    features[o] (N, D), o = owners[r] (default r), until EOS or `max_new_tokens`, cut by `cut_generated`."""
     if not prefixes:
         return []
-    cfg = model.config
+    cfg, device = model.config, model.device
     owners = list(range(len(prefixes))) if owners is None else list(owners)
     # Each call prefills its owners' prompts once and copies their cache into their rows (generate_shared),
     # unless a prompt ends in an image placeholder or the rows could exceed the sliding window: then every
@@ -101,14 +92,13 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
         rows = order[start: start + rows_per_call]
         if share_prompt:
             shared = list(dict.fromkeys(owners[r] for r in rows))  # this call's owners, first seen first
-            which = torch.tensor([shared.index(owners[r]) for r in rows], device=model.device)  # (rows,)
-            pids, pmask = left_pad([prompts[o][:-1] for o in shared], pad_id, model.device)  # (E, Tp)
-            sids, smask = left_pad([prompts[owners[r]][-1:] + prefixes[r] for r in rows], pad_id,
-                                   model.device)
+            which = torch.tensor([shared.index(owners[r]) for r in rows], device=device)  # (rows,)
+            pids, pmask = left_pad([prompts[o][:-1] for o in shared], pad_id, device)  # (E, Tp)
+            sids, smask = left_pad([prompts[owners[r]][-1:] + prefixes[r] for r in rows], pad_id, device)
             feats = flat_features([features[o] for o in shared], model)
             new = model.generate_shared(pids, pmask, which, sids, smask, image_features=feats, **gen)
         else:
-            ids, mask = left_pad([prompts[owners[r]] + prefixes[r] for r in rows], pad_id, model.device)
+            ids, mask = left_pad([prompts[owners[r]] + prefixes[r] for r in rows], pad_id, device)
             feats = flat_features([features[owners[r]] for r in rows], model)
             new = model.generate(ids, attention_mask=mask, image_features=feats, **gen)
         for r, row in zip(rows, new.tolist()):
@@ -138,9 +128,8 @@ def collate(examples: list[Example], pad_id: int) -> Rows:
     """The examples' rows packed for one forward pass (`Rows`)."""
     seqs, segments, pos_ids, at, labels, seq_of = [], [], [], [], [], []
     for s, ex in enumerate(examples):
-        n = min(map(len, ex.rows))  # the length of the prefix that all rows share
-        for r in ex.rows[1:]:
-            n = next((i for i in range(n) if r[i] != ex.rows[0][i]), n)
+        # n: the length of the prefix that all rows share (the first column where they differ)
+        n = next((i for i, col in enumerate(zip(*ex.rows)) if len(set(col)) > 1), min(map(len, ex.rows)))
         ids, segment, positions = list(ex.rows[0][:n]), [0] * n, list(range(n))
         for r, (row, target) in enumerate(zip(ex.rows, ex.targets)):
             start = len(ids) - n  # packed index of row index i ≥ n is start + i
