@@ -12,9 +12,8 @@ paper's rule, [ours] a decision of this implementation:
                                                                            L_E on y_l1 alone [ours]
 
 log π(y|i,x) sums the response tokens' log-probabilities (row_logprobs); log π_ref is computed once and
-cached beside the preference file [ours]. `train` runs the loop (docs/METHOD.md, Training settings;
-outputs and --resume: docs/FORMATS.md). `python train.py train [options]` (or arguments holding --model or
---data) runs the trainer, plain `python train.py [demo|ablation]` the demo (demo/run.py) on a CPU.
+cached beside the preference file [ours]. `python train.py train [options]` (or any --model / --data) runs
+the trainer (docs/METHOD.md, docs/FORMATS.md), plain `python train.py [demo|ablation]` the demo on a CPU.
 """
 from __future__ import annotations
 
@@ -371,7 +370,7 @@ def wants_trainer(argv: list[str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The trainer (`wants_trainer`), or the embedded demo (demo/run.py, imported only to run it)."""
+    """The trainer (`wants_trainer`), or the demo (demo/run.py, imported only to run it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not wants_trainer(argv):
         from demo.run import main as demo_main

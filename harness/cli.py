@@ -42,11 +42,9 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, defaults: dict |
         elif kind == "list[str]":
             parser.add_argument(flag, dest=f.name, action="append", required=required,
                                 default=None if required else list(default or []), help=help + "; repeat")
-        elif kind in _TYPES:
+        else:  # int, float, str (a KeyError for any other type)
             parser.add_argument(flag, dest=f.name, type=_TYPES[kind], default=default, required=required,
                                 choices=meta.get("choices"), help=help)
-        else:
-            raise TypeError(f"{cls.__name__}.{f.name}: unsupported option type {f.type!r}")
 
 
 def dataclass_parser(cls, *, prog: str | None = None, description: str | None = None,
@@ -59,9 +57,8 @@ def dataclass_parser(cls, *, prog: str | None = None, description: str | None = 
 
 
 class UserError(Exception):
-    """An error the user can fix (a bad file, record, option or checkpoint): the scripts print its
-    message as one line on stderr and exit with status 2; HSCR_DEBUG=1 (or --debug) shows the traceback.
-    Anything else is a bug and keeps its traceback."""
+    """An error the user can fix (a bad file, record, option or checkpoint): one line on stderr, exit status 2
+    (HSCR_DEBUG=1 or --debug: the traceback). Anything else is a bug and keeps its traceback."""
 
 
 def run_main(main, argv: Sequence[str] | None = None) -> int:

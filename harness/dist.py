@@ -29,7 +29,6 @@ def init_process_group(backend: str = "gloo") -> tuple[int, int, int]:
 
 
 def barrier(world: int) -> None:
-    """Wait for every rank (nothing to wait for in a single process)."""
     if world > 1:
         dist.barrier()
 

@@ -70,8 +70,7 @@ class DigestCache:
         return self.new[key]["sha256"]
 
     def save(self) -> None:
-        """Write the new digests back atomically, without entries of files that no longer exist; a cache
-        that cannot be written is said on stderr (the digests are right all the same)."""
+        """Merge the new digests into the file atomically, dropping gone files (failing: a stderr note)."""
         if not self.new:
             return
         entries = {k: v for k, v in {**self._read(), **self.new}.items() if os.path.exists(k)}
@@ -196,17 +195,14 @@ def differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     out = []
     for name in list(stored) + [n for n in now if n not in stored]:
         old, new = stored.get(name), now.get(name)
+        label = name if _is_input(old) or _is_input(new) else f"option {name}"
         if name not in stored or name not in now:
             where = "not recorded in the file" if name not in stored else f"{_show(old)} in the file"
-            is_option = not (_is_input(old) or _is_input(new))
-            out.append(f"{'option ' if is_option else ''}{name}: {where}, "
-                       f"{_show(new) if name in now else 'not given'} now")
+            out.append(f"{label}: {where}, {_show(new) if name in now else 'not given'} now")
         elif _is_input(old) and _is_input(new):
             out += _input_changes(name, old, new)
-        elif _is_input(old) or _is_input(new):
-            out.append(f"{name}: {_show(old)} in the file, {_show(new)} now")
-        elif old != new:
-            out.append(f"option {name}: {_show(old)} in the file, {_show(new)} now")
+        elif old != new:  # an option, or an input against an option value
+            out.append(f"{label}: {_show(old)} in the file, {_show(new)} now")
     return out
 
 

@@ -1,11 +1,9 @@
 """Run directories (docs/FORMATS.md "Training outputs", "Run directory"): `start_run`, eval.py's and
-train.py's start or resume under the fingerprint in provenance.json; then train.py's checkpoints, exact
-resume, reuse of a finished run, metrics and reference log-prob cache. `cfg` is train.py's TrainConfig,
-`ctx` its harness.dist.Context; this module never imports train.py.
+train.py's start or resume under provenance.json's fingerprint; train.py's checkpoints, exact resume, reuse
+of a finished run, metrics and reference log-prob cache (`cfg`, `ctx`: its TrainConfig and Context).
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -16,6 +14,7 @@ import re
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +42,8 @@ RESUMABLE_FIELDS = ("resume", "overwrite", "max_steps", "eval_every", "save_ever
 
 
 def owned(out: Path) -> tuple[dict | None, list[str]]:
-    """The record of the run in `out` (None: none) and the entries of `out` that its run wrote: those it
-    lists ("wrote"), itself, and what a kill left of their atomic writes. Any other entry is not this
-    project's, and a run there would delete or replace it: refused, naming a few."""
+    """The record of the run in `out` (None: none) and `out`'s entries, refused unless each is its run's:
+    listed in "wrote", the record itself, or what a kill left of their atomic writes."""
     record = provenance.load(out / PROVENANCE)
     listed = {PROVENANCE, *record.get("wrote", ())} if record else set()
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
@@ -58,9 +56,7 @@ def owned(out: Path) -> tuple[dict | None, list[str]]:
 
 
 def check_out(out: Path, cfg) -> None:
-    """Refuse, before anything slow, what would mix two runs in one --out or touch what no run wrote there
-    (docs/FORMATS.md, "Training outputs"); --resume of a run with provenance.json but no checkpoint starts
-    at step 0."""
+    """Refuse, before anything slow, what would mix two runs in one --out or touch what no run wrote there."""
     mine = owned(out)[1]
     found = [name for name in TRAINED if (out / name).is_dir() and any((out / name).iterdir())
              or (out / name).is_file() and (out / name).stat().st_size]
@@ -85,11 +81,10 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, writes: Sequen
               session: Mapping[str, Any], holds: str, restart: str, rank: int = 0, world: int = 1,
               finished: Mapping[str, Any] | None = None, outputs: Sequence[str] = (),
               changes: Sequence[str] = (), compare: Mapping[str, Any] | None = None) -> bool:
-    """Start or resume the run in `out` (provenance.start; rank 0 records the fingerprint, `made_by`, each
-    `session` and what the sessions write there, `writes`: top-level names). Starting again deletes what the
-    record lists, nothing else (`owned`). True: reused, as it `finished` (e.g. {"step": 40}) with its
-    `outputs` as written. `compare`: what the stored fingerprint must equal, when not `now` (eval.py:
-    earlier sessions' images)."""
+    """Start or resume the run in `out` (provenance.start), recording `made_by`, each `session` and the
+    top-level names it `writes`; starting again deletes what the record lists, nothing else. True: reused,
+    as it `finished` (e.g. {"step": 40}) with its `outputs` unchanged. `compare`: what the stored
+    fingerprint must equal, when not `now` (eval.py: earlier sessions' images)."""
     record, mine = owned(out)
 
     def reused() -> bool:
@@ -160,9 +155,8 @@ def write_run_start(out: Path, cfg, bad: list[BadRecord], counts: str | None = N
     report_skipped(bad)
     if counts is not None:
         print(f"{counts}, {len(bad)} skipped" + (f" (listed in {out / 'bad_records.jsonl'})" if bad else ""))
-    atomic_write_text(out / "bad_records.jsonl", "".join(json.dumps(dataclasses.asdict(b)) + "\n"
-                                                         for b in bad))
-    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    atomic_write_text(out / "bad_records.jsonl", "".join(json.dumps(asdict(b)) + "\n" for b in bad))
+    atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
 
 
 def report_skipped(bad: list[BadRecord]) -> None:
@@ -171,9 +165,8 @@ def report_skipped(bad: list[BadRecord]) -> None:
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx) -> None:
-    """checkpoints/step-NNNNNN/{adapter/, trainer.pt} written under a temporary name, renamed, then
-    `checkpoints/latest` replaced atomically; the last `keep_checkpoints` are kept. trainer.pt records
-    the step and the run's fingerprint (provenance.json's), which load_checkpoint checks."""
+    """checkpoints/step-NNNNNN/{adapter/, trainer.pt} written under a temporary name, renamed, then `latest`
+    replaced atomically; the last `keep_checkpoints` kept. trainer.pt holds the step and run fingerprint."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None}
     rngs = list(ctx.gather_dicts({ctx.rank: rng}).values())  # dropout draws differ per rank: every rank's
@@ -186,7 +179,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx)
         provenance.save(tmp / "adapter" / PROVENANCE, run, made_by="train.py")  # its model: eval.py checks
         torch.save({"step": step, "run": run,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rngs, "config": dataclasses.asdict(cfg)}, tmp / "trainer.pt")
+                    "rng": rngs, "config": asdict(cfg)}, tmp / "trainer.pt")
         shutil.rmtree(root / name, ignore_errors=True)
         os.replace(tmp, root / name)
         atomic_write_text(root / "latest", name + "\n")

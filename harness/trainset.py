@@ -1,7 +1,5 @@
-"""train.py's inputs, read before the (slow) model load (`read_inputs`): the tokenizer, the model's config
-without its weights, the preference records of --data and --eval-data and their images, each checked once,
-and the held-out split; demo/base.py reads its SFT conversations the same way. `cfg` is train.py's
-TrainConfig (or demo/base.py's), `ctx` its harness.dist.Context; it never imports train.py.
+"""train.py's inputs, read before the (slow) model load (`read_inputs`): tokenizer, model config, the records
+of --data and --eval-data, their images checked once, the held-out split (demo/base.py's SFT data too).
 """
 from __future__ import annotations
 
@@ -24,7 +22,6 @@ from model.tokenizer import load_tokenizer, tokenizer_file
 
 @dataclass
 class Inputs:
-    """What `read_inputs` found."""
     tokenizer_digest: dict         # provenance.tokenizer's, for the fingerprint
     config: LlavaConfig            # the model's, read without its weights
     image_root: Path
@@ -80,8 +77,7 @@ def made_by(cfg):
 
 
 def model_of(cfg, made: dict | None, what: str | None):
-    """cfg (train.py's or eval.py's) with the model and vision tower that fingerprint `made` of `what`
-    ("--data FILE", "--adapter DIR") records, when --model is not given."""
+    """cfg with the model and vision tower that `made` (of `what`, "--data F") records, when no --model."""
     if cfg.model is not None:
         return cfg
     paths = provenance.model_paths(made)
@@ -118,8 +114,7 @@ def read_examples(read: Callable[[Path], tuple[list[Example], list[BadRecord]]],
 
 
 def check_paths(kind: str, **paths: str | None) -> None:
-    """A UserError for the first option given (model="ckpt": --model ckpt) that names no `kind`
-    ("directory" or "file")."""
+    """A UserError for the first option given (model="ckpt": --model ckpt) that names no `kind` of path."""
     for key, path in paths.items():
         if path is not None and not (Path(path).is_dir() if kind == "directory" else Path(path).is_file()):
             why = f"not a {kind}" if Path(path).exists() else f"{kind} not found"
