@@ -38,8 +38,7 @@ from harness.evalfiles import (LEGEND, PROVENANCE, answer_row, answers_path, che
                                read_benchmarks, read_questions, scores_table, shards, visual_gain,
                                write_reports)
 from harness.files import DataError, JsonlFile, read_jsonl, read_text
-from harness.rundir import start_run
-from harness.trainset import check_paths, model_of, read_tokenizer
+from harness.rundir import check_paths, model_of, read_tokenizer, start_run
 from model import load_model
 from model.llava import left_pad
 from model.loading import DTYPES, resolve_dtype

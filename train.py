@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from data import Example, batch_pixels, loss_inputs
-from harness import rundir, trainset
+from harness import rundir
 from harness.cli import UserError, dataclass_parser, option, run_main
 from harness.dist import Context, setup_context
 from model import load_model
@@ -157,13 +157,13 @@ def train(cfg: TrainConfig) -> dict:
     """One run of Stage 3 as `cfg` describes it; returns the last step's metrics (with the final
     eval's), or {"step", "reused": True} when --resume finds the run finished (rundir.start_training)."""
     ctx = setup_context(cfg.device, cfg.autocast)
-    out, cfg = Path(cfg.out), trainset.made_by(cfg)  # by default the model and images that made --data
+    out, cfg = Path(cfg.out), rundir.made_by(cfg)  # by default the model and images that made --data
     rundir.check_out(out, cfg)  # before anything slow: never mix two runs in one --out
     if cfg.plot:
         rundir.require_matplotlib()
     dtype = resolve_dtype(cfg.dtype, ctx.device)
     # Data, read before the (slow) model load; what made the run is checked against --out's.
-    data = trainset.read_inputs(cfg, ctx)
+    data = rundir.read_inputs(cfg, ctx)
     cfg = replace(cfg, image_aspect=data.image_aspect)
     ctx.pad_id = data.config.text.pad_token_id or 0
     examples, held_out, bad = data.examples, data.held_out, data.bad

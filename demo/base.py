@@ -34,8 +34,7 @@ from demo.world import MODALITIES, build_world
 from harness.cli import UserError, add_dataclass_options, option, run_main
 from harness.dist import dist_env, setup_context
 from harness.files import BadLine, DataError, atomic_write_text, read_json_records
-from harness.rundir import write_run_start
-from harness.trainset import model_config, read_examples, read_tokenizer
+from harness.rundir import model_config, read_examples, read_tokenizer, write_run_start
 from model import load_model, save_model
 from model.llava import Llava, LlavaConfig, preset
 from model.loading import DTYPES, resolve_dtype

@@ -26,7 +26,7 @@ from data import (
     read_records,
     resolve_image,
 )
-from harness import provenance, trainset
+from harness import provenance, rundir
 from model.tokenizer import canonical_form
 from test_train import WORDS, config, hscr_file, word_tokenizer, workspace  # noqa: F401 (fixture)
 
@@ -380,7 +380,7 @@ def test_stored_ids_are_trained_on_when_the_tokenizer_is_the_same(workspace, tmp
                             {"text": "the lesion is in the upper lung", "ids": [ids["upper"]], "complete": True}]}
     plain = {k: v for k, v in record.items() if k != "chosen_ids"} | {"id": "b"}  # no ids: re-tokenized
     cfg = config(workspace, tmp_path / "unused")
-    tokens = Tokens(tok, trainset.model_config(cfg.model))
+    tokens = Tokens(tok, rundir.model_config(cfg.model))
     text_ids = [tok.encode(t).ids for t in ("the lesion is in the left lung", "the lesion is in the right lung",
                                             "the lesion is in the upper lung")]
     eos = 2

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import eval as E
 import tiny
 import train
-from harness import provenance, trainset
+from harness import provenance, rundir
 from harness.cli import UserError, run_main
 from data import Tokens, image_problem, load_pixels, read_preferences
 from harness.provenance import ProvenanceError
@@ -749,5 +749,5 @@ def test_image_aspect_from_the_header_reaches_preprocessing(workspace, tmp_path,
     assert len(aspects) > 3 and set(aspects) == {"resize"}
     assert "--image-aspect resize, as hscr.py made prefs.jsonl" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["image_aspect"] == "resize"
-    assert trainset.resolve_image_aspect("pad", data)[0] == "pad"
-    assert trainset.resolve_image_aspect(None, prefs)[0] == "pad"
+    assert rundir.resolve_image_aspect("pad", data)[0] == "pad"
+    assert rundir.resolve_image_aspect(None, prefs)[0] == "pad"

@@ -1,4 +1,4 @@
-"""harness/trainset.py: train.py's inputs, refused as one line naming the option before anything slow."""
+"""harness/rundir.py: train.py's inputs, refused as one line naming the option before anything slow."""
 from __future__ import annotations
 
 import pytest
