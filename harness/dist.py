@@ -66,7 +66,6 @@ class Context:
         return model.no_sync() if self.world > 1 and skip else contextlib.nullcontext()
 
     def distributed(self, model: torch.nn.Module) -> torch.nn.Module:
-        """`model` wrapped in DistributedDataParallel when there are several processes, else itself."""
         ids = [self.device.index] if self.device.type == "cuda" else None
         return model if self.world == 1 else torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 

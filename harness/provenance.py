@@ -101,15 +101,12 @@ def _canonical(value: Any) -> bytes:
 
 
 def _resolve(part: Any, cache: DigestCache) -> Any:
-    if isinstance(part, File):
-        path = Path(part.path)
-        if not path.is_file():
-            raise UserError(f"{path}: " + ("not a file" if path.exists() else "file not found"))
-        return {"kind": "file", "path": str(path.resolve()), "sha256": cache.digest(path)}
-    if isinstance(part, Dir):
-        path = Path(part.path)
-        if not path.is_dir():
-            raise UserError(f"{path}: " + ("not a directory" if path.exists() else "directory not found"))
+    if isinstance(part, (File, Dir)):
+        path, kind = Path(part.path), "file" if isinstance(part, File) else "directory"
+        if not (path.is_file() if kind == "file" else path.is_dir()):
+            raise UserError(f"{path}: " + (f"not a {kind}" if path.exists() else f"{kind} not found"))
+        if kind == "file":
+            return {"kind": "file", "path": str(path.resolve()), "sha256": cache.digest(path)}
         files = sorted(path.glob("*.safetensors")) + [path / n for n in DIR_JSON if (path / n).is_file()]
         if not files:
             raise UserError(f"{path}: no *.safetensors or {', '.join(DIR_JSON)} to fingerprint")

@@ -117,14 +117,13 @@ def start_run(out: Path, now: Mapping[str, Any], *, resume: bool, writes: Sequen
     return False
 
 
-def run_fingerprint(cfg, tokenizer, image_root: Path, image_names: list[str], dtype: torch.dtype,
-                    ctx) -> dict:
+def run_fingerprint(cfg, tokenizer, image_root: Path, images: list[str], dtype: torch.dtype, ctx) -> dict:
     """What the trained weights depend on, by content (docs/FORMATS.md "Training outputs")."""
     inputs = {"model": provenance.Dir(cfg.model),
               "vision tower": provenance.Dir(cfg.vision_tower) if cfg.vision_tower else None,
               "tokenizer": tokenizer, "data": provenance.File(cfg.data),
               "eval data": provenance.File(cfg.eval_data) if cfg.eval_data else None,
-              "images": provenance.Files(image_root, image_names)}
+              "images": provenance.Files(image_root, images)}
     # dtype and autocast are options too: the fingerprint holds them as resolved instead.
     leave_out = PATH_FIELDS + RESUMABLE_FIELDS + ("dtype", "autocast")
     return provenance.run_fingerprint(inputs, cfg, leave_out, dtype=str(dtype).removeprefix("torch."),
@@ -273,8 +272,7 @@ def require_matplotlib():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("--plot needs matplotlib (pip install -r requirements.txt), or pass "
-                        "--no-plot") from None
+        raise UserError("--plot needs matplotlib (pip install -r requirements.txt) or --no-plot") from None
     return plt
 
 
