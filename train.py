@@ -107,9 +107,7 @@ LOSSES = {"hscr": (True, True), "explicit": (True, False), "implicit": (False, T
 
 def preference_loss(kind: str, policy_chosen, policy_rejected, ref_chosen, ref_rejected, rejected_mask,
                     gamma: float = 0.1) -> tuple[Tensor, dict[str, float]]:
-    """The loss that `--loss kind` selects, on the same inputs as multilevel_loss."""
-    if kind not in LOSSES:
-        raise ValueError(f"unknown loss {kind!r}; choose from {sorted(LOSSES)}")
+    """The loss that `--loss kind` selects (a choice of LOSSES), on the same inputs as multilevel_loss."""
     k = 1 if kind == "dpo" else None  # the negatives used: dpo's y_l1, else all
     return multilevel_loss(policy_chosen, policy_rejected[:, :k], ref_chosen, ref_rejected[:, :k],
                            rejected_mask[:, :k], gamma, *LOSSES[kind])

@@ -1,6 +1,5 @@
-"""Files the scripts read and write: UTF-8 text, JSON / JSON-lines records (a file the user gave
-that is wrong: DataError, naming the file and the line or byte), atomic replacement, deletion, the
-outputs they append to (a kill's torn last line repaired) and merge per rank.
+"""Files the scripts read and write: UTF-8 text, JSON / JSON-lines records (a wrong file: DataError, naming
+it and the line or byte), atomic replacement, deletion, appended outputs (torn line repaired), rank merges.
 """
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
-"""Provenance: a fingerprint of what made an output, what changed since, and `start`, the one
-decision of every output: start it, continue it, refuse it naming each change, or reuse it. The
-fingerprint is kept in a header line (harness/prefs.py) or in provenance.json (`save`, `load`).
-A fingerprint is name → part: an option value, or a digest of an input's content, never of its path;
-large files' digests are cached (docs/FORMATS.md, "The preference file").
+"""Provenance: a fingerprint of what made an output, what changed since, and `start`, the one decision of
+every output: start it, continue it, refuse it naming each change, or reuse it. Kept in a header line
+(harness/prefs.py) or provenance.json (`save`, `load`), a fingerprint is name → part: an option value, or a
+digest of an input's content, never of its path; large files' digests are cached (docs/FORMATS.md).
 """
 from __future__ import annotations
 
