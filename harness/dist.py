@@ -1,6 +1,5 @@
-"""Processes under torchrun, set up in one place: hscr.py and eval.py shard their entries and only
-synchronise at the end (gloo); train.py's DDP all-reduces gradients (NCCL on GPUs), its process
-placed by `setup_context` as a `Context`.
+"""Processes under torchrun: hscr.py and eval.py shard their entries and only synchronise at the end
+(gloo); train.py's DDP all-reduces gradients (NCCL on GPUs), its process placed as a `Context`.
 """
 from __future__ import annotations
 

@@ -178,9 +178,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg, ctx)
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(model, tmp / "adapter", base_model_path=cfg.model)
         provenance.save(tmp / "adapter" / PROVENANCE, run, made_by="train.py")  # its model: eval.py checks
-        torch.save({"step": step, "run": run,
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rngs, "config": asdict(cfg)}, tmp / "trainer.pt")
+        torch.save({"step": step, "run": run, "optimizer": optimizer.state_dict(), "rng": rngs,
+                    "scheduler": scheduler.state_dict(), "config": asdict(cfg)}, tmp / "trainer.pt")
         shutil.rmtree(root / name, ignore_errors=True)
         os.replace(tmp, root / name)
         atomic_write_text(root / "latest", name + "\n")
@@ -327,8 +326,7 @@ def cached_logprobs(data: Path, key: dict, examples: list, compute, ctx) -> dict
     return cached
 
 
-# train.py's inputs: the tokenizer, the model config, the records of --data and --eval-data, their
-# images checked once, and the held-out split.
+# train.py's inputs: tokenizer, model config, --data and --eval-data records, their images, held-out split.
 @dataclass
 class Inputs:
     tokenizer_digest: dict         # provenance.tokenizer's, for the fingerprint
