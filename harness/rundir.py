@@ -398,8 +398,8 @@ def model_of(cfg, made: dict | None, what: str | None):
 
 def read_examples(read: Callable[[Path], tuple[list[Example], list[BadRecord]]], cfg, image_root: Path,
                   aspect: str, image_size: int, ctx):
-    """(training, held-out examples, skipped records, image files under `image_root`) of --data and --eval-data,
-    each read by `read(path)`; each image checked once, by one process, so that all keep the same examples."""
+    """(training, held-out examples, skipped records, image files under `image_root`) of --data and
+    --eval-data, read by `read(path)`; each image checked once, by one process: all keep the same examples."""
     check_paths("file", data=cfg.data, eval_data=cfg.eval_data)
     examples, bad = read(Path(cfg.data))
     held_out, bad_eval = read(Path(cfg.eval_data)) if cfg.eval_data else ([], [])
