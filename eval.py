@@ -224,11 +224,10 @@ def _mean100(values: Sequence[float]) -> float | None:
 
 
 def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -> dict[str, Any]:
-    """Score answer-file rows ("question_id", "text") against data.Records (`.facts` optional), ids compared
-    as strings: percentages (None: nothing to average; docs/FORMATS.md "VQA metrics") in sections open,
-    closed, overall, description; the ids `missing` (left out, not 0), `unknown` (answers to no question)
-    and `unscorable` (no type or ground truth, or one that normalises to nothing: `gt in pred` would count
-    any answer right). A question answered twice is an error: merge shards before scoring."""
+    """Score answer-file rows against data.Records (`.facts` optional), ids as strings: percentages (None:
+    nothing to average; docs/FORMATS.md "VQA metrics") by section, and the ids `missing` (left out, not 0),
+    `unknown` (answers to no question) and `unscorable` (no type or ground truth, or one that normalises to
+    nothing: `gt in pred` would count any answer right). A question answered twice is an error."""
     rows = [(str(row["question_id"]), row["text"]) for row in answers]
     texts, duplicates = dict(rows), [qid for qid, n in Counter(qid for qid, _ in rows).items() if n > 1]
     if duplicates:
@@ -278,16 +277,13 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
     }
 
 
-# name → the one string answered to every question, closed and open alike.
-CONSTANT_BASELINES = {"always yes": "yes", "always no": "no", "hedge \"yes no\"": "yes no"}
-MAJORITY_BASELINES = {"majority per question text": False, "majority, leave-one-out": True}
 BASELINES_HELP = (
-    "Reference baselines that need no model, scored like a model's answers. The constant ones answer "
-    "\"yes\", \"no\" or the hedge \"yes no\" to every question, open ones included. The majority ones answer "
-    "the open questions only (closed columns: –), each with the most common normalised ground truth of the "
-    "open questions of the file with the same normalised text (ties: first in file order): oracle-ish, a "
-    "text met once gets its own answer. Leave-one-out leaves the question's own answer out (\"\" when no "
-    "other question shares the text): the part of the score the question text alone predicts.")
+    "Baselines that need no model, scored like a model's answers. The constant ones answer \"yes\", \"no\" or "
+    "\"yes no\" to every question, open ones too. The majority ones answer the open questions only (closed "
+    "columns: –), each with the most common normalised ground truth among open questions of the same "
+    "normalised text (ties: first in file order): oracle-ish, a text met once gets its own answer. "
+    "Leave-one-out leaves the question's own answer out (\"\" when no other question shares the text): "
+    "what the question text alone predicts.")
 
 
 def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> dict[str, str]:
@@ -307,9 +303,11 @@ def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> 
 
 
 def baselines(records: Sequence[Any]) -> dict[str, dict[str, Any]]:
-    """name → score_file result of every reference baseline (see BASELINES_HELP) on `records`."""
-    answers = {n: [(r.id, t) for r in records] for n, t in CONSTANT_BASELINES.items()}
-    answers |= {n: majority_answers(records, leave_one_out=l).items() for n, l in MAJORITY_BASELINES.items()}
+    """name → score_file result of every baseline of BASELINES_HELP on `records`."""
+    constant = {"always yes": "yes", "always no": "no", "hedge \"yes no\"": "yes no"}  # → every question
+    answers = {n: [(r.id, t) for r in records] for n, t in constant.items()}
+    answers |= {n: majority_answers(records, leave_one_out=l).items()
+                for n, l in (("majority per question text", False), ("majority, leave-one-out", True))}
     return {n: score_file([{"question_id": q, "text": t} for q, t in rows], records)
             for n, rows in answers.items()}
 
@@ -340,8 +338,6 @@ def prompt_ids(question: str, tokenizer, config, *, mode: str, template: str) ->
 def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, template: str = "mistral_instruct",
                 pixels: Sequence[torch.Tensor] = ()) -> Batch:
     """Model inputs for a list of data.Record in one of MODES; `pixels`: their images in full mode."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     rows = [prompt_ids(r.question, tokenizer, config, mode=mode, template=template) for r in records]
     pad = config.text.pad_token_id if config.text.pad_token_id is not None else config.text.eos_token_id
     size = config.vision.image_size
@@ -434,7 +430,6 @@ class EvalConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """argparse over EvalConfig (harness.cli.dataclass_parser: list fields repeat, bools are switches)."""
     return dataclass_parser(EvalConfig, prog="eval.py", description=(
         "Zero-shot VQA evaluation scored as LLaVA-Med scores it. Also:\n  eval.py compare RUN_A RUN_B\n"
         "  eval.py score --answers FILE --questions FILE\n  eval.py baselines --questions FILE"))
@@ -442,8 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The run
 def load_for_eval(cfg: EvalConfig, device: str):
-    """Model (with the LoRA adapter applied, unmerged) and tokenizer; a checkpoint, adapter or
-    tokenizer that cannot be read is a UserError naming it."""
+    """Model (with the LoRA adapter applied, unmerged) and tokenizer; unreadable ones: a UserError."""
     model = load_model(cfg.model, vision_tower=cfg.vision_tower, device=device, check_finite=cfg.check_finite,
                        dtype=resolve_dtype(cfg.dtype, device, gpu_default="float16"))
     if cfg.adapter is not None:
@@ -453,11 +447,6 @@ def load_for_eval(cfg: EvalConfig, device: str):
             raise UserError(f"--adapter {cfg.adapter}: {error}") from error
         model.to(device)
     return model.eval(), read_tokenizer(cfg.tokenizer or cfg.model)
-
-
-# What data.preprocess_image does in eval (not an option yet): in the fingerprint, so that a later
-# option or default does not mix answers to differently prepared images in one run.
-IMAGE_PREPROCESSING = "LLaVA-Med pad: square with the CLIP mean colour, centred; bicubic resize"
 
 
 def run_fingerprint(cfg: EvalConfig, benchmarks: Mapping[str, tuple], roots: Mapping[str, str],
@@ -473,9 +462,12 @@ def run_fingerprint(cfg: EvalConfig, benchmarks: Mapping[str, tuple], roots: Map
         inputs[f"questions {name}"] = provenance.Content([[r.id, r.image, r.question] for r in records])
         images = sorted({r.image for r in records[:n] if r.image is not None})
         inputs[f"images {name}"] = provenance.Files(roots[name], images)
+    # What data.preprocess_image does (not an option yet): fingerprinted, so that a later option or
+    # default does not mix answers to differently prepared images in one run.
+    pad = "LLaVA-Med pad: square with the CLIP mean colour, centred; bicubic resize"
     return provenance.run_fingerprint(inputs, None, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
-                                      dtype=str(dtype).removeprefix("torch."),
-                                      image_preprocessing=IMAGE_PREPROCESSING, decoding="greedy")
+                                      dtype=str(dtype).removeprefix("torch."), image_preprocessing=pad,
+                                      decoding="greedy")
 
 
 def run(cfg: EvalConfig) -> dict[str, Any] | None:
@@ -574,8 +566,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; expected errors are raised as UserError/DataError (`run_main` turns
-    them into one line on stderr and exit status 2)."""
+    """The command line; `run_main` turns a UserError/DataError into one line on stderr, exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
         p = argparse.ArgumentParser(prog="eval.py compare", description="two runs side by side, with B − A")
@@ -585,9 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(compare_runs(args.run_a, args.run_b))
     elif argv[:1] in (["score"], ["baselines"]):
         score = argv[0] == "score"
-        p = argparse.ArgumentParser(prog=f"eval.py {argv[0]}", description=BASELINES_HELP if not score else (
-            "Score an existing answer file (ours or one written by LLaVA-Med's scripts) without a model: "
-            "LLaVA-Med's lenient figures and the strict ones side by side."))
+        p = argparse.ArgumentParser(prog=f"eval.py {argv[0]}", description=BASELINES_HELP if not score else
+                                    "Score an answer file (ours or LLaVA-Med's) with lenient and strict figures.")
         if score:
             p.add_argument("--answers", required=True, help="answer-file JSONL (question_id, text)")
         p.add_argument("--questions", required=True, help="test.json or question JSONL" + (

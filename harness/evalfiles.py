@@ -1,8 +1,5 @@
-"""eval.py's files (docs/FORMATS.md "Evaluation files"): inputs (benchmarks named NAME=PATH, question files,
-images), answer files (LLaVA-Med's answer-file JSONL, a shard per rank appended to and flushed per batch,
-merged in question order) and tables (report.md, summary.json, `compare`, `score`, `baselines`). Every
-refusal is a UserError or DataError: one line, naming the file. It never imports eval.py.
-"""
+"""eval.py's files (docs/FORMATS.md "Evaluation files"): question files and images, answer files (a shard
+per rank, merged in question order) and tables. Refusals: one line naming the file. Never imports eval.py."""
 from __future__ import annotations
 
 import hashlib
@@ -23,9 +20,8 @@ PROVENANCE = "provenance.json"
 # Inputs
 def parse_named(values: Sequence[str], flag: str, *, names: Sequence[str] | None = None,
                 allow_global: bool = False) -> dict[str, str]:
-    """NAME=PATH values → {name: path}, NAME among `names` when given, else a plain name (a folder of
-    eval.py's --out). allow_global: a value naming no benchmark is the path for all (→ name: its path,
-    that one, or None)."""
+    """NAME=PATH values → {name: path}, NAME among `names`, else a plain name (a folder of --out).
+    allow_global: a value naming no benchmark is the path for all (→ every name: its path or None)."""
     out, problems = {}, []
     for value in values:
         name, sep, path = value.partition("=")
@@ -47,8 +43,7 @@ def parse_named(values: Sequence[str], flag: str, *, names: Sequence[str] | None
 
 
 def read_questions(path: str, ground_truth: str | None = None) -> tuple[list[Any], list[Any]]:
-    """data.read_records, with the errors a user can act on: a file not found, bytes that are not
-    UTF-8 (the file and byte offset), a file that is not JSON or JSON lines."""
+    """data.read_records, refusing a missing file; one that is not JSON (lines) is a DataError naming it."""
     for what, f in (("question file", path), ("ground-truth file", ground_truth)):
         if f is not None and not Path(f).is_file():
             raise UserError(f"{f}: {what} not found")
@@ -67,9 +62,9 @@ def read_benchmarks(benchmark: Sequence[str], ground_truth: Sequence[str] = ()) 
 
 def check_images(records: Sequence[Any], image_root: str | None, name: str, source: str, rank: int = 0,
                  world: int = 1) -> dict[str, str]:
-    """One error naming the benchmark, how many images of `records` are missing and the first of them (the
-    real benchmark files ship without images); else question id → why its image cannot be used
-    (`data.image_problem`, each file looked at once), for this process's share, records[rank::world]."""
+    """One error naming the benchmark, how many images are missing and the first of them (the real
+    benchmark files ship without images); else question id → why its image cannot be used, for this
+    process's share records[rank::world] (`data.image_problem`, each file looked at once)."""
     if not records:
         return {}
     where = f"benchmark {name!r} ({source})"
@@ -125,8 +120,7 @@ def question_id(row: dict[str, Any]) -> str:
 
 
 def read_answer_file(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of an answer file from anywhere (LLaVA-Med's scripts, an edited copy): JSON lines or a JSON list
-    of objects with "question_id" and "text"; a bad line or row is an error naming it."""
+    """Rows of an answer file from anywhere (LLaVA-Med's scripts, an edited copy); a bad row is an error."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: answer file not found")
@@ -147,8 +141,8 @@ def shards(run_dir: Path, name: str, mode: str) -> list[Path]:
 
 
 def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -> Path:
-    """Fold the shards into the answer file, in the order of `records` (rows of other questions, e.g. from a
-    run without --limit, follow), then delete the shards. Atomic: an interrupted merge leaves them."""
+    """Fold the shards into the answer file in the order of `records` (other questions' rows follow), then
+    delete them. Atomic: an interrupted merge leaves them."""
     final, parts = answers_path(run_dir, name, mode), shards(run_dir, name, mode)
     position = {r.id: i for i, r in enumerate(records)}
     merge_jsonl(final, [final] + parts, key=question_id,
@@ -198,16 +192,15 @@ def _shown(rows: Iterable[Mapping[str, Any]]) -> tuple:
 
 
 def visual_gain(modes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """full − blind for every metric and every blind mode that was run (positive: the image helps;
-    for the hallucination rate, negative: the image lowers it)."""
+    """full − blind for every metric and blind mode run (positive: the image helps; a negative halluc. rate
+    gain: the image lowers it)."""
     return {mode: {label: _diff(modes[mode][s][k], modes["full"][s][k]) for label, s, k in METRICS}
             for mode in MODE_LABELS if mode != "full" and mode in modes and "full" in modes}
 
 
 def scores_table(rows: Mapping[str, Mapping[str, Any]], first: str = "answers",
                  gains: Mapping[str, Mapping[str, float | None]] | None = None) -> str:
-    """Markdown: one row per score_file result (or mode), the METRICS as columns (lenient and strict side by
-    side); then a signed row per `gains` entry (label → figure by metric label: visual_gain's)."""
+    """Markdown: a row per score_file result, the METRICS as columns; then a signed row per `gains` entry."""
     metrics = _shown(rows.values())
     lines = [f"| {first} | " + " | ".join(label for label, _, _ in metrics) + " |",
              "|---|" + "---:|" * len(metrics)]
@@ -219,8 +212,7 @@ def scores_table(rows: Mapping[str, Mapping[str, Any]], first: str = "answers",
 
 
 def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
-    """Markdown: one row per mode, then one row of visual gain per blind mode; then the questions
-    skipped (unreadable image or too long for the context) and unscorable (no ground truth), by id."""
+    """Markdown: a row per mode and of visual gain per blind mode; the skipped and unscorable ids."""
     full, skipped = entry["modes"]["full"], entry["skipped"]
     unscorable, show = full["unscorable"], 20
     modes = {MODE_LABELS[mode]: scores for mode, scores in entry["modes"].items()}
@@ -243,8 +235,7 @@ def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
 
 def write_reports(run_dir: Path, config: Mapping[str, Any], results: Mapping[str, Any],
                   fingerprint: Mapping[str, Any] | None = None) -> None:
-    """summary.json (the options `config`, the provenance fingerprint, every figure) and report.md
-    (a table per benchmark) in `run_dir`."""
+    """summary.json (options, fingerprint, every figure) and report.md (a table per benchmark)."""
     (run_dir / "summary.json").write_text(json.dumps(
         {"config": dict(config), "provenance": fingerprint, "benchmarks": results}, indent=2), encoding="utf-8")
     adapter = config.get("adapter")
