@@ -1,7 +1,7 @@
 """Zero-shot medical VQA evaluation, scored as LLaVA-Med scores it and with a strict closed score beside.
 
     python eval.py --model DIR --benchmark vqa_rad=VQA_RAD_test.jsonl --image-root IMAGES --out runs/base
-    python eval.py --adapter LORA_DIR --benchmark ... --out runs/hscr --blind   # on the model it was trained on
+    python eval.py --adapter LORA_DIR --benchmark ... --out runs/hscr --blind  # on its own base model
     python eval.py compare runs/base runs/hscr
     python eval.py score --answers ANSWERS --questions QUESTIONS   # score an existing answer file
     python eval.py baselines --questions QUESTIONS   # always yes / always no / "yes no" / majority
@@ -97,9 +97,8 @@ def normalize_word(text: str) -> str:
     """LLaVA-Med's `normalize_word` on a lowercased string (the scripts lowercase before calling;
     doing it first changes nothing in steps 1 and 2). The steps: docs/FORMATS.md "Normalisation"."""
     text = text.lower()
-    # 1. Each character of PUNCT is deleted everywhere if it stands next to a space anywhere in the
-    # *input* ("p " or " p"), or if the input holds a digit,digit; otherwise every occurrence becomes
-    # a space. So "x-ray" → "x ray", and in "x-ray - chest" the dash goes inside "x-ray" too.
+    # 1. A PUNCT character next to a space anywhere in the *input*, or any if it holds a digit,digit, is
+    # deleted everywhere, else spaced: "x-ray" → "x ray", but "x-ray - chest" → "xray chest".
     digit_comma_digit, out = _DIGIT_COMMA_DIGIT.search(text) is not None, text
     for p in PUNCT:
         out = out.replace(p, "" if p + " " in text or " " + p in text or digit_comma_digit else " ")
@@ -113,9 +112,8 @@ def normalize_word(text: str) -> str:
 
 
 def calculate_f1score(pred: str, gt: str) -> tuple[float, float, float]:
-    """LLaVA-Med's token F1 → (f1, precision, recall) of normalised strings, normalised once more as upstream
-    does. The quirk: tp counts the *prediction*'s repeats of shared words ("lung lung lung" against "left
-    lung": tp = 3, fn = 1, recall 3/4). Zeros if a side has no words or tp == 0."""
+    """LLaVA-Med's token F1 → (f1, precision, recall), normalised once more as upstream. The quirk: tp
+    counts the *prediction*'s repeats ("lung lung lung" against "left lung": recall 3/4)."""
     # Upstream `split_sentence(text, 1)`: lowercase, whitespace split, {word: count}.
     p_words, g_words = (Counter(normalize_word(s).lower().split()) for s in (pred, gt))
     tp = sum(c for w, c in p_words.items() if w in g_words)
@@ -149,11 +147,9 @@ _TOKENS = re.compile(r"\w+|[^\w\s]")
 
 
 def closed_answer(pred: str) -> str | None:
-    """What a raw prediction answers to a yes/no question: "yes", "no", "hedge" or None: the first *answer
-    word*, a hedge if both polarities occur, None if none does. Answer words: every whole word "yes", and
-    every whole word "no" that ends its clause (followed by the end, a punctuation character or a
-    conjunction; "no effusion" is a determiner), read on the lowercased *raw* text: LLaVA-Med's
-    normalisation deletes that punctuation. Ours; the rule and why: docs/FORMATS.md "The strict closed score".
+    """What a raw prediction answers to a yes/no question: its first *answer word* ("yes", or a "no" that
+    ends its clause), "hedge" if both occur, else None; read on the lowercased raw text, as normalisation
+    deletes punctuation. Ours; the rule and why: docs/FORMATS.md "The strict closed score".
         "no, there is not" → no    "yes no" → hedge    "Yes, but no effusion" → yes    "nodule" → None
     """
     tokens = _TOKENS.findall(pred.lower())
@@ -163,9 +159,8 @@ def closed_answer(pred: str) -> str | None:
 
 
 def strict_hit(pred: str, gt: str) -> bool:
-    """Closed-question hit that hedging cannot earn; raw strings in. A yes/no ground truth needs the
-    prediction's `closed_answer` to equal it; any other ("left", "mri") must occur in the normalised
-    prediction as whole words ("left" in "left lung", not in "cleft")."""
+    """Closed-question hit that hedging cannot earn, raw strings in: a yes/no gt must equal `closed_answer`,
+    another ("left") must occur in the normalised prediction as whole words (not in "cleft")."""
     g = normalize_word(gt)
     if g in ("yes", "no"):
         return closed_answer(pred) == g
@@ -224,10 +219,9 @@ def _mean100(values: Sequence[float]) -> float | None:
 
 
 def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -> dict[str, Any]:
-    """Score answer-file rows against data.Records (`.facts` optional), ids as strings: percentages (None:
-    nothing to average; docs/FORMATS.md "VQA metrics") by section, and the ids `missing` (left out, not 0),
-    `unknown` (answers to no question) and `unscorable` (no type or ground truth, or one that normalises to
-    nothing: `gt in pred` would count any answer right). A question answered twice is an error."""
+    """Score answer-file rows against data.Records (`.facts` optional), ids as strings: percentages by section
+    (None: nothing to average; docs/FORMATS.md "VQA metrics"), the ids `missing` (left out, not 0), `unknown`
+    (no such question) and `unscorable` (no type or usable ground truth). Answering twice is an error."""
     rows = [(str(row["question_id"]), row["text"]) for row in answers]
     texts, duplicates = dict(rows), [qid for qid, n in Counter(qid for qid, _ in rows).items() if n > 1]
     if duplicates:
@@ -278,10 +272,10 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
 
 
 BASELINES_HELP = (
-    "Baselines that need no model, scored like a model's answers. The constant ones answer \"yes\", \"no\" or "
-    "\"yes no\" to every question, open ones too. The majority ones answer the open questions only (closed "
-    "columns: –), each with the most common normalised ground truth among open questions of the same "
-    "normalised text (ties: first in file order): oracle-ish, a text met once gets its own answer. "
+    "Baselines that need no model, scored like a model's answers. The constant ones answer \"yes\", \"no\" "
+    "or \"yes no\" to every question, open ones too. The majority ones answer the open questions only "
+    "(closed columns: –), each with the most common normalised ground truth among open questions of the "
+    "same normalised text (ties: first in file order): oracle-ish, a text met once gets its own answer. "
     "Leave-one-out leaves the question's own answer out (\"\" when no other question shares the text): "
     "what the question text alone predicts.")
 
@@ -353,9 +347,8 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, templat
 
 def answer_room(records: Sequence[Any], tokenizer, config, template: str,
                 max_new_tokens: int) -> tuple[int, dict[str, str]]:
-    """New tokens per answer, and question id → why for those whose prompt leaves fewer (ours; FORMATS.md
-    "Run directory", Context): max_new_tokens clamped to what the context leaves after the longest prompt of
-    `records` (the whole benchmark file, whatever --limit) that takes at most half of it."""
+    """max_new_tokens clamped to what the context leaves after the longest prompt of `records` that takes at
+    most half of it, and question id → why for longer ones (ours; docs/FORMATS.md "Run directory")."""
     context = config.text.max_seq_len
     lengths = {r.id: len(prompt_ids(r.question, tokenizer, config, mode="full", template=template))
                for r in records}
@@ -497,8 +490,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     made = (provenance.load(Path(cfg.adapter) / PROVENANCE) or {}).get("fingerprint") if cfg.adapter else None
     cfg = model_of(cfg, made, cfg.adapter and f"--adapter {cfg.adapter}")  # default: the adapter's model
     model_id = cfg.model_id or "+".join(Path(p).resolve().name for p in (cfg.model, cfg.adapter) if p)
-    # The images of the questions that any session chose are fingerprinted; the stored fingerprint is
-    # compared with the earlier sessions' choice, so that a resumed run may choose more (--limit).
+    # Images fingerprinted: those of the questions any session chose; compared with the earlier choice.
     started = (run_dir / "summary.json").exists() or any(run_dir.glob("*/answers*.jsonl"))  # shards too
     resume = not cfg.overwrite and started
     record = provenance.load(run_dir / PROVENANCE) if resume else None
@@ -510,17 +502,17 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         provenance.check_model(made, now, f"--adapter {cfg.adapter}", "evaluate it on that model (the "
                                "default without --model), or pass --allow-other-model to apply it anyway")
     start_run(run_dir, now, resume=resume, writes=[*every, "config.json", "summary.json", "report.md"],
-              session={"batch_size": cfg.batch_size, "device": device, "world_size": world, "limit": cfg.limit,
-                       "blind": cfg.blind, "model_id": model_id},
+              session={"batch_size": cfg.batch_size, "device": device, "world_size": world,
+                       "limit": cfg.limit, "blind": cfg.blind, "model_id": model_id},
               holds="answers", restart="rerun with --overwrite to start again (this deletes its answers)",
               rank=rank, world=world, compare=before, made_by="eval.py")
     model, tokenizer = load_for_eval(cfg, device)
     if rank == 0:  # the options as given, and what "auto" and the defaults resolved to
-        resolved = {**dataclasses.asdict(cfg), "resolved": {
-            "device": device, "dtype": str(model.dtype).removeprefix("torch."), "world_size": world,
-            "model_id": model_id, "num_image_tokens": model.config.num_image_tokens}}
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
-        print(f"eval.py: {device}, {resolved['resolved']['dtype']}; options in {run_dir}/config.json", file=sys.stderr)
+        auto = {"device": device, "dtype": str(model.dtype).removeprefix("torch."), "world_size": world,
+                "model_id": model_id, "num_image_tokens": model.config.num_image_tokens}
+        options = json.dumps({**dataclasses.asdict(cfg), "resolved": auto}, indent=2)
+        (run_dir / "config.json").write_text(options, encoding="utf-8")
+        print(f"eval.py: {device}, {auto['dtype']}; options in {run_dir}/config.json", file=sys.stderr)
     modes = MODES if cfg.blind else MODES[:1]
     skipped_by, rooms = {}, {}  # benchmark → question id → why: screened, too long, each rank's failures
     for name, (records, _) in benchmarks.items():
@@ -570,18 +562,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
         p = argparse.ArgumentParser(prog="eval.py compare", description="two runs side by side, with B − A")
-        p.add_argument("run_a")
-        p.add_argument("run_b")
-        args = p.parse_args(argv[1:])
-        print(compare_runs(args.run_a, args.run_b))
+        p.add_argument("runs", nargs=2, metavar="RUN", help="run directories A and B")
+        print(compare_runs(*p.parse_args(argv[1:]).runs))
     elif argv[:1] in (["score"], ["baselines"]):
         score = argv[0] == "score"
         p = argparse.ArgumentParser(prog=f"eval.py {argv[0]}", description=BASELINES_HELP if not score else
-                                    "Score an answer file (ours or LLaVA-Med's) with lenient and strict figures.")
+                                    "Score an answer file, ours or LLaVA-Med's: lenient and strict figures.")
         if score:
             p.add_argument("--answers", required=True, help="answer-file JSONL (question_id, text)")
-        p.add_argument("--questions", required=True, help="test.json or question JSONL" + (
-            ", e.g. tests/data/VQA_RAD_test_llavamed_format.jsonl" if score else " with answers"))
+        p.add_argument("--questions", required=True, help="test.json or question JSONL, with the answers")
         p.add_argument("--ground-truth", help="answers kept apart from the questions")
         p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
         args = p.parse_args(argv[1:])

@@ -62,9 +62,8 @@ def read_benchmarks(benchmark: Sequence[str], ground_truth: Sequence[str] = ()) 
 
 def check_images(records: Sequence[Any], image_root: str | None, name: str, source: str, rank: int = 0,
                  world: int = 1) -> dict[str, str]:
-    """One error naming the benchmark, how many images are missing and the first of them (the real
-    benchmark files ship without images); else question id → why its image cannot be used, for this
-    process's share records[rank::world] (`data.image_problem`, each file looked at once)."""
+    """One error for missing images (the real benchmark files ship without them); else question id → why its
+    image cannot be used (`data.image_problem`), for this process's share records[rank::world]."""
     if not records:
         return {}
     where = f"benchmark {name!r} ({source})"
@@ -91,15 +90,15 @@ def check_images(records: Sequence[Any], image_root: str | None, name: str, sour
                         f"{', '.join(list(absent)[:show])}"
                         + (f", … ({len(absent) - show} more)" if len(absent) > show else ""))
     if unusable:
-        problems.append(f"{len(unusable)} questions without a usable image path: " + "; ".join(unusable[:show])
-                        + (" …" if len(unusable) > show else ""))
+        problems.append(f"{len(unusable)} questions without a usable image path: "
+                        + "; ".join(unusable[:show]) + (" …" if len(unusable) > show else ""))
     if problems:
         raise UserError(f"{where}: " + "; ".join(problems))
     return {r.id: f"image {r.image}: {looked[r.image]}" for r in records[rank::world] if looked[r.image]}
 
 
 # Answer files
-def answers_path(run_dir: Path, name: str, mode: str, rank: int | None = None) -> Path:
+def answers_path(run_dir: Path, name: str, mode: str, rank: int | str | None = None) -> Path:
     """{run}/{benchmark}/answers[-mode][.rank{r}].jsonl (mode `full` is LLaVA-Med's answer file)."""
     stem = "answers" if mode == "full" else f"answers-{mode}"
     return run_dir / name / (f"{stem}.jsonl" if rank is None else f"{stem}.rank{rank}.jsonl")
@@ -129,15 +128,14 @@ def read_answer_file(path: str | os.PathLike) -> list[dict[str, Any]]:
         if isinstance(row, BadLine):
             raise DataError(f"{path}: {row.message}")
         if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("text"), str):
-            raise DataError(f"{path}: record {i + 1} is not an answer (an object with question_id and a text string)")
+            raise DataError(f"{path}: record {i + 1} is not an object with question_id and a text string")
         rows.append(row)
     return rows
 
 
 def shards(run_dir: Path, name: str, mode: str) -> list[Path]:
     """Every rank's shard of one answer file, whatever the world size that wrote them."""
-    pattern = answers_path(run_dir, name, mode, 0).name.replace(".rank0.", ".rank*.")
-    return sorted((run_dir / name).glob(pattern))
+    return sorted((run_dir / name).glob(answers_path(run_dir, name, mode, "*").name))
 
 
 def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -> Path:
@@ -218,10 +216,10 @@ def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
     modes = {MODE_LABELS[mode]: scores for mode, scores in entry["modes"].items()}
     gains = {f"visual gain (full − {MODE_LABELS[mode]})": g for mode, g in entry["visual_gain"].items()}
     lines = [f"### {name}", "",
-             f"{full['n_questions'] + len(skipped)} questions read, {len(entry['bad_records'])} malformed records "
-             f"skipped, {len(skipped)} questions skipped (unreadable image or too long), {len(unscorable)} "
-             f"unscorable (no ground truth); answered {full['open']['n']} open, {full['closed']['n']} "
-             f"closed; {len(full['missing'])} missing", "",
+             f"{full['n_questions'] + len(skipped)} questions read, {len(entry['bad_records'])} malformed "
+             f"records skipped, {len(skipped)} questions skipped (unreadable image or too long), "
+             f"{len(unscorable)} unscorable (no ground truth); answered {full['open']['n']} open, "
+             f"{full['closed']['n']} closed; {len(full['missing'])} missing", "",
              scores_table(modes, "mode", gains)]
     if skipped:
         lines += ["", f"Skipped ({len(skipped)}, not scored):", ""]
@@ -236,8 +234,8 @@ def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
 def write_reports(run_dir: Path, config: Mapping[str, Any], results: Mapping[str, Any],
                   fingerprint: Mapping[str, Any] | None = None) -> None:
     """summary.json (options, fingerprint, every figure) and report.md (a table per benchmark)."""
-    (run_dir / "summary.json").write_text(json.dumps(
-        {"config": dict(config), "provenance": fingerprint, "benchmarks": results}, indent=2), encoding="utf-8")
+    summary = {"config": dict(config), "provenance": fingerprint, "benchmarks": results}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     adapter = config.get("adapter")
     text = ["# Evaluation", "", f"model `{config['model']}`" + (f", adapter `{adapter}`" if adapter else ""),
             "", LEGEND, ""] + [benchmark_table(name, entry) for name, entry in results.items()]
