@@ -150,28 +150,26 @@ def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -
     return final
 
 
-# Tables: every one shows METRICS, (label, section, key) of eval.score_file's figures (None, shown "–":
-# nothing to average), one column each, explained by LEGEND under it.
-METRICS = (("open recall", "open", "recall"), ("closed acc", "closed", "accuracy"),
-           ("closed strict", "closed", "accuracy_strict"), ("hedge rate", "closed", "hedge_rate"),
-           ("no answer", "closed", "no_answer_rate"), ("overall", "overall", "score"),
-           ("halluc. rate", "closed", "hallucination_rate"),
-           ("facts contradicted", "description", "facts_contradicted"),
-           ("facts correct", "description", "facts_correct"))
-# What the labels mean, under every table (a markdown list, readable in a terminal too).
-LEGEND = "\n".join((
-    "- open recall: LLaVA-Med's open score (mean token recall × 100)",
-    "- closed acc: LLaVA-Med's lenient closed score, `gt in pred` on normalised strings (\"yes no\" hits "
-    "every yes/no question)",
-    "- closed strict: a yes/no question needs the prediction's one yes/no answer to equal gt (hedges and "
-    "non-answers are wrong); other closed answers must occur as whole words",
-    "- hedge rate: % of closed predictions holding both \"yes\" and \"no\" as words",
-    "- no answer: % of yes/no questions whose prediction gives no yes/no answer",
-    "- overall: mean over questions of open recall and lenient closed hits",
-    "- halluc. rate: % of questions with answer \"no\" answered \"yes\"",
-    "- facts contradicted: over questions whose record lists the scene's facts (\"facts\"; no column without "
-    "them), % of the slot values an answer states that are not the scene's (CHAIR-like)",
-    "- facts correct: over the same questions, % of the scene's facts the answer states with the true value"))
+# Tables: every one shows METRICS, (label, section, key, meaning) of eval.score_file's figures (None, shown
+# "–": nothing to average), one column each, explained by LEGEND under it (readable in a terminal too).
+METRICS = (
+    ("open recall", "open", "recall", "LLaVA-Med's open score (mean token recall × 100)"),
+    ("closed acc", "closed", "accuracy", "LLaVA-Med's lenient closed score, `gt in pred` on normalised "
+     "strings (\"yes no\" hits every yes/no question)"),
+    ("closed strict", "closed", "accuracy_strict", "a yes/no question needs the prediction's one yes/no "
+     "answer to equal gt (hedges and non-answers are wrong); other closed answers must occur as whole words"),
+    ("hedge rate", "closed", "hedge_rate", "% of closed predictions holding both \"yes\" and \"no\" as "
+     "words"),
+    ("no answer", "closed", "no_answer_rate",
+     "% of yes/no questions whose prediction gives no yes/no answer"),
+    ("overall", "overall", "score", "mean over questions of open recall and lenient closed hits"),
+    ("halluc. rate", "closed", "hallucination_rate", "% of questions with answer \"no\" answered \"yes\""),
+    ("facts contradicted", "description", "facts_contradicted", "over questions whose record lists the "
+     "scene's facts (\"facts\"; no column without them), % of the slot values an answer states that are not "
+     "the scene's (CHAIR-like)"),
+    ("facts correct", "description", "facts_correct",
+     "over the same questions, % of the scene's facts the answer states with the true value"))
+LEGEND = "\n".join(f"- {label}: {meaning}" for label, _, _, meaning in METRICS)
 # eval.py's modes, in the order tables show them ("full" first: the blind modes are compared with it).
 MODE_LABELS = {"full": "full", "no_image": "no image", "blank_image": "blank image"}
 
@@ -192,7 +190,7 @@ def _shown(rows: Iterable[Mapping[str, Any]]) -> tuple:
 def visual_gain(modes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
     """full − blind for every metric and blind mode run (positive: the image helps; a negative halluc. rate
     gain: the image lowers it)."""
-    return {mode: {label: _diff(modes[mode][s][k], modes["full"][s][k]) for label, s, k in METRICS}
+    return {mode: {label: _diff(modes[mode][s][k], modes["full"][s][k]) for label, s, k, _ in METRICS}
             for mode in MODE_LABELS if mode != "full" and mode in modes and "full" in modes}
 
 
@@ -200,12 +198,12 @@ def scores_table(rows: Mapping[str, Mapping[str, Any]], first: str = "answers",
                  gains: Mapping[str, Mapping[str, float | None]] | None = None) -> str:
     """Markdown: a row per score_file result, the METRICS as columns; then a signed row per `gains` entry."""
     metrics = _shown(rows.values())
-    lines = [f"| {first} | " + " | ".join(label for label, _, _ in metrics) + " |",
+    lines = [f"| {first} | " + " | ".join(label for label, *_ in metrics) + " |",
              "|---|" + "---:|" * len(metrics)]
     for name, scores in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(scores[s][k]) for _, s, k in metrics) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(scores[s][k]) for _, s, k, _ in metrics) + " |")
     for name, gain in (gains or {}).items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(gain[label], True) for label, _, _ in metrics) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(gain[label], True) for label, *_ in metrics) + " |")
     return "\n".join(lines)
 
 
@@ -255,11 +253,11 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
             raise DataError(f"{path}: not an eval.py summary ({e})") from None
     a, b = summaries
     lines = [f"A = {run_a}", f"B = {run_b}", ""]
-    for name in list(a) + [n for n in b if n not in a]:
+    for name in {**a, **b}:
         lines += [f"### {name}", "", "| mode | metric | A | B | B − A |", "|---|---|---:|---:|---:|"]
         modes_a, modes_b = (x[name]["modes"] if name in x else {} for x in (a, b))
         for mode in [m for m in MODE_LABELS if m in modes_a or m in modes_b]:
-            for label, s, k in _shown([*modes_a.values(), *modes_b.values()]):
+            for label, s, k, _ in _shown([*modes_a.values(), *modes_b.values()]):
                 fa, fb = (modes[mode][s][k] if mode in modes else None for modes in (modes_a, modes_b))
                 lines.append(f"| {MODE_LABELS[mode]} | {label} | {_fmt(fa)} | {_fmt(fb)} "
                              f"| {_fmt(_diff(fa, fb), True)} |")
