@@ -133,12 +133,6 @@ def calculate_exactmatch(pred: str, gt: str) -> float:
     return sum(1 for w in g_words if w in p_words) / total if total else 0.0
 
 
-def closed_hit(pred: str, gt: str) -> bool:
-    """LLaVA-Med's closed hit (`run_eval_batch.py`), normalised strings in: `gt in pred` as a *substring*, so
-    "no" is in "nodule" and "yes no" hits every yes/no question. Papers report it; `strict_hit` means it."""
-    return gt in pred
-
-
 # Strict closed scoring: ours, not LLaVA-Med's, reported beside the lenient score
 # Words after which a "no" has ended its clause ("no or yes", "no but ...").
 CONJUNCTIONS = ("and", "or", "but")
@@ -174,20 +168,20 @@ def hedges(pred: str) -> bool:
 
 
 def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
-    """Score one answer as LLaVA-Med does (both strings normalised first). CLOSED → {"hit" (its `closed_hit`),
-    "strict" (our `strict_hit`), "exact"}; OPEN → {"recall" (the paper's open score), "precision", "f1",
-    "exact", "hit" (`gt in pred`, the batch script's "open accuracy")}."""
+    """Score one answer as LLaVA-Med does (both strings normalised first): "hit", `gt in pred` as a *substring*
+    (`run_eval_batch.py`: the closed score papers report, "no" is in "nodule" and "yes no" hits every yes/no
+    question; the "open accuracy"), and "exact"; CLOSED adds "strict" (our `strict_hit`), OPEN "recall" (the
+    paper's open score), "precision" and "f1"."""
     if not isinstance(pred, str) or not isinstance(gt, str):
         raise TypeError(f"pred and gt must be str, got {type(pred).__name__} and {type(gt).__name__}")
+    if answer_type not in ("OPEN", "CLOSED"):
+        raise ValueError(f"answer_type must be 'OPEN' or 'CLOSED', got {answer_type!r}")
     p, g = normalize_word(pred), normalize_word(gt)
+    scores = {"hit": float(g in p), "exact": calculate_exactmatch(p, g)}
     if answer_type == "CLOSED":
-        return {"hit": float(closed_hit(p, g)), "strict": float(strict_hit(pred, gt)),
-                "exact": calculate_exactmatch(p, g)}
-    if answer_type == "OPEN":
-        f1, precision, recall = calculate_f1score(p, g)
-        return {"recall": recall, "precision": precision, "f1": f1, "exact": calculate_exactmatch(p, g),
-                "hit": float(g in p)}
-    raise ValueError(f"answer_type must be 'OPEN' or 'CLOSED', got {answer_type!r}")
+        return scores | {"strict": float(strict_hit(pred, gt))}
+    f1, precision, recall = calculate_f1score(p, g)
+    return scores | {"recall": recall, "precision": precision, "f1": f1}
 
 
 # The description metric: facts of a scene stated right or contradicted (ours)
@@ -235,8 +229,7 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
         seen.add(qid)
         facts = getattr(q, "facts", None)
         if facts and qid in texts:
-            described["n"] += 1
-            described.update(fact_scores(texts[qid], facts, qid))
+            described.update(fact_scores(texts[qid], facts, qid), n=1)
         if q.answer is None or q.answer_type not in ("OPEN", "CLOSED") or not normalize_word(q.answer):
             unscorable.append(qid)
         elif qid not in texts:
@@ -246,7 +239,7 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
                 open_s[k].append(v)
         else:
             pred, g = texts[qid], normalize_word(q.answer)
-            hits.append(float(closed_hit(normalize_word(pred), g)))
+            hits.append(float(g in normalize_word(pred)))  # score_answer's "hit"
             hits_strict.append(float(strict_hit(pred, q.answer)))
             hedged.append(float(hedges(pred)))
             if g in ("yes", "no"):
@@ -317,9 +310,8 @@ class Batch(NamedTuple):
 
 
 def prompt_ids(question: str, tokenizer, config, *, mode: str, template: str) -> list[int]:
-    """LLaVA-Med's prompt for one question: `[INST] <image>\\n{question} [/INST]`, tokenised chunk-wise
-    around the image. In `no_image` mode the same text gets zero image positions: every visual token is
-    dropped, the "▁" pieces around the image stay."""
+    """LLaVA-Med's prompt for one question, tokenised chunk-wise around the image (docs/FORMATS.md "Prompt");
+    in `no_image` mode with zero image positions (the "▁" pieces around the image stay)."""
     # tokenize_prompt wants at least one image position: in no_image mode it gets an id no tokenizer
     # produces (-1; chunked tokenization never looks it up), taken out again.
     blind = mode == "no_image"
@@ -592,8 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{scores_table(results, 'baseline')}\n\n{LEGEND}")
     else:
         cfg = EvalConfig(**vars(build_parser().parse_args(argv)))
-        results = run(cfg)
-        if results is not None:
+        if run(cfg) is not None:
             print(read_text(Path(cfg.out) / "report.md"))
     return 0
 
