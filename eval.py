@@ -7,11 +7,9 @@
     python eval.py baselines --questions QUESTIONS   # always yes / always no / "yes no" / majority
     torchrun --nproc_per_node 4 eval.py ...         # shard the questions over 4 processes
 
-1. Scoring: LLaVA-Med v1.0's `eval_metrics` and `run_eval_batch.py`, quirks named where reproduced; ours
-   beside them: `strict_hit`, the hedge, no-answer and hallucination rates, `fact_scores`, baselines.
+1. Scoring: LLaVA-Med v1.0's `eval_metrics` and `run_eval_batch.py`, its quirks named, ours beside.
 2. Generation (`generate_answers`): LLaVA-Med's prompt and answer files, batched greedy decoding, resumable,
-   sharded; `--blind` answers again without visual tokens and with a mean-colour image.
-Details: docs/FORMATS.md "VQA metrics" and "Evaluation files".
+   sharded. Details: docs/FORMATS.md "VQA metrics" and "Evaluation files".
 """
 from __future__ import annotations
 
@@ -168,10 +166,10 @@ def hedges(pred: str) -> bool:
 
 
 def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
-    """Score one answer as LLaVA-Med does (both strings normalised first): "hit", `gt in pred` as a *substring*
-    (`run_eval_batch.py`: the closed score papers report, "no" is in "nodule" and "yes no" hits every yes/no
-    question; the "open accuracy"), and "exact"; CLOSED adds "strict" (our `strict_hit`), OPEN "recall" (the
-    paper's open score), "precision" and "f1"."""
+    """Score one answer as LLaVA-Med does (both strings normalised first): "hit", `gt in pred` as a
+    *substring* (`run_eval_batch.py`: the closed score papers report, "no" is in "nodule" and "yes no" hits
+    every yes/no question; the "open accuracy"), and "exact"; CLOSED adds "strict" (our `strict_hit`), OPEN
+    "recall" (the paper's open score), "precision" and "f1"."""
     if not isinstance(pred, str) or not isinstance(gt, str):
         raise TypeError(f"pred and gt must be str, got {type(pred).__name__} and {type(gt).__name__}")
     if answer_type not in ("OPEN", "CLOSED"):
@@ -265,12 +263,10 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
 
 
 BASELINES_HELP = (
-    "Baselines that need no model, scored like a model's answers. The constant ones answer \"yes\", \"no\" "
-    "or \"yes no\" to every question, open ones too. The majority ones answer the open questions only "
-    "(closed columns: –), each with the most common normalised ground truth among open questions of the "
-    "same normalised text (ties: first in file order): oracle-ish, a text met once gets its own answer. "
-    "Leave-one-out leaves the question's own answer out (\"\" when no other question shares the text): "
-    "what the question text alone predicts.")
+    "Baselines that need no model, scored like a model's answers: \"yes\", \"no\" or \"yes no\" to every "
+    "question; and, to open questions only, the most common normalised ground truth of the open questions "
+    "with the same normalised text (ties: first in file; oracle-ish: a text met once gets its own answer), "
+    "or leave-one-out, without the question's own (\"\" if none shares its text): what the text predicts.")
 
 
 def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> dict[str, str]:

@@ -105,8 +105,7 @@ def answers_path(run_dir: Path, name: str, mode: str, rank: int | str | None = N
 
 
 def answer_row(record, text: str, model_id: str, mode: str) -> dict[str, Any]:
-    """One answer-file line: question_id keeps the question file's integer when it was one; answer_id is a
-    content hash, not LLaVA-Med's random shortuuid, so that a resumed run writes the same file."""
+    """One answer-file line (docs/FORMATS.md); answer_id, a content hash, is the same on resume."""
     qid: int | str = int(record.id) if record.id.isdigit() and str(int(record.id)) == record.id else record.id
     answer_id = hashlib.sha1(f"{model_id}\n{mode}\n{record.id}\n{text}".encode()).hexdigest()[:22]
     return {"question_id": qid, "prompt": record.question, "text": text, "answer_id": answer_id,

@@ -26,7 +26,8 @@ def test_formats_read_into_the_same_questions(tiny):
     question JSONL with answers in another file give the same questions; the malformed line is
     reported with its file and index."""
     b = read_benchmarks([f"json={tiny.root / 'test.json'}", f"jsonl={tiny.root / 'questions.jsonl'}",
-                         f"split={tiny.root / 'questions_only.jsonl'}"], [f"split={tiny.root / 'answers.jsonl'}"])
+                         f"split={tiny.root / 'questions_only.jsonl'}"],
+                        [f"split={tiny.root / 'answers.jsonl'}"])
     expected = [(str(i), im, q, a, t) for i, im, q, a, t in QUESTIONS]
     for name in ("json", "jsonl", "split"):
         assert _fields(b[name][0]) == expected, name
@@ -47,8 +48,9 @@ def test_check_images_opens_the_images_of_its_share_only(tiny, tmp_path):
     assert check_images(records, str(images), "q", "test.json", rank=0, world=2) == {"15": empty}
     assert check_images(records, str(images), "q", "test.json", rank=1, world=2) == {"12": empty}
     (images / "c.png").unlink()
+    missing = r"1 of 3 images not found .*\(needed by 1 of 5 questions\): c.png$"
     for rank in (0, 1):
-        with pytest.raises(UserError, match=r"1 of 3 images not found .*\(needed by 1 of 5 questions\): c.png$"):
+        with pytest.raises(UserError, match=missing):
             check_images(records, str(images), "q", "test.json", rank=rank, world=2)
 
 
@@ -75,7 +77,8 @@ def test_answer_files_split_on_newlines_only(tmp_path):
     assert read_jsonl(path) == rows  # a torn last line: ignored (answered again)
     with pytest.raises(DataError, match=r"answers.jsonl: line 3 is not valid JSON"):
         A.read_answer_file(path)  # in a file from elsewhere, it is an error naming the line
-    (tmp_path / "mid.jsonl").write_text('{"question_id": 1, "text": "a"}\n{oops\n{"question_id": 2, "text": "b"}\n')
+    (tmp_path / "mid.jsonl").write_text('{"question_id": 1, "text": "a"}\n{oops\n'
+                                        '{"question_id": 2, "text": "b"}\n')
     with pytest.raises(DataError, match=r"mid.jsonl:2: not a JSON line"):
         read_jsonl(tmp_path / "mid.jsonl")
 
@@ -89,7 +92,8 @@ def _entry(with_facts: bool) -> dict:
     questions = [SimpleNamespace(id="1", answer="no", answer_type="CLOSED", facts=None),
                  SimpleNamespace(id="2", answer="left lung", answer_type="OPEN",
                                  facts=FACTS if with_facts else None)]
-    modes = {mode: E.score_file([{"question_id": "1", "text": "no"}, {"question_id": "2", "text": text}], questions)
+    modes = {mode: E.score_file([{"question_id": "1", "text": "no"}, {"question_id": "2", "text": text}],
+                                questions)
              for mode, text in (("full", "the left lung"), ("no_image", "the right lung"))}
     return {"bad_records": [], "skipped": [], "modes": modes, "visual_gain": visual_gain(modes)}
 
