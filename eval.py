@@ -160,8 +160,8 @@ def strict_hit(pred: str, gt: str) -> bool:
 
 
 def hedges(pred: str) -> bool:
-    """The hedge *rate* statistic: both "yes" and "no" as words of the normalised prediction. A plain
-    word count, broader than `closed_answer`'s hedge ("Yes, but no effusion" counts here)."""
+    """The hedge *rate*'s test: "yes" and "no" both words of the normalised prediction (broader than
+    `closed_answer`'s hedge: "Yes, but no effusion" counts here)."""
     return {"yes", "no"} <= set(normalize_word(pred).split())
 
 
@@ -184,9 +184,8 @@ def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
 
 # The description metric: facts of a scene stated right or contradicted (ours)
 def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str, int]:
-    """The description metric of one answer (docs/FORMATS.md): {"facts": slots, "correct": slots whose
-    true value `pred` states, "stated": values it states, "contradicted": stated values not the true
-    one}. facts: slot → {"value", "phrases": value → phrases}, a phrase stated as whole words."""
+    """The description metric of one answer (docs/FORMATS.md): {"facts": slots, "correct": true values stated,
+    "stated": values `pred` states, "contradicted": stated, not true}; facts: slot → {"value", "phrases"}."""
     counts = Counter(facts=0, correct=0, stated=0, contradicted=0)
     for slot, fact in facts.items():
         values = fact.get("phrases") if isinstance(fact, dict) else None
@@ -510,11 +509,10 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         if rank == 0 and rooms[name] < cfg.max_new_tokens:
             print(f"{name}: max-new-tokens {cfg.max_new_tokens} clamped to {rooms[name]} "
                   f"(context {model.config.text.max_seq_len})", file=sys.stderr)
-        for r in records:
-            if r.id in too_long and r.id not in mine:
-                mine[r.id] = too_long[r.id]
-                if rank == 0:
-                    print(f"{name}: question {r.id} skipped: {mine[r.id]}", file=sys.stderr)
+        for qid in [r.id for r in records if r.id in too_long and r.id not in mine]:
+            mine[qid] = too_long[qid]
+            if rank == 0:
+                print(f"{name}: question {qid} skipped: {mine[qid]}", file=sys.stderr)
         for mode in modes:
             generate_answers(model, tokenizer, records, run_dir=run_dir, name=name, mode=mode,
                              image_root=roots[name], model_id=model_id, batch_size=cfg.batch_size,

@@ -138,8 +138,7 @@ def shards(run_dir: Path, name: str, mode: str) -> list[Path]:
 
 
 def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -> Path:
-    """Fold the shards into the answer file in the order of `records` (other questions' rows follow), then
-    delete them. Atomic: an interrupted merge leaves them."""
+    """Fold the shards into the answer file in `records` order (other rows follow), delete them; atomic."""
     final, parts = answers_path(run_dir, name, mode), shards(run_dir, name, mode)
     position = {r.id: i for i, r in enumerate(records)}
     merge_jsonl(final, [final] + parts, key=question_id,
@@ -187,8 +186,7 @@ def _shown(rows: Iterable[Mapping[str, Any]]) -> tuple:
 
 
 def visual_gain(modes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """full − blind for every metric and blind mode run (positive: the image helps; a negative halluc. rate
-    gain: the image lowers it)."""
+    """full − blind per metric and blind mode run: positive where the image helps (negative: halluc. rate)."""
     return {mode: {label: _diff(modes[mode][s][k], modes["full"][s][k]) for label, s, k, _ in METRICS}
             for mode in MODE_LABELS if mode != "full" and mode in modes and "full" in modes}
 
