@@ -477,7 +477,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     made = (provenance.load(Path(cfg.adapter) / PROVENANCE) or {}).get("fingerprint") if cfg.adapter else None
     cfg = model_of(cfg, made, cfg.adapter and f"--adapter {cfg.adapter}")  # default: the adapter's model
     model_id = cfg.model_id or "+".join(Path(p).resolve().name for p in (cfg.model, cfg.adapter) if p)
-    # Images fingerprinted: those of the questions any session chose; compared with the earlier choice.
+    # The images any session's --limit chose are fingerprinted; checked against earlier choices, it may grow.
     started = (run_dir / "summary.json").exists() or any(run_dir.glob("*/answers*.jsonl"))  # shards too
     resume = not cfg.overwrite and started
     record = provenance.load(run_dir / PROVENANCE) if resume else None
