@@ -166,10 +166,9 @@ def hedges(pred: str) -> bool:
 
 
 def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
-    """Score one answer as LLaVA-Med does (both strings normalised first): "hit", `gt in pred` as a
-    *substring* (`run_eval_batch.py`: the closed score papers report, "no" is in "nodule" and "yes no" hits
-    every yes/no question; the "open accuracy"), and "exact"; CLOSED adds "strict" (our `strict_hit`), OPEN
-    "recall" (the paper's open score), "precision" and "f1"."""
+    """Score one answer as LLaVA-Med does (both normalised first): "hit", `gt in pred` as a *substring* (the
+    closed score papers report: "no" is in "nodule", "yes no" hits every yes/no question; the open accuracy),
+    "exact"; CLOSED adds "strict" (our `strict_hit`), OPEN "recall" (the open score), "precision", "f1"."""
     if not isinstance(pred, str) or not isinstance(gt, str):
         raise TypeError(f"pred and gt must be str, got {type(pred).__name__} and {type(gt).__name__}")
     if answer_type not in ("OPEN", "CLOSED"):
@@ -348,9 +347,8 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
                      image_root: str | None, model_id: str, batch_size: int, max_new_tokens: int,
                      template: str = "mistral_instruct", rank: int = 0, world: int = 1,
                      skipped: dict[str, str] | None = None) -> int:
-    """Answer this rank's share of `records` (every world-th, starting at rank) that no earlier run
-    answered; append to the rank's shard, flushed per batch. Returns how many were answered.
-    skipped: question id → why, not to answer; a question whose image fails to load here is added."""
+    """Answer this rank's share of `records` (records[rank::world]) that no earlier run answered, appending to
+    its shard per batch; returns how many. skipped: id → why not to answer; an image failing here adds one."""
     skipped = {} if skipped is None else skipped
     # Answered by an earlier run: the merged file and every shard, whatever the world size that wrote them.
     # Read only: another rank may be appending to its shard (a half line is not counted).
