@@ -95,8 +95,8 @@ def normalize_word(text: str) -> str:
     """LLaVA-Med's `normalize_word` on a lowercased string (the scripts lowercase before calling;
     doing it first changes nothing in steps 1 and 2). The steps: docs/FORMATS.md "Normalisation"."""
     text = text.lower()
-    # 1. A PUNCT character next to a space anywhere in the *input*, or any if it holds a digit,digit, is
-    # deleted everywhere, else spaced: "x-ray" → "x ray", but "x-ray - chest" → "xray chest".
+    # 1. A PUNCT character is deleted everywhere if it stands next to a space anywhere in the *input* or the
+    # input holds a digit,digit, else spaced: "x-ray" → "x ray", but "x-ray - chest" → "xray chest".
     digit_comma_digit, out = _DIGIT_COMMA_DIGIT.search(text) is not None, text
     for p in PUNCT:
         out = out.replace(p, "" if p + " " in text or " " + p in text or digit_comma_digit else " ")
