@@ -1,17 +1,15 @@
 """Zero-shot medical VQA evaluation, scored as LLaVA-Med scores it and with a strict closed score beside.
 
     python eval.py --model DIR --benchmark vqa_rad=VQA_RAD_test.jsonl --image-root IMAGES --out runs/base
-    python eval.py --adapter LORA_DIR --benchmark ... --out runs/hscr --blind   # on the model it was trained on
+    python eval.py --adapter LORA_DIR --benchmark ... --out runs/hscr --blind  # on its own base model
     python eval.py compare runs/base runs/hscr
     python eval.py score --answers ANSWERS --questions QUESTIONS   # score an existing answer file
     python eval.py baselines --questions QUESTIONS   # always yes / always no / "yes no" / majority
     torchrun --nproc_per_node 4 eval.py ...         # shard the questions over 4 processes
 
-1. Scoring: LLaVA-Med v1.0's `eval_metrics` and `run_eval_batch.py`, quirks named where reproduced; ours
-   beside them: `strict_hit`, the hedge, no-answer and hallucination rates, `fact_scores`, baselines.
+1. Scoring: LLaVA-Med v1.0's `eval_metrics` and `run_eval_batch.py`, its quirks named, ours beside.
 2. Generation (`generate_answers`): LLaVA-Med's prompt and answer files, batched greedy decoding, resumable,
-   sharded; `--blind` answers again without visual tokens and with a mean-colour image.
-Details: docs/FORMATS.md "VQA metrics" and "Evaluation files".
+   sharded. Details: docs/FORMATS.md "VQA metrics" and "Evaluation files".
 """
 from __future__ import annotations
 
@@ -96,9 +94,8 @@ def normalize_word(text: str) -> str:
     """LLaVA-Med's `normalize_word` on a lowercased string (the scripts lowercase before calling;
     doing it first changes nothing in steps 1 and 2). The steps: docs/FORMATS.md "Normalisation"."""
     text = text.lower()
-    # 1. Each character of PUNCT is deleted everywhere if it stands next to a space anywhere in the
-    # *input* ("p " or " p"), or if the input holds a digit,digit; otherwise every occurrence becomes
-    # a space. So "x-ray" → "x ray", and in "x-ray - chest" the dash goes inside "x-ray" too.
+    # 1. A PUNCT character is deleted everywhere if it stands next to a space anywhere in the *input* or the
+    # input holds a digit,digit, else spaced: "x-ray" → "x ray", but "x-ray - chest" → "xray chest".
     digit_comma_digit, out = _DIGIT_COMMA_DIGIT.search(text) is not None, text
     for p in PUNCT:
         out = out.replace(p, "" if p + " " in text or " " + p in text or digit_comma_digit else " ")
@@ -112,9 +109,8 @@ def normalize_word(text: str) -> str:
 
 
 def calculate_f1score(pred: str, gt: str) -> tuple[float, float, float]:
-    """LLaVA-Med's token F1 → (f1, precision, recall) of normalised strings, normalised once more as upstream
-    does. The quirk: tp counts the *prediction*'s repeats of shared words ("lung lung lung" against "left
-    lung": tp = 3, fn = 1, recall 3/4). Zeros if a side has no words or tp == 0."""
+    """LLaVA-Med's token F1 → (f1, precision, recall), normalised once more as upstream. The quirk: tp
+    counts the *prediction*'s repeats ("lung lung lung" against "left lung": recall 3/4)."""
     # Upstream `split_sentence(text, 1)`: lowercase, whitespace split, {word: count}.
     p_words, g_words = (Counter(normalize_word(s).lower().split()) for s in (pred, gt))
     tp = sum(c for w, c in p_words.items() if w in g_words)
@@ -134,12 +130,6 @@ def calculate_exactmatch(pred: str, gt: str) -> float:
     return sum(1 for w in g_words if w in p_words) / total if total else 0.0
 
 
-def closed_hit(pred: str, gt: str) -> bool:
-    """LLaVA-Med's closed hit (`run_eval_batch.py`), normalised strings in: `gt in pred` as a *substring*, so
-    "no" is in "nodule" and "yes no" hits every yes/no question. Papers report it; `strict_hit` means it."""
-    return gt in pred
-
-
 # Strict closed scoring: ours, not LLaVA-Med's, reported beside the lenient score
 # Words after which a "no" has ended its clause ("no or yes", "no but ...").
 CONJUNCTIONS = ("and", "or", "but")
@@ -148,11 +138,9 @@ _TOKENS = re.compile(r"\w+|[^\w\s]")
 
 
 def closed_answer(pred: str) -> str | None:
-    """What a raw prediction answers to a yes/no question: "yes", "no", "hedge" or None: the first *answer
-    word*, a hedge if both polarities occur, None if none does. Answer words: every whole word "yes", and
-    every whole word "no" that ends its clause (followed by the end, a punctuation character or a
-    conjunction; "no effusion" is a determiner), read on the lowercased *raw* text: LLaVA-Med's
-    normalisation deletes that punctuation. Ours; the rule and why: docs/FORMATS.md "The strict closed score".
+    """What a raw prediction answers to a yes/no question: its first *answer word* ("yes", or a "no" that
+    ends its clause), "hedge" if both occur, else None; read on the lowercased raw text, as normalisation
+    deletes punctuation. Ours; the rule and why: docs/FORMATS.md "The strict closed score".
         "no, there is not" → no    "yes no" → hedge    "Yes, but no effusion" → yes    "nodule" → None
     """
     tokens = _TOKENS.findall(pred.lower())
@@ -162,9 +150,8 @@ def closed_answer(pred: str) -> str | None:
 
 
 def strict_hit(pred: str, gt: str) -> bool:
-    """Closed-question hit that hedging cannot earn; raw strings in. A yes/no ground truth needs the
-    prediction's `closed_answer` to equal it; any other ("left", "mri") must occur in the normalised
-    prediction as whole words ("left" in "left lung", not in "cleft")."""
+    """Closed-question hit that hedging cannot earn, raw strings in: a yes/no gt must equal `closed_answer`,
+    another ("left") must occur in the normalised prediction as whole words (not in "cleft")."""
     g = normalize_word(gt)
     if g in ("yes", "no"):
         return closed_answer(pred) == g
@@ -172,33 +159,31 @@ def strict_hit(pred: str, gt: str) -> bool:
 
 
 def hedges(pred: str) -> bool:
-    """The hedge *rate* statistic: both "yes" and "no" as words of the normalised prediction. A plain
-    word count, broader than `closed_answer`'s hedge ("Yes, but no effusion" counts here)."""
+    """The hedge *rate*'s test: "yes" and "no" both words of the normalised prediction (broader than
+    `closed_answer`'s hedge: "Yes, but no effusion" counts here)."""
     return {"yes", "no"} <= set(normalize_word(pred).split())
 
 
 def score_answer(pred: str, gt: str, answer_type: str) -> dict[str, float]:
-    """Score one answer as LLaVA-Med does (both strings normalised first). CLOSED → {"hit" (its `closed_hit`),
-    "strict" (our `strict_hit`), "exact"}; OPEN → {"recall" (the paper's open score), "precision", "f1",
-    "exact", "hit" (`gt in pred`, the batch script's "open accuracy")}."""
+    """Score one answer as LLaVA-Med does (both normalised first): "hit", `gt in pred` as a *substring* (the
+    closed score papers report: "no" is in "nodule", "yes no" hits every yes/no question; the open accuracy),
+    "exact"; CLOSED adds "strict" (our `strict_hit`), OPEN "recall" (the open score), "precision", "f1"."""
     if not isinstance(pred, str) or not isinstance(gt, str):
         raise TypeError(f"pred and gt must be str, got {type(pred).__name__} and {type(gt).__name__}")
+    if answer_type not in ("OPEN", "CLOSED"):
+        raise ValueError(f"answer_type must be 'OPEN' or 'CLOSED', got {answer_type!r}")
     p, g = normalize_word(pred), normalize_word(gt)
+    scores = {"hit": float(g in p), "exact": calculate_exactmatch(p, g)}
     if answer_type == "CLOSED":
-        return {"hit": float(closed_hit(p, g)), "strict": float(strict_hit(pred, gt)),
-                "exact": calculate_exactmatch(p, g)}
-    if answer_type == "OPEN":
-        f1, precision, recall = calculate_f1score(p, g)
-        return {"recall": recall, "precision": precision, "f1": f1, "exact": calculate_exactmatch(p, g),
-                "hit": float(g in p)}
-    raise ValueError(f"answer_type must be 'OPEN' or 'CLOSED', got {answer_type!r}")
+        return scores | {"strict": float(strict_hit(pred, gt))}
+    f1, precision, recall = calculate_f1score(p, g)
+    return scores | {"recall": recall, "precision": precision, "f1": f1}
 
 
 # The description metric: facts of a scene stated right or contradicted (ours)
 def fact_scores(pred: str, facts: Mapping[str, Any], qid: str = "?") -> dict[str, int]:
-    """The description metric of one answer (docs/FORMATS.md): {"facts": slots, "correct": slots whose
-    true value `pred` states, "stated": values it states, "contradicted": stated values not the true
-    one}. facts: slot → {"value", "phrases": value → phrases}, a phrase stated as whole words."""
+    """The description metric of one answer (docs/FORMATS.md): {"facts": slots, "correct": true values stated,
+    "stated": values `pred` states, "contradicted": stated, not true}; facts: slot → {"value", "phrases"}."""
     counts = Counter(facts=0, correct=0, stated=0, contradicted=0)
     for slot, fact in facts.items():
         values = fact.get("phrases") if isinstance(fact, dict) else None
@@ -223,11 +208,9 @@ def _mean100(values: Sequence[float]) -> float | None:
 
 
 def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -> dict[str, Any]:
-    """Score answer-file rows ("question_id", "text") against data.Records (`.facts` optional), ids compared
-    as strings: percentages (None: nothing to average; docs/FORMATS.md "VQA metrics") in sections open,
-    closed, overall, description; the ids `missing` (left out, not 0), `unknown` (answers to no question)
-    and `unscorable` (no type or ground truth, or one that normalises to nothing: `gt in pred` would count
-    any answer right). A question answered twice is an error: merge shards before scoring."""
+    """Score answer-file rows against data.Records (`.facts` optional), ids as strings: percentages by section
+    (None: nothing to average; docs/FORMATS.md "VQA metrics"), the ids `missing` (left out, not 0), `unknown`
+    (no such question) and `unscorable` (no type or usable ground truth). Answering twice is an error."""
     rows = [(str(row["question_id"]), row["text"]) for row in answers]
     texts, duplicates = dict(rows), [qid for qid, n in Counter(qid for qid, _ in rows).items() if n > 1]
     if duplicates:
@@ -241,8 +224,7 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
         seen.add(qid)
         facts = getattr(q, "facts", None)
         if facts and qid in texts:
-            described["n"] += 1
-            described.update(fact_scores(texts[qid], facts, qid))
+            described.update(fact_scores(texts[qid], facts, qid), n=1)
         if q.answer is None or q.answer_type not in ("OPEN", "CLOSED") or not normalize_word(q.answer):
             unscorable.append(qid)
         elif qid not in texts:
@@ -252,7 +234,7 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
                 open_s[k].append(v)
         else:
             pred, g = texts[qid], normalize_word(q.answer)
-            hits.append(float(closed_hit(normalize_word(pred), g)))
+            hits.append(float(g in normalize_word(pred)))  # score_answer's "hit"
             hits_strict.append(float(strict_hit(pred, q.answer)))
             hedged.append(float(hedges(pred)))
             if g in ("yes", "no"):
@@ -277,16 +259,11 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
     }
 
 
-# name → the one string answered to every question, closed and open alike.
-CONSTANT_BASELINES = {"always yes": "yes", "always no": "no", "hedge \"yes no\"": "yes no"}
-MAJORITY_BASELINES = {"majority per question text": False, "majority, leave-one-out": True}
 BASELINES_HELP = (
-    "Reference baselines that need no model, scored like a model's answers. The constant ones answer "
-    "\"yes\", \"no\" or the hedge \"yes no\" to every question, open ones included. The majority ones answer "
-    "the open questions only (closed columns: –), each with the most common normalised ground truth of the "
-    "open questions of the file with the same normalised text (ties: first in file order): oracle-ish, a "
-    "text met once gets its own answer. Leave-one-out leaves the question's own answer out (\"\" when no "
-    "other question shares the text): the part of the score the question text alone predicts.")
+    "Baselines that need no model, scored like a model's answers: \"yes\", \"no\" or \"yes no\" to every "
+    "question; and, to open questions only, the most common normalised ground truth of the open questions "
+    "with the same normalised text (ties: first in file; oracle-ish: a text met once gets its own answer), "
+    "or leave-one-out, without the question's own (\"\" if none shares its text): what the text predicts.")
 
 
 def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> dict[str, str]:
@@ -306,9 +283,11 @@ def majority_answers(records: Sequence[Any], *, leave_one_out: bool = False) -> 
 
 
 def baselines(records: Sequence[Any]) -> dict[str, dict[str, Any]]:
-    """name → score_file result of every reference baseline (see BASELINES_HELP) on `records`."""
-    answers = {n: [(r.id, t) for r in records] for n, t in CONSTANT_BASELINES.items()}
-    answers |= {n: majority_answers(records, leave_one_out=l).items() for n, l in MAJORITY_BASELINES.items()}
+    """name → score_file result of every baseline of BASELINES_HELP on `records`."""
+    constant = {"always yes": "yes", "always no": "no", "hedge \"yes no\"": "yes no"}  # → every question
+    answers = {n: [(r.id, t) for r in records] for n, t in constant.items()}
+    answers |= {n: majority_answers(records, leave_one_out=l).items()
+                for n, l in (("majority per question text", False), ("majority, leave-one-out", True))}
     return {n: score_file([{"question_id": q, "text": t} for q, t in rows], records)
             for n, rows in answers.items()}
 
@@ -324,9 +303,8 @@ class Batch(NamedTuple):
 
 
 def prompt_ids(question: str, tokenizer, config, *, mode: str, template: str) -> list[int]:
-    """LLaVA-Med's prompt for one question: `[INST] <image>\\n{question} [/INST]`, tokenised chunk-wise
-    around the image. In `no_image` mode the same text gets zero image positions: every visual token is
-    dropped, the "▁" pieces around the image stay."""
+    """LLaVA-Med's prompt for one question, tokenised chunk-wise around the image (docs/FORMATS.md "Prompt");
+    in `no_image` mode with zero image positions (the "▁" pieces around the image stay)."""
     # tokenize_prompt wants at least one image position: in no_image mode it gets an id no tokenizer
     # produces (-1; chunked tokenization never looks it up), taken out again.
     blind = mode == "no_image"
@@ -339,8 +317,6 @@ def prompt_ids(question: str, tokenizer, config, *, mode: str, template: str) ->
 def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, template: str = "mistral_instruct",
                 pixels: Sequence[torch.Tensor] = ()) -> Batch:
     """Model inputs for a list of data.Record in one of MODES; `pixels`: their images in full mode."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     rows = [prompt_ids(r.question, tokenizer, config, mode=mode, template=template) for r in records]
     pad = config.text.pad_token_id if config.text.pad_token_id is not None else config.text.eos_token_id
     size = config.vision.image_size
@@ -356,9 +332,8 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, templat
 
 def answer_room(records: Sequence[Any], tokenizer, config, template: str,
                 max_new_tokens: int) -> tuple[int, dict[str, str]]:
-    """New tokens per answer, and question id → why for those whose prompt leaves fewer (ours; FORMATS.md
-    "Run directory", Context): max_new_tokens clamped to what the context leaves after the longest prompt of
-    `records` (the whole benchmark file, whatever --limit) that takes at most half of it."""
+    """max_new_tokens clamped to what the context leaves after the longest prompt of `records` that takes at
+    most half of it, and question id → why for longer ones (ours; docs/FORMATS.md "Run directory")."""
     context = config.text.max_seq_len
     lengths = {r.id: len(prompt_ids(r.question, tokenizer, config, mode="full", template=template))
                for r in records}
@@ -371,9 +346,8 @@ def generate_answers(model, tokenizer, records: Sequence[Any], *, run_dir: Path,
                      image_root: str | None, model_id: str, batch_size: int, max_new_tokens: int,
                      template: str = "mistral_instruct", rank: int = 0, world: int = 1,
                      skipped: dict[str, str] | None = None) -> int:
-    """Answer this rank's share of `records` (every world-th, starting at rank) that no earlier run
-    answered; append to the rank's shard, flushed per batch. Returns how many were answered.
-    skipped: question id → why, not to answer; a question whose image fails to load here is added."""
+    """Answer this rank's share of `records` (records[rank::world]) that no earlier run answered, appending to
+    its shard per batch; returns how many. skipped: id → why not to answer; an image failing here adds one."""
     skipped = {} if skipped is None else skipped
     # Answered by an earlier run: the merged file and every shard, whatever the world size that wrote them.
     # Read only: another rank may be appending to its shard (a half line is not counted).
@@ -433,7 +407,6 @@ class EvalConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """argparse over EvalConfig (harness.cli.dataclass_parser: list fields repeat, bools are switches)."""
     return dataclass_parser(EvalConfig, prog="eval.py", description=(
         "Zero-shot VQA evaluation scored as LLaVA-Med scores it. Also:\n  eval.py compare RUN_A RUN_B\n"
         "  eval.py score --answers FILE --questions FILE\n  eval.py baselines --questions FILE"))
@@ -441,8 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The run
 def load_for_eval(cfg: EvalConfig, device: str):
-    """Model (with the LoRA adapter applied, unmerged) and tokenizer; a checkpoint, adapter or
-    tokenizer that cannot be read is a UserError naming it."""
+    """Model (with the LoRA adapter applied, unmerged) and tokenizer; unreadable ones: a UserError."""
     model = load_model(cfg.model, vision_tower=cfg.vision_tower, device=device, check_finite=cfg.check_finite,
                        dtype=resolve_dtype(cfg.dtype, device, gpu_default="float16"))
     if cfg.adapter is not None:
@@ -452,11 +424,6 @@ def load_for_eval(cfg: EvalConfig, device: str):
             raise UserError(f"--adapter {cfg.adapter}: {error}") from error
         model.to(device)
     return model.eval(), read_tokenizer(cfg.tokenizer or cfg.model)
-
-
-# What data.preprocess_image does in eval (not an option yet): in the fingerprint, so that a later
-# option or default does not mix answers to differently prepared images in one run.
-IMAGE_PREPROCESSING = "LLaVA-Med pad: square with the CLIP mean colour, centred; bicubic resize"
 
 
 def run_fingerprint(cfg: EvalConfig, benchmarks: Mapping[str, tuple], roots: Mapping[str, str],
@@ -472,9 +439,12 @@ def run_fingerprint(cfg: EvalConfig, benchmarks: Mapping[str, tuple], roots: Map
         inputs[f"questions {name}"] = provenance.Content([[r.id, r.image, r.question] for r in records])
         images = sorted({r.image for r in records[:n] if r.image is not None})
         inputs[f"images {name}"] = provenance.Files(roots[name], images)
+    # What data.preprocess_image does (not an option yet): fingerprinted, so that a later option or
+    # default does not mix answers to differently prepared images in one run.
+    pad = "LLaVA-Med pad: square with the CLIP mean colour, centred; bicubic resize"
     return provenance.run_fingerprint(inputs, None, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
-                                      dtype=str(dtype).removeprefix("torch."),
-                                      image_preprocessing=IMAGE_PREPROCESSING, decoding="greedy")
+                                      dtype=str(dtype).removeprefix("torch."), image_preprocessing=pad,
+                                      decoding="greedy")
 
 
 def run(cfg: EvalConfig) -> dict[str, Any] | None:
@@ -504,8 +474,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     made = (provenance.load(Path(cfg.adapter) / PROVENANCE) or {}).get("fingerprint") if cfg.adapter else None
     cfg = model_of(cfg, made, cfg.adapter and f"--adapter {cfg.adapter}")  # default: the adapter's model
     model_id = cfg.model_id or "+".join(Path(p).resolve().name for p in (cfg.model, cfg.adapter) if p)
-    # The images of the questions that any session chose are fingerprinted; the stored fingerprint is
-    # compared with the earlier sessions' choice, so that a resumed run may choose more (--limit).
+    # The images any session's --limit chose are fingerprinted; checked against earlier choices, it may grow.
     started = (run_dir / "summary.json").exists() or any(run_dir.glob("*/answers*.jsonl"))  # shards too
     resume = not cfg.overwrite and started
     record = provenance.load(run_dir / PROVENANCE) if resume else None
@@ -517,17 +486,17 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         provenance.check_model(made, now, f"--adapter {cfg.adapter}", "evaluate it on that model (the "
                                "default without --model), or pass --allow-other-model to apply it anyway")
     start_run(run_dir, now, resume=resume, writes=[*every, "config.json", "summary.json", "report.md"],
-              session={"batch_size": cfg.batch_size, "device": device, "world_size": world, "limit": cfg.limit,
-                       "blind": cfg.blind, "model_id": model_id},
+              session={"batch_size": cfg.batch_size, "device": device, "world_size": world,
+                       "limit": cfg.limit, "blind": cfg.blind, "model_id": model_id},
               holds="answers", restart="rerun with --overwrite to start again (this deletes its answers)",
               rank=rank, world=world, compare=before, made_by="eval.py")
     model, tokenizer = load_for_eval(cfg, device)
     if rank == 0:  # the options as given, and what "auto" and the defaults resolved to
-        resolved = {**dataclasses.asdict(cfg), "resolved": {
-            "device": device, "dtype": str(model.dtype).removeprefix("torch."), "world_size": world,
-            "model_id": model_id, "num_image_tokens": model.config.num_image_tokens}}
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
-        print(f"eval.py: {device}, {resolved['resolved']['dtype']}; options in {run_dir}/config.json", file=sys.stderr)
+        auto = {"device": device, "dtype": str(model.dtype).removeprefix("torch."), "world_size": world,
+                "model_id": model_id, "num_image_tokens": model.config.num_image_tokens}
+        options = json.dumps({**dataclasses.asdict(cfg), "resolved": auto}, indent=2)
+        (run_dir / "config.json").write_text(options, encoding="utf-8")
+        print(f"eval.py: {device}, {auto['dtype']}; options in {run_dir}/config.json", file=sys.stderr)
     modes = MODES if cfg.blind else MODES[:1]
     skipped_by, rooms = {}, {}  # benchmark → question id → why: screened, too long, each rank's failures
     for name, (records, _) in benchmarks.items():
@@ -537,11 +506,10 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         if rank == 0 and rooms[name] < cfg.max_new_tokens:
             print(f"{name}: max-new-tokens {cfg.max_new_tokens} clamped to {rooms[name]} "
                   f"(context {model.config.text.max_seq_len})", file=sys.stderr)
-        for r in records:
-            if r.id in too_long and r.id not in mine:
-                mine[r.id] = too_long[r.id]
-                if rank == 0:
-                    print(f"{name}: question {r.id} skipped: {mine[r.id]}", file=sys.stderr)
+        for qid in [r.id for r in records if r.id in too_long and r.id not in mine]:
+            mine[qid] = too_long[qid]
+            if rank == 0:
+                print(f"{name}: question {qid} skipped: {mine[qid]}", file=sys.stderr)
         for mode in modes:
             generate_answers(model, tokenizer, records, run_dir=run_dir, name=name, mode=mode,
                              image_root=roots[name], model_id=model_id, batch_size=cfg.batch_size,
@@ -573,24 +541,19 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; expected errors are raised as UserError/DataError (`run_main` turns
-    them into one line on stderr and exit status 2)."""
+    """The command line; `run_main` turns a UserError/DataError into one line on stderr, exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
         p = argparse.ArgumentParser(prog="eval.py compare", description="two runs side by side, with B − A")
-        p.add_argument("run_a")
-        p.add_argument("run_b")
-        args = p.parse_args(argv[1:])
-        print(compare_runs(args.run_a, args.run_b))
+        p.add_argument("runs", nargs=2, metavar="RUN", help="run directories A and B")
+        print(compare_runs(*p.parse_args(argv[1:]).runs))
     elif argv[:1] in (["score"], ["baselines"]):
         score = argv[0] == "score"
-        p = argparse.ArgumentParser(prog=f"eval.py {argv[0]}", description=BASELINES_HELP if not score else (
-            "Score an existing answer file (ours or one written by LLaVA-Med's scripts) without a model: "
-            "LLaVA-Med's lenient figures and the strict ones side by side."))
+        p = argparse.ArgumentParser(prog=f"eval.py {argv[0]}", description=BASELINES_HELP if not score else
+                                    "Score an answer file, ours or LLaVA-Med's: lenient and strict figures.")
         if score:
             p.add_argument("--answers", required=True, help="answer-file JSONL (question_id, text)")
-        p.add_argument("--questions", required=True, help="test.json or question JSONL" + (
-            ", e.g. tests/data/VQA_RAD_test_llavamed_format.jsonl" if score else " with answers"))
+        p.add_argument("--questions", required=True, help="test.json or question JSONL, with the answers")
         p.add_argument("--ground-truth", help="answers kept apart from the questions")
         p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
         args = p.parse_args(argv[1:])
@@ -612,8 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{scores_table(results, 'baseline')}\n\n{LEGEND}")
     else:
         cfg = EvalConfig(**vars(build_parser().parse_args(argv)))
-        results = run(cfg)
-        if results is not None:
+        if run(cfg) is not None:
             print(read_text(Path(cfg.out) / "report.md"))
     return 0
 

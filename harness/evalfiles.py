@@ -1,8 +1,5 @@
-"""eval.py's files (docs/FORMATS.md "Evaluation files"): inputs (benchmarks named NAME=PATH, question files,
-images), answer files (LLaVA-Med's answer-file JSONL, a shard per rank appended to and flushed per batch,
-merged in question order) and tables (report.md, summary.json, `compare`, `score`, `baselines`). Every
-refusal is a UserError or DataError: one line, naming the file. It never imports eval.py.
-"""
+"""eval.py's files (docs/FORMATS.md "Evaluation files"): question files and images, answer files (a shard
+per rank, merged in question order) and tables. Refusals: one line naming the file. Never imports eval.py."""
 from __future__ import annotations
 
 import hashlib
@@ -23,9 +20,8 @@ PROVENANCE = "provenance.json"
 # Inputs
 def parse_named(values: Sequence[str], flag: str, *, names: Sequence[str] | None = None,
                 allow_global: bool = False) -> dict[str, str]:
-    """NAME=PATH values → {name: path}, NAME among `names` when given, else a plain name (a folder of
-    eval.py's --out). allow_global: a value naming no benchmark is the path for all (→ name: its path,
-    that one, or None)."""
+    """NAME=PATH values → {name: path}, NAME among `names`, else a plain name (a folder of --out).
+    allow_global: a value naming no benchmark is the path for all (→ every name: its path or None)."""
     out, problems = {}, []
     for value in values:
         name, sep, path = value.partition("=")
@@ -47,8 +43,7 @@ def parse_named(values: Sequence[str], flag: str, *, names: Sequence[str] | None
 
 
 def read_questions(path: str, ground_truth: str | None = None) -> tuple[list[Any], list[Any]]:
-    """data.read_records, with the errors a user can act on: a file not found, bytes that are not
-    UTF-8 (the file and byte offset), a file that is not JSON or JSON lines."""
+    """data.read_records, refusing a missing file; one that is not JSON (lines) is a DataError naming it."""
     for what, f in (("question file", path), ("ground-truth file", ground_truth)):
         if f is not None and not Path(f).is_file():
             raise UserError(f"{f}: {what} not found")
@@ -67,9 +62,8 @@ def read_benchmarks(benchmark: Sequence[str], ground_truth: Sequence[str] = ()) 
 
 def check_images(records: Sequence[Any], image_root: str | None, name: str, source: str, rank: int = 0,
                  world: int = 1) -> dict[str, str]:
-    """One error naming the benchmark, how many images of `records` are missing and the first of them (the
-    real benchmark files ship without images); else question id → why its image cannot be used
-    (`data.image_problem`, each file looked at once), for this process's share, records[rank::world]."""
+    """One error for missing images (the real benchmark files ship without them); else question id → why its
+    image cannot be used (`data.image_problem`), for this process's share records[rank::world]."""
     if not records:
         return {}
     where = f"benchmark {name!r} ({source})"
@@ -96,23 +90,22 @@ def check_images(records: Sequence[Any], image_root: str | None, name: str, sour
                         f"{', '.join(list(absent)[:show])}"
                         + (f", … ({len(absent) - show} more)" if len(absent) > show else ""))
     if unusable:
-        problems.append(f"{len(unusable)} questions without a usable image path: " + "; ".join(unusable[:show])
-                        + (" …" if len(unusable) > show else ""))
+        problems.append(f"{len(unusable)} questions without a usable image path: "
+                        + "; ".join(unusable[:show]) + (" …" if len(unusable) > show else ""))
     if problems:
         raise UserError(f"{where}: " + "; ".join(problems))
     return {r.id: f"image {r.image}: {looked[r.image]}" for r in records[rank::world] if looked[r.image]}
 
 
 # Answer files
-def answers_path(run_dir: Path, name: str, mode: str, rank: int | None = None) -> Path:
+def answers_path(run_dir: Path, name: str, mode: str, rank: int | str | None = None) -> Path:
     """{run}/{benchmark}/answers[-mode][.rank{r}].jsonl (mode `full` is LLaVA-Med's answer file)."""
     stem = "answers" if mode == "full" else f"answers-{mode}"
     return run_dir / name / (f"{stem}.jsonl" if rank is None else f"{stem}.rank{rank}.jsonl")
 
 
 def answer_row(record, text: str, model_id: str, mode: str) -> dict[str, Any]:
-    """One answer-file line: question_id keeps the question file's integer when it was one; answer_id is a
-    content hash, not LLaVA-Med's random shortuuid, so that a resumed run writes the same file."""
+    """One answer-file line (docs/FORMATS.md); answer_id, a content hash, is the same on resume."""
     qid: int | str = int(record.id) if record.id.isdigit() and str(int(record.id)) == record.id else record.id
     answer_id = hashlib.sha1(f"{model_id}\n{mode}\n{record.id}\n{text}".encode()).hexdigest()[:22]
     return {"question_id": qid, "prompt": record.question, "text": text, "answer_id": answer_id,
@@ -125,8 +118,7 @@ def question_id(row: dict[str, Any]) -> str:
 
 
 def read_answer_file(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of an answer file from anywhere (LLaVA-Med's scripts, an edited copy): JSON lines or a JSON list
-    of objects with "question_id" and "text"; a bad line or row is an error naming it."""
+    """Rows of an answer file from anywhere (LLaVA-Med's scripts, an edited copy); a bad row is an error."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: answer file not found")
@@ -135,20 +127,18 @@ def read_answer_file(path: str | os.PathLike) -> list[dict[str, Any]]:
         if isinstance(row, BadLine):
             raise DataError(f"{path}: {row.message}")
         if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("text"), str):
-            raise DataError(f"{path}: record {i + 1} is not an answer (an object with question_id and a text string)")
+            raise DataError(f"{path}: record {i + 1} is not an object with question_id and a text string")
         rows.append(row)
     return rows
 
 
 def shards(run_dir: Path, name: str, mode: str) -> list[Path]:
     """Every rank's shard of one answer file, whatever the world size that wrote them."""
-    pattern = answers_path(run_dir, name, mode, 0).name.replace(".rank0.", ".rank*.")
-    return sorted((run_dir / name).glob(pattern))
+    return sorted((run_dir / name).glob(answers_path(run_dir, name, mode, "*").name))
 
 
 def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -> Path:
-    """Fold the shards into the answer file, in the order of `records` (rows of other questions, e.g. from a
-    run without --limit, follow), then delete the shards. Atomic: an interrupted merge leaves them."""
+    """Fold the shards into the answer file in `records` order (other rows follow), delete them; atomic."""
     final, parts = answers_path(run_dir, name, mode), shards(run_dir, name, mode)
     position = {r.id: i for i, r in enumerate(records)}
     merge_jsonl(final, [final] + parts, key=question_id,
@@ -158,28 +148,26 @@ def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -
     return final
 
 
-# Tables: every one shows METRICS, (label, section, key) of eval.score_file's figures (None, shown "–":
-# nothing to average), one column each, explained by LEGEND under it.
-METRICS = (("open recall", "open", "recall"), ("closed acc", "closed", "accuracy"),
-           ("closed strict", "closed", "accuracy_strict"), ("hedge rate", "closed", "hedge_rate"),
-           ("no answer", "closed", "no_answer_rate"), ("overall", "overall", "score"),
-           ("halluc. rate", "closed", "hallucination_rate"),
-           ("facts contradicted", "description", "facts_contradicted"),
-           ("facts correct", "description", "facts_correct"))
-# What the labels mean, under every table (a markdown list, readable in a terminal too).
-LEGEND = "\n".join((
-    "- open recall: LLaVA-Med's open score (mean token recall × 100)",
-    "- closed acc: LLaVA-Med's lenient closed score, `gt in pred` on normalised strings (\"yes no\" hits "
-    "every yes/no question)",
-    "- closed strict: a yes/no question needs the prediction's one yes/no answer to equal gt (hedges and "
-    "non-answers are wrong); other closed answers must occur as whole words",
-    "- hedge rate: % of closed predictions holding both \"yes\" and \"no\" as words",
-    "- no answer: % of yes/no questions whose prediction gives no yes/no answer",
-    "- overall: mean over questions of open recall and lenient closed hits",
-    "- halluc. rate: % of questions with answer \"no\" answered \"yes\"",
-    "- facts contradicted: over questions whose record lists the scene's facts (\"facts\"; no column without "
-    "them), % of the slot values an answer states that are not the scene's (CHAIR-like)",
-    "- facts correct: over the same questions, % of the scene's facts the answer states with the true value"))
+# Tables: every one shows METRICS, (label, section, key, meaning) of eval.score_file's figures (None, shown
+# "–": nothing to average), one column each, explained by LEGEND under it (readable in a terminal too).
+METRICS = (
+    ("open recall", "open", "recall", "LLaVA-Med's open score (mean token recall × 100)"),
+    ("closed acc", "closed", "accuracy", "LLaVA-Med's lenient closed score, `gt in pred` on normalised "
+     "strings (\"yes no\" hits every yes/no question)"),
+    ("closed strict", "closed", "accuracy_strict", "a yes/no question needs the prediction's one yes/no "
+     "answer to equal gt (hedges and non-answers are wrong); other closed answers must occur as whole words"),
+    ("hedge rate", "closed", "hedge_rate", "% of closed predictions holding both \"yes\" and \"no\" as "
+     "words"),
+    ("no answer", "closed", "no_answer_rate",
+     "% of yes/no questions whose prediction gives no yes/no answer"),
+    ("overall", "overall", "score", "mean over questions of open recall and lenient closed hits"),
+    ("halluc. rate", "closed", "hallucination_rate", "% of questions with answer \"no\" answered \"yes\""),
+    ("facts contradicted", "description", "facts_contradicted", "over questions whose record lists the "
+     "scene's facts (\"facts\"; no column without them), % of the slot values an answer states that are not "
+     "the scene's (CHAIR-like)"),
+    ("facts correct", "description", "facts_correct",
+     "over the same questions, % of the scene's facts the answer states with the true value"))
+LEGEND = "\n".join(f"- {label}: {meaning}" for label, _, _, meaning in METRICS)
 # eval.py's modes, in the order tables show them ("full" first: the blind modes are compared with it).
 MODE_LABELS = {"full": "full", "no_image": "no image", "blank_image": "blank image"}
 
@@ -198,38 +186,35 @@ def _shown(rows: Iterable[Mapping[str, Any]]) -> tuple:
 
 
 def visual_gain(modes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """full − blind for every metric and every blind mode that was run (positive: the image helps;
-    for the hallucination rate, negative: the image lowers it)."""
-    return {mode: {label: _diff(modes[mode][s][k], modes["full"][s][k]) for label, s, k in METRICS}
+    """full − blind per metric and blind mode run: positive where the image helps (negative: halluc. rate)."""
+    return {mode: {label: _diff(modes[mode][s][k], modes["full"][s][k]) for label, s, k, _ in METRICS}
             for mode in MODE_LABELS if mode != "full" and mode in modes and "full" in modes}
 
 
 def scores_table(rows: Mapping[str, Mapping[str, Any]], first: str = "answers",
                  gains: Mapping[str, Mapping[str, float | None]] | None = None) -> str:
-    """Markdown: one row per score_file result (or mode), the METRICS as columns (lenient and strict side by
-    side); then a signed row per `gains` entry (label → figure by metric label: visual_gain's)."""
+    """Markdown: a row per score_file result, the METRICS as columns; then a signed row per `gains` entry."""
     metrics = _shown(rows.values())
-    lines = [f"| {first} | " + " | ".join(label for label, _, _ in metrics) + " |",
+    lines = [f"| {first} | " + " | ".join(label for label, *_ in metrics) + " |",
              "|---|" + "---:|" * len(metrics)]
     for name, scores in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(scores[s][k]) for _, s, k in metrics) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(scores[s][k]) for _, s, k, _ in metrics) + " |")
     for name, gain in (gains or {}).items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(gain[label], True) for label, _, _ in metrics) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(gain[label], True) for label, *_ in metrics) + " |")
     return "\n".join(lines)
 
 
 def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
-    """Markdown: one row per mode, then one row of visual gain per blind mode; then the questions
-    skipped (unreadable image or too long for the context) and unscorable (no ground truth), by id."""
+    """Markdown: a row per mode and of visual gain per blind mode; the skipped and unscorable ids."""
     full, skipped = entry["modes"]["full"], entry["skipped"]
     unscorable, show = full["unscorable"], 20
     modes = {MODE_LABELS[mode]: scores for mode, scores in entry["modes"].items()}
     gains = {f"visual gain (full − {MODE_LABELS[mode]})": g for mode, g in entry["visual_gain"].items()}
     lines = [f"### {name}", "",
-             f"{full['n_questions'] + len(skipped)} questions read, {len(entry['bad_records'])} malformed records "
-             f"skipped, {len(skipped)} questions skipped (unreadable image or too long), {len(unscorable)} "
-             f"unscorable (no ground truth); answered {full['open']['n']} open, {full['closed']['n']} "
-             f"closed; {len(full['missing'])} missing", "",
+             f"{full['n_questions'] + len(skipped)} questions read, {len(entry['bad_records'])} malformed "
+             f"records skipped, {len(skipped)} questions skipped (unreadable image or too long), "
+             f"{len(unscorable)} unscorable (no ground truth); answered {full['open']['n']} open, "
+             f"{full['closed']['n']} closed; {len(full['missing'])} missing", "",
              scores_table(modes, "mode", gains)]
     if skipped:
         lines += ["", f"Skipped ({len(skipped)}, not scored):", ""]
@@ -243,10 +228,9 @@ def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
 
 def write_reports(run_dir: Path, config: Mapping[str, Any], results: Mapping[str, Any],
                   fingerprint: Mapping[str, Any] | None = None) -> None:
-    """summary.json (the options `config`, the provenance fingerprint, every figure) and report.md
-    (a table per benchmark) in `run_dir`."""
-    (run_dir / "summary.json").write_text(json.dumps(
-        {"config": dict(config), "provenance": fingerprint, "benchmarks": results}, indent=2), encoding="utf-8")
+    """summary.json (options, fingerprint, every figure) and report.md (a table per benchmark)."""
+    summary = {"config": dict(config), "provenance": fingerprint, "benchmarks": results}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     adapter = config.get("adapter")
     text = ["# Evaluation", "", f"model `{config['model']}`" + (f", adapter `{adapter}`" if adapter else ""),
             "", LEGEND, ""] + [benchmark_table(name, entry) for name, entry in results.items()]
@@ -266,11 +250,11 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
             raise DataError(f"{path}: not an eval.py summary ({e})") from None
     a, b = summaries
     lines = [f"A = {run_a}", f"B = {run_b}", ""]
-    for name in list(a) + [n for n in b if n not in a]:
+    for name in {**a, **b}:
         lines += [f"### {name}", "", "| mode | metric | A | B | B − A |", "|---|---|---:|---:|---:|"]
         modes_a, modes_b = (x[name]["modes"] if name in x else {} for x in (a, b))
         for mode in [m for m in MODE_LABELS if m in modes_a or m in modes_b]:
-            for label, s, k in _shown([*modes_a.values(), *modes_b.values()]):
+            for label, s, k, _ in _shown([*modes_a.values(), *modes_b.values()]):
                 fa, fb = (modes[mode][s][k] if mode in modes else None for modes in (modes_a, modes_b))
                 lines.append(f"| {MODE_LABELS[mode]} | {label} | {_fmt(fa)} | {_fmt(fb)} "
                              f"| {_fmt(_diff(fa, fb), True)} |")
