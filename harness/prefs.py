@@ -30,8 +30,7 @@ from model import load_model
 from model.loading import resolve_dtype
 from model.rows import mean_token_probability, teacher_forced_logits
 from model.sentence import Similarity
-from model.tokenizer import (build_prompt, decode, load_tokenizer, tokenize_prompt,
-                             tokenize_response)
+from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_prompt, tokenize_response
 
 # Options naming inputs or the output: the fingerprint holds the inputs' content instead. Every other
 # option but --overwrite and --check-finite is in it, batch_size and decode_rows too (they change floats).
@@ -84,8 +83,8 @@ def select_entries(n: int, limit: int | None, seed: int) -> list[int]:
 
 
 def run_fingerprint(opts, records: list[Record], entries: list[int], world: int, tokenizer) -> dict:
-    """What the records depend on, by content. The images: the selected entries' that exist (the others are
-    rejected one by one); none: a UserError (--image-root)."""
+    """What the records depend on, by content. The images: those of the selected entries that open (the others
+    are rejected one by one); none: a UserError (--image-root)."""
     names, named = set(), [records[i].image for i in entries if records[i].image]
     for name in named:
         try:
@@ -418,8 +417,7 @@ def stats_main(argv) -> dict:
     p.add_argument("--check-finite", action=argparse.BooleanOptionalAction, default=True,
                    help="refuse weights holding NaN or Inf as they load (default: on)")
     args = p.parse_args(argv)
-    path = Path(args.prefs)
-    lines = read_jsonl(path)
+    lines = read_jsonl(path := Path(args.prefs))
     if not lines or not lines[0].get(HEADER_KEY):
         raise UserError(f"{path}: not an hscr.py output (no header line)")
     options, records = lines[0]["options"], lines[1:]
@@ -484,9 +482,8 @@ def external_probability(args, options: dict, records: list[dict]) -> list[float
     probs = []
     for start in range(0, len(entries), args.batch_size):
         batch = entries[start: start + args.batch_size]
-        pixels = torch.stack([e.pixels for e in batch]).to(device=model.device, dtype=model.dtype)
-        features = list(model.encode_images(pixels))
-        logits, t, v = teacher_forced_logits(model, [e.prompt_ids for e in batch], features,
-                                             [e.response for e in batch], pad)
-        probs += mean_token_probability(logits, t, v).tolist()
+        features = model.encode_images(torch.stack([e.pixels for e in batch]).to(model.device, model.dtype))
+        rows = teacher_forced_logits(model, [e.prompt_ids for e in batch], list(features),
+                                     [e.response for e in batch], pad)
+        probs += mean_token_probability(*rows).tolist()
     return probs
