@@ -120,9 +120,8 @@ def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_fe
     batch. → logits_full, logits_drop (B, L, V), targets, valid (B, L); `drop_positions`: keep_positions'."""
     B = len(responses)
     positions = None if drop_positions is None else [None] * B + list(drop_positions)
-    logits, targets, valid = teacher_forced_logits(model, full_prompts + drop_prompts, list(full_features)
-                                                   + list(drop_features), responses + responses, pad_id,
-                                                   positions)  # (2B, L, V)
+    rows = full_prompts + drop_prompts, [*full_features, *drop_features], responses + responses
+    logits, targets, valid = teacher_forced_logits(model, *rows, pad_id, positions)  # (2B, L, V)
     return logits[:B], logits[B:], targets[:B], valid[:B]
 
 
@@ -329,8 +328,7 @@ class HSCR:
                                      rows_per_call=self.opts.decode_rows)
         return _regroup([p + t for p, t in zip(prefixes, tails)], candidates)
 
-    def _records(self, results, alive, entries, responses, coupled, negatives, p_chosen, prompts,
-                 feats) -> list:
+    def _records(self, results, alive, entries, responses, coupled, negatives, p_chosen, prompts, feats):
         """`results` completed (prefs.preference_record); --score-negatives: one more forward, p_rejected."""
         p_rejected = [[] if self.opts.score_negatives else None for _ in negatives]
         owner = [b for b, negs in enumerate(negatives) for _ in negs]

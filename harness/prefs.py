@@ -29,7 +29,6 @@ from harness.files import JsonlFile, merge_jsonl, read_json_records, read_jsonl,
 from model import load_model
 from model.loading import resolve_dtype
 from model.rows import mean_token_probability, teacher_forced_logits
-from model.sentence import Similarity
 from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_prompt, tokenize_response
 
 # Options naming inputs or the output: the fingerprint holds the inputs' content instead. Every other
@@ -58,7 +57,7 @@ def run(opts, pipeline) -> dict:
     # CheckpointError is a UserError naming the checkpoint or tower file.
     model = load_model(opts.model, vision_tower=opts.vision_tower, dtype=resolve_dtype(opts.dtype, device),
                        device=device, check_finite=opts.check_finite)
-    pipe = pipeline(model, tokenizer, opts, Similarity(opts.similarity, opts.sentence_model, device))
+    pipe = pipeline(model, tokenizer, opts)  # hscr.py's HSCR
     output = Output(Path(opts.out), header, rank=rank, world=world, overwrite=opts.overwrite)
     # The input's bad records, once across resumes; `position`: index in a JSON list or 0-based JSONL line.
     output.rejects.write({"index": None, "id": b.id, "category": BAD_RECORD, "reason": b.reason,
