@@ -174,7 +174,8 @@ class _Fields:
         if v is None and default is None:  # a field whose default is None may be null
             return None
         if isinstance(v, bool) or not isinstance(v, int):
-            raise self.error(key, f"must be an integer{' or null' if default is None else ''}, got {_show(v)}")
+            null = " or null" if default is None else ""
+            raise self.error(key, f"must be an integer{null}, got {_show(v)}")
         if minimum is not None and v < minimum:
             raise self.error(key, f"must be at least {minimum}, got {v}")
         return v
