@@ -1,10 +1,9 @@
 """Tokenizer and prompt for LLaVA-Med v1.5, with the `tokenizers` library only.
 
-`convert_sentencepiece` reads the SentencePiece `tokenizer.model` LLaVA-Med ships (no tokenizer.json) by
-hand and builds the Llama-style `tokenizers.Tokenizer` of transformers' `LlamaConverter` (up to 4.x), equal
-to `sentencepiece` id for id; the prompt side is LLaVA-Med's `mistral_instruct` template and chunk-wise
-tokenization around "<image>" (docs/FORMATS.md, "Tokenizer", "Prompt").
-CLI: `python -m model.tokenizer convert IN.model OUT.json`.
+`convert_sentencepiece` reads LLaVA-Med's SentencePiece `tokenizer.model` by hand into the Llama-style
+Tokenizer of transformers' (4.x) `LlamaConverter`, equal to `sentencepiece` id for id; prompts follow
+LLaVA-Med's `mistral_instruct` template (docs/FORMATS.md, "Tokenizer", "Prompt"). CLI:
+`python -m model.tokenizer convert IN.model OUT.json`.
 """
 from __future__ import annotations
 
@@ -21,15 +20,10 @@ from tokenizers.models import BPE
 
 from harness.cli import UserError
 
-# Word-start marks of SentencePiece / byte-level BPE pieces, and punctuation glued to words.
-_MARKS = "▁Ġ "
-_PUNCT = ".,;:!?\"'()[]"
-
-
 def piece_word(piece: str | None) -> str:
-    """A tokenizer piece as a word, case kept: no word-start mark, no surrounding punctuation
-    ("▁no." → "no"; "." → ""). hscr.py's --same-word and demo/negatives.py's classes use it."""
-    return (piece or "").lstrip(_MARKS).strip(_PUNCT)
+    """A tokenizer piece as a word, case kept: no word-start mark (SentencePiece's, byte-level BPE's), no
+    surrounding punctuation ("▁no." → "no"; "." → ""). hscr.py's --same-word and demo/negatives.py use it."""
+    return (piece or "").lstrip("▁Ġ ").strip(".,;:!?\"'()[]")
 
 
 def word_classes(pieces: Sequence[str | None]) -> list[int]:
@@ -185,10 +179,8 @@ def convert_sentencepiece(model_path: str | Path) -> Tokenizer:
         (spm.model_type != 2, f"model_type is {kind}; only BPE (Llama / Mistral style) is supported"),
         (not spm.byte_fallback, "byte_fallback is off; Llama-style tokenizers need it"),
         (spm.precompiled_charsmap or spm.denormalizer_charsmap,
-         f"normalizer {spm.normalizer_name!r} rewrites characters; only the 'identity' normalizer is "
-         "supported"),
-        (spm.remove_extra_whitespaces,
-         "remove_extra_whitespaces is on; whitespace runs could not be reproduced"),
+         f"normalizer {spm.normalizer_name!r} rewrites characters; only 'identity' is supported"),
+        (spm.remove_extra_whitespaces, "remove_extra_whitespaces is on; whitespace runs would be lost"),
         (not spm.escape_whitespaces, "escape_whitespaces is off; spaces must become '▁'"),
         (spm.treat_whitespace_as_suffix, "treat_whitespace_as_suffix is on; only '▁' prefixes are supported"),
         (not 0 <= spm.unk_id < len(spm.pieces) or spm.types[spm.unk_id] != UNKNOWN,
@@ -230,8 +222,7 @@ def llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
 
 # Loading, prompts, tokenization.
 def tokenizer_file(path: str | Path) -> Path:
-    """The file load_tokenizer reads for `path`: the path itself, or a directory's tokenizer.json, else
-    its tokenizer.model (fingerprints hash what it does: canonical_form)."""
+    """The file load_tokenizer reads: `path`, or a directory's tokenizer.json, else its tokenizer.model."""
     path = Path(path)
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):
@@ -244,8 +235,7 @@ def tokenizer_file(path: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer from a tokenizer.json file, a directory holding one, or, when the
-    directory only has a SentencePiece `tokenizer.model` (LLaVA-Med v1.5), by converting it."""
+    """The tokenizer of tokenizer_file(path); a SentencePiece tokenizer.model (LLaVA-Med's) is converted."""
     path = tokenizer_file(path)
     if path.suffix == ".model":
         return convert_sentencepiece(path)
