@@ -88,19 +88,18 @@ KNOWN_TOWERS = {"openai/clip-vit-large-patch14-336": VisionConfig(),
 def detect_layout(keys, source: str = "checkpoint") -> str:
     """The layout (a key of LAYOUTS, not "clip") of a whole checkpoint, from every key of every shard
     (_headers' {key: (file, shape)} names files in errors). No telling key, or two layouts, is an error."""
-    files = keys if isinstance(keys, dict) else {}
-    keys = sorted(k for k in keys if not k.endswith(IGNORED_SUFFIXES))
-    where = {k: f"{k} ({files[k][0].name})" if files else k for k in keys}
+    where = {k: f"{k} ({keys[k][0].name})" if isinstance(keys, dict) else k  # sorted, as the errors name them
+             for k in sorted(keys) if not k.endswith(IGNORED_SUFFIXES)}
     seen: dict[str, str] = {}  # layout → first key that tells it
-    for key in keys:
+    for key, named in where.items():
         if (layout := next((lay for lay, pre in TELLING.items() if key.startswith(pre)), None)) is not None:
-            seen.setdefault(layout, key)
+            seen.setdefault(layout, named)
     if len(seen) == 1:
         return next(iter(seen))
     if seen:
-        found = "; ".join(f"{where[k]} is {lay}" for lay, k in seen.items())
+        found = "; ".join(f"{k} is {lay}" for lay, k in seen.items())
         raise CheckpointError(f"{source}: keys of {len(seen)} layouts in one checkpoint: {found}")
-    first = ", ".join(where[k] for k in keys[:5]) or "none"
+    first = ", ".join(list(where.values())[:5]) or "none"
     raise CheckpointError(f"{source}: unrecognised key layout, no key starts with a prefix of "
                           f"{', '.join(sorted(TELLING))} (first keys: {first})")
 
@@ -131,9 +130,8 @@ def _show(value) -> str:
 
 _REQUIRED = object()
 
-# What transformers assumes for a field that a nested config leaves out: transformers 4.x writes only
-# the fields of text_config / vision_config that differ from their class's defaults (llava-hf's
-# llava-1.5-7b-hf has no text_config.hidden_size). tests/test_loading.py checks these numbers.
+# What transformers assumes for a field a nested config leaves out (4.x writes only those that differ from
+# the class's defaults: llava-1.5-7b-hf has no text_config.hidden_size); tests/test_loading.py checks them.
 MODEL_TYPE_DEFAULTS = {
     "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
               "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
@@ -273,8 +271,7 @@ def _select_layer(f: _Fields, key: str, vision: VisionConfig) -> int:
 
 
 def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig | None = None) -> LlavaConfig:
-    """LlavaConfig from a llava-hf (nested) or LLaVA-Med (`mm_*`) config.json dict; every field is
-    type-checked, and an error names `source` and the field's path in the file."""
+    """LlavaConfig of a llava-hf (nested) or LLaVA-Med (`mm_*`) config.json dict, every field type-checked."""
     f = _Fields(c, source)
     if "text_config" in c:  # llava-hf
         f.choice("projector_hidden_act", "gelu", ("gelu",))
@@ -282,8 +279,7 @@ def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig 
         text, bias = _text_config(f.sub("text_config")), f.bool("multimodal_projector_bias", True)
         layer = _select_layer(f, "vision_feature_layer", vision)
         strategy = f.choice("vision_feature_select_strategy", "default", ("default", "full"))
-        # A vocabulary id, or LLaVA's -200 (IMAGE_TOKEN_INDEX, outside the vocabulary), which
-        # save_model writes for models on LLaVA-Med's convention.
+        # A vocabulary id, or LLaVA's -200 (outside the vocabulary), which save_model writes for LLaVA-Med's.
         key = "image_token_index" if "image_token_index" in c else "image_token_id"
         image_token = f.int(key, 32000, minimum=None)
         if image_token < 0 and image_token != -200:

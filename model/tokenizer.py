@@ -12,7 +12,7 @@ import json
 import struct
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
@@ -88,34 +88,29 @@ def _int32(value: int | bytes) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+def _at(message: int, number: int, default):
+    """Field `number` of ModelProto's field `message` (2 TrainerSpec, 3 NormalizerSpec, 5 denormalizer's)."""
+    return field(default=default, metadata={"at": (message, number)})
+
+
 @dataclass
 class SentencePieceModel:
     """The parts of a SentencePiece ModelProto that decide how text becomes ids; the defaults are
-    proto2's, which apply when a field is absent from the file."""
+    proto2's, which apply when a field is absent from the file; a field's type is its default's."""
     pieces: list[str]
     scores: list[float]
     types: list[int]
-    model_type: int = 1  # TrainerSpec.model_type, default UNIGRAM
-    byte_fallback: bool = False
-    unk_id: int = 0
-    bos_id: int = 1
-    treat_whitespace_as_suffix: bool = False
-    normalizer_name: str = ""
-    precompiled_charsmap: bytes = b""  # character rewriting table; empty = identity
-    add_dummy_prefix: bool = True
-    remove_extra_whitespaces: bool = True
-    escape_whitespaces: bool = True
-    denormalizer_charsmap: bytes = b""
-
-
-# The TrainerSpec (2), NormalizerSpec (3) and denormalizer NormalizerSpec (5) fields read, by ModelProto
-# field and sub-field number: SentencePieceModel's attribute, whose type is the field's.
-_SPEC_FIELDS = {
-    2: {3: "model_type", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 24: "treat_whitespace_as_suffix"},
-    3: {1: "normalizer_name", 2: "precompiled_charsmap", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces",
-        5: "escape_whitespaces"},
-    5: {2: "denormalizer_charsmap"},
-}
+    model_type: int = _at(2, 3, 1)  # default UNIGRAM
+    byte_fallback: bool = _at(2, 35, False)
+    unk_id: int = _at(2, 40, 0)
+    bos_id: int = _at(2, 41, 1)
+    treat_whitespace_as_suffix: bool = _at(2, 24, False)
+    normalizer_name: str = _at(3, 1, "")
+    precompiled_charsmap: bytes = _at(3, 2, b"")  # character rewriting table; empty = identity
+    add_dummy_prefix: bool = _at(3, 3, True)
+    remove_extra_whitespaces: bool = _at(3, 4, True)
+    escape_whitespaces: bool = _at(3, 5, True)
+    denormalizer_charsmap: bytes = _at(5, 2, b"")
 
 
 def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
@@ -126,6 +121,7 @@ def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
     if not path.is_file():
         raise FileNotFoundError(f"SentencePiece model not found: {path}")
     spm = SentencePieceModel(pieces=[], scores=[], types=[])
+    spec = {f.metadata["at"]: f.name for f in fields(spm) if f.metadata}  # (message, field) → attribute
     try:
         for number, value in _fields(path.read_bytes()):
             if number == 1 and isinstance(value, bytes):
@@ -140,9 +136,8 @@ def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
                 spm.pieces.append(piece)
                 spm.scores.append(score)
                 spm.types.append(kind)
-            elif number in _SPEC_FIELDS and isinstance(value, bytes):
-                spec = _SPEC_FIELDS[number]
-                for name, v in ((spec[n], v) for n, v in _fields(value) if n in spec):
+            elif number in (2, 3, 5) and isinstance(value, bytes):
+                for name, v in ((spec[number, n], v) for n, v in _fields(value) if (number, n) in spec):
                     old = getattr(spm, name)
                     if not isinstance(old, (str, bytes)):
                         setattr(spm, name, type(old)(_int32(v)))  # an int, enum or bool
