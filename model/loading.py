@@ -399,9 +399,9 @@ def _headers(source: Path, files: list[Path]) -> dict[str, tuple[Path, tuple[int
 
 
 def _index(path: Path, layout: str | None = None, *, skip: tuple[str, ...] = (), drop: str | None = None):
-    """({our name: (file, key, shape)}, [unexpected "key (file)"]) for the checkpoint at `path` read in
-    `layout` (None: detect it). Keys starting with `skip` are not read; names starting with `drop` are
-    left out (a tower replaced by vision_tower=). Two keys naming one parameter are an error."""
+    """({our name: (file, key, shape)}, [unexpected "key (file)"]) of the checkpoint at `path` in `layout`
+    (None: detected). Keys starting with `skip` are not read; names starting with `drop` are left out (a
+    tower replaced by vision_tower=). Two keys naming one parameter are an error."""
     headers = _headers(path, safetensors_files(path))
     layout = layout or detect_layout(headers, str(path))
     found, unexpected, clashes = {}, [], []
@@ -426,9 +426,8 @@ def _index(path: Path, layout: str | None = None, *, skip: tuple[str, ...] = (),
 
 def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, device="cpu",
                check_finite: bool = True) -> Llava:
-    """Load a LLaVA(-Med) checkpoint directory (config.json + safetensors) as a `Llava` in eval mode.
-    `vision_tower`: a CLIP directory whose tower replaces the checkpoint's, or supplies a missing one;
-    `check_finite`: see assign_weights (the scripts' --check-finite)."""
+    """A LLaVA(-Med) checkpoint directory (config.json + safetensors) as a `Llava` in eval mode;
+    `vision_tower`: a CLIP directory whose tower replaces the checkpoint's or supplies a missing one."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")

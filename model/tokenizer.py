@@ -197,10 +197,9 @@ def llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
     # special tokens gets its "▁", as in LLaVA-Med's slow "legacy" LlamaTokenizer (SentencePiece per stretch).
     steps = [normalizers.Prepend(SPIECE)] if spm.add_dummy_prefix else []
     tokenizer.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", SPIECE)])
-    steps = [decoders.Replace(SPIECE, " "), decoders.ByteFallback(), decoders.Fuse()]
-    if spm.add_dummy_prefix:
-        steps.append(decoders.Strip(content=" ", left=1, right=0))  # undo the dummy prefix
-    tokenizer.decoder = decoders.Sequence(steps)
+    undo = [decoders.Strip(content=" ", left=1, right=0)] if spm.add_dummy_prefix else []  # the dummy prefix
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(SPIECE, " "), decoders.ByteFallback(),
+                                           decoders.Fuse(), *undo])
     # Control and unknown pieces are special: matched verbatim, skipped by decode(skip_special_tokens=True);
     # user-defined ones are matched verbatim but decoded. The ids stay: the pieces are in the vocab.
     tokenizer.add_special_tokens([AddedToken(p, normalized=False, special=True)
@@ -220,9 +219,8 @@ def tokenizer_file(path: str | Path) -> Path:
     """The file load_tokenizer reads: `path`, or a directory's tokenizer.json, else its tokenizer.model."""
     path = Path(path)
     if path.is_dir():
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if (path / name).is_file():
-                return path / name
+        if found := [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]:
+            return found[0]
         raise UserError(f"{path}: no tokenizer.json or tokenizer.model in it (pass --tokenizer)")
     if not path.is_file():
         raise UserError(f"tokenizer {path}: not found")
