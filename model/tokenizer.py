@@ -20,6 +20,7 @@ from tokenizers.models import BPE
 
 from harness.cli import UserError
 
+
 def piece_word(piece: str | None) -> str:
     """A tokenizer piece as a word, case kept: no word-start mark (SentencePiece's, byte-level BPE's), no
     surrounding punctuation ("▁no." → "no"; "." → ""). hscr.py's --same-word and demo/negatives.py use it."""
@@ -188,8 +189,7 @@ def convert_sentencepiece(model_path: str | Path) -> Tokenizer:
 
 
 def llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
-    """The `tokenizers.Tokenizer` of a (checked) SentencePiece BPE model; demo/tokenizer.py builds
-    the shipped base's tokenizer through it too."""
+    """The `tokenizers.Tokenizer` of a (checked) SentencePiece BPE model; demo/tokenizer.py uses it too."""
     vocab, unk = {piece: i for i, piece in enumerate(spm.pieces)}, spm.pieces[spm.unk_id]
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=_bpe_merges(spm.pieces, spm.scores), unk_token=unk,
                               fuse_unk=True, byte_fallback=True, dropout=None))
@@ -287,8 +287,7 @@ def tokenize_response(tokenizer: Tokenizer, text: str, *, eos_token_id: int | No
 def decode(tokenizer: Tokenizer, ids: Sequence[int], *, eos_token_id: int | None = 2) -> str:
     """Text of generated ids: cut at the first EOS, special tokens skipped, stripped (as LLaVA-Med's eval)."""
     ids = [int(i) for i in ids]
-    if eos_token_id is not None and eos_token_id in ids:
-        ids = ids[:ids.index(eos_token_id)]
+    ids = ids[:ids.index(eos_token_id)] if eos_token_id in ids else ids
     if negative := [i for i in ids if i < 0]:
         raise ValueError(f"cannot decode negative ids {sorted(set(negative))} (image placeholders?)")
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
