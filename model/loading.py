@@ -136,14 +136,13 @@ MODEL_TYPE_DEFAULTS = {
     "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
               "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
               "rope_theta": 10000.0, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2},
-    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
-                "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "sliding_window": 4096, "hidden_act": "silu",
-                "bos_token_id": 1, "eos_token_id": 2},
     "clip_vision_model": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                           "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
                           "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
 }
+MODEL_TYPE_DEFAULTS["mistral"] = {**MODEL_TYPE_DEFAULTS["llama"], "intermediate_size": 14336,
+                                  "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                                  "sliding_window": 4096}
 
 
 class _Fields:
