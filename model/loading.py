@@ -34,7 +34,8 @@ def resolve_dtype(name: str, device: str | torch.device, *, gpu_default: str = "
 
 
 class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the keys or fields."""
+    """A checkpoint that cannot be loaded; the message names the file and the keys or fields. A UserError:
+    the scripts print it as one line; a ValueError for library callers."""
 
 
 def _few(items, sep: str = ", ", n: int = 3) -> str:
