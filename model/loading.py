@@ -1,9 +1,8 @@
 """Load LLaVA(-Med) checkpoints from safetensors into `model.llava.Llava`, strictly.
 
-Layouts (LLaVA-Med's, llava-hf's legacy and new ones, a CLIP directory as the tower), config fields and
-ignored keys: docs/FORMATS.md, "Checkpoints" and "Config fields". The layout is decided over every shard's
-keys (a shard may hold only lm_head); the weights are read once into a meta-device model (peak memory ≈ one
-copy). Pickles (`.bin`, `.pt`) are refused: loading them would run arbitrary code.
+Layouts (LLaVA-Med, llava-hf legacy and new, a CLIP directory as the tower), config fields, ignored keys:
+docs/FORMATS.md. The layout is decided over every shard's keys (a shard may hold only lm_head); weights are
+read once into a meta-device model (peak memory ≈ one copy). Pickles are refused: they can run arbitrary code.
 """
 from __future__ import annotations
 
@@ -35,8 +34,8 @@ def resolve_dtype(name: str, device: str | torch.device, *, gpu_default: str = "
 
 
 class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the file and the keys or
-    fields. A UserError, so the scripts print it as one line; still a ValueError for callers."""
+    """A checkpoint that cannot be loaded; the message names the file and the keys or fields. A UserError:
+    the scripts print it as one line; a ValueError for library callers."""
 
 
 def _few(items, sep: str = ", ", n: int = 3) -> str:
@@ -89,20 +88,19 @@ KNOWN_TOWERS = {"openai/clip-vit-large-patch14-336": VisionConfig(),
 
 def detect_layout(keys, source: str = "checkpoint") -> str:
     """The layout (a key of LAYOUTS, not "clip") of a whole checkpoint, from every key of every shard
-    ({key: file} lets the errors name files). No telling key, or keys of two layouts, is an error."""
-    files = keys if isinstance(keys, dict) else {}
-    keys = sorted(k for k in keys if not k.endswith(IGNORED_SUFFIXES))
-    where = {k: f"{k} ({Path(files[k]).name})" if files else k for k in keys}
+    (_headers' {key: (file, shape)} names files in errors). No telling key, or two layouts, is an error."""
+    where = {k: f"{k} ({keys[k][0].name})" if isinstance(keys, dict) else k  # sorted, as the errors name them
+             for k in sorted(keys) if not k.endswith(IGNORED_SUFFIXES)}
     seen: dict[str, str] = {}  # layout → first key that tells it
-    for key in keys:
+    for key, named in where.items():
         if (layout := next((lay for lay, pre in TELLING.items() if key.startswith(pre)), None)) is not None:
-            seen.setdefault(layout, key)
+            seen.setdefault(layout, named)
     if len(seen) == 1:
         return next(iter(seen))
     if seen:
-        found = "; ".join(f"{where[k]} is {lay}" for lay, k in seen.items())
+        found = "; ".join(f"{k} is {lay}" for lay, k in seen.items())
         raise CheckpointError(f"{source}: keys of {len(seen)} layouts in one checkpoint: {found}")
-    first = ", ".join(where[k] for k in keys[:5]) or "none"
+    first = ", ".join(list(where.values())[:5]) or "none"
     raise CheckpointError(f"{source}: unrecognised key layout, no key starts with a prefix of "
                           f"{', '.join(sorted(TELLING))} (first keys: {first})")
 
@@ -133,21 +131,19 @@ def _show(value) -> str:
 
 _REQUIRED = object()
 
-# What transformers assumes for a field that a nested config leaves out: transformers 4.x writes only
-# the fields of text_config / vision_config that differ from their class's defaults (llava-hf's
-# llava-1.5-7b-hf has no text_config.hidden_size). tests/test_loading.py checks these numbers.
+# What transformers assumes for a field a nested config leaves out (4.x writes only those that differ from
+# the class's defaults: llava-1.5-7b-hf has no text_config.hidden_size); tests/test_loading.py checks them.
 MODEL_TYPE_DEFAULTS = {
     "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
               "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
               "rope_theta": 10000.0, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2},
-    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
-                "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "sliding_window": 4096, "hidden_act": "silu",
-                "bos_token_id": 1, "eos_token_id": 2},
     "clip_vision_model": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                           "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
                           "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
 }
+MODEL_TYPE_DEFAULTS["mistral"] = {**MODEL_TYPE_DEFAULTS["llama"], "intermediate_size": 14336,
+                                  "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                                  "sliding_window": 4096}
 
 
 class _Fields:
@@ -275,8 +271,7 @@ def _select_layer(f: _Fields, key: str, vision: VisionConfig) -> int:
 
 
 def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig | None = None) -> LlavaConfig:
-    """LlavaConfig from a llava-hf (nested) or LLaVA-Med (`mm_*`) config.json dict; every field is
-    type-checked, and an error names `source` and the field's path in the file."""
+    """LlavaConfig of a llava-hf (nested) or LLaVA-Med (`mm_*`) config.json dict, every field type-checked."""
     f = _Fields(c, source)
     if "text_config" in c:  # llava-hf
         f.choice("projector_hidden_act", "gelu", ("gelu",))
@@ -284,8 +279,7 @@ def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig 
         text, bias = _text_config(f.sub("text_config")), f.bool("multimodal_projector_bias", True)
         layer = _select_layer(f, "vision_feature_layer", vision)
         strategy = f.choice("vision_feature_select_strategy", "default", ("default", "full"))
-        # A vocabulary id, or LLaVA's -200 (IMAGE_TOKEN_INDEX, outside the vocabulary), which
-        # save_model writes for models on LLaVA-Med's convention.
+        # A vocabulary id, or LLaVA's -200 (outside the vocabulary), which save_model writes for LLaVA-Med's.
         key = "image_token_index" if "image_token_index" in c else "image_token_id"
         image_token = f.int(key, 32000, minimum=None)
         if image_token < 0 and image_token != -200:
@@ -313,8 +307,7 @@ def config_from_json(c: dict, source: str = "config.json", vision: VisionConfig 
 
 
 def read_config(path, vision_tower=None) -> LlavaConfig:
-    """The LlavaConfig of a checkpoint directory's config.json, with the tower of `vision_tower`'s (a CLIP
-    directory: CLIPVisionModel or full CLIPModel) where given."""
+    """A checkpoint directory's LlavaConfig, with the tower of `vision_tower` (a CLIP directory) if given."""
     vision = None
     if vision_tower:
         file = Path(vision_tower) / "config.json"
@@ -351,9 +344,8 @@ def config_to_json(config: LlavaConfig) -> dict:
 
 # safetensors files
 def safetensors_files(path: Path) -> list[Path]:
-    """The weight files of a checkpoint directory: the shards its model.safetensors.index.json names
-    (other *.safetensors beside them are not read, as in transformers), else every *.safetensors;
-    pickles are refused."""
+    """The shards model.safetensors.index.json names (others beside them are not read, as in transformers),
+    else every *.safetensors of a checkpoint directory; pickles are refused."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         content = _read_json(index)
@@ -372,11 +364,10 @@ def safetensors_files(path: Path) -> list[Path]:
         return files
     if pickles := sorted(p.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(ext)):
         raise CheckpointError(
-            f"{path} holds only pickle checkpoints ({', '.join(pickles)}); this project never unpickles "
-            "weights (it can run arbitrary code). Convert them once, where you trust the file, e.g.\n"
-            "  python -c \"import torch; from safetensors.torch import save_file; sd = torch.load("
-            "'pytorch_model.bin', weights_only=True); save_file({k: v.contiguous() for k, v in sd.items()}, "
-            "'model.safetensors')\"\n(one output file per .bin shard), then load the directory again.")
+            f"{path} has only pickles ({', '.join(pickles)}); this project never unpickles weights (they can "
+            "run arbitrary code). Convert each shard where you trust it:\n  python -c \"import torch; from "
+            "safetensors.torch import save_file; sd = torch.load('pytorch_model.bin', weights_only=True); "
+            "save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')\"")
     raise CheckpointError(f"{path}: no *.safetensors weights found")
 
 
@@ -384,8 +375,7 @@ def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file "
-                              f"(truncated or corrupt?): {e}") from None
+        raise CheckpointError(f"{file}: not readable as safetensors (truncated or corrupt?): {e}") from None
 
 
 def _headers(source: Path, files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
@@ -408,10 +398,12 @@ def _headers(source: Path, files: list[Path]) -> dict[str, tuple[Path, tuple[int
     return where
 
 
-def _index(headers: dict, layout: str, source: str, *, skip: tuple[str, ...] = (), drop: str | None = None):
-    """({our name: (file, key, shape)}, [unexpected "key (file)"]) for the keys of `headers` read
-    in `layout`. Keys starting with `skip` are not read; names starting with `drop` are left out
-    (a tower replaced by vision_tower=). Two keys naming one parameter are an error."""
+def _index(path: Path, layout: str | None = None, *, skip: tuple[str, ...] = (), drop: str | None = None):
+    """({our name: (file, key, shape)}, [unexpected "key (file)"]) of the checkpoint at `path` in `layout`
+    (None: detected). Keys starting with `skip` are not read; names starting with `drop` are left out (a
+    tower replaced by vision_tower=). Two keys naming one parameter are an error."""
+    headers = _headers(path, safetensors_files(path))
+    layout = layout or detect_layout(headers, str(path))
     found, unexpected, clashes = {}, [], []
     for key, (file, shape) in headers.items():
         if key.endswith(IGNORED_SUFFIXES) or key.startswith(skip):
@@ -427,16 +419,15 @@ def _index(headers: dict, layout: str, source: str, *, skip: tuple[str, ...] = (
         else:
             found[name] = (file, key, shape)
     if clashes:
-        raise CheckpointError(f"{source}: {len(clashes)} parameters stored under two keys: "
+        raise CheckpointError(f"{path}: {len(clashes)} parameters stored under two keys: "
                               + _few(clashes, "; "))
     return found, unexpected
 
 
 def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, device="cpu",
                check_finite: bool = True) -> Llava:
-    """Load a LLaVA(-Med) checkpoint directory (config.json + safetensors) as a `Llava` in eval mode.
-    `vision_tower`: a CLIP directory whose tower replaces the checkpoint's, or supplies a missing one;
-    `check_finite`: see assign_weights (the scripts' --check-finite)."""
+    """A LLaVA(-Med) checkpoint directory (config.json + safetensors) as a `Llava` in eval mode;
+    `vision_tower`: a CLIP directory whose tower replaces the checkpoint's or supplies a missing one."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -444,12 +435,9 @@ def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, d
     if tower_dir is not None and not tower_dir.is_dir():
         raise CheckpointError(f"{tower_dir}: not a CLIP directory (vision_tower)")
     config = read_config(path, tower_dir)
-    headers = _headers(path, safetensors_files(path))
-    layout = detect_layout({k: file for k, (file, _) in headers.items()}, str(path))
-    found, unexpected = _index(headers, layout, str(path), drop="vision_tower." if tower_dir else None)
+    found, unexpected = _index(path, drop="vision_tower." if tower_dir else None)
     if tower_dir:
-        tower_headers = _headers(tower_dir, safetensors_files(tower_dir))
-        tower, unexpected_tower = _index(tower_headers, "clip", str(tower_dir), skip=CLIP_IGNORED)
+        tower, unexpected_tower = _index(tower_dir, "clip", skip=CLIP_IGNORED)
         found, unexpected = found | tower, unexpected + unexpected_tower
     with torch.device("meta"):
         model = Llava(config)
@@ -460,12 +448,11 @@ def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, d
     if tower_dir is None and not any(k.startswith("vision_tower.") for k in found):
         why = " the checkpoint has no vision tower: pass --vision-tower <CLIP directory>"
     elif tower_dir is None and width and (width, depth) != ((v.hidden_size,), v.n_layers):
-        has, field, implied = f"width {width[0]}", "hidden_size", v.hidden_size
-        if width == (v.hidden_size,):
-            has, field, implied = f"{depth} layers", "num_hidden_layers", v.n_layers
+        has, field, n = ((f"width {width[0]}", "hidden_size", v.hidden_size) if width != (v.hidden_size,)
+                         else (f"{depth} layers", "num_hidden_layers", v.n_layers))
         tower = _read_json(path / "config.json").get("mm_vision_tower")  # llava-hf: none, a shape
         said = f"mm_vision_tower {_show(tower)}" if tower else f"vision_config.{field}"
-        why = (f" the vision tower in the checkpoint has {has} where {said} implies {implied}: "
+        why = (f" the vision tower in the checkpoint has {has} where {said} implies {n}: "
                "pass --vision-tower <the CLIP directory it was trained with>")
     return assign_weights(model, found, unexpected, str(path), dtype=dtype, device=device,
                           check_finite=check_finite, why=why).eval()
@@ -474,10 +461,9 @@ def load_model(path, *, vision_tower=None, dtype: torch.dtype = torch.float32, d
 def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], source: str, *,
                    dtype: torch.dtype, device, check_finite: bool = True, why: str = "") -> torch.nn.Module:
     """Check `found` ({name: (file, key, shape)}) against a meta-device model, strictly, then read each
-    tensor once and assign it in place. One CheckpointError (`why` its first line's end) counts every
-    missing, unexpected, mis-shaped and non-floating-point key (an integer tensor where a weight belongs),
-    naming a few of each with their files. With `check_finite`, floating-point tensors holding NaN or Inf
-    are an error naming them: each is checked on `device` as it is read, the flags read once at the end."""
+    tensor once and assign it in place. One CheckpointError (`why` ends its first line) counts every
+    missing, unexpected, mis-shaped and non-floating-point key, naming a few of each with their files.
+    With `check_finite`, tensors holding NaN or Inf are an error (checked on `device`, one wait in all)."""
     handle = functools.cache(_open)  # one open file per shard
     params = model.state_dict()
     expected = {k: tuple(v.shape) for k, v in params.items()}
@@ -501,8 +487,7 @@ def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], s
         try:
             t = handle(file).get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{file}: tensor {key} cannot be read "
-                                  f"(truncated or corrupt?): {e}") from None
+            raise CheckpointError(f"{file}: tensor {key} unreadable (truncated or corrupt?): {e}") from None
         state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         if check_finite and t.is_floating_point():
             finite[name] = state[name].isfinite().all()  # stays on the device: no wait per tensor

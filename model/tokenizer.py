@@ -1,10 +1,9 @@
 """Tokenizer and prompt for LLaVA-Med v1.5, with the `tokenizers` library only.
 
-`convert_sentencepiece` reads the SentencePiece `tokenizer.model` LLaVA-Med ships (no tokenizer.json) by
-hand and builds the Llama-style `tokenizers.Tokenizer` of transformers' `LlamaConverter` (up to 4.x), equal
-to `sentencepiece` id for id; the prompt side is LLaVA-Med's `mistral_instruct` template and chunk-wise
-tokenization around "<image>" (docs/FORMATS.md, "Tokenizer", "Prompt").
-CLI: `python -m model.tokenizer convert IN.model OUT.json`.
+`convert_sentencepiece` reads LLaVA-Med's SentencePiece `tokenizer.model` by hand into the Llama-style
+Tokenizer of transformers' (4.x) `LlamaConverter`, equal to `sentencepiece` id for id; prompts follow
+LLaVA-Med's `mistral_instruct` template (docs/FORMATS.md, "Tokenizer", "Prompt"). CLI:
+`python -m model.tokenizer convert IN.model OUT.json`.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import json
 import struct
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
@@ -21,15 +20,11 @@ from tokenizers.models import BPE
 
 from harness.cli import UserError
 
-# Word-start marks of SentencePiece / byte-level BPE pieces, and punctuation glued to words.
-_MARKS = "▁Ġ "
-_PUNCT = ".,;:!?\"'()[]"
-
 
 def piece_word(piece: str | None) -> str:
-    """A tokenizer piece as a word, case kept: no word-start mark, no surrounding punctuation
-    ("▁no." → "no"; "." → ""). hscr.py's --same-word and demo/negatives.py's classes use it."""
-    return (piece or "").lstrip(_MARKS).strip(_PUNCT)
+    """A tokenizer piece as a word, case kept: no word-start mark (SentencePiece's, byte-level BPE's), no
+    surrounding punctuation ("▁no." → "no"; "." → ""). hscr.py's --same-word and demo/negatives.py use it."""
+    return (piece or "").lstrip("▁Ġ ").strip(".,;:!?\"'()[]")
 
 
 def word_classes(pieces: Sequence[str | None]) -> list[int]:
@@ -94,34 +89,29 @@ def _int32(value: int | bytes) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+def _at(message: int, number: int, default):
+    """Field `number` of ModelProto's field `message` (2 TrainerSpec, 3 NormalizerSpec, 5 denormalizer's)."""
+    return field(default=default, metadata={"at": (message, number)})
+
+
 @dataclass
 class SentencePieceModel:
     """The parts of a SentencePiece ModelProto that decide how text becomes ids; the defaults are
-    proto2's, which apply when a field is absent from the file."""
+    proto2's, which apply when a field is absent from the file; a field's type is its default's."""
     pieces: list[str]
     scores: list[float]
     types: list[int]
-    model_type: int = 1  # TrainerSpec.model_type, default UNIGRAM
-    byte_fallback: bool = False
-    unk_id: int = 0
-    bos_id: int = 1
-    treat_whitespace_as_suffix: bool = False
-    normalizer_name: str = ""
-    precompiled_charsmap: bytes = b""  # character rewriting table; empty = identity
-    add_dummy_prefix: bool = True
-    remove_extra_whitespaces: bool = True
-    escape_whitespaces: bool = True
-    denormalizer_charsmap: bytes = b""
-
-
-# The TrainerSpec (2), NormalizerSpec (3) and denormalizer NormalizerSpec (5) fields read, by ModelProto
-# field and sub-field number: SentencePieceModel's attribute, whose type is the field's.
-_SPEC_FIELDS = {
-    2: {3: "model_type", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 24: "treat_whitespace_as_suffix"},
-    3: {1: "normalizer_name", 2: "precompiled_charsmap", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces",
-        5: "escape_whitespaces"},
-    5: {2: "denormalizer_charsmap"},
-}
+    model_type: int = _at(2, 3, 1)  # default UNIGRAM
+    byte_fallback: bool = _at(2, 35, False)
+    unk_id: int = _at(2, 40, 0)
+    bos_id: int = _at(2, 41, 1)
+    treat_whitespace_as_suffix: bool = _at(2, 24, False)
+    normalizer_name: str = _at(3, 1, "")
+    precompiled_charsmap: bytes = _at(3, 2, b"")  # character rewriting table; empty = identity
+    add_dummy_prefix: bool = _at(3, 3, True)
+    remove_extra_whitespaces: bool = _at(3, 4, True)
+    escape_whitespaces: bool = _at(3, 5, True)
+    denormalizer_charsmap: bytes = _at(5, 2, b"")
 
 
 def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
@@ -132,6 +122,7 @@ def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
     if not path.is_file():
         raise FileNotFoundError(f"SentencePiece model not found: {path}")
     spm = SentencePieceModel(pieces=[], scores=[], types=[])
+    spec = {f.metadata["at"]: f.name for f in fields(spm) if f.metadata}  # (message, field) → attribute
     try:
         for number, value in _fields(path.read_bytes()):
             if number == 1 and isinstance(value, bytes):
@@ -146,9 +137,8 @@ def read_sentencepiece(model_path: str | Path) -> SentencePieceModel:
                 spm.pieces.append(piece)
                 spm.scores.append(score)
                 spm.types.append(kind)
-            elif number in _SPEC_FIELDS and isinstance(value, bytes):
-                spec = _SPEC_FIELDS[number]
-                for name, v in ((spec[n], v) for n, v in _fields(value) if n in spec):
+            elif number in (2, 3, 5) and isinstance(value, bytes):
+                for name, v in ((spec[number, n], v) for n, v in _fields(value) if (number, n) in spec):
                     old = getattr(spm, name)
                     if not isinstance(old, (str, bytes)):
                         setattr(spm, name, type(old)(_int32(v)))  # an int, enum or bool
@@ -185,10 +175,8 @@ def convert_sentencepiece(model_path: str | Path) -> Tokenizer:
         (spm.model_type != 2, f"model_type is {kind}; only BPE (Llama / Mistral style) is supported"),
         (not spm.byte_fallback, "byte_fallback is off; Llama-style tokenizers need it"),
         (spm.precompiled_charsmap or spm.denormalizer_charsmap,
-         f"normalizer {spm.normalizer_name!r} rewrites characters; only the 'identity' normalizer is "
-         "supported"),
-        (spm.remove_extra_whitespaces,
-         "remove_extra_whitespaces is on; whitespace runs could not be reproduced"),
+         f"normalizer {spm.normalizer_name!r} rewrites characters; only 'identity' is supported"),
+        (spm.remove_extra_whitespaces, "remove_extra_whitespaces is on; whitespace runs would be lost"),
         (not spm.escape_whitespaces, "escape_whitespaces is off; spaces must become '▁'"),
         (spm.treat_whitespace_as_suffix, "treat_whitespace_as_suffix is on; only '▁' prefixes are supported"),
         (not 0 <= spm.unk_id < len(spm.pieces) or spm.types[spm.unk_id] != UNKNOWN,
@@ -201,8 +189,7 @@ def convert_sentencepiece(model_path: str | Path) -> Tokenizer:
 
 
 def llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
-    """The `tokenizers.Tokenizer` of a (checked) SentencePiece BPE model; demo/tokenizer.py builds
-    the shipped base's tokenizer through it too."""
+    """The `tokenizers.Tokenizer` of a (checked) SentencePiece BPE model; demo/tokenizer.py uses it too."""
     vocab, unk = {piece: i for i, piece in enumerate(spm.pieces)}, spm.pieces[spm.unk_id]
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=_bpe_merges(spm.pieces, spm.scores), unk_token=unk,
                               fuse_unk=True, byte_fallback=True, dropout=None))
@@ -210,10 +197,9 @@ def llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
     # special tokens gets its "▁", as in LLaVA-Med's slow "legacy" LlamaTokenizer (SentencePiece per stretch).
     steps = [normalizers.Prepend(SPIECE)] if spm.add_dummy_prefix else []
     tokenizer.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", SPIECE)])
-    steps = [decoders.Replace(SPIECE, " "), decoders.ByteFallback(), decoders.Fuse()]
-    if spm.add_dummy_prefix:
-        steps.append(decoders.Strip(content=" ", left=1, right=0))  # undo the dummy prefix
-    tokenizer.decoder = decoders.Sequence(steps)
+    undo = [decoders.Strip(content=" ", left=1, right=0)] if spm.add_dummy_prefix else []  # the dummy prefix
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(SPIECE, " "), decoders.ByteFallback(),
+                                           decoders.Fuse(), *undo])
     # Control and unknown pieces are special: matched verbatim, skipped by decode(skip_special_tokens=True);
     # user-defined ones are matched verbatim but decoded. The ids stay: the pieces are in the vocab.
     tokenizer.add_special_tokens([AddedToken(p, normalized=False, special=True)
@@ -230,13 +216,11 @@ def llama_tokenizer(spm: SentencePieceModel) -> Tokenizer:
 
 # Loading, prompts, tokenization.
 def tokenizer_file(path: str | Path) -> Path:
-    """The file load_tokenizer reads for `path`: the path itself, or a directory's tokenizer.json, else
-    its tokenizer.model (fingerprints hash what it does: canonical_form)."""
+    """The file load_tokenizer reads: `path`, or a directory's tokenizer.json, else its tokenizer.model."""
     path = Path(path)
     if path.is_dir():
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if (path / name).is_file():
-                return path / name
+        if found := [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]:
+            return found[0]
         raise UserError(f"{path}: no tokenizer.json or tokenizer.model in it (pass --tokenizer)")
     if not path.is_file():
         raise UserError(f"tokenizer {path}: not found")
@@ -244,8 +228,7 @@ def tokenizer_file(path: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer from a tokenizer.json file, a directory holding one, or, when the
-    directory only has a SentencePiece `tokenizer.model` (LLaVA-Med v1.5), by converting it."""
+    """The tokenizer of tokenizer_file(path); a SentencePiece tokenizer.model (LLaVA-Med's) is converted."""
     path = tokenizer_file(path)
     if path.suffix == ".model":
         return convert_sentencepiece(path)
@@ -304,8 +287,7 @@ def tokenize_response(tokenizer: Tokenizer, text: str, *, eos_token_id: int | No
 def decode(tokenizer: Tokenizer, ids: Sequence[int], *, eos_token_id: int | None = 2) -> str:
     """Text of generated ids: cut at the first EOS, special tokens skipped, stripped (as LLaVA-Med's eval)."""
     ids = [int(i) for i in ids]
-    if eos_token_id is not None and eos_token_id in ids:
-        ids = ids[:ids.index(eos_token_id)]
+    ids = ids[:ids.index(eos_token_id)] if eos_token_id in ids else ids
     if negative := [i for i in ids if i < 0]:
         raise ValueError(f"cannot decode negative ids {sorted(set(negative))} (image placeholders?)")
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
