@@ -49,9 +49,7 @@ def contrast_softmax_reference(full: Tensor, drop: Tensor, beta: float = 0.9, *,
     shifted = torch.where(z == math.inf, 0.0, z - m)
     e = torch.where(z == -math.inf, 0.0, shifted.exp())
     out = e / e.sum(dim=-1, keepdim=True)
-    if index is not None:
-        out = out.gather(-1, index.long())  # (..., K)
-    return out
+    return out if index is None else out.gather(-1, index.long())  # (..., V) or (..., K)
 
 
 # Triton kernel
@@ -61,8 +59,7 @@ def _logits_at(full_ptr, drop_ptr, cols, mask, f_sv, d_sv, beta):
     Masked lanes get full = −inf, hence z = −inf: nothing to max or sum. fp16/bf16 widen as they load."""
     f = tl.load(full_ptr + cols * f_sv, mask=mask, other=float("-inf")).to(tl.float32)
     d = tl.load(drop_ptr + cols * d_sv, mask=mask, other=0.0).to(tl.float32)
-    z = f + beta * (f - d)
-    z = tl.where(beta == 0.0, f, z)
+    z = tl.where(beta == 0.0, f, f + beta * (f - d))
     return tl.where(f > float("-inf"), z, float("-inf"))  # −inf in full is always ruled out
 
 
@@ -137,11 +134,9 @@ def _row_layout(tensors: list[Tensor]) -> tuple[list[Tensor], int, int, list[tup
     lead = tensors[0].shape[:-1]
     groups: list[list[int]] = []
     for i, n in enumerate(lead):
-        if n == 1:
-            continue
-        if groups and all(t.stride(groups[-1][-1]) == t.stride(i) * n for t in tensors):
+        if n > 1 and groups and all(t.stride(groups[-1][-1]) == t.stride(i) * n for t in tensors):
             groups[-1].append(i)
-        else:
+        elif n > 1:
             groups.append([i])
     if len(groups) > 2:
         return _row_layout([t.contiguous() for t in tensors])
@@ -165,15 +160,14 @@ def contrast_softmax_triton(full: Tensor, drop: Tensor, beta: float = 0.9, *, in
     gather = index is not None
     tensors, n_outer, n_inner, strides = _row_layout(tensors + [index] if gather else tensors)
     full, drop, index = tensors if gather else (*tensors, tensors[0])  # no index: `full` as a dummy pointer
-    i_s = strides[2] if gather else (0, 0)
     # One block for rows up to MAX_BLOCK_BYTES, else a loop over blocks of it. Warps grow with the block so
     # that a thread holds ≤ 32 values per array (Unsloth / Liger's `calculate_settings`), and 32 from 16384
     # on (with 16, sm_90a spills in gather mode).
-    block = block_size or min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK_BYTES // full.element_size())
+    block = block_size or min(triton.next_power_of_2(V), MAX_BLOCK_BYTES // full.element_size())
     warps = 32 if block >= 16384 else 16 if block >= 8192 else 8 if block >= 2048 else 4
     _contrast_softmax_kernel[(n_outer * n_inner,)](
         full, drop, index, out, n_inner, V, out.shape[-1] if gather else 0, *strides[0], full.stride(-1),
-        *strides[1], drop.stride(-1), *i_s, index.stride(-1), float(beta),
+        *strides[1], drop.stride(-1), *(strides[2] if gather else (0, 0)), index.stride(-1), float(beta),
         BLOCK=block, ONE_BLOCK=V <= block, BLOCK_K=BLOCK_K, GATHER=gather, num_warps=warps)
     return out
 

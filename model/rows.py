@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # annotations only: model/ does not import data.py
 def flat_features(features: Sequence[torch.Tensor], model) -> torch.Tensor:
     """The image features of several rows, (N_r, D) each, as one (ΣN_r, D) in the model's device and dtype."""
     D = model.config.text.hidden_size
-    return torch.cat([f.reshape(-1, D) for f in features]).to(device=model.device, dtype=model.dtype)  # (M, D)
+    return torch.cat([f.reshape(-1, D) for f in features]).to(device=model.device, dtype=model.dtype)
 
 
 @torch.no_grad()
