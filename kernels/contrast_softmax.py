@@ -216,17 +216,16 @@ def contrast_softmax(full: Tensor, drop: Tensor, beta: float = 0.9, *, index: Te
         problems.append(f"beta must be a finite number >= 0, got {beta!r}")
     if backend not in BACKENDS:
         problems.append(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if index is not None:
-        if not isinstance(index, Tensor):
-            problems.append(f"index must be a tensor, got {type(index).__name__}")
-        else:
-            if index.dtype not in (torch.int64, torch.int32):
-                problems.append(f"index must be int64 or int32, got {index.dtype}")
-            if index.ndim != full.ndim or index.shape[:-1] != full.shape[:-1]:
-                problems.append(f"index has shape {tuple(index.shape)}; expected (..., K) with leading dims "
-                                f"{tuple(full.shape[:-1])} of full")
-            if index.device != full.device:
-                problems.append(f"index is on {index.device} but full is on {full.device}")
+    if index is not None and not isinstance(index, Tensor):
+        problems.append(f"index must be a tensor, got {type(index).__name__}")
+    elif index is not None:
+        if index.dtype not in (torch.int64, torch.int32):
+            problems.append(f"index must be int64 or int32, got {index.dtype}")
+        if index.ndim != full.ndim or index.shape[:-1] != full.shape[:-1]:
+            problems.append(f"index has shape {tuple(index.shape)}; expected (..., K) with leading dims "
+                            f"{tuple(full.shape[:-1])} of full")
+        if index.device != full.device:
+            problems.append(f"index is on {index.device} but full is on {full.device}")
     if torch.is_grad_enabled() and (full.requires_grad or drop.requires_grad):
         problems.append("inputs require grad: contrast_softmax is inference only (no autograd); "
                         "call it under torch.no_grad() or pass detached tensors")

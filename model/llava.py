@@ -135,11 +135,10 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(c.hidden_size, c.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, T, D = x.shape
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        q, k, v = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in projections)  # (B, H, T, Dh)
+        projections = (self.q_proj, self.k_proj, self.v_proj)  # → q, k, v (B, H, T, Dh)
+        q, k, v = (p(x).unflatten(-1, (self.n_heads, -1)).transpose(1, 2) for p in projections)
         y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh), bidirectional
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        return self.out_proj(y.transpose(1, 2).flatten(2))  # (B, T, D)
 
 
 class CLIPMLP(nn.Module):
@@ -354,8 +353,7 @@ class Llava(nn.Module):
             return x
         if image_features is None:
             if pixel_values is None:
-                raise ValueError(f"input_ids hold {n_slots} image positions but neither pixel_values nor "
-                                 "image_features was given")
+                raise ValueError(f"input_ids' {n_slots} image positions need pixel_values or image_features")
             image_features = self.encode_images(pixel_values)
         feats = image_features.reshape(-1, x.shape[-1])  # (M, D)
         if feats.shape[0] != n_slots:
@@ -401,8 +399,7 @@ class Llava(nn.Module):
         return self._layers(x, position_ids, mask, slots if self._cache_len is not None else None)
 
     def _layers(self, x, position_ids, mask, slots=None):
-        c = self.config.text
-        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.config.text.head_dim, self.config.text.rope_theta, x.dtype)
         for layer in self.language_model.layers:
             x = layer(x, cos, sin, mask, slots)
         return self.language_model.norm(x)
