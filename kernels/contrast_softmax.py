@@ -46,8 +46,7 @@ def contrast_softmax_reference(full: Tensor, drop: Tensor, beta: float = 0.9, *,
     z = z.masked_fill(f == -math.inf, -math.inf)
     m = z.amax(dim=-1, keepdim=True)  # (..., 1)
     # +inf entries (only when m = +inf) share the row; −inf entries weigh 0 even when m = −inf.
-    shifted = torch.where(z == math.inf, 0.0, z - m)
-    e = torch.where(z == -math.inf, 0.0, shifted.exp())
+    e = torch.where(z == -math.inf, 0.0, torch.where(z == math.inf, 0.0, z - m).exp())
     out = e / e.sum(dim=-1, keepdim=True)
     return out if index is None else out.gather(-1, index.long())  # (..., V) or (..., K)
 
@@ -66,8 +65,7 @@ def _logits_at(full_ptr, drop_ptr, cols, mask, f_sv, d_sv, beta):
 @triton.jit
 def _weights(z, m):
     """exp(z − m) for the logits z of a row with max m, with the reference's rules for ±inf."""
-    shifted = tl.where(z == float("inf"), 0.0, z - m)
-    return tl.where(z == float("-inf"), 0.0, tl.exp(shifted))
+    return tl.where(z == float("-inf"), 0.0, tl.exp(tl.where(z == float("inf"), 0.0, z - m)))
 
 
 @triton.jit

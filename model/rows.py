@@ -76,8 +76,7 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
     cfg, device = model.config, model.device
     owners = list(range(len(prefixes))) if owners is None else list(owners)
     # Each call prefills its owners' prompts once and copies their cache into their rows (generate_shared),
-    # unless a prompt ends in an image placeholder or the rows could exceed the sliding window: then every
-    # row is prefilled whole (generate). The shared cache spans the longest prompt + prefix + new tokens.
+    # unless a prompt ends in an image placeholder or the rows could span more than the sliding window.
     span = max(len(prompts[o]) for o in owners) + max(map(len, prefixes)) + max_new_tokens
     share_prompt = all(len(prompts[o]) and prompts[o][-1] != cfg.image_token_id for o in owners) \
         and (cfg.text.sliding_window is None or span <= cfg.text.sliding_window)
