@@ -58,14 +58,16 @@ def _logits_at(full_ptr, drop_ptr, cols, mask, f_sv, d_sv, beta):
     Masked lanes get full = −inf, hence z = −inf: nothing to max or sum. fp16/bf16 widen as they load."""
     f = tl.load(full_ptr + cols * f_sv, mask=mask, other=float("-inf")).to(tl.float32)
     d = tl.load(drop_ptr + cols * d_sv, mask=mask, other=0.0).to(tl.float32)
-    z = tl.where(beta == 0.0, f, f + beta * (f - d))
+    z = f + beta * (f - d)
+    z = tl.where(beta == 0.0, f, z)
     return tl.where(f > float("-inf"), z, float("-inf"))  # −inf in full is always ruled out
 
 
 @triton.jit
 def _weights(z, m):
     """exp(z − m) for the logits z of a row with max m, with the reference's rules for ±inf."""
-    return tl.where(z == float("-inf"), 0.0, tl.exp(tl.where(z == float("inf"), 0.0, z - m)))
+    shifted = tl.where(z == float("inf"), 0.0, z - m)
+    return tl.where(z == float("-inf"), 0.0, tl.exp(shifted))
 
 
 @triton.jit
@@ -161,7 +163,7 @@ def contrast_softmax_triton(full: Tensor, drop: Tensor, beta: float = 0.9, *, in
     # One block for rows up to MAX_BLOCK_BYTES, else a loop over blocks of it. Warps grow with the block so
     # that a thread holds ≤ 32 values per array (Unsloth / Liger's `calculate_settings`), and 32 from 16384
     # on (with 16, sm_90a spills in gather mode).
-    block = block_size or min(triton.next_power_of_2(V), MAX_BLOCK_BYTES // full.element_size())
+    block = block_size or min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK_BYTES // full.element_size())
     warps = 32 if block >= 16384 else 16 if block >= 8192 else 8 if block >= 2048 else 4
     _contrast_softmax_kernel[(n_outer * n_inner,)](
         full, drop, index, out, n_inner, V, out.shape[-1] if gather else 0, *strides[0], full.stride(-1),
