@@ -46,12 +46,9 @@ def contrast_softmax_reference(full: Tensor, drop: Tensor, beta: float = 0.9, *,
     z = z.masked_fill(f == -math.inf, -math.inf)
     m = z.amax(dim=-1, keepdim=True)  # (..., 1)
     # +inf entries (only when m = +inf) share the row; −inf entries weigh 0 even when m = −inf.
-    shifted = torch.where(z == math.inf, 0.0, z - m)
-    e = torch.where(z == -math.inf, 0.0, shifted.exp())
+    e = torch.where(z == -math.inf, 0.0, torch.where(z == math.inf, 0.0, z - m).exp())
     out = e / e.sum(dim=-1, keepdim=True)
-    if index is not None:
-        out = out.gather(-1, index.long())  # (..., K)
-    return out
+    return out if index is None else out.gather(-1, index.long())  # (..., V) or (..., K)
 
 
 # Triton kernel
@@ -137,11 +134,9 @@ def _row_layout(tensors: list[Tensor]) -> tuple[list[Tensor], int, int, list[tup
     lead = tensors[0].shape[:-1]
     groups: list[list[int]] = []
     for i, n in enumerate(lead):
-        if n == 1:
-            continue
-        if groups and all(t.stride(groups[-1][-1]) == t.stride(i) * n for t in tensors):
+        if n > 1 and groups and all(t.stride(groups[-1][-1]) == t.stride(i) * n for t in tensors):
             groups[-1].append(i)
-        else:
+        elif n > 1:
             groups.append([i])
     if len(groups) > 2:
         return _row_layout([t.contiguous() for t in tensors])
@@ -165,7 +160,6 @@ def contrast_softmax_triton(full: Tensor, drop: Tensor, beta: float = 0.9, *, in
     gather = index is not None
     tensors, n_outer, n_inner, strides = _row_layout(tensors + [index] if gather else tensors)
     full, drop, index = tensors if gather else (*tensors, tensors[0])  # no index: `full` as a dummy pointer
-    i_s = strides[2] if gather else (0, 0)
     # One block for rows up to MAX_BLOCK_BYTES, else a loop over blocks of it. Warps grow with the block so
     # that a thread holds ≤ 32 values per array (Unsloth / Liger's `calculate_settings`), and 32 from 16384
     # on (with 16, sm_90a spills in gather mode).
@@ -173,7 +167,7 @@ def contrast_softmax_triton(full: Tensor, drop: Tensor, beta: float = 0.9, *, in
     warps = 32 if block >= 16384 else 16 if block >= 8192 else 8 if block >= 2048 else 4
     _contrast_softmax_kernel[(n_outer * n_inner,)](
         full, drop, index, out, n_inner, V, out.shape[-1] if gather else 0, *strides[0], full.stride(-1),
-        *strides[1], drop.stride(-1), *i_s, index.stride(-1), float(beta),
+        *strides[1], drop.stride(-1), *(strides[2] if gather else (0, 0)), index.stride(-1), float(beta),
         BLOCK=block, ONE_BLOCK=V <= block, BLOCK_K=BLOCK_K, GATHER=gather, num_warps=warps)
     return out
 
@@ -222,17 +216,16 @@ def contrast_softmax(full: Tensor, drop: Tensor, beta: float = 0.9, *, index: Te
         problems.append(f"beta must be a finite number >= 0, got {beta!r}")
     if backend not in BACKENDS:
         problems.append(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if index is not None:
-        if not isinstance(index, Tensor):
-            problems.append(f"index must be a tensor, got {type(index).__name__}")
-        else:
-            if index.dtype not in (torch.int64, torch.int32):
-                problems.append(f"index must be int64 or int32, got {index.dtype}")
-            if index.ndim != full.ndim or index.shape[:-1] != full.shape[:-1]:
-                problems.append(f"index has shape {tuple(index.shape)}; expected (..., K) with leading dims "
-                                f"{tuple(full.shape[:-1])} of full")
-            if index.device != full.device:
-                problems.append(f"index is on {index.device} but full is on {full.device}")
+    if index is not None and not isinstance(index, Tensor):
+        problems.append(f"index must be a tensor, got {type(index).__name__}")
+    elif index is not None:
+        if index.dtype not in (torch.int64, torch.int32):
+            problems.append(f"index must be int64 or int32, got {index.dtype}")
+        if index.ndim != full.ndim or index.shape[:-1] != full.shape[:-1]:
+            problems.append(f"index has shape {tuple(index.shape)}; expected (..., K) with leading dims "
+                            f"{tuple(full.shape[:-1])} of full")
+        if index.device != full.device:
+            problems.append(f"index is on {index.device} but full is on {full.device}")
     if torch.is_grad_enabled() and (full.requires_grad or drop.requires_grad):
         problems.append("inputs require grad: contrast_softmax is inference only (no autograd); "
                         "call it under torch.no_grad() or pass detached tensors")

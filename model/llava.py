@@ -135,11 +135,10 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(c.hidden_size, c.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, T, D = x.shape
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        q, k, v = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in projections)  # (B, H, T, Dh)
+        projections = (self.q_proj, self.k_proj, self.v_proj)  # → q, k, v (B, H, T, Dh)
+        q, k, v = (p(x).unflatten(-1, (self.n_heads, -1)).transpose(1, 2) for p in projections)
         y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh), bidirectional
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        return self.out_proj(y.transpose(1, 2).flatten(2))  # (B, T, D)
 
 
 class CLIPMLP(nn.Module):
@@ -315,7 +314,7 @@ class Llava(nn.Module):
                                                  layers=nn.ModuleList(Block(t) for _ in range(t.n_layers)),
                                                  norm=RMSNorm(t.hidden_size, t.rms_norm_eps)))
         self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
-        self._cache_shape: tuple[int, int] | None = None
+        self._cache_len: int | None = None  # slots of the KV cache, while there is one
         self.apply(self._init_weights)  # a no-op cost on the meta device, where loading builds
 
     @staticmethod
@@ -354,8 +353,7 @@ class Llava(nn.Module):
             return x
         if image_features is None:
             if pixel_values is None:
-                raise ValueError(f"input_ids hold {n_slots} image positions but neither pixel_values nor "
-                                 "image_features was given")
+                raise ValueError(f"input_ids' {n_slots} image positions need pixel_values or image_features")
             image_features = self.encode_images(pixel_values)
         feats = image_features.reshape(-1, x.shape[-1])  # (M, D)
         if feats.shape[0] != n_slots:
@@ -373,22 +371,18 @@ class Llava(nn.Module):
         `attention_mask` (B, T): 1 on real tokens, padding on either side, `position_ids` defaulting to
         their running count. Or (B, T, T): which key each query sees (answers packed after one prompt,
         rows.collate), with `position_ids` given (the sliding window applies to them) and no KV cache."""
-        T = input_ids.shape[1]
         attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).bool()
         x = self.embed(input_ids, pixel_values, image_features)
         if attention_mask.dim() == 3:  # packed rows
-            if self._cache_shape is not None or position_ids is None:
-                raise ValueError("a (B, T, T) attention mask needs position_ids and no KV cache")
-            window = self.config.text.sliding_window
-            if window is not None:  # counted in positions
+            if (window := self.config.text.sliding_window) is not None:  # counted in positions
                 distance = position_ids[:, :, None] - position_ids[:, None, :]  # (B, T, T)
                 attention_mask = attention_mask & (distance < window)
             h = self._layers(x, position_ids, attention_mask[:, None])
         else:
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            if self._cache_shape is not None:  # prefill: the slots after the prompt take new tokens
-                self._key_valid = F.pad(attention_mask, (0, self._cache_shape[1] - T), value=True)
+            if self._cache_len is not None:  # prefill: the slots after the prompt take new tokens
+                self._key_valid = F.pad(attention_mask, (0, self._cache_len - input_ids.shape[1]), value=True)
             h = self._run_decoder(x, position_ids, attention_mask)
         if logits_positions is not None:
             h = h.gather(1, logits_positions[..., None].expand(-1, -1, h.shape[-1]))  # (B, P, D)
@@ -402,31 +396,28 @@ class Llava(nn.Module):
             mask = None  # plain causal attention from slot 0: SDPA's fused path
         else:
             mask = attention_mask_4d(key_valid[:, :S], slots, window)
-        return self._layers(x, position_ids, mask, slots if self._cache_shape is not None else None)
+        return self._layers(x, position_ids, mask, slots if self._cache_len is not None else None)
 
     def _layers(self, x, position_ids, mask, slots=None):
-        c = self.config.text
-        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.config.text.head_dim, self.config.text.rope_theta, x.dtype)
         for layer in self.language_model.layers:
             x = layer(x, cos, sin, mask, slots)
         return self.language_model.norm(x)
 
     # KV cache and generation
     def setup_cache(self, batch: int, max_len: int):
-        """Allocate (or reuse) a static KV cache for `batch` rows of up to `max_len` steps."""
+        """A static KV cache for `batch` rows of up to `max_len` steps."""
         c = self.config.text
         if max_len > c.max_seq_len:
-            raise ValueError(f"{max_len} steps exceed max_seq_len={c.max_seq_len}; "
-                             "raise TextConfig.max_seq_len")
-        if self._cache_shape != (batch, max_len):
-            for layer in self.language_model.layers:
-                layer.self_attn.kv_cache = KVCache(batch, max_len, c, self.dtype, self.device)
-            self._cache_shape = (batch, max_len)
+            raise ValueError(f"{max_len} steps exceed TextConfig.max_seq_len={c.max_seq_len}; raise it")
+        for layer in self.language_model.layers:
+            layer.self_attn.kv_cache = KVCache(batch, max_len, c, self.dtype, self.device)
+        self._cache_len = max_len
 
     def clear_cache(self):
         for layer in self.language_model.layers:
             layer.self_attn.kv_cache = None
-        self._cache_shape = None
+        self._cache_len = None
 
     def decode_one_token(self, token: Tensor, position: Tensor, slot: Tensor, keys: int | None = None):
         """One step: token (B,) at per-row position (B,) into cache slot `slot` (1,) → logits (B, V).
@@ -447,8 +438,7 @@ class Llava(nn.Module):
         B, T = input_ids.shape
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if T > 0 and not attention_mask[:, -1].all():
-            raise ValueError("generate() needs left-padded prompts: the last position of every row must be "
-                             "a real token")
+            raise ValueError("generate() needs left-padded prompts: every row must end in a real token")
         self.setup_cache(B, T + max_new_tokens)
         try:  # (forward's default position ids: the running count, as in the decode steps)
             logits = self(input_ids, pixel_values, attention_mask, image_features=image_features,
@@ -463,11 +453,10 @@ class Llava(nn.Module):
                         suffix_mask: Tensor, *, image_features: Tensor | None = None,
                         max_new_tokens: int = 64, eos_token_id: int | None = None,
                         pad_token_id: int | None = None, compile: bool = False) -> Tensor:
-        """generate() for B rows whose input is prefix[rows[b]] + suffix[b], each of the E prefixes (a
-        prompt with its image) prefilled once: generate()'s new token ids (B, T_new) up to rounding.
-        prefix_ids / prefix_mask (E, Tp) left-padded, with the image placeholders; rows (B,) the prefix of
-        each row; suffix_ids / suffix_mask (B, Ts) left-padded text, at least one real token per row (the
-        last predicts the first new token)."""
+        """generate() for B rows whose input is prefix[rows[b]] + suffix[b], the E prefixes (a prompt with its
+        image) prefilled once: generate()'s new token ids (B, T_new) up to rounding. rows (B,): each row's
+        prefix; prefix_ids / prefix_mask (E, Tp) and suffix_ids / suffix_mask (B, Ts) left-padded, image
+        placeholders in the prefixes only, ≥ 1 real token per suffix (the last predicts the first new one)."""
         # Cache slots [0, Tp) hold the prefixes, [Tp, Tp + Ts) the suffixes, then the new tokens. A short
         # suffix leaves padding slots after its prefix, which the key mask hides and the positions skip.
         # Mistral's sliding window counts slots: a model with one refuses rows that could span more.
@@ -475,8 +464,7 @@ class Llava(nn.Module):
         (E, Tp), (B, Ts) = prefix_ids.shape, suffix_ids.shape
         suffix_mask, prefix_mask = suffix_mask.bool(), prefix_mask.bool()
         if Ts == 0 or not suffix_mask[:, -1].all():
-            raise ValueError("generate_shared() needs left-padded suffixes with at least one real token "
-                             "per row")
+            raise ValueError("generate_shared() needs left-padded suffixes, at least one real token per row")
         if ((suffix_ids == self.config.image_token_id) & suffix_mask).any():
             raise ValueError("generate_shared(): image placeholders belong in the prefixes, not the suffixes")
         if c.sliding_window is not None and Tp + Ts + max_new_tokens > c.sliding_window:
@@ -518,11 +506,10 @@ class Llava(nn.Module):
         c = self.config.text
         eos = c.eos_token_id if eos is None else eos
         pad = next(p for p in (pad, c.pad_token_id, eos) if p is not None)
-        B, device = logits.shape[0], logits.device
-        out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
-        rows = torch.arange(B, device=device)  # the output row of each cache row
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        slots = torch.arange(slot, slot + max_new_tokens, device=device)  # (T_new,)
+        rows = torch.arange(len(logits), device=logits.device)  # the output row of each cache row
+        out = torch.full((len(rows), max_new_tokens), pad, dtype=torch.long, device=rows.device)
+        done = torch.zeros_like(rows, dtype=torch.bool)
+        slots = torch.arange(slot, slot + max_new_tokens, device=rows.device)  # (T_new,)
 
         def greedy_step(token, position, slot, keys):
             return self.decode_one_token(token, position, slot, keys).argmax(-1)
@@ -552,7 +539,6 @@ class Llava(nn.Module):
             cache = layer.self_attn.kv_cache
             cache.k, cache.v = cache.k[live], cache.v[live]
         self._key_valid = self._key_valid[live]
-        self._cache_shape = (len(live), self._cache_shape[1])
         return [t[live] for t in state]
 
 

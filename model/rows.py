@@ -21,8 +21,7 @@ if TYPE_CHECKING:  # annotations only: model/ does not import data.py
 def flat_features(features: Sequence[torch.Tensor], model) -> torch.Tensor:
     """The image features of several rows, (N_r, D) each, as one (ΣN_r, D) in the model's device and dtype."""
     D = model.config.text.hidden_size
-    flat = torch.cat([f.reshape(-1, D) for f in features]) if features else torch.zeros(0, D)  # (M, D)
-    return flat.to(device=model.device, dtype=model.dtype)
+    return torch.cat([f.reshape(-1, D) for f in features]).to(device=model.device, dtype=model.dtype)
 
 
 @torch.no_grad()
@@ -38,7 +37,7 @@ def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.
     ids, mask = left_pad([p + r[:-1] for p, r in zip(prompts, responses)], pad_id, device)  # (R, T)
     position_ids = []  # with no prompt_positions, the values that forward() would default to
     for p, r, pp in zip(prompts, responses, prompt_positions or [None] * len(prompts)):
-        pp = list(range(len(p))) if pp is None else list(pp)
+        pp = list(range(len(p)) if pp is None else pp)
         start = pp[-1] + 1 if pp else 0
         position_ids.append(pp + list(range(start, start + len(r) - 1)))
     position_ids, _ = left_pad(position_ids, 0, device)  # (R, T); padding reads position 0, as by default
@@ -56,8 +55,7 @@ def teacher_forced_logits(model, prompts: list[list[int]], features: list[torch.
 
 def mean_token_probability(logits, targets, valid) -> torch.Tensor:
     """Per-token mean probability of each row's response (HSCR's "sampling probability"), (R,)."""
-    p = token_logprobs(logits, targets).exp() * valid
-    return p.sum(-1) / valid.sum(-1)
+    return (token_logprobs(logits, targets).exp() * valid).sum(-1) / valid.sum(-1)
 
 
 def cut_generated(ids: list[int], eos_id: int, image_token_id: int) -> list[int]:
@@ -78,8 +76,7 @@ def greedy_continuations(model, prompts: list[list[int]], features: list[torch.T
     cfg, device = model.config, model.device
     owners = list(range(len(prefixes))) if owners is None else list(owners)
     # Each call prefills its owners' prompts once and copies their cache into their rows (generate_shared),
-    # unless a prompt ends in an image placeholder or the rows could exceed the sliding window: then every
-    # row is prefilled whole (generate). The shared cache spans the longest prompt + prefix + new tokens.
+    # unless a prompt ends in an image placeholder or the rows could span more than the sliding window.
     span = max(len(prompts[o]) for o in owners) + max(map(len, prefixes)) + max_new_tokens
     share_prompt = all(len(prompts[o]) and prompts[o][-1] != cfg.image_token_id for o in owners) \
         and (cfg.text.sliding_window is None or span <= cfg.text.sliding_window)
