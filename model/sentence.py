@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
+from torch.nn.utils.rnn import pad_sequence
 
 from .loading import CheckpointError, _headers, _read_json, assign_weights, safetensors_files
 
@@ -128,9 +129,6 @@ class SentenceEncoder(nn.Module):
 
     def tokenize(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         """(ids, type_ids) per text, with [CLS]/[SEP], truncated to max_seq_length, unpadded."""
-        if self.tokenizer is None:
-            raise ValueError("this SentenceEncoder has no tokenizer; "
-                             "build it with from_pretrained or pass one")
         if self.config.do_lower_case:
             texts = [t.lower() for t in texts]
         return [(e.ids, e.type_ids) for e in self.tokenizer.encode_batch(list(texts))]
@@ -138,8 +136,6 @@ class SentenceEncoder(nn.Module):
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """Embeddings (N, D) float32 on the model's device, one row per text, in the given order."""
-        if isinstance(texts, str):
-            raise TypeError("encode takes a list of texts, not a single string")
         encoded = self.tokenize(texts)
         device = self.embeddings.word_embeddings.weight.device
         # Any pad id works (padding keys are masked and padding rows are not pooled); use the real one.
@@ -150,22 +146,18 @@ class SentenceEncoder(nn.Module):
         out = torch.empty(len(encoded), self.config.bert.hidden_size, dtype=torch.float32, device=device)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            T = max(len(encoded[i][0]) for i in rows)
-            ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
-            types, mask = torch.zeros((2, len(rows), T), dtype=torch.long)  # (B, T) each
-            for r, i in enumerate(rows):
-                (row_ids, row_types), n = encoded[i], len(encoded[i][0])
-                ids[r, :n], types[r, :n], mask[r, :n] = torch.tensor(row_ids), torch.tensor(row_types), 1
+            ids = [torch.tensor(encoded[i][0]) for i in rows]  # (T_i,) each
+            mask = pad_sequence([torch.ones_like(t) for t in ids], batch_first=True)  # (B, T)
+            ids = pad_sequence(ids, batch_first=True, padding_value=pad_id)  # (B, T)
+            types = pad_sequence([torch.tensor(encoded[i][1]) for i in rows], batch_first=True)  # (B, T)
             out[torch.tensor(rows, device=device)] = self(ids.to(device), mask.to(device), types.to(device))
         return out
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype: torch.dtype = torch.float32, device="cpu") -> "SentenceEncoder":
+    def from_pretrained(cls, path, *, device="cpu") -> "SentenceEncoder":
         """Load a sentence-transformers directory strictly, in eval mode: modules.json, the Pooling's and
         Transformer's config.json, sentence_bert_config.json, tokenizer.json and *.safetensors."""
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: not a sentence-transformers directory")
+        path = Path(path)  # not a directory: modules.json is "not found"
         modules = {}  # module kind → its directory
         for m in _read_json(path / "modules.json"):
             kind = str(m.get("type", "")).rsplit(".", 1)[-1]
@@ -216,7 +208,7 @@ class SentenceEncoder(nn.Module):
                                 do_lower_case=bool(st.get("do_lower_case", False)))
         with torch.device("meta"):
             model = cls(config)
-        assign_weights(model, found, unexpected, ", ".join(str(f) for f in files), dtype=dtype, device=device)
+        assign_weights(model, found, unexpected, ", ".join(map(str, files)), dtype=torch.float, device=device)
         model.tokenizer = tokenizer
         return model.eval()
 
@@ -281,8 +273,6 @@ class Similarity:
         if self.kind == "lexical":
             return [[token_f1(c, ref) for c in cands] for ref, cands in zip(references, candidates)]
         flat = [c for cands in candidates for c in cands]
-        if not flat:
-            return [[] for _ in references]
         e = F.normalize(self.encoder.encode(list(references) + flat), dim=-1)  # (R + C, d)
         refs, cands = e[: len(references)], e[len(references):]
         groups = cands.split([len(group) for group in candidates])  # (len(group), d) each
