@@ -58,8 +58,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        # Disabled: the base layer (π_ref); the adapter branch is skipped entirely, so the base
-        # output is bit-identical.
+        # Disabled (π_ref): the adapter branch is skipped, so the output is the base layer's bit for bit.
         if self.disabled:
             return y
         # The adapter runs in its own dtype (x may be bf16 while A, B are fp32).
@@ -88,8 +87,7 @@ def apply_lora(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS, ran
     # Collect first, then replace, so that named_modules() is not walked while it changes.
     found = [(name, m) for name, m in root.named_modules()
              if name.rpartition(".")[2] in targets and isinstance(m, nn.Linear)]
-    unmatched = sorted(set(targets) - {name.rpartition(".")[2] for name, _ in found})
-    if unmatched:
+    if unmatched := sorted(set(targets) - {name.rpartition(".")[2] for name, _ in found}):
         raise ValueError(f"LoRA targets {unmatched} match no nn.Linear under {scope!r}")
     for name, linear in found:
         parent_name, _, child = name.rpartition(".")
@@ -102,14 +100,13 @@ def apply_lora(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS, ran
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module):
     """Run the base model: inside this block every LoRALinear is its frozen layer only (π_ref)."""
-    modules = list(lora_modules(model).values())
-    previous = [m.disabled for m in modules]  # restored on exit, so the blocks nest
-    for m in modules:
+    previous = {m: m.disabled for m in lora_modules(model).values()}  # restored on exit, so the blocks nest
+    for m in previous:
         m.disabled = True
     try:
         yield model
     finally:
-        for m, d in zip(modules, previous):
+        for m, d in previous.items():
             m.disabled = d
 
 
@@ -138,11 +135,8 @@ def our_module_name(peft_name: str) -> str | None:
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | None = None) -> Path:
     """Write the adapter files that peft.PeftModel.from_pretrained loads onto transformers' Llava."""
     modules = lora_modules(model)
-    if not modules:
-        raise ValueError("model has no LoRA layers to save")
     names = {name: peft_module_name(name) for name in modules}  # ours → PEFT's
-    unmapped = sorted(n for n, p in names.items() if p is None)
-    if unmapped:
+    if unmapped := sorted(n for n, p in names.items() if p is None):
         raise ValueError(f"LoRA layers with no PEFT name (see _MAPPED in model/lora.py): {unmapped}")
     # target_modules as one regex that PEFT fullmatches against module names: each name with its layer
     # index generalised to \d+. Check it selects exactly our layers.

