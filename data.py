@@ -99,7 +99,6 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def load_pixels(path: str | os.PathLike, size: int, aspect: str = "pad") -> torch.Tensor:
-    """The image at `path` as the model's input (3, size, size): load_image, then preprocess_image."""
     return preprocess_image(load_image(path), size=size, aspect=aspect)
 
 
@@ -182,9 +181,8 @@ class _Malformed(Exception):
 
 def read_records(path: str | os.PathLike, *,
                  answers_path: str | os.PathLike | None = None) -> tuple[list[Record], list[BadRecord]]:
-    """(records, bad records) of a LLaVA-Med instruction JSON, VQA test.json or question JSONL file, the
-    layout recognised from the content (docs/FORMATS.md "Data files"). With `answers_path` every record's
-    answer comes from that file: a question missing there, or whose inline answer differs, is bad."""
+    """(records, bad records) of a LLaVA-Med instruction JSON, VQA test.json or question JSONL (FORMATS.md
+    "Data files"); with `answers_path` every answer comes from there (missing or different: a bad record)."""
     answers, bad = ({}, []) if answers_path is None else _read(answers_path, _answer)
     records, more = _read(path, lambda rid, item: _with_answer(_record(rid, item), answers, answers_path))
     return list(records.values()), bad + more
@@ -291,7 +289,6 @@ def _answer(record_id: str, item: dict) -> tuple[str, str | None]:
 
 
 def _with_answer(record: Record, answers: dict[str, tuple[str, str | None]], answers_path) -> Record:
-    """`record` given its answer from the answers file (`answers`, read from `answers_path`), if any."""
     if answers_path is None:
         return record
     where = repr(str(answers_path))
@@ -325,8 +322,7 @@ class Example:
 
 def _response(text: str, ids: object, complete: object, where: str) -> tuple[str, list[int] | None, bool]:
     """(text, stored ids without EOS or None, complete: False if cut before EOS) of a response, checked."""
-    if ids is not None and (not isinstance(ids, list)
-                            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+    if ids is not None and (not isinstance(ids, list) or not all(type(i) is int for i in ids)):  # no bools
         raise ValueError(f"{where}ids must be a list of token ids")
     if not isinstance(complete, bool):
         raise ValueError(f"{where}complete must be true or false, got {complete!r}")

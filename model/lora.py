@@ -67,7 +67,6 @@ class LoRALinear(nn.Module):
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every LoRALinear in the model, by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
@@ -221,8 +220,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in model.state_dict().items():
         module, _, leaf = key.rpartition(".")
-        parent, _, child = module.rpartition(".")
-        if parent in modules and child in ("lora_A", "lora_B"):  # the adapter's own entries
+        if module.rpartition(".")[0] in modules:  # lora_A, lora_B: the adapter's own entries
             continue
         if module in modules and leaf == "weight":
             # Sum in fp32, round once to the weight's dtype.
