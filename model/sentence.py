@@ -110,8 +110,7 @@ class SentenceEncoder(nn.Module):
         self.tokenizer: Tokenizer | None = None  # set by from_pretrained
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor):
-        """Sentence embeddings (B, D) float32 of right-padded ids, their mask and token types (B, T):
-        mean pooling of the last hidden states, then L2 norm when modules.json asks for it."""
+        """Sentence embeddings (B, D) float32 of right-padded ids, their mask and token types (B, T)."""
         emb = self.embeddings
         # Rows are right-padded, so position t of every row is its t-th token.
         x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids)  # (B, T, D)
@@ -140,8 +139,7 @@ class SentenceEncoder(nn.Module):
         device = self.embeddings.word_embeddings.weight.device
         # Any pad id works (padding keys are masked and padding rows are not pooled); use the real one.
         pad_id = self.tokenizer.token_to_id("[PAD]") or 0
-        # Batch texts of similar length together (longest first), so little compute goes to
-        # padding; the result is put back in input order. Padding does not change an embedding.
+        # Longest first, so a batch holds texts of similar length (little padding); rows go back in order.
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
         out = torch.empty(len(encoded), self.config.bert.hidden_size, dtype=torch.float32, device=device)
         for start in range(0, len(order), batch_size):
@@ -259,11 +257,9 @@ class Similarity:
     here of all-MiniLM-L6-v2 (mean pooling, L2-normalised), or `lexical` token F1 (no model)."""
 
     def __init__(self, kind: str = "minilm", path: str | None = None, device="cpu"):
-        self.kind = kind
+        self.kind = kind  # "minilm" or "lexical" (hscr.py's --similarity choices)
         if kind == "minilm":
             self.encoder = SentenceEncoder.from_pretrained(path, device=device)
-        elif kind != "lexical":
-            raise ValueError(f"unknown similarity {kind!r}")
 
     def __call__(self, references: list[str], candidates: list[list[str]]) -> list[list[float]]:
         """sim(candidate, reference) for every candidate of every reference, in one encoder pass."""
