@@ -90,7 +90,7 @@ def apply_lora(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS, ran
         raise ValueError(f"LoRA targets {unmatched} match no nn.Linear under {scope!r}")
     for name, linear in found:
         parent_name, _, child = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
+        parent = root.get_submodule(parent_name)  # "": root itself
         # A new module starts in training mode: follow the layer it replaces (eval → no dropout).
         setattr(parent, child, LoRALinear(linear, rank, alpha, dropout).train(linear.training))
     return [f"{scope}.{name}" for name, _ in found]
