@@ -86,8 +86,7 @@ class Layer(nn.Module):
         qkv, attn_out = self.attention["self"], self.attention["output"]
         q, k, v = (qkv[p](x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in ("query", "key", "value"))
         # (B, H, T, Dh) each; mask (B, 1, 1, T) hides padding keys from every query, scale 1/√Dh.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
-        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, D)
         x = attn_out.LayerNorm(x + attn_out.dense(y))
         h = F.gelu(self.intermediate.dense(x))  # exact erf GELU (config hidden_act "gelu"), not the tanh form
         return self.output.LayerNorm(x + self.output.dense(h))
@@ -122,9 +121,8 @@ class SentenceEncoder(nn.Module):
         # matters for an all-padding row, which the tokenizer never produces.
         m = attention_mask.to(torch.float32)[..., None]  # (B, T, 1)
         e = (x.float() * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, D)
-        if self.config.normalize:
-            e = F.normalize(e, dim=-1)  # eps 1e-12, as torch's Normalize module in sentence-transformers
-        return e
+        # L2 norm with eps 1e-12, as sentence-transformers' Normalize module (when modules.json has one).
+        return F.normalize(e, dim=-1) if self.config.normalize else e
 
     def tokenize(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         """(ids, type_ids) per text, with [CLS]/[SEP], truncated to max_seq_length, unpadded."""
