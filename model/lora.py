@@ -48,10 +48,6 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.disabled = False  # forward is the base layer only
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"alpha={self.alpha}, disabled={self.disabled}")
-
     def delta_weight(self) -> torch.Tensor:
         """(α/r)·B A, the update that merging adds to W, in the adapter's dtype. # (D_out, D_in)"""
         return self.scale * (self.lora_B.weight @ self.lora_A.weight)
