@@ -61,6 +61,12 @@ class UserError(Exception):
     (HSCR_DEBUG=1 or --debug: the traceback). Anything else is a bug and keeps its traceback."""
 
 
+def few(items, sep: str = ", ", n: int = 3) -> str:
+    """The first `n` of `items` and how many more: an error names a few, never hundreds."""
+    items = list(items)
+    return sep.join(items[:n]) + (f"{sep}and {len(items) - n} more" if len(items) > n else "")
+
+
 def run_main(main, argv: Sequence[str] | None = None) -> int:
     """Call `main(argv)`; a UserError becomes one line on stderr and exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from data import image_problem, read_records, resolve_image
-from harness.cli import UserError
+from harness.cli import UserError, few
 from harness.files import BadLine, DataError, merge_jsonl, read_json_records, read_text
 
 PROVENANCE = "provenance.json"
@@ -82,16 +82,14 @@ def check_images(records: Sequence[Any], image_root: str | None, name: str, sour
             absent[r.image] = path
         elif i % world == rank and r.image not in looked:
             looked[r.image] = image_problem(path)
-    problems, show = [], 10
+    problems = []
     if absent:
         n_images = len({r.image for r in records if r.image is not None})
         problems.append(f"{len(absent)} of {n_images} images not found under {image_root} (needed by "
                         f"{sum(r.image in absent for r in records)} of {len(records)} questions): "
-                        f"{', '.join(list(absent)[:show])}"
-                        + (f", … ({len(absent) - show} more)" if len(absent) > show else ""))
+                        + few(absent, n=10))
     if unusable:
-        problems.append(f"{len(unusable)} questions without a usable image path: "
-                        + "; ".join(unusable[:show]) + (" …" if len(unusable) > show else ""))
+        problems.append(f"{len(unusable)} questions without a usable image path: " + few(unusable, "; ", 10))
     if problems:
         raise UserError(f"{where}: " + "; ".join(problems))
     return {r.id: f"image {r.image}: {looked[r.image]}" for r in records[rank::world] if looked[r.image]}
@@ -207,7 +205,7 @@ def scores_table(rows: Mapping[str, Mapping[str, Any]], first: str = "answers",
 def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
     """Markdown: a row per mode and of visual gain per blind mode; the skipped and unscorable ids."""
     full, skipped = entry["modes"]["full"], entry["skipped"]
-    unscorable, show = full["unscorable"], 20
+    unscorable = full["unscorable"]
     modes = {MODE_LABELS[mode]: scores for mode, scores in entry["modes"].items()}
     gains = {f"visual gain (full − {MODE_LABELS[mode]})": g for mode, g in entry["visual_gain"].items()}
     lines = [f"### {name}", "",
@@ -220,9 +218,8 @@ def benchmark_table(name: str, entry: Mapping[str, Any]) -> str:
         lines += ["", f"Skipped ({len(skipped)}, not scored):", ""]
         lines += [f"- {s['question_id']}: {s['reason']}" for s in skipped]
     if unscorable:
-        more = f", … ({len(unscorable) - show} more)" if len(unscorable) > show else ""
         lines += ["", f"Unscorable, no ground truth to score against ({len(unscorable)}): "
-                  + ", ".join(unscorable[:show]) + more]
+                  + few(unscorable, n=20)]
     return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from harness import provenance
-from harness.cli import UserError
+from harness.cli import UserError, few
 from harness.dist import barrier
 from harness.files import atomic_write_text, read_jsonl, remove
 from data import BadRecord, Example, Tokens, preference_header, read_preferences, unusable_images
@@ -51,9 +51,8 @@ def owned(out: Path) -> tuple[dict | None, list[str]]:
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     foreign = [n for n in entries if n not in listed and re.sub(r"^\.(.+)\.tmp\d+$", r"\1", n) not in listed]
     if foreign:
-        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         raise UserError(f"{out} holds what no {PROVENANCE} there lists as written by a run of this project: "
-                        f"{', '.join(foreign[:3])}{more}; move them, or choose another --out")
+                        f"{few(foreign)}; move them, or choose another --out")
     return record, entries
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from harness.cli import UserError
+from harness.cli import UserError, few
 from harness.files import DataError, read_text
 
 from .llava import Llava, LlavaConfig, TextConfig, VisionConfig
@@ -36,12 +36,6 @@ def resolve_dtype(name: str, device: str | torch.device, *, gpu_default: str = "
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the keys or fields. A UserError:
     the scripts print it as one line; a ValueError for library callers."""
-
-
-def _few(items, sep: str = ", ", n: int = 3) -> str:
-    """The first `n` of `items` and how many more: an error names a few keys, never hundreds."""
-    items = list(items)
-    return sep.join(items[:n]) + (f"{sep}and {len(items) - n} more" if len(items) > n else "")
 
 
 # One prefix table per source layout: (prefix on disk, prefix in `Llava`), first match wins.
@@ -358,7 +352,7 @@ def safetensors_files(path: Path) -> list[Path]:
                                   f"got {_show(weight_map[bad])}")
         files = [path / f for f in sorted(set(weight_map.values()))]
         if missing := [str(f) for f in files if not f.is_file()]:
-            raise CheckpointError(f"{index} names {len(missing)} shards that do not exist: {_few(missing)}")
+            raise CheckpointError(f"{index} names {len(missing)} shards that do not exist: {few(missing)}")
         return files
     if files := sorted(path.glob("*.safetensors")):
         return files
@@ -394,7 +388,7 @@ def _headers(source: Path, files: list[Path]) -> dict[str, tuple[Path, tuple[int
     if twice:
         pairs = [f"{a} and {b} both hold {k[0]}" + (f" (and {len(k) - 1} more keys)" if len(k) > 1 else "")
                  for (a, b), k in twice.items()]
-        raise CheckpointError(f"{source}: tensors stored twice, remove the stray file: " + _few(pairs, "; "))
+        raise CheckpointError(f"{source}: tensors stored twice, remove the stray file: " + few(pairs, "; "))
     return where
 
 
@@ -420,7 +414,7 @@ def _index(path: Path, layout: str | None = None, *, skip: tuple[str, ...] = (),
             found[name] = (file, key, shape)
     if clashes:
         raise CheckpointError(f"{path}: {len(clashes)} parameters stored under two keys: "
-                              + _few(clashes, "; "))
+                              + few(clashes, "; "))
     return found, unexpected
 
 
@@ -480,7 +474,7 @@ def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], s
     problems = [(missing, "missing", ", "), (unexpected, "unexpected", ", "),
                 (wrong, "with the wrong shape", "; "),
                 (not_float, "not floating point where a weight belongs", "; ")]
-    if lines := [f"  {len(items)} {what}: " + _few(items, sep) for items, what, sep in problems if items]:
+    if lines := [f"  {len(items)} {what}: " + few(items, sep) for items, what, sep in problems if items]:
         raise CheckpointError("\n".join([f"cannot load {source}:{why}", *lines]))
     state, finite = {}, {}
     for name, (file, key, _) in found.items():
@@ -494,7 +488,7 @@ def assign_weights(model: torch.nn.Module, found: dict, unexpected: list[str], s
     flags = torch.stack(list(finite.values())).tolist() if finite else []  # the one wait
     if bad := [at[k] for k, ok in zip(finite, flags) if not ok]:
         raise CheckpointError(f"cannot load {source}: {len(bad)} of {len(flags)} tensors hold NaN or Inf "
-                              f"(damaged bytes?): {_few(bad)}; --no-check-finite skips this check of --model")
+                              f"(damaged bytes?): {few(bad)}; --no-check-finite skips this check of --model")
     model.load_state_dict(state, strict=True, assign=True)
     return model
 

@@ -733,7 +733,7 @@ def test_real_benchmark_without_images_fails_before_the_model(tmp_path):
                 "--image-root", str(images), "--out", str(tmp_path / "run")])
     message = str(error.value)
     assert message.startswith(f"benchmark 'vqa_rad' ({RAD}): {n} of {len(names)} images not found under {images}")
-    assert f": {listed}, … ({n - 10} more)" in message
+    assert f": {listed}, and {n - 10} more" in message
     assert f"(needed by {sum(u not in names[:2] for u in used)} of 451 questions)" in message
     assert not (tmp_path / "run").exists()
 
@@ -862,7 +862,7 @@ def test_run_without_provenance_is_not_resumed(tiny, tmp_path):
     _cli(tiny, run)
     (run / "provenance.json").unlink()
     for again in ((), ("--overwrite",)):
-        with pytest.raises(UserError, match="lists .*: config.json, rad, report.md and 1 more"):
+        with pytest.raises(UserError, match="lists .*: config.json, rad, report.md, and 1 more"):
             _cli(tiny, run, *again)
     shutil.rmtree(run)
     (run / "config.json").parent.mkdir()

@@ -76,7 +76,7 @@ def test_a_run_deletes_or_replaces_only_what_its_record_lists(tmp_path):
     for name in ("model", "notes.txt", "a.safetensors", "b.safetensors"):
         (out / name).write_text("mine")
     for resume in (False, True):
-        with pytest.raises(cli.UserError, match=r"project: a.safetensors, b.safetensors, model and 1 more; "):
+        with pytest.raises(cli.UserError, match=r"project: a.safetensors, b.safetensors, model, and 1 more; "):
             rundir.start_run(out, now, resume=resume, writes=["adapter"], **kw)
     for name in ("model", "notes.txt", "a.safetensors", "b.safetensors"):
         (out / name).unlink()
