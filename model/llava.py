@@ -166,9 +166,8 @@ class CLIPLayer(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """CLIP ViT returning hidden state `select_layer` of the list [embeddings, block 1, …, block L].
-    All blocks and `post_layernorm` exist so that checkpoints load strictly, but only the first
-    `vision_layers_used` blocks run: LLaVA never reads the last block or the final norm."""
+    """CLIP ViT → hidden state `select_layer` of [embeddings, block 1, …, block L]. All blocks and
+    `post_layernorm` exist for strict loading; only the first `vision_layers_used` run (all LLaVA reads)."""
     def __init__(self, c: LlavaConfig):
         super().__init__()
         self.n_used, self.keep_cls, v = c.vision_layers_used, c.select_feature == "cls_patch", c.vision
@@ -406,7 +405,6 @@ class Llava(nn.Module):
 
     # KV cache and generation
     def setup_cache(self, batch: int, max_len: int):
-        """A static KV cache for `batch` rows of up to `max_len` steps."""
         c = self.config.text
         if max_len > c.max_seq_len:
             raise ValueError(f"{max_len} steps exceed TextConfig.max_seq_len={c.max_seq_len}; raise it")

@@ -163,21 +163,19 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | Non
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{config_path}: cannot read the adapter config ({e})") from None
-    unsupported = [f"{k}={config.get(k)!r}" for k, ok in (
-        ("peft_type", "LORA"), ("bias", "none"), ("fan_in_fan_out", False), ("use_rslora", False),
-        ("use_dora", False), ("rank_pattern", {}), ("alpha_pattern", {}), ("modules_to_save", None))
-        if config.get(k, ok) != ok]
-    if unsupported:
+    if unsupported := [f"{k}={config.get(k)!r}" for k, ok in (
+            ("peft_type", "LORA"), ("bias", "none"), ("fan_in_fan_out", False), ("use_rslora", False),
+            ("use_dora", False), ("rank_pattern", {}), ("alpha_pattern", {}), ("modules_to_save", None))
+            if config.get(k, ok) != ok]:
         raise ValueError(f"{config_path}: unsupported adapter settings: {', '.join(unsupported)}")
     # The file's tensors by our module name: {module: {"lora_A": t, "lora_B": t}}.
     by_module, unknown = {}, []
     for key, value in load_file(weights_path).items():
         match = re.fullmatch(re.escape(_PEFT_PREFIX) + r"(.+)\.(lora_[AB])\.weight", key)  # (module, A or B)
-        name = our_module_name(match.group(1)) if match else None
-        if name is None:
-            unknown.append(key)
-        else:
+        if match and (name := our_module_name(match.group(1))):
             by_module.setdefault(name, {})[match.group(2)] = value
+        else:
+            unknown.append(key)
     if not lora_modules(model):
         # A bare model: give it LoRA on exactly the layer kinds the file has (e.g. q,v only).
         targets = tuple(sorted({n.rpartition(".")[2] for n in by_module}))
@@ -240,8 +238,7 @@ def export_merged(model: nn.Module, out_dir: str | Path, *, source: str | Path) 
     as_torch = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     tensors, unknown = {}, []
     for key, dtype in dtypes.items():
-        name = loading.rename(key, src_layout)
-        if name in state:
+        if (name := loading.rename(key, src_layout)) in state:
             value = state.pop(name)  # a model trained in fp32 is merged in fp32, rounded once here
             tensors[key] = value.to(as_torch.get(dtype, value.dtype)).contiguous()
         else:

@@ -122,7 +122,6 @@ class Rows:
 
 
 def collate(examples: list[Example], pad_id: int) -> Rows:
-    """The examples' rows packed for one forward pass (`Rows`)."""
     seqs, segments, pos_ids, at, labels, seq_of = [], [], [], [], [], []
     for s, ex in enumerate(examples):
         # n: the length of the prefix that all rows share (the first column where they differ)

@@ -28,9 +28,8 @@ def piece_word(piece: str | None) -> str:
 
 
 def word_classes(pieces: Sequence[str | None]) -> list[int]:
-    """A class per token id (pieces[i] = the piece of id i): tokens that spell the same word
-    (piece_word lower-cased: "▁No", "no", "▁no.") share one; a piece with no letter or digit left
-    is a class of its own. hscr.py's --same-word exclude drops candidates of y_t's class."""
+    """A class per token id (pieces[i] = the piece of id i) for hscr.py's --same-word: tokens spelling one
+    word (piece_word lower-cased: "▁No", "no", "▁no.") share one; a piece with no letter or digit is alone."""
     classes, seen = [], {}
     for i, piece in enumerate(pieces):
         w = piece_word(piece).lower()
