@@ -362,9 +362,8 @@ def read_inputs(cfg, ctx) -> Inputs:
 
 
 def made_by(cfg):
-    """cfg with what made --data, from its header, for what is not given: without --model, the model and
-    vision tower; without --image-root, the images' root. HSCR is on-policy: another model or tower (by
-    content) is refused unless --allow-other-model; a header that records none is not checked."""
+    """cfg completed from --data's header: without --model its model and vision tower, without --image-root
+    its images' root. HSCR is on-policy: another model (by content) is refused unless --allow-other-model."""
     check_paths("file", data=cfg.data)
     made = (preference_header(Path(cfg.data)) or {}).get("provenance")
     images = made.get("images") if isinstance(made, dict) else None
