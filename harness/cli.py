@@ -12,9 +12,6 @@ from typing import Any, Sequence
 
 from harness.files import DataError
 
-# Annotation (as a string: every module uses `from __future__ import annotations`) → argparse type.
-_TYPES = {"int": int, "float": float, "str": str}
-
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Sequence | None = None,
            required: bool = False, default_factory: Any = dataclasses.MISSING):
@@ -28,14 +25,13 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, defaults: dict |
     `list[str]` repeats. Each default is printed once, after the help text."""
     for f in dataclasses.fields(cls):
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
-        given = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        default = (defaults or {}).get(f.name, default if given else None)
-        required = meta.get("required", False) or not given
+        required = meta.get("required", False) or default is dataclasses.MISSING
+        default = (defaults or {}).get(f.name, None if default is dataclasses.MISSING else default)
         help = meta.get("help", "")
         if default not in (None, [], ()) and not required:
             help += f" (default: {default})"
-        kind = str(f.type).removesuffix(" | None")  # 'int | None' parses as int
+        kind = str(f.type).removesuffix(" | None")  # the annotation as a string; 'int | None' parses as int
         if kind == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help)
@@ -43,13 +39,12 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, defaults: dict |
             parser.add_argument(flag, dest=f.name, action="append", required=required,
                                 default=None if required else list(default or []), help=help + "; repeat")
         else:  # int, float, str (a KeyError for any other type)
-            parser.add_argument(flag, dest=f.name, type=_TYPES[kind], default=default, required=required,
-                                choices=meta.get("choices"), help=help)
+            parser.add_argument(flag, dest=f.name, type={"int": int, "float": float, "str": str}[kind],
+                                default=default, required=required, choices=meta.get("choices"), help=help)
 
 
 def dataclass_parser(cls, *, prog: str | None = None, description: str | None = None,
                      defaults: dict | None = None) -> argparse.ArgumentParser:
-    """An ArgumentParser whose options are the fields of `cls` (see add_dataclass_options)."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_options(parser, cls, defaults)

@@ -1,5 +1,6 @@
 """harness/rundir.py: start_run (what a run directory's record allows to resume), the reference
-log-prob cache key, the matplotlib check before training, resume only from this run's checkpoints."""
+log-prob cache key, the matplotlib check before training, resume only from this run's checkpoints,
+train.py's inputs refused as one line naming the option before anything slow."""
 from __future__ import annotations
 
 import json
@@ -176,6 +177,21 @@ def test_resume_only_from_a_checkpoint_of_this_run(workspace, tmp_path):
     train.train(config(workspace, mine, epochs=1, save_every=1, resume=True))  # its own: continues
     lines = (mine / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("flag,what", [("--data", "missing"), ("--data", "folder"),
+                                       ("--eval-data", "missing"), ("--eval-data", "folder")])
+def test_data_that_is_no_file_is_one_line(workspace, tmp_path, capsys, flag, what):
+    """A --data or --eval-data that is missing or a folder: exit status 2 and one line naming the
+    option and the path, not a FileNotFoundError or IsADirectoryError traceback."""
+    root, ckpt, prefs = workspace
+    path = tmp_path / "nope.jsonl" if what == "missing" else tmp_path
+    given = {"--data": str(prefs), flag: str(path)}
+    argv = ["--model", str(ckpt), *[a for kv in given.items() for a in kv], "--out", str(tmp_path / "run")]
+    assert cli.run_main(train.main, argv) == 2
+    err = capsys.readouterr().err
+    why = "file not found" if what == "missing" else "not a file"
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith(f"error: {flag} {path}: {why}")
 
 
 class Payload:
