@@ -14,8 +14,6 @@ from data import image_problem, read_records, resolve_image
 from harness.cli import UserError, few
 from harness.files import BadLine, DataError, merge_jsonl, read_json_records, read_text
 
-PROVENANCE = "provenance.json"
-
 
 # Inputs
 def parse_named(values: Sequence[str], flag: str, *, names: Sequence[str] | None = None,
@@ -64,10 +62,8 @@ def check_images(records: Sequence[Any], image_root: str | None, name: str, sour
                  world: int = 1) -> dict[str, str]:
     """One error for missing images (the real benchmark files ship without them); else question id → why its
     image cannot be used (`data.image_problem`), for this process's share records[rank::world]."""
-    if not records:
-        return {}
     where = f"benchmark {name!r} ({source})"
-    if image_root is None:
+    if image_root is None and records:
         raise UserError(f"{where}: no --image-root for it (NAME=DIR or one DIR for all)")
     unusable, absent, looked = [], {}, {}  # image path as written → its file, or → why it cannot be used
     for i, r in enumerate(records):
