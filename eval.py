@@ -111,11 +111,10 @@ def calculate_f1score(pred: str, gt: str) -> tuple[float, float, float]:
     # Upstream `split_sentence(text, 1)`: lowercase, whitespace split, {word: count}.
     p_words, g_words = (Counter(normalize_word(s).lower().split()) for s in (pred, gt))
     tp = sum(c for w, c in p_words.items() if w in g_words)
-    fp = sum(c for w, c in p_words.items() if w not in g_words)
     fn = sum(c for w, c in g_words.items() if w not in p_words)
     if tp == 0:  # also when a side has no words
         return 0.0, 0.0, 0.0
-    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    precision, recall = tp / sum(p_words.values()), tp / (tp + fn)  # tp + fp: every predicted word
     return 2 * precision * recall / (precision + recall), precision, recall
 
 
@@ -533,7 +532,6 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; `run_main` turns a UserError/DataError into one line on stderr, exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
         p = argparse.ArgumentParser(prog="eval.py compare", description="two runs side by side, with B − A")

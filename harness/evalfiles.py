@@ -12,7 +12,7 @@ from typing import Any
 
 from data import image_problem, read_records, resolve_image
 from harness.cli import UserError, few
-from harness.files import BadLine, DataError, merge_jsonl, read_json_records, read_text
+from harness.files import BadLine, DataError, merge_jsonl, read_json_records, read_text, remove
 
 
 # Inputs
@@ -116,14 +116,13 @@ def read_answer_file(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: answer file not found")
-    rows = []
-    for i, row in read_json_records(path):
+    rows = read_json_records(path)
+    for i, row in rows:
         if isinstance(row, BadLine):
             raise DataError(f"{path}: {row.message}")
         if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("text"), str):
             raise DataError(f"{path}: record {i + 1} is not an object with question_id and a text string")
-        rows.append(row)
-    return rows
+    return [row for _, row in rows]
 
 
 def shards(run_dir: Path, name: str, mode: str) -> list[Path]:
@@ -137,8 +136,7 @@ def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -
     position = {r.id: i for i, r in enumerate(records)}
     merge_jsonl(final, [final] + parts, key=question_id,
                 order=lambda row: position.get(question_id(row), len(position)))
-    for f in parts:
-        f.unlink()
+    remove(parts)
     return final
 
 
