@@ -82,9 +82,6 @@ CONTRACTIONS = {"aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": 
 # Upstream writes "(?!<=\d)(\.)(?!\d)": the first group is a look-*ahead* for the text "<=d",
 # which can never start where a period is, so the pattern is just "a period not before a digit".
 _STRAY_PERIOD = re.compile(r"\.(?!\d)")
-# Upstream calls period_strip.sub("", text, re.UNICODE); the third positional argument of
-# Pattern.sub is `count`, and re.UNICODE == 32, so at most 32 periods go per call.
-_MAX_PERIODS_PER_CALL = int(re.UNICODE)
 
 
 def normalize_word(text: str) -> str:
@@ -96,8 +93,9 @@ def normalize_word(text: str) -> str:
     digit_comma_digit, out = re.search(r"\d,\d", text) is not None, text
     for p in PUNCT:
         out = out.replace(p, "" if p + " " in text or " " + p in text or digit_comma_digit else " ")
-    # 2. Periods not followed by a digit are deleted ("3.5" keeps its point), at most 32 of them.
-    out = _STRAY_PERIOD.sub("", out, count=_MAX_PERIODS_PER_CALL)
+    # 2. Periods not followed by a digit are deleted ("3.5" keeps its point), at most 32: upstream calls
+    # period_strip.sub("", text, re.UNICODE), and Pattern.sub's third argument is `count` (re.UNICODE == 32).
+    out = _STRAY_PERIOD.sub("", out, count=int(re.UNICODE))
     # 3. Number words → digits before the article test, contractions after it, as upstream; single
     # spaces. Commas cannot survive step 1, but the final comma removal is kept for parity.
     words = [NUMBER_WORDS.get(w, w) for w in out.lower().split()]
