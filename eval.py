@@ -31,12 +31,11 @@ from data import PAD_RGB, load_pixels, preprocess_image, resolve_image
 from harness import provenance
 from harness.cli import UserError, dataclass_parser, option, run_main
 from harness.dist import Context, barrier, init_process_group
-from harness.evalfiles import (LEGEND, PROVENANCE, answer_row, answers_path, check_images, compare_runs,
-                               merge_answers, parse_named, question_counts, question_id, read_answer_file,
-                               read_benchmarks, read_questions, scores_table, shards, visual_gain,
-                               write_reports)
+from harness.evalfiles import (LEGEND, answer_row, answers_path, check_images, compare_runs, merge_answers,
+                               parse_named, question_counts, question_id, read_answer_file, read_benchmarks,
+                               read_questions, scores_table, shards, visual_gain, write_reports)
 from harness.files import DataError, JsonlFile, read_jsonl, read_text
-from harness.rundir import check_paths, model_of, read_tokenizer, start_run
+from harness.rundir import PROVENANCE, check_paths, model_of, read_tokenizer, start_run
 from model import load_model
 from model.llava import left_pad
 from model.loading import DTYPES, resolve_dtype
@@ -80,14 +79,9 @@ CONTRACTIONS = {"aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": 
     "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
     "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
     "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've"}
-# A digit, a comma, a digit anywhere in the string switches the punctuation rule to "delete".
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 # Upstream writes "(?!<=\d)(\.)(?!\d)": the first group is a look-*ahead* for the text "<=d",
 # which can never start where a period is, so the pattern is just "a period not before a digit".
 _STRAY_PERIOD = re.compile(r"\.(?!\d)")
-# Upstream calls period_strip.sub("", text, re.UNICODE); the third positional argument of
-# Pattern.sub is `count`, and re.UNICODE == 32, so at most 32 periods go per call.
-_MAX_PERIODS_PER_CALL = int(re.UNICODE)
 
 
 def normalize_word(text: str) -> str:
@@ -96,11 +90,12 @@ def normalize_word(text: str) -> str:
     text = text.lower()
     # 1. A PUNCT character is deleted everywhere if it stands next to a space anywhere in the *input* or the
     # input holds a digit,digit, else spaced: "x-ray" → "x ray", but "x-ray - chest" → "xray chest".
-    digit_comma_digit, out = _DIGIT_COMMA_DIGIT.search(text) is not None, text
+    digit_comma_digit, out = re.search(r"\d,\d", text) is not None, text
     for p in PUNCT:
         out = out.replace(p, "" if p + " " in text or " " + p in text or digit_comma_digit else " ")
-    # 2. Periods not followed by a digit are deleted ("3.5" keeps its point), at most 32 of them.
-    out = _STRAY_PERIOD.sub("", out, count=_MAX_PERIODS_PER_CALL)
+    # 2. Periods not followed by a digit are deleted ("3.5" keeps its point), at most 32: upstream calls
+    # period_strip.sub("", text, re.UNICODE), and Pattern.sub's third argument is `count` (re.UNICODE == 32).
+    out = _STRAY_PERIOD.sub("", out, count=int(re.UNICODE))
     # 3. Number words → digits before the article test, contractions after it, as upstream; single
     # spaces. Commas cannot survive step 1, but the final comma removal is kept for parity.
     words = [NUMBER_WORDS.get(w, w) for w in out.lower().split()]
@@ -114,11 +109,10 @@ def calculate_f1score(pred: str, gt: str) -> tuple[float, float, float]:
     # Upstream `split_sentence(text, 1)`: lowercase, whitespace split, {word: count}.
     p_words, g_words = (Counter(normalize_word(s).lower().split()) for s in (pred, gt))
     tp = sum(c for w, c in p_words.items() if w in g_words)
-    fp = sum(c for w, c in p_words.items() if w not in g_words)
     fn = sum(c for w, c in g_words.items() if w not in p_words)
     if tp == 0:  # also when a side has no words
         return 0.0, 0.0, 0.0
-    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    precision, recall = tp / sum(p_words.values()), tp / (tp + fn)  # tp + fp: every predicted word
     return 2 * precision * recall / (precision + recall), precision, recall
 
 
@@ -133,8 +127,6 @@ def calculate_exactmatch(pred: str, gt: str) -> float:
 # Strict closed scoring: ours, not LLaVA-Med's, reported beside the lenient score
 # Words after which a "no" has ended its clause ("no or yes", "no but ...").
 CONJUNCTIONS = ("and", "or", "but")
-# Words and single punctuation characters of the raw text, in order ("no," → "no", ",").
-_TOKENS = re.compile(r"\w+|[^\w\s]")
 
 
 def closed_answer(pred: str) -> str | None:
@@ -143,7 +135,7 @@ def closed_answer(pred: str) -> str | None:
     deletes punctuation. Ours; the rule and why: docs/FORMATS.md "The strict closed score".
         "no, there is not" → no    "yes no" → hedge    "Yes, but no effusion" → yes    "nodule" → None
     """
-    tokens = _TOKENS.findall(pred.lower())
+    tokens = re.findall(r"\w+|[^\w\s]", pred.lower())  # words and single punctuation marks: "no," → "no", ","
     words = [t for t, after in zip(tokens, tokens[1:] + [None]) if t == "yes"
              or (t == "no" and (after is None or not after[0].isalnum() or after in CONJUNCTIONS))]
     return None if not words else "hedge" if len(set(words)) > 1 else words[0]
@@ -241,11 +233,10 @@ def score_file(answers: Iterable[Mapping[str, Any]], questions: Iterable[Any]) -
                 no_answer.append(float(closed_answer(pred) is None))
             if g == "no":
                 gt_no_says_yes.append(float(closed_answer(pred) == "yes"))
-    open_recall, closed_acc = _mean100(open_s["recall"]), _mean100(hits)
-    both = [open_recall, closed_acc]
+    both = [_mean100(open_s["recall"]), _mean100(hits)]  # for "mean_of_types"
     return {
         "open": {"n": len(open_s["recall"]), **{k: _mean100(v) for k, v in open_s.items()}},
-        "closed": {"n": len(hits), "accuracy": closed_acc, "accuracy_strict": _mean100(hits_strict),
+        "closed": {"n": len(hits), "accuracy": _mean100(hits), "accuracy_strict": _mean100(hits_strict),
                    "hedge_rate": _mean100(hedged), "n_yes_no": len(no_answer),
                    "no_answer_rate": _mean100(no_answer), "n_gt_no": len(gt_no_says_yes),
                    "hallucination_rate": _mean100(gt_no_says_yes)},
@@ -319,14 +310,12 @@ def build_batch(records: Sequence[Any], mode: str, *, tokenizer, config, templat
     """Model inputs for a list of data.Record in one of MODES; `pixels`: their images in full mode."""
     rows = [prompt_ids(r.question, tokenizer, config, mode=mode, template=template) for r in records]
     pad = config.text.pad_token_id if config.text.pad_token_id is not None else config.text.eos_token_id
-    size = config.vision.image_size
-    if mode == "no_image":
-        images = None
-    elif mode == "blank_image":  # LLaVA's pad colour: ~0 once normalised, an image that shows nothing
+    if mode == "blank_image":  # LLaVA's pad colour: ~0 once normalised, an image that shows nothing
+        size = config.vision.image_size
         blank = preprocess_image(Image.new("RGB", (size, size), PAD_RGB), size=size)
         images = blank[None].expand(len(records), -1, -1, -1)  # (B, 3, S, S)
     else:
-        images = torch.stack(list(pixels))  # (B, 3, S, S)
+        images = torch.stack(list(pixels)) if mode == "full" else None  # (B, 3, S, S); None in no_image
     return Batch(*left_pad(rows, pad), images)
 
 
@@ -541,7 +530,6 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; `run_main` turns a UserError/DataError into one line on stderr, exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
         p = argparse.ArgumentParser(prog="eval.py compare", description="two runs side by side, with B − A")

@@ -12,9 +12,7 @@ from typing import Any
 
 from data import image_problem, read_records, resolve_image
 from harness.cli import UserError, few
-from harness.files import BadLine, DataError, merge_jsonl, read_json_records, read_text
-
-PROVENANCE = "provenance.json"
+from harness.files import BadLine, DataError, merge_jsonl, read_json_records, read_text, remove
 
 
 # Inputs
@@ -64,10 +62,8 @@ def check_images(records: Sequence[Any], image_root: str | None, name: str, sour
                  world: int = 1) -> dict[str, str]:
     """One error for missing images (the real benchmark files ship without them); else question id → why its
     image cannot be used (`data.image_problem`), for this process's share records[rank::world]."""
-    if not records:
-        return {}
     where = f"benchmark {name!r} ({source})"
-    if image_root is None:
+    if image_root is None and records:
         raise UserError(f"{where}: no --image-root for it (NAME=DIR or one DIR for all)")
     unusable, absent, looked = [], {}, {}  # image path as written → its file, or → why it cannot be used
     for i, r in enumerate(records):
@@ -120,14 +116,13 @@ def read_answer_file(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: answer file not found")
-    rows = []
-    for i, row in read_json_records(path):
+    rows = read_json_records(path)
+    for i, row in rows:
         if isinstance(row, BadLine):
             raise DataError(f"{path}: {row.message}")
         if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("text"), str):
             raise DataError(f"{path}: record {i + 1} is not an object with question_id and a text string")
-        rows.append(row)
-    return rows
+    return [row for _, row in rows]
 
 
 def shards(run_dir: Path, name: str, mode: str) -> list[Path]:
@@ -141,8 +136,7 @@ def merge_answers(run_dir: Path, name: str, mode: str, records: Sequence[Any]) -
     position = {r.id: i for i, r in enumerate(records)}
     merge_jsonl(final, [final] + parts, key=question_id,
                 order=lambda row: position.get(question_id(row), len(position)))
-    for f in parts:
-        f.unlink()
+    remove(parts)
     return final
 
 
