@@ -290,8 +290,7 @@ class Output:
             self.records, self.rejects = JsonlFile(path, _result_id), JsonlFile(rejects, _reject_key)
             first = self.records.first
             if first is not None and not first.get(HEADER_KEY):
-                raise UserError(f"{path} exists but does not start with an hscr.py header; "
-                                "choose another --out")
+                raise UserError(f"{path} does not start with an hscr.py header; choose another --out")
             computed = any(isinstance(k, str) for k in self.rejects.ids)  # rejected entries, not bad records
             held = bool(self.records.ids) or computed
         stored = first.get("provenance") if first is not None else None
