@@ -150,8 +150,7 @@ def batch_pixels(examples: list[Example], image_size: int, aspect: str = "pad") 
 class Record:
     """One question and its reference answer (None: the file gives none); docs/FORMATS.md "Data files".
     question: the first human turn without "<image>", stripped; answer_type: "OPEN" | "CLOSED" | None;
-    conversations: the turns as in the file (question JSONL: the raw question text, then the answer if
-    known); facts: the record's optional "facts", passed through unread (`eval.fact_scores`)."""
+    conversations: as in the file (question JSONL: question, answer if any); facts: for eval.fact_scores."""
     id: str
     image: str | None
     question: str
