@@ -244,10 +244,6 @@ def _reject_key(r: dict):  # a rejected entry's id; an input's bad record: (file
     return (r.get("file"), r.get("position")) if r.get("category") == BAD_RECORD else r.get("id")
 
 
-def _reject_order(r: dict):
-    return (r.get("index") is not None, r.get("index") or 0, r.get("file") or "", r.get("position") or 0)
-
-
 def sidecar(out: Path, kind: str) -> Path:
     """prefs.jsonl → prefs.rejects.jsonl / prefs.summary.json."""
     suffix = {"rejects": ".rejects.jsonl", "summary": ".summary.json"}[kind]
@@ -353,7 +349,8 @@ def merge_shards(out: Path, world: int) -> dict:
                             f"{'; '.join(diff)}")
     merge_jsonl(out, parts, key=_result_id, order=lambda r: r["index"], head=headers[:1])
     merge_jsonl(sidecar(out, "rejects"), [sidecar(p, "rejects") for p in parts], key=_reject_key,
-                order=_reject_order)
+                order=lambda r: (r.get("index") is not None, r.get("index") or 0,  # bad records first
+                                 r.get("file") or "", r.get("position") or 0))
     summaries = [json.loads(f.read_text()) for p in parts if (f := sidecar(p, "summary")).exists()]
     return summarize(out, processed=sum(s.get("processed_this_run", 0) for s in summaries),
                      seconds=max((s.get("seconds", 0.0) for s in summaries), default=0.0), show=True)
