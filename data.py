@@ -134,8 +134,7 @@ def unusable_images(paths: Iterable[Path], image_size: int, aspect: str) -> dict
 
 
 def batch_pixels(examples: list[Example], image_size: int, aspect: str = "pad") -> torch.Tensor | None:
-    """(B_img, 3, S, S) for the examples that have an image, in order. Every image was checked
-    when the run started (`unusable_images`); one that fails now changed during the run."""
+    """(B_img, 3, S, S) for the examples that have an image, in order (checked by `unusable_images`)."""
     pixels = []
     for ex in (ex for ex in examples if ex.image is not None):
         try:
@@ -151,8 +150,7 @@ def batch_pixels(examples: list[Example], image_size: int, aspect: str = "pad") 
 class Record:
     """One question and its reference answer (None: the file gives none); docs/FORMATS.md "Data files".
     question: the first human turn without "<image>", stripped; answer_type: "OPEN" | "CLOSED" | None;
-    conversations: the turns as in the file (question JSONL: the raw question text, then the answer if
-    known); facts: the record's optional "facts", passed through unread (`eval.fact_scores`)."""
+    conversations: as in the file (question JSONL: question, answer if any); facts: for eval.fact_scores."""
     id: str
     image: str | None
     question: str
@@ -173,10 +171,6 @@ class BadRecord:
 
 # Answer types, case-insensitive: LLaVA-Med's, then PathVQA's (yes/no closed; other, number open).
 _ANSWER_TYPES = {"open": "OPEN", "closed": "CLOSED", "yes/no": "CLOSED", "other": "OPEN", "number": "OPEN"}
-
-
-class _Malformed(Exception):
-    """Internal: why a record is bad (becomes a BadRecord)."""
 
 
 def read_records(path: str | os.PathLike, *,
@@ -201,16 +195,16 @@ def _read(path: str | os.PathLike, parse: Callable[[str, dict], object]) -> tupl
         record_id = next((str(v) for v in ids if isinstance(v, str) or type(v) is int), None)
         try:
             if isinstance(item, BadLine):
-                raise _Malformed(item.message)
+                raise ValueError(item.message)
             if not isinstance(item, dict):
-                raise _Malformed(f"record is a JSON {type(item).__name__}, not an object")
+                raise ValueError(f"record is a JSON {type(item).__name__}, not an object")
             if record_id is None:
-                raise _Malformed("no usable id ('question_id' or 'id', a string or an integer)")
+                raise ValueError("no usable id ('question_id' or 'id', a string or an integer)")
             value = parse(record_id, item)
             if record_id in found:
-                raise _Malformed(f"duplicate id {record_id!r}")
+                raise ValueError(f"duplicate id {record_id!r}")
             found[record_id] = value
-        except _Malformed as error:
+        except ValueError as error:
             bad.append(BadRecord(str(path), index, record_id, str(error)))
     return found, bad
 
@@ -218,22 +212,22 @@ def _read(path: str | os.PathLike, parse: Callable[[str, dict], object]) -> tupl
 def _record(record_id: str, item: dict) -> Record:
     image = item.get("image")
     if image is not None and (not isinstance(image, str) or not image):
-        raise _Malformed(f"'image' must be a non-empty string, got {image!r}")
+        raise ValueError(f"'image' must be a non-empty string, got {image!r}")
     answer_type = _answer_type(item)
     turns, text = _turns(item), item.get("text")  # question JSONL: the question `text`, answers inline
     if turns is None and not isinstance(text, str):
-        raise _Malformed("neither 'conversations' nor 'text'" if "text" not in item else
+        raise ValueError("neither 'conversations' nor 'text'" if "text" not in item else
                          f"'text' must be a string, got {type(text).__name__}")
     question = (text if turns is None else turns[0]["value"]).replace("<image>", "").strip()
     if not question:
-        raise _Malformed("empty question")
+        raise ValueError("empty question")
     if turns is None:
         turns = [{"from": "human", "value": text}]
         if (answer := _inline_answer(item, ("gpt4_answer", "answer"))) is not None:
             turns.append({"from": "gpt", "value": answer})
     facts = item.get("facts")
     if facts is not None and not isinstance(facts, dict):
-        raise _Malformed(f"'facts' must be an object, got {type(facts).__name__}")
+        raise ValueError(f"'facts' must be an object, got {type(facts).__name__}")
     answer = turns[1]["value"] if len(turns) > 1 else None
     return Record(record_id, image, question, answer, answer_type, turns, facts)
 
@@ -244,15 +238,15 @@ def _turns(item: dict) -> list[dict] | None:
     if conversations is None:
         return None
     if not isinstance(conversations, list) or not conversations:
-        raise _Malformed("conversations must be a non-empty list")
+        raise ValueError("conversations must be a non-empty list")
     for i, turn in enumerate(conversations):
         expected = "human" if i % 2 == 0 else "gpt"
         if not isinstance(turn, dict):
-            raise _Malformed(f"conversation turn {i} is not an object")
+            raise ValueError(f"conversation turn {i} is not an object")
         if turn.get("from") != expected:
-            raise _Malformed(f"conversation turn {i} is from {turn.get('from')!r}, expected {expected!r}")
+            raise ValueError(f"conversation turn {i} is from {turn.get('from')!r}, expected {expected!r}")
         if not isinstance(turn.get("value"), str):
-            raise _Malformed(f"conversation turn {i} has no string 'value'")
+            raise ValueError(f"conversation turn {i} has no string 'value'")
     return [{"from": turn["from"], "value": turn["value"]} for turn in conversations]
 
 
@@ -265,7 +259,7 @@ def _inline_answer(item: dict, keys: tuple[str, ...]) -> str | None:
         # Numeric answers (PathVQA "number" questions) may be stored as JSON numbers.
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return str(value)
-        raise _Malformed(f"{key!r} must be a string or a number, got {value!r}")
+        raise ValueError(f"{key!r} must be a string or a number, got {value!r}")
     return None
 
 
@@ -273,7 +267,7 @@ def _answer_type(item: dict) -> str | None:
     value = item.get("answer_type")
     normalised = _ANSWER_TYPES.get(value.lower()) if isinstance(value, str) else None
     if value is not None and normalised is None:
-        raise _Malformed(f"unknown answer_type {value!r} (expected one of {sorted(_ANSWER_TYPES)})")
+        raise ValueError(f"unknown answer_type {value!r} (expected one of {sorted(_ANSWER_TYPES)})")
     return normalised
 
 
@@ -283,7 +277,7 @@ def _answer(record_id: str, item: dict) -> tuple[str, str | None]:
     if answer is None:
         turns = _turns(item) or []
         if len(turns) < 2:
-            raise _Malformed("no answer ('answer', 'gpt4_answer', 'text' or a gpt turn)")
+            raise ValueError("no answer ('answer', 'gpt4_answer', 'text' or a gpt turn)")
         answer = turns[1]["value"]
     return answer, _answer_type(item)
 
@@ -293,12 +287,12 @@ def _with_answer(record: Record, answers: dict[str, tuple[str, str | None]], ans
         return record
     where = repr(str(answers_path))
     if record.id not in answers:
-        raise _Malformed(f"no answer for id {record.id!r} in {where}")
+        raise ValueError(f"no answer for id {record.id!r} in {where}")
     answer, answer_type = answers[record.id]
     if record.answer is not None and record.answer != answer:
-        raise _Malformed(f"answer {record.answer!r} differs from {answer!r} in {where}")
+        raise ValueError(f"answer {record.answer!r} differs from {answer!r} in {where}")
     if None not in (record.answer_type, answer_type) and record.answer_type != answer_type:
-        raise _Malformed(f"answer_type {record.answer_type} differs from {answer_type} in {where}")
+        raise ValueError(f"answer_type {record.answer_type} differs from {answer_type} in {where}")
     if record.answer is None:
         record.answer = answer
         record.conversations = record.conversations[:1] + [{"from": "gpt", "value": answer}]
@@ -397,8 +391,7 @@ class Tokens:
 
     def stored(self, ids: list[int], limit: int | None = None, complete: bool = True) -> list[int]:
         """Stored response ids (as hscr.py wrote them, without EOS), then EOS unless incomplete."""
-        bad = sorted({i for i in ids if not 0 <= i < self.text.vocab_size or i == self.image_token_id})
-        if bad:
+        if bad := sorted({i for i in ids if not 0 <= i < self.text.vocab_size or i == self.image_token_id}):
             raise ValueError(f"stored token ids {bad[:5]} are not text tokens of this model "
                              f"(vocabulary {self.text.vocab_size}, image token {self.image_token_id})")
         ids = ids + [self.text.eos_token_id] if complete else list(ids)

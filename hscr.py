@@ -168,8 +168,7 @@ def candidate_sets(logits_full, logits_drop, targets, c: int = 10, rule: str = "
     P, V = logits_drop.shape
     ban = torch.tensor(sorted(set(banned)), dtype=torch.long, device=logits_drop.device)
     if V - 1 - int((ban < V).sum()) < c:
-        raise ValueError(f"{c} candidates per position need more than {c} allowed tokens; "
-                         f"the vocabulary has {V}")
+        raise ValueError(f"{c} candidates per position: the vocabulary of {V} has too few allowed tokens")
     # softmax is monotone: the logit order is the probability order.
     ranking = logits_full if rule == "plausible" else logits_drop
     order = torch.sort(ranking, dim=-1, descending=True, stable=True).indices  # (P, V)
@@ -326,7 +325,7 @@ class HSCR:
         tails = greedy_continuations(self.model, prompts, feats, prefixes, owners=owner, pad_id=self.pad,
                                      max_new_tokens=self.opts.max_new_tokens,
                                      rows_per_call=self.opts.decode_rows)
-        return _regroup([p + t for p, t in zip(prefixes, tails)], candidates)
+        return prefs.regroup([p + t for p, t in zip(prefixes, tails)], candidates)
 
     def _records(self, results, alive, entries, responses, coupled, negatives, p_chosen, prompts, feats):
         """`results` completed (prefs.preference_record); --score-negatives: one more forward, p_rejected."""
@@ -336,19 +335,13 @@ class HSCR:
             rows = [ids for negs in negatives for *_, ids in negs]
             logits, t, v = teacher_forced_logits(self.model, [prompts[b] for b in owner],
                                                  [feats[b] for b in owner], rows, self.pad)
-            p_rejected = _regroup(mean_token_probability(logits, t, v).tolist(), negatives)
+            p_rejected = prefs.regroup(mean_token_probability(logits, t, v).tolist(), negatives)
         for b, *parts in zip(alive, entries, responses, coupled, negatives, p_chosen, p_rejected):
             results[b] = prefs.preference_record(*parts, self.opts, self.tokenizer, self.eos)
         return results
 
     def text(self, ids: list[int]) -> str:
         return decode(self.tokenizer, ids, eos_token_id=self.eos)
-
-
-def _regroup(flat: list, groups: list[list]) -> list[list]:
-    """`flat` cut into consecutive pieces as long as the lists of `groups` (flattening undone)."""
-    items = iter(flat)
-    return [[next(items) for _ in g] for g in groups]
 
 
 # Options: one dataclass, the CLI is built from it (harness.cli.dataclass_parser)

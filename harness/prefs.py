@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import Record, _preference_fields, load_pixels, read_records, resolve_image
+from data import Record, _preference_fields, image_file, load_pixels, read_records, resolve_image
 from harness import provenance
 from harness.cli import UserError
 from harness.dist import barrier, init_process_group
@@ -87,11 +87,10 @@ def run_fingerprint(opts, records: list[Record], entries: list[int], world: int,
     names, named = set(), [records[i].image for i in entries if records[i].image]
     for name in named:
         try:
-            path = resolve_image(opts.image_root, name)
-        except ValueError:
-            continue
-        if path.is_file() and os.access(path, os.R_OK):
-            names.add(name)
+            if os.access(image_file(name, opts.image_root), os.R_OK):
+                names.add(name)
+        except ValueError:  # outside the root, or no file
+            pass
     if named and not names:
         raise UserError(f"--image-root {opts.image_root}: none of the images that {len(named)} selected "
                         f"entries name is there (e.g. {Path(opts.image_root) / named[0]})")
@@ -140,8 +139,6 @@ def prepare(index: int, record: Record, opts, tokenizer, config) -> Entry | Reje
     t = config.text
     def reject(category, reason):
         return Reject(index, record.id, category, reason, record.image)
-    if not record.question.strip():
-        return reject("no question", "empty question")
     answer = (record.answer or "").replace("<image>", "").strip()
     if opts.score_on == "reference" and not answer:
         return reject("empty answer", "no reference answer (use --score-on greedy for data without one)")
@@ -180,8 +177,13 @@ Coupled = NamedTuple("Coupled", [("position", int), ("score", float), ("replacem
 def coupled_positions(positions, scores, replacements, candidates, p_diff) -> list[list[Coupled]]:
     """Per entry, its coupled positions with steps 4 and 5's results (tensors over the batch's positions)."""
     values = zip(scores.tolist(), replacements.tolist(), candidates.tolist(), p_diff.tolist())
-    flat = iter([Coupled(p, *v) for p, v in zip((p for ps in positions for p in ps), values)])
-    return [[next(flat) for _ in ps] for ps in positions]
+    return regroup([Coupled(p, *v) for p, v in zip((p for ps in positions for p in ps), values)], positions)
+
+
+def regroup(flat: list, groups: list[list]) -> list[list]:
+    """`flat` cut into consecutive pieces as long as the lists of `groups` (flattening undone)."""
+    items = iter(flat)
+    return [[next(items) for _ in g] for g in groups]
 
 
 def replaced(coupled: list[Coupled]) -> tuple[list[int], list[int]]:
@@ -242,10 +244,6 @@ def _reject_key(r: dict):  # a rejected entry's id; an input's bad record: (file
     return (r.get("file"), r.get("position")) if r.get("category") == BAD_RECORD else r.get("id")
 
 
-def _reject_order(r: dict):
-    return (r.get("index") is not None, r.get("index") or 0, r.get("file") or "", r.get("position") or 0)
-
-
 def sidecar(out: Path, kind: str) -> Path:
     """prefs.jsonl → prefs.rejects.jsonl / prefs.summary.json."""
     suffix = {"rejects": ".rejects.jsonl", "summary": ".summary.json"}[kind]
@@ -288,8 +286,7 @@ class Output:
             self.records, self.rejects = JsonlFile(path, _result_id), JsonlFile(rejects, _reject_key)
             first = self.records.first
             if first is not None and not first.get(HEADER_KEY):
-                raise UserError(f"{path} exists but does not start with an hscr.py header; "
-                                "choose another --out")
+                raise UserError(f"{path} does not start with an hscr.py header; choose another --out")
             computed = any(isinstance(k, str) for k in self.rejects.ids)  # rejected entries, not bad records
             held = bool(self.records.ids) or computed
         stored = first.get("provenance") if first is not None else None
@@ -352,7 +349,8 @@ def merge_shards(out: Path, world: int) -> dict:
                             f"{'; '.join(diff)}")
     merge_jsonl(out, parts, key=_result_id, order=lambda r: r["index"], head=headers[:1])
     merge_jsonl(sidecar(out, "rejects"), [sidecar(p, "rejects") for p in parts], key=_reject_key,
-                order=_reject_order)
+                order=lambda r: (r.get("index") is not None, r.get("index") or 0,  # bad records first
+                                 r.get("file") or "", r.get("position") or 0))
     summaries = [json.loads(f.read_text()) for p in parts if (f := sidecar(p, "summary")).exists()]
     return summarize(out, processed=sum(s.get("processed_this_run", 0) for s in summaries),
                      seconds=max((s.get("seconds", 0.0) for s in summaries), default=0.0), show=True)
@@ -443,8 +441,7 @@ def stats_main(argv) -> dict:
         if result.get(key) is not None:
             print(f"  mean per-token probability, {key[2:]}: {result[key]:.4f}")
     if records and not scored:
-        print("  no p_rejected in the file: rerun hscr.py with --score-negatives (with another --out, or "
-              "--overwrite) to compare the negatives' probability with chosen and external answers")
+        print("  no p_rejected in the file: rerun hscr.py with --score-negatives to compare the negatives")
     print(json.dumps({k: v for k, v in result.items() if k != "p_external_each"}))
     return result
 
@@ -472,8 +469,7 @@ def external_probability(args, options: dict, records: list[dict]) -> list[float
     chosen = [r["chosen"] for r in records]
     entries = []
     for i, r in enumerate(records[: args.limit] if args.limit else records):
-        other = next((chosen[(i + d) % len(chosen)] for d in range(1, len(chosen))
-                      if chosen[(i + d) % len(chosen)] != r["chosen"]), None) if external is None else None
+        other = next((text for text in chosen[i + 1:] + chosen[:i] if text != r["chosen"]), None)
         texts = external.get(r["id"], []) if external is not None else [other] * (other is not None)
         entries += [prepare(r["index"], Record(r["id"], r["image"], r["question"], text, None), opts,
                             tokenizer, c) for text in texts]
