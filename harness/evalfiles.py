@@ -63,7 +63,9 @@ def check_images(records: Sequence[Any], image_root: str | None, name: str, sour
     """One error for missing images (the real benchmark files ship without them); else question id → why its
     image cannot be used (`data.image_problem`), for this process's share records[rank::world]."""
     where = f"benchmark {name!r} ({source})"
-    if image_root is None and records:
+    if not records:
+        raise UserError(f"{where}: no question to evaluate (its malformed records are listed above)")
+    if image_root is None:
         raise UserError(f"{where}: no --image-root for it (NAME=DIR or one DIR for all)")
     unusable, absent, looked = [], {}, {}  # image path as written → its file, or → why it cannot be used
     for i, r in enumerate(records):

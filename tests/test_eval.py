@@ -1144,3 +1144,17 @@ def test_shipped_base_answers_with_the_default_max_new_tokens(tmp_path, capsys):
     assert err.count(f"rad: max-new-tokens 1024 clamped to {room} (context 512)") == 1
     assert [s["question_id"] for s in rad["skipped"]] == ["2"]
     assert [r["question_id"] for r in read_jsonl(A.answers_path(tmp_path / "run", "rad", "full"))] == [1, 3]
+
+
+@pytest.mark.parametrize("root", [None, "images"])
+def test_a_benchmark_without_one_usable_question_is_one_line(tmp_path, root):
+    """Every record malformed: a one-line error naming the benchmark, with or without --image-root
+    (without one, the fingerprint of its images used to fail with a TypeError)."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"bad": 1}\nnot json\n')
+    (tmp_path / "images").mkdir()
+    argv = ["--model", str(tmp_path / "no-model"), "--benchmark", f"rad={questions}", "--out", str(tmp_path / "r")]
+    argv += ["--image-root", str(tmp_path / root)] if root else []
+    with pytest.raises(UserError, match=rf"benchmark 'rad' \({questions}\): no question to evaluate"):
+        E.main(argv)
+    assert not (tmp_path / "r").exists()
