@@ -27,7 +27,7 @@ from harness.cli import UserError
 from harness.dist import barrier, init_process_group
 from harness.files import JsonlFile, merge_jsonl, read_json_records, read_jsonl, remove
 from model import load_model
-from model.loading import resolve_dtype
+from model.loading import read_config, resolve_dtype
 from model.rows import mean_token_probability, teacher_forced_logits
 from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_prompt, tokenize_response
 
@@ -54,6 +54,11 @@ def run(opts, pipeline) -> dict:
         raise UserError(f"--tokenizer: {e}") from e
     selected = select_entries(len(records), opts.limit, opts.seed)
     header = header_record(asdict(opts), run_fingerprint(opts, records, selected, world, tokenizer))
+    c = read_config(opts.model, opts.vision_tower)  # before the (slow) load: is there room to generate?
+    generated = opts.max_new_tokens * ((opts.score_on == "greedy") + (opts.continuation == "decode"))
+    if generated + c.num_image_tokens >= c.text.max_seq_len:  # else every entry is rejected as too long
+        raise UserError(f"--max-new-tokens {opts.max_new_tokens}: {generated} generated and {c.num_image_tokens}"
+                        f" image tokens leave no room in max_seq_len {c.text.max_seq_len}; lower it")
     # CheckpointError is a UserError naming the checkpoint or tower file.
     model = load_model(opts.model, vision_tower=opts.vision_tower, dtype=resolve_dtype(opts.dtype, device),
                        device=device, check_finite=opts.check_finite)

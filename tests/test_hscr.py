@@ -24,6 +24,7 @@ from PIL import Image
 import hscr
 import tiny
 from harness import prefs
+from harness.cli import UserError
 from model.rows import cut_generated
 from model.tokenizer import canonical_form, load_tokenizer
 from data import Record
@@ -1071,3 +1072,15 @@ def test_stats_scores_a_file_of_external_negatives(reference_run, ckpt, tmp_path
     err = capsys.readouterr().err
     assert f"--external {external}: needs --model" in err
     assert f"--external {tmp_path / 'none'}: file not found" in err
+
+
+def test_max_new_tokens_without_room_is_one_line_before_the_model_loads(ckpt, dataset, tmp_path, monkeypatch):
+    """A --max-new-tokens that leaves no prompt room in max_seq_len would reject every entry as "too long":
+    refused in one line, before the model loads and before anything is written."""
+    out = tmp_path / "prefs.jsonl"
+    max_len = prefs.read_config(ckpt).text.max_seq_len
+    monkeypatch.setattr(prefs, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    argv = [a if a != "4" else str(max_len) for a in _cli(ckpt, dataset, out)]  # the continuation's length
+    with pytest.raises(UserError, match=rf"--max-new-tokens {max_len}: .* max_seq_len {max_len}; lower it"):
+        hscr.main(argv)
+    assert not out.exists()
