@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The run
 def load_for_eval(cfg: EvalConfig, device: str):
-    """Model (with the LoRA adapter applied, unmerged) and tokenizer; unreadable ones: a UserError."""
+    """The model, with the LoRA adapter applied (unmerged); an unreadable adapter: a UserError."""
     model = load_model(cfg.model, vision_tower=cfg.vision_tower, device=device, check_finite=cfg.check_finite,
                        dtype=resolve_dtype(cfg.dtype, device, gpu_default="float16"))
     if cfg.adapter is not None:
@@ -412,7 +412,7 @@ def load_for_eval(cfg: EvalConfig, device: str):
         except (ValueError, OSError) as error:  # load_adapter names the adapter file in its messages
             raise UserError(f"--adapter {cfg.adapter}: {error}") from error
         model.to(device)
-    return model.eval(), read_tokenizer(cfg.tokenizer or cfg.model)
+    return model.eval()
 
 
 def run_fingerprint(cfg: EvalConfig, benchmarks: Mapping[str, tuple], roots: Mapping[str, str],
@@ -468,7 +468,8 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     resume = not cfg.overwrite and started
     record = provenance.load(run_dir / PROVENANCE) if resume else None
     earlier = [s["limit"] for s in record["sessions"]] if record else []
-    words = provenance.tokenizer(read_tokenizer(cfg.tokenizer or cfg.model))  # what it does
+    tokenizer = read_tokenizer(cfg.tokenizer or cfg.model)
+    words = provenance.tokenizer(tokenizer)  # what it does
     now = run_fingerprint(cfg, every, roots, dtype, earlier + [cfg.limit], words)
     before = run_fingerprint(cfg, every, roots, dtype, earlier, words) if earlier else None
     if not cfg.allow_other_model:
@@ -479,7 +480,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
                        "limit": cfg.limit, "blind": cfg.blind, "model_id": model_id},
               holds="answers", restart="rerun with --overwrite to start again (this deletes its answers)",
               rank=rank, world=world, compare=before, made_by="eval.py")
-    model, tokenizer = load_for_eval(cfg, device)
+    model = load_for_eval(cfg, device)
     if rank == 0:  # the options as given, and what "auto" and the defaults resolved to
         auto = {"device": device, "dtype": str(model.dtype).removeprefix("torch."), "world_size": world,
                 "model_id": model_id, "num_image_tokens": model.config.num_image_tokens}

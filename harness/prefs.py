@@ -26,10 +26,11 @@ from harness import provenance
 from harness.cli import UserError
 from harness.dist import barrier, init_process_group
 from harness.files import JsonlFile, merge_jsonl, read_json_records, read_jsonl, remove
+from harness.rundir import read_tokenizer
 from model import load_model
 from model.loading import read_config, resolve_dtype
 from model.rows import mean_token_probability, teacher_forced_logits
-from model.tokenizer import build_prompt, decode, load_tokenizer, tokenize_prompt, tokenize_response
+from model.tokenizer import build_prompt, decode, tokenize_prompt, tokenize_response
 
 # Options naming inputs or the output: the fingerprint holds the inputs' content instead. Every other
 # option but --overwrite and --check-finite is in it, batch_size and decode_rows too (they change floats).
@@ -48,17 +49,15 @@ def run(opts, pipeline) -> dict:
         records, bad = read_records(opts.data, answers_path=opts.answers)
     except ValueError as e:  # data.py names the file
         raise UserError(str(e)) from e
-    try:
-        tokenizer = load_tokenizer(opts.tokenizer)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--tokenizer: {e}") from e
+    tokenizer = read_tokenizer(opts.tokenizer)
     selected = select_entries(len(records), opts.limit, opts.seed)
     header = header_record(asdict(opts), run_fingerprint(opts, records, selected, world, tokenizer))
     c = read_config(opts.model, opts.vision_tower)  # before the (slow) load: is there room to generate?
     generated = opts.max_new_tokens * ((opts.score_on == "greedy") + (opts.continuation == "decode"))
     if generated + c.num_image_tokens >= c.text.max_seq_len:  # else every entry is rejected as too long
-        raise UserError(f"--max-new-tokens {opts.max_new_tokens}: {generated} generated and {c.num_image_tokens}"
-                        f" image tokens leave no room in max_seq_len {c.text.max_seq_len}; lower it")
+        raise UserError(f"--max-new-tokens {opts.max_new_tokens}: {generated} generated and "
+                        f"{c.num_image_tokens} image tokens leave no room in max_seq_len "
+                        f"{c.text.max_seq_len}; lower it")
     # CheckpointError is a UserError naming the checkpoint or tower file.
     model = load_model(opts.model, vision_tower=opts.vision_tower, dtype=resolve_dtype(opts.dtype, device),
                        device=device, check_finite=opts.check_finite)
@@ -466,7 +465,7 @@ def external_probability(args, options: dict, records: list[dict]) -> list[float
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, vision_tower=args.vision_tower or options["vision_tower"],
                        dtype=resolve_dtype("auto", device), device=device, check_finite=args.check_finite)
-    tokenizer = load_tokenizer(args.tokenizer or options["tokenizer"])
+    tokenizer = read_tokenizer(args.tokenizer or options["tokenizer"])
     opts = SimpleNamespace(**{**options, "image_root": args.image_root or options["image_root"],
                               "score_on": "reference", "continuation": "splice"})  # as the reference
     c = model.config
@@ -474,8 +473,13 @@ def external_probability(args, options: dict, records: list[dict]) -> list[float
     chosen = [r["chosen"] for r in records]
     entries = []
     for i, r in enumerate(records[: args.limit] if args.limit else records):
-        other = next((text for text in chosen[i + 1:] + chosen[:i] if text != r["chosen"]), None)
-        texts = external.get(r["id"], []) if external is not None else [other] * (other is not None)
+        if external is not None:
+            texts = external.get(r["id"], [])
+        else:  # the next different chosen answer, cyclically: stops at the first, no copy of the list
+            n = len(chosen)
+            other = next((chosen[(i + d) % n] for d in range(1, n)
+                          if chosen[(i + d) % n] != r["chosen"]), None)
+            texts = [other] * (other is not None)
         entries += [prepare(r["index"], Record(r["id"], r["image"], r["question"], text, None), opts,
                             tokenizer, c) for text in texts]
     entries = [e for e in entries if isinstance(e, Entry)]

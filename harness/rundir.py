@@ -338,7 +338,7 @@ class Inputs:
 
 def read_inputs(cfg, ctx) -> Inputs:
     """train.py's inputs; refuses a --batch-size the processes cannot share and fewer entries than a batch."""
-    tokenizer = read_tokenizer(tokenizer_file(cfg.tokenizer or cfg.model))
+    tokenizer = read_tokenizer(cfg.tokenizer or cfg.model)
     config = model_config(cfg.model, cfg.vision_tower)
     image_root = Path(cfg.image_root) if cfg.image_root else Path(cfg.data).parent
     aspect, source = resolve_image_aspect(cfg.image_aspect, Path(cfg.data))

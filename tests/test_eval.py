@@ -600,7 +600,7 @@ def test_adapter_is_applied_on_the_fly(tiny, tmp_path):
             m.lora_B.weight.normal_(std=0.5)  # B = 0 would leave the model unchanged
     save_adapter(source, tmp_path / "adapter")
     cfg = E.EvalConfig(model=str(tiny.ckpt), benchmark=[], out="-", adapter=str(tmp_path / "adapter"))
-    model, _ = E.load_for_eval(cfg, "cpu")
+    model = E.load_for_eval(cfg, "cpu")
     assert lora_modules(model)  # the adapter sits in LoRA layers beside the unchanged base weights
     ids = torch.tensor([[1, 40, 41, 42, 43]])
     with torch.no_grad():
@@ -622,7 +622,7 @@ def test_non_finite_weights_refused_unless_no_check_finite(tiny, tmp_path):
         E.load_for_eval(cfg, "cpu")
     argv = ["--model", str(ckpt), "--benchmark", "x=y", "--out", "-", "--no-check-finite"]
     cfg = E.EvalConfig(**vars(E.build_parser().parse_args(argv)))
-    assert E.load_for_eval(cfg, "cpu")[0].language_model.norm.weight[3].isinf()
+    assert E.load_for_eval(cfg, "cpu").language_model.norm.weight[3].isinf()
 
 
 def test_an_adapter_runs_on_the_model_it_was_trained_on(tiny, tmp_path, monkeypatch, capsys):
